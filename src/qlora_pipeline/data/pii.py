@@ -1,0 +1,296 @@
+"""PII scrubbing: replace e-mails, phones, URLs, IPs, cards, SSNs and handles by typed placeholders.
+
+Detection always runs in a fixed priority order over the *original* text, and every hit claims
+its characters, so a later detector never sees them. Only the chosen types are then replaced.
+Two consequences callers can rely on:
+
+* one piece of text is counted once, as the type that claims it first
+  (the IP inside a URL is part of the URL, the ``@example.com`` of an e-mail is not a handle);
+* what a type replaces does not depend on which other types were chosen
+  (``scrub(t, ["ip"])`` replaces exactly the IPs that ``scrub(t, PII_TYPES)`` replaces).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+
+PII_TYPES: tuple[str, ...] = ("email", "phone", "url", "ip", "card", "ssn", "handle")
+
+PLACEHOLDERS: dict[str, str] = {
+    "email": "<EMAIL>",
+    "phone": "<PHONE>",
+    "url": "<URL>",
+    "ip": "<IP>",
+    "card": "<CARD>",
+    "ssn": "<SSN>",
+    "handle": "<HANDLE>",
+}
+
+# Who claims text first. URLs can contain e-mails, IPs and @names; e-mails contain @names;
+# cards and SSNs are digit groups a looser phone pattern could otherwise take; IPs before
+# phones so a dotted quad is never read as digit groups.
+_PRIORITY: tuple[str, ...] = ("url", "email", "card", "ssn", "ip", "phone", "handle")
+
+# Claimed characters are overwritten with this before later detectors run. It is not a word
+# char, digit, dot or space, so it behaves like the edge of a token, as a placeholder would.
+_MASK = "\x00"
+
+Span = tuple[int, int]
+
+# --- building blocks -------------------------------------------------------------------------
+
+# A DNS label: letters/digits, inner hyphens (underscores tolerated inside for sloppy hosts).
+_LABEL = r"[^\W_](?:[\w-]*[^\W_])?"
+# A dotted host name ending in an alphabetic TLD, e.g. mail.example.co.uk.
+_DOMAIN = rf"(?:{_LABEL}\.)+[^\W\d_]{{2,63}}"
+
+# --- url -------------------------------------------------------------------------------------
+
+# Characters a URL may run over; quotes, angle brackets and backticks usually delimit it.
+_URL_CHAR = r"[^\s<>\"'`\x00]"
+# Bare domains are only URLs with one of these TLDs *and* a path: without that, "node.js"
+# or "setup.py" would look like hosts.
+_COMMON_TLDS = (
+    "com|org|net|edu|gov|mil|int|info|biz|io|co|ai|app|dev|me|tv|us|uk|ca|de|fr|es|it|nl|eu"
+    "|au|in|jp|cn|ru|br|ch|se|no|pl|ly|gg|xyz|site|online|tech|blog"
+)
+_URL_RE = re.compile(
+    # An explicit scheme or "www." starts a URL anywhere (but not in the middle of a word).
+    rf"(?:https?://|(?<![\w.@/-])www\d{{0,3}}\.)(?=[^\W_]|\[){_URL_CHAR}+"
+    # A bare domain needs a common TLD and a path; "@" before it means an e-mail's domain.
+    rf"|(?<![\w.@/-])(?:{_LABEL}\.)+(?:{_COMMON_TLDS})(?::\d{{2,5}})?/{_URL_CHAR}*",
+    re.IGNORECASE,
+)
+# Sentence punctuation after a URL belongs to the sentence.
+_URL_TRAILING = ".,;:!?*"
+# A closing bracket is kept only when the URL opened it, as in wiki/Foo_(bar).
+_URL_CLOSERS = {")": "(", "]": "[", "}": "{"}
+
+# --- email -----------------------------------------------------------------------------------
+
+_EMAIL_RE = re.compile(
+    # "@" before the local part means a fediverse handle (@alice@host), left to the handle rule.
+    r"(?<![\w@])"
+    r"[\w%+-]+(?:\.[\w%+-]+)*"  # local part, plus-addressing included; dots only between runs
+    rf"@{_DOMAIN}"
+    r"(?!\w)"
+)
+
+# --- card ------------------------------------------------------------------------------------
+
+_CARD_RE = re.compile(
+    # Not the tail of a longer number ("1 4111..." or "0.4111...").
+    r"(?<!\w)(?<!\d[ .,-])"
+    r"(?:\d{13,19}|\d{4}(?:[ -]\d{1,6}){1,4})"  # contiguous, or 4 digits then space/dash groups
+    r"(?!\w)(?![ .,-]\d)"  # nor its head
+)
+_CARD_DIGITS = range(13, 20)
+
+# --- ssn -------------------------------------------------------------------------------------
+
+_SSN_RE = re.compile(
+    r"(?<!\w)(?<!\d-)"
+    r"(?P<area>\d{3})(?P<sep>[ -])(?P<group>\d{2})(?P=sep)(?P<serial>\d{4})"
+    r"(?!\w)(?!-\d)"
+)
+
+# --- ip --------------------------------------------------------------------------------------
+
+_OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"  # 0-255, no leading zeros
+_IPV4 = rf"{_OCTET}(?:\.{_OCTET}){{3}}"
+_HEX = r"[0-9A-Fa-f]{1,4}"
+_IPV6 = "|".join(
+    [
+        rf"(?:{_HEX}:){{6}}{_IPV4}",  # full form ending in a dotted quad
+        rf"::(?:ffff(?::0{{1,4}})?:)?{_IPV4}",  # IPv4-mapped, ::ffff:192.0.2.1
+        rf"(?:{_HEX}:){{1,4}}:{_IPV4}",
+        rf"(?:{_HEX}:){{7}}{_HEX}",  # full form
+        # compressed forms: "::" stands for one or more zero groups, at most 8 groups in all
+        rf"(?:{_HEX}:){{1,7}}:",
+        rf"(?:{_HEX}:){{1,6}}:{_HEX}",
+        rf"(?:{_HEX}:){{1,5}}(?::{_HEX}){{1,2}}",
+        rf"(?:{_HEX}:){{1,4}}(?::{_HEX}){{1,3}}",
+        rf"(?:{_HEX}:){{1,3}}(?::{_HEX}){{1,4}}",
+        rf"(?:{_HEX}:){{1,2}}(?::{_HEX}){{1,5}}",
+        rf"{_HEX}:(?::{_HEX}){{1,6}}",
+        rf":(?:(?::{_HEX}){{1,7}}|:)",
+    ]
+)
+_IP_RE = re.compile(
+    # A dot before means a longer dotted number (v1.2.3.4 or 1.2.3.4.5's tail).
+    r"(?<![\w.])"
+    # IPv6 must not continue past its ends ("a:b:c" runs); a port after IPv4 is fine.
+    rf"(?:(?<!:)(?P<v6>{_IPV6})(?![\w:])|{_IPV4}(?!\w))"
+    r"(?!\.\d)"
+)
+_DIGIT = re.compile(r"\d")
+
+# --- phone -----------------------------------------------------------------------------------
+
+_PHONE_RE = re.compile(
+    # Not glued to a word, a "+", or the end of a dotted/dashed number.
+    r"(?<![\w+])(?<!\d[.,-])"
+    r"(?:"
+    # International: +country code, then groups split by space/dot/dash, "(0)" trunk allowed.
+    r"(?P<intl>\+\d{1,15}(?:[ .-]?\(\d{1,4}\) ?\d{1,12}|[ .-]\d{1,12}){0,6})(?![ .,-]\d)"
+    # North American: optional leading 1, then (555) 123-4567, 555-123-4567 with one separator
+    # used throughout (so 3-2-4 or mixed runs are not phones), or ten bare digits. Bare ones
+    # must start with 2-9 like real area codes, which also keeps Unix timestamps (1.7e9) out.
+    r"|(?:1[ .-]?)?(?:\(\d{3}\) ?\d{3}[ .-]?\d{4}|\d{3}(?P<sep>[ .-])\d{3}(?P=sep)\d{4}|[2-9]\d{9})"
+    r"(?![.,-]\d)"
+    r")"
+    r"(?!\w)"
+)
+# E.164 caps a number at 15 digits; under 8 is a code or a quantity ("+20", "+12.50").
+_INTL_DIGITS = range(8, 16)
+
+# --- handle ----------------------------------------------------------------------------------
+
+_HANDLE_RE = re.compile(
+    # Not after a word char or dot (that "@" belongs to an e-mail) nor another "@".
+    r"(?<![\w.@])"
+    # Starts with a letter or "_" so "@10am" and "@ 5" stay; inner dots as on Instagram.
+    r"@[^\W\d]\w*(?:\.\w+)*"
+    rf"(?:@{_DOMAIN})?"  # fediverse form @alice@mastodon.social is one handle
+)
+
+
+# --- detectors: text -> spans of one type ----------------------------------------------------
+
+
+def _trim_url(url: str) -> str:
+    """Drop trailing sentence punctuation and closing brackets the URL did not open."""
+    while url:
+        last = url[-1]
+        if last in _URL_TRAILING:
+            url = url[:-1]
+        elif last in _URL_CLOSERS and url.count(last) > url.count(_URL_CLOSERS[last]):
+            url = url[:-1]
+        else:
+            break
+    return url
+
+
+def _url_spans(text: str) -> Iterator[Span]:
+    for match in _URL_RE.finditer(text):
+        yield match.start(), match.start() + len(_trim_url(match.group()))
+
+
+def _luhn_ok(digits: str) -> bool:
+    """The Luhn checksum every payment card number carries."""
+    total = 0
+    for position, char in enumerate(reversed(digits)):
+        value = int(char)
+        if position % 2 == 1:
+            value = value * 2 - 9 if value > 4 else value * 2
+        total += value
+    return total % 10 == 0
+
+
+def _is_card(match: re.Match[str]) -> bool:
+    digits = re.sub(r"\D", "", match.group())
+    return len(digits) in _CARD_DIGITS and _luhn_ok(digits)
+
+
+def _is_ssn(match: re.Match[str]) -> bool:
+    """SSA never issues area 000, 666 or 900-999, group 00 or serial 0000."""
+    area = int(match["area"])
+    return (
+        area != 0
+        and area != 666
+        and area < 900
+        and match["group"] != "00"
+        and match["serial"] != "0000"
+    )
+
+
+def _is_ip(match: re.Match[str]) -> bool:
+    # Hex-and-colon text with no digit ("abc::def", Ruby's "A::B") is code, not an address.
+    return match["v6"] is None or _DIGIT.search(match["v6"]) is not None
+
+
+def _is_phone(match: re.Match[str]) -> bool:
+    if match["intl"] is None:
+        return True
+    return len(_DIGIT.findall(match["intl"])) in _INTL_DIGITS
+
+
+def _regex_spans(
+    pattern: re.Pattern[str], is_valid: Callable[[re.Match[str]], bool] | None = None
+) -> Callable[[str], Iterator[Span]]:
+    def spans(text: str) -> Iterator[Span]:
+        for match in pattern.finditer(text):
+            if is_valid is None or is_valid(match):
+                yield match.span()
+
+    return spans
+
+
+_DETECTORS: dict[str, Callable[[str], Iterator[Span]]] = {
+    "url": _url_spans,
+    "email": _regex_spans(_EMAIL_RE),
+    "card": _regex_spans(_CARD_RE, _is_card),
+    "ssn": _regex_spans(_SSN_RE, _is_ssn),
+    "ip": _regex_spans(_IP_RE, _is_ip),
+    "phone": _regex_spans(_PHONE_RE, _is_phone),
+    "handle": _regex_spans(_HANDLE_RE),
+}
+
+
+# --- scrub -----------------------------------------------------------------------------------
+
+
+def _chosen_types(types: Iterable[str]) -> frozenset[str]:
+    # A lone string is one type name, not an iterable of one-letter names.
+    chosen = frozenset([types] if isinstance(types, str) else types)
+    unknown = sorted(chosen - set(PII_TYPES))
+    if unknown:
+        raise ValueError(
+            f"unknown PII type {unknown[0]!r}; valid types are: {', '.join(PII_TYPES)}"
+        )
+    return chosen
+
+
+def _mask(text: str, spans: list[Span]) -> str:
+    pieces, cursor = [], 0
+    for start, end in spans:
+        pieces += [text[cursor:start], _MASK * (end - start)]
+        cursor = end
+    pieces.append(text[cursor:])
+    return "".join(pieces)
+
+
+def _find_hits(text: str, chosen: frozenset[str]) -> list[tuple[int, int, str]]:
+    """Non-overlapping (start, end, type) hits, each claimed by the highest-priority type."""
+    last_needed = max(_PRIORITY.index(pii_type) for pii_type in chosen)
+    hits: list[tuple[int, int, str]] = []
+    masked = text
+    # Types after the last chosen one can't take text from a chosen type, so they are skipped.
+    for pii_type in _PRIORITY[: last_needed + 1]:
+        spans = list(_DETECTORS[pii_type](masked))
+        hits += [(start, end, pii_type) for start, end in spans]
+        if spans:
+            masked = _mask(masked, spans)
+    return sorted(hits)
+
+
+def scrub(text: str, types: Iterable[str]) -> tuple[str, Counter[str]]:
+    """Replace every hit of the chosen PII types by its placeholder.
+
+    Returns the new text and a Counter of replacements per type (chosen types with hits only).
+    Raises ValueError for a type name not in PII_TYPES.
+    """
+    chosen = _chosen_types(types)
+    counts: Counter[str] = Counter()
+    if not chosen or not text:
+        return text, counts
+    pieces, cursor = [], 0
+    for start, end, pii_type in _find_hits(text, chosen):
+        if pii_type in chosen:
+            pieces += [text[cursor:start], PLACEHOLDERS[pii_type]]
+            cursor = end
+            counts[pii_type] += 1
+    pieces.append(text[cursor:])
+    return "".join(pieces), counts

@@ -1,0 +1,301 @@
+"""fetch: read any supported source into canonical conversations plus a manifest.
+
+Canonical conversation (one JSON object per line)::
+
+    {"id": "...", "messages": [{"speaker": "...", "text": "...", "time": "... or null"}], "meta": {...}}
+
+A chat log (one message per row) is grouped by conversation id, keeping row order. A
+prompt/response data set becomes two-message conversations between ``user`` and
+``assistant``, with ``meta.persona = "assistant"`` so the split stage knows whose voice to learn.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import importlib.metadata
+import importlib.util
+import io
+import json
+import string
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from qlora_pipeline.config import DataConfig
+from qlora_pipeline.errors import PipelineError
+from qlora_pipeline.io import _parse_json_line
+
+PAIRS_PERSONA = "assistant"
+
+
+@dataclass
+class Row:
+    """One source record and where it came from (for error messages)."""
+
+    where: str
+    values: dict[str, Any]
+
+
+@dataclass
+class RawSource:
+    """Rows of a source, plus what the manifest needs to identify exactly what was read."""
+
+    rows: Iterable[Row]
+    description: dict[str, Any]
+    digest: "hashlib._Hash" = field(default_factory=hashlib.sha256)
+
+
+@dataclass
+class FetchResult:
+    conversations: list[dict]
+    manifest: dict[str, Any]
+
+
+# ------------------------------------------------------------------------ entry point
+
+
+def fetch(cfg: DataConfig, root: Path = Path(".")) -> FetchResult:
+    """Read the source chosen by ``cfg`` into canonical conversations and a manifest."""
+    if cfg.source == "chitchat":
+        return _fetch_chitchat()
+    source = _open_source(cfg, root)
+    rejected: Counter = Counter()
+    if cfg.shape == "chat_log":
+        conversations = list(chat_log_conversations(source.rows, cfg, rejected))
+    else:
+        conversations = list(pair_conversations(source.rows, cfg, rejected))
+    if not conversations:
+        raise PipelineError(
+            f"{source.description['location']}: no usable rows "
+            f"(rejected: {dict(rejected) or 'none'}); check data.fields and data.shape"
+        )
+    manifest = {**source.description, "sha256": source.digest.hexdigest(), "shape": cfg.shape}
+    manifest["counts"] = _counts(conversations, rejected)
+    return FetchResult(conversations, manifest)
+
+
+def _open_source(cfg: DataConfig, root: Path) -> RawSource:
+    if cfg.source == "hf":
+        return _hf_rows(cfg)
+    path = Path(cfg.path)
+    path = path if path.is_absolute() else root / path
+    if not path.is_file():
+        raise PipelineError(f"data.path: {cfg.path} is not a file; point data.path at the {cfg.source} file")
+    if path.stat().st_size == 0:
+        raise PipelineError(f"{cfg.path}: file is empty; point data.path at a file with data")
+    readers = {"jsonl": _jsonl_rows, "csv": _csv_rows, "parquet": _parquet_rows}
+    digest = hashlib.sha256(path.read_bytes())
+    description = {"source": cfg.source, "location": cfg.path, "version": None}
+    return RawSource(readers[cfg.source](path, cfg.path), description, digest)
+
+
+def _counts(conversations: list[dict], rejected: Counter) -> dict[str, Any]:
+    speakers = {m["speaker"] for c in conversations for m in c["messages"]}
+    return {
+        "conversations": len(conversations),
+        "messages": sum(len(c["messages"]) for c in conversations),
+        "speakers": len(speakers),
+        "rows_rejected": dict(sorted(rejected.items())),
+    }
+
+
+# --------------------------------------------------------------------------- chitchat
+
+
+def chitchat_path() -> Path:
+    """The data file inside the installed ``chitchat-dataset`` wheel (found without importing it)."""
+    spec = importlib.util.find_spec("chitchat_dataset")
+    if spec is None or not spec.submodule_search_locations:
+        raise PipelineError(
+            "data.source: chitchat needs the chitchat-dataset wheel; "
+            "run `make setup` (pip install --no-deps chitchat-dataset==0.9.0)"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "dataset.json"
+
+
+def _fetch_chitchat() -> FetchResult:
+    path = chitchat_path()
+    raw = path.read_bytes()
+    data = json.loads(raw)
+    conversations = [chitchat_conversation(cid, conv) for cid, conv in data.items()]
+    manifest = {
+        "source": "chitchat",
+        "location": "chitchat-dataset wheel: chitchat_dataset/dataset.json",
+        "version": importlib.metadata.version("chitchat-dataset"),
+        "sha256": hashlib.sha256(raw).hexdigest(),
+        "shape": "chat_log",
+        "counts": _counts(conversations, Counter()),
+    }
+    return FetchResult(conversations, manifest)
+
+
+def chitchat_conversation(conversation_id: str, conv: dict) -> dict:
+    """One chitchat conversation: its turns are lists of utterances; each utterance is a message."""
+    messages = [
+        {"speaker": utt["sender"], "text": utt["text"], "time": utt.get("timestamp")}
+        for turn in conv["messages"]
+        for utt in turn
+    ]
+    meta = {key: conv[key] for key in ("prompt", "start", "ratings") if key in conv}
+    return {"id": conversation_id, "messages": messages, "meta": meta}
+
+
+# ------------------------------------------------------------------------ row readers
+
+
+def _jsonl_rows(path: Path, label: str) -> Iterator[Row]:
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if raw.strip():
+                yield Row(f"{label}:{number}", _parse_json_line(Path(label), number, raw))
+
+
+def _decode(path: Path, label: str) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise PipelineError(
+            f"{label}:{line}: byte {data[err.start]:#04x} is not valid UTF-8; re-encode the file as UTF-8"
+        ) from None
+
+
+def _csv_rows(path: Path, label: str) -> Iterator[Row]:
+    reader = csv.DictReader(io.StringIO(_decode(path, label), newline=""))
+    if not reader.fieldnames:
+        raise PipelineError(f"{label}: no header row; the first line must name the columns")
+    for values in reader:
+        if None in values:  # more cells than header columns
+            raise PipelineError(
+                f"{label}:{reader.line_num}: more cells than header columns; quote fields that contain commas"
+            )
+        yield Row(f"{label}:{reader.line_num}", values)
+
+
+def _parquet_rows(path: Path, label: str) -> Iterator[Row]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as err:  # pyarrow raises several types for a non-parquet file
+        raise PipelineError(f"{label}: not a readable Parquet file ({err}); check data.source and data.path") from None
+    for number, values in enumerate(table.to_pylist(), start=1):
+        yield Row(f"{label}: row {number}", values)
+
+
+def _hf_rows(cfg: DataConfig) -> RawSource:
+    """``datasets.load_dataset`` on a hub id (pinned by ``revision``) or a local dataset folder."""
+    import datasets
+
+    hub = cfg.hf
+    try:
+        dataset = datasets.load_dataset(hub.path, hub.name, revision=hub.revision, split=hub.split)
+    except Exception as err:  # datasets raises many types: missing split, no network, bad folder
+        raise PipelineError(
+            f"data.hf: load_dataset({hub.path!r}, name={hub.name!r}, revision={hub.revision!r}, "
+            f"split={hub.split!r}) failed: {err}"
+        ) from None
+    description = {
+        "source": "hf",
+        "location": hub.path,
+        "name": hub.name,
+        "split": hub.split,
+        "version": hub.revision,
+        "fingerprint": dataset._fingerprint,
+    }
+    source = RawSource([], description)
+
+    def rows() -> Iterator[Row]:
+        for number, values in enumerate(dataset, start=1):
+            # No single file to hash: hash the records in read order instead.
+            source.digest.update(json.dumps(values, sort_keys=True, default=str).encode())
+            yield Row(f"{hub.path} [{hub.split}] row {number}", values)
+
+    source.rows = rows()
+    return source
+
+
+# ---------------------------------------------------------------- rows -> conversations
+
+
+def _field(row: Row, key: str, column: str | None) -> Any:
+    if column not in row.values:
+        found = ", ".join(map(str, row.values)) or "none"
+        raise PipelineError(
+            f"{row.where}: missing field '{column}' (mapped by data.fields.{key}); "
+            f"fields found: {found}. Fix data.fields.{key} or the file"
+        )
+    return row.values[column]
+
+
+def _text(value: Any) -> str | None:
+    if value is None or (isinstance(value, float) and value != value):  # null or NaN
+        return None
+    return value if isinstance(value, str) else str(value)
+
+
+def chat_log_conversations(rows: Iterable[Row], cfg: DataConfig, rejected: Counter) -> Iterator[dict]:
+    """Group one-message-per-row records into conversations, in order of first appearance."""
+    fmap = cfg.fields
+    grouped: dict[str, list[dict]] = {}
+    for row in rows:
+        conv_id = _text(_field(row, "conversation_id", fmap.conversation_id))
+        speaker = _text(_field(row, "speaker", fmap.speaker))
+        text = _text(_field(row, "text", fmap.text))
+        time = _text(_field(row, "time", fmap.time)) if fmap.time else None
+        reason = _missing_value_reason(conversation_id=conv_id, speaker=speaker, text=text)
+        if reason:
+            rejected[reason] += 1
+            continue
+        grouped.setdefault(conv_id, []).append({"speaker": speaker, "text": text, "time": time})
+    for conv_id, messages in grouped.items():
+        yield {"id": conv_id, "messages": messages, "meta": {}}
+
+
+def _missing_value_reason(**values: str | None) -> str | None:
+    for name, value in values.items():
+        if value is None or (name != "text" and not value.strip()):
+            return f"null_{name}"
+    return None
+
+
+def pair_conversations(rows: Iterable[Row], cfg: DataConfig, rejected: Counter) -> Iterator[dict]:
+    """Prompt/response records -> two-message ``user``/``assistant`` conversations."""
+    fmap = cfg.fields
+    placeholders = template_fields(cfg.prompt_template)
+    for number, row in enumerate(rows, start=1):
+        prompt = _text(_field(row, "prompt", fmap.prompt))
+        response = _text(_field(row, "response", fmap.response))
+        row_id = _text(_field(row, "id", fmap.id)) if fmap.id else f"row-{number}"
+        if prompt is None or response is None:
+            rejected["null_prompt" if prompt is None else "null_response"] += 1
+            continue
+        messages = [
+            {"speaker": "user", "text": render_prompt(cfg.prompt_template, placeholders, row, prompt), "time": None},
+            {"speaker": PAIRS_PERSONA, "text": response, "time": None},
+        ]
+        yield {"id": row_id, "messages": messages, "meta": {"persona": PAIRS_PERSONA}}
+
+
+def template_fields(template: str) -> list[str]:
+    """Placeholder names in a ``str.format`` template, e.g. ``"Summarize:\\n{dialogue}"`` -> ``["dialogue"]``."""
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+
+
+def render_prompt(template: str, placeholders: list[str], row: Row, prompt: str) -> str:
+    """Fill the template: ``{prompt}`` is the mapped prompt field, any other name a field of the row."""
+    fill = {}
+    for name in placeholders:
+        if name == "prompt":
+            fill[name] = prompt
+        elif name in row.values:
+            fill[name] = _text(row.values[name]) or ""
+        else:
+            raise PipelineError(
+                f"{row.where}: data.prompt_template uses {{{name}}} but the row has no field '{name}'; "
+                f"fields found: {', '.join(map(str, row.values))}"
+            )
+    return template.format_map(fill)

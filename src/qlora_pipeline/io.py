@@ -1,0 +1,112 @@
+"""File I/O that never leaves half a file behind, and JSONL reading that names the bad line."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from qlora_pipeline.errors import PipelineError
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path``; move it into place only if the block succeeds.
+
+    Works for files and folders alike. A killed or failing stage leaves nothing at ``path``
+    for DVC to hash, and nothing half-written beside it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    target = tmp / path.name
+    try:
+        yield target
+        if not target.exists():
+            raise RuntimeError(f"nothing was written for {path}")
+        _remove(path)
+        os.replace(target, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def remove_outputs(*paths: str | Path) -> None:
+    """Delete a stage's previous outputs before it starts, so a failure cannot leave stale ones."""
+    for path in paths:
+        _remove(Path(path))
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
+    """Write rows atomically; return how many were written."""
+    count = 0
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            count += 1
+    return count
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """Yield ``(line_number, object)``; a bad line raises an error naming the file and line."""
+    path = Path(path)
+    if not path.exists():
+        raise PipelineError(f"{path}: file not found")
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if raw.strip():  # blank lines hold no row; tolerate them (e.g. a trailing newline)
+                yield number, _parse_json_line(path, number, raw)
+
+
+def _parse_json_line(path: Path, number: int, raw: bytes) -> dict:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise PipelineError(
+            f"{path}:{number}: byte {err.start} is not valid UTF-8; re-encode the file as UTF-8"
+        ) from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise PipelineError(
+            f"{path}:{number}: malformed JSON ({err.msg} at column {err.colno}); "
+            "each line must be one complete JSON object"
+        ) from None
+    if not isinstance(obj, dict):
+        raise PipelineError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise PipelineError(f"{path}: not valid JSON ({err})") from None
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()

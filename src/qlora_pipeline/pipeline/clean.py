@@ -1,0 +1,39 @@
+"""clean stage: raw conversations -> cleaned conversations and metrics/clean.json."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qlora_pipeline import tracking
+from qlora_pipeline.config import Params, section_dict
+from qlora_pipeline.data.cleaning import clean_conversations
+from qlora_pipeline.errors import PipelineError
+from qlora_pipeline.io import atomic_path, read_json, remove_outputs, write_json, write_jsonl
+from qlora_pipeline.pipeline.common import CONVERSATIONS, MANIFEST, read_conversations
+
+
+def run_clean(params: Params, raw_dir: Path, out_dir: Path, metrics_path: Path) -> dict:
+    """Clean ``raw_dir`` into ``out_dir`` and write ``metrics_path``; fail if nothing is left."""
+    remove_outputs(out_dir, metrics_path)
+    source = raw_dir / CONVERSATIONS
+    manifest = read_json(raw_dir / MANIFEST)
+    kept, metrics = clean_conversations(read_conversations(source), params.clean)
+    metrics["rows_rejected_at_fetch"] = manifest.get("counts", {}).get("rows_rejected", {})
+    if not kept:
+        raise PipelineError(
+            f"{source}: every conversation was removed by clean "
+            f"(messages removed: {metrics['messages_removed']}; conversations removed: "
+            f"{metrics['conversations_removed']}); loosen clean.min_chars/max_chars/min_messages "
+            "or check clean.exclude_speakers"
+        )
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        write_jsonl(tmp / CONVERSATIONS, kept)
+    write_json(metrics_path, metrics)
+    with tracking.pipeline_run(params.mlflow, "clean"):
+        tracking.log_params("clean", section_dict(params.clean))
+        tracking.log_metrics("clean", metrics)
+    print(f"clean: kept {metrics['conversations_out']}/{metrics['conversations_in']} conversations, "
+          f"{metrics['messages_out']}/{metrics['messages_in']} messages, "
+          f"{metrics['pii_replacements']['total']} PII replacements -> {out_dir / CONVERSATIONS}, {metrics_path}")
+    return metrics

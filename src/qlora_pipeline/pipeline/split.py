@@ -1,0 +1,29 @@
+"""split stage: cleaned conversations -> train/val/test persona examples and metrics/split.json."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qlora_pipeline import tracking
+from qlora_pipeline.config import Params, section_dict
+from qlora_pipeline.data.splitting import SPLITS, split_examples
+from qlora_pipeline.io import atomic_path, remove_outputs, write_json, write_jsonl
+from qlora_pipeline.pipeline.common import CONVERSATIONS, read_conversations
+
+
+def run_split(params: Params, clean_dir: Path, out_dir: Path, metrics_path: Path) -> dict:
+    """Build persona examples from ``clean_dir`` into ``out_dir/{train,val,test}.jsonl``."""
+    remove_outputs(out_dir, metrics_path)
+    source = clean_dir / CONVERSATIONS
+    splits, metrics = split_examples(read_conversations(source), params.split, params.seed, str(source))
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        for name in SPLITS:
+            write_jsonl(tmp / f"{name}.jsonl", splits[name])
+    write_json(metrics_path, metrics)
+    with tracking.pipeline_run(params.mlflow, "split"):
+        tracking.log_params("split", section_dict(params.split))
+        tracking.log_metrics("split", metrics)
+    sizes = ", ".join(f"{name} {metrics[name]['examples']}" for name in SPLITS)
+    print(f"split: persona {metrics['persona']}; examples {sizes} -> {out_dir}/, {metrics_path}")
+    return metrics

@@ -1,0 +1,20 @@
+"""fetch: read the source named by params `data` into canonical conversations.
+
+Reads:  params `data` (source, path, shape, hf, fields, prompt_template)
+Writes: <out>/conversations.jsonl, <out>/manifest.json (source, version, sha256, counts)
+Run:    python stages/fetch.py --params params.yaml --out data/raw
+"""
+
+import sys
+from pathlib import Path
+
+from qlora_pipeline.pipeline.common import stage_main
+from qlora_pipeline.pipeline.fetch import run_fetch
+
+
+def add_paths(parser):
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+
+
+if __name__ == "__main__":
+    sys.exit(stage_main(__doc__, add_paths, lambda params, args: run_fetch(params, args.out)))

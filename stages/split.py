@@ -1,0 +1,22 @@
+"""split: persona examples with chat context, split train/val/test by conversation.
+
+Reads:  <clean>/conversations.jsonl, params `seed`, `split`
+Writes: <out>/train.jsonl, <out>/val.jsonl, <out>/test.jsonl, <metrics>
+Run:    python stages/split.py --params params.yaml --clean data/clean --out data/splits --metrics metrics/split.json
+"""
+
+import sys
+from pathlib import Path
+
+from qlora_pipeline.pipeline.common import stage_main
+from qlora_pipeline.pipeline.split import run_split
+
+
+def add_paths(parser):
+    parser.add_argument("--clean", type=Path, required=True, help="clean's output folder")
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--metrics", type=Path, required=True, help="metrics JSON file")
+
+
+if __name__ == "__main__":
+    sys.exit(stage_main(__doc__, add_paths, lambda params, args: run_split(params, args.clean, args.out, args.metrics)))

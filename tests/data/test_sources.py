@@ -1,0 +1,158 @@
+"""fetch: every source and both file shapes become the same canonical conversations."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import CHAT_FIELDS, CHAT_ROWS, write_chat_jsonl
+from qlora_pipeline.data.sources import chitchat_path, fetch
+from qlora_pipeline.errors import PipelineError
+
+PAIR_ROWS = [
+    {"uid": "d1", "dialogue": "A: lunch?\nB: sure, noon", "summary": "They agree to lunch at noon."},
+    {"uid": "d2", "dialogue": "A: is the report done?\nB: tomorrow", "summary": "The report is due tomorrow."},
+]
+PAIR_FIELDS = {"data.shape": "pairs", "data.fields.prompt": "dialogue", "data.fields.response": "summary",
+               "data.fields.id": "uid", "data.prompt_template": "Summarize this dialogue:\n{dialogue}"}
+
+
+def write_rows(path: Path, rows: list[dict], fmt: str) -> Path:
+    if fmt == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    elif fmt == "csv":
+        with path.open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def test_chitchat_default_reads_the_whole_wheel(params_factory):
+    result = fetch(params_factory().data)
+    counts = result.manifest["counts"]
+    assert (counts["conversations"], counts["messages"], counts["speakers"]) == (7168, 258145, 1315)
+    assert result.manifest["version"] == "0.9.0"
+    assert result.manifest["sha256"] == hashlib.sha256(chitchat_path().read_bytes()).hexdigest()
+    first = result.conversations[0]
+    assert set(first) == {"id", "messages", "meta"}
+    assert set(first["messages"][0]) == {"speaker", "text", "time"}
+    assert first["meta"]["prompt"]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
+def test_chat_log_groups_rows_into_conversations(fmt, tmp_path, params_factory):
+    path = write_rows(tmp_path / f"chat.{fmt}", CHAT_ROWS, fmt)
+    result = fetch(params_factory({"data.source": fmt, "data.path": str(path), **CHAT_FIELDS}).data)
+    assert [c["id"] for c in result.conversations] == ["c1", "c2"]
+    c1 = result.conversations[0]["messages"]
+    assert [m["speaker"] for m in c1] == ["alice", "bob", "alice", "bob", "alice"]
+    assert c1[1] == {"speaker": "bob", "text": "great, thanks! we hiked a lot", "time": "2020-01-01T10:00:05Z"}
+    assert result.manifest["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert result.manifest["counts"] == {"conversations": 2, "messages": 9, "speakers": 3, "rows_rejected": {}}
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
+def test_pairs_become_user_assistant_conversations(fmt, tmp_path, params_factory):
+    path = write_rows(tmp_path / f"pairs.{fmt}", PAIR_ROWS, fmt)
+    result = fetch(params_factory({"data.source": fmt, "data.path": str(path), **PAIR_FIELDS}).data)
+    conv = result.conversations[1]
+    assert conv["id"] == "d2"
+    assert conv["meta"] == {"persona": "assistant"}
+    assert conv["messages"] == [
+        {"speaker": "user", "text": "Summarize this dialogue:\nA: is the report done?\nB: tomorrow", "time": None},
+        {"speaker": "assistant", "text": "The report is due tomorrow.", "time": None},
+    ]
+
+
+@pytest.mark.parametrize("shape", ["chat_log", "pairs"])
+def test_hf_source_loads_a_local_dataset_folder(shape, tmp_path, params_factory):
+    folder = tmp_path / "hf_dataset"
+    folder.mkdir()
+    rows, fields = (CHAT_ROWS, CHAT_FIELDS) if shape == "chat_log" else (PAIR_ROWS, PAIR_FIELDS)
+    write_rows(folder / "train.jsonl", rows, "jsonl")
+    overrides = {"data.source": "hf", "data.hf.path": str(folder), "data.hf.split": "train", **fields}
+    result = fetch(params_factory(overrides).data)
+    assert result.manifest["source"] == "hf"
+    assert len(result.conversations) == (2 if shape == "chat_log" else 2)
+    assert result.manifest["counts"]["messages"] == (9 if shape == "chat_log" else 4)
+    assert len(result.manifest["sha256"]) == 64
+    again = fetch(params_factory(overrides).data)
+    assert again.manifest["sha256"] == result.manifest["sha256"]
+
+
+def test_hf_missing_split_names_the_params(tmp_path, params_factory):
+    folder = tmp_path / "hf_dataset"
+    folder.mkdir()
+    write_rows(folder / "train.jsonl", CHAT_ROWS, "jsonl")
+    params = params_factory({"data.source": "hf", "data.hf.path": str(folder), "data.hf.split": "nope", **CHAT_FIELDS})
+    with pytest.raises(PipelineError, match=r"data\.hf: load_dataset\(.*split='nope'"):
+        fetch(params.data)
+
+
+def test_null_values_are_counted_not_silently_dropped(tmp_path, params_factory):
+    rows = CHAT_ROWS + [{"conv": "c2", "who": "alice", "msg": None, "ts": None}]
+    path = write_rows(tmp_path / "chat.jsonl", rows, "jsonl")
+    result = fetch(params_factory({"data.source": "jsonl", "data.path": str(path), **CHAT_FIELDS}).data)
+    assert result.manifest["counts"]["rows_rejected"] == {"null_text": 1}
+    assert result.manifest["counts"]["messages"] == 9
+
+
+# ------------------------------------------------------------------------- bad input
+
+
+def test_malformed_jsonl_line_names_file_and_line(tmp_path, params_factory):
+    path = write_chat_jsonl(tmp_path / "chat.jsonl")
+    path.write_text(path.read_text() + '{"conv": "c3", "who": \n')
+    with pytest.raises(PipelineError, match=r"chat\.jsonl:10: malformed JSON .*one complete JSON object"):
+        fetch(params_factory({"data.source": "jsonl", "data.path": str(path), **CHAT_FIELDS}).data)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
+def test_missing_mapped_field_names_key_and_fix(fmt, tmp_path, params_factory):
+    path = write_rows(tmp_path / f"chat.{fmt}", CHAT_ROWS, fmt)
+    overrides = {"data.source": fmt, "data.path": str(path), **CHAT_FIELDS, "data.fields.text": "body"}
+    with pytest.raises(PipelineError) as err:
+        fetch(params_factory(overrides).data)
+    message = str(err.value)
+    assert "missing field 'body' (mapped by data.fields.text)" in message
+    assert f"chat.{fmt}" in message and "fields found: conv, who, msg, ts" in message
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_undecodable_byte_names_line(fmt, tmp_path, params_factory):
+    path = write_rows(tmp_path / f"chat.{fmt}", CHAT_ROWS, fmt)
+    data = path.read_bytes().replace(b"zermatt", b"zerm\xe4tt")
+    path.write_bytes(data)
+    line = data[: data.index(b"\xe4")].count(b"\n") + 1
+    with pytest.raises(PipelineError, match=rf"chat\.{fmt}:{line}: .*not valid UTF-8; re-encode the file as UTF-8"):
+        fetch(params_factory({"data.source": fmt, "data.path": str(path), **CHAT_FIELDS}).data)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
+def test_empty_file_is_refused(fmt, tmp_path, params_factory):
+    path = tmp_path / f"chat.{fmt}"
+    path.write_bytes(b"")
+    with pytest.raises(PipelineError, match=rf"chat\.{fmt}: file is empty"):
+        fetch(params_factory({"data.source": fmt, "data.path": str(path), **CHAT_FIELDS}).data)
+
+
+def test_missing_file_names_the_key(tmp_path, params_factory):
+    with pytest.raises(PipelineError, match=r"data\.path: .*nope\.jsonl is not a file"):
+        fetch(params_factory({"data.source": "jsonl", "data.path": str(tmp_path / "nope.jsonl")}).data)
+
+
+def test_template_field_missing_from_row(tmp_path, params_factory):
+    path = write_rows(tmp_path / "pairs.jsonl", PAIR_ROWS, "jsonl")
+    overrides = {"data.source": "jsonl", "data.path": str(path), **PAIR_FIELDS,
+                 "data.prompt_template": "{topic}: {dialogue}"}
+    with pytest.raises(PipelineError, match=r"pairs\.jsonl:1: data\.prompt_template uses \{topic\}"):
+        fetch(params_factory(overrides).data)

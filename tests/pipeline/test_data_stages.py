@@ -1,0 +1,115 @@
+"""fetch -> clean -> split as the stages run them: outputs, metrics, MLflow, and failures that leave nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import CHAT_FIELDS, ROOT, write_chat_jsonl
+from qlora_pipeline.errors import PipelineError
+from qlora_pipeline.pipeline.clean import run_clean
+from qlora_pipeline.pipeline.fetch import run_fetch
+from qlora_pipeline.pipeline.split import run_split
+
+
+@pytest.fixture
+def chat_params(tmp_path, params_factory, monkeypatch):
+    monkeypatch.setenv("QLORA_PIPELINE_RUN_KEY", "test-execution")
+    path = write_chat_jsonl(tmp_path / "chat.jsonl")
+    return lambda extra=None: params_factory({"data.source": "jsonl", "data.path": str(path), **CHAT_FIELDS,
+                                              "split.ratios.train": 1.0, "split.ratios.val": 0.0,
+                                              "split.ratios.test": 0.0, **(extra or {})})
+
+
+def run_all(params, tmp_path):
+    run_fetch(params, tmp_path / "raw")
+    run_clean(params, tmp_path / "raw", tmp_path / "clean", tmp_path / "metrics/clean.json")
+    return run_split(params, tmp_path / "clean", tmp_path / "splits", tmp_path / "metrics/split.json")
+
+
+def test_data_stages_write_outputs_and_one_mlflow_run(chat_params, tmp_path):
+    params = chat_params()
+    metrics = run_all(params, tmp_path)
+    assert metrics["persona"] == "alice"
+    train = [json.loads(line) for line in (tmp_path / "splits/train.jsonl").read_text().splitlines()]
+    assert [ex["target"] for ex in train] == ["nice, where did you go?", "i have always wanted to go there",
+                                             "yes! mail me at <EMAIL>", "see you then"]
+    clean_metrics = json.loads((tmp_path / "metrics/clean.json").read_text())
+    assert clean_metrics["pii_replacements"]["email"] == 1
+
+    import mlflow
+
+    mlflow.set_tracking_uri(params.mlflow.tracking_uri)
+    runs = mlflow.search_runs(experiment_names=[params.mlflow.experiment_name])
+    assert len(runs) == 1
+    run = runs.iloc[0]
+    assert run["params.data.source"] == "jsonl" and run["params.split.context_turns"] == "4"
+    assert run["metrics.clean.pii_replacements.email"] == 1
+    assert run["metrics.split.train.examples"] == 4
+    assert run["tags.split.persona"] == "alice"
+
+
+def test_a_new_execution_gets_a_new_run(chat_params, tmp_path, monkeypatch):
+    params = chat_params()
+    run_fetch(params, tmp_path / "raw")
+    monkeypatch.setenv("QLORA_PIPELINE_RUN_KEY", "another-execution")
+    run_fetch(params, tmp_path / "raw")
+    import mlflow
+
+    mlflow.set_tracking_uri(params.mlflow.tracking_uri)
+    assert len(mlflow.search_runs(experiment_names=[params.mlflow.experiment_name])) == 2
+
+
+def test_clean_to_nothing_fails_and_leaves_no_output(chat_params, tmp_path):
+    params = chat_params({"clean.min_chars": 500})
+    run_fetch(params, tmp_path / "raw")
+    (tmp_path / "clean").mkdir()  # a stale output from an earlier run must not survive either
+    with pytest.raises(PipelineError, match=r"every conversation was removed by clean .*too_short.*loosen clean\.min_chars"):
+        run_clean(params, tmp_path / "raw", tmp_path / "clean", tmp_path / "metrics/clean.json")
+    assert not (tmp_path / "clean").exists() and not (tmp_path / "metrics/clean.json").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_unknown_persona_fails_and_leaves_no_output(chat_params, tmp_path):
+    params = chat_params({"split.persona": "mallory"})
+    run_fetch(params, tmp_path / "raw")
+    run_clean(params, tmp_path / "raw", tmp_path / "clean", tmp_path / "metrics/clean.json")
+    with pytest.raises(PipelineError, match=r"split\.persona: speaker 'mallory' does not occur"):
+        run_split(params, tmp_path / "clean", tmp_path / "splits", tmp_path / "metrics/split.json")
+    assert not (tmp_path / "splits").exists() and not (tmp_path / "metrics/split.json").exists()
+
+
+def test_malformed_stage_input_names_file_and_line(chat_params, tmp_path):
+    params = chat_params()
+    run_fetch(params, tmp_path / "raw")
+    raw = tmp_path / "raw/conversations.jsonl"
+    raw.write_text(raw.read_text() + '{"id": "x", "messages": "oops"}\n')
+    with pytest.raises(PipelineError, match=r"raw/conversations\.jsonl:3: expected \{'id': str, 'messages'"):
+        run_clean(params, tmp_path / "raw", tmp_path / "clean", tmp_path / "metrics/clean.json")
+    assert not (tmp_path / "clean").exists()
+
+
+def test_failed_fetch_keeps_no_partial_output(chat_params, tmp_path):
+    bad = tmp_path / "chat.jsonl"
+    bad.write_text(bad.read_text() + "not json\n")
+    with pytest.raises(PipelineError, match=r"chat\.jsonl:10: malformed JSON"):
+        run_fetch(chat_params(), tmp_path / "raw")
+    assert not (tmp_path / "raw").exists()
+
+
+def test_stage_script_exits_nonzero_with_a_clear_message(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text().replace("context_turns: 4", "context_turns: -4"))
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.run([sys.executable, str(ROOT / "stages/split.py"), "--params", str(params),
+                           "--clean", str(tmp_path / "clean"), "--out", str(tmp_path / "splits"),
+                           "--metrics", str(tmp_path / "split.json")], capture_output=True, text=True, env=env)
+    assert proc.returncode == 1
+    assert "split.context_turns: must be >= 1" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "splits").exists()

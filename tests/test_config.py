@@ -1,0 +1,78 @@
+"""params.yaml loads into typed configs; every bad key is reported together, by name."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+
+from conftest import ROOT
+from qlora_pipeline.config import ConfigError, load_params, params_from_dict
+
+
+def test_repository_params_load():
+    params = load_params(ROOT / "params.yaml")
+    assert params.data.source == "chitchat"
+    assert params.clean.pii == ["email", "phone", "url", "ip", "card", "ssn", "handle"]
+
+
+def broken(base, **changes):
+    raw = copy.deepcopy(base)
+    for dotted, value in changes.items():
+        node = raw
+        *parents, leaf = dotted.split("__")
+        for part in parents:
+            node = node[part]
+        if value is KeyError:
+            del node[leaf]
+        else:
+            node[leaf] = value
+    return raw
+
+
+@pytest.mark.parametrize("changes, expected", [
+    ({"clean__colour": 1}, "clean.colour: unknown key; valid keys here: unicode_normalization"),
+    ({"clean__min_chars": "3"}, "clean.min_chars: expected int, got '3'"),
+    ({"clean__min_chars": True}, "clean.min_chars: expected int, got True"),
+    ({"clean__min_chars": -1}, "clean.min_chars: must be >= 0, got -1"),
+    ({"clean__max_chars": 0, "clean__min_chars": 5}, "clean.max_chars: 0 is below clean.min_chars 5"),
+    ({"clean__dedup": "fuzzy"}, "clean.dedup: must be one of 'none', 'exact', 'near'; got 'fuzzy'"),
+    ({"clean__pii": ["email", "dna"]}, "clean.pii: unknown type 'dna'"),
+    ({"split__ratios__train": 0.9}, "split.ratios: train + val + test must sum to 1, got 1.1"),
+    ({"split__ratios__val": -0.1, "split__ratios__train": 1.0}, "split.ratios.val: must be >= 0"),
+    ({"split__context_turns": 0}, "split.context_turns: must be >= 1"),
+    ({"split__max_examples__test": -5}, "split.max_examples.test: must be >= 0 or null"),
+    ({"split__context_turns": KeyError}, "split.context_turns: missing; add it to params.yaml"),
+    ({"data__source": "ftp"}, "data.source: must be one of 'chitchat', 'jsonl'"),
+    ({"data__source": "jsonl"}, "data.path: source 'jsonl' needs a file path"),
+    ({"data__prompt_template": "{oops"}, "data.prompt_template: not a valid template"),
+    ({"seed": 1.5}, "seed: expected int, got 1.5"),
+    ({"mlflow": "x"}, "mlflow: expected a mapping of keys, got str"),
+])
+def test_bad_params_are_named(base_params_dict, changes, expected):
+    with pytest.raises(ConfigError) as err:
+        params_from_dict(broken(base_params_dict, **changes))
+    assert expected in str(err.value)
+
+
+def test_all_problems_are_reported_together(base_params_dict):
+    raw = broken(base_params_dict, clean__min_chars=-1, split__ratios__test=0.5, data__bogus=1)
+    with pytest.raises(ConfigError) as err:
+        params_from_dict(raw)
+    assert len(err.value.problems) == 3
+    assert "3 problem(s)" in str(err.value)
+
+
+def test_missing_and_invalid_yaml_files(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "params.yaml"
+    bad.write_text("seed: [1\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(bad)
+
+
+def test_params_comments_describe_every_top_level_section():
+    text = (ROOT / "params.yaml").read_text()
+    assert set(yaml.safe_load(text)) == {f.name for f in __import__("dataclasses").fields(load_params(ROOT / "params.yaml"))}

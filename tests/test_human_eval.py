@@ -1,0 +1,389 @@
+"""Blind A/B human-evaluation sheet: side assignment, blinding, escaping, scoring and its errors."""
+
+from __future__ import annotations
+
+import csv
+import html as html_lib
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+from qlora_pipeline.human_eval import (
+    RatingsError,
+    assign_sides,
+    render_sheet,
+    score_ratings,
+    write_sheet,
+)
+
+# Texts deliberately free of the words "base" and "tuned", so any occurrence in the page
+# would have to come from the sheet leaking the side assignment.
+NEUTRAL_SAMPLES = [
+    {
+        "id": f"conv-{i:03d}",
+        "context": [
+            {"role": "system", "content": "You are Sam, chatting with a friend."},
+            {"role": "user", "content": f"hey, how was the trip #{i}?"},
+            {"role": "assistant", "content": "pretty good! tired though"},
+            {"role": "user", "content": "haha same. what did you eat?"},
+        ],
+        "reference": f"ramen every night lol ({i})",
+        "base": f"I had a variety of local dishes, including ramen. ({i}) [first system]",
+        "tuned": f"ramen. so much ramen ({i}) [second system]",
+    }
+    for i in range(20)
+]
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _embedded_json(page: str) -> dict:
+    m = re.search(r'<script type="application/json" id="sheet-data">(.*?)</script>', page, re.S)
+    assert m, "embedded sheet data not found"
+    return json.loads(m.group(1))
+
+
+# ---------------------------------------------------------------------------------------------
+# assign_sides
+# ---------------------------------------------------------------------------------------------
+
+
+def test_assign_sides_is_deterministic_per_seed_and_uses_both_orders():
+    ids = [f"id-{i}" for i in range(20)]
+    first = assign_sides(ids, seed=123)
+    assert first == assign_sides(ids, seed=123)
+    assert [row["id"] for row in first] == ids
+    for row in first:
+        assert {row["A"], row["B"]} == {"base", "tuned"}
+    orders = {(row["A"], row["B"]) for row in first}
+    assert orders == {("base", "tuned"), ("tuned", "base")}
+    # A different seed gives a different assignment (for 20 items a collision is ~1e-6).
+    assert [r["A"] for r in assign_sides(ids, seed=124)] != [r["A"] for r in first]
+
+
+def test_assign_sides_does_not_touch_global_random_state():
+    import random
+
+    random.seed(7)
+    expected = random.random()
+    random.seed(7)
+    assign_sides(["a", "b", "c"], seed=1)
+    assert random.random() == expected
+
+
+def test_assign_sides_rejects_duplicate_ids():
+    with pytest.raises(ValueError, match="duplicate id 'x'"):
+        assign_sides(["x", "y", "x"], seed=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# render_sheet: blinding and content
+# ---------------------------------------------------------------------------------------------
+
+
+def test_sheet_never_names_the_systems():
+    key = assign_sides([s["id"] for s in NEUTRAL_SAMPLES], seed=5)
+    page = render_sheet(NEUTRAL_SAMPLES, key, title="Trip chat eval")
+    # Neither system name appears anywhere: not in text, ids, classes, data-*, JSON or script.
+    assert re.search(r"base", page, re.I) is None
+    assert re.search(r"tune", page, re.I) is None
+    assert '"tuned"' not in page and '"base"' not in page
+    # The embedded JSON holds only ids and a fingerprint; no seed, no sides.
+    data = _embedded_json(page)
+    assert set(data) == {"sheet", "ids"}
+    assert data["ids"] == [s["id"] for s in NEUTRAL_SAMPLES]
+    assert re.fullmatch(r"[0-9a-f]{20}", data["sheet"])  # a content hash, not the seed
+    # The fingerprint does not depend on the seed except through what the page shows:
+    # the same visible content gives the same storage key.
+    same = render_sheet(NEUTRAL_SAMPLES, key, title="Trip chat eval")
+    assert _embedded_json(same)["sheet"] == data["sheet"]
+
+
+def test_sheet_shows_replies_per_key_and_hides_reference_by_default():
+    samples = NEUTRAL_SAMPLES[:6]
+    key = assign_sides([s["id"] for s in samples], seed=11)
+    page = render_sheet(samples, key, title="t")
+    for i, (sample, sides) in enumerate(zip(samples, key)):
+        block = page.split(f'id="item-{i}"')[1].split("</article>")[0]
+        text_a = html_lib.escape(sample[sides["A"]])
+        text_b = html_lib.escape(sample[sides["B"]])
+        assert block.index("Reply A") < block.index(text_a) < block.index("Reply B") < block.index(text_b)
+        # Context rendered as a transcript, every message present.
+        for msg in sample["context"]:
+            assert html_lib.escape(msg["content"]) in block
+        # Reference only inside a closed <details> toggle.
+        ref = html_lib.escape(sample["reference"])
+        details = re.search(r"<details class=\"reference\">(.*?)</details>", block, re.S)
+        assert details and ref in details.group(1)
+        assert "<details class=\"reference\" open" not in block
+        assert block.count(ref) == 1
+        # Three radio choices, one group per item.
+        values = re.findall(rf'name="choice-{i}" value="([^"]+)"', block)
+        assert values == ["A", "B", "tie"]
+    assert "Rated 0 of 6" in page
+    assert "Download ratings (CSV)" in page
+    assert "ratings.csv" in page and "id,choice,comment" in page
+    assert "localStorage" in page
+
+
+def test_sheet_is_self_contained():
+    key = assign_sides([s["id"] for s in NEUTRAL_SAMPLES[:3]], seed=1)
+    page = render_sheet(NEUTRAL_SAMPLES[:3], key, title="t")
+    assert re.search(r"<(script|link|img|iframe)[^>]*\s(src|href)=", page, re.I) is None
+    assert "http://" not in page and "https://" not in page
+    assert "@import" not in page and "url(" not in page
+
+
+def test_sheet_escapes_hostile_text():
+    evil = "</script><script>alert(1)</script><b>bold</b> & \"quotes\" 'single'"
+    samples = [
+        {
+            "id": "x</script><script>alert(2)</script>",
+            "context": [{"role": "user", "content": "<img src=x onerror=alert(3)>" + evil}],
+            "reference": evil,
+            "base": evil,
+            "tuned": "<b>not bold</b>\u2028line sep",
+        }
+    ]
+    key = assign_sides([samples[0]["id"]], seed=0)
+    page = render_sheet(samples, key, title="<i>title</i></title><script>alert(4)</script>")
+    # Exactly two <script> elements (the JSON data block and the code), none injected.
+    assert page.count("<script") == 2
+    assert page.count("</script>") == 2
+    assert "<b>" not in page and "<img" not in page and "<i>" not in page
+    assert "&lt;/script&gt;&lt;script&gt;alert(1)&lt;/script&gt;&lt;b&gt;bold&lt;/b&gt;" in page
+    assert "&lt;b&gt;not bold&lt;/b&gt;" in page
+    assert "&lt;i&gt;title&lt;/i&gt;&lt;/title&gt;" in page
+    # The embedded JSON has no raw '<' at all, and still round-trips the id exactly.
+    raw_json = re.search(r'id="sheet-data">(.*?)</script>', page, re.S).group(1)
+    assert "<" not in raw_json and ">" not in raw_json
+    assert json.loads(raw_json)["ids"] == [samples[0]["id"]]
+    # Attribute values are quoted-escaped too.
+    assert 'data-sample-id="x&lt;/script&gt;&lt;script&gt;alert(2)&lt;/script&gt;"' in page
+
+
+def test_render_sheet_validates_inputs():
+    sample = dict(NEUTRAL_SAMPLES[0])
+    with pytest.raises(ValueError, match="no entry for 1 sample id"):
+        render_sheet([sample], [], title="t")
+    with pytest.raises(ValueError, match="must be 'base' and 'tuned'"):
+        render_sheet([sample], [{"id": sample["id"], "A": "base", "B": "base"}], title="t")
+    bad = {k: v for k, v in sample.items() if k != "tuned"}
+    with pytest.raises(ValueError, match="missing field"):
+        render_sheet([bad], assign_sides([sample["id"]], 0), title="t")
+
+
+def test_write_sheet_writes_html_and_key_atomically(tmp_path):
+    samples = NEUTRAL_SAMPLES[:8]
+    html_path = tmp_path / "out" / "sheet.html"
+    key_path = tmp_path / "private" / "key.csv"
+    key = write_sheet(samples, 42, html_path, key_path, title="My eval")
+    assert key == assign_sides([s["id"] for s in samples], 42)
+    page = html_path.read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>") and "<title>My eval</title>" in page
+    with key_path.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.reader(handle))
+    assert rows[0] == ["id", "A", "B"]
+    assert rows[1:] == [[r["id"], r["A"], r["B"]] for r in key]
+    # No temp files left behind.
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["sheet.html"]
+    assert sorted(p.name for p in (tmp_path / "private").iterdir()) == ["key.csv"]
+    # Same seed, same files.
+    write_sheet(samples, 42, tmp_path / "again.html", tmp_path / "again.csv", title="My eval")
+    assert (tmp_path / "again.html").read_text(encoding="utf-8") == page
+    assert (tmp_path / "again.csv").read_bytes() == key_path.read_bytes()
+
+
+def test_write_sheet_refuses_same_path_for_html_and_key(tmp_path):
+    with pytest.raises(ValueError, match="same file"):
+        write_sheet(NEUTRAL_SAMPLES[:2], 0, tmp_path / "x", tmp_path / "x")
+
+
+# ---------------------------------------------------------------------------------------------
+# score_ratings
+# ---------------------------------------------------------------------------------------------
+
+KEY_CSV = """id,A,B
+q1,tuned,base
+q2,base,tuned
+q3,tuned,base
+q4,base,tuned
+q5,tuned,base
+q6,base,tuned
+q7,tuned,base
+q8,base,tuned
+"""
+
+
+def _wilson_reference(successes: float, n: int, z: float) -> tuple[float, float]:
+    # Textbook form: (p + z^2/2n +- z*sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n)
+    p = successes / n
+    lo = (p + z * z / (2 * n) - z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))) / (1 + z * z / n)
+    hi = (p + z * z / (2 * n) + z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))) / (1 + z * z / n)
+    return lo, hi
+
+
+def test_score_ratings_counts_and_wilson_interval(tmp_path):
+    key = _write(tmp_path / "key.csv", KEY_CSV)
+    ratings = _write(
+        tmp_path / "ratings.csv",
+        "id,choice,comment\r\n"
+        "q1,A,sounds like him\r\n"   # A=tuned -> tuned win
+        "q2,A,\r\n"                  # A=base  -> base win
+        "q3,tie,\"meh, both ok\"\r\n"  # tie
+        "q4,B,\r\n"                  # B=tuned -> tuned win
+        "q5,B,\"too \"\"formal\"\"\"\r\n"  # B=base -> base win
+        "q6,b,lower-case ok\r\n"     # B=tuned -> tuned win
+        "q7,,\r\n"                   # unrated -> skipped
+        "q8, Tie ,\r\n",             # tie (spaces/case tolerated)
+    )
+    result = score_ratings(ratings, key)
+    assert result["tuned_wins"] == 3
+    assert result["base_wins"] == 2
+    assert result["ties"] == 2
+    assert result["n_rated"] == 7
+    assert result["n_skipped"] == 1
+    assert result["n_missing"] == 0
+    assert result["confidence"] == 0.95
+    assert result["tuned_win_rate"] == pytest.approx((3 + 1) / 7)
+    lo, hi = _wilson_reference(4.0, 7, 1.959963984540054)
+    assert result["ci_low"] == pytest.approx(lo, abs=1e-9)
+    assert result["ci_high"] == pytest.approx(hi, abs=1e-9)
+    assert 0.0 <= result["ci_low"] < result["tuned_win_rate"] < result["ci_high"] <= 1.0
+
+    narrower = score_ratings(ratings, key, confidence=0.80)
+    lo80, hi80 = _wilson_reference(4.0, 7, 1.2815515655446004)
+    assert narrower["ci_low"] == pytest.approx(lo80, abs=1e-9)
+    assert narrower["ci_high"] == pytest.approx(hi80, abs=1e-9)
+    assert narrower["confidence"] == 0.80
+
+
+def test_score_ratings_extreme_rates_and_missing_rows(tmp_path):
+    key = _write(tmp_path / "key.csv", KEY_CSV)
+    # Rows in any order, extra columns ignored, UTF-8 BOM tolerated, some key ids absent.
+    ratings = _write(tmp_path / "r.csv", "\ufeffrater,choice,id\nann,B,q2\nann,A,q1\n")
+    result = score_ratings(ratings, key)
+    assert (result["tuned_wins"], result["base_wins"], result["ties"]) == (2, 0, 0)
+    assert result["tuned_win_rate"] == 1.0
+    assert result["n_missing"] == 6
+    lo, hi = _wilson_reference(2.0, 2, 1.959963984540054)
+    assert result["ci_low"] == pytest.approx(lo) and result["ci_high"] == pytest.approx(1.0)
+
+
+def test_score_ratings_rejects_bad_confidence(tmp_path):
+    key = _write(tmp_path / "key.csv", KEY_CSV)
+    ratings = _write(tmp_path / "r.csv", "id,choice\nq1,A\n")
+    for bad in (0, 1, 1.5, -0.1):
+        with pytest.raises(ValueError, match="confidence"):
+            score_ratings(ratings, key, confidence=bad)
+
+
+def test_error_missing_column_names_column_and_found_columns(tmp_path):
+    key = _write(tmp_path / "key.csv", KEY_CSV)
+    ratings = _write(tmp_path / "ratings.csv", "item,choice,comment\nq1,A,\n")
+    with pytest.raises(RatingsError) as err:
+        score_ratings(ratings, key)
+    msg = str(err.value)
+    assert str(ratings) in msg and ":1:" in msg
+    assert "missing column 'id'" in msg
+    assert "'item', 'choice', 'comment'" in msg
+    assert "Fix:" in msg
+
+    ratings2 = _write(tmp_path / "ratings2.csv", "id,verdict\nq1,A\n")
+    with pytest.raises(RatingsError, match=r"missing column 'choice'.*columns found: 'id', 'verdict'"):
+        score_ratings(ratings2, key)
+
+
+def test_error_ids_not_in_key_names_up_to_five(tmp_path):
+    key = _write(tmp_path / "key.csv", KEY_CSV)
+    bogus = [f"zz{i}" for i in range(7)]
+    ratings = _write(
+        tmp_path / "ratings.csv",
+        "id,choice,comment\nq1,A,\n" + "".join(f"{b},B,\n" for b in bogus),
+    )
+    with pytest.raises(RatingsError) as err:
+        score_ratings(ratings, key)
+    msg = str(err.value)
+    assert str(ratings) in msg and str(key) in msg
+    assert "7 id(s) not in the key" in msg
+    for b in bogus[:5]:
+        assert repr(b) in msg
+    assert "'zz0' (line 3)" in msg
+    assert "'zz5'" not in msg and "and 2 more" in msg
+
+
+def test_error_bad_choice_names_line(tmp_path):
+    key = _write(tmp_path / "key.csv", KEY_CSV)
+    ratings = _write(tmp_path / "ratings.csv", "id,choice,comment\nq1,A,\nq2,tuned,\n")
+    with pytest.raises(RatingsError) as err:
+        score_ratings(ratings, key)
+    msg = str(err.value)
+    assert f"{ratings}:3:" in msg
+    assert "'tuned'" in msg and "not one of A, B, tie" in msg and "Fix:" in msg
+
+
+def test_error_line_numbers_count_multiline_quoted_comments(tmp_path):
+    key = _write(tmp_path / "key.csv", KEY_CSV)
+    ratings = _write(
+        tmp_path / "ratings.csv",
+        'id,choice,comment\nq1,A,"two\nlines"\n\nq2,C,\n',
+    )
+    with pytest.raises(RatingsError, match=rf"{re.escape(str(ratings))}:5: choice 'C'"):
+        score_ratings(ratings, key)
+
+
+def test_error_duplicate_id_names_both_lines(tmp_path):
+    key = _write(tmp_path / "key.csv", KEY_CSV)
+    ratings = _write(tmp_path / "ratings.csv", "id,choice,comment\nq1,A,\nq2,B,\nq1,tie,\n")
+    with pytest.raises(RatingsError) as err:
+        score_ratings(ratings, key)
+    msg = str(err.value)
+    assert f"{ratings}:4:" in msg and "duplicate id 'q1'" in msg and "first on line 2" in msg
+
+
+@pytest.mark.parametrize("content", ["", "\n\n  \n", "id,choice,comment\n"])
+def test_error_empty_ratings_file(tmp_path, content):
+    key = _write(tmp_path / "key.csv", KEY_CSV)
+    ratings = _write(tmp_path / "ratings.csv", content)
+    with pytest.raises(RatingsError) as err:
+        score_ratings(ratings, key)
+    msg = str(err.value)
+    assert str(ratings) in msg and ("empty" in msg or "no rows" in msg) and "Fix:" in msg
+
+
+def test_error_no_rated_rows(tmp_path):
+    key = _write(tmp_path / "key.csv", KEY_CSV)
+    ratings = _write(tmp_path / "ratings.csv", "id,choice,comment\nq1,,\nq2,,\n")
+    with pytest.raises(RatingsError, match=r"no rated rows \(all 2 rows have an empty choice\)"):
+        score_ratings(ratings, key)
+
+
+def test_error_missing_files(tmp_path):
+    key = _write(tmp_path / "key.csv", KEY_CSV)
+    missing = tmp_path / "nope" / "ratings.csv"
+    with pytest.raises(RatingsError) as err:
+        score_ratings(missing, key)
+    assert str(missing) in str(err.value) and "not found" in str(err.value) and "Fix:" in str(err.value)
+    ratings = _write(tmp_path / "ratings.csv", "id,choice\nq1,A\n")
+    with pytest.raises(RatingsError, match=r"key\.missing\.csv: key file not found"):
+        score_ratings(ratings, tmp_path / "key.missing.csv")
+
+
+def test_error_bad_key_file(tmp_path):
+    ratings = _write(tmp_path / "ratings.csv", "id,choice\nq1,A\n")
+    key = _write(tmp_path / "key.csv", "id,A,B\nq1,tuned,tuned\n")
+    with pytest.raises(RatingsError, match=rf"{re.escape(str(key))}:2: id 'q1' has A='tuned', B='tuned'"):
+        score_ratings(ratings, key)
+    key2 = _write(tmp_path / "key2.csv", "id,left,right\nq1,tuned,base\n")
+    with pytest.raises(RatingsError, match=r"missing columns 'A', 'B'.*columns found: 'id', 'left', 'right'"):
+        score_ratings(ratings, key2)
+
+
+def test_ratings_error_is_a_value_error():
+    assert issubclass(RatingsError, ValueError)
