@@ -70,13 +70,16 @@ _URL_CLOSERS = {")": "(", "]": "[", "}": "{"}
 
 # --- email -----------------------------------------------------------------------------------
 
-_EMAIL_RE = re.compile(
+# An e-mail is found outwards from its "@". Scanning forward for a local part would restart
+# at every dot or dash of a long token and go quadratic; RFC 5321 caps the local part at 64
+# characters, so looking back at most that far keeps the scan linear.
+_EMAIL_LOCAL_MAX = 64
+_EMAIL_LOCAL_RE = re.compile(
     # "@" before the local part means a fediverse handle (@alice@host), left to the handle rule.
-    r"(?<![\w@])"
-    r"[\w%+-]+(?:\.[\w%+-]+)*"  # local part, plus-addressing included; dots only between runs
-    rf"@{_DOMAIN}"
-    r"(?!\w)"
+    r"(?<![\w%+@-])"
+    r"[\w%+-]+(?:\.[\w%+-]+)*\Z"  # plus-addressing included; dots only between runs
 )
+_EMAIL_DOMAIN_RE = re.compile(rf"{_DOMAIN}(?!\w)")
 
 # --- card ------------------------------------------------------------------------------------
 
@@ -178,6 +181,18 @@ def _url_spans(text: str) -> Iterator[Span]:
         yield match.start(), match.start() + len(_trim_url(match.group()))
 
 
+def _email_spans(text: str) -> Iterator[Span]:
+    at = text.find("@")
+    while at != -1:
+        local = _EMAIL_LOCAL_RE.search(text, max(0, at - _EMAIL_LOCAL_MAX), at)
+        domain = _EMAIL_DOMAIN_RE.match(text, at + 1) if local else None
+        if domain:
+            yield local.start(), domain.end()
+            at = text.find("@", domain.end())
+        else:
+            at = text.find("@", at + 1)
+
+
 def _luhn_ok(digits: str) -> bool:
     """The Luhn checksum every payment card number carries."""
     total = 0
@@ -230,7 +245,7 @@ def _regex_spans(
 
 _DETECTORS: dict[str, Callable[[str], Iterator[Span]]] = {
     "url": _url_spans,
-    "email": _regex_spans(_EMAIL_RE),
+    "email": _email_spans,
     "card": _regex_spans(_CARD_RE, _is_card),
     "ssn": _regex_spans(_SSN_RE, _is_ssn),
     "ip": _regex_spans(_IP_RE, _is_ip),
