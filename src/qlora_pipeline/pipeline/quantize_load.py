@@ -1,0 +1,62 @@
+"""quantize-load stage: the base model, quantized per params, saved with its tokenizer, and what it costs."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+from qlora_pipeline import tracking
+from qlora_pipeline.config import Params, section_dict
+from qlora_pipeline.io import atomic_path, remove_outputs, write_json
+from qlora_pipeline.modeling.generation import generate_replies
+from qlora_pipeline.modeling.loading import load_model, load_tokenizer, resolve_source, set_end_token
+from qlora_pipeline.modeling.quantization import bnb_config, footprint
+
+
+def run_quantize_load(params: Params, out_dir: Path, metrics_path: Path) -> dict:
+    """Load ``params.model``, quantize it, save it to ``out_dir`` and its metrics to ``metrics_path``."""
+    remove_outputs(out_dir, metrics_path)
+    cfg = params.model
+    source = resolve_source(cfg)  # cheap checks first: a bad path fails before any loading
+    quantization = bnb_config(cfg.quantization)
+    with atomic_path(out_dir) as tmp:
+        started = time.perf_counter()
+        tokenizer = load_tokenizer(source, cfg)
+        model = load_model(source, cfg, quantization, tmp.parent / "dense")
+        load_seconds = time.perf_counter() - started
+        set_end_token(tokenizer, model, cfg.eos_token)
+        smoke = smoke_test(model, tokenizer, cfg.smoke_prompts, cfg.smoke_max_new_tokens)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    metrics = {
+        "source": dataclasses.asdict(source),
+        "quantization": "4bit-" + cfg.quantization.bnb_4bit_quant_type if cfg.quantization.load_in_4bit
+        else "8bit" if cfg.quantization.load_in_8bit else cfg.dtype,
+        **footprint(model),
+        "load_seconds": round(load_seconds, 2),
+        "eos_token": tokenizer.eos_token,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "smoke_test": smoke,
+        "smoke_stop_rate": round(sum(s["stopped"] for s in smoke) / len(smoke), 3) if smoke else None,
+    }
+    write_json(metrics_path, metrics)
+    with tracking.pipeline_run(params.mlflow, "quantize_load"):
+        tracking.log_params("model", section_dict(cfg))
+        tracking.log_metrics("base", {k: v for k, v in metrics.items() if k != "smoke_test"})
+    print(f"quantize-load: {metrics['parameters']:,} parameters, {metrics['quantization']}, "
+          f"{metrics['memory_footprint_mb']} MB ({metrics['bits_per_parameter']} bits/param), "
+          f"loaded in {metrics['load_seconds']} s -> {out_dir}/, {metrics_path}")
+    for item in smoke:
+        print(f"  smoke: {item['prompt']!r} -> {item['reply']!r}{'' if item['stopped'] else ' [did not stop]'}")
+    return metrics
+
+
+def smoke_test(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[dict]:
+    """Greedy zero-shot replies to fixed prompts through the chat template."""
+    conversations = [[{"role": "user", "content": prompt}] for prompt in prompts]
+    replies = generate_replies(model, tokenizer, conversations, batch_size=len(prompts) or 1,
+                               max_new_tokens=max_new_tokens, do_sample=False)
+    return [{"prompt": p, "reply": r.text, "stopped": r.stopped, "new_tokens": r.new_tokens}
+            for p, r in zip(prompts, replies)]

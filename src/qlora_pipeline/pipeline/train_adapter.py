@@ -1,0 +1,155 @@
+"""train-adapter stage: fine-tune on the splits, keep the best checkpoint, save adapter + model card + metrics."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from qlora_pipeline import tracking
+from qlora_pipeline.config import Params, section_dict
+from qlora_pipeline.errors import PipelineError
+from qlora_pipeline.io import atomic_path, read_json, read_jsonl, remove_outputs, write_json
+from qlora_pipeline.pipeline.common import MANIFEST
+
+RESOLVED_CONFIG = "training_config.json"
+LOG_FIELDS = ("step", "train_loss", "val_loss", "learning_rate")
+
+
+def read_examples(path: Path, stage_hint: str = "split") -> list[dict]:
+    rows = [row for _, row in read_jsonl(path)]
+    if not rows:
+        raise PipelineError(f"{path}: no examples; check the {stage_hint} stage's params (ratios, caps, persona)")
+    return rows
+
+
+def run_train_adapter(params: Params, base_dir: Path, splits_dir: Path, out_dir: Path, checkpoints: Path,
+                      metrics_path: Path, log_path: Path) -> dict:
+    """Train per ``params.train``; write the adapter (or full model) to ``out_dir`` and the metrics."""
+    from transformers import set_seed
+
+    from qlora_pipeline import training
+
+    remove_outputs(out_dir, metrics_path, log_path)
+    if not (base_dir / "config.json").is_file():
+        raise PipelineError(f"{base_dir}: no base model; run the quantize-load stage first (dvc repro quantize-load)")
+    if params.train.method != "full":
+        training.check_target_modules(base_dir, params.train.lora.target_modules)
+    train_rows, val_rows = read_examples(splits_dir / "train.jsonl"), read_examples(splits_dir / "val.jsonl")
+    set_seed(params.seed)
+    started = time.perf_counter()
+    with atomic_path(out_dir) as tmp:
+        model, tokenizer = training.prepare_model(params, base_dir, tmp.parent / "dense")
+        counts: Counter = Counter()
+        train_ds = training.build_dataset(train_rows, tokenizer, params.train.max_length, counts)
+        val_ds = training.build_dataset(val_rows, tokenizer, params.train.max_length, Counter())
+        inputs = [splits_dir / "train.jsonl", splits_dir / "val.jsonl", base_dir / "config.json"]
+        resume = training.resumable_checkpoint(checkpoints, training.fingerprint(params, inputs))
+        with tracking.pipeline_run(params.mlflow, "train_adapter"):
+            tracking.log_params("train", section_dict(params.train))
+            trainer = training.train_model(params, model, tokenizer, train_ds, val_ds, checkpoints, resume)
+            metrics = train_metrics(trainer, counts, training.count_parameters(model), resume, started)
+            metrics["peak_memory_mb"] = training.peak_memory_mb()
+            save_trained(trainer.model, tokenizer, tmp, params, base_dir, splits_dir, metrics)
+            tracking.log_metrics("train", {k: v for k, v in metrics.items() if k != "examples"})
+    write_json(metrics_path, metrics)
+    write_log(log_path, training.log_rows(trainer.state.log_history))
+    print(f"train-adapter: {params.train.method}, {metrics['steps']} steps, val loss "
+          f"{metrics['zero_shot_val_loss']} -> {metrics['best_val_loss']} (best step {metrics['best_step']}), "
+          f"{metrics['wall_seconds']} s -> {out_dir}/, {metrics_path}, {log_path}")
+    return metrics
+
+
+def train_metrics(trainer: Any, counts: Counter, parameters: dict, resume: str | None, started: float) -> dict:
+    state = trainer.state
+    evals = [e for e in state.log_history if "eval_loss" in e]
+    losses = [e["loss"] for e in state.log_history if "loss" in e]
+    train_seconds = sum(e.get("train_runtime", 0.0) for e in state.log_history)
+    return {
+        "zero_shot_val_loss": round(evals[0]["eval_loss"], 5) if evals and evals[0]["step"] == 0 else None,
+        "best_val_loss": round(state.best_metric, 5) if state.best_metric is not None else None,
+        "final_val_loss": round(evals[-1]["eval_loss"], 5) if evals else None,
+        "final_train_loss": round(losses[-1], 5) if losses else None,
+        "best_step": _step_of(state.best_model_checkpoint),
+        "steps": state.global_step,
+        "stopped_early": state.global_step < state.max_steps,
+        "resumed_from_step": _step_of(resume),
+        "tokens_seen": int(state.num_input_tokens_seen),
+        "tokens_per_second": round(state.num_input_tokens_seen / train_seconds, 1) if train_seconds else None,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        **parameters,
+        "examples": dict(counts),
+    }
+
+
+def _step_of(checkpoint: str | None) -> int | None:
+    return int(checkpoint.rsplit("-", 1)[-1]) if checkpoint else None
+
+
+def save_trained(model: Any, tokenizer: Any, out: Path, params: Params, base_dir: Path, splits_dir: Path,
+                 metrics: dict) -> None:
+    """Adapter (or full model) + tokenizer + resolved config + model card, into ``out``."""
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    manifest = read_json(splits_dir / MANIFEST) if (splits_dir / MANIFEST).is_file() else {}
+    resolved = {
+        "method": params.train.method,
+        "base_model": str(base_dir) if params.train.method == "qlora" else params.model.name_or_path,
+        "seed": params.seed,
+        "model": dataclasses.asdict(params.model),
+        "train": dataclasses.asdict(params.train),
+        "split": dataclasses.asdict(params.split),
+        "data": {"source": manifest.get("source"), "sha256": manifest.get("sha256"),
+                 "persona": manifest.get("persona"), "files": manifest.get("files")},
+        "metrics": {k: v for k, v in metrics.items() if k != "examples"},
+    }
+    write_json(out / RESOLVED_CONFIG, resolved)
+    (out / "README.md").write_text(model_card(resolved), encoding="utf-8")
+
+
+def model_card(resolved: dict) -> str:
+    """A Hugging Face model card: YAML metadata, then what was trained on what, and how well."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    model = resolved["model"]
+    base = model["name_or_path"] + (f" ({model['gguf_file']})" if model.get("gguf_file") else "")
+    data = ModelCardData(base_model=None if model["name_or_path"].startswith("package:") else model["name_or_path"],
+                         library_name="peft" if resolved["method"] != "full" else "transformers",
+                         tags=["qlora-pipeline", resolved["method"], "persona-chat"], pipeline_tag="text-generation")
+    m = resolved["metrics"]
+    lines = [
+        f"# Persona chat {'adapter' if resolved['method'] != 'full' else 'model'} ({resolved['method']})",
+        "",
+        f"- Base model: `{base}`, quantization: {_quantization_text(resolved)}",
+        f"- Method: `{resolved['method']}`; LoRA: `{json.dumps(resolved['train']['lora'])}`",
+        f"- Persona: `{resolved['data']['persona']}`; data source `{resolved['data']['source']}`, "
+        f"sha256 `{resolved['data']['sha256']}`",
+        f"- Seed: {resolved['seed']}; steps: {m['steps']} (best {m['best_step']}); tokens seen: {m['tokens_seen']}",
+        "",
+        "## Results",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        *[f"| {k} | {v} |" for k, v in m.items()],
+        "",
+        "Resolved configuration: `training_config.json`. Produced by `dvc repro` in qlora-pipeline.",
+    ]
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"))
+
+
+def _quantization_text(resolved: dict) -> str:
+    q = resolved["model"]["quantization"]
+    if resolved["method"] != "qlora":
+        return f"none ({resolved['model']['dtype'] if resolved['method'] == 'lora' else 'float32'})"
+    return f"4-bit {q['bnb_4bit_quant_type']}, double quant {q['bnb_4bit_use_double_quant']}"
+
+
+def write_log(path: Path, rows: list[dict]) -> None:
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=LOG_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)

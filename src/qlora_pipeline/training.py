@@ -1,0 +1,278 @@
+"""train-adapter: QLoRA, LoRA or full fine-tuning with the transformers Trainer.
+
+Load order follows QLoRA: the 4-bit base (``BitsAndBytesConfig``) -> ``prepare_model_for_kbit_training``
+-> ``LoraConfig`` -> ``get_peft_model``. Examples are rendered with the base model's chat
+template and the loss is computed on the reply tokens only (the end-of-turn token included).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from qlora_pipeline.config import Params, TrainConfig
+from qlora_pipeline.errors import PipelineError
+
+IGNORE_INDEX = -100  # the label value the loss skips
+FINGERPRINT = "fingerprint.json"
+
+
+# --------------------------------------------------------------------------- examples
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def encode_example(tokenizer: Any, messages: list[dict], target: str, max_length: int,
+                   counts: Counter | None = None) -> Encoded:
+    """Token ids of prompt + reply, with labels ``-100`` on the prompt.
+
+    The reply keeps its end-of-turn token, so the model learns to stop. Anything the template
+    adds after that token (a newline) is dropped. Too-long examples lose prompt from the left
+    first (the reply is what is learned), and the reply is cut only if it alone is too long.
+    """
+    counts = counts if counts is not None else Counter()
+    prompt = _template_ids(tokenizer, messages, add_generation_prompt=True)
+    full = _template_ids(tokenizer, [*messages, {"role": "assistant", "content": target}])
+    if full[: len(prompt)] != prompt:
+        raise PipelineError("model: the chat template renders the prompt differently when a reply follows; "
+                            "choose a model whose chat template is prefix-stable")
+    reply = full[len(prompt):]
+    if tokenizer.eos_token_id not in reply:
+        raise PipelineError(f"model.eos_token: the chat template does not end an assistant turn with "
+                            f"{tokenizer.eos_token!r}; set model.eos_token to the token that does")
+    reply = reply[: reply.index(tokenizer.eos_token_id) + 1]
+    if len(prompt) + len(reply) > max_length:
+        keep = max(max_length - len(reply), max_length // 2)
+        counts["prompt_truncated"] += 1
+        prompt = prompt[-keep:]
+        if len(prompt) + len(reply) > max_length:
+            counts["reply_truncated"] += 1
+            reply = reply[: max_length - len(prompt)]
+    return Encoded(prompt + reply, [IGNORE_INDEX] * len(prompt) + reply)
+
+
+def _template_ids(tokenizer: Any, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tokenizer(rendered, add_special_tokens=False)["input_ids"]
+
+
+def build_dataset(rows: Iterable[dict], tokenizer: Any, max_length: int, counts: Counter) -> Any:
+    """A ``datasets.Dataset`` of input_ids / attention_mask / labels."""
+    import datasets
+
+    records = []
+    for row in rows:
+        encoded = encode_example(tokenizer, row["messages"], row["target"], max_length, counts)
+        records.append({"input_ids": encoded.input_ids, "attention_mask": [1] * len(encoded.input_ids),
+                        "labels": encoded.labels})
+    counts["examples"] += len(records)
+    return datasets.Dataset.from_list(records)
+
+
+# ------------------------------------------------------------------------------ model
+
+
+def check_target_modules(config_path: Path, target_modules: str | list[str]) -> None:
+    """Fail fast on a ``target_modules`` name the model lacks, using an empty (meta) model: no weights."""
+    if isinstance(target_modules, str):
+        if target_modules == "all-linear":
+            return
+        target_modules = [target_modules]
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(config_path)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    names = {name.rsplit(".", 1)[-1] for name, module in skeleton.named_modules()
+             if isinstance(module, torch.nn.Linear)}
+    unknown = sorted(set(target_modules) - names)
+    if unknown:
+        raise PipelineError(f"train.lora.target_modules: {', '.join(unknown)} not in the model; "
+                            f"its linear layers are {', '.join(sorted(names))} (or use all-linear)")
+
+
+def resolve_optim(name: str) -> str:
+    """``auto``: paged 32-bit AdamW where CUDA exists (QLoRA's choice), plain AdamW on CPU."""
+    if name != "auto":
+        return name
+    import torch
+
+    return "paged_adamw_32bit" if torch.cuda.is_available() else "adamw_torch"
+
+
+def lora_config(train: TrainConfig) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(task_type="CAUSAL_LM", **dataclasses.asdict(train.lora))
+
+
+def count_parameters(model: Any) -> dict[str, int]:
+    from qlora_pipeline.modeling.quantization import logical_parameters
+
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"trainable_parameters": trainable, "total_parameters": logical_parameters(model)}
+
+
+# --------------------------------------------------------------------------- trainer
+
+
+def training_arguments(train: TrainConfig, output_dir: Path, seed: int) -> Any:
+    import torch
+    from transformers import TrainingArguments
+
+    keys = ("max_steps", "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+            "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm", "logging_steps",
+            "eval_steps", "save_steps", "save_total_limit", "activation_checkpointing", "train_sampling_strategy")
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        **{key: getattr(train, key) for key in keys},
+        optim=resolve_optim(train.optim),
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        eval_strategy="steps",
+        save_strategy="steps",
+        eval_on_start=True,  # the zero-shot validation loss, at step 0
+        load_best_model_at_end=True,  # keep the best checkpoint, not the last (overfitting guard)
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        include_num_input_tokens_seen="non_padding",
+        logging_first_step=True,
+        seed=seed,
+        data_seed=seed,
+        report_to="none",  # MLflow gets the curves from StepLogCallback, into the pipeline's own run
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+
+
+def log_rows(log_history: list[dict]) -> list[dict]:
+    """The Trainer's log history as one row per step: step, train loss, val loss, learning rate."""
+    rows: dict[int, dict] = {}
+    for entry in log_history:
+        row = rows.setdefault(entry["step"], {"step": entry["step"], "train_loss": None, "val_loss": None,
+                                              "learning_rate": None})
+        if "loss" in entry:
+            row["train_loss"] = round(entry["loss"], 5)
+            row["learning_rate"] = entry.get("learning_rate")
+        if "eval_loss" in entry:
+            row["val_loss"] = round(entry["eval_loss"], 5)
+    return [rows[step] for step in sorted(rows)]
+
+
+def fingerprint(params: Params, inputs: Iterable[Path]) -> str:
+    """What a checkpoint belongs to: resuming is only valid for the same params and inputs."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps([params.seed, dataclasses.asdict(params.model), dataclasses.asdict(params.train)],
+                             sort_keys=True).encode())
+    for path in inputs:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def resumable_checkpoint(checkpoints: Path, expected: str) -> str | None:
+    """The last checkpoint of an interrupted run with the same fingerprint; otherwise start clean."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    marker = checkpoints / FINGERPRINT
+    if checkpoints.is_dir() and marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == expected:
+        return get_last_checkpoint(str(checkpoints))
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    checkpoints.mkdir(parents=True)
+    marker.write_text(json.dumps({"fingerprint": expected}) + "\n")
+    return None
+
+
+def prepare_model(params: Params, base_dir: Path, workdir: Path) -> tuple[Any, Any]:
+    """The model to train, per ``train.method``, and its tokenizer (end token already fixed by quantize-load)."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoTokenizer
+
+    from qlora_pipeline.modeling.loading import load_model, load_saved_base, resolve_source, set_end_token
+
+    train = params.train
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    if train.method == "qlora":
+        model, _ = load_saved_base(base_dir)
+        if not getattr(model, "is_loaded_in_4bit", False):
+            raise PipelineError("train.method: qlora needs a 4-bit base; set model.quantization.load_in_4bit: true, "
+                                "or use train.method: lora")
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=train.activation_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        # lora and full train on unquantized weights: load them from the source, not the 4-bit base.
+        # Full fine-tuning keeps float32 master weights; AdamW updates vanish in bfloat16.
+        model_cfg = dataclasses.replace(params.model, dtype="float32") if train.method == "full" else params.model
+        model = load_model(resolve_source(model_cfg), model_cfg, None, workdir)
+        set_end_token(tokenizer, model, None)
+        if train.activation_checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()  # frozen embeddings would otherwise cut the graph
+    if train.method != "full":
+        model = get_peft_model(model, lora_config(train))
+    return model, tokenizer
+
+
+def peak_memory_mb() -> float:
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux reports KiB
+
+
+def make_step_logger() -> Any:
+    """A Trainer callback sending each logged step to the active MLflow run, as ``train.*`` curves.
+
+    Not the Trainer's own MLflowCallback: that one opens, names and ends runs on its own terms,
+    while every stage here must join the pipeline execution's run.
+    """
+    import mlflow
+    from transformers import TrainerCallback
+
+    names = {"loss": "train.loss", "eval_loss": "train.val_loss", "learning_rate": "train.learning_rate",
+             "grad_norm": "train.grad_norm"}
+
+    class StepLogCallback(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            values = {names[k]: float(v) for k, v in (logs or {}).items() if k in names and v is not None}
+            if values and mlflow.active_run():
+                mlflow.log_metrics(values, step=state.global_step)
+
+    return StepLogCallback()
+
+
+def train_model(params: Params, model: Any, tokenizer: Any, train_ds: Any, val_ds: Any, checkpoints: Path,
+                resume: str | None) -> Any:
+    """Run the Trainer (resuming from ``resume`` if given) and return it, best checkpoint loaded."""
+    from transformers import DataCollatorForSeq2Seq, EarlyStoppingCallback, Trainer
+
+    tokenizer.padding_side = "right"
+    callbacks = [make_step_logger()]
+    if params.train.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(params.train.early_stopping_patience,
+                                               params.train.early_stopping_threshold))
+    trainer = Trainer(
+        model=model,
+        args=training_arguments(params.train, checkpoints, params.seed),
+        train_dataset=train_ds,
+        eval_dataset=val_ds,
+        # Pads each batch to its own longest example; labels padded with -100.
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer

@@ -1,0 +1,22 @@
+"""quantize-load: load the base model, quantize it with bitsandbytes per params, save it.
+
+Reads:  params `model` (name_or_path, gguf_file, revision, dtype, quantization, smoke prompts)
+Writes: <out>/ (quantized weights, config, tokenizer; plain from_pretrained reloads it),
+        <metrics> (parameters, memory footprint, bits/param, load time, zero-shot smoke replies)
+Run:    python stages/quantize_load.py --params params.yaml --out models/base --metrics metrics/base.json
+"""
+
+import sys
+from pathlib import Path
+
+from qlora_pipeline.pipeline.common import stage_main
+from qlora_pipeline.pipeline.quantize_load import run_quantize_load
+
+
+def add_paths(parser):
+    parser.add_argument("--out", type=Path, required=True, help="output model folder")
+    parser.add_argument("--metrics", type=Path, required=True, help="metrics JSON file")
+
+
+if __name__ == "__main__":
+    sys.exit(stage_main(__doc__, add_paths, lambda params, args: run_quantize_load(params, args.out, args.metrics)))

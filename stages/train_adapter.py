@@ -1,0 +1,32 @@
+"""train-adapter: QLoRA (or LoRA, or full) fine-tuning on the persona examples.
+
+Reads:  <base>/ (quantize-load's model), <splits>/train.jsonl, <splits>/val.jsonl, params `seed`, `model`, `train`
+Writes: <out>/ (adapter safetensors or full model, tokenizer, training_config.json, model card README.md),
+        <checkpoints>/ (kept across an interrupted run, so the next run resumes),
+        <metrics> (losses, best step, tokens/s, peak memory, wall time), <log> (step, train/val loss, lr)
+Run:    python stages/train_adapter.py --params params.yaml --base models/base --splits data/splits \
+            --out models/adapter --checkpoints models/checkpoints --metrics metrics/train.json --log metrics/train_log.csv
+"""
+
+import sys
+from pathlib import Path
+
+from qlora_pipeline.pipeline.common import stage_main
+from qlora_pipeline.pipeline.train_adapter import run_train_adapter
+
+
+def add_paths(parser):
+    parser.add_argument("--base", type=Path, required=True, help="quantize-load's model folder")
+    parser.add_argument("--splits", type=Path, required=True, help="split's output folder")
+    parser.add_argument("--out", type=Path, required=True, help="output adapter folder")
+    parser.add_argument("--checkpoints", type=Path, required=True, help="checkpoint folder, persisted across runs")
+    parser.add_argument("--metrics", type=Path, required=True, help="metrics JSON file")
+    parser.add_argument("--log", type=Path, required=True, help="per-step loss CSV")
+
+
+def run(params, args):
+    return run_train_adapter(params, args.base, args.splits, args.out, args.checkpoints, args.metrics, args.log)
+
+
+if __name__ == "__main__":
+    sys.exit(stage_main(__doc__, add_paths, run))
