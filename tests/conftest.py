@@ -64,3 +64,40 @@ def write_chat_jsonl(path: Path, rows=CHAT_ROWS) -> Path:
 
 CHAT_FIELDS = {"data.fields.conversation_id": "conv", "data.fields.speaker": "who",
                "data.fields.text": "msg", "data.fields.time": "ts"}
+
+
+# ------------------------------------------------------------------------------ models
+
+
+@pytest.fixture(scope="session")
+def quantized_base(tmp_path_factory, base_params_dict) -> Path:
+    """The real SmolLM2-135M GGUF, quantized to NF4 by the quantize-load stage (built once per session)."""
+    from qlora_pipeline.pipeline.quantize_load import run_quantize_load
+
+    tmp = tmp_path_factory.mktemp("base")
+    params = make_params(base_params_dict, {"model.smoke_prompts": ["hi, how are you?"],
+                                            "model.smoke_max_new_tokens": 8}, tmp)
+    os.environ["QLORA_PIPELINE_RUN_KEY"] = "tests-quantized-base"
+    try:
+        run_quantize_load(params, tmp / "base", tmp / "base.json")
+    finally:
+        del os.environ["QLORA_PIPELINE_RUN_KEY"]
+    return tmp / "base"
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, quantized_base) -> Path:
+    """A tiny random Llama with the real tokenizer: for tests where only shapes matter."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    tokenizer = AutoTokenizer.from_pretrained(quantized_base)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -1,0 +1,75 @@
+"""One base model in memory with one or more trained adapters on it: for evaluation and chat.
+
+The base is prepared exactly as training prepared it (``prepare_model_for_kbit_training`` upcasts
+the unquantized weights to float32), so a reloaded adapter gives the logits it gave in training.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from qlora_pipeline.errors import PipelineError
+
+RESOLVED_CONFIG = "training_config.json"
+
+
+def read_training_config(adapter_dir: Path) -> dict:
+    path = adapter_dir / RESOLVED_CONFIG
+    if not path.is_file():
+        raise PipelineError(f"{adapter_dir}: no trained adapter ({RESOLVED_CONFIG} missing); "
+                            "run the train-adapter stage first (dvc repro train-adapter)")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def load_base_for(resolved: dict, base_dir: Path, workdir: Path | None = None) -> tuple[Any, Any]:
+    """The base an adapter was trained on: the 4-bit ``base_dir`` for qlora, the unquantized source otherwise."""
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoTokenizer
+
+    from qlora_pipeline.modeling.loading import load_model, load_saved_base, resolve_source, set_end_token
+
+    if resolved["method"] == "qlora":
+        model, tokenizer = load_saved_base(base_dir)
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False), tokenizer
+    cfg = _model_config(resolved)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    model = load_model(resolve_source(cfg), cfg, None, workdir)
+    set_end_token(tokenizer, model, None)
+    return model, tokenizer
+
+
+def _model_config(resolved: dict) -> Any:
+    import dataclasses
+
+    from qlora_pipeline.config import ModelConfig, QuantizationConfig
+
+    fields = dict(resolved["model"])
+    fields["quantization"] = QuantizationConfig(**fields["quantization"])
+    cfg = ModelConfig(**fields)
+    return dataclasses.replace(cfg, dtype="float32") if resolved["method"] == "full" else cfg
+
+
+def attach_adapters(base: Any, adapters: dict[str, Path]) -> Any:
+    """Wrap ``base`` with every named adapter; switch with ``set_adapter``, bypass with ``disable_adapter()``."""
+    from peft import PeftModel
+
+    names = list(adapters)
+    model = PeftModel.from_pretrained(base, adapters[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(adapters[name], adapter_name=name)
+    model.set_adapter(names[0])
+    return model.eval()
+
+
+def load_tuned(base_dir: Path, adapter_dir: Path, workdir: Path | None = None) -> tuple[Any, Any, dict]:
+    """The tuned model for ``adapter_dir`` and its tokenizer: base + adapter, or the full fine-tuned model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    resolved = read_training_config(adapter_dir)
+    if resolved["method"] == "full":
+        model = AutoModelForCausalLM.from_pretrained(adapter_dir, use_safetensors=True)
+        return model.eval(), AutoTokenizer.from_pretrained(adapter_dir), resolved
+    base, tokenizer = load_base_for(resolved, base_dir, workdir)
+    return attach_adapters(base, {"tuned": adapter_dir}), tokenizer, resolved

@@ -1,0 +1,166 @@
+"""quantize-load: real NF4 quantization of the real base, the CPU repack trap, sources and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT
+from qlora_pipeline.config import ConfigError
+from qlora_pipeline.errors import PipelineError
+from qlora_pipeline.modeling.loading import load_model, load_saved_base, resolve_source, set_end_token
+from qlora_pipeline.modeling.quantization import bnb_config, linear4bit_modules
+from qlora_pipeline.pipeline.quantize_load import run_quantize_load
+
+IDS = torch.tensor([[1, 9690, 198, 28120, 30, 2, 198, 1, 4093, 198, 19556, 12, 638]])
+
+
+def logits(model):
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+def test_base_is_bitsandbytes_nf4_with_double_quant(quantized_base):
+    model, tokenizer = load_saved_base(quantized_base)
+    layers = linear4bit_modules(model)
+    assert len(layers) == 30 * 7  # q, k, v, o, gate, up, down in each of 30 layers
+    for layer in layers:
+        state = layer.weight.quant_state
+        assert state.quant_type == "nf4" and state.nested, "double quantization nests the absmax constants"
+        assert layer.weight.dtype == torch.uint8
+        assert layer.support_avx512bf16_for_cpu is False
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token_id != tokenizer.eos_token_id
+    metrics = json.loads((quantized_base.parent / "base.json").read_text())
+    assert metrics["parameters"] == 134_515_008
+    assert 4 < metrics["bits_per_parameter"] < 16
+    assert metrics["smoke_test"][0]["prompt"] == "hi, how are you?" and metrics["smoke_test"][0]["reply"]
+
+
+def test_plain_from_pretrained_keeps_the_quantization(quantized_base):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(quantized_base)
+    assert model.is_loaded_in_4bit and len(linear4bit_modules(model)) == 210
+
+
+def test_cpu_repack_trap_is_guarded(quantized_base, tmp_path):
+    """An eval forward under no_grad must not change what a later save writes (see quantization.py)."""
+    import bitsandbytes.functional as bnbf
+
+    model, tokenizer = load_saved_base(quantized_base)
+    before = logits(model)  # eval + no_grad: the forward that would repack
+    model._weight_conversions = None  # re-saving a model loaded pre-quantized (transformers 5)
+    model.save_pretrained(tmp_path / "resaved")
+    tokenizer.save_pretrained(tmp_path / "resaved")
+    reloaded, _ = load_saved_base(tmp_path / "resaved")
+    assert torch.equal(logits(reloaded), before)
+    assert torch.equal(logits(model), before)
+
+    if bnbf.has_avx512bf16():  # show that the guard matters where the fast path exists
+        trapped, _ = load_saved_base(quantized_base)
+        for layer in linear4bit_modules(trapped):
+            layer.support_avx512bf16_for_cpu = True
+        logits(trapped)
+        trapped._weight_conversions = None
+        trapped.save_pretrained(tmp_path / "trapped")
+        tokenizer.save_pretrained(tmp_path / "trapped")
+        changed, _ = load_saved_base(tmp_path / "trapped")
+        assert (logits(changed) - before).abs().max() > 0.1
+
+
+def test_wrong_end_token_is_fixed(quantized_base):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(quantized_base)
+    tokenizer.eos_token = "<|im_start|>"  # what some GGUF conversions claim
+    model = AutoModelForCausalLM.from_pretrained(quantized_base)
+    set_end_token(tokenizer, model, "<|im_end|>")
+    assert tokenizer.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>") == 2
+    assert model.generation_config.eos_token_id == 2 and tokenizer.pad_token_id not in (1, 2)
+    with pytest.raises(PipelineError, match="model.eos_token: '<nope>' is not in the tokenizer"):
+        set_end_token(tokenizer, model, "<nope>")
+
+
+@pytest.mark.parametrize("quant, layer_type, detail", [
+    ({"load_in_4bit": True, "bnb_4bit_quant_type": "fp4"}, "Linear4bit", "fp4"),
+    ({"load_in_4bit": False, "load_in_8bit": True}, "Linear8bitLt", None),
+    ({"load_in_4bit": False}, "Linear", None),
+])
+def test_quantization_options(quant, layer_type, detail, tiny_llama, params_factory, tmp_path):
+    overrides = {"model.name_or_path": str(tiny_llama), "model.gguf_file": None, "model.dtype": "float32",
+                 **{f"model.quantization.{k}": v for k, v in quant.items()}}
+    cfg = params_factory(overrides).model
+    model = load_model(resolve_source(cfg), cfg, bnb_config(cfg.quantization), tmp_path)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert type(q_proj).__name__ == layer_type
+    if detail:
+        assert q_proj.weight.quant_state.quant_type == detail
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def test_model_source_errors(tmp_path, params_factory):
+    def source(**overrides):
+        return resolve_source(params_factory({f"model.{k}": v for k, v in overrides.items()}).model)
+
+    with pytest.raises(PipelineError, match=r"model.name_or_path: folder .*models/nope not found"):
+        source(name_or_path=str(tmp_path / "models/nope"), gguf_file=None)
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(PipelineError, match=r"model.name_or_path: .*weights.bin is a file"):
+        source(name_or_path=str(tmp_path / "weights.bin"))
+    with pytest.raises(PipelineError, match=r"model.revision: hub model meta-llama/Llama-2-7b-hf needs a pinned revision"):
+        source(name_or_path="meta-llama/Llama-2-7b-hf", gguf_file=None)
+    with pytest.raises(PipelineError, match=r"package 'no_such_pkg' is not installed"):
+        source(name_or_path="package:no_such_pkg")
+    (tmp_path / "fake.gguf").write_text("this is not a model")
+    with pytest.raises(PipelineError, match=r"model.gguf_file: .*fake.gguf is not a GGUF file"):
+        source(name_or_path=str(tmp_path), gguf_file="fake.gguf")
+    with pytest.raises(PipelineError, match=r"model.gguf_file: missing.gguf not found in"):
+        source(name_or_path=str(tmp_path), gguf_file="missing.gguf")
+    assert source(name_or_path="meta-llama/Llama-2-7b-hf", gguf_file=None, revision="abc123").kind == "hub"
+
+
+def test_bad_gguf_fails_before_loading_and_leaves_nothing(tmp_path, params_factory):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src/model.gguf").write_bytes(b"\x00" * 64)
+    params = params_factory({"model.name_or_path": str(tmp_path / "src"), "model.gguf_file": "model.gguf"})
+    with pytest.raises(PipelineError, match="is not a GGUF file"):
+        run_quantize_load(params, tmp_path / "base", tmp_path / "base.json")
+    assert not (tmp_path / "base").exists() and not (tmp_path / "base.json").exists()
+
+
+def test_4bit_and_8bit_together_is_a_config_error(params_factory):
+    with pytest.raises(ConfigError, match="load_in_4bit and load_in_8bit are both true"):
+        params_factory({"model.quantization.load_in_8bit": True})
+
+
+def test_hub_id_with_pinned_revision_loads_from_a_hub_shaped_cache(tiny_llama, tmp_path):
+    """The hub code path for real, offline: a cache laid out as huggingface_hub lays it out."""
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--tiny-org--tiny-llama"
+    snapshot = repo / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    for file in tiny_llama.iterdir():
+        (snapshot / file.name).write_bytes(file.read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    script = (
+        "from qlora_pipeline.config import ModelConfig\n"
+        "from qlora_pipeline.modeling.loading import load_model, load_tokenizer, resolve_source\n"
+        f"cfg = ModelConfig(name_or_path='tiny-org/tiny-llama', gguf_file=None, revision='{revision}', dtype='float32')\n"
+        "source = resolve_source(cfg)\n"
+        "model = load_model(source, cfg, None, None)\n"
+        "print(source.kind, type(model).__name__, load_tokenizer(source, cfg).eos_token)\n"
+    )
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "hub LlamaForCausalLM <|im_end|>"

@@ -1,0 +1,174 @@
+"""train-adapter: the label mask, what is trainable, resume after an interruption, and adapter reload."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from qlora_pipeline import training
+from qlora_pipeline.errors import PipelineError
+from qlora_pipeline.io import write_jsonl
+from qlora_pipeline.modeling.loading import load_saved_base
+
+MESSAGES = [{"role": "system", "content": "Be yourself."}, {"role": "user", "content": "how was the hike?"}]
+
+
+def synthetic_splits(folder: Path, n_train: int = 16, n_val: int = 4) -> Path:
+    def example(i):
+        return {"id": f"c{i}:1", "conversation_id": f"c{i}", "speaker": "p",
+                "messages": [{"role": "system", "content": "Be yourself."},
+                             {"role": "user", "content": f"did you see the game on day {i}?"}],
+                "target": f"yes! day {i} was great, we won by {i % 5 + 1}"}
+    folder.mkdir(parents=True, exist_ok=True)
+    write_jsonl(folder / "train.jsonl", [example(i) for i in range(n_train)])
+    write_jsonl(folder / "val.jsonl", [example(100 + i) for i in range(n_val)])
+    write_jsonl(folder / "test.jsonl", [example(200 + i) for i in range(n_val)])
+    return folder
+
+
+def test_label_mask_covers_the_reply_and_its_end_token_only(quantized_base):
+    _, tokenizer = load_saved_base(quantized_base)
+    encoded = training.encode_example(tokenizer, MESSAGES, "pretty steep, but worth it", max_length=256)
+    prompt = tokenizer.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
+    n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    reply = tokenizer("pretty steep, but worth it", add_special_tokens=False)["input_ids"]
+    assert encoded.labels[:n_prompt] == [-100] * n_prompt
+    assert encoded.labels[n_prompt:] == reply + [tokenizer.eos_token_id]
+    assert encoded.input_ids[n_prompt:] == encoded.labels[n_prompt:]
+    assert encoded.input_ids[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")  # the newline after it is dropped
+
+
+def test_long_examples_lose_prompt_first(quantized_base):
+    _, tokenizer = load_saved_base(quantized_base)
+    counts = Counter()
+    long_context = [{"role": "user", "content": "blah " * 300}]
+    encoded = training.encode_example(tokenizer, long_context, "short reply", max_length=64, counts=counts)
+    assert len(encoded.input_ids) == 64
+    reply = tokenizer("short reply", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert encoded.labels[-len(reply):] == reply and encoded.labels[: 64 - len(reply)] == [-100] * (64 - len(reply))
+    assert counts == Counter(prompt_truncated=1)
+
+
+def test_template_without_the_end_token_is_refused(quantized_base):
+    _, tokenizer = load_saved_base(quantized_base)
+    tokenizer.eos_token = "<|endoftext|>"  # not what ends a ChatML turn
+    with pytest.raises(PipelineError, match="model.eos_token: the chat template does not end an assistant turn"):
+        training.encode_example(tokenizer, MESSAGES, "hi", max_length=64)
+
+
+def test_qlora_trains_only_lora_weights_on_a_4bit_base(quantized_base, params_factory, tmp_path):
+    model, _ = training.prepare_model(params_factory({"train.lora.r": 4}), quantized_base, tmp_path)
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in name for name in trainable)
+    assert {type(m).__name__ for m in model.modules()} >= {"Linear4bit"}
+    assert training.count_parameters(model)["trainable_parameters"] == sum(
+        p.numel() for n, p in model.named_parameters() if "lora_" in n)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_lora_and_full_train_the_unquantized_weights(method, tiny_llama, params_factory, tmp_path):
+    params = params_factory({"train.method": method, "model.name_or_path": str(tiny_llama), "model.gguf_file": None})
+    model, _ = training.prepare_model(params, tiny_llama, tmp_path)
+    names = {type(m).__name__ for m in model.modules()}
+    assert "Linear4bit" not in names
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    if method == "lora":
+        assert trainable and all("lora_" in name for name in trainable)
+    else:
+        assert len(trainable) == len(list(model.parameters())) and model.dtype == torch.float32
+
+
+def test_unknown_target_module_fails_before_loading(tiny_llama):
+    with pytest.raises(PipelineError, match=r"train.lora.target_modules: qkv_proj not in the model; its linear layers are .*q_proj"):
+        training.check_target_modules(tiny_llama, ["q_proj", "qkv_proj"])
+    training.check_target_modules(tiny_llama, ["q_proj", "v_proj"])
+
+
+def test_optimizer_auto_picks_a_cpu_adamw_here():
+    assert training.resolve_optim("auto") == ("paged_adamw_32bit" if torch.cuda.is_available() else "adamw_torch")
+    assert training.resolve_optim("sgd") == "sgd"
+
+
+def test_saved_adapter_reloads_with_the_same_logits(quantized_base, params_factory, tmp_path):
+    from qlora_pipeline.modeling.adapters import attach_adapters, load_base_for
+    from qlora_pipeline.modeling.quantization import disable_cpu_repack
+
+    params = params_factory({"train.max_steps": 2, "train.eval_steps": 1, "train.save_steps": 1,
+                             "train.per_device_train_batch_size": 4, "train.lora.r": 4})
+    splits = synthetic_splits(tmp_path / "splits")
+    model, tokenizer = training.prepare_model(params, quantized_base, tmp_path)
+    counts = Counter()
+    train_ds = training.build_dataset([json.loads(l) for l in (splits / "train.jsonl").open()], tokenizer, 128, counts)
+    val_ds = training.build_dataset([json.loads(l) for l in (splits / "val.jsonl").open()], tokenizer, 128, counts)
+    trainer = training.train_model(params, model, tokenizer, train_ds, val_ds, tmp_path / "ckpt", None)
+    batch = {"input_ids": torch.tensor([train_ds[0]["input_ids"]])}
+    trained = trainer.model.eval()
+    with torch.no_grad():
+        expected = trained(**batch).logits  # an eval forward under no_grad, as a trap would need
+    trained.save_pretrained(tmp_path / "adapter")
+    base, _ = load_base_for({"method": "qlora"}, quantized_base)
+    reloaded = attach_adapters(base, {"tuned": tmp_path / "adapter"})
+    with torch.no_grad():
+        assert torch.equal(reloaded(**batch).logits, expected)
+    # Plain PeftModel.from_pretrained on models/base: the same, once the base is prepared as in training.
+    from peft import PeftModel, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(quantized_base)
+    disable_cpu_repack(plain)
+    plain = PeftModel.from_pretrained(prepare_model_for_kbit_training(plain, use_gradient_checkpointing=False),
+                                      tmp_path / "adapter").eval()
+    with torch.no_grad():
+        assert torch.equal(plain(**batch).logits, expected)
+    lora_b = [p for n, p in trained.named_parameters() if "lora_B" in n]
+    assert any(p.abs().sum() > 0 for p in lora_b), "training moved the adapter away from its zero init"
+
+
+def test_interrupted_training_resumes_from_the_last_checkpoint(tiny_llama, params_factory, tmp_path, monkeypatch):
+    """Kill the stage after the step-2 checkpoint; the next run continues at step 2, not step 0."""
+    from transformers import TrainerCallback
+
+    from qlora_pipeline.pipeline.quantize_load import run_quantize_load
+    from qlora_pipeline.pipeline.train_adapter import run_train_adapter
+
+    monkeypatch.setenv("QLORA_PIPELINE_RUN_KEY", "resume-test")
+    params = params_factory({"model.name_or_path": str(tiny_llama), "model.gguf_file": None, "model.dtype": "float32",
+                             "model.smoke_max_new_tokens": 2, "model.smoke_prompts": ["hi"],
+                             "train.max_steps": 4, "train.eval_steps": 2, "train.save_steps": 2,
+                             "train.per_device_train_batch_size": 4, "train.early_stopping_patience": None})
+    run_quantize_load(params, tmp_path / "base", tmp_path / "base.json")
+    splits = synthetic_splits(tmp_path / "splits")
+    paths = dict(base_dir=tmp_path / "base", splits_dir=splits, out_dir=tmp_path / "adapter",
+                 checkpoints=tmp_path / "ckpt", metrics_path=tmp_path / "train.json", log_path=tmp_path / "log.csv")
+
+    class Killed(Exception):
+        pass
+
+    class KillAtStep3(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise Killed
+
+    real_logger = training.make_step_logger
+    monkeypatch.setattr(training, "make_step_logger", lambda: KillAtStep3())
+    with pytest.raises(Killed):
+        run_train_adapter(params, **paths)
+    assert not paths["out_dir"].exists() and not paths["metrics_path"].exists()
+    assert (paths["checkpoints"] / "checkpoint-2").is_dir()
+
+    monkeypatch.setattr(training, "make_step_logger", real_logger)
+    metrics = run_train_adapter(params, **paths)
+    assert metrics["resumed_from_step"] == 2 and metrics["steps"] == 4
+    assert (paths["out_dir"] / "adapter_model.safetensors").is_file()
+    card = (paths["out_dir"] / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: peft" in card and "best_val_loss" in card
+
+    monkeypatch.setenv("QLORA_PIPELINE_RUN_KEY", "resume-test-other-params")  # a new dvc repro
+    other = params_factory({**{"model.name_or_path": str(tiny_llama), "model.gguf_file": None,
+                               "model.dtype": "float32", "train.max_steps": 2, "train.eval_steps": 2,
+                               "train.save_steps": 2, "train.per_device_train_batch_size": 4}})
+    assert run_train_adapter(other, **paths)["resumed_from_step"] is None  # other params: fresh start
