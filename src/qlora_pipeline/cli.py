@@ -20,6 +20,13 @@ OUTPUTS = [
     ("metrics/clean.json", "counts per cleaning rule and PII type (clean)"),
     ("data/splits/", "train/val/test persona examples (split)"),
     ("metrics/split.json", "split sizes, persona, leakage check (split)"),
+    ("models/base/", "quantized base model + tokenizer (quantize-load)"),
+    ("metrics/base.json", "parameters, memory, bits/param, load time, smoke replies (quantize-load)"),
+    ("models/adapter/", "adapter + model card + resolved config (train-adapter)"),
+    ("metrics/train.json", "losses, best step, tokens/s, peak memory (train-adapter)"),
+    ("metrics/train_log.csv", "loss curves: dvc plots show (train-adapter)"),
+    ("metrics/eval.json", "base vs tuned: ROUGE, perplexity, intervals (evaluate)"),
+    ("reports/", "samples.csv, human_eval.html for blind A/B rating (evaluate)"),
 ]
 
 
@@ -35,14 +42,41 @@ def summary(args: argparse.Namespace) -> None:
         sizes = ", ".join(f"{name} {metrics[name]['examples']}" for name in ("train", "val", "test"))
         print(f"\nPersona {metrics['persona']}: {sizes} examples; "
               f"{metrics['test_long_targets_in_train']} long test replies also in train.")
-    print("\nCompare runs: dvc exp show   |   mlflow ui --backend-store-uri sqlite:///mlflow.db")
+    train = Path("metrics/train.json")
+    if train.exists():
+        metrics = json.loads(train.read_text())
+        print(f"Training: {metrics['steps']} steps, validation loss {metrics['zero_shot_val_loss']} (zero-shot) -> "
+              f"{metrics['best_val_loss']} (best, step {metrics['best_step']}), {metrics['wall_seconds']} s.")
+    evaluation = Path("metrics/eval.json")
+    if evaluation.exists():
+        from qlora_pipeline.pipeline.evaluate import summary_table
+
+        print("\n" + summary_table(json.loads(evaluation.read_text())))
+    print("\nCompare runs: dvc exp show   |   dvc plots show   |   "
+          "mlflow ui --backend-store-uri sqlite:///mlflow.db   (then open http://127.0.0.1:5000)")
 
 
 def human_eval_score(args: argparse.Namespace) -> None:
+    """Score the ratings against the key and log the result to the evaluate run's MLflow record."""
     from qlora_pipeline.human_eval import score_ratings
 
     result = score_ratings(args.ratings, args.key, confidence=args.confidence)
     print(json.dumps(result, indent=2))
+    if args.run_file.is_file():
+        run = json.loads(args.run_file.read_text(encoding="utf-8"))
+        log_human_eval(run["tracking_uri"], run["mlflow_run_id"], result)
+        print(f"logged to MLflow run {run['mlflow_run_id']}")
+    else:
+        print(f"{args.run_file} not found: result not logged to MLflow")
+
+
+def log_human_eval(tracking_uri: str, run_id: str, result: dict) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    for key, value in result.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            client.log_metric(run_id, f"human_eval.{key}", float(value))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("ratings", type=Path, help="ratings.csv downloaded from reports/human_eval.html")
     score.add_argument("--key", type=Path, default=Path("reports/human_eval_key.csv"), help="the A/B key")
     score.add_argument("--confidence", type=float, default=0.95)
+    score.add_argument("--run-file", type=Path, default=Path("reports/run.json"),
+                       help="which MLflow run the sheet came from (written by evaluate)")
     score.set_defaults(func=human_eval_score)
     return parser
 

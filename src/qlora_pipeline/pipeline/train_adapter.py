@@ -68,7 +68,8 @@ def train_metrics(trainer: Any, counts: Counter, parameters: dict, resume: str |
     state = trainer.state
     evals = [e for e in state.log_history if "eval_loss" in e]
     losses = [e["loss"] for e in state.log_history if "loss" in e]
-    train_seconds = sum(e.get("train_runtime", 0.0) for e in state.log_history)
+    # The Trainer's own throughput: non-padding tokens (include_num_input_tokens_seen) per second.
+    throughput = [e["train_tokens_per_second"] for e in state.log_history if "train_tokens_per_second" in e]
     return {
         "zero_shot_val_loss": round(evals[0]["eval_loss"], 5) if evals and evals[0]["step"] == 0 else None,
         "best_val_loss": round(state.best_metric, 5) if state.best_metric is not None else None,
@@ -79,7 +80,7 @@ def train_metrics(trainer: Any, counts: Counter, parameters: dict, resume: str |
         "stopped_early": state.global_step < state.max_steps,
         "resumed_from_step": _step_of(resume),
         "tokens_seen": int(state.num_input_tokens_seen),
-        "tokens_per_second": round(state.num_input_tokens_seen / train_seconds, 1) if train_seconds else None,
+        "tokens_per_second": round(throughput[-1], 1) if throughput else None,
         "wall_seconds": round(time.perf_counter() - started, 1),
         **parameters,
         "examples": dict(counts),

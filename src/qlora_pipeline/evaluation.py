@@ -1,0 +1,109 @@
+"""Base vs tuned on held-out replies: ROUGE with bootstrap intervals, perplexity, stopping, length, diversity.
+
+Every score is computed per example first, so the intervals come from resampling examples
+(seeded), and the tuned - base difference is paired: both sides use the same resamples.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any, Sequence
+
+import numpy as np
+
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+
+
+def rouge_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[str, np.ndarray]:
+    """Per-example ROUGE F1 from ``rouge_score`` (the implementation ``evaluate``'s rouge wraps), stemmed."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+    scores = [scorer.score(ref, pred) for pred, ref in zip(predictions, references)]
+    return {name: np.array([s[name].fmeasure for s in scores]) for name in ROUGE_TYPES}
+
+
+def bootstrap_indices(n: int, samples: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, n, size=(samples, n))
+
+
+def interval(values: np.ndarray, indices: np.ndarray, confidence: float) -> list[float]:
+    """Percentile bootstrap interval of the mean."""
+    means = values[indices].mean(axis=1)
+    tail = (1 - confidence) / 2 * 100
+    return [round(float(np.percentile(means, tail)), 5), round(float(np.percentile(means, 100 - tail)), 5)]
+
+
+def compare(base: np.ndarray, tuned: np.ndarray, indices: np.ndarray, confidence: float) -> dict[str, Any]:
+    """Means, intervals and the paired difference for one per-example score."""
+    return {
+        "base": round(float(base.mean()), 5),
+        "base_ci": interval(base, indices, confidence),
+        "tuned": round(float(tuned.mean()), 5),
+        "tuned_ci": interval(tuned, indices, confidence),
+        "delta": round(float((tuned - base).mean()), 5),
+        "delta_ci": interval(tuned - base, indices, confidence),
+    }
+
+
+def distinct_n(texts: Sequence[str], n: int) -> float:
+    """Unique n-grams over all n-grams across replies (corpus-level distinct-n)."""
+    grams: Counter = Counter()
+    for text in texts:
+        words = text.split()
+        grams.update(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+    total = sum(grams.values())
+    return round(len(grams) / total, 5) if total else 0.0
+
+
+def length_ratio(replies: Sequence[str], references: Sequence[str]) -> float:
+    """Mean reply length over mean reference length, in words (1.0 = as long as the person's replies)."""
+    reference_words = sum(len(r.split()) for r in references)
+    return round(sum(len(r.split()) for r in replies) / reference_words, 4) if reference_words else 0.0
+
+
+def text_metrics(replies: Sequence[str], stopped: Sequence[bool], references: Sequence[str]) -> dict[str, float]:
+    return {
+        "end_of_turn_rate": round(sum(stopped) / len(stopped), 4) if stopped else 0.0,
+        "length_ratio": length_ratio(replies, references),
+        "distinct_1": distinct_n(replies, 1),
+        "distinct_2": distinct_n(replies, 2),
+    }
+
+
+def reference_nll(model: Any, tokenizer: Any, rows: Sequence[dict], max_length: int,
+                  batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per example: summed negative log-likelihood of the reference reply (target tokens only), token count."""
+    import torch
+    from transformers import DataCollatorForSeq2Seq
+
+    from qlora_pipeline.training import IGNORE_INDEX, encode_example
+
+    encoded = [encode_example(tokenizer, row["messages"], row["target"], max_length) for row in rows]
+    tokenizer.padding_side = "right"
+    collate = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX)
+    nll, tokens = [], []
+    model.eval()
+    for start in range(0, len(encoded), batch_size):
+        batch = collate([{"input_ids": e.input_ids, "attention_mask": [1] * len(e.input_ids), "labels": e.labels}
+                         for e in encoded[start:start + batch_size]])
+        batch = {k: v.to(model.device) for k, v in batch.items()}
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        labels = batch["labels"][:, 1:]
+        losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels,
+                                                   ignore_index=IGNORE_INDEX, reduction="none")
+        nll.extend(losses.sum(dim=1).tolist())
+        tokens.extend((labels != IGNORE_INDEX).sum(dim=1).tolist())
+    return np.array(nll), np.array(tokens)
+
+
+def perplexity(nll: np.ndarray, tokens: np.ndarray) -> float:
+    """Token-level perplexity over all examples: exp(total NLL / total target tokens)."""
+    return float(np.exp(nll.sum() / tokens.sum())) if tokens.sum() else float("nan")
+
+
+def perplexity_interval(nll: np.ndarray, tokens: np.ndarray, indices: np.ndarray, confidence: float) -> list[float]:
+    values = np.exp(nll[indices].sum(axis=1) / tokens[indices].sum(axis=1))
+    tail = (1 - confidence) / 2 * 100
+    return [round(float(np.percentile(values, tail)), 4), round(float(np.percentile(values, 100 - tail)), 4)]

@@ -1,0 +1,192 @@
+"""evaluate stage: zero-shot base vs tuned on the test split; metrics, samples, blind A/B sheet, MLflow artifacts."""
+
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+from typing import Any
+
+from qlora_pipeline import evaluation, tracking
+from qlora_pipeline.config import Params, section_dict
+from qlora_pipeline.data.splitting import cap_examples
+from qlora_pipeline.errors import PipelineError
+from qlora_pipeline.io import atomic_path, read_jsonl, remove_outputs, write_json
+
+SAMPLES = "samples.csv"
+SHEET = "human_eval.html"
+KEY = "human_eval_key.csv"
+RUN_FILE = "run.json"
+SAMPLE_FIELDS = ("id", "context", "reference", "base", "tuned", "base_stopped", "tuned_stopped")
+
+
+def read_test(path: Path, cap: int | None, seed: int) -> list[dict]:
+    rows = [row for _, row in read_jsonl(path)]
+    if not rows:
+        raise PipelineError(f"{path}: the test split is empty; raise split.ratios.test or split.max_examples.test "
+                            "(or add data) and re-run split")
+    return cap_examples(rows, cap, seed)
+
+
+def generation_kwargs(params: Params) -> dict[str, Any]:
+    cfg = params.evaluate
+    kwargs: dict[str, Any] = {"max_new_tokens": cfg.max_new_tokens, "do_sample": cfg.do_sample,
+                              "repetition_penalty": cfg.repetition_penalty}
+    if cfg.do_sample:  # sampling keys only mean something when sampling
+        kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p)
+    return kwargs
+
+
+def run_evaluate(params: Params, base_dir: Path, adapter_dir: Path, test_path: Path, metrics_path: Path,
+                 reports_dir: Path, rouge_plot: Path, artifacts: list[Path]) -> dict:
+    """Score base and tuned on ``test_path``; write metrics, the ROUGE plot table and ``reports_dir``."""
+    from transformers import set_seed
+
+    from qlora_pipeline.modeling.adapters import read_training_config
+
+    remove_outputs(metrics_path, reports_dir, rouge_plot)
+    read_training_config(adapter_dir)  # fail fast, naming the missing stage
+    rows = read_test(test_path, params.evaluate.max_samples, params.seed)
+    set_seed(params.seed)
+    started = time.perf_counter()
+    outputs = generate_both(params, base_dir, adapter_dir, rows)
+    metrics = score(params, rows, outputs)
+    metrics["wall_seconds"] = round(time.perf_counter() - started, 1)
+    samples = sample_rows(rows, outputs)
+    write_json(metrics_path, metrics)
+    write_rouge_plot(rouge_plot, metrics)
+    with tracking.pipeline_run(params.mlflow, "evaluate") as run:
+        write_reports(reports_dir, samples, params, run)
+        tracking.log_params("evaluate", section_dict(params.evaluate))
+        tracking.log_metrics("eval", flat_eval_metrics(metrics))
+        log_artifacts([adapter_dir, reports_dir, rouge_plot, metrics_path, *artifacts])
+    print(summary_table(metrics))
+    return metrics
+
+
+def generate_both(params: Params, base_dir: Path, adapter_dir: Path, rows: list[dict]) -> dict[str, Any]:
+    """Replies and reference NLL for base and tuned; one model in memory with the adapter switched off and on."""
+    from qlora_pipeline.modeling.adapters import load_base_for, load_tuned, read_training_config
+
+    cfg = params.evaluate
+    contexts = [row["messages"] for row in rows]
+    max_length = params.train.max_length
+    model, tokenizer, resolved = load_tuned(base_dir, adapter_dir)
+    out: dict[str, Any] = {}
+    if resolved["method"] == "full":  # no adapter to switch off: the base is a second model
+        base, base_tokenizer = load_base_for(read_training_config(adapter_dir) | {"method": "lora"}, base_dir)
+        out["base"] = _side(base, base_tokenizer, rows, contexts, cfg.batch_size, max_length, generation_kwargs(params))
+        del base
+    else:
+        with model.disable_adapter():
+            out["base"] = _side(model, tokenizer, rows, contexts, cfg.batch_size, max_length, generation_kwargs(params))
+    out["tuned"] = _side(model, tokenizer, rows, contexts, cfg.batch_size, max_length, generation_kwargs(params))
+    return out
+
+
+def _side(model, tokenizer, rows, contexts, batch_size, max_length, gen_kwargs) -> dict[str, Any]:
+    from qlora_pipeline.modeling.generation import generate_replies
+
+    replies = generate_replies(model, tokenizer, contexts, batch_size, **gen_kwargs)
+    nll, tokens = evaluation.reference_nll(model, tokenizer, rows, max_length, batch_size)
+    return {"replies": [r.text for r in replies], "stopped": [r.stopped for r in replies], "nll": nll, "tokens": tokens}
+
+
+def score(params: Params, rows: list[dict], outputs: dict[str, Any]) -> dict:
+    cfg = params.evaluate
+    references = [row["target"] for row in rows]
+    indices = evaluation.bootstrap_indices(len(rows), cfg.bootstrap_samples, params.seed)
+    rouge = {side: evaluation.rouge_scores(outputs[side]["replies"], references) for side in ("base", "tuned")}
+    metrics: dict[str, Any] = {"samples": len(rows), "confidence_level": cfg.confidence_level}
+    for name in evaluation.ROUGE_TYPES:
+        metrics[name] = evaluation.compare(rouge["base"][name], rouge["tuned"][name], indices, cfg.confidence_level)
+    metrics["perplexity"] = {}
+    for side in ("base", "tuned"):
+        nll, tokens = outputs[side]["nll"], outputs[side]["tokens"]
+        metrics["perplexity"][side] = round(evaluation.perplexity(nll, tokens), 4)
+        metrics["perplexity"][f"{side}_ci"] = evaluation.perplexity_interval(nll, tokens, indices, cfg.confidence_level)
+    metrics["perplexity"]["delta"] = round(metrics["perplexity"]["tuned"] - metrics["perplexity"]["base"], 4)
+    for side in ("base", "tuned"):
+        metrics[side] = evaluation.text_metrics(outputs[side]["replies"], outputs[side]["stopped"], references)
+    return metrics
+
+
+def flat_eval_metrics(metrics: dict) -> dict:
+    """Scalars only (intervals as _low/_high), for MLflow."""
+    flat: dict[str, float] = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            for sub, item in value.items():
+                if isinstance(item, list):
+                    flat[f"{key}.{sub}_low"], flat[f"{key}.{sub}_high"] = item
+                else:
+                    flat[f"{key}.{sub}"] = item
+        elif isinstance(value, (int, float)):
+            flat[key] = value
+    return flat
+
+
+def sample_rows(rows: list[dict], outputs: dict[str, Any]) -> list[dict]:
+    return [{"id": row["id"], "messages": row["messages"], "reference": row["target"],
+             "base": outputs["base"]["replies"][i], "tuned": outputs["tuned"]["replies"][i],
+             "base_stopped": outputs["base"]["stopped"][i], "tuned_stopped": outputs["tuned"]["stopped"][i]}
+            for i, row in enumerate(rows)]
+
+
+def render_context(messages: list[dict]) -> str:
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+
+
+def write_reports(reports_dir: Path, samples: list[dict], params: Params, run: Any) -> None:
+    """samples.csv, the blind A/B sheet and its key, and which MLflow run they belong to."""
+    from qlora_pipeline.human_eval import write_sheet
+
+    with atomic_path(reports_dir) as tmp:
+        tmp.mkdir()
+        with (tmp / SAMPLES).open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=SAMPLE_FIELDS)
+            writer.writeheader()
+            for sample in samples:
+                writer.writerow({**{k: sample[k] for k in SAMPLE_FIELDS if k != "context"},
+                                 "context": render_context(sample["messages"])})
+        sheet = [{"id": s["id"], "context": s["messages"], "reference": s["reference"], "base": s["base"],
+                  "tuned": s["tuned"]} for s in samples[: params.evaluate.human_eval_samples]]
+        if sheet:
+            write_sheet(sheet, params.seed, tmp / SHEET, tmp / KEY, title="Which reply sounds more like the person?")
+        write_json(tmp / RUN_FILE, {"mlflow_run_id": run.info.run_id,
+                                    "tracking_uri": tracking.tracking_uri(params.mlflow)})
+
+
+def write_rouge_plot(path: Path, metrics: dict) -> None:
+    """One row per ROUGE type with base and tuned F1: the table `dvc plots` draws as bars."""
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=("metric", "model", "f1"))
+        writer.writeheader()
+        for name in evaluation.ROUGE_TYPES:
+            for side in ("base", "tuned"):
+                writer.writerow({"metric": f"{name} {side}", "model": side, "f1": metrics[name][side]})
+
+
+def log_artifacts(paths: list[Path]) -> None:
+    import mlflow
+
+    for path in paths:
+        if path.is_dir():
+            mlflow.log_artifacts(str(path), artifact_path=path.name)
+        elif path.is_file():
+            mlflow.log_artifact(str(path))
+
+
+def summary_table(metrics: dict) -> str:
+    lines = [f"evaluate: {metrics['samples']} test replies, base (zero-shot) vs tuned "
+             f"[{int(metrics['confidence_level'] * 100)}% interval of tuned - base]",
+             f"  {'metric':<18}{'base':>10}{'tuned':>10}{'delta':>10}   interval"]
+    for name in (*evaluation.ROUGE_TYPES, "perplexity"):
+        m = metrics[name]
+        ci = m.get("delta_ci")
+        ci_text = f"[{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else f"base {m['base_ci']}, tuned {m['tuned_ci']}"
+        lines.append(f"  {name:<18}{m['base']:>10.4f}{m['tuned']:>10.4f}{m['delta']:>+10.4f}   {ci_text}")
+    for name in ("end_of_turn_rate", "length_ratio", "distinct_1", "distinct_2"):
+        base, tuned = metrics["base"][name], metrics["tuned"][name]
+        lines.append(f"  {name:<18}{base:>10.4f}{tuned:>10.4f}{tuned - base:>+10.4f}")
+    return "\n".join(lines)

@@ -1,0 +1,132 @@
+"""The real pipeline under DVC, on a tiny params override: repro, no-op repro, exp run, a queued grid, MLflow.
+
+Runs in a throwaway git + DVC copy of the repository, with a small chat log and a tiny random
+Llama, so every stage runs for real in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import CHAT_FIELDS, ROOT
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+
+
+def sh(cmd: list[str], cwd: Path, timeout: int = 600) -> str:
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    env.pop("QLORA_PIPELINE_RUN_KEY", None)
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout + proc.stderr
+
+
+def chat_rows(n_conversations: int = 24) -> list[dict]:
+    rows = []
+    for c in range(n_conversations):
+        for t in range(6):
+            who = "pat" if t % 2 else f"friend{c % 3}"
+            rows.append({"conv": f"c{c:02d}", "who": who, "msg": f"message {t} of chat {c}, about topic {c % 5}",
+                         "ts": f"2020-01-{c % 28 + 1:02d}T10:{t:02d}:00Z"})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory, tiny_llama) -> Path:
+    repo = tmp_path_factory.mktemp("e2e") / "repo"
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        if name.startswith(("tests/", "metrics/")) or name == "dvc.lock" or not (ROOT / name).exists():
+            continue
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, repo / name)
+    (repo / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chat_rows()))
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    overrides = {"data.source": "jsonl", "data.path": "chat.jsonl", **CHAT_FIELDS,
+                 "model.name_or_path": str(tiny_llama), "model.gguf_file": None, "model.dtype": "float32",
+                 "model.smoke_prompts": ["hi"], "model.smoke_max_new_tokens": 2,
+                 "train.max_steps": 2, "train.eval_steps": 1, "train.save_steps": 1,
+                 "train.per_device_train_batch_size": 4, "evaluate.max_samples": 4, "evaluate.max_new_tokens": 4,
+                 "evaluate.bootstrap_samples": 100, "evaluate.human_eval_samples": 2}
+    for dotted, value in overrides.items():
+        node = params
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh(["git", "init", "-q"], repo)
+    # Queued experiments commit inside DVC's workspace: a fresh machine may lack a git identity.
+    sh(["git", "config", "user.email", "e2e@example.com"], repo)
+    sh(["git", "config", "user.name", "e2e"], repo)
+    sh(["git", "add", "-A"], repo)
+    sh(["git", "commit", "-qm", "tiny pipeline"], repo)
+    return repo
+
+
+def runs(repo: Path):
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    return mlflow.search_runs(experiment_names=["qlora-pipeline"])
+
+
+def test_repro_runs_every_stage_into_one_mlflow_run(repo):
+    out = sh(["dvc", "repro"], repo)
+    for stage in ("fetch", "clean", "split", "quantize-load", "train-adapter", "evaluate"):
+        assert f"Running stage '{stage}'" in out
+    table = runs(repo)
+    assert len(table) == 1
+    run = table.iloc[0]
+    for metric in ("fetch.conversations", "clean.messages_out", "split.train.examples", "base.parameters",
+                   "train.best_val_loss", "eval.rouge1.tuned", "eval.perplexity.tuned"):
+        assert metric in table.columns and run[f"metrics.{metric}"] == run[f"metrics.{metric}"], metric
+    assert run["tags.dvc.exp_name"] == "workspace" and len(run["tags.git.commit"]) == 40
+    assert run["params.train.lora.r"] == "16" and run["tags.params.hash"]
+    assert "Training: 2 steps" in sh([str(BIN / "python"), "-m", "qlora_pipeline.cli", "summary"], repo)
+
+    assert "Data and pipelines are up to date" in sh(["dvc", "repro"], repo)
+    sh(["git", "add", "-A"], repo)
+    sh(["git", "commit", "-qm", "baseline results"], repo)
+
+
+def test_changing_generation_params_reruns_evaluate_only(repo):
+    out = sh(["dvc", "exp", "run", "-S", "evaluate.max_new_tokens=3"], repo)
+    assert "Running stage 'evaluate'" in out
+    for stage in ("fetch", "clean", "split", "quantize-load", "train-adapter"):
+        assert f"Running stage '{stage}'" not in out
+    table = runs(repo)
+    assert len(table) == 2 and set(table["params.evaluate.max_new_tokens"]) == {"4", "3"}
+    sh(["git", "checkout", "--", "params.yaml", "dvc.lock"], repo)
+    sh(["dvc", "checkout", "--force"], repo)
+
+
+def test_queued_grid_lands_every_experiment_in_the_one_store(repo):
+    before = len(runs(repo))
+    sh(["dvc", "exp", "run", "--queue", "-S", "train.lora.r=2,4"], repo)
+    sh(["dvc", "queue", "start", "--jobs", "1"], repo)
+    deadline = time.time() + 900
+    while time.time() < deadline:
+        status = sh(["dvc", "queue", "status"], repo)
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(5)
+    assert "Failed" not in status, sh(["dvc", "queue", "logs", status.split()[-4]], repo) if False else status
+    table = runs(repo)
+    new = table.iloc[: len(table) - before]
+    assert len(new) == 2
+    assert set(new["params.train.lora.r"]) == {"2", "4"}
+    assert all(name != "workspace" for name in new["tags.dvc.exp_name"])
+    assert all(new["metrics.eval.rouge1.tuned"] == new["metrics.eval.rouge1.tuned"])  # evaluate ran in each
+    shown = sh(["dvc", "exp", "show", "--no-pager", "--csv"], repo)
+    assert shown.count("\n") >= 4  # workspace, baseline and the two experiments

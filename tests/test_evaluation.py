@@ -1,0 +1,175 @@
+"""evaluate: the statistics, the stage's outputs, an independent ROUGE check, MLflow, and bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from qlora_pipeline import evaluation
+from qlora_pipeline.errors import PipelineError
+from qlora_pipeline.io import write_jsonl
+from test_training import synthetic_splits
+
+
+def test_paired_interval_and_determinism():
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0, 0.3, 200)
+    tuned = base + 0.05 + rng.normal(0, 0.01, 200)
+    idx = evaluation.bootstrap_indices(200, 500, seed=3)
+    result = evaluation.compare(base, tuned, idx, 0.95)
+    assert result["delta_ci"][0] > 0.04 and result["delta_ci"][1] < 0.06  # paired: tight around +0.05
+    assert result["base_ci"][0] < result["base"] < result["base_ci"][1]
+    assert result == evaluation.compare(base, tuned, evaluation.bootstrap_indices(200, 500, seed=3), 0.95)
+    assert result != evaluation.compare(base, tuned, evaluation.bootstrap_indices(200, 500, seed=4), 0.95)
+
+
+def test_text_metrics():
+    assert evaluation.distinct_n(["a b a b", "a b"], 1) == round(2 / 6, 5)
+    assert evaluation.distinct_n(["a b a b", "a b"], 2) == round(2 / 4, 5)
+    assert evaluation.length_ratio(["one two", "three"], ["a b c", "d"]) == 0.75
+    metrics = evaluation.text_metrics(["x y", "z"], [True, False], ["x", "y"])
+    assert metrics["end_of_turn_rate"] == 0.5 and metrics["length_ratio"] == 1.5
+
+
+def test_reference_perplexity_matches_the_models_own_loss(tiny_llama):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qlora_pipeline.training import encode_example
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    rows = [{"messages": [{"role": "user", "content": f"question {i}?"}], "target": f"answer number {i} " * (i + 1)}
+            for i in range(3)]
+    nll, tokens = evaluation.reference_nll(model, tokenizer, rows, max_length=128, batch_size=2)
+    for row, row_nll, row_tokens in zip(rows, nll, tokens):
+        enc = encode_example(tokenizer, row["messages"], row["target"], 128)
+        with torch.no_grad():
+            loss = model(input_ids=torch.tensor([enc.input_ids]), labels=torch.tensor([enc.labels])).loss
+        assert row_tokens == sum(label != -100 for label in enc.labels)
+        assert row_nll / row_tokens == pytest.approx(loss.item(), rel=1e-4)
+    assert evaluation.perplexity(nll, tokens) == pytest.approx(np.exp(nll.sum() / tokens.sum()))
+
+
+# ------------------------------------------------------------------------ the stage
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_llama, base_params_dict, tmp_path_factory):
+    """quantize-load -> train-adapter (2 steps) -> evaluate on a tiny 4-bit Llama and synthetic splits."""
+    import os
+
+    from conftest import make_params
+    from qlora_pipeline.pipeline.evaluate import run_evaluate
+    from qlora_pipeline.pipeline.quantize_load import run_quantize_load
+    from qlora_pipeline.pipeline.train_adapter import run_train_adapter
+
+    tmp = tmp_path_factory.mktemp("tiny_run")
+    params = make_params(base_params_dict, {
+        "model.name_or_path": str(tiny_llama), "model.gguf_file": None, "model.dtype": "float32",
+        "model.smoke_prompts": ["hi"], "model.smoke_max_new_tokens": 2,
+        "train.max_steps": 2, "train.eval_steps": 1, "train.save_steps": 1, "train.per_device_train_batch_size": 4,
+        "evaluate.max_samples": 6, "evaluate.max_new_tokens": 6, "evaluate.batch_size": 4,
+        "evaluate.bootstrap_samples": 200, "evaluate.human_eval_samples": 4}, tmp)
+    os.environ["QLORA_PIPELINE_RUN_KEY"] = "tiny-run"
+    try:
+        splits = synthetic_splits(tmp / "splits", n_train=16, n_val=8)
+        run_quantize_load(params, tmp / "base", tmp / "base.json")
+        run_train_adapter(params, tmp / "base", splits, tmp / "adapter", tmp / "ckpt", tmp / "train.json",
+                          tmp / "train_log.csv")
+        extra = tmp / "params.yaml"
+        extra.write_text("seed: 1\n")
+        metrics = run_evaluate(params, tmp / "base", tmp / "adapter", splits / "test.jsonl", tmp / "eval.json",
+                               tmp / "reports", tmp / "eval_rouge.csv", [extra, tmp / "train_log.csv"])
+    finally:
+        del os.environ["QLORA_PIPELINE_RUN_KEY"]
+    return params, tmp, metrics
+
+
+def test_evaluate_writes_metrics_samples_and_sheet(tiny_run):
+    _, tmp, metrics = tiny_run
+    assert metrics["samples"] == 6  # evaluate.max_samples caps the 8 synthetic test rows
+    for name in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
+        m = metrics[name]
+        assert set(m) == {"base", "base_ci", "tuned", "tuned_ci", "delta", "delta_ci"}
+        assert m["delta"] == pytest.approx(m["tuned"] - m["base"], abs=1e-4)
+    assert metrics["perplexity"]["base"] > 1 and metrics["perplexity"]["tuned"] > 1
+    assert 0 <= metrics["tuned"]["end_of_turn_rate"] <= 1
+    assert json.loads((tmp / "eval.json").read_text()) == metrics
+    reports = tmp / "reports"
+    assert {p.name for p in reports.iterdir()} == {"samples.csv", "human_eval.html", "human_eval_key.csv", "run.json"}
+    with (tmp / "eval_rouge.csv").open() as handle:
+        assert len(list(csv.DictReader(handle))) == 8
+
+
+def test_rouge_recomputed_from_samples_csv_matches_eval_json(tiny_run):
+    """The independent check: rouge_score directly on reports/samples.csv."""
+    from rouge_score import rouge_scorer
+
+    _, tmp, metrics = tiny_run
+    with (tmp / "reports/samples.csv").open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"], use_stemmer=True)
+    for side in ("base", "tuned"):
+        scores = [scorer.score(row["reference"], row[side]) for row in rows]
+        for name in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
+            assert np.mean([s[name].fmeasure for s in scores]) == pytest.approx(metrics[name][side], abs=1e-5)
+
+
+def test_the_run_holds_every_stage_and_the_artifacts(tiny_run):
+    import mlflow
+
+    params, tmp, _ = tiny_run
+    client = mlflow.MlflowClient(params.mlflow.tracking_uri)
+    run_id = json.loads((tmp / "reports/run.json").read_text())["mlflow_run_id"]
+    run = client.get_run(run_id)
+    assert {"base.parameters", "train.best_val_loss", "eval.rouge1.tuned", "eval.perplexity.base"} <= set(run.data.metrics)
+    assert {"model.name_or_path", "train.lora.r", "evaluate.max_new_tokens"} <= set(run.data.params)
+    assert [m.step for m in client.get_metric_history(run_id, "train.val_loss")] == [0, 1, 2]
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"adapter", "reports", "eval_rouge.csv", "eval.json", "params.yaml", "train_log.csv"} <= artifacts
+    assert {"adapter/adapter_model.safetensors", "adapter/README.md"} <= {a.path for a in client.list_artifacts(run_id, "adapter")}
+
+
+def test_human_eval_score_logs_the_win_rate_to_the_run(tiny_run, tmp_path):
+    import mlflow
+
+    from qlora_pipeline.cli import main
+
+    params, tmp, _ = tiny_run
+    reports = tmp / "reports"
+    with (reports / "human_eval_key.csv").open() as handle:
+        key = list(csv.DictReader(handle))
+    ratings = tmp_path / "ratings.csv"
+    # the rater always picks whichever side is the tuned model: a win rate of 1
+    ratings.write_text("id,choice,comment\n" + "".join(
+        f"{row['id']},{'A' if row['A'] == 'tuned' else 'B'},\n" for row in key))
+    assert main(["human-eval", "score", str(ratings), "--key", str(reports / "human_eval_key.csv"),
+                 "--run-file", str(reports / "run.json")]) == 0
+    run_id = json.loads((reports / "run.json").read_text())["mlflow_run_id"]
+    metrics = mlflow.MlflowClient(params.mlflow.tracking_uri).get_run(run_id).data.metrics
+    assert metrics["human_eval.tuned_win_rate"] == 1.0 and metrics["human_eval.n_rated"] == len(key)
+
+
+def test_empty_test_split_is_refused(tiny_run, tmp_path):
+    from qlora_pipeline.pipeline.evaluate import run_evaluate
+
+    params, tmp, _ = tiny_run
+    write_jsonl(tmp_path / "test.jsonl", [])
+    with pytest.raises(PipelineError, match=r"test\.jsonl: the test split is empty; raise split.ratios.test"):
+        run_evaluate(params, tmp / "base", tmp / "adapter", tmp_path / "test.jsonl", tmp_path / "eval.json",
+                     tmp_path / "reports", tmp_path / "rouge.csv", [])
+    assert not (tmp_path / "eval.json").exists() and not (tmp_path / "reports").exists()
+
+
+def test_missing_adapter_names_the_stage(tiny_run, tmp_path):
+    from qlora_pipeline.pipeline.evaluate import run_evaluate
+
+    params, tmp, _ = tiny_run
+    with pytest.raises(PipelineError, match=r"no trained adapter .*run the train-adapter stage first"):
+        run_evaluate(params, tmp / "base", tmp_path / "adapter", tmp / "splits/test.jsonl", tmp_path / "eval.json",
+                     tmp_path / "reports", tmp_path / "rouge.csv", [])
