@@ -166,6 +166,8 @@ def test_interrupted_training_resumes_from_the_last_checkpoint(tiny_llama, param
     assert (paths["out_dir"] / "adapter_model.safetensors").is_file()
     card = (paths["out_dir"] / "README.md").read_text()
     assert card.startswith("---\n") and "library_name: peft" in card and "best_val_loss" in card
+    monkeypatch.setenv("QLORA_PIPELINE_RUN_KEY", "resume-test-rerun")  # a new dvc repro
+    assert run_train_adapter(params, **paths)["resumed_from_step"] is None  # a finished run starts over
 
     monkeypatch.setenv("QLORA_PIPELINE_RUN_KEY", "resume-test-other-params")  # a new dvc repro
     other = params_factory({**{"model.name_or_path": str(tiny_llama), "model.gguf_file": None,

@@ -181,16 +181,28 @@ def fingerprint(params: Params, inputs: Iterable[Path]) -> str:
 
 
 def resumable_checkpoint(checkpoints: Path, expected: str) -> str | None:
-    """The last checkpoint of an interrupted run with the same fingerprint; otherwise start clean."""
+    """The last checkpoint of an interrupted run with the same fingerprint; otherwise start clean.
+
+    A run that finished is not resumed: the stage only runs again when its code or inputs
+    changed, and then training starts over.
+    """
     from transformers.trainer_utils import get_last_checkpoint
 
     marker = checkpoints / FINGERPRINT
-    if checkpoints.is_dir() and marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == expected:
-        return get_last_checkpoint(str(checkpoints))
+    if checkpoints.is_dir() and marker.is_file():
+        state = json.loads(marker.read_text())
+        if state.get("fingerprint") == expected and not state.get("completed"):
+            return get_last_checkpoint(str(checkpoints))
     shutil.rmtree(checkpoints, ignore_errors=True)
     checkpoints.mkdir(parents=True)
-    marker.write_text(json.dumps({"fingerprint": expected}) + "\n")
+    marker.write_text(json.dumps({"fingerprint": expected, "completed": False}) + "\n")
     return None
+
+
+def mark_completed(checkpoints: Path) -> None:
+    """Record that the run behind these checkpoints finished and its outputs were written."""
+    marker = checkpoints / FINGERPRINT
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "completed": True}) + "\n")
 
 
 def prepare_model(params: Params, base_dir: Path, workdir: Path) -> tuple[Any, Any]:

@@ -58,6 +58,7 @@ def run_train_adapter(params: Params, base_dir: Path, splits_dir: Path, out_dir:
             tracking.log_metrics("train", {k: v for k, v in metrics.items() if k != "examples"})
     write_json(metrics_path, metrics)
     write_log(log_path, training.log_rows(trainer.state.log_history))
+    training.mark_completed(checkpoints)
     print(f"train-adapter: {params.train.method}, {metrics['steps']} steps, val loss "
           f"{metrics['zero_shot_val_loss']} -> {metrics['best_val_loss']} (best step {metrics['best_step']}), "
           f"{metrics['wall_seconds']} s -> {out_dir}/, {metrics_path}, {log_path}")
