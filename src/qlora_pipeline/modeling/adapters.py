@@ -69,7 +69,9 @@ def load_tuned(base_dir: Path, adapter_dir: Path, workdir: Path | None = None) -
 
     resolved = read_training_config(adapter_dir)
     if resolved["method"] == "full":
-        model = AutoModelForCausalLM.from_pretrained(adapter_dir, use_safetensors=True)
+        from qlora_pipeline.modeling.loading import device_map
+
+        model = AutoModelForCausalLM.from_pretrained(adapter_dir, use_safetensors=True, device_map=device_map())
         return model.eval(), AutoTokenizer.from_pretrained(adapter_dir), resolved
     base, tokenizer = load_base_for(resolved, base_dir, workdir)
     return attach_adapters(base, {"tuned": adapter_dir}), tokenizer, resolved

@@ -126,6 +126,21 @@ def _pad_candidate(tokenizer: Any) -> str:
     raise PipelineError("model: the tokenizer has no token to pad with besides its end token")
 
 
+def device_map() -> dict[str, int] | None:
+    """This process's GPU when CUDA exists, else None (the CPU).
+
+    Quantized layers cannot be moved after loading, so they must be loaded where they run; under
+    ``accelerate launch`` each process takes its own GPU.
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    from accelerate import PartialState
+
+    return {"": PartialState().local_process_index}
+
+
 def load_model(source: ModelSource, cfg: ModelConfig, quantization: Any, workdir: Path) -> Any:
     """Load the base model, quantized by ``quantization`` (a ``BitsAndBytesConfig`` or None).
 
@@ -142,13 +157,14 @@ def load_model(source: ModelSource, cfg: ModelConfig, quantization: Any, workdir
     if source.gguf_file:
         # dequantize=True: a dense LlamaForCausalLM that can be saved, trained and re-quantized.
         model = AutoModelForCausalLM.from_pretrained(
-            source.path, dtype=dtype, quantization_config=GgufConfig(dequantize=True), **kwargs)
+            source.path, dtype=dtype, quantization_config=GgufConfig(dequantize=True), device_map=device_map(), **kwargs)
         if quantization is None:
             return model
         model.save_pretrained(workdir)
         del model
         source, kwargs = ModelSource("local", str(workdir), None, None), {"use_safetensors": True}
-    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, quantization_config=quantization, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, quantization_config=quantization,
+                                                 device_map=device_map(), **kwargs)
     disable_cpu_repack(model)
     return model
 
@@ -161,6 +177,6 @@ def load_saved_base(path: Path) -> tuple[Any, Any]:
 
     if not (path / "config.json").is_file():
         raise PipelineError(f"{path}: no saved base model; run the quantize-load stage first (dvc repro quantize-load)")
-    model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
+    model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, device_map=device_map())
     disable_cpu_repack(model)
     return model, AutoTokenizer.from_pretrained(path)
