@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,9 +37,10 @@ def tiny_llama(folder: Path, tokenizer_dir: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokenizer", type=Path, required=True)
-    parser.add_argument("--work", type=Path, default=Path("/tmp/gpu_check"))
+    parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a new temp folder)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    args.work = args.work or Path(tempfile.mkdtemp(prefix="gpu_check."))
 
     from collections import Counter
 

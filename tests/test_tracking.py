@@ -36,19 +36,22 @@ def test_execution_key_follows_the_dvc_experiment(monkeypatch):
     assert tracking.execution_key().endswith("exp-two")
 
 
-def test_flattened_params_and_text_metrics_are_logged(tmp_path, monkeypatch):
+def test_flattened_params_and_text_metrics_are_logged(params_factory, monkeypatch):
     import mlflow
 
     monkeypatch.setenv("QLORA_PIPELINE_RUN_KEY", "k1")
-    cfg = MlflowConfig(f"sqlite:///{tmp_path / 'm.db'}", "t")
-    with tracking.pipeline_run(cfg, "demo"):
+    params = params_factory()
+    with tracking.pipeline_run(params, "demo"):
         tracking.log_params("sec", {"a": {"b": 1}, "c": None, "d": [1, 2]})
         tracking.log_metrics("demo", {"n": 3, "nested": {"x": 0.5}, "who": "p1"})
-    with tracking.pipeline_run(cfg, "again"):
+    with tracking.pipeline_run(params, "again"):
         tracking.log_metrics("again", {"n": 4})
-    runs = mlflow.search_runs(experiment_names=["t"])
+    runs = mlflow.search_runs(experiment_names=[params.mlflow.experiment_name])
     assert len(runs) == 1
     row = runs.iloc[0]
+    # every section's params, whichever stage opened the run
+    assert row["params.seed"] == "42" and row["params.train.lora.r"] == "16"
+    assert row["params.evaluate.max_new_tokens"] == "48" and row["params.clean.pii"].startswith("['email'")
     assert row["params.sec.a.b"] == "1" and row["params.sec.c"] == "null" and row["params.sec.d"] == "[1, 2]"
     assert row["metrics.demo.nested.x"] == 0.5 and row["metrics.again.n"] == 4
     assert row["tags.demo.who"] == "p1" and row["tags.stage.demo"] == "ran"

@@ -174,3 +174,22 @@ def test_interrupted_training_resumes_from_the_last_checkpoint(tiny_llama, param
                                "model.dtype": "float32", "train.max_steps": 2, "train.eval_steps": 2,
                                "train.save_steps": 2, "train.per_device_train_batch_size": 4}})
     assert run_train_adapter(other, **paths)["resumed_from_step"] is None  # other params: fresh start
+
+
+def test_resume_only_from_an_unfinished_run_with_the_same_fingerprint(tmp_path):
+    checkpoints = tmp_path / "ckpt"
+    assert training.resumable_checkpoint(checkpoints, "f1", max_steps=4) is None  # nothing yet: fresh
+    (checkpoints / "checkpoint-2").mkdir()
+    (checkpoints / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    assert training.resumable_checkpoint(checkpoints, "f1", max_steps=4).endswith("checkpoint-2")
+    assert training.resumable_checkpoint(checkpoints, "f2", max_steps=4) is None  # other params: wiped
+    assert not (checkpoints / "checkpoint-2").exists()
+
+    (checkpoints / "checkpoint-4").mkdir()  # training reached max_steps, then the stage died
+    assert training.resumable_checkpoint(checkpoints, "f2", max_steps=4) is None
+    (checkpoints / "checkpoint-2").mkdir()
+    training.mark_completed(checkpoints)
+    assert training.resumable_checkpoint(checkpoints, "f2", max_steps=4) is None  # a finished run starts over
+    (checkpoints / "checkpoint-2").mkdir()
+    (checkpoints / training.FINGERPRINT).write_text('{"fingerprint": "f2", "comp')  # killed mid-write
+    assert training.resumable_checkpoint(checkpoints, "f2", max_steps=4) is None

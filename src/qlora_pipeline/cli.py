@@ -79,6 +79,16 @@ def log_human_eval(tracking_uri: str, run_id: str, result: dict) -> None:
             client.log_metric(run_id, f"human_eval.{key}", float(value))
 
 
+def _confidence(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a level in (0, 1), e.g. 0.95")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qlora-pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -90,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     score = human_commands.add_parser("score", help="win rate of the tuned model from a ratings CSV")
     score.add_argument("ratings", type=Path, help="ratings.csv downloaded from reports/human_eval.html")
     score.add_argument("--key", type=Path, default=Path("reports/human_eval_key.csv"), help="the A/B key")
-    score.add_argument("--confidence", type=float, default=0.95)
+    score.add_argument("--confidence", type=_confidence, default=0.95, help="interval level, in (0, 1)")
     score.add_argument("--run-file", type=Path, default=Path("reports/run.json"),
                        help="which MLflow run the sheet came from (written by evaluate)")
     score.set_defaults(func=human_eval_score)

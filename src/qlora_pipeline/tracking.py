@@ -13,6 +13,7 @@ repository, so every experiment lands in the one store.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import subprocess
@@ -86,10 +87,15 @@ def _experiment_id(client: Any, name: str) -> str:
 
 
 @contextlib.contextmanager
-def pipeline_run(cfg: MlflowConfig, stage: str) -> Iterator[Any]:
-    """Join (or open) this execution's MLflow run for the duration of one stage."""
+def pipeline_run(params: Any, stage: str) -> Iterator[Any]:
+    """Join (or open) this execution's MLflow run for the duration of one stage.
+
+    A new run gets every param of ``params`` (flattened), whichever stage opens it, so runs
+    compare side by side in MLflow even when DVC re-ran only the last stages.
+    """
     import mlflow
 
+    cfg = params.mlflow
     mlflow.set_tracking_uri(tracking_uri(cfg))
     client = mlflow.MlflowClient()
     experiment_id = _experiment_id(client, cfg.experiment_name)
@@ -100,6 +106,8 @@ def pipeline_run(cfg: MlflowConfig, stage: str) -> Iterator[Any]:
     else:
         run = mlflow.start_run(experiment_id=experiment_id, run_name=os.environ.get("DVC_EXP_NAME") or None)
         mlflow.set_tags(_run_tags(key))
+        for section, values in dataclasses.asdict(params).items():
+            log_params(section, values)
     mlflow.set_tag(f"stage.{stage}", "ran")
     try:
         yield run

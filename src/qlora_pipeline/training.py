@@ -18,6 +18,7 @@ from typing import Any, Iterable
 
 from qlora_pipeline.config import Params, TrainConfig
 from qlora_pipeline.errors import PipelineError
+from qlora_pipeline.io import write_json
 
 IGNORE_INDEX = -100  # the label value the loss skips
 FINGERPRINT = "fingerprint.json"
@@ -53,8 +54,9 @@ def encode_example(tokenizer: Any, messages: list[dict], target: str, max_length
     reply = reply[: reply.index(tokenizer.eos_token_id) + 1]
     if len(prompt) + len(reply) > max_length:
         keep = max(max_length - len(reply), max_length // 2)
-        counts["prompt_truncated"] += 1
-        prompt = prompt[-keep:]
+        if len(prompt) > keep:
+            counts["prompt_truncated"] += 1
+            prompt = prompt[-keep:]
         if len(prompt) + len(reply) > max_length:
             counts["reply_truncated"] += 1
             reply = reply[: max_length - len(prompt)]
@@ -170,17 +172,21 @@ def log_rows(log_history: list[dict]) -> list[dict]:
     return [rows[step] for step in sorted(rows)]
 
 
+# The model keys training reads (the base itself is covered by models/base's config in the inputs).
+MODEL_KEYS = ("name_or_path", "gguf_file", "revision", "dtype", "trust_remote_code")
+
+
 def fingerprint(params: Params, inputs: Iterable[Path]) -> str:
     """What a checkpoint belongs to: resuming is only valid for the same params and inputs."""
     digest = hashlib.sha256()
-    digest.update(json.dumps([params.seed, dataclasses.asdict(params.model), dataclasses.asdict(params.train)],
-                             sort_keys=True).encode())
+    model = {key: getattr(params.model, key) for key in MODEL_KEYS}
+    digest.update(json.dumps([params.seed, model, dataclasses.asdict(params.train)], sort_keys=True).encode())
     for path in inputs:
         digest.update(path.read_bytes())
     return digest.hexdigest()
 
 
-def resumable_checkpoint(checkpoints: Path, expected: str) -> str | None:
+def resumable_checkpoint(checkpoints: Path, expected: str, max_steps: int) -> str | None:
     """The last checkpoint of an interrupted run with the same fingerprint; otherwise start clean.
 
     A run that finished is not resumed: the stage only runs again when its code or inputs
@@ -188,21 +194,30 @@ def resumable_checkpoint(checkpoints: Path, expected: str) -> str | None:
     """
     from transformers.trainer_utils import get_last_checkpoint
 
-    marker = checkpoints / FINGERPRINT
-    if checkpoints.is_dir() and marker.is_file():
-        state = json.loads(marker.read_text())
-        if state.get("fingerprint") == expected and not state.get("completed"):
-            return get_last_checkpoint(str(checkpoints))
+    state = _read_marker(checkpoints / FINGERPRINT)
+    if state.get("fingerprint") == expected and not state.get("completed"):
+        last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+        # A checkpoint at max_steps means training had ended: the Trainer would take one step too many.
+        if last and int(last.rsplit("-", 1)[-1]) < max_steps:
+            return last
     shutil.rmtree(checkpoints, ignore_errors=True)
     checkpoints.mkdir(parents=True)
-    marker.write_text(json.dumps({"fingerprint": expected, "completed": False}) + "\n")
+    write_json(checkpoints / FINGERPRINT, {"fingerprint": expected, "completed": False})
     return None
+
+
+def _read_marker(path: Path) -> dict:
+    """The fingerprint marker, or {} when absent or unreadable (a run killed while writing it)."""
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
 
 
 def mark_completed(checkpoints: Path) -> None:
     """Record that the run behind these checkpoints finished and its outputs were written."""
-    marker = checkpoints / FINGERPRINT
-    marker.write_text(json.dumps({**json.loads(marker.read_text()), "completed": True}) + "\n")
+    write_json(checkpoints / FINGERPRINT, {**_read_marker(checkpoints / FINGERPRINT), "completed": True})
 
 
 def prepare_model(params: Params, base_dir: Path, workdir: Path) -> tuple[Any, Any]:
@@ -210,7 +225,7 @@ def prepare_model(params: Params, base_dir: Path, workdir: Path) -> tuple[Any, A
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoTokenizer
 
-    from qlora_pipeline.modeling.loading import load_model, load_saved_base, resolve_source, set_end_token
+    from qlora_pipeline.modeling.loading import load_dense, load_saved_base
 
     train = params.train
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
@@ -222,11 +237,7 @@ def prepare_model(params: Params, base_dir: Path, workdir: Path) -> tuple[Any, A
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=train.activation_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
-        # lora and full train on unquantized weights: load them from the source, not the 4-bit base.
-        # Full fine-tuning keeps float32 master weights; AdamW updates vanish in bfloat16.
-        model_cfg = dataclasses.replace(params.model, dtype="float32") if train.method == "full" else params.model
-        model = load_model(resolve_source(model_cfg), model_cfg, None, workdir)
-        set_end_token(tokenizer, model, None)
+        model = load_dense(params.model, tokenizer, workdir, full=train.method == "full")
         if train.activation_checkpointing:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()  # frozen embeddings would otherwise cut the graph

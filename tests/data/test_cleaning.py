@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 
 from qlora_pipeline.data.cleaning import clean_conversations, normalize_text
 

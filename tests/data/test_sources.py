@@ -82,7 +82,7 @@ def test_hf_source_loads_a_local_dataset_folder(shape, tmp_path, params_factory)
     overrides = {"data.source": "hf", "data.hf.path": str(folder), "data.hf.split": "train", **fields}
     result = fetch(params_factory(overrides).data)
     assert result.manifest["source"] == "hf"
-    assert len(result.conversations) == (2 if shape == "chat_log" else 2)
+    assert [c["id"] for c in result.conversations] == (["c1", "c2"] if shape == "chat_log" else ["d1", "d2"])
     assert result.manifest["counts"]["messages"] == (9 if shape == "chat_log" else 4)
     assert len(result.manifest["sha256"]) == 64
     again = fetch(params_factory(overrides).data)
@@ -156,3 +156,19 @@ def test_template_field_missing_from_row(tmp_path, params_factory):
                  "data.prompt_template": "{topic}: {dialogue}"}
     with pytest.raises(PipelineError, match=r"pairs\.jsonl:1: data\.prompt_template uses \{topic\}"):
         fetch(params_factory(overrides).data)
+
+
+def test_pairs_ids_must_be_unique_and_null_ids_are_counted(tmp_path, params_factory):
+    rows = PAIR_ROWS + [{"uid": None, "dialogue": "A: hi", "summary": "A greets."}]
+    path = write_rows(tmp_path / "pairs.jsonl", rows, "jsonl")
+    result = fetch(params_factory({"data.source": "jsonl", "data.path": str(path), **PAIR_FIELDS}).data)
+    assert result.manifest["counts"]["rows_rejected"] == {"null_id": 1}
+    path = write_rows(tmp_path / "dup.jsonl", PAIR_ROWS + [PAIR_ROWS[0]], "jsonl")
+    with pytest.raises(PipelineError, match=r"dup\.jsonl:3: id 'd1' \(data\.fields\.id\) already used"):
+        fetch(params_factory({"data.source": "jsonl", "data.path": str(path), **PAIR_FIELDS}).data)
+
+
+def test_hub_dataset_needs_a_pinned_revision(params_factory):
+    params = params_factory({"data.source": "hf", "data.hf.path": "someone/chats", **CHAT_FIELDS})
+    with pytest.raises(PipelineError, match=r"data\.hf\.revision: hub data set someone/chats needs a pinned revision"):
+        fetch(params.data)

@@ -31,12 +31,17 @@ def sh(cmd: list[str], cwd: Path, timeout: int = 600) -> str:
     return proc.stdout + proc.stderr
 
 
+LINES = ["hey, got a minute?", "sure, what's up", "did you watch the match last night",
+         "no, I was stuck at work until ten", "we won three to one, great game", "nice, I'll catch the replay"]
+
+
 def chat_rows(n_conversations: int = 24) -> list[dict]:
+    """Two-person chats whose lines differ enough that cleaning keeps every turn."""
     rows = []
     for c in range(n_conversations):
-        for t in range(6):
+        for t, line in enumerate(LINES):
             who = "pat" if t % 2 else f"friend{c % 3}"
-            rows.append({"conv": f"c{c:02d}", "who": who, "msg": f"message {t} of chat {c}, about topic {c % 5}",
+            rows.append({"conv": f"c{c:02d}", "who": who, "msg": f"{line} (chat {c})",
                          "ts": f"2020-01-{c % 28 + 1:02d}T10:{t:02d}:00Z"})
     return rows
 
@@ -107,6 +112,17 @@ def test_changing_generation_params_reruns_evaluate_only(repo):
         assert f"Running stage '{stage}'" not in out
     table = runs(repo)
     assert len(table) == 2 and set(table["params.evaluate.max_new_tokens"]) == {"4", "3"}
+    sh(["git", "checkout", "--", "params.yaml", "dvc.lock"], repo)
+    sh(["dvc", "checkout", "--force"], repo)
+
+
+def test_changing_context_turns_reruns_split_and_what_depends_on_it(repo):
+    out = sh(["dvc", "exp", "run", "-S", "split.context_turns=2"], repo)
+    for stage in ("split", "train-adapter", "evaluate"):
+        assert f"Running stage '{stage}'" in out
+    for stage in ("fetch", "clean", "quantize-load"):
+        assert f"Running stage '{stage}'" not in out
+    assert "2" in set(runs(repo)["params.split.context_turns"])
     sh(["git", "checkout", "--", "params.yaml", "dvc.lock"], repo)
     sh(["dvc", "checkout", "--force"], repo)
 

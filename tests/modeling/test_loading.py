@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -95,6 +94,8 @@ def test_wrong_end_token_is_fixed(quantized_base):
 ])
 def test_quantization_options(quant, layer_type, detail, tiny_llama, params_factory, tmp_path):
     overrides = {"model.name_or_path": str(tiny_llama), "model.gguf_file": None, "model.dtype": "float32",
+                 # qlora insists on a 4-bit base; these options are for a lora (or full) run
+                 "train.method": "qlora" if quant.get("load_in_4bit", True) else "lora",
                  **{f"model.quantization.{k}": v for k, v in quant.items()}}
     cfg = params_factory(overrides).model
     model = load_model(resolve_source(cfg), cfg, bnb_config(cfg.quantization), tmp_path)

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -21,9 +20,9 @@ from qlora_pipeline.pipeline.split import run_split
 def chat_params(tmp_path, params_factory, monkeypatch):
     monkeypatch.setenv("QLORA_PIPELINE_RUN_KEY", "test-execution")
     path = write_chat_jsonl(tmp_path / "chat.jsonl")
+    # Two conversations: too few for val/test shares to round up, so both land in train.
     return lambda extra=None: params_factory({"data.source": "jsonl", "data.path": str(path), **CHAT_FIELDS,
-                                              "split.ratios.train": 1.0, "split.ratios.val": 0.0,
-                                              "split.ratios.test": 0.0, **(extra or {})})
+                                              **(extra or {})})
 
 
 def run_all(params, tmp_path):
@@ -113,3 +112,13 @@ def test_stage_script_exits_nonzero_with_a_clear_message(tmp_path):
     assert "split.context_turns: must be >= 1" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "splits").exists()
+
+
+def test_repeated_conversation_ids_are_refused(chat_params, tmp_path):
+    params = chat_params()
+    run_fetch(params, tmp_path / "raw")
+    raw = tmp_path / "raw/conversations.jsonl"
+    first = raw.read_text().splitlines()[0]
+    raw.write_text(raw.read_text() + first + "\n")
+    with pytest.raises(PipelineError, match=r"conversations\.jsonl:3: conversation id 'c1' repeats line 1"):
+        run_clean(params, tmp_path / "raw", tmp_path / "clean", tmp_path / "metrics/clean.json")

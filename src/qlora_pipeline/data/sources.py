@@ -191,6 +191,9 @@ def _hf_rows(cfg: DataConfig) -> RawSource:
     import datasets
 
     hub = cfg.hf
+    if not Path(hub.path).exists() and not hub.revision:
+        raise PipelineError(f"data.hf.revision: hub data set {hub.path} needs a pinned revision (a commit sha or tag) "
+                            "so the same params always read the same data")
     try:
         dataset = datasets.load_dataset(hub.path, hub.name, revision=hub.revision, split=hub.split)
     except Exception as err:  # datasets raises many types: missing split, no network, bad folder
@@ -257,7 +260,7 @@ def chat_log_conversations(rows: Iterable[Row], cfg: DataConfig, rejected: Count
 
 def _missing_value_reason(**values: str | None) -> str | None:
     for name, value in values.items():
-        if value is None or (name != "text" and not value.strip()):
+        if value is None or (name in ("conversation_id", "speaker", "id") and not value.strip()):
             return f"null_{name}"
     return None
 
@@ -266,13 +269,19 @@ def pair_conversations(rows: Iterable[Row], cfg: DataConfig, rejected: Counter) 
     """Prompt/response records -> two-message ``user``/``assistant`` conversations."""
     fmap = cfg.fields
     placeholders = template_fields(cfg.prompt_template)
+    seen_ids: set[str] = set()
     for number, row in enumerate(rows, start=1):
         prompt = _text(_field(row, "prompt", fmap.prompt))
         response = _text(_field(row, "response", fmap.response))
         row_id = _text(_field(row, "id", fmap.id)) if fmap.id else f"row-{number}"
-        if prompt is None or response is None:
-            rejected["null_prompt" if prompt is None else "null_response"] += 1
+        reason = _missing_value_reason(id=row_id, prompt=prompt, response=response)
+        if reason:
+            rejected[reason] += 1
             continue
+        if row_id in seen_ids:
+            raise PipelineError(f"{row.where}: id '{row_id}' (data.fields.id) already used by an earlier row; "
+                                "ids must be unique, or set data.fields.id: null to number the rows")
+        seen_ids.add(row_id)
         messages = [
             {"speaker": "user", "text": render_prompt(cfg.prompt_template, placeholders, row, prompt), "time": None},
             {"speaker": PAIRS_PERSONA, "text": response, "time": None},

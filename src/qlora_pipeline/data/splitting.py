@@ -21,20 +21,6 @@ SPLITS = ("train", "val", "test")
 LONG_TARGET_CHARS = 30
 
 
-def validate_conversation(obj: dict, where: str) -> dict:
-    """Check one canonical conversation; raise naming ``where`` (file:line) on a bad shape."""
-    messages = obj.get("messages")
-    if not isinstance(obj.get("id"), str) or not isinstance(messages, list):
-        raise PipelineError(f"{where}: expected {{'id': str, 'messages': [...]}}; re-run the previous stage")
-    for index, message in enumerate(messages):
-        if not (isinstance(message, dict) and isinstance(message.get("speaker"), str)
-                and isinstance(message.get("text"), str)):
-            raise PipelineError(
-                f"{where}: messages[{index}] needs string 'speaker' and 'text'; re-run the previous stage"
-            )
-    return obj
-
-
 def message_counts(conversations: Iterable[dict]) -> Counter:
     return Counter(m["speaker"] for c in conversations for m in c["messages"])
 
@@ -86,6 +72,8 @@ def conversation_examples(conv: dict, cfg: SplitConfig, persona: str, skipped: C
     """Every persona reply that has a preceding turn becomes one example."""
     turns = to_turns(conv["messages"])
     examples = []
+    if turns and (persona == "all" or turns[0]["speaker"] == persona):
+        skipped["opening_turn_without_context"] += 1
     for index in range(1, len(turns)):
         speaker = turns[index]["speaker"]
         if persona != "all" and speaker != persona:

@@ -6,11 +6,11 @@ the unquantized weights to float32), so a reloaded adapter gives the logits it g
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from qlora_pipeline.errors import PipelineError
+from qlora_pipeline.io import read_json
 
 RESOLVED_CONFIG = "training_config.json"
 
@@ -20,7 +20,7 @@ def read_training_config(adapter_dir: Path) -> dict:
     if not path.is_file():
         raise PipelineError(f"{adapter_dir}: no trained adapter ({RESOLVED_CONFIG} missing); "
                             "run the train-adapter stage first (dvc repro train-adapter)")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return read_json(path)
 
 
 def load_base_for(resolved: dict, base_dir: Path, workdir: Path | None = None) -> tuple[Any, Any]:
@@ -28,27 +28,21 @@ def load_base_for(resolved: dict, base_dir: Path, workdir: Path | None = None) -
     from peft import prepare_model_for_kbit_training
     from transformers import AutoTokenizer
 
-    from qlora_pipeline.modeling.loading import load_model, load_saved_base, resolve_source, set_end_token
+    from qlora_pipeline.modeling.loading import load_dense, load_saved_base
 
     if resolved["method"] == "qlora":
         model, tokenizer = load_saved_base(base_dir)
         return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False), tokenizer
-    cfg = _model_config(resolved)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    model = load_model(resolve_source(cfg), cfg, None, workdir)
-    set_end_token(tokenizer, model, None)
-    return model, tokenizer
+    return load_dense(_model_config(resolved), tokenizer, workdir, full=resolved["method"] == "full"), tokenizer
 
 
 def _model_config(resolved: dict) -> Any:
-    import dataclasses
-
     from qlora_pipeline.config import ModelConfig, QuantizationConfig
 
     fields = dict(resolved["model"])
     fields["quantization"] = QuantizationConfig(**fields["quantization"])
-    cfg = ModelConfig(**fields)
-    return dataclasses.replace(cfg, dtype="float32") if resolved["method"] == "full" else cfg
+    return ModelConfig(**fields)
 
 
 def attach_adapters(base: Any, adapters: dict[str, Path]) -> Any:

@@ -169,6 +169,19 @@ def load_model(source: ModelSource, cfg: ModelConfig, quantization: Any, workdir
     return model
 
 
+def load_dense(cfg: ModelConfig, tokenizer: Any, workdir: Path | None, full: bool) -> Any:
+    """The unquantized source weights, which lora and full fine-tuning train (not the 4-bit base).
+
+    Full fine-tuning keeps float32 master weights: AdamW's small updates vanish in bfloat16.
+    """
+    import dataclasses
+
+    cfg = dataclasses.replace(cfg, dtype="float32") if full else cfg
+    model = load_model(resolve_source(cfg), cfg, None, workdir)
+    set_end_token(tokenizer, model, None)
+    return model
+
+
 def load_saved_base(path: Path) -> tuple[Any, Any]:
     """``models/base`` as the quantize-load stage wrote it: plain ``from_pretrained``, quantization intact."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from qlora_pipeline import tracking
-from qlora_pipeline.config import Params, section_dict
+from qlora_pipeline.config import Params
 from qlora_pipeline.data.cleaning import clean_conversations
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.io import atomic_path, read_json, remove_outputs, write_json, write_jsonl
@@ -32,8 +32,7 @@ def run_clean(params: Params, raw_dir: Path, out_dir: Path, metrics_path: Path) 
         # Provenance travels with the data: later stages and the model card cite the source's hash.
         write_json(tmp / MANIFEST, {**manifest, "clean": {"conversations": len(kept)}})
     write_json(metrics_path, metrics)
-    with tracking.pipeline_run(params.mlflow, "clean"):
-        tracking.log_params("clean", section_dict(params.clean))
+    with tracking.pipeline_run(params, "clean"):
         tracking.log_metrics("clean", metrics)
     print(f"clean: kept {metrics['conversations_out']}/{metrics['conversations_in']} conversations, "
           f"{metrics['messages_out']}/{metrics['messages_in']} messages, "

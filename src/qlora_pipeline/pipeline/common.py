@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Callable
 
 from qlora_pipeline.config import Params, load_params
-from qlora_pipeline.data.splitting import validate_conversation
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.io import read_jsonl
 
@@ -16,8 +15,30 @@ CONVERSATIONS = "conversations.jsonl"
 MANIFEST = "manifest.json"
 
 
+def validate_conversation(obj: dict, where: str) -> dict:
+    """Check one canonical conversation; raise naming ``where`` (file:line) on a bad shape."""
+    messages = obj.get("messages")
+    if not isinstance(obj.get("id"), str) or not isinstance(messages, list):
+        raise PipelineError(f"{where}: expected {{'id': str, 'messages': [...]}}; re-run the previous stage")
+    for index, message in enumerate(messages):
+        if not (isinstance(message, dict) and isinstance(message.get("speaker"), str)
+                and isinstance(message.get("text"), str)):
+            raise PipelineError(
+                f"{where}: messages[{index}] needs string 'speaker' and 'text'; re-run the previous stage"
+            )
+    return obj
+
+
 def read_conversations(path: Path) -> list[dict]:
-    conversations = [validate_conversation(obj, f"{path}:{n}") for n, obj in read_jsonl(path)]
+    """Canonical conversations, checked line by line; ids must be unique (splits group by them)."""
+    conversations, lines = [], {}
+    for number, obj in read_jsonl(path):
+        conversation = validate_conversation(obj, f"{path}:{number}")
+        if conversation["id"] in lines:
+            raise PipelineError(f"{path}:{number}: conversation id '{conversation['id']}' repeats line "
+                                f"{lines[conversation['id']]}; re-run the previous stage")
+        lines[conversation["id"]] = number
+        conversations.append(conversation)
     if not conversations:
         raise PipelineError(f"{path}: no conversations; re-run the previous stage or check its params")
     return conversations

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from qlora_pipeline import evaluation, tracking
-from qlora_pipeline.config import Params, section_dict
+from qlora_pipeline.config import Params
 from qlora_pipeline.data.splitting import cap_examples
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.io import atomic_path, read_jsonl, remove_outputs, write_json
@@ -53,11 +53,10 @@ def run_evaluate(params: Params, base_dir: Path, adapter_dir: Path, test_path: P
     metrics = score(params, rows, outputs)
     metrics["wall_seconds"] = round(time.perf_counter() - started, 1)
     samples = sample_rows(rows, outputs)
-    write_json(metrics_path, metrics)
-    write_rouge_plot(rouge_plot, metrics)
-    with tracking.pipeline_run(params.mlflow, "evaluate") as run:
+    with tracking.pipeline_run(params, "evaluate") as run:  # opened first: a store error leaves no outputs
         write_reports(reports_dir, samples, params, run)
-        tracking.log_params("evaluate", section_dict(params.evaluate))
+        write_json(metrics_path, metrics)
+        write_rouge_plot(rouge_plot, metrics)
         tracking.log_metrics("eval", flat_eval_metrics(metrics))
         log_artifacts([adapter_dir, reports_dir, rouge_plot, metrics_path, *artifacts])
     print(summary_table(metrics))
@@ -66,7 +65,7 @@ def run_evaluate(params: Params, base_dir: Path, adapter_dir: Path, test_path: P
 
 def generate_both(params: Params, base_dir: Path, adapter_dir: Path, rows: list[dict]) -> dict[str, Any]:
     """Replies and reference NLL for base and tuned; one model in memory with the adapter switched off and on."""
-    from qlora_pipeline.modeling.adapters import load_base_for, load_tuned, read_training_config
+    from qlora_pipeline.modeling.adapters import load_base_for, load_tuned
 
     cfg = params.evaluate
     contexts = [row["messages"] for row in rows]
@@ -74,7 +73,7 @@ def generate_both(params: Params, base_dir: Path, adapter_dir: Path, rows: list[
     model, tokenizer, resolved = load_tuned(base_dir, adapter_dir)
     out: dict[str, Any] = {}
     if resolved["method"] == "full":  # no adapter to switch off: the base is a second model
-        base, base_tokenizer = load_base_for(read_training_config(adapter_dir) | {"method": "lora"}, base_dir)
+        base, base_tokenizer = load_base_for(resolved, base_dir)
         out["base"] = _side(base, base_tokenizer, rows, contexts, cfg.batch_size, max_length, generation_kwargs(params))
         del base
     else:

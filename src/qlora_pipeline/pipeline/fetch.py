@@ -5,23 +5,22 @@ from __future__ import annotations
 from pathlib import Path
 
 from qlora_pipeline import tracking
-from qlora_pipeline.config import Params, section_dict
+from qlora_pipeline.config import Params
 from qlora_pipeline.data.sources import fetch
-from qlora_pipeline.io import atomic_path, write_json, write_jsonl
+from qlora_pipeline.io import atomic_path, remove_outputs, write_json, write_jsonl
 from qlora_pipeline.pipeline.common import CONVERSATIONS, MANIFEST
 
 
 def run_fetch(params: Params, out_dir: Path) -> dict:
     """Read ``params.data`` into ``out_dir/conversations.jsonl`` and ``out_dir/manifest.json``."""
+    remove_outputs(out_dir)
     result = fetch(params.data)
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         write_jsonl(tmp / CONVERSATIONS, result.conversations)
         write_json(tmp / MANIFEST, result.manifest)
     counts = result.manifest["counts"]
-    with tracking.pipeline_run(params.mlflow, "fetch"):
-        tracking.log_params("data", section_dict(params.data))
-        tracking.log_params("seed", params.seed)
+    with tracking.pipeline_run(params, "fetch"):
         tracking.log_metrics("fetch", counts)
         tracking.log_metrics("fetch", {"source": result.manifest["source"], "sha256": result.manifest["sha256"]})
     print(f"fetch: {counts['conversations']} conversations, {counts['messages']} messages, "

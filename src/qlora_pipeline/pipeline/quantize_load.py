@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 
 from qlora_pipeline import tracking
-from qlora_pipeline.config import Params, section_dict
+from qlora_pipeline.config import Params
 from qlora_pipeline.io import atomic_path, remove_outputs, write_json
 from qlora_pipeline.modeling.generation import generate_replies
 from qlora_pipeline.modeling.loading import load_model, load_tokenizer, resolve_source, set_end_token
@@ -30,7 +29,9 @@ def run_quantize_load(params: Params, out_dir: Path, metrics_path: Path) -> dict
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     metrics = {
-        "source": dataclasses.asdict(source),
+        # As configured, not the resolved folder: committed metrics hold no machine's paths.
+        "source": {"kind": source.kind, "name_or_path": cfg.name_or_path, "gguf_file": cfg.gguf_file,
+                   "revision": cfg.revision},
         "quantization": "4bit-" + cfg.quantization.bnb_4bit_quant_type if cfg.quantization.load_in_4bit
         else "8bit" if cfg.quantization.load_in_8bit else cfg.dtype,
         **footprint(model),
@@ -42,8 +43,7 @@ def run_quantize_load(params: Params, out_dir: Path, metrics_path: Path) -> dict
         "smoke_stop_rate": round(sum(s["stopped"] for s in smoke) / len(smoke), 3) if smoke else None,
     }
     write_json(metrics_path, metrics)
-    with tracking.pipeline_run(params.mlflow, "quantize_load"):
-        tracking.log_params("model", section_dict(cfg))
+    with tracking.pipeline_run(params, "quantize_load"):
         tracking.log_metrics("base", {k: v for k, v in metrics.items() if k != "smoke_test"})
     print(f"quantize-load: {metrics['parameters']:,} parameters, {metrics['quantization']}, "
           f"{metrics['memory_footprint_mb']} MB ({metrics['bits_per_parameter']} bits/param), "

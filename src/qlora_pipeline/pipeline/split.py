@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from qlora_pipeline import tracking
-from qlora_pipeline.config import Params, section_dict
+from qlora_pipeline.config import Params
 from qlora_pipeline.data.splitting import SPLITS, split_examples
 from qlora_pipeline.io import atomic_path, read_json, remove_outputs, sha256_file, write_json, write_jsonl
 from qlora_pipeline.pipeline.common import CONVERSATIONS, MANIFEST, read_conversations
@@ -23,8 +23,7 @@ def run_split(params: Params, clean_dir: Path, out_dir: Path, metrics_path: Path
         files = {f"{name}.jsonl": sha256_file(tmp / f"{name}.jsonl") for name in SPLITS}
         write_json(tmp / MANIFEST, {**read_json(clean_dir / MANIFEST), "persona": metrics["persona"], "files": files})
     write_json(metrics_path, metrics)
-    with tracking.pipeline_run(params.mlflow, "split"):
-        tracking.log_params("split", section_dict(params.split))
+    with tracking.pipeline_run(params, "split"):
         tracking.log_metrics("split", metrics)
     sizes = ", ".join(f"{name} {metrics[name]['examples']}" for name in SPLITS)
     print(f"split: persona {metrics['persona']}; examples {sizes} -> {out_dir}/, {metrics_path}")

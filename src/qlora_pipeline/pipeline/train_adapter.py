@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from qlora_pipeline import tracking
-from qlora_pipeline.config import Params, section_dict
+from qlora_pipeline.config import Params
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.io import atomic_path, read_json, read_jsonl, remove_outputs, write_json
+from qlora_pipeline.modeling.adapters import RESOLVED_CONFIG
 from qlora_pipeline.pipeline.common import MANIFEST
 
-RESOLVED_CONFIG = "training_config.json"
 LOG_FIELDS = ("step", "train_loss", "val_loss", "learning_rate")
 
 
@@ -48,9 +48,9 @@ def run_train_adapter(params: Params, base_dir: Path, splits_dir: Path, out_dir:
         train_ds = training.build_dataset(train_rows, tokenizer, params.train.max_length, counts)
         val_ds = training.build_dataset(val_rows, tokenizer, params.train.max_length, Counter())
         inputs = [splits_dir / "train.jsonl", splits_dir / "val.jsonl", base_dir / "config.json"]
-        resume = training.resumable_checkpoint(checkpoints, training.fingerprint(params, inputs))
-        with tracking.pipeline_run(params.mlflow, "train_adapter"):
-            tracking.log_params("train", section_dict(params.train))
+        resume = training.resumable_checkpoint(checkpoints, training.fingerprint(params, inputs),
+                                                params.train.max_steps)
+        with tracking.pipeline_run(params, "train_adapter"):
             trainer = training.train_model(params, model, tokenizer, train_ds, val_ds, checkpoints, resume)
             metrics = train_metrics(trainer, counts, training.count_parameters(model), resume, started)
             metrics["peak_memory_mb"] = training.peak_memory_mb()
@@ -104,7 +104,6 @@ def save_trained(model: Any, tokenizer: Any, out: Path, params: Params, base_dir
         "seed": params.seed,
         "model": dataclasses.asdict(params.model),
         "train": dataclasses.asdict(params.train),
-        "split": dataclasses.asdict(params.split),
         "data": {"source": manifest.get("source"), "sha256": manifest.get("sha256"),
                  "persona": manifest.get("persona"), "files": manifest.get("files")},
         "metrics": {k: v for k, v in metrics.items() if k != "examples"},
