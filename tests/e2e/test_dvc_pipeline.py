@@ -128,8 +128,11 @@ def test_changing_context_turns_reruns_split_and_what_depends_on_it(repo):
 
 
 def test_queued_grid_lands_every_experiment_in_the_one_store(repo):
+    """A grid over LoRA rank plus the lora and full methods, queued and run one at a time."""
     before = len(runs(repo))
     sh(["dvc", "exp", "run", "--queue", "-S", "train.lora.r=2,4"], repo)
+    sh(["dvc", "exp", "run", "--queue", "-S", "train.method=lora"], repo)
+    sh(["dvc", "exp", "run", "--queue", "-S", "train.method=full"], repo)
     sh(["dvc", "queue", "start", "--jobs", "1"], repo)
     deadline = time.time() + 900
     while time.time() < deadline:
@@ -140,9 +143,12 @@ def test_queued_grid_lands_every_experiment_in_the_one_store(repo):
     assert "Failed" not in status, status
     table = runs(repo)
     new = table.iloc[: len(table) - before]
-    assert len(new) == 2
-    assert set(new["params.train.lora.r"]) == {"2", "4"}
+    assert len(new) == 4
+    assert sorted(zip(new["params.train.method"], new["params.train.lora.r"])) == [
+        ("full", "16"), ("lora", "16"), ("qlora", "2"), ("qlora", "4")]
     assert all(name != "workspace" for name in new["tags.dvc.exp_name"])
-    assert all(new["metrics.eval.rouge1.tuned"] == new["metrics.eval.rouge1.tuned"])  # evaluate ran in each
+    assert new["metrics.eval.rouge1.tuned"].notna().all() and new["metrics.train.best_val_loss"].notna().all()
     shown = sh(["dvc", "exp", "show", "--no-pager", "--csv"], repo)
-    assert shown.count("\n") >= 4  # workspace, baseline and the two experiments
+    header, *rows = shown.strip().splitlines()
+    assert "best_val_loss" in header and "train.method" in header
+    assert len(rows) >= 6  # workspace, the baseline commit and the four experiments

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -47,6 +48,8 @@ def read_conversations(path: Path) -> list[dict]:
 def stage_main(description: str, add_paths: Callable[[argparse.ArgumentParser], None],
                run: Callable[[Params, argparse.Namespace], object], argv: list[str] | None = None) -> int:
     """Shared entry point of ``stages/*.py``: parse paths, load params, run, report errors briefly."""
+    # Per-tensor progress bars of weight loading bury the stage's own summary lines in DVC's log.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file")
     add_paths(parser)
