@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import string
 import types
 import typing
@@ -22,6 +23,9 @@ import yaml
 
 from qlora_pipeline.data.pii import PII_TYPES
 from qlora_pipeline.errors import PipelineError
+
+
+_FLOAT_TEXT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
 class ConfigError(PipelineError):
@@ -475,13 +479,14 @@ def _coerce_scalar(hint: Any, value: Any, key: str, problems: list[str]) -> tupl
         return True, value
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return True, float(value)
+    if hint is float and isinstance(value, str) and _FLOAT_TEXT.match(value.strip()):
+        # PyYAML (YAML 1.1) reads 1e-5 and 5e-05 as text; `dvc exp run -S key=0.00005` writes the latter.
+        return True, float(value)
     if hint is str and isinstance(value, str):
         return True, value
     if hint is Any:
         return True, value
-    # YAML 1.1 reads 1e-5 (no dot) as text, a common surprise for learning rates.
-    hint_text = "; write it as 1.0e-5 or 0.00001" if hint is float and isinstance(value, str) else ""
-    problems.append(f"{key}: expected {_describe(hint)}, got {value!r} ({type(value).__name__}){hint_text}")
+    problems.append(f"{key}: expected {_describe(hint)}, got {value!r} ({type(value).__name__})")
     return False, None
 
 
