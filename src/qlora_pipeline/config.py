@@ -37,6 +37,12 @@ class ConfigError(PipelineError):
         super().__init__(f"{path}: {len(problems)} problem(s) in params:\n{lines}")
 
 
+def _at_least(section: str, obj: Any, minimum: int, *keys: str) -> list[str]:
+    """One message per key of ``obj`` whose value is below ``minimum``."""
+    return [f"{section}.{key}: must be >= {minimum}, got {getattr(obj, key)}"
+            for key in keys if getattr(obj, key) < minimum]
+
+
 # ----------------------------------------------------------------------------- data
 
 
@@ -110,14 +116,10 @@ class CleanConfig:
     exclude_speakers: list[str] = field(default_factory=list)
 
     def problems(self) -> list[str]:
-        out = []
-        for key in ("min_chars", "max_chars", "dedup_min_chars", "min_messages", "min_speakers"):
-            if getattr(self, key) < 0:
-                out.append(f"clean.{key}: must be >= 0, got {getattr(self, key)}")
+        out = _at_least("clean", self, 0, "min_chars", "max_chars", "dedup_min_chars", "min_messages", "min_speakers")
+        out += _at_least("clean", self, 1, "near_dup_window")
         if self.max_chars < self.min_chars:
             out.append(f"clean.max_chars: {self.max_chars} is below clean.min_chars {self.min_chars}")
-        if self.near_dup_window < 1:
-            out.append(f"clean.near_dup_window: must be >= 1, got {self.near_dup_window}")
         if not 0.0 < self.near_dup_ratio <= 1.0:
             out.append(f"clean.near_dup_ratio: must be in (0, 1], got {self.near_dup_ratio}")
         for name in self.pii:
@@ -213,11 +215,9 @@ class ModelConfig:
     smoke_max_new_tokens: int = 32
 
     def problems(self) -> list[str]:
-        out = []
+        out = _at_least("model", self, 1, "smoke_max_new_tokens")
         if not self.name_or_path.strip():
             out.append("model.name_or_path: empty; a local folder, a hub id or package:<name>")
-        if self.smoke_max_new_tokens < 1:
-            out.append(f"model.smoke_max_new_tokens: must be >= 1, got {self.smoke_max_new_tokens}")
         return out
 
 
@@ -240,8 +240,7 @@ class LoraParams:
         out = []
         if self.r < 1:
             out.append(f"train.lora.r: must be >= 1 (the adapter's rank), got {self.r}")
-        if self.lora_alpha < 1:
-            out.append(f"train.lora.lora_alpha: must be >= 1, got {self.lora_alpha}")
+        out += _at_least("train.lora", self, 1, "lora_alpha")
         if not 0.0 <= self.lora_dropout < 1.0:
             out.append(f"train.lora.lora_dropout: must be in [0, 1), got {self.lora_dropout}")
         if isinstance(self.target_modules, list) and not self.target_modules:
@@ -277,17 +276,12 @@ class TrainConfig:
     early_stopping_threshold: float = 0.0
 
     def problems(self) -> list[str]:
-        out = []
-        positive = ("max_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
-                    "gradient_accumulation_steps", "logging_steps", "eval_steps", "save_steps",
-                    "save_total_limit", "max_length")
-        for key in positive:
-            if getattr(self, key) < 1:
-                out.append(f"train.{key}: must be >= 1, got {getattr(self, key)}")
+        out = _at_least("train", self, 1, "max_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
+                        "gradient_accumulation_steps", "logging_steps", "eval_steps", "save_steps",
+                        "save_total_limit", "max_length")
+        out += _at_least("train", self, 0, "warmup_steps")
         if self.learning_rate <= 0:
             out.append(f"train.learning_rate: must be > 0, got {self.learning_rate}")
-        if self.warmup_steps < 0:
-            out.append(f"train.warmup_steps: must be >= 0, got {self.warmup_steps}")
         if self.eval_steps >= 1 and self.save_steps % self.eval_steps:
             out.append(f"train.save_steps: must be a multiple of train.eval_steps ({self.eval_steps}) "
                        "so the best checkpoint can be kept")
@@ -315,14 +309,10 @@ class EvaluateConfig:
     human_eval_samples: int = 50
 
     def problems(self) -> list[str]:
-        out = []
-        for key in ("batch_size", "max_new_tokens", "bootstrap_samples"):
-            if getattr(self, key) < 1:
-                out.append(f"evaluate.{key}: must be >= 1, got {getattr(self, key)}")
+        out = _at_least("evaluate", self, 1, "batch_size", "max_new_tokens", "bootstrap_samples")
+        out += _at_least("evaluate", self, 0, "human_eval_samples")
         if self.max_samples is not None and self.max_samples < 1:
             out.append(f"evaluate.max_samples: must be >= 1 or null, got {self.max_samples}")
-        if self.human_eval_samples < 0:
-            out.append(f"evaluate.human_eval_samples: must be >= 0, got {self.human_eval_samples}")
         if not 0.5 <= self.confidence_level < 1.0:
             out.append(f"evaluate.confidence_level: must be in [0.5, 1), got {self.confidence_level}")
         if self.temperature <= 0:
