@@ -152,3 +152,30 @@ def test_queued_grid_lands_every_experiment_in_the_one_store(repo):
     header, *rows = shown.strip().splitlines()
     assert "best_val_loss" in header and "train.method" in header
     assert len(rows) >= 6  # workspace, the baseline commit and the four experiments
+
+
+def test_killed_training_resumes_on_the_next_repro(repo):
+    """SIGKILL `dvc repro` mid-training; the next `dvc repro` continues from the last checkpoint."""
+    import signal
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"].update(max_steps=40, eval_steps=2, save_steps=2, early_stopping_patience=None)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    env.pop("QLORA_PIPELINE_RUN_KEY", None)
+    proc = subprocess.Popen(["dvc", "repro"], cwd=repo, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    checkpoint = repo / "models/checkpoints/checkpoint-4"
+    deadline = time.time() + 300
+    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert checkpoint.exists(), "training never reached its second checkpoint"
+    assert not (repo / "models/adapter").exists()
+
+    sh(["dvc", "repro"], repo)
+    metrics = json.loads((repo / "metrics/train.json").read_text())
+    assert metrics["resumed_from_step"] >= 4 and metrics["steps"] == 40
+    sh(["git", "checkout", "--", "params.yaml", "dvc.lock"], repo)
+    sh(["dvc", "checkout", "--force"], repo)
