@@ -67,15 +67,19 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
     return count
 
 
-def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """Yield ``(line_number, object)``; a bad line raises an error naming the file and line."""
+def read_jsonl(path: str | Path, label: str | None = None) -> Iterator[tuple[int, dict]]:
+    """Yield ``(line_number, object)``; a bad line raises an error naming the file and line.
+
+    ``label`` is how messages name the file (e.g. the path as the user wrote it in params).
+    """
     path = Path(path)
+    shown = Path(label) if label else path
     if not path.exists():
-        raise PipelineError(f"{path}: file not found")
+        raise PipelineError(f"{shown}: file not found")
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
             if raw.strip():  # blank lines hold no row; tolerate them (e.g. a trailing newline)
-                yield number, _parse_json_line(path, number, raw)
+                yield number, _parse_json_line(shown, number, raw)
 
 
 def _parse_json_line(path: Path, number: int, raw: bytes) -> dict:

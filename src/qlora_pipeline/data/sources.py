@@ -25,7 +25,7 @@ from typing import Any, Iterable, Iterator
 
 from qlora_pipeline.config import DataConfig
 from qlora_pipeline.errors import PipelineError
-from qlora_pipeline.io import _parse_json_line
+from qlora_pipeline.io import read_jsonl
 
 PAIRS_PERSONA = "assistant"
 
@@ -146,10 +146,8 @@ def chitchat_conversation(conversation_id: str, conv: dict) -> dict:
 
 
 def _jsonl_rows(path: Path, label: str) -> Iterator[Row]:
-    with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            if raw.strip():
-                yield Row(f"{label}:{number}", _parse_json_line(Path(label), number, raw))
+    for number, values in read_jsonl(path, label):
+        yield Row(f"{label}:{number}", values)
 
 
 def _decode(path: Path, label: str) -> str:
