@@ -125,6 +125,28 @@ def _wait_for(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def _wait_for_sheet(driver):
+    """Until the sheet's script has restored saved ratings (it marks <html data-sheet-ready>)."""
+    _wait_for(
+        lambda: driver.execute_script(
+            "return document.readyState === 'complete'"
+            " && document.documentElement.getAttribute('data-sheet-ready') === 'true'"),
+        timeout=20,
+        what="the rating sheet's script to finish",
+    )
+
+
+def _storage_report(driver) -> str:
+    """What the page's storage held, for a failure message (was it lost, or never read back?)."""
+    state = driver.execute_script(
+        "var out = {keys: [], warning_shown: !document.getElementById('storage-warning').hidden};"
+        "try { for (var i = 0; i < localStorage.length; i++) {"
+        "  var k = localStorage.key(i); out.keys.push([k, localStorage.getItem(k)]); } }"
+        "catch (e) { out.error = String(e); }"
+        "return out;")
+    return f"after reload: localStorage and storage warning = {state}"
+
+
 def test_sheet_in_headless_chromium_rates_reloads_and_downloads(tmp_path):
     _require_browser()
     from selenium.webdriver.common.by import By
@@ -140,6 +162,7 @@ def test_sheet_in_headless_chromium_rates_reloads_and_downloads(tmp_path):
     driver = _start_chromium(tmp_path, download_dir)
     try:
         driver.get(html_path.as_uri())
+        _wait_for_sheet(driver)
         assert driver.title == "Browser test sheet"
         progress = driver.find_element(By.ID, "progress")
         assert progress.text == "Rated 0 of 4"
@@ -161,10 +184,14 @@ def test_sheet_in_headless_chromium_rates_reloads_and_downloads(tmp_path):
                 driver.find_element(By.ID, f"comment-{index}").send_keys(COMMENTS[sample["id"]])
             assert progress.text == f"Rated {index + 1} of 4"
 
-        # Reload: choices, comments and the counter come back from localStorage.
+        # Reload: choices, comments and the counter come back from localStorage. The counter's
+        # HTML says "Rated 0 of 4" until the page's script has run, so wait for the script's mark.
+        # Clearing the mark first means only the reloaded page's own script can set it again.
+        driver.execute_script("document.documentElement.removeAttribute('data-sheet-ready')")
         driver.refresh()
+        _wait_for_sheet(driver)
         progress = driver.find_element(By.ID, "progress")
-        assert progress.text == "Rated 4 of 4"
+        assert progress.text == "Rated 4 of 4", _storage_report(driver)
         for index, sample in enumerate(SAMPLES):
             radio = driver.find_element(By.ID, f"choice-{index}-{CLICKS[sample['id']]}")
             assert radio.is_selected()
@@ -212,6 +239,7 @@ def test_partial_ratings_download_keeps_unrated_rows_empty(tmp_path):
     driver = _start_chromium(tmp_path, download_dir)
     try:
         driver.get(html_path.as_uri())
+        _wait_for_sheet(driver)
         driver.find_element(By.CSS_SELECTOR, "label:has(> #choice-2-B)").click()
         assert driver.find_element(By.ID, "progress").text == "Rated 1 of 4"
         driver.find_element(By.ID, "download").click()

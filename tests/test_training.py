@@ -176,20 +176,47 @@ def test_interrupted_training_resumes_from_the_last_checkpoint(tiny_llama, param
     assert run_train_adapter(other, **paths)["resumed_from_step"] is None  # other params: fresh start
 
 
+def _complete_checkpoint(checkpoints, step):
+    """A checkpoint folder as the Trainer leaves it once its last file, trainer_state.json, is written."""
+    folder = checkpoints / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    (folder / "adapter_model.safetensors").write_bytes(b"weights")
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    return folder
+
+
+def test_resume_skips_and_removes_a_checkpoint_killed_mid_save(tmp_path, capsys):
+    checkpoints = tmp_path / "ckpt"
+    assert training.resumable_checkpoint(checkpoints, "f1", max_steps=10) is None
+    _complete_checkpoint(checkpoints, 2)
+    _complete_checkpoint(checkpoints, 4)
+    no_state = checkpoints / "checkpoint-6"  # killed before trainer_state.json
+    no_state.mkdir()
+    (no_state / "adapter_model.safetensors").write_bytes(b"weights")
+    half_state = checkpoints / "checkpoint-8"  # killed while writing it
+    half_state.mkdir()
+    (half_state / "trainer_state.json").write_text('{"global_step": 8, "log_hi')
+
+    assert training.resumable_checkpoint(checkpoints, "f1", max_steps=10).endswith("checkpoint-4")
+    assert not no_state.exists() and not half_state.exists()
+    assert (checkpoints / "checkpoint-2").exists()
+    err = capsys.readouterr().err
+    assert "removing checkpoint-6" in err and "removing checkpoint-8" in err
+
+
 def test_resume_only_from_an_unfinished_run_with_the_same_fingerprint(tmp_path):
     checkpoints = tmp_path / "ckpt"
     assert training.resumable_checkpoint(checkpoints, "f1", max_steps=4) is None  # nothing yet: fresh
-    (checkpoints / "checkpoint-2").mkdir()
-    (checkpoints / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    _complete_checkpoint(checkpoints, 2)
     assert training.resumable_checkpoint(checkpoints, "f1", max_steps=4).endswith("checkpoint-2")
     assert training.resumable_checkpoint(checkpoints, "f2", max_steps=4) is None  # other params: wiped
     assert not (checkpoints / "checkpoint-2").exists()
 
-    (checkpoints / "checkpoint-4").mkdir()  # training reached max_steps, then the stage died
+    _complete_checkpoint(checkpoints, 4)  # training reached max_steps, then the stage died
     assert training.resumable_checkpoint(checkpoints, "f2", max_steps=4) is None
-    (checkpoints / "checkpoint-2").mkdir()
+    _complete_checkpoint(checkpoints, 2)
     training.mark_completed(checkpoints)
     assert training.resumable_checkpoint(checkpoints, "f2", max_steps=4) is None  # a finished run starts over
-    (checkpoints / "checkpoint-2").mkdir()
+    _complete_checkpoint(checkpoints, 2)
     (checkpoints / training.FINGERPRINT).write_text('{"fingerprint": "f2", "comp')  # killed mid-write
     assert training.resumable_checkpoint(checkpoints, "f2", max_steps=4) is None

@@ -321,6 +321,8 @@ _JS = r"""
   }
   paintProgress();
   document.getElementById("download").addEventListener("click", download);
+  // Saved ratings are restored and painted: tools (and tests) wait for this before reading the page.
+  document.documentElement.setAttribute("data-sheet-ready", "true");
 })();
 """
 

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import shutil
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,22 +193,41 @@ def resumable_checkpoint(checkpoints: Path, expected: str, max_steps: int) -> st
     A run that finished is not resumed: the stage only runs again when its code or inputs
     changed, and then training starts over.
     """
-    from transformers.trainer_utils import get_last_checkpoint
-
     state = _read_marker(checkpoints / FINGERPRINT)
     if state.get("fingerprint") == expected and not state.get("completed"):
-        last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+        complete = _drop_incomplete_checkpoints(checkpoints)
         # A checkpoint at max_steps means training had ended: the Trainer would take one step too many.
-        if last and int(last.rsplit("-", 1)[-1]) < max_steps:
-            return last
+        if complete and complete[-1][0] < max_steps:
+            return str(complete[-1][1])
     shutil.rmtree(checkpoints, ignore_errors=True)
     checkpoints.mkdir(parents=True)
     write_json(checkpoints / FINGERPRINT, {"fingerprint": expected, "completed": False})
     return None
 
 
+def _drop_incomplete_checkpoints(checkpoints: Path) -> list[tuple[int, Path]]:
+    """The complete checkpoints as (step, folder), oldest first; partial ones are deleted.
+
+    The Trainer writes a checkpoint's files one after another into ``checkpoint-N`` and its
+    ``trainer_state.json`` last, so a kill mid-save leaves a folder without that file (or with
+    half of it). Resuming from such a folder fails; the one before it is complete.
+    """
+    found = []
+    for folder in checkpoints.glob("checkpoint-*") if checkpoints.is_dir() else ():
+        step = folder.name.rsplit("-", 1)[-1]
+        if not (folder.is_dir() and step.isdigit()):
+            continue
+        if _read_marker(folder / "trainer_state.json").get("global_step") == int(step):
+            found.append((int(step), folder))
+        else:
+            print(f"train-adapter: removing {folder.name}: it was being written when the last run stopped",
+                  file=sys.stderr)
+            shutil.rmtree(folder, ignore_errors=True)
+    return sorted(found)
+
+
 def _read_marker(path: Path) -> dict:
-    """The fingerprint marker, or {} when absent or unreadable (a run killed while writing it)."""
+    """A small JSON state file, or {} when absent or unreadable (a run killed while writing it)."""
     try:
         state = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
