@@ -54,6 +54,21 @@ def test_reference_perplexity_matches_the_models_own_loss(tiny_llama):
     assert evaluation.perplexity(nll, tokens) == pytest.approx(np.exp(nll.sum() / tokens.sum()))
 
 
+def test_reference_perplexity_counts_prompts_cut_to_max_length(tiny_llama):
+    from collections import Counter
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    long_context = [{"role": "user" if i % 2 else "assistant", "content": f"turn {i} " * 20} for i in range(1, 8)]
+    rows = [{"messages": long_context, "target": "ok"}, {"messages": [{"role": "user", "content": "hi"}], "target": "yo"}]
+    counts = Counter()
+    nll, tokens = evaluation.reference_nll(model, tokenizer, rows, max_length=64, batch_size=2, counts=counts)
+    assert counts["prompt_truncated"] == 1 and counts["reply_truncated"] == 0
+    assert len(nll) == 2 and (tokens > 0).all()
+
+
 # ------------------------------------------------------------------------ the stage
 
 
@@ -97,6 +112,7 @@ def test_evaluate_writes_metrics_samples_and_sheet(tiny_run):
         assert set(m) == {"base", "base_ci", "tuned", "tuned_ci", "delta", "delta_ci"}
         assert m["delta"] == pytest.approx(m["tuned"] - m["base"], abs=1e-4)
     assert metrics["perplexity"]["base"] > 1 and metrics["perplexity"]["tuned"] > 1
+    assert metrics["perplexity"]["prompt_truncated"] >= 0 and metrics["perplexity"]["reply_truncated"] >= 0
     assert 0 <= metrics["tuned"]["end_of_turn_rate"] <= 1
     assert json.loads((tmp / "eval.json").read_text()) == metrics
     reports = tmp / "reports"

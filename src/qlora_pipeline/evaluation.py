@@ -72,14 +72,18 @@ def text_metrics(replies: Sequence[str], stopped: Sequence[bool], references: Se
 
 
 def reference_nll(model: Any, tokenizer: Any, rows: Sequence[dict], max_length: int,
-                  batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per example: summed negative log-likelihood of the reference reply (target tokens only), token count."""
+                  batch_size: int, counts: Counter | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per example: summed negative log-likelihood of the reference reply (target tokens only), token count.
+
+    Examples are encoded as in training, so prompts longer than ``max_length`` lose turns from the
+    left; ``counts`` receives how many (``prompt_truncated``, ``reply_truncated``).
+    """
     import torch
     from transformers import DataCollatorForSeq2Seq
 
     from qlora_pipeline.training import IGNORE_INDEX, encode_example
 
-    encoded = [encode_example(tokenizer, row["messages"], row["target"], max_length) for row in rows]
+    encoded = [encode_example(tokenizer, row["messages"], row["target"], max_length, counts) for row in rows]
     tokenizer.padding_side = "right"
     collate = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX)
     nll, tokens = [], []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -87,8 +88,10 @@ def _side(model, tokenizer, rows, contexts, batch_size, max_length, gen_kwargs) 
     from qlora_pipeline.modeling.generation import generate_replies
 
     replies = generate_replies(model, tokenizer, contexts, batch_size, **gen_kwargs)
-    nll, tokens = evaluation.reference_nll(model, tokenizer, rows, max_length, batch_size)
-    return {"replies": [r.text for r in replies], "stopped": [r.stopped for r in replies], "nll": nll, "tokens": tokens}
+    truncated: Counter = Counter()
+    nll, tokens = evaluation.reference_nll(model, tokenizer, rows, max_length, batch_size, truncated)
+    return {"replies": [r.text for r in replies], "stopped": [r.stopped for r in replies], "nll": nll, "tokens": tokens,
+            "truncated": truncated}
 
 
 def score(params: Params, rows: list[dict], outputs: dict[str, Any]) -> dict:
@@ -105,6 +108,9 @@ def score(params: Params, rows: list[dict], outputs: dict[str, Any]) -> dict:
         metrics["perplexity"][side] = round(evaluation.perplexity(nll, tokens), 4)
         metrics["perplexity"][f"{side}_ci"] = evaluation.perplexity_interval(nll, tokens, indices, cfg.confidence_level)
     metrics["perplexity"]["delta"] = round(metrics["perplexity"]["tuned"] - metrics["perplexity"]["base"], 4)
+    # Perplexity sees prompts cut to train.max_length as in training (generation sees them whole).
+    for kind in ("prompt_truncated", "reply_truncated"):
+        metrics["perplexity"][kind] = outputs["tuned"]["truncated"][kind]
     for side in ("base", "tuned"):
         metrics[side] = evaluation.text_metrics(outputs[side]["replies"], outputs[side]["stopped"], references)
     return metrics
