@@ -165,8 +165,9 @@ def test_human_eval_score_logs_the_win_rate_to_the_run(tiny_run, tmp_path):
         f"{row['id']},{'A' if row['A'] == 'tuned' else 'B'},\n" for row in key))
     assert main(["human-eval", "score", str(ratings), "--key", str(reports / "human_eval_key.csv"),
                  "--run-file", str(reports / "run.json")]) == 0
-    run_id = json.loads((reports / "run.json").read_text())["mlflow_run_id"]
-    metrics = mlflow.MlflowClient(params.mlflow.tracking_uri).get_run(run_id).data.metrics
+    run = json.loads((reports / "run.json").read_text())
+    assert run["tracking_uri"] == params.mlflow.tracking_uri  # as configured, not resolved
+    metrics = mlflow.MlflowClient(params.mlflow.tracking_uri).get_run(run["mlflow_run_id"]).data.metrics
     assert metrics["human_eval.tuned_win_rate"] == 1.0 and metrics["human_eval.n_rated"] == len(key)
 
 

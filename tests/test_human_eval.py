@@ -387,3 +387,27 @@ def test_error_bad_key_file(tmp_path):
 
 def test_ratings_error_is_a_value_error():
     assert issubclass(RatingsError, ValueError)
+
+
+def test_score_command_logs_to_the_repository_store_when_the_run_file_names_none(tmp_path, monkeypatch):
+    """reports/run.json from a default run holds no machine path; the score goes to the repo's own store."""
+    import mlflow
+
+    from qlora_pipeline.cli import main
+
+    repo = tmp_path / "moved-repo"
+    (repo / ".dvc").mkdir(parents=True)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    monkeypatch.chdir(repo)
+    store = f"sqlite:///{repo / 'mlflow.db'}"
+    client = mlflow.MlflowClient(store)
+    run_id = client.create_run(client.create_experiment("e")).info.run_id
+    key = write_sheet(NEUTRAL_SAMPLES[:3], seed=1, html_path=repo / "reports/human_eval.html",
+                      key_path=repo / "reports/human_eval_key.csv", title="t")
+    _write(repo / "reports/run.json", json.dumps({"mlflow_run_id": run_id, "tracking_uri": None}))
+    ratings = _write(repo / "ratings.csv", "id,choice,comment\n" + "".join(
+        f"{row['id']},{'A' if row['A'] == 'tuned' else 'B'},\n" for row in key))
+
+    assert main(["human-eval", "score", str(ratings)]) == 0
+    metrics = client.get_run(run_id).data.metrics
+    assert metrics["human_eval.tuned_win_rate"] == 1.0 and metrics["human_eval.n_rated"] == 3

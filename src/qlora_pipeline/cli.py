@@ -63,8 +63,10 @@ def human_eval_score(args: argparse.Namespace) -> None:
     result = score_ratings(args.ratings, args.key, confidence=args.confidence)
     print(json.dumps(result, indent=2))
     if args.run_file.is_file():
+        from qlora_pipeline.tracking import resolve_tracking_uri
+
         run = json.loads(args.run_file.read_text(encoding="utf-8"))
-        log_human_eval(run["tracking_uri"], run["mlflow_run_id"], result)
+        log_human_eval(resolve_tracking_uri(run.get("tracking_uri")), run["mlflow_run_id"], result)
         print(f"logged to MLflow run {run['mlflow_run_id']}")
     else:
         print(f"{args.run_file} not found: result not logged to MLflow")

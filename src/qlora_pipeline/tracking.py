@@ -43,7 +43,12 @@ def repo_root(start: Path | None = None) -> Path:
 
 
 def tracking_uri(cfg: MlflowConfig) -> str:
-    return cfg.tracking_uri or f"sqlite:///{repo_root() / STORE_FILE}"
+    return resolve_tracking_uri(cfg.tracking_uri)
+
+
+def resolve_tracking_uri(configured: str | None) -> str:
+    """``mlflow.tracking_uri`` as configured, or (null) the SQLite store at the repository root."""
+    return configured or f"sqlite:///{repo_root() / STORE_FILE}"
 
 
 def execution_key() -> str:

@@ -158,8 +158,8 @@ def write_reports(reports_dir: Path, samples: list[dict], params: Params, run: A
                   "tuned": s["tuned"]} for s in samples[: params.evaluate.human_eval_samples]]
         if sheet:
             write_sheet(sheet, params.seed, tmp / SHEET, tmp / KEY, title="Which reply sounds more like the person?")
-        write_json(tmp / RUN_FILE, {"mlflow_run_id": run.info.run_id,
-                                    "tracking_uri": tracking.tracking_uri(params.mlflow)})
+        # The store as configured (null = the repository's own), never this machine's absolute path.
+        write_json(tmp / RUN_FILE, {"mlflow_run_id": run.info.run_id, "tracking_uri": params.mlflow.tracking_uri})
 
 
 def write_rouge_plot(path: Path, metrics: dict) -> None:
