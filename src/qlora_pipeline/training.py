@@ -193,7 +193,7 @@ def resumable_checkpoint(checkpoints: Path, expected: str, max_steps: int) -> st
     A run that finished is not resumed: the stage only runs again when its code or inputs
     changed, and then training starts over.
     """
-    state = _read_marker(checkpoints / FINGERPRINT)
+    state = _read_json_state(checkpoints / FINGERPRINT)
     if state.get("fingerprint") == expected and not state.get("completed"):
         complete = _drop_incomplete_checkpoints(checkpoints)
         # A checkpoint at max_steps means training had ended: the Trainer would take one step too many.
@@ -217,7 +217,7 @@ def _drop_incomplete_checkpoints(checkpoints: Path) -> list[tuple[int, Path]]:
         step = folder.name.rsplit("-", 1)[-1]
         if not (folder.is_dir() and step.isdigit()):
             continue
-        if _read_marker(folder / "trainer_state.json").get("global_step") == int(step):
+        if _read_json_state(folder / "trainer_state.json").get("global_step") == int(step):
             found.append((int(step), folder))
         else:
             print(f"train-adapter: removing {folder.name}: it was being written when the last run stopped",
@@ -226,7 +226,7 @@ def _drop_incomplete_checkpoints(checkpoints: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _read_marker(path: Path) -> dict:
+def _read_json_state(path: Path) -> dict:
     """A small JSON state file, or {} when absent or unreadable (a run killed while writing it)."""
     try:
         state = json.loads(path.read_text(encoding="utf-8"))
@@ -237,7 +237,7 @@ def _read_marker(path: Path) -> dict:
 
 def mark_completed(checkpoints: Path) -> None:
     """Record that the run behind these checkpoints finished and its outputs were written."""
-    write_json(checkpoints / FINGERPRINT, {**_read_marker(checkpoints / FINGERPRINT), "completed": True})
+    write_json(checkpoints / FINGERPRINT, {**_read_json_state(checkpoints / FINGERPRINT), "completed": True})
 
 
 def prepare_model(params: Params, base_dir: Path, workdir: Path) -> tuple[Any, Any]:

@@ -31,6 +31,17 @@ def sh(cmd: list[str], cwd: Path, timeout: int = 600) -> str:
     return proc.stdout + proc.stderr
 
 
+def restore_committed(repo: Path) -> None:
+    """Put params.yaml, dvc.lock and the outputs back as committed, for the next test.
+
+    When a test runs alone, dvc.lock is not committed yet: only params.yaml is restored then.
+    """
+    tracked = sh(["git", "ls-files", "params.yaml", "dvc.lock"], repo).split()
+    sh(["git", "checkout", "--", *tracked], repo)
+    if "dvc.lock" in tracked:
+        sh(["dvc", "checkout", "--force"], repo)
+
+
 LINES = ["hey, got a minute?", "sure, what's up", "did you watch the match last night",
          "no, I was stuck at work until ten", "we won three to one, great game", "nice, I'll catch the replay"]
 
@@ -112,11 +123,7 @@ def test_changing_generation_params_reruns_evaluate_only(repo):
         assert f"Running stage '{stage}'" not in out
     table = runs(repo)
     assert len(table) == 2 and set(table["params.evaluate.max_new_tokens"]) == {"4", "3"}
-    # Leave the repo as the earlier tests did (when run alone, dvc.lock is not committed yet).
-    tracked = sh(["git", "ls-files", "params.yaml", "dvc.lock"], repo).split()
-    sh(["git", "checkout", "--", *tracked], repo)
-    if "dvc.lock" in tracked:
-        sh(["dvc", "checkout", "--force"], repo)
+    restore_committed(repo)
 
 
 def test_changing_context_turns_reruns_split_and_what_depends_on_it(repo):
@@ -126,11 +133,7 @@ def test_changing_context_turns_reruns_split_and_what_depends_on_it(repo):
     for stage in ("fetch", "clean", "quantize-load"):
         assert f"Running stage '{stage}'" not in out
     assert "2" in set(runs(repo)["params.split.context_turns"])
-    # Leave the repo as the earlier tests did (when run alone, dvc.lock is not committed yet).
-    tracked = sh(["git", "ls-files", "params.yaml", "dvc.lock"], repo).split()
-    sh(["git", "checkout", "--", *tracked], repo)
-    if "dvc.lock" in tracked:
-        sh(["dvc", "checkout", "--force"], repo)
+    restore_committed(repo)
 
 
 def test_queued_grid_lands_every_experiment_in_the_one_store(repo):
@@ -185,8 +188,4 @@ def test_killed_training_resumes_on_the_next_repro(repo):
     sh(["dvc", "repro"], repo)
     metrics = json.loads((repo / "metrics/train.json").read_text())
     assert metrics["resumed_from_step"] >= 4 and metrics["steps"] == 40
-    # Leave the repo as the earlier tests did (when run alone, dvc.lock is not committed yet).
-    tracked = sh(["git", "ls-files", "params.yaml", "dvc.lock"], repo).split()
-    sh(["git", "checkout", "--", *tracked], repo)
-    if "dvc.lock" in tracked:
-        sh(["dvc", "checkout", "--force"], repo)
+    restore_committed(repo)
