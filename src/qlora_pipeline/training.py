@@ -17,11 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from qlora_pipeline import hardware
 from qlora_pipeline.config import Params, TrainConfig
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.io import write_json
+from qlora_pipeline.modeling.loss import IGNORE_INDEX, causal_lm_parts, target_token_nll
 
-IGNORE_INDEX = -100  # the label value the loss skips
 FINGERPRINT = "fingerprint.json"
 
 
@@ -127,19 +128,58 @@ def count_parameters(model: Any) -> dict[str, int]:
     return {"trainable_parameters": trainable, "total_parameters": logical_parameters(model)}
 
 
+# ------------------------------------------------------------------------- precision
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Every ``auto`` of params that picks a float type or a memory trade-off, resolved on this machine."""
+
+    model_dtype: str  # unquantized weights (the lora base; full trains float32 master weights)
+    compute_dtype: str | None  # the 4-bit matmuls (qlora only)
+    bf16: bool  # the Trainer's autocast
+    fp16: bool
+    activation_checkpointing: bool
+
+
+def resolve_precision(params: Params, model_config: Any) -> Precision:
+    """Resolve ``model.dtype``, ``bnb_4bit_compute_dtype``, ``train.bf16/fp16`` and activation checkpointing."""
+    train = params.train
+    bf16, fp16 = hardware.resolve_mixed_precision(train.bf16, train.fp16)
+    model_dtype = "float32" if train.method == "full" else hardware.resolve_dtype(params.model.dtype)
+    compute = hardware.resolve_dtype(params.model.quantization.bnb_4bit_compute_dtype) if train.method == "qlora" else None
+    # Activations take the autocast type, else the type the unquantized layers run in
+    # (prepare_model_for_kbit_training upcasts them to float32 for qlora).
+    activation_dtype = "bfloat16" if bf16 or fp16 else "float32" if train.method != "lora" else model_dtype
+    checkpointing = hardware.resolve_activation_checkpointing(
+        train.activation_checkpointing, model_config, train.per_device_train_batch_size * train.max_length,
+        activation_dtype)
+    return Precision(model_dtype, compute, bf16, fp16, checkpointing)
+
+
+def precision_for(params: Params, base_dir: Path) -> Precision:
+    """:func:`resolve_precision` for the base saved in ``base_dir`` (its config only, no weights)."""
+    from transformers import AutoConfig
+
+    return resolve_precision(params, AutoConfig.from_pretrained(base_dir))
+
+
 # --------------------------------------------------------------------------- trainer
 
 
-def training_arguments(train: TrainConfig, output_dir: Path, seed: int) -> Any:
+def training_arguments(train: TrainConfig, output_dir: Path, seed: int, precision: Precision) -> Any:
     import torch
     from transformers import TrainingArguments
 
     keys = ("max_steps", "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
             "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm", "logging_steps",
-            "eval_steps", "save_steps", "save_total_limit", "activation_checkpointing", "train_sampling_strategy")
+            "eval_steps", "save_steps", "save_total_limit", "train_sampling_strategy")
     return TrainingArguments(
         output_dir=str(output_dir),
         **{key: getattr(train, key) for key in keys},
+        activation_checkpointing=precision.activation_checkpointing,
+        bf16=precision.bf16,
+        fp16=precision.fp16,
         optim=resolve_optim(train.optim),
         activation_checkpointing_kwargs={"use_reentrant": False},
         eval_strategy="steps",
@@ -240,7 +280,8 @@ def mark_completed(checkpoints: Path) -> None:
     write_json(checkpoints / FINGERPRINT, {**_read_json_state(checkpoints / FINGERPRINT), "completed": True})
 
 
-def prepare_model(params: Params, base_dir: Path, workdir: Path) -> tuple[Any, Any]:
+def prepare_model(params: Params, base_dir: Path, workdir: Path,
+                  precision: Precision | None = None) -> tuple[Any, Any]:
     """The model to train, per ``train.method``, and its tokenizer (end token already fixed by quantize-load)."""
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoTokenizer
@@ -248,17 +289,18 @@ def prepare_model(params: Params, base_dir: Path, workdir: Path) -> tuple[Any, A
     from qlora_pipeline.modeling.loading import load_dense, load_saved_base
 
     train = params.train
+    precision = precision or precision_for(params, base_dir)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     if train.method == "qlora":
-        model, _ = load_saved_base(base_dir)
+        model, _ = load_saved_base(base_dir, compute_dtype=params.model.quantization.bnb_4bit_compute_dtype)
         if not getattr(model, "is_loaded_in_4bit", False):
             raise PipelineError("train.method: qlora needs a 4-bit base; set model.quantization.load_in_4bit: true, "
                                 "or use train.method: lora")
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=train.activation_checkpointing,
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=precision.activation_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
         model = load_dense(params.model, tokenizer, workdir, full=train.method == "full")
-        if train.activation_checkpointing:
+        if precision.activation_checkpointing:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()  # frozen embeddings would otherwise cut the graph
     if train.method != "full":
@@ -297,19 +339,52 @@ def make_step_logger() -> Any:
     return StepLogCallback()
 
 
-def train_model(params: Params, model: Any, tokenizer: Any, train_ds: Any, val_ds: Any, checkpoints: Path,
-                resume: str | None) -> Any:
-    """Run the Trainer (resuming from ``resume`` if given) and return it, best checkpoint loaded."""
-    from transformers import DataCollatorForSeq2Seq, EarlyStoppingCallback, Trainer
+def target_token_trainer_class() -> type:
+    """``Trainer`` whose loss meets the vocabulary head only at target tokens (see ``modeling/loss.py``).
 
+    Same loss as the model's own (summed over target tokens, divided by the Trainer's count of
+    them across accumulated batches), without the full logits. Models it cannot take apart (a
+    distributed wrapper) go through the library's own ``compute_loss``.
+    """
+    from transformers import Trainer
+
+    class TargetTokenTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            parts = causal_lm_parts(model)
+            if parts is None:
+                self.loss_is_scaled_for_ga = None
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            decoder, head = parts
+            # accelerate applies autocast by wrapping the top model's forward, which this bypasses.
+            with self.accelerator.autocast():
+                hidden = decoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+                nll, counts = target_token_nll(hidden.last_hidden_state, inputs["labels"], head)
+            if num_items_in_batch is not None:  # the whole accumulated batch's count: already GA-scaled
+                loss = nll.sum() / num_items_in_batch
+                if self.args.average_tokens_across_devices:
+                    loss = loss * self.accelerator.num_processes  # the count was summed over processes
+            else:
+                loss = nll.sum() / counts.sum().clamp(min=1)
+            self.loss_is_scaled_for_ga = num_items_in_batch is not None
+            return (loss, {"loss": loss}) if return_outputs else loss
+
+    return TargetTokenTrainer
+
+
+def train_model(params: Params, model: Any, tokenizer: Any, train_ds: Any, val_ds: Any, checkpoints: Path,
+                resume: str | None, precision: Precision | None = None) -> Any:
+    """Run the Trainer (resuming from ``resume`` if given) and return it, best checkpoint loaded."""
+    from transformers import DataCollatorForSeq2Seq, EarlyStoppingCallback
+
+    precision = precision or resolve_precision(params, model.config)
     tokenizer.padding_side = "right"
     callbacks = [make_step_logger()]
     if params.train.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(params.train.early_stopping_patience,
                                                params.train.early_stopping_threshold))
-    trainer = Trainer(
+    trainer = target_token_trainer_class()(
         model=model,
-        args=training_arguments(params.train, checkpoints, params.seed),
+        args=training_arguments(params.train, checkpoints, params.seed, precision),
         train_dataset=train_ds,
         eval_dataset=val_ds,
         # Pads each batch to its own longest example; labels padded with -100.

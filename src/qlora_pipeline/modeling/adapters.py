@@ -31,7 +31,9 @@ def load_base_for(resolved: dict, base_dir: Path, workdir: Path | None = None) -
     from qlora_pipeline.modeling.loading import load_dense, load_saved_base
 
     if resolved["method"] == "qlora":
-        model, tokenizer = load_saved_base(base_dir)
+        # The compute dtype the adapter was trained with (auto resolves on this machine); None keeps the saved one.
+        compute_dtype = resolved.get("model", {}).get("quantization", {}).get("bnb_4bit_compute_dtype")
+        model, tokenizer = load_saved_base(base_dir, compute_dtype)
         return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False), tokenizer
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     return load_dense(_model_config(resolved), tokenizer, workdir, full=resolved["method"] == "full"), tokenizer
@@ -43,6 +45,26 @@ def _model_config(resolved: dict) -> Any:
     fields = dict(resolved["model"])
     fields["quantization"] = QuantizationConfig(**fields["quantization"])
     return ModelConfig(**fields)
+
+
+def autocast_like_training(resolved: dict) -> Any:
+    """A context that runs a model as training ran it: under the autocast training used, or none.
+
+    ``train.bf16``/``train.fp16`` of the adapter's resolved config (``auto`` resolves on this
+    machine), so evaluation and chat see the logits training saw.
+    """
+    import contextlib
+
+    import torch
+
+    from qlora_pipeline.hardware import resolve_mixed_precision
+
+    train = resolved.get("train", {})
+    bf16, fp16 = resolve_mixed_precision(train.get("bf16", False), train.get("fp16", False))
+    if not (bf16 or fp16):
+        return contextlib.nullcontext()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.autocast(device, dtype=torch.bfloat16 if bf16 else torch.float16)
 
 
 def attach_adapters(base: Any, adapters: dict[str, Path]) -> Any:

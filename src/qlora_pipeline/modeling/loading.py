@@ -88,9 +88,12 @@ def check_gguf(path: Path) -> None:
 
 
 def torch_dtype(name: str) -> Any:
+    """The torch dtype for a params dtype name; ``auto`` resolves on this machine (qlora_pipeline.hardware)."""
     import torch
 
-    return getattr(torch, name)
+    from qlora_pipeline.hardware import resolve_dtype
+
+    return getattr(torch, resolve_dtype(name))
 
 
 def load_tokenizer(source: ModelSource, cfg: ModelConfig) -> Any:
@@ -182,14 +185,20 @@ def load_dense(cfg: ModelConfig, tokenizer: Any, workdir: Path | None, full: boo
     return model
 
 
-def load_saved_base(path: Path) -> tuple[Any, Any]:
-    """``models/base`` as the quantize-load stage wrote it: plain ``from_pretrained``, quantization intact."""
+def load_saved_base(path: Path, compute_dtype: str | None = None) -> tuple[Any, Any]:
+    """``models/base`` as the quantize-load stage wrote it: plain ``from_pretrained``, quantization intact.
+
+    ``compute_dtype`` (``bnb_4bit_compute_dtype`` of params, ``auto`` allowed) sets the 4-bit matmul
+    type for this machine; None keeps the one saved with the base.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qlora_pipeline.modeling.quantization import disable_cpu_repack
+    from qlora_pipeline.modeling.quantization import apply_compute_dtype, disable_cpu_repack
 
     if not (path / "config.json").is_file():
         raise PipelineError(f"{path}: no saved base model; run the quantize-load stage first (dvc repro quantize-load)")
     model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, device_map=device_map())
     disable_cpu_repack(model)
+    if compute_dtype is not None:
+        apply_compute_dtype(model, compute_dtype)
     return model, AutoTokenizer.from_pretrained(path)

@@ -13,6 +13,7 @@ import dataclasses
 from typing import Any
 
 from qlora_pipeline.config import QuantizationConfig
+from qlora_pipeline.hardware import resolve_dtype
 
 
 def is_quantized(cfg: QuantizationConfig) -> bool:
@@ -27,8 +28,22 @@ def bnb_config(cfg: QuantizationConfig) -> Any:
     from transformers import BitsAndBytesConfig
 
     kwargs = dataclasses.asdict(cfg)
-    kwargs["bnb_4bit_compute_dtype"] = getattr(torch, cfg.bnb_4bit_compute_dtype)
+    kwargs["bnb_4bit_compute_dtype"] = getattr(torch, resolve_dtype(cfg.bnb_4bit_compute_dtype))
     return BitsAndBytesConfig(**kwargs)
+
+
+def apply_compute_dtype(model: Any, name: str) -> str:
+    """Set the matmul dtype of every 4-bit layer to ``name`` resolved on this machine; return it.
+
+    A saved 4-bit base remembers the compute dtype of the machine that quantized it. With ``auto``
+    the machine that loads it decides again: the packed weights do not depend on it.
+    """
+    import torch
+
+    resolved = resolve_dtype(name)
+    for module in linear4bit_modules(model):
+        module.compute_dtype = getattr(torch, resolved)
+    return resolved
 
 
 def linear4bit_modules(model: Any) -> list[Any]:

@@ -66,21 +66,24 @@ def run_evaluate(params: Params, base_dir: Path, adapter_dir: Path, test_path: P
 
 def generate_both(params: Params, base_dir: Path, adapter_dir: Path, rows: list[dict]) -> dict[str, Any]:
     """Replies and reference NLL for base and tuned; one model in memory with the adapter switched off and on."""
-    from qlora_pipeline.modeling.adapters import load_base_for, load_tuned
+    from qlora_pipeline.modeling.adapters import autocast_like_training, load_base_for, load_tuned
 
     cfg = params.evaluate
     contexts = [row["messages"] for row in rows]
     max_length = params.train.max_length
     model, tokenizer, resolved = load_tuned(base_dir, adapter_dir)
     out: dict[str, Any] = {}
-    if resolved["method"] == "full":  # no adapter to switch off: the base is a second model
-        base, base_tokenizer = load_base_for(resolved, base_dir)
-        out["base"] = _side(base, base_tokenizer, rows, contexts, cfg.batch_size, max_length, generation_kwargs(params))
-        del base
-    else:
-        with model.disable_adapter():
-            out["base"] = _side(model, tokenizer, rows, contexts, cfg.batch_size, max_length, generation_kwargs(params))
-    out["tuned"] = _side(model, tokenizer, rows, contexts, cfg.batch_size, max_length, generation_kwargs(params))
+    with autocast_like_training(resolved):  # base and tuned alike, as training computed
+        if resolved["method"] == "full":  # no adapter to switch off: the base is a second model
+            base, base_tokenizer = load_base_for(resolved, base_dir)
+            out["base"] = _side(base, base_tokenizer, rows, contexts, cfg.batch_size, max_length,
+                                generation_kwargs(params))
+            del base
+        else:
+            with model.disable_adapter():
+                out["base"] = _side(model, tokenizer, rows, contexts, cfg.batch_size, max_length,
+                                    generation_kwargs(params))
+        out["tuned"] = _side(model, tokenizer, rows, contexts, cfg.batch_size, max_length, generation_kwargs(params))
     return out
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from qlora_pipeline import tracking
+from qlora_pipeline import hardware, tracking
 from qlora_pipeline.config import Params
 from qlora_pipeline.io import atomic_path, remove_outputs, write_json
 from qlora_pipeline.modeling.generation import generate_replies
@@ -33,7 +33,12 @@ def run_quantize_load(params: Params, out_dir: Path, metrics_path: Path) -> dict
         "source": {"kind": source.kind, "name_or_path": cfg.name_or_path, "gguf_file": cfg.gguf_file,
                    "revision": cfg.revision},
         "quantization": "4bit-" + cfg.quantization.bnb_4bit_quant_type if cfg.quantization.load_in_4bit
-        else "8bit" if cfg.quantization.load_in_8bit else cfg.dtype,
+        else "8bit" if cfg.quantization.load_in_8bit else hardware.resolve_dtype(cfg.dtype),
+        # What the auto dtypes resolved to on this machine, and the machine itself.
+        "dtype": hardware.resolve_dtype(cfg.dtype),
+        "bnb_4bit_compute_dtype": hardware.resolve_dtype(cfg.quantization.bnb_4bit_compute_dtype)
+        if cfg.quantization.load_in_4bit else None,
+        "hardware": hardware.capability(),
         **footprint(model),
         "load_seconds": round(load_seconds, 2),
         "eos_token": tokenizer.eos_token,

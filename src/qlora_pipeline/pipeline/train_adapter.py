@@ -10,7 +10,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from qlora_pipeline import tracking
+from qlora_pipeline import hardware, tracking
 from qlora_pipeline.config import Params
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.io import atomic_path, read_json, read_jsonl, remove_outputs, write_json
@@ -42,8 +42,9 @@ def run_train_adapter(params: Params, base_dir: Path, splits_dir: Path, out_dir:
     train_rows, val_rows = read_examples(splits_dir / "train.jsonl"), read_examples(splits_dir / "val.jsonl")
     set_seed(params.seed)
     started = time.perf_counter()
+    precision = training.precision_for(params, base_dir)
     with atomic_path(out_dir) as tmp:
-        model, tokenizer = training.prepare_model(params, base_dir, tmp.parent / "dense")
+        model, tokenizer = training.prepare_model(params, base_dir, tmp.parent / "dense", precision)
         counts: Counter = Counter()
         train_ds = training.build_dataset(train_rows, tokenizer, params.train.max_length, counts)
         val_ds = training.build_dataset(val_rows, tokenizer, params.train.max_length, Counter())
@@ -51,9 +52,12 @@ def run_train_adapter(params: Params, base_dir: Path, splits_dir: Path, out_dir:
         resume = training.resumable_checkpoint(checkpoints, training.fingerprint(params, inputs),
                                                 params.train.max_steps)
         with tracking.pipeline_run(params, "train_adapter"):
-            trainer = training.train_model(params, model, tokenizer, train_ds, val_ds, checkpoints, resume)
+            trainer = training.train_model(params, model, tokenizer, train_ds, val_ds, checkpoints, resume, precision)
             metrics = train_metrics(trainer, counts, training.count_parameters(model), resume, started)
             metrics["peak_memory_mb"] = training.peak_memory_mb()
+            # What every auto resolved to, and on what: runs on different machines stay comparable.
+            metrics["precision"] = dataclasses.asdict(precision)
+            metrics["hardware"] = hardware.capability()
             save_trained(trainer.model, tokenizer, tmp, params, base_dir, splits_dir, metrics)
             tracking.log_metrics("train", {k: v for k, v in metrics.items() if k != "examples"})
     write_json(metrics_path, metrics)
@@ -69,8 +73,13 @@ def train_metrics(trainer: Any, counts: Counter, parameters: dict, resume: str |
     state = trainer.state
     evals = [e for e in state.log_history if "eval_loss" in e]
     losses = [e["loss"] for e in state.log_history if "loss" in e]
-    # The Trainer's own throughput: non-padding tokens (include_num_input_tokens_seen) per second.
+    # The Trainer's own throughput: non-padding tokens (include_num_input_tokens_seen) per second of
+    # train_runtime, which includes the evaluations; training_tokens_per_second leaves them out.
     throughput = [e["train_tokens_per_second"] for e in state.log_history if "train_tokens_per_second" in e]
+    # Every log entry carries the running train_runtime; the last one is the whole run's.
+    runtime = [e["train_runtime"] for e in state.log_history if "train_runtime" in e][-1:] or [None]
+    runtime = runtime[0]
+    eval_seconds = sum(e.get("eval_runtime", 0.0) for e in evals)
     return {
         "zero_shot_val_loss": round(evals[0]["eval_loss"], 5) if evals and evals[0]["step"] == 0 else None,
         "best_val_loss": round(state.best_metric, 5) if state.best_metric is not None else None,
@@ -82,6 +91,9 @@ def train_metrics(trainer: Any, counts: Counter, parameters: dict, resume: str |
         "resumed_from_step": _step_of(resume),
         "tokens_seen": int(state.num_input_tokens_seen),
         "tokens_per_second": round(throughput[-1], 1) if throughput else None,
+        "eval_seconds": round(eval_seconds, 1),
+        "training_tokens_per_second": round(state.num_input_tokens_seen / (runtime - eval_seconds), 1)
+        if runtime and runtime > eval_seconds and resume is None else None,
         "wall_seconds": round(time.perf_counter() - started, 1),
         **parameters,
         "examples": dict(counts),
@@ -130,12 +142,15 @@ def model_card(resolved: dict) -> str:
         f"- Persona: `{resolved['data']['persona']}`; data source `{resolved['data']['source']}`, "
         f"sha256 `{resolved['data']['sha256']}`",
         f"- Seed: {resolved['seed']}; steps: {m['steps']} (best {m['best_step']}); tokens seen: {m['tokens_seen']}",
+        f"- Precision: `{json.dumps(m.get('precision'))}`",
+        f"- Trained on: {m['hardware']['cpu_model']} ({m['hardware']['cpu_capability']}), GPU "
+        f"{m['hardware']['gpu'] or 'none'}" if m.get("hardware") else "- Trained on: not recorded",
         "",
         "## Results",
         "",
         "| metric | value |",
         "|---|---|",
-        *[f"| {k} | {v} |" for k, v in m.items()],
+        *[f"| {k} | {v} |" for k, v in m.items() if not isinstance(v, dict)],
         "",
         "Resolved configuration: `training_config.json`. Produced by `dvc repro` in qlora-pipeline.",
     ]

@@ -1,0 +1,90 @@
+"""Generation speed as the evaluate stage (and chat) generate: batched vs one at a time, and the CPU repack.
+
+One process loads the tuned model the way evaluate does (``models/base`` + ``models/adapter``,
+the autocast training used) and generates greedy replies to the first test prompts with exactly
+``--new-tokens`` new tokens each, so every side does the same work:
+- one prompt at a time vs ``--batch`` prompts per ``generate`` call (left padding, KV cache);
+- bitsandbytes' CPU repack of 4-bit weights off (how the pipeline runs wherever a save can follow)
+  vs on (only where the CPU has AVX-512 BF16; safe in a process that never saves the model).
+Prints tokens/s of each and the ratios; best of ``--repeats``.
+
+Run (after `make run`; nothing else busy on the machine):
+    .venv/bin/python bench/generation_bench.py --out bench/results/generation_<machine>.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tokens_per_second(model, tokenizer, conversations, batch_size: int, new_tokens: int, repeats: int) -> float:
+    from qlora_pipeline.modeling.generation import generate_replies
+
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    generate_replies(model, tokenizer, conversations[:batch_size], batch_size, **kwargs)  # warm-up (repacks if on)
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        generate_replies(model, tokenizer, conversations, batch_size, **kwargs)
+        best = min(best, time.perf_counter() - started)
+    return len(conversations) * new_tokens / best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", type=Path, default=ROOT / "models/base")
+    parser.add_argument("--adapter", type=Path, default=ROOT / "models/adapter")
+    parser.add_argument("--test", type=Path, default=ROOT / "data/splits/test.jsonl")
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT / "src"))
+
+    import bitsandbytes.functional as bnbf
+
+    from qlora_pipeline import hardware
+    from qlora_pipeline.io import read_jsonl
+    from qlora_pipeline.modeling.adapters import autocast_like_training, load_tuned
+    from qlora_pipeline.modeling.quantization import linear4bit_modules
+
+    info = hardware.capability()
+    print(f"machine: {hardware.capability_line(info)}", flush=True)
+    conversations = [row["messages"] for _, row in read_jsonl(args.test)][: args.prompts]
+    model, tokenizer, resolved = load_tuned(args.base, args.adapter)
+    sides = {"batched, repack off (pipeline)": (args.batch, False), "one at a time, repack off": (1, False)}
+    if bnbf.has_avx512bf16():
+        sides["batched, repack on"] = (args.batch, True)
+    results = {}
+    with autocast_like_training(resolved):
+        for label, (batch_size, repack) in sides.items():
+            for layer in linear4bit_modules(model):
+                layer.support_avx512bf16_for_cpu = repack
+            results[label] = tokens_per_second(model, tokenizer, conversations, batch_size, args.new_tokens,
+                                               args.repeats)
+            print(f"  {label:<34} {results[label]:8.1f} tokens/s", flush=True)
+    batched = results["batched, repack off (pipeline)"]
+    ratios = {"batched_vs_one_at_a_time": round(batched / results["one at a time, repack off"], 2)}
+    if "batched, repack on" in results:
+        ratios["repack_on_vs_off"] = round(results["batched, repack on"] / batched, 2)
+    for name, value in ratios.items():
+        print(f"{name}: {value}x")
+    if args.out:
+        report = {"machine": info, "machine_line": hardware.capability_line(info), "prompts": len(conversations),
+                  "batch": args.batch, "new_tokens": args.new_tokens, "repeats": args.repeats,
+                  "tokens_per_second": {k: round(v, 1) for k, v in results.items()}, "ratios": ratios}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        print(f"-> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
