@@ -14,7 +14,7 @@ export HF_DATASETS_OFFLINE := 1
 
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test browser clean-outputs
+.PHONY: setup run test browser bench clean-outputs
 
 setup: $(STAMP)
 
@@ -34,6 +34,11 @@ run: setup
 
 browser:
 	bash scripts/install_browser.sh
+
+# Speed and memory, each against its baseline in the same run (bench/README.md); results land in
+# bench/results/ under this machine's tag. Run on an idle machine: two torch processes crawl.
+bench: run
+	bash bench/run.sh
 
 test: setup browser
 	$(PYTHON) -m pytest -q

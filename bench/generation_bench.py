@@ -4,8 +4,9 @@ One process loads the tuned model the way evaluate does (``models/base`` + ``mod
 the autocast training used) and generates greedy replies to the first test prompts with exactly
 ``--new-tokens`` new tokens each, so every side does the same work:
 - one prompt at a time vs ``--batch`` prompts per ``generate`` call (left padding, KV cache);
-- bitsandbytes' CPU repack of 4-bit weights off (how the pipeline runs wherever a save can follow)
-  vs on (only where the CPU has AVX-512 BF16; safe in a process that never saves the model).
+- the 4-bit layers as training runs them (dequantized on every call, repack off) vs dequantized
+  once (``evaluate.dequantize_4bit``, same outputs) vs bitsandbytes' CPU repack on (only where the
+  CPU has AVX-512 BF16; safe in a process that never saves the model).
 Prints tokens/s of each and the ratios; best of ``--repeats``.
 
 Run (after `make run`; nothing else busy on the machine):
@@ -54,27 +55,35 @@ def main() -> None:
     from qlora_pipeline import hardware
     from qlora_pipeline.io import read_jsonl
     from qlora_pipeline.modeling.adapters import autocast_like_training, load_tuned
+    from qlora_pipeline.modeling.inference import dequantize_for_inference
     from qlora_pipeline.modeling.quantization import linear4bit_modules
 
     info = hardware.capability()
     print(f"machine: {hardware.capability_line(info)}", flush=True)
     conversations = [row["messages"] for _, row in read_jsonl(args.test)][: args.prompts]
-    model, tokenizer, resolved = load_tuned(args.base, args.adapter)
-    sides = {"batched, repack off (pipeline)": (args.batch, False), "one at a time, repack off": (1, False)}
+    # (batch size, repack, dequantize once): each side on a freshly loaded model, since both the
+    # repack and the dequantization change the layers in place.
+    sides = {"batched, 4-bit": (args.batch, False, False), "one at a time, 4-bit": (1, False, False),
+             "batched, dequantized once (evaluate)": (args.batch, False, True)}
     if bnbf.has_avx512bf16():
-        sides["batched, repack on"] = (args.batch, True)
+        sides["batched, 4-bit, repack on"] = (args.batch, True, False)
     results = {}
-    with autocast_like_training(resolved):
-        for label, (batch_size, repack) in sides.items():
-            for layer in linear4bit_modules(model):
-                layer.support_avx512bf16_for_cpu = repack
+    for label, (batch_size, repack, dequantize) in sides.items():
+        model, tokenizer, resolved = load_tuned(args.base, args.adapter)
+        for layer in linear4bit_modules(model):
+            layer.support_avx512bf16_for_cpu = repack
+        if dequantize:
+            dequantize_for_inference(model)
+        with autocast_like_training(resolved):
             results[label] = tokens_per_second(model, tokenizer, conversations, batch_size, args.new_tokens,
                                                args.repeats)
-            print(f"  {label:<34} {results[label]:8.1f} tokens/s", flush=True)
-    batched = results["batched, repack off (pipeline)"]
-    ratios = {"batched_vs_one_at_a_time": round(batched / results["one at a time, repack off"], 2)}
-    if "batched, repack on" in results:
-        ratios["repack_on_vs_off"] = round(results["batched, repack on"] / batched, 2)
+        print(f"  {label:<40} {results[label]:8.1f} tokens/s", flush=True)
+        del model
+    batched = results["batched, 4-bit"]
+    ratios = {"batched_vs_one_at_a_time": round(batched / results["one at a time, 4-bit"], 2),
+              "dequantized_vs_4bit": round(results["batched, dequantized once (evaluate)"] / batched, 2)}
+    if "batched, 4-bit, repack on" in results:
+        ratios["repack_on_vs_off"] = round(results["batched, 4-bit, repack on"] / batched, 2)
     for name, value in ratios.items():
         print(f"{name}: {value}x")
     if args.out:

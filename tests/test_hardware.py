@@ -113,3 +113,41 @@ def test_both_mixed_precisions_at_once_are_refused(params_factory):
         params_factory({"train.bf16": True, "train.fp16": True})
     with pytest.raises(ConfigError, match="model.dtype: must be one of 'auto'"):
         params_factory({"model.dtype": "bf16"})
+
+
+@pytest.mark.slow
+def test_resolved_dtypes_and_the_machine_reach_metrics_and_mlflow(tiny_llama, params_factory, tmp_path, monkeypatch):
+    import json
+
+    import mlflow
+
+    from qlora_pipeline.pipeline.quantize_load import run_quantize_load
+    from qlora_pipeline.pipeline.train_adapter import run_train_adapter
+    from tests.test_training import synthetic_splits
+
+    monkeypatch.setenv("QLORA_PIPELINE_RUN_KEY", "resolved-dtypes")
+    params = params_factory({"model.name_or_path": str(tiny_llama), "model.gguf_file": None,
+                             "model.smoke_max_new_tokens": 2, "model.smoke_prompts": ["hi"],
+                             "train.max_steps": 2, "train.eval_steps": 2, "train.save_steps": 2,
+                             "train.per_device_train_batch_size": 4})
+    assert params.model.dtype == "auto" and params.train.bf16 == "auto"
+    native = hardware.native_dtype()
+    base = run_quantize_load(params, tmp_path / "base", tmp_path / "base.json")
+    train = run_train_adapter(params, tmp_path / "base", synthetic_splits(tmp_path / "splits"), tmp_path / "adapter",
+                              tmp_path / "ckpt", tmp_path / "train.json", tmp_path / "log.csv")
+    for written in (json.loads((tmp_path / "base.json").read_text()), base):
+        assert written["dtype"] == native and written["bnb_4bit_compute_dtype"] == native
+        assert written["hardware"] == hardware.capability()
+    written = json.loads((tmp_path / "train.json").read_text())
+    assert written["precision"] == {"model_dtype": native, "compute_dtype": native, "bf16": native == "bfloat16",
+                                    "fp16": native == "float16", "activation_checkpointing": False}
+    assert written["hardware"]["cpu_capability"] == train["hardware"]["cpu_capability"]
+
+    mlflow.set_tracking_uri(params.mlflow.tracking_uri)
+    run = mlflow.search_runs(experiment_names=[params.mlflow.experiment_name], output_format="list")[0]
+    tags, metrics = run.data.tags, run.data.metrics
+    assert tags["base.dtype"] == native and tags["train.precision.compute_dtype"] == native
+    assert tags["train.hardware.cpu_capability"] == hardware.capability()["cpu_capability"]
+    assert tags["base.hardware.cpu_model"] == hardware.cpu_model()
+    assert metrics["train.hardware.cores"] == hardware.usable_cores()
+    assert run.data.params["model.dtype"] == "auto"  # the params as written, beside what they resolved to

@@ -306,6 +306,8 @@ class TrainConfig:
 class EvaluateConfig:
     max_samples: Optional[int] = 100
     batch_size: int = 16
+    # auto = dequantize the 4-bit weights once for generation on a CPU when they fit (same outputs)
+    dequantize_4bit: Union[bool, Literal["auto"]] = "auto"
     # generate() keys
     max_new_tokens: int = 48
     do_sample: bool = False

@@ -81,25 +81,41 @@ def reference_nll(model: Any, tokenizer: Any, rows: Sequence[dict], max_length: 
     import torch
     from transformers import DataCollatorForSeq2Seq
 
-    from qlora_pipeline.training import IGNORE_INDEX, encode_example
+    from qlora_pipeline.modeling.loss import IGNORE_INDEX, causal_lm_parts, target_token_nll
+    from qlora_pipeline.training import encode_example
 
     encoded = [encode_example(tokenizer, row["messages"], row["target"], max_length, counts) for row in rows]
     tokenizer.padding_side = "right"
     collate = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX)
-    nll, tokens = [], []
+    nll, tokens = np.zeros(len(encoded)), np.zeros(len(encoded), dtype=int)
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))  # less padding per batch
     model.eval()
-    for start in range(0, len(encoded), batch_size):
-        batch = collate([{"input_ids": e.input_ids, "attention_mask": [1] * len(e.input_ids), "labels": e.labels}
-                         for e in encoded[start:start + batch_size]])
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        batch = collate([{"input_ids": encoded[i].input_ids, "attention_mask": [1] * len(encoded[i].input_ids),
+                          "labels": encoded[i].labels} for i in chunk])
         batch = {k: v.to(model.device) for k, v in batch.items()}
+        parts = causal_lm_parts(model)
         with torch.no_grad():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        labels = batch["labels"][:, 1:]
-        losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels,
-                                                   ignore_index=IGNORE_INDEX, reduction="none")
-        nll.extend(losses.sum(dim=1).tolist())
-        tokens.extend((labels != IGNORE_INDEX).sum(dim=1).tolist())
-    return np.array(nll), np.array(tokens)
+            if parts is None:  # a model the head cannot be taken from: full logits
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                example_nll, counts_ = _full_logits_nll(logits, batch["labels"])
+            else:  # the vocabulary head only where a reference token is predicted
+                decoder, head = parts
+                hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                example_nll, counts_ = target_token_nll(hidden.last_hidden_state, batch["labels"], head)
+        nll[chunk] = example_nll.float().tolist()
+        tokens[chunk] = counts_.tolist()
+    return nll, tokens
+
+
+def _full_logits_nll(logits: Any, labels: Any) -> tuple[Any, Any]:
+    import torch
+
+    shifted = labels[:, 1:]
+    losses = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), shifted,
+                                               ignore_index=IGNORE_INDEX, reduction="none")
+    return losses.sum(dim=1), (shifted != IGNORE_INDEX).sum(dim=1)
 
 
 def perplexity(nll: np.ndarray, tokens: np.ndarray) -> float:

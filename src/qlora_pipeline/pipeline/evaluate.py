@@ -67,11 +67,14 @@ def run_evaluate(params: Params, base_dir: Path, adapter_dir: Path, test_path: P
 def generate_both(params: Params, base_dir: Path, adapter_dir: Path, rows: list[dict]) -> dict[str, Any]:
     """Replies and reference NLL for base and tuned; one model in memory with the adapter switched off and on."""
     from qlora_pipeline.modeling.adapters import autocast_like_training, load_base_for, load_tuned
+    from qlora_pipeline.modeling.inference import dequantize_for_inference, should_dequantize
 
     cfg = params.evaluate
     contexts = [row["messages"] for row in rows]
     max_length = params.train.max_length
     model, tokenizer, resolved = load_tuned(base_dir, adapter_dir)
+    if should_dequantize(cfg.dequantize_4bit, model):  # this process never saves the model
+        dequantize_for_inference(model)
     out: dict[str, Any] = {}
     with autocast_like_training(resolved):  # base and tuned alike, as training computed
         if resolved["method"] == "full":  # no adapter to switch off: the base is a second model
