@@ -5,6 +5,9 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,7 @@ import yaml
 from qlora_pipeline.config import Params, params_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # this environment's bin: dvc, and the `python` the stages call
 
 # No hub is reachable; tests must never wait on one.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -24,15 +28,20 @@ def base_params_dict() -> dict:
     return yaml.safe_load((ROOT / "params.yaml").read_text())
 
 
-def make_params(base: dict, overrides: dict | None = None, tmp_path: Path | None = None) -> Params:
-    """The repository's params with dotted-key overrides, and MLflow pointed into tmp_path."""
-    raw = copy.deepcopy(base)
-    for dotted, value in (overrides or {}).items():
+def set_dotted(raw: dict, overrides: dict) -> dict:
+    """``raw`` with each dotted key (``train.lora.r``) set to its value, in place."""
+    for dotted, value in overrides.items():
         node = raw
         *parents, leaf = dotted.split(".")
         for part in parents:
             node = node[part]
         node[leaf] = value
+    return raw
+
+
+def make_params(base: dict, overrides: dict | None = None, tmp_path: Path | None = None) -> Params:
+    """The repository's params with dotted-key overrides, and MLflow pointed into tmp_path."""
+    raw = set_dotted(copy.deepcopy(base), overrides or {})
     if tmp_path is not None:
         raw["mlflow"]["tracking_uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
     return params_from_dict(raw)
@@ -64,6 +73,66 @@ def write_chat_jsonl(path: Path, rows=CHAT_ROWS) -> Path:
 
 CHAT_FIELDS = {"data.fields.conversation_id": "conv", "data.fields.speaker": "who",
                "data.fields.text": "msg", "data.fields.time": "ts"}
+
+
+LINES = ["hey, got a minute?", "sure, what's up", "did you watch the match last night",
+         "no, I was stuck at work until ten", "we won three to one, great game", "nice, I'll catch the replay"]
+
+
+def chat_rows(n_conversations: int = 24) -> list[dict]:
+    """Two-person chats (CHAT_FIELDS columns) whose lines differ enough that cleaning keeps every turn."""
+    rows = []
+    for c in range(n_conversations):
+        for t, line in enumerate(LINES):
+            who = "pat" if t % 2 else f"friend{c % 3}"
+            rows.append({"conv": f"c{c:02d}", "who": who, "msg": f"{line} (chat {c})",
+                         "ts": f"2020-01-{c % 28 + 1:02d}T10:{t:02d}:00Z"})
+    return rows
+
+
+# ------------------------------------------------------------------- the real pipeline
+
+
+def pipeline_env() -> dict[str, str]:
+    """The environment DVC and its stages run in: this environment's bin first, no hub, no inherited run key."""
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    env.pop("QLORA_PIPELINE_RUN_KEY", None)
+    return env
+
+
+def sh(cmd: list[str], cwd: Path, timeout: int = 600) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=pipeline_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout + proc.stderr
+
+
+def copy_repository(repo: Path, params_overrides: dict | None = None, extra_files: dict[str, str] | None = None
+                    ) -> Path:
+    """A throwaway git + DVC repository of this working tree, committed, for DVC to run in.
+
+    Every file git would commit (tracked or new, not ignored) is copied but tests, metrics and
+    dvc.lock, so every stage runs. ``params_overrides`` (dotted keys) are written into its
+    params.yaml, ``extra_files`` (name -> text) beside it.
+    """
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout.split("\0")
+    for name in filter(None, listed):
+        if name.startswith(("tests/", "metrics/")) or name == "dvc.lock" or not (ROOT / name).exists():
+            continue
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, repo / name)
+    for name, text in (extra_files or {}).items():
+        (repo / name).write_text(text, encoding="utf-8")
+    if params_overrides:
+        params = set_dotted(yaml.safe_load((repo / "params.yaml").read_text()), params_overrides)
+        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh(["git", "init", "-q"], repo)
+    # Queued experiments commit inside DVC's workspace: a fresh machine may lack a git identity.
+    sh(["git", "config", "user.email", "e2e@example.com"], repo)
+    sh(["git", "config", "user.name", "e2e"], repo)
+    sh(["git", "add", "-A"], repo)
+    sh(["git", "commit", "-qm", "tiny pipeline"], repo)
+    return repo
 
 
 # ------------------------------------------------------------------------------ models

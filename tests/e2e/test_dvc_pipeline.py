@@ -8,27 +8,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import CHAT_FIELDS, ROOT
+from conftest import BIN, CHAT_FIELDS, chat_rows, copy_repository, pipeline_env, sh
 
 pytestmark = pytest.mark.slow
-BIN = Path(sys.executable).parent
-
-
-def sh(cmd: list[str], cwd: Path, timeout: int = 600) -> str:
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    env.pop("QLORA_PIPELINE_RUN_KEY", None)
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout + proc.stderr
 
 
 def restore_committed(repo: Path) -> None:
@@ -42,52 +31,16 @@ def restore_committed(repo: Path) -> None:
         sh(["dvc", "checkout", "--force"], repo)
 
 
-LINES = ["hey, got a minute?", "sure, what's up", "did you watch the match last night",
-         "no, I was stuck at work until ten", "we won three to one, great game", "nice, I'll catch the replay"]
-
-
-def chat_rows(n_conversations: int = 24) -> list[dict]:
-    """Two-person chats whose lines differ enough that cleaning keeps every turn."""
-    rows = []
-    for c in range(n_conversations):
-        for t, line in enumerate(LINES):
-            who = "pat" if t % 2 else f"friend{c % 3}"
-            rows.append({"conv": f"c{c:02d}", "who": who, "msg": f"{line} (chat {c})",
-                         "ts": f"2020-01-{c % 28 + 1:02d}T10:{t:02d}:00Z"})
-    return rows
-
-
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory, tiny_llama) -> Path:
-    repo = tmp_path_factory.mktemp("e2e") / "repo"
-    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    for name in files:
-        if name.startswith(("tests/", "metrics/")) or name == "dvc.lock" or not (ROOT / name).exists():
-            continue
-        (repo / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / name, repo / name)
-    (repo / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chat_rows()))
-    params = yaml.safe_load((repo / "params.yaml").read_text())
     overrides = {"data.source": "jsonl", "data.path": "chat.jsonl", **CHAT_FIELDS,
                  "model.name_or_path": str(tiny_llama), "model.gguf_file": None, "model.dtype": "float32",
                  "model.smoke_prompts": ["hi"], "model.smoke_max_new_tokens": 2,
                  "train.max_steps": 2, "train.eval_steps": 1, "train.save_steps": 1,
                  "train.per_device_train_batch_size": 4, "evaluate.max_samples": 4, "evaluate.max_new_tokens": 4,
                  "evaluate.bootstrap_samples": 100, "evaluate.human_eval_samples": 2}
-    for dotted, value in overrides.items():
-        node = params
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    sh(["git", "init", "-q"], repo)
-    # Queued experiments commit inside DVC's workspace: a fresh machine may lack a git identity.
-    sh(["git", "config", "user.email", "e2e@example.com"], repo)
-    sh(["git", "config", "user.name", "e2e"], repo)
-    sh(["git", "add", "-A"], repo)
-    sh(["git", "commit", "-qm", "tiny pipeline"], repo)
-    return repo
+    chat = "".join(json.dumps(r) + "\n" for r in chat_rows())
+    return copy_repository(tmp_path_factory.mktemp("e2e") / "repo", overrides, {"chat.jsonl": chat})
 
 
 def runs(repo: Path):
@@ -170,9 +123,7 @@ def test_killed_training_resumes_on_the_next_repro(repo):
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["train"].update(max_steps=40, eval_steps=2, save_steps=2, early_stopping_patience=None)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    env.pop("QLORA_PIPELINE_RUN_KEY", None)
-    proc = subprocess.Popen(["dvc", "repro"], cwd=repo, env=env, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(["dvc", "repro"], cwd=repo, env=pipeline_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     # Kill the moment checkpoint-6's folder appears: most likely mid-save, the harsh case. The
     # resumed run must skip that partial folder and continue from checkpoint-4 (or 6, if complete).
