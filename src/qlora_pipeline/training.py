@@ -83,12 +83,6 @@ def build_dataset(rows: Iterable[dict], tokenizer: Any, max_length: int, counts:
     return datasets.Dataset.from_list(records)
 
 
-def by_length(dataset: Any) -> Any:
-    """The examples shortest first: evaluation batches in order, so each pads to a similar length."""
-    lengths = [len(ids) for ids in dataset["input_ids"]]
-    return dataset.select(sorted(range(len(lengths)), key=lengths.__getitem__))
-
-
 # ------------------------------------------------------------------------------ model
 
 

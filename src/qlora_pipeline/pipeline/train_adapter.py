@@ -47,7 +47,7 @@ def run_train_adapter(params: Params, base_dir: Path, splits_dir: Path, out_dir:
         model, tokenizer = training.prepare_model(params, base_dir, tmp.parent / "dense", precision)
         counts: Counter = Counter()
         train_ds = training.build_dataset(train_rows, tokenizer, params.train.max_length, counts)
-        val_ds = training.by_length(training.build_dataset(val_rows, tokenizer, params.train.max_length, Counter()))
+        val_ds = training.build_dataset(val_rows, tokenizer, params.train.max_length, Counter())
         inputs = [splits_dir / "train.jsonl", splits_dir / "val.jsonl", base_dir / "config.json"]
         resume = training.resumable_checkpoint(checkpoints, training.fingerprint(params, inputs),
                                                 params.train.max_steps)
