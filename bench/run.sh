@@ -4,7 +4,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
-TAG=$($PY -c "import sys; sys.path.insert(0, 'src'); from qlora_pipeline import hardware; print(hardware.machine_tag())")
+# The machine's tag: cpu-avx512-bf16, cpu-avx2, gpu-sm90. Kept out of the package: every stage imports
+# qlora_pipeline.hardware, and DVC re-runs a stage when code it imports changes.
+TAG=$($PY - <<'PY'
+import sys
+sys.path.insert(0, "src")
+from qlora_pipeline import hardware
+info = hardware.capability()
+if info["gpu"]:
+    print("gpu-sm" + info["gpu"].rsplit("capability ", 1)[-1].rstrip(")").replace(".", ""))
+else:
+    print(f"cpu-{info['cpu_capability'].lower()}" + ("-bf16" if info["native_dtype"] == "bfloat16" else ""))
+PY
+)
 OUT=bench/results/$TAG
 mkdir -p "$OUT"
 $PY bench/train_bench.py --repeats 3 --out "$OUT/train.json"

@@ -171,26 +171,24 @@ def dense_base(params, work: Path) -> Path:
     return folder
 
 
-class AfterFirstStep:
-    """Clock and token count when step 1 ends: the steady state leaves out one-time set-up."""
+def after_first_step():
+    """A callback noting the clock and token count when step 1 ends: the steady state leaves out set-up."""
+    from transformers import TrainerCallback
 
-    def __new__(cls):
-        from transformers import TrainerCallback
+    class AfterFirstStep(TrainerCallback):
+        at, tokens = None, 0
 
-        class Callback(TrainerCallback):
-            at, tokens = None, 0
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                self.at, self.tokens = time.perf_counter(), state.num_input_tokens_seen
 
-            def on_step_end(self, args, state, control, **kwargs):
-                if state.global_step == 1:
-                    self.at, self.tokens = time.perf_counter(), state.num_input_tokens_seen
-
-        return Callback()
+    return AfterFirstStep()
 
 
 def timed_train(trainer, collator: CountingCollator, checkpointing: bool, precision) -> dict:
     import dataclasses
 
-    first = AfterFirstStep()
+    first = after_first_step()
     trainer.add_callback(first)
     with PeakRss() as rss:
         output = trainer.train()

@@ -89,13 +89,13 @@ def reference_nll(model: Any, tokenizer: Any, rows: Sequence[dict], max_length: 
     collate = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX)
     nll, tokens = np.zeros(len(encoded)), np.zeros(len(encoded), dtype=int)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))  # less padding per batch
+    parts = causal_lm_parts(model)
     model.eval()
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         batch = collate([{"input_ids": encoded[i].input_ids, "attention_mask": [1] * len(encoded[i].input_ids),
                           "labels": encoded[i].labels} for i in chunk])
         batch = {k: v.to(model.device) for k, v in batch.items()}
-        parts = causal_lm_parts(model)
         with torch.no_grad():
             if parts is None:  # a model the head cannot be taken from: full logits
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

@@ -149,10 +149,3 @@ def capability_line(info: dict[str, Any] | None = None) -> str:
            f"bf16 native {'yes' if info['cpu_bf16_native'] else 'no'}, AMX {'yes' if info['cpu_amx'] else 'no'}")
     return f"{cpu}; GPU {info['gpu'] or 'none'}; auto dtype {info['native_dtype']}; torch {info['torch']}"
 
-
-def machine_tag(info: dict[str, Any] | None = None) -> str:
-    """A short name for result files: ``cpu-avx512-bf16``, ``cpu-avx2``, ``gpu-sm90``."""
-    info = info or capability()
-    if info["gpu"]:
-        return "gpu-sm" + info["gpu"].rsplit("capability ", 1)[-1].rstrip(")").replace(".", "")
-    return f"cpu-{info['cpu_capability'].lower()}" + ("-bf16" if info["native_dtype"] == "bfloat16" else "")

@@ -23,18 +23,16 @@ def generate_replies(model: Any, tokenizer: Any, conversations: Sequence[list[di
     """One reply per conversation, in order."""
     import torch
 
-    prompts = chat_prompts(tokenizer, conversations)
+    encoded = tokenizer(chat_prompts(tokenizer, conversations), add_special_tokens=False)["input_ids"]
     # Batches of similar length: left padding to a batch's longest prompt is computed for nothing.
-    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
-    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
-    replies: list[Reply | None] = [None] * len(prompts)
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    replies: list[Reply | None] = [None] * len(encoded)
     previous_side, tokenizer.padding_side = tokenizer.padding_side, "left"  # decoder-only: pad on the left
     model.eval()
     try:
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
-            batch = tokenizer([prompts[i] for i in chunk], return_tensors="pt", padding=True,
-                              add_special_tokens=False).to(model.device)
+            batch = tokenizer.pad({"input_ids": [encoded[i] for i in chunk]}, return_tensors="pt").to(model.device)
             with torch.no_grad():
                 output = model.generate(**batch, use_cache=True, pad_token_id=tokenizer.pad_token_id,
                                         eos_token_id=tokenizer.eos_token_id, **generate_kwargs)

@@ -71,7 +71,7 @@ def generate_both(params: Params, base_dir: Path, adapter_dir: Path, rows: list[
 
     cfg = params.evaluate
     contexts = [row["messages"] for row in rows]
-    max_length = params.train.max_length
+    max_length, gen_kwargs = params.train.max_length, generation_kwargs(params)
     model, tokenizer, resolved = load_tuned(base_dir, adapter_dir)
     if should_dequantize(cfg.dequantize_4bit, model):  # this process never saves the model
         dequantize_for_inference(model)
@@ -79,14 +79,12 @@ def generate_both(params: Params, base_dir: Path, adapter_dir: Path, rows: list[
     with autocast_like_training(resolved):  # base and tuned alike, as training computed
         if resolved["method"] == "full":  # no adapter to switch off: the base is a second model
             base, base_tokenizer = load_base_for(resolved, base_dir)
-            out["base"] = _side(base, base_tokenizer, rows, contexts, cfg.batch_size, max_length,
-                                generation_kwargs(params))
+            out["base"] = _side(base, base_tokenizer, rows, contexts, cfg.batch_size, max_length, gen_kwargs)
             del base
         else:
             with model.disable_adapter():
-                out["base"] = _side(model, tokenizer, rows, contexts, cfg.batch_size, max_length,
-                                    generation_kwargs(params))
-        out["tuned"] = _side(model, tokenizer, rows, contexts, cfg.batch_size, max_length, generation_kwargs(params))
+                out["base"] = _side(model, tokenizer, rows, contexts, cfg.batch_size, max_length, gen_kwargs)
+        out["tuned"] = _side(model, tokenizer, rows, contexts, cfg.batch_size, max_length, gen_kwargs)
     return out
 
 

@@ -17,6 +17,7 @@ def run_quantize_load(params: Params, out_dir: Path, metrics_path: Path) -> dict
     """Load ``params.model``, quantize it, save it to ``out_dir`` and its metrics to ``metrics_path``."""
     remove_outputs(out_dir, metrics_path)
     cfg = params.model
+    dtype = hardware.resolve_dtype(cfg.dtype)
     source = resolve_source(cfg)  # cheap checks first: a bad path fails before any loading
     quantization = bnb_config(cfg.quantization)
     with atomic_path(out_dir) as tmp:
@@ -33,9 +34,9 @@ def run_quantize_load(params: Params, out_dir: Path, metrics_path: Path) -> dict
         "source": {"kind": source.kind, "name_or_path": cfg.name_or_path, "gguf_file": cfg.gguf_file,
                    "revision": cfg.revision},
         "quantization": "4bit-" + cfg.quantization.bnb_4bit_quant_type if cfg.quantization.load_in_4bit
-        else "8bit" if cfg.quantization.load_in_8bit else hardware.resolve_dtype(cfg.dtype),
+        else "8bit" if cfg.quantization.load_in_8bit else dtype,
         # What the auto dtypes resolved to on this machine, and the machine itself.
-        "dtype": hardware.resolve_dtype(cfg.dtype),
+        "dtype": dtype,
         "bnb_4bit_compute_dtype": hardware.resolve_dtype(cfg.quantization.bnb_4bit_compute_dtype)
         if cfg.quantization.load_in_4bit else None,
         "hardware": hardware.capability(),

@@ -77,8 +77,7 @@ def train_metrics(trainer: Any, counts: Counter, parameters: dict, resume: str |
     # train_runtime, which includes the evaluations; training_tokens_per_second leaves them out.
     throughput = [e["train_tokens_per_second"] for e in state.log_history if "train_tokens_per_second" in e]
     # Every log entry carries the running train_runtime; the last one is the whole run's.
-    runtime = [e["train_runtime"] for e in state.log_history if "train_runtime" in e][-1:] or [None]
-    runtime = runtime[0]
+    runtime = next((e["train_runtime"] for e in reversed(state.log_history) if "train_runtime" in e), None)
     eval_seconds = sum(e.get("eval_runtime", 0.0) for e in evals)
     return {
         "zero_shot_val_loss": round(evals[0]["eval_loss"], 5) if evals and evals[0]["step"] == 0 else None,
