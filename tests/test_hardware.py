@@ -113,6 +113,8 @@ def test_both_mixed_precisions_at_once_are_refused(params_factory):
         params_factory({"train.bf16": True, "train.fp16": True})
     with pytest.raises(ConfigError, match="model.dtype: must be one of 'auto'"):
         params_factory({"model.dtype": "bf16"})
+    with pytest.raises(ConfigError, match=r"train.activation_checkpointing: expected bool or 'auto', got 'sometimes'"):
+        params_factory({"train.activation_checkpointing": "sometimes"})
 
 
 @pytest.mark.slow
