@@ -79,7 +79,7 @@ class CountingCollator:
 
 
 def bench_rows(params, count: int) -> list[dict]:
-    from qlora_pipeline.data.splitting import cap_examples
+    from qlora_pipeline.data.sampling import cap_examples
     from qlora_pipeline.io import read_jsonl
 
     rows = [row for _, row in read_jsonl(ROOT / "data/splits/train.jsonl")]

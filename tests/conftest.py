@@ -170,3 +170,46 @@ def tiny_llama(tmp_path_factory, quantized_base) -> Path:
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def persona_adapters(tmp_path_factory, quantized_base, base_params_dict) -> dict[str, Path]:
+    """Three LoRA adapters on the real 4-bit base, as train-adapter saves them, with distinct random weights.
+
+    Random (not trained) so that they are made in seconds and differ clearly from each other and
+    from the base. Their ``training_config.json`` carries what chat and serve read: the base's
+    fingerprint, the system prompt, and float32 precision (no autocast), so outputs are exact.
+    """
+    import dataclasses
+
+    import torch
+    from peft import get_peft_model
+
+    from qlora_pipeline import training
+    from qlora_pipeline.modeling.preparation import base_fingerprint, prepare_4bit_base
+    from qlora_pipeline.pipeline.common import RESOLVED_CONFIG
+
+    params = make_params(base_params_dict, {"train.bf16": False, "train.fp16": False,
+                                            "model.quantization.bnb_4bit_compute_dtype": "float32"})
+    folder = tmp_path_factory.mktemp("adapters")
+    made = {}
+    for index, name in enumerate(("alice", "bob", "carol")):
+        model, tokenizer = prepare_4bit_base(quantized_base, "float32")
+        config = training.lora_config(params.train)
+        config.init_lora_weights = False  # random A and B: the adapter changes the outputs
+        torch.manual_seed(100 + index)
+        model = get_peft_model(model, config)
+        with torch.no_grad():  # large enough that each persona's greedy reply differs from the base's
+            for parameter in model.parameters():
+                if parameter.requires_grad:
+                    parameter.mul_(4.0)
+        out = folder / name
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        resolved = {"method": "qlora", "base_model": str(quantized_base), "seed": params.seed,
+                    "base_fingerprint": base_fingerprint("qlora", quantized_base, {}),
+                    "model": dataclasses.asdict(params.model), "train": dataclasses.asdict(params.train),
+                    "split": {"system_prompt": f"You are {name}. Reply in your own voice.", "context_turns": 4}}
+        (out / RESOLVED_CONFIG).write_text(json.dumps(resolved, indent=2))
+        made[name] = out
+    return made

@@ -109,3 +109,22 @@ def test_every_module_a_stage_runs_is_a_dep(name):
     used = _closure(script) - PLUMBING - {script}
     missing = sorted(used - set(_paths(stage["deps"])))
     assert not missing, f"{name}: add to its deps in dvc.yaml: {missing}"
+
+
+@pytest.mark.parametrize("name", list(STAGES))
+def test_no_stage_depends_on_code_it_does_not_run(name):
+    """A module a stage never imports is not its dep: editing it (chat, serve, export) must re-run nothing."""
+    stage = STAGES[name]
+    script = re.search(r"python (stages/\S+\.py)", stage["cmd"]).group(1)
+    used = _closure(script)
+    extra = sorted(dep for dep in _paths(stage["deps"]) if dep.startswith("src/") and dep not in used)
+    assert not extra, f"{name}: not imported by the stage, drop from its deps in dvc.yaml: {extra}"
+
+
+def test_serving_code_is_no_stage_dep():
+    """chat, serve and export live in qlora_pipeline.serving; no stage imports any of it."""
+    serving = {str(path.relative_to(ROOT)) for path in (ROOT / "src/qlora_pipeline/serving").glob("*.py")}
+    assert serving, "the serving package is missing"
+    for name, stage in STAGES.items():
+        script = re.search(r"python (stages/\S+\.py)", stage["cmd"]).group(1)
+        assert not (_closure(script) & serving), f"{name} imports serving code"

@@ -38,7 +38,7 @@ def test_text_metrics():
 def test_reference_perplexity_matches_the_models_own_loss(tiny_llama):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qlora_pipeline.training import encode_example
+    from qlora_pipeline.data.formatting import encode_example
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)

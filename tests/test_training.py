@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from qlora_pipeline import training
+from qlora_pipeline.data.formatting import encode_example
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.io import write_jsonl
 from qlora_pipeline.modeling.loading import load_saved_base
@@ -32,7 +33,7 @@ def synthetic_splits(folder: Path, n_train: int = 16, n_val: int = 4) -> Path:
 
 def test_label_mask_covers_the_reply_and_its_end_token_only(quantized_base):
     _, tokenizer = load_saved_base(quantized_base)
-    encoded = training.encode_example(tokenizer, MESSAGES, "pretty steep, but worth it", max_length=256)
+    encoded = encode_example(tokenizer, MESSAGES, "pretty steep, but worth it", max_length=256)
     prompt = tokenizer.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
     n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
     reply = tokenizer("pretty steep, but worth it", add_special_tokens=False)["input_ids"]
@@ -46,7 +47,7 @@ def test_long_examples_lose_prompt_first(quantized_base):
     _, tokenizer = load_saved_base(quantized_base)
     counts = Counter()
     long_context = [{"role": "user", "content": "blah " * 300}]
-    encoded = training.encode_example(tokenizer, long_context, "short reply", max_length=64, counts=counts)
+    encoded = encode_example(tokenizer, long_context, "short reply", max_length=64, counts=counts)
     assert len(encoded.input_ids) == 64
     reply = tokenizer("short reply", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     assert encoded.labels[-len(reply):] == reply and encoded.labels[: 64 - len(reply)] == [-100] * (64 - len(reply))
@@ -57,7 +58,7 @@ def test_template_without_the_end_token_is_refused(quantized_base):
     _, tokenizer = load_saved_base(quantized_base)
     tokenizer.eos_token = "<|endoftext|>"  # not what ends a ChatML turn
     with pytest.raises(PipelineError, match="model.eos_token: the chat template does not end an assistant turn"):
-        training.encode_example(tokenizer, MESSAGES, "hi", max_length=64)
+        encode_example(tokenizer, MESSAGES, "hi", max_length=64)
 
 
 def test_qlora_trains_only_lora_weights_on_a_4bit_base(quantized_base, params_factory, tmp_path):

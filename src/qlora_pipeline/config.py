@@ -333,6 +333,32 @@ class EvaluateConfig:
         return out
 
 
+# ------------------------------------------------------------------------------- chat
+
+
+@dataclass
+class ChatConfig:
+    """Decoding defaults of ``qlora-pipeline chat`` and ``serve`` (generate() keys); a request may override some."""
+
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 50
+    repetition_penalty: float = 1.15
+    no_repeat_ngram_size: int = 4
+    max_new_tokens: int = 96
+
+    def problems(self) -> list[str]:
+        out = _at_least("chat", self, 1, "max_new_tokens")
+        out += _at_least("chat", self, 0, "top_k", "no_repeat_ngram_size")
+        if self.temperature < 0:
+            out.append(f"chat.temperature: must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            out.append(f"chat.top_p: must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            out.append(f"chat.repetition_penalty: must be > 0 (1 = off), got {self.repetition_penalty}")
+        return out
+
+
 # ----------------------------------------------------------------------------- mlflow
 
 
@@ -358,6 +384,7 @@ class Params:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    chat: ChatConfig = field(default_factory=ChatConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
     def problems(self) -> list[str]:

@@ -82,7 +82,7 @@ def reference_nll(model: Any, tokenizer: Any, rows: Sequence[dict], max_length: 
     from transformers import DataCollatorForSeq2Seq
 
     from qlora_pipeline.modeling.loss import IGNORE_INDEX, causal_lm_parts, target_token_nll
-    from qlora_pipeline.training import encode_example
+    from qlora_pipeline.data.formatting import encode_example
 
     encoded = [encode_example(tokenizer, row["messages"], row["target"], max_length, counts) for row in rows]
     tokenizer.padding_side = "right"

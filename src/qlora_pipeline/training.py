@@ -19,6 +19,7 @@ from typing import Any, Iterable
 
 from qlora_pipeline import hardware
 from qlora_pipeline.config import Params, TrainConfig
+from qlora_pipeline.data.formatting import encode_example
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.io import write_json
 from qlora_pipeline.modeling.loss import IGNORE_INDEX, causal_lm_parts, target_token_nll
@@ -27,47 +28,6 @@ FINGERPRINT = "fingerprint.json"
 
 
 # --------------------------------------------------------------------------- examples
-
-
-@dataclass
-class Encoded:
-    input_ids: list[int]
-    labels: list[int]
-
-
-def encode_example(tokenizer: Any, messages: list[dict], target: str, max_length: int,
-                   counts: Counter | None = None) -> Encoded:
-    """Token ids of prompt + reply, with labels ``-100`` on the prompt.
-
-    The reply keeps its end-of-turn token, so the model learns to stop. Anything the template
-    adds after that token (a newline) is dropped. Too-long examples lose prompt from the left
-    first (the reply is what is learned), and the reply is cut only if it alone is too long.
-    """
-    counts = counts if counts is not None else Counter()
-    prompt = _template_ids(tokenizer, messages, add_generation_prompt=True)
-    full = _template_ids(tokenizer, [*messages, {"role": "assistant", "content": target}])
-    if full[: len(prompt)] != prompt:
-        raise PipelineError("model: the chat template renders the prompt differently when a reply follows; "
-                            "choose a model whose chat template is prefix-stable")
-    reply = full[len(prompt):]
-    if tokenizer.eos_token_id not in reply:
-        raise PipelineError(f"model.eos_token: the chat template does not end an assistant turn with "
-                            f"{tokenizer.eos_token!r}; set model.eos_token to the token that does")
-    reply = reply[: reply.index(tokenizer.eos_token_id) + 1]
-    if len(prompt) + len(reply) > max_length:
-        keep = max(max_length - len(reply), max_length // 2)
-        if len(prompt) > keep:
-            counts["prompt_truncated"] += 1
-            prompt = prompt[-keep:]
-        if len(prompt) + len(reply) > max_length:
-            counts["reply_truncated"] += 1
-            reply = reply[: max_length - len(prompt)]
-    return Encoded(prompt + reply, [IGNORE_INDEX] * len(prompt) + reply)
-
-
-def _template_ids(tokenizer: Any, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
-    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    return tokenizer(rendered, add_special_tokens=False)["input_ids"]
 
 
 def build_dataset(rows: Iterable[dict], tokenizer: Any, max_length: int, counts: Counter) -> Any:
@@ -283,21 +243,18 @@ def mark_completed(checkpoints: Path) -> None:
 def prepare_model(params: Params, base_dir: Path, workdir: Path,
                   precision: Precision | None = None) -> tuple[Any, Any]:
     """The model to train, per ``train.method``, and its tokenizer (end token already fixed by quantize-load)."""
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model
     from transformers import AutoTokenizer
 
-    from qlora_pipeline.modeling.loading import load_dense, load_saved_base
+    from qlora_pipeline.modeling.loading import load_dense
+    from qlora_pipeline.modeling.preparation import prepare_4bit_base
 
     train = params.train
     precision = precision or precision_for(params, base_dir)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     if train.method == "qlora":
-        model, _ = load_saved_base(base_dir, compute_dtype=params.model.quantization.bnb_4bit_compute_dtype)
-        if not getattr(model, "is_loaded_in_4bit", False):
-            raise PipelineError("train.method: qlora needs a 4-bit base; set model.quantization.load_in_4bit: true, "
-                                "or use train.method: lora")
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=precision.activation_checkpointing,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+        model, _ = prepare_4bit_base(base_dir, params.model.quantization.bnb_4bit_compute_dtype,
+                                     precision.activation_checkpointing)
     else:
         model = load_dense(params.model, tokenizer, workdir, full=train.method == "full")
         if precision.activation_checkpointing:

@@ -14,6 +14,7 @@ from statistics import mean
 from typing import Iterable
 
 from qlora_pipeline.config import SplitConfig
+from qlora_pipeline.data.sampling import cap_examples
 from qlora_pipeline.errors import PipelineError
 
 SPLITS = ("train", "val", "test")
@@ -117,14 +118,6 @@ def assign_conversations(conversation_ids: list[str], cfg: SplitConfig, seed: in
             assignment[conv_id] = name
         start += sizes[name]
     return assignment
-
-
-def cap_examples(examples: list[dict], cap: int | None, seed: int) -> list[dict]:
-    """A seeded sample of at most ``cap`` examples, kept in their original order."""
-    if cap is None or len(examples) <= cap:
-        return examples
-    chosen = set(random.Random(seed).sample(range(len(examples)), cap))
-    return [ex for i, ex in enumerate(examples) if i in chosen]
 
 
 def split_examples(conversations: list[dict], cfg: SplitConfig, seed: int, source: str) -> tuple[dict, dict]:

@@ -11,8 +11,7 @@ from typing import Any
 
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.io import read_json
-
-RESOLVED_CONFIG = "training_config.json"
+from qlora_pipeline.pipeline.common import RESOLVED_CONFIG
 
 
 def read_training_config(adapter_dir: Path) -> dict:
@@ -25,16 +24,15 @@ def read_training_config(adapter_dir: Path) -> dict:
 
 def load_base_for(resolved: dict, base_dir: Path, workdir: Path | None = None) -> tuple[Any, Any]:
     """The base an adapter was trained on: the 4-bit ``base_dir`` for qlora, the unquantized source otherwise."""
-    from peft import prepare_model_for_kbit_training
     from transformers import AutoTokenizer
 
-    from qlora_pipeline.modeling.loading import load_dense, load_saved_base
+    from qlora_pipeline.modeling.loading import load_dense
+    from qlora_pipeline.modeling.preparation import prepare_4bit_base
 
     if resolved["method"] == "qlora":
         # The compute dtype the adapter was trained with (auto resolves on this machine); None keeps the saved one.
         compute_dtype = resolved.get("model", {}).get("quantization", {}).get("bnb_4bit_compute_dtype")
-        model, tokenizer = load_saved_base(base_dir, compute_dtype)
-        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False), tokenizer
+        return prepare_4bit_base(base_dir, compute_dtype)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     return load_dense(_model_config(resolved), tokenizer, workdir, full=resolved["method"] == "full"), tokenizer
 

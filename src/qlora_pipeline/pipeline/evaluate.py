@@ -10,7 +10,7 @@ from typing import Any
 
 from qlora_pipeline import evaluation, tracking
 from qlora_pipeline.config import Params
-from qlora_pipeline.data.splitting import cap_examples
+from qlora_pipeline.data.sampling import cap_examples
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.io import atomic_path, read_jsonl, remove_outputs, write_json
 

@@ -21,7 +21,10 @@ def run_split(params: Params, clean_dir: Path, out_dir: Path, metrics_path: Path
         for name in SPLITS:
             write_jsonl(tmp / f"{name}.jsonl", splits[name])
         files = {f"{name}.jsonl": sha256_file(tmp / f"{name}.jsonl") for name in SPLITS}
-        write_json(tmp / MANIFEST, {**read_json(clean_dir / MANIFEST), "persona": metrics["persona"], "files": files})
+        # The rendering keys travel with the data, so training can record what chat must reproduce.
+        rendering = {"system_prompt": params.split.system_prompt, "context_turns": params.split.context_turns}
+        write_json(tmp / MANIFEST, {**read_json(clean_dir / MANIFEST), "persona": metrics["persona"], "files": files,
+                                    "split": rendering})
     write_json(metrics_path, metrics)
     with tracking.pipeline_run(params, "split"):
         tracking.log_metrics("split", metrics)

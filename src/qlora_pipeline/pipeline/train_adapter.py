@@ -14,8 +14,8 @@ from qlora_pipeline import hardware, tracking
 from qlora_pipeline.config import Params
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.io import atomic_path, read_json, read_jsonl, remove_outputs, write_json
-from qlora_pipeline.modeling.adapters import RESOLVED_CONFIG
-from qlora_pipeline.pipeline.common import MANIFEST
+from qlora_pipeline.modeling.preparation import base_fingerprint
+from qlora_pipeline.pipeline.common import MANIFEST, RESOLVED_CONFIG
 
 LOG_FIELDS = ("step", "train_loss", "val_loss", "learning_rate")
 
@@ -112,11 +112,15 @@ def save_trained(model: Any, tokenizer: Any, out: Path, params: Params, base_dir
     resolved = {
         "method": params.train.method,
         "base_model": str(base_dir) if params.train.method == "qlora" else params.model.name_or_path,
+        # Chat and serve refuse to put adapters of different bases on one model.
+        "base_fingerprint": base_fingerprint(params.train.method, base_dir, dataclasses.asdict(params.model)),
         "seed": params.seed,
         "model": dataclasses.asdict(params.model),
         "train": dataclasses.asdict(params.train),
         "data": {"source": manifest.get("source"), "sha256": manifest.get("sha256"),
                  "persona": manifest.get("persona"), "files": manifest.get("files")},
+        # How prompts were rendered (system prompt, context turns): chat renders its turns the same way.
+        "split": manifest.get("split", {}),
         "metrics": {k: v for k, v in metrics.items() if k != "examples"},
     }
     write_json(out / RESOLVED_CONFIG, resolved)

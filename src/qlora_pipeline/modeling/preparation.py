@@ -1,0 +1,53 @@
+"""The base exactly as training prepared it, and which base an adapter belongs to.
+
+Training and every later user of an adapter (evaluate, chat, serve, export) call the same
+function, so a reloaded adapter meets the weights it was trained against: the saved 4-bit base,
+its compute dtype resolved on this machine, then ``prepare_model_for_kbit_training`` (which
+upcasts the unquantized weights to float32).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from qlora_pipeline.errors import PipelineError
+from qlora_pipeline.io import sha256_file
+
+
+def prepare_4bit_base(base_dir: Path, compute_dtype: str | None,
+                      activation_checkpointing: bool = False) -> tuple[Any, Any]:
+    """``models/base`` loaded and prepared for k-bit training, and its tokenizer."""
+    from peft import prepare_model_for_kbit_training
+
+    from qlora_pipeline.modeling.loading import load_saved_base
+
+    model, tokenizer = load_saved_base(base_dir, compute_dtype)
+    if not getattr(model, "is_loaded_in_4bit", False):
+        raise PipelineError(f"{base_dir}: not a 4-bit base; qlora needs model.quantization.load_in_4bit: true, "
+                            "or use train.method: lora")
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=activation_checkpointing,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, tokenizer
+
+
+def base_fingerprint(method: str, base_dir: Path, model: dict) -> str:
+    """What an adapter was trained on: the saved 4-bit weights (qlora) or the unquantized source (lora).
+
+    qlora: sha256 over ``config.json`` and every safetensors file of ``base_dir``, so two bases
+    quantized from different models (or with other quantization keys) never match. lora: the
+    source as params name it (``name_or_path``, GGUF file, pinned revision, dtype), which is
+    what its loader reads again.
+    """
+    if method == "qlora":
+        digest = hashlib.sha256()
+        files = [base_dir / "config.json", *sorted(base_dir.glob("*.safetensors"))]
+        for path in files:
+            if not path.is_file():
+                raise PipelineError(f"{base_dir}: no saved base model ({path.name} missing); "
+                                    "run the quantize-load stage first (dvc repro quantize-load)")
+            digest.update(f"{path.name}:{sha256_file(path)}\n".encode())
+        return f"sha256:{digest.hexdigest()}"
+    source = model["name_or_path"] + (f"/{model['gguf_file']}" if model.get("gguf_file") else "")
+    return f"source:{source}@{model.get('revision') or 'local'}:{model.get('dtype')}"

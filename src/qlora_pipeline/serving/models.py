@@ -1,0 +1,257 @@
+"""Persona adapters by name over one base model in memory: for chat, serve and export.
+
+``--adapter NAME=SOURCE`` names an adapter folder (``models/adapter``) or an MLflow artifact of a
+past run (``runs:/<run_id>/adapter``), so any experiment ``dvc exp run`` produced can be served
+beside the others. Every adapter must have been trained on the base that is loaded: the
+fingerprint train-adapter recorded in its ``training_config.json`` must match. ``base`` is always
+the model with no adapter.
+
+No stage imports this package: editing it re-runs nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from qlora_pipeline.errors import PipelineError
+from qlora_pipeline.pipeline.common import RESOLVED_CONFIG
+
+BASE = "base"
+PEFT_BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+RUN_URI = "runs:/"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    name: str
+    source: str  # a folder, or runs:/<run_id>/<artifact path>
+
+
+@dataclass
+class Adapter:
+    name: str
+    source: str
+    folder: Path  # local folder (downloaded for a runs:/ source)
+    resolved: dict  # its training_config.json
+
+    @property
+    def system_prompt(self) -> str | None:
+        return (self.resolved.get("split") or {}).get("system_prompt") or None
+
+    @property
+    def base_fingerprint(self) -> str | None:
+        return self.resolved.get("base_fingerprint")
+
+
+def parse_adapter_spec(text: str) -> AdapterSpec:
+    """``NAME=SOURCE``, or a bare SOURCE named after its folder (``models/adapter`` -> ``adapter``)."""
+    name, sep, source = text.partition("=")
+    if not sep:
+        name, source = _default_name(text), text
+    name, source = name.strip(), source.strip()
+    if not source:
+        raise PipelineError(f"--adapter {text!r}: no source; give NAME=FOLDER or NAME=runs:/<run_id>/adapter")
+    check_name(name, f"--adapter {text!r}")
+    return AdapterSpec(name, source)
+
+
+def _default_name(source: str) -> str:
+    return Path(source.rstrip("/")).name or source
+
+
+def check_name(name: str, where: str) -> None:
+    if name == BASE or name == PEFT_BASE:
+        raise PipelineError(f"{where}: '{name}' is reserved for the base model with no adapter; choose another name")
+    if not _NAME.match(name):
+        raise PipelineError(f"{where}: adapter name {name!r} must be 1-64 letters, digits, '.', '_' or '-'")
+
+
+def parse_adapter_specs(values: list[str]) -> list[AdapterSpec]:
+    specs = [parse_adapter_spec(value) for value in values]
+    seen: dict[str, str] = {}
+    for spec in specs:
+        if spec.name in seen:
+            raise PipelineError(f"--adapter: the name '{spec.name}' is given twice ({seen[spec.name]} and "
+                                f"{spec.source}); name them apart with NAME=SOURCE")
+        seen[spec.name] = spec.source
+    return specs
+
+
+def fetch_adapter(source: str, tracking_uri: str | None, downloads: Path | None = None) -> Path:
+    """A local folder for ``source``: the folder itself, or a run's artifact downloaded from MLflow."""
+    if source.startswith(RUN_URI):
+        import mlflow
+
+        try:
+            path = mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=tracking_uri,
+                                                       dst_path=str(downloads) if downloads else None)
+        except Exception as err:  # MlflowException, or the store's own error: name the URI either way
+            raise PipelineError(f"{source}: could not fetch it from the MLflow store {tracking_uri}: "
+                                f"{str(err).splitlines()[0]}") from err
+        return Path(path)
+    folder = Path(source)
+    if not folder.is_dir():
+        raise PipelineError(f"{source}: no such adapter folder (give a folder with adapter_config.json, "
+                            "or runs:/<run_id>/adapter for a past run's adapter)")
+    return folder
+
+
+def read_adapter(name: str, source: str, folder: Path) -> Adapter:
+    """The adapter in ``folder``, refused with a clear message when it is no LoRA adapter of this pipeline."""
+    from qlora_pipeline.io import read_json
+
+    resolved_path = folder / RESOLVED_CONFIG
+    if (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():
+        raise PipelineError(f"adapter '{name}' ({source}) is a full fine-tuned model, not an adapter: it cannot "
+                            "share a base with others; chat with it alone with --base " + source)
+    if not (folder / "adapter_config.json").is_file():
+        raise PipelineError(f"adapter '{name}' ({source}): no adapter_config.json; point it at a trained adapter "
+                            "folder such as models/adapter (dvc repro train-adapter writes one)")
+    if not resolved_path.is_file():
+        raise PipelineError(f"adapter '{name}' ({source}): no {RESOLVED_CONFIG}; only adapters trained by this "
+                            "pipeline carry the base they belong to")
+    resolved = read_json(resolved_path)
+    if resolved.get("method") == "full":
+        raise PipelineError(f"adapter '{name}' ({source}) is a full fine-tune, not an adapter")
+    return Adapter(name, source, folder, resolved)
+
+
+def check_same_base(adapters: list[Adapter], method: str, fingerprint: str, base_label: str) -> None:
+    """Every adapter was trained with ``method`` on the base whose fingerprint is ``fingerprint``."""
+    for adapter in adapters:
+        if adapter.resolved.get("method") != method:
+            raise PipelineError(
+                f"adapter '{adapter.name}' ({adapter.source}) was trained with method {adapter.resolved.get('method')} "
+                f"but the loaded base {base_label} is for {method}: adapters on one base share its method")
+        if adapter.base_fingerprint is None:
+            print(f"warning: adapter '{adapter.name}' ({adapter.source}) records no base fingerprint (trained before "
+                  "it was recorded); assuming it belongs to the loaded base", file=sys.stderr)
+        elif adapter.base_fingerprint != fingerprint:
+            raise PipelineError(
+                f"adapter '{adapter.name}' ({adapter.source}) was trained on base {adapter.base_fingerprint[:19]}..., "
+                f"not on the loaded base {base_label} ({fingerprint[:19]}...); serve it with the base it was trained "
+                "on (--base), or retrain it on this one")
+
+
+@dataclass
+class PersonaModel:
+    """One base in memory with any number of named adapters, switched per request or per batch row."""
+
+    model: Any  # a PeftModel once an adapter is loaded, else the base
+    tokenizer: Any
+    method: str
+    base_dir: Path
+    fingerprint: str
+    resolved: dict  # the first adapter's resolved config (precision, model keys); {} for the base alone
+    adapters: dict[str, Adapter] = field(default_factory=dict)
+    dequantized: bool = False
+    tracking_uri: str | None = None
+    downloads: Path | None = None
+    lock: threading.RLock = field(default_factory=threading.RLock)
+
+    @property
+    def names(self) -> list[str]:
+        return [BASE, *self.adapters]
+
+    @property
+    def context_length(self) -> int:
+        config = self.model.config
+        return int(getattr(config, "max_position_embeddings", None) or 2048)
+
+    def system_prompt(self, name: str) -> str | None:
+        """The system prompt ``name`` was trained with (the base takes the first adapter's, if any)."""
+        if name in self.adapters:
+            return self.adapters[name].system_prompt
+        return next((a.system_prompt for a in self.adapters.values()), None)
+
+    def peft_name(self, name: str) -> str:
+        if name == BASE:
+            return PEFT_BASE
+        if name not in self.adapters:
+            raise KeyError(name)
+        return name
+
+    def autocast(self) -> Any:
+        from qlora_pipeline.modeling.adapters import autocast_like_training
+
+        return autocast_like_training(self.resolved or {"train": {"bf16": "auto", "fp16": "auto"}})
+
+    @contextlib.contextmanager
+    def using(self, name: str) -> Iterator[Any]:
+        """The model with only ``name`` active (``base``: every adapter off), for single-stream generation."""
+        with self.lock:
+            if name == BASE:
+                context = self.model.disable_adapter() if self.adapters else contextlib.nullcontext()
+                with context:
+                    yield self.model
+            else:
+                self.model.set_adapter(self.peft_name(name))
+                yield self.model
+
+    def load_adapter(self, spec: AdapterSpec) -> Adapter:
+        """Add an adapter at run time (the same base check as at start)."""
+        from peft import PeftModel
+
+        with self.lock:
+            if spec.name in self.adapters:
+                raise PipelineError(f"adapter '{spec.name}' is already loaded; unload it first or choose another name")
+            adapter = read_adapter(spec.name, spec.source, fetch_adapter(spec.source, self.tracking_uri, self.downloads))
+            check_same_base([adapter], self.method, self.fingerprint, str(self.base_dir))
+            if isinstance(self.model, PeftModel):
+                self.model.load_adapter(str(adapter.folder), adapter_name=adapter.name)
+            else:
+                self.model = PeftModel.from_pretrained(self.model, str(adapter.folder), adapter_name=adapter.name)
+                self.resolved = adapter.resolved
+            self.model.eval()
+            self.adapters[adapter.name] = adapter
+            return adapter
+
+    def unload_adapter(self, name: str) -> None:
+        with self.lock:
+            if name not in self.adapters:
+                raise KeyError(name)
+            self.model.delete_adapter(name)
+            del self.adapters[name]
+
+
+def load_persona_model(base_dir: Path, specs: list[AdapterSpec], *, tracking_uri: str | None = None,
+                       downloads: Path | None = None, dequantize: bool | str = "auto",
+                       runtime_adapters: bool = False) -> PersonaModel:
+    """The base of ``base_dir`` as training prepared it, with every adapter of ``specs`` on it.
+
+    All adapters are fetched and checked before the base is loaded, so a mismatch costs no load time.
+    ``dequantize`` (``evaluate.dequantize_4bit``'s values) trades memory for CPU speed; it is
+    skipped when adapters may arrive at run time with none loaded yet, as PEFT can only wrap
+    layers it knows.
+    """
+    from qlora_pipeline.modeling.adapters import attach_adapters, load_base_for
+    from qlora_pipeline.modeling.inference import dequantize_for_inference, should_dequantize
+    from qlora_pipeline.modeling.preparation import base_fingerprint
+
+    adapters = [read_adapter(s.name, s.source, fetch_adapter(s.source, tracking_uri, downloads)) for s in specs]
+    resolved = adapters[0].resolved if adapters else {"method": "qlora", "model": {}}
+    method = resolved["method"]
+    if method == "qlora" and not (base_dir / "config.json").is_file():
+        raise PipelineError(f"--base {base_dir}: no saved base model; run `dvc repro quantize-load` (or give the "
+                            "folder the adapters were trained on)")
+    fingerprint = base_fingerprint(method, base_dir, resolved.get("model", {}))
+    check_same_base(adapters, method, fingerprint, str(base_dir))
+    if not adapters:  # the base alone: its compute dtype follows this machine
+        resolved = {}
+        base, tokenizer = load_base_for({"method": "qlora", "model": {"quantization": {
+            "bnb_4bit_compute_dtype": "auto"}}}, base_dir)
+    else:
+        base, tokenizer = load_base_for(resolved, base_dir)
+    model = attach_adapters(base, {a.name: a.folder for a in adapters}) if adapters else base.eval()
+    persona = PersonaModel(model, tokenizer, method, base_dir, fingerprint, resolved, {a.name: a for a in adapters},
+                           tracking_uri=tracking_uri, downloads=downloads)
+    if (adapters or not runtime_adapters) and should_dequantize(dequantize, model):
+        persona.dequantized = dequantize_for_inference(model) > 0  # this process never saves the model
+    return persona

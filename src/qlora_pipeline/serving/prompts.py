@@ -1,0 +1,42 @@
+"""Chat turns -> prompt token ids, rendered as training rendered them (chat template + trained system prompt)."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from qlora_pipeline.errors import PipelineError
+
+ROLES = ("system", "user", "assistant")
+
+
+def with_system_prompt(messages: Sequence[dict], system_prompt: str | None) -> list[dict]:
+    """``messages`` led by ``system_prompt`` unless they bring their own system message."""
+    messages = list(messages)
+    if system_prompt and not any(m["role"] == "system" for m in messages):
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return messages
+
+
+def prompt_ids(tokenizer: Any, messages: Sequence[dict]) -> list[int]:
+    rendered = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    return tokenizer(rendered, add_special_tokens=False)["input_ids"]
+
+
+def fit_history(tokenizer: Any, messages: Sequence[dict], budget: int) -> tuple[list[dict], list[int], int]:
+    """Drop the oldest turns (system messages stay) until the prompt takes at most ``budget`` tokens.
+
+    Returns the kept messages, their prompt ids and how many turns were dropped. The newest user
+    turn always stays; if it alone is too long, that is an error the caller reports.
+    """
+    messages = list(messages)
+    dropped = 0
+    while True:
+        ids = prompt_ids(tokenizer, messages)
+        if len(ids) <= budget:
+            return messages, ids, dropped
+        conversation = [i for i, m in enumerate(messages) if m["role"] != "system"]
+        if len(conversation) <= 1:
+            raise PipelineError(f"the message takes {len(ids)} tokens with its system prompt, more than the "
+                                f"{budget} the context leaves; shorten it")
+        del messages[conversation[0]]
+        dropped += 1

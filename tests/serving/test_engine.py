@@ -1,0 +1,176 @@
+"""Adapters by name over one base, and batched generation with per-row adapters, sampling and stops."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from qlora_pipeline.config import ChatConfig
+from qlora_pipeline.errors import PipelineError
+from qlora_pipeline.serving.engine import Engine, Job, Sampling
+from qlora_pipeline.serving.models import (AdapterSpec, load_persona_model, parse_adapter_spec,
+                                           parse_adapter_specs)
+from qlora_pipeline.serving.prompts import fit_history, prompt_ids, with_system_prompt
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["hey, how was your weekend?", "do you like dogs or cats more?", "what are you cooking tonight?",
+           "any plans for the summer?"]
+# No penalties: the batch-wide processors would otherwise be part of what is compared.
+PLAIN = ChatConfig(temperature=0.0, top_k=0, repetition_penalty=1.0, no_repeat_ngram_size=0, max_new_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def persona(quantized_base, persona_adapters):
+    specs = [AdapterSpec(name, str(path)) for name, path in persona_adapters.items()]
+    return load_persona_model(quantized_base, specs)
+
+
+def _ids(persona, name: str, text: str) -> list[int]:
+    return prompt_ids(persona.tokenizer, with_system_prompt([{"role": "user", "content": text}],
+                                                            persona.system_prompt(name)))
+
+
+def _greedy(engine: Engine, pairs: list[tuple[str, str]], tokens: int = 12) -> list[str]:
+    persona = engine.persona
+    jobs = [Job(_ids(persona, name, text), persona.peft_name(name), tokens, Sampling(0.0)) for name, text in pairs]
+    return [c.text for c in engine.run_batch(jobs)]
+
+
+def test_adapter_specs_are_parsed_and_checked():
+    assert parse_adapter_spec("alice=models/adapter") == AdapterSpec("alice", "models/adapter")
+    assert parse_adapter_spec("runs:/abc/adapter").name == "adapter"
+    assert parse_adapter_spec("x=runs:/0123/adapter").source == "runs:/0123/adapter"
+    with pytest.raises(PipelineError, match="reserved"):
+        parse_adapter_spec("base=models/adapter")
+    with pytest.raises(PipelineError, match="given twice"):
+        parse_adapter_specs(["a=one", "a=two"])
+    with pytest.raises(PipelineError, match="letters, digits"):
+        parse_adapter_spec("a b=one")
+
+
+def test_every_adapter_is_a_model_name_over_one_base(persona, persona_adapters):
+    assert persona.names == ["base", "alice", "bob", "carol"]
+    assert persona.system_prompt("bob") == "You are bob. Reply in your own voice."
+    # One base: the 4-bit (or once-dequantized) base layers are shared by every adapter.
+    lora_layers = [m for m in persona.model.modules() if hasattr(m, "lora_A")]
+    assert lora_layers and all(set(m.lora_A) == {"alice", "bob", "carol"} for m in lora_layers)
+
+
+def test_mixed_batch_rows_equal_each_prompt_run_alone(persona):
+    engine = Engine(persona, PLAIN)
+    pairs = [("alice", PROMPTS[0]), ("base", PROMPTS[1]), ("bob", PROMPTS[2]), ("carol", PROMPTS[3]),
+             ("alice", PROMPTS[1])]
+    mixed = _greedy(engine, pairs)
+    alone = [_greedy(engine, [pair])[0] for pair in pairs]
+    assert mixed == alone
+    # and the adapters do change the replies: the test would pass vacuously otherwise
+    same_prompt = _greedy(engine, [(name, PROMPTS[0]) for name in ("base", "alice", "bob", "carol")])
+    assert len(set(same_prompt)) == 4, same_prompt
+
+
+def test_mixed_batch_logits_match_single_runs(persona):
+    """Prefill logits of each row, mixed batch vs alone: the same up to float rounding."""
+    tokenizer = persona.tokenizer
+    pairs = [("alice", PROMPTS[0]), ("base", PROMPTS[2]), ("carol", PROMPTS[1])]
+    ids = [_ids(persona, name, text) for name, text in pairs]
+    width = max(map(len, ids))
+    batch = torch.tensor([[tokenizer.pad_token_id] * (width - len(i)) + i for i in ids])
+    mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() numbers left-padded rows
+    with torch.no_grad():
+        mixed = persona.model(input_ids=batch, attention_mask=mask, position_ids=positions,
+                              adapter_names=[persona.peft_name(n) for n, _ in pairs]).logits[:, -1]
+        for row, (name, _) in enumerate(pairs):
+            with persona.using(name) as model:
+                alone = model(input_ids=torch.tensor([ids[row]])).logits[0, -1]
+            assert torch.allclose(mixed[row], alone, rtol=1e-3, atol=5e-3), (name, (mixed[row] - alone).abs().max())
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(persona):
+    engine = Engine(persona, PLAIN)
+    ids = _ids(persona, "alice", PROMPTS[0])
+
+    def job(seed, adapter="alice"):
+        return Job(ids, adapter, 10, Sampling(temperature=1.0, top_p=0.95, seed=seed))
+
+    alone = engine.run_batch([job(7)])[0].text
+    batched = engine.run_batch([job(1, "bob"), job(7), job(3, "__base__")])[1].text
+    assert alone == batched
+    assert engine.run_batch([job(8)])[0].text != alone or engine.run_batch([job(9)])[0].text != alone
+
+
+def test_rows_stop_one_by_one_and_stream_what_they_return(persona):
+    engine = Engine(persona, PLAIN)
+    full = _greedy(engine, [("alice", PROMPTS[0])], tokens=16)[0]
+    stop = full.strip().split()[2]  # a word in the middle of the reply
+    pieces: list[str] = []
+    jobs = [Job(_ids(persona, "alice", PROMPTS[0]), "alice", 16, Sampling(0.0), stop=[stop], on_text=pieces.append),
+            Job(_ids(persona, "bob", PROMPTS[1]), "bob", 5, Sampling(0.0))]
+    stopped, limited = engine.run_batch(jobs)
+    assert stopped.finish_reason == "stop" and stop not in stopped.text and full.startswith(stopped.text)
+    assert "".join(pieces) == stopped.text
+    assert limited.finish_reason == "length" and limited.completion_tokens == 5
+
+
+def test_the_worker_thread_batches_requests_that_arrive_together(persona):
+    import threading
+
+    engine = Engine(persona, PLAIN, max_batch_size=8, batch_wait_seconds=0.5).start()
+    try:
+        done, results = threading.Event(), {}
+        names = ["alice", "bob", "carol", "base"]
+
+        def finish(index):
+            def on_done(completion):
+                results[index] = completion
+                if len(results) == len(names):
+                    done.set()
+            return on_done
+
+        for index, name in enumerate(names):
+            engine.submit(Job(_ids(persona, name, PROMPTS[index]), persona.peft_name(name), 6, Sampling(0.0),
+                              on_done=finish(index)))
+        assert done.wait(120)
+        assert engine.batches == [4]
+        assert [results[i].text for i in range(4)] == _greedy(engine, list(zip(names, PROMPTS)), tokens=6)
+    finally:
+        engine.stop()
+
+
+def test_history_is_cut_from_the_left_to_fit(persona):
+    tokenizer = persona.tokenizer
+    history = [{"role": "system", "content": "be brief"}]
+    for i in range(20):
+        history += [{"role": "user", "content": f"message number {i} " * 5},
+                    {"role": "assistant", "content": f"reply number {i} " * 5}]
+    history.append({"role": "user", "content": "last one"})
+    kept, ids, dropped = fit_history(tokenizer, history, budget=200)
+    assert len(ids) <= 200 and dropped > 0
+    assert kept[0]["role"] == "system" and kept[-1]["content"] == "last one"
+    assert kept == [history[0], *history[1 + dropped:]]
+    with pytest.raises(PipelineError, match="shorten it"):
+        fit_history(tokenizer, [{"role": "user", "content": "word " * 400}], budget=50)
+
+
+def test_adapters_of_another_base_or_a_full_model_are_refused(quantized_base, persona_adapters, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(persona_adapters["alice"], other)
+    config = json.loads((other / "training_config.json").read_text())
+    config["base_fingerprint"] = "sha256:" + "0" * 64
+    (other / "training_config.json").write_text(json.dumps(config))
+    with pytest.raises(PipelineError, match=r"adapter 'other' \(.*other\) was trained on base sha256:0000.*"
+                                            r"not on the loaded base"):
+        load_persona_model(quantized_base, [AdapterSpec("alice", str(persona_adapters["alice"])),
+                                            AdapterSpec("other", str(other))])
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "config.json").write_text("{}")
+    with pytest.raises(PipelineError, match="full fine-tuned model, not an adapter"):
+        load_persona_model(quantized_base, [AdapterSpec("full", str(full))])
+    with pytest.raises(PipelineError, match="no such adapter folder"):
+        load_persona_model(quantized_base, [AdapterSpec("gone", str(tmp_path / "gone"))])
