@@ -2,6 +2,11 @@
 
     qlora-pipeline summary                        where the outputs are, and the key metrics
     qlora-pipeline human-eval score RATINGS.csv   score a rater's blind A/B choices
+    qlora-pipeline chat [--adapter NAME=SOURCE]   talk to the persona in this terminal
+    qlora-pipeline serve [--adapter NAME=SOURCE]  an OpenAI-compatible server, several adapters on one base
+    qlora-pipeline export --adapter SOURCE --out DIR   a merged model plain transformers loads
+
+SOURCE is an adapter folder (models/adapter) or a past run's MLflow artifact (runs:/<run_id>/adapter).
 """
 
 from __future__ import annotations
@@ -106,7 +111,65 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--run-file", type=Path, default=Path("reports/run.json"),
                        help="which MLflow run the sheet came from (written by evaluate)")
     score.set_defaults(func=human_eval_score)
+
+    chat = commands.add_parser("chat", help="talk to the persona in this terminal (/help lists the commands)")
+    _model_arguments(chat)
+    chat.add_argument("--use", default=None, help="the adapter to start with (default: the first given, else base)")
+    chat.add_argument("--seed", type=int, default=None, help="seed of the sampling, for a replayable session")
+    chat.set_defaults(func=_run("qlora_pipeline.serving.chat"))
+
+    serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server: base and every adapter as models")
+    _model_arguments(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=None,
+                       help="require 'Authorization: Bearer KEY' on every route but /health "
+                            "(default: the QLORA_PIPELINE_API_KEY environment variable, if set)")
+    serve.add_argument("--allow-runtime-adapters", action="store_true",
+                       help="enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter")
+    serve.add_argument("--adapter-root", type=Path, action="append", default=[],
+                       help="folder under which runtime adapters may be loaded (repeatable; default: models)")
+    serve.add_argument("--max-batch-size", type=int, default=8, help="requests generated together at most")
+    serve.add_argument("--batch-wait-ms", type=float, default=20.0,
+                       help="how long the first request of a batch waits for others to join")
+    serve.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask")
+    serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body accepted")
+    serve.add_argument("--max-context", type=int, default=None,
+                       help="prompt + reply tokens at most (default: the model's max_position_embeddings)")
+    serve.set_defaults(func=_run("qlora_pipeline.serving.server"))
+
+    export = commands.add_parser("export", help="merge an adapter into the dequantized base; save and verify it")
+    export.add_argument("--adapter", required=True, help="adapter folder or runs:/<run_id>/adapter")
+    export.add_argument("--out", type=Path, required=True, help="folder for the merged model (must not exist)")
+    export.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
+                        help="dtype of the merged weights")
+    export.add_argument("--base", type=Path, default=Path("models/base"), help="the 4-bit base the adapter was trained on")
+    export.add_argument("--test", type=Path, default=Path("data/splits/test.jsonl"),
+                        help="examples the merged model is checked on (export_report.json)")
+    export.add_argument("--max-samples", type=int, default=32, help="test examples used for the check")
+    export.add_argument("--params", type=Path, default=Path("params.yaml"), help="for the MLflow store of runs:/ sources")
+    export.set_defaults(func=_run("qlora_pipeline.serving.export"))
     return parser
+
+
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=SOURCE",
+                        help="an adapter folder or runs:/<run_id>/adapter, under NAME (repeatable)")
+    parser.add_argument("--base", type=Path, default=Path("models/base"), help="the base the adapters were trained on")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"),
+                        help="params.yaml: the chat section's decoding defaults and the MLflow store")
+    parser.add_argument("--dequantize", choices=("auto", "true", "false"), default="auto",
+                        help="dequantize the 4-bit base once for faster CPU generation (evaluate.dequantize_4bit)")
+
+
+def _run(module: str):
+    """The command's ``main(args)``, imported only when it runs: summary stays quick to start."""
+    def run(args: argparse.Namespace) -> None:
+        import importlib
+
+        importlib.import_module(module).main(args)
+
+    return run
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -255,3 +255,20 @@ def load_persona_model(base_dir: Path, specs: list[AdapterSpec], *, tracking_uri
     if (adapters or not runtime_adapters) and should_dequantize(dequantize, model):
         persona.dequantized = dequantize_for_inference(model) > 0  # this process never saves the model
     return persona
+
+
+def load_from_args(args: Any) -> tuple[PersonaModel, Any]:
+    """The persona model and the chat decoding defaults for a ``chat``/``serve`` command line.
+
+    ``--params`` gives the ``chat`` section and the MLflow store that ``runs:/`` sources come from;
+    a missing params.yaml leaves the defaults (a served folder need not be a pipeline checkout).
+    """
+    from qlora_pipeline.config import Params, load_params
+    from qlora_pipeline.tracking import resolve_tracking_uri
+
+    params = load_params(args.params) if Path(args.params).is_file() else Params()
+    dequantize = {"auto": "auto", "true": True, "false": False}[args.dequantize]
+    persona = load_persona_model(Path(args.base), parse_adapter_specs(args.adapter),
+                                 tracking_uri=resolve_tracking_uri(params.mlflow.tracking_uri), dequantize=dequantize,
+                                 runtime_adapters=getattr(args, "allow_runtime_adapters", False))
+    return persona, params.chat
