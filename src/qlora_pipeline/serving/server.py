@@ -1,0 +1,447 @@
+"""``qlora-pipeline serve``: an OpenAI-compatible server, every adapter a model over one base in memory.
+
+The routes and shapes are OpenAI's (``/v1/models``, ``/v1/chat/completions`` with SSE streaming and
+``usage``), and runtime adapters use vLLM's names (``/v1/load_lora_adapter``,
+``/v1/unload_lora_adapter``), so any OpenAI client, and tools written for vLLM or LoRAX, talk to it
+unchanged. Requests that arrive together are generated as one batch, adapters mixed per row
+(see ``engine.py``). Errors come in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import os
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from qlora_pipeline.config import ChatConfig
+from qlora_pipeline.errors import PipelineError
+from qlora_pipeline.serving.engine import Completion, Engine, Job, Sampling
+from qlora_pipeline.serving.models import BASE, AdapterSpec, PersonaModel, check_name
+from qlora_pipeline.serving.prompts import prompt_ids, with_system_prompt
+
+API_KEY_ENV = "QLORA_PIPELINE_API_KEY"
+OWNER = "qlora-pipeline"
+
+
+@dataclass
+class Settings:
+    defaults: ChatConfig
+    api_key: str | None = None
+    allow_runtime_adapters: bool = False
+    adapter_roots: list[Path] = field(default_factory=lambda: [Path("models")])
+    max_tokens_limit: int = 1024
+    max_body_bytes: int = 1 << 20
+    max_context: int | None = None
+
+
+class APIError(Exception):
+    """An error the client caused (or may fix), answered in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def response(self) -> JSONResponse:
+        return error_response(self.status, self.message, self.type, self.param, self.code)
+
+
+def error_response(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                   code: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}}, status_code=status)
+
+
+# ------------------------------------------------------------------------------- requests
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[TextPart]]
+    name: Optional[str] = None
+
+    def as_turn(self) -> dict:
+        text = self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    # Keys other clients send that change nothing here (user, metadata, ...) are accepted and ignored;
+    # keys that would change the answer and are not supported are refused below.
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: Optional[int] = Field(default=None, ge=1)
+    max_completion_tokens: Optional[int] = Field(default=None, ge=1)
+    temperature: Optional[float] = Field(default=None, ge=0.0, le=2.0)
+    top_p: Optional[float] = Field(default=None, gt=0.0, le=1.0)
+    stop: Union[str, list[str], None] = None
+    seed: Optional[int] = None
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    n: Optional[int] = Field(default=None, ge=1)
+    presence_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0)
+    logprobs: Optional[bool] = None
+    tools: Optional[list[Any]] = None
+
+
+class LoadAdapterRequest(BaseModel):
+    lora_name: str
+    lora_path: str
+
+
+class UnloadAdapterRequest(BaseModel):
+    lora_name: str
+
+
+# ------------------------------------------------------------------------------- the app
+
+
+def create_app(persona: PersonaModel, engine: Engine, settings: Settings) -> FastAPI:
+    app = FastAPI(title="qlora-pipeline persona server", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    started = int(time.time())
+    authorized = Depends(_auth(settings.api_key))
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, err: APIError) -> JSONResponse:
+        return err.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
+        first = err.errors()[0]
+        where = ".".join(str(part) for part in first["loc"] if part != "body")
+        if first["type"] == "json_invalid":
+            return error_response(400, "the request body is not valid JSON", code="invalid_json")
+        return error_response(400, f"{where or 'body'}: {first['msg']}", param=where or None, code="invalid_value")
+
+    @app.exception_handler(404)
+    async def not_found(request: Request, err: Exception) -> JSONResponse:
+        return error_response(404, f"no route {request.method} {request.url.path}", code="not_found")
+
+    @app.exception_handler(405)
+    async def not_allowed(request: Request, err: Exception) -> JSONResponse:
+        return error_response(405, f"{request.method} is not allowed on {request.url.path}", code="method_not_allowed")
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "models": persona.names, "batches_run": len(engine.batches)}
+
+    @app.get("/v1/models", dependencies=[authorized])
+    async def models() -> dict:
+        return {"object": "list", "data": model_cards(persona, started)}
+
+    @app.post("/v1/chat/completions", dependencies=[authorized])
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        job, meta = build_job(persona, settings, body)
+        if body.stream:
+            return await stream_completion(engine, job, meta, body, request)
+        return await complete(engine, job, meta)
+
+    @app.post("/v1/load_lora_adapter", dependencies=[authorized])
+    async def load_lora_adapter(body: LoadAdapterRequest) -> dict:
+        folder = allowed_adapter_folder(settings, body.lora_path)
+        try:
+            check_name(body.lora_name, "lora_name")
+        except PipelineError as err:
+            raise APIError(400, str(err), param="lora_name") from None
+        if body.lora_name in persona.adapters:
+            raise APIError(409, f"adapter '{body.lora_name}' is already loaded; unload it first",
+                           param="lora_name", code="adapter_exists")
+        try:
+            await asyncio.to_thread(persona.load_adapter, AdapterSpec(body.lora_name, str(folder)))
+        except PipelineError as err:
+            raise APIError(400, str(err), param="lora_path", code="invalid_adapter") from None
+        return {"object": "adapter", "id": body.lora_name, "status": "loaded", "models": persona.names}
+
+    @app.post("/v1/unload_lora_adapter", dependencies=[authorized])
+    async def unload_lora_adapter(body: UnloadAdapterRequest) -> dict:
+        _require_runtime(settings)
+        if body.lora_name not in persona.adapters:
+            raise APIError(404, f"no adapter '{body.lora_name}' is loaded; loaded: {', '.join(persona.adapters) or 'none'}",
+                           param="lora_name", code="model_not_found")
+        await asyncio.to_thread(persona.unload_adapter, body.lora_name)
+        return {"object": "adapter", "id": body.lora_name, "status": "unloaded", "models": persona.names}
+
+    return app
+
+
+def _auth(api_key: str | None) -> Any:
+    async def check(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
+            raise APIError(401, "missing or incorrect API key: send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+
+    return check
+
+
+def _require_runtime(settings: Settings) -> None:
+    if not settings.allow_runtime_adapters:
+        raise APIError(403, "loading adapters at run time is off; restart the server with --allow-runtime-adapters",
+                       type_="permission_error", code="runtime_adapters_disabled")
+
+
+def allowed_adapter_folder(settings: Settings, path: str) -> Path:
+    """``path`` resolved (links followed), refused unless it lies under an ``--adapter-root``."""
+    _require_runtime(settings)
+    folder = Path(path).expanduser().resolve()
+    roots = [root.expanduser().resolve() for root in settings.adapter_roots]
+    if not any(folder == root or folder.is_relative_to(root) for root in roots):
+        raise APIError(403, f"lora_path {path} is outside the allowed adapter roots; start the server with "
+                            "--adapter-root for its folder", type_="permission_error", param="lora_path",
+                       code="path_not_allowed")
+    if not folder.is_dir():
+        raise APIError(400, f"lora_path {path}: no such folder", param="lora_path", code="invalid_adapter")
+    return folder
+
+
+def model_cards(persona: PersonaModel, created: int) -> list[dict]:
+    cards = [{"id": BASE, "object": "model", "created": created, "owned_by": OWNER, "root": str(persona.base_dir),
+              "parent": None}]
+    for name, adapter in persona.adapters.items():
+        cards.append({"id": name, "object": "model", "created": created, "owned_by": OWNER, "root": adapter.source,
+                      "parent": BASE})
+    return cards
+
+
+# ------------------------------------------------------------------------------- completions
+
+
+@dataclass
+class Meta:
+    id: str
+    model: str
+    created: int
+
+
+def build_job(persona: PersonaModel, settings: Settings, body: ChatCompletionRequest) -> tuple[Job, Meta]:
+    """Check a request against the model and limits, and turn it into a generation job."""
+    if body.model not in persona.names:
+        raise APIError(404, f"the model '{body.model}' does not exist; available: {', '.join(persona.names)}",
+                       param="model", code="model_not_found")
+    if body.n is not None and body.n > 1:
+        raise APIError(400, "n > 1 is not supported: send n requests (with different seeds) instead", param="n",
+                       code="unsupported_value")
+    if body.logprobs:
+        raise APIError(400, "logprobs are not supported", param="logprobs", code="unsupported_value")
+    if body.tools:
+        raise APIError(400, "tools are not supported: this is a persona chat model", param="tools",
+                       code="unsupported_value")
+    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stops) > 4 or any(not s for s in stops):
+        raise APIError(400, "stop: up to 4 non-empty strings", param="stop", code="invalid_value")
+    messages = with_system_prompt([m.as_turn() for m in body.messages], persona.system_prompt(body.model))
+    ids = prompt_ids(persona.tokenizer, messages)
+    max_tokens = _max_tokens(persona, settings, body, len(ids))
+    defaults = settings.defaults
+    sampling = Sampling(temperature=defaults.temperature if body.temperature is None else body.temperature,
+                        top_p=defaults.top_p if body.top_p is None else body.top_p, seed=body.seed,
+                        presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0)
+    job = Job(ids, persona.peft_name(body.model), max_tokens, sampling, stop=stops)
+    return job, Meta(f"chatcmpl-{uuid.uuid4().hex}", body.model, int(time.time()))
+
+
+def _max_tokens(persona: PersonaModel, settings: Settings, body: ChatCompletionRequest, prompt_tokens: int) -> int:
+    context = settings.max_context or persona.context_length
+    if prompt_tokens >= context:
+        raise APIError(400, f"the messages take {prompt_tokens} tokens; this model's context is {context} tokens",
+                       param="messages", code="context_length_exceeded")
+    asked = body.max_completion_tokens or body.max_tokens
+    if asked is None:  # the chat default, as far as the context allows
+        return min(settings.defaults.max_new_tokens, settings.max_tokens_limit, context - prompt_tokens)
+    if asked > settings.max_tokens_limit:
+        raise APIError(400, f"max_tokens {asked} is above this server's limit {settings.max_tokens_limit}",
+                       param="max_tokens", code="invalid_value")
+    if prompt_tokens + asked > context:
+        raise APIError(400, f"this model's context is {context} tokens; the request asks for {prompt_tokens + asked} "
+                            f"({prompt_tokens} in the messages, {asked} in the completion); lower max_tokens or "
+                            "shorten the messages", param="messages", code="context_length_exceeded")
+    return asked
+
+
+def usage(completion: Completion) -> dict:
+    return {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens,
+            "total_tokens": completion.prompt_tokens + completion.completion_tokens}
+
+
+async def complete(engine: Engine, job: Job, meta: Meta) -> dict:
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future = loop.create_future()
+    job.on_done = lambda c: loop.call_soon_threadsafe(_settle, future, c, None)
+    job.on_error = lambda e: loop.call_soon_threadsafe(_settle, future, None, e)
+    engine.submit(job)
+    try:
+        completion = await future
+    except asyncio.CancelledError:
+        job.cancelled.set()
+        raise
+    except Exception as err:
+        raise APIError(500, f"generation failed: {err}", type_="server_error") from err
+    return {"id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,
+            "system_fingerprint": engine.persona.fingerprint[:24],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": completion.text},
+                         "logprobs": None, "finish_reason": completion.finish_reason}],
+            "usage": usage(completion)}
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+async def stream_completion(engine: Engine, job: Job, meta: Meta, body: ChatCompletionRequest, request: Request) -> Any:
+    from sse_starlette.sse import EventSourceResponse
+
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    job.on_text = lambda delta: loop.call_soon_threadsafe(events.put_nowait, ("text", delta))
+    job.on_done = lambda c: loop.call_soon_threadsafe(events.put_nowait, ("done", c))
+    job.on_error = lambda e: loop.call_soon_threadsafe(events.put_nowait, ("error", e))
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    def chunk(delta: dict, finish: str | None = None) -> str:
+        data = {"id": meta.id, "object": "chat.completion.chunk", "created": meta.created, "model": meta.model,
+                "system_fingerprint": engine.persona.fingerprint[:24],
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+        if include_usage:
+            data["usage"] = None
+        return json.dumps(data)
+
+    async def produce():
+        engine.submit(job)
+        try:
+            yield {"data": chunk({"role": "assistant", "content": ""})}
+            while True:
+                kind, value = await events.get()
+                if kind == "text":
+                    yield {"data": chunk({"content": value})}
+                elif kind == "error":
+                    yield {"data": json.dumps({"error": {"message": f"generation failed: {value}",
+                                                         "type": "server_error", "param": None, "code": None}})}
+                    break
+                else:
+                    yield {"data": chunk({}, value.finish_reason)}
+                    if include_usage:
+                        yield {"data": json.dumps({"id": meta.id, "object": "chat.completion.chunk",
+                                                   "created": meta.created, "model": meta.model, "choices": [],
+                                                   "usage": usage(value)})}
+                    break
+            yield {"data": "[DONE]"}
+        finally:  # the client went away (or the stream ended): stop generating for it
+            job.cancelled.set()
+
+    return EventSourceResponse(produce(), ping=15)
+
+
+# ------------------------------------------------------------------------------- body limit
+
+
+class BodyLimit:
+    """Refuse request bodies over ``limit`` bytes (declared or streamed) with 413, before anything parses them."""
+
+    def __init__(self, app: Any, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await self._refuse(scope, receive, send)
+            return
+        received = 0
+
+        async def limited() -> dict:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await self._refuse(scope, receive, send)
+
+    async def _refuse(self, scope: dict, receive: Any, send: Any) -> None:
+        response = error_response(413, f"the request body is over this server's limit of {self.limit} bytes "
+                                       "(--max-body-bytes)", code="request_too_large")
+        await response(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+# ------------------------------------------------------------------------------- command
+
+
+def settings_from_args(args: Any, defaults: ChatConfig) -> Settings:
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    for name in ("max_batch_size", "max_tokens_limit", "max_body_bytes"):
+        if getattr(args, name) < 1:
+            raise PipelineError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
+    return Settings(defaults=defaults, api_key=api_key, allow_runtime_adapters=args.allow_runtime_adapters,
+                    adapter_roots=list(args.adapter_root) or [Path("models")], max_tokens_limit=args.max_tokens_limit,
+                    max_body_bytes=args.max_body_bytes, max_context=args.max_context)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def main(args: Any) -> None:
+    import uvicorn
+
+    from qlora_pipeline.serving.models import load_from_args
+
+    persona, defaults = load_from_args(args)
+    settings = settings_from_args(args, defaults)
+    if not _is_loopback(args.host) and settings.api_key is None:
+        print(f"warning: listening on {args.host} with no API key: anyone who reaches this port can use the model; "
+              f"set --api-key or {API_KEY_ENV}", file=sys.stderr)
+    engine = Engine(persona, defaults, max_batch_size=args.max_batch_size,
+                    batch_wait_seconds=args.batch_wait_ms / 1000).start()
+    app = create_app(persona, engine, settings)
+    print(f"serving {', '.join(persona.names)} on http://{args.host}:{args.port}/v1"
+          f"{' (API key required)' if settings.api_key else ''}", flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        engine.stop()

@@ -1,0 +1,286 @@
+"""The OpenAI-compatible server on localhost: the real openai client, SSE, errors, API key, runtime adapters, batching."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx2 as httpx  # the HTTP client the openai package itself uses
+import pytest
+
+from conftest import BIN, pipeline_env
+from qlora_pipeline.config import ChatConfig
+from qlora_pipeline.serving.engine import Engine, Job, Sampling
+from qlora_pipeline.serving.models import AdapterSpec, load_persona_model
+from qlora_pipeline.serving.prompts import prompt_ids, with_system_prompt
+from qlora_pipeline.serving.server import Settings, create_app
+
+pytestmark = pytest.mark.slow
+
+DEFAULTS = ChatConfig(temperature=0.0, top_k=0, repetition_penalty=1.0, no_repeat_ngram_size=0, max_new_tokens=8)
+KEY = "test-key-123"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(app):
+    """``app`` on 127.0.0.1 in a thread of this process; stopped when the block ends."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def persona(quantized_base, persona_adapters):
+    return load_persona_model(quantized_base, [AdapterSpec("alice", str(persona_adapters["alice"])),
+                                               AdapterSpec("bob", str(persona_adapters["bob"]))])
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory, persona_adapters):
+    """An adapter root holding carol, and a folder outside it holding a copy too."""
+    top = tmp_path_factory.mktemp("roots")
+    shutil.copytree(persona_adapters["carol"], top / "allowed" / "carol")
+    shutil.copytree(persona_adapters["carol"], top / "outside" / "carol")
+    (top / "allowed" / "sneaky").symlink_to(top / "outside" / "carol")
+    return top
+
+
+@pytest.fixture(scope="module")
+def engine(persona):
+    engine = Engine(persona, DEFAULTS, max_batch_size=8, batch_wait_seconds=0.3).start()
+    yield engine
+    engine.stop()
+
+
+@pytest.fixture(scope="module")
+def url(persona, engine, roots):
+    settings = Settings(DEFAULTS, allow_runtime_adapters=True, adapter_roots=[roots / "allowed"],
+                        max_tokens_limit=64, max_body_bytes=200_000)
+    with serving(create_app(persona, engine, settings)) as base_url:
+        yield base_url
+
+
+def expected(persona, name: str, text: str, tokens: int = 8) -> tuple[str, int]:
+    """The greedy reply generated in-process, alone: what the server must return."""
+    ids = prompt_ids(persona.tokenizer, with_system_prompt([{"role": "user", "content": text}],
+                                                           persona.system_prompt(name)))
+    completion = Engine(persona, DEFAULTS).run_batch([Job(ids, persona.peft_name(name), tokens, Sampling(0.0))])[0]
+    return completion.text, len(ids)
+
+
+def client(url, key="unused"):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def test_openai_client_lists_models_and_chats(url, persona):
+    models = client(url).models.list().data
+    assert [m.id for m in models] == ["base", "alice", "bob"]
+    assert [getattr(m, "parent", None) for m in models] == [None, "base", "base"]
+    reply = client(url).chat.completions.create(model="alice", messages=[{"role": "user", "content": "hey, what's up?"}],
+                                                max_tokens=8, temperature=0)
+    text, prompt_tokens = expected(persona, "alice", "hey, what's up?")
+    assert reply.choices[0].message.content == text and reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.usage.prompt_tokens == prompt_tokens
+    assert reply.usage.total_tokens == prompt_tokens + reply.usage.completion_tokens
+    assert 1 <= reply.usage.completion_tokens <= 8
+    assert reply.model == "alice" and reply.id.startswith("chatcmpl-")
+
+
+def test_openai_client_streams_the_same_reply_with_usage(url, persona):
+    stream = client(url).chat.completions.create(
+        model="bob", messages=[{"role": "user", "content": "any plans tonight?"}], max_tokens=8, temperature=0,
+        stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected(persona, "bob", "any plans tonight?")[0]
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) >= 2  # streamed, not one piece
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finals) == 1
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens >= 1
+
+
+def test_sse_wire_format_ends_with_done(url):
+    body = {"model": "base", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line.startswith("data:")]
+    assert lines[-1] == "data: [DONE]"
+    first = json.loads(lines[0][len("data: "):])
+    assert first["object"] == "chat.completion.chunk" and first["choices"][0]["delta"]["role"] == "assistant"
+
+
+@pytest.mark.parametrize("body, status, code, param", [
+    ({"model": "nobody", "messages": [{"role": "user", "content": "hi"}]}, 404, "model_not_found", "model"),
+    ({"model": "alice", "messages": [{"role": "user", "content": "hi"}], "temperature": 5}, 400, "invalid_value",
+     "temperature"),
+    ({"model": "alice", "messages": []}, 400, "invalid_value", "messages"),
+    ({"model": "alice", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "invalid_value", "messages.0.role"),
+    ({"model": "alice", "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "unsupported_value", "n"),
+    ({"model": "alice", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 65}, 400, "invalid_value",
+     "max_tokens"),
+    ({"model": "alice", "messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}, 400,
+     "invalid_value", "stop"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, 400, "invalid_value", "model"),
+])
+def test_errors_come_in_openai_shape(url, body, status, code, param):
+    response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code and error["param"] == param and error["message"]
+    assert error["type"] == "invalid_request_error"
+
+
+def test_prompt_longer_than_the_context_is_refused(url, persona):
+    long = "hello " * (persona.context_length + 10)  # one token each: under the body cap, over the context
+    response = httpx.post(f"{url}/v1/chat/completions", timeout=60,
+                          json={"model": "alice", "messages": [{"role": "user", "content": long}]})
+    assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_bad_json_and_oversized_bodies(url):
+    response = httpx.post(f"{url}/v1/chat/completions", content=b"{not json", timeout=30,
+                          headers={"content-type": "application/json"})
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_json"
+    response = httpx.post(f"{url}/v1/chat/completions", content=b"x" * 300_000, timeout=30,
+                          headers={"content-type": "application/json"})
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+    assert httpx.get(f"{url}/v1/nothing", timeout=30).json()["error"]["code"] == "not_found"
+
+
+def test_runtime_load_and_unload_with_path_checks(url, roots, persona):
+    def post(route, body):
+        return httpx.post(f"{url}/v1/{route}", json=body, timeout=120)
+
+    outside = post("load_lora_adapter", {"lora_name": "carol", "lora_path": str(roots / "outside" / "carol")})
+    assert outside.status_code == 403 and outside.json()["error"]["code"] == "path_not_allowed"
+    traversal = post("load_lora_adapter", {"lora_name": "carol",
+                                           "lora_path": str(roots / "allowed" / ".." / "outside" / "carol")})
+    assert traversal.status_code == 403
+    link = post("load_lora_adapter", {"lora_name": "carol", "lora_path": str(roots / "allowed" / "sneaky")})
+    assert link.status_code == 403  # a link inside the root pointing out of it
+    assert post("load_lora_adapter", {"lora_name": "base", "lora_path": str(roots / "allowed" / "carol")}
+                ).status_code == 400
+    loaded = post("load_lora_adapter", {"lora_name": "carol", "lora_path": str(roots / "allowed" / "carol")})
+    assert loaded.status_code == 200, loaded.text
+    try:
+        assert [m.id for m in client(url).models.list().data] == ["base", "alice", "bob", "carol"]
+        reply = client(url).chat.completions.create(model="carol", messages=[{"role": "user", "content": "hi there"}],
+                                                    max_tokens=8, temperature=0)
+        assert reply.choices[0].message.content == expected(persona, "carol", "hi there")[0]
+        again = post("load_lora_adapter", {"lora_name": "carol", "lora_path": str(roots / "allowed" / "carol")})
+        assert again.status_code == 409
+    finally:
+        assert post("unload_lora_adapter", {"lora_name": "carol"}).status_code == 200
+    assert [m.id for m in client(url).models.list().data] == ["base", "alice", "bob"]
+    gone = httpx.post(f"{url}/v1/chat/completions", timeout=30,
+                      json={"model": "carol", "messages": [{"role": "user", "content": "hi"}]})
+    assert gone.status_code == 404
+    assert post("unload_lora_adapter", {"lora_name": "carol"}).status_code == 404
+
+
+def test_concurrent_clients_over_several_adapters_are_batched(url, persona, engine):
+    prompts = [("alice", "how was work?"), ("bob", "seen any good movies?"), ("base", "what's for dinner?"),
+               ("alice", "do you like hiking?"), ("bob", "coffee or tea?"), ("base", "where do you live?")]
+    before = len(engine.batches)
+    results: dict[int, str] = {}
+
+    def ask(index, name, text):
+        reply = client(url).chat.completions.create(model=name, messages=[{"role": "user", "content": text}],
+                                                    max_tokens=8, temperature=0)
+        results[index] = reply.choices[0].message.content
+
+    threads = [threading.Thread(target=ask, args=(i, *pair)) for i, pair in enumerate(prompts)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert len(results) == len(prompts)
+    assert [results[i] for i in range(len(prompts))] == [expected(persona, *pair)[0] for pair in prompts]
+    sizes = engine.batches[before:]
+    assert sum(sizes) == len(prompts) and max(sizes) > 1, sizes  # arrived together, generated together
+
+
+def test_runtime_adapters_off_and_the_api_key(persona, engine, roots):
+    settings = Settings(DEFAULTS, api_key=KEY, adapter_roots=[roots / "allowed"])
+    with serving(create_app(persona, engine, settings)) as url:
+        assert httpx.get(f"{url}/health", timeout=30).status_code == 200  # no key needed
+        missing = httpx.get(f"{url}/v1/models", timeout=30)
+        assert missing.status_code == 401 and missing.json()["error"]["code"] == "invalid_api_key"
+        wrong = httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer nope"}, timeout=30)
+        assert wrong.status_code == 401
+        assert [m.id for m in client(url, KEY).models.list().data] == ["base", "alice", "bob"]
+        import openai
+
+        with pytest.raises(openai.AuthenticationError):
+            client(url, "nope").chat.completions.create(model="alice", messages=[{"role": "user", "content": "hi"}])
+        off = httpx.post(f"{url}/v1/load_lora_adapter", headers={"Authorization": f"Bearer {KEY}"}, timeout=30,
+                         json={"lora_name": "carol", "lora_path": str(roots / "allowed" / "carol")})
+        assert off.status_code == 403 and off.json()["error"]["code"] == "runtime_adapters_disabled"
+
+
+def test_the_serve_command_listens_on_localhost_with_a_key_from_the_environment(quantized_base, persona_adapters,
+                                                                                 tmp_path):
+    port = free_port()
+    env = {**pipeline_env(), "QLORA_PIPELINE_API_KEY": KEY}
+    # `timeout`: the server stops by itself even if this test dies before its cleanup.
+    proc = subprocess.Popen(["timeout", "300", str(BIN / "qlora-pipeline"), "serve", "--base", str(quantized_base),
+                             "--adapter", f"alice={persona_adapters['alice']}", "--port", str(port),
+                             "--params", str(tmp_path / "none.yaml")],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "serve did not start"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).status_code == 401
+        reply = client(f"http://127.0.0.1:{port}", KEY).chat.completions.create(
+            model="alice", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+        assert reply.choices[0].message.content is not None
+        listening = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout
+        if listening:  # where ss exists: bound to the loopback address only (4th column: the local address)
+            assert [line.split()[3] for line in listening.splitlines()] == [f"127.0.0.1:{port}"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_serve_refuses_a_bad_adapter_clearly(quantized_base, tmp_path):
+    proc = subprocess.run([str(BIN / "qlora-pipeline"), "serve", "--base", str(quantized_base),
+                           "--adapter", f"ghost={tmp_path / 'ghost'}"], cwd=tmp_path, env=pipeline_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "error:" in proc.stderr and "ghost" in proc.stderr and "no such adapter folder" in proc.stderr
