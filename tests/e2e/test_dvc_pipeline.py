@@ -69,6 +69,24 @@ def test_repro_runs_every_stage_into_one_mlflow_run(repo):
     sh(["git", "commit", "-qm", "baseline results"], repo)
 
 
+def test_editing_chat_serve_or_export_code_reruns_no_stage(repo):
+    """The serving package and the CLI are no stage's dependency: editing them leaves every result valid."""
+    edited = [*sorted((repo / "src/qlora_pipeline/serving").glob("*.py")), repo / "src/qlora_pipeline/cli.py"]
+    assert len(edited) >= 5  # models, engine, prompts, chat, server, export
+    for path in edited:
+        path.write_text(path.read_text() + "\n# an edit that changes nothing a stage computes\n")
+    try:
+        assert "Data and pipelines are up to date" in sh(["dvc", "status"], repo)
+        # the control: an edit to code evaluate runs does make it stale
+        generation = repo / "src/qlora_pipeline/modeling/generation.py"
+        generation.write_text(generation.read_text() + "\n# edited\n")
+        status = sh(["dvc", "status"], repo)
+        assert "evaluate:" in status and "train-adapter:" not in status and "quantize-load:" in status
+    finally:
+        sh(["git", "checkout", "--", "src"], repo)
+    assert "Data and pipelines are up to date" in sh(["dvc", "status"], repo)
+
+
 def test_changing_generation_params_reruns_evaluate_only(repo):
     out = sh(["dvc", "exp", "run", "-S", "evaluate.max_new_tokens=3"], repo)
     assert "Running stage 'evaluate'" in out

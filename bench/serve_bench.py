@@ -1,0 +1,321 @@
+"""What serving several persona adapters over one base costs, and whether mixed batches are right.
+
+Adapters: the trained ``models/adapter`` and seeded perturbations of it (its LoRA weights plus
+Gaussian noise of the same scale, saved as adapters of the same base): the same shapes and size
+on disk as a real second or tenth experiment, with different outputs.
+
+1. Mixed batches are right (in this process): the first ``--prompts`` test prompts, spread over
+   base + 3 adapters, generated greedily as one mixed batch vs each prompt alone with its adapter.
+   Reported: the share of rows with identical tokens, and the largest prefill-logit difference.
+2. Memory: a ``qlora-pipeline serve`` process per count (base alone, 1, 3, 10 adapters), resident
+   memory (RSS) after one request; growth per adapter against the adapter's size on disk
+   (target <= 1.2x).
+3. Throughput against one server with 3 adapters: 8 concurrent streaming clients spread over the
+   3 adapters vs 8 clients on 1 adapter vs the same requests one at a time. Completion tokens per
+   second of wall time, and time to first token p50/p95. Targets: mixed >= 70% of single-adapter
+   throughput; batching >= 3x one at a time.
+4. Loops: share of replies to the test prompts that repeat a word or phrase 3+ times in a row,
+   greedy (the evaluate stage's decoding) vs the chat section's defaults.
+
+Run after `make run`, on an idle machine (one heavy process at a time; servers are started here,
+on 127.0.0.1, and stopped at the end):
+    .venv/bin/python bench/serve_bench.py --out bench/results/<machine>/serve.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+LOOP = re.compile(r"\b(\w+(?:\W+\w+){0,3})(?:\W+\1\b){2,}", re.IGNORECASE)
+
+
+def perturbed_adapters(source: Path, folder: Path, count: int) -> list[Path]:
+    """``count`` adapters: the trained one, then copies whose LoRA weights get seeded noise of their own scale."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    made = [source]
+    weights = load_file(source / "adapter_model.safetensors")
+    for index in range(1, count):
+        out = folder / f"variant{index}"
+        shutil.copytree(source, out)
+        generator = torch.Generator().manual_seed(index)
+        noisy = {name: (w + torch.randn(w.shape, generator=generator, dtype=torch.float32).to(w.dtype) * w.float().std()
+                        ).contiguous() for name, w in weights.items()}
+        save_file(noisy, out / "adapter_model.safetensors", metadata={"format": "pt"})
+        made.append(out)
+    return made
+
+
+def test_prompts(path: Path, count: int) -> list[list[dict]]:
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [row["messages"] for row in rows[:count]]
+
+
+# ----------------------------------------------------------------------- 1. mixed batches
+
+
+def mixed_batch_check(base: Path, adapters: list[Path], conversations: list[list[dict]], tokens: int) -> dict:
+    import torch
+
+    from qlora_pipeline.config import ChatConfig
+    from qlora_pipeline.serving.engine import Engine, Job, Sampling
+    from qlora_pipeline.serving.models import AdapterSpec, load_persona_model
+    from qlora_pipeline.serving.prompts import prompt_ids, with_system_prompt
+
+    persona = load_persona_model(base, [AdapterSpec(f"a{i}", str(p)) for i, p in enumerate(adapters[:3])])
+    plain = ChatConfig(temperature=0.0, top_k=0, repetition_penalty=1.0, no_repeat_ngram_size=0)
+    engine = Engine(persona, plain)
+    names = ["base", "a0", "a1", "a2"]
+    rows = [(names[i % 4], messages) for i, messages in enumerate(conversations)]
+    ids = [prompt_ids(persona.tokenizer, with_system_prompt(m, persona.system_prompt(n))) for n, m in rows]
+
+    def job(i):
+        return Job(ids[i], persona.peft_name(rows[i][0]), tokens, Sampling(0.0))
+
+    started = time.perf_counter()
+    mixed = engine.run_batch([job(i) for i in range(len(rows))])
+    mixed_seconds = time.perf_counter() - started
+    alone = [engine.run_batch([job(i)])[0] for i in range(len(rows))]
+    identical = sum(m.text == a.text for m, a in zip(mixed, alone))
+    # Prefill logits: the mixed, left-padded batch vs each prompt alone.
+    width = max(map(len, ids))
+    pad = persona.tokenizer.pad_token_id
+    batch = torch.tensor([[pad] * (width - len(i)) + i for i in ids])
+    mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
+    largest = 0.0
+    with torch.no_grad(), persona.autocast():
+        logits = persona.model(input_ids=batch, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                               adapter_names=[persona.peft_name(n) for n, _ in rows]).logits[:, -1].float()
+        for i, (name, _) in enumerate(rows):
+            with persona.using(name) as model:
+                single = model(input_ids=torch.tensor([ids[i]])).logits[0, -1].float()
+            largest = max(largest, float((logits[i] - single).abs().max()))
+    first_diverging = [next((k for k, (x, y) in enumerate(zip(m.text, a.text)) if x != y), None)
+                       for m, a in zip(mixed, alone) if m.text != a.text]
+    return {"rows": len(rows), "adapters": names, "new_tokens": tokens, "identical_rows": identical,
+            "identical_share": round(identical / len(rows), 3), "max_abs_prefill_logit_diff": round(largest, 5),
+            "first_differing_character": first_diverging, "mixed_batch_seconds": round(mixed_seconds, 2),
+            "dtype": str(next(p for p in persona.model.parameters()).dtype),
+            "autocast": type(persona.autocast()).__name__}
+
+
+# ----------------------------------------------------------------------- servers
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """``qlora-pipeline serve`` in a child process on 127.0.0.1, stopped on exit."""
+
+    def __init__(self, base: Path, adapters: list[Path], max_batch_size: int = 8):
+        self.port = free_port()
+        cmd = [str(BIN / "qlora-pipeline"), "serve", "--base", str(base), "--port", str(self.port),
+               "--max-batch-size", str(max_batch_size), "--batch-wait-ms", "30", "--params", str(ROOT / "params.yaml")]
+        for i, path in enumerate(adapters):
+            cmd += ["--adapter", f"a{i}={path}"]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                     env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> "Server":
+        import httpx2 as httpx
+
+        deadline = time.monotonic() + 300
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"serve exited: {self.proc.stderr.read()[-2000:]}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("serve did not start in 300 s")
+            time.sleep(0.5)
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=60)
+
+    def rss_bytes(self) -> int:
+        import psutil
+
+        return psutil.Process(self.proc.pid).memory_info().rss
+
+
+def ask(url: str, model: str, messages: list[dict], max_tokens: int, seed: int) -> dict:
+    """One streamed request: time to first token, total time, completion tokens."""
+    import httpx2 as httpx
+
+    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "stream": True, "seed": seed,
+            "stream_options": {"include_usage": True}}
+    started = time.perf_counter()
+    first = None
+    tokens = 0
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("choices") and chunk["choices"][0]["delta"].get("content") and first is None:
+                first = time.perf_counter() - started
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    return {"ttft": first if first is not None else time.perf_counter() - started,
+            "seconds": time.perf_counter() - started, "tokens": tokens}
+
+
+def traffic(url: str, plan: list[list[tuple[str, list[dict], int]]], max_tokens: int) -> dict:
+    """Each inner list is one client's requests, sent one after another; clients run at once."""
+    results: list[dict] = []
+    lock = threading.Lock()
+
+    def client(requests):
+        for model, messages, seed in requests:
+            result = ask(url, model, messages, max_tokens, seed)
+            with lock:
+                results.append(result)
+
+    threads = [threading.Thread(target=client, args=(requests,)) for requests in plan]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - started
+    ttfts = sorted(r["ttft"] for r in results)
+    tokens = sum(r["tokens"] for r in results)
+    return {"clients": len(plan), "requests": len(results), "completion_tokens": tokens,
+            "wall_seconds": round(wall, 2), "tokens_per_second": round(tokens / wall, 2),
+            "ttft_p50": round(statistics.median(ttfts), 3),
+            "ttft_p95": round(ttfts[min(len(ttfts) - 1, int(round(0.95 * (len(ttfts) - 1))))], 3)}
+
+
+def throughput(base: Path, adapters: list[Path], conversations: list[list[dict]], clients: int, per_client: int,
+               max_tokens: int) -> dict:
+    requests = [(conversations[i % len(conversations)], 1000 + i) for i in range(clients * per_client)]
+    with Server(base, adapters[:3]) as server:
+        ask(server.url, "a0", conversations[0], 4, 0)  # warm-up
+        mixed = [[(f"a{c % 3}", *requests[c * per_client + k]) for k in range(per_client)] for c in range(clients)]
+        single = [[("a0", *requests[c * per_client + k]) for k in range(per_client)] for c in range(clients)]
+        serial = [[("a0", *request) for request in requests]]
+        out = {"mixed_3_adapters": traffic(server.url, mixed, max_tokens),
+               "single_adapter": traffic(server.url, single, max_tokens),
+               "one_at_a_time": traffic(server.url, serial, max_tokens)}
+    out["mixed_vs_single"] = round(out["mixed_3_adapters"]["tokens_per_second"]
+                                   / out["single_adapter"]["tokens_per_second"], 3)
+    out["batched_vs_one_at_a_time"] = round(out["single_adapter"]["tokens_per_second"]
+                                            / out["one_at_a_time"]["tokens_per_second"], 3)
+    out["targets"] = {"mixed_vs_single": ">= 0.70", "batched_vs_one_at_a_time": ">= 3.0"}
+    return out
+
+
+def memory(base: Path, adapters: list[Path], counts: list[int], conversation: list[dict]) -> dict:
+    rss = {}
+    for count in counts:
+        with Server(base, adapters[:count]) as server:
+            ask(server.url, "a0" if count else "base", conversation, 8, 0)
+            time.sleep(1.0)
+            rss[count] = server.rss_bytes()
+    on_disk = (adapters[0] / "adapter_model.safetensors").stat().st_size
+    top, one = max(counts), min(c for c in counts if c >= 1)
+    per_adapter = (rss[top] - rss[one]) / (top - one)
+    return {"rss_mb": {str(c): round(v / 2**20, 1) for c, v in rss.items()},
+            "adapter_on_disk_mb": round(on_disk / 2**20, 2),
+            "growth_per_adapter_mb": round(per_adapter / 2**20, 2),
+            "growth_vs_disk": round(per_adapter / on_disk, 3), "target": "<= 1.2"}
+
+
+# ----------------------------------------------------------------------- 4. loops
+
+
+def loops(base: Path, adapter: Path, conversations: list[list[dict]], tokens: int, seed: int) -> dict:
+    from qlora_pipeline.config import ChatConfig, load_params
+    from qlora_pipeline.serving.engine import Engine, Job, Sampling
+    from qlora_pipeline.serving.models import AdapterSpec, load_persona_model
+    from qlora_pipeline.serving.prompts import prompt_ids, with_system_prompt
+
+    chat = load_params(ROOT / "params.yaml").chat
+    persona = load_persona_model(base, [AdapterSpec("tuned", str(adapter))])
+    ids = [prompt_ids(persona.tokenizer, with_system_prompt(m, persona.system_prompt("tuned"))) for m in conversations]
+    greedy = ChatConfig(temperature=0.0, top_k=0, repetition_penalty=1.0, no_repeat_ngram_size=0)
+    out = {}
+    for label, defaults, sampling in (
+            ("greedy", greedy, lambda i: Sampling(0.0)),
+            ("chat_defaults", chat, lambda i: Sampling(chat.temperature, chat.top_p, chat.top_k, seed + i))):
+        engine = Engine(persona, defaults)
+        replies = []
+        for start in range(0, len(ids), 16):
+            replies += [c.text for c in engine.run_batch([Job(ids[i], "tuned", tokens, sampling(i))
+                                                          for i in range(start, min(start + 16, len(ids)))])]
+        looping = [r for r in replies if LOOP.search(r)]
+        out[label] = {"replies": len(replies), "looping": len(looping), "share": round(len(looping) / len(replies), 3),
+                      "examples": looping[:3]}
+    out["definition"] = "a word or phrase of up to 4 words repeated 3+ times in a row"
+    out["chat"] = {k: getattr(chat, k) for k in ("temperature", "top_p", "top_k", "repetition_penalty",
+                                                 "no_repeat_ngram_size")}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", type=Path, default=ROOT / "models/base")
+    parser.add_argument("--adapter", type=Path, default=ROOT / "models/adapter")
+    parser.add_argument("--test", type=Path, default=ROOT / "data/splits/test.jsonl")
+    parser.add_argument("--prompts", type=int, default=16, help="rows of the mixed-batch check")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--requests-per-client", type=int, default=3)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--loop-prompts", type=int, default=100)
+    parser.add_argument("--skip", nargs="*", default=[], choices=("mixed", "memory", "throughput", "loops"))
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT / "src"))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from qlora_pipeline import hardware
+
+    conversations = test_prompts(args.test, max(args.prompts, args.loop_prompts))
+    report: dict = {"machine": hardware.capability_line(), "hardware": hardware.capability()}
+    with tempfile.TemporaryDirectory() as tmp:
+        adapters = perturbed_adapters(args.adapter, Path(tmp), 10)
+        if "mixed" not in args.skip:
+            report["mixed_batch"] = mixed_batch_check(args.base, adapters, conversations[:args.prompts], 24)
+            print("mixed batch:", json.dumps(report["mixed_batch"]), flush=True)
+        if "loops" not in args.skip:
+            report["loops"] = loops(args.base, args.adapter, conversations[:args.loop_prompts], 48, 0)
+            print("loops:", json.dumps({k: v for k, v in report["loops"].items() if k != "examples"}), flush=True)
+        if "memory" not in args.skip:
+            report["memory"] = memory(args.base, adapters, [0, 1, 3, 10], conversations[0])
+            print("memory:", json.dumps(report["memory"]), flush=True)
+        if "throughput" not in args.skip:
+            report["throughput"] = throughput(args.base, adapters, conversations[:24], args.clients,
+                                              args.requests_per_client, args.max_tokens)
+            print("throughput:", json.dumps(report["throughput"]), flush=True)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
