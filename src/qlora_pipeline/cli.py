@@ -2,6 +2,7 @@
 
     qlora-pipeline summary                        where the outputs are, and the key metrics
     qlora-pipeline human-eval score RATINGS.csv   score a rater's blind A/B choices
+    qlora-pipeline runs                           past runs whose adapter can be used below (runs:/<id>/adapter)
     qlora-pipeline chat [--adapter NAME=SOURCE]   talk to the persona in this terminal
     qlora-pipeline serve [--adapter NAME=SOURCE]  an OpenAI-compatible server, several adapters on one base
     qlora-pipeline export --adapter SOURCE --out DIR   a merged model plain transformers loads
@@ -111,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--run-file", type=Path, default=Path("reports/run.json"),
                        help="which MLflow run the sheet came from (written by evaluate)")
     score.set_defaults(func=human_eval_score)
+
+    runs = commands.add_parser("runs", help="past runs with an adapter, as runs:/<run_id>/adapter sources")
+    runs.add_argument("--params", type=Path, default=Path("params.yaml"), help="for the MLflow store and experiment")
+    runs.add_argument("--limit", type=int, default=20, help="newest runs looked at")
+    runs.set_defaults(func=_run("qlora_pipeline.serving.runs"))
 
     chat = commands.add_parser("chat", help="talk to the persona in this terminal (/help lists the commands)")
     _model_arguments(chat)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
+
+from conftest import set_dotted
 
 from qlora_pipeline.config import ChatConfig
 from qlora_pipeline.errors import PipelineError
@@ -174,3 +178,42 @@ def test_adapters_of_another_base_or_a_full_model_are_refused(quantized_base, pe
         load_persona_model(quantized_base, [AdapterSpec("full", str(full))])
     with pytest.raises(PipelineError, match="no such adapter folder"):
         load_persona_model(quantized_base, [AdapterSpec("gone", str(tmp_path / "gone"))])
+
+
+def test_a_past_runs_adapter_is_fetched_from_mlflow_and_listed(quantized_base, persona_adapters, tmp_path,
+                                                                base_params_dict, capsys):
+    """``runs:/<run_id>/adapter`` as evaluate logs it: downloaded from the store, then served like a folder."""
+    import argparse
+
+    import mlflow
+
+    from qlora_pipeline.serving import runs
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    experiment = client.create_experiment("qlora-pipeline", artifact_location=(tmp_path / "artifacts").as_uri())
+    run = client.create_run(experiment, tags={"dvc.exp_name": "rank-8"})
+    client.log_param(run.info.run_id, "train.lora.r", "8")
+    client.log_metric(run.info.run_id, "eval.rougeL.tuned", 0.0812)
+    client.log_artifacts(run.info.run_id, str(persona_adapters["bob"]), artifact_path="adapter")
+    client.set_terminated(run.info.run_id)
+    empty = client.create_run(experiment)  # a run that stopped before evaluate: no adapter, not listed
+    client.set_terminated(empty.info.run_id)
+
+    source = f"runs:/{run.info.run_id}/adapter"
+    persona = load_persona_model(quantized_base, [AdapterSpec("alice", str(persona_adapters["alice"])),
+                                                  AdapterSpec("bob", source)],
+                                 tracking_uri=uri, downloads=tmp_path / "downloads")
+    assert persona.adapters["bob"].source == source and persona.system_prompt("bob").startswith("You are bob")
+    from_run = _greedy(Engine(persona, PLAIN), [("bob", PROMPTS[0])])
+    folder = load_persona_model(quantized_base, [AdapterSpec("bob", str(persona_adapters["bob"]))])
+    assert from_run == _greedy(Engine(folder, PLAIN), [("bob", PROMPTS[0])])
+    with pytest.raises(PipelineError, match=r"runs:/0000/adapter: could not fetch it from the MLflow store"):
+        load_persona_model(quantized_base, [AdapterSpec("x", "runs:/0000/adapter")], tracking_uri=uri)
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(set_dotted(copy.deepcopy(base_params_dict), {"mlflow.tracking_uri": uri})))
+    runs.main(argparse.Namespace(params=params, limit=10))
+    listed = capsys.readouterr().out
+    assert source in listed and "rank-8" in listed and "0.0812" in listed
+    assert empty.info.run_id not in listed
