@@ -1,0 +1,193 @@
+"""``qlora-pipeline chat`` in a real terminal (pexpect): streamed replies equal the engine's, commands, exits."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pexpect
+import pytest
+import yaml
+
+from conftest import BIN, set_dotted
+from qlora_pipeline.config import ChatConfig, load_params
+from qlora_pipeline.errors import PipelineError
+from qlora_pipeline.serving.chat import PROMPT, parse_setting, with_setting
+from qlora_pipeline.serving.engine import Engine, Job, Sampling
+from qlora_pipeline.serving.models import AdapterSpec, load_persona_model
+from qlora_pipeline.serving.prompts import prompt_ids, with_system_prompt
+
+pytestmark = pytest.mark.slow
+
+MESSAGE = "hey, how was your weekend?"
+TIMEOUT = 120
+ESCAPES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # readline's terminal codes (e.g. bracketed paste on/off)
+
+
+@pytest.fixture(scope="module")
+def chat_params(tmp_path_factory, base_params_dict) -> Path:
+    """The repository's params.yaml with greedy 12-token replies, so a reply can be pinned."""
+    folder = tmp_path_factory.mktemp("chat-params")
+    raw = set_dotted(copy.deepcopy(base_params_dict), {"chat.temperature": 0.0, "chat.max_new_tokens": 12,
+                                                       "mlflow.tracking_uri": f"sqlite:///{folder / 'mlflow.db'}"})
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def engine_reply(quantized_base, persona_adapters, chat_params):
+    """``reply(name, conversation)``: the engine's answer in this process, as chat should give it."""
+    specs = [AdapterSpec(name, str(persona_adapters[name])) for name in ("alice", "bob")]
+    persona = load_persona_model(quantized_base, specs, dequantize=True)
+    settings = load_params(chat_params).chat
+    engine = Engine(persona, settings)
+
+    def reply(name: str, conversation: list[dict]) -> str:
+        ids = prompt_ids(persona.tokenizer, with_system_prompt(conversation, persona.system_prompt(name)))
+        job = Job(ids, persona.peft_name(name), settings.max_new_tokens,
+                  Sampling(settings.temperature, settings.top_p, settings.top_k))
+        return engine.run_batch([job])[0].text
+
+    return reply
+
+
+def chat_command(quantized_base: Path, persona_adapters: dict, params: Path, *extra: str) -> list[str]:
+    return ["chat", "--base", str(quantized_base), "--adapter", f"alice={persona_adapters['alice']}",
+            "--adapter", f"bob={persona_adapters['bob']}", "--params", str(params), "--dequantize", "true", *extra]
+
+
+def spawn_chat(args: list[str], cwd: Path) -> pexpect.spawn:
+    """The chat in a pseudo-terminal, as a user runs it; waits for its first prompt and returns the banner."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    child = pexpect.spawn(str(BIN / "qlora-pipeline"), args, cwd=str(cwd), env=env, encoding="utf-8",
+                          timeout=TIMEOUT, dimensions=(40, 300))
+    child.expect_exact(PROMPT)
+    return child
+
+
+def printed(child: pexpect.spawn) -> str:
+    """What the chat printed before the prompt just matched, without the echo of the line typed."""
+    text = ESCAPES.sub("", child.before).replace("\r\n", "\n")
+    return text.partition("\n")[2]
+
+
+def send(child: pexpect.spawn, line: str) -> str:
+    """Type ``line``; what the chat printed in answer, up to its next prompt."""
+    child.sendline(line)
+    child.expect_exact(PROMPT)
+    return printed(child)
+
+
+def say(child: pexpect.spawn, message: str, name: str) -> str:
+    """Send a user turn; the reply text, checked to come after the model's name."""
+    out = send(child, message)
+    assert out.startswith(f"{name}> ") and out.endswith("\n"), out
+    return out[len(f"{name}> "):-1]
+
+
+def test_a_chat_session_streams_the_engines_replies_and_obeys_commands(
+        quantized_base, persona_adapters, chat_params, engine_reply, tmp_path):
+    child = spawn_chat(chat_command(quantized_base, persona_adapters, chat_params), tmp_path)
+    banner = ESCAPES.sub("", child.before)
+    assert "models: base, alice, bob" in banner and "talking to alice" in banner and "/help" in banner
+
+    listing = send(child, "/adapters").splitlines()
+    assert listing[0].startswith("  base ") and str(quantized_base) in listing[0]
+    assert listing[1].startswith("* alice ") and listing[1].endswith(str(persona_adapters["alice"]))
+    assert listing[2].startswith("  bob ") and listing[2].endswith(str(persona_adapters["bob"]))
+
+    user = {"role": "user", "content": MESSAGE}
+    alice = say(child, MESSAGE, "alice")
+    assert alice == engine_reply("alice", [user])
+
+    assert "temperature takes a number" in send(child, "/set temperature=abc")
+    unknown = send(child, "/set nosuchkey=1")
+    assert "unknown key 'nosuchkey'" in unknown and "temperature, top_p, top_k" in unknown
+    assert "unknown command /bogus" in send(child, "/bogus") and "/save FILE" in child.before
+
+    assert send(child, "/use bob").startswith("now talking to bob")
+    bob = say(child, MESSAGE, "bob")  # the conversation is kept across the switch
+    assert bob == engine_reply("bob", [user, {"role": "assistant", "content": alice}, user])
+    assert bob != alice
+    assert "* bob " in send(child, "/adapters")
+
+    assert "saved 4 turns" in send(child, "/save talk.jsonl")
+    turns = [json.loads(line) for line in (tmp_path / "talk.jsonl").read_text().splitlines()]
+    assert [t["role"] for t in turns] == ["user", "assistant", "user", "assistant"]
+    assert [t.get("model") for t in turns] == [None, "alice", None, "bob"]
+    assert [t["content"] for t in turns] == [MESSAGE, alice, MESSAGE, bob]
+    assert turns[3]["decoding"]["temperature"] == 0.0 and turns[3]["decoding"]["max_new_tokens"] == 12
+    assert turns[3]["system_prompt"] == "You are bob. Reply in your own voice."
+
+    assert "new conversation" in send(child, "/reset")
+    send(child, "/system Talk like a pirate.")  # a fresh conversation under the user's own system prompt
+    pirate = {"role": "system", "content": "Talk like a pirate."}
+    assert say(child, MESSAGE, "bob") == engine_reply("bob", [pirate, user])
+    assert "You are bob. Reply in your own voice." in send(child, "/system")
+    child.sendline("/quit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_errors_and_ctrl_c_stop_a_reply_not_the_session(quantized_base, persona_adapters, chat_params, tmp_path):
+    child = spawn_chat(chat_command(quantized_base, persona_adapters, chat_params, "--use", "bob", "--seed", "7"),
+                       tmp_path)
+    assert "talking to bob" in child.before
+
+    send(child, "/set max_new_tokens=8100")
+    too_long = send(child, "tell me about your day " * 30)
+    assert "error:" in too_long and "shorten it" in too_long
+
+    send(child, "/set max_new_tokens=4000")
+    send(child, "/set temperature=0.8")
+    child.sendline(MESSAGE)
+    child.expect_exact("bob> ")
+    child.expect(r"\S")  # text streams in while the reply goes on
+    child.sendintr()
+    child.expect_exact("[stopped]")
+    child.expect_exact(PROMPT)
+    assert "seed=8" in send(child, "/set")  # one reply made: the next one gets the next seed
+
+    child.sendintr()  # Ctrl-C at the prompt leaves
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_the_base_alone_starts_on_base_and_ctrl_d_leaves(quantized_base, chat_params, tmp_path):
+    child = spawn_chat(["chat", "--base", str(quantized_base), "--params", str(chat_params)], tmp_path)
+    assert "models: base | talking to base" in child.before
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--use", "carol"], "error: --use carol: no such model; the models are base, alice, bob"),
+    (["--adapter", "ghost=no/such/folder"], "error: no/such/folder: no such adapter folder"),
+])
+def test_a_bad_command_line_exits_1_with_a_clear_error(quantized_base, persona_adapters, chat_params, tmp_path,
+                                                       extra, message):
+    proc = subprocess.run([str(BIN / "qlora-pipeline"), *chat_command(quantized_base, persona_adapters, chat_params),
+                           *extra], cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True,
+                          text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert message in proc.stderr
+
+
+def test_set_checks_values_as_params_yaml_does():
+    assert parse_setting("top_k = 20") == ("top_k", 20)
+    assert parse_setting("seed=none") == ("seed", None)
+    with pytest.raises(PipelineError, match="top_k takes a whole number"):
+        parse_setting("top_k=2.5")
+    with pytest.raises(PipelineError, match=r"chat.top_p: must be in \(0, 1\]"):
+        with_setting(ChatConfig(), "top_p", 1.5, context_length=2048)
+    with pytest.raises(PipelineError, match="below the model's context of 2048"):
+        with_setting(ChatConfig(), "max_new_tokens", 2048, context_length=2048)
