@@ -155,7 +155,7 @@ def test_history_is_cut_from_the_left_to_fit(persona):
     history.append({"role": "user", "content": "last one"})
     kept, ids, dropped = fit_history(tokenizer, history, budget=200)
     assert len(ids) <= 200 and dropped > 0
-    assert kept[0]["role"] == "system" and kept[-1]["content"] == "last one"
+    assert kept[0]["role"] == "system" and kept[1]["role"] == "user" and kept[-1]["content"] == "last one"
     assert kept == [history[0], *history[1 + dropped:]]
     with pytest.raises(PipelineError, match="shorten it"):
         fit_history(tokenizer, [{"role": "user", "content": "word " * 400}], budget=50)

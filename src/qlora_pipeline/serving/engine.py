@@ -135,41 +135,64 @@ def _per_row_processor(rows: list[_Row]) -> Any:
     from transformers import LogitsProcessor
 
     class PerRowSampling(LogitsProcessor):
-        """Penalties, temperature, top-k/top-p and the draw of each row, with that row's generator.
+        """Penalties, temperature, top-k/top-p and the draw of every row at once, each with its own settings.
 
-        Returns scores with only the drawn token left, so generate's greedy pick takes it.
+        Vectorised over the batch (one sort, one small host-to-device copy per step, no per-row
+        synchronisation on a GPU). Each row's uniform draw comes from the row's own seeded
+        generator, so a seeded request samples the same tokens whatever it is batched with.
+        Returns scores with only the chosen token left, so generate's greedy pick takes it.
         """
+
+        def __init__(self) -> None:
+            self.counts: torch.Tensor | None = None
+
+        def _setup(self, scores: torch.Tensor) -> None:
+            device, settings = scores.device, [row.job.sampling for row in rows]
+
+            def column(values: list[float]) -> torch.Tensor:
+                return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(1)
+
+            self.greedy = torch.tensor([s.temperature <= 0 for s in settings], device=device)
+            self.sampling = not bool(self.greedy.all())
+            self.temperature = column([s.temperature if s.temperature > 0 else 1.0 for s in settings])
+            self.top_p = column([s.top_p for s in settings])
+            vocabulary = scores.shape[-1]
+            self.kth = torch.tensor([[min(s.top_k, vocabulary) - 1 if s.top_k else vocabulary - 1] for s in settings],
+                                    device=device)
+            self.use_top_k = any(s.top_k for s in settings)
+            self.presence = column([s.presence_penalty for s in settings])
+            self.frequency = column([s.frequency_penalty for s in settings])
+            if any(s.presence_penalty or s.frequency_penalty for s in settings):
+                self.counts = torch.zeros_like(scores, dtype=torch.float32)
 
         def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
             scores = scores.float()
+            if not hasattr(self, "greedy"):
+                self._setup(scores)
+            elif self.counts is not None:  # the token each row generated in the previous step
+                self.counts.scatter_add_(1, input_ids[:, -1:], torch.ones_like(self.counts[:, :1]))
+            if self.counts is not None:
+                scores = scores - self.frequency * self.counts - self.presence * (self.counts > 0).float()
+            tokens = scores.argmax(dim=-1)
+            if self.sampling:
+                tokens = torch.where(self.greedy, tokens, self._draw(scores / self.temperature))
             out = torch.full_like(scores, float("-inf"))
-            for i, row in enumerate(rows):
-                s = row.job.sampling
-                logits = scores[i]
-                if row.ids and (s.presence_penalty or s.frequency_penalty):
-                    ids = torch.tensor(row.ids, device=logits.device)
-                    counts = torch.bincount(ids, minlength=logits.shape[-1]).to(logits.dtype)
-                    logits = logits - s.frequency_penalty * counts - s.presence_penalty * (counts > 0).to(logits.dtype)
-                if s.temperature <= 0:
-                    token = int(torch.argmax(logits))
-                else:
-                    token = _draw(logits / s.temperature, s.top_k, s.top_p, row.generator)
-                out[i, token] = 0.0
-            return out
+            return out.scatter_(1, tokens.unsqueeze(1), 0.0)
+
+        def _draw(self, logits: torch.Tensor) -> torch.Tensor:
+            ordered, order = torch.sort(logits, dim=-1, descending=True)
+            if self.use_top_k:  # ties with the k-th logit stay, as in transformers' TopKLogitsWarper
+                ordered = ordered.masked_fill(ordered < ordered.gather(1, self.kth), float("-inf"))
+            probs = torch.softmax(ordered, dim=-1)
+            # top-p: the smallest head of the sorted distribution whose mass reaches top_p (at least one token)
+            probs = probs * ((torch.cumsum(probs, dim=-1) - probs) < self.top_p)
+            cumulative = torch.cumsum(probs, dim=-1)
+            uniform = torch.tensor([[float(torch.rand(1, generator=row.generator))] for row in rows],
+                                   device=logits.device) * cumulative[:, -1:]
+            picked = torch.searchsorted(cumulative, uniform, right=True).clamp(max=logits.shape[-1] - 1)
+            return order.gather(1, picked).squeeze(1)
 
     return PerRowSampling()
-
-
-def _draw(logits: torch.Tensor, top_k: int, top_p: float, generator: torch.Generator) -> int:
-    if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < top_p  # the smallest set reaching top_p
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 
 def _stopper(rows: list[_Row]) -> Any:

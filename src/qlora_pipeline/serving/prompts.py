@@ -23,9 +23,9 @@ def prompt_ids(tokenizer: Any, messages: Sequence[dict]) -> list[int]:
 
 
 def fit_history(tokenizer: Any, messages: Sequence[dict], budget: int) -> tuple[list[dict], list[int], int]:
-    """Drop the oldest turns (system messages stay) until the prompt takes at most ``budget`` tokens.
+    """Drop the oldest exchanges (system messages stay) until the prompt takes at most ``budget`` tokens.
 
-    Returns the kept messages, their prompt ids and how many turns were dropped. The newest user
+    Returns the kept messages, their prompt ids and how many messages were dropped. The newest user
     turn always stays; if it alone is too long, that is an error the caller reports.
     """
     messages = list(messages)
@@ -38,5 +38,9 @@ def fit_history(tokenizer: Any, messages: Sequence[dict], budget: int) -> tuple[
         if len(conversation) <= 1:
             raise PipelineError(f"the message takes {len(ids)} tokens with its system prompt, more than the "
                                 f"{budget} the context leaves; shorten it")
+        # Drop the oldest exchange whole: the conversation must still open with a user turn.
         del messages[conversation[0]]
         dropped += 1
+        while conversation[0] < len(messages) - 1 and messages[conversation[0]]["role"] == "assistant":
+            del messages[conversation[0]]
+            dropped += 1
