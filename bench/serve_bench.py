@@ -11,7 +11,8 @@ on disk as a real second or tenth experiment, with different outputs.
    memory (RSS) after one request; growth per adapter against the adapter's size on disk
    (target <= 1.2x).
 3. Throughput against one server with 3 adapters: 8 concurrent streaming clients spread over the
-   3 adapters vs 8 clients on 1 adapter vs the same requests one at a time. Completion tokens per
+   3 adapters vs 8 clients on 1 adapter vs the same requests one at a time; the mixed traffic again
+   on a server whose mixed batches take PEFT's ``adapter_names`` path instead of the stacked one. Completion tokens per
    second of wall time, and time to first token p50/p95. Targets: mixed >= 70% of single-adapter
    throughput; batching >= 3x one at a time.
 4. Loops: share of replies to the test prompts that repeat a word or phrase 3+ times in a row,
@@ -78,6 +79,7 @@ def mixed_batch_check(base: Path, adapters: list[Path], conversations: list[list
     from qlora_pipeline.serving.prompts import prompt_ids, with_system_prompt
 
     persona = load_persona_model(base, [AdapterSpec(f"a{i}", str(p)) for i, p in enumerate(adapters[:3])])
+    assert persona.stacked is not None  # the generated mixed batch takes the stacked path; the logits below, PEFT's
     plain = ChatConfig(temperature=0.0, top_k=0, repetition_penalty=1.0, no_repeat_ngram_size=0)
     engine = Engine(persona, plain)
     names = ["base", "a0", "a1", "a2"]
@@ -126,10 +128,11 @@ def free_port() -> int:
 class Server:
     """``qlora-pipeline serve`` in a child process on 127.0.0.1, stopped on exit."""
 
-    def __init__(self, base: Path, adapters: list[Path], max_batch_size: int = 8):
+    def __init__(self, base: Path, adapters: list[Path], max_batch_size: int = 8, mixed_batches: str = "stacked"):
         self.port = free_port()
         cmd = [str(BIN / "qlora-pipeline"), "serve", "--base", str(base), "--port", str(self.port),
-               "--max-batch-size", str(max_batch_size), "--batch-wait-ms", "30", "--params", str(ROOT / "params.yaml")]
+               "--max-batch-size", str(max_batch_size), "--batch-wait-ms", "30", "--params", str(ROOT / "params.yaml"),
+               "--mixed-batches", mixed_batches]
         for i, path in enumerate(adapters):
             cmd += ["--adapter", f"a{i}={path}"]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -222,8 +225,13 @@ def throughput(base: Path, adapters: list[Path], conversations: list[list[dict]]
         out = {"mixed_3_adapters": traffic(server.url, mixed, max_tokens),
                "single_adapter": traffic(server.url, single, max_tokens),
                "one_at_a_time": traffic(server.url, serial, max_tokens)}
+    with Server(base, adapters[:3], mixed_batches="peft") as server:  # the reference path, same traffic
+        ask(server.url, "a0", conversations[0], 4, 0)
+        out["mixed_3_adapters_peft"] = traffic(server.url, mixed, max_tokens)
     out["mixed_vs_single"] = round(out["mixed_3_adapters"]["tokens_per_second"]
                                    / out["single_adapter"]["tokens_per_second"], 3)
+    out["mixed_peft_vs_single"] = round(out["mixed_3_adapters_peft"]["tokens_per_second"]
+                                        / out["single_adapter"]["tokens_per_second"], 3)
     out["batched_vs_one_at_a_time"] = round(out["single_adapter"]["tokens_per_second"]
                                             / out["one_at_a_time"]["tokens_per_second"], 3)
     out["targets"] = {"mixed_vs_single": ">= 0.70", "batched_vs_one_at_a_time": ">= 3.0"}

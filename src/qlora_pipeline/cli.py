@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch-size", type=int, default=8, help="requests generated together at most")
     serve.add_argument("--batch-wait-ms", type=float, default=20.0,
                        help="how long the first request of a batch waits for others to join")
+    serve.add_argument("--mixed-batches", choices=("stacked", "peft"), default="stacked",
+                       help="how a batch mixing adapters runs: every adapter's LoRA stacked into two matmuls per "
+                            "layer, or PEFT's adapter_names loop (the reference)")
     serve.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask")
     serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body accepted")
     serve.add_argument("--max-context", type=int, default=None,

@@ -217,3 +217,35 @@ def test_a_past_runs_adapter_is_fetched_from_mlflow_and_listed(quantized_base, p
     listed = capsys.readouterr().out
     assert source in listed and "rank-8" in listed and "0.0812" in listed
     assert empty.info.run_id not in listed
+
+
+def test_stacked_lora_computes_what_peft_mixed_batches_compute(persona):
+    """The stacked path (two matmuls a layer) against PEFT's adapter_names loop, on one padded mixed batch."""
+    assert persona.stacked is not None
+    layer, stack = next(iter(persona.stacked.stacks.items()))
+    for name, (start, rank, _) in stack.blocks.items():  # each adapter's weights live in the stack: one copy
+        assert layer.lora_A[name].weight.data_ptr() == stack.a[start].data_ptr()
+    tokenizer = persona.tokenizer
+    pairs = [("alice", PROMPTS[0]), ("base", PROMPTS[2]), ("carol", PROMPTS[1]), ("bob", PROMPTS[3])]
+    ids = [_ids(persona, name, text) for name, text in pairs]
+    width = max(map(len, ids))
+    batch = torch.tensor([[tokenizer.pad_token_id] * (width - len(i)) + i for i in ids])
+    mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    names = [persona.peft_name(n) for n, _ in pairs]
+    with torch.no_grad():
+        peft = persona.model(input_ids=batch, attention_mask=mask, position_ids=positions, adapter_names=names).logits
+        with persona.stacked.mixed(names):
+            stacked = persona.model(input_ids=batch, attention_mask=mask, position_ids=positions).logits
+        after = persona.model(input_ids=batch, attention_mask=mask, position_ids=positions, adapter_names=names).logits
+    real = mask.bool()
+    assert torch.allclose(stacked[real], peft[real], rtol=1e-4, atol=1e-4), (stacked[real] - peft[real]).abs().max()
+    assert torch.equal(after, peft)  # the hooks are gone and the adapters are on again
+
+
+def test_peft_mixed_batches_remain_available(quantized_base, persona_adapters):
+    specs = [AdapterSpec(name, str(path)) for name, path in persona_adapters.items()]
+    peft = load_persona_model(quantized_base, specs[:2], mixed_batches="peft")
+    assert peft.stacked is None
+    pairs = [("alice", PROMPTS[0]), ("bob", PROMPTS[1]), ("base", PROMPTS[2])]
+    assert _greedy(Engine(peft, PLAIN), pairs) == [_greedy(Engine(peft, PLAIN), [pair])[0] for pair in pairs]

@@ -315,7 +315,9 @@ class Engine:
         with persona.lock, persona.autocast(), torch.no_grad():
             model = persona.model
             kwargs: dict[str, Any] = {}
-            if len(adapters) > 1:  # PEFT's mixed batch: each row through its own adapter
+            if len(adapters) > 1 and persona.stacked is not None:  # each row its adapter, in two matmuls a layer
+                context = persona.stacked.mixed([job.adapter for job in jobs])
+            elif len(adapters) > 1:  # PEFT's mixed batch: each row through its own adapter
                 kwargs["adapter_names"] = [job.adapter for job in jobs]
                 context = contextlib.nullcontext()
             else:  # one adapter for the whole batch: the plain (faster) forward

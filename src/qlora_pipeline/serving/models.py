@@ -152,6 +152,8 @@ class PersonaModel:
     resolved: dict  # the first adapter's resolved config (precision, model keys); {} for the base alone
     adapters: dict[str, Adapter] = field(default_factory=dict)
     dequantized: bool = False
+    mixed_batches: str = "stacked"  # stacked: serving/stacked_lora.py; peft: PEFT's adapter_names path
+    stacked: Any = None  # the StackedLoRA in use, if any
     tracking_uri: str | None = None
     downloads: Path | None = None
     lock: threading.RLock = field(default_factory=threading.RLock)
@@ -211,6 +213,7 @@ class PersonaModel:
                 self.resolved = adapter.resolved
             self.model.eval()
             self.adapters[adapter.name] = adapter
+            self.restack()
             return adapter
 
     def unload_adapter(self, name: str) -> None:
@@ -219,11 +222,26 @@ class PersonaModel:
                 raise KeyError(name)
             self.model.delete_adapter(name)
             del self.adapters[name]
+            self.restack()
+
+    def restack(self) -> None:
+        """Mixed batches through :mod:`stacked_lora` when asked for and every adapter is plain LoRA."""
+        from qlora_pipeline.serving import stacked_lora
+
+        with self.lock:
+            self.stacked = None
+            if self.mixed_batches != "stacked" or not self.adapters:
+                return
+            if stacked_lora.supported(self.model):
+                self.stacked = stacked_lora.StackedLoRA(self.model)
+            else:
+                print("warning: mixed batches take PEFT's path: an adapter uses a LoRA variant (DoRA, ...)",
+                      file=sys.stderr)
 
 
 def load_persona_model(base_dir: Path, specs: list[AdapterSpec], *, tracking_uri: str | None = None,
                        downloads: Path | None = None, dequantize: bool | str = "auto",
-                       runtime_adapters: bool = False) -> PersonaModel:
+                       runtime_adapters: bool = False, mixed_batches: str = "stacked") -> PersonaModel:
     """The base of ``base_dir`` as training prepared it, with every adapter of ``specs`` on it.
 
     All adapters are fetched and checked before the base is loaded, so a mismatch costs no load time.
@@ -254,6 +272,8 @@ def load_persona_model(base_dir: Path, specs: list[AdapterSpec], *, tracking_uri
                            tracking_uri=tracking_uri, downloads=downloads)
     if (adapters or not runtime_adapters) and should_dequantize(dequantize, model):
         persona.dequantized = dequantize_for_inference(model) > 0  # this process never saves the model
+    persona.mixed_batches = mixed_batches
+    persona.restack()
     return persona
 
 
@@ -270,5 +290,6 @@ def load_from_args(args: Any) -> tuple[PersonaModel, Any]:
     dequantize = {"auto": "auto", "true": True, "false": False}[args.dequantize]
     persona = load_persona_model(Path(args.base), parse_adapter_specs(args.adapter),
                                  tracking_uri=resolve_tracking_uri(params.mlflow.tracking_uri), dequantize=dequantize,
-                                 runtime_adapters=getattr(args, "allow_runtime_adapters", False))
+                                 runtime_adapters=getattr(args, "allow_runtime_adapters", False),
+                                 mixed_batches=getattr(args, "mixed_batches", "stacked"))
     return persona, params.chat
