@@ -9,18 +9,27 @@ it with a ``training_config.json`` like train-adapter writes (the base's fingerp
 on a GPU, a system prompt of their own). Then only the serving code runs: ``load_persona_model``
 and ``Engine.run_batch`` (no MLflow, FastAPI or DVC is imported).
 
-1. Mixed batches: 16 prompts over base + 3 adapters, 24 greedy tokens as one mixed batch
-   (PEFT's ``adapter_names``) vs each prompt alone with its adapter: the share of rows with the
-   same tokens, where the first differing token is, and the largest prefill-logit difference,
-   both mixed-vs-alone and mixed-vs-the-same-padded-batch-run-with-one-adapter (the latter
-   isolates the per-row adapter routing from batch-shape and padding noise).
+Mixed-adapter batches take two paths: the default stacked LoRA (``serving/stacked_lora.py``,
+``persona.stacked``; two matmuls a layer whatever the adapters) and PEFT's ``adapter_names`` loop.
+Both are measured on the same PersonaModel: for PEFT's path ``persona.stacked`` is set to None
+for the while (the engine then passes ``adapter_names``) and restored after.
+
+1. Mixed batches: 16 prompts over base + 3 adapters, 24 greedy tokens as one mixed batch through
+   the engine (the stacked path) vs each prompt alone with its adapter: the share of rows with the
+   same tokens, where the first differing token is; the same batch through PEFT's path, and its
+   rows vs the stacked path's. Prefill logits (last position) of the padded mixed batch: PEFT's
+   ``adapter_names`` forward and the stacked forward (``with persona.stacked.mixed(names)``), each
+   vs every prompt alone and vs the-same-padded-batch-run-with-one-adapter (the latter isolates the
+   per-row adapter routing from batch-shape and padding noise), and stacked vs PEFT.
 2. Throughput: 8 and 32 rows of equal-length prompts, 64 greedy tokens each, as one
-   ``run_batch`` spread over 3 adapters, as one ``run_batch`` on 1 adapter, and one request per
-   ``run_batch`` (one at a time; over the first ``--serial-requests`` of them: every one is the
-   same work, so the rate is the same). Completion tokens per second; warm-up first; the GPU is
-   synchronised around every timing.
+   ``run_batch`` spread over 3 adapters (stacked, then PEFT's path), as one ``run_batch`` on 1
+   adapter, and one request per ``run_batch`` (one at a time; over the first ``--serial-requests``
+   of them: every one is the same work, so the rate is the same). Completion tokens per second;
+   warm-up first (every path); the GPU is synchronised around every timing.
 3. GPU memory: ``torch.cuda.memory_allocated`` with the base alone, then with 1, 3 and 10 adapters
-   loaded at run time (``PersonaModel.load_adapter``); growth per adapter vs its safetensors size.
+   loaded at run time (``PersonaModel.load_adapter``, which calls ``restack()``: the adapters'
+   weights become views into the stacks, so they are held once); growth per adapter vs its
+   safetensors size.
 
 The JSON is rewritten after every part, so a run cut short still leaves what it measured.
 
@@ -34,6 +43,7 @@ Check the code path on a CPU (a tiny shape, float32 compute, no autocast):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import json
@@ -46,7 +56,7 @@ import time
 import traceback
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -172,6 +182,24 @@ def conversations(count: int) -> list[list[dict]]:
             for i in range(count)]
 
 
+@contextlib.contextmanager
+def peft_mixed_path(persona: Any) -> Iterator[None]:
+    """PEFT's ``adapter_names`` path for mixed batches for the while: the engine takes it when ``stacked`` is None."""
+    stacked = persona.stacked
+    persona.stacked = None
+    try:
+        yield
+    finally:
+        persona.stacked = stacked
+
+
+def first_differences(rows: list[Any], others: list[Any]) -> tuple[list[bool], list[int]]:
+    same = [m.ids == a.ids for m, a in zip(rows, others)]
+    first = [next((k for k, (x, y) in enumerate(zip(m.ids, a.ids)) if x != y), min(len(m.ids), len(a.ids)))
+             for m, a in zip(rows, others) if m.ids != a.ids]
+    return same, first
+
+
 def mixed_batch_check(persona: Any, rows_count: int, tokens: int) -> dict:
     import torch
 
@@ -188,16 +216,25 @@ def mixed_batch_check(persona: Any, rows_count: int, tokens: int) -> dict:
         return Job(ids[i], persona.peft_name(rows[i][0]), tokens, Sampling(0.0))
 
     # engine._generate is what run_batch runs; its rows keep the token ids (completions keep only text).
-    engine.run_batch([job(0), job(1)])  # warm-up (kernels, autotuning)
+    if persona.stacked is None:
+        raise RuntimeError("persona.stacked is None: the stacked path is not in use")
+    engine.run_batch([job(0), job(1)])  # warm-up (kernels, autotuning), both mixed paths
+    with peft_mixed_path(persona):
+        engine.run_batch([job(0), job(1)])
     sync()
     started = time.perf_counter()
-    mixed = engine._generate([job(i) for i in range(len(rows))])
+    mixed = engine._generate([job(i) for i in range(len(rows))])  # the stacked path
     sync()
     mixed_seconds = time.perf_counter() - started
+    with peft_mixed_path(persona):
+        started = time.perf_counter()
+        peft_mixed = engine._generate([job(i) for i in range(len(rows))])
+        sync()
+        peft_seconds = time.perf_counter() - started
     alone = [engine._generate([job(i)])[0] for i in range(len(rows))]
-    same = [m.ids == a.ids for m, a in zip(mixed, alone)]
-    first_diff = [next((k for k, (x, y) in enumerate(zip(m.ids, a.ids)) if x != y), min(len(m.ids), len(a.ids)))
-                  for m, a in zip(mixed, alone) if m.ids != a.ids]
+    same, first_diff = first_differences(mixed, alone)
+    peft_same, peft_first_diff = first_differences(peft_mixed, alone)
+    vs_peft_same, vs_peft_first_diff = first_differences(mixed, peft_mixed)
 
     model = persona.model
     width = max(map(len, ids))
@@ -205,31 +242,57 @@ def mixed_batch_check(persona: Any, rows_count: int, tokens: int) -> dict:
     batch = torch.tensor([[pad] * (width - len(i)) + i for i in ids], device=model.device)
     mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids], device=model.device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    peft_names = [persona.peft_name(n) for n, _ in rows]
     vs_alone, vs_uniform, per_row = 0.0, 0.0, []
+    st_vs_alone, st_vs_uniform, st_per_row = 0.0, 0.0, []
     with torch.no_grad(), persona.autocast():
         logits = model(input_ids=batch, attention_mask=mask, position_ids=positions,
-                       adapter_names=[persona.peft_name(n) for n, _ in rows]).logits[:, -1].float()
+                       adapter_names=peft_names).logits[:, -1].float()
+        with persona.stacked.mixed(peft_names):
+            stacked = model(input_ids=batch, attention_mask=mask, position_ids=positions).logits[:, -1].float()
+        stacked_vs_peft = float((stacked - logits).abs().max())
+        stacked_vs_peft_per_row = [round(float((stacked[i] - logits[i]).abs().max()), 5) for i in range(len(rows))]
         for name in names:  # the same padded batch, every row through one adapter: routing alone differs
             with persona.using(name) as single_model:
                 uniform = single_model(input_ids=batch, attention_mask=mask, position_ids=positions).logits[:, -1].float()
             for i, (row_name, _) in enumerate(rows):
                 if row_name == name:
                     vs_uniform = max(vs_uniform, float((logits[i] - uniform[i]).abs().max()))
+                    st_vs_uniform = max(st_vs_uniform, float((stacked[i] - uniform[i]).abs().max()))
         for i, (name, _) in enumerate(rows):
             with persona.using(name) as single_model:
                 single = single_model(input_ids=torch.tensor([ids[i]], device=model.device)).logits[0, -1].float()
             diff = float((logits[i] - single).abs().max())
             per_row.append(round(diff, 5))
             vs_alone = max(vs_alone, diff)
+            diff = float((stacked[i] - single).abs().max())
+            st_per_row.append(round(diff, 5))
+            st_vs_alone = max(st_vs_alone, diff)
         scale = float(logits.abs().max())
     # Adapters differ from the base and from each other (else the check proves nothing).
     distinct = len({tuple(r.ids) for r in alone[:4]})
     return {"rows": len(rows), "adapters": names, "new_tokens": tokens, "prompt_tokens": sorted(Counter(map(len, ids)).items()),
+            "generation_path": "engine, stacked LoRA (persona.stacked.mixed)",
             "identical_rows": sum(same), "identical_share": round(sum(same) / len(rows), 3),
             "differing_rows": [i for i, s in enumerate(same) if not s], "first_differing_token": first_diff,
+            "peft_path": {"identical_rows_vs_alone": sum(peft_same),
+                          "identical_share_vs_alone": round(sum(peft_same) / len(rows), 3),
+                          "differing_rows_vs_alone": [i for i, s in enumerate(peft_same) if not s],
+                          "first_differing_token_vs_alone": peft_first_diff,
+                          "mixed_batch_seconds": round(peft_seconds, 3)},
+            "stacked_vs_peft_generation": {"identical_rows": sum(vs_peft_same),
+                                           "identical_share": round(sum(vs_peft_same) / len(rows), 3),
+                                           "differing_rows": [i for i, s in enumerate(vs_peft_same) if not s],
+                                           "first_differing_token": vs_peft_first_diff},
+            "max_abs_prefill_logit_diff_stacked_vs_peft": round(stacked_vs_peft, 5),
+            "prefill_logit_diff_stacked_vs_peft_per_row": stacked_vs_peft_per_row,
             "max_abs_prefill_logit_diff_vs_alone": round(vs_alone, 5),
             "prefill_logit_diff_vs_alone_per_row": per_row,
             "max_abs_prefill_logit_diff_vs_same_batch_one_adapter": round(vs_uniform, 5),
+            "stacked_max_abs_prefill_logit_diff_vs_alone": round(st_vs_alone, 5),
+            "stacked_prefill_logit_diff_vs_alone_per_row": st_per_row,
+            "stacked_max_abs_prefill_logit_diff_vs_same_batch_one_adapter": round(st_vs_uniform, 5),
+            "logit_note": "max_abs_prefill_logit_diff_* without 'stacked_' are PEFT's adapter_names forward",
             "max_abs_prefill_logit": round(scale, 3),
             "distinct_replies_among_base_a0_a1_a2": distinct,
             "mixed_batch_seconds": round(mixed_seconds, 3),
@@ -281,21 +344,34 @@ def throughput(persona: Any, row_counts: list[int], tokens: int, serial_requests
     def jobs(count: int, adapters: list[str], new_tokens: int = tokens) -> list[Any]:
         return [Job(prompts[i], adapters[i % len(adapters)], new_tokens, Sampling(0.0)) for i in range(count)]
 
-    for adapters in (["a0", "a1", "a2"], ["a0"]):  # warm-up: both forward paths, a few batch sizes
+    if persona.stacked is None:
+        raise RuntimeError("persona.stacked is None: the stacked path is not in use")
+    mixed3 = ["a0", "a1", "a2"]
+    for adapters in (mixed3, ["a0"]):  # warm-up: every forward path, a few batch sizes
         for count in (1, *row_counts):
             engine.run_batch(jobs(count, adapters, 4))
+    with peft_mixed_path(persona):
+        for count in row_counts:
+            engine.run_batch(jobs(count, mixed3, 4))
     out: dict[str, Any] = {"prompt_tokens": len(prompts[0]), "new_tokens": tokens, "decoding": "greedy"}
     for count in row_counts:
-        mixed = timed(engine, [jobs(count, ["a0", "a1", "a2"])])
+        mixed = timed(engine, [jobs(count, mixed3)])
+        with peft_mixed_path(persona):
+            peft_mixed = timed(engine, [jobs(count, mixed3)])
         single = timed(engine, [jobs(count, ["a0"])])
-        serial = timed(engine, [[job] for job in jobs(count, ["a0", "a1", "a2"])[:serial_requests]])
+        serial = timed(engine, [[job] for job in jobs(count, mixed3)[:serial_requests]])
         out[f"rows_{count}"] = {
-            "mixed_3_adapters": mixed, "single_adapter": single, "one_at_a_time_3_adapters": serial,
+            "mixed_3_adapters": mixed, "mixed_3_adapters_peft": peft_mixed, "single_adapter": single,
+            "one_at_a_time_3_adapters": serial,
             "mixed_vs_single": round(mixed["tokens_per_second"] / single["tokens_per_second"], 3),
+            "mixed_peft_vs_single": round(peft_mixed["tokens_per_second"] / single["tokens_per_second"], 3),
+            "stacked_vs_peft_mixed": round(mixed["tokens_per_second"] / peft_mixed["tokens_per_second"], 3),
             "batched_vs_one_at_a_time": round(single["tokens_per_second"] / serial["tokens_per_second"], 3),
             "mixed_vs_one_at_a_time": round(mixed["tokens_per_second"] / serial["tokens_per_second"], 3)}
-    out["note"] = (f"one at a time: the first {serial_requests} requests of each set, each its own run_batch "
-                   "(every request is the same work, so the rate stands for all of them)")
+    out["note"] = (f"mixed_3_adapters: the default stacked-LoRA path; mixed_3_adapters_peft: the same PersonaModel "
+                   "with persona.stacked set to None for the while (the engine passes PEFT's adapter_names), then "
+                   f"restored. One at a time: the first {serial_requests} requests of each set, each its own "
+                   "run_batch (every request is the same work, so the rate stands for all of them)")
     out["targets"] = {"mixed_vs_single": ">= 0.70", "batched_vs_one_at_a_time": ">= 3.0"}
     return out
 
@@ -413,6 +489,7 @@ def main() -> None:
     if not ({"mixed", "throughput"} <= set(args.skip)):
         persona = load_persona_model(base, [AdapterSpec(f"a{i}", str(p)) for i, p in enumerate(adapters[:3])])
         result["persona"] = {"device": str(persona.model.device), "dequantized": persona.dequantized,
+                             "mixed_batches": persona.mixed_batches, "stacked": persona.stacked is not None,
                              "allocated_mb": round(torch.cuda.memory_allocated() / 2**20, 1) if cuda else None}
         if "mixed" not in args.skip:
             attempt("mixed_batch", lambda: mixed_batch_check(persona, args.prompts, args.check_tokens))
@@ -428,15 +505,22 @@ def main() -> None:
     summary = {"device": result["environment"].get("gpu", "cpu")}
     if "mixed_batch" in result:
         m = result["mixed_batch"]
-        summary["mixed_batch"] = (f"{m['identical_rows']}/{m['rows']} rows identical to alone; max prefill |dlogit| "
-                                  f"vs alone {m['max_abs_prefill_logit_diff_vs_alone']}, vs same batch one adapter "
-                                  f"{m['max_abs_prefill_logit_diff_vs_same_batch_one_adapter']}")
+        summary["mixed_batch"] = (
+            f"stacked path {m['identical_rows']}/{m['rows']} rows identical to alone, PEFT path "
+            f"{m['peft_path']['identical_rows_vs_alone']}/{m['rows']}, stacked vs PEFT "
+            f"{m['stacked_vs_peft_generation']['identical_rows']}/{m['rows']}; max prefill |dlogit| stacked vs PEFT "
+            f"{m['max_abs_prefill_logit_diff_stacked_vs_peft']}; PEFT vs alone {m['max_abs_prefill_logit_diff_vs_alone']}, "
+            f"vs same batch one adapter {m['max_abs_prefill_logit_diff_vs_same_batch_one_adapter']}; stacked vs alone "
+            f"{m['stacked_max_abs_prefill_logit_diff_vs_alone']}, vs same batch one adapter "
+            f"{m['stacked_max_abs_prefill_logit_diff_vs_same_batch_one_adapter']}")
     for key, value in result.get("throughput", {}).items():
         if key.startswith("rows_"):
             summary[f"throughput_{key}"] = (
-                f"mixed {value['mixed_3_adapters']['tokens_per_second']} tok/s, single "
+                f"mixed stacked {value['mixed_3_adapters']['tokens_per_second']} tok/s, mixed PEFT "
+                f"{value['mixed_3_adapters_peft']['tokens_per_second']}, single "
                 f"{value['single_adapter']['tokens_per_second']}, one-at-a-time "
-                f"{value['one_at_a_time_3_adapters']['tokens_per_second']}; mixed/single {value['mixed_vs_single']}, "
+                f"{value['one_at_a_time_3_adapters']['tokens_per_second']}; mixed/single stacked "
+                f"{value['mixed_vs_single']}, PEFT {value['mixed_peft_vs_single']}; "
                 f"batched/one-at-a-time {value['batched_vs_one_at_a_time']}")
     if "memory" in result and "allocated_mb" in result["memory"]:
         mem = result["memory"]
