@@ -12,7 +12,8 @@ on disk as a real second or tenth experiment, with different outputs.
    (target <= 1.2x).
 3. Throughput against one server with 3 adapters: 8 concurrent streaming clients spread over the
    3 adapters vs 8 clients on 1 adapter vs the same requests one at a time; the mixed traffic again
-   on a server whose mixed batches take PEFT's ``adapter_names`` path instead of the stacked one. Completion tokens per
+   on a server whose mixed batches take PEFT's ``adapter_names`` path instead of the stacked one.
+   Each pattern ``--repeats`` times, interleaved; the median round is reported. Completion tokens per
    second of wall time, and time to first token p50/p95. Targets: mixed >= 70% of single-adapter
    throughput; batching >= 3x one at a time.
 4. Loops: share of replies to the test prompts that repeat a word or phrase 3+ times in a row,
@@ -206,34 +207,46 @@ def traffic(url: str, plan: list[list[tuple[str, list[dict], int]]], max_tokens:
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - started
-    ttfts = sorted(r["ttft"] for r in results)
     tokens = sum(r["tokens"] for r in results)
-    return {"clients": len(plan), "requests": len(results), "completion_tokens": tokens,
-            "wall_seconds": round(wall, 2), "tokens_per_second": round(tokens / wall, 2),
+    return {"requests": len(results), "completion_tokens": tokens, "wall_seconds": wall,
+            "tokens_per_second": tokens / wall, "ttfts": [r["ttft"] for r in results]}
+
+
+def summary(rounds: list[dict], clients: int) -> dict:
+    """Median tokens/s over the rounds; time to first token percentiles over every request of every round."""
+    ttfts = sorted(t for r in rounds for t in r["ttfts"])
+    return {"clients": clients, "rounds": len(rounds), "requests_per_round": rounds[0]["requests"],
+            "completion_tokens_per_round": [r["completion_tokens"] for r in rounds],
+            "tokens_per_second_per_round": [round(r["tokens_per_second"], 2) for r in rounds],
+            "tokens_per_second": round(statistics.median(r["tokens_per_second"] for r in rounds), 2),
             "ttft_p50": round(statistics.median(ttfts), 3),
             "ttft_p95": round(ttfts[min(len(ttfts) - 1, int(round(0.95 * (len(ttfts) - 1))))], 3)}
 
 
 def throughput(base: Path, adapters: list[Path], conversations: list[list[dict]], clients: int, per_client: int,
-               max_tokens: int) -> dict:
+               max_tokens: int, repeats: int) -> dict:
+    """Each traffic pattern ``repeats`` times, interleaved, against the same server; medians reported."""
     requests = [(conversations[i % len(conversations)], 1000 + i) for i in range(clients * per_client)]
+    mixed = [[(f"a{c % 3}", *requests[c * per_client + k]) for k in range(per_client)] for c in range(clients)]
+    single = [[("a0", *requests[c * per_client + k]) for k in range(per_client)] for c in range(clients)]
+    serial = [[("a0", *request) for request in requests]]
+    rounds: dict[str, list[dict]] = {"mixed_3_adapters": [], "single_adapter": [], "one_at_a_time": [],
+                                     "mixed_3_adapters_peft": []}
     with Server(base, adapters[:3]) as server:
         ask(server.url, "a0", conversations[0], 4, 0)  # warm-up
-        mixed = [[(f"a{c % 3}", *requests[c * per_client + k]) for k in range(per_client)] for c in range(clients)]
-        single = [[("a0", *requests[c * per_client + k]) for k in range(per_client)] for c in range(clients)]
-        serial = [[("a0", *request) for request in requests]]
-        out = {"mixed_3_adapters": traffic(server.url, mixed, max_tokens),
-               "single_adapter": traffic(server.url, single, max_tokens),
-               "one_at_a_time": traffic(server.url, serial, max_tokens)}
+        for _ in range(repeats):
+            rounds["mixed_3_adapters"].append(traffic(server.url, mixed, max_tokens))
+            rounds["single_adapter"].append(traffic(server.url, single, max_tokens))
+            rounds["one_at_a_time"].append(traffic(server.url, serial, max_tokens))
     with Server(base, adapters[:3], mixed_batches="peft") as server:  # the reference path, same traffic
         ask(server.url, "a0", conversations[0], 4, 0)
-        out["mixed_3_adapters_peft"] = traffic(server.url, mixed, max_tokens)
-    out["mixed_vs_single"] = round(out["mixed_3_adapters"]["tokens_per_second"]
-                                   / out["single_adapter"]["tokens_per_second"], 3)
-    out["mixed_peft_vs_single"] = round(out["mixed_3_adapters_peft"]["tokens_per_second"]
-                                        / out["single_adapter"]["tokens_per_second"], 3)
-    out["batched_vs_one_at_a_time"] = round(out["single_adapter"]["tokens_per_second"]
-                                            / out["one_at_a_time"]["tokens_per_second"], 3)
+        for _ in range(repeats):
+            rounds["mixed_3_adapters_peft"].append(traffic(server.url, mixed, max_tokens))
+    out = {name: summary(r, 1 if name == "one_at_a_time" else clients) for name, r in rounds.items()}
+    rate = {name: out[name]["tokens_per_second"] for name in out}
+    out["mixed_vs_single"] = round(rate["mixed_3_adapters"] / rate["single_adapter"], 3)
+    out["mixed_peft_vs_single"] = round(rate["mixed_3_adapters_peft"] / rate["single_adapter"], 3)
+    out["batched_vs_one_at_a_time"] = round(rate["single_adapter"] / rate["one_at_a_time"], 3)
     out["targets"] = {"mixed_vs_single": ">= 0.70", "batched_vs_one_at_a_time": ">= 3.0"}
     return out
 
@@ -294,6 +307,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests-per-client", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of each traffic pattern (median)")
     parser.add_argument("--loop-prompts", type=int, default=100)
     parser.add_argument("--skip", nargs="*", default=[], choices=("mixed", "memory", "throughput", "loops"))
     parser.add_argument("--out", type=Path, default=None)
@@ -317,7 +331,7 @@ def main() -> None:
             print("memory:", json.dumps(report["memory"]), flush=True)
         if "throughput" not in args.skip:
             report["throughput"] = throughput(args.base, adapters, conversations[:24], args.clients,
-                                              args.requests_per_client, args.max_tokens)
+                                              args.requests_per_client, args.max_tokens, args.repeats)
             print("throughput:", json.dumps(report["throughput"]), flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

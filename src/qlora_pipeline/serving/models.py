@@ -252,6 +252,7 @@ def load_persona_model(base_dir: Path, specs: list[AdapterSpec], *, tracking_uri
     from qlora_pipeline.modeling.adapters import attach_adapters, load_base_for
     from qlora_pipeline.modeling.inference import dequantize_for_inference, should_dequantize
     from qlora_pipeline.modeling.preparation import base_fingerprint
+    from qlora_pipeline.serving.stacked_lora import release_freed_memory
 
     adapters = [read_adapter(s.name, s.source, fetch_adapter(s.source, tracking_uri, downloads)) for s in specs]
     resolved = adapters[0].resolved if adapters else {"method": "qlora", "model": {}}
@@ -274,6 +275,7 @@ def load_persona_model(base_dir: Path, specs: list[AdapterSpec], *, tracking_uri
         persona.dequantized = dequantize_for_inference(model) > 0  # this process never saves the model
     persona.mixed_batches = mixed_batches
     persona.restack()
+    release_freed_memory()  # what loading and dequantizing freed, out of the resident set
     return persona
 
 

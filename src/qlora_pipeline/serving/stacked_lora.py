@@ -73,6 +73,8 @@ class StackedLoRA:
                 layer.lora_B[name].weight.data = bt[start:start + rank].t()
                 start += rank
             self.stacks[layer] = _Stack(a, bt, blocks)
+        release_freed_memory()
+
 
     def _masks(self, adapter_names: list[str], device: torch.device) -> dict[Any, torch.Tensor]:
         masks = {}
@@ -106,3 +108,24 @@ class StackedLoRA:
         finally:
             for hook in hooks:
                 hook.remove()
+
+
+def release_freed_memory() -> None:
+    """Hand the adapters' former weights back to the system: freed small blocks otherwise stay in the process.
+
+    glibc keeps freed heap memory for reuse (so resident memory would count every adapter twice
+    after a rebuild); ``malloc_trim`` returns it. On CUDA the caching allocator's free blocks go back.
+    """
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    libc = ctypes.util.find_library("c")
+    if libc:
+        try:
+            ctypes.CDLL(libc).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+            pass
