@@ -98,7 +98,8 @@ def tiny_run(tiny_llama, base_params_dict, tmp_path_factory):
         extra = tmp / "params.yaml"
         extra.write_text("seed: 1\n")
         metrics = run_evaluate(params, tmp / "base", tmp / "adapter", splits / "test.jsonl", tmp / "eval.json",
-                               tmp / "reports", tmp / "eval_rouge.csv", [extra, tmp / "train_log.csv"])
+                               tmp / "reports", tmp / "eval_rouge.csv", [extra, tmp / "train_log.csv"],
+                               train_path=splits / "train.jsonl")
     finally:
         del os.environ["QLORA_PIPELINE_RUN_KEY"]
     return params, tmp, metrics
@@ -114,6 +115,12 @@ def test_evaluate_writes_metrics_samples_and_sheet(tiny_run):
     assert metrics["perplexity"]["base"] > 1 and metrics["perplexity"]["tuned"] > 1
     assert metrics["perplexity"]["prompt_truncated"] >= 0 and metrics["perplexity"]["reply_truncated"] >= 0
     assert 0 <= metrics["tuned"]["end_of_turn_rate"] <= 1
+    for name in ("persona_score", "repeated_3gram"):  # the voice, with intervals like the rest
+        assert {"base", "base_ci", "tuned", "tuned_ci", "delta", "delta_ci"} <= set(metrics[name])
+        assert 0 <= metrics[name]["base"] <= 1 and 0 <= metrics[name]["tuned"] <= 1
+    assert 0 <= metrics["persona_score"]["reference"] <= 1
+    assert metrics["persona_judge"]["train_replies"] > 0 and 0 <= metrics["persona_judge"]["accuracy"] <= 1
+    assert metrics["persona_distance"]["tuned.unigram_jsd"] >= 0
     assert json.loads((tmp / "eval.json").read_text()) == metrics
     reports = tmp / "reports"
     assert {p.name for p in reports.iterdir()} == {"samples.csv", "human_eval.html", "human_eval_key.csv", "run.json"}

@@ -8,6 +8,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from qlora_pipeline import evaluation, tracking
 from qlora_pipeline.config import Params
 from qlora_pipeline.data.sampling import cap_examples
@@ -39,8 +41,12 @@ def generation_kwargs(params: Params) -> dict[str, Any]:
 
 
 def run_evaluate(params: Params, base_dir: Path, adapter_dir: Path, test_path: Path, metrics_path: Path,
-                 reports_dir: Path, rouge_plot: Path, artifacts: list[Path]) -> dict:
-    """Score base and tuned on ``test_path``; write metrics, the ROUGE plot table and ``reports_dir``."""
+                 reports_dir: Path, rouge_plot: Path, artifacts: list[Path], train_path: Path | None = None) -> dict:
+    """Score base and tuned on ``test_path``; write metrics, the ROUGE plot table and ``reports_dir``.
+
+    ``train_path`` (the train split) teaches the style judge the persona's voice; without it the
+    persona metrics are left out.
+    """
     from transformers import set_seed
 
     from qlora_pipeline.modeling.adapters import read_training_config
@@ -48,10 +54,13 @@ def run_evaluate(params: Params, base_dir: Path, adapter_dir: Path, test_path: P
     remove_outputs(metrics_path, reports_dir, rouge_plot)
     read_training_config(adapter_dir)  # fail fast, naming the missing stage
     rows = read_test(test_path, params.evaluate.max_samples, params.seed)
+    train_rows = [row for _, row in read_jsonl(train_path)] if train_path is not None else None
     set_seed(params.seed)
     started = time.perf_counter()
     outputs = generate_both(params, base_dir, adapter_dir, rows)
     metrics = score(params, rows, outputs)
+    if train_rows:
+        metrics.update(persona_metrics(params, train_rows, rows, outputs))
     metrics["wall_seconds"] = round(time.perf_counter() - started, 1)
     samples = sample_rows(rows, outputs)
     with tracking.pipeline_run(params, "evaluate") as run:  # opened first: a store error leaves no outputs
@@ -120,6 +129,44 @@ def score(params: Params, rows: list[dict], outputs: dict[str, Any]) -> dict:
     return metrics
 
 
+def persona_metrics(params: Params, train_rows: list[dict], rows: list[dict], outputs: dict[str, Any]) -> dict:
+    """Does each side talk like the persona? The style judge (trained on ``train_rows`` only) and distances.
+
+    ``persona_judge``: the judge's accuracy and AUC on the test split's real replies (the persona's
+    vs the other speakers'), how far to trust the rest. ``persona_score``: the judge's probability
+    that the persona wrote each reply, base vs tuned with intervals, and on the persona's own real
+    test replies (``reference``) as the mark to reach. ``repeated_3gram``: replies repeating a word
+    3-gram. ``persona_distance``: each side's replies against the real ones.
+    """
+    from qlora_pipeline import fidelity
+
+    cfg = params.evaluate
+    texts, labels = fidelity.judge_examples(train_rows)
+    judge = fidelity.train_judge(texts, labels, params.seed)
+    held_texts, held_labels = fidelity.judge_examples(rows)
+    references = [row["target"] for row in rows]
+    indices = evaluation.bootstrap_indices(len(rows), cfg.bootstrap_samples, params.seed)
+    scores = {side: fidelity.persona_probabilities(judge, outputs[side]["replies"]) for side in ("base", "tuned")}
+    real = fidelity.persona_probabilities(judge, references)
+    repeats = {side: np.array([fidelity.repeats_trigram(r) for r in outputs[side]["replies"]], dtype=float)
+               for side in ("base", "tuned")}
+    distance: dict[str, float] = {}
+    for side in ("base", "tuned"):
+        replies = outputs[side]["replies"]
+        distance[f"{side}.length_wasserstein"] = round(fidelity.length_distance(replies, references), 4)
+        distance[f"{side}.unigram_jsd"] = round(fidelity.unigram_divergence(replies, references), 4)
+        for habit, gap in fidelity.habit_distance(replies, references).items():
+            distance[f"{side}.{habit}_gap"] = gap
+    return {
+        "persona_judge": {"train_replies": len(texts), **fidelity.judge_quality(judge, held_texts, held_labels)},
+        "persona_score": {**evaluation.compare(scores["base"], scores["tuned"], indices, cfg.confidence_level),
+                          "reference": round(float(real.mean()), 5),
+                          "reference_ci": evaluation.interval(real, indices, cfg.confidence_level)},
+        "repeated_3gram": evaluation.compare(repeats["base"], repeats["tuned"], indices, cfg.confidence_level),
+        "persona_distance": distance,
+    }
+
+
 def flat_eval_metrics(metrics: dict) -> dict:
     """Scalars only (intervals as _low/_high), for MLflow."""
     flat: dict[str, float] = {}
@@ -128,7 +175,7 @@ def flat_eval_metrics(metrics: dict) -> dict:
             for sub, item in value.items():
                 if isinstance(item, list):
                     flat[f"{key}.{sub}_low"], flat[f"{key}.{sub}_high"] = item
-                else:
+                elif isinstance(item, (int, float)):  # None (an AUC with one class) is not a metric
                     flat[f"{key}.{sub}"] = item
         elif isinstance(value, (int, float)):
             flat[key] = value
@@ -190,7 +237,9 @@ def summary_table(metrics: dict) -> str:
     lines = [f"evaluate: {metrics['samples']} test replies, base (zero-shot) vs tuned "
              f"[{int(metrics['confidence_level'] * 100)}% interval of tuned - base]",
              f"  {'metric':<18}{'base':>10}{'tuned':>10}{'delta':>10}   interval"]
-    for name in (*evaluation.ROUGE_TYPES, "perplexity"):
+    for name in (*evaluation.ROUGE_TYPES, "perplexity", "persona_score", "repeated_3gram"):
+        if name not in metrics:
+            continue
         m = metrics[name]
         ci = m.get("delta_ci")
         ci_text = f"[{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else f"base {m['base_ci']}, tuned {m['tuned_ci']}"
@@ -198,4 +247,8 @@ def summary_table(metrics: dict) -> str:
     for name in ("end_of_turn_rate", "length_ratio", "distinct_1", "distinct_2"):
         base, tuned = metrics["base"][name], metrics["tuned"][name]
         lines.append(f"  {name:<18}{base:>10.4f}{tuned:>10.4f}{tuned - base:>+10.4f}")
+    if "persona_judge" in metrics:
+        judge, persona = metrics["persona_judge"], metrics["persona_score"]
+        lines.append(f"  style judge on real test replies: accuracy {judge['accuracy']}, AUC {judge['auc']}; "
+                     f"the persona's own replies score {persona['reference']} {persona['reference_ci']}")
     return "\n".join(lines)
