@@ -6,7 +6,7 @@ Writes: <metrics> (ROUGE-1/2/L/Lsum, perplexity, end-of-turn rate, length ratio,
         <reports>/ (samples.csv, human_eval.html + human_eval_key.csv, run.json); logs the run's artifacts
         (<artifacts>, adapter, reports) to MLflow
 Run:    python stages/evaluate.py --params params.yaml --base models/base --adapter models/adapter \
-            --test data/splits/test.jsonl --train data/splits/train.jsonl --metrics metrics/eval.json --rouge-plot metrics/eval_rouge.csv \
+            --test data/splits/test.jsonl --train data/splits/train.jsonl --train-log metrics/train_log.csv --metrics metrics/eval.json --rouge-plot metrics/eval_rouge.csv \
             --reports reports --artifacts params.yaml dvc.lock metrics/train_log.csv
 """
 
@@ -22,6 +22,7 @@ def add_paths(parser):
     parser.add_argument("--adapter", type=Path, required=True, help="train-adapter's output folder")
     parser.add_argument("--test", type=Path, required=True, help="test split JSONL")
     parser.add_argument("--train", type=Path, required=True, help="train split JSONL: what the style judge learns from")
+    parser.add_argument("--train-log", type=Path, required=True, help="train-adapter's loss log, drawn as a PNG")
     parser.add_argument("--metrics", type=Path, required=True, help="metrics JSON file")
     parser.add_argument("--rouge-plot", type=Path, required=True, help="ROUGE comparison CSV for dvc plots")
     parser.add_argument("--reports", type=Path, required=True, help="reports folder")
@@ -30,7 +31,7 @@ def add_paths(parser):
 
 def run(params, args):
     return run_evaluate(params, args.base, args.adapter, args.test, args.metrics, args.reports, args.rouge_plot,
-                        args.artifacts, train_path=args.train)
+                        args.artifacts, train_path=args.train, log_csv=args.train_log)
 
 
 if __name__ == "__main__":

@@ -99,7 +99,7 @@ def tiny_run(tiny_llama, base_params_dict, tmp_path_factory):
         extra.write_text("seed: 1\n")
         metrics = run_evaluate(params, tmp / "base", tmp / "adapter", splits / "test.jsonl", tmp / "eval.json",
                                tmp / "reports", tmp / "eval_rouge.csv", [extra, tmp / "train_log.csv"],
-                               train_path=splits / "train.jsonl")
+                               train_path=splits / "train.jsonl", log_csv=tmp / "train_log.csv")
     finally:
         del os.environ["QLORA_PIPELINE_RUN_KEY"]
     return params, tmp, metrics
@@ -123,7 +123,12 @@ def test_evaluate_writes_metrics_samples_and_sheet(tiny_run):
     assert metrics["persona_distance"]["tuned.unigram_jsd"] >= 0
     assert json.loads((tmp / "eval.json").read_text()) == metrics
     reports = tmp / "reports"
-    assert {p.name for p in reports.iterdir()} == {"samples.csv", "human_eval.html", "human_eval_key.csv", "run.json"}
+    pictures = {"loss_curves.png", "base_vs_tuned.png", "persona_scores.png"}
+    assert {p.name for p in reports.iterdir()} == {"samples.csv", "human_eval.html", "human_eval_key.csv", "run.json",
+                                                   *pictures}
+    for name in pictures:  # real images, not empty files
+        data = (reports / name).read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 5000, name
     with (tmp / "eval_rouge.csv").open() as handle:
         assert len(list(csv.DictReader(handle))) == 8
 

@@ -41,11 +41,12 @@ def generation_kwargs(params: Params) -> dict[str, Any]:
 
 
 def run_evaluate(params: Params, base_dir: Path, adapter_dir: Path, test_path: Path, metrics_path: Path,
-                 reports_dir: Path, rouge_plot: Path, artifacts: list[Path], train_path: Path | None = None) -> dict:
+                 reports_dir: Path, rouge_plot: Path, artifacts: list[Path], train_path: Path | None = None,
+                 log_csv: Path | None = None) -> dict:
     """Score base and tuned on ``test_path``; write metrics, the ROUGE plot table and ``reports_dir``.
 
     ``train_path`` (the train split) teaches the style judge the persona's voice; without it the
-    persona metrics are left out.
+    persona metrics are left out. ``log_csv`` (train-adapter's loss log) is drawn into ``reports_dir``.
     """
     from transformers import set_seed
 
@@ -63,8 +64,9 @@ def run_evaluate(params: Params, base_dir: Path, adapter_dir: Path, test_path: P
         metrics.update(persona_metrics(params, train_rows, rows, outputs))
     metrics["wall_seconds"] = round(time.perf_counter() - started, 1)
     samples = sample_rows(rows, outputs)
+    figures = {"metrics": metrics, "persona_scores": outputs.get("persona_scores"), "log": log_csv}
     with tracking.pipeline_run(params, "evaluate") as run:  # opened first: a store error leaves no outputs
-        write_reports(reports_dir, samples, params, run)
+        write_reports(reports_dir, samples, params, run, figures)
         write_json(metrics_path, metrics)
         write_rouge_plot(rouge_plot, metrics)
         tracking.log_metrics("eval", flat_eval_metrics(metrics))
@@ -157,6 +159,7 @@ def persona_metrics(params: Params, train_rows: list[dict], rows: list[dict], ou
         distance[f"{side}.unigram_jsd"] = round(fidelity.unigram_divergence(replies, references), 4)
         for habit, gap in fidelity.habit_distance(replies, references).items():
             distance[f"{side}.{habit}_gap"] = gap
+    outputs["persona_scores"] = {"base": scores["base"], "tuned": scores["tuned"], "persona's own": real}
     return {
         "persona_judge": {"train_replies": len(texts), **fidelity.judge_quality(judge, held_texts, held_labels)},
         "persona_score": {**evaluation.compare(scores["base"], scores["tuned"], indices, cfg.confidence_level),
@@ -193,8 +196,9 @@ def render_context(messages: list[dict]) -> str:
     return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
 
 
-def write_reports(reports_dir: Path, samples: list[dict], params: Params, run: Any) -> None:
-    """samples.csv, the blind A/B sheet and its key, and which MLflow run they belong to."""
+def write_reports(reports_dir: Path, samples: list[dict], params: Params, run: Any, figures: dict | None = None
+                  ) -> None:
+    """samples.csv, the blind A/B sheet and its key, the PNG figures, and which MLflow run they belong to."""
     from qlora_pipeline.human_eval import write_sheet
 
     with atomic_path(reports_dir) as tmp:
@@ -209,8 +213,20 @@ def write_reports(reports_dir: Path, samples: list[dict], params: Params, run: A
                   "tuned": s["tuned"]} for s in samples[: params.evaluate.human_eval_samples]]
         if sheet:
             write_sheet(sheet, params.seed, tmp / SHEET, tmp / KEY, title="Which reply sounds more like the person?")
+        if figures:
+            draw_figures(tmp, **figures)
         # The store as configured (null = the repository's own), never this machine's absolute path.
         write_json(tmp / RUN_FILE, {"mlflow_run_id": run.info.run_id, "tracking_uri": params.mlflow.tracking_uri})
+
+
+def draw_figures(folder: Path, metrics: dict, persona_scores: dict | None, log: Path | None) -> None:
+    from qlora_pipeline import figures
+
+    if log is not None:
+        figures.loss_curves(log, folder / figures.LOSS_CURVES)
+    figures.metric_intervals(metrics, folder / figures.METRICS)
+    if persona_scores:
+        figures.persona_scores(persona_scores, folder / figures.PERSONA_SCORES)
 
 
 def write_rouge_plot(path: Path, metrics: dict) -> None:
