@@ -59,12 +59,16 @@ def run_evaluate(params: Params, base_dir: Path, adapter_dir: Path, test_path: P
     set_seed(params.seed)
     started = time.perf_counter()
     outputs = generate_both(params, base_dir, adapter_dir, rows)
-    metrics = score(params, rows, outputs)
+    # One set of resamples for every interval: deltas of different metrics stay paired.
+    indices = evaluation.bootstrap_indices(len(rows), params.evaluate.bootstrap_samples, params.seed)
+    metrics = score(params, rows, outputs, indices)
+    persona_scores = None
     if train_rows:
-        metrics.update(persona_metrics(params, train_rows, rows, outputs))
+        persona, persona_scores = persona_metrics(params, train_rows, rows, outputs, indices)
+        metrics.update(persona)
     metrics["wall_seconds"] = round(time.perf_counter() - started, 1)
     samples = sample_rows(rows, outputs)
-    figures = {"metrics": metrics, "persona_scores": outputs.get("persona_scores"), "log": log_csv}
+    figures = {"metrics": metrics, "persona_scores": persona_scores, "log": log_csv}
     with tracking.pipeline_run(params, "evaluate") as run:  # opened first: a store error leaves no outputs
         write_reports(reports_dir, samples, params, run, figures)
         write_json(metrics_path, metrics)
@@ -109,10 +113,9 @@ def _side(model, tokenizer, rows, contexts, batch_size, max_length, gen_kwargs) 
             "truncated": truncated}
 
 
-def score(params: Params, rows: list[dict], outputs: dict[str, Any]) -> dict:
+def score(params: Params, rows: list[dict], outputs: dict[str, Any], indices: np.ndarray) -> dict:
     cfg = params.evaluate
     references = [row["target"] for row in rows]
-    indices = evaluation.bootstrap_indices(len(rows), cfg.bootstrap_samples, params.seed)
     rouge = {side: evaluation.rouge_scores(outputs[side]["replies"], references) for side in ("base", "tuned")}
     metrics: dict[str, Any] = {"samples": len(rows), "confidence_level": cfg.confidence_level}
     for name in evaluation.ROUGE_TYPES:
@@ -131,14 +134,16 @@ def score(params: Params, rows: list[dict], outputs: dict[str, Any]) -> dict:
     return metrics
 
 
-def persona_metrics(params: Params, train_rows: list[dict], rows: list[dict], outputs: dict[str, Any]) -> dict:
+def persona_metrics(params: Params, train_rows: list[dict], rows: list[dict], outputs: dict[str, Any],
+                    indices: np.ndarray) -> tuple[dict, dict[str, np.ndarray]]:
     """Does each side talk like the persona? The style judge (trained on ``train_rows`` only) and distances.
 
     ``persona_judge``: the judge's accuracy and AUC on the test split's real replies (the persona's
     vs the other speakers'), how far to trust the rest. ``persona_score``: the judge's probability
     that the persona wrote each reply, base vs tuned with intervals, and on the persona's own real
     test replies (``reference``) as the mark to reach. ``repeated_3gram``: replies repeating a word
-    3-gram. ``persona_distance``: each side's replies against the real ones.
+    3-gram. ``persona_distance``: each side's replies against the real ones. Also returns the
+    per-reply scores (base, tuned, the real replies) for the figure.
     """
     from qlora_pipeline import fidelity
 
@@ -147,7 +152,6 @@ def persona_metrics(params: Params, train_rows: list[dict], rows: list[dict], ou
     judge = fidelity.train_judge(texts, labels, params.seed)
     held_texts, held_labels = fidelity.judge_examples(rows)
     references = [row["target"] for row in rows]
-    indices = evaluation.bootstrap_indices(len(rows), cfg.bootstrap_samples, params.seed)
     scores = {side: fidelity.persona_probabilities(judge, outputs[side]["replies"]) for side in ("base", "tuned")}
     real = fidelity.persona_probabilities(judge, references)
     repeats = {side: np.array([fidelity.repeats_trigram(r) for r in outputs[side]["replies"]], dtype=float)
@@ -159,8 +163,7 @@ def persona_metrics(params: Params, train_rows: list[dict], rows: list[dict], ou
         distance[f"{side}.unigram_jsd"] = round(fidelity.unigram_divergence(replies, references), 4)
         for habit, gap in fidelity.habit_distance(replies, references).items():
             distance[f"{side}.{habit}_gap"] = gap
-    outputs["persona_scores"] = {"base": scores["base"], "tuned": scores["tuned"], "persona's own": real}
-    return {
+    metrics = {
         "persona_judge": {"train_replies": len(texts), **fidelity.judge_quality(judge, held_texts, held_labels)},
         "persona_score": {**evaluation.compare(scores["base"], scores["tuned"], indices, cfg.confidence_level),
                           "reference": round(float(real.mean()), 5),
@@ -168,6 +171,7 @@ def persona_metrics(params: Params, train_rows: list[dict], rows: list[dict], ou
         "repeated_3gram": evaluation.compare(repeats["base"], repeats["tuned"], indices, cfg.confidence_level),
         "persona_distance": distance,
     }
+    return metrics, {"base": scores["base"], "tuned": scores["tuned"], "persona's own": real}
 
 
 def flat_eval_metrics(metrics: dict) -> dict:

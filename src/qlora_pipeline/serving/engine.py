@@ -1,12 +1,12 @@
 """Generation for chat and serve: several requests, each with its own adapter and sampling, in one batch.
 
-Requests that arrive together run as one ``generate`` call. When their adapters differ, PEFT's
-mixed-batch inference (``adapter_names=[...]``, ``"__base__"`` for the base) applies each row's
-LoRA to that row only, over the one base in memory. Each row keeps its own temperature, top-p,
-seed, stop strings and token limit: a logits processor samples every row with the row's own
-generator (so a seeded request gives the same reply whatever it was batched with), a stopping
-criterion ends rows one by one, and a streamer hands each row's new text to its request as it
-comes. Batch-wide keys (repetition penalty, no-repeat n-gram size, top-k) are the server's.
+Requests that arrive together run as one ``generate`` call. When their adapters differ, each row's
+LoRA applies to that row only, over the one base in memory: through ``stacked_lora.py`` (two
+matmuls per layer), or PEFT's mixed-batch inference (``adapter_names=[...]``, ``"__base__"`` for
+the base) where that cannot be used. Each row keeps its own temperature, top-p, seed, stop
+strings and token limit: a logits processor samples every row with the row's own generator (so a
+seeded request draws the same random numbers whatever it is batched with), a stopping criterion
+ends rows one by one, and a streamer hands each row's new text to its request as it comes. Batch-wide keys (repetition penalty, no-repeat n-gram size, top-k) are the server's.
 """
 
 from __future__ import annotations
@@ -139,7 +139,8 @@ def _per_row_processor(rows: list[_Row]) -> Any:
 
         Vectorised over the batch (one sort, one small host-to-device copy per step, no per-row
         synchronisation on a GPU). Each row's uniform draw comes from the row's own seeded
-        generator, so a seeded request samples the same tokens whatever it is batched with.
+        generator, so a seeded request draws the same numbers whatever it is batched with (its tokens
+        match exactly in float32; under bfloat16, padding and batch shape can shift a near-tie).
         Returns scores with only the chosen token left, so generate's greedy pick takes it.
         """
 
@@ -299,15 +300,13 @@ class Engine:
 
         persona, tokenizer = self.persona, self.persona.tokenizer
         rows = [_Row(job, tokenizer) for job in jobs]
-        width = max(len(job.prompt_ids) for job in jobs)
-        pad = tokenizer.pad_token_id
-        # Left padding: every row's next token is at the last position.
-        input_ids = torch.tensor([[pad] * (width - len(j.prompt_ids)) + j.prompt_ids for j in jobs])
-        attention = torch.tensor([[0] * (width - len(j.prompt_ids)) + [1] * len(j.prompt_ids) for j in jobs])
+        # Left padding (every row's next token at the last position), passed per call: the tokenizer is shared.
+        batch = tokenizer.pad({"input_ids": [job.prompt_ids for job in jobs]}, padding_side="left",
+                              return_tensors="pt")
         config = GenerationConfig(max_new_tokens=max(job.max_new_tokens for job in jobs), do_sample=False,
                                   repetition_penalty=self.defaults.repetition_penalty,
                                   no_repeat_ngram_size=self.defaults.no_repeat_ngram_size,
-                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
+                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         if self.defaults.top_k:
             for job in jobs:
                 job.sampling.top_k = job.sampling.top_k or self.defaults.top_k
@@ -324,8 +323,8 @@ class Engine:
                 name = adapters.pop()
                 context = persona.using("base" if name == PEFT_BASE else name)
             with context:
-                model.generate(input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device),
-                               generation_config=config, logits_processor=LogitsProcessorList([_per_row_processor(rows)]),
+                model.generate(**batch.to(model.device), generation_config=config,
+                               logits_processor=LogitsProcessorList([_per_row_processor(rows)]),
                                stopping_criteria=StoppingCriteriaList([_stopper(rows)]), streamer=_streamer(rows),
                                **kwargs)
         for row in rows:  # rows still open ran into the batch's token limit

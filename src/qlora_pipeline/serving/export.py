@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import shutil
 import tempfile
 import time
 import warnings
@@ -40,7 +39,7 @@ from qlora_pipeline.data.formatting import encode_example
 from qlora_pipeline.data.sampling import cap_examples
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.hardware import resolve_mixed_precision
-from qlora_pipeline.io import atomic_path, read_json, read_jsonl, write_json, write_text
+from qlora_pipeline.io import atomic_path, read_json, read_jsonl, remove_outputs, write_json, write_text
 from qlora_pipeline.modeling.adapters import attach_adapters, autocast_like_training, load_base_for
 from qlora_pipeline.modeling.inference import dequantize_weight
 from qlora_pipeline.modeling.loading import device_map, set_end_token
@@ -372,18 +371,10 @@ def _round(value: float) -> float:
 def finish_folder(folder: Path, report: dict, adapter: Adapter, base_dir: Path) -> None:
     """Report and model card beside a verified model; a model that failed is dropped, its report kept."""
     if not report["passed"]:
-        for path in folder.iterdir():
-            _remove(path)
+        remove_outputs(*folder.iterdir())
     else:
         write_text(folder / "README.md", model_card(report, adapter, base_dir))
     write_json(folder / REPORT, report)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    else:
-        path.unlink()
 
 
 def model_card(report: dict, adapter: Adapter, base_dir: Path) -> str:

@@ -230,13 +230,13 @@ class PersonaModel:
 
         with self.lock:
             self.stacked = None
-            if self.mixed_batches != "stacked" or not self.adapters:
-                return
-            if stacked_lora.supported(self.model):
-                self.stacked = stacked_lora.StackedLoRA(self.model)
-            else:
-                print("warning: mixed batches take PEFT's path: an adapter uses a LoRA variant (DoRA, ...)",
-                      file=sys.stderr)
+            if self.mixed_batches == "stacked" and self.adapters:
+                if stacked_lora.supported(self.model):
+                    self.stacked = stacked_lora.StackedLoRA(self.model)
+                else:
+                    print("warning: mixed batches take PEFT's path: an adapter uses a LoRA variant (DoRA, ...)",
+                          file=sys.stderr)
+            stacked_lora.release_freed_memory()  # the weights the stacks replaced, and what loading freed
 
 
 def load_persona_model(base_dir: Path, specs: list[AdapterSpec], *, tracking_uri: str | None = None,
@@ -251,8 +251,7 @@ def load_persona_model(base_dir: Path, specs: list[AdapterSpec], *, tracking_uri
     """
     from qlora_pipeline.modeling.adapters import attach_adapters, load_base_for
     from qlora_pipeline.modeling.inference import dequantize_for_inference, should_dequantize
-    from qlora_pipeline.modeling.preparation import base_fingerprint
-    from qlora_pipeline.serving.stacked_lora import release_freed_memory
+    from qlora_pipeline.modeling.preparation import base_fingerprint, prepare_4bit_base
 
     adapters = [read_adapter(s.name, s.source, fetch_adapter(s.source, tracking_uri, downloads)) for s in specs]
     resolved = adapters[0].resolved if adapters else {"method": "qlora", "model": {}}
@@ -262,20 +261,18 @@ def load_persona_model(base_dir: Path, specs: list[AdapterSpec], *, tracking_uri
                             "folder the adapters were trained on)")
     fingerprint = base_fingerprint(method, base_dir, resolved.get("model", {}))
     check_same_base(adapters, method, fingerprint, str(base_dir))
-    if not adapters:  # the base alone: its compute dtype follows this machine
-        resolved = {}
-        base, tokenizer = load_base_for({"method": "qlora", "model": {"quantization": {
-            "bnb_4bit_compute_dtype": "auto"}}}, base_dir)
-    else:
+    if adapters:
         base, tokenizer = load_base_for(resolved, base_dir)
-    model = attach_adapters(base, {a.name: a.folder for a in adapters}) if adapters else base.eval()
+        model = attach_adapters(base, {a.name: a.folder for a in adapters})
+    else:  # the base alone: its compute dtype follows this machine
+        resolved = {}
+        base, tokenizer = prepare_4bit_base(base_dir, "auto")
+        model = base.eval()
     persona = PersonaModel(model, tokenizer, method, base_dir, fingerprint, resolved, {a.name: a for a in adapters},
-                           tracking_uri=tracking_uri, downloads=downloads)
+                           mixed_batches=mixed_batches, tracking_uri=tracking_uri, downloads=downloads)
     if (adapters or not runtime_adapters) and should_dequantize(dequantize, model):
         persona.dequantized = dequantize_for_inference(model) > 0  # this process never saves the model
-    persona.mixed_batches = mixed_batches
     persona.restack()
-    release_freed_memory()  # what loading and dequantizing freed, out of the resident set
     return persona
 
 

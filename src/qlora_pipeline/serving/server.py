@@ -163,6 +163,7 @@ def create_app(persona: PersonaModel, engine: Engine, settings: Settings) -> Fas
 
     @app.post("/v1/load_lora_adapter", dependencies=[authorized])
     async def load_lora_adapter(body: LoadAdapterRequest) -> dict:
+        _require_runtime(settings)
         folder = allowed_adapter_folder(settings, body.lora_path)
         try:
             check_name(body.lora_name, "lora_name")
@@ -209,7 +210,6 @@ def _require_runtime(settings: Settings) -> None:
 
 def allowed_adapter_folder(settings: Settings, path: str) -> Path:
     """``path`` resolved (links followed), refused unless it lies under an ``--adapter-root``."""
-    _require_runtime(settings)
     folder = Path(path).expanduser().resolve()
     roots = [root.expanduser().resolve() for root in settings.adapter_roots]
     if not any(folder == root or folder.is_relative_to(root) for root in roots):

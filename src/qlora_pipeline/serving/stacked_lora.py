@@ -23,8 +23,6 @@ from typing import Any, Iterator
 
 import torch
 
-BASE = "__base__"
-
 
 @dataclass
 class _Stack:
@@ -73,8 +71,6 @@ class StackedLoRA:
                 layer.lora_B[name].weight.data = bt[start:start + rank].t()
                 start += rank
             self.stacks[layer] = _Stack(a, bt, blocks)
-        release_freed_memory()
-
 
     def _masks(self, adapter_names: list[str], device: torch.device) -> dict[Any, torch.Tensor]:
         masks = {}
@@ -98,7 +94,10 @@ class StackedLoRA:
             if not torch.is_autocast_enabled():  # as PEFT: LoRA runs in the adapter's dtype without autocast
                 x = x.to(stack.a.dtype)
             hidden = torch.nn.functional.linear(x, stack.a)
-            hidden = hidden * masks[layer].to(hidden.dtype)
+            mask = masks[layer]
+            if mask.dtype != hidden.dtype:  # once per layer and batch (autocast's type), not once per step
+                mask = masks[layer] = mask.to(hidden.dtype)
+            hidden = hidden * mask
             return output + torch.matmul(hidden, stack.bt).to(output.dtype)
 
         hooks = [layer.register_forward_hook(add_rows_lora) for layer in self.stacks]
