@@ -14,7 +14,7 @@ export HF_DATASETS_OFFLINE := 1
 
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test browser bench clean-outputs
+.PHONY: setup run test browser bench compare clean-outputs
 
 setup: $(STAMP)
 
@@ -31,6 +31,12 @@ $(STAMP): pyproject.toml
 run: setup
 	dvc repro
 	$(PYTHON) -m qlora_pipeline.cli summary
+
+# PEFT against full fine-tuning at an equal budget (params `compare`): one queued DVC experiment per
+# method on the data and base `make run` made, run one at a time, then reports/compare.md and
+# reports/compare.png from the MLflow runs. About 25 minutes on a 2-core CPU.
+compare: run
+	$(PYTHON) -m qlora_pipeline.cli compare --run
 
 browser:
 	bash scripts/install_browser.sh

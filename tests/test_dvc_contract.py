@@ -41,7 +41,7 @@ def test_every_dep_and_out_is_used_by_its_stage(name):
     script = re.search(r"python (stages/\S+\.py)", cmd).group(1)
     assert script in stage["deps"], f"{name}: its script must be a dep"
     for dep in _paths(stage["deps"]):
-        assert (ROOT / dep).exists() or dep.startswith(("data/", "models/")), f"{name}: dep {dep} does not exist"
+        assert (ROOT / dep).exists() or dep.startswith(("data/", "models/", "reports/")), f"{name}: dep {dep} does not exist"
         if not dep.startswith("src/"):  # a data dep is passed to the command, or the folder holding it is
             assert dep in cmd or str(Path(dep).parent) in cmd.split(), f"{name}: dep {dep} is not passed to its command"
     for out in [*_paths(stage.get("outs")), *_paths(stage.get("metrics")), *_paths(stage.get("plots"))]:
@@ -98,7 +98,9 @@ def _closure(path: str) -> set[str]:
             continue
         seen.add(current)
         todo.extend(_imports(current))
-    return seen
+    # The templates a module loads (package data beside it, named in its source) shape what it writes.
+    templates = {str(Path(f).parent / "templates") for f in seen if '"templates"' in (ROOT / f).read_text()}
+    return seen | {t for t in templates if (ROOT / t).is_dir()}
 
 
 @pytest.mark.parametrize("name", list(STAGES))

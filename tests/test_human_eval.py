@@ -1,23 +1,19 @@
-"""Blind A/B human-evaluation sheet: side assignment, blinding, escaping, scoring and its errors."""
+"""Blind A/B human evaluation: side assignment, persona examples, blinding, escaping, scoring and its errors."""
 
 from __future__ import annotations
 
 import csv
-import html as html_lib
 import json
 import math
 import re
 from pathlib import Path
 
 import pytest
+from markupsafe import escape
 
-from qlora_pipeline.human_eval import (
-    RatingsError,
-    assign_sides,
-    render_sheet,
-    score_ratings,
-    write_sheet,
-)
+from qlora_pipeline.human_eval.formats import CHOICES, RATINGS_COLUMNS
+from qlora_pipeline.human_eval.score import RatingsError, score_ratings
+from qlora_pipeline.human_eval.sheet import assign_sides, pick_persona_examples, render_sheet, write_sheet
 
 # Texts deliberately free of the words "base" and "tuned", so any occurrence in the page
 # would have to come from the sheet leaking the side assignment.
@@ -111,25 +107,32 @@ def test_sheet_shows_replies_per_key_and_hides_reference_by_default():
     page = render_sheet(samples, key, title="t")
     for i, (sample, sides) in enumerate(zip(samples, key)):
         block = page.split(f'id="item-{i}"')[1].split("</article>")[0]
-        text_a = html_lib.escape(sample[sides["A"]])
-        text_b = html_lib.escape(sample[sides["B"]])
+        text_a = str(escape(sample[sides["A"]]))
+        text_b = str(escape(sample[sides["B"]]))
         assert block.index("Reply A") < block.index(text_a) < block.index("Reply B") < block.index(text_b)
+        # A "loops or breaks" tick under each reply, after its text and before the next reply.
+        mark_a, mark_b = block.index(f'id="broken-{i}-A"'), block.index(f'id="broken-{i}-B"')
+        assert block.index(text_a) < mark_a < block.index("Reply B") < block.index(text_b) < mark_b
+        assert re.findall(r'type="checkbox" class="broken" id="broken-\d+-(\w)" value="(\w)"', block) == [
+            ("A", "A"), ("B", "B")]
         # Context rendered as a transcript, every message present.
         for msg in sample["context"]:
-            assert html_lib.escape(msg["content"]) in block
+            assert str(escape(msg["content"])) in block
         # Reference only inside a closed <details> toggle.
-        ref = html_lib.escape(sample["reference"])
+        ref = str(escape(sample["reference"]))
         details = re.search(r"<details class=\"reference\">(.*?)</details>", block, re.S)
         assert details and ref in details.group(1)
         assert "<details class=\"reference\" open" not in block
         assert block.count(ref) == 1
         # Three radio choices, one group per item.
         values = re.findall(rf'name="choice-{i}" value="([^"]+)"', block)
-        assert values == ["A", "B", "tie"]
+        assert values == list(CHOICES)
     assert "Rated 0 of 6" in page
     assert "Download ratings (CSV)" in page
-    assert "ratings.csv" in page and "id,choice,comment" in page
-    assert "localStorage" in page
+    assert "ratings.csv" in page and "localStorage" in page
+    # The script writes the header the scorer reads.
+    columns = re.search(r"var columns = (\[[^\]]*\]);", page)
+    assert columns and json.loads(columns.group(1)) == list(RATINGS_COLUMNS)
 
 
 def test_sheet_is_self_contained():
@@ -206,6 +209,99 @@ def test_write_sheet_refuses_same_path_for_html_and_key(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# The persona's own replies atop the sheet
+# ---------------------------------------------------------------------------------------------
+
+
+def _train_row(number: int, target: str, said: str | None = None) -> dict:
+    return {"id": f"train-{number}", "target": target, "messages": [
+        {"role": "system", "content": "You are Sam."},
+        {"role": "user", "content": f"earlier {number}"},
+        {"role": "assistant", "content": f"my earlier line {number}"},
+        {"role": "user", "content": said if said is not None else f"question {number}?"},
+    ]}
+
+
+MODERATE_ROWS = [_train_row(i, f"moderate reply number {i}") for i in range(30)]
+ODD_ROWS = [_train_row(100, ""), _train_row(101, "k"), _train_row(102, "   "), _train_row(103, "ok"),
+            _train_row(104, "x" * 300)]
+
+
+def test_pick_persona_examples_is_seeded_and_prefers_moderate_replies():
+    rows = ODD_ROWS[:2] + MODERATE_ROWS + ODD_ROWS[2:]
+    picks = pick_persona_examples(rows, 5, seed=3)
+    assert picks == pick_persona_examples(rows, 5, seed=3)
+    assert len(picks) == 5 and len({p["reply"] for p in picks}) == 5
+    # Moderate replies exist in plenty, so no short or long one is picked.
+    assert all(p["reply"].startswith("moderate reply number ") for p in picks)
+    # Each reply comes with the message it answered: the last one before it, not the system prompt.
+    for pick in picks:
+        number = pick["reply"].rsplit(" ", 1)[1]
+        assert pick["context"] == f"question {number}?"
+    # Another seed, other picks (5 of 30 in the same order again: about 1 in 17 million).
+    assert [p["reply"] for p in pick_persona_examples(rows, 5, seed=4)] != [p["reply"] for p in picks]
+
+
+def test_pick_persona_examples_fills_in_only_when_too_few_and_never_with_empty_replies():
+    rows = MODERATE_ROWS[:3] + ODD_ROWS + [_train_row(200, MODERATE_ROWS[0]["target"], said="again")]
+    picks = pick_persona_examples(rows, 10, seed=0)
+    replies = [p["reply"] for p in picks]
+    # The three moderate ones first; then the two-character and the long reply. The empty,
+    # blank and one-character replies never appear, and a repeated reply appears once.
+    assert sorted(replies[:3]) == sorted(r["target"] for r in MODERATE_ROWS[:3])
+    assert sorted(replies[3:]) == sorted(["ok", "x" * 300])
+    assert pick_persona_examples(rows, 0, seed=0) == []
+    assert pick_persona_examples([], 4, seed=0) == []
+
+
+def test_pick_persona_examples_context_and_bad_rows():
+    only_system = {"id": "s", "target": "hello there friend", "messages": [{"role": "system", "content": "x"}]}
+    assert pick_persona_examples([only_system], 1, seed=0) == [{"context": "", "reply": "hello there friend"}]
+    with pytest.raises(ValueError, match=r"train row 2 \(id 'bad'\): expected 'messages'.*Fix:"):
+        pick_persona_examples([MODERATE_ROWS[0], {"id": "bad", "messages": []}], 1, seed=0)
+    with pytest.raises(ValueError, match="count must be an integer >= 0"):
+        pick_persona_examples(MODERATE_ROWS, -1, seed=0)
+
+
+PERSONA_EXAMPLES = [
+    {"context": "mail me at <EMAIL>", "reply": "</script><script>alert(5)</script> lol"},
+    {"context": "", "reply": "sure thing, <PERSON>!"},
+]
+
+
+def _persona_section(page: str) -> str | None:
+    found = re.search(r'<details class="persona" id="persona-examples" open>(.*?)</details>', page, re.S)
+    return found.group(1) if found else None
+
+
+def test_sheet_shows_persona_examples_escaped_above_the_items(tmp_path):
+    samples = NEUTRAL_SAMPLES[:2]
+    write_sheet(samples, 1, tmp_path / "s.html", tmp_path / "k.csv", title="t", persona_examples=PERSONA_EXAMPLES)
+    page = (tmp_path / "s.html").read_text(encoding="utf-8")
+    section = _persona_section(page)
+    assert section is not None
+    assert "How this person talks: 2 real replies from the training chats" in section
+    first, second = (section.index(text) for text in (
+        "mail me at &lt;EMAIL&gt;", "&lt;/script&gt;&lt;script&gt;alert(5)&lt;/script&gt; lol"))
+    assert first < second < section.index("(start of the chat)") < section.index("sure thing, &lt;PERSON&gt;!")
+    assert page.count("<script") == 2 and "<EMAIL>" not in page
+    assert page.index('id="persona-examples"') < page.index('id="item-0"')
+    # The examples are no item: the storage key and the rated ids stay those of the samples.
+    plain = render_sheet(samples, assign_sides([s["id"] for s in samples], 1), title="t")
+    assert _embedded_json(page) == _embedded_json(plain)
+
+
+def test_sheet_without_persona_examples_has_no_section():
+    key = assign_sides([NEUTRAL_SAMPLES[0]["id"]], 0)
+    assert "persona-examples" not in render_sheet(NEUTRAL_SAMPLES[:1], key, title="t")
+    assert "How this person talks" not in render_sheet(NEUTRAL_SAMPLES[:1], key, title="t", persona_examples=[])
+    one = render_sheet(NEUTRAL_SAMPLES[:1], key, title="t", persona_examples=PERSONA_EXAMPLES[1:])
+    assert "How this person talks: 1 real reply from the training chats" in one
+    with pytest.raises(ValueError, match=r"persona example #0.*pick_persona_examples"):
+        render_sheet(NEUTRAL_SAMPLES[:1], key, title="t", persona_examples=[{"reply": "no context"}])
+
+
+# ---------------------------------------------------------------------------------------------
 # score_ratings
 # ---------------------------------------------------------------------------------------------
 
@@ -262,6 +358,8 @@ def test_score_ratings_counts_and_wilson_interval(tmp_path):
     assert narrower["ci_low"] == pytest.approx(lo80, abs=1e-9)
     assert narrower["ci_high"] == pytest.approx(hi80, abs=1e-9)
     assert narrower["confidence"] == 0.80
+    # A file without the "loops or breaks" columns (a sheet from before them): unknown, not zero.
+    assert result["broken"] is None
 
 
 def test_score_ratings_extreme_rates_and_missing_rows(tmp_path):
@@ -274,6 +372,54 @@ def test_score_ratings_extreme_rates_and_missing_rows(tmp_path):
     assert result["n_missing"] == 6
     lo, hi = _wilson_reference(2.0, 2, 1.959963984540054)
     assert result["ci_low"] == pytest.approx(lo) and result["ci_high"] == pytest.approx(1.0)
+
+
+def test_score_ratings_broken_rate_per_system_through_the_key(tmp_path):
+    key = _write(tmp_path / "key.csv", KEY_CSV)
+    # Ticks by side: A 3, B 2. Through the key: tuned 4, base 1 (so counting by side would fail).
+    ratings = _write(
+        tmp_path / "ratings.csv",
+        "id,choice,a_broken,b_broken,comment\r\n"
+        "q1,A,1,0,\r\n"    # A=tuned broken
+        "q2,tie,1,0,\r\n"  # A=base broken
+        "q3,B,1,0,\r\n"    # A=tuned broken
+        "q4,A,0,1,\r\n"    # B=tuned broken
+        "q5,,1,0,\r\n"     # unrated: its tick (A=tuned) is not counted
+        "q6,tie,0,1,\r\n"  # B=tuned broken
+        "q7,B,0,0,\r\n"
+        "q8,A, , ,\r\n",   # blank marks (edited by hand) are unmarked
+    )
+    result = score_ratings(ratings, key)
+    assert result["n_rated"] == 7 and result["n_skipped"] == 1
+    broken = result["broken"]
+    assert (broken["tuned"]["count"], broken["base"]["count"]) == (4, 1)
+    assert broken["tuned"]["rate"] == pytest.approx(4 / 7) and broken["base"]["rate"] == pytest.approx(1 / 7)
+    for system, count in (("tuned", 4), ("base", 1)):
+        lo, hi = _wilson_reference(count, 7, 1.959963984540054)
+        assert broken[system]["ci_low"] == pytest.approx(lo, abs=1e-9)
+        assert broken[system]["ci_high"] == pytest.approx(hi, abs=1e-9)
+    # The win rate is scored as before beside it.
+    assert (result["tuned_wins"], result["base_wins"], result["ties"]) == (1, 4, 2)
+
+
+def test_error_bad_broken_mark_names_line_column_and_fix(tmp_path):
+    key = _write(tmp_path / "key.csv", KEY_CSV)
+    ratings = _write(tmp_path / "ratings.csv", "id,choice,a_broken,b_broken\nq1,A,0,0\nq2,,yes,0\n")
+    with pytest.raises(RatingsError) as err:
+        score_ratings(ratings, key)
+    msg = str(err.value)
+    assert f"{ratings}:3: a_broken 'yes' for id 'q2' is not 0 or 1" in msg and "Fix:" in msg
+    ratings2 = _write(tmp_path / "ratings2.csv", "id,choice,a_broken,b_broken\nq1,A,0,2\n")
+    with pytest.raises(RatingsError, match=rf"{re.escape(str(ratings2))}:2: b_broken '2' for id 'q1'"):
+        score_ratings(ratings2, key)
+
+
+def test_error_one_broken_column_without_the_other(tmp_path):
+    key = _write(tmp_path / "key.csv", KEY_CSV)
+    ratings = _write(tmp_path / "ratings.csv", "id,choice,B_Broken\nq1,A,1\n")
+    with pytest.raises(RatingsError, match=rf"{re.escape(str(ratings))}:1: column 'b_broken' without 'a_broken'. "
+                                           r"Fix: keep both columns"):
+        score_ratings(ratings, key)
 
 
 def test_score_ratings_rejects_bad_confidence(tmp_path):
@@ -390,7 +536,7 @@ def test_ratings_error_is_a_value_error():
 
 
 def test_score_command_logs_to_the_repository_store_when_the_run_file_names_none(tmp_path, monkeypatch):
-    """reports/run.json from a default run holds no machine path; the score goes to the repo's own store."""
+    """reports/evaluate/run.json from a default run holds no machine path; the score goes to the repo's own store."""
     import mlflow
 
     from qlora_pipeline.cli import main
@@ -402,12 +548,26 @@ def test_score_command_logs_to_the_repository_store_when_the_run_file_names_none
     store = f"sqlite:///{repo / 'mlflow.db'}"
     client = mlflow.MlflowClient(store)
     run_id = client.create_run(client.create_experiment("e")).info.run_id
-    key = write_sheet(NEUTRAL_SAMPLES[:3], seed=1, html_path=repo / "reports/human_eval.html",
-                      key_path=repo / "reports/human_eval_key.csv", title="t")
-    _write(repo / "reports/run.json", json.dumps({"mlflow_run_id": run_id, "tracking_uri": None}))
-    ratings = _write(repo / "ratings.csv", "id,choice,comment\n" + "".join(
-        f"{row['id']},{'A' if row['A'] == 'tuned' else 'B'},\n" for row in key))
+    key = write_sheet(NEUTRAL_SAMPLES[:3], seed=1, html_path=repo / "reports/evaluate/human_eval.html",
+                      key_path=repo / "reports/evaluate/human_eval_key.csv", title="t")
+    _write(repo / "reports/evaluate/run.json", json.dumps({"mlflow_run_id": run_id, "tracking_uri": None}))
+    # The tuned reply always picked; the base reply of the first item ticked "loops or breaks".
+    ratings = _write(repo / "ratings.csv", "id,choice,a_broken,b_broken\n" + "".join(
+        f"{row['id']},{'A' if row['A'] == 'tuned' else 'B'},{int(i == 0 and row['A'] == 'base')},"
+        f"{int(i == 0 and row['B'] == 'base')}\n" for i, row in enumerate(key)))
 
     assert main(["human-eval", "score", str(ratings)]) == 0
     metrics = client.get_run(run_id).data.metrics
     assert metrics["human_eval.tuned_win_rate"] == 1.0 and metrics["human_eval.n_rated"] == 3
+    # Nested values reach MLflow, dotted.
+    assert metrics["human_eval.broken.base.count"] == 1 and metrics["human_eval.broken.tuned.count"] == 0
+    assert metrics["human_eval.broken.base.rate"] == pytest.approx(1 / 3)
+    assert metrics["human_eval.broken.base.ci_low"] < 1 / 3 < metrics["human_eval.broken.base.ci_high"]
+
+    # An older ratings file, without the marks: no broken metric at all (unknown, not zero).
+    second_run = client.create_run(client.get_run(run_id).info.experiment_id).info.run_id
+    _write(repo / "reports/evaluate/run.json", json.dumps({"mlflow_run_id": second_run, "tracking_uri": None}))
+    old = _write(repo / "old.csv", "id,choice,comment\n" + "".join(f"{row['id']},A,\n" for row in key))
+    assert main(["human-eval", "score", str(old)]) == 0
+    logged = client.get_run(second_run).data.metrics
+    assert "human_eval.n_rated" in logged and not [name for name in logged if ".broken" in name]

@@ -1,4 +1,5 @@
-"""The rating sheet in a real headless Chromium: click choices, reload, download ratings.csv, score it.
+"""The rating sheet in a real headless Chromium: read the persona's replies, click choices and
+"loops or breaks" ticks, reload, download ratings.csv, score it.
 
 Needs Debian's Chromium + chromedriver (``scripts/install_browser.sh``) and selenium (a dev
 dependency: ``pip install -e '.[dev]'``). When any of them is missing this test FAILS with that
@@ -13,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from qlora_pipeline.human_eval import score_ratings, write_sheet
+from qlora_pipeline.human_eval.formats import RATINGS_COLUMNS
+from qlora_pipeline.human_eval.score import score_ratings
+from qlora_pipeline.human_eval.sheet import pick_persona_examples, write_sheet
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -61,6 +64,14 @@ SAMPLES = [
 ]
 CLICKS = {"trip-1": "A", "dinner-2": "B", "code-3": "tie", "movie-4": "A"}
 COMMENTS = {"dinner-2": 'too "formal", robotic'}
+# "loops or breaks" ticks, by side: trip-1's B, both of code-3's.
+BROKEN = {"trip-1": ("B",), "code-3": ("A", "B")}
+TRAIN_ROWS = [
+    {"id": "t1", "messages": [{"role": "system", "content": "Chat."}, {"role": "user", "content": "mail me?"}],
+     "target": "sure, at <EMAIL> :)"},
+    {"id": "t2", "messages": [{"role": "user", "content": "you up"}], "target": "barely lol"},
+    {"id": "t3", "messages": [{"role": "user", "content": "ok?"}], "target": "k"},  # too short to show
+]
 
 
 def _require_browser():
@@ -177,7 +188,9 @@ def test_sheet_in_headless_chromium_rates_reloads_and_downloads(tmp_path):
     started = time.monotonic()
     html_path = tmp_path / "sheet" / "human_eval.html"
     key_path = tmp_path / "private" / "key.csv"
-    key = write_sheet(SAMPLES, seed=3, html_path=html_path, key_path=key_path, title="Browser test sheet")
+    examples = pick_persona_examples(TRAIN_ROWS, 8, seed=3)
+    key = write_sheet(SAMPLES, seed=3, html_path=html_path, key_path=key_path, title="Browser test sheet",
+                      persona_examples=examples)
     sides = {row["id"]: row for row in key}
     download_dir = tmp_path / "downloads"
     download_dir.mkdir()
@@ -192,6 +205,14 @@ def test_sheet_in_headless_chromium_rates_reloads_and_downloads(tmp_path):
         # No script injected by sample text ran: the page has only its own two <script>s.
         assert driver.execute_script("return document.scripts.length") == 2
 
+        # The persona's replies are on view above the items, placeholders shown as text.
+        persona = driver.find_element(By.ID, "persona-examples")
+        assert persona.is_displayed()
+        assert "How this person talks: 2 real replies from the training chats" in persona.text
+        answers = [e.text for e in persona.find_elements(By.CSS_SELECTOR, ".answer .text")]
+        assert sorted(answers) == ["barely lol", "sure, at <EMAIL> :)"]
+        assert persona.location["y"] < driver.find_element(By.ID, "item-0").location["y"]
+
         # Reference hidden by default, revealed by its toggle.
         first_ref = driver.find_element(By.CSS_SELECTOR, "#item-0 details.reference .text")
         assert not first_ref.is_displayed()
@@ -205,6 +226,10 @@ def test_sheet_in_headless_chromium_rates_reloads_and_downloads(tmp_path):
             label.click()
             if sample["id"] in COMMENTS:
                 driver.find_element(By.ID, f"comment-{index}").send_keys(COMMENTS[sample["id"]])
+            for side in BROKEN.get(sample["id"], ()):
+                driver.find_element(By.CSS_SELECTOR, f"label:has(> #broken-{index}-{side})").click()
+                reply = driver.find_element(By.CSS_SELECTOR, f"#item-{index} .reply[data-side={side}]")
+                assert "broken" in reply.get_attribute("class").split()
             assert progress.text == f"Rated {index + 1} of 4"
 
         # Reload: choices, comments and the counter come back from localStorage.
@@ -213,6 +238,10 @@ def test_sheet_in_headless_chromium_rates_reloads_and_downloads(tmp_path):
             radio = driver.find_element(By.ID, f"choice-{index}-{CLICKS[sample['id']]}")
             assert radio.is_selected()
         assert driver.find_element(By.ID, "comment-1").get_attribute("value") == COMMENTS["dinner-2"]
+        for index, sample in enumerate(SAMPLES):
+            for side in ("A", "B"):
+                ticked = driver.find_element(By.ID, f"broken-{index}-{side}").is_selected()
+                assert ticked == (side in BROKEN.get(sample["id"], ())), (sample["id"], side)
 
         driver.find_element(By.ID, "download").click()
         target = download_dir / "ratings.csv"
@@ -227,9 +256,11 @@ def test_sheet_in_headless_chromium_rates_reloads_and_downloads(tmp_path):
 
     with target.open(newline="", encoding="utf-8") as handle:
         rows = list(csv.reader(handle))
-    assert rows[0] == ["id", "choice", "comment"]
+    assert rows[0] == list(RATINGS_COLUMNS) == ["id", "choice", "a_broken", "b_broken", "comment"]
     assert rows[1:] == [
-        [s["id"], CLICKS[s["id"]], COMMENTS.get(s["id"], "")] for s in SAMPLES
+        [s["id"], CLICKS[s["id"]], *(str(int(side in BROKEN.get(s["id"], ()))) for side in "AB"),
+         COMMENTS.get(s["id"], "")]
+        for s in SAMPLES
     ]
 
     expected_tuned = sum(1 for sid, c in CLICKS.items() if c != "tie" and sides[sid][c] == "tuned")
@@ -240,6 +271,11 @@ def test_sheet_in_headless_chromium_rates_reloads_and_downloads(tmp_path):
     assert result["tuned_wins"] == expected_tuned
     assert result["base_wins"] == expected_base
     assert result["tuned_win_rate"] == pytest.approx((expected_tuned + 0.5) / 4)
+    # code-3's two ticks are one per system; trip-1's B is whichever system B was there.
+    trip_b = sides["trip-1"]["B"]
+    assert result["broken"][trip_b]["count"] == 2
+    assert result["broken"]["tuned" if trip_b == "base" else "base"]["count"] == 1
+    assert result["broken"][trip_b]["rate"] == pytest.approx(2 / 4)
 
     print(f"browser test took {time.monotonic() - started:.1f}s")
 
@@ -272,11 +308,11 @@ def test_partial_ratings_download_keeps_unrated_rows_empty(tmp_path):
     with target.open(newline="", encoding="utf-8") as handle:
         rows = list(csv.reader(handle))
     assert rows == [
-        ["id", "choice", "comment"],
-        ["trip-1", "", ""],
-        ["dinner-2", "", ""],
-        ["code-3", "B", ""],
-        ["movie-4", "", ""],
+        ["id", "choice", "a_broken", "b_broken", "comment"],
+        ["trip-1", "", "0", "0", ""],
+        ["dinner-2", "", "0", "0", ""],
+        ["code-3", "B", "0", "0", ""],
+        ["movie-4", "", "0", "0", ""],
     ]
     result = score_ratings(target, key_path)
     assert result["n_rated"] == 1 and result["n_skipped"] == 3

@@ -3,6 +3,7 @@
     qlora-pipeline summary                        where the outputs are, and the key metrics
     qlora-pipeline human-eval score RATINGS.csv   score a rater's blind A/B choices
     qlora-pipeline runs                           past runs whose adapter can be used below (runs:/<id>/adapter)
+    qlora-pipeline compare                        PEFT vs full fine-tuning, from MLflow: reports/compare.md
     qlora-pipeline chat [--adapter NAME=SOURCE]   talk to the persona in this terminal
     qlora-pipeline serve [--adapter NAME=SOURCE]  an OpenAI-compatible server, several adapters on one base
     qlora-pipeline export --adapter SOURCE --out DIR   a merged model plain transformers loads
@@ -31,8 +32,10 @@ OUTPUTS = [
     ("models/adapter/", "adapter + model card + resolved config (train-adapter)"),
     ("metrics/train.json", "losses, best step, tokens/s, peak memory (train-adapter)"),
     ("metrics/train_log.csv", "loss curves: dvc plots show (train-adapter)"),
-    ("metrics/eval.json", "base vs tuned: ROUGE, perplexity, intervals (evaluate)"),
-    ("reports/", "samples.csv, human_eval.html for blind A/B rating (evaluate)"),
+    ("reports/decoding.json", "decoding grid scored on validation, the chosen one (choose-decoding)"),
+    ("metrics/decoding.json", "the chosen decoding and its validation scores (choose-decoding)"),
+    ("metrics/eval.json", "base vs tuned, greedy and chosen decoding: ROUGE, perplexity, voice, intervals (evaluate)"),
+    ("reports/evaluate/", "samples.csv, human_eval.html for blind A/B rating, PNG figures (evaluate)"),
 ]
 
 
@@ -64,7 +67,7 @@ def summary(args: argparse.Namespace) -> None:
 
 def human_eval_score(args: argparse.Namespace) -> None:
     """Score the ratings against the key and log the result to the evaluate run's MLflow record."""
-    from qlora_pipeline.human_eval import score_ratings
+    from qlora_pipeline.human_eval.score import score_ratings
 
     result = score_ratings(args.ratings, args.key, confidence=args.confidence)
     print(json.dumps(result, indent=2))
@@ -79,12 +82,18 @@ def human_eval_score(args: argparse.Namespace) -> None:
 
 
 def log_human_eval(tracking_uri: str, run_id: str, result: dict) -> None:
+    """Every number of the result, nested ones dotted (``human_eval.broken.tuned.rate``).
+
+    A value that is None (no broken marks in an older ratings file) is not logged: unknown, not zero.
+    """
     import mlflow
 
+    from qlora_pipeline.config import flatten
+
     client = mlflow.MlflowClient(tracking_uri)
-    for key, value in result.items():
+    for key, value in flatten(result, prefix="human_eval.").items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            client.log_metric(run_id, f"human_eval.{key}", float(value))
+            client.log_metric(run_id, key, float(value))
 
 
 def _confidence(text: str) -> float:
@@ -105,11 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     human = commands.add_parser("human-eval", help="blind A/B human evaluation")
     human_commands = human.add_subparsers(dest="human_command", required=True)
-    score = human_commands.add_parser("score", help="win rate of the tuned model from a ratings CSV")
-    score.add_argument("ratings", type=Path, help="ratings.csv downloaded from reports/human_eval.html")
-    score.add_argument("--key", type=Path, default=Path("reports/human_eval_key.csv"), help="the A/B key")
+    score = human_commands.add_parser(
+        "score", help="win rate of the tuned model and each model's loops-or-breaks rate, from a ratings CSV")
+    score.add_argument("ratings", type=Path, help="ratings.csv downloaded from reports/evaluate/human_eval.html")
+    score.add_argument("--key", type=Path, default=Path("reports/evaluate/human_eval_key.csv"), help="the A/B key")
     score.add_argument("--confidence", type=_confidence, default=0.95, help="interval level, in (0, 1)")
-    score.add_argument("--run-file", type=Path, default=Path("reports/run.json"),
+    score.add_argument("--run-file", type=Path, default=Path("reports/evaluate/run.json"),
                        help="which MLflow run the sheet came from (written by evaluate)")
     score.set_defaults(func=human_eval_score)
 
@@ -117,6 +127,18 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--params", type=Path, default=Path("params.yaml"), help="for the MLflow store and experiment")
     runs.add_argument("--limit", type=int, default=20, help="newest runs looked at")
     runs.set_defaults(func=_run("qlora_pipeline.serving.runs"))
+
+    compare = commands.add_parser("compare", help="PEFT vs full fine-tuning: a report from the MLflow runs")
+    compare.add_argument("--params", type=Path, default=Path("params.yaml"), help="for the MLflow store and experiment")
+    compare.add_argument("--out", type=Path, default=Path("reports"), help="folder for compare.md and compare.png")
+    compare.add_argument("--prefix", default=None,
+                         help="DVC experiment names of the comparison start with this (tag dvc.exp_name); "
+                              "default: compare.name_prefix of params")
+    compare.add_argument("--run", action="store_true",
+                         help="first queue and run one equal-budget experiment per compare.methods (make compare)")
+    compare.add_argument("--runs", nargs="+", default=None, metavar="RUN_ID",
+                         help="exactly these MLflow runs, one per method, instead of the newest under --prefix")
+    compare.set_defaults(func=_run("qlora_pipeline.compare"))
 
     chat = commands.add_parser("chat", help="talk to the persona in this terminal (/help lists the commands)")
     _model_arguments(chat)
@@ -167,6 +189,9 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", type=Path, default=Path("models/base"), help="the base the adapters were trained on")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"),
                         help="params.yaml: the chat section's decoding defaults and the MLflow store")
+    parser.add_argument("--decoding", type=Path, default=Path("reports/decoding.json"),
+                        help="the decoding choose-decoding picked on validation; used for an adapter it was "
+                             "picked for when chat.use_chosen_decoding is true")
     parser.add_argument("--dequantize", choices=("auto", "true", "false"), default="auto",
                         help="dequantize the 4-bit base once for faster CPU generation (evaluate.dequantize_4bit)")
 

@@ -308,28 +308,87 @@ class EvaluateConfig:
     batch_size: int = 16
     # auto = dequantize the 4-bit weights once for generation on a CPU when they fit (same outputs)
     dequantize_4bit: Union[bool, Literal["auto"]] = "auto"
-    # generate() keys
+    # generate() key of both rows: greedy (comparable across runs) and the chosen decoding
     max_new_tokens: int = 48
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
+    # A sampled decoding is run with this many seeds per prompt and its per-prompt scores averaged
+    samples_per_prompt: int = 2
     # bootstrap confidence intervals
     bootstrap_samples: int = 1000
     confidence_level: float = 0.95
     human_eval_samples: int = 50
+    # The persona's real replies (train split) shown atop the sheet, so a rater knows the voice
+    human_eval_persona_examples: int = 8
 
     def problems(self) -> list[str]:
-        out = _at_least("evaluate", self, 1, "batch_size", "max_new_tokens", "bootstrap_samples")
-        out += _at_least("evaluate", self, 0, "human_eval_samples")
+        out = _at_least("evaluate", self, 1, "batch_size", "max_new_tokens", "bootstrap_samples",
+                        "samples_per_prompt")
+        out += _at_least("evaluate", self, 0, "human_eval_samples", "human_eval_persona_examples")
         if self.max_samples is not None and self.max_samples < 1:
             out.append(f"evaluate.max_samples: must be >= 1 or null, got {self.max_samples}")
         if not 0.5 <= self.confidence_level < 1.0:
             out.append(f"evaluate.confidence_level: must be in [0.5, 1), got {self.confidence_level}")
-        if self.temperature <= 0:
-            out.append(f"evaluate.temperature: must be > 0, got {self.temperature}")
+        return out
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+@dataclass
+class DecodingSetting:
+    """One way of decoding, in generate()'s key names; temperature 0 = greedy."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+
+    def problems(self, key: str = "decoding") -> list[str]:
+        out = _at_least(key, self, 0, "top_k", "no_repeat_ngram_size")
+        if self.temperature < 0:
+            out.append(f"{key}.temperature: must be >= 0 (0 = greedy), got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
-            out.append(f"evaluate.top_p: must be in (0, 1], got {self.top_p}")
+            out.append(f"{key}.top_p: must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            out.append(f"{key}.repetition_penalty: must be > 0 (1 = off), got {self.repetition_penalty}")
+        return out
+
+    @property
+    def sampled(self) -> bool:
+        return self.temperature > 0
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """generate() arguments; the sampling keys only when sampling (greedy would warn about them)."""
+        kwargs: dict[str, Any] = {"do_sample": self.sampled, "repetition_penalty": self.repetition_penalty,
+                                  "no_repeat_ngram_size": self.no_repeat_ngram_size}
+        if self.sampled:
+            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+        return kwargs
+
+
+@dataclass
+class ObjectiveWeights:
+    """A decoding's validation score: the sum of each metric's mean times its weight."""
+
+    persona_score: float = 1.0
+    rougeL: float = 1.0
+    repeated_3gram: float = -1.0
+
+
+@dataclass
+class DecodingConfig:
+    # The settings tried on the validation split; the best by `objective` is the chosen decoding.
+    grid: list[DecodingSetting] = field(default_factory=lambda: [DecodingSetting()])
+    objective: ObjectiveWeights = field(default_factory=ObjectiveWeights)
+    # Validation examples scored per setting (null = all)
+    max_samples: Optional[int] = 64
+
+    def problems(self) -> list[str]:
+        out = [] if self.grid else ["decoding.grid: give at least one setting, e.g. [{temperature: 0.0, ...}]"]
+        for i, setting in enumerate(self.grid):
+            out += setting.problems(f"decoding.grid[{i}]")
+        if self.max_samples is not None and self.max_samples < 1:
+            out.append(f"decoding.max_samples: must be >= 1 or null, got {self.max_samples}")
         return out
 
 
@@ -337,7 +396,7 @@ class EvaluateConfig:
 
 
 @dataclass
-class ChatConfig:
+class ChatConfig(DecodingSetting):
     """Decoding defaults of ``qlora-pipeline chat`` and ``serve`` (generate() keys); a request may override some."""
 
     temperature: float = 0.7
@@ -346,16 +405,36 @@ class ChatConfig:
     repetition_penalty: float = 1.15
     no_repeat_ngram_size: int = 4
     max_new_tokens: int = 96
+    # true = the decoding the choose-decoding stage picked on validation, when it was picked for the
+    # adapter being talked to; the keys above are the fallback (and the rest of the settings).
+    use_chosen_decoding: bool = True
+
+    def problems(self, key: str = "chat") -> list[str]:
+        return super().problems(key) + _at_least(key, self, 1, "max_new_tokens")
+
+
+# ---------------------------------------------------------------------------- compare
+
+
+@dataclass
+class CompareConfig:
+    """``make compare``: one equal-budget experiment per method; only the learning rate differs."""
+
+    methods: list[Literal["qlora", "lora", "full"]] = field(default_factory=lambda: ["qlora", "lora", "full"])
+    learning_rate: dict[str, float] = field(default_factory=lambda: {"qlora": 2e-4, "lora": 2e-4, "full": 2e-5})
+    # DVC experiment names are <prefix><method>-<time>; the report picks the newest of each method.
+    name_prefix: str = "compare-"
 
     def problems(self) -> list[str]:
-        out = _at_least("chat", self, 1, "max_new_tokens")
-        out += _at_least("chat", self, 0, "top_k", "no_repeat_ngram_size")
-        if self.temperature < 0:
-            out.append(f"chat.temperature: must be >= 0 (0 = greedy), got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            out.append(f"chat.top_p: must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            out.append(f"chat.repetition_penalty: must be > 0 (1 = off), got {self.repetition_penalty}")
+        out = [] if self.methods else ["compare.methods: name at least one of qlora, lora, full"]
+        if len(set(self.methods)) != len(self.methods):
+            out.append(f"compare.methods: a method is listed twice: {self.methods}")
+        out += [f"compare.learning_rate.{m}: missing; give each compared method its learning rate"
+                for m in self.methods if m not in self.learning_rate]
+        out += [f"compare.learning_rate.{m}: must be > 0, got {v}" for m, v in self.learning_rate.items() if v <= 0]
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_-]*$", self.name_prefix):
+            out.append(f"compare.name_prefix: letters, digits, '-' and '_' only (a DVC experiment name), "
+                       f"got {self.name_prefix!r}")
         return out
 
 
@@ -384,7 +463,9 @@ class Params:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
     chat: ChatConfig = field(default_factory=ChatConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
     def problems(self) -> list[str]:
@@ -423,6 +504,17 @@ def params_from_dict(raw: Any, source: str = "params") -> Params:
     if problems:
         raise ConfigError(source, problems)
     return params
+
+
+def decoding_setting_from(raw: Any, source: str, key: str = "chosen") -> DecodingSetting:
+    """A decoding setting read from a file other than params.yaml (reports/decoding.json), checked like params."""
+    problems: list[str] = []
+    setting = _build(DecodingSetting, raw, f"{key}.", problems)
+    if setting is not None and not problems:
+        problems += setting.problems(key)
+    if problems:
+        raise ConfigError(source, problems)
+    return setting
 
 
 def _semantic_problems(obj: Any) -> list[str]:

@@ -38,7 +38,10 @@ def repo(tmp_path_factory, tiny_llama) -> Path:
                  "model.smoke_prompts": ["hi"], "model.smoke_max_new_tokens": 2,
                  "train.max_steps": 2, "train.eval_steps": 1, "train.save_steps": 1,
                  "train.per_device_train_batch_size": 4, "evaluate.max_samples": 4, "evaluate.max_new_tokens": 4,
-                 "evaluate.bootstrap_samples": 100, "evaluate.human_eval_samples": 2}
+                 "evaluate.bootstrap_samples": 100, "evaluate.human_eval_samples": 2,
+                 "decoding.max_samples": 4, "decoding.grid": [
+                     {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0},
+                     {"temperature": 0.8, "top_p": 0.9, "top_k": 0, "repetition_penalty": 1.1, "no_repeat_ngram_size": 3}]}
     chat = "".join(json.dumps(r) + "\n" for r in chat_rows())
     return copy_repository(tmp_path_factory.mktemp("e2e") / "repo", overrides, {"chat.jsonl": chat})
 
@@ -52,16 +55,22 @@ def runs(repo: Path):
 
 def test_repro_runs_every_stage_into_one_mlflow_run(repo):
     out = sh(["dvc", "repro"], repo)
-    for stage in ("fetch", "clean", "split", "quantize-load", "train-adapter", "evaluate"):
+    for stage in ("fetch", "clean", "split", "quantize-load", "train-adapter", "choose-decoding", "evaluate"):
         assert f"Running stage '{stage}'" in out
     table = runs(repo)
     assert len(table) == 1
     run = table.iloc[0]
     for metric in ("fetch.conversations", "clean.messages_out", "split.train.examples", "base.parameters",
-                   "train.best_val_loss", "eval.rouge1.tuned", "eval.perplexity.tuned"):
+                   "train.best_val_loss", "decoding.val_persona_score", "eval.rouge1.tuned", "eval.perplexity.tuned",
+                   "eval.chosen.persona_score.tuned", "eval.chosen.repeated_3gram.tuned_ci_high"):
         assert f"metrics.{metric}" in table.columns and run[f"metrics.{metric}"] == run[f"metrics.{metric}"], metric
     assert run["tags.dvc.exp_name"] == "workspace" and len(run["tags.git.commit"]) == 40
     assert run["params.train.lora.r"] == "16" and run["tags.params.hash"]
+    chosen = json.loads((repo / "reports/decoding.json").read_text())["chosen"]
+    assert run["params.decoding.chosen.repetition_penalty"] == str(chosen["repetition_penalty"])
+    assert json.loads((repo / "metrics/eval.json").read_text())["chosen"]["decoding"] == chosen
+    shown = sh(["dvc", "metrics", "show", "--json"], repo)
+    assert "val_persona_score" in shown and "persona_score" in shown
     assert "Training: 2 steps" in sh([str(BIN / "python"), "-m", "qlora_pipeline.cli", "summary"], repo)
 
     assert "Data and pipelines are up to date" in sh(["dvc", "repro"], repo)
@@ -90,6 +99,7 @@ def test_editing_chat_serve_or_export_code_reruns_no_stage(repo):
 def test_changing_generation_params_reruns_evaluate_only(repo):
     out = sh(["dvc", "exp", "run", "-S", "evaluate.max_new_tokens=3"], repo)
     assert "Running stage 'evaluate'" in out
+    assert "Running stage 'choose-decoding'" in out  # the choice is made at the same reply length
     for stage in ("fetch", "clean", "split", "quantize-load", "train-adapter"):
         assert f"Running stage '{stage}'" not in out
     table = runs(repo)

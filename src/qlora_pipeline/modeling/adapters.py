@@ -89,3 +89,28 @@ def load_tuned(base_dir: Path, adapter_dir: Path, workdir: Path | None = None) -
         return model.eval(), AutoTokenizer.from_pretrained(adapter_dir), resolved
     base, tokenizer = load_base_for(resolved, base_dir, workdir)
     return attach_adapters(base, {"tuned": adapter_dir}), tokenizer, resolved
+
+
+def load_tuned_for_generation(base_dir: Path, adapter_dir: Path, dequantize: bool | str) -> tuple[Any, Any, dict]:
+    """:func:`load_tuned`, its 4-bit weights dequantized once when ``dequantize`` says so (same outputs, faster on a CPU)."""
+    from qlora_pipeline.modeling.inference import dequantize_for_inference, should_dequantize
+
+    model, tokenizer, resolved = load_tuned(base_dir, adapter_dir)
+    if should_dequantize(dequantize, model):  # this process never saves the model
+        dequantize_for_inference(model)
+    return model, tokenizer, resolved
+
+
+def adapter_digest(adapter_dir: Path) -> str:
+    """sha256 over the folder's safetensors files (name and content): which trained weights a choice was made for."""
+    import hashlib
+
+    from qlora_pipeline.io import sha256_file
+
+    files = sorted(Path(adapter_dir).glob("*.safetensors"))
+    if not files:
+        raise PipelineError(f"{adapter_dir}: no .safetensors weights; run the train-adapter stage first")
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path.name}:{sha256_file(path)}\n".encode())
+    return digest.hexdigest()

@@ -5,22 +5,24 @@ from __future__ import annotations
 import csv
 import time
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from qlora_pipeline import evaluation, tracking
-from qlora_pipeline.config import Params
+from qlora_pipeline import decoding, evaluation, fidelity, tracking
+from qlora_pipeline.config import DecodingSetting, Params, decoding_setting_from
 from qlora_pipeline.data.sampling import cap_examples
 from qlora_pipeline.errors import PipelineError
-from qlora_pipeline.io import atomic_path, read_jsonl, remove_outputs, write_json
+from qlora_pipeline.io import atomic_path, read_json, read_jsonl, remove_outputs, write_json
 
 SAMPLES = "samples.csv"
 SHEET = "human_eval.html"
 KEY = "human_eval_key.csv"
 RUN_FILE = "run.json"
-SAMPLE_FIELDS = ("id", "context", "reference", "base", "tuned", "base_stopped", "tuned_stopped")
+SAMPLE_FIELDS = ("id", "context", "reference", "base", "tuned", "base_stopped", "tuned_stopped", "base_chosen",
+                 "tuned_chosen")
 
 
 def read_test(path: Path, cap: int | None, seed: int) -> list[dict]:
@@ -31,22 +33,15 @@ def read_test(path: Path, cap: int | None, seed: int) -> list[dict]:
     return cap_examples(rows, cap, seed)
 
 
-def generation_kwargs(params: Params) -> dict[str, Any]:
-    cfg = params.evaluate
-    kwargs: dict[str, Any] = {"max_new_tokens": cfg.max_new_tokens, "do_sample": cfg.do_sample,
-                              "repetition_penalty": cfg.repetition_penalty}
-    if cfg.do_sample:  # sampling keys only mean something when sampling
-        kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p)
-    return kwargs
-
-
 def run_evaluate(params: Params, base_dir: Path, adapter_dir: Path, test_path: Path, metrics_path: Path,
                  reports_dir: Path, rouge_plot: Path, artifacts: list[Path], train_path: Path | None = None,
-                 log_csv: Path | None = None) -> dict:
+                 log_csv: Path | None = None, decoding_path: Path | None = None) -> dict:
     """Score base and tuned on ``test_path``; write metrics, the ROUGE plot table and ``reports_dir``.
 
     ``train_path`` (the train split) teaches the style judge the persona's voice; without it the
     persona metrics are left out. ``log_csv`` (train-adapter's loss log) is drawn into ``reports_dir``.
+    ``decoding_path`` (choose-decoding's report) adds the ``chosen`` row: base and tuned under the
+    decoding picked on validation.
     """
     from transformers import set_seed
 
@@ -54,23 +49,26 @@ def run_evaluate(params: Params, base_dir: Path, adapter_dir: Path, test_path: P
 
     remove_outputs(metrics_path, reports_dir, rouge_plot)
     read_training_config(adapter_dir)  # fail fast, naming the missing stage
+    chosen = read_chosen_decoding(decoding_path) if decoding_path is not None else None
     rows = read_test(test_path, params.evaluate.max_samples, params.seed)
     train_rows = [row for _, row in read_jsonl(train_path)] if train_path is not None else None
     set_seed(params.seed)
     started = time.perf_counter()
-    outputs = generate_both(params, base_dir, adapter_dir, rows)
+    outputs = generate_both(params, base_dir, adapter_dir, rows, chosen)
     # One set of resamples for every interval: deltas of different metrics stay paired.
     indices = evaluation.bootstrap_indices(len(rows), params.evaluate.bootstrap_samples, params.seed)
     metrics = score(params, rows, outputs, indices)
-    persona_scores = None
+    persona_scores, judge = None, None
     if train_rows:
-        persona, persona_scores = persona_metrics(params, train_rows, rows, outputs, indices)
+        persona, persona_scores, judge = persona_metrics(params, train_rows, rows, outputs, indices)
         metrics.update(persona)
+    if chosen is not None:
+        metrics["chosen"] = chosen_row(params, chosen, rows, outputs["chosen"], judge, indices)
     metrics["wall_seconds"] = round(time.perf_counter() - started, 1)
     samples = sample_rows(rows, outputs)
     figures = {"metrics": metrics, "persona_scores": persona_scores, "log": log_csv}
     with tracking.pipeline_run(params, "evaluate") as run:  # opened first: a store error leaves no outputs
-        write_reports(reports_dir, samples, params, run, figures)
+        write_reports(reports_dir, samples, params, run, figures, train_rows)
         write_json(metrics_path, metrics)
         write_rouge_plot(rouge_plot, metrics)
         tracking.log_metrics("eval", flat_eval_metrics(metrics))
@@ -79,38 +77,67 @@ def run_evaluate(params: Params, base_dir: Path, adapter_dir: Path, test_path: P
     return metrics
 
 
-def generate_both(params: Params, base_dir: Path, adapter_dir: Path, rows: list[dict]) -> dict[str, Any]:
-    """Replies and reference NLL for base and tuned; one model in memory with the adapter switched off and on."""
-    from qlora_pipeline.modeling.adapters import autocast_like_training, load_base_for, load_tuned
-    from qlora_pipeline.modeling.inference import dequantize_for_inference, should_dequantize
+def read_chosen_decoding(path: Path) -> DecodingSetting:
+    """The setting choose-decoding picked, checked like params (a hand-edited file names its key)."""
+    report = read_json(path)
+    if not isinstance(report, dict) or "chosen" not in report:
+        raise PipelineError(f"{path}: no 'chosen' setting; re-run the choose-decoding stage (dvc repro choose-decoding)")
+    return decoding_setting_from(report["chosen"], str(path))
+
+
+def generate_both(params: Params, base_dir: Path, adapter_dir: Path, rows: list[dict],
+                  chosen: DecodingSetting | None = None) -> dict[str, Any]:
+    """Replies and reference NLL for base and tuned; one model in memory with the adapter switched off and on.
+
+    With ``chosen``: ``out["chosen"][side]`` holds each side's replies under that decoding, one
+    list per pass (a greedy choice reuses the greedy replies).
+    """
+    from qlora_pipeline.modeling.adapters import autocast_like_training, load_base_for, load_tuned_for_generation
 
     cfg = params.evaluate
-    contexts = [row["messages"] for row in rows]
-    max_length, gen_kwargs = params.train.max_length, generation_kwargs(params)
-    model, tokenizer, resolved = load_tuned(base_dir, adapter_dir)
-    if should_dequantize(cfg.dequantize_4bit, model):  # this process never saves the model
-        dequantize_for_inference(model)
+    max_length = params.train.max_length
+    model, tokenizer, resolved = load_tuned_for_generation(base_dir, adapter_dir, cfg.dequantize_4bit)
     out: dict[str, Any] = {}
+    chosen_out: dict[str, Any] = {}
+
+    def both_rows(side_model, side_tokenizer, side):
+        out[side] = _side(side_model, side_tokenizer, rows, cfg, max_length)
+        if chosen is not None:
+            chosen_out[side] = _chosen_side(side_model, side_tokenizer, rows, cfg, chosen, params.seed, out[side])
+
     with autocast_like_training(resolved):  # base and tuned alike, as training computed
         if resolved["method"] == "full":  # no adapter to switch off: the base is a second model
             base, base_tokenizer = load_base_for(resolved, base_dir)
-            out["base"] = _side(base, base_tokenizer, rows, contexts, cfg.batch_size, max_length, gen_kwargs)
+            both_rows(base, base_tokenizer, "base")
             del base
         else:
             with model.disable_adapter():
-                out["base"] = _side(model, tokenizer, rows, contexts, cfg.batch_size, max_length, gen_kwargs)
-        out["tuned"] = _side(model, tokenizer, rows, contexts, cfg.batch_size, max_length, gen_kwargs)
+                both_rows(model, tokenizer, "base")
+        both_rows(model, tokenizer, "tuned")
+    if chosen is not None:
+        out["chosen"] = chosen_out
     return out
 
 
-def _side(model, tokenizer, rows, contexts, batch_size, max_length, gen_kwargs) -> dict[str, Any]:
+def _side(model, tokenizer, rows, cfg, max_length) -> dict[str, Any]:
+    """Greedy replies (the row comparable across runs) and the reference replies' NLL."""
     from qlora_pipeline.modeling.generation import generate_replies
 
-    replies = generate_replies(model, tokenizer, contexts, batch_size, **gen_kwargs)
+    replies = generate_replies(model, tokenizer, [row["messages"] for row in rows], cfg.batch_size,
+                               max_new_tokens=cfg.max_new_tokens, do_sample=False)
     truncated: Counter = Counter()
-    nll, tokens = evaluation.reference_nll(model, tokenizer, rows, max_length, batch_size, truncated)
+    nll, tokens = evaluation.reference_nll(model, tokenizer, rows, max_length, cfg.batch_size, truncated)
     return {"replies": [r.text for r in replies], "stopped": [r.stopped for r in replies], "nll": nll, "tokens": tokens,
             "truncated": truncated}
+
+
+def _chosen_side(model, tokenizer, rows, cfg, chosen: DecodingSetting, seed: int, greedy: dict) -> dict[str, Any]:
+    """Replies under the chosen decoding, one list per pass; plain greedy is not generated twice."""
+    if chosen == DecodingSetting():
+        return {"replies": [greedy["replies"]], "stopped": [greedy["stopped"]]}
+    passes = decoding.generate_passes(model, tokenizer, [row["messages"] for row in rows], chosen,
+                                      cfg.samples_per_prompt, cfg.batch_size, cfg.max_new_tokens, seed)
+    return {"replies": [[r.text for r in run] for run in passes], "stopped": [[r.stopped for r in run] for run in passes]}
 
 
 def score(params: Params, rows: list[dict], outputs: dict[str, Any], indices: np.ndarray) -> dict:
@@ -135,7 +162,7 @@ def score(params: Params, rows: list[dict], outputs: dict[str, Any], indices: np
 
 
 def persona_metrics(params: Params, train_rows: list[dict], rows: list[dict], outputs: dict[str, Any],
-                    indices: np.ndarray) -> tuple[dict, dict[str, np.ndarray]]:
+                    indices: np.ndarray) -> tuple[dict, dict[str, np.ndarray], Any]:
     """Does each side talk like the persona? The style judge (trained on ``train_rows`` only) and distances.
 
     ``persona_judge``: the judge's accuracy and AUC on the test split's real replies (the persona's
@@ -143,10 +170,8 @@ def persona_metrics(params: Params, train_rows: list[dict], rows: list[dict], ou
     that the persona wrote each reply, base vs tuned with intervals, and on the persona's own real
     test replies (``reference``) as the mark to reach. ``repeated_3gram``: replies repeating a word
     3-gram. ``persona_distance``: each side's replies against the real ones. Also returns the
-    per-reply scores (base, tuned, the real replies) for the figure.
+    per-reply scores (base, tuned, the real replies) for the figure, and the judge.
     """
-    from qlora_pipeline import fidelity
-
     cfg = params.evaluate
     texts, labels = fidelity.judge_examples(train_rows)
     judge = fidelity.train_judge(texts, labels, params.seed)
@@ -171,52 +196,95 @@ def persona_metrics(params: Params, train_rows: list[dict], rows: list[dict], ou
         "repeated_3gram": evaluation.compare(repeats["base"], repeats["tuned"], indices, cfg.confidence_level),
         "persona_distance": distance,
     }
-    return metrics, {"base": scores["base"], "tuned": scores["tuned"], "persona's own": real}
+    return metrics, {"base": scores["base"], "tuned": scores["tuned"], "persona's own": real}, judge
 
 
-def flat_eval_metrics(metrics: dict) -> dict:
-    """Scalars only (intervals as _low/_high), for MLflow."""
+def chosen_row(params: Params, chosen: DecodingSetting, rows: list[dict], outputs: dict[str, Any], judge: Any,
+               indices: np.ndarray) -> dict:
+    """Base and tuned under the decoding chosen on validation: ROUGE, repetition, the voice, with intervals.
+
+    Each prompt's scores are averaged over its passes (seeds) before resampling prompts.
+    """
+    cfg = params.evaluate
+    references = [row["target"] for row in rows]
+    per_prompt = {}
+    for side in ("base", "tuned"):
+        passes = outputs[side]["replies"]
+        rouge = [evaluation.rouge_scores(texts, references) for texts in passes]
+        per_prompt[side] = {name: np.mean([r[name] for r in rouge], axis=0) for name in ("rouge1", "rougeL")}
+        per_prompt[side]["repeated_3gram"] = np.mean(
+            [[float(fidelity.repeats_trigram(t)) for t in texts] for texts in passes], axis=0)
+        if judge is not None:
+            per_prompt[side]["persona_score"] = np.mean(
+                [fidelity.persona_probabilities(judge, texts) for texts in passes], axis=0)
+    row: dict[str, Any] = {"decoding": asdict(chosen), "passes": len(outputs["tuned"]["replies"])}
+    for name in per_prompt["tuned"]:
+        row[name] = evaluation.compare(per_prompt["base"][name], per_prompt["tuned"][name], indices,
+                                       cfg.confidence_level)
+    for side in ("base", "tuned"):  # corpus-level over every pass's replies
+        replies = [t for texts in outputs[side]["replies"] for t in texts]
+        stopped = [s for flags in outputs[side]["stopped"] for s in flags]
+        row[side] = evaluation.text_metrics(replies, stopped, references * len(outputs[side]["replies"]))
+    return row
+
+
+def flat_eval_metrics(metrics: dict, prefix: str = "") -> dict:
+    """Scalars only, nested keys dotted (intervals as _low/_high), for MLflow."""
     flat: dict[str, float] = {}
     for key, value in metrics.items():
+        name = f"{prefix}{key}"
         if isinstance(value, dict):
-            for sub, item in value.items():
-                if isinstance(item, list):
-                    flat[f"{key}.{sub}_low"], flat[f"{key}.{sub}_high"] = item
-                elif isinstance(item, (int, float)):  # None (an AUC with one class) is not a metric
-                    flat[f"{key}.{sub}"] = item
-        elif isinstance(value, (int, float)):
-            flat[key] = value
+            flat.update(flat_eval_metrics(value, name + "."))
+        elif isinstance(value, list) and len(value) == 2:
+            flat[f"{name}_low"], flat[f"{name}_high"] = value
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):  # None (one-class AUC) is no metric
+            flat[name] = value
     return flat
 
 
 def sample_rows(rows: list[dict], outputs: dict[str, Any]) -> list[dict]:
-    return [{"id": row["id"], "messages": row["messages"], "reference": row["target"],
-             "base": outputs["base"]["replies"][i], "tuned": outputs["tuned"]["replies"][i],
-             "base_stopped": outputs["base"]["stopped"][i], "tuned_stopped": outputs["tuned"]["stopped"][i]}
-            for i, row in enumerate(rows)]
+    """Per test example: greedy replies of both sides and (first pass of) the chosen decoding's."""
+    chosen = outputs.get("chosen")
+    samples = []
+    for i, row in enumerate(rows):
+        sample = {"id": row["id"], "messages": row["messages"], "reference": row["target"],
+                  "base": outputs["base"]["replies"][i], "tuned": outputs["tuned"]["replies"][i],
+                  "base_stopped": outputs["base"]["stopped"][i], "tuned_stopped": outputs["tuned"]["stopped"][i]}
+        if chosen is not None:
+            for side in ("base", "tuned"):
+                sample[f"{side}_chosen"] = chosen[side]["replies"][0][i]
+        samples.append(sample)
+    return samples
 
 
 def render_context(messages: list[dict]) -> str:
     return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
 
 
-def write_reports(reports_dir: Path, samples: list[dict], params: Params, run: Any, figures: dict | None = None
-                  ) -> None:
+def write_reports(reports_dir: Path, samples: list[dict], params: Params, run: Any, figures: dict | None = None,
+                  train_rows: list[dict] | None = None) -> None:
     """samples.csv, the blind A/B sheet and its key, the PNG figures, and which MLflow run they belong to."""
-    from qlora_pipeline.human_eval import write_sheet
+    from qlora_pipeline.human_eval.sheet import pick_persona_examples, write_sheet
 
     with atomic_path(reports_dir) as tmp:
         tmp.mkdir()
         with (tmp / SAMPLES).open("w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=SAMPLE_FIELDS)
+            fields = [k for k in SAMPLE_FIELDS if not samples or k == "context" or k in samples[0]]
+            writer = csv.DictWriter(handle, fieldnames=fields)
             writer.writeheader()
             for sample in samples:
-                writer.writerow({**{k: sample[k] for k in SAMPLE_FIELDS if k != "context"},
+                writer.writerow({**{k: sample[k] for k in fields if k != "context"},
                                  "context": render_context(sample["messages"])})
-        sheet = [{"id": s["id"], "context": s["messages"], "reference": s["reference"], "base": s["base"],
-                  "tuned": s["tuned"]} for s in samples[: params.evaluate.human_eval_samples]]
+        # The replies a user will get: the chosen decoding's where there is one.
+        side = {name: f"{name}_chosen" if samples and f"{name}_chosen" in samples[0] else name
+                for name in ("base", "tuned")}
+        sheet = [{"id": s["id"], "context": s["messages"], "reference": s["reference"], "base": s[side["base"]],
+                  "tuned": s[side["tuned"]]} for s in samples[: params.evaluate.human_eval_samples]]
         if sheet:
-            write_sheet(sheet, params.seed, tmp / SHEET, tmp / KEY, title="Which reply sounds more like the person?")
+            examples = pick_persona_examples(train_rows or [], params.evaluate.human_eval_persona_examples,
+                                             params.seed)
+            write_sheet(sheet, params.seed, tmp / SHEET, tmp / KEY, title="Which reply sounds more like the person?",
+                        persona_examples=examples)
         if figures:
             draw_figures(tmp, **figures)
         # The store as configured (null = the repository's own), never this machine's absolute path.
@@ -256,19 +324,23 @@ def log_artifacts(paths: list[Path]) -> None:
 def summary_table(metrics: dict) -> str:
     lines = [f"evaluate: {metrics['samples']} test replies, base (zero-shot) vs tuned "
              f"[{int(metrics['confidence_level'] * 100)}% interval of tuned - base]",
-             f"  {'metric':<18}{'base':>10}{'tuned':>10}{'delta':>10}   interval"]
-    for name in (*evaluation.ROUGE_TYPES, "perplexity", "persona_score", "repeated_3gram"):
-        if name not in metrics:
-            continue
-        m = metrics[name]
+             f"  {'metric':<26}{'base':>10}{'tuned':>10}{'delta':>10}   interval"]
+    rows = [(name, metrics[name]) for name in (*evaluation.ROUGE_TYPES, "perplexity", "persona_score",
+                                                "repeated_3gram") if name in metrics]
+    rows += [(f"{name} (chosen)", m) for name, m in metrics.get("chosen", {}).items()
+             if isinstance(m, dict) and "delta" in m]
+    for name, m in rows:
         ci = m.get("delta_ci")
         ci_text = f"[{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else f"base {m['base_ci']}, tuned {m['tuned_ci']}"
-        lines.append(f"  {name:<18}{m['base']:>10.4f}{m['tuned']:>10.4f}{m['delta']:>+10.4f}   {ci_text}")
+        lines.append(f"  {name:<26}{m['base']:>10.4f}{m['tuned']:>10.4f}{m['delta']:>+10.4f}   {ci_text}")
     for name in ("end_of_turn_rate", "length_ratio", "distinct_1", "distinct_2"):
         base, tuned = metrics["base"][name], metrics["tuned"][name]
-        lines.append(f"  {name:<18}{base:>10.4f}{tuned:>10.4f}{tuned - base:>+10.4f}")
+        lines.append(f"  {name:<26}{base:>10.4f}{tuned:>10.4f}{tuned - base:>+10.4f}")
     if "persona_judge" in metrics:
         judge, persona = metrics["persona_judge"], metrics["persona_score"]
         lines.append(f"  style judge on real test replies: accuracy {judge['accuracy']}, AUC {judge['auc']}; "
                      f"the persona's own replies score {persona['reference']} {persona['reference_ci']}")
+    if "chosen" in metrics:
+        lines.append(f"  chosen decoding (picked on validation): {metrics['chosen']['decoding']}, "
+                     f"{metrics['chosen']['passes']} pass(es) per prompt")
     return "\n".join(lines)

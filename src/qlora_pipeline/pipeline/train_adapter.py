@@ -59,6 +59,8 @@ def run_train_adapter(params: Params, base_dir: Path, splits_dir: Path, out_dir:
             metrics["precision"] = dataclasses.asdict(precision)
             metrics["hardware"] = hardware.capability()
             save_trained(trainer.model, tokenizer, tmp, params, base_dir, splits_dir, metrics)
+            # What a user keeps and ships per persona: an adapter (MBs) or a whole model (GBs).
+            metrics["output_mb"] = round(sum(f.stat().st_size for f in tmp.glob("*.safetensors")) / 2**20, 2)
             tracking.log_metrics("train", {k: v for k, v in metrics.items() if k != "examples"})
     write_json(metrics_path, metrics)
     write_log(log_path, training.log_rows(trainer.state.log_history))

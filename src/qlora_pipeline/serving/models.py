@@ -276,11 +276,77 @@ def load_persona_model(base_dir: Path, specs: list[AdapterSpec], *, tracking_uri
     return persona
 
 
+def chosen_decoding_for(adapter: Adapter, decoding_file: Path | None, tracking_uri: str | None,
+                        downloads: Path | None = None) -> tuple[Any, str] | None:
+    """The decoding choose-decoding picked for this adapter's weights, and where it was found; None if none.
+
+    A ``runs:/<id>/...`` adapter looks in its own run (``runs:/<id>/decoding.json``); a folder in
+    ``decoding_file`` (the workspace's reports/decoding.json). Either counts only when the digest
+    it records is this adapter's: a choice made for other weights is not this persona's.
+    """
+    from qlora_pipeline.config import decoding_setting_from
+    from qlora_pipeline.io import read_json
+    from qlora_pipeline.modeling.adapters import adapter_digest
+
+    if adapter.source.startswith(RUN_URI):
+        run_id = adapter.source[len(RUN_URI):].split("/", 1)[0]
+        source = f"{RUN_URI}{run_id}/decoding.json"
+        try:
+            import mlflow
+
+            path = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=tracking_uri,
+                                                            dst_path=str(downloads) if downloads else None))
+        except Exception:  # a run made before choose-decoding existed has none: the params decide
+            return None
+    elif decoding_file is not None and Path(decoding_file).is_file():
+        path, source = Path(decoding_file), str(decoding_file)
+    else:
+        return None
+    report = read_json(path)
+    if not isinstance(report, dict) or report.get("adapter_sha256") != adapter_digest(adapter.folder):
+        return None
+    return decoding_setting_from(report.get("chosen"), source), source
+
+
+def chat_defaults(chat: Any, persona: PersonaModel, decoding_file: Path | None) -> tuple[Any, str]:
+    """The decoding defaults of chat and serve, and a line saying where they came from.
+
+    With ``chat.use_chosen_decoding``, the first adapter with a choice of its own lends it (one
+    set of defaults serves every adapter of the process); otherwise the params' chat section.
+    """
+    import dataclasses
+
+    if chat.use_chosen_decoding:
+        for adapter in persona.adapters.values():
+            found = chosen_decoding_for(adapter, decoding_file, persona.tracking_uri, persona.downloads)
+            if found is not None:
+                setting, source = found
+                return (dataclasses.replace(chat, **dataclasses.asdict(setting)),
+                        f"decoding: chosen on validation for '{adapter.name}' ({source}): {_describe(setting)}")
+    chat_setting = {k: getattr(chat, k) for k in ("temperature", "top_p", "top_k", "repetition_penalty",
+                                                  "no_repeat_ngram_size")}
+    return chat, f"decoding: the params' chat section: {_describe_dict(chat_setting)}"
+
+
+def _describe(setting: Any) -> str:
+    import dataclasses
+
+    return _describe_dict(dataclasses.asdict(setting))
+
+
+def _describe_dict(values: dict) -> str:
+    if values["temperature"] == 0:
+        values = {k: v for k, v in values.items() if k not in ("temperature", "top_p", "top_k")}
+        return "greedy, " + ", ".join(f"{k} {v}" for k, v in values.items())
+    return ", ".join(f"{k} {v}" for k, v in values.items())
+
+
 def load_from_args(args: Any) -> tuple[PersonaModel, Any]:
     """The persona model and the chat decoding defaults for a ``chat``/``serve`` command line.
 
     ``--params`` gives the ``chat`` section and the MLflow store that ``runs:/`` sources come from;
     a missing params.yaml leaves the defaults (a served folder need not be a pipeline checkout).
+    ``--decoding`` is the workspace's choose-decoding report (see :func:`chat_defaults`).
     """
     from qlora_pipeline.config import Params, load_params
     from qlora_pipeline.tracking import resolve_tracking_uri
@@ -291,4 +357,6 @@ def load_from_args(args: Any) -> tuple[PersonaModel, Any]:
                                  tracking_uri=resolve_tracking_uri(params.mlflow.tracking_uri), dequantize=dequantize,
                                  runtime_adapters=getattr(args, "allow_runtime_adapters", False),
                                  mixed_batches=getattr(args, "mixed_batches", "stacked"))
-    return persona, params.chat
+    defaults, where = chat_defaults(params.chat, persona, getattr(args, "decoding", None))
+    print(where, file=sys.stderr)
+    return persona, defaults

@@ -1,0 +1,68 @@
+"""chat and serve decode as choose-decoding picked on validation, for the adapter it was picked for only."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+from qlora_pipeline.config import ChatConfig
+from qlora_pipeline.modeling.adapters import adapter_digest
+from qlora_pipeline.serving.models import Adapter, chat_defaults, chosen_decoding_for
+
+CHOSEN = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.2, "no_repeat_ngram_size": 3}
+
+
+def _adapter(name: str, folder: Path, source: str | None = None) -> Adapter:
+    return Adapter(name, source or str(folder), folder, {"method": "qlora"})
+
+
+def _report(path: Path, digest: str) -> Path:
+    path.write_text(json.dumps({"chosen": CHOSEN, "adapter_sha256": digest, "grid": []}))
+    return path
+
+
+def _persona(*adapters: Adapter, uri: str | None = None) -> SimpleNamespace:
+    return SimpleNamespace(adapters={a.name: a for a in adapters}, tracking_uri=uri, downloads=None)
+
+
+def test_the_choice_made_for_these_weights_becomes_the_default(persona_adapters, tmp_path):
+    alice = _adapter("alice", persona_adapters["alice"])
+    report = _report(tmp_path / "decoding.json", adapter_digest(alice.folder))
+    defaults, where = chat_defaults(ChatConfig(), _persona(alice), report)
+    assert (defaults.temperature, defaults.repetition_penalty, defaults.no_repeat_ngram_size) == (0.0, 1.2, 3)
+    assert defaults.max_new_tokens == ChatConfig().max_new_tokens  # only the decoding keys change
+    assert "chosen on validation for 'alice'" in where and "greedy" in where
+
+
+def test_a_choice_for_other_weights_or_switched_off_leaves_the_params(persona_adapters, tmp_path):
+    alice, bob = (_adapter(n, persona_adapters[n]) for n in ("alice", "bob"))
+    report = _report(tmp_path / "decoding.json", adapter_digest(bob.folder))
+    defaults, where = chat_defaults(ChatConfig(), _persona(alice), report)
+    assert defaults == ChatConfig() and "params' chat section" in where
+    assert chosen_decoding_for(alice, report, None) is None
+    defaults, _ = chat_defaults(ChatConfig(use_chosen_decoding=False), _persona(bob), report)
+    assert defaults == ChatConfig(use_chosen_decoding=False)
+    defaults, _ = chat_defaults(ChatConfig(), _persona(alice, bob), report)  # the first adapter with a choice
+    assert defaults.no_repeat_ngram_size == 3
+    defaults, _ = chat_defaults(ChatConfig(), _persona(bob), tmp_path / "missing.json")
+    assert defaults == ChatConfig()
+
+
+def test_a_past_runs_adapter_brings_its_runs_choice(persona_adapters, tmp_path):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    experiment = client.create_experiment("x", artifact_location=(tmp_path / "artifacts").as_uri())
+    run = client.create_run(experiment)
+    client.log_artifacts(run.info.run_id, str(persona_adapters["carol"]), "adapter")
+    client.log_artifact(run.info.run_id, str(_report(tmp_path / "decoding.json",
+                                                     adapter_digest(persona_adapters["carol"]))))
+    source = f"runs:/{run.info.run_id}/adapter"
+    carol = _adapter("carol", persona_adapters["carol"], source)
+    setting, where = chosen_decoding_for(carol, None, uri, tmp_path / "downloads")
+    assert setting.repetition_penalty == 1.2 and where == f"runs:/{run.info.run_id}/decoding.json"
+    other = client.create_run(experiment)  # a run with no choice (made before the stage existed)
+    assert chosen_decoding_for(_adapter("c2", persona_adapters["carol"], f"runs:/{other.info.run_id}/adapter"),
+                               None, uri, tmp_path / "d2") is None

@@ -1,0 +1,139 @@
+"""choose-decoding: the grid scored on validation only, the choice, seeded passes, and what reads it."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qlora_pipeline import decoding
+from qlora_pipeline.config import ConfigError, DecodingSetting, ObjectiveWeights
+from qlora_pipeline.errors import PipelineError
+from test_evaluation import SAMPLED, tiny_run  # noqa: F401  (the module-scoped fixture, shared)
+
+GREEDY = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
+
+
+def test_greedy_and_sampled_settings_become_generate_arguments():
+    assert DecodingSetting(**GREEDY).generate_kwargs() == {"do_sample": False, "repetition_penalty": 1.0,
+                                                           "no_repeat_ngram_size": 0}
+    kwargs = DecodingSetting(**SAMPLED).generate_kwargs()
+    assert kwargs["do_sample"] and kwargs["temperature"] == 0.9 and kwargs["top_p"] == 0.95
+    assert decoding.passes(DecodingSetting(**GREEDY), 3) == 1 and decoding.passes(DecodingSetting(**SAMPLED), 3) == 3
+
+
+def test_the_objective_weighs_each_score_and_the_best_is_chosen():
+    weights = ObjectiveWeights(persona_score=1.0, rougeL=1.0, repeated_3gram=-1.0)
+    loops = {"persona_score": 0.6, "rougeL": 0.10, "repeated_3gram": 0.8}
+    varied = {"persona_score": 0.55, "rougeL": 0.08, "repeated_3gram": 0.05}
+    results = [{**m, "objective": decoding.objective(m, weights)} for m in (loops, varied)]
+    assert decoding.choose(results) == 1  # the loops cost more than the voice and content gained
+    no_penalty = ObjectiveWeights(persona_score=1.0, rougeL=1.0, repeated_3gram=0.0)
+    results = [{**m, "objective": decoding.objective(m, no_penalty)} for m in (loops, varied)]
+    assert decoding.choose(results) == 0
+    tie = [{"objective": 0.5}, {"objective": 0.5}]
+    assert decoding.choose(tie) == 0  # the earlier, simpler setting
+
+
+def test_prompt_scores_average_over_passes():
+    class Judge:  # the persona writes "lol"; everyone else does not
+        classes_ = np.array([0, 1])
+
+        def predict_proba(self, texts):
+            p = np.array([0.9 if "lol" in t else 0.1 for t in texts])
+            return np.stack([1 - p, p], axis=1)
+
+    passes = [["lol ok", "a b c a b c"], ["no", "lol sure"]]
+    scores = decoding.prompt_scores(Judge(), passes, ["lol ok", "sure"])
+    assert scores["persona_score"] == pytest.approx([0.5, 0.5])
+    assert scores["repeated_3gram"] == pytest.approx([0.0, 0.5])
+    assert scores["rougeL"][0] == pytest.approx(0.5)  # exact in one pass, no overlap in the other
+
+
+def test_seeded_passes_give_the_same_replies_on_a_rerun(tiny_llama):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    contexts = [[{"role": "user", "content": f"tell me about day {i}"}] for i in range(3)]
+    setting = DecodingSetting(temperature=1.0)
+    first = decoding.generate_passes(model, tokenizer, contexts, setting, 2, 2, 8, seed=7)
+    again = decoding.generate_passes(model, tokenizer, contexts, setting, 2, 2, 8, seed=7)
+    texts = [[r.text for r in run] for run in first]
+    assert texts == [[r.text for r in run] for run in again]
+    assert texts[0] != texts[1]  # two seeds, two draws of a random model's wide distribution
+
+
+def test_choose_decoding_never_reads_the_test_split(tiny_run, tmp_path):
+    """The stage is given no test path, and no file named like the test split is opened while it runs."""
+    from qlora_pipeline.pipeline.choose_decoding import run_choose_decoding
+
+    params, tmp, _ = tiny_run
+    params.decoding.grid = [DecodingSetting(**GREEDY), DecodingSetting(**SAMPLED)]
+    test_split = (tmp / "splits/test.jsonl").resolve()
+    opened: list[str] = []
+    watching = [True]
+
+    def audit(event, args):
+        if watching[0] and event == "open" and isinstance(args[0], (str, bytes, Path)):
+            opened.append(str(args[0]))
+
+    sys.addaudithook(audit)  # hooks cannot be removed; the flag switches this one off after the run
+    try:
+        report = run_choose_decoding(params, tmp / "base", tmp / "adapter", tmp / "splits/val.jsonl",
+                                     tmp / "splits/train.jsonl", tmp_path / "decoding.json", tmp_path / "metrics.json")
+    finally:
+        watching[0] = False
+    assert any(path.endswith("val.jsonl") for path in opened)  # the hook sees the stage's reads
+    assert not [path for path in opened if Path(path).resolve() == test_split or path.endswith("test.jsonl")]
+    assert [row["setting"] for row in report["grid"]] == [GREEDY, SAMPLED]
+    assert [row["passes"] for row in report["grid"]] == [1, params.evaluate.samples_per_prompt]
+    best = max(range(2), key=lambda i: (report["grid"][i]["objective"], -i))
+    assert report["chosen_index"] == best and report["chosen"] == report["grid"][best]["setting"]
+    assert report["split"] == "val" and report["samples"] == 4  # decoding.max_samples
+    written = json.loads((tmp_path / "decoding.json").read_text())
+    assert written == report
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["chosen"] == report["chosen"] and 0 <= metrics["val_persona_score"] <= 1
+
+
+def test_the_dvc_stage_is_given_no_test_split():
+    import yaml
+
+    from conftest import ROOT
+
+    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["choose-decoding"]
+    assert "test" not in stage["cmd"].replace("--", " ").split("/")[-1] and "test.jsonl" not in stage["cmd"]
+    assert not [dep for dep in stage["deps"] if "test" in dep]
+
+
+def test_evaluate_reports_the_chosen_decoding_and_the_sheet_shows_it(tiny_run):
+    import csv
+
+    _, tmp, metrics = tiny_run
+    with (tmp / "reports/samples.csv").open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {"base_chosen", "tuned_chosen"} <= set(rows[0])
+    from qlora_pipeline import evaluation
+
+    # the chosen row's ROUGE-1 averages two passes: the first pass alone (in samples.csv) is one of them
+    first = evaluation.rouge_scores([r["tuned_chosen"] for r in rows], [r["reference"] for r in rows])["rouge1"]
+    assert 0 <= first.mean() <= 1 and metrics["chosen"]["passes"] == 2
+    sheet = (tmp / "reports/human_eval.html").read_text(encoding="utf-8")
+    shown = [r["tuned_chosen"] for r in rows[:4] if r["tuned_chosen"].strip()]
+    assert shown and any(json.dumps(text)[1:-1] in sheet or text in sheet for text in shown)
+
+
+def test_a_broken_decoding_file_names_the_key(tiny_run, tmp_path):
+    from qlora_pipeline.pipeline.evaluate import read_chosen_decoding
+
+    path = tmp_path / "decoding.json"
+    path.write_text(json.dumps({"chosen": {**GREEDY, "top_p": 2.0}}))
+    with pytest.raises(ConfigError, match=r"(?s)decoding\.json.*chosen\.top_p: must be in \(0, 1\]"):
+        read_chosen_decoding(path)
+    path.write_text(json.dumps({"grid": []}))
+    with pytest.raises(PipelineError, match=r"no 'chosen' setting; re-run the choose-decoding stage"):
+        read_chosen_decoding(path)
