@@ -26,16 +26,44 @@ def test_greedy_and_sampled_settings_become_generate_arguments():
 
 
 def test_the_objective_weighs_each_score_and_the_best_is_chosen():
-    weights = ObjectiveWeights(persona_score=1.0, rougeL=1.0, repeated_3gram=-1.0)
-    loops = {"persona_score": 0.6, "rougeL": 0.10, "repeated_3gram": 0.8}
-    varied = {"persona_score": 0.55, "rougeL": 0.08, "repeated_3gram": 0.05}
+    weights = ObjectiveWeights(persona_gap=-1.0, unknown_words_gap=-1.0, rougeL=1.0, repeated_3gram=-1.0)
+    loops = {"persona_gap": 0.02, "unknown_words_gap": 0.0, "rougeL": 0.10, "repeated_3gram": 0.8}
+    varied = {"persona_gap": 0.05, "unknown_words_gap": 0.0, "rougeL": 0.08, "repeated_3gram": 0.05}
     results = [{**m, "objective": decoding.objective(m, weights)} for m in (loops, varied)]
     assert decoding.choose(results) == 1  # the loops cost more than the voice and content gained
-    no_penalty = ObjectiveWeights(persona_score=1.0, rougeL=1.0, repeated_3gram=0.0)
+    no_penalty = ObjectiveWeights(persona_gap=-1.0, unknown_words_gap=-1.0, rougeL=1.0, repeated_3gram=0.0)
     results = [{**m, "objective": decoding.objective(m, no_penalty)} for m in (loops, varied)]
     assert decoding.choose(results) == 0
     tie = [{"objective": 0.5}, {"objective": 0.5}]
     assert decoding.choose(tie) == 0  # the earlier, simpler setting
+
+
+def test_a_caricature_or_garbling_scores_no_better_than_matching_the_person():
+    """More persona-like than the person's own replies is a gap, not a gain; so are more unknown words."""
+    weights = ObjectiveWeights()
+    indices = np.random.default_rng(0).integers(0, 4, size=(50, 4))
+    reference = {"persona_score": 0.6, "unknown_words": 0.05}
+
+    def result(persona, unknown):
+        scores = {"persona_score": np.full(4, persona), "unknown_words": np.full(4, unknown),
+                  "rougeL": np.full(4, 0.1), "repeated_3gram": np.zeros(4)}
+        return decoding.setting_result(DecodingSetting(), scores, reference, weights, indices, 0.95, 2)
+
+    matching, caricature, garbled = result(0.6, 0.05), result(0.9, 0.05), result(0.6, 0.25)
+    assert matching["persona_gap"] == 0 and caricature["persona_gap"] == pytest.approx(0.3)
+    assert garbled["unknown_words_gap"] == pytest.approx(0.2)
+    assert decoding.choose([caricature, garbled, matching]) == 2
+
+
+def test_unknown_words_are_those_nobody_in_the_training_chats_wrote():
+    from qlora_pipeline import fidelity
+
+    rows = [{"messages": [{"role": "system", "content": "zzsystem"}, {"role": "user", "content": "Did you go?"}],
+             "target": "yeah lol it was fun"}]
+    known = fidelity.vocabulary(rows)
+    assert {"did", "you", "go", "yeah", "lol", "fun"} <= known and "zzsystem" not in known
+    assert fidelity.unknown_word_share("yeah sorvincis", known) == 0.5
+    assert fidelity.unknown_word_share("", known) == 0.0
 
 
 def test_prompt_scores_average_over_passes():
@@ -47,7 +75,8 @@ def test_prompt_scores_average_over_passes():
             return np.stack([1 - p, p], axis=1)
 
     passes = [["lol ok", "a b c a b c"], ["no", "lol sure"]]
-    scores = decoding.prompt_scores(Judge(), passes, ["lol ok", "sure"])
+    scores = decoding.prompt_scores(Judge(), passes, ["lol ok", "sure"], {"lol", "ok", "sure", "no"})
+    assert scores["unknown_words"] == pytest.approx([0.0, 0.5])  # "a b c a b c": all unknown, then none
     assert scores["persona_score"] == pytest.approx([0.5, 0.5])
     assert scores["repeated_3gram"] == pytest.approx([0.0, 0.5])
     assert scores["rougeL"][0] == pytest.approx(0.5)  # exact in one pass, no overlap in the other
@@ -98,6 +127,8 @@ def test_choose_decoding_never_reads_the_test_split(tiny_run, tmp_path):
     assert written == report
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["chosen"] == report["chosen"] and 0 <= metrics["val_persona_score"] <= 1
+    assert set(report["reference"]) == {"persona_score", "unknown_words"}
+    assert all(len(row["examples"]) == min(4, 5) for row in report["grid"])  # replies to read beside the scores
 
 
 def test_the_dvc_stage_is_given_no_test_split():

@@ -370,7 +370,8 @@ class DecodingSetting:
 class ObjectiveWeights:
     """A decoding's validation score: the sum of each metric's mean times its weight."""
 
-    persona_score: float = 1.0
+    persona_gap: float = -1.0
+    unknown_words_gap: float = -1.0
     rougeL: float = 1.0
     repeated_3gram: float = -1.0
 

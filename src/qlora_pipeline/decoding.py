@@ -15,8 +15,15 @@ import numpy as np
 from qlora_pipeline import evaluation, fidelity
 from qlora_pipeline.config import DecodingSetting, ObjectiveWeights
 
-# Scored per prompt for every setting; the objective's weights carry the same names.
-SCORES = ("persona_score", "rougeL", "repeated_3gram")
+# Scored per prompt for every setting.
+SCORES = ("persona_score", "rougeL", "repeated_3gram", "unknown_words")
+# Scores whose mark is the persona's own replies on the same split: the objective weighs the gap,
+# either way. A decoding the judge finds *more* persona-like than the person is a caricature
+# (over-produced habits), not a closer voice; fewer unknown words than the person's own typos and
+# names is no merit either, more is garbling.
+MATCHED = ("persona_score", "unknown_words")
+# What the objective weighs (ObjectiveWeights' names).
+OBJECTIVE_TERMS = ("persona_gap", "unknown_words_gap", "rougeL", "repeated_3gram")
 
 
 def passes(setting: DecodingSetting, samples_per_prompt: int) -> int:
@@ -38,17 +45,20 @@ def generate_passes(model: Any, tokenizer: Any, contexts: Sequence[list[dict]], 
     return out
 
 
-def prompt_scores(judge: Any, replies: list[list[str]], references: Sequence[str]) -> dict[str, np.ndarray]:
-    """Per prompt, averaged over the passes: the judge's persona probability, ROUGE-L F1, repeats a 3-gram (0/1)."""
+def prompt_scores(judge: Any, replies: list[list[str]], references: Sequence[str],
+                  known_words: set[str]) -> dict[str, np.ndarray]:
+    """Per prompt, averaged over the passes: the judge's persona probability, ROUGE-L F1, repeats a 3-gram
+    (0/1), share of words unknown to the training chats."""
     per_pass = [{"persona_score": fidelity.persona_probabilities(judge, texts),
                  "rougeL": evaluation.rouge_scores(texts, references)["rougeL"],
-                 "repeated_3gram": np.array([fidelity.repeats_trigram(t) for t in texts], dtype=float)}
+                 "repeated_3gram": np.array([fidelity.repeats_trigram(t) for t in texts], dtype=float),
+                 "unknown_words": np.array([fidelity.unknown_word_share(t, known_words) for t in texts])}
                 for texts in replies]
     return {name: np.mean([scores[name] for scores in per_pass], axis=0) for name in SCORES}
 
 
 def objective(means: dict[str, float], weights: ObjectiveWeights) -> float:
-    return sum(getattr(weights, name) * means[name] for name in SCORES)
+    return sum(getattr(weights, name) * means[name] for name in OBJECTIVE_TERMS)
 
 
 def choose(results: list[dict]) -> int:
@@ -56,10 +66,23 @@ def choose(results: list[dict]) -> int:
     return max(range(len(results)), key=lambda i: (results[i]["objective"], -i))
 
 
-def setting_result(setting: DecodingSetting, scores: dict[str, np.ndarray], weights: ObjectiveWeights,
-                   indices: np.ndarray, confidence: float, samples_per_prompt: int) -> dict:
-    """One grid row of reports/decoding.json: the setting, its mean scores with intervals, its objective."""
+def setting_result(setting: DecodingSetting, scores: dict[str, np.ndarray], reference: dict[str, float],
+                   weights: ObjectiveWeights, indices: np.ndarray, confidence: float, samples_per_prompt: int,
+                   examples: Sequence[str] = ()) -> dict:
+    """One grid row of reports/decoding.json: the setting, its mean scores with intervals, its objective.
+
+    ``reference`` holds the persona's own replies' means on the same split for the MATCHED scores;
+    ``examples`` a few of the setting's replies (first pass), for a person to read.
+    """
     means = {name: round(float(values.mean()), 5) for name, values in scores.items()}
+    for name in MATCHED:
+        means[f"{name.removesuffix('_score')}_gap"] = round(abs(means[name] - reference[name]), 5)
     return {"setting": asdict(setting), "passes": passes(setting, samples_per_prompt), **means,
             **{f"{name}_ci": evaluation.interval(values, indices, confidence) for name, values in scores.items()},
-            "objective": round(objective(means, weights), 5)}
+            "objective": round(objective(means, weights), 5), "examples": list(examples)}
+
+
+def reference_scores(judge: Any, references: Sequence[str], known_words: set[str]) -> dict[str, float]:
+    """The MATCHED scores of the persona's own replies: the marks a decoding should land on."""
+    scores = prompt_scores(judge, [list(references)], references, known_words)
+    return {name: round(float(scores[name].mean()), 5) for name in MATCHED}

@@ -137,3 +137,23 @@ def repeats_trigram(text: str) -> bool:
 
 def repeated_trigram_share(texts: Sequence[str]) -> float:
     return sum(map(repeats_trigram, texts)) / len(texts) if texts else math.nan
+
+
+def vocabulary(rows: Iterable[dict]) -> set[str]:
+    """Every word of a split's conversations (contexts and replies): what people in this chat write."""
+    found: set[str] = set()
+    for row in rows:
+        found.update(words(row["target"]))
+        for message in row["messages"]:
+            if message["role"] != "system":
+                found.update(words(message["content"]))
+    return found
+
+
+def unknown_word_share(text: str, known: set[str]) -> float:
+    """Share of a reply's words nobody in the training chats wrote: garbled words ("sorvincis") show here.
+
+    People's own typos and names count too, so it is compared with the persona's own rate, not with 0.
+    """
+    tokens = words(text)
+    return sum(w not in known for w in tokens) / len(tokens) if tokens else 0.0

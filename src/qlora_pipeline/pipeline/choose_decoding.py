@@ -16,6 +16,8 @@ from qlora_pipeline.data.sampling import cap_examples
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.io import read_jsonl, remove_outputs, write_json
 
+EXAMPLES = 5  # replies of each setting kept in the report, to read beside the numbers
+
 
 def read_split(path: Path, cap: int | None, seed: int, fix: str) -> list[dict]:
     rows = [row for _, row in read_jsonl(path)]
@@ -36,23 +38,30 @@ def run_choose_decoding(params: Params, base_dir: Path, adapter_dir: Path, val_p
     read_training_config(adapter_dir)  # fail fast, naming the missing stage
     rows = read_split(val_path, grid_cfg.max_samples, params.seed,
                       "raise split.ratios.val or split.max_examples.val and re-run split")
-    texts, labels = fidelity.judge_examples(row for _, row in read_jsonl(train_path))
+    train_rows = [row for _, row in read_jsonl(train_path)]
+    texts, labels = fidelity.judge_examples(train_rows)
     judge = fidelity.train_judge(texts, labels, params.seed)
+    known_words = fidelity.vocabulary(train_rows)
     started = time.perf_counter()
     model, tokenizer, resolved = load_tuned_for_generation(base_dir, adapter_dir, cfg.dequantize_4bit)
     contexts, references = [row["messages"] for row in rows], [row["target"] for row in rows]
     indices = evaluation.bootstrap_indices(len(rows), cfg.bootstrap_samples, params.seed)
+    # The marks: the person's own replies on this split, as the judge and the vocabulary see them.
+    reference = decoding.reference_scores(judge, references, known_words)
     results = []
     with autocast_like_training(resolved):
         for setting in grid_cfg.grid:
             replies = decoding.generate_passes(model, tokenizer, contexts, setting, cfg.samples_per_prompt,
                                                cfg.batch_size, cfg.max_new_tokens, params.seed)
-            scores = decoding.prompt_scores(judge, [[r.text for r in run] for run in replies], references)
-            results.append(decoding.setting_result(setting, scores, grid_cfg.objective, indices,
-                                                   cfg.confidence_level, cfg.samples_per_prompt))
+            scores = decoding.prompt_scores(judge, [[r.text for r in run] for run in replies], references,
+                                            known_words)
+            results.append(decoding.setting_result(setting, scores, reference, grid_cfg.objective, indices,
+                                                   cfg.confidence_level, cfg.samples_per_prompt,
+                                                   [r.text for r in replies[0][:EXAMPLES]]))
             print(f"choose-decoding: {results[-1]['setting']} -> objective {results[-1]['objective']}")
     best = decoding.choose(results)
     report = {"chosen": results[best]["setting"], "chosen_index": best, "split": "val", "samples": len(rows),
+              "reference": reference,
               "samples_per_prompt": cfg.samples_per_prompt, "objective_weights": vars(grid_cfg.objective),
               "adapter_sha256": adapter_digest(adapter_dir), "grid": results,
               "wall_seconds": round(time.perf_counter() - started, 1)}
@@ -73,5 +82,7 @@ def chosen_metrics(report: dict) -> dict:
     """The choice and its validation scores: what `dvc metrics show` and `dvc exp show` list."""
     row = report["grid"][report["chosen_index"]]
     return {"chosen": report["chosen"], "chosen_index": report["chosen_index"],
-            **{f"val_{name}": row[name] for name in decoding.SCORES}, "val_objective": row["objective"],
+            **{f"val_{name}": row[name] for name in (*decoding.SCORES, "persona_gap", "unknown_words_gap")},
+            **{f"val_{name}_reference": value for name, value in report["reference"].items()},
+            "val_objective": row["objective"],
             "wall_seconds": report["wall_seconds"]}
