@@ -15,6 +15,10 @@ Run:    python stages/evaluate.py --params params.yaml --base models/base --adap
 import sys
 from pathlib import Path
 
+# This workspace's own package first: a queued DVC experiment runs in a copy of the repository, and its
+# stages must run the copy's code (what dvc.lock hashes), not the editable install's checkout.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+
 from qlora_pipeline.pipeline.common import stage_main
 from qlora_pipeline.pipeline.evaluate import run_evaluate
 

@@ -168,3 +168,32 @@ def test_a_broken_decoding_file_names_the_key(tiny_run, tmp_path):
     path.write_text(json.dumps({"grid": []}))
     with pytest.raises(PipelineError, match=r"no 'chosen' setting; re-run the choose-decoding stage"):
         read_chosen_decoding(path)
+
+
+def test_a_groups_voice_is_judged_against_the_base_models_replies(tiny_run, tmp_path, monkeypatch):
+    """split.persona: all (targets by several speakers): the judge learns the chat against the base's replies
+    to training prompts. The tiny random model replies with nothing readable, so its replies are stood in for
+    here; with replies that are all empty, the judge falls back to the speakers' contrast and says so."""
+    from qlora_pipeline.io import read_jsonl, write_jsonl
+    from qlora_pipeline.pipeline.choose_decoding import run_choose_decoding
+
+    params, tmp, _ = tiny_run
+    params.decoding.grid = [DecodingSetting(**GREEDY)]
+    params.evaluate.group_judge_prompts = 5
+    rows = [row for _, row in read_jsonl(tmp / "splits/train.jsonl")]
+    write_jsonl(tmp_path / "train.jsonl", [{**row, "speaker": f"s{i % 3}"} for i, row in enumerate(rows)])
+    asked = []
+
+    def base_replies(model, tokenizer, resolved, base_dir, contexts, batch_size, max_new_tokens):
+        asked.append(contexts)
+        return [f"Certainly! Here is a helpful answer number {i}." for i in range(len(contexts))]
+
+    monkeypatch.setattr(decoding, "base_replies", base_replies)
+    report = run_choose_decoding(params, tmp / "base", tmp / "adapter", tmp / "splits/val.jsonl",
+                                 tmp_path / "train.jsonl", tmp_path / "decoding.json", tmp_path / "metrics.json")
+    assert len(asked) == 1 and len(asked[0]) == 5  # evaluate.group_judge_prompts training prompts
+    assert "base model" in report["judge"]["contrast"]
+    monkeypatch.setattr(decoding, "base_replies", lambda *args: [""] * len(args[4]))
+    report = run_choose_decoding(params, tmp / "base", tmp / "adapter", tmp / "splits/val.jsonl",
+                                 tmp_path / "train.jsonl", tmp_path / "decoding.json", tmp_path / "metrics.json")
+    assert "other speakers" in report["judge"]["contrast"]

@@ -130,3 +130,19 @@ def test_serving_code_is_no_stage_dep():
     for name, stage in STAGES.items():
         script = re.search(r"python (stages/\S+\.py)", stage["cmd"]).group(1)
         assert not (_closure(script) & serving), f"{name} imports serving code"
+
+
+def test_a_stage_runs_the_code_of_the_workspace_it_is_in(tmp_path):
+    """A queued experiment's copy runs its own src/ (what its dvc.lock hashes), not the editable install's."""
+    import shutil
+    import subprocess
+    import sys
+
+    ignore = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(ROOT / "stages", tmp_path / "stages", ignore=ignore)
+    shutil.copytree(ROOT / "src", tmp_path / "src", ignore=ignore)
+    common = tmp_path / "src/qlora_pipeline/pipeline/common.py"
+    common.write_text(common.read_text() + '\nprint("code of the copy", file=sys.stderr)\n')
+    for script in sorted((tmp_path / "stages").glob("*.py")):
+        proc = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, cwd=tmp_path)
+        assert proc.returncode == 0 and "code of the copy" in proc.stderr, (script.name, proc.stderr[-500:])

@@ -84,3 +84,29 @@ def test_habits_and_repetition():
     rates = fidelity.habit_rates(["lol ok", "Sure!", "why? 😂", "hahaha nice"])
     assert rates == {"lowercase_start": 0.75, "emoji": 0.25, "laughter": 0.5, "question": 0.25, "exclamation": 0.25}
     assert fidelity.repeated_trigram_share(["a car that was a car that was", "no repeats in here at all"]) == 0.5
+
+
+def test_a_groups_judge_contrasts_the_chat_with_the_base_models_assistant_replies():
+    """split.persona: all: every turn is the group's, so the contrast is the base model's style."""
+    rng = random.Random(3)
+
+    def group_rows(n, seed):
+        made = rows(mixed, mixed, n, seed)
+        for i, row in enumerate(made):
+            row["speaker"] = f"s{i % 5}"  # the group: several speakers' targets
+        return made
+
+    train = group_rows(300, 4)
+    assert fidelity.is_group_voice(train) and not fidelity.is_group_voice(rows(casual, formal, 5, 1))
+    assistant = [f"Certainly! Here is some information about {rng.choice(TOPICS)}. Let me know if you need more."
+                 for _ in range(300)]
+    judge, info = fidelity.fit_judge(train, seed=0, assistant_replies=assistant)
+    assert "base model" in info["contrast"] and info["train_replies"] > 100
+    held_assistant = [f"Certainly! I would be happy to discuss {rng.choice(TOPICS)} with you." for _ in range(100)]
+    texts, labels = fidelity.group_judge_examples(group_rows(100, 5), held_assistant)
+    assert fidelity.judge_quality(judge, texts, labels)["auc"] > 0.95
+    # the other speakers' turns, the one-persona contrast, cannot tell a group from itself
+    judge, info = fidelity.fit_judge(train, seed=0)
+    assert "other speakers" in info["contrast"]
+    texts, labels = fidelity.judge_examples(group_rows(150, 6))
+    assert fidelity.judge_quality(judge, texts, labels)["auc"] < 0.65

@@ -86,3 +86,21 @@ def reference_scores(judge: Any, references: Sequence[str], known_words: set[str
     """The MATCHED scores of the persona's own replies: the marks a decoding should land on."""
     scores = prompt_scores(judge, [list(references)], references, known_words)
     return {name: round(float(scores[name].mean()), 5) for name in MATCHED}
+
+
+def base_replies(model: Any, tokenizer: Any, resolved: dict, base_dir: Any, contexts: Sequence[list[dict]],
+                 batch_size: int, max_new_tokens: int) -> list[str]:
+    """The base model's greedy replies (the adapter switched off; a full fine-tune's base loaded beside it)."""
+    from qlora_pipeline.modeling.adapters import load_base_for
+    from qlora_pipeline.modeling.generation import generate_replies
+
+    if resolved["method"] == "full":
+        base, base_tokenizer = load_base_for(resolved, base_dir)
+        replies = generate_replies(base, base_tokenizer, contexts, batch_size, max_new_tokens=max_new_tokens,
+                                   do_sample=False)
+        del base
+    else:
+        with model.disable_adapter():
+            replies = generate_replies(model, tokenizer, contexts, batch_size, max_new_tokens=max_new_tokens,
+                                       do_sample=False)
+    return [r.text for r in replies]

@@ -157,3 +157,34 @@ def unknown_word_share(text: str, known: set[str]) -> float:
     """
     tokens = words(text)
     return sum(w not in known for w in tokens) / len(tokens) if tokens else 0.0
+
+
+def is_group_voice(rows: Sequence[dict]) -> bool:
+    """Targets by several speakers: ``split.persona: all``, a group's voice rather than one person's."""
+    return len({row.get("speaker") for row in rows}) > 1
+
+
+def group_judge_examples(rows: Iterable[dict], assistant_replies: Sequence[str]) -> tuple[list[str], list[int]]:
+    """For a group's voice: the chat's real replies (persona) against the base model's replies to the same
+    kind of prompts (other). Every turn of the chat is the group's, so the other speakers' turns cannot
+    be the contrast; what tuning must move away from is the base's assistant style."""
+    labels: dict[str, set[int]] = {}
+    for row in rows:
+        labels.setdefault(row["target"].strip(), set()).add(PERSONA)
+    for text in assistant_replies:
+        labels.setdefault(text.strip(), set()).add(OTHER)
+    kept = [(text, sides.pop()) for text, sides in labels.items() if text and len(sides) == 1]
+    return [text for text, _ in kept], [label for _, label in kept]
+
+
+def fit_judge(train_rows: Sequence[dict], seed: int, assistant_replies: Sequence[str] | None = None
+              ) -> tuple[Any, dict]:
+    """The style judge for a split, and what it contrasts: the other speakers' replies (one persona), or
+    (a group, given ``assistant_replies``) the base model's replies to training prompts."""
+    texts, labels = group_judge_examples(train_rows, assistant_replies or [])
+    if assistant_replies is not None and OTHER in labels:
+        contrast = "the base model's replies to training prompts (a group's voice)"
+    else:  # one persona; or a base that said nothing usable (empty replies), when the speakers are all there is
+        texts, labels = judge_examples(train_rows)
+        contrast = "the other speakers' replies in the same conversations"
+    return train_judge(texts, labels, seed), {"train_replies": len(texts), "contrast": contrast}

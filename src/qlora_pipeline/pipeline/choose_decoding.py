@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 from qlora_pipeline import decoding, evaluation, tracking
 from qlora_pipeline.config import Params
@@ -39,17 +40,16 @@ def run_choose_decoding(params: Params, base_dir: Path, adapter_dir: Path, val_p
     rows = read_split(val_path, grid_cfg.max_samples, params.seed,
                       "raise split.ratios.val or split.max_examples.val and re-run split")
     train_rows = [row for _, row in read_jsonl(train_path)]
-    texts, labels = fidelity.judge_examples(train_rows)
-    judge = fidelity.train_judge(texts, labels, params.seed)
     known_words = fidelity.vocabulary(train_rows)
     started = time.perf_counter()
     model, tokenizer, resolved = load_tuned_for_generation(base_dir, adapter_dir, cfg.dequantize_4bit)
     contexts, references = [row["messages"] for row in rows], [row["target"] for row in rows]
     indices = evaluation.bootstrap_indices(len(rows), cfg.bootstrap_samples, params.seed)
-    # The marks: the person's own replies on this split, as the judge and the vocabulary see them.
-    reference = decoding.reference_scores(judge, references, known_words)
     results = []
     with autocast_like_training(resolved):
+        judge, judge_info = fit_judge(params, train_rows, model, tokenizer, resolved, base_dir)
+        # The marks: the person's own replies on this split, as the judge and the vocabulary see them.
+        reference = decoding.reference_scores(judge, references, known_words)
         for setting in grid_cfg.grid:
             replies = decoding.generate_passes(model, tokenizer, contexts, setting, cfg.samples_per_prompt,
                                                cfg.batch_size, cfg.max_new_tokens, params.seed)
@@ -61,7 +61,7 @@ def run_choose_decoding(params: Params, base_dir: Path, adapter_dir: Path, val_p
             print(f"choose-decoding: {results[-1]['setting']} -> objective {results[-1]['objective']}")
     best = decoding.choose(results)
     report = {"chosen": results[best]["setting"], "chosen_index": best, "split": "val", "samples": len(rows),
-              "reference": reference,
+              "judge": judge_info, "reference": reference,
               "samples_per_prompt": cfg.samples_per_prompt, "objective_weights": vars(grid_cfg.objective),
               "adapter_sha256": adapter_digest(adapter_dir), "grid": results,
               "wall_seconds": round(time.perf_counter() - started, 1)}
@@ -76,6 +76,20 @@ def run_choose_decoding(params: Params, base_dir: Path, adapter_dir: Path, val_p
         mlflow.log_artifact(str(out_path))
     print(f"choose-decoding: chosen {report['chosen']} (grid row {best}) on {len(rows)} validation examples")
     return report
+
+
+def fit_judge(params: Params, train_rows: list[dict], model: Any, tokenizer: Any, resolved: dict,
+              base_dir: Path) -> tuple[Any, dict]:
+    """The style judge on the train split; for a group's voice it needs the base's replies to train prompts."""
+    from qlora_pipeline import fidelity
+
+    cfg = params.evaluate
+    assistant = None
+    if fidelity.is_group_voice(train_rows):
+        prompts = cap_examples(train_rows, cfg.group_judge_prompts, params.seed)
+        assistant = decoding.base_replies(model, tokenizer, resolved, base_dir, [row["messages"] for row in prompts],
+                                          cfg.batch_size, cfg.max_new_tokens)
+    return fidelity.fit_judge(train_rows, params.seed, assistant)
 
 
 def chosen_metrics(report: dict) -> dict:

@@ -54,7 +54,10 @@ def run_evaluate(params: Params, base_dir: Path, adapter_dir: Path, test_path: P
     train_rows = [row for _, row in read_jsonl(train_path)] if train_path is not None else None
     set_seed(params.seed)
     started = time.perf_counter()
-    outputs = generate_both(params, base_dir, adapter_dir, rows, chosen)
+    # A group's voice: the style judge contrasts the chat with the base's replies to train prompts.
+    group_prompts = (cap_examples(train_rows, params.evaluate.group_judge_prompts, params.seed)
+                     if train_rows and fidelity.is_group_voice(train_rows) else None)
+    outputs = generate_both(params, base_dir, adapter_dir, rows, chosen, group_prompts)
     # One set of resamples for every interval: deltas of different metrics stay paired.
     indices = evaluation.bootstrap_indices(len(rows), params.evaluate.bootstrap_samples, params.seed)
     metrics = score(params, rows, outputs, indices)
@@ -86,11 +89,12 @@ def read_chosen_decoding(path: Path) -> DecodingSetting:
 
 
 def generate_both(params: Params, base_dir: Path, adapter_dir: Path, rows: list[dict],
-                  chosen: DecodingSetting | None = None) -> dict[str, Any]:
+                  chosen: DecodingSetting | None = None, group_prompts: list[dict] | None = None) -> dict[str, Any]:
     """Replies and reference NLL for base and tuned; one model in memory with the adapter switched off and on.
 
     With ``chosen``: ``out["chosen"][side]`` holds each side's replies under that decoding, one
-    list per pass (a greedy choice reuses the greedy replies).
+    list per pass (a greedy choice reuses the greedy replies). With ``group_prompts`` (train rows):
+    ``out["judge_contrast"]``, the base's greedy replies to them, for a group's style judge.
     """
     from qlora_pipeline.modeling.adapters import autocast_like_training, load_base_for, load_tuned_for_generation
 
@@ -104,6 +108,12 @@ def generate_both(params: Params, base_dir: Path, adapter_dir: Path, rows: list[
         out[side] = _side(side_model, side_tokenizer, rows, cfg, max_length)
         if chosen is not None:
             chosen_out[side] = _chosen_side(side_model, side_tokenizer, rows, cfg, chosen, params.seed, out[side])
+        if side == "base" and group_prompts:
+            from qlora_pipeline.modeling.generation import generate_replies
+
+            contrast = generate_replies(side_model, side_tokenizer, [row["messages"] for row in group_prompts],
+                                        cfg.batch_size, max_new_tokens=cfg.max_new_tokens, do_sample=False)
+            out["judge_contrast"] = [r.text for r in contrast]
 
     with autocast_like_training(resolved):  # base and tuned alike, as training computed
         if resolved["method"] == "full":  # no adapter to switch off: the base is a second model
@@ -173,9 +183,12 @@ def persona_metrics(params: Params, train_rows: list[dict], rows: list[dict], ou
     per-reply scores (base, tuned, the real replies) for the figure, and the judge.
     """
     cfg = params.evaluate
-    texts, labels = fidelity.judge_examples(train_rows)
-    judge = fidelity.train_judge(texts, labels, params.seed)
-    held_texts, held_labels = fidelity.judge_examples(rows)
+    contrast = outputs.get("judge_contrast")
+    judge, judge_info = fidelity.fit_judge(train_rows, params.seed, contrast)
+    if contrast is not None:  # held out: the real test replies against the base's greedy replies to them
+        held_texts, held_labels = fidelity.group_judge_examples(rows, outputs["base"]["replies"])
+    else:
+        held_texts, held_labels = fidelity.judge_examples(rows)
     references = [row["target"] for row in rows]
     scores = {side: fidelity.persona_probabilities(judge, outputs[side]["replies"]) for side in ("base", "tuned")}
     real = fidelity.persona_probabilities(judge, references)
@@ -189,7 +202,7 @@ def persona_metrics(params: Params, train_rows: list[dict], rows: list[dict], ou
         for habit, gap in fidelity.habit_distance(replies, references).items():
             distance[f"{side}.{habit}_gap"] = gap
     metrics = {
-        "persona_judge": {"train_replies": len(texts), **fidelity.judge_quality(judge, held_texts, held_labels)},
+        "persona_judge": {**judge_info, **fidelity.judge_quality(judge, held_texts, held_labels)},
         "persona_score": {**evaluation.compare(scores["base"], scores["tuned"], indices, cfg.confidence_level),
                           "reference": round(float(real.mean()), 5),
                           "reference_ci": evaluation.interval(real, indices, cfg.confidence_level)},
