@@ -264,3 +264,9 @@ def test_make_compare_queues_equal_budgets_that_differ_only_in_method_and_learni
     assert set_params == ["train.method=full", "train.learning_rate=2e-05"]
     differing = {a for a, b in zip(qlora, full) if a != b}
     assert differing == {"cmp-qlora-T1", "train.method=qlora", "train.learning_rate=0.0002"}
+
+
+def test_the_report_names_the_store_as_configured_not_by_this_machines_path(store, log_run, tmp_path):
+    log_run("qlora", 1_000)
+    markdown = build(store, tmp_path, store_label="the repository's SQLite store (mlflow.db)")
+    assert "the repository's SQLite store (mlflow.db)" in markdown and str(tmp_path) not in markdown

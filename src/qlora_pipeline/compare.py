@@ -391,8 +391,12 @@ def write_report(runs: Runs, out_dir: Path, experiment: str, store: str, prefix:
 
 
 def build_report(tracking_uri: str, experiment_name: str, out_dir: Path, prefix: str = "compare-",
-                 run_ids: Optional[list[str]] = None) -> tuple[Path, Path]:
-    """Pick the runs (``run_ids``, else the newest per method under ``prefix``) and write the report."""
+                 run_ids: Optional[list[str]] = None, store_label: Optional[str] = None) -> tuple[Path, Path]:
+    """Pick the runs (``run_ids``, else the newest per method under ``prefix``) and write the report.
+
+    ``store_label`` names the store in the report (default: ``tracking_uri``): the report is shared,
+    so the repository's own store is named as such, not by this machine's path.
+    """
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri)
@@ -408,7 +412,7 @@ def build_report(tracking_uri: str, experiment_name: str, out_dir: Path, prefix:
             raise PipelineError(f"no finished run in MLflow experiment '{experiment_name}' ({tracking_uri}) whose "
                                 f"DVC experiment name starts with '{prefix}' and that logged train and eval "
                                 "metrics; run `make compare` first, or pass --prefix or --runs RUN_ID ...")
-    return write_report(runs, out_dir, experiment_name, tracking_uri, prefix, by_prefix=not run_ids)
+    return write_report(runs, out_dir, experiment_name, store_label or tracking_uri, prefix, by_prefix=not run_ids)
 
 
 # --------------------------------------------------------------------------------------------
@@ -494,5 +498,6 @@ def main(args: Any) -> None:
     run_ids = args.runs
     if args.run:
         run_ids = runs_named(uri, params.mlflow.experiment_name, run_experiments(params.compare))
-    markdown, figure = build_report(uri, params.mlflow.experiment_name, args.out, prefix, run_ids)
+    label = params.mlflow.tracking_uri or "the repository's SQLite store (mlflow.db)"
+    markdown, figure = build_report(uri, params.mlflow.experiment_name, args.out, prefix, run_ids, label)
     print(f"wrote {markdown} and {figure}")
