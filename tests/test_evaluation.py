@@ -137,6 +137,7 @@ def test_evaluate_writes_metrics_samples_and_sheet(tiny_run):
     for name in ("rouge1", "rougeL", "repeated_3gram", "persona_score"):
         assert {"base", "base_ci", "tuned", "tuned_ci", "delta", "delta_ci"} <= set(chosen[name])
     assert 0 <= chosen["tuned"]["distinct_2"] <= 1
+    assert chosen["persona_distance"]["tuned.unigram_jsd"] >= 0 and "base.length_wasserstein" in chosen["persona_distance"]
     assert json.loads((tmp / "eval.json").read_text()) == metrics
     reports = tmp / "reports"
     pictures = {"loss_curves.png", "base_vs_tuned.png", "persona_scores.png"}

@@ -196,11 +196,7 @@ def persona_metrics(params: Params, train_rows: list[dict], rows: list[dict], ou
                for side in ("base", "tuned")}
     distance: dict[str, float] = {}
     for side in ("base", "tuned"):
-        replies = outputs[side]["replies"]
-        distance[f"{side}.length_wasserstein"] = round(fidelity.length_distance(replies, references), 4)
-        distance[f"{side}.unigram_jsd"] = round(fidelity.unigram_divergence(replies, references), 4)
-        for habit, gap in fidelity.habit_distance(replies, references).items():
-            distance[f"{side}.{habit}_gap"] = gap
+        distance.update(persona_distances(side, outputs[side]["replies"], references))
     metrics = {
         "persona_judge": {**judge_info, **fidelity.judge_quality(judge, held_texts, held_labels)},
         "persona_score": {**evaluation.compare(scores["base"], scores["tuned"], indices, cfg.confidence_level),
@@ -210,6 +206,15 @@ def persona_metrics(params: Params, train_rows: list[dict], rows: list[dict], ou
         "persona_distance": distance,
     }
     return metrics, {"base": scores["base"], "tuned": scores["tuned"], "persona's own": real}, judge
+
+
+def persona_distances(side: str, replies: list[str], references: list[str]) -> dict[str, float]:
+    """One side's replies against the persona's real ones: length, word use and habits."""
+    distance = {f"{side}.length_wasserstein": round(fidelity.length_distance(replies, references), 4),
+                f"{side}.unigram_jsd": round(fidelity.unigram_divergence(replies, references), 4)}
+    for habit, gap in fidelity.habit_distance(replies, references).items():
+        distance[f"{side}.{habit}_gap"] = gap
+    return distance
 
 
 def chosen_row(params: Params, chosen: DecodingSetting, rows: list[dict], outputs: dict[str, Any], judge: Any,
@@ -234,10 +239,12 @@ def chosen_row(params: Params, chosen: DecodingSetting, rows: list[dict], output
     for name in per_prompt["tuned"]:
         row[name] = evaluation.compare(per_prompt["base"][name], per_prompt["tuned"][name], indices,
                                        cfg.confidence_level)
+    row["persona_distance"] = {}
     for side in ("base", "tuned"):  # corpus-level over every pass's replies
         replies = [t for texts in outputs[side]["replies"] for t in texts]
         stopped = [s for flags in outputs[side]["stopped"] for s in flags]
         row[side] = evaluation.text_metrics(replies, stopped, references * len(outputs[side]["replies"]))
+        row["persona_distance"].update(persona_distances(side, replies, references))
     return row
 
 
