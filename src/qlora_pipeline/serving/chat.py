@@ -75,6 +75,9 @@ class Session:
 
 
 def main(args: Any) -> None:
+    # Ctrl-C must work even when the chat was started by a process that ignores SIGINT (a test runner,
+    # nohup, a job control wrapper): Python keeps an inherited "ignore", and Ctrl-C at the prompt did nothing.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     names = [BASE, *(spec.name for spec in parse_adapter_specs(args.adapter))]
     active = first_model(names, args.use)  # checked before the load: a typo costs no load time
     try:
