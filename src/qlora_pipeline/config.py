@@ -113,6 +113,9 @@ class CleanConfig:
     min_messages: int = 2
     min_speakers: int = 2
     pii: list[str] = field(default_factory=lambda: list(PII_TYPES))
+    # regex: the project's rules (data/pii.py); presidio: Microsoft Presidio's recognizers on top
+    # of them, adding names, addresses and locations (spaCy NER)
+    pii_engine: Literal["regex", "presidio"] = "regex"
     exclude_speakers: list[str] = field(default_factory=list)
 
     def problems(self) -> list[str]:
@@ -443,6 +446,50 @@ class CompareConfig:
         return out
 
 
+# ------------------------------------------------------------------------------- risk
+
+
+@dataclass
+class RiskConfig:
+    """The risk stage's knobs, and the canaries split inserts (``canaries`` > 0)."""
+
+    # generate() keys of every risk generation (eliciting, bias and safety prompts): greedy
+    max_new_tokens: int = 48
+    batch_size: int = 16
+    # A reply "memorizes" when it repeats this many consecutive words of a training target
+    memorization_min_words: int = 8
+    # Synthetic secrets split inserts into training targets, canary_repeats times each
+    canaries: int = 0
+    canary_repeats: int = 8
+    # Random secrets of the same format that a canary's likelihood is ranked against
+    canary_candidates: int = 2000
+    bootstrap_samples: int = 1000
+    confidence_level: float = 0.95
+    # Fit verdict thresholds (nats of validation loss)
+    underfit_min_improvement: float = 0.02
+    overfit_gap: float = 0.15
+    overfit_rise: float = 0.01
+    # Energy estimate: average power drawn while stages run
+    power_watts: float = 65.0
+    # Conditions that stop the pipeline after the reports are written, e.g. "pii_rate_tuned > 0.01"
+    fail_on: list[str] = field(default_factory=list)
+
+    def problems(self) -> list[str]:
+        from qlora_pipeline.risk.gates import gate_problems
+
+        out = _at_least("risk", self, 1, "max_new_tokens", "batch_size", "memorization_min_words",
+                        "canary_repeats", "bootstrap_samples")
+        out += _at_least("risk", self, 0, "canaries")
+        out += _at_least("risk", self, 100, "canary_candidates")
+        if not 0.5 <= self.confidence_level < 1.0:
+            out.append(f"risk.confidence_level: must be in [0.5, 1), got {self.confidence_level}")
+        for key in ("underfit_min_improvement", "overfit_gap", "overfit_rise", "power_watts"):
+            if getattr(self, key) < 0:
+                out.append(f"risk.{key}: must be >= 0, got {getattr(self, key)}")
+        out += gate_problems(self.fail_on)
+        return out
+
+
 # ----------------------------------------------------------------------------- mlflow
 
 
@@ -471,6 +518,7 @@ class Params:
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
     chat: ChatConfig = field(default_factory=ChatConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
+    risk: RiskConfig = field(default_factory=RiskConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
     def problems(self) -> list[str]:

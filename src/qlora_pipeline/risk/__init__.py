@@ -1,0 +1,1 @@
+"""What a run risks: personal data, memorization, canaries, bias, safety drift, fit and cost (the risk stage)."""
