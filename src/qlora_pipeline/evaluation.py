@@ -6,6 +6,8 @@ Every score is computed per example first, so the intervals come from resampling
 
 from __future__ import annotations
 
+import math
+import statistics
 from collections import Counter
 from typing import Any, Sequence
 
@@ -127,3 +129,14 @@ def perplexity_interval(nll: np.ndarray, tokens: np.ndarray, indices: np.ndarray
     values = np.exp(nll[indices].sum(axis=1) / tokens[indices].sum(axis=1))
     tail = (1 - confidence) / 2 * 100
     return [round(float(np.percentile(values, tail)), 4), round(float(np.percentile(values, 100 - tail)), 4)]
+
+
+def wilson_interval(successes: float, n: int, confidence: float) -> tuple[float, float]:
+    """Wilson score interval for a rate of ``successes`` in ``n`` at level ``confidence``."""
+    z = statistics.NormalDist().inv_cdf(1.0 - (1.0 - confidence) / 2.0)
+    p = successes / n
+    z2 = z * z
+    denom = 1.0 + z2 / n
+    centre = (p + z2 / (2.0 * n)) / denom
+    half = (z / denom) * math.sqrt(max(p * (1.0 - p) / n + z2 / (4.0 * n * n), 0.0))
+    return max(0.0, centre - half), min(1.0, centre + half)

@@ -149,3 +149,33 @@ def capability_line(info: dict[str, Any] | None = None) -> str:
            f"bf16 native {'yes' if info['cpu_bf16_native'] else 'no'}, AMX {'yes' if info['cpu_amx'] else 'no'}")
     return f"{cpu}; GPU {info['gpu'] or 'none'}; auto dtype {info['native_dtype']}; torch {info['torch']}"
 
+
+# Cumulative energy counters of CPU packages (Intel RAPL, also exposed on recent AMD) in microjoules.
+_RAPL = Path("/sys/class/powercap")
+
+
+def energy_joules() -> float | None:
+    """Energy the machine's counters have recorded so far (CPU packages + GPUs), or None without counters.
+
+    Only differences of two readings mean anything. CPU: the RAPL package domains (readable by root
+    or where the admin allowed it; VMs rarely expose them). GPU: NVML's total energy since the driver
+    loaded (Volta and later). Counter wrap-around within one stage is not handled.
+    """
+    total, found = 0.0, False
+    for counter in sorted(_RAPL.glob("intel-rapl:[0-9]*/energy_uj")):  # packages, not their sub-domains
+        try:
+            total += int(counter.read_text()) / 1e6
+            found = True
+        except (OSError, ValueError):
+            continue
+    try:
+        import pynvml  # shipped with torch's CUDA builds (nvidia-ml-py); absent on CPU builds
+
+        pynvml.nvmlInit()
+        for index in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            total += pynvml.nvmlDeviceGetTotalEnergyConsumption(handle) / 1e3
+            found = True
+    except Exception:  # no NVML, no GPU or an old one: nothing measured
+        pass
+    return total if found else None

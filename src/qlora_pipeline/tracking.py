@@ -159,3 +159,18 @@ def log_metrics(stage: str, metrics: dict, step: int | None = None) -> None:
         mlflow.log_metrics(numbers, step=step)
     if texts:
         mlflow.set_tags(texts)
+
+
+def scalar_metrics(metrics: dict, prefix: str = "") -> dict:
+    """Scalars only, nested keys dotted (two-number lists, the intervals, as _low/_high), for MLflow."""
+    flat: dict[str, float] = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(scalar_metrics(value, name + "."))
+        elif isinstance(value, (list, tuple)) and len(value) == 2 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            flat[f"{name}_low"], flat[f"{name}_high"] = value
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):  # None (one-class AUC) is no metric
+            flat[name] = value
+    return flat

@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 import os
-import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
 from qlora_pipeline.errors import PipelineError
+from qlora_pipeline.evaluation import wilson_interval
 from qlora_pipeline.human_eval.formats import BROKEN_COLUMNS, CHOICES, KEY_COLUMNS, SIDES, SYSTEMS
 
 RATINGS_FIX = "pass the ratings.csv downloaded from the sheet with its 'Download ratings (CSV)' button."
@@ -219,17 +218,6 @@ def _check_ids_in_key(path: Path, key_path: str | os.PathLike, ratings: list[Rat
 # --------------------------------------------------------------------------------------------
 # Scoring
 # --------------------------------------------------------------------------------------------
-
-
-def wilson_interval(successes: float, n: int, confidence: float) -> tuple[float, float]:
-    """Wilson score interval for a rate of ``successes`` in ``n`` at level ``confidence``."""
-    z = statistics.NormalDist().inv_cdf(1.0 - (1.0 - confidence) / 2.0)
-    p = successes / n
-    z2 = z * z
-    denom = 1.0 + z2 / n
-    centre = (p + z2 / (2.0 * n)) / denom
-    half = (z / denom) * math.sqrt(max(p * (1.0 - p) / n + z2 / (4.0 * n * n), 0.0))
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def _wins(rated: list[Rating], key: dict) -> dict[str, int]:

@@ -250,16 +250,7 @@ def chosen_row(params: Params, chosen: DecodingSetting, rows: list[dict], output
 
 def flat_eval_metrics(metrics: dict, prefix: str = "") -> dict:
     """Scalars only, nested keys dotted (intervals as _low/_high), for MLflow."""
-    flat: dict[str, float] = {}
-    for key, value in metrics.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flat_eval_metrics(value, name + "."))
-        elif isinstance(value, list) and len(value) == 2:
-            flat[f"{name}_low"], flat[f"{name}_high"] = value
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):  # None (one-class AUC) is no metric
-            flat[name] = value
-    return flat
+    return tracking.scalar_metrics(metrics, prefix)
 
 
 def sample_rows(rows: list[dict], outputs: dict[str, Any]) -> list[dict]:

@@ -29,6 +29,7 @@ def run_quantize_load(params: Params, out_dir: Path, metrics_path: Path) -> dict
         smoke = smoke_test(model, tokenizer, cfg.smoke_prompts, cfg.smoke_max_new_tokens)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        wall_seconds = time.perf_counter() - started
     metrics = {
         # As configured, not the resolved folder: committed metrics hold no machine's paths.
         "source": {"kind": source.kind, "name_or_path": cfg.name_or_path, "gguf_file": cfg.gguf_file,
@@ -42,6 +43,7 @@ def run_quantize_load(params: Params, out_dir: Path, metrics_path: Path) -> dict
         "hardware": hardware.capability(),
         **footprint(model),
         "load_seconds": round(load_seconds, 2),
+        "wall_seconds": round(wall_seconds, 1),
         "eos_token": tokenizer.eos_token,
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,

@@ -42,6 +42,7 @@ def run_train_adapter(params: Params, base_dir: Path, splits_dir: Path, out_dir:
     train_rows, val_rows = read_examples(splits_dir / "train.jsonl"), read_examples(splits_dir / "val.jsonl")
     set_seed(params.seed)
     started = time.perf_counter()
+    energy_start = hardware.energy_joules()
     precision = training.precision_for(params, base_dir)
     with atomic_path(out_dir) as tmp:
         model, tokenizer = training.prepare_model(params, base_dir, tmp.parent / "dense", precision)
@@ -58,6 +59,10 @@ def run_train_adapter(params: Params, base_dir: Path, splits_dir: Path, out_dir:
             # What every auto resolved to, and on what: runs on different machines stay comparable.
             metrics["precision"] = dataclasses.asdict(precision)
             metrics["hardware"] = hardware.capability()
+            # Measured where the machine has energy counters (RAPL, NVML); the risk stage estimates otherwise.
+            energy_end = hardware.energy_joules()
+            metrics["energy_joules"] = (round(energy_end - energy_start, 1)
+                                        if energy_start is not None and energy_end is not None else None)
             save_trained(trainer.model, tokenizer, tmp, params, base_dir, splits_dir, metrics)
             # What a user keeps and ships per persona: an adapter (MBs) or a whole model (GBs).
             metrics["output_mb"] = round(sum(f.stat().st_size for f in tmp.glob("*.safetensors")) / 2**20, 2)

@@ -1,0 +1,259 @@
+"""risk stage: what the run risks, base and tuned side by side: metrics/risk.json, reports/risk.md, MLflow, gates."""
+
+from __future__ import annotations
+
+import csv
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qlora_pipeline import evaluation, tracking
+from qlora_pipeline.config import Params
+from qlora_pipeline.errors import PipelineError
+from qlora_pipeline.io import read_json, read_jsonl, remove_outputs, write_json, write_text
+from qlora_pipeline.risk import PROMPTS, bias, canaries, cost, fitting, gates, memorization, privacy, report, safety
+
+SIDES = ("base", "tuned")
+# evaluate's samples.csv: greedy replies and the first pass of the chosen decoding, per side.
+SAMPLE_COLUMNS = {"base": ("base", "base_chosen"), "tuned": ("tuned", "tuned_chosen")}
+# Stage metrics files whose wall time and energy make up the run's cost, by the stage's name.
+STAGE_OF_METRICS = {"base.json": "quantize-load", "train.json": "train-adapter", "decoding.json": "choose-decoding",
+                    "eval.json": "evaluate"}
+
+
+def run_risk(params: Params, base_dir: Path, adapter_dir: Path, train_path: Path, samples_path: Path,
+             canaries_path: Path, stage_metrics: Sequence[Path], metrics_path: Path, report_path: Path) -> dict:
+    """Measure every risk, write ``metrics_path`` and ``report_path``, log to MLflow, then apply ``risk.fail_on``."""
+    from transformers import set_seed
+
+    from qlora_pipeline.modeling.adapters import read_training_config
+
+    remove_outputs(metrics_path, report_path)
+    cfg = params.risk
+    resolved = read_training_config(adapter_dir)  # fail fast, naming the missing stage
+    test_replies = read_samples(samples_path)
+    targets = [row["target"] for _, row in read_jsonl(train_path)]
+    canary_record = read_json(canaries_path).get("canaries", [])
+    stages = read_stage_metrics(stage_metrics)
+    probes = bias.load_probes(PROMPTS / "bias_templates.yaml")
+    safety_prompts = safety.load_prompts(PROMPTS / "safety_prompts.yaml")
+    eliciting = safety.load_prompts(PROMPTS / "eliciting_prompts.yaml")
+    set_seed(params.seed)
+    started = time.perf_counter()
+
+    system = resolved.get("split", {}).get("system_prompt") or ""
+    prompts = {"eliciting": [p.text for p in eliciting], "bias": [p.text for p in probes],
+               "safety": [p.text for p in safety_prompts]}
+    generated, canary_scores = generate_and_score(params, base_dir, adapter_dir, resolved, system, prompts,
+                                                  canary_record)
+    replies = {side: {"test": test_replies[side], **{k: v[side] for k, v in generated.items()}} for side in SIDES}
+
+    metrics: dict[str, Any] = {
+        "privacy": privacy_section(params, replies),
+        "memorization": memorization_section(cfg, targets, replies),
+        "canaries": canary_section(canary_record, canary_scores),
+        "bias": bias.axis_gaps(probes, bias.sentiment(generated["bias"]["base"]),
+                               bias.sentiment(generated["bias"]["tuned"]), cfg.bootstrap_samples,
+                               cfg.confidence_level, params.seed),
+        "safety": safety.refusal_rates(generated["safety"]["base"], generated["safety"]["tuned"],
+                                       cfg.confidence_level),
+        "fit": fitting.fit_verdict(stages["train-adapter"], cfg.underfit_min_improvement, cfg.overfit_gap,
+                                   cfg.overfit_rise),
+    }
+    metrics["wall_seconds"] = round(time.perf_counter() - started, 1)
+    metrics["cost"] = cost.run_cost({**stages, "risk": {"wall_seconds": metrics["wall_seconds"]}}, cfg.power_watts)
+    metrics["summary"] = summary(metrics)
+    tripped = gates.tripped(cfg.fail_on, metrics["summary"])
+    metrics["gates"] = {"fail_on": list(cfg.fail_on), "tripped": [gate.text for gate, _ in tripped]}
+    examples = report_examples(prompts, generated, safety_prompts, eliciting)
+
+    with tracking.pipeline_run(params, "risk") as run:  # opened first: a store error leaves no outputs
+        write_json(metrics_path, metrics)
+        write_text(report_path, report.render(metrics, examples, params, run.info.run_id))
+        tracking.log_metrics("risk", tracking.scalar_metrics(metrics))
+        log_artifacts([metrics_path, report_path])
+    print(report.console_summary(metrics))
+    if tripped:
+        lines = "; ".join(f"{gate.text} (it is {value})" for gate, value in tripped)
+        raise PipelineError(f"risk: gate(s) of risk.fail_on hold: {lines}. The reports are written "
+                            f"({metrics_path}, {report_path}); fix the cause or change risk.fail_on")
+    return metrics
+
+
+def log_artifacts(paths: Sequence[Path]) -> None:
+    import mlflow
+
+    for path in paths:
+        mlflow.log_artifact(str(path), artifact_path="risk")
+
+
+def read_samples(path: Path) -> dict[str, list[str]]:
+    """Per side, every reply evaluate generated on test: the greedy ones, then the chosen decoding's."""
+    if not path.is_file():
+        raise PipelineError(f"{path}: no evaluate samples; run the evaluate stage first (dvc repro evaluate)")
+    with path.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows or "base" not in rows[0] or "tuned" not in rows[0]:
+        raise PipelineError(f"{path}: expected evaluate's samples.csv with base and tuned columns; "
+                            "re-run the evaluate stage (dvc repro evaluate)")
+    return {side: [row[column] for column in columns if column in row for row in rows]
+            for side, columns in SAMPLE_COLUMNS.items()}
+
+
+def read_stage_metrics(paths: Sequence[Path]) -> dict[str, dict]:
+    """``{stage: metrics}`` for the given metrics files (named as in STAGE_OF_METRICS)."""
+    out = {}
+    for path in paths:
+        stage = STAGE_OF_METRICS.get(path.name)
+        if stage is None:
+            raise PipelineError(f"--stage-metrics {path}: not a stage metrics file this stage knows "
+                                f"({', '.join(STAGE_OF_METRICS)})")
+        out[stage] = read_json(path)
+    if "train-adapter" not in out:
+        raise PipelineError("--stage-metrics: train.json is required (the fit verdict and the cost rest on it)")
+    return out
+
+
+def generate_and_score(params: Params, base_dir: Path, adapter_dir: Path, resolved: dict, system: str,
+                       prompts: dict[str, list[str]], canary_record: list[dict]) -> tuple[dict, dict]:
+    """Greedy replies of both sides to every prompt set, and each canary's exposure and extraction."""
+    from qlora_pipeline.modeling.adapters import autocast_like_training, load_base_for, load_tuned_for_generation
+    from qlora_pipeline.modeling.generation import generate_replies
+
+    cfg = params.risk
+    model, tokenizer, resolved = load_tuned_for_generation(base_dir, adapter_dir, params.evaluate.dequantize_4bit)
+    head = [{"role": "system", "content": system}] if system else []
+    generated: dict[str, dict[str, list[str]]] = {name: {} for name in prompts}
+    scores: dict[str, dict[str, list[dict]]] = {side: [] for side in SIDES}
+
+    def one_side(side_model: Any, side_tokenizer: Any, side: str) -> None:
+        for name, texts in prompts.items():
+            conversations = [head + [{"role": "user", "content": text}] for text in texts]
+            replies = generate_replies(side_model, side_tokenizer, conversations, cfg.batch_size,
+                                       max_new_tokens=cfg.max_new_tokens, do_sample=False)
+            generated[name][side] = [reply.text for reply in replies]
+        scores[side] = [canary_scores(side_model, side_tokenizer, canary, cfg, params.seed)
+                        for canary in canary_record]
+
+    with autocast_like_training(resolved):  # as evaluate does: the logits training saw
+        if resolved["method"] == "full":  # no adapter to switch off: the base is a second model
+            base, base_tokenizer = load_base_for(resolved, base_dir)
+            one_side(base, base_tokenizer, "base")
+            del base
+        else:
+            with model.disable_adapter():
+                one_side(model, tokenizer, "base")
+        one_side(model, tokenizer, "tuned")
+    return generated, scores
+
+
+def canary_scores(model: Any, tokenizer: Any, canary: dict, cfg: Any, seed: int) -> dict:
+    return {**canaries.exposure(model, tokenizer, canary, cfg.canary_candidates, seed, cfg.batch_size),
+            **canaries.extracted(model, tokenizer, canary, cfg.max_new_tokens)}
+
+
+def rate(flags: Sequence[bool], confidence: float) -> dict[str, Any]:
+    """Share of True with its Wilson interval (exact enough at 0 and 1, where a bootstrap collapses)."""
+    n = len(flags)
+    if n == 0:
+        return {"rate": None, "ci": None, "count": 0, "n": 0}
+    count = int(sum(flags))
+    low, high = evaluation.wilson_interval(count, n, confidence)
+    return {"rate": round(count / n, 5), "ci": [round(low, 5), round(high, 5)], "count": count, "n": n}
+
+
+def privacy_section(params: Params, replies: dict[str, dict[str, list[str]]]) -> dict:
+    """PII per type in the test and eliciting replies, and placeholders said, per side."""
+    confidence = params.risk.confidence_level
+    types, engine = list(params.clean.pii), params.clean.pii_engine
+    out: dict[str, Any] = {"engine": engine, "types": types}
+    for prompt_set in ("test", "eliciting"):
+        section = {}
+        for side in SIDES:
+            hits = privacy.pii_hits(replies[side][prompt_set], types, engine)
+            section[side] = {"any": rate(privacy.flags(hits), confidence),
+                             "by_type": {kind: rate(privacy.flags(hits, kind), confidence)["rate"] for kind in types}}
+        out[prompt_set] = section
+    out["placeholders"] = {}
+    for side in SIDES:
+        said = privacy.placeholder_hits(replies[side]["test"] + replies[side]["eliciting"])
+        out["placeholders"][side] = {**rate(privacy.flags(said), confidence),
+                                     "counts": dict(sum(said, Counter()))}
+    return out
+
+
+def memorization_section(cfg: Any, targets: list[str], replies: dict[str, dict[str, list[str]]]) -> dict:
+    """Replies repeating >= ``memorization_min_words`` words of one training target, per side."""
+    index = memorization.SpanIndex(targets, cfg.memorization_min_words)
+    out: dict[str, Any] = {"min_words": cfg.memorization_min_words, "training_targets": len(targets),
+                           "indexed_spans": len(index)}
+    for side in SIDES:
+        said = replies[side]["test"] + replies[side]["eliciting"]
+        matches = memorization.memorized(index, said)
+        found = [m for m in matches if m is not None]
+        longest = max(found, key=lambda m: m.words, default=None)
+        out[side] = {**rate([m is not None for m in matches], cfg.confidence_level),
+                     "longest_words": longest.words if longest else 0,
+                     "examples": [m.span for m in sorted(found, key=lambda m: -m.words)[:3]]}
+    return out
+
+
+def canary_section(record: list[dict], scores: dict[str, list[dict]]) -> dict:
+    """Per canary: repeats, exposure (both estimates) and extraction under base and tuned."""
+    items = []
+    for index, canary in enumerate(record):
+        items.append({"id": canary["id"], "repeats": canary["repeats"], "secret": canary["secret"],
+                      **{side: scores[side][index] for side in SIDES}})
+    inserted = [item for item in items if item["repeats"] > 0]
+    fresh = [item for item in items if item["repeats"] == 0]
+
+    def mean(rows: list[dict], side: str, key: str) -> float | None:
+        return round(float(np.mean([r[side][key] for r in rows])), 3) if rows else None
+
+    return {
+        "enabled": bool(inserted),
+        "items": items,
+        "inserted": len(inserted),
+        "fresh": len(fresh),
+        **{f"{kind}_exposure_{side}": mean(rows, side, "exposure_extrapolated")
+           for kind, rows in (("inserted", inserted), ("fresh", fresh)) for side in SIDES},
+        "max_exposure_tuned": max((r["tuned"]["exposure_extrapolated"] for r in inserted), default=None),
+        "extracted_tuned": sum(bool(r["tuned"]["extracted"]) for r in inserted) if inserted else None,
+        "extracted_base": sum(bool(r["base"]["extracted"]) for r in inserted) if inserted else None,
+    }
+
+
+def summary(metrics: dict) -> dict[str, Any]:
+    """The headline figures, under the names ``risk.fail_on`` gates use (gates.GATE_FIGURES)."""
+    privacy_, safety_ = metrics["privacy"], metrics["safety"]
+    return {
+        "pii_rate_base": privacy_["test"]["base"]["any"]["rate"],
+        "pii_rate_tuned": privacy_["test"]["tuned"]["any"]["rate"],
+        "elicited_pii_rate_base": privacy_["eliciting"]["base"]["any"]["rate"],
+        "elicited_pii_rate_tuned": privacy_["eliciting"]["tuned"]["any"]["rate"],
+        "placeholder_rate_tuned": privacy_["placeholders"]["tuned"]["rate"],
+        "memorized_rate_base": metrics["memorization"]["base"]["rate"],
+        "memorized_rate_tuned": metrics["memorization"]["tuned"]["rate"],
+        "canary_exposure_tuned": metrics["canaries"]["max_exposure_tuned"],
+        "canary_extracted": metrics["canaries"]["extracted_tuned"],
+        "bias_amplification_max": metrics["bias"]["max_amplification"],
+        "refusal_rate_base": safety_["base"]["rate"],
+        "refusal_rate_tuned": safety_["tuned"]["rate"],
+        "refusal_drop": safety_["drop"],
+        "train_val_gap": metrics["fit"]["train_val_gap"],
+        "fit_verdict": metrics["fit"]["verdict"],
+        "energy_kwh": metrics["cost"]["energy_kwh"],
+    }
+
+
+def report_examples(prompts: dict[str, list[str]], generated: dict, safety_prompts: list, eliciting: list) -> dict:
+    """A few prompt/reply pairs the report shows beside the figures."""
+    def pairs(name: str, count: int) -> list[dict]:
+        return [{"prompt": prompts[name][i], **{side: generated[name][side][i] for side in SIDES}}
+                for i in range(min(count, len(prompts[name])))]
+
+    return {"eliciting": pairs("eliciting", 4), "safety": pairs("safety", 4)}
