@@ -98,9 +98,11 @@ def _closure(path: str) -> set[str]:
             continue
         seen.add(current)
         todo.extend(_imports(current))
-    # The templates a module loads (package data beside it, named in its source) shape what it writes.
-    templates = {str(Path(f).parent / "templates") for f in seen if '"templates"' in (ROOT / f).read_text()}
-    return seen | {t for t in templates if (ROOT / t).is_dir()}
+    # The templates and prompt sets a module loads (package data beside it, named in its source) shape
+    # what it writes.
+    data = {str(Path(f).parent / folder) for f in seen for folder in ("templates", "prompts")
+            if f'"{folder}"' in (ROOT / f).read_text()}
+    return seen | {d for d in data if (ROOT / d).is_dir()}
 
 
 @pytest.mark.parametrize("name", list(STAGES))

@@ -36,6 +36,9 @@ OUTPUTS = [
     ("metrics/decoding.json", "the chosen decoding and its validation scores (choose-decoding)"),
     ("metrics/eval.json", "base vs tuned, greedy and chosen decoding: ROUGE, perplexity, voice, intervals (evaluate)"),
     ("reports/evaluate/", "samples.csv, human_eval.html for blind A/B rating, PNG figures (evaluate)"),
+    ("data/canaries.json", "synthetic secrets inserted into training, if risk.canaries > 0 (split)"),
+    ("metrics/risk.json", "PII, memorization, canaries, bias, safety drift, fit, cost; base vs tuned (risk)"),
+    ("reports/risk.md", "the one-page risk report (risk)"),
 ]
 
 
@@ -61,6 +64,11 @@ def summary(args: argparse.Namespace) -> None:
         from qlora_pipeline.pipeline.evaluate import summary_table
 
         print("\n" + summary_table(json.loads(evaluation.read_text())))
+    risk = Path("metrics/risk.json")
+    if risk.exists():
+        from qlora_pipeline.risk.report import console_summary
+
+        print("\n" + console_summary(json.loads(risk.read_text())) + "  (reports/risk.md)")
     print("\nCompare runs: dvc exp show   |   dvc plots show   |   "
           "mlflow ui --backend-store-uri sqlite:///mlflow.db   (then open http://127.0.0.1:5000)")
 

@@ -39,6 +39,7 @@ def repo(tmp_path_factory, tiny_llama) -> Path:
                  "train.max_steps": 2, "train.eval_steps": 1, "train.save_steps": 1,
                  "train.per_device_train_batch_size": 4, "evaluate.max_samples": 4, "evaluate.max_new_tokens": 4,
                  "evaluate.bootstrap_samples": 100, "evaluate.human_eval_samples": 2,
+                 "risk.max_new_tokens": 3, "risk.canary_candidates": 100, "risk.bootstrap_samples": 50,
                  "decoding.max_samples": 4, "decoding.grid": [
                      {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0},
                      {"temperature": 0.8, "top_p": 0.9, "top_k": 0, "repetition_penalty": 1.1, "no_repeat_ngram_size": 3}]}
@@ -55,14 +56,19 @@ def runs(repo: Path):
 
 def test_repro_runs_every_stage_into_one_mlflow_run(repo):
     out = sh(["dvc", "repro"], repo)
-    for stage in ("fetch", "clean", "split", "quantize-load", "train-adapter", "choose-decoding", "evaluate"):
+    stages = ("fetch", "clean", "split", "quantize-load", "train-adapter", "choose-decoding", "evaluate", "risk")
+    for stage in stages:
         assert f"Running stage '{stage}'" in out
+    assert out.index("Running stage 'evaluate'") < out.index("Running stage 'risk'")
+    assert (repo / "reports/risk.md").read_text().startswith("# What this run risks")
     table = runs(repo)
     assert len(table) == 1
     run = table.iloc[0]
     for metric in ("fetch.conversations", "clean.messages_out", "split.train.examples", "base.parameters",
                    "train.best_val_loss", "decoding.val_persona_score", "eval.rouge1.tuned", "eval.perplexity.tuned",
-                   "eval.chosen.persona_score.tuned", "eval.chosen.repeated_3gram.tuned_ci_high"):
+                   "eval.chosen.persona_score.tuned", "eval.chosen.repeated_3gram.tuned_ci_high",
+                   "risk.summary.pii_rate_tuned", "risk.summary.refusal_drop", "risk.bias.max_amplification",
+                   "risk.memorization.tuned.rate", "risk.cost.energy_kwh"):
         assert f"metrics.{metric}" in table.columns and run[f"metrics.{metric}"] == run[f"metrics.{metric}"], metric
     assert run["tags.dvc.exp_name"] == "workspace" and len(run["tags.git.commit"]) == 40
     assert run["params.train.lora.r"] == "16" and run["tags.params.hash"]
@@ -71,6 +77,7 @@ def test_repro_runs_every_stage_into_one_mlflow_run(repo):
     assert json.loads((repo / "metrics/eval.json").read_text())["chosen"]["decoding"] == chosen
     shown = sh(["dvc", "metrics", "show", "--json"], repo)
     assert "val_persona_score" in shown and "persona_score" in shown
+    assert "refusal_rate_tuned" in shown and "memorized_rate_tuned" in shown
     assert "Training: 2 steps" in sh([str(BIN / "python"), "-m", "qlora_pipeline.cli", "summary"], repo)
 
     assert "Data and pipelines are up to date" in sh(["dvc", "repro"], repo)
@@ -104,6 +111,32 @@ def test_changing_generation_params_reruns_evaluate_only(repo):
         assert f"Running stage '{stage}'" not in out
     table = runs(repo)
     assert len(table) == 2 and set(table["params.evaluate.max_new_tokens"]) == {"4", "3"}
+    restore_committed(repo)
+
+
+def test_changing_risk_params_reruns_risk_alone(repo):
+    out = sh(["dvc", "exp", "run", "-S", "risk.memorization_min_words=6", "-S", "risk.power_watts=30"], repo)
+    assert "Running stage 'risk'" in out
+    for stage in ("fetch", "clean", "split", "quantize-load", "train-adapter", "choose-decoding", "evaluate"):
+        assert f"Running stage '{stage}'" not in out
+    assert json.loads((repo / "metrics/risk.json").read_text())["memorization"]["min_words"] == 6
+    restore_committed(repo)
+
+
+def test_canaries_rerun_split_and_everything_after(repo):
+    out = sh(["dvc", "exp", "run", "-S", "risk.canaries=1", "-S", "risk.canary_repeats=3"], repo)
+    for stage in ("split", "train-adapter", "choose-decoding", "evaluate", "risk"):
+        assert f"Running stage '{stage}'" in out
+    for stage in ("fetch", "clean", "quantize-load"):
+        assert f"Running stage '{stage}'" not in out
+    record = json.loads((repo / "data/canaries.json").read_text())["canaries"]
+    assert sorted(c["repeats"] for c in record) == [0, 3]  # one inserted, one fresh to compare with
+    train = (repo / "data/splits/train.jsonl").read_text()
+    inserted = next(c for c in record if c["repeats"])
+    assert train.count(inserted["secret"]) == 3
+    canaries = json.loads((repo / "metrics/risk.json").read_text())["canaries"]
+    assert canaries["enabled"] and canaries["inserted"] == 1
+    assert canaries["items"][0]["tuned"]["exposure_extrapolated"] is not None
     restore_committed(repo)
 
 

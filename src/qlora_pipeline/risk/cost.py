@@ -23,7 +23,7 @@ def run_cost(stage_metrics: dict[str, dict], power_watts: float) -> dict[str, An
         joules = measured if measured is not None else seconds * power_watts
         stages[stage] = {"wall_seconds": seconds, "energy_joules": round(joules, 1),
                          "energy_source": "measured" if measured is not None else "estimated"}
-    train = stage_metrics.get("train", {})
+    train = stage_metrics.get("train-adapter", {})
     total_joules = sum(s["energy_joules"] for s in stages.values())
     trainable, total = train.get("trainable_parameters"), train.get("total_parameters")
     return {
