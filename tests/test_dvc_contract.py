@@ -60,8 +60,9 @@ PLUMBING = {"src/qlora_pipeline/__init__.py", "src/qlora_pipeline/config.py", "s
             "src/qlora_pipeline/errors.py", "src/qlora_pipeline/tracking.py",
             "src/qlora_pipeline/pipeline/__init__.py", "src/qlora_pipeline/pipeline/common.py",
             "src/qlora_pipeline/data/__init__.py", "src/qlora_pipeline/modeling/__init__.py",
-            # read by config for the list of PII type names only
-            "src/qlora_pipeline/data/pii.py"}
+            # read by config for the PII type names and to check risk.fail_on
+            "src/qlora_pipeline/data/pii_types.py", "src/qlora_pipeline/risk/__init__.py",
+            "src/qlora_pipeline/risk/gates.py"}
 
 
 def _module_file(module: str) -> str | None:

@@ -21,7 +21,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from qlora_pipeline.data.pii import PII_TYPES
+from qlora_pipeline.data.pii_types import ALL_PII_TYPES, PII_TYPES, PRESIDIO_TYPES
 from qlora_pipeline.errors import PipelineError
 
 
@@ -125,9 +125,13 @@ class CleanConfig:
             out.append(f"clean.max_chars: {self.max_chars} is below clean.min_chars {self.min_chars}")
         if not 0.0 < self.near_dup_ratio <= 1.0:
             out.append(f"clean.near_dup_ratio: must be in (0, 1], got {self.near_dup_ratio}")
+
         for name in self.pii:
-            if name not in PII_TYPES:
-                out.append(f"clean.pii: unknown type '{name}'; choose from {', '.join(PII_TYPES)}")
+            if name not in ALL_PII_TYPES:
+                out.append(f"clean.pii: unknown type '{name}'; choose from {', '.join(ALL_PII_TYPES)}")
+            elif name in PRESIDIO_TYPES and self.pii_engine != "presidio":
+                out.append(f"clean.pii: type '{name}' needs clean.pii_engine: presidio "
+                           f"(the regex engine finds only {', '.join(PII_TYPES)}); set it or remove '{name}'")
         return out
 
 

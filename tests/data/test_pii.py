@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from qlora_pipeline.data.pii import PII_TYPES, PLACEHOLDERS, scrub
+from qlora_pipeline.data.pii import ALL_PII_TYPES, PII_TYPES, PLACEHOLDERS, scrub
 
 ALL = PII_TYPES
 
@@ -251,7 +251,7 @@ def test_counts_are_a_counter_and_placeholders_cover_every_type():
     _, counts = scrub("a@example.com b@example.com", ["email"])
     assert isinstance(counts, Counter)
     assert counts["email"] == 2
-    assert set(PLACEHOLDERS) == set(PII_TYPES)
+    assert set(PLACEHOLDERS) == set(ALL_PII_TYPES)
     assert PLACEHOLDERS["email"] == "<EMAIL>" and PLACEHOLDERS["handle"] == "<HANDLE>"
 
 

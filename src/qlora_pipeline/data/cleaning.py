@@ -2,6 +2,7 @@
 
 Rules run per message in this order: excluded speaker, normalisation, PII scrubbing, length
 bounds, duplicates within the conversation. Then conversations left too short are dropped.
+PII is scrubbed a conversation at a time: the presidio engine runs spaCy over the batch.
 Every removal is counted by reason in ``metrics/clean.json``; nothing disappears uncounted.
 """
 
@@ -15,7 +16,7 @@ from difflib import SequenceMatcher
 from typing import Iterable
 
 from qlora_pipeline.config import CleanConfig
-from qlora_pipeline.data.pii import scrub
+from qlora_pipeline.data.pii import scrub_many
 
 _HSPACE = re.compile(r"[^\S\n]+")  # whitespace other than newlines
 _BLANK_LINES = re.compile(r"\n{3,}")
@@ -102,40 +103,54 @@ class DuplicateFinder:
         return False
 
 
-def clean_message(message: dict, cfg: CleanConfig, stats: CleanStats) -> dict | str:
-    """The cleaned message, or the reason it is removed."""
+def normalized_message(message: dict, cfg: CleanConfig, stats: CleanStats) -> str | None:
+    """The message's normalised text, or None when it is removed (the reason is counted)."""
     if message["speaker"] in cfg.exclude_speakers:
-        return "excluded_speaker"
+        stats.messages_removed["excluded_speaker"] += 1
+        return None
     text = normalize_text(message["text"], cfg.unicode_normalization)
     if text != message["text"]:
         stats.messages_changed_by_normalization += 1
     if not text:
-        return "empty"
-    text, hits = scrub(text, cfg.pii)
-    if hits:
-        stats.messages_with_pii += 1
-        stats.pii_replacements.update(hits)
+        stats.messages_removed["empty"] += 1
+        return None
+    return text
+
+
+def scrubbed_texts(texts: list[str], cfg: CleanConfig, stats: CleanStats) -> list[str]:
+    """The texts with PII replaced (``clean.pii`` by ``clean.pii_engine``); hits are counted."""
+    out = []
+    for text, hits in scrub_many(texts, cfg.pii, cfg.pii_engine):
+        if hits:
+            stats.messages_with_pii += 1
+            stats.pii_replacements.update(hits)
+        out.append(text)
+    return out
+
+
+def _length_reason(text: str, cfg: CleanConfig) -> str | None:
     if len(text) < cfg.min_chars:
         return "too_short"
     if len(text) > cfg.max_chars:
         return "too_long"
-    return {**message, "text": text}
+    return None
 
 
 def clean_conversation(conv: dict, cfg: CleanConfig, stats: CleanStats) -> dict | None:
     """Clean one conversation; None when too little of it is left to learn from."""
     stats.conversations_in += 1
+    stats.messages_in += len(conv["messages"])
+    normalized = [(m, normalized_message(m, cfg, stats)) for m in conv["messages"]]
+    survivors = [(m, text) for m, text in normalized if text is not None]
+    scrubbed = scrubbed_texts([text for _, text in survivors], cfg, stats)
     duplicates = DuplicateFinder(cfg)
     kept = []
-    for message in conv["messages"]:
-        stats.messages_in += 1
-        result = clean_message(message, cfg, stats)
-        if isinstance(result, dict):
-            result = duplicates.check(result["speaker"], result["text"]) or result
-        if isinstance(result, str):
-            stats.messages_removed[result] += 1
-            continue
-        kept.append(result)
+    for (message, _), text in zip(survivors, scrubbed):
+        reason = _length_reason(text, cfg) or duplicates.check(message["speaker"], text)
+        if reason:
+            stats.messages_removed[reason] += 1
+        else:
+            kept.append({**message, "text": text})
     reason = _conversation_reason(kept, cfg)
     if reason:
         stats.conversations_removed[reason] += 1

@@ -1,5 +1,9 @@
 """PII scrubbing: replace e-mails, phones, URLs, IPs, cards, SSNs and handles by typed placeholders.
 
+Two engines. ``regex`` (the rules in this file) finds the types in ``PII_TYPES``. ``presidio``
+runs the same rules, then Microsoft Presidio (spaCy NER plus a street-address pattern, in
+``pii_presidio.py``, imported only then) for names, addresses and locations (``PRESIDIO_TYPES``).
+
 Detection always runs in a fixed priority order over the *original* text, and every hit claims
 its characters, so a later detector never sees them. Only the chosen types are then replaced.
 Two consequences callers can rely on:
@@ -14,19 +18,10 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
-PII_TYPES: tuple[str, ...] = ("email", "phone", "url", "ip", "card", "ssn", "handle")
-
-PLACEHOLDERS: dict[str, str] = {
-    "email": "<EMAIL>",
-    "phone": "<PHONE>",
-    "url": "<URL>",
-    "ip": "<IP>",
-    "card": "<CARD>",
-    "ssn": "<SSN>",
-    "handle": "<HANDLE>",
-}
+# The type names live apart so that config can validate params without importing the detectors.
+from qlora_pipeline.data.pii_types import ALL_PII_TYPES, ENGINES, PII_TYPES, PLACEHOLDERS, PRESIDIO_TYPES  # noqa: F401
 
 # Who claims text first. URLs can contain e-mails, IPs and @names; e-mails contain @names;
 # cards and SSNs are digit groups a looser phone pattern could otherwise take; IPs before
@@ -257,14 +252,19 @@ _DETECTORS: dict[str, Callable[[str], Iterator[Span]]] = {
 # --- scrub -----------------------------------------------------------------------------------
 
 
-def _chosen_types(types: Iterable[str]) -> frozenset[str]:
+def _chosen_types(types: Iterable[str], engine: str) -> frozenset[str]:
+    if engine not in ENGINES:
+        raise ValueError(f"unknown PII engine {engine!r}; valid engines are: {', '.join(ENGINES)}")
     # A lone string is one type name, not an iterable of one-letter names.
     chosen = frozenset([types] if isinstance(types, str) else types)
-    unknown = sorted(chosen - set(PII_TYPES))
+    unknown = sorted(chosen - set(ALL_PII_TYPES))
     if unknown:
         raise ValueError(
-            f"unknown PII type {unknown[0]!r}; valid types are: {', '.join(PII_TYPES)}"
+            f"unknown PII type {unknown[0]!r}; valid types are: {', '.join(ALL_PII_TYPES)}"
         )
+    needs_presidio = sorted(chosen & set(PRESIDIO_TYPES))
+    if needs_presidio and engine != "presidio":
+        raise ValueError(f"PII type {needs_presidio[0]!r} needs engine='presidio'")
     return chosen
 
 
@@ -279,7 +279,11 @@ def _mask(text: str, spans: list[Span]) -> str:
 
 def _find_hits(text: str, chosen: frozenset[str]) -> list[tuple[int, int, str]]:
     """Non-overlapping (start, end, type) hits, each claimed by the highest-priority type."""
-    last_needed = max(_PRIORITY.index(pii_type) for pii_type in chosen)
+    if chosen & set(PRESIDIO_TYPES):
+        # Presidio types come after every regex type: choosing one needs every regex claim.
+        last_needed = len(_PRIORITY) - 1
+    else:
+        last_needed = max(_PRIORITY.index(pii_type) for pii_type in chosen)
     hits: list[tuple[int, int, str]] = []
     masked = text
     # Types after the last chosen one can't take text from a chosen type, so they are skipped.
@@ -291,21 +295,74 @@ def _find_hits(text: str, chosen: frozenset[str]) -> list[tuple[int, int, str]]:
     return sorted(hits)
 
 
-def scrub(text: str, types: Iterable[str]) -> tuple[str, Counter[str]]:
-    """Replace every hit of the chosen PII types by its placeholder.
+# Placeholders already in the text (an earlier scrub, or the user's own) are claimed, so a
+# second pass, or NER reading "<NAME>" as a name, cannot replace them again.
+_PLACEHOLDER_RE = re.compile("|".join(re.escape(p) for p in PLACEHOLDERS.values()))
 
-    Returns the new text and a Counter of replacements per type (chosen types with hits only).
-    Raises ValueError for a type name not in PII_TYPES.
+
+def placeholder_spans(text: str) -> list[Span]:
+    """Where placeholders (``<EMAIL>``, ``<NAME>``, ...) already stand in ``text``."""
+    return [match.span() for match in _PLACEHOLDER_RE.finditer(text)]
+
+
+def find_pii(texts: Sequence[str], types: Iterable[str], engine: str = "regex") -> list[list[tuple[int, int, str]]]:
+    """The (start, end, type) hits of the chosen types in each text, as ``scrub`` replaces them.
+
+    Raises ValueError as ``scrub`` does.
     """
-    chosen = _chosen_types(types)
+    chosen = _chosen_types(types, engine)
+    if not chosen:
+        return [[] for _ in texts]
+    regex_hits = [_find_hits(text, chosen) for text in texts]
+    if chosen & set(PRESIDIO_TYPES):
+        from qlora_pipeline.data import pii_presidio  # spaCy loads only when a Presidio type is chosen
+
+        claimed = [
+            [(start, end) for start, end, _ in hits] + placeholder_spans(text)
+            for text, hits in zip(texts, regex_hits)
+        ]
+        presidio_hits = pii_presidio.find_hits(texts, claimed)
+        regex_hits = [sorted(a + b) for a, b in zip(regex_hits, presidio_hits)]
+    # Types not chosen claimed their text above (so no chosen type took it); they are not hits.
+    return [[hit for hit in hits if hit[2] in chosen] for hits in regex_hits]
+
+
+def _replace(text: str, hits: list[tuple[int, int, str]]) -> tuple[str, Counter[str]]:
     counts: Counter[str] = Counter()
-    if not chosen or not text:
-        return text, counts
     pieces, cursor = [], 0
-    for start, end, pii_type in _find_hits(text, chosen):
-        if pii_type in chosen:
-            pieces += [text[cursor:start], PLACEHOLDERS[pii_type]]
-            cursor = end
-            counts[pii_type] += 1
+    for start, end, pii_type in hits:
+        pieces += [text[cursor:start], PLACEHOLDERS[pii_type]]
+        cursor = end
+        counts[pii_type] += 1
     pieces.append(text[cursor:])
     return "".join(pieces), counts
+
+
+def scrub_many(
+    texts: Sequence[str], types: Iterable[str], engine: str = "regex"
+) -> list[tuple[str, Counter[str]]]:
+    """``scrub`` for many texts at once; the presidio engine runs spaCy over them in batches."""
+    hits = find_pii(texts, types, engine)
+    return [_replace(text, text_hits) for text, text_hits in zip(texts, hits)]
+
+
+def scrub(text: str, types: Iterable[str], engine: str = "regex") -> tuple[str, Counter[str]]:
+    """Replace every hit of the chosen PII types by its placeholder.
+
+    Args:
+        text: the text to scrub.
+        types: names from ``PII_TYPES``, and with ``engine="presidio"`` also ``PRESIDIO_TYPES``.
+        engine: ``regex`` or ``presidio`` (see the module docstring).
+
+    Returns:
+        The new text and a Counter of replacements per type (chosen types with hits only).
+
+    Raises:
+        ValueError: an unknown type or engine, or a Presidio type with ``engine="regex"``.
+    """
+    return scrub_many([text], types, engine)[0]
+
+
+def count_pii(text: str, types: Iterable[str], engine: str = "regex") -> Counter[str]:
+    """Hits per chosen type in ``text``, found exactly as ``scrub`` finds them."""
+    return scrub(text, types, engine)[1]
