@@ -1,8 +1,10 @@
 """split: persona examples with chat context, split train/val/test by conversation.
 
-Reads:  <clean>/conversations.jsonl, params `seed`, `split`
-Writes: <out>/train.jsonl, <out>/val.jsonl, <out>/test.jsonl, <metrics>
-Run:    python stages/split.py --params params.yaml --clean data/clean --out data/splits --metrics metrics/split.json
+Reads:  <clean>/conversations.jsonl, params `seed`, `split`, `risk.canaries`, `risk.canary_repeats`
+Writes: <out>/train.jsonl, <out>/val.jsonl, <out>/test.jsonl, <canaries> (the inserted and fresh
+        canaries: secrets kept outside the training data), <metrics>
+Run:    python stages/split.py --params params.yaml --clean data/clean --out data/splits --metrics metrics/split.json \
+            --canaries data/canaries.json
 """
 
 import sys
@@ -20,7 +22,9 @@ def add_paths(parser):
     parser.add_argument("--clean", type=Path, required=True, help="clean's output folder")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--metrics", type=Path, required=True, help="metrics JSON file")
+    parser.add_argument("--canaries", type=Path, required=True, help="canaries record (JSON)")
 
 
 if __name__ == "__main__":
-    sys.exit(stage_main(__doc__, add_paths, lambda params, args: run_split(params, args.clean, args.out, args.metrics)))
+    sys.exit(stage_main(__doc__, add_paths,
+                        lambda params, args: run_split(params, args.clean, args.out, args.metrics, args.canaries)))

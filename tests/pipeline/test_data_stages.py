@@ -28,7 +28,8 @@ def chat_params(tmp_path, params_factory, monkeypatch):
 def run_all(params, tmp_path):
     run_fetch(params, tmp_path / "raw")
     run_clean(params, tmp_path / "raw", tmp_path / "clean", tmp_path / "metrics/clean.json")
-    return run_split(params, tmp_path / "clean", tmp_path / "splits", tmp_path / "metrics/split.json")
+    return run_split(params, tmp_path / "clean", tmp_path / "splits", tmp_path / "metrics/split.json",
+                     tmp_path / "canaries.json")
 
 
 def test_data_stages_write_outputs_and_one_mlflow_run(chat_params, tmp_path):
@@ -79,8 +80,10 @@ def test_unknown_persona_fails_and_leaves_no_output(chat_params, tmp_path):
     run_fetch(params, tmp_path / "raw")
     run_clean(params, tmp_path / "raw", tmp_path / "clean", tmp_path / "metrics/clean.json")
     with pytest.raises(PipelineError, match=r"split\.persona: speaker 'mallory' does not occur"):
-        run_split(params, tmp_path / "clean", tmp_path / "splits", tmp_path / "metrics/split.json")
+        run_split(params, tmp_path / "clean", tmp_path / "splits", tmp_path / "metrics/split.json",
+                  tmp_path / "canaries.json")
     assert not (tmp_path / "splits").exists() and not (tmp_path / "metrics/split.json").exists()
+    assert not (tmp_path / "canaries.json").exists()
 
 
 def test_malformed_stage_input_names_file_and_line(chat_params, tmp_path):
@@ -107,7 +110,8 @@ def test_stage_script_exits_nonzero_with_a_clear_message(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     proc = subprocess.run([sys.executable, str(ROOT / "stages/split.py"), "--params", str(params),
                            "--clean", str(tmp_path / "clean"), "--out", str(tmp_path / "splits"),
-                           "--metrics", str(tmp_path / "split.json")], capture_output=True, text=True, env=env)
+                           "--metrics", str(tmp_path / "split.json"), "--canaries", str(tmp_path / "canaries.json")],
+                          capture_output=True, text=True, env=env)
     assert proc.returncode == 1
     assert "split.context_turns: must be >= 1" in proc.stderr
     assert "Traceback" not in proc.stderr

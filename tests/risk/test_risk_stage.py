@@ -77,7 +77,7 @@ def test_pii_in_replies_is_counted_per_type(risk_run):
 
 def test_memorization_and_every_section_are_measured(risk_run):
     m = risk_run["metrics"]
-    assert m["memorization"]["tuned"]["longest_words"] == 13
+    assert m["memorization"]["tuned"]["longest_words"] == 14  # the whole training reply
     assert m["memorization"]["tuned"]["count"] >= 1
     eliciting_n = m["privacy"]["eliciting"]["base"]["any"]["n"]
     assert eliciting_n >= 10 and m["memorization"]["tuned"]["n"] == 4 + eliciting_n

@@ -16,6 +16,7 @@ from qlora_pipeline.config import Params
 from qlora_pipeline.data.sampling import cap_examples
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.io import read_jsonl, remove_outputs, write_json
+from qlora_pipeline.pipeline.common import without_canaries
 
 EXAMPLES = 5  # replies of each setting kept in the report, to read beside the numbers
 
@@ -39,7 +40,7 @@ def run_choose_decoding(params: Params, base_dir: Path, adapter_dir: Path, val_p
     read_training_config(adapter_dir)  # fail fast, naming the missing stage
     rows = read_split(val_path, grid_cfg.max_samples, params.seed,
                       "raise split.ratios.val or split.max_examples.val and re-run split")
-    train_rows = [row for _, row in read_jsonl(train_path)]
+    train_rows = without_canaries([row for _, row in read_jsonl(train_path)])
     known_words = fidelity.vocabulary(train_rows)
     started = time.perf_counter()
     model, tokenizer, resolved = load_tuned_for_generation(base_dir, adapter_dir, cfg.dequantize_4bit)

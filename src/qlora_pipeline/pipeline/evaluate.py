@@ -16,6 +16,7 @@ from qlora_pipeline.config import DecodingSetting, Params, decoding_setting_from
 from qlora_pipeline.data.sampling import cap_examples
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.io import atomic_path, read_json, read_jsonl, remove_outputs, write_json
+from qlora_pipeline.pipeline.common import without_canaries
 
 SAMPLES = "samples.csv"
 SHEET = "human_eval.html"
@@ -51,7 +52,7 @@ def run_evaluate(params: Params, base_dir: Path, adapter_dir: Path, test_path: P
     read_training_config(adapter_dir)  # fail fast, naming the missing stage
     chosen = read_chosen_decoding(decoding_path) if decoding_path is not None else None
     rows = read_test(test_path, params.evaluate.max_samples, params.seed)
-    train_rows = [row for _, row in read_jsonl(train_path)] if train_path is not None else None
+    train_rows = without_canaries([row for _, row in read_jsonl(train_path)]) if train_path is not None else None
     set_seed(params.seed)
     started = time.perf_counter()
     # A group's voice: the style judge contrasts the chat with the base's replies to train prompts.

@@ -75,6 +75,9 @@ def run_risk(params: Params, base_dir: Path, adapter_dir: Path, train_path: Path
         write_json(metrics_path, metrics)
         write_text(report_path, report.render(metrics, examples, params, run.info.run_id))
         tracking.log_metrics("risk", tracking.scalar_metrics(metrics))
+        # Words as tags: the verdict and which gates held.
+        tracking.log_metrics("risk", {"summary": {"fit_verdict": metrics["fit"]["verdict"]},
+                                      "gates": {"tripped": "; ".join(metrics["gates"]["tripped"]) or None}})
         log_artifacts([metrics_path, report_path])
     print(report.console_summary(metrics))
     if tripped:
@@ -100,7 +103,7 @@ def read_samples(path: Path) -> dict[str, list[str]]:
     if not rows or "base" not in rows[0] or "tuned" not in rows[0]:
         raise PipelineError(f"{path}: expected evaluate's samples.csv with base and tuned columns; "
                             "re-run the evaluate stage (dvc repro evaluate)")
-    return {side: [row[column] for column in columns if column in row for row in rows]
+    return {side: [row[column] for column in columns if column in rows[0] for row in rows]
             for side, columns in SAMPLE_COLUMNS.items()}
 
 
@@ -152,7 +155,11 @@ def generate_and_score(params: Params, base_dir: Path, adapter_dir: Path, resolv
 
 
 def canary_scores(model: Any, tokenizer: Any, canary: dict, cfg: Any, seed: int) -> dict:
-    return {**canaries.exposure(model, tokenizer, canary, cfg.canary_candidates, seed, cfg.batch_size),
+    """Exposure of one canary (ranked among random secrets, both estimates) and whether greedy decoding extracts it."""
+    found = canaries.exposure(model, tokenizer, canary, cfg.canary_candidates, seed, cfg.batch_size)
+    return {"exposure_extrapolated": round(found["exposure_extrapolated_bits"], 3),
+            "exposure_interpolated": round(found["exposure_bits"], 3), "rank": found["rank"],
+            "candidates": found["candidates"], "log_perplexity": round(found["log_perplexity"], 4),
             **canaries.extracted(model, tokenizer, canary, cfg.max_new_tokens)}
 
 

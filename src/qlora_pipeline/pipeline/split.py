@@ -1,4 +1,4 @@
-"""split stage: cleaned conversations -> train/val/test persona examples and metrics/split.json."""
+"""split stage: cleaned conversations -> train/val/test persona examples, the canaries record, metrics."""
 
 from __future__ import annotations
 
@@ -9,13 +9,23 @@ from qlora_pipeline.config import Params
 from qlora_pipeline.data.splitting import SPLITS, split_examples
 from qlora_pipeline.io import atomic_path, read_json, remove_outputs, sha256_file, write_json, write_jsonl
 from qlora_pipeline.pipeline.common import CONVERSATIONS, MANIFEST, read_conversations
+from qlora_pipeline.risk.canaries import insert_canaries, make_canaries
 
 
-def run_split(params: Params, clean_dir: Path, out_dir: Path, metrics_path: Path) -> dict:
-    """Build persona examples from ``clean_dir`` into ``out_dir/{train,val,test}.jsonl``."""
-    remove_outputs(out_dir, metrics_path)
+def run_split(params: Params, clean_dir: Path, out_dir: Path, metrics_path: Path, canaries_path: Path) -> dict:
+    """Build persona examples from ``clean_dir`` into ``out_dir/{train,val,test}.jsonl``.
+
+    ``risk.canaries`` > 0 adds that many canaries to train (``risk.canary_repeats`` examples each),
+    after the caps so that no cap drops one. ``canaries_path`` gets their record, and the fresh
+    ones' (``{"canaries": []}`` when off, so the DVC out always exists).
+    """
+    remove_outputs(out_dir, metrics_path, canaries_path)
     source = clean_dir / CONVERSATIONS
     splits, metrics = split_examples(read_conversations(source), params.split, params.seed, str(source))
+    # The split metrics describe the persona's own examples; the canaries are counted apart.
+    splits["train"], canaries = insert_canaries(splits["train"], make_canaries(params.risk.canaries, params.seed),
+                                                params.risk.canary_repeats, params.seed)
+    metrics["canary_examples"] = sum(canary["repeats"] for canary in canaries["canaries"])
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         for name in SPLITS:
@@ -25,9 +35,11 @@ def run_split(params: Params, clean_dir: Path, out_dir: Path, metrics_path: Path
         rendering = {"system_prompt": params.split.system_prompt, "context_turns": params.split.context_turns}
         write_json(tmp / MANIFEST, {**read_json(clean_dir / MANIFEST), "persona": metrics["persona"], "files": files,
                                     "split": rendering})
+    write_json(canaries_path, canaries)
     write_json(metrics_path, metrics)
     with tracking.pipeline_run(params, "split"):
         tracking.log_metrics("split", metrics)
     sizes = ", ".join(f"{name} {metrics[name]['examples']}" for name in SPLITS)
-    print(f"split: persona {metrics['persona']}; examples {sizes} -> {out_dir}/, {metrics_path}")
+    print(f"split: persona {metrics['persona']}; examples {sizes} (+{metrics['canary_examples']} canary) "
+          f"-> {out_dir}/, {canaries_path}, {metrics_path}")
     return metrics
