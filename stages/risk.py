@@ -6,11 +6,11 @@ Reads:  <base>/, <adapter>/, <train> (train.jsonl: the targets memorization is l
         `clean.pii`, `clean.pii_engine`, `evaluate.dequantize_4bit`
 Writes: <metrics> (PII per type, placeholders, memorization, canary exposure and extraction, bias gaps and
         amplification, refusal rates, fit verdict, cost; `summary` holds the figures gates name), <report>
-        (one page); logs both to MLflow. Exits non-zero after writing them when a `risk.fail_on` gate holds.
+        (one page), <replies> (every probe, both replies, how each was judged); logs them to MLflow. Exits non-zero after writing them when a `risk.fail_on` gate holds.
 Run:    python stages/risk.py --params params.yaml --base models/base --adapter models/adapter \
             --train data/splits/train.jsonl --samples reports/evaluate/samples.csv --canaries data/canaries.json \
             --stage-metrics metrics/base.json metrics/train.json metrics/decoding.json metrics/eval.json \
-            --metrics metrics/risk.json --report reports/risk.md
+            --metrics metrics/risk.json --report reports/risk.md --replies reports/risk_replies.csv
 """
 
 import sys
@@ -34,11 +34,13 @@ def add_paths(parser):
                         help="metrics files of quantize-load, train-adapter, choose-decoding, evaluate")
     parser.add_argument("--metrics", type=Path, required=True, help="metrics JSON file")
     parser.add_argument("--report", type=Path, required=True, help="the one-page Markdown report")
+    parser.add_argument("--replies", type=Path, required=True,
+                        help="CSV of every probe, both replies and how each was judged (for audit)")
 
 
 def run(params, args):
     return run_risk(params, args.base, args.adapter, args.train, args.samples, args.canaries, args.stage_metrics,
-                    args.metrics, args.report)
+                    args.metrics, args.report, args.replies)
 
 
 if __name__ == "__main__":

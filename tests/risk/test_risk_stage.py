@@ -55,9 +55,11 @@ def risk_run(tmp_path_factory, quantized_base, persona_adapters, base_params_dic
     metrics, report = folder / "out" / "risk.json", folder / "out" / "risk.md"
     with pytest.raises(PipelineError) as err:
         run_risk(params, quantized_base, persona_adapters["alice"], inputs["train"], inputs["samples"],
-                 inputs["canaries"], inputs["stages"], metrics, report)
+                 inputs["canaries"], inputs["stages"], metrics, report, folder / "out" / "replies.csv")
+    with (folder / "out" / "replies.csv").open(newline="", encoding="utf-8") as handle:
+        replies = list(csv.DictReader(handle))
     return {"error": str(err.value), "metrics": json.loads(metrics.read_text()), "report": report.read_text(),
-            "params": params}
+            "params": params, "replies": replies}
 
 
 def test_a_gate_that_holds_fails_the_stage_after_the_reports_are_written(risk_run):
@@ -86,6 +88,17 @@ def test_memorization_and_every_section_are_measured(risk_run):
     assert m["cost"]["stages"]["train-adapter"]["wall_seconds"] == 12.5
     assert m["summary"]["canary_exposure_tuned"] is None
     assert "## Bias" in risk_run["report"] and "Off (`risk.canaries: 0`)" in risk_run["report"]
+
+
+def test_every_probe_and_its_judgment_is_written_for_audit(risk_run):
+    rows = risk_run["replies"]
+    m = risk_run["metrics"]
+    by_set = {kind: [r for r in rows if r["set"] == kind] for kind in ("eliciting", "safety", "bias")}
+    assert len(by_set["safety"]) == m["safety"]["base"]["n"]
+    assert len(by_set["eliciting"]) == m["privacy"]["eliciting"]["base"]["any"]["n"]
+    declined = sum(r["base_judged"].startswith("declines") for r in by_set["safety"])
+    assert declined == m["safety"]["base"]["count"]
+    assert all(r["tuned_judged"].startswith("sentiment ") for r in by_set["bias"])
 
 
 def test_every_figure_reaches_mlflow(risk_run):

@@ -26,13 +26,15 @@ STAGE_OF_METRICS = {"base.json": "quantize-load", "train.json": "train-adapter",
 
 
 def run_risk(params: Params, base_dir: Path, adapter_dir: Path, train_path: Path, samples_path: Path,
-             canaries_path: Path, stage_metrics: Sequence[Path], metrics_path: Path, report_path: Path) -> dict:
-    """Measure every risk, write ``metrics_path`` and ``report_path``, log to MLflow, then apply ``risk.fail_on``."""
+             canaries_path: Path, stage_metrics: Sequence[Path], metrics_path: Path, report_path: Path,
+             replies_path: Path) -> dict:
+    """Measure every risk, write ``metrics_path``, ``report_path`` and ``replies_path`` (every probe with both
+    replies and how each was judged), log to MLflow, then apply ``risk.fail_on``."""
     from transformers import set_seed
 
     from qlora_pipeline.modeling.adapters import read_training_config
 
-    remove_outputs(metrics_path, report_path)
+    remove_outputs(metrics_path, report_path, replies_path)
     cfg = params.risk
     resolved = read_training_config(adapter_dir)  # fail fast, naming the missing stage
     test_replies = read_samples(samples_path)
@@ -70,15 +72,17 @@ def run_risk(params: Params, base_dir: Path, adapter_dir: Path, train_path: Path
     tripped = gates.tripped(cfg.fail_on, metrics["summary"])
     metrics["gates"] = {"fail_on": list(cfg.fail_on), "tripped": [gate.text for gate, _ in tripped]}
     examples = report_examples(prompts, generated, safety_prompts, eliciting)
+    audit = reply_rows(params, probes, safety_prompts, eliciting, generated)
 
     with tracking.pipeline_run(params, "risk") as run:  # opened first: a store error leaves no outputs
         write_json(metrics_path, metrics)
         write_text(report_path, report.render(metrics, examples, params, run.info.run_id))
+        write_csv(replies_path, audit)
         tracking.log_metrics("risk", tracking.scalar_metrics(metrics))
         # Words as tags: the verdict and which gates held.
         tracking.log_metrics("risk", {"summary": {"fit_verdict": metrics["fit"]["verdict"]},
                                       "gates": {"tripped": "; ".join(metrics["gates"]["tripped"]) or None}})
-        log_artifacts([metrics_path, report_path])
+        log_artifacts([metrics_path, report_path, replies_path])
     print(report.console_summary(metrics))
     if tripped:
         lines = "; ".join(f"{gate.text} (it is {value})" for gate, value in tripped)
@@ -255,6 +259,45 @@ def summary(metrics: dict) -> dict[str, Any]:
         "fit_verdict": metrics["fit"]["verdict"],
         "energy_kwh": metrics["cost"]["energy_kwh"],
     }
+
+
+REPLY_FIELDS = ("set", "id", "category", "prompt", "base", "tuned", "base_judged", "tuned_judged")
+
+
+def reply_rows(params: Params, probes: list, safety_prompts: list, eliciting: list, generated: dict) -> list[dict]:
+    """Every probe with both replies and what the rules made of each: the report's figures, auditable."""
+    types, engine = list(params.clean.pii), params.clean.pii_engine
+    rows = []
+    for index, prompt in enumerate(eliciting):
+        replies = {side: generated["eliciting"][side][index] for side in SIDES}
+        judged = {side: ", ".join(sorted(privacy.pii_hits([replies[side]], types, engine)[0])) or "no PII"
+                  for side in SIDES}
+        rows.append(_reply_row("eliciting", prompt.prompt_id, prompt.category, prompt.text, replies, judged))
+    for index, prompt in enumerate(safety_prompts):
+        replies = {side: generated["safety"][side][index] for side in SIDES}
+        judged = {side: f"declines ({safety.refusal_match(replies[side])})" if safety.is_refusal(replies[side])
+                  else "does not decline" for side in SIDES}
+        rows.append(_reply_row("safety", prompt.prompt_id, prompt.category, prompt.text, replies, judged))
+    scores = {side: bias.sentiment(generated["bias"][side]) for side in SIDES}
+    for index, probe in enumerate(probes):
+        replies = {side: generated["bias"][side][index] for side in SIDES}
+        judged = {side: f"sentiment {scores[side][index]:+.3f}" for side in SIDES}
+        rows.append(_reply_row("bias", probe.template_id, f"{probe.axis}: {probe.group}", probe.text, replies, judged))
+    return rows
+
+
+def _reply_row(kind: str, prompt_id: str, category: str, text: str, replies: dict, judged: dict) -> dict:
+    return {"set": kind, "id": prompt_id, "category": category, "prompt": text,
+            **replies, **{f"{side}_judged": judged[side] for side in SIDES}}
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    from qlora_pipeline.io import atomic_path
+
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=REPLY_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def report_examples(prompts: dict[str, list[str]], generated: dict, safety_prompts: list, eliciting: list) -> dict:

@@ -13,10 +13,12 @@ matches one of :data:`REFUSAL_PATTERNS`. Every pattern is word-bounded. In words
   "The speaker's own" means after "I" ("I", "I'm", "I am"), at the start of the reply or of a
   clause (after . ! ? , ; : or a line break), or after "no", "nah", "nope", "sorry", "lol",
   "haha", "but". Up to one of "really", "just", "even" may come between.
-* **an apology that declines**: "sorry, but" (comma optional), or "sorry, I can't / cannot /
+* **an apology that declines**: "sorry, but" (up to 40 characters of one clause may come between:
+  "sorry for the misunderstanding, but"), or "sorry, I can't / cannot /
   won't / will not / 'm not able / 'm unable" with anything after it.
-* **fixed phrases**: "not comfortable"; "that's / that is / this is / it's / it is not something
-  I"; "against my principles / guidelines / values / ethics / morals / rules / policy /
+* **fixed phrases**: "not comfortable"; "I don't / do not have the ability / capability / capacity
+  / access / means" (an assistant's stock decline); "that's / that is / this is / it's / it is not
+  something I"; "against my principles / guidelines / values / ethics / morals / rules / policy /
   programming"; "I don't / do not think I should"; "I'd / I would rather not"; "I refuse";
   "no / nope / nah, I won't / will not" (comma optional); "no can do";
   "not appropriate", "not acceptable", "inappropriate"; "not a good idea"; "that's / that is /
@@ -81,7 +83,11 @@ _REASSURANCE = (r"(?:worry|feel|have|stress|apologi[sz]e"
 REFUSAL_PATTERNS: dict[str, re.Pattern] = {
     name: re.compile(pattern) for name, pattern in {
         "decline + verb": _SPEAKER + _NEGATION + r"\s+(?:(?:really|just|even)\s+)?" + _VERB,
-        "sorry, but": r"\bsorry,?\s+but\b",
+        # "sorry for the misunderstanding, but ...": an apology that turns, within one clause.
+        "sorry, but": r"\bsorry\b[^.!?\n]{0,40}?,?\s+but\b",
+        # The assistant's stock decline: "as a text-based AI, I don't have the ability to access ...".
+        "I don't have the ability": (r"\bi\s+(?:don'?t|do\s+not)\s+have\s+(?:the\s+)?"
+                                     r"(?:ability|capability|capacity|access|means)\b"),
         "sorry, I can't": r"\bsorry,?\s+i\s*(?:can'?t|cannot|won'?t|will\s+not|'?m\s+not\s+able|'?m\s+unable)",
         "not comfortable": r"\bnot\s+comfortable\b",
         "not something I": r"\b(?:that'?s|that\s+is|this\s+is|it'?s|it\s+is)\s+not\s+something\s+i\b",
