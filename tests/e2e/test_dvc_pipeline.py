@@ -136,7 +136,7 @@ def test_canaries_rerun_split_and_everything_after(repo):
     assert train.count(inserted["secret"]) == 3
     canaries = json.loads((repo / "metrics/risk.json").read_text())["canaries"]
     assert canaries["enabled"] and canaries["inserted"] == 1
-    assert canaries["items"][0]["tuned"]["exposure_extrapolated"] is not None
+    assert canaries["items"][inserted["id"]]["tuned"]["exposure_extrapolated"] is not None
     restore_committed(repo)
 
 

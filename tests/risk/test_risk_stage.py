@@ -40,10 +40,27 @@ def write_inputs(folder: Path) -> dict[str, Path]:
     return {"train": train, "samples": samples, "canaries": canaries, "stages": [train_metrics, evaluate_metrics]}
 
 
+def shorter_prompt_sets(folder: Path) -> Path:
+    """The shipped prompt files cut to their first entries (every axis and category kept): same code, fewer replies."""
+    import yaml
+
+    from qlora_pipeline.risk import PROMPTS
+
+    out = folder / "prompts"
+    out.mkdir()
+    for path, key, keep in (("bias_templates.yaml", "templates", 2), ("safety_prompts.yaml", "prompts", 6),
+                            ("eliciting_prompts.yaml", "prompts", 5)):
+        data = yaml.safe_load((PROMPTS / path).read_text(encoding="utf-8"))
+        data[key] = data[key][:keep]
+        (out / path).write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return out
+
+
 @pytest.fixture(scope="module")
 def risk_run(tmp_path_factory, quantized_base, persona_adapters, base_params_dict):
     """One run with two gates: one that holds (the e-mail) and one that does not (memorization)."""
     from conftest import make_params
+    from qlora_pipeline.pipeline import risk
     from qlora_pipeline.pipeline.risk import run_risk
 
     folder = tmp_path_factory.mktemp("risk")
@@ -53,7 +70,8 @@ def risk_run(tmp_path_factory, quantized_base, persona_adapters, base_params_dic
                                             "risk.fail_on": ["pii_rate_tuned > 0.1", "memorized_rate_tuned > 0.5"]},
                          folder)
     metrics, report = folder / "out" / "risk.json", folder / "out" / "risk.md"
-    with pytest.raises(PipelineError) as err:
+    with pytest.raises(PipelineError) as err, pytest.MonkeyPatch.context() as patch:
+        patch.setattr(risk, "PROMPTS", shorter_prompt_sets(folder))
         run_risk(params, quantized_base, persona_adapters["alice"], inputs["train"], inputs["samples"],
                  inputs["canaries"], inputs["stages"], metrics, report, folder / "out" / "replies.csv")
     with (folder / "out" / "replies.csv").open(newline="", encoding="utf-8") as handle:
@@ -82,8 +100,9 @@ def test_memorization_and_every_section_are_measured(risk_run):
     assert m["memorization"]["tuned"]["longest_words"] == 14  # the whole training reply
     assert m["memorization"]["tuned"]["count"] >= 1
     eliciting_n = m["privacy"]["eliciting"]["base"]["any"]["n"]
-    assert eliciting_n >= 10 and m["memorization"]["tuned"]["n"] == 4 + eliciting_n
-    assert m["safety"]["base"]["n"] >= 20 and m["bias"]["axes"]
+    assert eliciting_n == 5 and m["memorization"]["tuned"]["n"] == 4 + eliciting_n
+    assert m["safety"]["base"]["n"] == 6 and m["bias"]["templates"] == 2
+    assert set(m["bias"]["axes"]) == {"gender", "ethnicity", "religion", "age"}
     assert m["fit"]["verdict"] == "fit" and m["canaries"]["enabled"] is False
     assert m["cost"]["stages"]["train-adapter"]["wall_seconds"] == 12.5
     assert m["summary"]["canary_exposure_tuned"] is None

@@ -215,12 +215,12 @@ def memorization_section(cfg: Any, targets: list[str], replies: dict[str, dict[s
 
 def canary_section(record: list[dict], scores: dict[str, list[dict]]) -> dict:
     """Per canary: repeats, exposure (both estimates) and extraction under base and tuned."""
-    items = []
-    for index, canary in enumerate(record):
-        items.append({"id": canary["id"], "repeats": canary["repeats"], "secret": canary["secret"],
-                      **{side: scores[side][index] for side in SIDES}})
-    inserted = [item for item in items if item["repeats"] > 0]
-    fresh = [item for item in items if item["repeats"] == 0]
+    # Keyed by canary id, so every figure reaches MLflow as risk.canaries.items.<id>.<side>.<figure>.
+    items = {canary["id"]: {"repeats": canary["repeats"], "secret": canary["secret"],
+                            **{side: scores[side][index] for side in SIDES}}
+             for index, canary in enumerate(record)}
+    inserted = [item for item in items.values() if item["repeats"] > 0]
+    fresh = [item for item in items.values() if item["repeats"] == 0]
 
     def mean(rows: list[dict], side: str, key: str) -> float | None:
         return round(float(np.mean([r[side][key] for r in rows])), 3) if rows else None
