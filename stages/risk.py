@@ -2,14 +2,14 @@
 
 Reads:  <base>/, <adapter>/, <train> (train.jsonl: the targets memorization is looked for in), <samples>
         (evaluate's samples.csv: the generated test replies), <canaries> (split's canaries.json), the stages'
-        <stage-metrics> (base/train/decoding/eval .json: fit verdict and cost), params `seed`, `risk`,
+        <stage-metrics> (clean/base/train/decoding/eval .json: fit verdict and cost), params `seed`, `risk`,
         `clean.pii`, `clean.pii_engine`, `evaluate.dequantize_4bit`
 Writes: <metrics> (PII per type, placeholders, memorization, canary exposure and extraction, bias gaps and
         amplification, refusal rates, fit verdict, cost; `summary` holds the figures gates name), <report>
         (one page), <replies> (every probe, both replies, how each was judged); logs them to MLflow. Exits non-zero after writing them when a `risk.fail_on` gate holds.
 Run:    python stages/risk.py --params params.yaml --base models/base --adapter models/adapter \
             --train data/splits/train.jsonl --samples reports/evaluate/samples.csv --canaries data/canaries.json \
-            --stage-metrics metrics/base.json metrics/train.json metrics/decoding.json metrics/eval.json \
+            --stage-metrics metrics/clean.json metrics/base.json metrics/train.json metrics/decoding.json metrics/eval.json \
             --metrics metrics/risk.json --report reports/risk.md --replies reports/risk_replies.csv
 """
 
@@ -31,7 +31,7 @@ def add_paths(parser):
     parser.add_argument("--samples", type=Path, required=True, help="evaluate's samples.csv (generated test replies)")
     parser.add_argument("--canaries", type=Path, required=True, help="split's canaries.json")
     parser.add_argument("--stage-metrics", type=Path, nargs="+", required=True,
-                        help="metrics files of quantize-load, train-adapter, choose-decoding, evaluate")
+                        help="metrics files of clean, quantize-load, train-adapter, choose-decoding, evaluate")
     parser.add_argument("--metrics", type=Path, required=True, help="metrics JSON file")
     parser.add_argument("--report", type=Path, required=True, help="the one-page Markdown report")
     parser.add_argument("--replies", type=Path, required=True,

@@ -6,6 +6,7 @@ the unquantized weights to float32), so a reloaded adapter gives the logits it g
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,24 @@ def autocast_like_training(resolved: dict) -> Any:
         return contextlib.nullcontext()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.autocast(device, dtype=torch.bfloat16 if bf16 else torch.float16)
+
+
+def on_base_then_tuned(model: Any, tokenizer: Any, resolved: dict, base_dir: Path,
+                       run: Callable[[Any, Any, str], None]) -> None:
+    """``run(model, tokenizer, side)`` for the base, then the tuned model, under the autocast training used.
+
+    The base is the tuned model with its adapter switched off, or for full fine-tuning (no adapter
+    to switch off) a second model loaded for the purpose and dropped after.
+    """
+    with autocast_like_training(resolved):
+        if resolved["method"] == "full":
+            base, base_tokenizer = load_base_for(resolved, base_dir)
+            run(base, base_tokenizer, "base")
+            del base
+        else:
+            with model.disable_adapter():
+                run(model, tokenizer, "base")
+        run(model, tokenizer, "tuned")
 
 
 def attach_adapters(base: Any, adapters: dict[str, Path]) -> Any:

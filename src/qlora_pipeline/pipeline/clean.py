@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from qlora_pipeline import tracking
@@ -17,7 +18,10 @@ def run_clean(params: Params, raw_dir: Path, out_dir: Path, metrics_path: Path) 
     remove_outputs(out_dir, metrics_path)
     source = raw_dir / CONVERSATIONS
     manifest = read_json(raw_dir / MANIFEST)
+    started = time.perf_counter()
     kept, metrics = clean_conversations(read_conversations(source), params.clean)
+    # The cost of cleaning: seconds with the regex engine, minutes with presidio (the risk stage adds it up).
+    metrics["wall_seconds"] = round(time.perf_counter() - started, 1)
     metrics["rows_rejected_at_fetch"] = manifest.get("counts", {}).get("rows_rejected", {})
     if not kept:
         raise PipelineError(

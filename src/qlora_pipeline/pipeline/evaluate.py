@@ -97,7 +97,7 @@ def generate_both(params: Params, base_dir: Path, adapter_dir: Path, rows: list[
     list per pass (a greedy choice reuses the greedy replies). With ``group_prompts`` (train rows):
     ``out["judge_contrast"]``, the base's greedy replies to them, for a group's style judge.
     """
-    from qlora_pipeline.modeling.adapters import autocast_like_training, load_base_for, load_tuned_for_generation
+    from qlora_pipeline.modeling.adapters import load_tuned_for_generation, on_base_then_tuned
 
     cfg = params.evaluate
     max_length = params.train.max_length
@@ -116,15 +116,7 @@ def generate_both(params: Params, base_dir: Path, adapter_dir: Path, rows: list[
                                         cfg.batch_size, max_new_tokens=cfg.max_new_tokens, do_sample=False)
             out["judge_contrast"] = [r.text for r in contrast]
 
-    with autocast_like_training(resolved):  # base and tuned alike, as training computed
-        if resolved["method"] == "full":  # no adapter to switch off: the base is a second model
-            base, base_tokenizer = load_base_for(resolved, base_dir)
-            both_rows(base, base_tokenizer, "base")
-            del base
-        else:
-            with model.disable_adapter():
-                both_rows(model, tokenizer, "base")
-        both_rows(model, tokenizer, "tuned")
+    on_base_then_tuned(model, tokenizer, resolved, base_dir, both_rows)  # under training's autocast
     if chosen is not None:
         out["chosen"] = chosen_out
     return out

@@ -21,7 +21,7 @@ SIDES = ("base", "tuned")
 # evaluate's samples.csv: greedy replies and the first pass of the chosen decoding, per side.
 SAMPLE_COLUMNS = {"base": ("base", "base_chosen"), "tuned": ("tuned", "tuned_chosen")}
 # Stage metrics files whose wall time and energy make up the run's cost, by the stage's name.
-STAGE_OF_METRICS = {"base.json": "quantize-load", "train.json": "train-adapter", "decoding.json": "choose-decoding",
+STAGE_OF_METRICS = {"clean.json": "clean", "base.json": "quantize-load", "train.json": "train-adapter", "decoding.json": "choose-decoding",
                     "eval.json": "evaluate"}
 
 
@@ -128,7 +128,7 @@ def read_stage_metrics(paths: Sequence[Path]) -> dict[str, dict]:
 def generate_and_score(params: Params, base_dir: Path, adapter_dir: Path, resolved: dict, system: str,
                        prompts: dict[str, list[str]], canary_record: list[dict]) -> tuple[dict, dict]:
     """Greedy replies of both sides to every prompt set, and each canary's exposure and extraction."""
-    from qlora_pipeline.modeling.adapters import autocast_like_training, load_base_for, load_tuned_for_generation
+    from qlora_pipeline.modeling.adapters import load_tuned_for_generation, on_base_then_tuned
     from qlora_pipeline.modeling.generation import generate_replies
 
     cfg = params.risk
@@ -146,15 +146,7 @@ def generate_and_score(params: Params, base_dir: Path, adapter_dir: Path, resolv
         scores[side] = [canary_scores(side_model, side_tokenizer, canary, cfg, params.seed)
                         for canary in canary_record]
 
-    with autocast_like_training(resolved):  # as evaluate does: the logits training saw
-        if resolved["method"] == "full":  # no adapter to switch off: the base is a second model
-            base, base_tokenizer = load_base_for(resolved, base_dir)
-            one_side(base, base_tokenizer, "base")
-            del base
-        else:
-            with model.disable_adapter():
-                one_side(model, tokenizer, "base")
-        one_side(model, tokenizer, "tuned")
+    on_base_then_tuned(model, tokenizer, resolved, base_dir, one_side)  # as evaluate: the logits training saw
     return generated, scores
 
 
