@@ -125,7 +125,6 @@ class CleanConfig:
             out.append(f"clean.max_chars: {self.max_chars} is below clean.min_chars {self.min_chars}")
         if not 0.0 < self.near_dup_ratio <= 1.0:
             out.append(f"clean.near_dup_ratio: must be in (0, 1], got {self.near_dup_ratio}")
-
         for name in self.pii:
             if name not in ALL_PII_TYPES:
                 out.append(f"clean.pii: unknown type '{name}'; choose from {', '.join(ALL_PII_TYPES)}")

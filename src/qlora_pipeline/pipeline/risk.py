@@ -53,13 +53,16 @@ def run_risk(params: Params, base_dir: Path, adapter_dir: Path, train_path: Path
     generated, canary_scores = generate_and_score(params, base_dir, adapter_dir, resolved, system, prompts,
                                                   canary_record)
     replies = {side: {"test": test_replies[side], **{k: v[side] for k, v in generated.items()}} for side in SIDES}
+    # Judged once, used by the figures and by the audit file alike.
+    hits = {prompt_set: {side: privacy.pii_hits(replies[side][prompt_set], params.clean.pii, params.clean.pii_engine)
+                         for side in SIDES} for prompt_set in ("test", "eliciting")}
+    sentiments = {side: bias.sentiment(generated["bias"][side]) for side in SIDES}
 
     metrics: dict[str, Any] = {
-        "privacy": privacy_section(params, replies),
+        "privacy": privacy_section(params, replies, hits),
         "memorization": memorization_section(cfg, targets, replies),
         "canaries": canary_section(canary_record, canary_scores),
-        "bias": bias.axis_gaps(probes, bias.sentiment(generated["bias"]["base"]),
-                               bias.sentiment(generated["bias"]["tuned"]), cfg.bootstrap_samples,
+        "bias": bias.axis_gaps(probes, sentiments["base"], sentiments["tuned"], cfg.bootstrap_samples,
                                cfg.confidence_level, params.seed),
         "safety": safety.refusal_rates(generated["safety"]["base"], generated["safety"]["tuned"],
                                        cfg.confidence_level),
@@ -72,7 +75,7 @@ def run_risk(params: Params, base_dir: Path, adapter_dir: Path, train_path: Path
     tripped = gates.tripped(cfg.fail_on, metrics["summary"])
     metrics["gates"] = {"fail_on": list(cfg.fail_on), "tripped": [gate.text for gate, _ in tripped]}
     examples = report_examples(prompts, generated, safety_prompts, eliciting)
-    audit = reply_rows(params, probes, safety_prompts, eliciting, generated)
+    audit = reply_rows(probes, safety_prompts, eliciting, generated, hits["eliciting"], sentiments)
 
     with tracking.pipeline_run(params, "risk") as run:  # opened first: a store error leaves no outputs
         write_json(metrics_path, metrics)
@@ -169,18 +172,16 @@ def rate(flags: Sequence[bool], confidence: float) -> dict[str, Any]:
     return {"rate": round(count / n, 5), "ci": [round(low, 5), round(high, 5)], "count": count, "n": n}
 
 
-def privacy_section(params: Params, replies: dict[str, dict[str, list[str]]]) -> dict:
-    """PII per type in the test and eliciting replies, and placeholders said, per side."""
+def privacy_section(params: Params, replies: dict[str, dict[str, list[str]]], hits: dict) -> dict:
+    """PII per type in the test and eliciting replies (``hits[prompt_set][side]``), and placeholders said, per side."""
     confidence = params.risk.confidence_level
-    types, engine = list(params.clean.pii), params.clean.pii_engine
-    out: dict[str, Any] = {"engine": engine, "types": types}
-    for prompt_set in ("test", "eliciting"):
-        section = {}
-        for side in SIDES:
-            hits = privacy.pii_hits(replies[side][prompt_set], types, engine)
-            section[side] = {"any": rate(privacy.flags(hits), confidence),
-                             "by_type": {kind: rate(privacy.flags(hits, kind), confidence)["rate"] for kind in types}}
-        out[prompt_set] = section
+    types = list(params.clean.pii)
+    out: dict[str, Any] = {"engine": params.clean.pii_engine, "types": types}
+    for prompt_set, by_side in hits.items():
+        out[prompt_set] = {side: {"any": rate(privacy.flags(found), confidence),
+                                  "by_type": {kind: rate(privacy.flags(found, kind), confidence)["rate"]
+                                              for kind in types}}
+                           for side, found in by_side.items()}
     out["placeholders"] = {}
     for side in SIDES:
         said = privacy.placeholder_hits(replies[side]["test"] + replies[side]["eliciting"])
@@ -256,24 +257,22 @@ def summary(metrics: dict) -> dict[str, Any]:
 REPLY_FIELDS = ("set", "id", "category", "prompt", "base", "tuned", "base_judged", "tuned_judged")
 
 
-def reply_rows(params: Params, probes: list, safety_prompts: list, eliciting: list, generated: dict) -> list[dict]:
+def reply_rows(probes: list, safety_prompts: list, eliciting: list, generated: dict, eliciting_hits: dict,
+               sentiments: dict) -> list[dict]:
     """Every probe with both replies and what the rules made of each: the report's figures, auditable."""
-    types, engine = list(params.clean.pii), params.clean.pii_engine
     rows = []
     for index, prompt in enumerate(eliciting):
         replies = {side: generated["eliciting"][side][index] for side in SIDES}
-        judged = {side: ", ".join(sorted(privacy.pii_hits([replies[side]], types, engine)[0])) or "no PII"
-                  for side in SIDES}
+        judged = {side: ", ".join(sorted(eliciting_hits[side][index])) or "no PII" for side in SIDES}
         rows.append(_reply_row("eliciting", prompt.prompt_id, prompt.category, prompt.text, replies, judged))
     for index, prompt in enumerate(safety_prompts):
         replies = {side: generated["safety"][side][index] for side in SIDES}
-        judged = {side: f"declines ({safety.refusal_match(replies[side])})" if safety.is_refusal(replies[side])
-                  else "does not decline" for side in SIDES}
+        matched = {side: safety.refusal_match(replies[side]) for side in SIDES}
+        judged = {side: f"declines ({rule})" if rule else "does not decline" for side, rule in matched.items()}
         rows.append(_reply_row("safety", prompt.prompt_id, prompt.category, prompt.text, replies, judged))
-    scores = {side: bias.sentiment(generated["bias"][side]) for side in SIDES}
     for index, probe in enumerate(probes):
         replies = {side: generated["bias"][side][index] for side in SIDES}
-        judged = {side: f"sentiment {scores[side][index]:+.3f}" for side in SIDES}
+        judged = {side: f"sentiment {sentiments[side][index]:+.3f}" for side in SIDES}
         rows.append(_reply_row("bias", probe.template_id, f"{probe.axis}: {probe.group}", probe.text, replies, judged))
     return rows
 
