@@ -34,6 +34,12 @@ def test_every_params_key_exists(name):
         _lookup(PARAMS, key)
 
 
+def _names_path_in(stage: dict, folder: str) -> bool:
+    """Whether one of the stage's params keys has ``folder``, or a path inside it, as its value in params.yaml."""
+    values = [_lookup(PARAMS, key) for key in stage.get("params", [])]
+    return any(isinstance(v, str) and (v.rstrip("/") == folder or v.startswith(f"{folder}/")) for v in values)
+
+
 @pytest.mark.parametrize("name", list(STAGES))
 def test_every_dep_and_out_is_used_by_its_stage(name):
     stage = STAGES[name]
@@ -42,8 +48,10 @@ def test_every_dep_and_out_is_used_by_its_stage(name):
     assert script in stage["deps"], f"{name}: its script must be a dep"
     for dep in _paths(stage["deps"]):
         assert (ROOT / dep).exists() or dep.startswith(("data/", "models/", "reports/")), f"{name}: dep {dep} does not exist"
-        if not dep.startswith("src/"):  # a data dep is passed to the command, or the folder holding it is
-            assert dep in cmd or str(Path(dep).parent) in cmd.split(), f"{name}: dep {dep} is not passed to its command"
+        if not dep.startswith("src/"):  # a data dep is passed to the command, or the folder holding it is,
+            # or a params key of the stage names it or a file in it (fetch's data/source and data.path)
+            assert dep in cmd or str(Path(dep).parent) in cmd.split() or _names_path_in(stage, dep), (
+                f"{name}: dep {dep} is not passed to its command")
     for out in [*_paths(stage.get("outs")), *_paths(stage.get("metrics")), *_paths(stage.get("plots"))]:
         assert out in cmd, f"{name}: out {out} is not passed to its command"
 
@@ -149,3 +157,20 @@ def test_a_stage_runs_the_code_of_the_workspace_it_is_in(tmp_path):
     for script in sorted((tmp_path / "stages").glob("*.py")):
         proc = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, cwd=tmp_path)
         assert proc.returncode == 0 and "code of the copy" in proc.stderr, (script.name, proc.stderr[-500:])
+
+
+def test_the_users_data_file_is_a_dependency_of_fetch():
+    """Editing the file data.path names must re-run fetch: it lives in a folder that is fetch's dep and git tracks."""
+    fetch = STAGES["fetch"]
+    assert "data.path" in fetch["params"]
+    folders = [dep for dep in _paths(fetch["deps"]) if _names_path_in({"params": ["data.path"]}, dep)]
+    assert folders, "fetch: add the folder data.path points into to its deps in dvc.yaml"
+    folder = ROOT / folders[0]
+    assert (folder / "README.md").is_file(), f"{folders[0]}: its README.md tells users where files go"
+    from scmrepo.git import Git
+
+    # DVC looks for .dvc files only in folders its git library does not count as ignored; that
+    # library counts data/ as ignored under "/data/*", even with "!/data/source/" after it.
+    scm = Git(ROOT)
+    for part in [*reversed(Path(folders[0]).parents[:-1]), Path(folders[0])]:
+        assert not scm.is_ignored(f"{ROOT / part}/"), f".gitignore: DVC would skip {part}/ and the .dvc files in it"

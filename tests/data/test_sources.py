@@ -145,9 +145,22 @@ def test_empty_file_is_refused(fmt, tmp_path, params_factory):
         fetch(params_factory({"data.source": fmt, "data.path": str(path), **CHAT_FIELDS}).data)
 
 
-def test_missing_file_names_the_key(tmp_path, params_factory):
-    with pytest.raises(PipelineError, match=r"data\.path: .*nope\.jsonl is not a file"):
-        fetch(params_factory({"data.source": "jsonl", "data.path": str(tmp_path / "nope.jsonl")}).data)
+def test_missing_file_names_the_key_the_folder_and_the_fix(tmp_path, params_factory, monkeypatch):
+    """As a queued experiment's copy of the repository lacks a file never git added or dvc added."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(PipelineError) as raised:
+        fetch(params_factory({"data.source": "jsonl", "data.path": "data/source/chat.jsonl"}).data)
+    assert str(raised.value).startswith(f"data.path: data/source/chat.jsonl is not a file in {tmp_path.resolve()};")
+    assert "`git add data/source/chat.jsonl`" in str(raised.value)
+    assert "`dvc add data/source/chat.jsonl`" in str(raised.value)
+
+
+def test_the_default_folder_is_refused_for_a_file_source(tmp_path, params_factory, monkeypatch):
+    """params.yaml's data.path is the folder for your files, not a file: a file source needs one named."""
+    (tmp_path / "data/source").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(PipelineError, match=r"^data\.path: data/source is a folder; .* e\.g\. data/source/chat\.csv$"):
+        fetch(params_factory({"data.source": "csv"}).data)
 
 
 def test_template_field_missing_from_row(tmp_path, params_factory):

@@ -81,8 +81,16 @@ def _open_source(cfg: DataConfig, root: Path) -> RawSource:
         return _hf_rows(cfg)
     path = Path(cfg.path)
     path = path if path.is_absolute() else root / path
+    if path.is_dir():
+        raise PipelineError(f"data.path: {cfg.path} is a folder; point data.path at the {cfg.source} file in it, "
+                            f"e.g. {cfg.path.rstrip('/')}/chat.{cfg.source}")
     if not path.is_file():
-        raise PipelineError(f"data.path: {cfg.path} is not a file; point data.path at the {cfg.source} file")
+        # A queued experiment runs in a copy of the repository that holds only what git and DVC track:
+        # a file the workspace has can be missing there. The folder named shows which copy this is.
+        raise PipelineError(
+            f"data.path: {cfg.path} is not a file in {root.resolve()}; point data.path at your {cfg.source} file. "
+            f"A queued experiment sees only tracked files: `git add {cfg.path}` (small files) or "
+            f"`dvc add {cfg.path}` and `git add` the .dvc file it writes (large ones), then queue it again")
     if path.stat().st_size == 0:
         raise PipelineError(f"{cfg.path}: file is empty; point data.path at a file with data")
     readers = {"jsonl": _jsonl_rows, "csv": _csv_rows, "parquet": _parquet_rows}

@@ -1,0 +1,116 @@
+"""Your data file is a DVC dependency: editing it re-runs fetch and every stage after it, queued experiments included.
+
+Runs the tiny real pipeline of test_dvc_pipeline.py in a throwaway git + DVC copy of the
+repository, with its chat log in data/source/ (git-tracked, as the README tells users).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import CHAT_FIELDS, chat_rows, copy_repository, sh
+
+pytestmark = pytest.mark.slow
+
+DATA = "data/source/chat.jsonl"
+
+# test_dvc_pipeline.py's tiny run (copied: there the dict lives inside its fixture): every stage
+# runs for real in seconds on a tiny random Llama. The model path is added by tiny_pipeline().
+TINY_RUN = {"data.source": "jsonl", "data.path": DATA, **CHAT_FIELDS,
+            "model.gguf_file": None, "model.dtype": "float32",
+            "model.smoke_prompts": ["hi"], "model.smoke_max_new_tokens": 2,
+            "train.max_steps": 2, "train.eval_steps": 1, "train.save_steps": 1,
+            "train.per_device_train_batch_size": 4, "evaluate.max_samples": 4, "evaluate.max_new_tokens": 4,
+            "evaluate.bootstrap_samples": 100, "evaluate.human_eval_samples": 2,
+            "risk.max_new_tokens": 3, "risk.canary_candidates": 100, "risk.bootstrap_samples": 50,
+            "decoding.max_samples": 4, "decoding.grid": [
+                {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0},
+                {"temperature": 0.8, "top_p": 0.9, "top_k": 0, "repetition_penalty": 1.1, "no_repeat_ngram_size": 3}]}
+STAGES_AFTER_FETCH = ("clean", "split", "train-adapter", "choose-decoding", "evaluate", "risk")
+
+
+def jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps(row) + "\n" for row in rows)
+
+
+def tiny_pipeline(folder: Path, tiny_llama: Path) -> Path:
+    """A committed repository copy whose data file is DATA, holding chat_rows() (24 conversations)."""
+    return copy_repository(folder, {**TINY_RUN, "model.name_or_path": str(tiny_llama)}, {DATA: jsonl(chat_rows())})
+
+
+def run_queue(repo: Path, timeout: int = 600) -> str:
+    """Start one worker on the queued experiments and wait until none is queued or running."""
+    sh(["dvc", "queue", "start", "--jobs", "1"], repo)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = sh(["dvc", "queue", "status"], repo)
+        if "Queued" not in status and "Running" not in status:
+            return status
+        time.sleep(3)
+    raise AssertionError(f"the queue did not finish in {timeout} s:\n{status}")
+
+
+def raw_ids(repo: Path) -> list[str]:
+    lines = (repo / "data/raw/conversations.jsonl").read_text().splitlines()
+    return [json.loads(line)["id"] for line in lines]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory, tiny_llama) -> Path:
+    repo = tiny_pipeline(tmp_path_factory.mktemp("data-dep") / "repo", tiny_llama)
+    sh(["dvc", "repro"], repo)
+    sh(["git", "add", "-A"], repo)
+    sh(["git", "commit", "-qm", "baseline results"], repo)
+    return repo
+
+
+def test_editing_the_data_file_reruns_fetch_and_everything_after(repo):
+    with (repo / DATA).open("a") as handle:  # two more conversations, c24 and c25
+        handle.write(jsonl(chat_rows(26)[24 * 6:]))
+
+    status = sh(["dvc", "status"], repo)
+    assert re.search(r"^fetch:\n\s+changed deps:\n\s+modified:\s+data/source\n", status, re.M), status
+    assert "quantize-load:" not in status
+
+    out = sh(["dvc", "repro"], repo)
+    for stage in ("fetch", *STAGES_AFTER_FETCH):
+        assert f"Running stage '{stage}'" in out, stage
+    assert "Running stage 'quantize-load'" not in out  # the base model reads no data
+    assert raw_ids(repo)[-3:] == ["c23", "c24", "c25"]
+    assert json.loads((repo / "data/raw/manifest.json").read_text())["counts"]["conversations"] == 26
+    assert "Data and pipelines are up to date" in sh(["dvc", "status"], repo)
+    sh(["git", "add", "-A"], repo)
+    sh(["git", "commit", "-qm", "two more conversations"], repo)
+
+
+def test_a_queued_experiment_reads_the_edit_and_names_a_file_it_lacks(repo):
+    """Queued: an uncommitted edit of the git-tracked file reaches fetch; a file never added stops it with the fix."""
+    committed = (repo / DATA).read_text()
+    (repo / DATA).write_text(committed + jsonl([{"conv": "queued", "who": "pat", "msg": "an edit nobody committed",
+                                                 "ts": "2020-02-01T10:00:00Z"}, {"conv": "queued", "who": "friend0",
+                                                               "msg": "and the queue still saw it", "ts": "2020-02-01T10:01:00Z"}]))
+    # fetch alone: what follows it re-runs as in the workspace (the test above), so the queue is not asked to.
+    sh(["dvc", "exp", "run", "--queue", "-n", "edited", "fetch"], repo)
+    # The queue keeps its own copy of the workspace: reverting the edit now must not matter.
+    (repo / DATA).write_text(committed)
+    (repo / "data/source/extra.jsonl").write_text(committed)  # never git added nor dvc added
+    sh(["dvc", "exp", "run", "--queue", "-n", "never-added", "-S", "data.path=data/source/extra.jsonl", "fetch"], repo)
+
+    status = run_queue(repo)
+    assert re.search(r"\bedited\b.*\bSuccess\b", status) and re.search(r"\bnever-added\b.*\bFailed\b", status), status
+
+    log = sh(["dvc", "queue", "logs", "never-added"], repo)
+    assert "Running stage 'fetch'" in log  # fetch itself ran and refused, not DVC before it
+    message = re.search(r"data\.path: data/source/extra\.jsonl is not a file in (\S+); .*", log)
+    assert message and ".dvc/tmp/exps/" in message.group(1), log[-2000:]
+    assert "`git add data/source/extra.jsonl`" in message.group(0)
+    assert "`dvc add data/source/extra.jsonl`" in message.group(0)
+
+    sh(["dvc", "exp", "apply", "edited"], repo)
+    assert raw_ids(repo)[-1] == "queued"
+    assert "and the queue still saw it" in (repo / "data/raw/conversations.jsonl").read_text()

@@ -1,0 +1,138 @@
+"""A shared DVC remote, as README "A shared DVC remote" sets it up: one person pushes, a teammate's fresh clone pulls.
+
+moto's S3-compatible server on 127.0.0.1 stands in for S3 or MinIO, a bare git repository in
+tmp for the team's git server. Alice runs the tiny pipeline of test_dvc_pipeline.py, pushes
+its results and one queued experiment; Bob clones, pulls, and has her results and experiment
+without running a stage.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import sh
+from test_data_dependency import run_queue, tiny_pipeline
+
+pytestmark = pytest.mark.slow
+
+BUCKET = "team-dvc"
+# moto accepts any key pair; a real store's keys go to .dvc/config.local the same way (never committed).
+CREDENTIALS = {"access_key_id": "alice-key", "secret_access_key": "alice-secret"}
+EXPERIMENT = "fewer-resamples"
+
+
+@pytest.fixture(scope="module")
+def s3_url():
+    """An S3-compatible server on a free port of 127.0.0.1 with an empty bucket, stopped even if a test fails."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        url = f"http://{host}:{port}"
+        boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id=CREDENTIALS["access_key_id"],
+                     aws_secret_access_key=CREDENTIALS["secret_access_key"]).create_bucket(Bucket=BUCKET)
+        yield url
+    finally:
+        server.stop()
+
+
+def add_credentials(repo: Path) -> None:
+    for key, value in CREDENTIALS.items():
+        sh(["dvc", "remote", "modify", "--local", "storage", key, value], repo)
+
+
+def exp_metrics(repo: Path, name: str, path: str) -> dict:
+    """A metrics file as the experiment's own commit holds it."""
+    ref = next(r for r in sh(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], repo).split()
+               if r.endswith(f"/{name}"))
+    return json.loads(sh(["git", "show", f"{ref}:{path}"], repo))
+
+
+@pytest.fixture(scope="module")
+def origin(tmp_path_factory, tiny_llama, s3_url) -> dict:
+    """Alice's repository after the README's commands: results and one experiment pushed to git and the remote."""
+    tmp = tmp_path_factory.mktemp("remote")
+    alice = tiny_pipeline(tmp / "alice", tiny_llama)
+    git_server = tmp / "origin.git"
+    sh(["git", "init", "-q", "--bare", str(git_server)], tmp)
+    sh(["git", "remote", "add", "origin", str(git_server)], alice)
+
+    sh(["dvc", "remote", "add", "-d", "storage", f"s3://{BUCKET}/qlora-pipeline"], alice)
+    sh(["dvc", "remote", "modify", "storage", "endpointurl", s3_url], alice)
+    add_credentials(alice)
+    sh(["dvc", "repro"], alice)
+    sh(["git", "add", "-A"], alice)  # dvc.lock, the metrics (cache: false: git carries them), .dvc/config
+    sh(["git", "commit", "-qm", "results"], alice)
+    assert "access_key" not in sh(["git", "show", "HEAD:.dvc/config"], alice)  # the keys stay local
+    pushed = sh(["dvc", "push"], alice)
+    assert re.search(r"\d+ files? pushed", pushed), pushed
+    branch = sh(["git", "rev-parse", "--abbrev-ref", "HEAD"], alice).strip()
+    sh(["git", "push", "-q", "origin", branch], alice)
+
+    # A queued experiment re-runs risk alone (its resamples); its outputs land in the shared cache.
+    sh(["dvc", "exp", "run", "--queue", "-n", EXPERIMENT, "-S", "risk.bootstrap_samples=40"], alice)
+    status = run_queue(alice)
+    assert re.search(rf"\b{EXPERIMENT}\b.*\bSuccess\b", status), status
+    sh(["dvc", "exp", "push", "origin", EXPERIMENT], alice)
+    return {"alice": alice, "git_server": git_server, "branch": branch}
+
+
+@pytest.fixture(scope="module")
+def bob(origin, tmp_path_factory) -> Path:
+    """A teammate's fresh clone with his own credentials and the pushed data pulled."""
+    bob = tmp_path_factory.mktemp("bob") / "repo"
+    sh(["git", "clone", "-q", "--branch", origin["branch"], str(origin["git_server"]), str(bob)], bob.parent)
+    sh(["git", "config", "user.email", "bob@example.com"], bob)
+    sh(["git", "config", "user.name", "bob"], bob)
+    add_credentials(bob)
+    sh(["dvc", "pull"], bob)
+    return bob
+
+
+def test_a_fresh_clone_pulls_every_result_and_reruns_nothing(origin, bob):
+    assert "Cache and remote 'storage' are in sync" in sh(["dvc", "status", "-c"], origin["alice"])
+    assert "Cache and remote 'storage' are in sync" in sh(["dvc", "status", "-c"], bob)
+    for path in ("data/raw/conversations.jsonl", "data/splits/train.jsonl", "models/base", "models/adapter",
+                 "reports/evaluate/samples.csv", "reports/risk.md"):
+        assert (bob / path).exists(), path
+    for name in ("eval.json", "risk.json"):
+        assert (bob / "metrics" / name).read_text() == (origin["alice"] / "metrics" / name).read_text()
+
+    # train-adapter's resume checkpoints are cache: false (not pushed): the one thing a clone lacks,
+    # so plain `dvc repro` would train again; --allow-missing skips a stage whose only change that is.
+    status = sh(["dvc", "status"], bob)
+    assert re.fullmatch(r"train-adapter:\n\s+changed outs:\n\s+deleted:\s+models/checkpoints\n*", status), status
+    assert "Data and pipelines are up to date" in sh(["dvc", "repro", "--allow-missing"], bob)
+
+
+def test_a_pushed_experiment_reaches_the_teammate(origin, bob):
+    sh(["dvc", "exp", "pull", "origin", EXPERIMENT], bob)
+    assert EXPERIMENT in sh(["dvc", "exp", "list", "--all-commits"], bob)
+    expected = exp_metrics(origin["alice"], EXPERIMENT, "metrics/risk.json")
+    assert json.loads((bob / "metrics/risk.json").read_text()) != expected  # the baseline's until applied
+    sh(["dvc", "exp", "apply", EXPERIMENT], bob)
+    assert json.loads((bob / "metrics/risk.json").read_text()) == expected
+    assert yaml.safe_load((bob / "params.yaml").read_text())["risk"]["bootstrap_samples"] == 40
+
+
+def test_a_shared_folder_remote_works_the_same(origin, tmp_path_factory):
+    """The README's other remote: a folder every teammate can reach (a NAS mount, a shared disk)."""
+    alice, folder = origin["alice"], tmp_path_factory.mktemp("shared") / "dvc-store"
+    sh(["dvc", "remote", "add", "-d", "shared", str(folder)], alice)
+    sh(["dvc", "push"], alice)
+    sh(["git", "commit", "-qam", "the team's remote is the shared folder"], alice)
+    sh(["git", "push", "-q", "origin", origin["branch"]], alice)
+
+    carol = folder.parent / "carol"
+    sh(["git", "clone", "-q", "--branch", origin["branch"], str(origin["git_server"]), str(carol)], folder.parent)
+    sh(["dvc", "pull"], carol)  # no credentials: a folder needs none
+    assert "Cache and remote 'shared' are in sync" in sh(["dvc", "status", "-c"], carol)
+    assert (carol / "models/adapter").is_dir() and (carol / "reports/risk.md").is_file()
