@@ -5,7 +5,9 @@ Writes: <out>/ (adapter safetensors or full model, tokenizer, training_config.js
         <checkpoints>/ (kept across an interrupted run, so the next run resumes),
         <metrics> (losses, best step, tokens/s, peak memory, wall time), <log> (step, train/val loss, lr)
 Run:    python stages/train_adapter.py --params params.yaml --base models/base --splits data/splits \
-            --out models/adapter --checkpoints models/checkpoints --metrics metrics/train.json --log metrics/train_log.csv
+            --out models/adapter --checkpoints models/checkpoints --metrics metrics/train.json --log metrics/train_log.csv \
+            --accelerate-configs configs/accelerate
+        With train.launcher: accelerate it runs itself again under `accelerate launch` (launching.py).
 """
 
 import sys
@@ -15,6 +17,7 @@ from pathlib import Path
 # stages must run the copy's code (what dvc.lock hashes), not the editable install's checkout.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
+from qlora_pipeline import launching
 from qlora_pipeline.pipeline.common import stage_main
 from qlora_pipeline.pipeline.train_adapter import run_train_adapter
 
@@ -26,9 +29,13 @@ def add_paths(parser):
     parser.add_argument("--checkpoints", type=Path, required=True, help="checkpoint folder, persisted across runs")
     parser.add_argument("--metrics", type=Path, required=True, help="metrics JSON file")
     parser.add_argument("--log", type=Path, required=True, help="per-step loss CSV")
+    parser.add_argument("--accelerate-configs", type=Path, required=True,
+                        help="folder of the accelerate configs train.accelerate_config names")
 
 
 def run(params, args):
+    if launching.needs_launch(params.train):  # train.launcher: accelerate; this process only waits
+        return launching.relaunch(params, args.accelerate_configs, __file__, sys.argv[1:])
     return run_train_adapter(params, args.base, args.splits, args.out, args.checkpoints, args.metrics, args.log)
 
 

@@ -200,6 +200,9 @@ class QuantizationConfig:
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
     bnb_4bit_use_double_quant: bool = True
     bnb_4bit_compute_dtype: DtypeName = "auto"
+    # How the packed 4-bit weights are stored. null = uint8 (the library default). FSDP shards
+    # only floating tensors of one dtype: with accelerate_config fsdp_qlora set bfloat16.
+    bnb_4bit_quant_storage: Optional[Literal["uint8", "bfloat16", "float16", "float32"]] = None
     llm_int8_skip_modules: Optional[list[str]] = None
 
     def problems(self) -> list[str]:
@@ -287,6 +290,11 @@ class TrainConfig:
     # EarlyStoppingCallback
     early_stopping_patience: Optional[int] = 3
     early_stopping_threshold: float = 0.0
+    # python = one process; accelerate = `accelerate launch` of num_processes data-parallel
+    # processes (gloo on CPUs, NCCL on GPUs), with a shipped accelerate config (None = plain DDP).
+    launcher: Literal["python", "accelerate"] = "python"
+    num_processes: int = 1
+    accelerate_config: Optional[str] = None
 
     def problems(self) -> list[str]:
         out = _at_least("train", self, 1, "max_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
@@ -302,6 +310,10 @@ class TrainConfig:
             out.append("train.early_stopping_patience: must be >= 1, or null to turn early stopping off")
         if self.bf16 is True and self.fp16 is True:
             out.append("train.bf16 and train.fp16: both true; choose one mixed precision (or auto)")
+        out += _at_least("train", self, 1, "num_processes")
+        if self.launcher == "python" and (self.num_processes > 1 or self.accelerate_config):
+            out.append("train.num_processes / train.accelerate_config: need train.launcher: accelerate "
+                       "(python runs one process)")
         return out
 
 

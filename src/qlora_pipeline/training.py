@@ -156,6 +156,8 @@ def training_arguments(train: TrainConfig, output_dir: Path, seed: int, precisio
         use_cpu=not torch.cuda.is_available(),
         disable_tqdm=True,
         dataloader_num_workers=0,
+        # Every LoRA weight takes part in every step: DDP need not search the graph for unused ones.
+        ddp_find_unused_parameters=False,
     )
 
 
@@ -265,6 +267,20 @@ def prepare_model(params: Params, base_dir: Path, workdir: Path,
     return model, tokenizer
 
 
+def save_sharded(trainer: Any, out: Path) -> bool:
+    """FSDP or ZeRO-3: gather the weights spread over the processes and save them into ``out``.
+
+    A collective: every process must call it (rank 0 writes). False, saving nothing, when each
+    process holds the whole model (one process, DDP): the caller saves it then.
+    """
+    if not (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
+        return False
+    if trainer.is_fsdp_enabled:
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model(str(out))
+    return True
+
+
 def peak_memory_mb() -> float:
     import resource
 
@@ -316,13 +332,16 @@ def target_token_trainer_class() -> type:
             with self.accelerator.autocast():
                 hidden = decoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
                 nll, counts = target_token_nll(hidden.last_hidden_state, inputs["labels"], head)
-            if num_items_in_batch is not None:  # the whole accumulated batch's count: already GA-scaled
+            # Validation is the mean over this batch's own target tokens: the Trainer hands in a count
+            # summed over processes there too, but gathers one loss per process and keeps only the
+            # real (not padded) batches' values, so a global count would skew the multi-process loss.
+            if num_items_in_batch is not None and model.training:  # the accumulated batch's count: GA-scaled
                 loss = nll.sum() / num_items_in_batch
                 if self.args.average_tokens_across_devices:
                     loss = loss * self.accelerator.num_processes  # the count was summed over processes
             else:
                 loss = nll.sum() / counts.sum().clamp(min=1)
-            self.loss_is_scaled_for_ga = num_items_in_batch is not None
+            self.loss_is_scaled_for_ga = num_items_in_batch is not None and model.training
             return (loss, {"loss": loss}) if return_outputs else loss
 
     return TargetTokenTrainer

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from qlora_pipeline import hardware, tracking
+from qlora_pipeline import hardware, launching, tracking
 from qlora_pipeline.config import Params
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.io import atomic_path, read_json, read_jsonl, remove_outputs, write_json
@@ -28,13 +30,19 @@ def read_examples(path: Path, stage_hint: str = "split") -> list[dict]:
 
 
 def run_train_adapter(params: Params, base_dir: Path, splits_dir: Path, out_dir: Path, checkpoints: Path,
-                      metrics_path: Path, log_path: Path) -> dict:
-    """Train per ``params.train``; write the adapter (or full model) to ``out_dir`` and the metrics."""
+                      metrics_path: Path, log_path: Path) -> dict | None:
+    """Train per ``params.train``; write the adapter (or full model) to ``out_dir`` and the metrics.
+
+    Under ``accelerate launch`` every process trains; only the first writes outputs, checkpoints
+    and MLflow (the others return None).
+    """
     from transformers import set_seed
 
     from qlora_pipeline import training
 
-    remove_outputs(out_dir, metrics_path, log_path)
+    main = launching.is_main_process()
+    if main:
+        remove_outputs(out_dir, metrics_path, log_path)
     if not (base_dir / "config.json").is_file():
         raise PipelineError(f"{base_dir}: no base model; run the quantize-load stage first (dvc repro quantize-load)")
     if params.train.method != "full":
@@ -44,17 +52,22 @@ def run_train_adapter(params: Params, base_dir: Path, splits_dir: Path, out_dir:
     started = time.perf_counter()
     energy_start = hardware.energy_joules()
     precision = training.precision_for(params, base_dir)
-    with atomic_path(out_dir) as tmp:
+    with (atomic_path(out_dir) if main else _scratch()) as tmp:
         model, tokenizer = training.prepare_model(params, base_dir, tmp.parent / "dense", precision)
         counts: Counter = Counter()
         train_ds = training.build_dataset(train_rows, tokenizer, params.train.max_length, counts)
         val_ds = training.build_dataset(val_rows, tokenizer, params.train.max_length, Counter())
         inputs = [splits_dir / "train.jsonl", splits_dir / "val.jsonl", base_dir / "config.json"]
-        resume = training.resumable_checkpoint(checkpoints, training.fingerprint(params, inputs),
-                                                params.train.max_steps)
-        with tracking.pipeline_run(params, "train_adapter"):
+        # One process decides (it may delete partial checkpoints); the others take its answer.
+        resume = launching.broadcast(training.resumable_checkpoint(
+            checkpoints, training.fingerprint(params, inputs), params.train.max_steps) if main else None)
+        with tracking.pipeline_run(params, "train_adapter") if main else contextlib.nullcontext():
             trainer = training.train_model(params, model, tokenizer, train_ds, val_ds, checkpoints, resume, precision)
+            saved = training.save_sharded(trainer, tmp)
+            if not main:
+                return None
             metrics = train_metrics(trainer, counts, training.count_parameters(model), resume, started)
+            metrics["processes"] = launching.world_size()
             metrics["peak_memory_mb"] = training.peak_memory_mb()
             # What every auto resolved to, and on what: runs on different machines stay comparable.
             metrics["precision"] = dataclasses.asdict(precision)
@@ -63,7 +76,7 @@ def run_train_adapter(params: Params, base_dir: Path, splits_dir: Path, out_dir:
             energy_end = hardware.energy_joules()
             metrics["energy_joules"] = (round(energy_end - energy_start, 1)
                                         if energy_start is not None and energy_end is not None else None)
-            save_trained(trainer.model, tokenizer, tmp, params, base_dir, splits_dir, metrics)
+            save_trained(trainer.model, tokenizer, tmp, params, base_dir, splits_dir, metrics, weights=not saved)
             # What a user keeps and ships per persona: an adapter (MBs) or a whole model (GBs).
             metrics["output_mb"] = round(sum(f.stat().st_size for f in tmp.glob("*.safetensors")) / 2**20, 2)
             tracking.log_metrics("train", {k: v for k, v in metrics.items() if k != "examples"})
@@ -74,6 +87,13 @@ def run_train_adapter(params: Params, base_dir: Path, splits_dir: Path, out_dir:
           f"{metrics['zero_shot_val_loss']} -> {metrics['best_val_loss']} (best step {metrics['best_step']}), "
           f"{metrics['wall_seconds']} s -> {out_dir}/, {metrics_path}, {log_path}")
     return metrics
+
+
+@contextlib.contextmanager
+def _scratch():
+    """Where a non-writing process keeps what it must put somewhere (a dense lora/full base)."""
+    with tempfile.TemporaryDirectory(prefix="train-adapter-") as folder:
+        yield Path(folder) / "out"
 
 
 def train_metrics(trainer: Any, counts: Counter, parameters: dict, resume: str | None, started: float) -> dict:
@@ -111,9 +131,13 @@ def _step_of(checkpoint: str | None) -> int | None:
 
 
 def save_trained(model: Any, tokenizer: Any, out: Path, params: Params, base_dir: Path, splits_dir: Path,
-                 metrics: dict) -> None:
-    """Adapter (or full model) + tokenizer + resolved config + model card, into ``out``."""
-    model.save_pretrained(out)
+                 metrics: dict, weights: bool = True) -> None:
+    """Adapter (or full model) + tokenizer + resolved config + model card, into ``out``.
+
+    ``weights=False``: the weights are already there (gathered from FSDP/ZeRO-3 shards).
+    """
+    if weights:
+        model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     manifest = read_json(splits_dir / MANIFEST) if (splits_dir / MANIFEST).is_file() else {}
     resolved = {
