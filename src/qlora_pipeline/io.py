@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     target = tmp / path.name
     try:
@@ -32,6 +34,16 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(target, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Delete what a killed (SIGKILL) write of ``path`` left beside it: ``finally`` never ran there.
+
+    One process writes a given output at a time (DVC locks the stage; under several training
+    processes only the first writes), so any such sibling is from a run that died.
+    """
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def _remove(path: Path) -> None:
@@ -45,6 +57,7 @@ def remove_outputs(*paths: str | Path) -> None:
     """Delete a stage's previous outputs before it starts, so a failure cannot leave stale ones."""
     for path in paths:
         _remove(Path(path))
+        remove_stale_temporaries(Path(path))
 
 
 def write_json(path: str | Path, obj: Any) -> None:

@@ -15,6 +15,11 @@ def test_normalization_folds_unicode_and_whitespace():
     assert normalize_text("ｆｕｌｌ", "NFC") == "ｆｕｌｌ"
 
 
+def test_normalization_removes_c1_controls_as_well_as_c0():
+    # C1 controls (U+0080-U+009F) are what cp1252 quotes become when text is decoded as Latin-1.
+    assert normalize_text("caf\x82e\x9d said \x93hi\x94\x85next", "NFC") == "caf e said hi next"
+
+
 def test_length_bounds_and_counts(params_factory):
     cfg = params_factory({"clean.min_chars": 3, "clean.max_chars": 10, "clean.dedup": "none", "clean.min_speakers": 1}).clean
     kept, metrics = clean_conversations([conv("c", ("a", "ok"), ("b", "hello"), ("a", "x" * 11), ("b", "fine"))], cfg)

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from qlora_pipeline.data.pii import ALL_PII_TYPES, PII_TYPES, PLACEHOLDERS, scrub
+from qlora_pipeline.data.pii import ALL_PII_TYPES, MAX_SWEEPS, PII_TYPES, PLACEHOLDERS, find_pii, scrub
 
 ALL = PII_TYPES
 
@@ -264,3 +264,38 @@ def test_long_tokens_are_scanned_in_linear_time(text):
     assert time.perf_counter() - start < 5
     assert out == text
     assert dict(counts) == {}
+
+
+# PII glued to PII: a rule refuses a match next to a word character or "+", so the second item
+# is found only once the first is claimed. One sweep left it in the output, for a second scrub.
+GLUED = [
+    ("@bob+44 20 7946 0958", "<HANDLE><PHONE>", {"handle": 1, "phone": 1}),
+    ("@bob(555) 123-4567", "<HANDLE><PHONE>", {"handle": 1, "phone": 1}),
+    ("@alice@bob", "<HANDLE><HANDLE>", {"handle": 2}),
+    ("@alice@mastodon.social192.168.0.10", "<HANDLE><IP>", {"handle": 1, "ip": 1}),
+    ("alice@example.com-bob@example.com", "<EMAIL><EMAIL>", {"email": 2}),
+]
+
+
+@pytest.mark.parametrize("text,expected,counts", GLUED)
+def test_pii_glued_to_pii_is_found_and_nothing_is_left(text, expected, counts):
+    out, got = scrub(text, ALL)
+    assert (out, dict(got)) == (expected, counts)
+    assert scrub(out, ALL) == (out, Counter())
+
+
+@pytest.mark.parametrize("text", ["alice@example.comalice@example.com", "alice@example.com-bob@example.com"])
+def test_hits_never_overlap(text):
+    # The second "@" once took its local part from the first e-mail's domain ("comalice"),
+    # claiming those characters twice and counting two e-mails where one stood.
+    hits = find_pii([text], ALL)[0]
+    assert all(end <= next_start for (_, end, _), (next_start, _, _) in zip(hits, hits[1:])), hits
+
+
+def test_a_crafted_chain_of_glued_handles_costs_at_most_max_sweeps():
+    # Each sweep frees one more handle of "@a@b@a@b...": the sweep limit keeps the time linear.
+    text = "@a@b" * 2_000
+    start = time.perf_counter()
+    _, counts = scrub(text, ALL)
+    assert time.perf_counter() - start < 10  # sweeping until nothing is left: about half a minute here
+    assert dict(counts) == {"handle": MAX_SWEEPS}

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -185,3 +187,139 @@ def test_hub_dataset_needs_a_pinned_revision(params_factory):
     params = params_factory({"data.source": "hf", "data.hf.path": "someone/chats", **CHAT_FIELDS})
     with pytest.raises(PipelineError, match=r"data\.hf\.revision: hub data set someone/chats needs a pinned revision"):
         fetch(params.data)
+
+
+# --------------------------------------------------------- BOM, CRLF and blank lines
+
+BOM = b"\xef\xbb\xbf"
+
+
+def jsonl_lines(rows: list[dict]) -> list[bytes]:
+    return [json.dumps(r).encode() for r in rows]
+
+
+def csv_lines(rows: list[dict]) -> list[bytes]:
+    """One CSV line per row (the rows here hold no line breaks), header first."""
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return [line.encode() for line in text.getvalue().splitlines()]
+
+
+# How editors save a file: each variant joins the lines differently, the rows stay the same.
+LAYOUTS = {
+    "bom_crlf": lambda lines: BOM + b"".join(line + b"\r\n" for line in lines),
+    "crlf_blank_lines": lambda lines: b"\r\n" + b"\r\n\r\n".join(lines) + b"\r\n\r\n",
+    "no_final_newline": lambda lines: b"\n".join(lines),
+    "lone_trailing_cr": lambda lines: b"\r\n".join(lines) + b"\r",
+    "bom_blank_first_line": lambda lines: BOM + b"\r\n" + b"\r\n".join(lines),
+}
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_windows_files_read_as_the_text_they_hold(fmt, layout, tmp_path, params_factory):
+    lines = jsonl_lines(CHAT_ROWS) if fmt == "jsonl" else csv_lines(CHAT_ROWS)
+    path = tmp_path / f"chat.{fmt}"
+    path.write_bytes(LAYOUTS[layout](lines))
+    result = fetch(params_factory({"data.source": fmt, "data.path": str(path), **CHAT_FIELDS}).data)
+    read = [dict(m) for c in result.conversations for m in c["messages"]]
+    assert read == [{"speaker": r["who"], "text": r["msg"], "time": r["ts"]} for r in CHAT_ROWS]
+    assert [c["id"] for c in result.conversations] == ["c1", "c2"]
+    assert result.manifest["counts"]["rows_rejected"] == {}
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_malformed_line_after_bom_and_crlf_blank_lines_names_its_line(fmt, tmp_path, params_factory):
+    # Line 1: BOM + blank; 2-3: rows; 4: blank; 5: the bad line (json cut short / an unclosed quote).
+    if fmt == "jsonl":
+        head, rows, bad = b"", jsonl_lines(CHAT_ROWS[:2]), b'{"conv": "c1", "who": '
+    else:
+        head, *rows = csv_lines(CHAT_ROWS[:2])
+        head, rows, bad = head + b"\r\n", rows, b'c1,bob,"never closed,2020\r\nc1,bob,fine,2020'
+    path = tmp_path / f"chat.{fmt}"
+    path.write_bytes(BOM + head + b"\r\n" + rows[0] + b"\r\n" + rows[1] + b"\r\n\r\n" + bad + b"\r\n")
+    line = 5 + (fmt == "csv")  # the CSV header takes a line of its own
+    with pytest.raises(PipelineError, match=rf"^{re.escape(str(path))}:{line}: (malformed JSON|not valid CSV)"):
+        fetch(params_factory({"data.source": fmt, "data.path": str(path), **CHAT_FIELDS}).data)
+
+
+def test_csv_line_breaks_inside_quoted_cells_are_text_and_lines(tmp_path, params_factory):
+    path = tmp_path / "chat.csv"
+    path.write_bytes(BOM + b"conv,who,msg,ts\r\n"
+                     b'c1,alice,"two\r\nlines",t1\r\n'
+                     b'c1,bob,"three\r\nlong\r\nlines",t2\r\n'
+                     b'c1,alice,"a lone\rCR",t3\r\n'  # in a quoted cell a CR alone is text, not a line end
+                     b"c1,bob,,\r\n"  # line 8: no text -> counted as empty text, not null
+                     b"c1,alice\r\n")  # line 9: the row stops early -> text is missing -> counted
+    result = fetch(params_factory({"data.source": "csv", "data.path": str(path), **CHAT_FIELDS}).data)
+    texts = [m["text"] for m in result.conversations[0]["messages"]]
+    assert texts == ["two\r\nlines", "three\r\nlong\r\nlines", "a lone\rCR", ""]
+    assert result.manifest["counts"]["rows_rejected"] == {"null_text": 1}
+    path.write_bytes(path.read_bytes() + b"c1,bob,hi,t3,surplus\r\n")
+    with pytest.raises(PipelineError, match=rf"^{re.escape(str(path))}:10: more cells than header columns"):
+        fetch(params_factory({"data.source": "csv", "data.path": str(path), **CHAT_FIELDS}).data)
+
+
+def test_csv_unquoted_lone_cr_is_refused_not_split_into_rows(tmp_path, params_factory):
+    # Splitting at the CR would make "hi" a message and "there,t1" a row of its own.
+    path = tmp_path / "chat.csv"
+    path.write_bytes(b"conv,who,msg,ts\r\nc1,alice,hello,t0\r\nc1,bob,hi\rthere,t1\r\n")
+    with pytest.raises(PipelineError, match=rf"^{re.escape(str(path))}:3: not valid CSV \(new-line character "
+                                            r"seen in unquoted field\); end lines with LF or CRLF"):
+        fetch(params_factory({"data.source": "csv", "data.path": str(path), **CHAT_FIELDS}).data)
+
+
+def test_csv_unclosed_quote_names_where_its_record_starts(tmp_path, params_factory):
+    # A lenient reader would read every later row into the one open cell, and count nothing.
+    path = tmp_path / "chat.csv"
+    path.write_bytes(b"conv,who,msg,ts\nc1,alice,hi,t1\nc1,bob,\"oops,t2\nc1,alice,bye,t3\nc1,bob,ok,t4\n")
+    with pytest.raises(PipelineError, match=rf"^{re.escape(str(path))}:3: not valid CSV \(unexpected end of data\)"):
+        fetch(params_factory({"data.source": "csv", "data.path": str(path), **CHAT_FIELDS}).data)
+
+
+def test_csv_cell_over_the_csv_module_limit_names_its_line(tmp_path, params_factory):
+    path = tmp_path / "chat.csv"
+    path.write_text(f"conv,who,msg,ts\nc1,alice,hi,t1\nc1,bob,{'x' * (csv.field_size_limit() + 1)},t2\n")
+    too_long = rf"^{re.escape(str(path))}:3: not valid CSV \(field larger than field limit"
+    with pytest.raises(PipelineError, match=too_long):
+        fetch(params_factory({"data.source": "csv", "data.path": str(path), **CHAT_FIELDS}).data)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_undecodable_byte_after_bom_names_its_line_and_byte(fmt, tmp_path, params_factory):
+    lines = jsonl_lines(CHAT_ROWS) if fmt == "jsonl" else csv_lines(CHAT_ROWS)
+    data = BOM + b"\r\n".join(lines).replace(b"zermatt", b"zerm\xe4tt")
+    line = data[: data.index(b"\xe4")].count(b"\n") + 1
+    path = tmp_path / f"chat.{fmt}"
+    path.write_bytes(data)
+    byte = "0xe4" if fmt == "csv" else str(data.split(b"\n")[line - 1].index(b"\xe4"))
+    with pytest.raises(PipelineError, match=rf"^{re.escape(str(path))}:{line}: byte {byte} is not valid UTF-8"):
+        fetch(params_factory({"data.source": fmt, "data.path": str(path), **CHAT_FIELDS}).data)
+
+
+JSON_LINES_PYTHON_REFUSES = {
+    "huge_integer": ('{"conv": "c1", "who": "bob", "msg": "hi", "ts": ' + "9" * 5000 + "}",
+                     r"a number has more than \d+ digits"),
+    "deep_nesting": ('{"conv": "c1", "who": "bob", "msg": "hi", "ts": ' + "[" * 100_000 + "]" * 100_000 + "}",
+                     "JSON nested too deeply"),
+    "lone_surrogate": ('{"conv": "c1", "who": "bob", "msg": "half an emoji \\ud83d", "ts": null}',
+                       r"a \\u escape encodes half of a UTF-16 surrogate pair"),
+}
+
+
+@pytest.mark.parametrize("case", list(JSON_LINES_PYTHON_REFUSES))
+def test_json_lines_python_cannot_hold_name_their_line(case, tmp_path, params_factory):
+    bad, message = JSON_LINES_PYTHON_REFUSES[case]
+    path = write_chat_jsonl(tmp_path / "chat.jsonl")
+    path.write_text(path.read_text() + bad + "\n")
+    with pytest.raises(PipelineError, match=rf"^{re.escape(str(path))}:10: {message}"):
+        fetch(params_factory({"data.source": "jsonl", "data.path": str(path), **CHAT_FIELDS}).data)
+
+
+def test_escaped_surrogate_pair_is_one_character(tmp_path, params_factory):
+    path = write_chat_jsonl(tmp_path / "chat.jsonl", CHAT_ROWS[:2])
+    path.write_text(path.read_text() + '{"conv": "c1", "who": "alice", "msg": "\\ud83d\\ude00", "ts": null}\n')
+    result = fetch(params_factory({"data.source": "jsonl", "data.path": str(path), **CHAT_FIELDS}).data)
+    assert result.conversations[0]["messages"][-1]["text"] == "\U0001F600"

@@ -20,7 +20,9 @@ from qlora_pipeline.data.pii import scrub_many
 
 _HSPACE = re.compile(r"[^\S\n]+")  # whitespace other than newlines
 _BLANK_LINES = re.compile(r"\n{3,}")
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+# C0 and C1 control characters but \t and \n (whitespace, handled below); C1 ones come from
+# text decoded as Latin-1 or cp1252 somewhere upstream and are never meant as text.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _NON_WORD = re.compile(r"[\W_]+")
 
 

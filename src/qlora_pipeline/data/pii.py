@@ -6,12 +6,14 @@ runs the same rules, then Microsoft Presidio (spaCy NER plus a street-address pa
 
 Detection always runs in a fixed priority order over the *original* text, and every hit claims
 its characters, so a later detector never sees them. Only the chosen types are then replaced.
-Two consequences callers can rely on:
+What callers can rely on:
 
 * one piece of text is counted once, as the type that claims it first
   (the IP inside a URL is part of the URL, the ``@example.com`` of an e-mail is not a handle);
 * what a type replaces does not depend on which other types were chosen
-  (``scrub(t, ["ip"])`` replaces exactly the IPs that ``scrub(t, PII_TYPES)`` replaces).
+  (``scrub(t, ["ip"])`` replaces exactly the IPs that ``scrub(t, PII_TYPES)`` replaces);
+* the regex types find nothing in their own output: detection sweeps again while a sweep
+  finds something, since a hit can free its neighbour (up to ``MAX_SWEEPS`` hits glued together).
 """
 
 from __future__ import annotations
@@ -177,12 +179,15 @@ def _url_spans(text: str) -> Iterator[Span]:
 
 
 def _email_spans(text: str) -> Iterator[Span]:
-    at = text.find("@")
+    at, claimed = text.find("@"), 0
     while at != -1:
-        local = _EMAIL_LOCAL_RE.search(text, max(0, at - _EMAIL_LOCAL_MAX), at)
+        # The local part starts after the previous e-mail: in "a@b.comc@d.org" the "comc" of the
+        # first one's domain is not the second one's local part (hits must not overlap).
+        local = _EMAIL_LOCAL_RE.search(text, max(claimed, at - _EMAIL_LOCAL_MAX), at)
         domain = _EMAIL_DOMAIN_RE.match(text, at + 1) if local else None
         if domain:
             yield local.start(), domain.end()
+            claimed = domain.end()
             at = text.find("@", domain.end())
         else:
             at = text.find("@", at + 1)
@@ -277,21 +282,33 @@ def _mask(text: str, spans: list[Span]) -> str:
     return "".join(pieces)
 
 
-def _find_hits(text: str, chosen: frozenset[str]) -> list[tuple[int, int, str]]:
-    """Non-overlapping (start, end, type) hits, each claimed by the highest-priority type."""
-    if chosen & set(PRESIDIO_TYPES):
-        # Presidio types come after every regex type: choosing one needs every regex claim.
-        last_needed = len(_PRIORITY) - 1
-    else:
-        last_needed = max(_PRIORITY.index(pii_type) for pii_type in chosen)
+# Each sweep after the first needs a hit the previous one made next to it, so only a chain of
+# more hits than this, glued together, can be left partly found. The limit bounds the time a
+# crafted text ("@a@b@a@b...": one more handle per sweep) can take to linear.
+MAX_SWEEPS = 32
+
+
+def _find_hits(text: str) -> list[tuple[int, int, str]]:
+    """Non-overlapping (start, end, type) hits, each claimed by the highest-priority type.
+
+    The types are swept in priority order, each hit masked, and swept again until a sweep finds
+    nothing: a claim can clear the context a type was refused for. In "@bob+44 20 7946 0958" the
+    phone is glued to "@bob" until the handle claims it; one sweep would leave the number in the
+    output, for a second scrub to find. Every sweep runs every type, so what a chosen type
+    replaces still does not depend on the other types chosen.
+    """
     hits: list[tuple[int, int, str]] = []
     masked = text
-    # Types after the last chosen one can't take text from a chosen type, so they are skipped.
-    for pii_type in _PRIORITY[: last_needed + 1]:
-        spans = list(_DETECTORS[pii_type](masked))
-        hits += [(start, end, pii_type) for start, end in spans]
-        if spans:
-            masked = _mask(masked, spans)
+    for _ in range(MAX_SWEEPS):
+        found = []
+        for pii_type in _PRIORITY:
+            spans = list(_DETECTORS[pii_type](masked))
+            found += [(start, end, pii_type) for start, end in spans]
+            if spans:
+                masked = _mask(masked, spans)
+        if not found:
+            break
+        hits += found
     return sorted(hits)
 
 
@@ -313,7 +330,7 @@ def find_pii(texts: Sequence[str], types: Iterable[str], engine: str = "regex") 
     chosen = _chosen_types(types, engine)
     if not chosen:
         return [[] for _ in texts]
-    regex_hits = [_find_hits(text, chosen) for text in texts]
+    regex_hits = [_find_hits(text) for text in texts]
     if chosen & set(PRESIDIO_TYPES):
         from qlora_pipeline.data import pii_presidio  # spaCy loads only when a Presidio type is chosen
 

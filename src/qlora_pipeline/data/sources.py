@@ -159,26 +159,57 @@ def _jsonl_rows(path: Path, label: str) -> Iterator[Row]:
 
 
 def _decode(path: Path, label: str) -> str:
+    """The file as text; a UTF-8 byte-order mark (as Windows editors write) is dropped."""
     data = path.read_bytes()
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        line = data[: err.start].count(b"\n") + 1
+        # err.start counts from after the BOM, if any: find the line and the byte in err.object.
+        line = err.object[: err.start].count(b"\n") + 1
         raise PipelineError(
-            f"{label}:{line}: byte {data[err.start]:#04x} is not valid UTF-8; re-encode the file as UTF-8"
+            f"{label}:{line}: byte {err.object[err.start]:#04x} is not valid UTF-8; re-encode the file as UTF-8"
         ) from None
 
 
-def _csv_rows(path: Path, label: str) -> Iterator[Row]:
-    reader = csv.DictReader(io.StringIO(_decode(path, label), newline=""))
-    if not reader.fieldnames:
-        raise PipelineError(f"{label}: no header row; the first line must name the columns")
-    for values in reader:
-        if None in values:  # more cells than header columns
+def _csv_records(text: str, label: str) -> Iterator[tuple[int, list[str]]]:
+    """``(first line, cells)`` of each CSV record; blank lines (CRLF ones too) hold none.
+
+    Lines end at ``\\n`` (LF or CRLF), as in JSONL, so line numbers agree with editors. A lone
+    CR is no line end (RFC 4180): in a quoted cell it is text; unquoted, an error. Splitting
+    there instead would cut such a row in two and count the halves as rows.
+
+    Strict parsing: a stray or unclosed quote is an error naming the line its record starts
+    on, where a lenient reader would swallow the following rows into one cell, uncounted.
+    """
+    reader = csv.reader(io.StringIO(text, newline="\n"), strict=True)
+    while True:
+        start = reader.line_num + 1  # a record with quoted line breaks spans several lines
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:
+            # Python's own hint after " - " (open the file in universal-newline mode) is for programmers.
+            problem = str(err).split(" - ")[0]
             raise PipelineError(
-                f"{label}:{reader.line_num}: more cells than header columns; quote fields that contain commas"
-            )
-        yield Row(f"{label}:{reader.line_num}", values)
+                f"{label}:{start}: not valid CSV ({problem}); end lines with LF or CRLF, quote cells that hold "
+                'commas, quotes or line breaks, double the quotes inside them ("say ""hi""") and close every quote'
+            ) from None
+        if cells:
+            yield start, cells
+
+
+def _csv_rows(path: Path, label: str) -> Iterator[Row]:
+    records = _csv_records(_decode(path, label), label)
+    _, header = next(records, (0, []))
+    if not header:
+        raise PipelineError(f"{label}: no header row; the first line must name the columns")
+    for line, cells in records:
+        if len(cells) > len(header):
+            raise PipelineError(f"{label}:{line}: more cells than header columns; quote fields that contain commas")
+        # A short row lacks its last cells: None, so the missing value is counted as a null.
+        values = dict(zip(header, cells + [None] * (len(header) - len(cells))))
+        yield Row(f"{label}:{line}", values)
 
 
 def _parquet_rows(path: Path, label: str) -> Iterator[Row]:

@@ -20,6 +20,9 @@ from qlora_pipeline.modeling.preparation import base_fingerprint
 from qlora_pipeline.pipeline.common import MANIFEST, RESOLVED_CONFIG
 
 LOG_FIELDS = ("step", "train_loss", "val_loss", "learning_rate")
+# Metrics of the machine and the moment, not of the model: they differ between identical runs.
+MEASURED = frozenset({"tokens_per_second", "training_tokens_per_second", "eval_seconds", "wall_seconds",
+                      "peak_memory_mb", "energy_joules"})
 
 
 def read_examples(path: Path, stage_hint: str = "split") -> list[dict]:
@@ -138,6 +141,7 @@ def save_trained(model: Any, tokenizer: Any, out: Path, params: Params, base_dir
     """
     if weights:
         model.save_pretrained(out)
+    sort_target_modules(out / "adapter_config.json")
     tokenizer.save_pretrained(out)
     manifest = read_json(splits_dir / MANIFEST) if (splits_dir / MANIFEST).is_file() else {}
     resolved = {
@@ -152,10 +156,23 @@ def save_trained(model: Any, tokenizer: Any, out: Path, params: Params, base_dir
                  "persona": manifest.get("persona"), "files": manifest.get("files")},
         # How prompts were rendered (system prompt, context turns): chat renders its turns the same way.
         "split": manifest.get("split", {}),
-        "metrics": {k: v for k, v in metrics.items() if k != "examples"},
+        # What the run reached, not how long it took: the folder is a function of its inputs, so two
+        # runs of the same seed hash the same (timings and memory stay in metrics/train.json).
+        "metrics": {k: v for k, v in metrics.items() if k != "examples" and k not in MEASURED},
     }
     write_json(out / RESOLVED_CONFIG, resolved)
     (out / "README.md").write_text(model_card(resolved), encoding="utf-8")
+
+
+def sort_target_modules(config: Path) -> None:
+    """PEFT writes the resolved ``target_modules`` set in the process's string-hash order, which
+    changes from run to run: sorted, the same training gives the same bytes (and DVC hash)."""
+    if not config.is_file():  # full fine-tuning: no adapter config
+        return
+    data = json.loads(config.read_text(encoding="utf-8"))
+    if isinstance(data.get("target_modules"), list):
+        data["target_modules"] = sorted(data["target_modules"])
+        write_json(config, data)
 
 
 def model_card(resolved: dict) -> str:
