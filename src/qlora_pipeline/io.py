@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import glob
 import json
 import os
+import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -83,6 +86,10 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
 def read_jsonl(path: str | Path, label: str | None = None) -> Iterator[tuple[int, dict]]:
     """Yield ``(line_number, object)``; a bad line raises an error naming the file and line.
 
+    Lines end at ``\\n``, as the JSON Lines format says; the ``\\r`` of a CRLF ending is JSON
+    whitespace, so files saved on Windows read the same. A UTF-8 byte-order mark at the start
+    of the file is skipped, and blank lines hold no row.
+
     ``label`` is how messages name the file (e.g. the path as the user wrote it in params).
     """
     path = Path(path)
@@ -91,8 +98,15 @@ def read_jsonl(path: str | Path, label: str | None = None) -> Iterator[tuple[int
         raise PipelineError(f"{shown}: file not found")
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
+            if number == 1:
+                # Windows editors begin UTF-8 files with a BOM; it is an encoding mark, not text.
+                raw = raw.removeprefix(codecs.BOM_UTF8)
             if raw.strip():  # blank lines hold no row; tolerate them (e.g. a trailing newline)
                 yield number, _parse_json_line(shown, number, raw)
+
+
+# A \u escape of a UTF-16 surrogate: only a full pair decodes to a character (checked exactly below).
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def _parse_json_line(path: Path, number: int, raw: bytes) -> dict:
@@ -102,16 +116,41 @@ def _parse_json_line(path: Path, number: int, raw: bytes) -> dict:
         raise PipelineError(
             f"{path}:{number}: byte {err.start} is not valid UTF-8; re-encode the file as UTF-8"
         ) from None
+    obj = _loads_line(path, number, text)
+    if not isinstance(obj, dict):
+        raise PipelineError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__}")
+    if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(obj):
+        # Python reads "\ud800" as a string no UTF-8 file can hold: writing it out later would crash.
+        raise PipelineError(
+            f"{path}:{number}: a \\u escape encodes half of a UTF-16 surrogate pair, which is not a character; "
+            "fix or remove that escape (often an emoji cut in half)"
+        )
+    return obj
+
+
+def _loads_line(path: Path, number: int, text: str) -> Any:
+    """``json.loads``, with every way it can refuse a line turned into an error naming the line."""
     try:
-        obj = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as err:
         raise PipelineError(
             f"{path}:{number}: malformed JSON ({err.msg} at column {err.colno}); "
             "each line must be one complete JSON object"
         ) from None
-    if not isinstance(obj, dict):
-        raise PipelineError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__}")
-    return obj
+    except ValueError:  # Python refuses to convert integers this long (a guard against slow parsing)
+        raise PipelineError(
+            f"{path}:{number}: a number has more than {sys.get_int_max_str_digits()} digits; write it as a string"
+        ) from None
+    except RecursionError:
+        raise PipelineError(f"{path}:{number}: JSON nested too deeply to read; flatten the object") from None
+
+
+def _has_lone_surrogate(obj: Any) -> bool:
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def read_json(path: str | Path) -> Any:
