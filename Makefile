@@ -14,7 +14,7 @@ export HF_DATASETS_OFFLINE := 1
 
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test browser bench compare clean-outputs
+.PHONY: setup run test browser postgres mlflow-server mlflow-server-stop bench compare clean-outputs
 
 setup: $(STAMP)
 
@@ -41,10 +41,22 @@ compare: run
 browser:
 	bash scripts/install_browser.sh
 
+postgres:
+	bash scripts/install_postgres.sh
+
+# A shared MLflow tracking server on 127.0.0.1:5000: runs in a PostgreSQL cluster, artifacts served
+# through it, all under .mlflow-server/ (scripts/mlflow_server.sh: MLFLOW_SERVER_HOST, _PORT, _DIR).
+# Prints the tracking URI to set as mlflow.tracking_uri.
+mlflow-server: setup postgres
+	bash scripts/mlflow_server.sh start
+
+mlflow-server-stop:
+	bash scripts/mlflow_server.sh stop
+
 # Speed and memory, each against its baseline in the same run (bench/README.md); results land in
 # bench/results/ under this machine's tag. Run on an idle machine: two torch processes crawl.
 bench: run
 	bash bench/run.sh
 
-test: setup browser
+test: setup browser postgres
 	$(PYTHON) -m pytest -q

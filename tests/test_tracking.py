@@ -1,11 +1,21 @@
-"""Where the MLflow store is and how stages find their execution's run."""
+"""Where the MLflow store is, how stages find their execution's run, and what a server that is away costs."""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import pytest
+
+from conftest import make_params
 from qlora_pipeline import tracking
 from qlora_pipeline.config import MlflowConfig
+from qlora_pipeline.errors import PipelineError
 
 
 def test_store_is_at_the_main_repo_root_inside_a_dvc_temp_workspace(tmp_path, monkeypatch):
@@ -55,3 +65,180 @@ def test_flattened_params_and_text_metrics_are_logged(params_factory, monkeypatc
     assert row["params.sec.a.b"] == "1" and row["params.sec.c"] == "null" and row["params.sec.d"] == "[1, 2]"
     assert row["metrics.demo.nested.x"] == 0.5 and row["metrics.again.n"] == 4
     assert row["tags.demo.who"] == "p1" and row["tags.stage.demo"] == "ran"
+
+
+# ------------------------------------------------------------- a server that is away, and the spool
+
+
+def closed_port() -> int:
+    """A port nothing listens on: bound, then released."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def away(base_params_dict, tmp_path, monkeypatch):
+    """Params pointing MLflow at a server that is not there, and the spool inside tmp_path/repo."""
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "repo"))
+    monkeypatch.setenv("QLORA_PIPELINE_RUN_KEY", "k-away")
+    for name in tracking.HTTP_DEFAULTS:  # unset, so pipeline_run sets its own; removed again after the test
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    return make_params(base_params_dict, {"mlflow.tracking_uri": f"http://127.0.0.1:{closed_port()}"})
+
+
+def synced_run(store: str):
+    import mlflow
+
+    client = mlflow.MlflowClient(store)
+    experiment = client.get_experiment_by_name("qlora-pipeline")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1
+    return client, runs[0]
+
+
+def test_unreachable_server_spools_every_call_and_sync_sends_it_once(away, params_factory, tmp_path, capsys):
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"  # params_factory's store: the "server" synced into
+    with tracking.pipeline_run(params_factory(), "fetch"):  # the first stage reached it
+        tracking.log_metrics("fetch", {"conversations": 7})
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter/weights.txt").write_text("w1")
+    (tmp_path / "report.md").write_text("first")
+    started = time.perf_counter()
+    with tracking.pipeline_run(away, "train") as run:
+        assert run.info.run_id is None  # no run to name until the sync makes or finds it
+        tracking.log_params("decoding.chosen", {"top_p": 0.9})
+        tracking.log_metrics("train", {"best_val_loss": 1.25, "persona": "pat", "curve": {"x": 0.5}})
+        for step, loss in ((1, 2.0), (2, 1.5)):
+            tracking.log_metrics("train", {"loss": loss}, step=step)
+        tracking.log_artifact(tmp_path / "adapter", artifact_path="adapter")
+        tracking.log_artifact(tmp_path / "report.md")
+    (tmp_path / "report.md").write_text("changed after the stage")  # the spool kept the stage's copy
+    with tracking.pipeline_run(away, "evaluate"):
+        tracking.log_metrics("eval", {"rouge1": {"tuned": 0.3}})
+    assert time.perf_counter() - started < 20  # a probe per stage, not MLflow's minutes of retries
+    said = [line for line in capsys.readouterr().err.splitlines() if "unreachable" in line]
+    assert len(said) == 2 and all(line.startswith(f"mlflow: {away.mlflow.tracking_uri} unreachable; this stage's "
+                                                  "params and metrics kept in ") and
+                                  line.endswith("; send them with qlora-pipeline mlflow-sync") for line in said)
+    spool = tmp_path / "repo" / tracking.SPOOL_DIR
+    assert len(list(spool.glob("*.jsonl"))) == 2 and not list(spool.glob("*.part"))
+    kept = tmp_path / "kept"
+    shutil.copytree(spool, kept)
+
+    sent = tracking.sync_spool(store)
+    assert len(sent) == 2 and all("-> run " in line for line in sent)
+    assert list(spool.iterdir()) == []
+    client, run = synced_run(store)  # the run the first stage opened, joined by the execution key
+    assert run.data.tags[tracking.KEY_TAG] == "k-away" and run.info.status == "FINISHED"
+    assert run.data.tags["stage.fetch"] == run.data.tags["stage.train"] == run.data.tags["stage.evaluate"] == "ran"
+    assert run.data.metrics == {"fetch.conversations": 7.0, "train.best_val_loss": 1.25, "train.curve.x": 0.5,
+                                "train.loss": 1.5, "eval.rouge1.tuned": 0.3}
+    assert run.data.tags["train.persona"] == "pat" and run.data.params["decoding.chosen.top_p"] == "0.9"
+    assert run.data.params["seed"] == "42"  # logged by the stage that opened the run
+    history = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train.loss")]
+    assert sorted(history) == [(1, 2.0), (2, 1.5)]
+    artifacts = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / "down")))
+    assert (artifacts / "adapter/weights.txt").read_text() == "w1" and (artifacts / "report.md").read_text() == "first"
+
+    assert tracking.sync_spool(store) == []  # nothing left: a second sync sends nothing
+    shutil.rmtree(spool)
+    shutil.copytree(kept, spool)  # as if the first sync had been cut short before removing its files
+    assert len(tracking.sync_spool(store)) == 2
+    client, again = synced_run(store)
+    assert again.data.metrics == run.data.metrics and again.data.params == run.data.params
+    assert len(client.get_metric_history(run.info.run_id, "train.loss")) == 2
+
+
+def test_a_spool_without_its_run_makes_the_run_with_every_param(away, tmp_path):
+    store = f"sqlite:///{tmp_path / 'other.db'}"
+    with tracking.pipeline_run(away, "split"):
+        tracking.log_metrics("split", {"train": {"examples": 12}})
+    tracking.sync_spool(store)
+    _, run = synced_run(store)
+    assert run.data.tags[tracking.KEY_TAG] == "k-away" and run.data.tags["dvc.exp_name"] == "workspace"
+    assert run.data.tags["mlflow.user"]  # what mlflow.start_run adds, taken when the stage ran
+    assert run.data.params["seed"] == "42" and run.data.params["train.lora.r"] == "16"
+    assert run.data.params["mlflow.tracking_uri"] == away.mlflow.tracking_uri
+    assert run.data.metrics == {"split.train.examples": 12.0} and run.info.status == "FINISHED"
+
+
+def test_a_server_gone_after_the_probe_costs_seconds(away, monkeypatch, capsys):
+    """The probe said yes, then the first REST call finds nobody: retried briefly, then the spool."""
+    real = tracking.reachable
+    answers = iter([True])
+    monkeypatch.setattr(tracking, "reachable", lambda uri: next(answers, None) or real(uri))
+    started = time.perf_counter()
+    with tracking.pipeline_run(away, "evaluate"):
+        tracking.log_metrics("eval", {"n": 1})
+    assert time.perf_counter() - started < 30  # MLflow's own defaults retry for about four minutes
+    assert capsys.readouterr().err.count("unreachable;") == 1
+    (spool,) = tracking.spool_dir().glob("*.jsonl")
+    records = [json.loads(line) for line in spool.read_text().splitlines()]
+    assert [r["op"] for r in records] == ["open", "tags", "metrics", "end"] and records[0]["run_id"] is None
+
+
+def test_a_killed_stage_spool_is_sent_and_a_running_one_left(away, tmp_path):
+    spool = tracking.spool_dir()
+    spool.mkdir(parents=True)
+    opening = {"op": "open", "tracking_uri": away.mlflow.tracking_uri, "experiment": "qlora-pipeline", "key": "k9",
+               "stage": "train", "run_name": None, "tags": {tracking.KEY_TAG: "k9"}, "params": {"seed": "42"},
+               "timestamp": 1_000, "run_id": None}
+    metrics = {"op": "metrics", "values": {"train.loss": 2.0}, "step": 1, "timestamp": 2_000}
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lines = json.dumps(opening) + "\n" + json.dumps(metrics) + "\n" + '{"op": "metr'  # killed mid-line
+    (spool / f"1-{dead.stdout.strip()}.jsonl.part").write_text(lines)
+    (spool / f"2-{os.getpid()}.jsonl.part").write_text(json.dumps({**opening, "key": "k10"}) + "\n")
+    store = f"sqlite:///{tmp_path / 'store.db'}"
+    sent, left = tracking.sync_spool(store)
+    assert "1 records of stage train" in sent and "still writes it" in left
+    _, run = synced_run(store)
+    assert run.data.metrics == {"train.loss": 2.0} and run.data.params == {"seed": "42"}
+    assert [p.name for p in spool.iterdir()] == [f"2-{os.getpid()}.jsonl.part"]
+
+
+def test_sync_keeps_the_spool_while_the_server_is_still_away(away):
+    with tracking.pipeline_run(away, "clean"):
+        tracking.log_metrics("clean", {"messages_out": 5})
+    with pytest.raises(PipelineError, match="unreachable: .* stay in .*make mlflow-server"):
+        tracking.sync_spool()
+    assert len(list(tracking.spool_dir().glob("*.jsonl"))) == 1
+
+
+def test_a_second_process_creating_the_experiment_reads_the_first_ones(tmp_path):
+    """Two queued experiments start together: both find no experiment, the second create fails."""
+    import mlflow
+
+    store = f"sqlite:///{tmp_path / 'race.db'}"
+    first = mlflow.MlflowClient(store).create_experiment("qlora-pipeline")
+
+    class LateClient(mlflow.MlflowClient):
+        looked = False
+
+        def get_experiment_by_name(self, name):
+            if not self.looked:  # what this process saw just before the other one's create landed
+                self.looked = True
+                return None
+            return super().get_experiment_by_name(name)
+
+    assert tracking._experiment_id(LateClient(store), "qlora-pipeline", store) == first
+
+
+def test_a_server_keeps_its_own_artifact_root_and_a_local_store_a_local_one(monkeypatch, tmp_path):
+    created = {}
+
+    class Recorder:
+        def get_experiment_by_name(self, name):
+            return None
+
+        def create_experiment(self, name, artifact_location=None):
+            created[name] = artifact_location
+            return "1"
+
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    tracking._experiment_id(Recorder(), "server", "http://127.0.0.1:5000")
+    tracking._experiment_id(Recorder(), "local", f"sqlite:///{tmp_path}/mlflow.db")
+    assert created == {"server": None, "local": (tmp_path / "mlartifacts").as_uri()}

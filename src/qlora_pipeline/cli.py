@@ -4,6 +4,7 @@
     qlora-pipeline human-eval score RATINGS.csv   score a rater's blind A/B choices
     qlora-pipeline runs                           past runs whose adapter can be used below (runs:/<id>/adapter)
     qlora-pipeline compare                        PEFT vs full fine-tuning, from MLflow: reports/compare.md
+    qlora-pipeline mlflow-sync                    send what stages kept while the MLflow server was away
     qlora-pipeline chat [--adapter NAME=SOURCE]   talk to the persona in this terminal
     qlora-pipeline serve [--adapter NAME=SOURCE]  an OpenAI-compatible server, several adapters on one base
     qlora-pipeline export --adapter SOURCE --out DIR   a merged model plain transformers loads
@@ -83,6 +84,10 @@ def human_eval_score(args: argparse.Namespace) -> None:
         from qlora_pipeline.tracking import resolve_tracking_uri
 
         run = json.loads(args.run_file.read_text(encoding="utf-8"))
+        if not run.get("mlflow_run_id"):
+            print(f"{args.run_file}: evaluate ran while the MLflow server was unreachable, so its run id is "
+                  "unknown here: result not logged to MLflow")
+            return
         log_human_eval(resolve_tracking_uri(run.get("tracking_uri")), run["mlflow_run_id"], result)
         print(f"logged to MLflow run {run['mlflow_run_id']}")
     else:
@@ -102,6 +107,14 @@ def log_human_eval(tracking_uri: str, run_id: str, result: dict) -> None:
     for key, value in flatten(result, prefix="human_eval.").items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             client.log_metric(run_id, key, float(value))
+
+
+def mlflow_sync(args: argparse.Namespace) -> None:
+    """Send what stages kept in the spool while the MLflow server was unreachable."""
+    from qlora_pipeline.tracking import spool_dir, sync_spool
+
+    lines = sync_spool(args.tracking_uri)
+    print("\n".join(f"mlflow-sync: {line}" for line in lines) or f"mlflow-sync: nothing to send in {spool_dir()}")
 
 
 def _confidence(text: str) -> float:
@@ -147,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--runs", nargs="+", default=None, metavar="RUN_ID",
                          help="exactly these MLflow runs, one per method, instead of the newest under --prefix")
     compare.set_defaults(func=_run("qlora_pipeline.compare"))
+
+    sync = commands.add_parser("mlflow-sync", help="send what stages kept in .mlflow-spool/ while the MLflow "
+                                                   "server was unreachable, into each execution's run")
+    sync.add_argument("--tracking-uri", default=None,
+                      help="send there instead of to the mlflow.tracking_uri each stage ran with")
+    sync.set_defaults(func=mlflow_sync)
 
     chat = commands.add_parser("chat", help="talk to the persona in this terminal (/help lists the commands)")
     _model_arguments(chat)

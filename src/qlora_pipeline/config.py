@@ -510,7 +510,8 @@ class RiskConfig:
 
 @dataclass
 class MlflowConfig:
-    # null = a SQLite store at the repository root (also from DVC's temporary workspaces).
+    # null = a SQLite store at the repository root (also from DVC's temporary workspaces); or a
+    # server's http(s) URI, whose outages the stages ride out (tracking.pipeline_run).
     tracking_uri: Optional[str] = None
     experiment_name: str = "qlora-pipeline"
 

@@ -292,22 +292,23 @@ def peak_memory_mb() -> float:
 
 
 def make_step_logger() -> Any:
-    """A Trainer callback sending each logged step to the active MLflow run, as ``train.*`` curves.
+    """A Trainer callback sending each logged step to the pipeline's MLflow run, as ``train.*`` curves.
 
     Not the Trainer's own MLflowCallback: that one opens, names and ends runs on its own terms,
-    while every stage here must join the pipeline execution's run.
+    while every stage here must join the pipeline execution's run. Through ``tracking``, so the
+    steps logged while a server is away are kept for ``qlora-pipeline mlflow-sync``.
     """
-    import mlflow
     from transformers import TrainerCallback
 
-    names = {"loss": "train.loss", "eval_loss": "train.val_loss", "learning_rate": "train.learning_rate",
-             "grad_norm": "train.grad_norm"}
+    from qlora_pipeline import tracking
+
+    names = {"loss": "loss", "eval_loss": "val_loss", "learning_rate": "learning_rate", "grad_norm": "grad_norm"}
 
     class StepLogCallback(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
             values = {names[k]: float(v) for k, v in (logs or {}).items() if k in names and v is not None}
-            if values and mlflow.active_run():
-                mlflow.log_metrics(values, step=state.global_step)
+            if values and tracking.in_run():
+                tracking.log_metrics("train", values, step=state.global_step)
 
     return StepLogCallback()
 

@@ -72,9 +72,7 @@ def run_choose_decoding(params: Params, base_dir: Path, adapter_dir: Path, val_p
         write_json(metrics_path, metrics)
         tracking.log_metrics("decoding", {k: v for k, v in metrics.items() if k != "chosen"})
         tracking.log_params("decoding.chosen", metrics["chosen"])
-        import mlflow
-
-        mlflow.log_artifact(str(out_path))
+        tracking.log_artifact(out_path)
     print(f"choose-decoding: chosen {report['chosen']} (grid row {best}) on {len(rows)} validation examples")
     return report
 

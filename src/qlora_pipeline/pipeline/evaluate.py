@@ -316,13 +316,11 @@ def write_rouge_plot(path: Path, metrics: dict) -> None:
 
 
 def log_artifacts(paths: list[Path]) -> None:
-    import mlflow
-
     for path in paths:
         if path.is_dir():
-            mlflow.log_artifacts(str(path), artifact_path=path.name)
+            tracking.log_artifact(path, artifact_path=path.name)
         elif path.is_file():
-            mlflow.log_artifact(str(path))
+            tracking.log_artifact(path)
 
 
 def summary_table(metrics: dict) -> str:

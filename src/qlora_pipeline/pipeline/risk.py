@@ -95,10 +95,8 @@ def run_risk(params: Params, base_dir: Path, adapter_dir: Path, train_path: Path
 
 
 def log_artifacts(paths: Sequence[Path]) -> None:
-    import mlflow
-
     for path in paths:
-        mlflow.log_artifact(str(path), artifact_path="risk")
+        tracking.log_artifact(path, artifact_path="risk")
 
 
 def read_samples(path: Path) -> dict[str, list[str]]:
