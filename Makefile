@@ -58,5 +58,6 @@ mlflow-server-stop:
 bench: run
 	bash bench/run.sh
 
+# Every test, the slow ones included (README "The slow tests"); the slowest are listed at the end.
 test: setup browser postgres
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q --durations=15

@@ -75,6 +75,21 @@ CHAT_FIELDS = {"data.fields.conversation_id": "conv", "data.fields.speaker": "wh
                "data.fields.text": "msg", "data.fields.time": "ts"}
 
 
+# The tiny real pipeline the e2e tests run under DVC: every stage for real, in seconds, on a tiny
+# random Llama (add "model.name_or_path": the tiny_llama fixture) and a chat_rows() file (add "data.path").
+TINY_RUN = {"data.source": "jsonl", **CHAT_FIELDS,
+            "model.gguf_file": None, "model.dtype": "float32",
+            "model.smoke_prompts": ["hi"], "model.smoke_max_new_tokens": 2,
+            "train.max_steps": 2, "train.eval_steps": 1, "train.save_steps": 1,
+            "train.per_device_train_batch_size": 4, "evaluate.max_samples": 4, "evaluate.max_new_tokens": 4,
+            "evaluate.bootstrap_samples": 100, "evaluate.human_eval_samples": 2,
+            "risk.max_new_tokens": 3, "risk.canary_candidates": 100, "risk.bootstrap_samples": 50,
+            "decoding.max_samples": 4, "decoding.grid": [
+                {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0},
+                {"temperature": 0.8, "top_p": 0.9, "top_k": 0, "repetition_penalty": 1.1,
+                 "no_repeat_ngram_size": 3}]}
+
+
 LINES = ["hey, got a minute?", "sure, what's up", "did you watch the match last night",
          "no, I was stuck at work until ten", "we won three to one, great game", "nice, I'll catch the replay"]
 

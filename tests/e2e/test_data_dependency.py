@@ -13,24 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CHAT_FIELDS, chat_rows, copy_repository, sh
+from conftest import TINY_RUN, chat_rows, copy_repository, sh
 
 pytestmark = pytest.mark.slow
 
 DATA = "data/source/chat.jsonl"
 
-# test_dvc_pipeline.py's tiny run (copied: there the dict lives inside its fixture): every stage
-# runs for real in seconds on a tiny random Llama. The model path is added by tiny_pipeline().
-TINY_RUN = {"data.source": "jsonl", "data.path": DATA, **CHAT_FIELDS,
-            "model.gguf_file": None, "model.dtype": "float32",
-            "model.smoke_prompts": ["hi"], "model.smoke_max_new_tokens": 2,
-            "train.max_steps": 2, "train.eval_steps": 1, "train.save_steps": 1,
-            "train.per_device_train_batch_size": 4, "evaluate.max_samples": 4, "evaluate.max_new_tokens": 4,
-            "evaluate.bootstrap_samples": 100, "evaluate.human_eval_samples": 2,
-            "risk.max_new_tokens": 3, "risk.canary_candidates": 100, "risk.bootstrap_samples": 50,
-            "decoding.max_samples": 4, "decoding.grid": [
-                {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0},
-                {"temperature": 0.8, "top_p": 0.9, "top_k": 0, "repetition_penalty": 1.1, "no_repeat_ngram_size": 3}]}
+TINY = {**TINY_RUN, "data.path": DATA}
 STAGES_AFTER_FETCH = ("clean", "split", "train-adapter", "choose-decoding", "evaluate", "risk")
 
 
@@ -40,7 +29,7 @@ def jsonl(rows: list[dict]) -> str:
 
 def tiny_pipeline(folder: Path, tiny_llama: Path) -> Path:
     """A committed repository copy whose data file is DATA, holding chat_rows() (24 conversations)."""
-    return copy_repository(folder, {**TINY_RUN, "model.name_or_path": str(tiny_llama)}, {DATA: jsonl(chat_rows())})
+    return copy_repository(folder, {**TINY, "model.name_or_path": str(tiny_llama)}, {DATA: jsonl(chat_rows())})
 
 
 def run_queue(repo: Path, timeout: int = 600) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import BIN, CHAT_FIELDS, chat_rows, copy_repository, pipeline_env, sh
+from conftest import BIN, TINY_RUN, chat_rows, copy_repository, pipeline_env, sh
 
 pytestmark = pytest.mark.slow
 
@@ -33,16 +33,7 @@ def restore_committed(repo: Path) -> None:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory, tiny_llama) -> Path:
-    overrides = {"data.source": "jsonl", "data.path": "chat.jsonl", **CHAT_FIELDS,
-                 "model.name_or_path": str(tiny_llama), "model.gguf_file": None, "model.dtype": "float32",
-                 "model.smoke_prompts": ["hi"], "model.smoke_max_new_tokens": 2,
-                 "train.max_steps": 2, "train.eval_steps": 1, "train.save_steps": 1,
-                 "train.per_device_train_batch_size": 4, "evaluate.max_samples": 4, "evaluate.max_new_tokens": 4,
-                 "evaluate.bootstrap_samples": 100, "evaluate.human_eval_samples": 2,
-                 "risk.max_new_tokens": 3, "risk.canary_candidates": 100, "risk.bootstrap_samples": 50,
-                 "decoding.max_samples": 4, "decoding.grid": [
-                     {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0},
-                     {"temperature": 0.8, "top_p": 0.9, "top_k": 0, "repetition_penalty": 1.1, "no_repeat_ngram_size": 3}]}
+    overrides = {**TINY_RUN, "data.path": "chat.jsonl", "model.name_or_path": str(tiny_llama)}
     chat = "".join(json.dumps(r) + "\n" for r in chat_rows())
     return copy_repository(tmp_path_factory.mktemp("e2e") / "repo", overrides, {"chat.jsonl": chat})
 

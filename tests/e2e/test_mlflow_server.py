@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, CHAT_FIELDS, chat_rows, copy_repository, pipeline_env, sh
+from conftest import BIN, TINY_RUN, chat_rows, copy_repository, pipeline_env, sh
 from qlora_pipeline.config import flatten
 from qlora_pipeline.tracking import KEY_TAG, SPOOL_DIR, scalar_metrics
 
@@ -27,17 +27,7 @@ pytestmark = pytest.mark.slow
 STAGES = ("fetch", "clean", "split", "quantize_load", "train_adapter", "choose-decoding", "evaluate", "risk")
 UNREACHABLE = re.compile(r"^mlflow: (\S+) unreachable; this stage's params and metrics kept in (\S+); "
                          r"send them with qlora-pipeline mlflow-sync$", re.MULTILINE)
-# As tests/e2e/test_dvc_pipeline.py: every stage runs for real, in seconds.
-TINY = {"data.source": "jsonl", "data.path": "chat.jsonl", **CHAT_FIELDS,
-        "model.gguf_file": None, "model.dtype": "float32",
-        "model.smoke_prompts": ["hi"], "model.smoke_max_new_tokens": 2,
-        "train.max_steps": 2, "train.eval_steps": 1, "train.save_steps": 1,
-        "train.per_device_train_batch_size": 4, "evaluate.max_samples": 4, "evaluate.max_new_tokens": 4,
-        "evaluate.bootstrap_samples": 100, "evaluate.human_eval_samples": 2,
-        "risk.max_new_tokens": 3, "risk.canary_candidates": 100, "risk.bootstrap_samples": 50,
-        "decoding.max_samples": 4, "decoding.grid": [
-            {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0},
-            {"temperature": 0.8, "top_p": 0.9, "top_k": 0, "repetition_penalty": 1.1, "no_repeat_ngram_size": 3}]}
+TINY = {**TINY_RUN, "data.path": "chat.jsonl"}
 
 
 def free_port() -> int:

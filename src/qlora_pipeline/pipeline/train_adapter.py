@@ -20,9 +20,10 @@ from qlora_pipeline.modeling.preparation import base_fingerprint
 from qlora_pipeline.pipeline.common import MANIFEST, RESOLVED_CONFIG
 
 LOG_FIELDS = ("step", "train_loss", "val_loss", "learning_rate")
-# Metrics of the machine and the moment, not of the model: they differ between identical runs.
+# Metrics of the machine and the moment, not of the model: they differ between identical runs (a
+# resumed run trains the same adapter, bit for bit, as one never interrupted).
 MEASURED = frozenset({"tokens_per_second", "training_tokens_per_second", "eval_seconds", "wall_seconds",
-                      "peak_memory_mb", "energy_joules"})
+                      "peak_memory_mb", "energy_joules", "resumed_from_step"})
 
 
 def read_examples(path: Path, stage_hint: str = "split") -> list[dict]:

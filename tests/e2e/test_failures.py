@@ -1,0 +1,212 @@
+"""What survives a failure: the same seed gives the same hashes, and kill -9 of any stage loses nothing.
+
+Three runs of the tiny real pipeline (tiny random Llama, 4-bit, float32 everywhere so no autocast
+rounding differs): two uninterrupted runs in separate copies must agree output by output, and a
+third, SIGKILLed at a random moment of each stage in turn and restarted with `dvc repro` each
+time, must end with the same hashes.
+
+Timings (wall seconds, tokens per second, peak memory, energy) are measurements of the moment,
+not results: they are the one thing allowed to differ, and only under the keys named here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import TINY_RUN, chat_rows, copy_repository, pipeline_env, sh
+
+pytestmark = pytest.mark.slow
+
+STAGES = ("fetch", "clean", "split", "quantize-load", "train-adapter", "choose-decoding", "evaluate", "risk")
+# Keys of the metrics files (and lines of reports/risk.md) that hold measurements of time, memory
+# or energy. Everything else must be identical.
+MEASURED_KEYS = {"wall_seconds", "tokens_per_second", "training_tokens_per_second", "eval_seconds",
+                 "peak_memory_mb", "energy_joules", "energy_kwh", "load_seconds", "seconds", "generate_seconds",
+                 "tokens_per_second_base", "tokens_per_second_tuned", "total_seconds", "stage_seconds",
+                 # how the run went, not what it made: whether training resumed from a checkpoint
+                 "resumed_from_step"}
+# Outputs whose bytes carry such measurements: compared with them masked, everything else by hash.
+MEASURED_FILES = {"metrics/clean.json", "metrics/base.json", "metrics/train.json", "metrics/decoding.json",
+                  "metrics/eval.json", "metrics/risk.json", "reports/risk.md", "metrics/split.json",
+                  "reports/decoding.json"}
+# The one identity inside a results folder: evaluate records which MLflow run it logged to (for
+# `qlora-pipeline human-eval score`), and MLflow makes a new random id for every run. The folder's
+# hash differs by that file alone; every other file in it must be identical.
+RUN_IDENTITY = "reports/evaluate/run.json"
+
+# The tiny run, float32 throughout (no autocast), trained long enough to checkpoint and resume.
+OVERRIDES = {**TINY_RUN, "data.path": "data/source/chat.jsonl",
+             "model.quantization.bnb_4bit_compute_dtype": "float32", "train.bf16": False, "train.fp16": False,
+             "train.max_steps": 30, "train.eval_steps": 2, "train.save_steps": 2, "train.logging_steps": 1,
+             "train.early_stopping_patience": None}
+
+
+def tiny_repo(root: Path, tiny_llama: Path) -> Path:
+    chat = "".join(json.dumps(r) + "\n" for r in chat_rows())
+    return copy_repository(root, {**OVERRIDES, "model.name_or_path": str(tiny_llama)},
+                           {"data/source/chat.jsonl": chat})
+
+
+def lock_outputs(repo: Path) -> dict[str, str]:
+    """Every stage output's hash as dvc.lock records it, by path."""
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    return {out["path"]: out["md5"] for stage in lock["stages"].values() for out in stage.get("outs", [])}
+
+
+def masked(repo: Path, path: str) -> object:
+    """A measured file's content with its measurements blanked."""
+    text = (repo / path).read_text()
+    if path.endswith(".json"):
+        return _mask(json.loads(text))
+    # reports/risk.md: the cost table and lines, and the MLflow run id it names (see RUN_IDENTITY).
+    return [re.sub(r"\d[\d.,]*", "#", line) if MEASURED_LINE.search(line) else RUN_ID.sub("<run id>", line)
+            for line in text.splitlines()]
+
+
+MEASURED_LINE = re.compile(r"\((estimated|measured)\)|kWh|energy|peak memory|seconds")
+RUN_ID = re.compile(r"\b[0-9a-f]{32}\b")
+
+
+def _mask(value: object) -> object:
+    if isinstance(value, dict):
+        return {k: ("measured" if k in MEASURED_KEYS or k.endswith("_seconds") else _mask(v)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_mask(v) for v in value]
+    return value
+
+
+def assert_same_results(left: Path, right: Path) -> None:
+    hashes_left, hashes_right = lock_outputs(left), lock_outputs(right)
+    assert sorted(hashes_left) == sorted(hashes_right)
+    differing = sorted(path for path in hashes_left if hashes_left[path] != hashes_right[path])
+    allowed = MEASURED_FILES | {str(Path(RUN_IDENTITY).parent)}
+    assert set(differing) <= allowed, f"outputs differ beyond their measurements: {differing}"
+    for path in sorted(MEASURED_FILES & set(hashes_left)):
+        assert masked(left, path) == masked(right, path), path
+    assert_same_folder(left, right, str(Path(RUN_IDENTITY).parent), "a second run")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_llama) -> Path:
+    """The reference run, stage by stage (as `dvc repro` orders them), timing each for the kill test."""
+    repo = tiny_repo(tmp_path_factory.mktemp("run-a") / "repo", tiny_llama)
+    durations = {}
+    for stage in STAGES:
+        started = time.monotonic()
+        sh(["dvc", "repro", "--single-item", stage], repo)
+        durations[stage] = time.monotonic() - started
+    (repo / "durations.json").write_text(json.dumps(durations))
+    assert "Data and pipelines are up to date" in sh(["dvc", "repro"], repo)
+    return repo
+
+
+def test_same_seed_same_machine_float32_gives_identical_outputs(uninterrupted, tmp_path_factory, tiny_llama):
+    second = tiny_repo(tmp_path_factory.mktemp("run-b") / "repo", tiny_llama)
+    sh(["dvc", "repro"], second)
+    assert_same_results(uninterrupted, second)
+    # Not vacuous: the outputs that must match include the trained adapter and the evaluation.
+    hashes = lock_outputs(second)
+    assert {"models/adapter", "reports/evaluate", "data/splits", "reports/risk_replies.csv"} <= set(hashes)
+
+
+def wait_for(path: Path, text: str, proc: subprocess.Popen, timeout: float = 300) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if text in path.read_text(errors="replace"):
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.05)
+    return False
+
+
+def test_kill_9_of_each_stage_then_repro_ends_with_the_uninterrupted_hashes(uninterrupted, tmp_path_factory,
+                                                                               tiny_llama):
+    repo = tiny_repo(tmp_path_factory.mktemp("run-killed") / "repo", tiny_llama)
+    seed = int(os.environ.get("KILL_SEED", time.time_ns() % 10_000))
+    rng = random.Random(seed)
+    print(f"kill moments drawn with KILL_SEED={seed}")
+    reference = lock_outputs(uninterrupted)
+    durations = json.loads((uninterrupted / "durations.json").read_text())
+    killed_in = []
+    for stage in STAGES:
+        log = repo / f"kill-{stage}.log"
+        with log.open("w") as handle:
+            proc = subprocess.Popen(["dvc", "repro"], cwd=repo, env=pipeline_env(), stdout=handle,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        started = wait_for(log, f"Running stage '{stage}'", proc)
+        assert started, f"KILL_SEED={seed}: {stage} never started:\n{log.read_text()[-2000:]}"
+        # Any moment of the stage, as long as it took in the uninterrupted run (DVC's own start-up included).
+        time.sleep(rng.uniform(0.0, durations[stage]))
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        killed_in.append(stage)
+        assert_nothing_half_written(repo, uninterrupted, reference, seed, stage)
+        if stage == "train-adapter":  # and once more where it must resume: after its first checkpoint
+            kill_after_first_checkpoint(repo)
+            assert_nothing_half_written(repo, uninterrupted, reference, seed, "train-adapter, after a checkpoint")
+
+    sh(["dvc", "repro"], repo)
+    assert "Data and pipelines are up to date" in sh(["dvc", "status"], repo)
+    # Training went on from the checkpoint, and its result is the uninterrupted run's, bit for bit.
+    assert json.loads((repo / "metrics/train.json").read_text())["resumed_from_step"] >= 2
+    assert_same_results(uninterrupted, repo)
+    assert not list(repo.glob("**/.*.tmp")), "a killed write's temporary was never cleaned up"
+    assert killed_in == list(STAGES)
+
+
+def kill_after_first_checkpoint(repo: Path) -> None:
+    """SIGKILL `dvc repro` the moment a train-adapter checkpoint has its trainer_state.json (written
+    last), so the next run has one to resume from (or, if the kill caught that file half-written,
+    drops it and resumes from the one before)."""
+    with (repo / "kill-checkpoint.log").open("w") as handle:
+        proc = subprocess.Popen(["dvc", "repro"], cwd=repo, env=pipeline_env(), stdout=handle,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    checkpoints = repo / "models/checkpoints"
+    deadline = time.time() + 300
+    while not list(checkpoints.glob("checkpoint-*/trainer_state.json")) and proc.poll() is None \
+            and time.time() < deadline:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert list(checkpoints.glob("checkpoint-*")), "train-adapter never reached a checkpoint"
+    assert not (repo / "models/adapter").exists(), "training ended before the kill"
+
+
+def assert_nothing_half_written(repo: Path, reference_repo: Path, reference: dict[str, str], seed: int,
+                                stage: str) -> None:
+    """Every output present right after a kill is whole: byte for byte the uninterrupted run's."""
+    for out_path in reference:
+        here, there = repo / out_path, reference_repo / out_path
+        if not here.exists():
+            continue
+        where = f"KILL_SEED={seed}, killed in {stage}: {out_path}"
+        if out_path in MEASURED_FILES:
+            assert masked(repo, out_path) == masked(reference_repo, out_path), f"{where} differs"
+        elif here.is_file():
+            assert here.read_bytes() == there.read_bytes(), f"{where} half-written"
+        else:
+            assert_same_folder(repo, reference_repo, out_path, where)
+
+
+def assert_same_folder(repo: Path, reference_repo: Path, folder: str, where: str) -> None:
+    """Same files, byte for byte, but the MLflow run id (see RUN_IDENTITY)."""
+    here, there = repo / folder, reference_repo / folder
+    files = sorted(p.relative_to(here) for p in here.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(there) for p in there.rglob("*") if p.is_file()), f"{where}: {folder} incomplete"
+    for name in files:
+        if f"{folder}/{name}" == RUN_IDENTITY:
+            ours, theirs = json.loads((here / name).read_text()), json.loads((there / name).read_text())
+            assert ours.keys() == theirs.keys() and ours["tracking_uri"] == theirs["tracking_uri"]
+            continue
+        assert (here / name).read_bytes() == (there / name).read_bytes(), f"{where}: {folder}/{name} differs"
