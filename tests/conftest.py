@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -119,6 +120,18 @@ def sh(cmd: list[str], cwd: Path, timeout: int = 600) -> str:
     proc = subprocess.run(cmd, cwd=cwd, env=pipeline_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout + proc.stderr
+
+
+def run_queue(repo: Path, jobs: int = 1, timeout: int = 900) -> str:
+    """`dvc queue start --jobs N`, then wait until nothing is queued or running; the final status."""
+    sh(["dvc", "queue", "start", "--jobs", str(jobs)], repo)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = sh(["dvc", "queue", "status"], repo)
+        if "Queued" not in status and "Running" not in status:
+            return status
+        time.sleep(3)
+    raise AssertionError(f"the queue did not finish in {timeout} s:\n{status}")
 
 
 def copy_repository(repo: Path, params_overrides: dict | None = None, extra_files: dict[str, str] | None = None

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import TINY_RUN, chat_rows, copy_repository, sh
+from conftest import TINY_RUN, chat_rows, copy_repository, run_queue, sh
 
 pytestmark = pytest.mark.slow
 
@@ -30,18 +29,6 @@ def jsonl(rows: list[dict]) -> str:
 def tiny_pipeline(folder: Path, tiny_llama: Path) -> Path:
     """A committed repository copy whose data file is DATA, holding chat_rows() (24 conversations)."""
     return copy_repository(folder, {**TINY, "model.name_or_path": str(tiny_llama)}, {DATA: jsonl(chat_rows())})
-
-
-def run_queue(repo: Path, timeout: int = 600) -> str:
-    """Start one worker on the queued experiments and wait until none is queued or running."""
-    sh(["dvc", "queue", "start", "--jobs", "1"], repo)
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        status = sh(["dvc", "queue", "status"], repo)
-        if "Queued" not in status and "Running" not in status:
-            return status
-        time.sleep(3)
-    raise AssertionError(f"the queue did not finish in {timeout} s:\n{status}")
 
 
 def raw_ids(repo: Path) -> list[str]:
@@ -90,7 +77,7 @@ def test_a_queued_experiment_reads_the_edit_and_names_a_file_it_lacks(repo):
     (repo / "data/source/extra.jsonl").write_text(committed)  # never git added nor dvc added
     sh(["dvc", "exp", "run", "--queue", "-n", "never-added", "-S", "data.path=data/source/extra.jsonl", "fetch"], repo)
 
-    status = run_queue(repo)
+    status = run_queue(repo, timeout=600)
     assert re.search(r"\bedited\b.*\bSuccess\b", status) and re.search(r"\bnever-added\b.*\bFailed\b", status), status
 
     log = sh(["dvc", "queue", "logs", "never-added"], repo)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import BIN, TINY_RUN, chat_rows, copy_repository, pipeline_env, sh
+from conftest import BIN, TINY_RUN, chat_rows, copy_repository, pipeline_env, run_queue, sh
 
 pytestmark = pytest.mark.slow
 
@@ -147,13 +147,7 @@ def test_queued_grid_lands_every_experiment_in_the_one_store(repo):
     sh(["dvc", "exp", "run", "--queue", "-S", "train.lora.r=2,4"], repo)
     sh(["dvc", "exp", "run", "--queue", "-S", "train.method=lora"], repo)
     sh(["dvc", "exp", "run", "--queue", "-S", "train.method=full"], repo)
-    sh(["dvc", "queue", "start", "--jobs", "1"], repo)
-    deadline = time.time() + 900
-    while time.time() < deadline:
-        status = sh(["dvc", "queue", "status"], repo)
-        if "Queued" not in status and "Running" not in status:
-            break
-        time.sleep(5)
+    status = run_queue(repo)
     assert "Failed" not in status, status
     table = runs(repo)
     new = table.iloc[: len(table) - before]

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import sh
-from test_data_dependency import run_queue, tiny_pipeline
+from conftest import run_queue, sh
+from test_data_dependency import tiny_pipeline
 
 pytestmark = pytest.mark.slow
 
@@ -79,7 +79,7 @@ def origin(tmp_path_factory, tiny_llama, s3_url) -> dict:
 
     # A queued experiment re-runs risk alone (its resamples); its outputs land in the shared cache.
     sh(["dvc", "exp", "run", "--queue", "-n", EXPERIMENT, "-S", "risk.bootstrap_samples=40"], alice)
-    status = run_queue(alice)
+    status = run_queue(alice, timeout=600)
     assert re.search(rf"\b{EXPERIMENT}\b.*\bSuccess\b", status), status
     sh(["dvc", "exp", "push", "origin", EXPERIMENT], alice)
     return {"alice": alice, "git_server": git_server, "branch": branch}

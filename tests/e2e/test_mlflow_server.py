@@ -13,12 +13,11 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import BIN, TINY_RUN, chat_rows, copy_repository, pipeline_env, sh
+from conftest import BIN, TINY_RUN, chat_rows, copy_repository, pipeline_env, run_queue, sh
 from qlora_pipeline.config import flatten
 from qlora_pipeline.tracking import KEY_TAG, SPOOL_DIR, scalar_metrics
 
@@ -95,16 +94,6 @@ def top_artifacts(client, run_id: str) -> set[str]:
     return {item.path for item in client.list_artifacts(run_id)}
 
 
-def wait_for_queue(repo: Path, seconds: int = 900) -> str:
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        status = sh(["dvc", "queue", "status"], repo)
-        if "Queued" not in status and "Running" not in status:
-            return status
-        time.sleep(3)
-    raise AssertionError(f"queue still busy after {seconds} s:\n{status}")
-
-
 def logged_metrics(repo: Path) -> dict[str, float]:
     """Every number of the metrics files, named and shaped as each stage logs it."""
     from qlora_pipeline.pipeline.evaluate import flat_eval_metrics
@@ -176,8 +165,7 @@ def test_a_queued_grid_of_two_lands_whole_on_the_server(server):
     """
     repo = server.repo
     sh(["dvc", "exp", "run", "--queue", "-S", "train.lora.r=2,4", "-S", "mlflow.experiment_name=grid"], repo)
-    sh(["dvc", "queue", "start", "-j", "2"], repo)
-    status = wait_for_queue(repo)
+    status = run_queue(repo, jobs=2)
     assert "Failed" not in status and status.count("Success") == 2, status
     client = server.client()
     grid = runs_of(client, "grid")
