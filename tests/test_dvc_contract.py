@@ -111,7 +111,10 @@ def _closure(path: str) -> set[str]:
     # what it writes.
     data = {str(Path(f).parent / folder) for f in seen for folder in ("templates", "prompts")
             if f'"{folder}"' in (ROOT / f).read_text()}
-    return seen | {d for d in data if (ROOT / d).is_dir()}
+    # So do data files beside a module that its source names ("name_words.txt").
+    files = {str(Path(f).parent / name) for f in seen for name in re.findall(r'"([\w-]+\.(?:txt|json|yaml))"',
+                                                                             (ROOT / f).read_text())}
+    return seen | {d for d in data if (ROOT / d).is_dir()} | {f for f in files if (ROOT / f).is_file()}
 
 
 @pytest.mark.parametrize("name", list(STAGES))

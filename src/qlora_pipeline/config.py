@@ -69,19 +69,39 @@ class HubDataset:
     split: str = "train"
 
 
+# The chat apps' own export files (qlora_pipeline.data.exports): speakers are display names and
+# long threads are cut into conversations at data.session_gap_minutes.
+EXPORT_SOURCES = ("whatsapp", "telegram", "discord", "messenger")
+FILE_SOURCES = ("jsonl", "csv", "parquet") + EXPORT_SOURCES
+
+
 @dataclass
 class DataConfig:
-    source: Literal["chitchat", "jsonl", "csv", "parquet", "hf"] = "chitchat"
+    source: Literal["chitchat", "jsonl", "csv", "parquet", "hf", "whatsapp", "telegram", "discord",
+                    "messenger"] = "chitchat"
     path: Optional[str] = None
     shape: Literal["chat_log", "pairs"] = "chat_log"
     hf: HubDataset = field(default_factory=HubDataset)
     fields: FieldMap = field(default_factory=FieldMap)
     prompt_template: str = "{prompt}"
+    # Exports: how to read a numeric date such as 03/04/23 (auto = detected from the whole file).
+    date_order: Literal["auto", "day_first", "month_first", "year_first"] = "auto"
+    # Exports: a strptime format for the date part when it is not numeric (e.g. "%d %b %Y").
+    date_format: Optional[str] = None
+    # Exports: a pause longer than this starts a new conversation; null = one conversation per thread.
+    session_gap_minutes: Optional[float] = 60.0
 
     def problems(self) -> list[str]:
         out = []
-        if self.source in ("jsonl", "csv", "parquet") and not self.path:
+        if self.source in FILE_SOURCES and not self.path:
             out.append(f"data.path: source '{self.source}' needs a file path; set data.path")
+        if self.source in EXPORT_SOURCES and self.shape != "chat_log":
+            out.append(f"data.shape: a {self.source} export is a chat log; set data.shape: chat_log")
+        if self.session_gap_minutes is not None and self.session_gap_minutes <= 0:
+            out.append(f"data.session_gap_minutes: must be > 0 or null (no split), got {self.session_gap_minutes}")
+        if self.date_format is not None and "%" not in self.date_format:
+            out.append(f"data.date_format: '{self.date_format}' has no strptime directive; "
+                       "write it like %d.%m.%Y, or null to detect the date")
         if self.source == "hf":
             if not self.hf.path:
                 out.append("data.hf.path: source 'hf' needs a dataset id or local folder; set data.hf.path")
@@ -117,6 +137,9 @@ class CleanConfig:
     # of them, adding names, addresses and locations (spaCy NER)
     pii_engine: Literal["regex", "presidio"] = "regex"
     exclude_speakers: list[str] = field(default_factory=list)
+    # Everyone but the persona (split.persona) becomes Friend 1, Friend 2, ... in the speaker field
+    # and where their name appears in message text.
+    pseudonymize_speakers: bool = True
 
     def problems(self) -> list[str]:
         out = _at_least("clean", self, 0, "min_chars", "max_chars", "dedup_min_chars", "min_messages", "min_speakers")

@@ -75,8 +75,16 @@ def test_clean_to_nothing_fails_and_leaves_no_output(chat_params, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
-def test_unknown_persona_fails_and_leaves_no_output(chat_params, tmp_path):
+def test_unknown_persona_stops_clean_when_it_pseudonymizes(chat_params, tmp_path):
     params = chat_params({"split.persona": "mallory"})
+    run_fetch(params, tmp_path / "raw")
+    with pytest.raises(PipelineError, match=r"split\.persona: speaker 'mallory' does not occur .*alice \(5 messages\)"):
+        run_clean(params, tmp_path / "raw", tmp_path / "clean", tmp_path / "metrics/clean.json")
+    assert not (tmp_path / "clean").exists() and not (tmp_path / "metrics/clean.json").exists()
+
+
+def test_unknown_persona_fails_and_leaves_no_output(chat_params, tmp_path):
+    params = chat_params({"split.persona": "mallory", "clean.pseudonymize_speakers": False})
     run_fetch(params, tmp_path / "raw")
     run_clean(params, tmp_path / "raw", tmp_path / "clean", tmp_path / "metrics/clean.json")
     with pytest.raises(PipelineError, match=r"split\.persona: speaker 'mallory' does not occur"):

@@ -8,6 +8,7 @@ Every removal is counted by reason in ``metrics/clean.json``; nothing disappears
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import unicodedata
 from collections import Counter
@@ -17,6 +18,8 @@ from typing import Iterable
 
 from qlora_pipeline.config import CleanConfig
 from qlora_pipeline.data.pii import scrub_many
+from qlora_pipeline.data.pseudonyms import build_pseudonyms, pseudonymize
+from qlora_pipeline.data.speakers import find_speaker, message_counts, resolve_persona, speakers_in_order
 
 _HSPACE = re.compile(r"[^\S\n]+")  # whitespace other than newlines
 _BLANK_LINES = re.compile(r"\n{3,}")
@@ -175,3 +178,26 @@ def clean_conversations(conversations: Iterable[dict], cfg: CleanConfig) -> tupl
     kept = [c for c in (clean_conversation(conv, cfg, stats) for conv in conversations) if c is not None]
     metrics = stats.as_dict(len(kept), sum(len(c["messages"]) for c in kept))
     return kept, metrics
+
+
+def resolve_exclusions(conversations: list[dict], cfg: CleanConfig, source: str) -> CleanConfig:
+    """``cfg`` with each ``exclude_speakers`` name replaced by the speaker it names; an unknown one is an error."""
+    counts = message_counts(conversations)
+    names = [find_speaker(name, counts, "clean.exclude_speakers", source) for name in cfg.exclude_speakers]
+    return dataclasses.replace(cfg, exclude_speakers=names)
+
+
+def hide_other_speakers(raw: list[dict], kept: list[dict], persona: str, source: str) -> tuple[list[dict], dict]:
+    """Everyone but the persona (``split.persona``) pseudonymized in ``kept``; the counts of what changed.
+
+    Numbers follow first messages in ``raw``, the data before cleaning, so removing a message or an
+    excluded person never renumbers the others. The persona, resolved here from ``auto`` or a name,
+    is declared in every conversation's meta: split must not pick a "Friend" by message count.
+    """
+    keep = None if persona == "all" else resolve_persona(kept, persona, source)
+    table = build_pseudonyms(speakers_in_order(raw), keep)
+    hidden = pseudonymize(kept, table)
+    if keep is not None:
+        hidden = [{**conv, "meta": {**conv.get("meta", {}), "persona": keep}} for conv in hidden]
+    present = {m["speaker"] for c in kept for m in c["messages"]} - {keep}
+    return hidden, {"speakers": len(present), "names_in_text": sum(table.replaced_in_text.values())}

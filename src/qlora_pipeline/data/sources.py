@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from qlora_pipeline.config import DataConfig
+from qlora_pipeline.config import EXPORT_SOURCES, DataConfig
+from qlora_pipeline.data.exports import fetch_export
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.io import read_jsonl
 
@@ -60,6 +61,10 @@ def fetch(cfg: DataConfig, root: Path = Path(".")) -> FetchResult:
     """Read the source chosen by ``cfg`` into canonical conversations and a manifest."""
     if cfg.source == "chitchat":
         return _fetch_chitchat()
+    if cfg.source in EXPORT_SOURCES:
+        conversations, manifest, rejected = fetch_export(cfg, root)
+        manifest["counts"] = _counts(conversations, rejected)
+        return FetchResult(conversations, manifest)
     source = _open_source(cfg, root)
     rejected: Counter = Counter()
     if cfg.shape == "chat_log":

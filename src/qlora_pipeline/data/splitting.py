@@ -15,35 +15,12 @@ from typing import Iterable
 
 from qlora_pipeline.config import SplitConfig
 from qlora_pipeline.data.sampling import cap_examples
+from qlora_pipeline.data.speakers import message_counts, resolve_persona
 from qlora_pipeline.errors import PipelineError
 
 SPLITS = ("train", "val", "test")
 # A target this long that appears verbatim in both train and test is real leakage, not "ok" or "lol".
 LONG_TARGET_CHARS = 30
-
-
-def message_counts(conversations: Iterable[dict]) -> Counter:
-    return Counter(m["speaker"] for c in conversations for m in c["messages"])
-
-
-def resolve_persona(conversations: list[dict], persona: str, source: str) -> str:
-    """``auto`` -> the persona the source declares, else the speaker with the most messages."""
-    counts = message_counts(conversations)
-    if persona == "all":
-        return persona
-    if persona == "auto":
-        declared = {c.get("meta", {}).get("persona") for c in conversations}
-        if len(declared) == 1 and None not in declared:
-            return declared.pop()
-        # Ties go to the smallest id so the choice never depends on file order.
-        return min(counts, key=lambda speaker: (-counts[speaker], speaker))
-    if persona not in counts:
-        top = ", ".join(f"{s} ({n} messages)" for s, n in counts.most_common(3))
-        raise PipelineError(
-            f"split.persona: speaker '{persona}' does not occur in {source} (after clean.exclude_speakers); "
-            f"use 'auto', 'all' or an existing id, e.g. {top}"
-        )
-    return persona
 
 
 def to_turns(messages: list[dict]) -> list[dict]:

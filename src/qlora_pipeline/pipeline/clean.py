@@ -7,7 +7,7 @@ from pathlib import Path
 
 from qlora_pipeline import tracking
 from qlora_pipeline.config import Params
-from qlora_pipeline.data.cleaning import clean_conversations
+from qlora_pipeline.data.cleaning import clean_conversations, hide_other_speakers, resolve_exclusions
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.io import atomic_path, read_json, remove_outputs, write_json, write_jsonl
 from qlora_pipeline.pipeline.common import CONVERSATIONS, MANIFEST, read_conversations
@@ -19,7 +19,14 @@ def run_clean(params: Params, raw_dir: Path, out_dir: Path, metrics_path: Path) 
     source = raw_dir / CONVERSATIONS
     manifest = read_json(raw_dir / MANIFEST)
     started = time.perf_counter()
-    kept, metrics = clean_conversations(read_conversations(source), params.clean)
+    raw = list(read_conversations(source))
+    cfg = resolve_exclusions(raw, params.clean, str(source))
+    kept, metrics = clean_conversations(raw, cfg)
+    # A prompt/response data set's speakers are the roles user and assistant: nobody to hide.
+    if params.clean.pseudonymize_speakers and manifest.get("shape") != "pairs" and kept:
+        kept, metrics["pseudonymized"] = hide_other_speakers(raw, kept, params.split.persona, str(source))
+    else:
+        metrics["pseudonymized"] = {"speakers": 0, "names_in_text": 0}
     # The cost of cleaning: seconds with the regex engine, minutes with presidio (the risk stage adds it up).
     metrics["wall_seconds"] = round(time.perf_counter() - started, 1)
     metrics["rows_rejected_at_fetch"] = manifest.get("counts", {}).get("rows_rejected", {})
