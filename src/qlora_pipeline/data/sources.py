@@ -11,11 +11,9 @@ prompt/response data set becomes two-message conversations between ``user`` and
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import importlib.metadata
 import importlib.util
-import io
 import json
 import string
 from collections import Counter
@@ -24,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from qlora_pipeline.config import EXPORT_SOURCES, DataConfig
+from qlora_pipeline.data.csv_records import csv_records
 from qlora_pipeline.data.exports import fetch_export
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.io import read_jsonl
@@ -176,36 +175,8 @@ def _decode(path: Path, label: str) -> str:
         ) from None
 
 
-def _csv_records(text: str, label: str) -> Iterator[tuple[int, list[str]]]:
-    """``(first line, cells)`` of each CSV record; blank lines (CRLF ones too) hold none.
-
-    Lines end at ``\\n`` (LF or CRLF), as in JSONL, so line numbers agree with editors. A lone
-    CR is no line end (RFC 4180): in a quoted cell it is text; unquoted, an error. Splitting
-    there instead would cut such a row in two and count the halves as rows.
-
-    Strict parsing: a stray or unclosed quote is an error naming the line its record starts
-    on, where a lenient reader would swallow the following rows into one cell, uncounted.
-    """
-    reader = csv.reader(io.StringIO(text, newline="\n"), strict=True)
-    while True:
-        start = reader.line_num + 1  # a record with quoted line breaks spans several lines
-        try:
-            cells = next(reader)
-        except StopIteration:
-            return
-        except csv.Error as err:
-            # Python's own hint after " - " (open the file in universal-newline mode) is for programmers.
-            problem = str(err).split(" - ")[0]
-            raise PipelineError(
-                f"{label}:{start}: not valid CSV ({problem}); end lines with LF or CRLF, quote cells that hold "
-                'commas, quotes or line breaks, double the quotes inside them ("say ""hi""") and close every quote'
-            ) from None
-        if cells:
-            yield start, cells
-
-
 def _csv_rows(path: Path, label: str) -> Iterator[Row]:
-    records = _csv_records(_decode(path, label), label)
+    records = csv_records(_decode(path, label), label)
     _, header = next(records, (0, []))
     if not header:
         raise PipelineError(f"{label}: no header row; the first line must name the columns")

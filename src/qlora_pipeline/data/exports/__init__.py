@@ -20,17 +20,18 @@ from pathlib import Path
 from typing import Any
 
 from qlora_pipeline.config import DataConfig
-import importlib  # TEMP until all four readers exist
+from qlora_pipeline.data.exports import discord, messenger, telegram, whatsapp
 from qlora_pipeline.data.exports.common import ExportCounts, NotThisExport, Thread
 from qlora_pipeline.errors import PipelineError
 
 # data.source -> the app's name as users know it
 APPS = {"whatsapp": "WhatsApp", "telegram": "Telegram", "discord": "Discord", "messenger": "Messenger/Instagram"}
+READERS = {"whatsapp": whatsapp, "telegram": telegram, "discord": discord, "messenger": messenger}
 
 
 def reader(source: str):
     """The reader module of one app (``read``, ``matches``, ``looks_like``)."""
-    return importlib.import_module(f"qlora_pipeline.data.exports.{source}")
+    return READERS[source]
 
 
 def export_files(cfg: DataConfig, root: Path) -> list[tuple[Path, str]]:
