@@ -86,7 +86,8 @@ class DataConfig:
     prompt_template: str = "{prompt}"
     # Exports: how to read a numeric date such as 03/04/23 (auto = detected from the whole file).
     date_order: Literal["auto", "day_first", "month_first", "year_first"] = "auto"
-    # Exports: a strptime format for the date part when it is not numeric (e.g. "%d %b %Y").
+    # Exports: a strptime format for dates the readers cannot detect: WhatsApp's date part
+    # (e.g. "%d %b %Y"), or the whole Date cell of an old DiscordChatExporter CSV.
     date_format: Optional[str] = None
     # Exports: a pause longer than this starts a new conversation; null = one conversation per thread.
     session_gap_minutes: Optional[float] = 60.0
