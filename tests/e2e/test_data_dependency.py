@@ -1,4 +1,5 @@
-"""Your data file is a DVC dependency: editing it re-runs fetch and every stage after it, queued experiments included.
+"""Your data file is a DVC dependency: editing it re-runs fetch and every stage after it, queued experiments included;
+and the README's one command trains on a chat app's export.
 
 Runs the tiny real pipeline of test_dvc_pipeline.py in a throwaway git + DVC copy of the
 repository, with its chat log in data/source/ (git-tracked, as the README tells users).
@@ -6,13 +7,17 @@ repository, with its chat log in data/source/ (git-tracked, as the README tells 
 
 from __future__ import annotations
 
+import io
 import json
 import re
+import shlex
+import zipfile
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
 
-from conftest import TINY_RUN, chat_rows, copy_repository, run_queue, sh
+from conftest import ROOT, TINY_RUN, chat_rows, copy_repository, run_queue, sh
 
 pytestmark = pytest.mark.slow
 
@@ -90,3 +95,66 @@ def test_a_queued_experiment_reads_the_edit_and_names_a_file_it_lacks(repo):
     sh(["dvc", "exp", "apply", "edited"], repo)
     assert raw_ids(repo)[-1] == "queued"
     assert "and the queue still saw it" in (repo / "data/raw/conversations.jsonl").read_text()
+
+
+# --------------------------------------------------------------- the README's own-chats command
+
+FRIENDS = ("Ana Lima", "Joe Park")
+ME = "Sam Rivera"
+REPLIES = ["saturday works for me", "I can bring the snacks this time", "haha no way, that was years ago",
+           "running late, save me a seat", "just finished the book, loved the ending",
+           "trying the new ramen place on friday", "my bike is finally fixed", "did you see the storm last night"]
+
+
+def whatsapp_export(sessions: int = 14) -> bytes:
+    """An iOS "Export chat" zip: a group chat of 3 people over `sessions` evenings, as the app writes it."""
+    nnbsp, lrm = "\u202f", "\u200e"
+    start = datetime(2024, 1, 3, 19, 0)
+    lines = [f"{lrm}[1/3/24, 6:59:00{nnbsp}PM] Book Club: {lrm}Messages and calls are end-to-end encrypted."]
+    for day in range(sessions):
+        t = start + timedelta(days=day)
+        for minute, (who, text) in enumerate([
+                (FRIENDS[0], f"hey {ME.split()[0]}, {FRIENDS[1].split()[0]}, evening {day}?"),
+                (ME, f"{REPLIES[day % len(REPLIES)]} ({day})"),
+                (FRIENDS[1], f"ask {FRIENDS[0]}, she knows {day}"),
+                (ME, f"{REPLIES[(day + 3) % len(REPLIES)]}, {FRIENDS[1].split()[0].lower()} {day}")]):
+            stamp = (t + timedelta(minutes=minute)).strftime("%-m/%-d/%y, %-I:%M:%S") + nnbsp + t.strftime("%p")
+            lines.append(f"[{stamp}] {who}: {text}")
+        lines.append(f"{lrm}[{stamp}] {FRIENDS[0]}: {lrm}image omitted")
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("_chat.txt", "\n".join(lines) + "\n")
+        archive.writestr("00000042-PHOTO-2024-01-03-19-04-00.jpg", b"\xff\xd8 not really a photo")
+    return buffer.getvalue()
+
+
+def readme_command(persona: str) -> list[str]:
+    """The README's "Train on your own chats" command, with this test's persona for "Your Name"."""
+    command = re.search(r"^dvc exp run -S data\.source=whatsapp .*$", (ROOT / "README.md").read_text(), re.M)
+    assert command, "the README's own-chats command is missing"
+    return shlex.split(command.group(0).replace("Your Name", persona))
+
+
+def test_the_readmes_command_trains_on_a_whatsapp_export_with_friends_pseudonymized(repo):
+    command = readme_command(ME.lower())  # as the README says: case does not matter
+    data_path = next(a.split("=", 1)[1] for a in command if a.startswith("data.path="))
+    (repo / data_path).write_bytes(whatsapp_export())
+    sh(["git", "add", data_path], repo)  # a small export: git keeps it, as the README says
+
+    out = sh(command, repo, timeout=900)
+    for stage in ("fetch", "clean", "split", "train-adapter", "evaluate", "risk"):
+        assert f"Running stage '{stage}'" in out, stage
+
+    manifest = json.loads((repo / "data/raw/manifest.json").read_text())
+    assert (manifest["source"], manifest["counts"]["conversations"], manifest["counts"]["speakers"]) == ("whatsapp", 14, 3)
+    assert manifest["export"]["rows_removed"] == {"media_omitted": 14, "system": 1}
+    split = json.loads((repo / "metrics/split.json").read_text())
+    assert split["persona"] == ME and split["train"]["examples"] > 0
+    clean = json.loads((repo / "metrics/clean.json").read_text())
+    assert clean["pseudonymized"]["speakers"] == 2 and clean["pseudonymized"]["names_in_text"] >= 14 * 3
+    trained_on = "".join((repo / f"data/splits/{name}.jsonl").read_text() for name in ("train", "val", "test"))
+    for word in (*FRIENDS, "Ana", "Lima", "Joe", "joe", "Park"):
+        assert word not in trained_on, word
+    assert "Friend 1" in trained_on and "Friend 2" in trained_on and ME.split()[0] in trained_on
+    assert json.loads((repo / "metrics/eval.json").read_text())
+    assert "Book Club" not in (repo / "data/raw/conversations.jsonl").read_text()  # the chat's name is no id

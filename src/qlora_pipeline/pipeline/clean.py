@@ -30,6 +30,8 @@ def run_clean(params: Params, raw_dir: Path, out_dir: Path, metrics_path: Path) 
     # The cost of cleaning: seconds with the regex engine, minutes with presidio (the risk stage adds it up).
     metrics["wall_seconds"] = round(time.perf_counter() - started, 1)
     metrics["rows_rejected_at_fetch"] = manifest.get("counts", {}).get("rows_rejected", {})
+    if "export" in manifest:  # the chat app's own lines (notices, placeholders), removed by fetch
+        metrics["rows_removed_at_fetch"] = manifest["export"]["rows_removed"]
     if not kept:
         raise PipelineError(
             f"{source}: every conversation was removed by clean "

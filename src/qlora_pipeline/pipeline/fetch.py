@@ -23,6 +23,20 @@ def run_fetch(params: Params, out_dir: Path) -> dict:
     with tracking.pipeline_run(params, "fetch"):
         tracking.log_metrics("fetch", counts)
         tracking.log_metrics("fetch", {"source": result.manifest["source"], "sha256": result.manifest["sha256"]})
+        if "export" in result.manifest:
+            tracking.log_metrics("fetch", {"export": result.manifest["export"]})
     print(f"fetch: {counts['conversations']} conversations, {counts['messages']} messages, "
-          f"{counts['speakers']} speakers -> {out_dir / CONVERSATIONS}, {out_dir / MANIFEST}")
+          f"{counts['speakers']} speakers{_export_summary(result.manifest)} -> {out_dir / CONVERSATIONS}, "
+          f"{out_dir / MANIFEST}")
     return result.manifest
+
+
+def _export_summary(manifest: dict) -> str:
+    """" (3 files, 2 chats; 12 app lines removed, 1 row rejected)" for a chat-app export, else ""."""
+    export = manifest.get("export")
+    if not export:
+        return ""
+    skipped = sum(export["threads_skipped"].values())
+    return (f" ({export['files']} file(s), {export['threads']} chat(s){f', {skipped} skipped' if skipped else ''}; "
+            f"{sum(export['rows_removed'].values())} app line(s) removed, "
+            f"{sum(manifest['counts']['rows_rejected'].values())} row(s) rejected)")
