@@ -7,8 +7,8 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from qlora_pipeline.data.exports import conversations_of, merge_threads, sessions
-from qlora_pipeline.data.exports.common import ExportMessage, Thread
+from qlora_pipeline.data.exports import conversations_of, drop_repeats_across_files, merge_threads, sessions
+from qlora_pipeline.data.exports.common import ExportCounts, ExportMessage, Thread
 
 T0 = datetime(2024, 3, 1, 9, 0)
 
@@ -62,3 +62,15 @@ def test_parts_of_one_thread_are_merged_in_time_order():
     merged = merge_threads([newer, older, other])
     assert [t.key for t in merged] == ["inbox/t", "inbox/u"]
     assert [m.speaker for m in merged[0].messages] == ["b", "a", "a"]
+
+
+def test_a_chat_exported_twice_is_read_once():
+    older = Thread("old.txt", "old.txt", [msg("a", 0, "hi"), msg("b", 1, "ok"), msg("b", 1, "ok")])
+    newer = Thread("new.txt", "new.txt", [msg("a", 0, "hi"), msg("b", 1, "ok"), msg("a", 2, "new since")])
+    timeless = Thread("t.txt", "t.txt", [msg("a", None, "hi")])
+    counts = ExportCounts()
+    threads = drop_repeats_across_files([older, newer, timeless], counts)
+    assert [m.text for m in threads[0].messages] == ["hi", "ok", "ok"]  # within one file repeats are kept
+    assert [m.text for m in threads[1].messages] == ["new since"]
+    assert [m.text for m in threads[2].messages] == ["hi"]  # no time: nothing to tell a repeat by
+    assert counts.removed == {"in_earlier_file": 2}

@@ -64,7 +64,27 @@ def read_threads(cfg: DataConfig, files: list[tuple[Path, str]], counts: ExportC
             threads += module.read(path, label, cfg, counts)
         except NotThisExport as err:
             raise PipelineError(f"{err}{_guess(path, cfg.source)}") from None
-    return merge_threads(threads)
+    return merge_threads(drop_repeats_across_files(threads, counts))
+
+
+def drop_repeats_across_files(threads: list[Thread], counts: ExportCounts) -> list[Thread]:
+    """Messages another file already gave (same speaker, time and text) removed, counted as ``in_earlier_file``.
+
+    People export a chat again months later and keep both files: without this, the overlap would be
+    learned twice and could sit in train and test at once. Only timed messages are compared, and
+    only across files: one person may well write "ok" twice in a minute of one chat.
+    """
+    first_file: dict[tuple, str] = {}
+    for thread in threads:
+        kept = []
+        for message in thread.messages:
+            key = (message.speaker, message.time, message.text)
+            if message.time is not None and first_file.setdefault(key, thread.where) != thread.where:
+                counts.removed["in_earlier_file"] += 1
+                continue
+            kept.append(message)
+        thread.messages = kept
+    return threads
 
 
 def merge_threads(threads: list[Thread]) -> list[Thread]:
