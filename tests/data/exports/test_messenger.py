@@ -344,8 +344,6 @@ def test_telegram_file_is_not_this_export(tmp_path):
 
 
 def test_telegram_export_named_with_its_data_source(params_factory):
-    for other in ("whatsapp", "telegram", "discord"):  # fetch asks every reader whose file it is
-        pytest.importorskip(f"qlora_pipeline.data.exports.{other}")
     with pytest.raises(PipelineError, match=r"other/result\.json:1: .*data\.source: telegram"):
         fetch_fixture(params_factory, "other/result.json")
 
