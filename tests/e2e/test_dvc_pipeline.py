@@ -142,24 +142,27 @@ def test_changing_context_turns_reruns_split_and_what_depends_on_it(repo):
 
 
 def test_queued_grid_lands_every_experiment_in_the_one_store(repo):
-    """A grid over LoRA rank plus the lora and full methods, queued and run one at a time."""
+    """A grid over LoRA rank plus full fine-tuning, queued and run one at a time.
+
+    The lora method (qlora without the 4-bit base) is left out to keep make test short: its model
+    preparation is tested in test_training.py, and the queue treats it as any other params change.
+    """
     before = len(runs(repo))
     sh(["dvc", "exp", "run", "--queue", "-S", "train.lora.r=2,4"], repo)
-    sh(["dvc", "exp", "run", "--queue", "-S", "train.method=lora"], repo)
     sh(["dvc", "exp", "run", "--queue", "-S", "train.method=full"], repo)
     status = run_queue(repo)
     assert "Failed" not in status, status
     table = runs(repo)
     new = table.iloc[: len(table) - before]
-    assert len(new) == 4
+    assert len(new) == 3
     assert sorted(zip(new["params.train.method"], new["params.train.lora.r"])) == [
-        ("full", "16"), ("lora", "16"), ("qlora", "2"), ("qlora", "4")]
+        ("full", "16"), ("qlora", "2"), ("qlora", "4")]
     assert all(name != "workspace" for name in new["tags.dvc.exp_name"])
     assert new["metrics.eval.rouge1.tuned"].notna().all() and new["metrics.train.best_val_loss"].notna().all()
     shown = sh(["dvc", "exp", "show", "--no-pager", "--csv"], repo)
     header, *rows = shown.strip().splitlines()
     assert "best_val_loss" in header and "train.method" in header
-    assert len(rows) >= 6  # workspace, the baseline commit and the four experiments
+    assert len(rows) >= 5  # workspace, the baseline commit and the three experiments
 
 
 def test_killed_training_resumes_on_the_next_repro(repo):
