@@ -123,6 +123,18 @@ def test_forward_without_a_comment_is_removed(tmp_path):
     assert [m.text for m in thread.messages] == ["hi"] and counts.removed == {"forwarded": 1}
 
 
+def test_message_whose_type_is_not_a_string_is_rejected(tmp_path):
+    # Found by test_export_properties: a list as "type" stopped fetch with "unhashable type: 'list'".
+    thread, counts = read_one(write_json(tmp_path, [dm(1, "ana", "hi"), {**dm(2, "ben", "yo"), "type": ["Default"]}]))
+    assert [m.text for m in thread.messages] == ["hi"] and counts.rejected == {"not_a_message": 1}
+
+
+def test_reference_that_is_not_an_object_is_no_forward(tmp_path):
+    # Found by test_export_properties: "reference": "x" on a message without text raised AttributeError.
+    thread, counts = read_one(write_json(tmp_path, [dm(1, "ana", "hi"), dm(2, "ben", "", reference="Forward")]))
+    assert [m.text for m in thread.messages] == ["hi"] and counts.removed == {"empty": 1}
+
+
 def test_message_without_author_is_rejected(tmp_path):
     thread, counts = read_one(write_json(tmp_path, [dm(1, "ana", "hi"), {**dm(2, "x", "lost"), "author": None}]))
     assert [m.text for m in thread.messages] == ["hi"] and counts.rejected == {"no_sender": 1}
@@ -185,6 +197,15 @@ def test_csv_date_not_matching_data_date_format_names_it(tmp_path):
 def test_csv_unix_dates_are_utc(tmp_path):
     thread, _ = read_one(write_csv(tmp_path, row("ana", "1709316000", "hi") + row("ben", "1709316060000", "yo")))
     assert [m.time.isoformat() for m in thread.messages] == ["2024-03-01T18:00:00+00:00", "2024-03-01T18:01:00+00:00"]
+
+
+@pytest.mark.parametrize("date", ["\u00b2", "99999999999999999999", "9" * 5000])
+def test_csv_date_of_digits_no_calendar_holds_names_the_line(tmp_path, date):
+    # Found by test_export_properties: "²" is a digit to isdigit() but not to int() (ValueError), and
+    # 20 digits of milliseconds overflow the C library (OSError), 5000 pass int()'s limit (ValueError).
+    path = write_csv(tmp_path, row("ana", "1709316000", "hi") + row("ben", date, "yo"))
+    with pytest.raises(PipelineError, match=r"dm\.csv:3: (?:cannot read the date|date '[0-9]+' is no time)"):
+        read_one(path)
 
 
 def test_csv_notices_are_removed_by_their_exact_text(tmp_path):

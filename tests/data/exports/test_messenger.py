@@ -338,6 +338,18 @@ def test_file_with_no_readable_time_names_file_message_and_param(tmp_path):
         read_one(path)
 
 
+def test_number_longer_than_python_reads_names_its_line(tmp_path):
+    # Found by test_export_properties: json.loads raises a plain ValueError for an integer of more than
+    # sys.get_int_max_str_digits() digits, which escaped as a traceback.
+    path = write_thread(tmp_path, [msg("Ana Silva", "hi"), msg("Ben Carter", "hey", at=1)], escape=False)
+    lines = path.read_text().split("\n")
+    line = next(number for number, text in enumerate(lines, start=1) if '"timestamp_ms"' in text)
+    lines[line - 1] = lines[line - 1].replace(str(BASE_MS + 1000), "9" * 5000)
+    path.write_text("\n".join(lines))
+    with pytest.raises(PipelineError, match=rf"message_1\.json:{line}: a number has more than \d+ digits"):
+        read_one(path)
+
+
 def test_telegram_file_is_not_this_export(tmp_path):
     with pytest.raises(NotThisExport, match=r"other/result\.json:1: not a Messenger/Instagram export"):
         messenger.read(FIXTURES / "other" / "result.json", "other/result.json", CFG, ExportCounts())

@@ -133,6 +133,45 @@ def test_damaged_date_names_the_message(tmp_path):
         telegram.read(path, "result.json", None, ExportCounts())
 
 
+def test_half_of_a_surrogate_pair_names_its_line(tmp_path):
+    # Found by test_export_properties: "\ud83d" alone was read into a speaker or text that no UTF-8 file
+    # can hold, and writing the conversations crashed with UnicodeEncodeError.
+    path = write_chat(tmp_path, [message(1, "Ana", "hi"), message(2, "Ben \ud83d", "yo")])
+    path.write_text(path.read_text().replace('", "', '",\n "'))  # one field a line, so the line says which
+    line = path.read_text().split("\n").index(' "from": "Ben \\ud83d",') + 1
+    with pytest.raises(PipelineError, match=rf"result\.json:{line}: a \\u escape encodes half of a UTF-16 "
+                                            "surrogate pair"):
+        telegram.read(path, "result.json", None, ExportCounts())
+
+
+def test_whole_surrogate_pairs_and_escaped_backslashes_are_text(tmp_path):
+    path = write_chat(tmp_path, [message(1, "Ana", "\U0001F600 C:\\ud800"), message(2, "Ben", "yo")])
+    assert "\\ud83d\\ude00" in path.read_text()  # json.dumps escapes the emoji as a pair
+    assert read_messages(path)[0][0] == ("Ana", "\U0001F600 C:\\ud800")
+
+
+def test_chat_list_that_is_not_a_list_names_it(tmp_path):
+    # Found by test_export_properties: "list": 5 stopped fetch with "'int' object is not iterable".
+    path = tmp_path / "result.json"
+    path.write_text(json.dumps({"personal_information": {}, "chats": {"list": 5}}))
+    with pytest.raises(PipelineError, match=r"result\.json: chats\.list: not a list of chats \(a int\)"):
+        telegram.read(path, "result.json", None, ExportCounts())
+
+
+def test_one_message_in_two_chats_of_one_export_is_kept_in_both(fetch_telegram, tmp_path):
+    # Found by test_export_properties: the same words, sender and second in two chats of one result.json
+    # (a cross-post) were removed from the second as "in_earlier_file", though there is no earlier file.
+    chats = [{"name": name, "type": "private_group", "id": chat_id,
+              "messages": [message(1, "Ana", "meeting at 8"), message(2, "Ben", f"ok from {name}")]}
+             for chat_id, name in ((1, "Hikes"), (2, "Climbing"))]
+    path = tmp_path / "result.json"
+    path.write_text(json.dumps({"personal_information": {}, "chats": {"list": chats}}))
+    result = fetch_telegram(path)
+    assert [m["text"] for c in result.conversations for m in c["messages"]] == [
+        "meeting at 8", "ok from Hikes", "meeting at 8", "ok from Climbing"]
+    assert result.manifest["export"]["rows_removed"] == {}
+
+
 def test_chat_of_only_service_messages_holds_no_messages(fetch_telegram, tmp_path):
     join = {"id": 1, "type": "service", "date": "2024-03-01T19:00:00", "actor": "Ana", "action": "create_group",
             "text": ""}

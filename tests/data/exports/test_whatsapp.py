@@ -325,6 +325,44 @@ def test_zip_with_no_txt_is_an_error_naming_the_zip(config, tmp_path):
         fetch(config(path))
 
 
+def test_unreadable_zip_is_named_as_data_path_writes_it(params_factory, tmp_path):
+    # Found by test_export_properties: the message named the path resolved against the root, not data.path.
+    (tmp_path / "chat.zip").write_bytes(b"PK\x03\x04 cut short")
+    cfg = params_factory({"data.source": "whatsapp", "data.path": "chat.zip"}).data
+    with pytest.raises(PipelineError, match=r"^chat\.zip: not a readable zip archive"):
+        fetch(cfg, tmp_path)
+
+
+def central_directory_edit(offset: int, value: int):
+    """An edit of one byte of the zip's central directory entry (6: version needed to extract, 8: flags)."""
+    def edit(data: bytes) -> bytes:
+        at = data.index(b"PK\x01\x02") + offset
+        return data[:at] + bytes([value]) + data[at + 1:]
+    return edit
+
+
+# byte edits of a one-member zip (members are stored: the text is in the file as it is)
+ZIP_DAMAGE = {
+    "bad_crc": (lambda data: data.replace(b"Who's in", b"Who's on"),
+                r"trail\.zip/_chat\.txt: cannot be read from the zip \(Bad CRC-32"),
+    "encrypted": (central_directory_edit(8, 0x01), r"trail\.zip/_chat\.txt: the member is encrypted"),
+    "newer_zip_version": (central_directory_edit(6, 99), r"trail\.zip: not a readable zip archive \(zip file version"),
+}
+
+
+@pytest.mark.parametrize("damage", list(ZIP_DAMAGE))
+def test_damaged_zip_is_an_error_naming_the_zip_or_member(config, tmp_path, damage):
+    # Found by test_export_properties: zipfile's own errors (BadZipFile on read, RuntimeError,
+    # NotImplementedError, zlib.error, EOFError...) escaped as tracebacks.
+    path = write_zip(tmp_path / "trail.zip", {"_chat.txt": (FIXTURES / "ios_group.txt").read_text(encoding="utf-8")})
+    edit, message = ZIP_DAMAGE[damage]
+    damaged = edit(path.read_bytes())
+    assert damaged != path.read_bytes()
+    path.write_bytes(damaged)
+    with pytest.raises(PipelineError, match=message):
+        fetch(config(path))
+
+
 # ------------------------------------------------------------------------ bad exports
 
 

@@ -11,7 +11,11 @@ for empty and one-speaker chats and the canonical records are done once, in ``ex
 from __future__ import annotations
 
 import json
+import lzma
+import re
+import sys
 import zipfile
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -62,21 +66,81 @@ def read_json_export(data: bytes, label: str):
     """A JSON export file parsed; a syntax error names the line."""
     text = read_text(data, label)
     try:
-        return json.loads(text)
+        export = json.loads(text)
     except json.JSONDecodeError as err:
         raise PipelineError(f"{label}:{err.lineno}: not valid JSON ({err.msg}); the export is cut short or "
                             "is not an app's JSON export: export it again, or check data.source") from None
     except RecursionError:
         raise PipelineError(f"{label}: JSON nested too deeply to be a chat export; check data.source") from None
+    except ValueError:  # Python refuses to convert integers this long (a guard against slow parsing)
+        raise PipelineError(f"{label}:{_long_number_line(text)}: a number has more than "
+                            f"{sys.get_int_max_str_digits()} digits, which no app writes; the file is damaged or "
+                            "is not an app's JSON export: export it again, or check data.source") from None
+    line = _lone_surrogate_line(text)
+    if line is not None:
+        # Python reads "\ud800" as a string no UTF-8 file can hold: writing the conversations would crash.
+        raise PipelineError(f"{label}:{line}: a \\u escape encodes half of a UTF-16 surrogate pair, which is not a "
+                            "character; fix or remove that escape (often an emoji cut in half), or export the chat "
+                            "again")
+    return export
 
 
-def zip_members(path: Path, suffixes: tuple[str, ...]) -> list[zipfile.ZipInfo]:
-    """The members of a zip archive with one of ``suffixes``, in archive order."""
+def _long_number_line(text: str) -> int:
+    """The line of the first number with more digits than ``int()`` converts."""
+    long_number = re.search(rf"[0-9]{{{sys.get_int_max_str_digits() + 1},}}", text)
+    return text.count("\n", 0, long_number.start()) + 1 if long_number else 1
+
+
+# A \u escape of a UTF-16 surrogate that is not itself escaped (an even run of backslashes before it).
+_SURROGATE_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u([dD][89a-fA-F][0-9a-fA-F]{2})")
+
+
+def _lone_surrogate_line(text: str) -> int | None:
+    """The line of the first \\u escape of half a surrogate pair whose other half does not follow it at once."""
+    high = None  # a high half waiting for its low half
+    for match in _SURROGATE_ESCAPE.finditer(text):
+        is_low = int(match[1], 16) >= 0xDC00
+        if is_low and high is not None and high.end() == match.end() - 6:
+            high = None  # a pair: one character
+            continue
+        if is_low or high is not None:
+            return text.count("\n", 0, (high or match).start()) + 1
+        high = match
+    return None if high is None else text.count("\n", 0, high.start()) + 1
+
+
+# What zipfile raises for a damaged archive: a bad CRC or header, a corrupt deflate, bzip2 (OSError)
+# or lzma stream, a stream cut short (EOFError), a name flagged UTF-8 that is not.
+_ZIP_DAMAGE = (zipfile.BadZipFile, zlib.error, lzma.LZMAError, OSError, EOFError, UnicodeDecodeError)
+# ... and for one it cannot read: a newer zip version or a feature it lacks.
+_ZIP_UNREADABLE = (*_ZIP_DAMAGE, NotImplementedError)
+
+
+def zip_members(path: Path, label: str, suffixes: tuple[str, ...]) -> list[zipfile.ZipInfo]:
+    """The members of a zip archive with one of ``suffixes``, in archive order (``label`` names it in errors)."""
     try:
         with zipfile.ZipFile(path) as archive:
             return [m for m in archive.infolist() if not m.is_dir() and m.filename.lower().endswith(suffixes)]
-    except zipfile.BadZipFile:
-        raise PipelineError(f"{path}: not a readable zip archive; export the chat again") from None
+    except _ZIP_UNREADABLE as err:
+        # The label, as data.path writes it, not the path resolved against the repository root.
+        raise PipelineError(f"{label}: not a readable zip archive ({err}); export the chat again") from None
+
+
+def read_zip_member(path: Path, member: zipfile.ZipInfo, label: str) -> bytes:
+    """One member's bytes; a member zipfile cannot read is an error naming it (``label/member``), not a traceback."""
+    where = f"{label}/{member.filename}"
+    if member.flag_bits & 0x1:  # zipfile would raise RuntimeError asking for a password
+        raise PipelineError(f"{where}: the member is encrypted; export the chat again without a password, or "
+                            "unzip it and point data.path at the .txt")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.read(member)
+    except NotImplementedError as err:  # a compression method or feature Python's zipfile lacks
+        raise PipelineError(f"{where}: written with a zip feature Python cannot read ({err}); unzip it yourself "
+                            "and point data.path at the .txt") from None
+    except _ZIP_DAMAGE as err:
+        raise PipelineError(f"{where}: cannot be read from the zip ({err}); the archive is damaged: export the "
+                            "chat again, or unzip it and point data.path at the .txt") from None
 
 
 class NotThisExport(PipelineError):

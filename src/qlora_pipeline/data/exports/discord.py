@@ -101,8 +101,8 @@ def _json_thread(export, label: str, counts: ExportCounts) -> Thread:
 
 def _json_message(raw, where: str, counts: ExportCounts) -> ExportMessage | None:
     """The message, or None once it is counted as removed (a notice) or rejected (unreadable)."""
-    if not isinstance(raw, dict):
-        counts.rejected["not_a_message"] += 1
+    if not isinstance(raw, dict) or not isinstance(raw.get("type", "Default"), str):
+        counts.rejected["not_a_message"] += 1  # not a record DiscordChatExporter writes: damaged or edited by hand
         return None
     reason = _json_removed_reason(raw)
     if reason:
@@ -123,10 +123,16 @@ def _json_removed_reason(raw: dict) -> str | None:
     if isinstance(raw.get("author"), dict) and raw["author"].get("isBot"):
         return "bot"
     if not str(raw.get("content") or "").strip():
-        if raw.get("forwardedMessage") or (raw.get("reference") or {}).get("type") == "Forward":
+        if _is_forward(raw):
             return "forwarded"
         return "media_only" if raw.get("attachments") or raw.get("stickers") or raw.get("embeds") else "empty"
     return None
+
+
+def _is_forward(raw: dict) -> bool:
+    # "reference" is an object in every export; anything else is a damaged record, not a forward.
+    reference = raw.get("reference")
+    return bool(raw.get("forwardedMessage")) or (isinstance(reference, dict) and reference.get("type") == "Forward")
 
 
 def _json_time(value, where: str) -> datetime | None:
@@ -189,9 +195,8 @@ def _csv_time(cell: str, where: str, date_format: str | None) -> datetime:
         return parse_iso(cell)
     except ValueError:
         pass
-    if cell.strip().isdigit():
-        seconds = int(cell) / (1000 if len(cell.strip()) > 11 else 1)
-        return datetime.fromtimestamp(seconds, tz=timezone.utc)
+    if cell.strip().isdecimal():  # what int() reads: isdigit() also takes "²", which it does not
+        return _epoch_time(cell.strip(), where)
     if date_format:
         try:
             return datetime.strptime(cell.strip(), date_format)
@@ -203,6 +208,15 @@ def _csv_time(cell: str, where: str, date_format: str | None) -> datetime:
                         f"({_DATE_EXAMPLE}) since version 2.42.3, older versions the format chosen at export: set "
                         "data.date_format to a strptime format for the whole Date cell (e.g. "
                         "\"%m/%d/%Y %I:%M %p\" for 12/31/2023 9:15 PM)")
+
+
+def _epoch_time(digits: str, where: str) -> datetime:
+    """Seconds (up to 11 digits) or milliseconds since 1970 as a UTC time; a time past year 9999 is an error."""
+    try:
+        return datetime.fromtimestamp(int(digits) / (1000 if len(digits) > 11 else 1), tz=timezone.utc)
+    except (ValueError, OverflowError, OSError):  # beyond datetime, the C library, or int()'s digit limit
+        raise PipelineError(f"{where}: date {digits[:40]!r} is no time since 1970 that a calendar holds; the export is "
+                            "damaged: export the channel again (data.path)") from None
 
 
 def _oldest_first(messages: list[ExportMessage]) -> list[ExportMessage]:

@@ -63,33 +63,46 @@ def read(path: Path, label: str, cfg: DataConfig, counts: ExportCounts) -> list[
     if not looks_like(data[:1 << 16], path.name):
         raise NotThisExport(f"{label}:1: not a Telegram export (expected {EXPECTED})")
     chats = _chats(read_json_export(data, label), label)
-    return [_thread(chat, where, prefix, counts) for chat, where, prefix in chats]
+    # Every chat's thread is from this one file: a message two chats share (cross-posted in one
+    # second) is no repeat of an earlier export, which is what a thread's file is compared for.
+    return [_thread(chat, label, prefix, counts) for chat, prefix in chats]
 
 
-def _chats(export, label: str) -> list[tuple[dict, str, str]]:
-    """``(chat, where, prefix of its messages' where)`` of a one-chat or a whole-account export."""
+def _chats(export, label: str) -> list[tuple[dict, str]]:
+    """``(chat, prefix of its messages' where)`` of a one-chat or a whole-account export."""
     if _is_chat(export):
-        return [(export, label, f"{label}: ")]
+        return [(export, f"{label}: ")]
     if not isinstance(export, dict) or not any(k in export for k in (*_CHAT_LISTS, "personal_information")):
         raise NotThisExport(f'{label}:1: not a Telegram export (expected a chat with "messages", or "chats": '
                             f"{{\"list\": [...]}}, at the top of {EXPECTED})")
     found = []
     for section in _CHAT_LISTS:
-        listing = export.get(section)
-        for index, chat in enumerate((listing.get("list") or []) if isinstance(listing, dict) else []):
+        for index, chat in enumerate(_listed_chats(export, section, label)):
             where = f"{label}: {section}.list[{index}]"
             if not _is_chat(chat):
                 raise PipelineError(f'{where}: not a Telegram chat (no "type", "id" and "messages" list); '
                                     "the export is damaged: export it again (data.path)")
-            found.append((chat, where, f"{where}."))
+            found.append((chat, f"{where}."))
     return found
+
+
+def _listed_chats(export: dict, section: str, label: str) -> list:
+    """``export[section]["list"]``: none when absent, an error naming it when it is no list."""
+    listing = export.get(section)
+    chats = listing.get("list") if isinstance(listing, dict) else None
+    if chats is None:
+        return []
+    if not isinstance(chats, list):  # a number or true would stop fetch with a TypeError
+        raise PipelineError(f"{label}: {section}.list: not a list of chats (a {type(chats).__name__}); the export "
+                            "is damaged: export it again (data.path)")
+    return chats
 
 
 def _is_chat(value) -> bool:
     return isinstance(value, dict) and isinstance(value.get("messages"), list) and "type" in value and "id" in value
 
 
-def _thread(chat: dict, where: str, prefix: str, counts: ExportCounts) -> Thread:
+def _thread(chat: dict, label: str, prefix: str, counts: ExportCounts) -> Thread:
     # In a chat with a bot the chat's id is the bot's: its replies are written "from_id": "user<id>".
     bot = {f"user{chat['id']}", str(chat["id"])} if chat.get("type") == "bot_chat" else set()
     messages = []
@@ -98,7 +111,7 @@ def _thread(chat: dict, where: str, prefix: str, counts: ExportCounts) -> Thread
         message = _message(raw, at, bot, counts)
         if message is not None:
             messages.append(message)
-    return Thread(str(chat["id"]), where, messages)
+    return Thread(str(chat["id"]), label, messages)
 
 
 def _message(raw, where: str, bot: set[str], counts: ExportCounts) -> ExportMessage | None:

@@ -21,7 +21,6 @@ polls. "<This message was edited>" is cut from the text, which is kept.
 from __future__ import annotations
 
 import re
-import zipfile
 from dataclasses import dataclass, field
 from datetime import date, datetime, time
 from itertools import pairwise
@@ -36,6 +35,7 @@ from qlora_pipeline.data.exports.common import (
     Thread,
     clean_name,
     read_text,
+    read_zip_member,
     zip_members,
 )
 from qlora_pipeline.errors import PipelineError
@@ -113,14 +113,13 @@ def read(path: Path, label: str, cfg: DataConfig, counts: ExportCounts) -> list[
 
 def _read_zip(path: Path, label: str, cfg: DataConfig, counts: ExportCounts) -> list[Thread]:
     """Each chat .txt of a zip: ``_chat.txt`` or "WhatsApp Chat ….txt" (other .txt are attachments)."""
-    members = [m for m in zip_members(path, (".txt",)) if matches(Path(m.filename))]
+    members = [m for m in zip_members(path, label, (".txt",)) if matches(Path(m.filename))]
     chats = [m for m in members if _is_chat_name(PurePosixPath(m.filename).name)] or members
     if not chats:
         raise NotThisExport(f"{label}: not a WhatsApp export (the zip holds no .txt chat; WhatsApp's zip "
                             "holds _chat.txt or 'WhatsApp Chat with ….txt' beside the media)")
-    with zipfile.ZipFile(path) as archive:
-        return [read_chat(read_text(archive.read(m), f"{label}/{m.filename}"), f"{label}/{m.filename}", cfg, counts)
-                for m in chats]
+    return [read_chat(read_text(read_zip_member(path, m, label), f"{label}/{m.filename}"), f"{label}/{m.filename}",
+                      cfg, counts) for m in chats]
 
 
 def _is_chat_name(name: str) -> bool:
