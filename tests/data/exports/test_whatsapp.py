@@ -128,7 +128,7 @@ def test_month_first_detected_from_a_later_second_field_above_12(chat):
 
 def test_day_first_and_month_first_in_one_file_is_an_error_naming_both_lines(chat):
     with pytest.raises(PipelineError, match=r"chat.txt:2: .*'25/04/23'.*'04/25/23' on chat.txt:3.*data.date_order"):
-        chat("03/04/23, 10:00 - Ann: a\n25/04/23, 10:00 - Ann: b\n04/25/23, 10:00 - Ann: c\n")
+        chat("03/04/23, 10:00 - Ann: a\n25/04/23, 10:00 - Bo: b\n04/25/23, 10:00 - Ann: c\n")
 
 
 def test_ambiguous_dates_read_in_the_order_where_time_never_goes_backwards(chat):
@@ -139,7 +139,7 @@ def test_ambiguous_dates_read_in_the_order_where_time_never_goes_backwards(chat)
 
 def test_ambiguous_dates_in_order_either_way_ask_for_date_order(chat):
     with pytest.raises(PipelineError, match=r"chat.txt:1: .*'01/02/24'.*data.date_order: day_first or month_first"):
-        chat("01/02/24, 10:00 - Ann: a\n03/04/24, 10:00 - Ann: b\n")
+        chat("01/02/24, 10:00 - Ann: a\n03/04/24, 10:00 - Bo: b\n")
 
 
 def test_same_day_and_month_reads_either_way(chat):
@@ -412,3 +412,19 @@ def test_matches_export_names_only():
     assert whatsapp.matches(Path("WhatsApp Chat with Ann.txt")) and whatsapp.matches(Path("exports/trail.ZIP"))
     assert not any(whatsapp.matches(Path(name)) for name in
                    ["README.txt", "README.md", "result.json", "._chat.txt", "00000014-packing list.txt"])
+
+
+@pytest.mark.parametrize(("body", "problem"), [
+    ("\u200e[1/3/24, 6:59:00\u202fPM] Book Club: \u200eMessages and calls are end-to-end encrypted.\n",
+     r"holds no messages"),
+    ("[1/3/24, 6:59:00 PM] Ana: hi\n[1/3/24, 7:00:00 PM] Ana: anyone?\n", r"chat\.txt:1: .*one speaker \(Ana\)")])
+def test_an_unusable_chat_is_named_so_before_its_ambiguous_dates(tmp_path, params_factory, body, problem):
+    # 1/3/24 reads both ways, and would ask for data.date_order in a chat of two people.
+    (tmp_path / "chat.txt").write_text(body, encoding="utf-8")
+    cfg = params_factory({"data.source": "whatsapp", "data.path": str(tmp_path / "chat.txt")}).data
+    with pytest.raises(PipelineError, match=problem):
+        fetch(cfg)
+    two = body + "[1/3/24, 7:01:00 PM] Bo: here\n[1/3/24, 7:02:00 PM] Cy: me too\n"
+    (tmp_path / "chat.txt").write_text(two, encoding="utf-8")
+    with pytest.raises(PipelineError, match=r"set data\.date_order: day_first or month_first"):
+        fetch(cfg)

@@ -130,14 +130,20 @@ def _is_chat_name(name: str) -> bool:
 def read_chat(text: str, label: str, cfg: DataConfig, counts: ExportCounts) -> Thread:
     """One exported chat's text -> its thread (``label`` names it in messages and keys it)."""
     headers = _scan(text.split("\n"), label, cfg, counts)
-    order = _date_order(headers, label, cfg)
     thread = Thread(key=label, where=label)
-    for header in headers:
-        where = f"{label}:{header.line}"
-        stamp = datetime.combine(_calendar_date(header, order, cfg, where), _clock(header.clock, where))
-        message = _message(header, stamp, where, counts)
-        if message is not None:
-            thread.messages.append(message)
+    read = [(h, m) for h in headers if (m := _message(h, None, f"{label}:{h.line}", counts)) is not None]
+    thread.messages = [m for _, m in read]
+    try:
+        order = _date_order(headers, label, cfg)
+    except PipelineError:
+        if len({m.speaker for m in thread.messages}) >= 2:
+            raise
+        # Nothing to learn from: fetch skips the chat or says it is empty or one person's. Asking
+        # for data.date_order first would send the user to fix dates of a chat that cannot be used.
+        return thread
+    for header, message in read:
+        message.time = datetime.combine(_calendar_date(header, order, cfg, message.where),
+                                        _clock(header.clock, message.where))
     return thread
 
 
