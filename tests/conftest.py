@@ -13,11 +13,20 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, settings
 
 from qlora_pipeline.config import Params, params_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # this environment's bin: dvc, and the `python` the stages call
+
+# Property tests (hypothesis) run fixed examples, so a red run is a bug, not luck; the thorough
+# profile searches at random: DATA_PROPERTIES_PROFILE=thorough pytest tests/data/...
+settings.register_profile("data-properties", max_examples=100, deadline=None, derandomize=True, database=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("thorough", max_examples=2000, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+PROPERTIES_PROFILE = settings.get_profile(os.environ.get("DATA_PROPERTIES_PROFILE", "data-properties"))
 
 # No hub is reachable; tests must never wait on one.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

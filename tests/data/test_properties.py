@@ -22,21 +22,17 @@ import unicodedata
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, assume, event, given, settings
+from hypothesis import assume, event, given, settings
 from hypothesis import strategies as st
 
-from conftest import CHAT_FIELDS, make_params
+from conftest import PROPERTIES_PROFILE, CHAT_FIELDS, make_params
 from qlora_pipeline.data.cleaning import clean_conversations, normalize_text
 from qlora_pipeline.data.pii import MAX_SWEEPS, PII_TYPES, PLACEHOLDERS, find_pii, scrub
 from qlora_pipeline.data.sources import fetch
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.pipeline.common import read_conversations
 
-settings.register_profile("data-properties", max_examples=100, deadline=None, derandomize=True, database=None,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile("thorough", max_examples=2000, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-PROFILE = settings.get_profile(os.environ.get("DATA_PROPERTIES_PROFILE", "data-properties"))
+PROFILE = PROPERTIES_PROFILE  # tests/conftest.py: fixed examples unless DATA_PROPERTIES_PROFILE=thorough
 # Tests of one function on one string take a millisecond an example: they can afford more.
 PROFILE_CHEAP = settings(PROFILE, max_examples=5 * PROFILE.max_examples)
 

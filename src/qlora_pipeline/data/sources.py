@@ -24,6 +24,7 @@ from typing import Any, Iterable, Iterator
 from qlora_pipeline.config import EXPORT_SOURCES, DataConfig
 from qlora_pipeline.data.csv_records import csv_records
 from qlora_pipeline.data.exports import fetch_export
+from qlora_pipeline.data.exports.common import read_text
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.io import read_jsonl
 
@@ -162,21 +163,8 @@ def _jsonl_rows(path: Path, label: str) -> Iterator[Row]:
         yield Row(f"{label}:{number}", values)
 
 
-def _decode(path: Path, label: str) -> str:
-    """The file as text; a UTF-8 byte-order mark (as Windows editors write) is dropped."""
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        # err.start counts from after the BOM, if any: find the line and the byte in err.object.
-        line = err.object[: err.start].count(b"\n") + 1
-        raise PipelineError(
-            f"{label}:{line}: byte {err.object[err.start]:#04x} is not valid UTF-8; re-encode the file as UTF-8"
-        ) from None
-
-
 def _csv_rows(path: Path, label: str) -> Iterator[Row]:
-    records = csv_records(_decode(path, label), label)
+    records = csv_records(read_text(path.read_bytes(), label, fix="re-encode the file as UTF-8"), label)
     _, header = next(records, (0, []))
     if not header:
         raise PipelineError(f"{label}: no header row; the first line must name the columns")

@@ -26,19 +26,15 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, assume, event, given, settings
+from hypothesis import assume, event, given, settings
 from hypothesis import strategies as st
 
-from conftest import make_params
+from conftest import PROPERTIES_PROFILE, make_params
 from qlora_pipeline.data.sources import fetch
 from qlora_pipeline.data.speakers import BIDI_MARKS
 from qlora_pipeline.errors import PipelineError
 
-settings.register_profile("data-properties", max_examples=100, deadline=None, derandomize=True, database=None,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile("thorough", max_examples=2000, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-PROFILE = settings.get_profile(os.environ.get("DATA_PROPERTIES_PROFILE", "data-properties"))
+PROFILE = PROPERTIES_PROFILE  # tests/conftest.py: fixed examples unless DATA_PROPERTIES_PROFILE=thorough
 # The JSON exports hold the most places to break, and an example takes a few milliseconds.
 PROFILE_MORE = settings(PROFILE, max_examples=3 * PROFILE.max_examples)
 

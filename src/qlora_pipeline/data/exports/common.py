@@ -51,15 +51,15 @@ class ExportCounts:
     rejected: Counter = field(default_factory=Counter)
 
 
-def read_text(data: bytes, label: str) -> str:
-    """Bytes of a text export as str: UTF-8 with or without a BOM; an error names the line otherwise."""
+def read_text(data: bytes, label: str,
+              fix: str = "export the chat again (the apps write UTF-8) or re-encode the file as UTF-8") -> str:
+    """Bytes of a text file as str: UTF-8 with or without a BOM (Windows editors write one); an error names the line."""
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
+        # err.start counts from after the BOM, if any: find the line and the byte in err.object.
         line = err.object[: err.start].count(b"\n") + 1
-        raise PipelineError(
-            f"{label}:{line}: byte {err.object[err.start]:#04x} is not valid UTF-8; export the chat again "
-            "(the apps write UTF-8) or re-encode the file as UTF-8") from None
+        raise PipelineError(f"{label}:{line}: byte {err.object[err.start]:#04x} is not valid UTF-8; {fix}") from None
 
 
 def read_json_export(data: bytes, label: str):
