@@ -134,3 +134,22 @@ def test_repeated_conversation_ids_are_refused(chat_params, tmp_path):
     raw.write_text(raw.read_text() + first + "\n")
     with pytest.raises(PipelineError, match=r"conversations\.jsonl:3: conversation id 'c1' repeats line 1"):
         run_clean(params, tmp_path / "raw", tmp_path / "clean", tmp_path / "metrics/clean.json")
+
+
+def test_a_whatsapp_export_through_the_data_stages(params_factory, tmp_path, capsys, monkeypatch):
+    """fetch names who is in the export, clean hides everyone but the persona named by display name."""
+    monkeypatch.setenv("QLORA_PIPELINE_RUN_KEY", "test-execution")
+    export = ROOT / "tests/data/exports/fixtures/whatsapp/ios_group.txt"
+    params = params_factory({"data.source": "whatsapp", "data.path": str(export), "split.persona": "sam okafor"})
+    run_fetch(params, tmp_path / "raw")
+    out = capsys.readouterr().out
+    assert "(1 file(s), 1 chat(s); 9 app line(s) removed, 0 row(s) rejected)" in out
+    assert "most messages: Renee Dubois (2), Sam Okafor (2), +1 555 0100 (1)" in out
+    metrics = run_clean(params, tmp_path / "raw", tmp_path / "clean", tmp_path / "metrics/clean.json")
+    assert metrics["rows_removed_at_fetch"] == {"call": 1, "deleted": 2, "media_omitted": 3, "system": 3}
+    assert metrics["pseudonymized"] == {"speakers": 2, "names_in_text": 1}
+    cleaned = (tmp_path / "clean/conversations.jsonl").read_text()
+    assert "Renee" not in cleaned and "Dubois" not in cleaned and "555" not in cleaned
+    split = run_split(params, tmp_path / "clean", tmp_path / "splits", tmp_path / "metrics/split.json",
+                      tmp_path / "canaries.json")
+    assert split["persona"] == "Sam Okafor" and split["train"]["examples"] == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 from qlora_pipeline import tracking
@@ -28,6 +29,9 @@ def run_fetch(params: Params, out_dir: Path) -> dict:
     print(f"fetch: {counts['conversations']} conversations, {counts['messages']} messages, "
           f"{counts['speakers']} speakers{_export_summary(result.manifest)} -> {out_dir / CONVERSATIONS}, "
           f"{out_dir / MANIFEST}")
+    if "export" in result.manifest:
+        # Display names, as split.persona and clean.exclude_speakers take them: who is in the export.
+        print(f"fetch: most messages: {_top_speakers(result.conversations)}")
     return result.manifest
 
 
@@ -40,3 +44,9 @@ def _export_summary(manifest: dict) -> str:
     return (f" ({export['files']} file(s), {export['threads']} chat(s){f', {skipped} skipped' if skipped else ''}; "
             f"{sum(export['rows_removed'].values())} app line(s) removed, "
             f"{sum(manifest['counts']['rows_rejected'].values())} row(s) rejected)")
+
+
+def _top_speakers(conversations: list[dict], shown: int = 8) -> str:
+    counts = Counter(m["speaker"] for c in conversations for m in c["messages"])
+    more = f", and {len(counts) - shown} more" if len(counts) > shown else ""
+    return ", ".join(f"{name} ({n})" for name, n in counts.most_common(shown)) + more
