@@ -25,7 +25,6 @@ from qlora_pipeline.data.speakers import BIDI_MARKS, ODD_SPACES, clean_name  # n
 from qlora_pipeline.errors import PipelineError
 
 
-
 @dataclass
 class ExportMessage:
     speaker: str
@@ -141,6 +140,17 @@ def read_zip_member(path: Path, member: zipfile.ZipInfo, label: str) -> bytes:
     except _ZIP_DAMAGE as err:
         raise PipelineError(f"{where}: cannot be read from the zip ({err}); the archive is damaged: export the "
                             "chat again, or unzip it and point data.path at the .txt") from None
+
+
+def oldest_first(messages: list[ExportMessage]) -> list[ExportMessage]:
+    """Messages in reading order: reversed when the export lists them newest first (Messenger,
+    DiscordChatExporter's --reverse), judged by the first and last timed ones."""
+    times = [m.time for m in messages if m.time is not None]
+    try:
+        newest_first = len(times) > 1 and times[0] > times[-1]
+    except TypeError:  # naive and aware times mixed (data.date_format without %z beside ISO dates)
+        newest_first = False
+    return messages[::-1] if newest_first else messages
 
 
 class NotThisExport(PipelineError):

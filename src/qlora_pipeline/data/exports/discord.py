@@ -27,16 +27,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from qlora_pipeline.config import DataConfig
+from qlora_pipeline.data.csv_records import csv_records
 from qlora_pipeline.data.exports.common import (
     ExportCounts,
     ExportMessage,
     NotThisExport,
     Thread,
     clean_name,
+    oldest_first,
     read_json_export,
     read_text,
 )
-from qlora_pipeline.data.csv_records import csv_records
 from qlora_pipeline.errors import PipelineError
 
 EXPECTED = "the .json or .csv that DiscordChatExporter writes for a channel"
@@ -96,7 +97,7 @@ def _json_thread(export, label: str, counts: ExportCounts) -> Thread:
         message = _json_message(raw, where, counts)
         if message is not None:
             messages.append(message)
-    return Thread(str(channel.get("id") or label), label, _oldest_first(messages))
+    return Thread(str(channel.get("id") or label), label, oldest_first(messages))
 
 
 def _json_message(raw, where: str, counts: ExportCounts) -> ExportMessage | None:
@@ -168,7 +169,7 @@ def _csv_thread(text: str, label: str, cfg: DataConfig, counts: ExportCounts) ->
         message = _csv_message(cells, f"{label}:{line}", cfg, counts)
         if message is not None:
             messages.append(message)
-    return Thread(label, label, _oldest_first(messages))
+    return Thread(label, label, oldest_first(messages))
 
 
 def _csv_message(cells: list[str], where: str, cfg: DataConfig, counts: ExportCounts) -> ExportMessage | None:
@@ -217,13 +218,3 @@ def _epoch_time(digits: str, where: str) -> datetime:
     except (ValueError, OverflowError, OSError):  # beyond datetime, the C library, or int()'s digit limit
         raise PipelineError(f"{where}: date {digits[:40]!r} is no time since 1970 that a calendar holds; the export is "
                             "damaged: export the channel again (data.path)") from None
-
-
-def _oldest_first(messages: list[ExportMessage]) -> list[ExportMessage]:
-    """DiscordChatExporter's --reverse writes newest first; a chat reads oldest first."""
-    times = [m.time for m in messages if m.time is not None]
-    try:
-        newest_first = len(times) > 1 and times[0] > times[-1]
-    except TypeError:  # naive and aware times mixed (data.date_format without %z beside ISO dates)
-        newest_first = False
-    return messages[::-1] if newest_first else messages

@@ -38,6 +38,7 @@ from qlora_pipeline.data.exports.common import (
     NotThisExport,
     Thread,
     clean_name,
+    oldest_first,
     read_json_export,
 )
 from qlora_pipeline.errors import PipelineError
@@ -156,7 +157,8 @@ def read(path: Path, label: str, cfg: DataConfig, counts: ExportCounts) -> list[
     # Every time unreadable is a file reshaped by some tool, not a few damaged records.
     if export["messages"] and counts.rejected["bad_time"] - bad_times == len(export["messages"]):
         raise _no_readable_time(export["messages"][0], shape, label)
-    thread.messages = _oldest_first(thread.messages)
+    # Meta writes newest first: reversed, then sorted by time (stable: equal times keep their order).
+    thread.messages = sorted(oldest_first(thread.messages), key=lambda m: m.time)
     return [thread]
 
 
@@ -234,13 +236,6 @@ def _no_readable_time(first: Any, shape: Shape, label: str) -> PipelineError:
     return PipelineError(
         f'{label}: messages[0]: "{shape.time}" is {value!r}, not milliseconds since 1970, nor is any message\'s; '
         "the file was changed after Meta wrote it: point data.path at the download itself, or check data.source")
-
-
-def _oldest_first(messages: list[ExportMessage]) -> list[ExportMessage]:
-    """Meta writes newest first: reversed, then sorted by time (stable, so equal times keep their order)."""
-    if messages and messages[0].time > messages[-1].time:
-        messages = messages[::-1]
-    return sorted(messages, key=lambda m: m.time)
 
 
 def _classic_notice(record: dict, text: str, sender: str) -> str | None:
