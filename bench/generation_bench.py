@@ -1,9 +1,9 @@
-"""Generation speed as the evaluate stage (and chat) generate: batched vs one at a time, and the CPU repack.
+"""Generation speed as the stages (and chat) generate, through the engine: batched vs one at a time, the CPU repack.
 
 One process loads the tuned model the way evaluate does (``models/base`` + ``models/adapter``,
 the autocast training used) and generates greedy replies to the first test prompts with exactly
 ``--new-tokens`` new tokens each, so every side does the same work:
-- one prompt at a time vs ``--batch`` prompts per ``generate`` call (left padding, KV cache);
+- one prompt at a time vs ``--batch`` prompts decoded together by the engine;
 - the 4-bit layers as training runs them (dequantized on every call, repack off) vs dequantized
   once (``evaluate.dequantize_4bit``, same outputs) vs bitsandbytes' CPU repack on (only where the
   CPU has AVX-512 BF16; safe in a process that never saves the model).
@@ -25,14 +25,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def tokens_per_second(model, tokenizer, conversations, batch_size: int, new_tokens: int, repeats: int) -> float:
-    from qlora_pipeline.modeling.generation import generate_replies
+    from qlora_pipeline.modeling.engine import Engine, Request, chat_prompt_ids
 
-    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-    generate_replies(model, tokenizer, conversations[:batch_size], batch_size, **kwargs)  # warm-up (repacks if on)
+    # No end-of-turn token: every reply is exactly new_tokens long, so every side does the same work.
+    engine = Engine(model, tokenizer, max_batch_size=batch_size, eos_token_ids=())
+    adapter = "tuned" if hasattr(model, "peft_config") else None
+    requests = [Request(ids, adapter, max_new_tokens=new_tokens) for ids in chat_prompt_ids(tokenizer, conversations)]
+    engine.run(requests[:batch_size])  # warm-up (repacks if on)
     best = float("inf")
     for _ in range(repeats):
         started = time.perf_counter()
-        generate_replies(model, tokenizer, conversations, batch_size, **kwargs)
+        engine.run(requests)
         best = min(best, time.perf_counter() - started)
     return len(conversations) * new_tokens / best
 

@@ -51,7 +51,7 @@ def main() -> None:
     from qlora_pipeline import training
     from qlora_pipeline.config import params_from_dict
     from qlora_pipeline.modeling.adapters import attach_adapters, load_base_for
-    from qlora_pipeline.modeling.generation import generate_replies
+    from qlora_pipeline.modeling.engine import Engine, Request, as_reply, chat_prompt_ids
     from qlora_pipeline.modeling.loading import load_model, resolve_source, set_end_token
     from qlora_pipeline.modeling.quantization import bnb_config, footprint, linear4bit_modules
     from qlora_pipeline.evaluation import perplexity, reference_nll
@@ -103,8 +103,9 @@ def main() -> None:
         reloaded = tuned(**batch).logits
     result["adapter_reload_max_abs_diff"] = float((reloaded - expected).abs().max())
 
-    replies = generate_replies(tuned, tokenizer, [r["messages"] for r in rows[:4]], batch_size=4, max_new_tokens=8,
-                               do_sample=False)
+    prompts = chat_prompt_ids(tokenizer, [r["messages"] for r in rows[:4]])
+    replies = [as_reply(r) for r in Engine(tuned, tokenizer).run([Request(p, "tuned", max_new_tokens=8)
+                                                                  for p in prompts])]
     result["generation"] = [{"text": r.text, "new_tokens": r.new_tokens, "stopped": r.stopped} for r in replies]
     nll, tokens = reference_nll(tuned, tokenizer, rows[48:56], 128, 4)
     with tuned.disable_adapter():

@@ -9,7 +9,7 @@ it with a ``training_config.json`` like train-adapter writes (the base's fingerp
 on a GPU, a system prompt of their own). Then only the serving code runs: ``load_persona_model``
 and ``Engine.run_batch`` (no MLflow, FastAPI or DVC is imported).
 
-Mixed-adapter batches take two paths: the default stacked LoRA (``serving/stacked_lora.py``,
+Mixed-adapter batches take two paths: the default stacked LoRA (``modeling/stacked_lora.py``,
 ``persona.stacked``; two matmuls a layer whatever the adapters) and PEFT's ``adapter_names`` loop.
 Both are measured on the same PersonaModel: for PEFT's path ``persona.stacked`` is set to None
 for the while (the engine then passes ``adapter_names``) and restored after.
@@ -194,10 +194,16 @@ def peft_mixed_path(persona: Any) -> Iterator[None]:
 
 
 def first_differences(rows: list[Any], others: list[Any]) -> tuple[list[bool], list[int]]:
-    same = [m.ids == a.ids for m, a in zip(rows, others)]
-    first = [next((k for k, (x, y) in enumerate(zip(m.ids, a.ids)) if x != y), min(len(m.ids), len(a.ids)))
-             for m, a in zip(rows, others) if m.ids != a.ids]
+    same = [m.token_ids == a.token_ids for m, a in zip(rows, others)]
+    first = [next((k for k, (x, y) in enumerate(zip(m.token_ids, a.token_ids)) if x != y),
+                  min(len(m.token_ids), len(a.token_ids)))
+             for m, a in zip(rows, others) if m.token_ids != a.token_ids]
     return same, first
+
+
+def token_results(engine: Any, jobs: list[Any]) -> list[Any]:
+    """The jobs run by the library engine underneath: results that keep the token ids."""
+    return engine.core.run([engine.request(job) for job in jobs])
 
 
 def mixed_batch_check(persona: Any, rows_count: int, tokens: int) -> dict:
@@ -215,7 +221,7 @@ def mixed_batch_check(persona: Any, rows_count: int, tokens: int) -> dict:
     def job(i: int) -> Any:
         return Job(ids[i], persona.peft_name(rows[i][0]), tokens, Sampling(0.0))
 
-    # engine._generate is what run_batch runs; its rows keep the token ids (completions keep only text).
+    # token_results runs what run_batch runs; its results keep the token ids (completions keep only text).
     if persona.stacked is None:
         raise RuntimeError("persona.stacked is None: the stacked path is not in use")
     engine.run_batch([job(0), job(1)])  # warm-up (kernels, autotuning), both mixed paths
@@ -223,15 +229,15 @@ def mixed_batch_check(persona: Any, rows_count: int, tokens: int) -> dict:
         engine.run_batch([job(0), job(1)])
     sync()
     started = time.perf_counter()
-    mixed = engine._generate([job(i) for i in range(len(rows))])  # the stacked path
+    mixed = token_results(engine, [job(i) for i in range(len(rows))])  # the stacked path
     sync()
     mixed_seconds = time.perf_counter() - started
     with peft_mixed_path(persona):
         started = time.perf_counter()
-        peft_mixed = engine._generate([job(i) for i in range(len(rows))])
+        peft_mixed = token_results(engine, [job(i) for i in range(len(rows))])
         sync()
         peft_seconds = time.perf_counter() - started
-    alone = [engine._generate([job(i)])[0] for i in range(len(rows))]
+    alone = [token_results(engine, [job(i)])[0] for i in range(len(rows))]
     same, first_diff = first_differences(mixed, alone)
     peft_same, peft_first_diff = first_differences(peft_mixed, alone)
     vs_peft_same, vs_peft_first_diff = first_differences(mixed, peft_mixed)

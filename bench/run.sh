@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
-# The machine's tag: cpu-avx512-bf16, cpu-avx2, gpu-sm90. Kept out of the package: every stage imports
+# The machine's tag: cpu-avx512-bf16-amx, cpu-avx512-bf16, cpu-avx2, gpu-sm90. Kept out of the package: every stage imports
 # qlora_pipeline.hardware, and DVC re-runs a stage when code it imports changes.
 TAG=$($PY - <<'PY'
 import sys
@@ -14,13 +14,16 @@ info = hardware.capability()
 if info["gpu"]:
     print("gpu-sm" + info["gpu"].rsplit("capability ", 1)[-1].rstrip(")").replace(".", ""))
 else:
-    print(f"cpu-{info['cpu_capability'].lower()}" + ("-bf16" if info["native_dtype"] == "bfloat16" else ""))
+    print(f"cpu-{info['cpu_capability'].lower()}" + ("-bf16" if info["native_dtype"] == "bfloat16" else "")
+          + ("-amx" if info["cpu_amx"] else ""))
 PY
 )
 OUT=bench/results/$TAG
 mkdir -p "$OUT"
 $PY bench/train_bench.py --repeats 3 --out "$OUT/train.json"
 $PY bench/generation_bench.py --out "$OUT/generation.json"
+$PY bench/engine_bench.py --out "$OUT/engine.json"
 $PY bench/noop_repro.py --out "$OUT/noop_repro.json"
 $PY bench/serve_bench.py --out "$OUT/serve.json"
+bash bench/setup_bench.sh "$OUT/setup.json"
 echo "results in $OUT/"

@@ -127,13 +127,22 @@ def free_port() -> int:
 
 
 class Server:
-    """``qlora-pipeline serve`` in a child process on 127.0.0.1, stopped on exit."""
+    """``qlora-pipeline serve`` in a child process on 127.0.0.1, stopped on exit.
 
-    def __init__(self, base: Path, adapters: list[Path], max_batch_size: int = 8, mixed_batches: str = "stacked"):
+    ``code``: the ``src`` folder of another checkout (``--baseline-ref``) to run instead of this one,
+    with the same packages; its server batched statically and took ``--batch-wait-ms``.
+    """
+
+    def __init__(self, base: Path, adapters: list[Path], max_batch_size: int = 8, mixed_batches: str = "stacked",
+                 code: Path | None = None):
         self.port = free_port()
-        cmd = [str(BIN / "qlora-pipeline"), "serve", "--base", str(base), "--port", str(self.port),
-               "--max-batch-size", str(max_batch_size), "--batch-wait-ms", "30", "--params", str(ROOT / "params.yaml"),
-               "--mixed-batches", mixed_batches]
+        if code is None:
+            cmd = [str(BIN / "qlora-pipeline"), "serve"]
+        else:
+            cmd = [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(code)!r}); "
+                   "from qlora_pipeline.cli import main; sys.exit(main())", "serve", "--batch-wait-ms", "30"]
+        cmd += ["--base", str(base), "--port", str(self.port), "--max-batch-size", str(max_batch_size),
+                "--params", str(ROOT / "params.yaml"), "--mixed-batches", mixed_batches]
         for i, path in enumerate(adapters):
             cmd += ["--adapter", f"a{i}={path}"]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -224,8 +233,12 @@ def summary(rounds: list[dict], clients: int) -> dict:
 
 
 def throughput(base: Path, adapters: list[Path], conversations: list[list[dict]], clients: int, per_client: int,
-               max_tokens: int, repeats: int) -> dict:
-    """Each traffic pattern ``repeats`` times, interleaved, against the same server; medians reported."""
+               max_tokens: int, repeats: int, baseline: Path | None = None) -> dict:
+    """Each traffic pattern ``repeats`` times, interleaved, against the same server; medians reported.
+
+    With ``baseline`` (another checkout's ``src``), the mixed traffic also against that code's server:
+    the same requests, the same packages, one server at a time.
+    """
     requests = [(conversations[i % len(conversations)], 1000 + i) for i in range(clients * per_client)]
     mixed = [[(f"a{c % 3}", *requests[c * per_client + k]) for k in range(per_client)] for c in range(clients)]
     single = [[("a0", *requests[c * per_client + k]) for k in range(per_client)] for c in range(clients)]
@@ -242,12 +255,23 @@ def throughput(base: Path, adapters: list[Path], conversations: list[list[dict]]
         ask(server.url, "a0", conversations[0], 4, 0)
         for _ in range(repeats):
             rounds["mixed_3_adapters_peft"].append(traffic(server.url, mixed, max_tokens))
+    if baseline is not None:
+        rounds["mixed_3_adapters_baseline"] = []
+        with Server(base, adapters[:3], code=baseline) as server:
+            ask(server.url, "a0", conversations[0], 4, 0)
+            for _ in range(repeats):
+                rounds["mixed_3_adapters_baseline"].append(traffic(server.url, mixed, max_tokens))
     out = {name: summary(r, 1 if name == "one_at_a_time" else clients) for name, r in rounds.items()}
     rate = {name: out[name]["tokens_per_second"] for name in out}
     out["mixed_vs_single"] = round(rate["mixed_3_adapters"] / rate["single_adapter"], 3)
     out["mixed_peft_vs_single"] = round(rate["mixed_3_adapters_peft"] / rate["single_adapter"], 3)
     out["batched_vs_one_at_a_time"] = round(rate["single_adapter"] / rate["one_at_a_time"], 3)
     out["targets"] = {"mixed_vs_single": ">= 0.70", "batched_vs_one_at_a_time": ">= 3.0"}
+    if baseline is not None:
+        old, new = out["mixed_3_adapters_baseline"], out["mixed_3_adapters"]
+        out["vs_baseline"] = {"ttft_p50_improvement": round(old["ttft_p50"] / new["ttft_p50"], 2),
+                              "tokens_per_second_ratio": round(new["tokens_per_second"] / old["tokens_per_second"], 2),
+                              "target_ttft_p50_improvement": ">= 3"}
     return out
 
 
@@ -310,6 +334,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="rounds of each traffic pattern (median)")
     parser.add_argument("--loop-prompts", type=int, default=100)
     parser.add_argument("--skip", nargs="*", default=[], choices=("mixed", "memory", "throughput", "loops"))
+    parser.add_argument("--baseline-ref", default=None,
+                        help="a git ref whose server the mixed traffic also runs against (e.g. the commit before "
+                             "the engine), from a temporary worktree of this repository")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
@@ -330,8 +357,20 @@ def main() -> None:
             report["memory"] = memory(args.base, adapters, [0, 1, 3, 10], conversations[0])
             print("memory:", json.dumps(report["memory"]), flush=True)
         if "throughput" not in args.skip:
-            report["throughput"] = throughput(args.base, adapters, conversations[:24], args.clients,
-                                              args.requests_per_client, args.max_tokens, args.repeats)
+            baseline = None
+            if args.baseline_ref:
+                baseline = Path(tmp) / "baseline"
+                subprocess.run(["git", "worktree", "add", "--detach", str(baseline), args.baseline_ref], cwd=ROOT,
+                               check=True, capture_output=True)
+                report["baseline_ref"] = subprocess.run(["git", "rev-parse", args.baseline_ref], cwd=ROOT, check=True,
+                                                        capture_output=True, text=True).stdout.strip()
+            try:
+                report["throughput"] = throughput(args.base, adapters, conversations[:24], args.clients,
+                                                  args.requests_per_client, args.max_tokens, args.repeats,
+                                                  baseline / "src" if baseline else None)
+            finally:
+                if baseline is not None:
+                    subprocess.run(["git", "worktree", "remove", "--force", str(baseline)], cwd=ROOT, check=False)
             print("throughput:", json.dumps(report["throughput"]), flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

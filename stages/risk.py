@@ -1,15 +1,16 @@
 """risk: what the run risks, base and tuned side by side, after evaluate.
 
-Reads:  <base>/, <adapter>/, <train> (train.jsonl: the targets memorization is looked for in), <samples>
+Reads:  <base>/, <adapter>/, <zero-shot>/ (the base model's probe replies), <train> (train.jsonl: the targets memorization is looked for in), <samples>
         (evaluate's samples.csv: the generated test replies), <canaries> (split's canaries.json), the stages'
-        <stage-metrics> (clean/base/train/decoding/eval .json: fit verdict and cost), params `seed`, `risk`,
+        <stage-metrics> (clean/base/judge/zero_shot/train/decoding/eval .json: fit verdict and cost), params `seed`, `risk`,
         `clean.pii`, `clean.pii_engine`, `evaluate.dequantize_4bit`
 Writes: <metrics> (PII per type, placeholders, memorization, canary exposure and extraction, bias gaps and
         amplification, refusal rates, fit verdict, cost; `summary` holds the figures gates name), <report>
         (one page), <replies> (every probe, both replies, how each was judged); logs them to MLflow. Exits non-zero after writing them when a `risk.fail_on` gate holds.
 Run:    python stages/risk.py --params params.yaml --base models/base --adapter models/adapter \
-            --train data/splits/train.jsonl --samples reports/evaluate/samples.csv --canaries data/canaries.json \
-            --stage-metrics metrics/clean.json metrics/base.json metrics/train.json metrics/decoding.json metrics/eval.json \
+            --zero-shot reports/zero_shot --train data/splits/train.jsonl --samples reports/evaluate/samples.csv \
+            --canaries data/canaries.json --stage-metrics metrics/clean.json metrics/base.json metrics/judge.json \
+            metrics/zero_shot.json metrics/train.json metrics/decoding.json metrics/eval.json \
             --metrics metrics/risk.json --report reports/risk.md --replies reports/risk_replies.csv
 """
 
@@ -27,6 +28,7 @@ from qlora_pipeline.pipeline.risk import run_risk
 def add_paths(parser):
     parser.add_argument("--base", type=Path, required=True, help="quantize-load's model folder")
     parser.add_argument("--adapter", type=Path, required=True, help="train-adapter's output folder")
+    parser.add_argument("--zero-shot", type=Path, required=True, help="the zero-shot stage's folder (base replies)")
     parser.add_argument("--train", type=Path, required=True, help="train split JSONL: memorization is looked for here")
     parser.add_argument("--samples", type=Path, required=True, help="evaluate's samples.csv (generated test replies)")
     parser.add_argument("--canaries", type=Path, required=True, help="split's canaries.json")
@@ -40,7 +42,8 @@ def add_paths(parser):
 
 def run(params, args):
     return run_risk(params, args.base, args.adapter, args.train, args.samples, args.canaries, args.stage_metrics,
-                    args.metrics, args.report, args.replies)
+                    args.metrics, args.report, args.replies,
+                    zero_shot_dir=args.zero_shot)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -172,6 +173,53 @@ def copy_repository(repo: Path, params_overrides: dict | None = None, extra_file
     return repo
 
 
+# ------------------------------------------------------------------ the tiny pipeline's baseline
+
+# Where the end-to-end repositories keep their chat log (git-tracked, as a user's small export).
+TINY_DATA = "data/source/chat.jsonl"
+
+
+def jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps(row) + "\n" for row in rows)
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """The tiny pipeline run once under DVC and committed (`dvc repro`'s output kept for the tests that read it)."""
+
+    repo: Path
+    repro_output: str
+
+
+@pytest.fixture(scope="session")
+def tiny_baseline(tmp_path_factory, tiny_llama) -> Baseline:
+    """Built once per session; the end-to-end modules each start from a copy (copy_baseline), not a run of their own."""
+    repo = copy_repository(tmp_path_factory.mktemp("baseline") / "repo",
+                           {**TINY_RUN, "data.path": TINY_DATA, "model.name_or_path": str(tiny_llama)},
+                           {TINY_DATA: jsonl(chat_rows())})
+    out = sh(["dvc", "repro"], repo)
+    sh(["git", "add", "-A"], repo)  # dvc.lock and the metrics (cache: false: git carries them)
+    sh(["git", "commit", "-qm", "baseline results"], repo)
+    return Baseline(repo, out)
+
+
+def copy_baseline(baseline: Baseline, repo: Path) -> Path:
+    """A copy of the baseline repository (git history, DVC cache, outputs and MLflow store) at ``repo``.
+
+    The MLflow store names its artifact folder by absolute path: the copy's is pointed at its own
+    folder, so nothing a test logs lands in the baseline or another copy.
+    """
+    import sqlite3
+
+    shutil.copytree(baseline.repo, repo, symlinks=True)
+    old, new = baseline.repo.as_uri(), repo.as_uri()
+    with sqlite3.connect(repo / "mlflow.db") as db:
+        db.execute("UPDATE experiments SET artifact_location = replace(artifact_location, ?, ?)", (old, new))
+        db.execute("UPDATE runs SET artifact_uri = replace(artifact_uri, ?, ?)", (old, new))
+    db.close()
+    return repo
+
+
 # ------------------------------------------------------------------------------ models
 
 
@@ -250,3 +298,52 @@ def persona_adapters(tmp_path_factory, quantized_base, base_params_dict) -> dict
         (out / RESOLVED_CONFIG).write_text(json.dumps(resolved, indent=2))
         made[name] = out
     return made
+
+
+SAMPLED = {"temperature": 0.9, "top_p": 0.95, "top_k": 0, "repetition_penalty": 1.1, "no_repeat_ngram_size": 3}
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_llama, base_params_dict, tmp_path_factory):
+    """quantize-load -> train-adapter (2 steps) -> style-judge -> choose-decoding -> evaluate on a tiny 4-bit Llama
+    and synthetic splits, built once per session for test_evaluation and test_decoding.
+
+    The grid holds one sampled setting, so evaluate's chosen row runs two seeded passes.
+    """
+    import os
+
+    from qlora_pipeline.pipeline.choose_decoding import run_choose_decoding
+    from qlora_pipeline.pipeline.evaluate import run_evaluate
+    from qlora_pipeline.pipeline.quantize_load import run_quantize_load
+    from qlora_pipeline.pipeline.style_judge import run_style_judge
+    from qlora_pipeline.pipeline.train_adapter import run_train_adapter
+
+    tmp = tmp_path_factory.mktemp("tiny_run")
+    params = make_params(base_params_dict, {
+        "model.name_or_path": str(tiny_llama), "model.gguf_file": None, "model.dtype": "float32",
+        "model.smoke_prompts": ["hi"], "model.smoke_max_new_tokens": 2,
+        "train.max_steps": 2, "train.eval_steps": 1, "train.save_steps": 1, "train.per_device_train_batch_size": 4,
+        "evaluate.max_samples": 6, "evaluate.max_new_tokens": 6, "evaluate.batch_size": 4,
+        "evaluate.bootstrap_samples": 200, "evaluate.human_eval_samples": 4, "evaluate.samples_per_prompt": 2,
+        "decoding.grid": [SAMPLED], "decoding.max_samples": 4}, tmp)
+    os.environ["QLORA_PIPELINE_RUN_KEY"] = "tiny-run"
+    try:
+        from test_training import synthetic_splits
+
+        splits = synthetic_splits(tmp / "splits", n_train=16, n_val=8)
+        run_quantize_load(params, tmp / "base", tmp / "base.json")
+        run_train_adapter(params, tmp / "base", splits, tmp / "adapter", tmp / "ckpt", tmp / "train.json",
+                          tmp / "train_log.csv")
+        run_style_judge(params, splits / "train.jsonl", splits / "val.jsonl", tmp / "base", tmp / "judge",
+                        tmp / "judge.json")
+        run_choose_decoding(params, tmp / "base", tmp / "adapter", splits / "val.jsonl", tmp / "judge",
+                            tmp / "decoding.json", tmp / "decoding_metrics.json")
+        extra = tmp / "params.yaml"
+        extra.write_text("seed: 1\n")
+        metrics = run_evaluate(params, tmp / "base", tmp / "adapter", splits / "test.jsonl", tmp / "eval.json",
+                               tmp / "reports", tmp / "eval_rouge.csv", [extra, tmp / "train_log.csv"],
+                               train_path=splits / "train.jsonl", log_csv=tmp / "train_log.csv",
+                               decoding_path=tmp / "decoding.json", judge_dir=tmp / "judge")
+    finally:
+        del os.environ["QLORA_PIPELINE_RUN_KEY"]
+    return params, tmp, metrics

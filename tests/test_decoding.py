@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -12,17 +13,27 @@ import pytest
 from qlora_pipeline import decoding
 from qlora_pipeline.config import ConfigError, DecodingSetting, ObjectiveWeights
 from qlora_pipeline.errors import PipelineError
-from test_evaluation import SAMPLED, tiny_run  # noqa: F401  (the module-scoped fixture, shared)
+from conftest import SAMPLED
 
 GREEDY = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
 
 
-def test_greedy_and_sampled_settings_become_generate_arguments():
-    assert DecodingSetting(**GREEDY).generate_kwargs() == {"do_sample": False, "repetition_penalty": 1.0,
-                                                           "no_repeat_ngram_size": 0}
-    kwargs = DecodingSetting(**SAMPLED).generate_kwargs()
-    assert kwargs["do_sample"] and kwargs["temperature"] == 0.9 and kwargs["top_p"] == 0.95
-    assert decoding.passes(DecodingSetting(**GREEDY), 3) == 1 and decoding.passes(DecodingSetting(**SAMPLED), 3) == 3
+def test_each_pass_of_each_prompt_draws_from_its_own_seeded_stream():
+    greedy, sampled = DecodingSetting(**GREEDY), DecodingSetting(**SAMPLED)
+    assert decoding.passes(greedy, 3) == 1 and decoding.passes(sampled, 3) == 3
+    prompts = [[1, 2], [3, 4, 5]]
+    runs = decoding.pass_requests(prompts, sampled, 3, 10, seed=7)
+    assert [[r.prompt_ids for r in run] for run in runs] == [prompts] * 3
+    seeds = [r.seed for run in runs for r in run]
+    assert len(set(seeds)) == 6 and seeds == [r.seed for run in decoding.pass_requests(prompts, sampled, 3, 10, 7)
+                                               for r in run]
+    assert seeds != [r.seed for run in decoding.pass_requests(prompts, sampled, 3, 10, 8) for r in run]
+    # the same pass of the same prompt meets the same numbers under every setting of the grid
+    other = decoding.pass_requests(prompts, DecodingSetting(temperature=0.5), 3, 10, seed=7)
+    assert [r.seed for run in other for r in run] == seeds
+    only = decoding.pass_requests(prompts, greedy, 3, 10, seed=7)
+    assert len(only) == 1 and [r.seed for r in only[0]] == [None, None]
+    assert runs[0][0].decoding.temperature == 0.9 and runs[0][0].max_new_tokens == 10
 
 
 def test_the_objective_weighs_each_score_and_the_best_is_chosen():
@@ -85,15 +96,21 @@ def test_prompt_scores_average_over_passes():
 def test_seeded_passes_give_the_same_replies_on_a_rerun(tiny_llama):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from qlora_pipeline.modeling.engine import Engine, chat_prompt_ids
+
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
-    contexts = [[{"role": "user", "content": f"tell me about day {i}"}] for i in range(3)]
+    prompts = chat_prompt_ids(tokenizer, [[{"role": "user", "content": f"tell me about day {i}"}] for i in range(3)])
     setting = DecodingSetting(temperature=1.0)
-    first = decoding.generate_passes(model, tokenizer, contexts, setting, 2, 2, 8, seed=7)
-    again = decoding.generate_passes(model, tokenizer, contexts, setting, 2, 2, 8, seed=7)
-    texts = [[r.text for r in run] for run in first]
-    assert texts == [[r.text for r in run] for run in again]
-    assert texts[0] != texts[1]  # two seeds, two draws of a random model's wide distribution
+
+    def texts(batch_size):
+        runs = decoding.pass_requests(prompts, setting, 2, 8, seed=7)
+        results = iter(Engine(model, tokenizer, max_batch_size=batch_size).run([r for run in runs for r in run]))
+        return [[next(results).text for _ in run] for run in runs]
+
+    first = texts(2)
+    assert first == texts(2) == texts(6)  # a rerun, and another batching, give the same replies
+    assert first[0] != first[1]  # two passes, two draws of a random model's wide distribution
 
 
 def test_choose_decoding_never_reads_the_test_split(tiny_run, tmp_path):
@@ -113,7 +130,7 @@ def test_choose_decoding_never_reads_the_test_split(tiny_run, tmp_path):
     sys.addaudithook(audit)  # hooks cannot be removed; the flag switches this one off after the run
     try:
         report = run_choose_decoding(params, tmp / "base", tmp / "adapter", tmp / "splits/val.jsonl",
-                                     tmp / "splits/train.jsonl", tmp_path / "decoding.json", tmp_path / "metrics.json")
+                                     tmp / "judge", tmp_path / "decoding.json", tmp_path / "metrics.json")
     finally:
         watching[0] = False
     assert any(path.endswith("val.jsonl") for path in opened)  # the hook sees the stage's reads
@@ -171,29 +188,64 @@ def test_a_broken_decoding_file_names_the_key(tiny_run, tmp_path):
 
 
 def test_a_groups_voice_is_judged_against_the_base_models_replies(tiny_run, tmp_path, monkeypatch):
-    """split.persona: all (targets by several speakers): the judge learns the chat against the base's replies
-    to training prompts. The tiny random model replies with nothing readable, so its replies are stood in for
-    here; with replies that are all empty, the judge falls back to the speakers' contrast and says so."""
+    """split.persona: all (targets by several speakers): the style-judge stage learns the chat against the base's
+    replies to training prompts. The tiny random model replies with nothing readable, so its replies are stood in
+    for here; with replies that are all empty, the judge falls back to the speakers' contrast and says so."""
     from qlora_pipeline.io import read_jsonl, write_jsonl
-    from qlora_pipeline.pipeline.choose_decoding import run_choose_decoding
+    from qlora_pipeline.pipeline import style_judge
 
     params, tmp, _ = tiny_run
-    params.decoding.grid = [DecodingSetting(**GREEDY)]
     params.evaluate.group_judge_prompts = 5
     rows = [row for _, row in read_jsonl(tmp / "splits/train.jsonl")]
     write_jsonl(tmp_path / "train.jsonl", [{**row, "speaker": f"s{i % 3}"} for i, row in enumerate(rows)])
     asked = []
 
-    def base_replies(model, tokenizer, resolved, base_dir, contexts, batch_size, max_new_tokens):
-        asked.append(contexts)
-        return [f"Certainly! Here is a helpful answer number {i}." for i in range(len(contexts))]
+    def base_replies(params, base_dir, train_rows, val_rows):
+        prompts = style_judge.cap_examples(train_rows, params.evaluate.group_judge_prompts, params.seed)
+        asked.append((prompts, val_rows))
+        return ([f"Certainly! Here is a helpful answer number {i}." for i in range(len(prompts))],
+                [f"Of course! Happy to help with item {i}." for i in range(len(val_rows))])
 
-    monkeypatch.setattr(decoding, "base_replies", base_replies)
-    report = run_choose_decoding(params, tmp / "base", tmp / "adapter", tmp / "splits/val.jsonl",
-                                 tmp_path / "train.jsonl", tmp_path / "decoding.json", tmp_path / "metrics.json")
-    assert len(asked) == 1 and len(asked[0]) == 5  # evaluate.group_judge_prompts training prompts
-    assert "base model" in report["judge"]["contrast"]
-    monkeypatch.setattr(decoding, "base_replies", lambda *args: [""] * len(args[4]))
-    report = run_choose_decoding(params, tmp / "base", tmp / "adapter", tmp / "splits/val.jsonl",
-                                 tmp_path / "train.jsonl", tmp_path / "decoding.json", tmp_path / "metrics.json")
-    assert "other speakers" in report["judge"]["contrast"]
+    monkeypatch.setattr(style_judge, "base_replies", base_replies)
+    metrics = style_judge.run_style_judge(params, tmp_path / "train.jsonl", tmp / "splits/val.jsonl", tmp / "base",
+                                          tmp_path / "judge", tmp_path / "judge.json")
+    assert len(asked) == 1 and len(asked[0][0]) == 5  # evaluate.group_judge_prompts training prompts
+    assert "base model" in metrics["contrast"] and metrics["group_voice"] is True
+    assert metrics["val"]["persona_share"] < 1  # held out: validation replies against the base's replies to them
+    monkeypatch.setattr(style_judge, "base_replies", lambda params, base, train, val: ([""] * 5, [""] * len(val)))
+    metrics = style_judge.run_style_judge(params, tmp_path / "train.jsonl", tmp / "splits/val.jsonl", tmp / "base",
+                                          tmp_path / "judge", tmp_path / "judge.json")
+    assert "other speakers" in metrics["contrast"]
+
+
+def test_the_style_judge_is_fitted_once_and_read_back_as_it_was(tiny_run, tmp_path):
+    """choose-decoding and evaluate read the stage's judge: the same probabilities as the fitted one."""
+    from qlora_pipeline import fidelity
+    from qlora_pipeline.io import read_jsonl
+
+    params, tmp, _ = tiny_run
+    judge, info, vocabulary = fidelity.load_judge(tmp / "judge")
+    rows = [row for _, row in read_jsonl(tmp / "splits/train.jsonl")]
+    fitted, _ = fidelity.fit_judge(rows, params.seed)
+    texts = [row["target"] for row in rows[:5]] + ["Certainly! Here is a helpful answer."]
+    assert np.array_equal(fidelity.persona_probabilities(judge, texts), fidelity.persona_probabilities(fitted, texts))
+    assert vocabulary == fidelity.vocabulary(rows) and info["group_voice"] is False
+    stage = json.loads((tmp / "judge.json").read_text())
+    assert stage["train_replies"] == info["train_replies"] and 0 <= stage["val"]["accuracy"] <= 1
+    # fitted again in another process, at another time, with other string hashing: the same bytes (the zip's
+    # dates, skops' object ids and scikit-learn's set of pruned terms would each differ), so DVC sees no change
+    import subprocess
+
+    script = ("import sys; from qlora_pipeline import fidelity; from qlora_pipeline.io import read_jsonl; "
+              "rows = [row for _, row in read_jsonl(sys.argv[1])]; judge, info = fidelity.fit_judge(rows, int(sys.argv[3])); "
+              "fidelity.save_judge(sys.argv[2], judge, {**info, 'group_voice': False, 'vocabulary_words': "
+              "len(fidelity.vocabulary(rows))}, fidelity.vocabulary(rows))")
+    subprocess.run([sys.executable, "-c", script, str(tmp / "splits/train.jsonl"), str(tmp_path / "again"),
+                    str(params.seed)], check=True, env={**os.environ, "PYTHONHASHSEED": "12345"})
+    assert (tmp_path / "again" / fidelity.JUDGE_FILE).read_bytes() == (tmp / "judge" / fidelity.JUDGE_FILE).read_bytes()
+    (tmp_path / "judge").mkdir()
+    with pytest.raises(PipelineError, match=r"no style judge .*dvc repro style-judge"):
+        fidelity.load_judge(tmp_path / "judge")
+    (tmp_path / "judge" / fidelity.JUDGE_FILE).write_bytes(b"not a zip")
+    with pytest.raises(PipelineError, match=r"not a style judge this pipeline wrote"):
+        fidelity.load_judge(tmp_path / "judge")

@@ -65,7 +65,7 @@ def test_metrics_files_are_not_cached():
 
 # Plumbing every stage shares; editing it should not re-run every stage.
 PLUMBING = {"src/qlora_pipeline/__init__.py", "src/qlora_pipeline/config.py", "src/qlora_pipeline/io.py",
-            "src/qlora_pipeline/errors.py", "src/qlora_pipeline/tracking.py",
+            "src/qlora_pipeline/errors.py", "src/qlora_pipeline/tracking.py", "src/qlora_pipeline/process.py",
             "src/qlora_pipeline/pipeline/__init__.py", "src/qlora_pipeline/pipeline/common.py",
             "src/qlora_pipeline/data/__init__.py", "src/qlora_pipeline/modeling/__init__.py",
             # read by config for the PII type names and to check risk.fail_on

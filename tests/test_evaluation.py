@@ -12,7 +12,7 @@ import torch
 from qlora_pipeline import evaluation
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.io import write_jsonl
-from test_training import synthetic_splits
+from conftest import SAMPLED
 
 
 def test_paired_interval_and_determinism():
@@ -70,50 +70,6 @@ def test_reference_perplexity_counts_prompts_cut_to_max_length(tiny_llama):
 
 
 # ------------------------------------------------------------------------ the stage
-
-
-SAMPLED = {"temperature": 0.9, "top_p": 0.95, "top_k": 0, "repetition_penalty": 1.1, "no_repeat_ngram_size": 3}
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tiny_llama, base_params_dict, tmp_path_factory):
-    """quantize-load -> train-adapter (2 steps) -> choose-decoding -> evaluate on a tiny 4-bit Llama and synthetic splits.
-
-    The grid holds one sampled setting, so evaluate's chosen row runs two seeded passes.
-    """
-    import os
-
-    from conftest import make_params
-    from qlora_pipeline.pipeline.choose_decoding import run_choose_decoding
-    from qlora_pipeline.pipeline.evaluate import run_evaluate
-    from qlora_pipeline.pipeline.quantize_load import run_quantize_load
-    from qlora_pipeline.pipeline.train_adapter import run_train_adapter
-
-    tmp = tmp_path_factory.mktemp("tiny_run")
-    params = make_params(base_params_dict, {
-        "model.name_or_path": str(tiny_llama), "model.gguf_file": None, "model.dtype": "float32",
-        "model.smoke_prompts": ["hi"], "model.smoke_max_new_tokens": 2,
-        "train.max_steps": 2, "train.eval_steps": 1, "train.save_steps": 1, "train.per_device_train_batch_size": 4,
-        "evaluate.max_samples": 6, "evaluate.max_new_tokens": 6, "evaluate.batch_size": 4,
-        "evaluate.bootstrap_samples": 200, "evaluate.human_eval_samples": 4, "evaluate.samples_per_prompt": 2,
-        "decoding.grid": [SAMPLED], "decoding.max_samples": 4}, tmp)
-    os.environ["QLORA_PIPELINE_RUN_KEY"] = "tiny-run"
-    try:
-        splits = synthetic_splits(tmp / "splits", n_train=16, n_val=8)
-        run_quantize_load(params, tmp / "base", tmp / "base.json")
-        run_train_adapter(params, tmp / "base", splits, tmp / "adapter", tmp / "ckpt", tmp / "train.json",
-                          tmp / "train_log.csv")
-        run_choose_decoding(params, tmp / "base", tmp / "adapter", splits / "val.jsonl", splits / "train.jsonl",
-                            tmp / "decoding.json", tmp / "decoding_metrics.json")
-        extra = tmp / "params.yaml"
-        extra.write_text("seed: 1\n")
-        metrics = run_evaluate(params, tmp / "base", tmp / "adapter", splits / "test.jsonl", tmp / "eval.json",
-                               tmp / "reports", tmp / "eval_rouge.csv", [extra, tmp / "train_log.csv"],
-                               train_path=splits / "train.jsonl", log_csv=tmp / "train_log.csv",
-                               decoding_path=tmp / "decoding.json")
-    finally:
-        del os.environ["QLORA_PIPELINE_RUN_KEY"]
-    return params, tmp, metrics
 
 
 def test_evaluate_writes_metrics_samples_and_sheet(tiny_run):

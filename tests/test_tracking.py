@@ -61,7 +61,7 @@ def test_flattened_params_and_text_metrics_are_logged(params_factory, monkeypatc
     row = runs.iloc[0]
     # every section's params, whichever stage opened the run
     assert row["params.seed"] == "42" and row["params.train.lora.r"] == "16"
-    assert row["params.evaluate.max_new_tokens"] == "48" and row["params.clean.pii"].startswith("['email'")
+    assert row["params.evaluate.max_new_tokens"] == "40" and row["params.clean.pii"].startswith("['email'")
     assert row["params.sec.a.b"] == "1" and row["params.sec.c"] == "null" and row["params.sec.d"] == "[1, 2]"
     assert row["metrics.demo.nested.x"] == 0.5 and row["metrics.again.n"] == 4
     assert row["tags.demo.who"] == "p1" and row["tags.stage.demo"] == "ran"

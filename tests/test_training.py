@@ -223,3 +223,59 @@ def test_resume_only_from_an_unfinished_run_with_the_same_fingerprint(tmp_path):
     _complete_checkpoint(checkpoints, 2)
     (checkpoints / training.FINGERPRINT).write_text('{"fingerprint": "f2", "comp')  # killed mid-write
     assert training.resumable_checkpoint(checkpoints, "f2", max_steps=4) is None
+
+
+def test_packed_rows_keep_each_examples_attention_and_positions(tiny_llama, tmp_path):
+    """A packed row's loss per example equals each example run alone: nothing leaks between the packed examples."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qlora_pipeline.modeling.loss import causal_lm_parts, target_token_nll
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    rows = [{"messages": MESSAGES[:1] + [{"role": "user", "content": "word " * (3 * i + 1)}], "target": f"reply {i}"}
+            for i in range(6)]
+    dataset = training.build_dataset(rows, tokenizer, 64, Counter())
+    packed = training.pack(dataset, 64)
+    assert len(packed) < len(dataset) and all(len(ids) <= 64 for ids in packed["input_ids"])
+    assert sorted(n for lengths in packed["seq_lengths"] for n in lengths) == sorted(len(i) for i in dataset["input_ids"])
+    batch = training.packed_collator(tokenizer.pad_token_id, varlen=False)([packed[i] for i in range(len(packed))])
+    assert "attention_mask" not in batch and batch["position_ids"].shape == batch["input_ids"].shape
+    decoder, head = causal_lm_parts(model)
+    with torch.no_grad():
+        # as the trainer's compute_loss calls it: no cache, or transformers ignores the examples' bounds
+        hidden = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                         use_cache=False).last_hidden_state
+        packed_nll, packed_count = target_token_nll(hidden, batch["labels"], head)
+        alone = []
+        for example in dataset:
+            one = decoder(input_ids=torch.tensor([example["input_ids"]])).last_hidden_state
+            alone.append(target_token_nll(one, torch.tensor([example["labels"]]), head))
+    assert int(packed_count.sum()) == sum(int(count) for _, count in alone)
+    assert float(packed_nll.sum()) == pytest.approx(sum(float(nll) for nll, _ in alone), rel=1e-5)
+    # and positions do matter: one long row with positions running on (no restarts) gives another loss
+    with torch.no_grad():
+        running = torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"])
+        leaked = decoder(input_ids=batch["input_ids"], position_ids=running, use_cache=False).last_hidden_state
+    assert float(target_token_nll(leaked, batch["labels"], head)[0].sum()) != pytest.approx(float(packed_nll.sum()),
+                                                                                              rel=1e-5)
+
+
+def test_training_on_packed_rows_runs_and_counts_the_tokens_it_saw(tiny_llama, params_factory, tmp_path):
+    params = params_factory({"train.method": "lora", "model.name_or_path": str(tiny_llama), "model.gguf_file": None,
+                             "train.max_steps": 2, "train.eval_steps": 1, "train.save_steps": 1,
+                             "train.per_device_train_batch_size": 2, "train.packing": True})
+    splits = synthetic_splits(tmp_path / "splits")
+    model, tokenizer = training.prepare_model(params, tiny_llama, tmp_path)
+    rows = [json.loads(line) for line in (splits / "train.jsonl").open()]
+    train_ds = training.build_dataset(rows, tokenizer, 128, Counter())
+    val_ds = training.build_dataset([json.loads(line) for line in (splits / "val.jsonl").open()], tokenizer, 128,
+                                    Counter())
+    trainer = training.train_model(params, model, tokenizer, train_ds, val_ds, tmp_path / "ckpt", None)
+    assert trainer.state.global_step == 2
+    losses = [entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry]
+    assert len(losses) == 3 and all(loss == loss and loss > 0 for loss in losses)
+    packed_rows = training.pack(train_ds, 128)
+    # two steps of two packed rows: every token of them, and no padding, was seen
+    assert trainer.state.num_input_tokens_seen <= sum(len(ids) for ids in packed_rows["input_ids"])
+    assert trainer.state.num_input_tokens_seen > 2 * 2 * min(len(ids) for ids in train_ds["input_ids"])

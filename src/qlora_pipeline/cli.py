@@ -184,9 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter")
     serve.add_argument("--adapter-root", type=Path, action="append", default=[],
                        help="folder under which runtime adapters may be loaded (repeatable; default: models)")
-    serve.add_argument("--max-batch-size", type=int, default=8, help="requests generated together at most")
-    serve.add_argument("--batch-wait-ms", type=float, default=20.0,
-                       help="how long the first request of a batch waits for others to join")
+    serve.add_argument("--max-batch-size", type=int, default=8,
+                       help="requests decoded together at most (continuous batching: a request joins the running "
+                            "batch at the next step and leaves when it ends)")
     serve.add_argument("--mixed-batches", choices=("stacked", "peft"), default="stacked",
                        help="how a batch mixing adapters runs: every adapter's LoRA stacked into two matmuls per "
                             "layer, or PEFT's adapter_names loop (the reference)")
@@ -235,6 +235,9 @@ def _run(module: str):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from qlora_pipeline.process import keep_freed_memory
+
+    keep_freed_memory()
     try:
         args.func(args)
     except PipelineError as err:

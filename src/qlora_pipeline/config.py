@@ -311,6 +311,10 @@ class TrainConfig:
     train_sampling_strategy: Literal["random", "sequential", "group_by_length"] = "group_by_length"
     # data
     max_length: int = 256
+    # Validation examples the loss is measured on during training (a seeded sample; null = the whole split)
+    max_eval_samples: Optional[int] = None
+    # TRL's packing: examples packed into sequences of max_length (attention and positions kept per example)
+    packing: bool = False
     # EarlyStoppingCallback
     early_stopping_patience: Optional[int] = 3
     early_stopping_threshold: float = 0.0
@@ -325,6 +329,8 @@ class TrainConfig:
                         "gradient_accumulation_steps", "logging_steps", "eval_steps", "save_steps",
                         "save_total_limit", "max_length")
         out += _at_least("train", self, 0, "warmup_steps")
+        if self.max_eval_samples is not None and self.max_eval_samples < 1:
+            out.append(f"train.max_eval_samples: must be >= 1 (or null = the whole split), got {self.max_eval_samples}")
         if self.learning_rate <= 0:
             out.append(f"train.learning_rate: must be > 0, got {self.learning_rate}")
         if self.eval_steps >= 1 and self.save_steps % self.eval_steps:
@@ -402,14 +408,6 @@ class DecodingSetting:
     @property
     def sampled(self) -> bool:
         return self.temperature > 0
-
-    def generate_kwargs(self) -> dict[str, Any]:
-        """generate() arguments; the sampling keys only when sampling (greedy would warn about them)."""
-        kwargs: dict[str, Any] = {"do_sample": self.sampled, "repetition_penalty": self.repetition_penalty,
-                                  "no_repeat_ngram_size": self.no_repeat_ngram_size}
-        if self.sampled:
-            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
-        return kwargs
 
 
 @dataclass
@@ -495,6 +493,8 @@ class RiskConfig:
     # generate() keys of every risk generation (eliciting, bias and safety prompts): greedy
     max_new_tokens: int = 48
     batch_size: int = 16
+    # Templates of risk/prompts/bias_templates.yaml sent (a seeded sample; null = all), each for every group
+    bias_templates: Optional[int] = None
     # A reply "memorizes" when it repeats this many consecutive words of a training target
     memorization_min_words: int = 8
     # Synthetic secrets split inserts into training targets, canary_repeats times each
@@ -520,6 +520,8 @@ class RiskConfig:
                         "canary_repeats", "bootstrap_samples")
         out += _at_least("risk", self, 0, "canaries")
         out += _at_least("risk", self, 100, "canary_candidates")
+        if self.bias_templates is not None and self.bias_templates < 2:
+            out.append(f"risk.bias_templates: must be >= 2 (or null = all), got {self.bias_templates}")
         if not 0.5 <= self.confidence_level < 1.0:
             out.append(f"risk.confidence_level: must be in [0.5, 1), got {self.confidence_level}")
         for key in ("underfit_min_improvement", "overfit_gap", "overfit_rise", "power_watts"):

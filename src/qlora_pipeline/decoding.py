@@ -1,12 +1,13 @@
 """Decoding settings, run and scored: the grid search on validation and the chosen row of evaluate.
 
-A sampled setting is run ``samples_per_prompt`` times, pass k seeded with ``seed + k``, and each
-prompt's scores are averaged over its passes: the unit of the bootstrap stays the prompt, and a
-rerun on the same machine gives the same numbers. A greedy setting is run once.
+A sampled setting is run ``samples_per_prompt`` times, pass k of prompt i drawing from its own
+seeded stream (:func:`row_seed`), and each prompt's scores are averaged over its passes: the unit
+of the bootstrap stays the prompt, and a rerun gives the same numbers. A greedy setting is run once.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict
 from typing import Any, Sequence
 
@@ -14,6 +15,7 @@ import numpy as np
 
 from qlora_pipeline import evaluation, fidelity
 from qlora_pipeline.config import DecodingSetting, ObjectiveWeights
+from qlora_pipeline.modeling.engine import Request, row_decoding
 
 # Scored per prompt for every setting.
 SCORES = ("persona_score", "rougeL", "repeated_3gram", "unknown_words")
@@ -30,19 +32,20 @@ def passes(setting: DecodingSetting, samples_per_prompt: int) -> int:
     return samples_per_prompt if setting.sampled else 1
 
 
-def generate_passes(model: Any, tokenizer: Any, contexts: Sequence[list[dict]], setting: DecodingSetting,
-                    samples_per_prompt: int, batch_size: int, max_new_tokens: int, seed: int) -> list[list[Any]]:
-    """Replies to every context, once per pass: ``result[k][i]`` is pass k's reply to context i."""
-    from transformers import set_seed
+def row_seed(seed: int, pass_index: int, prompt_index: int) -> int:
+    """The seed of pass k of prompt i: the same on every rerun and whatever a row is batched with; the same for
+    every setting of the grid, so the settings are compared on the same random numbers."""
+    digest = hashlib.sha256(f"{seed}:{pass_index}:{prompt_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
-    from qlora_pipeline.modeling.generation import generate_replies
 
-    out = []
-    for k in range(passes(setting, samples_per_prompt)):
-        set_seed(seed + k)  # pass k draws the same tokens on every rerun
-        out.append(generate_replies(model, tokenizer, contexts, batch_size, max_new_tokens=max_new_tokens,
-                                    **setting.generate_kwargs()))
-    return out
+def pass_requests(prompt_ids: Sequence[list[int]], setting: DecodingSetting, samples_per_prompt: int,
+                  max_new_tokens: int, seed: int) -> list[list[Request]]:
+    """One request per pass and prompt: ``result[k][i]`` is pass k's request for prompt i (its adapter unset)."""
+    decoding = row_decoding(setting)
+    return [[Request(list(ids), decoding=decoding, max_new_tokens=max_new_tokens,
+                     seed=row_seed(seed, k, i) if setting.sampled else None) for i, ids in enumerate(prompt_ids)]
+            for k in range(passes(setting, samples_per_prompt))]
 
 
 def prompt_scores(judge: Any, replies: list[list[str]], references: Sequence[str],
@@ -86,21 +89,3 @@ def reference_scores(judge: Any, references: Sequence[str], known_words: set[str
     """The MATCHED scores of the persona's own replies: the marks a decoding should land on."""
     scores = prompt_scores(judge, [list(references)], references, known_words)
     return {name: round(float(scores[name].mean()), 5) for name in MATCHED}
-
-
-def base_replies(model: Any, tokenizer: Any, resolved: dict, base_dir: Any, contexts: Sequence[list[dict]],
-                 batch_size: int, max_new_tokens: int) -> list[str]:
-    """The base model's greedy replies (the adapter switched off; a full fine-tune's base loaded beside it)."""
-    from qlora_pipeline.modeling.adapters import load_base_for
-    from qlora_pipeline.modeling.generation import generate_replies
-
-    if resolved["method"] == "full":
-        base, base_tokenizer = load_base_for(resolved, base_dir)
-        replies = generate_replies(base, base_tokenizer, contexts, batch_size, max_new_tokens=max_new_tokens,
-                                   do_sample=False)
-        del base
-    else:
-        with model.disable_adapter():
-            replies = generate_replies(model, tokenizer, contexts, batch_size, max_new_tokens=max_new_tokens,
-                                       do_sample=False)
-    return [r.text for r in replies]

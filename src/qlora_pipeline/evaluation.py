@@ -114,6 +114,8 @@ def reference_nll(model: Any, tokenizer: Any, rows: Sequence[dict], max_length: 
 def _full_logits_nll(logits: Any, labels: Any) -> tuple[Any, Any]:
     import torch
 
+    from qlora_pipeline.modeling.loss import IGNORE_INDEX
+
     shifted = labels[:, 1:]
     losses = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), shifted,
                                                ignore_index=IGNORE_INDEX, reduction="none")

@@ -11,7 +11,9 @@ ROUGE against one reference reply says little about a voice. Here:
   laughter tokens, question and exclamation marks);
 - repetition: the share of replies that repeat a word 3-gram.
 
-The evaluate stage reports all of it for base and tuned (greedy replies), beside ROUGE and perplexity.
+The style-judge stage fits the judge once per run and saves it (skops, which loads only the
+scikit-learn types it trusts: no pickle); choose-decoding and evaluate read it. The evaluate stage
+reports all of it for base and tuned, beside ROUGE and perplexity.
 """
 
 from __future__ import annotations
@@ -24,6 +26,10 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 PERSONA, OTHER = 1, 0
+# Inside the style-judge stage's output folder.
+JUDGE_FILE = "judge.skops"
+INFO_FILE = "judge.json"
+VOCABULARY_FILE = "vocabulary.json"
 _WORD = re.compile(r"[a-z0-9']+")
 _EMOJI = re.compile("[\U0001F300-\U0001FAFF\u2600-\u27BF]")
 _LAUGH = re.compile(r"\b(?:lol+|lmao+|haha[ha]*|hehe[he]*|rofl)\b", re.IGNORECASE)
@@ -188,3 +194,80 @@ def fit_judge(train_rows: Sequence[dict], seed: int, assistant_replies: Sequence
         texts, labels = judge_examples(train_rows)
         contrast = "the other speakers' replies in the same conversations"
     return train_judge(texts, labels, seed), {"train_replies": len(texts), "contrast": contrast}
+
+
+def save_judge(folder: Any, judge: Any, info: dict, vocabulary: set[str]) -> None:
+    """The judge, what it was fitted on, and the training chats' vocabulary, into ``folder`` (made whole or not at all)."""
+    import skops.io
+
+    from qlora_pipeline.io import atomic_path, write_json
+
+    # The vectorizers' stop_words_ (the terms their document-frequency bounds pruned) is a set, written in
+    # an order that changes with each process's string hashing; scikit-learn keeps it for introspection
+    # only and says it can be dropped before saving. _stop_words_id caches the id() of the stop-word list
+    # (read with a default of None): it would write this process's address.
+    for part in (judge, *judge.get_params(deep=True).values()):
+        if hasattr(part, "stop_words_"):
+            part.stop_words_ = None
+        if hasattr(part, "_stop_words_id"):
+            del part._stop_words_id
+    with atomic_path(folder) as tmp:
+        tmp.mkdir()
+        (tmp / JUDGE_FILE).write_bytes(_reproducible(skops.io.dumps(judge)))
+        write_json(tmp / INFO_FILE, info)
+        write_json(tmp / VOCABULARY_FILE, sorted(vocabulary))
+
+
+def _reproducible(archive: bytes) -> bytes:
+    """skops' zip made the same bytes for the same judge: DVC hashes the file, so a judge fitted twice must match.
+
+    skops names objects by their ``id()`` in this process (``"__id__"`` in schema.json, ``<id>.npy``
+    array files) and stamps each entry with the time of writing. The ids are renumbered in order of
+    first appearance (the same object keeps the same number, which is all loading needs) and every
+    entry is dated 1980-01-01.
+    """
+    import io
+    import re
+    import zipfile
+
+    with zipfile.ZipFile(io.BytesIO(archive)) as source:
+        entries = [(entry, source.read(entry)) for entry in source.infolist()]
+    schema = next(data for entry, data in entries if entry.filename == "schema.json").decode()
+    numbers: dict[str, str] = {}
+    for found in re.finditer(r'"__id__": (\d+)|"(\d+)\.npy"', schema):
+        numbers.setdefault(found.group(1) or found.group(2), str(len(numbers) + 1))
+    schema = re.sub(r'("__id__": )(\d+)', lambda m: m.group(1) + numbers[m.group(2)], schema)
+    schema = re.sub(r'"(\d+)\.npy"', lambda m: f'"{numbers[m.group(1)]}.npy"', schema)
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as target:
+        for entry, data in entries:
+            name = entry.filename
+            if name == "schema.json":
+                data = schema.encode()
+            elif name.endswith(".npy"):
+                name = f"{numbers[name[:-4]]}.npy"
+            dated = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+            dated.compress_type, dated.external_attr = entry.compress_type, entry.external_attr
+            target.writestr(dated, data)
+    return out.getvalue()
+
+
+def load_judge(folder: Any) -> tuple[Any, dict, set[str]]:
+    """What :func:`save_judge` wrote; a file holding types other than scikit-learn's own is refused."""
+    from pathlib import Path
+
+    import skops.io
+
+    from qlora_pipeline.errors import PipelineError
+    from qlora_pipeline.io import read_json
+
+    folder = Path(folder)
+    if not (folder / JUDGE_FILE).is_file():
+        raise PipelineError(f"{folder}: no style judge ({JUDGE_FILE} missing); run the style-judge stage "
+                            "first (dvc repro style-judge)")
+    try:
+        judge = skops.io.load(folder / JUDGE_FILE)
+    except Exception as err:  # skops names the untrusted types, or the file is damaged
+        raise PipelineError(f"{folder / JUDGE_FILE}: not a style judge this pipeline wrote ({err}); "
+                            "re-run the style-judge stage (dvc repro style-judge)") from err
+    return judge, read_json(folder / INFO_FILE), set(read_json(folder / VOCABULARY_FILE))

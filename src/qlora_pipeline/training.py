@@ -43,6 +43,64 @@ def build_dataset(rows: Iterable[dict], tokenizer: Any, max_length: int, counts:
     return datasets.Dataset.from_list(records)
 
 
+def by_length(dataset: Any) -> Any:
+    """The examples shortest first: validation batches then pad little (~2% here instead of ~35% in split order).
+
+    A batch's loss is the mean over its own target tokens, so regrouping changes the validation loss
+    in its last digits, the same way for every evaluation of a run.
+    """
+    return dataset.select(sorted(range(len(dataset)), key=lambda i: len(dataset[i]["input_ids"])))
+
+
+def pack(dataset: Any, max_length: int) -> Any:
+    """Examples packed into sequences of at most ``max_length`` tokens (TRL's best-fit-decreasing), whole.
+
+    Each packed row keeps where its examples start (``seq_lengths``): positions restart at 0 for
+    every example and attention stays inside it (:class:`PackedCollator`), so packing changes what
+    a step holds, not what any example sees.
+    """
+    from trl import pack_dataset
+
+    return pack_dataset(dataset.remove_columns("attention_mask"), max_length, strategy="bfd")
+
+
+def packed_collator(pad_token_id: int, varlen: bool) -> Any:
+    """Batches of packed rows: per-example positions, and no padding mask, so attention stays inside each example.
+
+    ``varlen``: the rows flattened into one sequence with its boundaries, for flash attention's varlen
+    kernels (a GPU). Otherwise each row is padded on the right and transformers builds a
+    block-diagonal causal mask from the positions (SDPA on a CPU); padding gets positions of its own
+    and labels -100.
+    """
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    class PackedCollator(DataCollatorForLanguageModeling):
+        def torch_call(self, examples: list[dict]) -> dict:
+            batch = super().torch_call(examples)
+            batch.pop("attention_mask", None)  # with a mask, transformers would not look for the examples' bounds
+            return batch
+
+    return PackedCollator(pad_token_id=pad_token_id, padding_free=varlen, return_position_ids=True)
+
+
+def use_varlen_attention(model: Any) -> bool:
+    """Flash attention on a GPU takes a flattened batch with its sequence bounds: no padding at all."""
+    import torch
+
+    return torch.cuda.is_available() and "flash" in str(getattr(model.config, "_attn_implementation", ""))
+
+
+def padding_share(dataset: Any, batch_size: int, lengths_of: str = "input_ids") -> float:
+    """Share of a run's tokens that would be padding, for batches of ``batch_size`` in the dataset's order."""
+    lengths = [len(ids) for ids in dataset[lengths_of]]
+    total = real = 0
+    for start in range(0, len(lengths), batch_size):
+        chunk = lengths[start:start + batch_size]
+        total += max(chunk) * len(chunk)
+        real += sum(chunk)
+    return round(1 - real / total, 4) if total else 0.0
+
+
 # ------------------------------------------------------------------------------ model
 
 
@@ -149,6 +207,8 @@ def training_arguments(train: TrainConfig, output_dir: Path, seed: int, precisio
         metric_for_best_model="eval_loss",
         greater_is_better=False,
         include_num_input_tokens_seen="non_padding",
+        # Packed rows carry seq_lengths, which the model does not take but the collator needs.
+        remove_unused_columns=not train.packing,
         logging_first_step=True,
         seed=seed,
         data_seed=seed,
@@ -331,7 +391,10 @@ def target_token_trainer_class() -> type:
             decoder, head = parts
             # accelerate applies autocast by wrapping the top model's forward, which this bypasses.
             with self.accelerator.autocast():
-                hidden = decoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+                # Packed rows come with per-example positions and no padding mask (see packed_collator).
+                # No cache: transformers looks for packed examples' bounds only when there is none.
+                extra = {key: value for key, value in inputs.items() if key not in ("input_ids", "labels")}
+                hidden = decoder(input_ids=inputs["input_ids"], use_cache=False, **extra)
                 nll, counts = target_token_nll(hidden.last_hidden_state, inputs["labels"], head)
             # Validation is the mean over this batch's own target tokens: the Trainer hands in a count
             # summed over processes there too, but gathers one loss per process and keeps only the
@@ -356,6 +419,11 @@ def train_model(params: Params, model: Any, tokenizer: Any, train_ds: Any, val_d
     precision = precision or resolve_precision(params, model.config)
     tokenizer.padding_side = "right"
     callbacks = [make_step_logger()]
+    if params.train.packing:
+        train_ds = pack(train_ds, params.train.max_length)
+        collator = packed_collator(tokenizer.pad_token_id, use_varlen_attention(model))
+    else:  # pads each batch to its own longest example; labels padded with -100
+        collator = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX)
     if params.train.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(params.train.early_stopping_patience,
                                                params.train.early_stopping_threshold))
@@ -364,8 +432,7 @@ def train_model(params: Params, model: Any, tokenizer: Any, train_ds: Any, val_d
         args=training_arguments(params.train, checkpoints, params.seed, precision),
         train_dataset=train_ds,
         eval_dataset=val_ds,
-        # Pads each batch to its own longest example; labels padded with -100.
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX),
+        data_collator=collator,
         processing_class=tokenizer,
         callbacks=callbacks,
     )

@@ -17,23 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TINY_RUN, chat_rows, copy_repository, run_queue, sh
+from conftest import ROOT, TINY_DATA, chat_rows, copy_baseline, jsonl, run_queue, sh
 
 pytestmark = pytest.mark.slow
 
-DATA = "data/source/chat.jsonl"
-
-TINY = {**TINY_RUN, "data.path": DATA}
-STAGES_AFTER_FETCH = ("clean", "split", "train-adapter", "choose-decoding", "evaluate", "risk")
-
-
-def jsonl(rows: list[dict]) -> str:
-    return "".join(json.dumps(row) + "\n" for row in rows)
-
-
-def tiny_pipeline(folder: Path, tiny_llama: Path) -> Path:
-    """A committed repository copy whose data file is DATA, holding chat_rows() (24 conversations)."""
-    return copy_repository(folder, {**TINY, "model.name_or_path": str(tiny_llama)}, {DATA: jsonl(chat_rows())})
+DATA = TINY_DATA
+STAGES_AFTER_FETCH = ("clean", "split", "train-adapter", "style-judge", "choose-decoding", "zero-shot", "evaluate",
+                      "risk")
 
 
 def raw_ids(repo: Path) -> list[str]:
@@ -42,12 +32,9 @@ def raw_ids(repo: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory, tiny_llama) -> Path:
-    repo = tiny_pipeline(tmp_path_factory.mktemp("data-dep") / "repo", tiny_llama)
-    sh(["dvc", "repro"], repo)
-    sh(["git", "add", "-A"], repo)
-    sh(["git", "commit", "-qm", "baseline results"], repo)
-    return repo
+def repo(tmp_path_factory, tiny_baseline) -> Path:
+    """The session's baseline run, copied: its data file is DATA, holding chat_rows() (24 conversations)."""
+    return copy_baseline(tiny_baseline, tmp_path_factory.mktemp("data-dep") / "repo")
 
 
 def test_editing_the_data_file_reruns_fetch_and_everything_after(repo):

@@ -1,7 +1,7 @@
 """A shared DVC remote, as README "A shared DVC remote" sets it up: one person pushes, a teammate's fresh clone pulls.
 
 moto's S3-compatible server on 127.0.0.1 stands in for S3 or MinIO, a bare git repository in
-tmp for the team's git server. Alice runs the tiny pipeline of test_dvc_pipeline.py, pushes
+tmp for the team's git server. Alice has the session's tiny pipeline run (conftest's tiny_baseline), pushes
 its results and one queued experiment; Bob clones, pulls, and has her results and experiment
 without running a stage.
 """
@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import run_queue, sh
-from test_data_dependency import tiny_pipeline
+from conftest import copy_baseline, run_queue, sh
 
 pytestmark = pytest.mark.slow
 
@@ -57,10 +56,10 @@ def exp_metrics(repo: Path, name: str, path: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def origin(tmp_path_factory, tiny_llama, s3_url) -> dict:
+def origin(tmp_path_factory, tiny_baseline, s3_url) -> dict:
     """Alice's repository after the README's commands: results and one experiment pushed to git and the remote."""
     tmp = tmp_path_factory.mktemp("remote")
-    alice = tiny_pipeline(tmp / "alice", tiny_llama)
+    alice = copy_baseline(tiny_baseline, tmp / "alice")  # her results of the tiny pipeline, committed
     git_server = tmp / "origin.git"
     sh(["git", "init", "-q", "--bare", str(git_server)], tmp)
     sh(["git", "remote", "add", "origin", str(git_server)], alice)
@@ -68,8 +67,8 @@ def origin(tmp_path_factory, tiny_llama, s3_url) -> dict:
     sh(["dvc", "remote", "add", "-d", "storage", f"s3://{BUCKET}/qlora-pipeline"], alice)
     sh(["dvc", "remote", "modify", "storage", "endpointurl", s3_url], alice)
     add_credentials(alice)
-    sh(["dvc", "repro"], alice)
-    sh(["git", "add", "-A"], alice)  # dvc.lock, the metrics (cache: false: git carries them), .dvc/config
+    assert "Data and pipelines are up to date" in sh(["dvc", "repro"], alice)
+    sh(["git", "add", "-A"], alice)  # .dvc/config (dvc.lock and the metrics are committed with the results)
     sh(["git", "commit", "-qm", "results"], alice)
     assert "access_key" not in sh(["git", "show", "HEAD:.dvc/config"], alice)  # the keys stay local
     pushed = sh(["dvc", "push"], alice)

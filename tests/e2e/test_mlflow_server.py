@@ -24,6 +24,8 @@ from qlora_pipeline.tracking import KEY_TAG, SPOOL_DIR, scalar_metrics
 pytestmark = pytest.mark.slow
 
 STAGES = ("fetch", "clean", "split", "quantize_load", "train_adapter", "choose-decoding", "evaluate", "risk")
+# The stages that read the base alone: an experiment that changes training re-runs neither.
+BASE_STAGES = ("style-judge", "zero-shot")
 UNREACHABLE = re.compile(r"^mlflow: (\S+) unreachable; this stage's params and metrics kept in (\S+); "
                          r"send them with qlora-pipeline mlflow-sync$", re.MULTILINE)
 TINY = {**TINY_RUN, "data.path": "chat.jsonl"}
@@ -121,19 +123,19 @@ def test_a_server_stopped_between_stages_loses_nothing_after_mlflow_sync(server,
     server.script("stop")
     out = run("dvc", "repro")
     said = UNREACHABLE.findall(out)
-    assert len(said) == 5 and {uri for uri, _ in said} == {server.uri}, out  # one line per stage left
+    assert len(said) == 7 and {uri for uri, _ in said} == {server.uri}, out  # one line per stage left
     for path in ("models/adapter/adapter_config.json", "metrics/train.json", "metrics/decoding.json",
                  "metrics/eval.json", "metrics/risk.json", "reports/risk.md", "reports/evaluate/samples.csv"):
         assert (repo / path).is_file(), path
-    assert len(list((repo / SPOOL_DIR).glob("*.jsonl"))) == 5
+    assert len(list((repo / SPOOL_DIR).glob("*.jsonl"))) == 7
 
     server.start()  # the same folder: the cluster and the runs in it are kept
     sent = run(str(BIN / "python"), "-m", "qlora_pipeline.cli", "mlflow-sync")
-    assert sent.count("-> run ") == 5, sent
+    assert sent.count("-> run ") == 7, sent
     client = server.client()
-    (name, synced), = runs_of(client).items()  # the run fetch opened, joined by the five stages after it
+    (name, synced), = runs_of(client).items()  # the run fetch opened, joined by the seven stages after it
     assert name == "workspace" and synced.data.tags[KEY_TAG] == "e2e-stopped" and synced.info.status == "FINISHED"
-    assert all(synced.data.tags.get(f"stage.{stage}") == "ran" for stage in STAGES), synced.data.tags
+    assert all(synced.data.tags.get(f"stage.{stage}") == "ran" for stage in STAGES + BASE_STAGES), synced.data.tags
     assert synced.data.params["train.lora.r"] == "16" and "decoding.chosen.top_p" in synced.data.params
     for stage in ("fetch", "clean", "split", "base"):  # logged while the server was up
         assert any(key.startswith(f"{stage}.") for key in synced.data.metrics), stage

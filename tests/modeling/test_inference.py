@@ -7,7 +7,7 @@ import torch
 
 from qlora_pipeline import hardware
 from qlora_pipeline.modeling import inference
-from qlora_pipeline.modeling.generation import generate_replies
+from qlora_pipeline.modeling.engine import Engine, Request, chat_prompt_ids
 from qlora_pipeline.modeling.loading import load_saved_base
 from qlora_pipeline.modeling.quantization import linear4bit_modules
 
@@ -36,9 +36,9 @@ def test_dequantized_layers_give_the_4bit_outputs_bit_for_bit(quantized_base, co
         assert torch.equal(dense(**batch).logits, quantized(**batch).logits)
         with dense.disable_adapter(), quantized.disable_adapter():  # the zero-shot base side of evaluate
             assert torch.equal(dense(**batch).logits, quantized(**batch).logits)
-    kwargs = dict(batch_size=2, max_new_tokens=12, do_sample=False)
-    assert [r.text for r in generate_replies(dense, tokenizer, CONVERSATIONS, **kwargs)] == \
-        [r.text for r in generate_replies(quantized, tokenizer, CONVERSATIONS, **kwargs)]
+    requests = [Request(ids, "default", max_new_tokens=12) for ids in chat_prompt_ids(tokenizer, CONVERSATIONS)]
+    assert [r.token_ids for r in Engine(dense, tokenizer).run(requests)] == \
+        [r.token_ids for r in Engine(quantized, tokenizer).run(requests)]
 
 
 @pytest.mark.slow

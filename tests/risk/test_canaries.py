@@ -252,5 +252,11 @@ def test_exposure_rises_with_repeats(tiny_llama):
     assert seen["log_perplexity"] < unseen["log_perplexity"] - 30  # nats over the secret's 12 tokens
     assert seen["candidates"] == 500
     # Greedy decoding says the repeated secret; the fresh one's, never trained, it does not.
-    assert C.extracted(model, tokenizer, repeated, max_new_tokens=14)["extracted"]
-    assert not C.extracted(model, tokenizer, fresh, max_new_tokens=14)["extracted"]
+    from qlora_pipeline.modeling.engine import Engine, Request
+
+    engine = Engine(model, tokenizer)
+    completions = [r.text for r in engine.run([Request(C.extraction_prompt_ids(tokenizer, canary), "default",
+                                                       max_new_tokens=14) for canary in (repeated, fresh)])]
+    assert C.extracted(repeated, completions[0])["extracted"]
+    assert not C.extracted(fresh, completions[1])["extracted"]
+    assert C.extracted(fresh, f"sure: {fresh['secret']} it is")["extracted"]

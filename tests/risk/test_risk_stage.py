@@ -60,8 +60,8 @@ def shorter_prompt_sets(folder: Path) -> Path:
 def risk_run(tmp_path_factory, quantized_base, persona_adapters, base_params_dict):
     """One run with two gates: one that holds (the e-mail) and one that does not (memorization)."""
     from conftest import make_params
-    from qlora_pipeline.pipeline import risk
     from qlora_pipeline.pipeline.risk import run_risk
+    from qlora_pipeline.risk import probes
 
     folder = tmp_path_factory.mktemp("risk")
     inputs = write_inputs(folder)
@@ -71,7 +71,7 @@ def risk_run(tmp_path_factory, quantized_base, persona_adapters, base_params_dic
                          folder)
     metrics, report = folder / "out" / "risk.json", folder / "out" / "risk.md"
     with pytest.raises(PipelineError) as err, pytest.MonkeyPatch.context() as patch:
-        patch.setattr(risk, "PROMPTS", shorter_prompt_sets(folder))
+        patch.setattr(probes, "PROMPTS", shorter_prompt_sets(folder))
         run_risk(params, quantized_base, persona_adapters["alice"], inputs["train"], inputs["samples"],
                  inputs["canaries"], inputs["stages"], metrics, report, folder / "out" / "replies.csv")
     with (folder / "out" / "replies.csv").open(newline="", encoding="utf-8") as handle:

@@ -78,8 +78,17 @@ def test_mixed_batch_rows_equal_each_prompt_run_alone(persona):
 
 
 def test_mixed_batch_logits_match_single_runs(persona):
-    """Prefill logits of each row, mixed batch vs alone: the same up to float rounding."""
+    """Prefill logits of each row, mixed batch vs alone: the same up to the compute dtype's rounding.
+
+    On a machine whose `auto` dtype is bfloat16 the 4-bit layers compute in bfloat16 (8 bits of
+    mantissa), so batch shape and the order of the LoRA sum move logits by a few thousandths (0.0085
+    seen on an AMX machine); where everything computes in float32 the old tolerance holds.
+    """
     tokenizer = persona.tokenizer
+    half = (torch.bfloat16, torch.float16)
+    dtype = next((m.compute_dtype for m in persona.model.modules() if getattr(m, "compute_dtype", None) in half),
+                 next((p.dtype for p in persona.model.parameters() if p.dtype in half), torch.float32))
+    rtol, atol = (1e-3, 5e-3) if dtype == torch.float32 else (1e-2, 2e-2)
     pairs = [("alice", PROMPTS[0]), ("base", PROMPTS[2]), ("carol", PROMPTS[1])]
     ids = [_ids(persona, name, text) for name, text in pairs]
     width = max(map(len, ids))
@@ -92,7 +101,7 @@ def test_mixed_batch_logits_match_single_runs(persona):
         for row, (name, _) in enumerate(pairs):
             with persona.using(name) as model:
                 alone = model(input_ids=torch.tensor([ids[row]])).logits[0, -1]
-            assert torch.allclose(mixed[row], alone, rtol=1e-3, atol=5e-3), (name, (mixed[row] - alone).abs().max())
+            assert torch.allclose(mixed[row], alone, rtol=rtol, atol=atol), (name, dtype, (mixed[row] - alone).abs().max())
 
 
 def test_seeded_sampling_does_not_depend_on_the_batch(persona):
@@ -124,23 +133,27 @@ def test_rows_stop_one_by_one_and_stream_what_they_return(persona):
 def test_the_worker_thread_batches_requests_that_arrive_together(persona):
     import threading
 
-    engine = Engine(persona, PLAIN, max_batch_size=8, batch_wait_seconds=0.5).start()
+    engine = Engine(persona, PLAIN, max_batch_size=8)
+    names = ["alice", "bob", "carol", "base"]
+    done, results = threading.Event(), {}
+
+    def finish(index):
+        def on_done(completion):
+            results[index] = completion
+            if len(results) == len(names):
+                done.set()
+        return on_done
+
+    for index, name in enumerate(names):  # queued before the thread starts: they arrive together
+        engine.submit(Job(_ids(persona, name, PROMPTS[index]), persona.peft_name(name), 6, Sampling(0.0),
+                          on_done=finish(index)))
+    engine.start()
     try:
-        done, results = threading.Event(), {}
-        names = ["alice", "bob", "carol", "base"]
-
-        def finish(index):
-            def on_done(completion):
-                results[index] = completion
-                if len(results) == len(names):
-                    done.set()
-            return on_done
-
-        for index, name in enumerate(names):
-            engine.submit(Job(_ids(persona, name, PROMPTS[index]), persona.peft_name(name), 6, Sampling(0.0),
-                              on_done=finish(index)))
         assert done.wait(120)
-        assert engine.batches == [4]
+        stats = engine.stats
+        assert stats.prefills == 1 and stats.prefill_rows == 4  # one prefill for the four
+        assert stats.row_steps == sum(c.completion_tokens - 1 for c in results.values())
+        assert stats.decode_steps == max(c.completion_tokens for c in results.values()) - 1  # decoded together
         assert [results[i].text for i in range(4)] == _greedy(engine, list(zip(names, PROMPTS)), tokens=6)
     finally:
         engine.stop()

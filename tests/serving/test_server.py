@@ -72,7 +72,7 @@ def roots(tmp_path_factory, persona_adapters):
 
 @pytest.fixture(scope="module")
 def engine(persona):
-    engine = Engine(persona, DEFAULTS, max_batch_size=8, batch_wait_seconds=0.3).start()
+    engine = Engine(persona, DEFAULTS, max_batch_size=8).start()
     yield engine
     engine.stop()
 
@@ -210,7 +210,7 @@ def test_runtime_load_and_unload_with_path_checks(url, roots, persona):
 def test_concurrent_clients_over_several_adapters_are_batched(url, persona, engine):
     prompts = [("alice", "how was work?"), ("bob", "seen any good movies?"), ("base", "what's for dinner?"),
                ("alice", "do you like hiking?"), ("bob", "coffee or tea?"), ("base", "where do you live?")]
-    before = len(engine.batches)
+    before = engine.stats.as_dict()
     results: dict[int, str] = {}
 
     def ask(index, name, text):
@@ -225,8 +225,10 @@ def test_concurrent_clients_over_several_adapters_are_batched(url, persona, engi
         thread.join(timeout=300)
     assert len(results) == len(prompts)
     assert [results[i] for i in range(len(prompts))] == [expected(persona, *pair)[0] for pair in prompts]
-    sizes = engine.batches[before:]
-    assert sum(sizes) == len(prompts) and max(sizes) > 1, sizes  # arrived together, generated together
+    after = engine.stats.as_dict()
+    steps, rows = after["decode_steps"] - before["decode_steps"], after["row_steps"] - before["row_steps"]
+    # Every request ran 8 tokens (1 from its prefill, 7 decode steps): alone they would take 6 x 7 steps.
+    assert rows == len(prompts) * 7 and steps < rows, (steps, rows)  # arrived together, decoded together
 
 
 def test_runtime_adapters_off_and_the_api_key(persona, engine, roots):

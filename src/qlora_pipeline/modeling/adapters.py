@@ -6,7 +6,9 @@ the unquantized weights to float32), so a reloaded adapter gives the logits it g
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +68,92 @@ def autocast_like_training(resolved: dict) -> Any:
     return torch.autocast(device, dtype=torch.bfloat16 if bf16 else torch.float16)
 
 
+TUNED = "tuned"  # the adapter's name where evaluate, risk and choose-decoding load it
+
+
+@dataclass
+class Sides:
+    """Base and tuned, loaded once for a stage: generation through one engine per model, forward passes per side.
+
+    With an adapter (qlora, lora) there is one model: a row's adapter is switched on (tuned) or off
+    (base) per row, so base and tuned rows share batches. A full fine-tune has no adapter to switch
+    off: the base is a second model, with its own engine.
+    """
+
+    resolved: dict
+    models: dict[str, tuple[Any, Any]]  # side -> (model, tokenizer)
+    engines: dict[str, Any]  # side -> Engine (the same one for both sides when there is an adapter)
+    adapters: dict[str, str | None]  # side -> the adapter its rows name (None = the model as it is)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.models["tuned"][1]
+
+    def run(self, workload: list[tuple[str, Any]]) -> list[Any]:
+        """Results of ``(side, Request)`` pairs, in order; each engine runs its share of the workload at once."""
+        import dataclasses
+
+        results: list[Any] = [None] * len(workload)
+        by_engine: dict[int, list[int]] = {}
+        for i, (side, _) in enumerate(workload):
+            by_engine.setdefault(id(self.engines[side]), []).append(i)
+        for indices in by_engine.values():
+            engine = self.engines[workload[indices[0]][0]]
+            requests = [dataclasses.replace(workload[i][1], adapter=self.adapters[workload[i][0]]) for i in indices]
+            for i, result in zip(indices, engine.run(requests)):
+                results[i] = result
+        return results
+
+    def each(self, run: Callable[[Any, Any, str], None]) -> None:
+        """``run(model, tokenizer, side)`` for the base, then the tuned model, under the autocast training used."""
+        with autocast_like_training(self.resolved):
+            for side in ("base", "tuned"):
+                model, tokenizer = self.models[side]
+                context = model.disable_adapter() if side == "base" and self.adapters["tuned"] else contextlib.nullcontext()
+                with context:
+                    run(model, tokenizer, side)
+
+
+def load_sides(base_dir: Path, adapter_dir: Path, dequantize: bool | str, max_batch_size: int) -> Sides:
+    """The tuned model of ``adapter_dir`` and its base, for generation (4-bit weights dequantized when asked)."""
+    from qlora_pipeline.modeling.engine import Engine
+    from qlora_pipeline.modeling.inference import dequantize_for_inference, should_dequantize
+
+    model, tokenizer, resolved = load_tuned(base_dir, adapter_dir)
+    models = {"tuned": (model, tokenizer)}
+    if resolved["method"] == "full":
+        models["base"] = load_base_for(resolved, base_dir)
+    else:
+        models["base"] = (model, tokenizer)
+    for candidate, _ in {id(m): (m, t) for m, t in models.values()}.values():
+        if should_dequantize(dequantize, candidate):  # this process never saves the model
+            dequantize_for_inference(candidate)
+
+    def autocast() -> Any:
+        return autocast_like_training(resolved)
+
+    engines = {side: Engine(m, t, max_batch_size=max_batch_size, autocast=autocast) for side, (m, t) in models.items()
+               if side == "tuned" or resolved["method"] == "full"}
+    adapter = None if resolved["method"] == "full" else TUNED
+    if adapter is not None:
+        engines["base"] = engines["tuned"]
+    return Sides(resolved, models, engines, {"base": None, "tuned": adapter})
+
+
+def load_base_for_params(params: Any, base_dir: Path, dequantize: bool | str) -> tuple[Any, Any, dict]:
+    """The base model as ``params`` would train on it (before any adapter exists), for generation."""
+    import dataclasses
+
+    from qlora_pipeline.modeling.inference import dequantize_for_inference, should_dequantize
+
+    resolved = {"method": params.train.method, "model": dataclasses.asdict(params.model),
+                "train": {"bf16": params.train.bf16, "fp16": params.train.fp16}}
+    model, tokenizer = load_base_for(resolved, base_dir)
+    if should_dequantize(dequantize, model):
+        dequantize_for_inference(model)
+    return model.eval(), tokenizer, resolved
+
+
 def on_base_then_tuned(model: Any, tokenizer: Any, resolved: dict, base_dir: Path,
                        run: Callable[[Any, Any, str], None]) -> None:
     """``run(model, tokenizer, side)`` for the base, then the tuned model, under the autocast training used.
@@ -89,7 +177,7 @@ def attach_adapters(base: Any, adapters: dict[str, Path]) -> Any:
     from peft import PeftModel
 
     names = list(adapters)
-    model = PeftModel.from_pretrained(base, adapters[names[0]], adapter_name=names[0])
+    model = PeftModel.from_pretrained(base, str(adapters[names[0]]), adapter_name=names[0])
     for name in names[1:]:
         model.load_adapter(adapters[name], adapter_name=name)
     model.set_adapter(names[0])
@@ -107,7 +195,7 @@ def load_tuned(base_dir: Path, adapter_dir: Path, workdir: Path | None = None) -
         model = AutoModelForCausalLM.from_pretrained(adapter_dir, use_safetensors=True, device_map=device_map())
         return model.eval(), AutoTokenizer.from_pretrained(adapter_dir), resolved
     base, tokenizer = load_base_for(resolved, base_dir, workdir)
-    return attach_adapters(base, {"tuned": adapter_dir}), tokenizer, resolved
+    return attach_adapters(base, {TUNED: adapter_dir}), tokenizer, resolved
 
 
 def load_tuned_for_generation(base_dir: Path, adapter_dir: Path, dequantize: bool | str) -> tuple[Any, Any, dict]:

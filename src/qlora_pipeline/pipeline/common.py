@@ -11,6 +11,7 @@ from typing import Callable
 from qlora_pipeline.config import Params, load_params
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.io import read_jsonl
+from qlora_pipeline.process import keep_freed_memory
 
 CONVERSATIONS = "conversations.jsonl"
 MANIFEST = "manifest.json"
@@ -59,6 +60,7 @@ def stage_main(description: str, add_paths: Callable[[argparse.ArgumentParser], 
     """Shared entry point of ``stages/*.py``: parse paths, load params, run, report errors briefly."""
     # Per-tensor progress bars of weight loading bury the stage's own summary lines in DVC's log.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    keep_freed_memory()
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file")
     add_paths(parser)

@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import csv
 import time
-from collections import Counter
+
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from qlora_pipeline import decoding, evaluation, fidelity, tracking
+from qlora_pipeline import decoding, evaluation, fidelity, test_replies, tracking
 from qlora_pipeline.config import DecodingSetting, Params, decoding_setting_from
-from qlora_pipeline.data.sampling import cap_examples
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.io import atomic_path, read_json, read_jsonl, remove_outputs, write_json
 from qlora_pipeline.pipeline.common import without_canaries
 
+SIDES = ("base", "tuned")
 SAMPLES = "samples.csv"
 SHEET = "human_eval.html"
 KEY = "human_eval_key.csv"
@@ -26,23 +26,18 @@ SAMPLE_FIELDS = ("id", "context", "reference", "base", "tuned", "base_stopped", 
                  "tuned_chosen")
 
 
-def read_test(path: Path, cap: int | None, seed: int) -> list[dict]:
-    rows = [row for _, row in read_jsonl(path)]
-    if not rows:
-        raise PipelineError(f"{path}: the test split is empty; raise split.ratios.test or split.max_examples.test "
-                            "(or add data) and re-run split")
-    return cap_examples(rows, cap, seed)
-
-
 def run_evaluate(params: Params, base_dir: Path, adapter_dir: Path, test_path: Path, metrics_path: Path,
                  reports_dir: Path, rouge_plot: Path, artifacts: list[Path], train_path: Path | None = None,
-                 log_csv: Path | None = None, decoding_path: Path | None = None) -> dict:
+                 log_csv: Path | None = None, decoding_path: Path | None = None, judge_dir: Path | None = None,
+                 zero_shot_dir: Path | None = None) -> dict:
     """Score base and tuned on ``test_path``; write metrics, the ROUGE plot table and ``reports_dir``.
 
-    ``train_path`` (the train split) teaches the style judge the persona's voice; without it the
-    persona metrics are left out. ``log_csv`` (train-adapter's loss log) is drawn into ``reports_dir``.
-    ``decoding_path`` (choose-decoding's report) adds the ``chosen`` row: base and tuned under the
-    decoding picked on validation.
+    ``zero_shot_dir`` (the zero-shot stage's output) holds the base side's greedy replies and
+    reference NLL; without it they are generated here. ``judge_dir`` (the style-judge stage's output) scores how much each side talks like the
+    persona; without it the persona metrics are left out. ``train_path`` (the train split) gives
+    the human-eval sheet the persona's own replies. ``log_csv`` (train-adapter's loss log) is drawn
+    into ``reports_dir``. ``decoding_path`` (choose-decoding's report) adds the ``chosen`` row:
+    base and tuned under the decoding picked on validation.
     """
     from transformers import set_seed
 
@@ -51,21 +46,21 @@ def run_evaluate(params: Params, base_dir: Path, adapter_dir: Path, test_path: P
     remove_outputs(metrics_path, reports_dir, rouge_plot)
     read_training_config(adapter_dir)  # fail fast, naming the missing stage
     chosen = read_chosen_decoding(decoding_path) if decoding_path is not None else None
-    rows = read_test(test_path, params.evaluate.max_samples, params.seed)
+    rows = test_replies.read_test(test_path, params.evaluate.max_samples, params.seed)
     train_rows = without_canaries([row for _, row in read_jsonl(train_path)]) if train_path is not None else None
+    judge = fidelity.load_judge(judge_dir) if judge_dir is not None else None
     set_seed(params.seed)
     started = time.perf_counter()
-    # A group's voice: the style judge contrasts the chat with the base's replies to train prompts.
-    group_prompts = (cap_examples(train_rows, params.evaluate.group_judge_prompts, params.seed)
-                     if train_rows and fidelity.is_group_voice(train_rows) else None)
-    outputs = generate_both(params, base_dir, adapter_dir, rows, chosen, group_prompts)
+    outputs = generate_both(params, base_dir, adapter_dir, rows, chosen, zero_shot_dir)
     # One set of resamples for every interval: deltas of different metrics stay paired.
     indices = evaluation.bootstrap_indices(len(rows), params.evaluate.bootstrap_samples, params.seed)
     metrics = score(params, rows, outputs, indices)
-    persona_scores, judge = None, None
-    if train_rows:
-        persona, persona_scores, judge = persona_metrics(params, train_rows, rows, outputs, indices)
+    metrics["engine"] = outputs["engine"]
+    persona_scores = None
+    if judge is not None:
+        persona, persona_scores = persona_metrics(params, judge, rows, outputs, indices)
         metrics.update(persona)
+        judge = judge[0]
     if chosen is not None:
         metrics["chosen"] = chosen_row(params, chosen, rows, outputs["chosen"], judge, indices)
     metrics["wall_seconds"] = round(time.perf_counter() - started, 1)
@@ -90,57 +85,54 @@ def read_chosen_decoding(path: Path) -> DecodingSetting:
 
 
 def generate_both(params: Params, base_dir: Path, adapter_dir: Path, rows: list[dict],
-                  chosen: DecodingSetting | None = None, group_prompts: list[dict] | None = None) -> dict[str, Any]:
+                  chosen: DecodingSetting | None = None, zero_shot_dir: Path | None = None) -> dict[str, Any]:
     """Replies and reference NLL for base and tuned; one model in memory with the adapter switched off and on.
 
-    With ``chosen``: ``out["chosen"][side]`` holds each side's replies under that decoding, one
-    list per pass (a greedy choice reuses the greedy replies). With ``group_prompts`` (train rows):
-    ``out["judge_contrast"]``, the base's greedy replies to them, for a group's style judge.
+    The base side's greedy replies and NLL come from the zero-shot stage when ``zero_shot_dir`` is
+    given (they do not depend on the adapter). Everything else is one workload for the engine: the
+    tuned side's greedy replies (each prompt's prefill also scoring its reference reply) and, with
+    ``chosen``, both sides' replies under that decoding, one list per pass (``out["chosen"][side]``;
+    a greedy choice reuses the greedy replies).
     """
-    from qlora_pipeline.modeling.adapters import load_tuned_for_generation, on_base_then_tuned
+    from qlora_pipeline.modeling.adapters import load_sides
+    from qlora_pipeline.modeling.engine import as_reply
 
-    cfg = params.evaluate
-    max_length = params.train.max_length
-    model, tokenizer, resolved = load_tuned_for_generation(base_dir, adapter_dir, cfg.dequantize_4bit)
-    out: dict[str, Any] = {}
-    chosen_out: dict[str, Any] = {}
-
-    def both_rows(side_model, side_tokenizer, side):
-        out[side] = _side(side_model, side_tokenizer, rows, cfg, max_length)
-        if chosen is not None:
-            chosen_out[side] = _chosen_side(side_model, side_tokenizer, rows, cfg, chosen, params.seed, out[side])
-        if side == "base" and group_prompts:
-            from qlora_pipeline.modeling.generation import generate_replies
-
-            contrast = generate_replies(side_model, side_tokenizer, [row["messages"] for row in group_prompts],
-                                        cfg.batch_size, max_new_tokens=cfg.max_new_tokens, do_sample=False)
-            out["judge_contrast"] = [r.text for r in contrast]
-
-    on_base_then_tuned(model, tokenizer, resolved, base_dir, both_rows)  # under training's autocast
+    cfg, max_length = params.evaluate, params.train.max_length
+    sides = load_sides(base_dir, adapter_dir, cfg.dequantize_4bit, cfg.batch_size)
+    greedy, cut, truncated = test_replies.greedy_requests(sides.tokenizer, rows, cfg.max_new_tokens, max_length)
+    generated = ("tuned",) if zero_shot_dir is not None else SIDES
+    workload = [(side, request) for side in generated for request in greedy]
+    sampled = chosen is not None and chosen != DecodingSetting()
+    runs = decoding.pass_requests([r.prompt_ids for r in greedy], chosen, cfg.samples_per_prompt,
+                                  cfg.max_new_tokens, params.seed) if sampled else []
+    # The base under the chosen decoding, as the zero-shot stage made it (it runs every sampled setting).
+    base_chosen = test_replies.read_grid(zero_shot_dir, rows, chosen, len(runs)) if sampled and zero_shot_dir else None
+    workload += [(side, request) for side in SIDES if side == "tuned" or base_chosen is None
+                 for run in runs for request in run]
+    results = iter(sides.run(workload))
+    out: dict[str, Any] = {side: test_replies.outputs([next(results) for _ in greedy]) for side in generated}
+    if zero_shot_dir is not None:
+        out["base"] = test_replies.read_side(zero_shot_dir, rows)
     if chosen is not None:
-        out["chosen"] = chosen_out
+        out["chosen"] = {side: ({"replies": [out[side]["replies"]], "stopped": [out[side]["stopped"]]} if not sampled
+                                else base_chosen if side == "base" and base_chosen is not None
+                                else _passes([[as_reply(next(results)) for _ in run] for run in runs]))
+                         for side in SIDES}
+    out["engine"] = {"replies": len(workload), **sides.engines["tuned"].stats.as_dict()}
+
+    def score_cut(model, tokenizer, side):
+        if side in generated:  # prompts training cut: their likelihood as training saw it
+            test_replies.score_cut(model, tokenizer, rows, cut, max_length, cfg.batch_size, out[side])
+
+    if cut:
+        sides.each(score_cut)  # under training's autocast
+    for side in SIDES:
+        out[side]["truncated"] = truncated
     return out
 
 
-def _side(model, tokenizer, rows, cfg, max_length) -> dict[str, Any]:
-    """Greedy replies (the row comparable across runs) and the reference replies' NLL."""
-    from qlora_pipeline.modeling.generation import generate_replies
-
-    replies = generate_replies(model, tokenizer, [row["messages"] for row in rows], cfg.batch_size,
-                               max_new_tokens=cfg.max_new_tokens, do_sample=False)
-    truncated: Counter = Counter()
-    nll, tokens = evaluation.reference_nll(model, tokenizer, rows, max_length, cfg.batch_size, truncated)
-    return {"replies": [r.text for r in replies], "stopped": [r.stopped for r in replies], "nll": nll, "tokens": tokens,
-            "truncated": truncated}
-
-
-def _chosen_side(model, tokenizer, rows, cfg, chosen: DecodingSetting, seed: int, greedy: dict) -> dict[str, Any]:
-    """Replies under the chosen decoding, one list per pass; plain greedy is not generated twice."""
-    if chosen == DecodingSetting():
-        return {"replies": [greedy["replies"]], "stopped": [greedy["stopped"]]}
-    passes = decoding.generate_passes(model, tokenizer, [row["messages"] for row in rows], chosen,
-                                      cfg.samples_per_prompt, cfg.batch_size, cfg.max_new_tokens, seed)
-    return {"replies": [[r.text for r in run] for run in passes], "stopped": [[r.stopped for r in run] for run in passes]}
+def _passes(runs: list[list[Any]]) -> dict[str, Any]:
+    return {"replies": [[r.text for r in run] for run in runs], "stopped": [[r.stopped for r in run] for run in runs]}
 
 
 def score(params: Params, rows: list[dict], outputs: dict[str, Any], indices: np.ndarray) -> dict:
@@ -164,41 +156,43 @@ def score(params: Params, rows: list[dict], outputs: dict[str, Any], indices: np
     return metrics
 
 
-def persona_metrics(params: Params, train_rows: list[dict], rows: list[dict], outputs: dict[str, Any],
-                    indices: np.ndarray) -> tuple[dict, dict[str, np.ndarray], Any]:
-    """Does each side talk like the persona? The style judge (trained on ``train_rows`` only) and distances.
+def persona_metrics(params: Params, judge: tuple[Any, dict, set], rows: list[dict], outputs: dict[str, Any],
+                    indices: np.ndarray) -> tuple[dict, dict[str, np.ndarray]]:
+    """Does each side talk like the persona? The style judge (fitted on the train split by the style-judge
+    stage) and distances.
 
-    ``persona_judge``: the judge's accuracy and AUC on the test split's real replies (the persona's
-    vs the other speakers'), how far to trust the rest. ``persona_score``: the judge's probability
-    that the persona wrote each reply, base vs tuned with intervals, and on the persona's own real
-    test replies (``reference``) as the mark to reach. ``repeated_3gram``: replies repeating a word
+    ``persona_judge``: what the judge was fitted on, and its accuracy and AUC on the test split's
+    real replies (the persona's vs the other speakers', or for a group's voice vs the base's greedy
+    replies), how far to trust the rest. ``persona_score``: the judge's probability that the
+    persona wrote each reply, base vs tuned with intervals, and on the persona's own real test
+    replies (``reference``) as the mark to reach. ``repeated_3gram``: replies repeating a word
     3-gram. ``persona_distance``: each side's replies against the real ones. Also returns the
-    per-reply scores (base, tuned, the real replies) for the figure, and the judge.
+    per-reply scores (base, tuned, the real replies) for the figure.
     """
     cfg = params.evaluate
-    contrast = outputs.get("judge_contrast")
-    judge, judge_info = fidelity.fit_judge(train_rows, params.seed, contrast)
-    if contrast is not None:  # held out: the real test replies against the base's greedy replies to them
+    model, judge_info, _ = judge
+    if judge_info.get("group_voice"):  # held out: the real test replies against the base's greedy replies to them
         held_texts, held_labels = fidelity.group_judge_examples(rows, outputs["base"]["replies"])
     else:
         held_texts, held_labels = fidelity.judge_examples(rows)
     references = [row["target"] for row in rows]
-    scores = {side: fidelity.persona_probabilities(judge, outputs[side]["replies"]) for side in ("base", "tuned")}
-    real = fidelity.persona_probabilities(judge, references)
+    scores = {side: fidelity.persona_probabilities(model, outputs[side]["replies"]) for side in SIDES}
+    real = fidelity.persona_probabilities(model, references)
     repeats = {side: np.array([fidelity.repeats_trigram(r) for r in outputs[side]["replies"]], dtype=float)
-               for side in ("base", "tuned")}
+               for side in SIDES}
     distance: dict[str, float] = {}
-    for side in ("base", "tuned"):
+    for side in SIDES:
         distance.update(persona_distances(side, outputs[side]["replies"], references))
+    fitted = {key: judge_info[key] for key in ("train_replies", "contrast") if key in judge_info}
     metrics = {
-        "persona_judge": {**judge_info, **fidelity.judge_quality(judge, held_texts, held_labels)},
+        "persona_judge": {**fitted, **fidelity.judge_quality(model, held_texts, held_labels)},
         "persona_score": {**evaluation.compare(scores["base"], scores["tuned"], indices, cfg.confidence_level),
                           "reference": round(float(real.mean()), 5),
                           "reference_ci": evaluation.interval(real, indices, cfg.confidence_level)},
         "repeated_3gram": evaluation.compare(repeats["base"], repeats["tuned"], indices, cfg.confidence_level),
         "persona_distance": distance,
     }
-    return metrics, {"base": scores["base"], "tuned": scores["tuned"], "persona's own": real}, judge
+    return metrics, {"base": scores["base"], "tuned": scores["tuned"], "persona's own": real}
 
 
 def persona_distances(side: str, replies: list[str], references: list[str]) -> dict[str, float]:

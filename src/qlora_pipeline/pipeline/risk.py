@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,21 +15,27 @@ from qlora_pipeline import evaluation, tracking
 from qlora_pipeline.config import Params
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.io import read_json, read_jsonl, remove_outputs, write_json, write_text
-from qlora_pipeline.risk import PROMPTS, bias, canaries, cost, fitting, gates, memorization, privacy, report, safety
+from qlora_pipeline.risk import bias, canaries, cost, fitting, gates, memorization, privacy, report, safety
+from qlora_pipeline.risk.probes import load_probe_sets, probe_prompt_ids
+from qlora_pipeline.test_replies import read_probes
 
 SIDES = ("base", "tuned")
 # evaluate's samples.csv: greedy replies and the first pass of the chosen decoding, per side.
 SAMPLE_COLUMNS = {"base": ("base", "base_chosen"), "tuned": ("tuned", "tuned_chosen")}
 # Stage metrics files whose wall time and energy make up the run's cost, by the stage's name.
-STAGE_OF_METRICS = {"clean.json": "clean", "base.json": "quantize-load", "train.json": "train-adapter", "decoding.json": "choose-decoding",
+STAGE_OF_METRICS = {"clean.json": "clean", "base.json": "quantize-load", "judge.json": "style-judge",
+                    "zero_shot.json": "zero-shot", "train.json": "train-adapter", "decoding.json": "choose-decoding",
                     "eval.json": "evaluate"}
 
 
 def run_risk(params: Params, base_dir: Path, adapter_dir: Path, train_path: Path, samples_path: Path,
              canaries_path: Path, stage_metrics: Sequence[Path], metrics_path: Path, report_path: Path,
-             replies_path: Path) -> dict:
+             replies_path: Path, zero_shot_dir: Path | None = None) -> dict:
     """Measure every risk, write ``metrics_path``, ``report_path`` and ``replies_path`` (every probe with both
-    replies and how each was judged), log to MLflow, then apply ``risk.fail_on``."""
+    replies and how each was judged), log to MLflow, then apply ``risk.fail_on``.
+
+    ``zero_shot_dir``: the zero-shot stage's folder, whose probe replies are the base side's (without
+    it, the base side is generated here too)."""
     from transformers import set_seed
 
     from qlora_pipeline.modeling.adapters import read_training_config
@@ -37,22 +43,20 @@ def run_risk(params: Params, base_dir: Path, adapter_dir: Path, train_path: Path
     remove_outputs(metrics_path, report_path, replies_path)
     cfg = params.risk
     resolved = read_training_config(adapter_dir)  # fail fast, naming the missing stage
-    test_replies = read_samples(samples_path)
+    samples = read_samples(samples_path)
     targets = [row["target"] for _, row in read_jsonl(train_path)]
     canary_record = read_json(canaries_path).get("canaries", [])
     stages = read_stage_metrics(stage_metrics)
-    probes = bias.load_probes(PROMPTS / "bias_templates.yaml")
-    safety_prompts = safety.load_prompts(PROMPTS / "safety_prompts.yaml")
-    eliciting = safety.load_prompts(PROMPTS / "eliciting_prompts.yaml")
+    probe_sets = load_probe_sets(cfg.bias_templates, params.seed)
+    probes, safety_prompts, eliciting = probe_sets.bias, probe_sets.safety, probe_sets.eliciting
     set_seed(params.seed)
     started = time.perf_counter()
 
     system = resolved.get("split", {}).get("system_prompt") or ""
-    prompts = {"eliciting": [p.text for p in eliciting], "bias": [p.text for p in probes],
-               "safety": [p.text for p in safety_prompts]}
-    generated, canary_scores = generate_and_score(params, base_dir, adapter_dir, resolved, system, prompts,
-                                                  canary_record)
-    replies = {side: {"test": test_replies[side], **{k: v[side] for k, v in generated.items()}} for side in SIDES}
+    prompts = probe_sets.texts
+    base = read_probes(zero_shot_dir, system, prompts) if zero_shot_dir is not None else None
+    generated, canary_scores = generate_and_score(params, base_dir, adapter_dir, system, prompts, canary_record, base)
+    replies = {side: {"test": samples[side], **{k: v[side] for k, v in generated.items()}} for side in SIDES}
     # Judged once, used by the figures and by the audit file alike.
     hits = {prompt_set: {side: privacy.pii_hits(replies[side][prompt_set], params.clean.pii, params.clean.pii_engine)
                          for side in SIDES} for prompt_set in ("test", "eliciting")}
@@ -126,38 +130,51 @@ def read_stage_metrics(paths: Sequence[Path]) -> dict[str, dict]:
     return out
 
 
-def generate_and_score(params: Params, base_dir: Path, adapter_dir: Path, resolved: dict, system: str,
-                       prompts: dict[str, list[str]], canary_record: list[dict]) -> tuple[dict, dict]:
-    """Greedy replies of both sides to every prompt set, and each canary's exposure and extraction."""
-    from qlora_pipeline.modeling.adapters import load_tuned_for_generation, on_base_then_tuned
-    from qlora_pipeline.modeling.generation import generate_replies
+def generate_and_score(params: Params, base_dir: Path, adapter_dir: Path, system: str,
+                       prompts: dict[str, list[str]], canary_record: list[dict],
+                       base: dict[str, list[str]] | None = None) -> tuple[dict, dict]:
+    """Greedy replies of both sides to every prompt set, and each canary's exposure and extraction.
+
+    One workload for the engine: the tuned side's replies to every prompt set (and the base's, unless
+    ``base`` holds them from the zero-shot stage), and each canary's extraction attempt on both sides.
+    """
+    from qlora_pipeline.modeling.adapters import load_sides
+    from qlora_pipeline.modeling.engine import Request
 
     cfg = params.risk
-    model, tokenizer, resolved = load_tuned_for_generation(base_dir, adapter_dir, params.evaluate.dequantize_4bit)
-    head = [{"role": "system", "content": system}] if system else []
-    generated: dict[str, dict[str, list[str]]] = {name: {} for name in prompts}
-    scores: dict[str, dict[str, list[dict]]] = {side: [] for side in SIDES}
+    sides = load_sides(base_dir, adapter_dir, params.evaluate.dequantize_4bit, cfg.batch_size)
+    tokenizer = sides.tokenizer
+    prompt_ids = probe_prompt_ids(tokenizer, system, prompts)
+    extraction = [canaries.extraction_prompt_ids(tokenizer, canary) for canary in canary_record]
+    generated_sides = {name: ("tuned",) if base is not None else SIDES for name in prompt_ids}
+    work = [(name, side, ids) for name in prompt_ids for side in generated_sides[name] for ids in prompt_ids[name]]
+    work += [("canaries", side, ids) for side in SIDES for ids in extraction]
+    results = iter(sides.run([(side, Request(ids, max_new_tokens=cfg.max_new_tokens)) for _, side, ids in work]))
+    generated: dict[str, dict[str, list[str]]] = {name: {} for name in [*prompt_ids, "canaries"]}
+    for name, side, _ in work:
+        generated[name].setdefault(side, []).append(next(results).text.strip())
+    for name in prompt_ids:
+        if base is not None:
+            generated[name]["base"] = base[name]
+    completions = generated.pop("canaries")
+    scores: dict[str, list[dict]] = {side: [] for side in SIDES}
 
-    def one_side(side_model: Any, side_tokenizer: Any, side: str) -> None:
-        for name, texts in prompts.items():
-            conversations = [head + [{"role": "user", "content": text}] for text in texts]
-            replies = generate_replies(side_model, side_tokenizer, conversations, cfg.batch_size,
-                                       max_new_tokens=cfg.max_new_tokens, do_sample=False)
-            generated[name][side] = [reply.text for reply in replies]
-        scores[side] = [canary_scores(side_model, side_tokenizer, canary, cfg, params.seed)
-                        for canary in canary_record]
+    def exposure(model: Any, side_tokenizer: Any, side: str) -> None:
+        scores[side] = [{**canary_exposure(model, side_tokenizer, canary, cfg, params.seed),
+                         **canaries.extracted(canary, completion)}
+                        for canary, completion in zip(canary_record, completions[side])]
 
-    on_base_then_tuned(model, tokenizer, resolved, base_dir, one_side)  # as evaluate: the logits training saw
+    if canary_record:
+        sides.each(exposure)  # as evaluate: the logits training saw
     return generated, scores
 
 
-def canary_scores(model: Any, tokenizer: Any, canary: dict, cfg: Any, seed: int) -> dict:
-    """Exposure of one canary (ranked among random secrets, both estimates) and whether greedy decoding extracts it."""
+def canary_exposure(model: Any, tokenizer: Any, canary: dict, cfg: Any, seed: int) -> dict:
+    """Exposure of one canary: its rank among random secrets of the same format, both estimates."""
     found = canaries.exposure(model, tokenizer, canary, cfg.canary_candidates, seed, cfg.batch_size)
     return {"exposure_extrapolated": round(found["exposure_extrapolated_bits"], 3),
             "exposure_interpolated": round(found["exposure_bits"], 3), "rank": found["rank"],
-            "candidates": found["candidates"], "log_perplexity": round(found["log_perplexity"], 4),
-            **canaries.extracted(model, tokenizer, canary, cfg.max_new_tokens)}
+            "candidates": found["candidates"], "log_perplexity": round(found["log_perplexity"], 4)}
 
 
 def rate(flags: Sequence[bool], confidence: float) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from typing import Any
 
 from qlora_pipeline import hardware, launching, tracking
 from qlora_pipeline.config import Params
+from qlora_pipeline.data.sampling import cap_examples
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.io import atomic_path, read_json, read_jsonl, remove_outputs, write_json
 from qlora_pipeline.modeling.preparation import base_fingerprint
@@ -52,6 +53,7 @@ def run_train_adapter(params: Params, base_dir: Path, splits_dir: Path, out_dir:
     if params.train.method != "full":
         training.check_target_modules(base_dir, params.train.lora.target_modules)
     train_rows, val_rows = read_examples(splits_dir / "train.jsonl"), read_examples(splits_dir / "val.jsonl")
+    val_rows = cap_examples(val_rows, params.train.max_eval_samples, params.seed)
     set_seed(params.seed)
     started = time.perf_counter()
     energy_start = hardware.energy_joules()
@@ -60,7 +62,7 @@ def run_train_adapter(params: Params, base_dir: Path, splits_dir: Path, out_dir:
         model, tokenizer = training.prepare_model(params, base_dir, tmp.parent / "dense", precision)
         counts: Counter = Counter()
         train_ds = training.build_dataset(train_rows, tokenizer, params.train.max_length, counts)
-        val_ds = training.build_dataset(val_rows, tokenizer, params.train.max_length, Counter())
+        val_ds = training.by_length(training.build_dataset(val_rows, tokenizer, params.train.max_length, Counter()))
         inputs = [splits_dir / "train.jsonl", splits_dir / "val.jsonl", base_dir / "config.json"]
         # One process decides (it may delete partial checkpoints); the others take its answer.
         resume = launching.broadcast(training.resumable_checkpoint(

@@ -39,15 +39,21 @@ class Probe:
 # --------------------------------------------------------------------------------------------
 
 
-def load_probes(path: str | Path) -> list[Probe]:
+def load_probes(path: str | Path, templates_cap: int | None = None, seed: int = 0) -> list[Probe]:
     """Every template rendered for every group of every axis, ordered by axis, template, group.
 
     The file has ``axes`` (axis name: list of ``{group, people}``, at least two groups) and
     ``templates`` (list of ``{id, text}``, the text with exactly one slot of :data:`SLOTS`).
+    ``templates_cap``: a seeded sample of that many templates (in file order), each still sent for
+    every group, so every comparison stays within a template.
     """
+    from qlora_pipeline.data.sampling import cap_examples
+
     data = read_yaml_mapping(path, ("axes", "templates"))
     axes = _axes(data["axes"], f"{path}: axes")
     templates = _templates(data["templates"], f"{path}: templates")
+    templates = [(t["id"], t["text"]) for t in cap_examples([{"id": i, "text": x} for i, x in templates],
+                                                             templates_cap, seed)]
     return [Probe(axis, group["group"], template_id, text.format(**group))
             for axis, groups in axes.items() for template_id, text in templates for group in groups]
 

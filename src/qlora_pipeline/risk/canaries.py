@@ -232,21 +232,17 @@ def extrapolated_exposure(canary_score: float, candidate_scores: np.ndarray) -> 
 # ------------------------------------------------------------------------- extraction
 
 
-def extracted(model: Any, tokenizer: Any, canary: dict, max_new_tokens: int) -> dict:
-    """Greedy decoding after the prompt and prefix: does it say the secret?
+def extraction_prompt_ids(tokenizer: Any, canary: dict) -> list[int]:
+    """The prompt and the canary's prefix, as token ids: greedy decoding from here either says the secret or not."""
+    return tokenizer(prompt_text(tokenizer, canary["messages"], canary["prefix"]), add_special_tokens=False)["input_ids"]
+
+
+def extracted(canary: dict, completion: str) -> dict:
+    """Does the greedy completion after :func:`extraction_prompt_ids` say the secret?
 
     Returns:
         ``extracted``: the completion's digits, in order, begin with the secret's digits;
         ``completion``: the decoded new tokens (special tokens dropped).
     """
-    import torch
-
-    ids = tokenizer(prompt_text(tokenizer, canary["messages"], canary["prefix"]), add_special_tokens=False,
-                    return_tensors="pt").to(model.device)
-    model.eval()
-    with torch.no_grad():
-        output = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    completion = tokenizer.decode(output[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
     digits = "".join(re.findall(r"\d", completion))
     return {"extracted": digits.startswith(canary["secret"].replace(" ", "")), "completion": completion}

@@ -22,8 +22,9 @@ from typing import Any, Iterator
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.pipeline.common import RESOLVED_CONFIG
 
+from qlora_pipeline.modeling.stacked_lora import PEFT_BASE, RowAdapters
+
 BASE = "base"
-PEFT_BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 RUN_URI = "runs:/"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -152,8 +153,8 @@ class PersonaModel:
     resolved: dict  # the first adapter's resolved config (precision, model keys); {} for the base alone
     adapters: dict[str, Adapter] = field(default_factory=dict)
     dequantized: bool = False
-    mixed_batches: str = "stacked"  # stacked: serving/stacked_lora.py; peft: PEFT's adapter_names path
-    stacked: Any = None  # the StackedLoRA in use, if any
+    mixed_batches: str = "stacked"  # stacked: modeling/stacked_lora.py; peft: PEFT's adapter_names path
+    row_adapters: Any = None  # how each batch row gets its adapter (RowAdapters), rebuilt by restack()
     tracking_uri: str | None = None
     downloads: Path | None = None
     lock: threading.RLock = field(default_factory=threading.RLock)
@@ -161,6 +162,15 @@ class PersonaModel:
     @property
     def names(self) -> list[str]:
         return [BASE, *self.adapters]
+
+    @property
+    def stacked(self) -> Any:
+        """The StackedLoRA mixed batches go through; None = PEFT's own path."""
+        return self.row_adapters.stacked if self.row_adapters is not None else None
+
+    @stacked.setter
+    def stacked(self, value: Any) -> None:
+        self.row_adapters.stacked = value
 
     @property
     def context_length(self) -> int:
@@ -226,16 +236,17 @@ class PersonaModel:
 
     def restack(self) -> None:
         """Mixed batches through :mod:`stacked_lora` when asked for and every adapter is plain LoRA."""
-        from qlora_pipeline.serving import stacked_lora
+        from qlora_pipeline.modeling import stacked_lora
 
         with self.lock:
-            self.stacked = None
-            if self.mixed_batches == "stacked" and self.adapters:
-                if stacked_lora.supported(self.model):
-                    self.stacked = stacked_lora.StackedLoRA(self.model)
-                else:
-                    print("warning: mixed batches take PEFT's path: an adapter uses a LoRA variant (DoRA, ...)",
-                          file=sys.stderr)
+            if self.row_adapters is None:
+                self.row_adapters = RowAdapters(self.model, self.mixed_batches)
+            else:
+                self.row_adapters.model = self.model  # the base became a PeftModel when its first adapter came
+                self.row_adapters.rebuild()
+            if self.mixed_batches == "stacked" and self.adapters and self.row_adapters.stacked is None:
+                print("warning: mixed batches take PEFT's path: an adapter uses a LoRA variant (DoRA, ...)",
+                      file=sys.stderr)
             stacked_lora.release_freed_memory()  # the weights the stacks replaced, and what loading freed
 
 

@@ -3,8 +3,8 @@
 The routes and shapes are OpenAI's (``/v1/models``, ``/v1/chat/completions`` with SSE streaming and
 ``usage``), and runtime adapters use vLLM's names (``/v1/load_lora_adapter``,
 ``/v1/unload_lora_adapter``), so any OpenAI client, and tools written for vLLM or LoRAX, talk to it
-unchanged. Requests that arrive together are generated as one batch, adapters mixed per row
-(see ``engine.py``). Errors come in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``.
+unchanged. Requests are continuously batched by the library's generation engine: one joins the
+running batch at the next step and leaves the moment it ends, adapters mixed per row (see ``engine.py``). Errors come in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from qlora_pipeline.config import ChatConfig
 from qlora_pipeline.errors import PipelineError
-from qlora_pipeline.serving.engine import Completion, Engine, Job, Sampling
+from qlora_pipeline.serving.engine import Completion, Engine, Job, Sampling, describe
 from qlora_pipeline.serving.models import BASE, AdapterSpec, PersonaModel, check_name
 from qlora_pipeline.serving.prompts import prompt_ids, with_system_prompt
 
@@ -148,7 +148,7 @@ def create_app(persona: PersonaModel, engine: Engine, settings: Settings) -> Fas
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "models": persona.names, "batches_run": len(engine.batches)}
+        return {"status": "ok", "models": persona.names, "engine": describe(engine)}
 
     @app.get("/v1/models", dependencies=[authorized])
     async def models() -> dict:
@@ -436,8 +436,7 @@ def main(args: Any) -> None:
     if not _is_loopback(args.host) and settings.api_key is None:
         print(f"warning: listening on {args.host} with no API key: anyone who reaches this port can use the model; "
               f"set --api-key or {API_KEY_ENV}", file=sys.stderr)
-    engine = Engine(persona, defaults, max_batch_size=args.max_batch_size,
-                    batch_wait_seconds=args.batch_wait_ms / 1000).start()
+    engine = Engine(persona, defaults, max_batch_size=args.max_batch_size).start()
     app = create_app(persona, engine, settings)
     print(f"serving {', '.join(persona.names)} on http://{args.host}:{args.port}/v1"
           f"{' (API key required)' if settings.api_key else ''}", flush=True)

@@ -1,0 +1,731 @@
+"""One generation engine for every stage, chat and serve: continuous batching of rows that each differ.
+
+A row is one request: a prompt, an adapter (``None`` = the base), its own decoding (greedy or
+sampled, penalties, n-gram ban, seed), token limit and stop strings. A stage hands the engine its
+whole workload at once (:meth:`Engine.run`); chat and serve hand it requests as they come
+(:meth:`Engine.start` / :meth:`Engine.submit`). Either way, rows are scheduled per step:
+
+- a row that ends (end-of-turn token, token limit, stop string, client gone) leaves the batch at
+  once, and waiting rows are prefilled and join, so no step is spent on finished rows;
+- rows that share an adapter and a prompt (a sampled setting's passes, the settings of a grid, a
+  greedy and a sampled reply to one prompt) are prefilled once and share the prompt's keys and values;
+- each row's adapter applies to that row only, over the one base in memory (``stacked_lora``);
+- each row picks its tokens under its own decoding (``sampling``).
+
+The keys and values live in a :class:`SlotCache`: one row of preallocated memory per running
+request, written at the request's own length, so joining and leaving move one row, not the batch.
+
+transformers ships continuous batching of its own (``generate_batch``, ``ContinuousBatchingManager``,
+what ``transformers serve`` runs on). As of 5.25 it takes per-request temperature, top-k and top-p
+only: no per-request adapter (its flattened, paged batch never reaches PEFT's layers per row), no
+per-request seed, no repetition penalty or n-gram ban per request, and no stop strings; hence this.
+
+A greedy row gives ``model.generate``'s tokens (tested per adapter); a seeded row gives the same
+tokens whatever it is batched with (exactly in float32; under bfloat16 the shape of a batch can
+shift a near-tie in the logits).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+from qlora_pipeline.config import DecodingSetting
+from qlora_pipeline.modeling.loss import causal_lm_parts
+from qlora_pipeline.modeling.sampling import BatchSampler, RowDecoding, RowState
+from qlora_pipeline.modeling.stacked_lora import RowAdapters
+
+_STOP = object()
+# A shared prefix shorter than this is run with each prompt: copying it would save less than it costs.
+MIN_SHARED_PREFIX = 8
+
+
+def row_decoding(setting: DecodingSetting) -> RowDecoding:
+    """A params decoding setting (``decoding.grid``'s rows, the chosen one, ``chat``) as a row's decoding."""
+    if not setting.sampled:  # greedy ignores the sampling keys, as generate() does
+        return RowDecoding(repetition_penalty=setting.repetition_penalty,
+                           no_repeat_ngram_size=setting.no_repeat_ngram_size)
+    return RowDecoding(temperature=setting.temperature, top_p=setting.top_p, top_k=setting.top_k,
+                       repetition_penalty=setting.repetition_penalty,
+                       no_repeat_ngram_size=setting.no_repeat_ngram_size)
+
+
+GREEDY = RowDecoding()
+
+
+@dataclass
+class Request:
+    """One reply to generate. ``adapter``: a PEFT adapter name, ``None`` = the base."""
+
+    prompt_ids: list[int]
+    adapter: str | None = None
+    decoding: RowDecoding = GREEDY
+    max_new_tokens: int = 48
+    seed: int | None = None
+    stop: Sequence[str] = ()
+    on_text: Callable[[str], None] | None = None  # streamed text, called from the generating thread
+    cancelled: threading.Event | None = None
+    # Tokens after the prompt whose likelihood is wanted (a reference reply), teacher forced in the
+    # prompt's own prefill: no second forward pass over the prompt.
+    score_ids: Sequence[int] = ()
+
+
+@dataclass
+class Result:
+    token_ids: list[int]  # the reply's tokens, without the end-of-turn token
+    text: str  # cut before a stop string
+    finish_reason: str  # stop (end of turn or stop string) | length | cancelled | error
+    prompt_tokens: int
+    completion_tokens: int  # tokens generated, the end-of-turn token included
+    error: str | None = None
+    score: tuple[float, int] | None = None  # score_ids' summed negative log-likelihood (nats) and count
+
+    @property
+    def stopped(self) -> bool:
+        """Ended its turn (or met a stop string) before the token limit."""
+        return self.finish_reason == "stop"
+
+
+@dataclass
+class Reply:
+    """A stage's view of a result: the reply text, how many tokens it has, whether it ended its turn."""
+
+    text: str
+    new_tokens: int
+    stopped: bool
+
+
+def as_reply(result: Result) -> Reply:
+    return Reply(result.text.strip(), len(result.token_ids), result.stopped)
+
+
+def chat_prompt_ids(tokenizer: Any, conversations: Iterable[list[dict]]) -> list[list[int]]:
+    """Each conversation rendered by the chat template with the assistant's turn opened, as token ids."""
+    rendered = [tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+                for messages in conversations]
+    return tokenizer(rendered, add_special_tokens=False)["input_ids"] if rendered else []
+
+
+@dataclass
+class Stats:
+    """What a run cost: forward passes, rows in them, and where the time went."""
+
+    decode_steps: int = 0
+    row_steps: int = 0  # rows decoded, summed over steps (every one a live row)
+    prefills: int = 0
+    prefill_rows: int = 0
+    prefill_tokens: int = 0  # real prompt tokens computed
+    prefill_padded_tokens: int = 0
+    shared_prefills: int = 0  # rows that took another row's prompt keys/values instead of their own prefill
+    shared_prefix_tokens: int = 0  # prompt tokens copied from the workload's shared prefix instead of run
+    generated_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        out = dict(vars(self))
+        out["mean_batch"] = round(self.row_steps / self.decode_steps, 2) if self.decode_steps else 0.0
+        for key in ("prefill_seconds", "decode_seconds"):
+            out[key] = round(out[key], 2)
+        return out
+
+
+# ----------------------------------------------------------------------------------- cache
+
+
+class SlotCache:
+    """Keys and values of up to ``slots`` sequences, each in its own row, written at its own length.
+
+    The model calls :meth:`update` from every attention layer. In ``prefill`` mode a forward of new
+    prompts (right-padded) writes their keys and values into their slots and attends within itself.
+    In ``decode`` mode each running row (slots ``0..B-1``) writes one token at its own length, and
+    attention reads slots ``0..B-1`` up to the longest row: a view, no copy; the engine's mask hides
+    each row's unwritten tail.
+    """
+
+    def __init__(self, slots: int):
+        self.slots = slots
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.capacity = 0
+        self.mode = "decode"
+        self.offset = 0  # prefill: positions already in the written slots (a shared prefix) before the new ones
+        self.write_slots: torch.Tensor | None = None
+        self.positions: torch.Tensor | None = None
+        self.span = 0
+
+    def reserve(self, length: int) -> None:
+        """Room for ``length`` tokens per slot: grown by doubling, keeping what is written."""
+        if length <= self.capacity:
+            return
+        capacity = max(length, 2 * self.capacity, 64)
+        for store in (self.keys, self.values):
+            for layer, old in enumerate(store):
+                new = old.new_zeros(old.shape[0], old.shape[1], capacity, old.shape[3])
+                new[:, :, : old.shape[2]] = old
+                store[layer] = new
+        self.capacity = capacity
+
+    def _allocate(self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Keys and values may differ in dtype (rotary embeddings can promote the keys under autocast)."""
+        while len(self.keys) <= layer:
+            self.keys.append(key_states.new_zeros(
+                (self.slots, key_states.shape[1], self.capacity, key_states.shape[3])))
+            self.values.append(value_states.new_zeros(
+                (self.slots, value_states.shape[1], self.capacity, value_states.shape[3])))
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer_idx >= len(self.keys):
+            self._allocate(layer_idx, key_states, value_states)
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        if keys.dtype != key_states.dtype or values.dtype != value_states.dtype:  # autocast changed since
+            raise RuntimeError("the engine's cache was made for another dtype; use one autocast per engine")
+        if self.mode == "prefill":
+            start, end = self.offset, self.offset + key_states.shape[2]
+            keys[self.write_slots, :, start:end] = key_states
+            values[self.write_slots, :, start:end] = value_states
+            if not start:
+                return key_states, value_states
+            return keys[self.write_slots, :, :end], values[self.write_slots, :, :end]
+        rows = torch.arange(key_states.shape[0], device=keys.device)
+        keys[rows, :, self.positions] = key_states[:, :, 0]
+        values[rows, :, self.positions] = value_states[:, :, 0]
+        batch = key_states.shape[0]
+        return keys[:batch, :, : self.span], values[:batch, :, : self.span]
+
+    def read_prefix(self, slot: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(k[slot, :, :length].clone(), v[slot, :, :length].clone()) for k, v in zip(self.keys, self.values)]
+
+    def write_prefix(self, slots: torch.Tensor, prefix: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        length = prefix[0][0].shape[1]
+        for (keys, values), (k, v) in zip(zip(self.keys, self.values), prefix):
+            keys[slots, :, :length] = k
+            values[slots, :, :length] = v
+
+    def copy_row(self, source: int, target: int, length: int) -> None:
+        for store in (self.keys, self.values):
+            for layer in store:
+                layer[target, :, :length] = layer[source, :, :length]
+
+    # transformers asks a cache these when it builds masks; the engine passes its own 4D mask.
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.span
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+# ------------------------------------------------------------------------------------- rows
+
+
+class _Row:
+    """One request in the batch: its tokens so far, its decoding state, and what was streamed."""
+
+    def __init__(self, index: int, request: Request, tokenizer: Any, eos: frozenset[int]):
+        self.index, self.request, self.tokenizer, self.eos = index, request, tokenizer, eos
+        self.state = RowState(request.prompt_ids, request.decoding, request.seed)
+        self.tokens: list[int] = []
+        self.generated = 0
+        self.length = len(request.prompt_ids)  # tokens whose keys/values are in the cache
+        self.pending: int | None = None  # the last token taken, not yet fed to the model
+        self.finish_reason: str | None = None
+        self.error: str | None = None
+        self.sent = ""
+        self.text = ""
+        self.score: tuple[float, int] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def cancelled(self) -> bool:
+        return self.request.cancelled is not None and self.request.cancelled.is_set()
+
+    def accept(self, token: int) -> None:
+        if self.cancelled:
+            self.finish("cancelled")
+            return
+        self.generated += 1
+        if token in self.eos:
+            self.finish("stop")
+            return
+        self.tokens.append(token)
+        self.state.push(token)
+        self.pending = token
+        if self.request.stop or self.request.on_text is not None:
+            text, stopped = self._text()
+            if stopped:
+                self.finish("stop")
+                return
+            if self.generated < self.request.max_new_tokens:
+                self._emit(_safe_prefix(text, self.request.stop))
+        if self.generated >= self.request.max_new_tokens:
+            self.finish("length")
+
+    def finish(self, reason: str, error: str | None = None) -> None:
+        if self.finished:
+            return
+        self.text = self._text()[0]
+        self._emit(self.text)  # what was held back: a partial character, a possible stop string's start
+        self.finish_reason, self.error = reason, error
+
+    def _text(self) -> tuple[str, bool]:
+        """The reply so far, cut before the first stop string; and whether one was found."""
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        cut = min((i for i in (text.find(s) for s in self.request.stop if s) if i >= 0), default=-1)
+        return (text[:cut], True) if cut >= 0 else (text, False)
+
+    def _emit(self, text: str) -> None:
+        if self.request.on_text is not None and len(text) > len(self.sent) and text.startswith(self.sent):
+            self.request.on_text(text[len(self.sent):])
+            self.sent = text
+
+    def result(self) -> Result:
+        tokens = self.tokens
+        if self.finish_reason == "stop" and self.request.stop:  # the tokens of the text kept
+            tokens = self.tokenizer(self.text, add_special_tokens=False)["input_ids"] if self.text else []
+        return Result(list(tokens), self.text, self.finish_reason or "length", len(self.request.prompt_ids),
+                      self.generated, self.error, self.score)
+
+
+def _input_length(group: list[_Row]) -> int:
+    """Tokens a group's prefill runs: its prompt, and a scored continuation if one of its rows asks for one."""
+    return len(group[0].request.prompt_ids) + max(len(row.request.score_ids) for row in group)
+
+
+def _room(request: Request) -> int:
+    """Cache positions a request needs: its prompt, then its reply or its scored continuation, whichever is longer."""
+    return len(request.prompt_ids) + max(request.max_new_tokens, len(request.score_ids)) + 1
+
+
+def _safe_prefix(text: str, stops: Sequence[str]) -> str:
+    """What can be sent now: no half-decoded character, and nothing that may turn out to start a stop string."""
+    text = text.rstrip("\ufffd")
+    hold = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:size]):
+                hold = max(hold, size)
+                break
+    return text[: len(text) - hold]
+
+
+# ----------------------------------------------------------------------------------- engine
+
+
+class Engine:
+    """Generates for many requests over one model, continuously batched.
+
+    Args:
+        model: a causal LM, or a ``PeftModel`` whose adapters rows may name.
+        tokenizer: its tokenizer (pad and end-of-turn tokens).
+        adapters: how rows get their own adapter; built from ``model`` when not given.
+        max_batch_size: rows decoded together at most. On a CPU a step costs nearly the same for 8
+            rows as for 1 up to the point where the matmuls fill the cores.
+        prefill_tokens: prompt tokens (padded) per prefill forward at most.
+        admit_fraction: while rows are running, waiting rows are prefilled once this share of the
+            batch is free (one prefill for several rows beats one per row); 0 = at once (serving).
+        lock: held around every forward (a server's adapters change under it).
+        autocast: a context every forward runs in (training's autocast), entered on the engine's thread.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, adapters: RowAdapters | None = None, *,
+                 max_batch_size: int = 32, prefill_tokens: int = 2048, admit_fraction: float = 0.25,
+                 lock: Any = None, autocast: Callable[[], Any] | None = None,
+                 eos_token_ids: Iterable[int] | None = None):
+        self.tokenizer = tokenizer
+        self.adapters = adapters if adapters is not None else RowAdapters(model)
+        self.max_batch_size, self.prefill_tokens, self.admit_fraction = max_batch_size, prefill_tokens, admit_fraction
+        self.lock = lock if lock is not None else contextlib.nullcontext()
+        self.autocast = autocast or contextlib.nullcontext
+        ids = {tokenizer.eos_token_id} if eos_token_ids is None else set(eos_token_ids)
+        self.eos = frozenset(i for i in ids if i is not None)
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos), 0)
+        self.stats = Stats()
+        self.rows: list[_Row] = []
+        self.cache = SlotCache(max_batch_size)
+        self.sampler: BatchSampler | None = None
+        self._parts_of: tuple[int, Any] = (0, None)
+        self._device_of: tuple[Any, Any] = (None, None)
+        self._queue: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._callbacks: dict[int, tuple[Callable, Callable]] = {}
+        self._next_index = 0
+        self._group_sizes: dict[tuple, int] = {}  # a whole workload's groups (run); none for requests as they come
+        self._prefix: tuple[int, ...] = ()  # what every prompt of the workload starts with
+        self._prefix_cache: dict[str | None, list] = {}  # its keys and values, per adapter
+
+    # ------------------------------------------------------------------ a stage's whole workload
+
+    def run(self, requests: Sequence[Request]) -> list[Result]:
+        """Every request's result, in order. Requests sharing an adapter and a prompt share one prefill.
+
+        The whole workload is known, so it is admitted in the order that costs least: the requests of
+        one (adapter, prompt) together (one prefill for all of them), longest prompts first (the
+        prompts prefilled together are of a length: little padding).
+        """
+        groups: dict[tuple, list[int]] = {}
+        for i, request in enumerate(requests):
+            groups.setdefault((request.adapter, tuple(request.prompt_ids)), []).append(i)
+        order = sorted(groups.values(), key=lambda members: -(len(requests[members[0]].prompt_ids) + max(
+            len(requests[i].score_ids) for i in members)))
+        self._group_sizes = {key: len(members) for key, members in groups.items()}
+        waiting = deque((i, requests[i]) for members in order for i in members)
+        self.model.eval()
+        if requests:  # room for the longest row at once: growing the cache later copies it
+            room = max(_room(r) for r in requests)
+            self._fit_slots(room)
+            self.cache.reserve(room)
+            self._share_prefix(requests)
+        results: list[Result | None] = [None] * len(requests)
+        while waiting or self.rows:
+            for row in self._iterate(waiting):
+                results[row.index] = row.result()
+        self._group_sizes, self._prefix, self._prefix_cache = {}, (), {}
+        return results
+
+    def _share_prefix(self, requests: Sequence[Request]) -> None:
+        """The tokens every prompt of the workload starts with (a system prompt, the template's opening), computed
+        once per adapter: each prefill then copies their keys and values and runs only what follows."""
+        first = requests[0].prompt_ids
+        length = min(len(r.prompt_ids) for r in requests) - 1  # at least one token of each prompt is run
+        for request in requests:
+            ids = request.prompt_ids
+            length = min(length, next((i for i in range(length) if ids[i] != first[i]), length))
+        if length < MIN_SHARED_PREFIX:
+            return
+        self._prefix = tuple(first[:length])
+        with torch.no_grad(), self.autocast():
+            for adapter in {r.adapter for r in requests}:
+                if adapter is not None and adapter not in self.adapters.names:
+                    continue  # refused at admission
+                self.cache.mode, self.cache.offset = "prefill", 0
+                self.cache.write_slots = torch.tensor([0], device=self._device)
+                ids = torch.tensor([self._prefix], device=self._device)
+                mask = torch.ones(length, length, dtype=torch.bool, device=self._device).tril()[None, None]
+                with self.lock, self.adapters.rows([adapter]):
+                    self._hidden(ids, mask, torch.arange(length, device=self._device)[None])
+                self._prefix_cache[adapter] = self.cache.read_prefix(0, length)
+                self.stats.prefill_tokens += length
+
+    def _fit_slots(self, room: int) -> None:
+        """Fewer rows at once when their keys and values (``room`` positions each) would pass a quarter of
+        the free memory: a 7B model's cache is ~64x a 135M one's per token."""
+        from qlora_pipeline.hardware import free_memory_bytes
+
+        if self.rows or self.cache.keys:
+            return
+        config = self.model.config
+        layers = getattr(config, "num_hidden_layers", 0)
+        heads = getattr(config, "num_key_value_heads", None) or getattr(config, "num_attention_heads", 0)
+        head_dim = getattr(config, "head_dim", None) or getattr(config, "hidden_size", 0) // max(
+            getattr(config, "num_attention_heads", 1), 1)
+        per_row = 2 * layers * heads * head_dim * 4 * room  # float32, the widest the cache takes
+        if per_row <= 0:
+            return
+        fits = max(1, int(0.25 * free_memory_bytes() // per_row))
+        if fits < self.max_batch_size:
+            self.max_batch_size = fits
+            self.cache, self.sampler = SlotCache(fits), None
+
+    # ------------------------------------------------------------------ requests as they come
+
+    def start(self) -> "Engine":
+        self.model.eval()
+        self._thread = threading.Thread(target=self._loop, name="generation", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 30) -> None:
+        if self._thread:
+            self._queue.put(_STOP)
+            self._thread.join(timeout=timeout)
+            self._thread = None
+
+    def submit(self, request: Request, on_done: Callable[[Result], None],
+               on_error: Callable[[BaseException], None] = lambda err: None) -> None:
+        """Queue ``request``; ``on_done(result)`` or ``on_error(exception)`` is called from the engine's thread."""
+        self._queue.put((request, on_done, on_error))
+
+    @property
+    def waiting(self) -> int:
+        return self._queue.qsize()
+
+    def _loop(self) -> None:
+        waiting: deque = deque()
+        while True:
+            block = not waiting and not self.rows
+            items = []
+            try:
+                items.append(self._queue.get(block=block))
+                while True:
+                    items.append(self._queue.get_nowait())
+            except queue.Empty:
+                pass
+            stopping = False
+            for item in items:
+                if item is _STOP:
+                    stopping = True
+                    continue
+                request, on_done, on_error = item
+                index, self._next_index = self._next_index, self._next_index + 1
+                self._callbacks[index] = (on_done, on_error)
+                waiting.append((index, request))
+            if stopping:
+                self._fail([*self.rows], waiting, RuntimeError("the engine was stopped"))
+                return
+            try:
+                finished = self._iterate(waiting)
+            except Exception as err:  # every request in flight must hear of it, not hang
+                self._fail([*self.rows], deque(), err)
+                self.rows = []
+                continue
+            for row in finished:
+                on_done, _ = self._callbacks.pop(row.index)
+                on_done(row.result())
+
+    def _fail(self, rows: list[_Row], waiting: deque, err: BaseException) -> None:
+        for index in [row.index for row in rows] + [index for index, _ in waiting]:
+            callbacks = self._callbacks.pop(index, None)
+            if callbacks:
+                callbacks[1](err)
+        waiting.clear()
+
+    # ------------------------------------------------------------------ one iteration
+
+    def _iterate(self, waiting: deque) -> list[_Row]:
+        """Admit waiting rows if it is time, then one decode step; the rows that finished."""
+        finished: list[_Row] = []
+        with torch.no_grad(), self.autocast():
+            finished += self._drop_cancelled()
+            finished += self._admit(waiting)
+            if self.rows:
+                finished += self._decode_step()
+        return finished
+
+    def _drop_cancelled(self) -> list[_Row]:
+        loaded = self.adapters.names
+        gone = [i for i, row in enumerate(self.rows)
+                if row.cancelled or (row.request.adapter is not None and row.request.adapter not in loaded)]
+        for i in gone:
+            row = self.rows[i]
+            if row.cancelled:
+                row.finish("cancelled")
+            else:
+                row.finish("error", f"adapter {row.request.adapter!r} was unloaded")
+        return self._remove(gone)
+
+    def _admit(self, waiting: deque) -> list[_Row]:
+        free = self.max_batch_size - len(self.rows)
+        if not waiting or free <= 0:
+            return []
+        threshold = max(1, int(self.admit_fraction * self.max_batch_size))
+        if self.rows and free < threshold and len(waiting) > free:
+            return []
+        taken: list[tuple[int, Request]] = []
+        refused: list[_Row] = []
+        loaded = self.adapters.names
+        while waiting and len(taken) < free:
+            index, request = waiting[0]
+            size = self._group_sizes.get((request.adapter, tuple(request.prompt_ids)), 1)
+            starts_group = not taken or (taken[-1][1].adapter, taken[-1][1].prompt_ids) != (request.adapter,
+                                                                                            request.prompt_ids)
+            if taken and starts_group and size > free - len(taken) and size <= self.max_batch_size:
+                break  # a group that shares one prefill waits until it fits whole
+            waiting.popleft()
+            if request.cancelled is not None and request.cancelled.is_set():
+                refused.append(_Row(index, request, self.tokenizer, self.eos))
+                refused[-1].finish("cancelled")
+            elif request.adapter is not None and request.adapter not in loaded:
+                refused.append(_Row(index, request, self.tokenizer, self.eos))
+                refused[-1].finish("error", f"no adapter named {request.adapter!r} is loaded")
+            else:
+                taken.append((index, request))
+        return refused + (self._prefill(taken) if taken else [])
+
+    def _prefill(self, taken: list[tuple[int, Request]]) -> list[_Row]:
+        """Prefill the distinct (adapter, prompt) pairs of ``taken``; every row takes its first token."""
+        started = time.perf_counter()
+        groups: dict[tuple, list[_Row]] = {}
+        for index, request in taken:
+            row = _Row(index, request, self.tokenizer, self.eos)
+            groups.setdefault((request.adapter, tuple(request.prompt_ids)), []).append(row)
+        leaders = sorted(groups.values(), key=_input_length)
+        self.cache.reserve(max(_room(r) for _, r in taken))
+        chunk: list[list[_Row]] = []
+        for group in leaders:
+            width = _input_length(group)
+            if chunk and (len(chunk) + 1) * width > self.prefill_tokens:
+                self._prefill_chunk(chunk)
+                chunk = []
+            chunk.append(group)
+        if chunk:
+            self._prefill_chunk(chunk)
+        self.stats.prefill_seconds += time.perf_counter() - started
+        finished = [i for i, row in enumerate(self.rows) if row.finished]
+        return self._remove(finished)
+
+    def _prefill_chunk(self, groups: list[list[_Row]]) -> None:
+        device = self._device
+        prompts = [group[0].request.prompt_ids for group in groups]
+        adapters = [group[0].request.adapter for group in groups]
+        shared = len(self._prefix) if self._prefix and all(
+            tuple(p[:len(self._prefix)]) == self._prefix and len(p) > len(self._prefix) and a in self._prefix_cache
+            for p, a in zip(prompts, adapters)) else 0
+        # A row that asks for a continuation's likelihood has it run in its prompt's forward (teacher forced).
+        scored = [next((row for row in group if row.request.score_ids), None) for group in groups]
+        inputs = [list(p[shared:]) + list(row.request.score_ids if row else ()) for p, row in zip(prompts, scored)]
+        width = max(map(len, inputs))
+        ids = torch.full((len(inputs), width), self.pad, dtype=torch.long)
+        for i, tokens in enumerate(inputs):
+            ids[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        lengths = torch.tensor([len(p) - shared for p in prompts])
+        valid = torch.tensor([len(tokens) for tokens in inputs])
+        positions = (torch.arange(width) + shared).expand(len(inputs), width)
+        causal = torch.ones(width, width, dtype=torch.bool).tril()
+        mask = causal[None, None] & (torch.arange(width)[None, :] < valid[:, None])[:, None, None, :]
+        if shared:  # every row sees the whole shared prefix
+            mask = torch.cat([torch.ones(len(inputs), 1, width, shared, dtype=torch.bool), mask], dim=-1)
+        first = len(self.rows)
+        self.cache.write_slots = torch.arange(first, first + len(groups), device=device)
+        for adapter in set(adapters) if shared else ():
+            slots = [first + i for i, a in enumerate(adapters) if a == adapter]
+            self.cache.write_prefix(torch.tensor(slots, device=device), self._prefix_cache[adapter])
+        self.cache.mode, self.cache.offset = "prefill", shared
+        with self.lock, self.adapters.rows(adapters):
+            hidden = self._hidden(ids.to(device), mask.to(device), positions.to(device))
+        self.cache.offset = 0
+        last = hidden[torch.arange(len(prompts), device=device), (lengths - 1).to(device)]
+        logits = self._head(last)
+        if any(scored):
+            self._score(hidden, inputs, [p[shared:] for p in prompts], scored)
+        self.stats.shared_prefix_tokens += shared * len(inputs)
+        self.stats.prefills += 1
+        self.stats.prefill_rows += len(prompts)
+        self.stats.prefill_tokens += int(valid.sum())
+        self.stats.prefill_padded_tokens += len(inputs) * width
+        # Leaders first, in their slots; then each leader's followers copy its prompt's keys and values.
+        rows = [group[0] for group in groups]
+        row_logits = [i for i in range(len(groups))]
+        for i, group in enumerate(groups):
+            for follower in group[1:]:
+                self.cache.copy_row(first + i, first + len(rows), follower.length)
+                rows.append(follower)
+                row_logits.append(i)
+                self.stats.shared_prefills += 1
+        slots = list(range(first, first + len(rows)))
+        self._ensure_sampler(logits.shape[-1])
+        for slot, row in zip(slots, rows):
+            self.sampler.start_row(slot, row.request.prompt_ids, row.request.decoding)
+        tokens = self.sampler.next_tokens(logits[row_logits], [row.state for row in rows], slots)
+        self.sampler.record(tokens, slots)
+        self.rows.extend(rows)
+        for row, token in zip(rows, tokens.tolist()):
+            row.accept(token)
+        self.stats.generated_tokens += len(rows)
+
+    def _score(self, hidden: torch.Tensor, inputs: list[list[int]], prompts: list[list[int]],
+               scored: list[_Row | None]) -> None:
+        """Each scored row's continuation: its summed negative log-likelihood and token count."""
+        from qlora_pipeline.modeling.loss import IGNORE_INDEX, target_token_nll
+
+        labels = torch.full(hidden.shape[:2], IGNORE_INDEX, dtype=torch.long)
+        for i, (tokens, prompt, row) in enumerate(zip(inputs, prompts, scored)):
+            if row is not None:
+                labels[i, len(prompt): len(tokens)] = torch.tensor(tokens[len(prompt):], dtype=torch.long)
+        head = self._parts[1] if self._parts is not None else None
+        if head is None:  # logits already: the model could not be taken apart
+            nll = torch.nn.functional.cross_entropy(hidden[:, :-1].float().transpose(1, 2), labels[:, 1:].to(hidden.device),
+                                                    ignore_index=IGNORE_INDEX, reduction="none").sum(dim=1)
+            counts = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
+        else:
+            nll, counts = target_token_nll(hidden, labels.to(hidden.device), head)
+        for i, row in enumerate(scored):
+            if row is not None:
+                row.score = (float(nll[i]), int(counts[i]))
+
+    def _decode_step(self) -> list[_Row]:
+        started = time.perf_counter()
+        device = self._device
+        rows = self.rows
+        ids = torch.tensor([[row.pending] for row in rows], dtype=torch.long, device=device)
+        positions = torch.tensor([[row.length] for row in rows], dtype=torch.long, device=device)
+        span = max(row.length for row in rows) + 1
+        self.cache.reserve(span)
+        self.cache.mode, self.cache.positions, self.cache.span = "decode", positions[:, 0], span
+        mask = (torch.arange(span, device=device)[None, :] <= positions).view(len(rows), 1, 1, span)
+        with self.lock, self.adapters.rows([row.request.adapter for row in rows]):
+            hidden = self._hidden(ids, mask, positions)
+        logits = self._head(hidden[:, -1])
+        for row in rows:
+            row.length += 1
+        tokens = self.sampler.next_tokens(logits, [row.state for row in rows])
+        self.sampler.record(tokens)
+        for row, token in zip(rows, tokens.tolist()):
+            row.accept(token)
+        self.stats.decode_steps += 1
+        self.stats.row_steps += len(rows)
+        self.stats.generated_tokens += len(rows)
+        self.stats.decode_seconds += time.perf_counter() - started
+        return self._remove([i for i, row in enumerate(rows) if row.finished])
+
+    def _remove(self, indices: list[int]) -> list[_Row]:
+        """Take the rows at ``indices`` out; the last rows move into the holes (slots stay 0..B-1)."""
+        removed = []
+        for i in sorted(indices, reverse=True):
+            last = len(self.rows) - 1
+            removed.append(self.rows[i])
+            if i != last:
+                self.cache.copy_row(last, i, self.rows[last].length)
+                if self.sampler is not None:
+                    self.sampler.move(last, i)
+                self.rows[i] = self.rows[last]
+            self.rows.pop()
+        return removed[::-1]
+
+    # ------------------------------------------------------------------ the model
+
+    @property
+    def model(self) -> Any:
+        """The model rows run on (a server's base becomes a ``PeftModel`` when its first adapter is loaded)."""
+        return self.adapters.model
+
+    @property
+    def _parts(self) -> Any:
+        if self._parts_of[0] != id(self.model):
+            self._parts_of = (id(self.model), causal_lm_parts(self.model))
+        return self._parts_of[1]
+
+    @property
+    def _device(self) -> torch.device:
+        model = self.model
+        if self._device_of[0] is not model:
+            self._device_of = (model, next(model.parameters()).device)
+        return self._device_of[1]
+
+    def _ensure_sampler(self, vocabulary: int) -> None:
+        if self.sampler is None or self.sampler.vocabulary != vocabulary:
+            self.sampler = BatchSampler(self.max_batch_size, vocabulary, self._device)
+
+    def _hidden(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The decoder's last hidden states; the head is applied only where a token is picked."""
+        if self._parts is None:  # a model that cannot be taken apart: its logits
+            return self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=self.cache,
+                              use_cache=True).logits
+        decoder, _ = self._parts
+        return decoder(input_ids=ids, attention_mask=mask, position_ids=positions, cache=self.cache,
+                       use_cache=True).last_hidden_state
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self._parts is None:
+            return hidden.float()
+        return self._parts[1](hidden).float()

@@ -1,0 +1,185 @@
+"""The generation engine on the real 4-bit base with three adapters: generate()'s tokens, continuous batching, sharing."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from qlora_pipeline.modeling.engine import Engine, Request, chat_prompt_ids
+from qlora_pipeline.modeling.sampling import RowDecoding
+from qlora_pipeline.serving.models import AdapterSpec, load_persona_model
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["hey, how was your weekend?", "do you like dogs or cats more?", "what are you cooking tonight?",
+           "any plans for the summer?", "ok"]
+
+
+@pytest.fixture(scope="module")
+def persona(quantized_base, persona_adapters):
+    specs = [AdapterSpec(name, str(path)) for name, path in persona_adapters.items()]
+    return load_persona_model(quantized_base, specs)
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(persona):
+    return chat_prompt_ids(persona.tokenizer, [[{"role": "user", "content": text}] for text in PROMPTS])
+
+
+def engine_for(persona, **kwargs) -> Engine:
+    return Engine(persona.model, persona.tokenizer, persona.row_adapters, lock=persona.lock,
+                  autocast=persona.autocast, **kwargs)
+
+
+def generate_alone(persona, ids: list[int], adapter: str | None, tokens: int, **kwargs) -> list[int]:
+    """``model.generate`` on one prompt, the adapter set the PEFT way (or switched off for the base)."""
+    model, tokenizer = persona.model, persona.tokenizer
+    context = model.disable_adapter() if adapter is None else _active(model, adapter)
+    with context, torch.no_grad(), persona.autocast():
+        output = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                max_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                                eos_token_id=tokenizer.eos_token_id, **kwargs)
+    new = output[0, len(ids):].tolist()
+    return new[: new.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in new else new
+
+
+class _active:
+    def __init__(self, model, name):
+        self.model, self.name = model, name
+
+    def __enter__(self):
+        self.model.set_adapter(self.name)
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_greedy_rows_give_generates_tokens_for_every_adapter_in_mixed_continuous_batches(persona, prompt_ids):
+    adapters = [None, "alice", "bob", "carol"]
+    requests = [Request(ids, adapter, max_new_tokens=6 + 3 * (i % 4)) for adapter in adapters
+                for i, ids in enumerate(prompt_ids)]
+    # Batches of 3 out of 20 rows of uneven limits: rows keep leaving and joining mixed batches.
+    engine = engine_for(persona, max_batch_size=3)
+    results = engine.run(requests)
+    for request, result in zip(requests, results):
+        assert result.token_ids == generate_alone(persona, request.prompt_ids, request.adapter,
+                                                  request.max_new_tokens), request.adapter
+    by_adapter = {adapter: [r.text for q, r in zip(requests, results) if q.adapter == adapter] for adapter in adapters}
+    assert len({tuple(texts) for texts in by_adapter.values()}) == 4  # every adapter changes the replies
+    assert engine.stats.prefills > 1 and engine.stats.decode_steps > 0
+
+
+def test_greedy_rows_with_repetition_controls_give_generates_tokens(persona, prompt_ids):
+    decoding = RowDecoding(repetition_penalty=1.3, no_repeat_ngram_size=2)
+    controlled = [Request(ids, adapter, decoding, max_new_tokens=16) for adapter in (None, "alice")
+                  for ids in prompt_ids[:2]]
+    plain = [Request(ids, adapter, max_new_tokens=16) for adapter in (None, "alice") for ids in prompt_ids[:2]]
+    results = engine_for(persona, max_batch_size=3).run(controlled + plain)  # mixed with rows without them
+    for request, result in zip(controlled + plain, results):
+        kwargs = {"repetition_penalty": 1.3, "no_repeat_ngram_size": 2} if request.decoding == decoding else {}
+        assert result.token_ids == generate_alone(persona, request.prompt_ids, request.adapter, 16, **kwargs)
+    # the controls did change some replies: the test would pass vacuously otherwise
+    assert [r.token_ids for r in results[:4]] != [r.token_ids for r in results[4:]]
+
+
+def test_no_decode_step_is_spent_on_a_finished_row(persona, prompt_ids):
+    """Each row is in exactly as many decode steps as tokens it took after its first (which the prefill gives)."""
+    requests = [Request(ids, adapter, max_new_tokens=limit) for ids in prompt_ids
+                for adapter, limit in ((None, 3), ("bob", 17), ("carol", 1))]
+    engine = engine_for(persona, max_batch_size=4)
+    results = engine.run(requests)
+    assert engine.stats.row_steps == sum(r.completion_tokens - 1 for r in results)
+    assert [r.completion_tokens for r in results if r.finish_reason == "length"] and all(
+        r.completion_tokens <= q.max_new_tokens for q, r in zip(requests, results))
+    assert engine.stats.row_steps < engine.stats.decode_steps * 4  # the batch was not always full: rows left
+
+
+def test_rows_sharing_an_adapter_and_a_prompt_are_prefilled_once(persona, prompt_ids):
+    sampled = RowDecoding(temperature=0.9, top_p=0.95)
+    requests = [Request(prompt_ids[0], "alice", max_new_tokens=8),
+                Request(prompt_ids[0], "alice", sampled, max_new_tokens=8, seed=1),
+                Request(prompt_ids[0], "alice", sampled, max_new_tokens=8, seed=2),
+                Request(prompt_ids[0], None, max_new_tokens=8),  # another adapter: its own prefill
+                Request(prompt_ids[1], "alice", max_new_tokens=8)]
+    engine = engine_for(persona)
+    shared = engine.run(requests)
+    assert engine.stats.prefill_rows == 3 and engine.stats.shared_prefills == 2
+    alone = [engine_for(persona).run([request])[0] for request in requests]
+    assert [r.token_ids for r in shared] == [r.token_ids for r in alone]
+    assert shared[1].token_ids != shared[2].token_ids  # two seeds, two samples
+
+
+def test_a_seeded_row_gives_the_same_tokens_whatever_it_is_batched_with(persona, prompt_ids):
+    request = Request(prompt_ids[2], "carol", RowDecoding(temperature=1.0, top_k=40), max_new_tokens=10, seed=7)
+    alone = engine_for(persona).run([request])[0].token_ids
+    crowd = [Request(ids, adapter, RowDecoding(temperature=0.8), max_new_tokens=4 + i, seed=i)
+             for i, (ids, adapter) in enumerate(zip(prompt_ids, ["alice", None, "bob", "alice", None]))]
+    together = engine_for(persona, max_batch_size=3).run([*crowd[:2], request, *crowd[2:]])[2].token_ids
+    assert alone == together
+
+
+def test_stop_strings_token_limits_and_streaming(persona, prompt_ids):
+    full = engine_for(persona).run([Request(prompt_ids[0], "alice", max_new_tokens=16)])[0]
+    stop = full.text.split()[2]
+    pieces: list[str] = []
+    stopped, limited = engine_for(persona).run([
+        Request(prompt_ids[0], "alice", max_new_tokens=16, stop=(stop,), on_text=pieces.append),
+        Request(prompt_ids[1], "bob", max_new_tokens=5)])
+    assert stopped.finish_reason == "stop" and stop not in stopped.text and full.text.startswith(stopped.text)
+    assert "".join(pieces) == stopped.text
+    assert limited.finish_reason == "length" and limited.completion_tokens == 5 and len(limited.token_ids) == 5
+
+
+def test_the_engine_thread_admits_requests_as_they_come_and_drops_cancelled_ones(persona, prompt_ids):
+    engine = engine_for(persona, max_batch_size=4, admit_fraction=0.0).start()
+    try:
+        done, results = threading.Event(), {}
+        cancelled = threading.Event()
+        cancelled.set()
+
+        def finish(key):
+            def on_done(result):
+                results[key] = result
+                if len(results) == 3:
+                    done.set()
+            return on_done
+
+        engine.submit(Request(prompt_ids[0], "alice", max_new_tokens=12), finish("first"))
+        engine.submit(Request(prompt_ids[1], None, max_new_tokens=12, cancelled=cancelled), finish("gone"))
+        engine.submit(Request(prompt_ids[2], "nobody", max_new_tokens=4), finish("unknown"))
+        assert done.wait(120)
+        assert results["first"].token_ids == generate_alone(persona, prompt_ids[0], "alice", 12)
+        assert results["gone"].finish_reason == "cancelled" and results["gone"].completion_tokens == 0
+        assert results["unknown"].finish_reason == "error" and "nobody" in results["unknown"].error
+    finally:
+        engine.stop()
+
+
+def test_a_scored_continuation_gives_the_models_own_loss_in_the_prompts_prefill(persona, prompt_ids):
+    """score_ids: the reference reply's NLL, teacher forced in the prompt's prefill, equals a plain forward's."""
+    reference = persona.tokenizer("sounds great, count me in", add_special_tokens=False)["input_ids"] + [
+        persona.tokenizer.eos_token_id]
+    requests = [Request(prompt_ids[0], "alice", max_new_tokens=6, score_ids=reference),
+                Request(prompt_ids[0], "alice", RowDecoding(temperature=1.0), max_new_tokens=6, seed=3),
+                Request(prompt_ids[1], None, max_new_tokens=6, score_ids=reference[:3]),
+                Request(prompt_ids[2], "bob", max_new_tokens=6)]
+    engine = engine_for(persona)
+    results = engine.run(requests)
+    assert engine.stats.prefill_rows == 3  # the scored row and its sampled sibling: one forward
+    for request, result in zip(requests, results):
+        if not request.score_ids:
+            assert result.score is None
+            continue
+        ids = torch.tensor([list(request.prompt_ids) + list(request.score_ids)])
+        labels = torch.full_like(ids, -100)
+        labels[0, len(request.prompt_ids):] = torch.tensor(request.score_ids)
+        model = persona.model
+        context = model.disable_adapter() if request.adapter is None else _active(model, request.adapter)
+        with context, torch.no_grad(), persona.autocast():
+            loss = model(input_ids=ids, labels=labels).loss
+        nll, count = result.score
+        assert count == len(request.score_ids) and nll / count == pytest.approx(loss.item(), rel=1e-4)
+    # scoring does not change what is generated
+    assert results[0].token_ids == engine_for(persona).run([Request(prompt_ids[0], "alice", max_new_tokens=6)])[0].token_ids

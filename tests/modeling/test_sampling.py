@@ -1,0 +1,146 @@
+"""Each row's decoding against transformers' own processors, row by row, on random logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.generation.logits_process import (NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor,
+                                                    TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+
+from qlora_pipeline.config import DecodingSetting
+from qlora_pipeline.modeling.engine import row_decoding
+from qlora_pipeline.modeling.sampling import BatchSampler, RowDecoding, RowState, repetition_penalty, top_k, top_p
+
+VOCABULARY = 50
+
+
+def _rows(seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(4, VOCABULARY, generator=generator) * 3
+    # Sequences with repeats, so penalties and n-gram bans have something to act on.
+    sequences = [torch.randint(0, 12, (length,), generator=generator).tolist() for length in (9, 14, 3, 20)]
+    return logits, sequences
+
+
+def test_repetition_penalty_matches_transformers_row_by_row():
+    logits, sequences = _rows()
+    penalties = [1.3, 1.0, 0.8, 1.15]
+    seen = torch.zeros(4, VOCABULARY, dtype=torch.bool)
+    for i, sequence in enumerate(sequences):
+        seen[i, sequence] = True
+    column = torch.tensor(penalties).unsqueeze(1)
+    ours = repetition_penalty(logits, seen & (column != 1.0), column)
+    for i, (sequence, penalty) in enumerate(zip(sequences, penalties)):
+        theirs = RepetitionPenaltyLogitsProcessor(penalty)(torch.tensor([sequence]), logits[i:i + 1].clone())
+        assert torch.equal(ours[i], theirs[0]), i
+    assert not torch.equal(ours[0], logits[0])  # the penalty did act
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_no_repeat_ngram_ban_matches_transformers_as_tokens_arrive(n):
+    _, sequences = _rows(1)
+    for sequence in sequences:
+        state = RowState(sequence[:2], RowDecoding(no_repeat_ngram_size=n), None)
+        for length in range(2, len(sequence) + 1):
+            if length > 2:
+                state.push(sequence[length - 1])
+            scores = torch.zeros(1, VOCABULARY)
+            theirs = NoRepeatNGramLogitsProcessor(n)(torch.tensor([sequence[:length]]), scores)
+            assert state.banned() == torch.nonzero(theirs[0] == float("-inf")).flatten().tolist()
+    # and something was banned along the way: the sequences repeat
+    state = RowState([1, 2, 3, 1, 2], RowDecoding(no_repeat_ngram_size=3), None)
+    assert state.banned() == [3]
+
+
+def test_top_k_and_top_p_match_transformers_per_row():
+    logits, _ = _rows(2)
+    ks, ps, temperatures = [0, 5, 1, 20], [1.0, 0.9, 0.5, 0.75], [0.7, 1.0, 1.3, 0.9]
+    scaled = logits / torch.tensor(temperatures).unsqueeze(1)
+    ours = top_p(top_k(scaled, torch.tensor(ks)), torch.tensor(ps).unsqueeze(1))
+    for i in range(4):
+        theirs = TemperatureLogitsWarper(temperatures[i])(None, logits[i:i + 1].clone())
+        if ks[i]:
+            theirs = TopKLogitsWarper(ks[i])(None, theirs)
+        if ps[i] < 1.0:
+            theirs = TopPLogitsWarper(ps[i])(None, theirs)
+        assert torch.equal(ours[i], theirs[0]), i
+    kept = (ours > float("-inf")).sum(dim=1).tolist()
+    assert kept[2] == 1 and kept[1] <= 5 and kept[0] == VOCABULARY
+
+
+def test_greedy_rows_take_the_argmax_after_the_penalties_and_sampled_rows_stay_in_the_nucleus():
+    logits, sequences = _rows(3)
+    sampler = BatchSampler(4, VOCABULARY, torch.device("cpu"))
+    settings = [RowDecoding(), RowDecoding(repetition_penalty=5.0), RowDecoding(temperature=1.0, top_k=3),
+                RowDecoding(temperature=0.8, top_p=0.3)]
+    states = [RowState(sequence, setting, seed=11) for sequence, setting in zip(sequences, settings)]
+    for slot, (sequence, setting) in enumerate(zip(sequences, settings)):
+        sampler.start_row(slot, sequence, setting)
+    tokens = sampler.next_tokens(logits, states).tolist()
+    assert tokens[0] == int(logits[0].argmax())
+    penalised = RepetitionPenaltyLogitsProcessor(5.0)(torch.tensor([sequences[1]]), logits[1:2].clone())
+    assert tokens[1] == int(penalised.argmax())
+    assert tokens[2] in logits[2].topk(3).indices.tolist()
+    nucleus = TopPLogitsWarper(0.3)(None, logits[3:4] / 0.8)
+    assert nucleus[0, tokens[3]] > float("-inf")
+
+
+def test_a_seeded_row_draws_the_same_whatever_its_neighbours():
+    logits, sequences = _rows(4)
+    setting = RowDecoding(temperature=1.0)
+
+    def draw(rows_logits, seeds):
+        sampler = BatchSampler(len(seeds), VOCABULARY, torch.device("cpu"))
+        states = [RowState([], setting, seed) for seed in seeds]
+        return [sampler.next_tokens(rows_logits, states).tolist() for _ in range(5)]
+
+    alone = draw(logits[:1], [42])
+    together = draw(torch.cat([logits[1:3], logits[:1]]), [7, 8, 42])
+    assert [step[0] for step in alone] == [step[2] for step in together]
+    assert [step[0] for step in draw(logits[:1], [43])] != [step[0] for step in alone]
+
+
+def test_params_decoding_becomes_a_row_decoding():
+    assert row_decoding(DecodingSetting()) == RowDecoding()
+    greedy = row_decoding(DecodingSetting(temperature=0.0, top_p=0.5, top_k=3, repetition_penalty=1.2,
+                                          no_repeat_ngram_size=3))
+    assert greedy == RowDecoding(repetition_penalty=1.2, no_repeat_ngram_size=3)  # sampling keys ignored, as generate does
+    sampled = row_decoding(DecodingSetting(temperature=0.7, top_p=0.9, top_k=50, repetition_penalty=1.15,
+                                           no_repeat_ngram_size=4))
+    assert sampled == RowDecoding(0.7, 0.9, 50, 1.15, 4)
+
+
+def test_any_integer_seed_is_taken():
+    state = RowState([], RowDecoding(temperature=1.0), seed=2**80)
+    again = RowState([], RowDecoding(temperature=1.0), seed=2**80)
+    assert torch.equal(state.gumbel(8), again.gumbel(8))
+    RowState([], RowDecoding(temperature=1.0), seed=-5).gumbel(8)
+
+
+def test_the_gumbel_draw_samples_the_softmax_distribution():
+    """Frequencies of many seeded draws match softmax(logits / temperature) within sampling error."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -9.0]])
+    sampler = BatchSampler(1, 5, torch.device("cpu"))
+    counts = torch.zeros(5)
+    for seed in range(3000):
+        token = sampler.next_tokens(logits, [RowState([], RowDecoding(temperature=0.7), seed)])
+        counts[token] += 1
+    expected = torch.softmax(logits[0] / 0.7, dim=-1)
+    assert torch.allclose(counts / counts.sum(), expected, atol=0.025), (counts / counts.sum(), expected)
+
+
+def test_top_p_over_a_large_vocabulary_keeps_the_set_transformers_keeps():
+    """Peaked rows find their nucleus among the top candidates, flat rows fall back to the full sort: either way
+    the kept tokens are those TopPLogitsWarper keeps."""
+    generator = torch.Generator().manual_seed(5)
+    vocabulary = 20000
+    logits = torch.cat([torch.randn(3, vocabulary, generator=generator) * 6,  # peaked
+                        torch.randn(2, vocabulary, generator=generator) * 0.1])  # flat: nucleus of thousands
+    ps = [0.9, 0.5, 1.0, 0.95, 0.3]
+    ours = top_p(logits, torch.tensor(ps).unsqueeze(1))
+    for i, p in enumerate(ps):
+        theirs = logits[i:i + 1] if p == 1.0 else TopPLogitsWarper(p)(None, logits[i:i + 1].clone())
+        assert torch.equal(ours[i] > float("-inf"), theirs[0] > float("-inf")), i
+        assert torch.equal(ours[i][ours[i] > float("-inf")], logits[i][ours[i] > float("-inf")])
+    kept = (ours > float("-inf")).sum(dim=1).tolist()
+    assert kept[0] < 1024 and kept[2] == vocabulary and kept[3] > 1024  # both paths were taken
