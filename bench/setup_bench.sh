@@ -4,8 +4,9 @@
 # and writes them as JSON to $1 (default: bench/results/setup.json).
 #
 #   pip: python3 -m venv; pip install torch==2.13.0; pip install -e '.[dev]'; pip install --no-deps wheels
-#   uv:  python3 -m venv; pip install torch==2.13.0 uv; uv pip install -e '.[dev]'; uv pip install --no-deps
-#        (torch by pip in both: pip's configuration on the CPU machines finds the CPU build on disk; uv does not)
+#   uv:  python3 -m venv; pip install torch==2.13.0 uv; uv pip install --compile-bytecode -e '.[dev]'; the same --no-deps
+#        (torch by pip in both: pip's configuration on the CPU machines finds the CPU build on disk; uv does not;
+#        --compile-bytecode writes the .pyc files pip writes by default, so both leave the same environment)
 #
 # The caches are moved aside for the cold runs (PIP_CACHE_DIR / UV_CACHE_DIR point into a scratch folder),
 # so the user's own caches are left alone. Needs the package registry; takes a few minutes.
@@ -31,8 +32,8 @@ with_pip() {
 with_uv() {
     python3 -m venv .venv
     .venv/bin/python -m pip install --quiet torch==2.13.0 "$UV_VERSION"
-    .venv/bin/uv pip install --quiet --python .venv/bin/python -e '.[dev]'
-    .venv/bin/uv pip install --quiet --python .venv/bin/python --no-deps $WHEELS
+    .venv/bin/uv pip install --quiet --compile-bytecode --python .venv/bin/python -e '.[dev]'
+    .venv/bin/uv pip install --quiet --compile-bytecode --python .venv/bin/python --no-deps $WHEELS
 }
 
 timed() {  # timed NAME FUNCTION: seconds of FUNCTION in a fresh venv
