@@ -142,7 +142,8 @@ class Server:
             cmd = [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(code)!r}); "
                    "from qlora_pipeline.cli import main; sys.exit(main())", "serve", "--batch-wait-ms", "30"]
         cmd += ["--base", str(base), "--port", str(self.port), "--max-batch-size", str(max_batch_size),
-                "--params", str(ROOT / "params.yaml"), "--mixed-batches", mixed_batches]
+                # the other checkout reads its own params.yaml: keys added since would be unknown to it
+                "--params", str((code.parent if code else ROOT) / "params.yaml"), "--mixed-batches", mixed_batches]
         for i, path in enumerate(adapters):
             cmd += ["--adapter", f"a{i}={path}"]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,

@@ -78,17 +78,13 @@ def test_mixed_batch_rows_equal_each_prompt_run_alone(persona):
 
 
 def test_mixed_batch_logits_match_single_runs(persona):
-    """Prefill logits of each row, mixed batch vs alone: the same up to the compute dtype's rounding.
+    """Prefill logits of each row, mixed batch vs alone: the same up to float rounding.
 
-    On a machine whose `auto` dtype is bfloat16 the 4-bit layers compute in bfloat16 (8 bits of
-    mantissa), so batch shape and the order of the LoRA sum move logits by a few thousandths (0.0085
-    seen on an AMX machine); where everything computes in float32 the old tolerance holds.
+    The adapters are float32 (no autocast) over a base whose 4-bit layers may compute in bfloat16: the
+    stacked update is then computed in float32 and added before rounding, as PEFT does (rounding the
+    update to bfloat16 first moved these logits by 0.0085).
     """
     tokenizer = persona.tokenizer
-    half = (torch.bfloat16, torch.float16)
-    dtype = next((m.compute_dtype for m in persona.model.modules() if getattr(m, "compute_dtype", None) in half),
-                 next((p.dtype for p in persona.model.parameters() if p.dtype in half), torch.float32))
-    rtol, atol = (1e-3, 5e-3) if dtype == torch.float32 else (1e-2, 2e-2)
     pairs = [("alice", PROMPTS[0]), ("base", PROMPTS[2]), ("carol", PROMPTS[1])]
     ids = [_ids(persona, name, text) for name, text in pairs]
     width = max(map(len, ids))
@@ -101,7 +97,7 @@ def test_mixed_batch_logits_match_single_runs(persona):
         for row, (name, _) in enumerate(pairs):
             with persona.using(name) as model:
                 alone = model(input_ids=torch.tensor([ids[row]])).logits[0, -1]
-            assert torch.allclose(mixed[row], alone, rtol=rtol, atol=atol), (name, dtype, (mixed[row] - alone).abs().max())
+            assert torch.allclose(mixed[row], alone, rtol=1e-3, atol=5e-3), (name, (mixed[row] - alone).abs().max())
 
 
 def test_seeded_sampling_does_not_depend_on_the_batch(persona):
