@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
-# The machine's tag: cpu-avx512-bf16-amx, cpu-avx512-bf16, cpu-avx2, gpu-sm90. Kept out of the package: every stage imports
+# The machine's tag: cpu-avx512-bf16, cpu-avx2, gpu-sm90; an Intel CPU's with -intel (cpu-intel-avx512-bf16),
+# an AMX one's with -amx where torch can use its tiles. Kept out of the package: every stage imports
 # qlora_pipeline.hardware, and DVC re-runs a stage when code it imports changes.
 TAG=$($PY - <<'PY'
 import sys
@@ -14,7 +15,8 @@ info = hardware.capability()
 if info["gpu"]:
     print("gpu-sm" + info["gpu"].rsplit("capability ", 1)[-1].rstrip(")").replace(".", ""))
 else:
-    print(f"cpu-{info['cpu_capability'].lower()}" + ("-bf16" if info["native_dtype"] == "bfloat16" else "")
+    vendor = "intel-" if "intel" in info["cpu_model"].lower() else ""
+    print(f"cpu-{vendor}{info['cpu_capability'].lower()}" + ("-bf16" if info["native_dtype"] == "bfloat16" else "")
           + ("-amx" if info["cpu_amx"] else ""))
 PY
 )

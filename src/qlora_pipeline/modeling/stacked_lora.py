@@ -126,10 +126,11 @@ class StackedLoRA:
             # Each row keeps its own adapter's columns, scaled; then one matmul adds every row's update
             # into the base output in place (no update tensor the size of the output is made).
             hidden = hidden * self._in_dtype(weights[layer], hidden.dtype)
-            if hidden.dtype != output.dtype:
+            if hidden.dtype == stack.b.dtype != output.dtype:
                 # A float32 adapter over a base computing in bfloat16, without autocast: as PEFT, the update
                 # in the adapter's dtype, added, then rounded to the output's (not the update rounded first).
                 return (output + torch.nn.functional.linear(hidden, stack.b)).to(output.dtype)
+            hidden = hidden.to(output.dtype)
             b = self._in_dtype(stack.b, output.dtype)
             if not output.is_contiguous():
                 return output + torch.nn.functional.linear(hidden, b)
