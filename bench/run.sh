@@ -23,6 +23,7 @@ PY
 OUT=bench/results/$TAG
 mkdir -p "$OUT"
 $PY bench/train_bench.py --repeats 3 --out "$OUT/train.json"
+$PY bench/packing_bench.py --out "$OUT/packing.json"
 $PY bench/generation_bench.py --out "$OUT/generation.json"
 $PY bench/engine_bench.py --out "$OUT/engine.json"
 $PY bench/noop_repro.py --out "$OUT/noop_repro.json"
