@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import socket
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 import httpx2 as httpx  # the HTTP client the openai package itself uses
 import pytest
