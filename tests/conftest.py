@@ -133,15 +133,39 @@ def sh(cmd: list[str], cwd: Path, timeout: int = 600) -> str:
 
 
 def run_queue(repo: Path, jobs: int = 1, timeout: int = 900) -> str:
-    """`dvc queue start --jobs N`, then wait until nothing is queued or running; the final status."""
-    sh(["dvc", "queue", "start", "--jobs", str(jobs)], repo)
+    """`dvc queue start --jobs N`, then wait until nothing is queued or running; the final status.
+
+    The workers DVC starts keep the files they inherit open, so `queue start` writes to a file, not
+    a pipe (a pipe would block the test until the workers end). A worker that went away with
+    tasks still queued (DVC issue 10562) is started again; at the deadline the workers are
+    stopped and what the running tasks logged is shown.
+    """
+    def start() -> None:
+        with (repo.parent / f"{repo.name}-queue-start.log").open("a") as log:
+            proc = subprocess.run(["dvc", "queue", "start", "--jobs", str(jobs)], cwd=repo, env=pipeline_env(),
+                                  stdout=log, stderr=subprocess.STDOUT, timeout=120)
+        assert proc.returncode == 0, f"dvc queue start failed: see {log.name}"
+
+    start()
     deadline = time.time() + timeout
+    stalled_since = None
     while time.time() < deadline:
         status = sh(["dvc", "queue", "status"], repo)
         if "Queued" not in status and "Running" not in status:
             return status
+        if "Running" in status or "Worker status: 0 active" not in status:
+            stalled_since = None
+        elif stalled_since is None:
+            stalled_since = time.time()
+        elif time.time() - stalled_since > 30:  # no worker for 30 s with work queued
+            start()
+            stalled_since = None
         time.sleep(3)
-    raise AssertionError(f"the queue did not finish in {timeout} s:\n{status}")
+    running = [line.split()[0] for line in status.splitlines() if " Running" in line]
+    logs = "\n".join(subprocess.run(["dvc", "queue", "logs", task], cwd=repo, env=pipeline_env(),
+                                    capture_output=True, text=True).stdout[-3000:] for task in running)
+    subprocess.run(["dvc", "queue", "stop", "--kill"], cwd=repo, env=pipeline_env(), capture_output=True)
+    raise AssertionError(f"the queue did not finish in {timeout} s:\n{status}\n{logs}")
 
 
 def copy_repository(repo: Path, params_overrides: dict | None = None, extra_files: dict[str, str] | None = None

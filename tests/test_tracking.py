@@ -242,3 +242,24 @@ def test_a_server_keeps_its_own_artifact_root_and_a_local_store_a_local_one(monk
     tracking._experiment_id(Recorder(), "server", "http://127.0.0.1:5000")
     tracking._experiment_id(Recorder(), "local", f"sqlite:///{tmp_path}/mlflow.db")
     assert created == {"server": None, "local": (tmp_path / "mlartifacts").as_uri()}
+
+
+def test_a_store_creation_killed_mid_migration_leaves_no_store_and_the_next_stage_makes_it(tmp_path):
+    """kill -9 while MLflow migrates a new SQLite store: nothing at the store's path, so the next
+    stage builds it whole instead of refusing a store stuck at a middle schema version."""
+    store = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{store}"
+    creator = subprocess.Popen([sys.executable, "-c", "import sys; from qlora_pipeline import tracking; "
+                                "tracking.ensure_sqlite_store(sys.argv[1])", uri])
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".mlflow.db.*.tmp")) and creator.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    creator.kill()
+    creator.wait()
+    assert list(tmp_path.glob(".mlflow.db.*.tmp")), "the creator ended before its migration was seen"
+    assert not store.exists()
+
+    client = tracking.mlflow_client(uri)
+    experiment = client.create_experiment("after-the-kill")
+    assert client.get_experiment(experiment).name == "after-the-kill"
+    assert store.exists() and not list(tmp_path.glob(".mlflow.db.*.tmp"))  # what the killed one left, removed

@@ -99,11 +99,10 @@ def log_human_eval(tracking_uri: str, run_id: str, result: dict) -> None:
 
     A value that is None (no broken marks in an older ratings file) is not logged: unknown, not zero.
     """
-    import mlflow
-
     from qlora_pipeline.config import flatten
+    from qlora_pipeline.tracking import mlflow_client
 
-    client = mlflow.MlflowClient(tracking_uri)
+    client = mlflow_client(tracking_uri)
     for key, value in flatten(result, prefix="human_eval.").items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             client.log_metric(run_id, key, float(value))

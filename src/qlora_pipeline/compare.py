@@ -397,9 +397,9 @@ def build_report(tracking_uri: str, experiment_name: str, out_dir: Path, prefix:
     ``store_label`` names the store in the report (default: ``tracking_uri``): the report is shared,
     so the repository's own store is named as such, not by this machine's path.
     """
-    from mlflow import MlflowClient
+    from qlora_pipeline.tracking import mlflow_client
 
-    client = MlflowClient(tracking_uri)
+    client = mlflow_client(tracking_uri)
     if run_ids:
         runs = given_runs(client, run_ids)
     else:
@@ -474,9 +474,9 @@ def _dvc(command: list[str]) -> None:
 
 def runs_named(tracking_uri: str, experiment_name: str, names: list[str]) -> list[str]:
     """The MLflow run ids of the DVC experiments ``names`` (tag ``dvc.exp_name``)."""
-    from mlflow import MlflowClient
+    from qlora_pipeline.tracking import mlflow_client
 
-    client = MlflowClient(tracking_uri)
+    client = mlflow_client(tracking_uri)
     experiment = client.get_experiment_by_name(experiment_name)
     found = []
     for name in names:

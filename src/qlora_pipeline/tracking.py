@@ -71,6 +71,45 @@ def resolve_tracking_uri(configured: str | None) -> str:
     return configured or f"sqlite:///{repo_root() / STORE_FILE}"
 
 
+def mlflow_client(uri: str) -> Any:
+    """MLflow's client for ``uri``, a SQLite store first made whole (see ``ensure_sqlite_store``)."""
+    import mlflow
+
+    ensure_sqlite_store(uri)
+    return mlflow.MlflowClient(uri)
+
+
+def ensure_sqlite_store(uri: str) -> None:
+    """Create a missing SQLite store under a temporary name and move it into place once migrated.
+
+    MLflow builds a new store by running its schema migrations one by one, for seconds; a stage
+    killed meanwhile (kill -9, Ctrl-C) left a store at a middle version that every later stage
+    refused ("out-of-date database schema"). The lock orders processes that start together (a
+    queued grid); whoever holds it may delete what a killed creator left behind.
+    """
+    parsed = urlparse(uri)
+    if parsed.scheme != "sqlite" or parsed.path in ("", "/", "/:memory:"):
+        return
+    store = Path(parsed.path[1:] if parsed.path.startswith("//") else parsed.path)
+    if store.exists():
+        return
+    import fcntl
+
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    store.parent.mkdir(parents=True, exist_ok=True)
+    with open(store.with_name(f".{store.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released by the kernel, also when the holder is killed
+        if store.exists():
+            return
+        for stale in store.parent.glob(f".{store.name}.*.tmp"):
+            stale.unlink()
+        partial = store.with_name(f".{store.name}.{os.getpid()}.tmp")
+        made = SqlAlchemyStore(f"sqlite:///{partial}", (store.parent / ARTIFACT_DIR).as_uri())
+        made.engine.dispose()
+        os.replace(partial, store)
+
+
 def execution_key() -> str:
     """Identify the pipeline execution this process belongs to (see module docstring)."""
     if os.environ.get("QLORA_PIPELINE_RUN_KEY"):
@@ -163,10 +202,8 @@ class _StageLink:
     _client: Any = None
 
     def client(self) -> Any:
-        import mlflow
-
         if self._client is None:
-            self._client = mlflow.MlflowClient(self.uri)
+            self._client = mlflow_client(self.uri)
         return self._client
 
     def open(self) -> Any:
@@ -427,8 +464,6 @@ def _writer_alive(path: Path) -> bool:
 
 
 def _sync_file(path: Path, uri: str | None) -> str:
-    import mlflow
-
     opening, ops = _read_spool(path)
     target = uri or opening["tracking_uri"]
     if is_server(target):
@@ -437,7 +472,7 @@ def _sync_file(path: Path, uri: str | None) -> str:
         if not reachable(target):
             raise PipelineError(f"{target} unreachable: {path.name} and later files stay in {path.parent}; "
                                 "start the server (make mlflow-server) or name another with --tracking-uri")
-    client = mlflow.MlflowClient(target)
+    client = mlflow_client(target)
     run_id = _run_for(client, opening, target)
     for op in ops:
         _send(client, run_id, op, path.parent)

@@ -20,9 +20,9 @@ COLUMNS = ("source", "experiment", "started", "method", "r", "best_val_loss", "r
 
 def adapter_runs(tracking_uri: str, experiment_name: str, limit: int) -> list[dict]:
     """Runs of ``experiment_name`` that logged an adapter, newest first, as table rows."""
-    from mlflow import MlflowClient
+    from qlora_pipeline.tracking import mlflow_client
 
-    client = MlflowClient(tracking_uri)
+    client = mlflow_client(tracking_uri)
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
         raise PipelineError(f"no MLflow experiment '{experiment_name}' in {tracking_uri}; run the pipeline first "
