@@ -94,6 +94,25 @@ def test_evaluate_writes_metrics_samples_and_sheet(tiny_run):
         assert {"base", "base_ci", "tuned", "tuned_ci", "delta", "delta_ci"} <= set(chosen[name])
     assert 0 <= chosen["tuned"]["distinct_2"] <= 1
     assert chosen["persona_distance"]["tuned.unigram_jsd"] >= 0 and "base.length_wasserstein" in chosen["persona_distance"]
+    sets = ("base", "tuned", "tuned_chosen", "reference")
+    assert set(metrics["stopping"]) == set(sets)  # substance: where each set stops, and whether it answers
+    for name in sets:
+        row = metrics["stopping"][name]
+        low, high = row["median_words_ci"]
+        assert low <= row["median_words"] <= high
+        assert ("end_of_turn_rate" in row) == (name != "reference")  # the person's own replies always end
+    samples = list(csv.DictReader((tmp / "reports" / "samples.csv").open()))
+    ended = [s["tuned_stopped"] == "True" for s in samples]
+    assert metrics["stopping"]["tuned"]["end_of_turn_rate"] == pytest.approx(sum(ended) / len(ended), abs=1e-5)
+    words = sorted(len(s["reference"].split()) for s in samples)
+    assert metrics["stopping"]["reference"]["median_words"] == (words[2] + words[3]) / 2
+    on_topic = metrics["on_topic"]
+    assert on_topic["contexts"] == 3 and on_topic["chance"] == 0.25
+    for name in sets:
+        assert on_topic[name]["pmi_ci"][0] <= on_topic[name]["pmi"] <= on_topic[name]["pmi_ci"][1]
+        assert 0 <= on_topic[name]["context_match"] <= 1
+    assert on_topic["tuned_minus_base"]["pmi"] == pytest.approx(on_topic["tuned"]["pmi"] - on_topic["base"]["pmi"],
+                                                                abs=1e-4)
     assert json.loads((tmp / "eval.json").read_text()) == metrics
     reports = tmp / "reports"
     pictures = {"loss_curves.png", "base_vs_tuned.png", "persona_scores.png"}

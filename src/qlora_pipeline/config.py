@@ -369,11 +369,14 @@ class EvaluateConfig:
     # A group's voice (split.persona: all): the base's replies to this many training prompts are
     # what the style judge contrasts the chat's replies with
     group_judge_prompts: int = 200
+    # On-topic: each reply is also scored after this many other test conversations' contexts (0 = off)
+    on_topic_contexts: int = 3
 
     def problems(self) -> list[str]:
         out = _at_least("evaluate", self, 1, "batch_size", "max_new_tokens", "bootstrap_samples",
                         "samples_per_prompt")
-        out += _at_least("evaluate", self, 0, "human_eval_samples", "human_eval_persona_examples")
+        out += _at_least("evaluate", self, 0, "human_eval_samples", "human_eval_persona_examples",
+                         "on_topic_contexts")
         out += _at_least("evaluate", self, 1, "group_judge_prompts")
         if self.max_samples is not None and self.max_samples < 1:
             out.append(f"evaluate.max_samples: must be >= 1 or null, got {self.max_samples}")

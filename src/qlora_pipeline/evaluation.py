@@ -36,6 +36,13 @@ def interval(values: np.ndarray, indices: np.ndarray, confidence: float) -> list
     return [round(float(np.percentile(means, tail)), 5), round(float(np.percentile(means, 100 - tail)), 5)]
 
 
+def median_interval(values: np.ndarray, indices: np.ndarray, confidence: float) -> list[float]:
+    """Percentile bootstrap interval of the median."""
+    medians = np.median(values[indices], axis=1)
+    tail = (1 - confidence) / 2 * 100
+    return [round(float(np.percentile(medians, tail)), 5), round(float(np.percentile(medians, 100 - tail)), 5)]
+
+
 def compare(base: np.ndarray, tuned: np.ndarray, indices: np.ndarray, confidence: float) -> dict[str, Any]:
     """Means, intervals and the paired difference for one per-example score."""
     return {
@@ -62,6 +69,23 @@ def length_ratio(replies: Sequence[str], references: Sequence[str]) -> float:
     """Mean reply length over mean reference length, in words (1.0 = as long as the person's replies)."""
     reference_words = sum(len(r.split()) for r in references)
     return round(sum(len(r.split()) for r in replies) / reference_words, 4) if reference_words else 0.0
+
+
+def word_counts(replies: Sequence[str]) -> np.ndarray:
+    return np.array([len(r.split()) for r in replies], dtype=float)
+
+
+def stopping(ended: np.ndarray | None, words: np.ndarray, indices: np.ndarray, confidence: float) -> dict[str, Any]:
+    """Does a set of replies stop like the person? Its end-of-turn rate (``ended``: per example, the share of its
+    replies that ended their turn before the token limit; None for the person's own replies, which always
+    do) and its median length in words, with bootstrap intervals."""
+    out: dict[str, Any] = {}
+    if ended is not None:
+        out["end_of_turn_rate"] = round(float(ended.mean()), 5)
+        out["end_of_turn_rate_ci"] = interval(ended, indices, confidence)
+    out["median_words"] = round(float(np.median(words)), 5)
+    out["median_words_ci"] = median_interval(words, indices, confidence)
+    return out
 
 
 def text_metrics(replies: Sequence[str], stopped: Sequence[bool], references: Sequence[str]) -> dict[str, float]:

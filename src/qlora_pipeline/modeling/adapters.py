@@ -104,6 +104,13 @@ class Sides:
                 results[i] = result
         return results
 
+    def on_base(self, run: Callable[[Any, Any], Any]) -> Any:
+        """``run(model, tokenizer)`` on the base (the adapter switched off), under the autocast training used."""
+        model, tokenizer = self.models["base"]
+        switched_off = model.disable_adapter() if self.adapters["tuned"] else contextlib.nullcontext()
+        with autocast_like_training(self.resolved), switched_off:
+            return run(model, tokenizer)
+
     def each(self, run: Callable[[Any, Any, str], None]) -> None:
         """``run(model, tokenizer, side)`` for the base, then the tuned model, under the autocast training used."""
         with autocast_like_training(self.resolved):

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from qlora_pipeline import decoding, evaluation, fidelity, test_replies, tracking
+from qlora_pipeline import decoding, evaluation, fidelity, test_replies, topicality, tracking
 from qlora_pipeline.config import DecodingSetting, Params, decoding_setting_from
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.io import atomic_path, read_json, read_jsonl, remove_outputs, write_json
@@ -63,6 +63,7 @@ def run_evaluate(params: Params, base_dir: Path, adapter_dir: Path, test_path: P
         judge = judge[0]
     if chosen is not None:
         metrics["chosen"] = chosen_row(params, chosen, rows, outputs["chosen"], judge, indices)
+    metrics.update(substance_metrics(params, rows, outputs, indices))
     metrics["wall_seconds"] = round(time.perf_counter() - started, 1)
     samples = sample_rows(rows, outputs)
     figures = {"metrics": metrics, "persona_scores": persona_scores, "log": log_csv}
@@ -128,7 +129,46 @@ def generate_both(params: Params, base_dir: Path, adapter_dir: Path, rows: list[
         sides.each(score_cut)  # under training's autocast
     for side in SIDES:
         out[side]["truncated"] = truncated
+    if cfg.on_topic_contexts and len(rows) > 1:
+        started = time.perf_counter()
+        others = topicality.mismatched_contexts(len(rows), cfg.on_topic_contexts, params.seed)
+        texts = {name: passes for name, (passes, _) in reply_sets(rows, out).items()}
+        out["on_topic"] = sides.on_base(lambda model, tokenizer: topicality.on_topic(
+            model, tokenizer, [row["messages"] for row in rows], texts, others, max_length, cfg.max_new_tokens))
+        out["engine"]["on_topic_seconds"] = round(time.perf_counter() - started, 1)
     return out
+
+
+def reply_sets(rows: list[dict], outputs: dict[str, Any]) -> dict[str, tuple[list[list[str]], list[list[bool]] | None]]:
+    """The replies whose substance is measured, each as (passes of replies, passes of end-of-turn flags): base and
+    tuned greedy, tuned under the chosen decoding, and the persona's own (which always end their turn)."""
+    sets = {side: ([outputs[side]["replies"]], [outputs[side]["stopped"]]) for side in SIDES}
+    if "chosen" in outputs:
+        sets["tuned_chosen"] = (outputs["chosen"]["tuned"]["replies"], outputs["chosen"]["tuned"]["stopped"])
+    sets["reference"] = ([[row["target"] for row in rows]], None)
+    return sets
+
+
+def substance_metrics(params: Params, rows: list[dict], outputs: dict[str, Any], indices: np.ndarray) -> dict:
+    """Does each set of replies stop where the person would (``stopping``), and answer what was said (``on_topic``,
+    see topicality)? Per set, with intervals; the persona's own replies (``reference``) are the mark."""
+    confidence = params.evaluate.confidence_level
+    stopping = {}
+    for name, (passes, stopped) in reply_sets(rows, outputs).items():
+        words = np.mean([evaluation.word_counts(texts) for texts in passes], axis=0)
+        ended = np.mean(np.array(stopped, dtype=float), axis=0) if stopped is not None else None
+        stopping[name] = evaluation.stopping(ended, words, indices, confidence)
+    metrics: dict[str, Any] = {"stopping": stopping}
+    if "on_topic" in outputs:
+        scores = outputs["on_topic"]
+        contexts = min(params.evaluate.on_topic_contexts, len(rows) - 1)
+        on_topic: dict[str, Any] = {"contexts": contexts, "chance": round(1 / (contexts + 1), 5)}
+        for name, values in scores.items():
+            on_topic[name] = topicality.summary(values, indices, confidence)
+        paired = evaluation.compare(scores["base"]["pmi"], scores["tuned"]["pmi"], indices, confidence)
+        on_topic["tuned_minus_base"] = {"pmi": paired["delta"], "pmi_ci": paired["delta_ci"]}
+        metrics["on_topic"] = on_topic
+    return metrics
 
 
 def _passes(runs: list[list[Any]]) -> dict[str, Any]:
@@ -336,6 +376,17 @@ def summary_table(metrics: dict) -> str:
         judge, persona = metrics["persona_judge"], metrics["persona_score"]
         lines.append(f"  style judge on real test replies: accuracy {judge['accuracy']}, AUC {judge['auc']}; "
                      f"the persona's own replies score {persona['reference']} {persona['reference_ci']}")
+    lines.append(f"  {'stops like the person':<26}{'ends turn':>12}{'median words':>28}")
+    for name, row in metrics["stopping"].items():
+        rate = f"{row['end_of_turn_rate']:.3f}" if "end_of_turn_rate" in row else "(always)"
+        lines.append(f"    {name:<24}{rate:>12}{row['median_words']:>10.1f} {row['median_words_ci']}")
+    if "on_topic" in metrics:
+        on_topic = metrics["on_topic"]
+        lines.append(f"  {'on topic (base-scored)':<26}{'pmi nats':>12}{'context match':>28}   chance {on_topic['chance']}")
+        for name in ("base", "tuned", "tuned_chosen", "reference"):
+            if name in on_topic:
+                row = on_topic[name]
+                lines.append(f"    {name:<24}{row['pmi']:>12.3f}{row['context_match']:>10.3f} {row['context_match_ci']}")
     if "chosen" in metrics:
         lines.append(f"  chosen decoding (picked on validation): {metrics['chosen']['decoding']}, "
                      f"{metrics['chosen']['passes']} pass(es) per prompt")
