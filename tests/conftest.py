@@ -96,9 +96,10 @@ TINY_RUN = {"data.source": "jsonl", **CHAT_FIELDS,
             "evaluate.bootstrap_samples": 100, "evaluate.human_eval_samples": 2,
             "risk.max_new_tokens": 3, "risk.canary_candidates": 100, "risk.bootstrap_samples": 50,
             "decoding.max_samples": 4, "decoding.grid": [
-                {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0},
+                {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+                 "exponential_decay_length_penalty": None},
                 {"temperature": 0.8, "top_p": 0.9, "top_k": 0, "repetition_penalty": 1.1,
-                 "no_repeat_ngram_size": 3}]}
+                 "no_repeat_ngram_size": 3, "exponential_decay_length_penalty": None}]}
 
 
 LINES = ["hey, got a minute?", "sure, what's up", "did you watch the match last night",
@@ -324,7 +325,8 @@ def persona_adapters(tmp_path_factory, quantized_base, base_params_dict) -> dict
     return made
 
 
-SAMPLED = {"temperature": 0.9, "top_p": 0.95, "top_k": 0, "repetition_penalty": 1.1, "no_repeat_ngram_size": 3}
+SAMPLED = {"temperature": 0.9, "top_p": 0.95, "top_k": 0, "repetition_penalty": 1.1, "no_repeat_ngram_size": 3,
+           "exponential_decay_length_penalty": None}
 
 
 @pytest.fixture(scope="session")

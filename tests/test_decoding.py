@@ -15,7 +15,8 @@ from qlora_pipeline.config import ConfigError, DecodingSetting, ObjectiveWeights
 from qlora_pipeline.errors import PipelineError
 from conftest import SAMPLED
 
-GREEDY = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
+GREEDY = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+          "exponential_decay_length_penalty": None}
 
 
 def test_each_pass_of_each_prompt_draws_from_its_own_seeded_stream():
@@ -38,13 +39,19 @@ def test_each_pass_of_each_prompt_draws_from_its_own_seeded_stream():
 
 def test_the_objective_weighs_each_score_and_the_best_is_chosen():
     weights = ObjectiveWeights(persona_gap=-1.0, unknown_words_gap=-1.0, rougeL=1.0, repeated_3gram=-1.0)
-    loops = {"persona_gap": 0.02, "unknown_words_gap": 0.0, "rougeL": 0.10, "repeated_3gram": 0.8}
-    varied = {"persona_gap": 0.05, "unknown_words_gap": 0.0, "rougeL": 0.08, "repeated_3gram": 0.05}
+    same_length = {"end_of_turn_rate": 0.5, "length_gap": 0.2}
+    loops = {"persona_gap": 0.02, "unknown_words_gap": 0.0, "rougeL": 0.10, "repeated_3gram": 0.8, **same_length}
+    varied = {"persona_gap": 0.05, "unknown_words_gap": 0.0, "rougeL": 0.08, "repeated_3gram": 0.05, **same_length}
     results = [{**m, "objective": decoding.objective(m, weights)} for m in (loops, varied)]
     assert decoding.choose(results) == 1  # the loops cost more than the voice and content gained
     no_penalty = ObjectiveWeights(persona_gap=-1.0, unknown_words_gap=-1.0, rougeL=1.0, repeated_3gram=0.0)
     results = [{**m, "objective": decoding.objective(m, no_penalty)} for m in (loops, varied)]
     assert decoding.choose(results) == 0
+    # a setting that runs on past where the person stops loses to one that ends its turns near their length
+    runs_on = {**varied, "end_of_turn_rate": 0.3, "length_gap": 1.2}
+    stops = {**varied, "rougeL": 0.06, "end_of_turn_rate": 0.95, "length_gap": 0.1}
+    results = [{**m, "objective": decoding.objective(m, ObjectiveWeights())} for m in (runs_on, stops)]
+    assert decoding.choose(results) == 1
     tie = [{"objective": 0.5}, {"objective": 0.5}]
     assert decoding.choose(tie) == 0  # the earlier, simpler setting
 
@@ -53,11 +60,12 @@ def test_a_caricature_or_garbling_scores_no_better_than_matching_the_person():
     """More persona-like than the person's own replies is a gap, not a gain; so are more unknown words."""
     weights = ObjectiveWeights()
     indices = np.random.default_rng(0).integers(0, 4, size=(50, 4))
-    reference = {"persona_score": 0.6, "unknown_words": 0.05}
+    reference = {"persona_score": 0.6, "unknown_words": 0.05, "median_words": 10.0}
 
     def result(persona, unknown):
         scores = {"persona_score": np.full(4, persona), "unknown_words": np.full(4, unknown),
-                  "rougeL": np.full(4, 0.1), "repeated_3gram": np.zeros(4)}
+                  "rougeL": np.full(4, 0.1), "repeated_3gram": np.zeros(4), "ended": np.ones(4),
+                  "words": np.full(4, 10.0)}
         return decoding.setting_result(DecodingSetting(), scores, reference, weights, indices, 0.95, 2)
 
     matching, caricature, garbled = result(0.6, 0.05), result(0.9, 0.05), result(0.6, 0.25)
@@ -144,7 +152,13 @@ def test_choose_decoding_never_reads_the_test_split(tiny_run, tmp_path):
     assert written == report
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["chosen"] == report["chosen"] and 0 <= metrics["val_persona_score"] <= 1
-    assert set(report["reference"]) == {"persona_score", "unknown_words"}
+    assert set(report["reference"]) == {"persona_score", "unknown_words", "median_words"}
+    for row in report["grid"]:  # stopping and length, scored and weighed for every setting
+        assert 0 <= row["end_of_turn_rate"] <= 1 and row["median_words"] >= 0
+        assert row["length_gap"] == pytest.approx(
+            abs(row["median_words"] - report["reference"]["median_words"]) / report["reference"]["median_words"],
+            abs=1e-4)
+    assert metrics["val_length_gap"] == report["grid"][best]["length_gap"]
     assert all(len(row["examples"]) == min(4, 5) for row in report["grid"])  # replies to read beside the scores
 
 

@@ -397,9 +397,17 @@ class DecodingSetting:
     top_k: int = 0
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
+    # [start_index, decay_factor]: after start_index new tokens, the end-of-turn token's score grows
+    # by decay_factor per token (generate()'s ExponentialDecayLengthPenalty); null = off
+    exponential_decay_length_penalty: Optional[list[float]] = None
 
     def problems(self, key: str = "decoding") -> list[str]:
         out = _at_least(key, self, 0, "top_k", "no_repeat_ngram_size")
+        decay = self.exponential_decay_length_penalty
+        if decay is not None and not (len(decay) == 2 and decay[0] >= 0 and float(decay[0]).is_integer()
+                                      and decay[1] >= 1.0):
+            out.append(f"{key}.exponential_decay_length_penalty: must be null or [start_index, decay_factor] with "
+                       f"start_index a whole number >= 0 and decay_factor >= 1 (e.g. [16, 1.2]), got {decay}")
         if self.temperature < 0:
             out.append(f"{key}.temperature: must be >= 0 (0 = greedy), got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
@@ -421,6 +429,8 @@ class ObjectiveWeights:
     unknown_words_gap: float = -1.0
     rougeL: float = 1.0
     repeated_3gram: float = -1.0
+    end_of_turn_rate: float = 0.5
+    length_gap: float = -0.5
 
 
 @dataclass
@@ -607,6 +617,8 @@ def params_from_dict(raw: Any, source: str = "params") -> Params:
 def decoding_setting_from(raw: Any, source: str, key: str = "chosen") -> DecodingSetting:
     """A decoding setting read from a file other than params.yaml (reports/decoding.json), checked like params."""
     problems: list[str] = []
+    if isinstance(raw, dict):  # a report written before the key existed: it decoded without it
+        raw = {"exponential_decay_length_penalty": None, **raw}
     setting = _build(DecodingSetting, raw, f"{key}.", problems)
     if setting is not None and not problems:
         problems += setting.problems(key)

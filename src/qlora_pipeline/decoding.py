@@ -17,15 +17,17 @@ from qlora_pipeline import evaluation, fidelity
 from qlora_pipeline.config import DecodingSetting, ObjectiveWeights
 from qlora_pipeline.modeling.engine import Request, row_decoding
 
-# Scored per prompt for every setting.
-SCORES = ("persona_score", "rougeL", "repeated_3gram", "unknown_words")
+# Scored per prompt for every setting ("ended": the share of its replies that ended their turn before
+# the token limit; "words": their mean length in words).
+SCORES = ("persona_score", "rougeL", "repeated_3gram", "unknown_words", "ended", "words")
 # Scores whose mark is the persona's own replies on the same split: the objective weighs the gap,
 # either way. A decoding the judge finds *more* persona-like than the person is a caricature
 # (over-produced habits), not a closer voice; fewer unknown words than the person's own typos and
 # names is no merit either, more is garbling.
 MATCHED = ("persona_score", "unknown_words")
-# What the objective weighs (ObjectiveWeights' names).
-OBJECTIVE_TERMS = ("persona_gap", "unknown_words_gap", "rougeL", "repeated_3gram")
+# What the objective weighs (ObjectiveWeights' names). length_gap: how far the median reply length lies
+# from the person's median, relative to it; a persona that talks on past where the person stops is not them.
+OBJECTIVE_TERMS = ("persona_gap", "unknown_words_gap", "rougeL", "repeated_3gram", "end_of_turn_rate", "length_gap")
 
 
 def passes(setting: DecodingSetting, samples_per_prompt: int) -> int:
@@ -49,14 +51,17 @@ def pass_requests(prompt_ids: Sequence[list[int]], setting: DecodingSetting, sam
 
 
 def prompt_scores(judge: Any, replies: list[list[str]], references: Sequence[str],
-                  known_words: set[str]) -> dict[str, np.ndarray]:
+                  known_words: set[str], stopped: list[list[bool]] | None = None) -> dict[str, np.ndarray]:
     """Per prompt, averaged over the passes: the judge's persona probability, ROUGE-L F1, repeats a 3-gram
-    (0/1), share of words unknown to the training chats."""
+    (0/1), share of words unknown to the training chats, ended its turn (0/1; ``stopped`` per pass, None = the
+    person's own replies, which always do), length in words."""
+    stopped = stopped if stopped is not None else [[True] * len(texts) for texts in replies]
     per_pass = [{"persona_score": fidelity.persona_probabilities(judge, texts),
                  "rougeL": evaluation.rouge_scores(texts, references)["rougeL"],
                  "repeated_3gram": np.array([fidelity.repeats_trigram(t) for t in texts], dtype=float),
-                 "unknown_words": np.array([fidelity.unknown_word_share(t, known_words) for t in texts])}
-                for texts in replies]
+                 "unknown_words": np.array([fidelity.unknown_word_share(t, known_words) for t in texts]),
+                 "ended": np.array(flags, dtype=float), "words": evaluation.word_counts(texts)}
+                for texts, flags in zip(replies, stopped)]
     return {name: np.mean([scores[name] for scores in per_pass], axis=0) for name in SCORES}
 
 
@@ -80,12 +85,17 @@ def setting_result(setting: DecodingSetting, scores: dict[str, np.ndarray], refe
     means = {name: round(float(values.mean()), 5) for name, values in scores.items()}
     for name in MATCHED:
         means[f"{name.removesuffix('_score')}_gap"] = round(abs(means[name] - reference[name]), 5)
+    means["end_of_turn_rate"] = means["ended"]
+    means["median_words"] = round(float(np.median(scores["words"])), 5)
+    means["length_gap"] = round(abs(means["median_words"] - reference["median_words"]) / reference["median_words"], 5)
     return {"setting": asdict(setting), "passes": passes(setting, samples_per_prompt), **means,
             **{f"{name}_ci": evaluation.interval(values, indices, confidence) for name, values in scores.items()},
             "objective": round(objective(means, weights), 5), "examples": list(examples)}
 
 
 def reference_scores(judge: Any, references: Sequence[str], known_words: set[str]) -> dict[str, float]:
-    """The MATCHED scores of the persona's own replies: the marks a decoding should land on."""
+    """The MATCHED scores and the median length (at least one word) of the persona's own replies: the marks a
+    decoding should land on."""
     scores = prompt_scores(judge, [list(references)], references, known_words)
-    return {name: round(float(scores[name].mean()), 5) for name in MATCHED}
+    return {**{name: round(float(scores[name].mean()), 5) for name in MATCHED},
+            "median_words": max(round(float(np.median(scores["words"])), 5), 1.0)}

@@ -84,6 +84,22 @@ def test_greedy_rows_with_repetition_controls_give_generates_tokens(persona, pro
     assert [r.token_ids for r in results[:4]] != [r.token_ids for r in results[4:]]
 
 
+def test_greedy_rows_with_a_length_decay_give_generates_tokens_and_end_sooner(persona, prompt_ids):
+    decoding = RowDecoding(repetition_penalty=1.2, exponential_decay_length_penalty=(2, 1.6))
+    decayed = [Request(ids, adapter, decoding, max_new_tokens=24) for adapter in (None, "bob") for ids in prompt_ids]
+    plain = [Request(ids, adapter, RowDecoding(repetition_penalty=1.2), max_new_tokens=24) for adapter in (None, "bob")
+             for ids in prompt_ids]
+    results = engine_for(persona, max_batch_size=4).run(decayed + plain)
+    for request, result in zip(decayed + plain, results):
+        kwargs = {"repetition_penalty": 1.2}
+        if request.decoding == decoding:
+            kwargs["exponential_decay_length_penalty"] = (2, 1.6)
+        assert result.token_ids == generate_alone(persona, request.prompt_ids, request.adapter, 24, **kwargs)
+    ended = [sum(r.finish_reason == "stop" for r in part) for part in (results[:10], results[10:])]
+    lengths = [sum(r.completion_tokens for r in part) for part in (results[:10], results[10:])]
+    assert ended[0] > ended[1] and lengths[0] < lengths[1], (ended, lengths)
+
+
 def test_no_decode_step_is_spent_on_a_finished_row(persona, prompt_ids):
     """Each row is in exactly as many decode steps as tokens it took after its first (which the prefill gives)."""
     requests = [Request(ids, adapter, max_new_tokens=limit) for ids in prompt_ids

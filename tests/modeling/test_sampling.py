@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers.generation.logits_process import (NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor,
-                                                    TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+from transformers.generation.logits_process import (ExponentialDecayLengthPenalty, NoRepeatNGramLogitsProcessor,
+                                                    RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                                                    TopKLogitsWarper, TopPLogitsWarper)
 
 from qlora_pipeline.config import DecodingSetting
 from qlora_pipeline.modeling.engine import row_decoding
-from qlora_pipeline.modeling.sampling import BatchSampler, RowDecoding, RowState, repetition_penalty, top_k, top_p
+from qlora_pipeline.modeling.sampling import (BatchSampler, RowDecoding, RowState, length_decay, repetition_penalty,
+                                              top_k, top_p)
 
 VOCABULARY = 50
 
@@ -100,6 +102,39 @@ def test_a_seeded_row_draws_the_same_whatever_its_neighbours():
     assert [step[0] for step in draw(logits[:1], [43])] != [step[0] for step in alone]
 
 
+def test_length_decay_matches_transformers_row_by_row_as_the_reply_grows():
+    """Rows with different starts and factors (and one without) in one batch; end-of-turn scores of either sign."""
+    logits, _ = _rows(4)
+    logits[:, 7] = torch.tensor([2.0, -3.0, 0.5, -1.0])
+    logits[3, 9] = float("-inf")  # an end token banned by an earlier control stays banned
+    decays = [(2, 1.5), (0, 1.1), None, (3, 2.0)]
+    eos, prompt = [7, 9], [1, 2, 3]
+    states = [RowState(prompt, RowDecoding(exponential_decay_length_penalty=decay), None) for decay in decays]
+    raised = 0
+    for generated in range(7):
+        ours = length_decay(logits, states, eos)
+        for i, decay in enumerate(decays):
+            expected = logits[i:i + 1].clone() if decay is None else ExponentialDecayLengthPenalty(
+                decay, eos, len(prompt))(torch.tensor([prompt + [5] * generated]), logits[i:i + 1].clone())
+            assert torch.equal(ours[i], expected[0]), (generated, i)
+        raised += int(not torch.equal(ours, logits))
+        for state in states:
+            state.push(5)
+    assert raised >= 5 and torch.equal(length_decay(logits, states, eos)[2], logits[2])
+
+
+def test_a_length_decay_makes_a_greedy_row_end_its_turn():
+    logits = torch.tensor([[3.0, 1.0, 0.5]])  # token 2 is the end of turn, never the argmax alone
+    sampler = BatchSampler(1, 3, torch.device("cpu"), eos=[2])
+    state = RowState([0], RowDecoding(exponential_decay_length_penalty=(1, 3.0)), None)
+    taken = []
+    for _ in range(4):
+        token = int(sampler.next_tokens(logits, [state]))
+        taken.append(token)
+        state.push(token)
+    assert taken == [0, 0, 0, 2]  # 0.5 * 3 ** 2 = 4.5 > 3 once two tokens are past the start
+
+
 def test_params_decoding_becomes_a_row_decoding():
     assert row_decoding(DecodingSetting()) == RowDecoding()
     greedy = row_decoding(DecodingSetting(temperature=0.0, top_p=0.5, top_k=3, repetition_penalty=1.2,
@@ -108,6 +143,8 @@ def test_params_decoding_becomes_a_row_decoding():
     sampled = row_decoding(DecodingSetting(temperature=0.7, top_p=0.9, top_k=50, repetition_penalty=1.15,
                                            no_repeat_ngram_size=4))
     assert sampled == RowDecoding(0.7, 0.9, 50, 1.15, 4)
+    decayed = row_decoding(DecodingSetting(exponential_decay_length_penalty=[16, 1.2]))
+    assert decayed == RowDecoding(exponential_decay_length_penalty=(16, 1.2))
 
 
 def test_any_integer_seed_is_taken():

@@ -49,12 +49,12 @@ MIN_SHARED_PREFIX = 8
 
 def row_decoding(setting: DecodingSetting) -> RowDecoding:
     """A params decoding setting (``decoding.grid``'s rows, the chosen one, ``chat``) as a row's decoding."""
+    decay = setting.exponential_decay_length_penalty
+    controls = {"repetition_penalty": setting.repetition_penalty, "no_repeat_ngram_size": setting.no_repeat_ngram_size,
+                "exponential_decay_length_penalty": None if decay is None else (int(decay[0]), float(decay[1]))}
     if not setting.sampled:  # greedy ignores the sampling keys, as generate() does
-        return RowDecoding(repetition_penalty=setting.repetition_penalty,
-                           no_repeat_ngram_size=setting.no_repeat_ngram_size)
-    return RowDecoding(temperature=setting.temperature, top_p=setting.top_p, top_k=setting.top_k,
-                       repetition_penalty=setting.repetition_penalty,
-                       no_repeat_ngram_size=setting.no_repeat_ngram_size)
+        return RowDecoding(**controls)
+    return RowDecoding(temperature=setting.temperature, top_p=setting.top_p, top_k=setting.top_k, **controls)
 
 
 GREEDY = RowDecoding()
@@ -714,7 +714,7 @@ class Engine:
 
     def _ensure_sampler(self, vocabulary: int) -> None:
         if self.sampler is None or self.sampler.vocabulary != vocabulary:
-            self.sampler = BatchSampler(self.max_batch_size, vocabulary, self._device)
+            self.sampler = BatchSampler(self.max_batch_size, vocabulary, self._device, self.eos)
 
     def _hidden(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The decoder's last hidden states; the head is applied only where a token is picked."""

@@ -2,7 +2,7 @@
 
 The rows of one batch may each decode differently. Every control computes what transformers' own
 processor computes for that row alone (``RepetitionPenaltyLogitsProcessor``,
-``NoRepeatNGramLogitsProcessor``, ``TemperatureLogitsWarper``, ``TopKLogitsWarper``,
+``NoRepeatNGramLogitsProcessor``, ``ExponentialDecayLengthPenalty``, ``TemperatureLogitsWarper``, ``TopKLogitsWarper``,
 ``TopPLogitsWarper``, in ``generate``'s order; tested against them), vectorised over the rows with
 each row's own value. The n-gram ban keeps an index per row, extended one token at a time, rather
 than rebuilding every n-gram of the sequence each step.
@@ -36,6 +36,9 @@ class RowDecoding:
     no_repeat_ngram_size: int = 0  # 0 = off; n-grams of the prompt count too, as in transformers
     presence_penalty: float = 0.0  # OpenAI's: over the reply's own tokens only
     frequency_penalty: float = 0.0
+    # (start_index, decay_factor): past start_index new tokens, the end-of-turn score grows by decay_factor
+    # per token (transformers' ExponentialDecayLengthPenalty); None = off
+    exponential_decay_length_penalty: tuple[int, float] | None = None
 
     @property
     def greedy(self) -> bool:
@@ -47,6 +50,7 @@ class RowState:
 
     def __init__(self, prompt_ids: Sequence[int], decoding: RowDecoding, seed: int | None):
         self.decoding = decoding
+        self.generated = 0  # tokens of the reply so far
         n = decoding.no_repeat_ngram_size
         self.tokens: list[int] = list(prompt_ids) if n else []
         self.ngrams: dict[tuple[int, ...], set[int]] = {}
@@ -66,6 +70,7 @@ class RowState:
         self.ngrams.setdefault(tuple(gram[:-1]), set()).add(gram[-1])
 
     def push(self, token: int) -> None:
+        self.generated += 1
         n = self.decoding.no_repeat_ngram_size
         if n:
             self.tokens.append(token)
@@ -93,6 +98,22 @@ def repetition_penalty(scores: torch.Tensor, seen: torch.Tensor, penalty: torch.
     """Each row's seen tokens' scores divided (positive) or multiplied (negative) by its penalty."""
     penalised = torch.where(scores < 0, scores * penalty, scores / penalty)
     return torch.where(seen, penalised, scores)
+
+
+def length_decay(scores: torch.Tensor, rows: Sequence[RowState], eos: Sequence[int]) -> torch.Tensor:
+    """Each row past its start index: its end-of-turn scores raised by ``|score| * (factor ** past - 1)``."""
+    boosts = [(i, row.decoding.exponential_decay_length_penalty, row.generated) for i, row in enumerate(rows)
+              if row.decoding.exponential_decay_length_penalty is not None]
+    boosts = [(i, factor ** (generated - start) - 1) for i, (start, factor), generated in boosts if generated > start]
+    if not boosts or not eos:
+        return scores
+    index = torch.tensor([i for i, _ in boosts], device=scores.device)
+    columns = torch.tensor(list(eos), device=scores.device)
+    current = scores[index][:, columns]
+    boost = current.abs() * torch.tensor([b for _, b in boosts], device=scores.device).unsqueeze(1)
+    scores = scores.clone()
+    scores[index.unsqueeze(1), columns] = current + boost.masked_fill(~torch.isfinite(current), 0.0)
+    return scores
 
 
 def top_k(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -149,8 +170,9 @@ class BatchSampler:
     generated (presence and frequency penalties), allocated only once a row needs them.
     """
 
-    def __init__(self, slots: int, vocabulary: int, device: torch.device):
+    def __init__(self, slots: int, vocabulary: int, device: torch.device, eos: Sequence[int] = ()):
         self.slots, self.vocabulary, self.device = slots, vocabulary, device
+        self.eos = sorted(eos)  # the end-of-turn tokens a length decay raises
         self.seen: torch.Tensor | None = None
         self.counts: torch.Tensor | None = None
 
@@ -198,6 +220,8 @@ class BatchSampler:
             banned = row.banned()
             if banned:
                 scores[i, banned] = _NEG_INF
+        if any(s.exponential_decay_length_penalty is not None for s in settings):
+            scores = length_decay(scores, rows, self.eos)
         tokens = scores.argmax(dim=-1)
         sampled = [i for i, s in enumerate(settings) if not s.greedy]
         if sampled:

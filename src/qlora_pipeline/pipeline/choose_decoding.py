@@ -16,6 +16,9 @@ from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.io import read_jsonl, remove_outputs, write_json
 
 EXAMPLES = 5  # replies of each setting kept in the report, to read beside the numbers
+# The chosen row's scores in metrics/decoding.json (val_<name>)
+VALIDATION_SCORES = ("persona_score", "rougeL", "repeated_3gram", "unknown_words", "persona_gap", "unknown_words_gap",
+                     "end_of_turn_rate", "median_words", "length_gap")
 
 
 def read_split(path: Path, cap: int | None, seed: int, fix: str) -> list[dict]:
@@ -56,8 +59,10 @@ def run_choose_decoding(params: Params, base_dir: Path, adapter_dir: Path, val_p
     reference = decoding.reference_scores(judge, references, known_words)
     results = []
     for setting, runs in zip(grid_cfg.grid, passes):
-        texts = [[next(replies).text for _ in run] for run in runs]
-        scores = decoding.prompt_scores(judge, texts, references, known_words)
+        made = [[next(replies) for _ in run] for run in runs]
+        texts = [[reply.text for reply in run] for run in made]
+        scores = decoding.prompt_scores(judge, texts, references, known_words,
+                                        [[reply.stopped for reply in run] for run in made])
         results.append(decoding.setting_result(setting, scores, reference, grid_cfg.objective, indices,
                                                cfg.confidence_level, cfg.samples_per_prompt, texts[0][:EXAMPLES]))
         print(f"choose-decoding: {results[-1]['setting']} -> objective {results[-1]['objective']}")
@@ -83,7 +88,7 @@ def chosen_metrics(report: dict) -> dict:
     """The choice and its validation scores: what `dvc metrics show` and `dvc exp show` list."""
     row = report["grid"][report["chosen_index"]]
     return {"chosen": report["chosen"], "chosen_index": report["chosen_index"],
-            **{f"val_{name}": row[name] for name in (*decoding.SCORES, "persona_gap", "unknown_words_gap")},
+            **{f"val_{name}": row[name] for name in VALIDATION_SCORES},
             **{f"val_{name}_reference": value for name, value in report["reference"].items()},
             "val_objective": row["objective"],
             "wall_seconds": report["wall_seconds"]}

@@ -92,6 +92,7 @@ class Engine:
         decoding = RowDecoding(temperature=sampling.temperature, top_p=sampling.top_p,
                                top_k=sampling.top_k or defaults.top_k, repetition_penalty=defaults.repetition_penalty,
                                no_repeat_ngram_size=defaults.no_repeat_ngram_size,
+                               exponential_decay_length_penalty=core.row_decoding(defaults).exponential_decay_length_penalty,
                                presence_penalty=sampling.presence_penalty, frequency_penalty=sampling.frequency_penalty)
         return core.Request(list(job.prompt_ids), None if job.adapter == PEFT_BASE else job.adapter, decoding,
                             job.max_new_tokens, sampling.seed, tuple(job.stop), on_text=job.on_text,
