@@ -59,16 +59,24 @@ def reply_ids(tokenizer: Any, replies: Sequence[str], max_tokens: int) -> list[l
 
 def continuation_log_likelihoods(model: Any, prompt: list[int], continuations: list[list[int]],
                                  chunk: int = 32) -> np.ndarray:
-    """``log p(continuation | prompt)`` for each continuation, the prompt's keys and values computed once."""
+    """``log p(continuation | prompt)`` for each continuation, the prompt's keys and values computed once.
+
+    The vocabulary head, most of a 135M model's work here, runs only where a token is predicted:
+    the prompt's last position and the continuations' own positions, never on padding.
+    """
     import torch
+
+    from qlora_pipeline.modeling.loss import causal_lm_parts
 
     device = model.device
     out = np.zeros(len(continuations))
+    order = sorted(range(len(continuations)), key=lambda i: len(continuations[i]))  # less padding per chunk
+    parts = causal_lm_parts(model)
     with torch.no_grad():
-        first = model(input_ids=torch.tensor([prompt], device=device), use_cache=True)
+        first = model(input_ids=torch.tensor([prompt], device=device), use_cache=True, logits_to_keep=1)
         head = torch.log_softmax(first.logits[0, -1].float(), dim=-1)
-        for start in range(0, len(continuations), chunk):
-            part = continuations[start:start + chunk]
+        for start in range(0, len(order), chunk):
+            part = [continuations[i] for i in order[start:start + chunk]]
             rows, width = len(part), max(len(c) for c in part)
             ids = torch.zeros((rows, width), dtype=torch.long, device=device)
             mask = torch.zeros((rows, width), dtype=torch.long, device=device)
@@ -78,12 +86,22 @@ def continuation_log_likelihoods(model: Any, prompt: list[int], continuations: l
             cache = _copy_cache(first.cache, rows)
             attention = torch.cat([torch.ones((rows, len(prompt)), dtype=torch.long, device=device), mask], dim=1)
             positions = (len(prompt) + torch.arange(width, device=device)).expand(rows, width)
-            logits = model(input_ids=ids, attention_mask=attention, position_ids=positions, cache=cache,
-                           use_cache=True).logits.float()
             # Token 0 follows the prompt's last position; token t the continuation's position t - 1.
-            following = torch.log_softmax(logits[:, :-1], dim=-1).gather(2, ids[:, 1:, None]).squeeze(2)
-            total = head[ids[:, 0]] + (following * mask[:, 1:]).sum(dim=1)
-            out[start:start + rows] = total.cpu().numpy()
+            wanted = mask[:, 1:].bool()
+            total = head[ids[:, 0]].clone()
+            if wanted.any():
+                if parts is None:
+                    logits = model(input_ids=ids, attention_mask=attention, position_ids=positions, cache=cache,
+                                   use_cache=True).logits[:, :-1][wanted]
+                else:
+                    decoder, lm_head = parts
+                    hidden = decoder(input_ids=ids, attention_mask=attention, position_ids=positions, cache=cache,
+                                     use_cache=True).last_hidden_state
+                    logits = lm_head(hidden[:, :-1][wanted])
+                following = torch.log_softmax(logits.float(), dim=-1).gather(1, ids[:, 1:][wanted][:, None])[:, 0]
+                row_of = torch.arange(rows, device=device)[:, None].expand(rows, width - 1)[wanted]
+                total.index_add_(0, row_of, following)
+            out[order[start:start + rows]] = total.cpu().numpy()
     return out
 
 
