@@ -3,10 +3,11 @@
 Reads:  <base>/ (quantize-load's model), <splits>/train.jsonl, <splits>/val.jsonl, params `seed`, `model`, `train`
 Writes: <out>/ (adapter safetensors or full model, tokenizer, training_config.json, model card README.md),
         <checkpoints>/ (kept across an interrupted run, so the next run resumes),
-        <metrics> (losses, best step, tokens/s, peak memory, wall time), <log> (step, train/val loss, lr)
+        <metrics> (losses, best step, tokens/s, peak memory, wall time), <log> (step, train/val loss, lr),
+        <pairs> (train.objective dpo: each context with the person's reply and the model's own; else empty)
 Run:    python stages/train_adapter.py --params params.yaml --base models/base --splits data/splits \
             --out models/adapter --checkpoints models/checkpoints --metrics metrics/train.json --log metrics/train_log.csv \
-            --accelerate-configs configs/accelerate
+            --pairs data/preference/pairs.jsonl --accelerate-configs configs/accelerate
         With train.launcher: accelerate it runs itself again under `accelerate launch` (launching.py).
 """
 
@@ -29,6 +30,8 @@ def add_paths(parser):
     parser.add_argument("--checkpoints", type=Path, required=True, help="checkpoint folder, persisted across runs")
     parser.add_argument("--metrics", type=Path, required=True, help="metrics JSON file")
     parser.add_argument("--log", type=Path, required=True, help="per-step loss CSV")
+    parser.add_argument("--pairs", type=Path, required=True,
+                        help="preference pairs JSONL (train.objective dpo; written empty for sft)")
     parser.add_argument("--accelerate-configs", type=Path, required=True,
                         help="folder of the accelerate configs train.accelerate_config names")
 
@@ -36,7 +39,8 @@ def add_paths(parser):
 def run(params, args):
     if launching.needs_launch(params.train):  # train.launcher: accelerate; this process only waits
         return launching.relaunch(params, args.accelerate_configs, __file__, sys.argv[1:])
-    return run_train_adapter(params, args.base, args.splits, args.out, args.checkpoints, args.metrics, args.log)
+    return run_train_adapter(params, args.base, args.splits, args.out, args.checkpoints, args.metrics, args.log,
+                             args.pairs)
 
 
 if __name__ == "__main__":

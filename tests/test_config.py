@@ -58,6 +58,13 @@ def broken(base, **changes):
     ({"train__eval_steps": 500, "train__save_steps": 500}, "train.eval_steps: 500 is above train.max_steps"),
     ({"split__ratios__val": 0.0, "split__ratios__train": 0.9}, "split.ratios.val: must be > 0"),
     ({"split__max_examples__test": 0}, "split.max_examples.test: must be >= 1 or null"),
+    ({"train__objective": "dpo", "train__method": "full"}, "train.objective: dpo tunes an adapter"),
+    ({"train__objective": "ppo"}, "train.objective: must be one of 'sft', 'dpo'"),
+    ({"train__preference__temperature": 0.0}, "train.preference.temperature: must be > 0"),
+    ({"train__preference__reference": "sft"}, "train.preference.reference: must be one of 'adapter', 'base'"),
+    ({"decoding__grid": [{"temperature": 0.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0,
+                          "no_repeat_ngram_size": 0, "exponential_decay_length_penalty": [12, 0.9]}]},
+     "decoding.grid[0].exponential_decay_length_penalty: must be null or [start_index, decay_factor]"),
 ])
 def test_bad_params_are_named(base_params_dict, changes, expected):
     with pytest.raises(ConfigError) as err:

@@ -285,9 +285,47 @@ class LoraParams:
 
 
 @dataclass
+class PreferenceConfig:
+    """``train.objective: dpo``: the person's real reply preferred over the model's own (qlora_pipeline.preference)."""
+
+    # adapter = the SFT adapter's own sampled reply (SPIN's self-play); base = the base model's
+    rejected_from: Literal["adapter", "base"] = "adapter"
+    # what the DPO loss measures against: adapter = the SFT adapter, frozen (SPIN); base = adapter off
+    reference: Literal["adapter", "base"] = "adapter"
+    # training contexts given a rejected reply (a seeded sample of the train split)
+    max_prompts: int = 128
+    # generate() keys of the rejected replies
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 40
+    # DPOConfig keys
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    max_steps: int = 20
+    learning_rate: float = 5e-5
+    per_device_train_batch_size: int = 4
+
+    def problems(self) -> list[str]:
+        out = _at_least("train.preference", self, 1, "max_prompts", "max_new_tokens", "max_steps",
+                        "per_device_train_batch_size")
+        if self.temperature <= 0:
+            out.append(f"train.preference.temperature: must be > 0 (the rejected replies are sampled), got "
+                       f"{self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            out.append(f"train.preference.top_p: must be in (0, 1], got {self.top_p}")
+        for key in ("beta", "learning_rate"):
+            if getattr(self, key) <= 0:
+                out.append(f"train.preference.{key}: must be > 0, got {getattr(self, key)}")
+        return out
+
+
+@dataclass
 class TrainConfig:
     method: Literal["qlora", "lora", "full"] = "qlora"
     lora: LoraParams = field(default_factory=LoraParams)
+    # sft = supervised tuning on the person's replies; dpo = then preference tuning (train.preference)
+    objective: Literal["sft", "dpo"] = "sft"
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     # TrainingArguments keys
     max_steps: int = 80
     per_device_train_batch_size: int = 8
@@ -341,6 +379,11 @@ class TrainConfig:
         if self.bf16 is True and self.fp16 is True:
             out.append("train.bf16 and train.fp16: both true; choose one mixed precision (or auto)")
         out += _at_least("train", self, 1, "num_processes")
+        if self.objective == "dpo" and self.method == "full":
+            out.append("train.objective: dpo tunes an adapter (its reference is the SFT adapter or the adapter "
+                       "switched off); use train.method qlora or lora")
+        if self.objective == "dpo" and self.num_processes > 1:
+            out.append("train.objective: dpo runs in one process; set train.num_processes: 1")
         if self.launcher == "python" and (self.num_processes > 1 or self.accelerate_config):
             out.append("train.num_processes / train.accelerate_config: need train.launcher: accelerate "
                        "(python runs one process)")

@@ -78,9 +78,15 @@ def score_cut(model: Any, tokenizer: Any, rows: Sequence[dict], cut: Sequence[in
 def write_side(folder: Path, rows: Sequence[dict], side: dict[str, Any]) -> None:
     from qlora_pipeline.io import write_jsonl
 
-    write_jsonl(folder / TEST_FILE, [
-        {"id": row["id"], "reply": reply, "stopped": stopped, "nll": float(nll), "tokens": int(tokens)}
-        for row, reply, stopped, nll, tokens in zip(rows, side["replies"], side["stopped"], side["nll"], side["tokens"])])
+    records = [{"id": row["id"], "reply": reply, "stopped": stopped, "nll": float(nll), "tokens": int(tokens)}
+               for row, reply, stopped, nll, tokens in zip(rows, side["replies"], side["stopped"], side["nll"],
+                                                          side["tokens"])]
+    if "on_topic" in side:  # per example: each set's on-topic scores, and against how many other contexts
+        for i, record in enumerate(records):
+            record["on_topic"] = {"contexts": side["on_topic_contexts"], **{
+                name: {score: float(values[i]) for score, values in scores.items()}
+                for name, scores in side["on_topic"].items()}}
+    write_jsonl(folder / TEST_FILE, records)
 
 
 def read_side(folder: Path, rows: Sequence[dict]) -> dict[str, Any]:
@@ -96,8 +102,14 @@ def read_side(folder: Path, rows: Sequence[dict]) -> dict[str, Any]:
         raise PipelineError(f"{path}: holds the base model's replies to other test examples than evaluate scores "
                             f"({len(found)} there, {len(rows)} here); re-run the zero-shot stage (dvc repro zero-shot)")
     records = [found[row["id"]] for row in rows]
-    return {"replies": [r["reply"] for r in records], "stopped": [r["stopped"] for r in records],
+    side = {"replies": [r["reply"] for r in records], "stopped": [r["stopped"] for r in records],
             "nll": np.array([r["nll"] for r in records]), "tokens": np.array([r["tokens"] for r in records])}
+    if records and all("on_topic" in r for r in records):
+        side["on_topic_contexts"] = records[0]["on_topic"]["contexts"]
+        names = [name for name in records[0]["on_topic"] if name != "contexts"]
+        side["on_topic"] = {name: {score: np.array([r["on_topic"][name][score] for r in records])
+                                   for score in records[0]["on_topic"][name]} for name in names}
+    return side
 
 
 def write_probes(folder: Path, system: str, texts: dict[str, list[str]], replies: dict[str, list[str]]) -> None:

@@ -160,6 +160,18 @@ class Precision:
     activation_checkpointing: bool
 
 
+def autocast_for(precision: Precision) -> Any:
+    """The autocast the Trainer runs under, for forward passes outside it (sampling mid-training)."""
+    import contextlib
+
+    import torch
+
+    if not (precision.bf16 or precision.fp16):
+        return contextlib.nullcontext()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.autocast(device, dtype=torch.bfloat16 if precision.bf16 else torch.float16)
+
+
 def resolve_precision(params: Params, model_config: Any) -> Precision:
     """Resolve ``model.dtype``, ``bnb_4bit_compute_dtype``, ``train.bf16/fp16`` and activation checkpointing."""
     train = params.train

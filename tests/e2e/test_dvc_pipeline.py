@@ -61,7 +61,18 @@ def test_repro_runs_every_stage_into_one_mlflow_run(repo, tiny_baseline):
     assert run["params.train.lora.r"] == "16" and run["tags.params.hash"]
     chosen = json.loads((repo / "reports/decoding.json").read_text())["chosen"]
     assert run["params.decoding.chosen.repetition_penalty"] == str(chosen["repetition_penalty"])
-    assert json.loads((repo / "metrics/eval.json").read_text())["chosen"]["decoding"] == chosen
+    evaluated = json.loads((repo / "metrics/eval.json").read_text())
+    assert evaluated["chosen"]["decoding"] == chosen
+    # substance: the base's and the person's on-topic scores came from zero-shot, the tuned sets' from evaluate
+    zero_shot = [json.loads(line) for line in (repo / "reports/zero_shot/test.jsonl").read_text().splitlines()]
+    assert {name for name in zero_shot[0]["on_topic"] if name != "contexts"} == {"base", "reference"}
+    assert evaluated["on_topic"]["base"]["pmi"] == pytest.approx(
+        sum(r["on_topic"]["base"]["pmi"] for r in zero_shot) / len(zero_shot), abs=1e-4)
+    assert {"base", "tuned", "tuned_chosen", "reference"} <= set(evaluated["on_topic"]) <= set(evaluated["stopping"]) | {
+        "contexts", "chance", "tuned_minus_base"}
+    for metric in ("eval.on_topic.tuned_chosen.pmi", "eval.stopping.tuned_chosen.end_of_turn_rate",
+                   "eval.stopping.reference.median_words_ci_high"):
+        assert run[f"metrics.{metric}"] == run[f"metrics.{metric}"], metric
     shown = sh(["dvc", "metrics", "show", "--json"], repo)
     assert "val_persona_score" in shown and "persona_score" in shown
     assert "refusal_rate_tuned" in shown and "memorized_rate_tuned" in shown

@@ -132,9 +132,11 @@ def generate_both(params: Params, base_dir: Path, adapter_dir: Path, rows: list[
     if cfg.on_topic_contexts and len(rows) > 1:
         started = time.perf_counter()
         others = topicality.mismatched_contexts(len(rows), cfg.on_topic_contexts, params.seed)
-        texts = {name: passes for name, (passes, _) in reply_sets(rows, out).items()}
-        out["on_topic"] = sides.on_base(lambda model, tokenizer: topicality.on_topic(
-            model, tokenizer, [row["messages"] for row in rows], texts, others, max_length, cfg.max_new_tokens))
+        # The base's replies and the person's own were scored by zero-shot (the same base, contexts and seed).
+        known = out["base"].pop("on_topic", {}) if out["base"].get("on_topic_contexts") == others.shape[1] else {}
+        texts = {name: passes for name, (passes, _) in reply_sets(rows, out).items() if name not in known}
+        out["on_topic"] = {**known, **sides.on_base(lambda model, tokenizer: topicality.on_topic(
+            model, tokenizer, [row["messages"] for row in rows], texts, others, max_length, cfg.max_new_tokens))}
         out["engine"]["on_topic_seconds"] = round(time.perf_counter() - started, 1)
     return out
 

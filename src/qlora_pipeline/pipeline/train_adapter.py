@@ -16,7 +16,7 @@ from qlora_pipeline import hardware, launching, tracking
 from qlora_pipeline.config import Params
 from qlora_pipeline.data.sampling import cap_examples
 from qlora_pipeline.errors import PipelineError
-from qlora_pipeline.io import atomic_path, read_json, read_jsonl, remove_outputs, write_json
+from qlora_pipeline.io import atomic_path, read_json, read_jsonl, remove_outputs, write_json, write_jsonl
 from qlora_pipeline.modeling.preparation import base_fingerprint
 from qlora_pipeline.pipeline.common import MANIFEST, RESOLVED_CONFIG
 
@@ -35,9 +35,11 @@ def read_examples(path: Path, stage_hint: str = "split") -> list[dict]:
 
 
 def run_train_adapter(params: Params, base_dir: Path, splits_dir: Path, out_dir: Path, checkpoints: Path,
-                      metrics_path: Path, log_path: Path) -> dict | None:
+                      metrics_path: Path, log_path: Path, pairs_path: Path | None = None) -> dict | None:
     """Train per ``params.train``; write the adapter (or full model) to ``out_dir`` and the metrics.
 
+    With ``train.objective: dpo`` the SFT adapter is then preference-tuned (qlora_pipeline.preference)
+    on pairs written to ``pairs_path`` (with sft the file is written empty: a DVC output either way).
     Under ``accelerate launch`` every process trains; only the first writes outputs, checkpoints
     and MLflow (the others return None).
     """
@@ -47,7 +49,7 @@ def run_train_adapter(params: Params, base_dir: Path, splits_dir: Path, out_dir:
 
     main = launching.is_main_process()
     if main:
-        remove_outputs(out_dir, metrics_path, log_path)
+        remove_outputs(out_dir, metrics_path, log_path, *([pairs_path] if pairs_path else []))
     if not (base_dir / "config.json").is_file():
         raise PipelineError(f"{base_dir}: no base model; run the quantize-load stage first (dvc repro quantize-load)")
     if params.train.method != "full":
@@ -69,6 +71,9 @@ def run_train_adapter(params: Params, base_dir: Path, splits_dir: Path, out_dir:
             checkpoints, training.fingerprint(params, inputs), params.train.max_steps) if main else None)
         with tracking.pipeline_run(params, "train_adapter") if main else contextlib.nullcontext():
             trainer = training.train_model(params, model, tokenizer, train_ds, val_ds, checkpoints, resume, precision)
+            pairs = None
+            if params.train.objective == "dpo":
+                pairs, preferred = preference_tune(params, trainer.model, tokenizer, train_rows, precision)
             saved = training.save_sharded(trainer, tmp)
             if not main:
                 return None
@@ -78,6 +83,8 @@ def run_train_adapter(params: Params, base_dir: Path, splits_dir: Path, out_dir:
             # What every auto resolved to, and on what: runs on different machines stay comparable.
             metrics["precision"] = dataclasses.asdict(precision)
             metrics["hardware"] = hardware.capability()
+            if pairs is not None:
+                metrics["preference"] = preferred
             # Measured where the machine has energy counters (RAPL, NVML); the risk stage estimates otherwise.
             energy_end = hardware.energy_joules()
             metrics["energy_joules"] = (round(energy_end - energy_start, 1)
@@ -86,6 +93,8 @@ def run_train_adapter(params: Params, base_dir: Path, splits_dir: Path, out_dir:
             # What a user keeps and ships per persona: an adapter (MBs) or a whole model (GBs).
             metrics["output_mb"] = round(sum(f.stat().st_size for f in tmp.glob("*.safetensors")) / 2**20, 2)
             tracking.log_metrics("train", {k: v for k, v in metrics.items() if k != "examples"})
+    if pairs_path is not None:
+        write_jsonl(pairs_path, pairs or [])
     write_json(metrics_path, metrics)
     write_log(log_path, training.log_rows(trainer.state.log_history))
     training.mark_completed(checkpoints)
@@ -93,6 +102,30 @@ def run_train_adapter(params: Params, base_dir: Path, splits_dir: Path, out_dir:
           f"{metrics['zero_shot_val_loss']} -> {metrics['best_val_loss']} (best step {metrics['best_step']}), "
           f"{metrics['wall_seconds']} s -> {out_dir}/, {metrics_path}, {log_path}")
     return metrics
+
+
+def preference_tune(params: Params, model: Any, tokenizer: Any, train_rows: list[dict], precision: Any
+                    ) -> tuple[list[dict], dict]:
+    """The SFT adapter's preference pairs (the person's reply over a sampled one) and DPO on them, in place."""
+    from qlora_pipeline import preference, training
+
+    cfg = params.train.preference
+    started = time.perf_counter()
+    rows = preference.pick_contexts(train_rows, cfg, params.seed)
+    adapter = model.active_adapter if isinstance(model.active_adapter, str) else model.active_adapters[0]
+    sampler = model.disable_adapter() if cfg.rejected_from == "base" else contextlib.nullcontext()
+    with sampler, training.autocast_for(precision):
+        rejected = preference.rejected_replies(model, tokenizer, rows, cfg, params.seed)
+    pairs = preference.preference_rows(rows, rejected)
+    sampled = time.perf_counter()
+    metrics = preference.tune(params, model, tokenizer, pairs, precision, adapter)
+    metrics.update({"contexts": len(rows), "same_as_chosen": len(rows) - len(pairs),
+                    "rejected_seconds": round(sampled - started, 1),
+                    "dpo_seconds": round(time.perf_counter() - sampled, 1)})
+    print(f"train-adapter: preference tuning (DPO, beta {cfg.beta}) on {len(pairs)} pairs, the rejected side from "
+          f"the {cfg.rejected_from}: loss {metrics['first_loss']} -> {metrics['final_loss']}, reward accuracy "
+          f"{metrics['final_reward_accuracy']}")
+    return pairs, metrics
 
 
 @contextlib.contextmanager

@@ -1,6 +1,7 @@
 """zero-shot stage: what the base model says before any training, computed once per base and data.
 
-The base side of evaluate (greedy replies to the test split and the reference replies' likelihood)
+The base side of evaluate (greedy replies to the test split, the reference replies' likelihood, and
+the on-topic scores of the base's replies and the person's own)
 and of risk (replies to the probe sets) depend on the base model, the test split and the prompts,
 never on an adapter. Here they are generated once, as one workload for the engine; evaluate and
 risk read them and generate only the tuned side. An experiment that changes training re-runs
@@ -12,7 +13,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from qlora_pipeline import decoding, test_replies, tracking
+from qlora_pipeline import decoding, test_replies, topicality, tracking
 from qlora_pipeline.config import Params
 from qlora_pipeline.io import atomic_path, read_json, remove_outputs, write_json
 from qlora_pipeline.risk.probes import load_probe_sets, probe_prompt_ids
@@ -51,6 +52,13 @@ def run_zero_shot(params: Params, base_dir: Path, test_path: Path, manifest_path
     results = results[:len(rows) + len(probe_requests)]
     with autocast_like_training(resolved):
         test_replies.score_cut(model, tokenizer, rows, cut, params.train.max_length, cfg.batch_size, side)
+        if cfg.on_topic_contexts and len(rows) > 1:  # the base's replies and the person's: no adapter involved
+            others = topicality.mismatched_contexts(len(rows), cfg.on_topic_contexts, params.seed)
+            side["on_topic_contexts"] = others.shape[1]
+            side["on_topic"] = topicality.on_topic(
+                model, tokenizer, [row["messages"] for row in rows],
+                {"base": [side["replies"]], "reference": [[row["target"] for row in rows]]}, others,
+                params.train.max_length, cfg.max_new_tokens)
     replies = iter(r.text.strip() for r in results[len(rows):])
     probe_replies = {name: [next(replies) for _ in ids] for name, ids in probe_ids.items()}
     metrics = {"test_replies": len(rows), "probes": {name: len(ids) for name, ids in probe_ids.items()},
