@@ -97,7 +97,7 @@ def summary(markdown: str) -> str:
 
 
 def test_one_column_per_method_with_its_numbers_and_intervals(store, log_run, tmp_path):
-    ids = {method: log_run(method, started=1_000 + i) for i, method in enumerate(compare.METHODS)}
+    ids = {method: log_run(method, started=1_000 + i) for i, method in enumerate(compare.REQUIRED)}
     markdown = build(store, tmp_path)
     assert "| | qlora | lora | full |" in markdown
     assert row(markdown, "test perplexity (tuned)") == ["38.73 [32.79, 45.12]", "37.10 [31.50, 43.00]",
@@ -115,7 +115,7 @@ def test_one_column_per_method_with_its_numbers_and_intervals(store, log_run, tm
     assert row(markdown, "training steps") == ["80"] * 3
     assert row(markdown, "CPU") == ["AMD EPYC, AVX512"] * 3
     assert row(markdown, "interval level") == ["95%"] * 3
-    assert row(markdown, "MLflow run") == [f"`{ids[m]}`" for m in compare.METHODS]
+    assert row(markdown, "MLflow run") == [f"`{ids[m]}`" for m in compare.REQUIRED]
     assert "Missing" not in markdown
 
 
@@ -186,7 +186,7 @@ def test_runs_given_by_id_are_used_as_they_are(store, log_run, tmp_path):
 
 
 def test_the_quality_sentence_names_the_lowest_perplexity_and_judges_the_overlap(store, log_run, tmp_path):
-    for i, method in enumerate(compare.METHODS):
+    for i, method in enumerate(compare.REQUIRED):
         log_run(method, started=1_000 + i)
     text = summary(build(store, tmp_path))
     # full 30.25 [26, 31]; lora's interval [31.5, 43] and qlora's [32.79, 45.12] lie above it
@@ -200,7 +200,7 @@ def test_the_quality_sentence_names_the_lowest_perplexity_and_judges_the_overlap
 
 
 def test_the_cost_sentence_sets_each_peft_method_against_full(store, log_run, tmp_path):
-    for i, method in enumerate(compare.METHODS):
+    for i, method in enumerate(compare.REQUIRED):
         log_run(method, started=1_000 + i)
     text = summary(build(store, tmp_path))
     # 4,884,480 / 134,515,008 = 3.63%; 2000 / 8000 MB; 100 / 200 s; lora: 3000 / 8000, 80 / 200
@@ -261,9 +261,35 @@ def test_make_compare_queues_equal_budgets_that_differ_only_in_method_and_learni
     # every method retrains (none restored from the run cache), nothing upstream of training repeats
     assert qlora[-3:] == full[-3:] == ["--force", "--downstream", "train-adapter"]
     set_params = [full[i + 1] for i, arg in enumerate(full) if arg == "--set-param"]
-    assert set_params == ["train.method=full", "train.learning_rate=2e-05"]
+    assert set_params == ["train.method=full", "train.objective=sft", "train.learning_rate=2e-05"]
     differing = {a for a, b in zip(qlora, full) if a != b}
     assert differing == {"cmp-qlora-T1", "train.method=qlora", "train.learning_rate=0.0002"}
+
+
+def test_a_preference_tuned_run_is_its_own_column_with_what_preference_tuning_is_judged_by(store, log_run, tmp_path):
+    for i, method in enumerate(compare.REQUIRED):
+        log_run(method, started=1_000 + i)
+    markdown = build(store, tmp_path)
+    assert "| | qlora | lora | full |" in markdown and "on-topic" not in markdown  # no dpo run: no column, no rows
+    substance = {"stopping": {"tuned_chosen": {"end_of_turn_rate": 0.95, "end_of_turn_rate_ci": [0.9, 1.0],
+                                               "median_words": 13.0, "median_words_ci": [12.0, 15.0]},
+                              "reference": {"median_words": 14.0, "median_words_ci": [11.5, 16.0]}},
+                 "on_topic": {"tuned_chosen": {"pmi": 7.5, "pmi_ci": [5.8, 9.1], "context_match": 0.66,
+                                               "context_match_ci": [0.55, 0.77]}}}
+    dpo = log_run("qlora", started=5_000, exp_name="compare-qlora-dpo-20261204T0400",
+                  train={**TRAIN["qlora"], "preference": {"pairs": 120, "final_reward_accuracy": 0.75}},
+                  evaluation={**eval_metrics((36.0, 31.0, 42.0)), **substance}, params={"train": {"objective": "dpo"}})
+    markdown = build(store, tmp_path)
+    assert "| | qlora | lora | full | qlora-dpo |" in markdown
+    assert row(markdown, "test perplexity (tuned)")[0] == "38.73 [32.79, 45.12]"  # qlora stays the SFT-only run
+    assert row(markdown, "test perplexity (tuned)")[3] == "36.00 [31.00, 42.00]"
+    assert row(markdown, "ends its turn (tuned, chosen decoding)") == ["–", "–", "–", "0.95 [0.90, 1.00]"]
+    assert row(markdown, "median words (persona's own replies)")[3] == "14.0 [11.5, 16.0]"
+    assert row(markdown, "on-topic PMI, nats (tuned, chosen decoding)")[3] == "7.50 [5.80, 9.10]"
+    assert row(markdown, "preference pairs (DPO)") == ["–", "–", "–", "120"]
+    assert row(markdown, "DPO reward accuracy, last step")[3] == "0.75"
+    assert row(markdown, "MLflow run")[3] == f"`{dpo}`"
+    assert "qlora-dpo trains" in summary(markdown)  # a PEFT method in the cost sentence too
 
 
 def test_the_report_names_the_store_as_configured_not_by_this_machines_path(store, log_run, tmp_path):

@@ -20,12 +20,15 @@ from typing import Any, Callable, Iterator, Optional
 
 from qlora_pipeline.errors import PipelineError
 
-METHODS = ("qlora", "lora", "full")
-PEFT_METHODS = ("qlora", "lora")
+# A method is train.method, or qlora-dpo: qlora with train.objective dpo (SFT, then preference tuning).
+METHODS = ("qlora", "lora", "full", "qlora-dpo")
+REQUIRED = ("qlora", "lora", "full")  # always a column (named missing when absent); the others when they ran
+PEFT_METHODS = ("qlora", "lora", "qlora-dpo")
+PREFERENCE_SUFFIX = "-dpo"
 MARKDOWN = "compare.md"
 FIGURE = "compare.png"
 DASH = "–"  # a metric the run did not log
-COLORS = {"qlora": "tab:blue", "lora": "tab:orange", "full": "tab:gray"}
+COLORS = {"qlora": "tab:blue", "lora": "tab:orange", "full": "tab:gray", "qlora-dpo": "tab:green"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,10 +67,22 @@ def find_runs(client: Any, experiment_id: str, prefix: str) -> Runs:
     found: Runs = {}
     for method in METHODS:
         # The prefix is matched here rather than with LIKE: '_' and '%' in it would be wildcards.
-        query = f"attributes.status = 'FINISHED' and params.`train.method` = '{method}'"
-        run = next((r for r in _search(client, experiment_id, query) if _is_comparable(r, prefix)), None)
+        query = f"attributes.status = 'FINISHED' and params.`train.method` = '{method.removesuffix(PREFERENCE_SUFFIX)}'"
+        run = next((r for r in _search(client, experiment_id, query)
+                    if _is_comparable(r, prefix) and method_of(r.data.params) == method), None)
         found[method] = None if run is None else _method_run(run)
     return found
+
+
+def method_of(params: dict[str, str]) -> str:
+    """The compared method a run's params make: train.method, with -dpo after preference tuning."""
+    method = params.get("train.method", "")
+    return method + PREFERENCE_SUFFIX if params.get("train.objective") == "dpo" else method
+
+
+def shown(runs: Runs) -> list[str]:
+    """The table's columns: the required methods, and any other that ran."""
+    return [m for m in METHODS if m in REQUIRED or runs.get(m) is not None]
 
 
 def _search(client: Any, experiment_id: str, query: str) -> Iterator[Any]:
@@ -110,7 +125,7 @@ def given_runs(client: Any, run_ids: list[str]) -> Runs:
 
 
 def _method_run(run: Any) -> MethodRun:
-    return MethodRun(method=run.data.params.get("train.method", ""), run_id=run.info.run_id,
+    return MethodRun(method=method_of(run.data.params), run_id=run.info.run_id,
                      params=dict(run.data.params), metrics=dict(run.data.metrics), tags=dict(run.data.tags))
 
 
@@ -195,6 +210,21 @@ ROWS = (
     Row("persona score (tuned)", _interval("eval.persona_score.tuned", ".3f")),
     Row("persona score (tuned, chosen decoding)", _interval("eval.chosen.persona_score.tuned", ".3f"), optional=True),
     Row("persona score (persona's own replies)", _metric("eval.persona_score.reference", ".3f"), optional=True),
+    Row("ROUGE-L (tuned, chosen decoding)", _interval("eval.chosen.rougeL.tuned", ".4f"), optional=True),
+    Row("repeated 3-gram (tuned, chosen decoding)", _interval("eval.chosen.repeated_3gram.tuned", ".3f"),
+        optional=True),
+    Row("distinct-2 (tuned, chosen decoding)", _metric("eval.chosen.tuned.distinct_2", ".3f"), optional=True),
+    Row("ends its turn (tuned, chosen decoding)", _interval("eval.stopping.tuned_chosen.end_of_turn_rate", ".2f"),
+        optional=True),
+    Row("median words (tuned, chosen decoding)", _interval("eval.stopping.tuned_chosen.median_words", ".1f"),
+        optional=True),
+    Row("median words (persona's own replies)", _interval("eval.stopping.reference.median_words", ".1f"),
+        optional=True),
+    Row("on-topic PMI, nats (tuned, chosen decoding)", _interval("eval.on_topic.tuned_chosen.pmi", ".2f"),
+        optional=True),
+    Row("on-topic PMI, nats (persona's own replies)", _interval("eval.on_topic.reference.pmi", ".2f"), optional=True),
+    Row("preference pairs (DPO)", _metric("train.preference.pairs", ",.0f"), optional=True),
+    Row("DPO reward accuracy, last step", _metric("train.preference.final_reward_accuracy", ".2f"), optional=True),
     Row("interval level", _level),
     Row("GPU", lambda run: run.tags.get("train.hardware.gpu") or DASH),
     Row("CPU", _cpu),
@@ -204,10 +234,10 @@ ROWS = (
 
 
 def table_rows(runs: Runs) -> list[dict]:
-    """``{"label", "cells"}`` per row, one cell per method in METHODS order."""
+    """``{"label", "cells"}`` per row, one cell per shown method, in METHODS order."""
     rows = []
     for row in ROWS:
-        cells = [DASH if runs.get(m) is None else row.cell(runs[m]) for m in METHODS]
+        cells = [DASH if runs.get(m) is None else row.cell(runs[m]) for m in shown(runs)]
         if not (row.optional and all(cell == DASH for cell in cells)):
             rows.append({"label": row.label, "cells": cells})
     return rows
@@ -311,7 +341,7 @@ def _possessive(methods: list[str]) -> str:
 def render_markdown(runs: Runs, experiment: str, store: str, prefix: str, by_prefix: bool) -> str:
     return _templates().get_template("compare.md.j2").render(
         experiment=experiment, store=store, prefix=prefix, selection_by_prefix=by_prefix,
-        methods=METHODS, rows=table_rows(runs), missing=[m for m in METHODS if runs.get(m) is None],
+        methods=shown(runs), rows=table_rows(runs), missing=[m for m in REQUIRED if runs.get(m) is None],
         sentences=summary_sentences(runs))
 
 
@@ -351,17 +381,19 @@ def draw_figure(runs: Runs, out: Path) -> None:
 
 
 def _cost_panel(ax: Any, runs: Runs, key: str, title: str, log: bool) -> None:
-    values = {m: runs[m].metric(key) for m in METHODS if runs.get(m) and runs[m].metric(key) is not None}
+    columns = shown(runs)
+    values = {m: runs[m].metric(key) for m in columns if runs.get(m) and runs[m].metric(key) is not None}
     for method, value in values.items():
-        ax.bar(METHODS.index(method), value, color=COLORS[method])
+        ax.bar(columns.index(method), value, color=COLORS[method])
     if log and values:  # full trains ~30x more parameters than LoRA: a linear axis hides LoRA's bar
         ax.set_yscale("log")
         ax.set_ylim(bottom=min(values.values()) / 10)  # a decade below the smallest, so its bar shows
-    _method_axis(ax, title)
+    _method_axis(ax, title, columns)
 
 
 def _quality_panel(ax: Any, runs: Runs, key: str, title: str) -> None:
-    for x, method in enumerate(METHODS):
+    columns = shown(runs)
+    for x, method in enumerate(columns):
         run = runs.get(method)
         value = run.metric(key) if run else None
         if value is None:
@@ -369,12 +401,12 @@ def _quality_panel(ax: Any, runs: Runs, key: str, title: str) -> None:
         interval = run.interval(key)
         error = [[value - interval[0]], [interval[1] - value]] if interval else None
         ax.errorbar([x], [value], yerr=error, fmt="o", color=COLORS[method], capsize=4)
-    _method_axis(ax, title)
+    _method_axis(ax, title, columns)
 
 
-def _method_axis(ax: Any, title: str) -> None:
-    ax.set_xticks(range(len(METHODS)), METHODS)
-    ax.set_xlim(-0.6, len(METHODS) - 0.4)
+def _method_axis(ax: Any, title: str, columns: list[str]) -> None:
+    ax.set_xticks(range(len(columns)), columns)
+    ax.set_xlim(-0.6, len(columns) - 0.4)
     ax.set_title(title, fontsize="medium")
 
 
@@ -430,8 +462,10 @@ def queue_commands(cfg: Any, stamp: str) -> list[tuple[str, list[str]]]:
     commands = []
     for method in cfg.methods:
         name = f"{cfg.name_prefix}{method}-{stamp}"
+        objective = "dpo" if method.endswith(PREFERENCE_SUFFIX) else "sft"
         commands.append((name, ["dvc", "exp", "run", "--queue", "--name", name,
-                                "--set-param", f"train.method={method}",
+                                "--set-param", f"train.method={method.removesuffix(PREFERENCE_SUFFIX)}",
+                                "--set-param", f"train.objective={objective}",
                                 "--set-param", f"train.learning_rate={cfg.learning_rate[method]}",
                                 "--force", "--downstream", "train-adapter"]))
     return commands

@@ -302,7 +302,7 @@ class PreferenceConfig:
     beta: float = 0.1
     loss_type: str = "sigmoid"
     max_steps: int = 20
-    learning_rate: float = 5e-5
+    learning_rate: float = 5e-4
     per_device_train_batch_size: int = 4
 
     def problems(self) -> list[str]:
@@ -521,13 +521,15 @@ class ChatConfig(DecodingSetting):
 class CompareConfig:
     """``make compare``: one equal-budget experiment per method; only the learning rate differs."""
 
-    methods: list[Literal["qlora", "lora", "full"]] = field(default_factory=lambda: ["qlora", "lora", "full"])
+    # qlora-dpo = qlora, then preference tuning (train.objective dpo)
+    methods: list[Literal["qlora", "lora", "full", "qlora-dpo"]] = field(
+        default_factory=lambda: ["qlora", "lora", "full"])
     learning_rate: dict[str, float] = field(default_factory=lambda: {"qlora": 2e-4, "lora": 2e-4, "full": 2e-5})
     # DVC experiment names are <prefix><method>-<time>; the report picks the newest of each method.
     name_prefix: str = "compare-"
 
     def problems(self) -> list[str]:
-        out = [] if self.methods else ["compare.methods: name at least one of qlora, lora, full"]
+        out = [] if self.methods else ["compare.methods: name at least one of qlora, lora, full, qlora-dpo"]
         if len(set(self.methods)) != len(self.methods):
             out.append(f"compare.methods: a method is listed twice: {self.methods}")
         out += [f"compare.learning_rate.{m}: missing; give each compared method its learning rate"

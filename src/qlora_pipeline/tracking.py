@@ -84,8 +84,9 @@ def ensure_sqlite_store(uri: str) -> None:
 
     MLflow builds a new store by running its schema migrations one by one, for seconds; a stage
     killed meanwhile (kill -9, Ctrl-C) left a store at a middle version that every later stage
-    refused ("out-of-date database schema"). The lock orders processes that start together (a
-    queued grid); whoever holds it may delete what a killed creator left behind.
+    refused ("out-of-date database schema"). The finished store is linked into place only if none
+    is there yet (two queued experiments starting together both build one; the first link wins), and
+    what a killed creator left (its pid no longer alive) is deleted.
     """
     parsed = urlparse(uri)
     if parsed.scheme != "sqlite" or parsed.path in ("", "/", "/:memory:"):
@@ -93,21 +94,32 @@ def ensure_sqlite_store(uri: str) -> None:
     store = Path(parsed.path[1:] if parsed.path.startswith("//") else parsed.path)
     if store.exists():
         return
-    import fcntl
+    import secrets
 
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
     store.parent.mkdir(parents=True, exist_ok=True)
-    with open(store.with_name(f".{store.name}.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released by the kernel, also when the holder is killed
-        if store.exists():
-            return
-        for stale in store.parent.glob(f".{store.name}.*.tmp"):
-            stale.unlink()
-        partial = store.with_name(f".{store.name}.{os.getpid()}.tmp")
+    for stale in store.parent.glob(f".{store.name}.*.tmp"):
+        if not _pid_alive(stale.name.split(".")[-3]):
+            stale.unlink(missing_ok=True)
+    partial = store.with_name(f".{store.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
         made = SqlAlchemyStore(f"sqlite:///{partial}", (store.parent / ARTIFACT_DIR).as_uri())
         made.engine.dispose()
-        os.replace(partial, store)
+        with contextlib.suppress(FileExistsError):  # another process's store is already in place
+            os.link(partial, store)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _pid_alive(text: str) -> bool:
+    try:
+        os.kill(int(text), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def execution_key() -> str:
