@@ -7,6 +7,7 @@ flat_eval_metrics), with start times set by hand so "newest" does not hang on th
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -290,6 +291,24 @@ def test_a_preference_tuned_run_is_its_own_column_with_what_preference_tuning_is
     assert row(markdown, "DPO reward accuracy, last step")[3] == "0.75"
     assert row(markdown, "MLflow run")[3] == f"`{dpo}`"
     assert "qlora-dpo trains" in summary(markdown)  # a PEFT method in the cost sentence too
+
+
+def test_the_queued_experiments_bring_what_trainings_side_stages_made():
+    """--downstream train-adapter checks out only training's own inputs in the experiment's copy: the style
+    judge and the zero-shot replies, which choose-decoding, evaluate and risk read, are copied in."""
+    import yaml
+
+    from qlora_pipeline.compare import queue_commands, side_outputs
+    from qlora_pipeline.config import CompareConfig
+
+    pipeline = yaml.safe_load((Path(__file__).resolve().parent.parent / "dvc.yaml").read_text())
+    assert side_outputs(pipeline) == ["metrics/judge.json", "metrics/zero_shot.json", "models/judge",
+                                      "reports/zero_shot"]
+    (_, command), = queue_commands(CompareConfig(methods=["qlora-dpo"], learning_rate={"qlora-dpo": 2e-4}), "T1",
+                                   pipeline)
+    copied = [command[i + 1] for i, arg in enumerate(command) if arg == "--copy-paths"]
+    assert copied == side_outputs(pipeline)
+    assert "train.method=qlora" in command and "train.objective=dpo" in command
 
 
 def test_the_report_names_the_store_as_configured_not_by_this_machines_path(store, log_run, tmp_path):

@@ -452,13 +452,53 @@ def build_report(tracking_uri: str, experiment_name: str, out_dir: Path, prefix:
 # --------------------------------------------------------------------------------------------
 
 
-def queue_commands(cfg: Any, stamp: str) -> list[tuple[str, list[str]]]:
+TRAIN_STAGE = "train-adapter"
+
+
+def side_outputs(pipeline: dict, stage: str = TRAIN_STAGE) -> list[str]:
+    """Outputs that stages after ``stage`` read but neither ``stage`` nor anything before it makes.
+
+    ``dvc exp run --downstream`` checks out only the named stage's own inputs in the experiment's
+    copy: the style judge and the base's zero-shot replies, made beside training, would be missing.
+    """
+    stages = pipeline["stages"]
+
+    def paths(entries: list) -> list[str]:
+        return [entry if isinstance(entry, str) else next(iter(entry)) for entry in entries or []]
+
+    outs = {name: paths(spec.get("outs", [])) + paths(spec.get("metrics", [])) for name, spec in stages.items()}
+
+    def maker(path: str) -> str | None:  # a dep may be a file inside a stage's output folder
+        return next((name for name, made in outs.items() for out in made
+                     if path == out or path.startswith(out.rstrip("/") + "/")), None)
+
+    needs = {name: {maker(d) for d in paths(spec.get("deps", []))} - {None} for name, spec in stages.items()}
+
+    def closure(start: set[str], step) -> set[str]:
+        seen, todo = set(start), list(start)
+        while todo:
+            for other in step(todo.pop()):
+                if other not in seen:
+                    seen.add(other)
+                    todo.append(other)
+        return seen
+
+    before = closure({stage}, lambda name: needs[name])
+    after = closure({stage}, lambda name: [n for n, deps in needs.items() if name in deps]) - {stage}
+    read = {d for name in after for d in paths(stages[name].get("deps", []))}
+    return sorted(path for path in read if maker(path) is not None and maker(path) not in before | after)
+
+
+def queue_commands(cfg: Any, stamp: str, pipeline: dict | None = None) -> list[tuple[str, list[str]]]:
     """One ``dvc exp run --queue`` per method: its name and command line.
 
     ``--force --downstream train-adapter`` retrains every method from the shared cached data and
     base even when one matches the workspace (DVC would otherwise restore it from its run cache
-    and no run would reach MLflow), and repeats nothing upstream of training.
+    and no run would reach MLflow), and repeats nothing upstream of training. ``--copy-paths``
+    brings what training's side stages made (``side_outputs`` of ``pipeline``, dvc.yaml) into the
+    experiment's copy.
     """
+    copies = [arg for path in side_outputs(pipeline) for arg in ("--copy-paths", path)] if pipeline else []
     commands = []
     for method in cfg.methods:
         name = f"{cfg.name_prefix}{method}-{stamp}"
@@ -467,7 +507,7 @@ def queue_commands(cfg: Any, stamp: str) -> list[tuple[str, list[str]]]:
                                 "--set-param", f"train.method={method.removesuffix(PREFERENCE_SUFFIX)}",
                                 "--set-param", f"train.objective={objective}",
                                 "--set-param", f"train.learning_rate={cfg.learning_rate[method]}",
-                                "--force", "--downstream", "train-adapter"]))
+                                *copies, "--force", "--downstream", TRAIN_STAGE]))
     return commands
 
 
@@ -480,8 +520,11 @@ def run_experiments(cfg: Any, poll_seconds: float = 10.0) -> list[str]:
     import subprocess
     import time
 
+    import yaml
+
+    pipeline = yaml.safe_load(Path("dvc.yaml").read_text(encoding="utf-8"))
     names = []
-    for name, command in queue_commands(cfg, time.strftime("%Y%m%dT%H%M%S")):
+    for name, command in queue_commands(cfg, time.strftime("%Y%m%dT%H%M%S"), pipeline):
         _dvc(command)
         names.append(name)
     _dvc(["dvc", "queue", "start", "--jobs", "1"])
