@@ -30,8 +30,8 @@ def add_paths(parser):
     parser.add_argument("--checkpoints", type=Path, required=True, help="checkpoint folder, persisted across runs")
     parser.add_argument("--metrics", type=Path, required=True, help="metrics JSON file")
     parser.add_argument("--log", type=Path, required=True, help="per-step loss CSV")
-    parser.add_argument("--pairs", type=Path, required=True,
-                        help="preference pairs JSONL (train.objective dpo; written empty for sft)")
+    parser.add_argument("--pairs", type=Path, default=None,
+                        help="preference pairs JSONL (train.objective dpo; written empty for sft); unset = not kept")
     parser.add_argument("--accelerate-configs", type=Path, required=True,
                         help="folder of the accelerate configs train.accelerate_config names")
 
