@@ -98,9 +98,12 @@ def ensure_sqlite_store(uri: str) -> None:
 
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
+    import psutil
+
     store.parent.mkdir(parents=True, exist_ok=True)
-    for stale in store.parent.glob(f".{store.name}.*.tmp"):
-        if not _pid_alive(stale.name.split(".")[-3]):
+    for stale in store.parent.glob(f".{store.name}.*.tmp"):  # .<store>.<pid>.<random>.tmp
+        pid = stale.name.split(".")[-3]
+        if not (pid.isdigit() and psutil.pid_exists(int(pid))):
             stale.unlink(missing_ok=True)
     partial = store.with_name(f".{store.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
@@ -110,16 +113,6 @@ def ensure_sqlite_store(uri: str) -> None:
             os.link(partial, store)
     finally:
         partial.unlink(missing_ok=True)
-
-
-def _pid_alive(text: str) -> bool:
-    try:
-        os.kill(int(text), 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def execution_key() -> str:
