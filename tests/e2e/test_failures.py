@@ -1,9 +1,13 @@
 """What survives a failure: the same seed gives the same hashes, and kill -9 of any stage loses nothing.
 
-Three runs of the tiny real pipeline (tiny random Llama, 4-bit, float32 everywhere so no autocast
-rounding differs): two uninterrupted runs in separate copies must agree output by output, and a
-third, SIGKILLed at a random moment of each stage in turn and restarted with `dvc repro` each
-time, must end with the same hashes.
+Two runs of the tiny real pipeline (tiny random Llama, 4-bit, float32 everywhere so no autocast
+rounding differs): an uninterrupted one, and a second in a separate copy, SIGKILLed at a random
+moment of each stage in turn and restarted with `dvc repro` each time, which must end with the same
+hashes output by output. Every output of the second run was made again by a process with the same
+seed (a kill may fall after a stage ended; the stage then ran whole), so this one comparison proves
+both promises: the same seed on the same machine gives identical outputs, and a kill loses nothing.
+(A third, plain rerun used to prove the first promise alone: it added a minute to `make test` and no
+assertion this test lacks.)
 
 Timings (wall seconds, tokens per second, peak memory, energy) are measurements of the moment,
 not results: they are the one thing allowed to differ, and only under the keys named here.
@@ -116,15 +120,6 @@ def uninterrupted(tmp_path_factory, tiny_llama) -> Path:
     return repo
 
 
-def test_same_seed_same_machine_float32_gives_identical_outputs(uninterrupted, tmp_path_factory, tiny_llama):
-    second = tiny_repo(tmp_path_factory.mktemp("run-b") / "repo", tiny_llama)
-    sh(["dvc", "repro"], second)
-    assert_same_results(uninterrupted, second)
-    # Not vacuous: the outputs that must match include the trained adapter and the evaluation.
-    hashes = lock_outputs(second)
-    assert {"models/adapter", "reports/evaluate", "data/splits", "reports/risk_replies.csv"} <= set(hashes)
-
-
 def wait_for(path: Path, text: str, proc: subprocess.Popen, timeout: float = 300) -> bool:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -168,6 +163,8 @@ def test_kill_9_of_each_stage_then_repro_ends_with_the_uninterrupted_hashes(unin
     train = json.loads((repo / "metrics/train.json").read_text())
     assert train["resumed_from_step"] >= OVERRIDES["train.save_steps"] and train["steps"] == OVERRIDES["train.max_steps"]
     assert_same_results(uninterrupted, repo)
+    # Not vacuous: the outputs that must match include the trained adapter and the evaluation.
+    assert {"models/adapter", "reports/evaluate", "data/splits", "reports/risk_replies.csv"} <= set(reference)
     assert not list(repo.glob("**/.*.tmp")), "a killed write's temporary was never cleaned up"
     assert killed_in == list(STAGES)
 
