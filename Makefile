@@ -16,7 +16,7 @@ STAMP := $(VENV)/.installed
 # The installer of everything but torch (bench/setup_bench.sh reads this line).
 UV := uv==0.13.9
 
-.PHONY: setup run test browser postgres mlflow-server mlflow-server-stop bench compare clean-outputs
+.PHONY: setup run test gguf browser postgres mlflow-server mlflow-server-stop bench compare clean-outputs
 
 setup: $(STAMP)
 
@@ -43,6 +43,14 @@ run: setup
 compare: run
 	$(PYTHON) -m qlora_pipeline.cli compare --run
 
+# llama.cpp for the GGUF export (README "Run it where you run local models"): not needed by `make run`.
+GGUF_STAMP := $(VENV)/.gguf-installed
+gguf: $(GGUF_STAMP)
+
+$(GGUF_STAMP): $(STAMP) scripts/install_llama_cpp.sh
+	bash scripts/install_llama_cpp.sh $(PYTHON)
+	touch $(GGUF_STAMP)
+
 browser:
 	bash scripts/install_browser.sh
 
@@ -64,5 +72,5 @@ bench: run
 	bash bench/run.sh
 
 # Every test, the slow ones included (README "The slow tests"); the slowest are listed at the end.
-test: setup browser postgres
+test: setup gguf browser postgres
 	$(PYTHON) -m pytest -q --durations=15

@@ -7,7 +7,7 @@
     qlora-pipeline mlflow-sync                    send what stages kept while the MLflow server was away
     qlora-pipeline chat [--adapter NAME=SOURCE]   talk to the persona in this terminal
     qlora-pipeline serve [--adapter NAME=SOURCE]  an OpenAI-compatible server, several adapters on one base
-    qlora-pipeline export --adapter SOURCE --out DIR   a merged model plain transformers loads
+    qlora-pipeline export --adapter SOURCE --out DIR   a merged model plain transformers loads (or GGUF: --format)
 
 SOURCE is an adapter folder (models/adapter) or a past run's MLflow artifact (runs:/<run_id>/adapter).
 """
@@ -198,8 +198,21 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="merge an adapter into the dequantized base; save and verify it")
     export.add_argument("--adapter", required=True, help="adapter folder or runs:/<run_id>/adapter")
     export.add_argument("--out", type=Path, required=True, help="folder for the merged model (must not exist)")
+    export.add_argument("--format", choices=("safetensors", "gguf", "gguf-lora", "vllm"), default="safetensors",
+                        help="safetensors: a folder plain transformers loads; gguf: the merged model for llama.cpp, "
+                             "Ollama, LM Studio; gguf-lora: the adapter alone, for the base's own GGUF "
+                             "(gguf formats need `make gguf`); vllm: the adapter checked against vLLM's LoRA limits, "
+                             "with the `vllm serve` command")
     export.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
-                        help="dtype of the merged weights")
+                        help="dtype of the merged weights (safetensors)")
+    export.add_argument("--quant", default=None,
+                        help="GGUF types, comma-separated, one verified file each: f32, f16, bf16, q8_0, q6_k, "
+                             "q5_k_m, q4_k_m (default f16,q8_0,q4_k_m); gguf-lora: f32, f16, bf16, q8_0 (default f16)")
+    export.add_argument("--decoding", type=Path, default=Path("reports/decoding.json"),
+                        help="the decoding chosen on validation, written into the GGUF's Ollama Modelfile")
+    export.add_argument("--base-gguf", type=Path, default=None,
+                        help="gguf-lora: the base GGUF the LoRA is checked on (default: the one the base was "
+                             "quantized from; for a safetensors base, its dequantized weights are written as one)")
     export.add_argument("--base", type=Path, default=Path("models/base"), help="the 4-bit base the adapter was trained on")
     export.add_argument("--test", type=Path, default=Path("data/splits/test.jsonl"),
                         help="examples the merged model is checked on (export_report.json)")

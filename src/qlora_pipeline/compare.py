@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 from qlora_pipeline.errors import PipelineError
+from qlora_pipeline.templating import render
 
 # A method is train.method, or qlora-dpo: qlora with train.objective dpo (SFT, then preference tuning).
 METHODS = ("qlora", "lora", "full", "qlora-dpo")
@@ -339,21 +340,9 @@ def _possessive(methods: list[str]) -> str:
 
 
 def render_markdown(runs: Runs, experiment: str, store: str, prefix: str, by_prefix: bool) -> str:
-    return _templates().get_template("compare.md.j2").render(
-        experiment=experiment, store=store, prefix=prefix, selection_by_prefix=by_prefix,
-        methods=shown(runs), rows=table_rows(runs), missing=[m for m in REQUIRED if runs.get(m) is None],
-        sentences=summary_sentences(runs))
-
-
-def _templates():
-    import jinja2
-
-    # Markdown, not HTML: nothing to autoescape, but a '|' in a value would split its table cell.
-    env = jinja2.Environment(loader=jinja2.PackageLoader("qlora_pipeline", "templates"), autoescape=False,
-                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
-                             keep_trailing_newline=True)
-    env.filters["cell"] = lambda text: str(text).replace("|", "\\|")
-    return env
+    return render("compare.md.j2", experiment=experiment, store=store, prefix=prefix, selection_by_prefix=by_prefix,
+                  methods=shown(runs), rows=table_rows(runs), missing=[m for m in REQUIRED if runs.get(m) is None],
+                  sentences=summary_sentences(runs))
 
 
 COST_PANELS = (("train.trainable_parameters", "trainable parameters (log)", True),

@@ -74,26 +74,8 @@ def split(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def adapters(tmp_path_factory, persona_adapters) -> dict[str, Path]:
-    """The session's persona adapters with updates of the size training makes (lora_B / 20).
-
-    The session's random adapters add updates twice the norm of the base weights, where the model
-    turns chaotic: float32 summation order alone moves a logit by 0.16, and bfloat16 rounding
-    changes every prediction (mean KL 8 against the reference). At 1/20 the updates are ~10% of
-    the weights and move the outputs as much as a trained adapter does (mean KL 0.8 from the base
-    without adapter; the real trained adapter: 0.5).
-    """
-    from safetensors.torch import load_file, save_file
-
-    folder = tmp_path_factory.mktemp("trained-size")
-    scaled = {}
-    for name in ("alice", "bob"):
-        scaled[name] = folder / name
-        shutil.copytree(persona_adapters[name], scaled[name])
-        weights = scaled[name] / "adapter_model.safetensors"
-        tensors = {k: v / 20 if "lora_B" in k else v for k, v in load_file(weights).items()}
-        save_file(tensors, weights, metadata={"format": "pt"})
-    return scaled
+def adapters(trained_size_adapters) -> dict[str, Path]:
+    return trained_size_adapters
 
 
 @pytest.fixture(scope="module")

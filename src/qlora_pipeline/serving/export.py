@@ -22,6 +22,7 @@ No stage imports this module: editing it re-runs nothing.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -30,7 +31,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -89,18 +90,36 @@ class Example:
 def main(args: Any) -> None:
     """``qlora-pipeline export``: check everything cheap first, then merge, save, verify."""
     check_out_free(args.out)
+    params = load_params(args.params) if Path(args.params).is_file() else Params()
+    fmt = getattr(args, "format", "safetensors")
+    if fmt == "vllm":  # the adapter as it is: nothing to verify on test rows
+        from qlora_pipeline.serving import vllm
+
+        with downloaded_adapter(args, params) as adapter:
+            print(vllm.summary(vllm.export_vllm(adapter, args.base, args.out), args.out))
+        return
     check_test_file(args.test)
     if args.max_samples < 1:
         raise PipelineError(f"--max-samples {args.max_samples}: give at least 1 test example to verify with")
-    params = load_params(args.params) if Path(args.params).is_file() else Params()
-    with tempfile.TemporaryDirectory(prefix="qlora-export-") as downloads:
-        adapter = resolve_adapter(args.adapter, args.base, resolve_tracking_uri(params.mlflow.tracking_uri),
-                                  Path(downloads))
+    if fmt != "safetensors":
+        from qlora_pipeline.serving import gguf
+
+        gguf.main(args, params)
+        return
+    with downloaded_adapter(args, params) as adapter:
         rows = read_test_rows(args.test, args.max_samples, params.seed)
         report = export(adapter, args.base, args.out, args.dtype, rows)
     print(summary_table(report, args.out))
     if not report["passed"]:
         raise PipelineError(failure_message(report, args.out))
+
+
+@contextlib.contextmanager
+def downloaded_adapter(args: Any, params: Params) -> Iterator[Adapter]:
+    """``--adapter`` resolved (a runs:/ source downloaded for the time of the block) and checked against ``--base``."""
+    with tempfile.TemporaryDirectory(prefix="qlora-export-") as downloads:
+        yield resolve_adapter(args.adapter, args.base, resolve_tracking_uri(params.mlflow.tracking_uri),
+                              Path(downloads))
 
 
 # ------------------------------------------------------------------------------------------- checks
@@ -323,8 +342,13 @@ def target_logits(model: Any, examples: list[Example]) -> list[torch.Tensor]:
 
 def score(model: Any, examples: list[Example], reference: list[torch.Tensor]) -> dict:
     """max |Δlogit|, mean KL(reference || model) per target token and perplexity, against ``reference``."""
+    return score_logits(target_logits(model, examples), examples, reference)
+
+
+def score_logits(logits_of: list[torch.Tensor], examples: list[Example], reference: list[torch.Tensor]) -> dict:
+    """``score`` of logits computed elsewhere (a GGUF runtime's), at the same positions as ``reference``."""
     worst, kl_sum, nll_sum, tokens = 0.0, 0.0, 0.0, 0
-    for example, ref, logits in zip(examples, reference, target_logits(model, examples)):
+    for example, ref, logits in zip(examples, reference, logits_of):
         # float64: KL of near-equal distributions is a small difference of large sums
         ref_logp, logp = torch.log_softmax(ref.double(), -1), torch.log_softmax(logits.double(), -1)
         worst = max(worst, float((logits - ref).abs().max()))

