@@ -191,6 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
                             "layer, or PEFT's adapter_names loop (the reference)")
     serve.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask")
     serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body accepted")
+    serve.add_argument("--max-queue", type=int, default=64,
+                       help="requests admitted beyond the running batch; past that, 429 with Retry-After")
+    serve.add_argument("--request-timeout", type=float, default=300.0,
+                       help="seconds a request may take from arrival to its last token; then 408 (a stream: an "
+                            "error event)")
+    serve.add_argument("--grace-seconds", type=float, default=30.0,
+                       help="on SIGTERM, how long requests in flight may take to finish before the server exits")
     serve.add_argument("--max-context", type=int, default=None,
                        help="prompt + reply tokens at most (default: the model's max_position_embeddings)")
     serve.set_defaults(func=_run("qlora_pipeline.serving.server"))

@@ -14,21 +14,26 @@ import hmac
 import ipaddress
 import json
 import os
+import signal
 import sys
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
+import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from qlora_pipeline.config import ChatConfig
 from qlora_pipeline.errors import PipelineError
+from qlora_pipeline.serving.admission import Admission
 from qlora_pipeline.serving.engine import Completion, Engine, Job, Sampling, describe
+from qlora_pipeline.serving.metrics import ServerMetrics
 from qlora_pipeline.serving.models import BASE, AdapterSpec, PersonaModel, check_name
 from qlora_pipeline.serving.prompts import prompt_ids, with_system_prompt
 
@@ -45,23 +50,42 @@ class Settings:
     max_tokens_limit: int = 1024
     max_body_bytes: int = 1 << 20
     max_context: int | None = None
+    max_queue: int = 64  # requests admitted beyond the running batch; more get 429 with Retry-After
+    request_timeout: float = 300.0  # seconds from arrival to the last token; then 408 (or an error event)
 
 
 class APIError(Exception):
     """An error the client caused (or may fix), answered in OpenAI's shape."""
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
 
     def response(self) -> JSONResponse:
-        return error_response(self.status, self.message, self.type, self.param, self.code)
+        return error_response(self.status, self.message, self.type, self.param, self.code, self.headers)
 
 
 def error_response(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                   code: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}}, status_code=status)
+                   code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
+                        status_code=status, headers=headers)
+
+
+def _valid_text(text: str) -> str:
+    """Text a tokenizer can take: a lone surrogate (valid JSON as an escape, not Unicode) is the client's mistake."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"holds a lone surrogate (U+{ord(err.object[err.start]):04X} at character {err.start}); "
+                         "send valid Unicode") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_valid_text)]
+# OpenAI's API takes seeds that fit in 64 bits.
+Seed = Annotated[int, Field(ge=-(1 << 63), le=(1 << 64) - 1)]
 
 
 # ------------------------------------------------------------------------------- requests
@@ -69,13 +93,13 @@ def error_response(status: int, message: str, type_: str = "invalid_request_erro
 
 class TextPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class Message(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[TextPart]]
-    name: Optional[str] = None
+    content: Union[Text, list[TextPart]]
+    name: Optional[Text] = None
 
     def as_turn(self) -> dict:
         text = self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
@@ -91,14 +115,14 @@ class ChatCompletionRequest(BaseModel):
     # keys that would change the answer and are not supported are refused below.
     model_config = ConfigDict(extra="ignore")
 
-    model: str
+    model: Text
     messages: list[Message] = Field(min_length=1)
     max_tokens: Optional[int] = Field(default=None, ge=1)
     max_completion_tokens: Optional[int] = Field(default=None, ge=1)
     temperature: Optional[float] = Field(default=None, ge=0.0, le=2.0)
     top_p: Optional[float] = Field(default=None, gt=0.0, le=1.0)
-    stop: Union[str, list[str], None] = None
-    seed: Optional[int] = None
+    stop: Union[Text, list[Text], None] = None
+    seed: Optional[Seed] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     n: Optional[int] = Field(default=None, ge=1)
@@ -109,12 +133,12 @@ class ChatCompletionRequest(BaseModel):
 
 
 class LoadAdapterRequest(BaseModel):
-    lora_name: str
-    lora_path: str
+    lora_name: Text
+    lora_path: Text
 
 
 class UnloadAdapterRequest(BaseModel):
-    lora_name: str
+    lora_name: Text
 
 
 # ------------------------------------------------------------------------------- the app
@@ -125,6 +149,9 @@ def create_app(persona: PersonaModel, engine: Engine, settings: Settings) -> Fas
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     started = int(time.time())
     authorized = Depends(_auth(settings.api_key))
+    admission = Admission(engine.max_batch_size, settings.max_queue, settings.request_timeout)
+    metrics = ServerMetrics(engine, persona, admission)
+    app.state.admission = admission  # the stop signal sets admission.draining (main)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, err: APIError) -> JSONResponse:
@@ -133,18 +160,30 @@ def create_app(persona: PersonaModel, engine: Engine, settings: Settings) -> Fas
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
         first = err.errors()[0]
-        where = ".".join(str(part) for part in first["loc"] if part != "body")
+        where = ".".join(str(part) for part in first["loc"] if _is_field(part))
         if first["type"] == "json_invalid":
             return error_response(400, "the request body is not valid JSON", code="invalid_json")
         return error_response(400, f"{where or 'body'}: {first['msg']}", param=where or None, code="invalid_value")
 
-    @app.exception_handler(404)
-    async def not_found(request: Request, err: Exception) -> JSONResponse:
-        return error_response(404, f"no route {request.method} {request.url.path}", code="not_found")
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        """Starlette's own refusals (no route, wrong method, a body it cannot parse) in OpenAI's shape."""
+        if err.status_code == 404:
+            return error_response(404, f"no route {request.method} {request.url.path}", code="not_found")
+        if err.status_code == 405:
+            return error_response(405, f"{request.method} is not allowed on {request.url.path}",
+                                  code="method_not_allowed")
+        if err.status_code == 400:  # e.g. JSON nested past the parser's depth
+            return error_response(400, f"the request body could not be parsed: {err.detail}", code="invalid_json")
+        return error_response(err.status_code, str(err.detail), code="http_error", headers=err.headers)
 
-    @app.exception_handler(405)
-    async def not_allowed(request: Request, err: Exception) -> JSONResponse:
-        return error_response(405, f"{request.method} is not allowed on {request.url.path}", code="method_not_allowed")
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, err: Exception) -> JSONResponse:
+        """A fault of ours: still OpenAI's shape, and logged with its traceback."""
+        import traceback
+
+        traceback.print_exception(err, file=sys.stderr)
+        return error_response(500, f"internal error: {type(err).__name__}", type_="server_error")
 
     @app.get("/", include_in_schema=False)
     async def chat_page() -> Any:
@@ -164,12 +203,38 @@ def create_app(persona: PersonaModel, engine: Engine, settings: Settings) -> Fas
     async def models() -> dict:
         return {"object": "list", "data": model_cards(persona, started, settings.defaults)}
 
+    @app.get("/metrics", dependencies=[authorized])
+    async def prometheus() -> Any:
+        from fastapi.responses import Response
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
     @app.post("/v1/chat/completions", dependencies=[authorized])
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-        job, meta = build_job(persona, settings, body)
-        if body.stream:
-            return await stream_completion(engine, job, meta, body, request)
-        return await complete(engine, job, meta)
+        refusal = admission.admit()
+        if refusal is not None:
+            metrics.answered(body.model, refusal.status)
+            raise APIError(refusal.status, refusal.message, type_="server_error" if refusal.status == 503 else
+                           "rate_limit_error", code=refusal.code, headers={"Retry-After": str(refusal.retry_after)})
+        timing = Timing(metrics, admission, body.model)
+        try:
+            job, meta = build_job(persona, settings, body)
+            timing.watch(job)
+            if body.stream:
+                response = await stream_completion(engine, job, meta, body, request, timing)
+                timing.answered(200)
+                return response
+            answer = await complete(engine, job, meta, settings.request_timeout, timing)
+            timing.answered(200)
+            return answer
+        except APIError as err:
+            timing.answered(err.status)
+            timing.release()
+            raise
+        except BaseException:
+            timing.release()
+            raise
 
     @app.post("/v1/load_lora_adapter", dependencies=[authorized])
     async def load_lora_adapter(body: LoadAdapterRequest) -> dict:
@@ -200,6 +265,14 @@ def create_app(persona: PersonaModel, engine: Engine, settings: Settings) -> Fas
     return app
 
 
+def _is_field(part: Any) -> bool:
+    """A field name or list index of a validation error's location, not pydantic's tag of a union member
+    ("str", "list[TextPart]", "function-after[...]") or the body itself."""
+    if isinstance(part, int):
+        return True
+    return part not in ("body", "str", "int", "float", "bool", "list", "dict") and str(part).isidentifier()
+
+
 def _auth(api_key: str | None) -> Any:
     async def check(request: Request) -> None:
         if api_key is None:
@@ -220,13 +293,19 @@ def _require_runtime(settings: Settings) -> None:
 
 def allowed_adapter_folder(settings: Settings, path: str) -> Path:
     """``path`` resolved (links followed), refused unless it lies under an ``--adapter-root``."""
-    folder = Path(path).expanduser().resolve()
-    roots = [root.expanduser().resolve() for root in settings.adapter_roots]
-    if not any(folder == root or folder.is_relative_to(root) for root in roots):
+    try:  # a NUL byte, an unknown ~user, a name too long: the client's path, not our fault
+        folder = Path(path).expanduser().resolve()
+        roots = [root.expanduser().resolve() for root in settings.adapter_roots]
+        inside = any(folder == root or folder.is_relative_to(root) for root in roots)
+        is_dir = inside and folder.is_dir()
+    except (ValueError, RuntimeError, OSError) as err:
+        raise APIError(400, f"lora_path {path!r} is not a usable path ({err})", param="lora_path",
+                       code="invalid_adapter") from None
+    if not inside:
         raise APIError(403, f"lora_path {path} is outside the allowed adapter roots; start the server with "
                             "--adapter-root for its folder", type_="permission_error", param="lora_path",
                        code="path_not_allowed")
-    if not folder.is_dir():
+    if not is_dir:
         raise APIError(400, f"lora_path {path}: no such folder", param="lora_path", code="invalid_adapter")
     return folder
 
@@ -321,19 +400,64 @@ def usage(completion: Completion) -> dict:
             "total_tokens": completion.prompt_tokens + completion.completion_tokens}
 
 
-async def complete(engine: Engine, job: Job, meta: Meta) -> dict:
+class Timing:
+    """One completion request's clock: metrics when it ends, its place released exactly once."""
+
+    def __init__(self, metrics: ServerMetrics, admission: Admission, model: str):
+        self.metrics, self.admission, self.model = metrics, admission, model
+        self.arrived = time.monotonic()
+        self.first_token: float | None = None
+        self._released = False
+
+    def watch(self, job: Job) -> None:
+        relay = job.on_text
+
+        def on_text(delta: str) -> None:
+            if self.first_token is None:
+                self.first_token = time.monotonic()
+            relay(delta)
+
+        job.on_text = on_text
+
+    def remaining(self) -> float:
+        return self.admission.request_timeout - (time.monotonic() - self.arrived)
+
+    def answered(self, status: int) -> None:
+        self.metrics.answered(self.model, status)
+
+    def finished(self, completion: Completion) -> None:
+        self.metrics.finished(self.model, completion.finish_reason, completion.prompt_tokens,
+                              completion.completion_tokens, self.arrived, self.first_token, time.monotonic())
+        self.release()
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self.admission.release(time.monotonic() - self.arrived)
+
+
+def timeout_error(timeout: float) -> APIError:
+    return APIError(408, f"the request took longer than this server's limit of {timeout:g} s (--request-timeout); "
+                         "ask for fewer max_tokens or retry when the server is less busy", code="request_timeout")
+
+
+async def complete(engine: Engine, job: Job, meta: Meta, timeout: float, timing: Timing) -> dict:
     loop = asyncio.get_running_loop()
     future: asyncio.Future = loop.create_future()
     job.on_done = lambda c: loop.call_soon_threadsafe(_settle, future, c, None)
     job.on_error = lambda e: loop.call_soon_threadsafe(_settle, future, None, e)
     engine.submit(job)
     try:
-        completion = await future
+        completion = await asyncio.wait_for(future, max(timing.remaining(), 0.001))
+    except asyncio.TimeoutError:
+        job.cancelled.set()
+        raise timeout_error(timeout) from None
     except asyncio.CancelledError:
         job.cancelled.set()
         raise
     except Exception as err:
         raise APIError(500, f"generation failed: {err}", type_="server_error") from err
+    timing.finished(completion)
     return {"id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,
             "system_fingerprint": engine.persona.fingerprint[:24],
             "choices": [{"index": 0, "message": {"role": "assistant", "content": completion.text},
@@ -350,7 +474,8 @@ def _settle(future: asyncio.Future, result: Any, error: BaseException | None) ->
         future.set_result(result)
 
 
-async def stream_completion(engine: Engine, job: Job, meta: Meta, body: ChatCompletionRequest, request: Request) -> Any:
+async def stream_completion(engine: Engine, job: Job, meta: Meta, body: ChatCompletionRequest, request: Request,
+                            timing: Timing) -> Any:
     from sse_starlette.sse import EventSourceResponse
 
     loop = asyncio.get_running_loop()
@@ -373,7 +498,13 @@ async def stream_completion(engine: Engine, job: Job, meta: Meta, body: ChatComp
         try:
             yield {"data": chunk({"role": "assistant", "content": ""})}
             while True:
-                kind, value = await events.get()
+                try:
+                    kind, value = await asyncio.wait_for(events.get(), max(timing.remaining(), 0.001))
+                except asyncio.TimeoutError:
+                    err = timeout_error(timing.admission.request_timeout)
+                    yield {"data": json.dumps({"error": {"message": err.message, "type": err.type, "param": None,
+                                                         "code": err.code}})}
+                    break
                 if kind == "text":
                     yield {"data": chunk({"content": value})}
                 elif kind == "error":
@@ -381,6 +512,7 @@ async def stream_completion(engine: Engine, job: Job, meta: Meta, body: ChatComp
                                                          "type": "server_error", "param": None, "code": None}})}
                     break
                 else:
+                    timing.finished(value)
                     yield {"data": chunk({}, value.finish_reason)}
                     if include_usage:
                         yield {"data": json.dumps({"id": meta.id, "object": "chat.completion.chunk",
@@ -390,8 +522,12 @@ async def stream_completion(engine: Engine, job: Job, meta: Meta, body: ChatComp
             yield {"data": "[DONE]"}
         finally:  # the client went away (or the stream ended): stop generating for it
             job.cancelled.set()
+            timing.release()
 
-    return EventSourceResponse(produce(), ping=15)
+    from starlette.background import BackgroundTask
+
+    # The place is released when the stream ends, and also if it never started (the client left first).
+    return EventSourceResponse(produce(), ping=15, background=BackgroundTask(timing.release))
 
 
 # ------------------------------------------------------------------------------- body limit
@@ -445,9 +581,14 @@ def settings_from_args(args: Any, defaults: ChatConfig) -> Settings:
     for name in ("max_batch_size", "max_tokens_limit", "max_body_bytes"):
         if getattr(args, name) < 1:
             raise PipelineError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
+    for name in ("max_queue", "request_timeout", "grace_seconds"):
+        if getattr(args, name) < 0 or (name == "request_timeout" and args.request_timeout == 0):
+            raise PipelineError(f"--{name.replace('_', '-')}: must be {'>' if name == 'request_timeout' else '>='} 0, "
+                                f"got {getattr(args, name)}")
     return Settings(defaults=defaults, api_key=api_key, allow_runtime_adapters=args.allow_runtime_adapters,
                     adapter_roots=list(args.adapter_root) or [Path("models")], max_tokens_limit=args.max_tokens_limit,
-                    max_body_bytes=args.max_body_bytes, max_context=args.max_context)
+                    max_body_bytes=args.max_body_bytes, max_context=args.max_context, max_queue=args.max_queue,
+                    request_timeout=args.request_timeout)
 
 
 def _is_loopback(host: str) -> bool:
@@ -458,8 +599,6 @@ def _is_loopback(host: str) -> bool:
 
 
 def main(args: Any) -> None:
-    import uvicorn
-
     from qlora_pipeline.serving.models import load_from_args
 
     persona, defaults = load_from_args(args)
@@ -471,7 +610,26 @@ def main(args: Any) -> None:
     app = create_app(persona, engine, settings)
     print(f"serving {', '.join(persona.names)} on http://{args.host}:{args.port}/v1"
           f"{' (API key required)' if settings.api_key else ''}", flush=True)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                            timeout_graceful_shutdown=args.grace_seconds)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        DrainingServer(config, app.state.admission).run()
     finally:
         engine.stop()
+    print("serve: stopped", flush=True)
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, but SIGTERM drains: no new requests (503 on open connections; the port closes), those in flight
+    finish within --grace-seconds, then the process exits 0 (plain uvicorn re-raises the signal: status 143)."""
+
+    def __init__(self, config: Any, admission: Admission):
+        super().__init__(config)
+        self.admission = admission
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        self.admission.draining = True
+        if sig == signal.SIGTERM:
+            self.should_exit = True
+            return
+        super().handle_exit(sig, frame)
