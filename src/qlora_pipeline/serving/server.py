@@ -152,6 +152,7 @@ def create_app(persona: PersonaModel, engine: Engine, settings: Settings) -> Fas
     admission = Admission(engine.max_batch_size, settings.max_queue, settings.request_timeout)
     metrics = ServerMetrics(engine, persona, admission)
     app.state.admission = admission  # the stop signal sets admission.draining (main)
+    adapter_changes = asyncio.Lock()  # one runtime load or unload at a time
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, err: APIError) -> JSONResponse:
@@ -244,23 +245,25 @@ def create_app(persona: PersonaModel, engine: Engine, settings: Settings) -> Fas
             check_name(body.lora_name, "lora_name")
         except PipelineError as err:
             raise APIError(400, str(err), param="lora_name") from None
-        if body.lora_name in persona.adapters:
-            raise APIError(409, f"adapter '{body.lora_name}' is already loaded; unload it first",
-                           param="lora_name", code="adapter_exists")
-        try:
-            await asyncio.to_thread(persona.load_adapter, AdapterSpec(body.lora_name, str(folder)))
-        except PipelineError as err:
-            raise APIError(400, str(err), param="lora_path", code="invalid_adapter") from None
-        return {"object": "adapter", "id": body.lora_name, "status": "loaded", "models": persona.names}
+        async with adapter_changes:  # two clients loading one name: the second hears 409, not a loader's error
+            if body.lora_name in persona.adapters:
+                raise APIError(409, f"adapter '{body.lora_name}' is already loaded; unload it first",
+                               param="lora_name", code="adapter_exists")
+            try:
+                await asyncio.to_thread(persona.load_adapter, AdapterSpec(body.lora_name, str(folder)))
+            except PipelineError as err:
+                raise APIError(400, str(err), param="lora_path", code="invalid_adapter") from None
+            return {"object": "adapter", "id": body.lora_name, "status": "loaded", "models": persona.names}
 
     @app.post("/v1/unload_lora_adapter", dependencies=[authorized])
     async def unload_lora_adapter(body: UnloadAdapterRequest) -> dict:
         _require_runtime(settings)
-        if body.lora_name not in persona.adapters:
-            raise APIError(404, f"no adapter '{body.lora_name}' is loaded; loaded: {', '.join(persona.adapters) or 'none'}",
-                           param="lora_name", code="model_not_found")
-        await asyncio.to_thread(persona.unload_adapter, body.lora_name)
-        return {"object": "adapter", "id": body.lora_name, "status": "unloaded", "models": persona.names}
+        async with adapter_changes:
+            if body.lora_name not in persona.adapters:
+                raise APIError(404, f"no adapter '{body.lora_name}' is loaded; loaded: "
+                                    f"{', '.join(persona.adapters) or 'none'}", param="lora_name", code="model_not_found")
+            await asyncio.to_thread(persona.unload_adapter, body.lora_name)
+            return {"object": "adapter", "id": body.lora_name, "status": "unloaded", "models": persona.names}
 
     return app
 
@@ -612,6 +615,11 @@ def main(args: Any) -> None:
           f"{' (API key required)' if settings.api_key else ''}", flush=True)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                             timeout_graceful_shutdown=args.grace_seconds)
+    from sse_starlette.sse import AppStatus
+
+    # sse-starlette ends every stream the moment the server is told to stop; a drain lets them finish
+    # (uvicorn cancels what is left after --grace-seconds).
+    AppStatus.disable_automatic_graceful_drain()
     try:
         DrainingServer(config, app.state.admission).run()
     finally:
