@@ -92,23 +92,53 @@ def bob(origin, tmp_path_factory) -> Path:
     sh(["git", "config", "user.email", "bob@example.com"], bob)
     sh(["git", "config", "user.name", "bob"], bob)
     add_credentials(bob)
-    sh(["dvc", "pull"], bob)
+    sh(["dvc", "pull", "--allow-missing"], bob)  # data/raw is not on the remote (push: false)
     return bob
 
 
-def test_a_fresh_clone_pulls_every_result_and_reruns_nothing(origin, bob):
+def remote_keys(s3_url: str) -> set[str]:
+    """The content hashes DVC's remote holds (files/md5/<2>/<30>)."""
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=s3_url, region_name="us-east-1", aws_access_key_id=CREDENTIALS["access_key_id"],
+                      aws_secret_access_key=CREDENTIALS["secret_access_key"])
+    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET) for o in page.get("Contents", [])]
+    return {"".join(key.split("/")[-2:]) for key in keys if "/files/md5/" in key}
+
+
+def md5(path: Path) -> str:
+    import hashlib
+
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def test_the_raw_export_stays_off_the_remote_while_the_pseudonymized_data_is_on_it(origin, s3_url):
+    alice, held = origin["alice"], remote_keys(s3_url)
+    raw = sorted((alice / "data/raw").rglob("*.jsonl"))
+    assert raw and not {md5(path) for path in raw} & held, "a file of data/raw reached the remote"
+    for pushed in ("data/clean/conversations.jsonl", "data/splits/train.jsonl", "models/adapter/adapter_model.safetensors"):
+        assert md5(alice / pushed) in held, pushed
+    # The friends' names are in data/raw only: clean pseudonymized them (conftest's chat log: friend0-2).
+    assert "friend0" in (alice / "data/raw/conversations.jsonl").read_text()
+    assert "friend0" not in (alice / "data/clean/conversations.jsonl").read_text()
+
+
+def test_a_fresh_clone_pulls_every_result_and_reruns_fetch_alone(origin, bob):
     assert "Cache and remote 'storage' are in sync" in sh(["dvc", "status", "-c"], origin["alice"])
     assert "Cache and remote 'storage' are in sync" in sh(["dvc", "status", "-c"], bob)
-    for path in ("data/raw/conversations.jsonl", "data/splits/train.jsonl", "models/base", "models/adapter",
+    for path in ("data/clean/conversations.jsonl", "data/splits/train.jsonl", "models/base", "models/adapter",
                  "reports/evaluate/samples.csv", "reports/risk.md"):
         assert (bob / path).exists(), path
+    assert not (bob / "data/raw").exists()  # push: false
     for name in ("eval.json", "risk.json"):
         assert (bob / "metrics" / name).read_text() == (origin["alice"] / "metrics" / name).read_text()
 
-    # Nothing a stage declares is missing (train-adapter's resume checkpoints are a working folder, no
-    # output): plain `dvc repro` has nothing to do.
+    # Only fetch's output is missing (train-adapter's resume checkpoints are a working folder, no
+    # output): `dvc repro` makes data/raw again from the source in git, byte for byte, and runs nothing else.
+    repro = sh(["dvc", "repro"], bob)
+    assert re.findall(r"Running stage '([\w-]+)'", repro) == ["fetch"], repro
+    assert md5(bob / "data/raw/conversations.jsonl") == md5(origin["alice"] / "data/raw/conversations.jsonl")
     assert "Data and pipelines are up to date" in sh(["dvc", "status"], bob)
-    assert "Data and pipelines are up to date" in sh(["dvc", "repro"], bob)
 
 
 def test_a_pushed_experiment_reaches_the_teammate(origin, bob):
@@ -131,6 +161,6 @@ def test_a_shared_folder_remote_works_the_same(origin, tmp_path_factory):
 
     carol = folder.parent / "carol"
     sh(["git", "clone", "-q", "--branch", origin["branch"], str(origin["git_server"]), str(carol)], folder.parent)
-    sh(["dvc", "pull"], carol)  # no credentials: a folder needs none
+    sh(["dvc", "pull", "--allow-missing"], carol)  # no credentials: a folder needs none; data/raw stays local
     assert "Cache and remote 'shared' are in sync" in sh(["dvc", "status", "-c"], carol)
     assert (carol / "models/adapter").is_dir() and (carol / "reports/risk.md").is_file()
