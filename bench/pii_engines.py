@@ -136,6 +136,36 @@ def threshold_sweep(rows: list[dict]) -> dict[str, dict]:
     return sweep
 
 
+LOOK_ALIKE_TAGS = ("celebrity", "brand", "holiday", "food", "grade", "place-as-topic", "title")
+
+
+def look_alikes(rows: list[dict]) -> dict[str, dict]:
+    """Presidio's types without and with ``pii_presidio.look_alike`` (the rules for public figures, brands,
+    holidays, grades and places as topics), on the same hits in the same run: precision and recall per
+    type, and false positives on the look-alike rows against recall on every other row."""
+    from qlora_pipeline.data import pii_presidio
+
+    texts = [row["text"] for row in rows]
+    scored = pii_presidio.scored_hits(texts)
+    claimed = [[(s, e) for s, e, _ in hits] + placeholder_spans(text)
+               for text, hits in zip(texts, find_pii(texts, PII_TYPES, "regex"))]
+    only = [_only(row, PRESIDIO_TYPES) for row in rows]
+    out = {}
+    for label, on in (("without", False), ("with", True)):
+        predicted = [pii_presidio.claim(text, hits, spans, look_alikes=on)
+                     for text, hits, spans in zip(texts, scored, claimed)]
+        summary, _ = score(only, predicted)
+        alike = [i for i, row in enumerate(rows) if set(row["tags"]) & set(LOOK_ALIKE_TAGS) and not row["spans"]]
+        false_alarms = sum(len(predicted[i]) for i in alike)
+        real = [i for i, row in enumerate(only) if row["spans"]]
+        recall, _ = score([only[i] for i in real], [predicted[i] for i in real])
+        out[label] = {"by_type": {t: summary.get(t) for t in (*PRESIDIO_TYPES, "overall")},
+                      "look_alike_rows": len(alike), "look_alike_rows_flagged": sum(bool(predicted[i]) for i in alike),
+                      "look_alike_false_positives": false_alarms,
+                      "recall_on_rows_with_pii": (recall.get("overall") or {}).get("recall")}
+    return out
+
+
 def _only(row: dict, types: Sequence[str]) -> dict:
     return {**row, "spans": [s for s in row["spans"] if s["type"] in types]}
 
@@ -209,6 +239,18 @@ def markdown(result: dict) -> str:
         cells = [f"{_pct((row[t] or {}).get('precision'))} / {_pct((row[t] or {}).get('recall'))}"
                  for t in (*PRESIDIO_TYPES, "overall")]
         lines.append(f"| {threshold} | " + " | ".join(cells) + " |")
+    alike = result["labelled"]["presidio_look_alikes"]
+    lines += ["", "## Presidio without and with the look-alike rules (same hits, same run)", "",
+              f"Look-alike rows: messages with no personal data whose names are public figures, brands, "
+              f"holidays, grades, titles or places as topics ({alike['with']['look_alike_rows']} rows).", "",
+              "| rules | name P/R | location P/R | address P/R | overall P/R | look-alike rows flagged | "
+              "recall on rows with PII |", "|---|---|---|---|---|---|---|"]
+    for label in ("without", "with"):
+        row = alike[label]
+        cells = [f"{_pct((row['by_type'][t] or {}).get('precision'))} / {_pct((row['by_type'][t] or {}).get('recall'))}"
+                 for t in ("name", "location", "address", "overall")]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {row['look_alike_rows_flagged']} of "
+                     f"{row['look_alike_rows']} | {_pct(row['recall_on_rows_with_pii'])} |")
     chitchat = result["chitchat"]
     lines += ["", f"## Chitchat: messages changed ({chitchat['sample']})", "",
               "| engine | changed | share | hits per type | messages/s |", "|---|---|---|---|---|"]
@@ -233,7 +275,7 @@ def main() -> None:
     parser.add_argument("--params", type=Path, default=ROOT / "params.yaml", help="for its seed")
     parser.add_argument("--sample", type=int, default=20_000, help="chitchat messages scrubbed (0: all)")
     parser.add_argument("--examples", type=int, default=25)
-    parser.add_argument("--machine", default="2-core AMD EPYC, AVX-512 BF16")
+    parser.add_argument("--machine", required=True, help="the machine's line, e.g. '2-core AMD EPYC, AVX-512 BF16'")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     seed = load_params(args.params).seed
@@ -245,6 +287,7 @@ def main() -> None:
         labelled[engine], errors = score(rows, find_pii(texts, types, engine))
         labelled[f"{engine}_errors"] = errors
     labelled["presidio_threshold_sweep"] = threshold_sweep(rows)
+    labelled["presidio_look_alikes"] = look_alikes(rows)
 
     # As the clean stage sees them: NFKC-normalised (params' clean.unicode_normalization).
     corpus = [normalize_text(text, "NFKC") for text in chitchat_messages()]

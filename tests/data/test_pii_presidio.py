@@ -121,3 +121,43 @@ def test_a_missing_spacy_model_names_the_fix(monkeypatch):
     monkeypatch.setattr(pii_presidio, "SPACY_PACKAGE", "en_no_such_model")
     with pytest.raises(PipelineError, match="make setup"):
         pii_presidio._check_model_installed()
+
+
+@pytest.mark.parametrize("text, dropped, types", [
+    ("the weather in Chicago has been wild this week", "Chicago", ("location",)),  # a place as a topic
+    ("housing prices in Vancouver are insane", "Vancouver", ("location",)),
+    ("have you listened to Adele's new album?", "Adele", ("name", "location")),
+    ("I've been reading a lot of Stephen King lately", "Stephen King", ("name", "location")),
+    ("elon musk tweeted something weird again", "elon musk", ("name", "location")),
+    ("Michael Jordan was the best player ever", "Michael Jordan", ("name", "location")),
+    ("these Adidas shoes are so comfy", "Adidas", ("name", "location")),
+    ("I got a B on my midterm", "B", ("name", "location")),
+    ("I want to learn Spanish this year", "Spanish", ("name", "location")),
+    ("Beyonce was amazing at the Grammys", "Grammys", ("name", "location")),
+])
+def test_look_alikes_are_no_ones_data(text, dropped, types):
+    start = text.index(dropped)
+    for pii_type in types:
+        hit = ScoredHit(start, start + len(dropped), pii_type, 0.85)
+        assert claim(text, [hit], []) == []
+        assert claim(text, [hit], [], look_alikes=False) == [(start, start + len(dropped), pii_type)]
+
+
+@pytest.mark.parametrize("text, kept, pii_type", [
+    ("I live in Chicago now, the weather is wild", "Chicago", "location"),
+    ("Jordan's sneakers are still at my place", "Jordan", "name"),
+    ("Ben got a B+ on his essay", "Ben", "name"),
+    ("tell Marcus the news from home", "Marcus", "name"),
+    ("Aisha and I are meeting at the mall in Denver", "Denver", "location"),
+    ("my neighbour Carlos fixed the fence", "Carlos", "name"),
+])
+def test_the_same_shapes_holding_someones_data_are_kept(text, kept, pii_type):
+    start = text.index(kept)
+    assert claim(text, [ScoredHit(start, start + len(kept), pii_type, 0.85)], []) == [
+        (start, start + len(kept), pii_type)]
+
+
+def test_the_real_engine_drops_the_look_alikes_and_keeps_the_friend():
+    text = "Ben got a B+ and the weather in Chicago was awful, said Taylor Swift's new album"
+    out, counts = scrub(text, ["name", "location"], engine="presidio")
+    assert "Ben" not in out and "B+" in out and "Chicago" in out and "Taylor Swift" in out, out

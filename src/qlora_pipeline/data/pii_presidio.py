@@ -16,6 +16,7 @@ import importlib.util
 import logging
 import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 from qlora_pipeline.errors import PipelineError
@@ -219,8 +220,60 @@ def _cut(text: str, piece: Span, pii_type: str) -> Span | None:
     return span and _trimmed(text, span)
 
 
+# --- look-alikes: names and places that are no one's data ------------------------------------
+# spaCy's news-trained NER tags every capitalised name: in chat many are public figures, brands,
+# holidays, grades or the place a conversation is about. Measured on bench/pii/labelled.jsonl
+# (tags celebrity, brand, holiday, grade, place-as-topic), against the same rows holding a
+# friend's name or someone's whereabouts (bench/pii_engines.py prints both, with and without).
+
+
+@functools.cache
+def not_personal() -> frozenset[str]:
+    """The entries of not_personal.txt, lowercased (public figures, events, brands, nationalities)."""
+    text = (Path(__file__).with_name("not_personal.txt")).read_text(encoding="utf-8")
+    return frozenset(line.strip().lower() for line in text.splitlines()
+                     if line.strip() and not line.startswith(("#", "[")))
+
+
+# A letter grade or a single letter ("a B+", "plan B") is no one's name.
+_GRADE = re.compile(r"[A-Za-z][+-]?")
+# A place as the topic of talk, not anyone's whereabouts: "the weather in London", "news from Paris",
+# "prices in Vancouver", "the election in Brazil".
+_TOPIC_BEFORE = re.compile(
+    r"\b(?:weather|news|election|elections|prices?|rents?|traffic|economy|politics|war|storms?|earthquake|"
+    r"floods?|flooding|fires?|wildfires?|protests?|team|crime|time|food|history|population|capital|"
+    r"situation|government)\s+(?:\w+\s+)?(?:in|from|of)\s+$", re.IGNORECASE)
+# A name as the maker of a work or a product, not a person in the chat: "Adele's new album",
+# "the new Tom Cruise movie", "reading a lot of Stephen King", "elon musk tweeted", "Adidas shoes".
+_WORK_AFTER = re.compile(
+    r"^(?:'s|’s)?\s+(?:(?:new|latest|last|first|old|best|next)\s+)?(?:albums?|songs?|music|movies?|films?|shows?|"
+    r"books?|novels?|paintings?|art|tour|concerts?|speech|tweets?|videos?|podcast|series)\b", re.IGNORECASE)
+_ACTS_AFTER = re.compile(r"^\s+(?:tweeted|posted a video|sang|starred|released|dropped a)\b", re.IGNORECASE)
+_WORK_BEFORE = re.compile(
+    r"\b(?:reading|read|watching|watched|watch|listening to|listened to|fan of)\s+(?:a lot of\s+|some\s+|more\s+)?$",
+    re.IGNORECASE)
+_PRODUCT_AFTER = re.compile(
+    r"^\s+(?:sneakers|shoes|trainers|boots|jeans|hoodie|jacket|shirt|phone|laptop|tablet|watch|headphones|"
+    r"earbuds|car|truck|console|store|app|account|subscription|gift card|stock|shares)\b", re.IGNORECASE)
+
+
+def look_alike(text: str, start: int, end: int, pii_type: str) -> bool:
+    """Whether a name or location hit is one of the look-alikes above (addresses are never dropped)."""
+    if pii_type == "address":
+        return False
+    found, before, after = text[start:end], text[max(0, start - 60):start], text[end:end + 60]
+    if found.lower() in not_personal() or _GRADE.fullmatch(found):
+        return True
+    if pii_type == "location" and _TOPIC_BEFORE.search(before):
+        return True
+    if _WORK_AFTER.match(after) or _ACTS_AFTER.match(after) or _WORK_BEFORE.search(before):
+        return True
+    return not after.startswith(("'s", "’s")) and bool(_PRODUCT_AFTER.match(after))
+
+
 def claim(
-    text: str, hits: Sequence[ScoredHit], claimed: Sequence[Span], min_score: dict[str, float] = MIN_SCORE
+    text: str, hits: Sequence[ScoredHit], claimed: Sequence[Span], min_score: dict[str, float] = MIN_SCORE,
+    look_alikes: bool = True,
 ) -> list[tuple[int, int, str]]:
     """Presidio hits over ``min_score``, cut to the characters nobody claimed before them.
 
@@ -229,6 +282,8 @@ def claim(
         hits: Presidio's hits for it (``scored_hits``).
         claimed: spans already taken (regex hits, placeholders); never given away.
         min_score: lowest score kept, per type.
+        look_alikes: drop the names and places that are no one's data (``look_alike``); off only to
+            measure what that costs and saves.
 
     Returns:
         Non-overlapping (start, end, type) hits, claimed in ``PRIORITY`` order.
@@ -241,6 +296,8 @@ def claim(
             continue
         for piece in _unclaimed_pieces(hit.start, hit.end, taken):
             span = _cut(text, piece, hit.pii_type)
+            if span and look_alikes and look_alike(text, *span, hit.pii_type):
+                continue
             if span:
                 out.append((*span, hit.pii_type))
                 taken.append(span)
