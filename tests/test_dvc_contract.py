@@ -127,6 +127,72 @@ def test_every_module_a_stage_runs_is_a_dep(name):
     assert not missing, f"{name}: add to its deps in dvc.yaml: {missing}"
 
 
+# What a stage may take from the plumbing (no stage's dep): names that move bytes, parse and check
+# params, log, or name a file. Anything else taken from there could shape an output without
+# re-running it when edited: it belongs in a module that is the stage's dep (as without_canaries,
+# once in pipeline/common.py, now data/canary_ids.py).
+ALLOWED_FROM_PLUMBING = {
+    "qlora_pipeline.io": {"atomic_path", "read_json", "read_jsonl", "remove_outputs", "write_json", "write_jsonl",
+                          "write_text", "sha256_file", "remove_stale_temporaries"},
+    "qlora_pipeline.errors": {"PipelineError"},
+    # params as typed objects; their values live in params.yaml, which DVC tracks key by key
+    "qlora_pipeline.config": {"Params", "load_params", "params_from_dict", "DataConfig", "CleanConfig", "SplitConfig",
+                              "ModelConfig", "QuantizationConfig", "TrainConfig", "PreferenceConfig", "DecodingSetting",
+                              "ObjectiveWeights", "ChatConfig", "PACKAGE_PREFIX", "EXPORT_SOURCES",
+                              # reads the chosen decoding from reports/decoding.json (a dep), checked like params
+                              "decoding_setting_from"},
+    "qlora_pipeline.pipeline.common": {"stage_main", "CONVERSATIONS", "MANIFEST", "RESOLVED_CONFIG",
+                                       "read_conversations", "validate_conversation"},
+    "qlora_pipeline.process": {"keep_freed_memory"},
+    # the names of the PII types and engines, which params are checked against
+    "qlora_pipeline.data.pii_types": {"PII_TYPES", "PRESIDIO_TYPES", "ALL_PII_TYPES", "ENGINES"},
+    # the folder of the risk prompt sets (itself a dep of the stages that read it)
+    "qlora_pipeline.risk": {"PROMPTS"},
+    # the MLflow logging, imported whole (`from qlora_pipeline import tracking`)
+    "qlora_pipeline": {"tracking", "process", "io", "errors", "config"},
+}
+
+
+def _from_plumbing(path: str) -> list[tuple[str, str]]:
+    """(module, name) of every `from <plumbing module> import name` in a file."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse((ROOT / path).read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and _module_file(node.module) in PLUMBING:
+            for alias in node.names:
+                submodule = _module_file(f"{node.module}.{alias.name}")
+                if submodule is None or submodule in PLUMBING:
+                    found.append((node.module, alias.name))
+    return found
+
+
+@pytest.mark.parametrize("name", list(STAGES))
+def test_what_a_stage_takes_from_the_plumbing_shapes_no_output(name):
+    """Editing a function that shapes an output must re-run the stages it shapes: none may come from plumbing."""
+    stage = STAGES[name]
+    script = re.search(r"python (stages/\S+\.py)", stage["cmd"]).group(1)
+    deps = set(_paths(stage["deps"]))
+    taken = {(module, item, path) for path in _closure(script) if path.endswith(".py") and path not in PLUMBING
+             for module, item in _from_plumbing(path)
+             if _module_file(module) not in deps and _module_file(f"{module}.{item}") not in deps}
+    unexpected = sorted(f"{path}: from {module} import {item}" for module, item, path in taken
+                        if item not in ALLOWED_FROM_PLUMBING.get(module, set()))
+    assert not unexpected, (f"{name}: these come from modules that are no stage's dep; move each into a module "
+                            f"the stage depends on, or, if it is pure plumbing, allow it here: {unexpected}")
+
+
+def test_the_plumbing_allow_list_is_not_stale():
+    """Every name the allow-list grants exists where it says, so a move is noticed."""
+    import importlib
+
+    for module, names in ALLOWED_FROM_PLUMBING.items():
+        imported = importlib.import_module(module)
+        missing = sorted(n for n in names if not hasattr(imported, n)
+                         and _module_file(f"{module}.{n}") is None)
+        assert not missing, f"{module} has no {missing}: drop them from ALLOWED_FROM_PLUMBING"
+
+
 @pytest.mark.parametrize("name", list(STAGES))
 def test_no_stage_depends_on_code_it_does_not_run(name):
     """A module a stage never imports is not its dep: editing it (chat, serve, export) must re-run nothing."""

@@ -89,9 +89,12 @@ def test_unknown_target_module_fails_before_loading(tiny_llama):
     training.check_target_modules(tiny_llama, ["q_proj", "v_proj"])
 
 
-def test_optimizer_auto_picks_a_cpu_adamw_here():
-    assert training.resolve_optim("auto") == ("paged_adamw_32bit" if torch.cuda.is_available() else "adamw_torch")
-    assert training.resolve_optim("sgd") == "sgd"
+def test_optimizer_auto_picks_paged_adamw_on_cuda_and_plain_adamw_on_a_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert training.resolve_optim("auto") == "adamw_torch"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert training.resolve_optim("auto") == "paged_adamw_32bit"  # QLoRA's optimizer, where it can page
+    assert training.resolve_optim("sgd") == "sgd"  # an explicit choice is kept
 
 
 def test_saved_adapter_reloads_with_the_same_logits(quantized_base, params_factory, tmp_path):

@@ -143,5 +143,7 @@ def test_the_readmes_command_trains_on_a_whatsapp_export_with_friends_pseudonymi
     for word in (*FRIENDS, "Ana", "Lima", "Joe", "joe", "Park"):
         assert word not in trained_on, word
     assert "Friend 1" in trained_on and "Friend 2" in trained_on and ME.split()[0] in trained_on
-    assert json.loads((repo / "metrics/eval.json").read_text())
+    evaluated = json.loads((repo / "metrics/eval.json").read_text())
+    assert {"rouge1", "perplexity", "chosen", "persona_score"} <= set(evaluated)
+    assert evaluated["samples"] >= 1 and 0 <= evaluated["rouge1"]["tuned"] <= 1
     assert "Book Club" not in (repo / "data/raw/conversations.jsonl").read_text()  # the chat's name is no id

@@ -56,7 +56,8 @@ def test_repro_runs_every_stage_into_one_mlflow_run(repo, tiny_baseline):
                    "eval.chosen.persona_score.tuned", "eval.chosen.repeated_3gram.tuned_ci_high",
                    "risk.summary.pii_rate_tuned", "risk.summary.refusal_drop", "risk.bias.max_amplification",
                    "risk.memorization.tuned.rate", "risk.cost.energy_kwh"):
-        assert f"metrics.{metric}" in table.columns and run[f"metrics.{metric}"] == run[f"metrics.{metric}"], metric
+        assert f"metrics.{metric}" in table.columns, metric
+        assert_logged_as_written(repo, run, metric)
     assert run["tags.dvc.exp_name"] == "workspace" and len(run["tags.git.commit"]) == 40
     assert run["params.train.lora.r"] == "16" and run["tags.params.hash"]
     chosen = json.loads((repo / "reports/decoding.json").read_text())["chosen"]
@@ -72,7 +73,7 @@ def test_repro_runs_every_stage_into_one_mlflow_run(repo, tiny_baseline):
         "contexts", "chance", "tuned_minus_base"}
     for metric in ("eval.on_topic.tuned_chosen.pmi", "eval.stopping.tuned_chosen.end_of_turn_rate",
                    "eval.stopping.reference.median_words_ci_high"):
-        assert run[f"metrics.{metric}"] == run[f"metrics.{metric}"], metric
+        assert_logged_as_written(repo, run, metric)
     shown = sh(["dvc", "metrics", "show", "--json"], repo)
     assert "val_persona_score" in shown and "persona_score" in shown
     assert "refusal_rate_tuned" in shown and "memorized_rate_tuned" in shown
@@ -80,6 +81,27 @@ def test_repro_runs_every_stage_into_one_mlflow_run(repo, tiny_baseline):
 
     assert "Data and pipelines are up to date" in sh(["dvc", "repro"], repo)
     assert sh(["git", "status", "--porcelain"], repo) == ""  # the results are committed: nothing left over
+
+
+# Where each stage's metrics are written; fetch's counts live in its manifest.
+METRICS_FILES = {"fetch": "data/raw/manifest.json", "clean": "metrics/clean.json", "split": "metrics/split.json",
+                 "base": "metrics/base.json", "train": "metrics/train.json", "decoding": "metrics/decoding.json",
+                 "eval": "metrics/eval.json", "risk": "metrics/risk.json"}
+
+
+def assert_logged_as_written(repo: Path, run, metric: str) -> None:
+    """The MLflow value is a finite number, and the one the stage wrote at that key of its file."""
+    import math
+
+    logged = run[f"metrics.{metric}"]
+    assert math.isfinite(logged), metric
+    prefix, *keys = metric.split(".")
+    node = json.loads((repo / METRICS_FILES[prefix]).read_text())
+    for key in keys:
+        if not isinstance(node, dict) or key not in node:  # logged under a flattened name of its own
+            return
+        node = node[key]
+    assert logged == pytest.approx(float(node), rel=1e-6, abs=1e-9), metric
 
 
 def test_editing_chat_serve_or_export_code_reruns_no_stage(repo):
@@ -97,6 +119,24 @@ def test_editing_chat_serve_or_export_code_reruns_no_stage(repo):
         assert "evaluate:" in status and "train-adapter:" not in status and "quantize-load:" in status
     finally:
         sh(["git", "checkout", "--", "src"], repo)
+    assert "Data and pipelines are up to date" in sh(["dvc", "status"], repo)
+
+
+def test_editing_code_that_shapes_outputs_makes_exactly_its_stages_stale(repo):
+    """Which train rows are canaries (data/canary_ids.py) shapes split, style-judge, evaluate and risk; how decoding
+    params become generation (modeling/engine.py's row_decoding) shapes every stage that generates."""
+    edits = {"src/qlora_pipeline/data/canary_ids.py": {"split", "style-judge", "evaluate", "risk"},
+             "src/qlora_pipeline/modeling/engine.py": {"quantize-load", "style-judge", "choose-decoding", "zero-shot",
+                                                       "evaluate", "risk"}}
+    for path, stages in edits.items():
+        target = repo / path
+        target.write_text(target.read_text() + "\n# an edit\n")
+        try:
+            status = sh(["dvc", "status"], repo)
+            stale = {line.rstrip(":") for line in status.splitlines() if line and not line.startswith((" ", "\t"))}
+            assert stale == stages, (path, status)
+        finally:
+            sh(["git", "checkout", "--", "src"], repo)
     assert "Data and pipelines are up to date" in sh(["dvc", "status"], repo)
 
 

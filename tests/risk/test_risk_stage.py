@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -127,5 +128,5 @@ def test_every_figure_reaches_mlflow(risk_run):
     run = mlflow.search_runs(experiment_names=[risk_run["params"].mlflow.experiment_name]).iloc[0]
     for name in ("risk.summary.pii_rate_tuned", "risk.privacy.test.tuned.any.ci_high", "risk.safety.drop",
                  "risk.memorization.tuned.rate", "risk.cost.energy_kwh"):
-        assert f"metrics.{name}" in run.index and run[f"metrics.{name}"] == run[f"metrics.{name}"], name
+        assert f"metrics.{name}" in run.index and math.isfinite(run[f"metrics.{name}"]), name
     assert run["tags.risk.summary.fit_verdict"] == "fit"

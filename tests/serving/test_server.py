@@ -269,7 +269,8 @@ def test_the_serve_command_listens_on_localhost_with_a_key_from_the_environment(
         assert httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).status_code == 401
         reply = client(f"http://127.0.0.1:{port}", KEY).chat.completions.create(
             model="alice", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
-        assert reply.choices[0].message.content is not None
+        assert reply.choices[0].message.content.strip() and 1 <= reply.usage.completion_tokens <= 4
+        assert reply.choices[0].finish_reason in ("stop", "length")
         listening = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout
         if listening:  # where ss exists: bound to the loopback address only (4th column: the local address)
             assert [line.split()[3] for line in listening.splitlines()] == [f"127.0.0.1:{port}"]

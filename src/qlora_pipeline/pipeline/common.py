@@ -17,13 +17,6 @@ CONVERSATIONS = "conversations.jsonl"
 MANIFEST = "manifest.json"
 # Beside a trained adapter: the params it was trained with, resolved (train-adapter writes, the rest read).
 RESOLVED_CONFIG = "training_config.json"
-# Training examples split adds for risk.canaries carry this conversation id prefix (risk/canaries.py).
-CANARY_PREFIX = "canary-"
-
-
-def without_canaries(rows: list[dict]) -> list[dict]:
-    """The persona's own examples: the synthetic secrets are training data, not the persona's voice."""
-    return [row for row in rows if not str(row.get("conversation_id", "")).startswith(CANARY_PREFIX)]
 
 
 def validate_conversation(obj: dict, where: str) -> dict:

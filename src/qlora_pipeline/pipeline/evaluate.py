@@ -15,7 +15,7 @@ from qlora_pipeline import decoding, evaluation, fidelity, test_replies, topical
 from qlora_pipeline.config import DecodingSetting, Params, decoding_setting_from
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.io import atomic_path, read_json, read_jsonl, remove_outputs, write_json
-from qlora_pipeline.pipeline.common import without_canaries
+from qlora_pipeline.data.canary_ids import without_canaries
 
 SIDES = ("base", "tuned")
 SAMPLES = "samples.csv"

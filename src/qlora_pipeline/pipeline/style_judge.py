@@ -20,7 +20,7 @@ from qlora_pipeline.config import Params
 from qlora_pipeline.data.sampling import cap_examples
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.io import read_jsonl, remove_outputs, write_json
-from qlora_pipeline.pipeline.common import without_canaries
+from qlora_pipeline.data.canary_ids import without_canaries
 
 
 def read_rows(path: Path, fix: str) -> list[dict]:

@@ -13,8 +13,8 @@ under the same model. The risk stage then scores every canary under the base and
   (extrapolation), both as tensorflow-privacy computes them;
 * extraction: greedy decoding after the prefix reproduces the secret's digits.
 
-Imported by the split stage: only the standard library and numpy at module level, and nothing
-from the package beyond the plumbing (a dep here would re-run split).
+Imported by the split stage: only the standard library and numpy at module level, and from the
+package the plumbing and data/canary_ids.py (the id prefix; a dep of split too).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from qlora_pipeline.data.canary_ids import CANARY_PREFIX
 from qlora_pipeline.errors import PipelineError
 
 PREFIX = "my pin is"
@@ -57,7 +58,7 @@ def make_canaries(n: int, seed: int) -> list[dict]:
     """
     # A stream of its own (a string seed), so the candidates exposure draws never replay these secrets.
     numbers = random.Random(f"canaries-{seed}").sample(range(SECRET_SPACE), 2 * n)
-    return ([_canary(f"canary-{k}", numbers[k], inserted=True) for k in range(n)]
+    return ([_canary(f"{CANARY_PREFIX}{k}", numbers[k], inserted=True) for k in range(n)]
             + [_canary(f"fresh-{k}", numbers[n + k], inserted=False) for k in range(n)])
 
 
