@@ -10,7 +10,6 @@ import csv
 import json
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
@@ -19,6 +18,7 @@ import pytest
 
 from conftest import BIN, TINY_RUN, chat_rows, copy_repository, pipeline_env, run_queue, sh
 from qlora_pipeline.config import flatten
+from qlora_pipeline.launching import free_port
 from qlora_pipeline.tracking import KEY_TAG, SPOOL_DIR, scalar_metrics
 
 pytestmark = pytest.mark.slow
@@ -29,12 +29,6 @@ BASE_STAGES = ("style-judge", "zero-shot")
 UNREACHABLE = re.compile(r"^mlflow: (\S+) unreachable; this stage's params and metrics kept in (\S+); "
                          r"send them with qlora-pipeline mlflow-sync$", re.MULTILINE)
 TINY = {**TINY_RUN, "data.path": "chat.jsonl"}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class Server:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -15,6 +14,7 @@ import pytest
 
 from conftest import BIN, pipeline_env
 from qlora_pipeline.config import ChatConfig
+from qlora_pipeline.launching import free_port
 from qlora_pipeline.serving.engine import Engine, Job, Sampling
 from qlora_pipeline.serving.models import AdapterSpec, load_persona_model
 from qlora_pipeline.serving.prompts import prompt_ids, with_system_prompt
@@ -24,12 +24,6 @@ pytestmark = pytest.mark.slow
 
 DEFAULTS = ChatConfig(temperature=0.0, top_k=0, repetition_penalty=1.0, no_repeat_ngram_size=0, max_new_tokens=8)
 KEY = "test-key-123"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextlib.contextmanager
