@@ -118,14 +118,21 @@ def score(rows: list[dict], predictions: list[list[Hit]]) -> tuple[dict, list[di
     return summarize(tallies), errors
 
 
-def threshold_sweep(rows: list[dict]) -> dict[str, dict]:
+def presidio_inputs(rows: list[dict]) -> tuple[list, list]:
+    """Presidio's scored hits per row, and the spans the regex rules and placeholders claim first (as pii.py)."""
+    from qlora_pipeline.data import pii_presidio
+
+    texts = [row["text"] for row in rows]
+    claimed = [[(s, e) for s, e, _ in hits] + placeholder_spans(text)
+               for text, hits in zip(texts, find_pii(texts, PII_TYPES, "regex"))]
+    return pii_presidio.scored_hits(texts), claimed
+
+
+def threshold_sweep(rows: list[dict], scored: list, claimed: list) -> dict[str, dict]:
     """Presidio's types at one score threshold for all three, over the regex claims as in pii.py."""
     from qlora_pipeline.data import pii_presidio
 
     texts = [row["text"] for row in rows]
-    scored = pii_presidio.scored_hits(texts)
-    claimed = [[(s, e) for s, e, _ in hits] + placeholder_spans(text)
-               for text, hits in zip(texts, find_pii(texts, PII_TYPES, "regex"))]
     sweep = {}
     for threshold in THRESHOLDS:
         min_score = {pii_type: threshold for pii_type in PRESIDIO_TYPES}
@@ -139,16 +146,13 @@ def threshold_sweep(rows: list[dict]) -> dict[str, dict]:
 LOOK_ALIKE_TAGS = ("celebrity", "brand", "holiday", "food", "grade", "place-as-topic", "title")
 
 
-def look_alikes(rows: list[dict]) -> dict[str, dict]:
+def look_alikes(rows: list[dict], scored: list, claimed: list) -> dict[str, dict]:
     """Presidio's types without and with ``pii_presidio.look_alike`` (the rules for public figures, brands,
     holidays, grades and places as topics), on the same hits in the same run: precision and recall per
     type, and false positives on the look-alike rows against recall on every other row."""
     from qlora_pipeline.data import pii_presidio
 
     texts = [row["text"] for row in rows]
-    scored = pii_presidio.scored_hits(texts)
-    claimed = [[(s, e) for s, e, _ in hits] + placeholder_spans(text)
-               for text, hits in zip(texts, find_pii(texts, PII_TYPES, "regex"))]
     only = [_only(row, PRESIDIO_TYPES) for row in rows]
     out = {}
     for label, on in (("without", False), ("with", True)):
@@ -286,8 +290,9 @@ def main() -> None:
     for engine, types in ENGINE_TYPES.items():
         labelled[engine], errors = score(rows, find_pii(texts, types, engine))
         labelled[f"{engine}_errors"] = errors
-    labelled["presidio_threshold_sweep"] = threshold_sweep(rows)
-    labelled["presidio_look_alikes"] = look_alikes(rows)
+    scored, claimed = presidio_inputs(rows)
+    labelled["presidio_threshold_sweep"] = threshold_sweep(rows, scored, claimed)
+    labelled["presidio_look_alikes"] = look_alikes(rows, scored, claimed)
 
     # As the clean stage sees them: NFKC-normalised (params' clean.unicode_normalization).
     corpus = [normalize_text(text, "NFKC") for text in chitchat_messages()]

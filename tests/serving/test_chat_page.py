@@ -13,35 +13,15 @@ import urllib.request
 
 import pytest
 
-from qlora_pipeline.serving.engine import Engine
-from qlora_pipeline.serving.models import AdapterSpec, load_persona_model
 from qlora_pipeline.serving.server import Settings, create_app
 
 from test_human_eval_browser import _require_browser, _start_chromium, _wait_for
 from test_server import DEFAULTS, KEY, client, serving
+from test_server import engine, persona, roots, url  # noqa: F401 - the server module's fixtures, alice and bob
 
 pytestmark = pytest.mark.slow
 
 SCRIPT = "<script>window.__pwned = 1</script><img src=x onerror='window.__pwned = 2'>"
-
-
-@pytest.fixture(scope="module")
-def persona(quantized_base, persona_adapters):
-    return load_persona_model(quantized_base, [AdapterSpec("alice", str(persona_adapters["alice"])),
-                                               AdapterSpec("bob", str(persona_adapters["bob"]))])
-
-
-@pytest.fixture(scope="module")
-def engine(persona):
-    engine = Engine(persona, DEFAULTS, max_batch_size=8).start()
-    yield engine
-    engine.stop()
-
-
-@pytest.fixture(scope="module")
-def url(persona, engine):
-    with serving(create_app(persona, engine, Settings(DEFAULTS))) as base_url:
-        yield base_url
 
 
 @pytest.fixture()

@@ -21,11 +21,11 @@ import psutil
 import pytest
 
 from qlora_pipeline.serving.engine import Engine
-from qlora_pipeline.serving.models import AdapterSpec, load_persona_model
 from qlora_pipeline.serving.server import Settings, create_app
 
 from conftest import BIN, pipeline_env
 from test_server import DEFAULTS, KEY, free_port, serving
+from test_server import persona  # noqa: F401 - the server module's fixture: alice and bob over the real base
 
 pytestmark = pytest.mark.slow
 
@@ -34,12 +34,6 @@ HI = {"model": "alice", "messages": [{"role": "user", "content": "hey, how was y
 # (first of each kind of request: allocator pools, KV slots, a runtime adapter's stacks).
 SOAK_SECONDS = 60
 SOAK_GROWTH_MB = 64
-
-
-@pytest.fixture(scope="module")
-def persona(quantized_base, persona_adapters):
-    return load_persona_model(quantized_base, [AdapterSpec("alice", str(persona_adapters["alice"])),
-                                               AdapterSpec("bob", str(persona_adapters["bob"]))])
 
 
 def metric(text: str, name: str, labels: str = "") -> float:

@@ -237,15 +237,21 @@ def dequantized_copy(base4: Any, dtype: Any) -> Any:
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
-    config = copy.deepcopy(base4.config)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
+    config = plain_config(base4)
     with no_init_weights():  # every weight is overwritten below: random init would be wasted time
         dense = AutoModelForCausalLM.from_config(config, dtype=dtype)
     dense.tie_weights()  # init_weights, skipped above, is what ties a shared head to the embeddings
     copy_dequantized_weights(base4, dense)
     dense.generation_config = copy.deepcopy(base4.generation_config)
     return dense.eval()
+
+
+def plain_config(base4: Any) -> Any:
+    """The base's config without its quantization: what a dense copy of it, or a converter, reads."""
+    config = copy.deepcopy(base4.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return config
 
 
 def copy_dequantized_weights(base4: Any, dense: Any) -> None:

@@ -47,9 +47,10 @@ from qlora_pipeline.io import atomic_path, remove_outputs, write_json, write_tex
 from qlora_pipeline.modeling.adapters import attach_adapters, autocast_like_training, load_base_for
 from qlora_pipeline.modeling.engine import Engine, Request, chat_prompt_ids
 from qlora_pipeline.serving.export import (REPORT, Example, compute_precision, dequantized_copy, encode_rows,
-                                           merge_adapter, reference_perplexity, save_merged, score_logits,
-                                           target_logits, _round)
+                                           merge_adapter, plain_config, reference_perplexity, save_merged,
+                                           score_logits, target_logits, _round)
 from qlora_pipeline.serving.models import Adapter
+from qlora_pipeline.serving.prompts import with_system_prompt
 from qlora_pipeline.templating import render
 
 # Where scripts/install_llama_cpp.sh puts llama.cpp's Python converters (convert_hf_to_gguf.py,
@@ -137,29 +138,25 @@ def build_reference(base4: Any, tokenizer: Any, adapter: Adapter, rows: list[dic
     examples = encode_rows(tokenizer, rows, adapter.resolved["train"]["max_length"])
     tuned = attach_adapters(base4, {adapter.name: adapter.folder})
     # As training rendered them: a conversation without a system message gets the trained one.
-    system = adapter.system_prompt
-    conversations = [row["messages"] if not system or row["messages"][0]["role"] == "system"
-                     else [{"role": "system", "content": system}, *row["messages"]] for row in rows[:GREEDY_PROMPTS]]
+    conversations = [with_system_prompt(row["messages"], adapter.system_prompt) for row in rows[:GREEDY_PROMPTS]]
     with autocast_like_training(adapter.resolved):
         logits = target_logits(tuned, examples)
         with tuned.disable_adapter():
             effect = score_logits(target_logits(tuned, examples), examples, logits)["mean_kl"]
     engine = Engine(tuned, tokenizer, autocast=lambda: autocast_like_training(adapter.resolved))
-    results = engine.run([Request(ids, adapter=adapter.name, max_new_tokens=GREEDY_TOKENS)
-                          for ids in chat_prompt_ids(tokenizer, conversations)])
-    eos = tokenizer.eos_token_id
-    greedy = [r.token_ids + ([eos] if r.finish_reason == "stop" else []) for r in results]
+    greedy = greedy_replies(engine, tokenizer, conversations, adapter.name)
     tuned.unload()  # the base's own layers back, for the dense copy and the merge
     return Reference(tokenizer, examples, logits, compute_precision(base4, adapter.resolved), conversations,
-                     greedy, eos, adapter.system_prompt, effect)
+                     greedy, tokenizer.eos_token_id, adapter.system_prompt, effect)
 
 
-def greedy_of(model: Any, reference: Reference) -> list[list[int]]:
-    """Greedy reply tokens of a plain model (no adapter) on the reference's prompts, end token included if it came."""
-    results = Engine(model, reference.tokenizer).run(
-        [Request(ids, max_new_tokens=GREEDY_TOKENS) for ids in chat_prompt_ids(reference.tokenizer,
-                                                                                reference.conversations)])
-    return [r.token_ids + ([reference.eos_id] if r.finish_reason == "stop" else []) for r in results]
+def greedy_replies(engine: Engine, tokenizer: Any, conversations: list[list[dict]],
+                   adapter: str | None = None) -> list[list[int]]:
+    """Greedy reply tokens to each conversation (through ``adapter``, None = the model as it is), end token
+    included when the reply ended its turn."""
+    results = engine.run([Request(ids, adapter=adapter, max_new_tokens=GREEDY_TOKENS)
+                          for ids in chat_prompt_ids(tokenizer, conversations)])
+    return [r.token_ids + ([tokenizer.eos_token_id] if r.finish_reason == "stop" else []) for r in results]
 
 
 # ------------------------------------------------------------------------------ conversion, quants
@@ -403,7 +400,7 @@ def export_gguf(adapter: Adapter, base_dir: Path, out: Path, quants: list[str], 
     dense = dequantized_copy(base4, torch.float32)
     del base4
     merged = merge_adapter(dense, adapter.folder)
-    source_greedy = greedy_of(merged, reference)
+    source_greedy = greedy_replies(Engine(merged, tokenizer), tokenizer, reference.conversations)
     stem = adapter.name
     with tempfile.TemporaryDirectory(prefix="qlora-gguf-") as tmp, atomic_path(out) as folder:
         folder.mkdir()
@@ -442,7 +439,7 @@ def export_gguf_lora(adapter: Adapter, base_dir: Path, out: Path, quants: list[s
         alone = score_logits(gguf_logits(open_gguf(base_path, reference), reference.examples), reference.examples,
                              reference.logits)
         config = Path(tmp) / "config"
-        save_config(base4, config)
+        plain_config(base4).save_pretrained(config)  # the LoRA converter reads the architecture from it
         files = []
         for quant in quants:
             path = folder / f"{adapter.name}-lora-{quant}.gguf"
@@ -470,16 +467,6 @@ def own_base_gguf(resolved: dict) -> Path | None:
     fields = {k: v for k, v in model.items() if k in ModelConfig.__dataclass_fields__}
     source = resolve_source(ModelConfig(**{**fields, "quantization": ModelConfig().quantization}))
     return None if source.kind == "hub" else Path(source.path) / source.gguf_file
-
-
-def save_config(base4: Any, folder: Path) -> None:
-    """The base's config.json without its quantization: the LoRA converter reads the architecture from it."""
-    import copy
-
-    config = copy.deepcopy(base4.config)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.save_pretrained(folder)
 
 
 def gguf_report(kind: str, reference: Reference, files: list[dict], started: float) -> dict:

@@ -47,7 +47,7 @@ class ServerMetrics:
             lambda: len(persona.adapters))
         r.register(_EngineCollector(engine))
 
-    def finished(self, model: str, reason: str, prompt_tokens: int, completion_tokens: int, arrived: float,
+    def finished(self, reason: str, prompt_tokens: int, completion_tokens: int, arrived: float,
                  first_token: float | None, ended: float) -> None:
         self.success.labels(reason).inc()
         self.prompt_tokens.inc(prompt_tokens)

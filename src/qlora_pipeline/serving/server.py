@@ -429,8 +429,8 @@ class Timing:
         self.metrics.answered(self.model, status)
 
     def finished(self, completion: Completion) -> None:
-        self.metrics.finished(self.model, completion.finish_reason, completion.prompt_tokens,
-                              completion.completion_tokens, self.arrived, self.first_token, time.monotonic())
+        self.metrics.finished(completion.finish_reason, completion.prompt_tokens, completion.completion_tokens,
+                              self.arrived, self.first_token, time.monotonic())
         self.release()
 
     def release(self) -> None:
