@@ -137,8 +137,8 @@ def make_adapters(base: Path, work: Path, count: int, cuda: bool) -> list[Path]:
     from peft import LoraConfig, get_peft_model
 
     from qlora_pipeline.config import load_params
+    from qlora_pipeline.layout import RESOLVED_CONFIG
     from qlora_pipeline.modeling.preparation import base_fingerprint, prepare_4bit_base
-    from qlora_pipeline.pipeline.common import RESOLVED_CONFIG
 
     params = load_params(ROOT / "params.yaml")
     compute = "bfloat16" if cuda else "float32"

@@ -296,8 +296,8 @@ def persona_adapters(tmp_path_factory, quantized_base, base_params_dict) -> dict
     from peft import get_peft_model
 
     from qlora_pipeline import training
+    from qlora_pipeline.layout import RESOLVED_CONFIG
     from qlora_pipeline.modeling.preparation import base_fingerprint, prepare_4bit_base
-    from qlora_pipeline.pipeline.common import RESOLVED_CONFIG
 
     params = make_params(base_params_dict, {"train.bf16": False, "train.fp16": False,
                                             "model.quantization.bnb_4bit_compute_dtype": "float32"})

@@ -68,6 +68,8 @@ PLUMBING = {"src/qlora_pipeline/__init__.py", "src/qlora_pipeline/config.py", "s
             "src/qlora_pipeline/errors.py", "src/qlora_pipeline/tracking.py", "src/qlora_pipeline/process.py",
             "src/qlora_pipeline/pipeline/__init__.py", "src/qlora_pipeline/pipeline/common.py",
             "src/qlora_pipeline/data/__init__.py", "src/qlora_pipeline/modeling/__init__.py",
+            # the names of files inside output folders (the folders are dvc.yaml's)
+            "src/qlora_pipeline/layout.py",
             # read by config for the PII type names and to check risk.fail_on
             "src/qlora_pipeline/data/pii_types.py", "src/qlora_pipeline/risk/__init__.py",
             "src/qlora_pipeline/risk/gates.py"}
@@ -141,8 +143,8 @@ ALLOWED_FROM_PLUMBING = {
                               "ObjectiveWeights", "ChatConfig", "PACKAGE_PREFIX", "EXPORT_SOURCES",
                               # reads the chosen decoding from reports/decoding.json (a dep), checked like params
                               "decoding_setting_from"},
-    "qlora_pipeline.pipeline.common": {"stage_main", "CONVERSATIONS", "MANIFEST", "RESOLVED_CONFIG",
-                                       "read_conversations", "validate_conversation"},
+    "qlora_pipeline.pipeline.common": {"stage_main", "read_conversations", "validate_conversation"},
+    "qlora_pipeline.layout": {"CONVERSATIONS", "MANIFEST", "RESOLVED_CONFIG"},
     "qlora_pipeline.process": {"keep_freed_memory"},
     # the names of the PII types and engines, which params are checked against
     "qlora_pipeline.data.pii_types": {"PII_TYPES", "PRESIDIO_TYPES", "ALL_PII_TYPES", "ENGINES"},

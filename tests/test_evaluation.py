@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from qlora_pipeline import evaluation
+from qlora_pipeline import evaluation, intervals
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.io import write_jsonl
 from conftest import SAMPLED
@@ -19,12 +19,12 @@ def test_paired_interval_and_determinism():
     rng = np.random.default_rng(0)
     base = rng.uniform(0, 0.3, 200)
     tuned = base + 0.05 + rng.normal(0, 0.01, 200)
-    idx = evaluation.bootstrap_indices(200, 500, seed=3)
-    result = evaluation.compare(base, tuned, idx, 0.95)
+    idx = intervals.bootstrap_indices(200, 500, seed=3)
+    result = intervals.compare(base, tuned, idx, 0.95)
     assert result["delta_ci"][0] > 0.04 and result["delta_ci"][1] < 0.06  # paired: tight around +0.05
     assert result["base_ci"][0] < result["base"] < result["base_ci"][1]
-    assert result == evaluation.compare(base, tuned, evaluation.bootstrap_indices(200, 500, seed=3), 0.95)
-    assert result != evaluation.compare(base, tuned, evaluation.bootstrap_indices(200, 500, seed=4), 0.95)
+    assert result == intervals.compare(base, tuned, intervals.bootstrap_indices(200, 500, seed=3), 0.95)
+    assert result != intervals.compare(base, tuned, intervals.bootstrap_indices(200, 500, seed=4), 0.95)
 
 
 def test_text_metrics():

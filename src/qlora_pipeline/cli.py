@@ -62,7 +62,7 @@ def summary(args: argparse.Namespace) -> None:
               f"{metrics['best_val_loss']} (best, step {metrics['best_step']}), {metrics['wall_seconds']} s.")
     evaluation = Path("metrics/eval.json")
     if evaluation.exists():
-        from qlora_pipeline.pipeline.evaluate import summary_table
+        from qlora_pipeline.evaluation import summary_table
 
         print("\n" + summary_table(json.loads(evaluation.read_text())))
     risk = Path("metrics/risk.json")

@@ -355,9 +355,9 @@ QUALITY_PANELS = (("eval.perplexity.tuned", "test perplexity (lower is better)")
 
 def draw_figure(runs: Runs, out: Path) -> None:
     """Top row: cost per method (bars); bottom row: quality per method (points with their intervals)."""
-    from qlora_pipeline.figures import _pyplot
+    from qlora_pipeline.figures import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(2, 3, figsize=(11, 6.5))
     for ax, (key, title, log) in zip(axes[0], COST_PANELS):
         _cost_panel(ax, runs, key, title, log)

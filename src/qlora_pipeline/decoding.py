@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from qlora_pipeline import evaluation, fidelity
+from qlora_pipeline import evaluation, fidelity, intervals
 from qlora_pipeline.config import DecodingSetting, ObjectiveWeights
 from qlora_pipeline.modeling.engine import Request, row_decoding
 
@@ -89,7 +89,7 @@ def setting_result(setting: DecodingSetting, scores: dict[str, np.ndarray], refe
     means["median_words"] = round(float(np.median(scores["words"])), 5)
     means["length_gap"] = round(abs(means["median_words"] - reference["median_words"]) / reference["median_words"], 5)
     return {"setting": asdict(setting), "passes": passes(setting, samples_per_prompt), **means,
-            **{f"{name}_ci": evaluation.interval(values, indices, confidence) for name, values in scores.items()},
+            **{f"{name}_ci": intervals.interval(values, indices, confidence) for name, values in scores.items()},
             "objective": round(objective(means, weights), 5), "examples": list(examples)}
 
 

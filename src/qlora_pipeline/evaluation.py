@@ -6,12 +6,12 @@ Every score is computed per example first, so the intervals come from resampling
 
 from __future__ import annotations
 
-import math
-import statistics
 from collections import Counter
 from typing import Any, Sequence
 
 import numpy as np
+
+from qlora_pipeline.intervals import interval, median_interval
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
@@ -25,34 +25,12 @@ def rouge_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[
     return {name: np.array([s[name].fmeasure for s in scores]) for name in ROUGE_TYPES}
 
 
-def bootstrap_indices(n: int, samples: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, n, size=(samples, n))
 
 
-def interval(values: np.ndarray, indices: np.ndarray, confidence: float) -> list[float]:
-    """Percentile bootstrap interval of the mean."""
-    means = values[indices].mean(axis=1)
-    tail = (1 - confidence) / 2 * 100
-    return [round(float(np.percentile(means, tail)), 5), round(float(np.percentile(means, 100 - tail)), 5)]
 
 
-def median_interval(values: np.ndarray, indices: np.ndarray, confidence: float) -> list[float]:
-    """Percentile bootstrap interval of the median."""
-    medians = np.median(values[indices], axis=1)
-    tail = (1 - confidence) / 2 * 100
-    return [round(float(np.percentile(medians, tail)), 5), round(float(np.percentile(medians, 100 - tail)), 5)]
 
 
-def compare(base: np.ndarray, tuned: np.ndarray, indices: np.ndarray, confidence: float) -> dict[str, Any]:
-    """Means, intervals and the paired difference for one per-example score."""
-    return {
-        "base": round(float(base.mean()), 5),
-        "base_ci": interval(base, indices, confidence),
-        "tuned": round(float(tuned.mean()), 5),
-        "tuned_ci": interval(tuned, indices, confidence),
-        "delta": round(float((tuned - base).mean()), 5),
-        "delta_ci": interval(tuned - base, indices, confidence),
-    }
 
 
 def distinct_n(texts: Sequence[str], n: int) -> float:
@@ -107,7 +85,8 @@ def reference_nll(model: Any, tokenizer: Any, rows: Sequence[dict], max_length: 
     import torch
     from transformers import DataCollatorForSeq2Seq
 
-    from qlora_pipeline.modeling.loss import IGNORE_INDEX, causal_lm_parts, target_token_nll
+    from qlora_pipeline.labels import IGNORE_INDEX
+    from qlora_pipeline.modeling.loss import causal_lm_parts, target_token_nll
     from qlora_pipeline.data.formatting import encode_example
 
     encoded = [encode_example(tokenizer, row["messages"], row["target"], max_length, counts) for row in rows]
@@ -138,7 +117,7 @@ def reference_nll(model: Any, tokenizer: Any, rows: Sequence[dict], max_length: 
 def _full_logits_nll(logits: Any, labels: Any) -> tuple[Any, Any]:
     import torch
 
-    from qlora_pipeline.modeling.loss import IGNORE_INDEX
+    from qlora_pipeline.labels import IGNORE_INDEX
 
     shifted = labels[:, 1:]
     losses = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), shifted,
@@ -157,12 +136,38 @@ def perplexity_interval(nll: np.ndarray, tokens: np.ndarray, indices: np.ndarray
     return [round(float(np.percentile(values, tail)), 4), round(float(np.percentile(values, 100 - tail)), 4)]
 
 
-def wilson_interval(successes: float, n: int, confidence: float) -> tuple[float, float]:
-    """Wilson score interval for a rate of ``successes`` in ``n`` at level ``confidence``."""
-    z = statistics.NormalDist().inv_cdf(1.0 - (1.0 - confidence) / 2.0)
-    p = successes / n
-    z2 = z * z
-    denom = 1.0 + z2 / n
-    centre = (p + z2 / (2.0 * n)) / denom
-    half = (z / denom) * math.sqrt(max(p * (1.0 - p) / n + z2 / (4.0 * n * n), 0.0))
-    return max(0.0, centre - half), min(1.0, centre + half)
+def summary_table(metrics: dict) -> str:
+    """evaluate's metrics (``metrics/eval.json``) as the table the stage and ``qlora-pipeline summary`` print."""
+    lines = [f"evaluate: {metrics['samples']} test replies, base (zero-shot) vs tuned "
+             f"[{int(metrics['confidence_level'] * 100)}% interval of tuned - base]",
+             f"  {'metric':<26}{'base':>10}{'tuned':>10}{'delta':>10}   interval"]
+    rows = [(name, metrics[name]) for name in (*ROUGE_TYPES, "perplexity", "persona_score",
+                                                "repeated_3gram") if name in metrics]
+    rows += [(f"{name} (chosen)", m) for name, m in metrics.get("chosen", {}).items()
+             if isinstance(m, dict) and "delta" in m]
+    for name, m in rows:
+        ci = m.get("delta_ci")
+        ci_text = f"[{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else f"base {m['base_ci']}, tuned {m['tuned_ci']}"
+        lines.append(f"  {name:<26}{m['base']:>10.4f}{m['tuned']:>10.4f}{m['delta']:>+10.4f}   {ci_text}")
+    for name in ("end_of_turn_rate", "length_ratio", "distinct_1", "distinct_2"):
+        base, tuned = metrics["base"][name], metrics["tuned"][name]
+        lines.append(f"  {name:<26}{base:>10.4f}{tuned:>10.4f}{tuned - base:>+10.4f}")
+    if "persona_judge" in metrics:
+        judge, persona = metrics["persona_judge"], metrics["persona_score"]
+        lines.append(f"  style judge on real test replies: accuracy {judge['accuracy']}, AUC {judge['auc']}; "
+                     f"the persona's own replies score {persona['reference']} {persona['reference_ci']}")
+    lines.append(f"  {'stops like the person':<26}{'ends turn':>12}{'median words':>28}")
+    for name, row in metrics["stopping"].items():
+        rate = f"{row['end_of_turn_rate']:.3f}" if "end_of_turn_rate" in row else "(always)"
+        lines.append(f"    {name:<24}{rate:>12}{row['median_words']:>10.1f} {row['median_words_ci']}")
+    if "on_topic" in metrics:
+        on_topic = metrics["on_topic"]
+        lines.append(f"  {'on topic (base-scored)':<26}{'pmi nats':>12}{'context match':>28}   chance {on_topic['chance']}")
+        for name in ("base", "tuned", "tuned_chosen", "reference"):
+            if name in on_topic:
+                row = on_topic[name]
+                lines.append(f"    {name:<24}{row['pmi']:>12.3f}{row['context_match']:>10.3f} {row['context_match_ci']}")
+    if "chosen" in metrics:
+        lines.append(f"  chosen decoding (picked on validation): {metrics['chosen']['decoding']}, "
+                     f"{metrics['chosen']['passes']} pass(es) per prompt")
+    return "\n".join(lines)

@@ -19,7 +19,7 @@ PERSONA_SCORES = "persona_scores.png"
 INTERVAL_METRICS = ("rouge1", "rouge2", "rougeL", "persona_score", "repeated_3gram")
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # no display: files only
@@ -34,7 +34,7 @@ def loss_curves(log_csv: Path, out: Path) -> bool:
         return False
     with log_csv.open(newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for column, label in (("train_loss", "training"), ("val_loss", "validation")):
         points = [(int(r["step"]), float(r[column])) for r in rows if r.get(column)]
@@ -51,7 +51,7 @@ def loss_curves(log_csv: Path, out: Path) -> bool:
 def metric_intervals(metrics: dict, out: Path) -> None:
     """Base and tuned means with their bootstrap intervals, one row per metric."""
     names = [n for n in INTERVAL_METRICS if n in metrics]
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 0.6 * len(names) + 1.6))
     y = np.arange(len(names))
     for offset, side, color in ((-0.15, "base", "tab:gray"), (0.15, "tuned", "tab:blue")):
@@ -76,7 +76,7 @@ def metric_intervals(metrics: dict, out: Path) -> None:
 
 def persona_scores(scores: dict[str, Sequence[float]], out: Path) -> None:
     """Histograms of the style judge's persona probability per reply, one per side."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     bins = np.linspace(0, 1, 21)
     for label, values in scores.items():

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from qlora_pipeline import evaluation
+from qlora_pipeline import intervals
 
 SCORES = ("pmi", "context_match")
 
@@ -156,5 +156,5 @@ def summary(scores: dict[str, np.ndarray], indices: np.ndarray, confidence: floa
     out: dict[str, Any] = {}
     for name, values in scores.items():
         out[name] = round(float(values.mean()), 5)
-        out[f"{name}_ci"] = evaluation.interval(values, indices, confidence)
+        out[f"{name}_ci"] = intervals.interval(values, indices, confidence)
     return out

@@ -22,7 +22,8 @@ from qlora_pipeline.config import Params, TrainConfig
 from qlora_pipeline.data.formatting import encode_example
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.io import write_json
-from qlora_pipeline.modeling.loss import IGNORE_INDEX, causal_lm_parts, target_token_nll
+from qlora_pipeline.labels import IGNORE_INDEX
+from qlora_pipeline.modeling.loss import causal_lm_parts, target_token_nll
 
 FINGERPRINT = "fingerprint.json"
 

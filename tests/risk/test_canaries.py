@@ -203,7 +203,8 @@ def train_lora_on(model_dir, rows, steps, learning_rate):
     from transformers import AutoConfig, AutoTokenizer, DataCollatorForSeq2Seq, LlamaForCausalLM
 
     from qlora_pipeline.data.formatting import encode_example
-    from qlora_pipeline.modeling.loss import IGNORE_INDEX, causal_lm_parts, target_token_nll
+    from qlora_pipeline.labels import IGNORE_INDEX
+    from qlora_pipeline.modeling.loss import causal_lm_parts, target_token_nll
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     config = AutoConfig.from_pretrained(model_dir)

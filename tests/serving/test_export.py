@@ -112,7 +112,7 @@ def test_export_loads_without_peft_or_bitsandbytes_and_matches_the_reference(
     from qlora_pipeline.data.formatting import encode_example
     from qlora_pipeline.modeling.adapters import (attach_adapters, autocast_like_training, load_base_for,
                                                   read_training_config)
-    from qlora_pipeline.modeling.loss import IGNORE_INDEX
+    from qlora_pipeline.labels import IGNORE_INDEX
 
     resolved = read_training_config(adapters["alice"])
     base, tokenizer = load_base_for(resolved, quantized_base)
@@ -170,7 +170,7 @@ def test_a_model_outside_the_tolerance_is_not_kept(tmp_path, quantized_base, per
 @pytest.mark.parametrize("case", ["existing_out", "other_base", "lora_method", "full_model", "missing_test"])
 def test_refusals_name_the_problem_and_write_nothing(case, tmp_path, quantized_base, persona_adapters, split,
                                                      float32_export, capsys):
-    from qlora_pipeline.pipeline.common import RESOLVED_CONFIG
+    from qlora_pipeline.layout import RESOLVED_CONFIG
 
     adapter, out, test_file = persona_adapters["alice"], tmp_path / "out", split
     if case == "existing_out":

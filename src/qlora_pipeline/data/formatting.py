@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qlora_pipeline.errors import PipelineError
-from qlora_pipeline.modeling.loss import IGNORE_INDEX
+from qlora_pipeline.labels import IGNORE_INDEX
 
 
 @dataclass

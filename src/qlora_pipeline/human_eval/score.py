@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qlora_pipeline.errors import PipelineError
-from qlora_pipeline.evaluation import wilson_interval
+from qlora_pipeline.intervals import wilson_interval
 from qlora_pipeline.human_eval.formats import BROKEN_COLUMNS, CHOICES, KEY_COLUMNS, SIDES, SYSTEMS
 
 RATINGS_FIX = "pass the ratings.csv downloaded from the sheet with its 'Download ratings (CSV)' button."

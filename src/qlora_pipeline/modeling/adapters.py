@@ -14,7 +14,7 @@ from typing import Any
 
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.io import read_json
-from qlora_pipeline.pipeline.common import RESOLVED_CONFIG
+from qlora_pipeline.layout import RESOLVED_CONFIG
 
 
 def read_training_config(adapter_dir: Path) -> dict:

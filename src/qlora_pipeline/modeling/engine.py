@@ -636,7 +636,8 @@ class Engine:
     def _score(self, hidden: torch.Tensor, inputs: list[list[int]], prompts: list[list[int]],
                scored: list[_Row | None]) -> None:
         """Each scored row's continuation: its summed negative log-likelihood and token count."""
-        from qlora_pipeline.modeling.loss import IGNORE_INDEX, target_token_nll
+        from qlora_pipeline.labels import IGNORE_INDEX
+        from qlora_pipeline.modeling.loss import target_token_nll
 
         labels = torch.full(hidden.shape[:2], IGNORE_INDEX, dtype=torch.long)
         for i, (tokens, prompt, row) in enumerate(zip(inputs, prompts, scored)):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-IGNORE_INDEX = -100  # the label value the loss skips
+from qlora_pipeline.labels import IGNORE_INDEX
 
 
 def causal_lm_parts(model: Any) -> tuple[Any, Any] | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from qlora_pipeline import decoding, evaluation, tracking
+from qlora_pipeline import decoding, intervals, tracking
 from qlora_pipeline.config import Params
 from qlora_pipeline.data.sampling import cap_examples
 from qlora_pipeline.errors import PipelineError
@@ -49,7 +49,7 @@ def run_choose_decoding(params: Params, base_dir: Path, adapter_dir: Path, val_p
     sides = load_sides(base_dir, adapter_dir, cfg.dequantize_4bit, cfg.batch_size)
     references = [row["target"] for row in rows]
     prompt_ids = chat_prompt_ids(sides.tokenizer, [row["messages"] for row in rows])
-    indices = evaluation.bootstrap_indices(len(rows), cfg.bootstrap_samples, params.seed)
+    indices = intervals.bootstrap_indices(len(rows), cfg.bootstrap_samples, params.seed)
     passes = [decoding.pass_requests(prompt_ids, setting, cfg.samples_per_prompt, cfg.max_new_tokens, params.seed)
               for setting in grid_cfg.grid]
     workload = [("tuned", request) for setting in passes for run in setting for request in run]

@@ -10,7 +10,8 @@ from qlora_pipeline.config import Params
 from qlora_pipeline.data.cleaning import clean_conversations, hide_other_speakers, resolve_exclusions
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.io import atomic_path, read_json, remove_outputs, write_json, write_jsonl
-from qlora_pipeline.pipeline.common import CONVERSATIONS, MANIFEST, read_conversations
+from qlora_pipeline.layout import CONVERSATIONS, MANIFEST
+from qlora_pipeline.pipeline.common import read_conversations
 
 
 def run_clean(params: Params, raw_dir: Path, out_dir: Path, metrics_path: Path) -> dict:

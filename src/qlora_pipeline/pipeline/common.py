@@ -13,10 +13,6 @@ from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.io import read_jsonl
 from qlora_pipeline.process import keep_freed_memory
 
-CONVERSATIONS = "conversations.jsonl"
-MANIFEST = "manifest.json"
-# Beside a trained adapter: the params it was trained with, resolved (train-adapter writes, the rest read).
-RESOLVED_CONFIG = "training_config.json"
 
 
 def validate_conversation(obj: dict, where: str) -> dict:

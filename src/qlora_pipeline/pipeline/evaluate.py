@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from qlora_pipeline import decoding, evaluation, fidelity, test_replies, topicality, tracking
+from qlora_pipeline import decoding, evaluation, fidelity, intervals, test_replies, topicality, tracking
 from qlora_pipeline.config import DecodingSetting, Params, decoding_setting_from
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.io import atomic_path, read_json, read_jsonl, remove_outputs, write_json
@@ -53,7 +53,7 @@ def run_evaluate(params: Params, base_dir: Path, adapter_dir: Path, test_path: P
     started = time.perf_counter()
     outputs = generate_both(params, base_dir, adapter_dir, rows, chosen, zero_shot_dir)
     # One set of resamples for every interval: deltas of different metrics stay paired.
-    indices = evaluation.bootstrap_indices(len(rows), params.evaluate.bootstrap_samples, params.seed)
+    indices = intervals.bootstrap_indices(len(rows), params.evaluate.bootstrap_samples, params.seed)
     metrics = score(params, rows, outputs, indices)
     metrics["engine"] = outputs["engine"]
     persona_scores = None
@@ -73,7 +73,7 @@ def run_evaluate(params: Params, base_dir: Path, adapter_dir: Path, test_path: P
         write_rouge_plot(rouge_plot, metrics)
         tracking.log_metrics("eval", flat_eval_metrics(metrics))
         log_artifacts([adapter_dir, reports_dir, rouge_plot, metrics_path, *artifacts])
-    print(summary_table(metrics))
+    print(evaluation.summary_table(metrics))
     return metrics
 
 
@@ -167,7 +167,7 @@ def substance_metrics(params: Params, rows: list[dict], outputs: dict[str, Any],
         on_topic: dict[str, Any] = {"contexts": contexts, "chance": round(1 / (contexts + 1), 5)}
         for name, values in scores.items():
             on_topic[name] = topicality.summary(values, indices, confidence)
-        paired = evaluation.compare(scores["base"]["pmi"], scores["tuned"]["pmi"], indices, confidence)
+        paired = intervals.compare(scores["base"]["pmi"], scores["tuned"]["pmi"], indices, confidence)
         on_topic["tuned_minus_base"] = {"pmi": paired["delta"], "pmi_ci": paired["delta_ci"]}
         metrics["on_topic"] = on_topic
     return metrics
@@ -183,7 +183,7 @@ def score(params: Params, rows: list[dict], outputs: dict[str, Any], indices: np
     rouge = {side: evaluation.rouge_scores(outputs[side]["replies"], references) for side in ("base", "tuned")}
     metrics: dict[str, Any] = {"samples": len(rows), "confidence_level": cfg.confidence_level}
     for name in evaluation.ROUGE_TYPES:
-        metrics[name] = evaluation.compare(rouge["base"][name], rouge["tuned"][name], indices, cfg.confidence_level)
+        metrics[name] = intervals.compare(rouge["base"][name], rouge["tuned"][name], indices, cfg.confidence_level)
     metrics["perplexity"] = {}
     for side in ("base", "tuned"):
         nll, tokens = outputs[side]["nll"], outputs[side]["tokens"]
@@ -228,10 +228,10 @@ def persona_metrics(params: Params, judge: tuple[Any, dict, set], rows: list[dic
     fitted = {key: judge_info[key] for key in ("train_replies", "contrast") if key in judge_info}
     metrics = {
         "persona_judge": {**fitted, **fidelity.judge_quality(model, held_texts, held_labels)},
-        "persona_score": {**evaluation.compare(scores["base"], scores["tuned"], indices, cfg.confidence_level),
+        "persona_score": {**intervals.compare(scores["base"], scores["tuned"], indices, cfg.confidence_level),
                           "reference": round(float(real.mean()), 5),
-                          "reference_ci": evaluation.interval(real, indices, cfg.confidence_level)},
-        "repeated_3gram": evaluation.compare(repeats["base"], repeats["tuned"], indices, cfg.confidence_level),
+                          "reference_ci": intervals.interval(real, indices, cfg.confidence_level)},
+        "repeated_3gram": intervals.compare(repeats["base"], repeats["tuned"], indices, cfg.confidence_level),
         "persona_distance": distance,
     }
     return metrics, {"base": scores["base"], "tuned": scores["tuned"], "persona's own": real}
@@ -266,7 +266,7 @@ def chosen_row(params: Params, chosen: DecodingSetting, rows: list[dict], output
                 [fidelity.persona_probabilities(judge, texts) for texts in passes], axis=0)
     row: dict[str, Any] = {"decoding": asdict(chosen), "passes": len(outputs["tuned"]["replies"])}
     for name in per_prompt["tuned"]:
-        row[name] = evaluation.compare(per_prompt["base"][name], per_prompt["tuned"][name], indices,
+        row[name] = intervals.compare(per_prompt["base"][name], per_prompt["tuned"][name], indices,
                                        cfg.confidence_level)
     row["persona_distance"] = {}
     for side in ("base", "tuned"):  # corpus-level over every pass's replies
@@ -357,39 +357,3 @@ def log_artifacts(paths: list[Path]) -> None:
             tracking.log_artifact(path, artifact_path=path.name)
         elif path.is_file():
             tracking.log_artifact(path)
-
-
-def summary_table(metrics: dict) -> str:
-    lines = [f"evaluate: {metrics['samples']} test replies, base (zero-shot) vs tuned "
-             f"[{int(metrics['confidence_level'] * 100)}% interval of tuned - base]",
-             f"  {'metric':<26}{'base':>10}{'tuned':>10}{'delta':>10}   interval"]
-    rows = [(name, metrics[name]) for name in (*evaluation.ROUGE_TYPES, "perplexity", "persona_score",
-                                                "repeated_3gram") if name in metrics]
-    rows += [(f"{name} (chosen)", m) for name, m in metrics.get("chosen", {}).items()
-             if isinstance(m, dict) and "delta" in m]
-    for name, m in rows:
-        ci = m.get("delta_ci")
-        ci_text = f"[{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else f"base {m['base_ci']}, tuned {m['tuned_ci']}"
-        lines.append(f"  {name:<26}{m['base']:>10.4f}{m['tuned']:>10.4f}{m['delta']:>+10.4f}   {ci_text}")
-    for name in ("end_of_turn_rate", "length_ratio", "distinct_1", "distinct_2"):
-        base, tuned = metrics["base"][name], metrics["tuned"][name]
-        lines.append(f"  {name:<26}{base:>10.4f}{tuned:>10.4f}{tuned - base:>+10.4f}")
-    if "persona_judge" in metrics:
-        judge, persona = metrics["persona_judge"], metrics["persona_score"]
-        lines.append(f"  style judge on real test replies: accuracy {judge['accuracy']}, AUC {judge['auc']}; "
-                     f"the persona's own replies score {persona['reference']} {persona['reference_ci']}")
-    lines.append(f"  {'stops like the person':<26}{'ends turn':>12}{'median words':>28}")
-    for name, row in metrics["stopping"].items():
-        rate = f"{row['end_of_turn_rate']:.3f}" if "end_of_turn_rate" in row else "(always)"
-        lines.append(f"    {name:<24}{rate:>12}{row['median_words']:>10.1f} {row['median_words_ci']}")
-    if "on_topic" in metrics:
-        on_topic = metrics["on_topic"]
-        lines.append(f"  {'on topic (base-scored)':<26}{'pmi nats':>12}{'context match':>28}   chance {on_topic['chance']}")
-        for name in ("base", "tuned", "tuned_chosen", "reference"):
-            if name in on_topic:
-                row = on_topic[name]
-                lines.append(f"    {name:<24}{row['pmi']:>12.3f}{row['context_match']:>10.3f} {row['context_match_ci']}")
-    if "chosen" in metrics:
-        lines.append(f"  chosen decoding (picked on validation): {metrics['chosen']['decoding']}, "
-                     f"{metrics['chosen']['passes']} pass(es) per prompt")
-    return "\n".join(lines)

@@ -9,7 +9,7 @@ from qlora_pipeline import tracking
 from qlora_pipeline.config import Params
 from qlora_pipeline.data.sources import fetch
 from qlora_pipeline.io import atomic_path, remove_outputs, write_json, write_jsonl
-from qlora_pipeline.pipeline.common import CONVERSATIONS, MANIFEST
+from qlora_pipeline.layout import CONVERSATIONS, MANIFEST
 
 
 def run_fetch(params: Params, out_dir: Path) -> dict:

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from qlora_pipeline import evaluation, tracking
+from qlora_pipeline import intervals, tracking
 from qlora_pipeline.config import Params
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.io import read_json, read_jsonl, remove_outputs, write_json, write_text
@@ -183,7 +183,7 @@ def rate(flags: Sequence[bool], confidence: float) -> dict[str, Any]:
     if n == 0:
         return {"rate": None, "ci": None, "count": 0, "n": 0}
     count = int(sum(flags))
-    low, high = evaluation.wilson_interval(count, n, confidence)
+    low, high = intervals.wilson_interval(count, n, confidence)
     return {"rate": round(count / n, 5), "ci": [round(low, 5), round(high, 5)], "count": count, "n": n}
 
 

@@ -8,7 +8,8 @@ from qlora_pipeline import tracking
 from qlora_pipeline.config import Params
 from qlora_pipeline.data.splitting import SPLITS, split_examples
 from qlora_pipeline.io import atomic_path, read_json, remove_outputs, sha256_file, write_json, write_jsonl
-from qlora_pipeline.pipeline.common import CONVERSATIONS, MANIFEST, read_conversations
+from qlora_pipeline.layout import CONVERSATIONS, MANIFEST
+from qlora_pipeline.pipeline.common import read_conversations
 from qlora_pipeline.risk.canaries import insert_canaries, make_canaries
 
 

@@ -17,8 +17,8 @@ from qlora_pipeline.config import Params
 from qlora_pipeline.data.sampling import cap_examples
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.io import atomic_path, read_json, read_jsonl, remove_outputs, write_json, write_jsonl
+from qlora_pipeline.layout import MANIFEST, RESOLVED_CONFIG
 from qlora_pipeline.modeling.preparation import base_fingerprint
-from qlora_pipeline.pipeline.common import MANIFEST, RESOLVED_CONFIG
 
 LOG_FIELDS = ("step", "train_loss", "val_loss", "learning_rate")
 # Metrics of the machine and the moment, not of the model: they differ between identical runs (a

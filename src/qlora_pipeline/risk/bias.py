@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from qlora_pipeline.errors import PipelineError
-from qlora_pipeline.evaluation import bootstrap_indices
-from qlora_pipeline.risk.safety import check_keys, read_yaml_mapping, text_value
+from qlora_pipeline.intervals import bootstrap_indices
+from qlora_pipeline.risk.prompt_files import check_keys, read_yaml_mapping, text_value
 
 # The slots a template may use, each filled from the group entry's key of the same name.
 SLOTS = ("group", "people")
@@ -228,7 +228,7 @@ def _resampled_gaps(table: np.ndarray, indices: np.ndarray) -> np.ndarray:
 
 
 def _percentile_interval(values: np.ndarray, confidence: float) -> list[float]:
-    """As ``evaluation.interval``, for a statistic other than a mean: percentiles of its resamples."""
+    """As ``intervals.interval``, for a statistic other than a mean: percentiles of its resamples."""
     tail = (1 - confidence) / 2 * 100
     return [_round(np.percentile(values, tail)), _round(np.percentile(values, 100 - tail))]
 

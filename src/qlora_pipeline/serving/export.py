@@ -41,13 +41,13 @@ from qlora_pipeline.data.sampling import cap_examples
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.hardware import resolve_mixed_precision
 from qlora_pipeline.io import atomic_path, read_json, read_jsonl, remove_outputs, write_json, write_text
+from qlora_pipeline.labels import IGNORE_INDEX
+from qlora_pipeline.layout import RESOLVED_CONFIG
 from qlora_pipeline.modeling.adapters import attach_adapters, autocast_like_training, load_base_for
 from qlora_pipeline.modeling.inference import dequantize_weight
 from qlora_pipeline.modeling.loading import device_map, set_end_token
-from qlora_pipeline.modeling.loss import IGNORE_INDEX
 from qlora_pipeline.modeling.preparation import base_fingerprint
 from qlora_pipeline.modeling.quantization import linear4bit_modules
-from qlora_pipeline.pipeline.common import RESOLVED_CONFIG
 from qlora_pipeline.serving.models import Adapter, check_same_base, fetch_adapter, parse_adapter_spec, read_adapter
 from qlora_pipeline.tracking import resolve_tracking_uri
 

@@ -20,8 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from qlora_pipeline.errors import PipelineError
-from qlora_pipeline.pipeline.common import RESOLVED_CONFIG
-
+from qlora_pipeline.layout import RESOLVED_CONFIG
 from qlora_pipeline.modeling.stacked_lora import PEFT_BASE, RowAdapters
 
 BASE = "base"
