@@ -46,6 +46,8 @@ from math import prod
 from pathlib import Path
 from typing import Any
 
+from benchlib import environment, matmul_peak_flops
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
@@ -262,26 +264,6 @@ def measure(model: Any, batch: Any, warmup: int, steps: int, cuda: bool) -> dict
     return result
 
 
-def matmul_peak_flops(cuda: bool, size: int, repeats: int = 5, inner: int = 10) -> float:
-    """Dense matmul FLOP/s in the compute dtype, best of ``repeats`` runs of ``inner`` GEMMs: the MFU denominator."""
-    import torch
-
-    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
-    a = torch.randn(size, size, device=device, dtype=dtype)  # random data: zeros run faster (lower power)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    best = float("inf")
-    for attempt in range(repeats + 1):  # the first run warms up clocks and cuBLAS heuristics
-        if cuda:
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        for _ in range(inner):
-            torch.mm(a, b)
-        if cuda:
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - started) if attempt else best
-    return 2 * size**3 * inner / best
-
-
 # ------------------------------------------------------------------------------ report
 
 
@@ -306,27 +288,9 @@ def verdict(passed: bool | None) -> str:
     return "not judged" if passed is None else "pass" if passed else "FAIL"
 
 
-def environment(cuda: bool) -> dict:
-    import accelerate
-    import bitsandbytes
-    import peft
-    import torch
-    import transformers
-
-    from qlora_pipeline import hardware
-
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-            "bitsandbytes": bitsandbytes.__version__, "accelerate": accelerate.__version__,
-            "cuda_runtime": torch.version.cuda,
-            "gpu": torch.cuda.get_device_name() if cuda else None,
-            "compute_capability": ".".join(map(str, torch.cuda.get_device_capability())) if cuda else None,
-            "gpu_memory_gib": torch.cuda.get_device_properties(0).total_memory / GIB if cuda else None,
-            "machine": hardware.capability_line()}
-
-
 def print_summary(report: dict) -> None:
     peak = report["matmul_peak"]
-    print(f"{report['environment']['gpu'] or 'CPU'}: measured {peak['dtype']} matmul peak "
+    print(f"{report['environment'].get('gpu') or 'CPU'}: measured {peak['dtype']} matmul peak "
           f"{peak['tflops']:.1f} TFLOP/s ({peak['size']}^3 GEMM)", file=sys.stderr)
     for name, run in report["runs"].items():
         if "skipped" in run:
@@ -405,7 +369,8 @@ def run_all(args: argparse.Namespace, cuda: bool, work: Path, env: dict) -> dict
     model, setup_seconds = build_model(args, config, cuda, work)
     generator = torch.Generator().manual_seed(args.seed)
     batch = torch.randint(0, config.vocab_size, (1, args.seq_len), generator=generator).to(model.device)
-    peak = matmul_peak_flops(cuda, args.gemm_size)
+    peak = matmul_peak_flops("bfloat16" if cuda else "float32", "cuda" if cuda else "cpu", args.gemm_size, repeats=5,
+                             inner=10)
     parameters = parameter_count(config)
     runs = measure_all(args, model, batch, cuda, peak, parameters)
     return {
@@ -437,11 +402,12 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     if not (cuda or args.tiny):
         raise SystemExit("gpu_llama7b: no CUDA device; the 7B shape needs a GPU (use --tiny to check the code path)")
-    try:
-        env = environment(cuda)  # first: a missing library should fail in seconds, not after the weights
-    except ImportError as error:
-        raise SystemExit(f"gpu_llama7b: {error}; the device machine has no bitsandbytes: carry its wheel "
-                         "(see the module docstring)") from error
+    env = environment()  # first: a missing library should fail in seconds, not after the weights
+    missing = [f"{name} ({env[name]})" for name in ("bitsandbytes", "accelerate", "peft")
+               if env[name].startswith("missing")]
+    if missing:
+        raise SystemExit(f"gpu_llama7b: {', '.join(missing)}; the device machine lacks them: carry their wheels "
+                         "(see the module docstring)")
     work = args.work or Path(tempfile.mkdtemp(prefix="gpu_llama7b."))
     try:
         report = run_all(args, cuda, work, env)

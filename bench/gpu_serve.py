@@ -49,7 +49,6 @@ import gc
 import json
 import math
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -57,6 +56,8 @@ import traceback
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
+
+from benchlib import environment
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -424,26 +425,6 @@ def memory(base: Path, adapters: list[Path], counts: list[int]) -> dict:
 
 
 # ----------------------------------------------------------------------- main
-
-
-def environment() -> dict:
-    import peft
-    import torch
-    import transformers
-
-    try:
-        import bitsandbytes
-
-        bnb = bitsandbytes.__version__
-    except Exception as err:  # reported, not fatal here: the quantization step will fail with the reason
-        bnb = f"missing: {err}"
-    env = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-           "peft": peft.__version__, "bitsandbytes": bnb, "cuda": torch.cuda.is_available()}
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        env.update(gpu=torch.cuda.get_device_name(0), cuda_runtime=torch.version.cuda,
-                   compute_capability=f"{props.major}.{props.minor}", gpu_memory_gib=round(props.total_memory / 2**30, 1))
-    return env
 
 
 def main() -> None:

@@ -36,6 +36,8 @@ import threading
 import time
 from pathlib import Path
 
+from benchlib import matmul_peak_flops
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RECIPES = ("pipeline", "tutorial", "lora")
 
@@ -254,21 +256,6 @@ def set_key(raw: dict, dotted: str, value) -> None:
 
 
 # -------------------------------------------------------------------------------- parent
-
-
-def matmul_peak_flops(dtype_name: str, size: int = 2048, repeats: int = 10) -> float:
-    """This machine's dense matmul rate in ``dtype_name`` (FLOP/s), best of ``repeats``: the MFU denominator."""
-    import torch
-
-    dtype = getattr(torch, dtype_name)
-    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
-    torch.mm(a, b)  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - started)
-    return 2 * size**3 / best
 
 
 def measure(recipe: str, steps: int, params_path: Path) -> dict:

@@ -1,7 +1,7 @@
 """qlora-pipeline compare: the PEFT-vs-full report, built from runs in a throwaway MLflow store.
 
-Runs are logged the way the pipeline logs them (tracking.log_params / log_metrics, evaluate's
-flat_eval_metrics), with start times set by hand so "newest" does not hang on the clock.
+Runs are logged the way the pipeline logs them (tracking.log_params / log_metrics), with start
+times set by hand so "newest" does not hang on the clock.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from mlflow import MlflowClient
 from qlora_pipeline import compare, tracking
 from qlora_pipeline.cli import main
 from qlora_pipeline.errors import PipelineError
-from qlora_pipeline.pipeline.evaluate import flat_eval_metrics
 
 EXPERIMENT = "compare-test"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -72,8 +71,7 @@ def log_run(store):
             for section, values in (params or {}).items():
                 tracking.log_params(section, values)
             tracking.log_metrics("train", TRAIN[method] if train is None else train)
-            tracking.log_metrics("eval", flat_eval_metrics(eval_metrics(PERPLEXITY[method])
-                                                           if evaluation is None else evaluation))
+            tracking.log_metrics("eval", eval_metrics(PERPLEXITY[method]) if evaluation is None else evaluation)
         client.set_terminated(run.info.run_id, status=status)
         return run.info.run_id
 
@@ -252,7 +250,7 @@ def test_no_stage_imports_the_report():
 
 
 def test_make_compare_queues_equal_budgets_that_differ_only_in_method_and_learning_rate():
-    from qlora_pipeline.compare import queue_commands
+    from qlora_pipeline.compare_queue import queue_commands
     from qlora_pipeline.config import CompareConfig
 
     cfg = CompareConfig(methods=["qlora", "full"], learning_rate={"qlora": 2e-4, "full": 2e-5}, name_prefix="cmp-")
@@ -298,7 +296,7 @@ def test_the_queued_experiments_bring_what_trainings_side_stages_made():
     judge and the zero-shot replies, which choose-decoding, evaluate and risk read, are copied in."""
     import yaml
 
-    from qlora_pipeline.compare import queue_commands, side_outputs
+    from qlora_pipeline.compare_queue import queue_commands, side_outputs
     from qlora_pipeline.config import CompareConfig
 
     pipeline = yaml.safe_load((Path(__file__).resolve().parent.parent / "dvc.yaml").read_text())

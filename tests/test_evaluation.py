@@ -185,7 +185,7 @@ def test_empty_test_split_is_refused(tiny_run, tmp_path):
 
     params, tmp, _ = tiny_run
     write_jsonl(tmp_path / "test.jsonl", [])
-    with pytest.raises(PipelineError, match=r"test\.jsonl: the test split is empty; raise split.ratios.test"):
+    with pytest.raises(PipelineError, match=r"test\.jsonl: the split has no examples; raise split.ratios.test"):
         run_evaluate(params, tmp / "base", tmp / "adapter", tmp_path / "test.jsonl", tmp_path / "eval.json",
                      tmp_path / "reports", tmp_path / "rouge.csv", [])
     assert not (tmp_path / "eval.json").exists() and not (tmp_path / "reports").exists()

@@ -4,7 +4,8 @@ From the bottom:
 
 0. foundation: errors, files, processes, hardware, statistics, figures, templates, the names of
    output files and of PII types, the label value the loss skips; none imports the rest of the package.
-1. params and tracking: ``config`` (typed ``params.yaml``) and ``tracking`` (MLflow and its spool).
+1. params and tracking: ``config`` (typed ``params.yaml``), ``tracking`` (MLflow logging), the MLflow store
+   and the spool that keeps what a server away could not take.
 2. data: reading, cleaning, splitting and formatting chats.
 3. modeling: loading, quantizing, adapters, the generation engine, the loss.
 4. measures and training: evaluation, fidelity, topicality, decoding, training, preference tuning.
@@ -30,13 +31,13 @@ PACKAGE = ROOT / "src" / "qlora_pipeline"
 LAYERS = [
     ("foundation", ["qlora_pipeline", "errors", "io", "process", "hardware", "layout", "labels", "intervals", "figures",
                     "templating", "data.pii_types", "data.canary_ids"]),
-    ("params and tracking", ["config", "tracking"]),
+    ("params and tracking", ["config", "mlflow_store", "spool", "tracking"]),
     ("data", ["data"]),
     ("modeling", ["modeling"]),
     ("measures and training", ["evaluation", "fidelity", "topicality", "decoding", "test_replies", "training",
                                "preference", "launching"]),
     ("reports", ["risk", "human_eval"]),
-    ("stages and experiments", ["pipeline", "compare"]),
+    ("stages and experiments", ["pipeline", "compare", "compare_queue"]),
     ("front ends", ["serving", "cli"]),
 ]
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from conftest import make_params
-from qlora_pipeline import tracking
+from qlora_pipeline import mlflow_store, tracking
+from qlora_pipeline import spool as spooling
 from qlora_pipeline.config import MlflowConfig
 from qlora_pipeline.errors import PipelineError
 
@@ -24,13 +25,13 @@ def test_store_is_at_the_main_repo_root_inside_a_dvc_temp_workspace(tmp_path, mo
     (workspace / ".dvc").mkdir(parents=True)
     monkeypatch.delenv("DVC_ROOT", raising=False)
     monkeypatch.chdir(workspace)
-    assert tracking.repo_root() == repo
+    assert mlflow_store.repo_root() == repo
     assert tracking.tracking_uri(MlflowConfig(None, "x")) == f"sqlite:///{repo}/mlflow.db"
 
 
 def test_dvc_root_wins(tmp_path, monkeypatch):
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
-    assert tracking.repo_root(Path("/")) == tmp_path
+    assert mlflow_store.repo_root(Path("/")) == tmp_path
 
 
 def test_explicit_uri_is_kept():
@@ -84,7 +85,7 @@ def away(base_params_dict, tmp_path, monkeypatch):
     """Params pointing MLflow at a server that is not there, and the spool inside tmp_path/repo."""
     monkeypatch.setenv("DVC_ROOT", str(tmp_path / "repo"))
     monkeypatch.setenv("QLORA_PIPELINE_RUN_KEY", "k-away")
-    for name in tracking.HTTP_DEFAULTS:  # unset, so pipeline_run sets its own; removed again after the test
+    for name in mlflow_store.HTTP_DEFAULTS:  # unset, so pipeline_run sets its own; removed again after the test
         monkeypatch.setenv(name, "")
         monkeypatch.delenv(name)
     return make_params(base_params_dict, {"mlflow.tracking_uri": f"http://127.0.0.1:{closed_port()}"})
@@ -124,16 +125,16 @@ def test_unreachable_server_spools_every_call_and_sync_sends_it_once(away, param
     assert len(said) == 2 and all(line.startswith(f"mlflow: {away.mlflow.tracking_uri} unreachable; this stage's "
                                                   "params and metrics kept in ") and
                                   line.endswith("; send them with qlora-pipeline mlflow-sync") for line in said)
-    spool = tmp_path / "repo" / tracking.SPOOL_DIR
+    spool = tmp_path / "repo" / spooling.SPOOL_DIR
     assert len(list(spool.glob("*.jsonl"))) == 2 and not list(spool.glob("*.part"))
     kept = tmp_path / "kept"
     shutil.copytree(spool, kept)
 
-    sent = tracking.sync_spool(store)
+    sent = spooling.sync_spool(store)
     assert len(sent) == 2 and all("-> run " in line for line in sent)
     assert list(spool.iterdir()) == []
     client, run = synced_run(store)  # the run the first stage opened, joined by the execution key
-    assert run.data.tags[tracking.KEY_TAG] == "k-away" and run.info.status == "FINISHED"
+    assert run.data.tags[mlflow_store.KEY_TAG] == "k-away" and run.info.status == "FINISHED"
     assert run.data.tags["stage.fetch"] == run.data.tags["stage.train"] == run.data.tags["stage.evaluate"] == "ran"
     assert run.data.metrics == {"fetch.conversations": 7.0, "train.best_val_loss": 1.25, "train.curve.x": 0.5,
                                 "train.loss": 1.5, "eval.rouge1.tuned": 0.3}
@@ -144,10 +145,10 @@ def test_unreachable_server_spools_every_call_and_sync_sends_it_once(away, param
     artifacts = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / "down")))
     assert (artifacts / "adapter/weights.txt").read_text() == "w1" and (artifacts / "report.md").read_text() == "first"
 
-    assert tracking.sync_spool(store) == []  # nothing left: a second sync sends nothing
+    assert spooling.sync_spool(store) == []  # nothing left: a second sync sends nothing
     shutil.rmtree(spool)
     shutil.copytree(kept, spool)  # as if the first sync had been cut short before removing its files
-    assert len(tracking.sync_spool(store)) == 2
+    assert len(spooling.sync_spool(store)) == 2
     client, again = synced_run(store)
     assert again.data.metrics == run.data.metrics and again.data.params == run.data.params
     assert len(client.get_metric_history(run.info.run_id, "train.loss")) == 2
@@ -157,9 +158,9 @@ def test_a_spool_without_its_run_makes_the_run_with_every_param(away, tmp_path):
     store = f"sqlite:///{tmp_path / 'other.db'}"
     with tracking.pipeline_run(away, "split"):
         tracking.log_metrics("split", {"train": {"examples": 12}})
-    tracking.sync_spool(store)
+    spooling.sync_spool(store)
     _, run = synced_run(store)
-    assert run.data.tags[tracking.KEY_TAG] == "k-away" and run.data.tags["dvc.exp_name"] == "workspace"
+    assert run.data.tags[mlflow_store.KEY_TAG] == "k-away" and run.data.tags["dvc.exp_name"] == "workspace"
     assert run.data.tags["mlflow.user"]  # what mlflow.start_run adds, taken when the stage ran
     assert run.data.params["seed"] == "42" and run.data.params["train.lora.r"] == "16"
     assert run.data.params["mlflow.tracking_uri"] == away.mlflow.tracking_uri
@@ -176,16 +177,16 @@ def test_a_server_gone_after_the_probe_costs_seconds(away, monkeypatch, capsys):
         tracking.log_metrics("eval", {"n": 1})
     assert time.perf_counter() - started < 30  # MLflow's own defaults retry for about four minutes
     assert capsys.readouterr().err.count("unreachable;") == 1
-    (spool,) = tracking.spool_dir().glob("*.jsonl")
+    (spool,) = spooling.spool_dir().glob("*.jsonl")
     records = [json.loads(line) for line in spool.read_text().splitlines()]
     assert [r["op"] for r in records] == ["open", "tags", "metrics", "end"] and records[0]["run_id"] is None
 
 
 def test_a_killed_stage_spool_is_sent_and_a_running_one_left(away, tmp_path):
-    spool = tracking.spool_dir()
+    spool = spooling.spool_dir()
     spool.mkdir(parents=True)
     opening = {"op": "open", "tracking_uri": away.mlflow.tracking_uri, "experiment": "qlora-pipeline", "key": "k9",
-               "stage": "train", "run_name": None, "tags": {tracking.KEY_TAG: "k9"}, "params": {"seed": "42"},
+               "stage": "train", "run_name": None, "tags": {mlflow_store.KEY_TAG: "k9"}, "params": {"seed": "42"},
                "timestamp": 1_000, "run_id": None}
     metrics = {"op": "metrics", "values": {"train.loss": 2.0}, "step": 1, "timestamp": 2_000}
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
@@ -193,7 +194,7 @@ def test_a_killed_stage_spool_is_sent_and_a_running_one_left(away, tmp_path):
     (spool / f"1-{dead.stdout.strip()}.jsonl.part").write_text(lines)
     (spool / f"2-{os.getpid()}.jsonl.part").write_text(json.dumps({**opening, "key": "k10"}) + "\n")
     store = f"sqlite:///{tmp_path / 'store.db'}"
-    sent, left = tracking.sync_spool(store)
+    sent, left = spooling.sync_spool(store)
     assert "1 records of stage train" in sent and "still writes it" in left
     _, run = synced_run(store)
     assert run.data.metrics == {"train.loss": 2.0} and run.data.params == {"seed": "42"}
@@ -204,8 +205,8 @@ def test_sync_keeps_the_spool_while_the_server_is_still_away(away):
     with tracking.pipeline_run(away, "clean"):
         tracking.log_metrics("clean", {"messages_out": 5})
     with pytest.raises(PipelineError, match="unreachable: .* stay in .*make mlflow-server"):
-        tracking.sync_spool()
-    assert len(list(tracking.spool_dir().glob("*.jsonl"))) == 1
+        spooling.sync_spool()
+    assert len(list(spooling.spool_dir().glob("*.jsonl"))) == 1
 
 
 def test_a_second_process_creating_the_experiment_reads_the_first_ones(tmp_path):
@@ -224,7 +225,7 @@ def test_a_second_process_creating_the_experiment_reads_the_first_ones(tmp_path)
                 return None
             return super().get_experiment_by_name(name)
 
-    assert tracking._experiment_id(LateClient(store), "qlora-pipeline", store) == first
+    assert mlflow_store.experiment_for(LateClient(store), "qlora-pipeline", store) == first
 
 
 def test_a_server_keeps_its_own_artifact_root_and_a_local_store_a_local_one(monkeypatch, tmp_path):
@@ -239,8 +240,8 @@ def test_a_server_keeps_its_own_artifact_root_and_a_local_store_a_local_one(monk
             return "1"
 
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
-    tracking._experiment_id(Recorder(), "server", "http://127.0.0.1:5000")
-    tracking._experiment_id(Recorder(), "local", f"sqlite:///{tmp_path}/mlflow.db")
+    mlflow_store.experiment_for(Recorder(), "server", "http://127.0.0.1:5000")
+    mlflow_store.experiment_for(Recorder(), "local", f"sqlite:///{tmp_path}/mlflow.db")
     assert created == {"server": None, "local": (tmp_path / "mlartifacts").as_uri()}
 
 
@@ -249,8 +250,8 @@ def test_a_store_creation_killed_mid_migration_leaves_no_store_and_the_next_stag
     stage builds it whole instead of refusing a store stuck at a middle schema version."""
     store = tmp_path / "mlflow.db"
     uri = f"sqlite:///{store}"
-    creator = subprocess.Popen([sys.executable, "-c", "import sys; from qlora_pipeline import tracking; "
-                                "tracking.ensure_sqlite_store(sys.argv[1])", uri])
+    creator = subprocess.Popen([sys.executable, "-c", "import sys; from qlora_pipeline import mlflow_store; "
+                                "mlflow_store.ensure_sqlite_store(sys.argv[1])", uri])
     deadline = time.time() + 120
     while not list(tmp_path.glob(".mlflow.db.*.tmp")) and creator.poll() is None and time.time() < deadline:
         time.sleep(0.005)
@@ -259,7 +260,37 @@ def test_a_store_creation_killed_mid_migration_leaves_no_store_and_the_next_stag
     assert list(tmp_path.glob(".mlflow.db.*.tmp")), "the creator ended before its migration was seen"
     assert not store.exists()
 
-    client = tracking.mlflow_client(uri)
+    client = mlflow_store.mlflow_client(uri)
     experiment = client.create_experiment("after-the-kill")
     assert client.get_experiment(experiment).name == "after-the-kill"
     assert store.exists() and not list(tmp_path.glob(".mlflow.db.*.tmp"))  # what the killed one left, removed
+
+
+def test_metric_values_name_numbers_intervals_and_words_and_leave_lists_of_text_out():
+    """One flattening for every stage: memorized examples (people's words) never become tags."""
+    numbers, texts = tracking.metric_values({"a": 1, "ci": [0.1, 0.2], "who": "pat", "ok": True, "auc": None,
+                                             "examples": ["my own words"], "nested": {"x": 2.5, "empty": {}}}, "s.")
+    assert numbers == {"s.a": 1.0, "s.ci_low": 0.1, "s.ci_high": 0.2, "s.nested.x": 2.5}
+    assert texts == {"s.who": "pat", "s.ok": "True"}
+
+
+def test_logging_into_a_known_run_with_the_server_away_waits_in_the_spool(away, tmp_path):
+    """human-eval score's path: calls into evaluate's run are spooled, and mlflow-sync sends them to that run."""
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow_store.mlflow_client(store)
+    run_id = client.create_run(client.create_experiment("e")).info.run_id
+    with tracking.existing_run(away.mlflow.tracking_uri, run_id, "human_eval"):
+        tracking.log_metrics("human_eval", {"n_rated": 3, "broken": {"base": {"rate": 0.5, "ci": [0.1, 0.9]}},
+                                            "tuned_win_rate": None})
+    assert client.get_run(run_id).data.metrics == {}
+    (sent,) = spooling.sync_spool(store)
+    assert f"records of stage human_eval -> run {run_id}" in sent
+    assert client.get_run(run_id).data.metrics == {"human_eval.n_rated": 3.0, "human_eval.broken.base.rate": 0.5,
+                                                   "human_eval.broken.base.ci_low": 0.1,
+                                                   "human_eval.broken.base.ci_high": 0.9}
+    # A store without that run refuses, and the file stays for the right one.
+    with tracking.existing_run(away.mlflow.tracking_uri, run_id, "human_eval"):
+        tracking.log_metrics("human_eval", {"n_rated": 4})
+    with pytest.raises(PipelineError, match=f"run {run_id} is not in sqlite:///.*other.db; sync to the store"):
+        spooling.sync_spool(f"sqlite:///{tmp_path / 'other.db'}")
+    assert len(list(spooling.spool_dir().glob("*.jsonl"))) == 1

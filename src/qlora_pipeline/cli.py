@@ -81,7 +81,7 @@ def human_eval_score(args: argparse.Namespace) -> None:
     result = score_ratings(args.ratings, args.key, confidence=args.confidence)
     print(json.dumps(result, indent=2))
     if args.run_file.is_file():
-        from qlora_pipeline.tracking import resolve_tracking_uri
+        from qlora_pipeline.mlflow_store import resolve_tracking_uri
 
         run = json.loads(args.run_file.read_text(encoding="utf-8"))
         if not run.get("mlflow_run_id"):
@@ -95,22 +95,20 @@ def human_eval_score(args: argparse.Namespace) -> None:
 
 
 def log_human_eval(tracking_uri: str, run_id: str, result: dict) -> None:
-    """Every number of the result, nested ones dotted (``human_eval.broken.tuned.rate``).
+    """The result into evaluate's run, nested keys dotted (``human_eval.broken.tuned.rate``), as stages log.
 
     A value that is None (no broken marks in an older ratings file) is not logged: unknown, not zero.
+    With the server away it waits in the spool for ``mlflow-sync``.
     """
-    from qlora_pipeline.config import flatten
-    from qlora_pipeline.tracking import mlflow_client
+    from qlora_pipeline import tracking
 
-    client = mlflow_client(tracking_uri)
-    for key, value in flatten(result, prefix="human_eval.").items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            client.log_metric(run_id, key, float(value))
+    with tracking.existing_run(tracking_uri, run_id, "human_eval"):
+        tracking.log_metrics("human_eval", result)
 
 
 def mlflow_sync(args: argparse.Namespace) -> None:
     """Send what stages kept in the spool while the MLflow server was unreachable."""
-    from qlora_pipeline.tracking import spool_dir, sync_spool
+    from qlora_pipeline.spool import spool_dir, sync_spool
 
     lines = sync_spool(args.tracking_uri)
     print("\n".join(f"mlflow-sync: {line}" for line in lines) or f"mlflow-sync: nothing to send in {spool_dir()}")
@@ -158,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="first queue and run one equal-budget experiment per compare.methods (make compare)")
     compare.add_argument("--runs", nargs="+", default=None, metavar="RUN_ID",
                          help="exactly these MLflow runs, one per method, instead of the newest under --prefix")
-    compare.set_defaults(func=_run("qlora_pipeline.compare"))
+    compare.set_defaults(func=_run("qlora_pipeline.compare_queue"))
 
     sync = commands.add_parser("mlflow-sync", help="send what stages kept in .mlflow-spool/ while the MLflow "
                                                    "server was unreachable, into each execution's run")

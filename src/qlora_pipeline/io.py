@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import csv
 import contextlib
 import glob
 import json
@@ -12,7 +13,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 from qlora_pipeline.errors import PipelineError
 
@@ -81,6 +82,14 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
             count += 1
     return count
+
+
+def write_csv(path: str | Path, fieldnames: Sequence[str], rows: Iterable[dict]) -> None:
+    """Write rows atomically as CSV with a header (``csv``'s defaults: what spreadsheets and ``dvc plots`` read)."""
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(fieldnames))
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def read_jsonl(path: str | Path, label: str | None = None) -> Iterator[tuple[int, dict]]:

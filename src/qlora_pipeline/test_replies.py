@@ -26,14 +26,10 @@ GRID_FILE = "grid.json"
 
 def read_test(path: Path, cap: int | None, seed: int) -> list[dict]:
     """The test examples evaluate scores: a seeded sample of ``cap`` (the zero-shot stage takes the same)."""
-    from qlora_pipeline.data.sampling import cap_examples
-    from qlora_pipeline.io import read_jsonl
+    from qlora_pipeline.data.sampling import read_split
 
-    rows = [row for _, row in read_jsonl(path)]
-    if not rows:
-        raise PipelineError(f"{path}: the test split is empty; raise split.ratios.test or split.max_examples.test "
-                            "(or add data) and re-run split")
-    return cap_examples(rows, cap, seed)
+    return read_split(path, "raise split.ratios.test or split.max_examples.test (or add data) and re-run split",
+                      cap, seed)
 
 
 def greedy_requests(tokenizer: Any, rows: Sequence[dict], max_new_tokens: int, max_length: int

@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 
 from conftest import BIN, TINY_RUN, chat_rows, copy_repository, pipeline_env, run_queue, sh
-from qlora_pipeline.config import flatten
 from qlora_pipeline.launching import free_port
-from qlora_pipeline.tracking import KEY_TAG, SPOOL_DIR, scalar_metrics
+from qlora_pipeline.mlflow_store import KEY_TAG
+from qlora_pipeline.spool import SPOOL_DIR
+from qlora_pipeline.tracking import metric_values
 
 pytestmark = pytest.mark.slow
 
@@ -76,10 +77,6 @@ def server(tmp_path_factory, tiny_llama):
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def runs_of(client, experiment_name: str = "qlora-pipeline") -> dict:
     """The experiment's runs by DVC experiment name ("workspace" for dvc repro)."""
     experiment = client.get_experiment_by_name(experiment_name)
@@ -92,16 +89,14 @@ def top_artifacts(client, run_id: str) -> set[str]:
 
 def logged_metrics(repo: Path) -> dict[str, float]:
     """Every number of the metrics files, named and shaped as each stage logs it."""
-    from qlora_pipeline.pipeline.evaluate import flat_eval_metrics
-
     def read(name: str) -> dict:
         return json.loads((repo / "metrics" / name).read_text())
 
     logged = {"train": {k: v for k, v in read("train.json").items() if k != "examples"},
               "decoding": {k: v for k, v in read("decoding.json").items() if k != "chosen"},
-              "eval": flat_eval_metrics(read("eval.json")), "risk": scalar_metrics(read("risk.json"))}
-    return {key: float(value) for stage, metrics in logged.items()
-            for key, value in flatten(metrics, prefix=f"{stage}.").items() if is_number(value)}
+              "eval": read("eval.json"), "risk": read("risk.json")}
+    return {key: value for stage, metrics in logged.items()
+            for key, value in metric_values(metrics, prefix=f"{stage}.")[0].items()}
 
 
 def test_a_server_stopped_between_stages_loses_nothing_after_mlflow_sync(server, tmp_path):

@@ -11,21 +11,13 @@ import time
 from pathlib import Path
 from qlora_pipeline import decoding, intervals, tracking
 from qlora_pipeline.config import Params
-from qlora_pipeline.data.sampling import cap_examples
-from qlora_pipeline.errors import PipelineError
-from qlora_pipeline.io import read_jsonl, remove_outputs, write_json
+from qlora_pipeline.data.sampling import read_split
+from qlora_pipeline.io import remove_outputs, write_json
 
 EXAMPLES = 5  # replies of each setting kept in the report, to read beside the numbers
 # The chosen row's scores in metrics/decoding.json (val_<name>)
 VALIDATION_SCORES = ("persona_score", "rougeL", "repeated_3gram", "unknown_words", "persona_gap", "unknown_words_gap",
                      "end_of_turn_rate", "median_words", "length_gap")
-
-
-def read_split(path: Path, cap: int | None, seed: int, fix: str) -> list[dict]:
-    rows = [row for _, row in read_jsonl(path)]
-    if not rows:
-        raise PipelineError(f"{path}: the split is empty; {fix}")
-    return cap_examples(rows, cap, seed)
 
 
 def run_choose_decoding(params: Params, base_dir: Path, adapter_dir: Path, val_path: Path, judge_dir: Path,
@@ -42,8 +34,8 @@ def run_choose_decoding(params: Params, base_dir: Path, adapter_dir: Path, val_p
     cfg, grid_cfg = params.evaluate, params.decoding
     remove_outputs(out_path, metrics_path)
     read_training_config(adapter_dir)  # fail fast, naming the missing stage
-    rows = read_split(val_path, grid_cfg.max_samples, params.seed,
-                      "raise split.ratios.val or split.max_examples.val and re-run split")
+    rows = read_split(val_path, "raise split.ratios.val or split.max_examples.val and re-run split",
+                      grid_cfg.max_samples, params.seed)
     judge, judge_info, known_words = fidelity.load_judge(judge_dir)
     started = time.perf_counter()
     sides = load_sides(base_dir, adapter_dir, cfg.dequantize_4bit, cfg.batch_size)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import time
 
 from dataclasses import asdict
@@ -14,7 +13,7 @@ import numpy as np
 from qlora_pipeline import decoding, evaluation, fidelity, intervals, test_replies, topicality, tracking
 from qlora_pipeline.config import DecodingSetting, Params, decoding_setting_from
 from qlora_pipeline.errors import PipelineError
-from qlora_pipeline.io import atomic_path, read_json, read_jsonl, remove_outputs, write_json
+from qlora_pipeline.io import atomic_path, read_json, read_jsonl, remove_outputs, write_csv, write_json
 from qlora_pipeline.data.canary_ids import without_canaries
 
 SIDES = ("base", "tuned")
@@ -71,8 +70,8 @@ def run_evaluate(params: Params, base_dir: Path, adapter_dir: Path, test_path: P
         write_reports(reports_dir, samples, params, run, figures, train_rows)
         write_json(metrics_path, metrics)
         write_rouge_plot(rouge_plot, metrics)
-        tracking.log_metrics("eval", flat_eval_metrics(metrics))
-        log_artifacts([adapter_dir, reports_dir, rouge_plot, metrics_path, *artifacts])
+        tracking.log_metrics("eval", metrics)
+        tracking.log_artifacts([adapter_dir, reports_dir, rouge_plot, metrics_path, *artifacts])
     print(evaluation.summary_table(metrics))
     return metrics
 
@@ -277,11 +276,6 @@ def chosen_row(params: Params, chosen: DecodingSetting, rows: list[dict], output
     return row
 
 
-def flat_eval_metrics(metrics: dict, prefix: str = "") -> dict:
-    """Scalars only, nested keys dotted (intervals as _low/_high), for MLflow."""
-    return tracking.scalar_metrics(metrics, prefix)
-
-
 def sample_rows(rows: list[dict], outputs: dict[str, Any]) -> list[dict]:
     """Per test example: greedy replies of both sides and (first pass of) the chosen decoding's."""
     chosen = outputs.get("chosen")
@@ -308,13 +302,9 @@ def write_reports(reports_dir: Path, samples: list[dict], params: Params, run: A
 
     with atomic_path(reports_dir) as tmp:
         tmp.mkdir()
-        with (tmp / SAMPLES).open("w", newline="", encoding="utf-8") as handle:
-            fields = [k for k in SAMPLE_FIELDS if not samples or k == "context" or k in samples[0]]
-            writer = csv.DictWriter(handle, fieldnames=fields)
-            writer.writeheader()
-            for sample in samples:
-                writer.writerow({**{k: sample[k] for k in fields if k != "context"},
-                                 "context": render_context(sample["messages"])})
+        fields = [k for k in SAMPLE_FIELDS if not samples or k == "context" or k in samples[0]]
+        write_csv(tmp / SAMPLES, fields, ({**{k: sample[k] for k in fields if k != "context"},
+                                           "context": render_context(sample["messages"])} for sample in samples))
         # The replies a user will get: the chosen decoding's where there is one.
         side = {name: f"{name}_chosen" if samples and f"{name}_chosen" in samples[0] else name
                 for name in ("base", "tuned")}
@@ -343,17 +333,5 @@ def draw_figures(folder: Path, metrics: dict, persona_scores: dict | None, log: 
 
 def write_rouge_plot(path: Path, metrics: dict) -> None:
     """One row per ROUGE type with base and tuned F1: the table `dvc plots` draws as bars."""
-    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=("metric", "model", "f1"))
-        writer.writeheader()
-        for name in evaluation.ROUGE_TYPES:
-            for side in ("base", "tuned"):
-                writer.writerow({"metric": f"{name} {side}", "model": side, "f1": metrics[name][side]})
-
-
-def log_artifacts(paths: list[Path]) -> None:
-    for path in paths:
-        if path.is_dir():
-            tracking.log_artifact(path, artifact_path=path.name)
-        elif path.is_file():
-            tracking.log_artifact(path)
+    write_csv(path, ("metric", "model", "f1"), ({"metric": f"{name} {side}", "model": side, "f1": metrics[name][side]}
+                                              for name in evaluation.ROUGE_TYPES for side in ("base", "tuned")))

@@ -14,7 +14,7 @@ import numpy as np
 from qlora_pipeline import intervals, tracking
 from qlora_pipeline.config import Params
 from qlora_pipeline.errors import PipelineError
-from qlora_pipeline.io import read_json, read_jsonl, remove_outputs, write_json, write_text
+from qlora_pipeline.io import read_json, read_jsonl, remove_outputs, write_csv, write_json, write_text
 from qlora_pipeline.risk import bias, canaries, cost, fitting, gates, memorization, privacy, report, safety
 from qlora_pipeline.risk.probes import load_probe_sets, probe_prompt_ids
 from qlora_pipeline.test_replies import read_probes
@@ -84,23 +84,18 @@ def run_risk(params: Params, base_dir: Path, adapter_dir: Path, train_path: Path
     with tracking.pipeline_run(params, "risk") as run:  # opened first: a store error leaves no outputs
         write_json(metrics_path, metrics)
         write_text(report_path, report.render(metrics, examples, params, run.info.run_id))
-        write_csv(replies_path, audit)
-        tracking.log_metrics("risk", tracking.scalar_metrics(metrics))
+        write_csv(replies_path, REPLY_FIELDS, audit)
+        tracking.log_metrics("risk", metrics)
         # Words as tags: the verdict and which gates held.
         tracking.log_metrics("risk", {"summary": {"fit_verdict": metrics["fit"]["verdict"]},
                                       "gates": {"tripped": "; ".join(metrics["gates"]["tripped"]) or None}})
-        log_artifacts([metrics_path, report_path, replies_path])
+        tracking.log_artifacts([metrics_path, report_path, replies_path], under="risk")
     print(report.console_summary(metrics))
     if tripped:
         lines = "; ".join(f"{gate.text} (it is {value})" for gate, value in tripped)
         raise PipelineError(f"risk: gate(s) of risk.fail_on hold: {lines}. The reports are written "
                             f"({metrics_path}, {report_path}); fix the cause or change risk.fail_on")
     return metrics
-
-
-def log_artifacts(paths: Sequence[Path]) -> None:
-    for path in paths:
-        tracking.log_artifact(path, artifact_path="risk")
 
 
 def read_samples(path: Path) -> dict[str, list[str]]:
@@ -295,15 +290,6 @@ def reply_rows(probes: list, safety_prompts: list, eliciting: list, generated: d
 def _reply_row(kind: str, prompt_id: str, category: str, text: str, replies: dict, judged: dict) -> dict:
     return {"set": kind, "id": prompt_id, "category": category, "prompt": text,
             **replies, **{f"{side}_judged": judged[side] for side in SIDES}}
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    from qlora_pipeline.io import atomic_path
-
-    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=REPLY_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def report_examples(prompts: dict[str, list[str]], generated: dict, safety_prompts: list, eliciting: list) -> dict:

@@ -17,25 +17,19 @@ from pathlib import Path
 
 from qlora_pipeline import fidelity, tracking
 from qlora_pipeline.config import Params
-from qlora_pipeline.data.sampling import cap_examples
-from qlora_pipeline.errors import PipelineError
-from qlora_pipeline.io import read_jsonl, remove_outputs, write_json
+from qlora_pipeline.data.sampling import cap_examples, read_split
+from qlora_pipeline.io import remove_outputs, write_json
 from qlora_pipeline.data.canary_ids import without_canaries
-
-
-def read_rows(path: Path, fix: str) -> list[dict]:
-    rows = without_canaries([row for _, row in read_jsonl(path)])
-    if not rows:
-        raise PipelineError(f"{path}: the split has no persona replies; {fix}")
-    return rows
 
 
 def run_style_judge(params: Params, train_path: Path, val_path: Path, base_dir: Path, out_dir: Path,
                     metrics_path: Path) -> dict:
     """Fit the judge on ``train_path``, measure it on ``val_path``; write ``out_dir`` and ``metrics_path``."""
     remove_outputs(out_dir, metrics_path)
-    train_rows = read_rows(train_path, "add data or raise split.max_examples.train and re-run split")
-    val_rows = read_rows(val_path, "raise split.ratios.val or split.max_examples.val and re-run split")
+    train_rows = read_split(train_path, "add data or raise split.max_examples.train and re-run split",
+                            keep=without_canaries)
+    val_rows = read_split(val_path, "raise split.ratios.val or split.max_examples.val and re-run split",
+                          keep=without_canaries)
     started = time.perf_counter()
     group = fidelity.is_group_voice(train_rows)
     contrast, held_contrast = base_replies(params, base_dir, train_rows, val_rows) if group else (None, None)
@@ -51,8 +45,7 @@ def run_style_judge(params: Params, train_path: Path, val_path: Path, base_dir: 
     with tracking.pipeline_run(params, "style-judge"):  # opened first: a store error leaves no outputs
         fidelity.save_judge(out_dir, judge, info, vocabulary)
         write_json(metrics_path, metrics)
-        tracking.log_metrics("judge", tracking.scalar_metrics(
-            {k: v for k, v in metrics.items() if k != "contrast"}))
+        tracking.log_metrics("judge", {k: v for k, v in metrics.items() if k != "contrast"})
     quality = metrics["val"]
     print(f"style-judge: fitted on {info['train_replies']} training replies ({info['contrast']}); on validation: "
           f"accuracy {quality['accuracy']}, AUC {quality['auc']} ({quality['replies']} replies) -> {out_dir}/")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
 import json
 import tempfile
@@ -14,9 +13,9 @@ from typing import Any
 
 from qlora_pipeline import hardware, launching, tracking
 from qlora_pipeline.config import Params
-from qlora_pipeline.data.sampling import cap_examples
+from qlora_pipeline.data.sampling import cap_examples, read_split
 from qlora_pipeline.errors import PipelineError
-from qlora_pipeline.io import atomic_path, read_json, read_jsonl, remove_outputs, write_json, write_jsonl
+from qlora_pipeline.io import atomic_path, read_json, remove_outputs, write_csv, write_json, write_jsonl
 from qlora_pipeline.layout import MANIFEST, RESOLVED_CONFIG
 from qlora_pipeline.modeling.preparation import base_fingerprint
 
@@ -25,13 +24,6 @@ LOG_FIELDS = ("step", "train_loss", "val_loss", "learning_rate")
 # resumed run trains the same adapter, bit for bit, as one never interrupted).
 MEASURED = frozenset({"tokens_per_second", "training_tokens_per_second", "eval_seconds", "wall_seconds",
                       "peak_memory_mb", "energy_joules", "resumed_from_step"})
-
-
-def read_examples(path: Path, stage_hint: str = "split") -> list[dict]:
-    rows = [row for _, row in read_jsonl(path)]
-    if not rows:
-        raise PipelineError(f"{path}: no examples; check the {stage_hint} stage's params (ratios, caps, persona)")
-    return rows
 
 
 def run_train_adapter(params: Params, base_dir: Path, splits_dir: Path, out_dir: Path, checkpoints: Path,
@@ -54,7 +46,8 @@ def run_train_adapter(params: Params, base_dir: Path, splits_dir: Path, out_dir:
         raise PipelineError(f"{base_dir}: no base model; run the quantize-load stage first (dvc repro quantize-load)")
     if params.train.method != "full":
         training.check_target_modules(base_dir, params.train.lora.target_modules)
-    train_rows, val_rows = read_examples(splits_dir / "train.jsonl"), read_examples(splits_dir / "val.jsonl")
+    fix = "check the split stage's params (ratios, caps, persona)"
+    train_rows, val_rows = (read_split(splits_dir / f"{name}.jsonl", fix) for name in ("train", "val"))
     val_rows = cap_examples(val_rows, params.train.max_eval_samples, params.seed)
     set_seed(params.seed)
     started = time.perf_counter()
@@ -96,7 +89,7 @@ def run_train_adapter(params: Params, base_dir: Path, splits_dir: Path, out_dir:
     if pairs_path is not None:
         write_jsonl(pairs_path, pairs or [])
     write_json(metrics_path, metrics)
-    write_log(log_path, training.log_rows(trainer.state.log_history))
+    write_csv(log_path, LOG_FIELDS, training.log_rows(trainer.state.log_history))
     training.mark_completed(checkpoints)
     print(f"train-adapter: {params.train.method}, {metrics['steps']} steps, val loss "
           f"{metrics['zero_shot_val_loss']} -> {metrics['best_val_loss']} (best step {metrics['best_step']}), "
@@ -251,8 +244,3 @@ def _quantization_text(resolved: dict) -> str:
     return f"4-bit {q['bnb_4bit_quant_type']}, double quant {q['bnb_4bit_use_double_quant']}"
 
 
-def write_log(path: Path, rows: list[dict]) -> None:
-    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=LOG_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)

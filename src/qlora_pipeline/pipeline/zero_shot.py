@@ -72,7 +72,7 @@ def run_zero_shot(params: Params, base_dir: Path, test_path: Path, manifest_path
             test_replies.write_probes(tmp, system, probes.texts, probe_replies)
             test_replies.write_grid(tmp, rows, grid_replies)
         write_json(metrics_path, metrics)
-        tracking.log_metrics("zero_shot", tracking.scalar_metrics(metrics))
+        tracking.log_metrics("zero_shot", metrics)
     print(f"zero-shot: the base model's replies to {len(rows)} test examples and {len(probe_requests)} probes in "
           f"{metrics['wall_seconds']} s -> {out_dir}/")
     return metrics

@@ -49,7 +49,7 @@ from qlora_pipeline.modeling.loading import device_map, set_end_token
 from qlora_pipeline.modeling.preparation import base_fingerprint
 from qlora_pipeline.modeling.quantization import linear4bit_modules
 from qlora_pipeline.serving.models import Adapter, check_same_base, fetch_adapter, parse_adapter_spec, read_adapter
-from qlora_pipeline.tracking import resolve_tracking_uri
+from qlora_pipeline.mlflow_store import resolve_tracking_uri
 
 REPORT = "export_report.json"
 QLORA = "qlora"

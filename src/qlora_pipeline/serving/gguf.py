@@ -515,7 +515,7 @@ def main(args: Any, params: Any) -> None:
     goes into the Modelfile."""
     from qlora_pipeline.serving.export import downloaded_adapter, read_test_rows
     from qlora_pipeline.serving.models import chosen_decoding_for
-    from qlora_pipeline.tracking import resolve_tracking_uri
+    from qlora_pipeline.mlflow_store import resolve_tracking_uri
 
     lora = args.format == "gguf-lora"
     quants = parse_quants(args.quant or ("f16" if lora else "f16,q8_0,q4_k_m"), LORA_TYPES if lora else QUANTS)

@@ -359,7 +359,7 @@ def load_from_args(args: Any) -> tuple[PersonaModel, Any]:
     ``--decoding`` is the workspace's choose-decoding report (see :func:`chat_defaults`).
     """
     from qlora_pipeline.config import Params, load_params
-    from qlora_pipeline.tracking import resolve_tracking_uri
+    from qlora_pipeline.mlflow_store import resolve_tracking_uri
 
     params = load_params(args.params) if Path(args.params).is_file() else Params()
     dequantize = {"auto": "auto", "true": True, "false": False}[args.dequantize]

@@ -20,7 +20,7 @@ COLUMNS = ("source", "experiment", "started", "method", "r", "best_val_loss", "r
 
 def adapter_runs(tracking_uri: str, experiment_name: str, limit: int) -> list[dict]:
     """Runs of ``experiment_name`` that logged an adapter, newest first, as table rows."""
-    from qlora_pipeline.tracking import mlflow_client
+    from qlora_pipeline.mlflow_store import mlflow_client
 
     client = mlflow_client(tracking_uri)
     experiment = client.get_experiment_by_name(experiment_name)
@@ -58,7 +58,7 @@ def table(rows: list[dict]) -> str:
 
 def main(args: Any) -> None:
     from qlora_pipeline.config import Params, load_params
-    from qlora_pipeline.tracking import resolve_tracking_uri
+    from qlora_pipeline.mlflow_store import resolve_tracking_uri
 
     params = load_params(args.params) if Path(args.params).is_file() else Params()
     uri = resolve_tracking_uri(params.mlflow.tracking_uri)

@@ -1,0 +1,158 @@
+"""The MLflow store: where it is, its client, and the calls a run's logging is made of.
+
+The default store is a SQLite file at the repository root. DVC runs queued and temporary
+experiments in copies under ``.dvc/tmp/exps/``; there ``DVC_ROOT`` points at the main
+repository, so every experiment lands in the one store. A server (``http(s)://``) can be away:
+``reachable`` asks it without MLflow's retries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from qlora_pipeline.errors import PipelineError
+
+KEY_TAG = "qlora_pipeline.execution"
+STORE_FILE = "mlflow.db"
+ARTIFACT_DIR = "mlartifacts"
+SERVER_SCHEMES = ("http", "https")
+PROBE_SECONDS = 5.0
+# A server gone mid-stage then costs seconds of retries, not the ~4 minutes of MLflow's defaults
+# (7 retries, backoff factor 2). Values set in the environment win.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+
+
+def repo_root(start: Path | None = None) -> Path:
+    """The main repository's root, also from inside a DVC temporary experiment workspace."""
+    if os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"]).resolve()
+    here = (start or Path.cwd()).resolve()
+    parts = here.parts
+    if ".dvc" in parts:  # .../repo/.dvc/tmp/exps/<name>/...: the repository is above .dvc
+        return Path(*parts[: parts.index(".dvc")])
+    for candidate in (here, *here.parents):
+        if (candidate / ".dvc").is_dir():
+            return candidate
+    return here
+
+
+def resolve_tracking_uri(configured: str | None) -> str:
+    """``mlflow.tracking_uri`` as configured, or (null) the SQLite store at the repository root."""
+    return configured or f"sqlite:///{repo_root() / STORE_FILE}"
+
+
+def mlflow_client(uri: str) -> Any:
+    """MLflow's client for ``uri``, a SQLite store first made whole (see ``ensure_sqlite_store``)."""
+    import mlflow
+
+    ensure_sqlite_store(uri)
+    return mlflow.MlflowClient(uri)
+
+
+def ensure_sqlite_store(uri: str) -> None:
+    """Create a missing SQLite store under a temporary name and move it into place once migrated.
+
+    MLflow builds a new store by running its schema migrations one by one, for seconds; a stage
+    killed meanwhile (kill -9, Ctrl-C) left a store at a middle version that every later stage
+    refused ("out-of-date database schema"). The finished store is linked into place only if none
+    is there yet (two queued experiments starting together both build one; the first link wins), and
+    what a killed creator left (its pid no longer alive) is deleted.
+    """
+    parsed = urlparse(uri)
+    if parsed.scheme != "sqlite" or parsed.path in ("", "/", "/:memory:"):
+        return
+    store = Path(parsed.path[1:] if parsed.path.startswith("//") else parsed.path)
+    if store.exists():
+        return
+    import secrets
+
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    import psutil
+
+    store.parent.mkdir(parents=True, exist_ok=True)
+    for stale in store.parent.glob(f".{store.name}.*.tmp"):  # .<store>.<pid>.<random>.tmp
+        pid = stale.name.split(".")[-3]
+        if not (pid.isdigit() and psutil.pid_exists(int(pid))):
+            stale.unlink(missing_ok=True)
+    partial = store.with_name(f".{store.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        made = SqlAlchemyStore(f"sqlite:///{partial}", (store.parent / ARTIFACT_DIR).as_uri())
+        made.engine.dispose()
+        with contextlib.suppress(FileExistsError):  # another process's store is already in place
+            os.link(partial, store)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def is_server(uri: str) -> bool:
+    """A tracking server (http/https) can be away; a SQLite file or a folder store cannot."""
+    return urlparse(uri).scheme in SERVER_SCHEMES
+
+
+def reachable(uri: str, timeout: float = PROBE_SECONDS) -> bool:
+    """Whether the server answers at all, without MLflow's retries (a 5xx from a proxy is no answer)."""
+    import requests
+
+    try:
+        return requests.get(f"{uri.rstrip('/')}/health", timeout=timeout).status_code < 500
+    except requests.RequestException:
+        return False
+
+
+def experiment_for(client: Any, name: str, uri: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    # A server keeps artifacts where it was started to (--artifacts-destination, served to clients);
+    # a local store keeps them beside it, also for DVC's temporary workspaces.
+    location = None if is_server(uri) else (repo_root() / ARTIFACT_DIR).as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception:
+        # Two queued experiments starting together both found none; the second one's create fails.
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def run_with_key(client: Any, experiment_id: str, key: str) -> Any:
+    found = client.search_runs([experiment_id], filter_string=f"tags.`{KEY_TAG}` = '{key}'", max_results=1)
+    return found[0] if found else None
+
+
+def create_run(client: Any, experiment_id: str, opening: dict) -> Any:
+    return client.create_run(experiment_id, start_time=opening["timestamp"], tags=opening["tags"],
+                             run_name=opening["run_name"])
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def send(client: Any, run_id: str, op: dict, base: Path = Path()) -> None:
+    """One logging call (one spool line) to run ``run_id``; a relative artifact path is under ``base``."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    kind, values = op["op"], op.get("values", {})
+    if kind == "params":
+        client.log_batch(run_id, params=[Param(k, v) for k, v in values.items()])
+    elif kind == "metrics":
+        client.log_batch(run_id, metrics=[Metric(k, v, op["timestamp"], op["step"]) for k, v in values.items()])
+    elif kind == "tags":
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in values.items()])
+    elif kind == "artifact":
+        path = base / op["path"]
+        log = client.log_artifacts if path.is_dir() else client.log_artifact
+        log(run_id, str(path), op["artifact_path"])
+    elif kind == "end":
+        client.set_terminated(run_id, op["status"], end_time=op["timestamp"])
+    else:
+        raise PipelineError(f"unknown MLflow spool record {op!r}; update qlora_pipeline or remove the line")

@@ -1,0 +1,146 @@
+"""The spool: what a stage logged while the MLflow server was away, and ``mlflow-sync``, which sends it.
+
+Each stage writes its own file of logging calls (a JSON line each) under ``.mlflow-spool/`` at the
+repository root, with copies of its artifacts; ``qlora-pipeline mlflow-sync`` (``sync_spool``)
+sends each file later to the run its execution key names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from qlora_pipeline.errors import PipelineError
+from qlora_pipeline.mlflow_store import (HTTP_DEFAULTS, KEY_TAG, create_run, experiment_for, is_server, mlflow_client,
+                                         reachable, repo_root, run_with_key, send)
+
+SPOOL_DIR = ".mlflow-spool"
+_WRITING = ".part"
+
+
+def spool_dir() -> Path:
+    """Where stages keep what an unreachable server could not take; one folder for every experiment."""
+    return repo_root() / SPOOL_DIR
+
+
+class Spool:
+    """One stage's logging calls (a JSON line each) and copies of its artifacts, in ``folder``.
+
+    Written as ``<stem>.jsonl.part`` and renamed to ``<stem>.jsonl`` when the stage ends, so a sync
+    does not take a file a running stage still writes. The stem (time, pid) is this process's own:
+    queued experiments running side by side each write their own file.
+    """
+
+    def __init__(self, folder: Path, opening: dict):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder = folder
+        self.stem = f"{time.time_ns()}-{os.getpid()}"
+        self.path = folder / f"{self.stem}.jsonl{_WRITING}"
+        self.copies = 0
+        self.keep(opening)
+
+    def keep(self, op: dict) -> None:
+        if op["op"] == "artifact":
+            op = {**op, "path": self._copy(Path(op["path"]))}
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(op) + "\n")
+
+    def _copy(self, source: Path) -> str:
+        """A copy (the stage's file may change or go before the sync); its path relative to the folder."""
+        self.copies += 1
+        target = Path(f"{self.stem}.files", str(self.copies), source.name)
+        (self.folder / target).parent.mkdir(parents=True)
+        if source.is_dir():
+            shutil.copytree(source, self.folder / target)
+        else:
+            shutil.copy2(source, self.folder / target)
+        return target.as_posix()
+
+    def close(self) -> None:
+        self.path.rename(self.path.with_suffix(""))
+
+
+def sync_spool(uri: str | None = None, folder: Path | None = None) -> list[str]:
+    """Send every spool file to its store (or to ``uri``), oldest first, removing each once sent.
+
+    Each file joins the run its execution key names, made if none has it yet (with every param).
+    A second sync, or one after a sync cut short, adds nothing twice: a metric point sent again
+    with its own timestamp is the same point, and params and tags keep their values. A file a
+    running stage still writes is left for the next sync; one whose stage was killed is sent.
+
+    Returns:
+        One line per file: sent where, or why it was left.
+    """
+    folder = folder or spool_dir()
+    lines = []
+    for path in sorted(folder.glob("*.jsonl*")):
+        if path.name.endswith(_WRITING) and _writer_alive(path):
+            lines.append(f"{path.name}: a running stage still writes it; left for the next sync")
+            continue
+        lines.append(_sync_file(path, uri))
+    return lines
+
+
+def _writer_alive(path: Path) -> bool:
+    import psutil
+
+    return psutil.pid_exists(int(path.name.split(".")[0].split("-")[1]))
+
+
+def _sync_file(path: Path, uri: str | None) -> str:
+    opening, ops = _read_spool(path)
+    target = uri or opening["tracking_uri"]
+    if is_server(target):
+        for name, value in HTTP_DEFAULTS.items():
+            os.environ.setdefault(name, value)
+        if not reachable(target):
+            raise PipelineError(f"{target} unreachable: {path.name} and later files stay in {path.parent}; "
+                                "start the server (make mlflow-server) or name another with --tracking-uri")
+    client = mlflow_client(target)
+    run_id = _run_for(client, opening, target)
+    for op in ops:
+        send(client, run_id, op, path.parent)
+    path.unlink()
+    shutil.rmtree(path.parent / f"{path.name.split('.')[0]}.files", ignore_errors=True)
+    return f"{path.name}: {len(ops)} records of stage {opening['stage']} -> run {run_id} ({target})"
+
+
+def _run_for(client: Any, opening: dict, uri: str) -> str:
+    """The run of the spool's execution: the one the stage had joined, else the one with its key, else a new one."""
+    known = opening.get("run_id")
+    if known:
+        try:
+            tags = client.get_run(known).data.tags
+        except Exception:  # another store than the stage's (--tracking-uri): found by key below
+            tags = None
+        # No key: the calls were made into a known run (human-eval scores into evaluate's).
+        if tags is not None and (opening["key"] is None or tags.get(KEY_TAG) == opening["key"]):
+            return known
+    if opening["key"] is None:
+        raise PipelineError(f"run {known} is not in {uri}; sync to the store it was logged to (--tracking-uri)")
+    experiment_id = experiment_for(client, opening["experiment"], uri)
+    found = run_with_key(client, experiment_id, opening["key"])
+    if found is not None:
+        return found.info.run_id
+    run_id = create_run(client, experiment_id, opening).info.run_id
+    send(client, run_id, {"op": "params", "values": opening["params"]})
+    return run_id
+
+
+def _read_spool(path: Path) -> tuple[dict, list[dict]]:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):  # the last line of a stage killed mid-write
+                break
+            raise PipelineError(f"{path}:{number}: not a spool record; remove that line and sync again") from None
+    if not records or records[0].get("op") != "open":
+        raise PipelineError(f"{path}: no opening record (the run's identity); it cannot be sent, remove it")
+    return records[0], records[1:]
