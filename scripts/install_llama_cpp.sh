@@ -2,8 +2,10 @@
 # llama.cpp for `qlora-pipeline export --format gguf|gguf-lora` (make gguf; make test runs it).
 #
 # - llama-cpp-python, built from its sdist (PyPI publishes no wheel): it loads, quantizes and runs
-#   the GGUF files the export writes. uv caches the built wheel, so only the first install builds
-#   (~3.5-7 min on 2 cores); later ones take seconds.
+#   the GGUF files the export writes. The built wheel is kept in a wheel folder of the user's cache
+#   (QLORA_WHEEL_CACHE, default ~/.cache/qlora-pipeline/wheels), so only the first install on a
+#   machine builds (~3-7 min on 2 cores); later ones, fresh clones included, take seconds. (uv's own
+#   cache rebuilt it for every new environment: built with config settings, it was not reused.)
 # - llama.cpp's own Python converters (convert_hf_to_gguf.py, convert_lora_to_gguf.py, their
 #   conversion/ package and gguf-py), which only that sdist ships, copied to
 #   <environment>/share/llama.cpp, where the export looks for them.
@@ -19,19 +21,33 @@ DEST="$PREFIX/share/llama.cpp"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-# sentencepiece: convert_hf_to_gguf.py imports it for every Llama-family tokenizer.
 # A portable AVX2 build, not -march=native: on a Xeon whose CPU lists AMX but whose kernel does not
 # grant AMX tile state to processes (torch reports the tiles unusable there too), the native build
 # crashed (SIGSEGV in libggml-cpu) on every quantized GGUF, the base's own Q4_1 file included. The
 # AVX2 build runs on every x86-64 machine this project targets and gives the same numbers; build
 # natively yourself (CMAKE_ARGS=-DGGML_NATIVE=ON) for speed on a machine where that works.
-# The flags are a config setting, so uv's cache keeps this build apart from any other.
-CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
-    "$BIN/uv" pip install --quiet --python "$PYTHON" \
-    -C 'cmake.args=-DGGML_NATIVE=OFF;-DGGML_AVX=ON;-DGGML_AVX2=ON;-DGGML_FMA=ON;-DGGML_F16C=ON;-DGGML_BMI2=ON' \
-    "llama-cpp-python==$VERSION" "sentencepiece==0.2.3"
+FLAGS='-DGGML_NATIVE=OFF;-DGGML_AVX=ON;-DGGML_AVX2=ON;-DGGML_FMA=ON;-DGGML_F16C=ON;-DGGML_BMI2=ON'
+PYTAG=$("$PYTHON" -c 'import sys; print(f"cp{sys.version_info.major}{sys.version_info.minor}")')
+# One folder per version, Python and build flags ("avx2" names FLAGS: rename it with them), so a wheel
+# is reused only where it was built the same way.
+WHEELS="${QLORA_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/qlora-pipeline/wheels}/llama-cpp-python-$VERSION-$PYTAG-avx2"
 
 "$PYTHON" -m pip download --quiet --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d "$work"
+if ! compgen -G "$WHEELS/llama_cpp_python-$VERSION-*.whl" >/dev/null; then
+    echo "install_llama_cpp: building llama-cpp-python $VERSION (once per machine, a few minutes)"
+    CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
+        "$BIN/uv" build --quiet --wheel --python "$PYTHON" -C "cmake.args=$FLAGS" \
+        --out-dir "$work/wheel" "$work/llama_cpp_python-$VERSION.tar.gz"
+    mkdir -p "$WHEELS"
+    # Renamed into place: a build killed midway leaves no wheel for the next install to trust.
+    for wheel in "$work"/wheel/*.whl; do
+        cp "$wheel" "$WHEELS/.$(basename "$wheel").part"
+        mv "$WHEELS/.$(basename "$wheel").part" "$WHEELS/$(basename "$wheel")"
+    done
+fi
+# sentencepiece: convert_hf_to_gguf.py imports it for every Llama-family tokenizer.
+"$BIN/uv" pip install --quiet --python "$PYTHON" "$WHEELS"/llama_cpp_python-"$VERSION"-*.whl "sentencepiece==0.2.3"
+
 vendor="llama_cpp_python-$VERSION/vendor/llama.cpp"
 tar -xzf "$work/llama_cpp_python-$VERSION.tar.gz" -C "$work" \
     "$vendor/convert_hf_to_gguf.py" "$vendor/convert_lora_to_gguf.py" "$vendor/conversion" "$vendor/gguf-py" \
