@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
 	# torch first and pinned, by pip: on the CPU machines pip's configuration finds the CPU build on
 	# disk (uv does not look there). Then uv, which installs the rest ~4x faster than pip
-	# (bench/setup_bench.sh, README "Speed, memory and benchmarks"). --compile-bytecode as pip does:
+	# (bench/setup_bench.sh, docs/benchmarks.md, "Measured"). --compile-bytecode as pip does:
 	# where Python may not write .pyc files (PYTHONDONTWRITEBYTECODE), every stage process would
 	# otherwise compile transformers, PEFT and MLflow again (~4-7 s each).
 	$(PYTHON) -m pip install --quiet torch==2.13.0 $(UV)
@@ -43,7 +43,7 @@ run: setup
 compare: run
 	$(PYTHON) -m qlora_pipeline.cli compare --run
 
-# llama.cpp for the GGUF export (README "Run it where you run local models"): not needed by `make run`.
+# llama.cpp for the GGUF export (docs/serving.md, "Run it where you run local models"): not needed by `make run`.
 GGUF_STAMP := $(VENV)/.gguf-installed
 gguf: $(GGUF_STAMP)
 
@@ -66,12 +66,13 @@ mlflow-server: setup postgres
 mlflow-server-stop:
 	bash scripts/mlflow_server.sh stop
 
-# Speed and memory, each against its baseline in the same run (bench/README.md); results land in
+# Speed and memory, each against its baseline in the same run (docs/benchmarks.md); results land in
 # bench/results/ under this machine's tag. Run on an idle machine: two torch processes crawl.
 bench: run
 	bash bench/run.sh
 
-# Every test, the slow ones included (README "The slow tests"); the slowest are listed at the end.
+# Every test, the slow ones included (docs/testing.md), and the docs built strictly (tests/test_docs.py);
+# the slowest are listed at the end.
 # Two workers (pytest-xdist), each taking whole test modules, the longest first, with a torch thread
 # each (tests/conftest.py): 1.5x faster than one on 2 cores, where one left a core idle half the time.
 TEST_WORKERS ?= 2

@@ -1,4 +1,5 @@
-"""A shared DVC remote, as README "A shared DVC remote" sets it up: one person pushes, a teammate's fresh clone pulls.
+"""A shared DVC remote, as docs/tracking-and-team.md ("A shared DVC remote") sets it up: one person pushes,
+a teammate's fresh clone pulls.
 
 moto's S3-compatible server on 127.0.0.1 stands in for S3 or MinIO, a bare git repository in
 tmp for the team's git server. Alice has the session's tiny pipeline run (conftest's tiny_baseline), pushes

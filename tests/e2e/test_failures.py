@@ -54,7 +54,7 @@ RUN_IDENTITY = "reports/evaluate/run.json"
 # epoch is not bit-identical with the default group_by_length sampling: transformers'
 # LengthGroupedSampler draws each epoch's order from the global generator, whose state on resume
 # is the checkpoint's, not the epoch start's (seen in this test: resumed at step 20 of 30, final
-# validation loss 10.78249 against 10.78244). README "What survives a failure" says so.
+# validation loss 10.78249 against 10.78244). docs/failures.md, "What survives a failure", says so.
 OVERRIDES = {**TINY_RUN, "data.path": "data/source/chat.jsonl",
              "model.quantization.bnb_4bit_compute_dtype": "float32", "train.bf16": False, "train.fp16": False,
              "train.max_steps": 14, "train.eval_steps": 2, "train.save_steps": 2, "train.logging_steps": 1,

@@ -2,7 +2,7 @@
 
 On the real 4-bit SmolLM2-135M base with the session's adapters of trained size (float32, so the
 reference is exact and the f16 file's greedy replies must be the merged model's token for token),
-verified on three test rows. The README's table holds the same report for the default run's adapter.
+verified on three test rows. docs/serving.md's table holds the same report for the default run's adapter.
 """
 
 from __future__ import annotations

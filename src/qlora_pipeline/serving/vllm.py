@@ -8,7 +8,7 @@ bitsandbytes 4-bit base (``--quantization bitsandbytes``), with the OpenAI API `
 What vLLM refuses when it loads an adapter (its ``PEFTHelper``: DoRA, ``modules_to_save``, biases,
 a rank above its largest ``--max-lora-rank``) is refused here instead, with the param that
 changes it, before a GPU is involved. vLLM is not installed here and no GPU path of this export
-has run: bench/gpu_vllm.py is the prepared check (README "Many users: vLLM").
+has run: bench/gpu_vllm.py is the prepared check (docs/serving.md, "Many users: vLLM").
 
 No stage imports this module: editing it re-runs nothing.
 """
