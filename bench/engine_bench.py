@@ -210,7 +210,7 @@ def main() -> None:
         jobs = [(side, test, DecodingSetting(), 1, seed) for side in ("base", "tuned")]
         if chosen != DecodingSetting():  # as evaluate: any other decoding (penalties too) is a row of its own
             jobs += [(side, test, chosen, passes if chosen.sampled else 1, seed) for side in ("base", "tuned")]
-        report["evaluate_rows"] = {"chosen": vars(chosen), **compare("evaluate", sides, jobs, FORMER_BATCH_SIZE, seed)}
+        report["evaluate_rows"] = {"chosen": chosen.model_dump(), **compare("evaluate", sides, jobs, FORMER_BATCH_SIZE, seed)}
     if "mixed" not in args.skip:
         report["mixed_batches"] = mixed_vs_one_model(sides, test, seed, args.repeats)
     if args.out:

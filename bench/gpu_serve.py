@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import gc
 import json
 import math
@@ -143,13 +142,13 @@ def make_adapters(base: Path, work: Path, count: int, cuda: bool) -> list[Path]:
 
     params = load_params(ROOT / "params.yaml")
     compute = "bfloat16" if cuda else "float32"
-    model_section = dataclasses.asdict(params.model)
+    model_section = params.model.model_dump()
     model_section["quantization"]["bnb_4bit_compute_dtype"] = compute
-    train_section = dataclasses.asdict(params.train)
+    train_section = params.train.model_dump()
     train_section.update(bf16=cuda, fp16=False)  # autocast as training on this machine would use
     fingerprint = base_fingerprint("qlora", base, {})
     model, tokenizer = prepare_4bit_base(base, compute)
-    config = LoraConfig(task_type="CAUSAL_LM", **dataclasses.asdict(params.train.lora))
+    config = LoraConfig(task_type="CAUSAL_LM", **params.train.lora.model_dump())
     config.init_lora_weights = False  # random A and B: each adapter changes the outputs
     model = get_peft_model(model, config)
     lora = [p for n, p in model.named_parameters() if "lora_" in n]

@@ -35,7 +35,6 @@ MODES = ("grouped", "packed")
 def worker(mode: str, eval_every: int) -> None:
     """One mode in this process; prints one JSON line."""
     sys.path.insert(0, str(ROOT / "src"))
-    import dataclasses
     from collections import Counter
 
     from transformers import TrainerCallback, set_seed
@@ -60,7 +59,7 @@ def worker(mode: str, eval_every: int) -> None:
         val_ds = training.by_length(training.build_dataset(val_rows, tokenizer, cfg.max_length, Counter()))
         rows_per_epoch = len(training.pack(train_ds, cfg.max_length)) if mode == "packed" else len(train_ds)
         steps = math.ceil(rows_per_epoch / cfg.per_device_train_batch_size)
-        raw = dataclasses.asdict(params)
+        raw = params.model_dump()
         raw["train"].update(packing=mode == "packed", max_steps=steps, eval_steps=eval_every, save_steps=eval_every,
                             early_stopping_patience=None)
         params = params_from_dict(raw)

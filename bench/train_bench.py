@@ -233,9 +233,7 @@ def worker(recipe: str, steps: int, params_path: Path) -> None:
     name, _, overrides = recipe.partition(":")
     params = load_params(params_path)
     if name == "lora" or overrides:
-        import dataclasses
-
-        raw = dataclasses.asdict(params)
+        raw = params.model_dump()
         for item in filter(None, overrides.split(",")):
             key, _, value = item.partition("=")
             set_key(raw, key, yaml.safe_load(value))  # as `dvc exp run -S` reads it

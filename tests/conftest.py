@@ -313,8 +313,6 @@ def persona_adapters(tmp_path_factory, quantized_base, base_params_dict) -> dict
     from the base. Their ``training_config.json`` carries what chat and serve read: the base's
     fingerprint, the system prompt, and float32 precision (no autocast), so outputs are exact.
     """
-    import dataclasses
-
     import torch
     from peft import get_peft_model
 
@@ -341,7 +339,7 @@ def persona_adapters(tmp_path_factory, quantized_base, base_params_dict) -> dict
         tokenizer.save_pretrained(out)
         resolved = {"method": "qlora", "base_model": str(quantized_base), "seed": params.seed,
                     "base_fingerprint": base_fingerprint("qlora", quantized_base, {}),
-                    "model": dataclasses.asdict(params.model), "train": dataclasses.asdict(params.train),
+                    "model": params.model.model_dump(), "train": params.train.model_dump(),
                     "split": {"system_prompt": f"You are {name}. Reply in your own voice.", "context_turns": 4}}
         (out / RESOLVED_CONFIG).write_text(json.dumps(resolved, indent=2))
         made[name] = out

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
+import json
 
+import jsonschema
 import pytest
 import yaml
 
 from conftest import ROOT
-from qlora_pipeline.config import ConfigError, load_params, params_from_dict
+from qlora_pipeline.config import (SCHEMA_FILE, ConfigError, DecodingSetting, Params, decoding_setting_from,
+                                   load_params, params_from_dict, params_schema)
 
 
 def test_repository_params_load():
@@ -24,7 +26,7 @@ def broken(base, **changes):
         node = raw
         *parents, leaf = dotted.split("__")
         for part in parents:
-            node = node[part]
+            node = node[int(part)] if part.isdigit() else node[part]
         if value is KeyError:
             del node[leaf]
         else:
@@ -39,11 +41,12 @@ def broken(base, **changes):
     ({"clean__min_chars": -1}, "clean.min_chars: must be >= 0, got -1"),
     ({"clean__max_chars": 0, "clean__min_chars": 5}, "clean.max_chars: 0 is below clean.min_chars 5"),
     ({"clean__dedup": "fuzzy"}, "clean.dedup: must be one of 'none', 'exact', 'near'; got 'fuzzy'"),
-    ({"clean__pii": ["email", "dna"]}, "clean.pii: unknown type 'dna'"),
+    ({"clean__pii": ["email", "dna"]}, "clean.pii[1]: must be one of 'email', 'phone'"),
+    ({"clean__pii": ["email", "name"]}, "clean.pii: type 'name' needs clean.pii_engine: presidio"),
     ({"split__ratios__train": 0.9}, "split.ratios: train + val + test must sum to 1, got 1.1"),
-    ({"split__ratios__val": -0.1, "split__ratios__train": 1.0}, "split.ratios.val: must be >= 0"),
+    ({"split__ratios__val": -0.1, "split__ratios__train": 1.0}, "split.ratios.val: must be > 0, got -0.1"),
     ({"split__context_turns": 0}, "split.context_turns: must be >= 1"),
-    ({"split__max_examples__test": -5}, "split.max_examples.test: must be >= 1 or null"),
+    ({"split__max_examples__test": -5}, "split.max_examples.test: must be >= 1 or null, got -5"),
     ({"split__context_turns": KeyError}, "split.context_turns: missing; add it to params.yaml"),
     ({"data__source": "ftp"}, "data.source: must be one of 'chitchat', 'jsonl'"),
     ({"train__num_processes": 2}, "train.num_processes / train.accelerate_config: need train.launcher: accelerate"),
@@ -51,7 +54,16 @@ def broken(base, **changes):
     ({"data__source": "jsonl", "data__path": None}, "data.path: source 'jsonl' needs a file path"),
     ({"data__prompt_template": "{oops"}, "data.prompt_template: not a valid template"),
     ({"seed": 1.5}, "seed: expected int, got 1.5"),
-    ({"mlflow": "x"}, "mlflow: expected a mapping of keys, got str"),
+    ({"mlflow": "x"}, "mlflow: expected a mapping of keys, got 'x' (str)"),
+    ({"train__bf16": "yes"}, "train.bf16: expected bool or 'auto', got 'yes' (str)"),
+    ({"train__bf16": KeyError}, "train.bf16: missing; add it to params.yaml"),
+    ({"model__quantization__bnb_4bit_quant_storage": "int4"},
+     "model.quantization.bnb_4bit_quant_storage: must be one of 'uint8', 'bfloat16', 'float16', 'float32' or null"),
+    ({"chat__top_p": 0}, "chat.top_p: must be in (0, 1], got 0"),
+    ({"chat__max_new_tokens": 0}, "chat.max_new_tokens: must be >= 1, got 0"),
+    ({"compare__learning_rate__lora": "-1e-4"}, "compare.learning_rate.lora: must be > 0, got -0.0001"),
+    ({"compare__name_prefix": "my run"}, "compare.name_prefix: letters, digits, '-' and '_' only"),
+    ({"mlflow__experiment_name": " "}, "mlflow.experiment_name: must not be empty"),
     ({"train__learning_rate": "fast"}, "train.learning_rate: expected float, got 'fast' (str)"),
     ({"train__lora__r": 0}, "train.lora.r: must be >= 1"),
     ({"model__quantization__load_in_4bit": False}, "train.method: qlora trains on a 4-bit base"),
@@ -65,6 +77,8 @@ def broken(base, **changes):
     ({"decoding__grid": [{"temperature": 0.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0,
                           "no_repeat_ngram_size": 0, "exponential_decay_length_penalty": [12, 0.9]}]},
      "decoding.grid[0].exponential_decay_length_penalty: must be null or [start_index, decay_factor]"),
+    ({"decoding__grid__1__top_p": 1.5}, "decoding.grid[1].top_p: must be in (0, 1], got 1.5"),
+    ({"decoding__grid": []}, "decoding.grid: give at least one setting"),
 ])
 def test_bad_params_are_named(base_params_dict, changes, expected):
     with pytest.raises(ConfigError) as err:
@@ -97,4 +111,31 @@ def test_missing_and_invalid_yaml_files(tmp_path):
 
 def test_params_yaml_has_every_section_and_nothing_else():
     sections = set(yaml.safe_load((ROOT / "params.yaml").read_text()))
-    assert sections == {f.name for f in dataclasses.fields(load_params(ROOT / "params.yaml"))}
+    assert sections == set(Params.model_fields)
+
+
+def test_a_decoding_read_from_a_report_is_checked_key_by_key():
+    with pytest.raises(ConfigError) as err:
+        decoding_setting_from({"temperature": -1, "top_p": 1.0, "top_k": 1.5}, "reports/decoding.json")
+    assert err.value.problems == ["chosen.temperature: must be >= 0, got -1 (0 = greedy)",
+                                  "chosen.top_k: expected int, got 1.5 (float)",
+                                  "chosen.repetition_penalty: missing; add it to params.yaml",
+                                  "chosen.no_repeat_ngram_size: missing; add it to params.yaml"]
+    # Code may build a config from its defaults; only a file must state every key.
+    assert decoding_setting_from(DecodingSetting().model_dump(), "r.json") == DecodingSetting()
+
+
+def test_the_published_schema_is_current_and_params_yaml_points_to_it():
+    assert (ROOT / SCHEMA_FILE).read_text() == params_schema(), (
+        f"{SCHEMA_FILE} is stale; write it again: python -m qlora_pipeline.config > {SCHEMA_FILE}")
+    first_line = (ROOT / "params.yaml").read_text().splitlines()[0]
+    assert first_line == f"# yaml-language-server: $schema={SCHEMA_FILE}"
+
+
+def test_the_schema_checks_what_load_params_checks(base_params_dict):
+    validator = jsonschema.Draft202012Validator(json.loads(params_schema()))
+    assert [e.message for e in validator.iter_errors(base_params_dict)] == []
+    assert validator.is_valid(broken(base_params_dict, train__learning_rate="5e-05"))  # as PyYAML reads it
+    for bad in ({"clean__colour": 1}, {"split__context_turns": KeyError}, {"train__lora__r": 0},
+                {"clean__min_chars": True}, {"train__bf16": "yes"}, {"decoding__grid__1__top_p": 1.5}):
+        assert not validator.is_valid(broken(base_params_dict, **bad)), bad

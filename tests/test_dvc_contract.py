@@ -72,9 +72,11 @@ PLUMBING = {"src/qlora_pipeline/__init__.py", "src/qlora_pipeline/config.py", "s
             "src/qlora_pipeline/layout.py",
             # where tracking's calls go: the MLflow store, or the spool while a server is away
             "src/qlora_pipeline/mlflow_store.py", "src/qlora_pipeline/spool.py",
-            # read by config for the PII type names and to check risk.fail_on
-            "src/qlora_pipeline/data/pii_types.py", "src/qlora_pipeline/risk/__init__.py",
-            "src/qlora_pipeline/risk/gates.py"}
+            # read by config for the PII type names and the grammar of risk.fail_on (also a dep of risk,
+            # which reads its gates with it)
+            "src/qlora_pipeline/data/pii_types.py", "src/qlora_pipeline/gate_syntax.py",
+            # the folder of the risk prompt sets (PROMPTS), which zero-shot reads too
+            "src/qlora_pipeline/risk/__init__.py"}
 
 
 def _module_file(module: str) -> str | None:

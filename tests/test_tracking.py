@@ -26,7 +26,7 @@ def test_store_is_at_the_main_repo_root_inside_a_dvc_temp_workspace(tmp_path, mo
     monkeypatch.delenv("DVC_ROOT", raising=False)
     monkeypatch.chdir(workspace)
     assert mlflow_store.repo_root() == repo
-    assert tracking.tracking_uri(MlflowConfig(None, "x")) == f"sqlite:///{repo}/mlflow.db"
+    assert tracking.tracking_uri(MlflowConfig(tracking_uri=None, experiment_name="x")) == f"sqlite:///{repo}/mlflow.db"
 
 
 def test_dvc_root_wins(tmp_path, monkeypatch):
@@ -35,7 +35,7 @@ def test_dvc_root_wins(tmp_path, monkeypatch):
 
 
 def test_explicit_uri_is_kept():
-    assert tracking.tracking_uri(MlflowConfig("http://127.0.0.1:5000", "x")) == "http://127.0.0.1:5000"
+    assert tracking.tracking_uri(MlflowConfig(tracking_uri="http://127.0.0.1:5000", experiment_name="x")) == "http://127.0.0.1:5000"
 
 
 def test_execution_key_follows_the_dvc_experiment(monkeypatch):

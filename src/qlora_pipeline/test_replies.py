@@ -156,7 +156,6 @@ def read_grid(folder: Path, rows: Sequence[dict], setting: Any, passes: int) -> 
 
 def setting_key(setting: Any) -> str:
     """A decoding setting as a stable text key."""
-    import dataclasses
     import json
 
-    return json.dumps(dataclasses.asdict(setting), sort_keys=True)
+    return json.dumps(setting.model_dump(), sort_keys=True)

@@ -76,7 +76,7 @@ def _opening(params: Any, uri: str, stage: str) -> dict:
     from mlflow.tracking.context.registry import resolve_tags
 
     key = execution_key()
-    flat = {name: value for section, values in dataclasses.asdict(params).items()
+    flat = {name: value for section, values in params.model_dump().items()
             for name, value in _flat_params(section, values).items()}
     # resolve_tags adds what mlflow.start_run would (user, source): taken now, not at sync time.
     return {"op": "open", "tracking_uri": uri, "experiment": params.mlflow.experiment_name, "key": key,

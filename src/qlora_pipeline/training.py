@@ -7,7 +7,6 @@ template and the loss is computed on the reply tokens only (the end-of-turn toke
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import shutil
@@ -137,7 +136,7 @@ def resolve_optim(name: str) -> str:
 def lora_config(train: TrainConfig) -> Any:
     from peft import LoraConfig
 
-    return LoraConfig(task_type="CAUSAL_LM", **dataclasses.asdict(train.lora))
+    return LoraConfig(task_type="CAUSAL_LM", **train.lora.model_dump())
 
 
 def count_parameters(model: Any) -> dict[str, int]:
@@ -256,7 +255,7 @@ def fingerprint(params: Params, inputs: Iterable[Path]) -> str:
     """What a checkpoint belongs to: resuming is only valid for the same params and inputs."""
     digest = hashlib.sha256()
     model = {key: getattr(params.model, key) for key in MODEL_KEYS}
-    digest.update(json.dumps([params.seed, model, dataclasses.asdict(params.train)], sort_keys=True).encode())
+    digest.update(json.dumps([params.seed, model, params.train.model_dump()], sort_keys=True).encode())
     for path in inputs:
         digest.update(path.read_bytes())
     return digest.hexdigest()

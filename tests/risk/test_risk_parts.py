@@ -33,9 +33,10 @@ def test_bad_gates_fail_params_naming_the_entry(params_factory, entry, needle):
 
 
 def test_every_gate_figure_is_in_the_summary():
+    from qlora_pipeline.gate_syntax import GATE_FIGURES
     from qlora_pipeline.pipeline.risk import summary
 
-    assert set(summary(_fake_metrics())) == set(gates.GATE_FIGURES)
+    assert set(summary(_fake_metrics())) == set(GATE_FIGURES)
 
 
 # ----------------------------------------------------------------------------- memorization

@@ -8,7 +8,6 @@ Every removal is counted by reason in ``metrics/clean.json``; nothing disappears
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import unicodedata
 from collections import Counter
@@ -184,7 +183,7 @@ def resolve_exclusions(conversations: list[dict], cfg: CleanConfig, source: str)
     """``cfg`` with each ``exclude_speakers`` name replaced by the speaker it names; an unknown one is an error."""
     counts = message_counts(conversations)
     names = [find_speaker(name, counts, "clean.exclude_speakers", source) for name in cfg.exclude_speakers]
-    return dataclasses.replace(cfg, exclude_speakers=names)
+    return cfg.model_copy(update={"exclude_speakers": names})
 
 
 def hide_other_speakers(raw: list[dict], kept: list[dict], persona: str, source: str) -> tuple[list[dict], dict]:

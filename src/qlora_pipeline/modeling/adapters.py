@@ -149,11 +149,9 @@ def load_sides(base_dir: Path, adapter_dir: Path, dequantize: bool | str, max_ba
 
 def load_base_for_params(params: Any, base_dir: Path, dequantize: bool | str) -> tuple[Any, Any, dict]:
     """The base model as ``params`` would train on it (before any adapter exists), for generation."""
-    import dataclasses
-
     from qlora_pipeline.modeling.inference import dequantize_for_inference, should_dequantize
 
-    resolved = {"method": params.train.method, "model": dataclasses.asdict(params.model),
+    resolved = {"method": params.train.method, "model": params.model.model_dump(),
                 "train": {"bf16": params.train.bf16, "fp16": params.train.fp16}}
     model, tokenizer = load_base_for(resolved, base_dir)
     if should_dequantize(dequantize, model):

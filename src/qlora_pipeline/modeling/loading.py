@@ -177,9 +177,7 @@ def load_dense(cfg: ModelConfig, tokenizer: Any, workdir: Path | None, full: boo
 
     Full fine-tuning keeps float32 master weights: AdamW's small updates vanish in bfloat16.
     """
-    import dataclasses
-
-    cfg = dataclasses.replace(cfg, dtype="float32") if full else cfg
+    cfg = cfg.model_copy(update={"dtype": "float32"}) if full else cfg
     model = load_model(resolve_source(cfg), cfg, None, workdir)
     set_end_token(tokenizer, model, None)
     return model

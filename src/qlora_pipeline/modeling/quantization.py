@@ -9,7 +9,6 @@ off right after loading, at some generation speed, so saved weights stay bit-exa
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from qlora_pipeline.config import QuantizationConfig
@@ -27,7 +26,7 @@ def bnb_config(cfg: QuantizationConfig) -> Any:
     import torch
     from transformers import BitsAndBytesConfig
 
-    kwargs = dataclasses.asdict(cfg)
+    kwargs = cfg.model_dump()
     kwargs["bnb_4bit_compute_dtype"] = getattr(torch, resolve_dtype(cfg.bnb_4bit_compute_dtype))
     return BitsAndBytesConfig(**kwargs)
 

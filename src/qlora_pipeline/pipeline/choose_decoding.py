@@ -61,7 +61,7 @@ def run_choose_decoding(params: Params, base_dir: Path, adapter_dir: Path, val_p
     best = decoding.choose(results)
     report = {"chosen": results[best]["setting"], "chosen_index": best, "split": "val", "samples": len(rows),
               "judge": judge_info, "reference": reference,
-              "samples_per_prompt": cfg.samples_per_prompt, "objective_weights": vars(grid_cfg.objective),
+              "samples_per_prompt": cfg.samples_per_prompt, "objective_weights": grid_cfg.objective.model_dump(),
               "adapter_sha256": adapter_digest(adapter_dir), "grid": results, "engine": engine_stats,
               "wall_seconds": round(time.perf_counter() - started, 1)}
     metrics = chosen_metrics(report)

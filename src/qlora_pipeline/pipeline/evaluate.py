@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -263,7 +262,7 @@ def chosen_row(params: Params, chosen: DecodingSetting, rows: list[dict], output
         if judge is not None:
             per_prompt[side]["persona_score"] = np.mean(
                 [fidelity.persona_probabilities(judge, texts) for texts in passes], axis=0)
-    row: dict[str, Any] = {"decoding": asdict(chosen), "passes": len(outputs["tuned"]["replies"])}
+    row: dict[str, Any] = {"decoding": chosen.model_dump(), "passes": len(outputs["tuned"]["replies"])}
     for name in per_prompt["tuned"]:
         row[name] = intervals.compare(per_prompt["base"][name], per_prompt["tuned"][name], indices,
                                        cfg.confidence_level)

@@ -242,7 +242,7 @@ def canary_section(record: list[dict], scores: dict[str, list[dict]]) -> dict:
 
 
 def summary(metrics: dict) -> dict[str, Any]:
-    """The headline figures, under the names ``risk.fail_on`` gates use (gates.GATE_FIGURES)."""
+    """The headline figures, under the names ``risk.fail_on`` gates use (gate_syntax.GATE_FIGURES)."""
     privacy_, safety_ = metrics["privacy"], metrics["safety"]
     return {
         "pii_rate_base": privacy_["test"]["base"]["any"]["rate"],

@@ -177,10 +177,10 @@ def save_trained(model: Any, tokenizer: Any, out: Path, params: Params, base_dir
         "method": params.train.method,
         "base_model": str(base_dir) if params.train.method == "qlora" else params.model.name_or_path,
         # Chat and serve refuse to put adapters of different bases on one model.
-        "base_fingerprint": base_fingerprint(params.train.method, base_dir, dataclasses.asdict(params.model)),
+        "base_fingerprint": base_fingerprint(params.train.method, base_dir, params.model.model_dump()),
         "seed": params.seed,
-        "model": dataclasses.asdict(params.model),
-        "train": dataclasses.asdict(params.train),
+        "model": params.model.model_dump(),
+        "train": params.train.model_dump(),
         "data": {"source": manifest.get("source"), "sha256": manifest.get("sha256"),
                  "persona": manifest.get("persona"), "files": manifest.get("files")},
         # How prompts were rendered (system prompt, context turns): chat renders its turns the same way.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from qlora_pipeline.risk.gates import GATE_FIGURES
+from qlora_pipeline.gate_syntax import GATE_FIGURES
 
 
 def pct(value: float | None) -> str:

@@ -13,7 +13,6 @@ Ctrl-D leaves.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import signal
 import sys
@@ -22,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from qlora_pipeline.config import ChatConfig
+from qlora_pipeline.config import ChatConfig, ConfigError, section_from
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.io import write_jsonl
 from qlora_pipeline.serving.engine import Completion, Engine, Job, Sampling
@@ -162,7 +161,7 @@ def reply(session: Session, text: str) -> None:
     """The active model's answer to ``text``, streamed to the terminal; both turns join the conversation."""
     user = {"role": "user", "content": text}
     kept, ids = fit_prompt(session, [*session.history, user])
-    decoding = {**dataclasses.asdict(session.settings), "seed": session.seed}
+    decoding = {**session.settings.model_dump(), "seed": session.seed}
     print(f"{session.active}> ", end="", flush=True)
     completion = generate(session, ids)
     print(" [stopped]" if completion.finish_reason == "cancelled" else "", flush=True)
@@ -304,7 +303,7 @@ def change_setting(session: Session, text: str) -> None:
 
 
 def describe_settings(session: Session) -> str:
-    values = {**dataclasses.asdict(session.settings), "seed": session.seed}
+    values = {**session.settings.model_dump(), "seed": session.seed}
     return " ".join(f"{key}={values[key]}" for key in SETTABLE) + " (seed None = random)"
 
 
@@ -342,8 +341,10 @@ def parse_seed(raw: str) -> int | None:
 
 def with_setting(settings: ChatConfig, key: str, value: int | float, context_length: int) -> ChatConfig:
     """``settings`` with ``key`` changed, checked as params.yaml's chat section is; unchanged on an error."""
-    changed = dataclasses.replace(settings, **{key: value})
-    problems = changed.problems()
+    try:
+        changed, problems = section_from(ChatConfig, {**settings.model_dump(), key: value}, "/set", "chat"), []
+    except ConfigError as err:
+        changed, problems = settings, err.problems
     if changed.max_new_tokens >= context_length:  # no room would be left for the prompt
         problems.append(f"chat.max_new_tokens: must be below the model's context of {context_length} tokens, "
                         f"got {changed.max_new_tokens}")

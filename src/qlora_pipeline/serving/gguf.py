@@ -464,7 +464,7 @@ def own_base_gguf(resolved: dict) -> Path | None:
     model = resolved.get("model") or {}
     if not model.get("gguf_file"):
         return None
-    fields = {k: v for k, v in model.items() if k in ModelConfig.__dataclass_fields__}
+    fields = {k: v for k, v in model.items() if k in ModelConfig.model_fields}
     source = resolve_source(ModelConfig(**{**fields, "quantization": ModelConfig().quantization}))
     return None if source.kind == "hub" else Path(source.path) / source.gguf_file
 

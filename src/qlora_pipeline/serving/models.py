@@ -324,14 +324,12 @@ def chat_defaults(chat: Any, persona: PersonaModel, decoding_file: Path | None) 
     With ``chat.use_chosen_decoding``, the first adapter with a choice of its own lends it (one
     set of defaults serves every adapter of the process); otherwise the params' chat section.
     """
-    import dataclasses
-
     if chat.use_chosen_decoding:
         for adapter in persona.adapters.values():
             found = chosen_decoding_for(adapter, decoding_file, persona.tracking_uri, persona.downloads)
             if found is not None:
                 setting, source = found
-                return (dataclasses.replace(chat, **dataclasses.asdict(setting)),
+                return (chat.model_copy(update=setting.model_dump()),
                         f"decoding: chosen on validation for '{adapter.name}' ({source}): {_describe(setting)}")
     chat_setting = {k: getattr(chat, k) for k in ("temperature", "top_p", "top_k", "repetition_penalty",
                                                   "no_repeat_ngram_size")}
@@ -339,9 +337,7 @@ def chat_defaults(chat: Any, persona: PersonaModel, decoding_file: Path | None) 
 
 
 def _describe(setting: Any) -> str:
-    import dataclasses
-
-    return _describe_dict(dataclasses.asdict(setting))
+    return _describe_dict(setting.model_dump())
 
 
 def _describe_dict(values: dict) -> str:
