@@ -39,6 +39,7 @@ import threading
 import time
 from pathlib import Path
 
+from benchlib import mixed_batch_check
 from qlora_pipeline.launching import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,50 +73,12 @@ def test_prompts(path: Path, count: int) -> list[list[dict]]:
 # ----------------------------------------------------------------------- 1. mixed batches
 
 
-def mixed_batch_check(base: Path, adapters: list[Path], conversations: list[list[dict]], tokens: int) -> dict:
-    import torch
-
-    from qlora_pipeline.config import ChatConfig
-    from qlora_pipeline.serving.engine import Engine, Job, Sampling
+def mixed_batch(base: Path, adapters: list[Path], conversations: list[list[dict]], tokens: int) -> dict:
+    """benchlib's check on the trained adapter and two perturbed copies over the base, as ``serve`` loads them."""
     from qlora_pipeline.serving.models import AdapterSpec, load_persona_model
-    from qlora_pipeline.serving.prompts import prompt_ids, with_system_prompt
 
     persona = load_persona_model(base, [AdapterSpec(f"a{i}", str(p)) for i, p in enumerate(adapters[:3])])
-    assert persona.stacked is not None  # the generated mixed batch takes the stacked path; the logits below, PEFT's
-    plain = ChatConfig(temperature=0.0, top_k=0, repetition_penalty=1.0, no_repeat_ngram_size=0)
-    engine = Engine(persona, plain)
-    names = ["base", "a0", "a1", "a2"]
-    rows = [(names[i % 4], messages) for i, messages in enumerate(conversations)]
-    ids = [prompt_ids(persona.tokenizer, with_system_prompt(m, persona.system_prompt(n))) for n, m in rows]
-
-    def job(i):
-        return Job(ids[i], persona.peft_name(rows[i][0]), tokens, Sampling(0.0))
-
-    started = time.perf_counter()
-    mixed = engine.run_batch([job(i) for i in range(len(rows))])
-    mixed_seconds = time.perf_counter() - started
-    alone = [engine.run_batch([job(i)])[0] for i in range(len(rows))]
-    identical = sum(m.text == a.text for m, a in zip(mixed, alone))
-    # Prefill logits: the mixed, left-padded batch vs each prompt alone.
-    width = max(map(len, ids))
-    pad = persona.tokenizer.pad_token_id
-    batch = torch.tensor([[pad] * (width - len(i)) + i for i in ids])
-    mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
-    largest = 0.0
-    with torch.no_grad(), persona.autocast():
-        logits = persona.model(input_ids=batch, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                               adapter_names=[persona.peft_name(n) for n, _ in rows]).logits[:, -1].float()
-        for i, (name, _) in enumerate(rows):
-            with persona.using(name) as model:
-                single = model(input_ids=torch.tensor([ids[i]])).logits[0, -1].float()
-            largest = max(largest, float((logits[i] - single).abs().max()))
-    first_diverging = [next((k for k, (x, y) in enumerate(zip(m.text, a.text)) if x != y), None)
-                       for m, a in zip(mixed, alone) if m.text != a.text]
-    return {"rows": len(rows), "adapters": names, "new_tokens": tokens, "identical_rows": identical,
-            "identical_share": round(identical / len(rows), 3), "max_abs_prefill_logit_diff": round(largest, 5),
-            "first_differing_character": first_diverging, "mixed_batch_seconds": round(mixed_seconds, 2),
-            "dtype": str(next(p for p in persona.model.parameters()).dtype),
-            "autocast": type(persona.autocast()).__name__}
+    return mixed_batch_check(persona, conversations, tokens)
 
 
 # ----------------------------------------------------------------------- servers
@@ -271,7 +234,10 @@ def throughput(base: Path, adapters: list[Path], conversations: list[list[dict]]
     return out
 
 
-def memory(base: Path, adapters: list[Path], counts: list[int], conversation: list[dict]) -> dict:
+def server_rss(base: Path, adapters: list[Path], counts: list[int], conversation: list[dict]) -> dict:
+    """Resident memory of a real ``serve`` process with 0, 1, 3, 10 adapters (what a CPU host pays);
+    gpu_serve.py's ``cuda_allocated`` measures the GPU's allocations in-process instead.
+    """
     rss = {}
     for count in counts:
         with Server(base, adapters[:count]) as server:
@@ -344,13 +310,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         adapters = perturbed_adapters(args.adapter, Path(tmp), 10)
         if "mixed" not in args.skip:
-            report["mixed_batch"] = mixed_batch_check(args.base, adapters, conversations[:args.prompts], 24)
+            report["mixed_batch"] = mixed_batch(args.base, adapters, conversations[:args.prompts], 24)
             print("mixed batch:", json.dumps(report["mixed_batch"]), flush=True)
         if "loops" not in args.skip:
             report["loops"] = loops(args.base, args.adapter, conversations[:args.loop_prompts], 48, 0)
             print("loops:", json.dumps({k: v for k, v in report["loops"].items() if k != "examples"}), flush=True)
         if "memory" not in args.skip:
-            report["memory"] = memory(args.base, adapters, [0, 1, 3, 10], conversations[0])
+            report["memory"] = server_rss(args.base, adapters, [0, 1, 3, 10], conversations[0])
             print("memory:", json.dumps(report["memory"]), flush=True)
         if "throughput" not in args.skip:
             baseline = None
