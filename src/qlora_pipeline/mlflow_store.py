@@ -28,6 +28,13 @@ HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BA
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
 
 
+def use_http_defaults(uri: str) -> None:
+    """For a server's URI, MLflow's HTTP retries as ``HTTP_DEFAULTS`` says, unless the environment sets them."""
+    if is_server(uri):
+        for name, value in HTTP_DEFAULTS.items():
+            os.environ.setdefault(name, value)
+
+
 def repo_root(start: Path | None = None) -> Path:
     """The main repository's root, also from inside a DVC temporary experiment workspace."""
     if os.environ.get("DVC_ROOT"):

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from qlora_pipeline.config import MlflowConfig, flatten
-from qlora_pipeline.mlflow_store import (HTTP_DEFAULTS, KEY_TAG, create_run, experiment_for, is_server, mlflow_client,
-                                         now_ms, reachable, resolve_tracking_uri, run_with_key, send)
+from qlora_pipeline.mlflow_store import (KEY_TAG, create_run, experiment_for, is_server, mlflow_client, now_ms,
+                                         reachable, resolve_tracking_uri, run_with_key, send, use_http_defaults)
 from qlora_pipeline.spool import Spool, spool_dir
 
 _MAX_PARAM_CHARS = 6000
@@ -156,9 +156,7 @@ def pipeline_run(params: Any, stage: str) -> Iterator[Any]:
     global _link
     uri = tracking_uri(params.mlflow)
     mlflow.set_tracking_uri(uri)  # for callers reading runs back through mlflow's fluent API
-    if is_server(uri):
-        for name, value in HTTP_DEFAULTS.items():
-            os.environ.setdefault(name, value)
+    use_http_defaults(uri)
     _link = link = _StageLink(uri, params.mlflow.experiment_name, _opening(params, uri, stage))
     try:
         run = link.open()
@@ -266,9 +264,7 @@ def existing_run(uri: str, run_id: str, stage: str) -> Iterator[None]:
     straight to the store, or, with the server away, to the spool for ``mlflow-sync``.
     """
     global _link
-    if is_server(uri):
-        for name, value in HTTP_DEFAULTS.items():
-            os.environ.setdefault(name, value)
+    use_http_defaults(uri)
     opening = {"op": "open", "tracking_uri": uri, "experiment": None, "key": None, "stage": stage}
     _link = link = _StageLink(uri, "", opening, run_id=run_id)
     try:
