@@ -5,6 +5,13 @@ on a small random Llama with the real SmolLM2 tokenizer, on whatever GPU torch s
 what it found as JSON. Nothing here is timed against a baseline; it checks behaviour.
 
 Run: python bench/gpu_check.py --tokenizer <folder with tokenizer files> --out result.json
+
+``--fsdp``: the FSDP-QLoRA path of ``train.accelerate_config: fsdp_qlora`` (4-bit weights stored as
+bfloat16 so FSDP can flatten them with the rest, each decoder layer its own unit, the adapter
+gathered whole by ``training.save_sharded`` before saving). Run it under accelerate's launcher with
+the shipped config; one process on one GPU wraps and gathers as N would, without the sharding:
+    python -m accelerate.commands.launch --config_file configs/accelerate/fsdp_qlora.yaml \
+        --num_processes 1 bench/gpu_check.py --fsdp --tokenizer <folder> --out result.json
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ def main() -> None:
     parser.add_argument("--tokenizer", type=Path, required=True)
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a new temp folder)")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--fsdp", action="store_true", help="bfloat16 quant storage; gather the adapter via save_sharded")
     args = parser.parse_args()
     args.work = args.work or Path(tempfile.mkdtemp(prefix="gpu_check."))
 
@@ -63,6 +71,8 @@ def main() -> None:
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["model"].update(name_or_path=str(model_dir), gguf_file=None, eos_token="<|im_end|>")
     raw["train"].update(max_steps=6, eval_steps=3, save_steps=3, per_device_train_batch_size=8)
+    if args.fsdp:
+        raw["model"]["quantization"]["bnb_4bit_quant_storage"] = "bfloat16"
     params = params_from_dict(raw)
 
     cfg = params.model
@@ -88,6 +98,9 @@ def main() -> None:
     started = time.perf_counter()
     trainer = training.train_model(params, model, tokenizer, train_ds, val_ds, args.work / "ckpt", None)
     evals = [e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e]
+    result["fsdp"] = {"enabled": bool(trainer.is_fsdp_enabled),
+                      "wrapped_units": sum(type(m).__name__ == "FullyShardedDataParallel"
+                                           for m in trainer.model_wrapped.modules())} if args.fsdp else None
     result["train"] = {"optim": str(trainer.args.optim), "steps": trainer.state.global_step,
                        "val_losses": evals, "seconds": round(time.perf_counter() - started, 2),
                        "peak_memory_mb": training.peak_memory_mb(), "device": str(trainer.model.device)}
@@ -95,8 +108,11 @@ def main() -> None:
     batch = {"input_ids": torch.tensor([train_ds[0]["input_ids"]], device=trainer.model.device)}
     trained = trainer.model.eval()
     with torch.no_grad():
-        expected = trained(**batch).logits
-    trained.save_pretrained(args.work / "adapter")
+        # Under FSDP the forward runs through the wrapped model, which gathers each unit's shards.
+        expected = (trainer.model_wrapped if args.fsdp else trained)(**batch).logits
+    if not training.save_sharded(trainer, args.work / "adapter"):
+        trained.save_pretrained(args.work / "adapter")
+    result["adapter_files"] = sorted(p.name for p in (args.work / "adapter").iterdir())
     base, _ = load_base_for({"method": "qlora"}, base_dir)
     tuned = attach_adapters(base, {"tuned": args.work / "adapter"})
     with torch.no_grad():

@@ -142,7 +142,7 @@ def load_4bit(folder: Path, cuda: bool) -> Any:
     dtype = torch.bfloat16 if cuda else torch.float32
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                       bnb_4bit_compute_dtype=dtype)
-    return AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization, dtype=dtype,
+    return AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization, dtype=dtype, use_kernels=False,
                                                 device_map={"": 0} if cuda else None, use_safetensors=True)
 
 

@@ -195,9 +195,10 @@ def load_tuned(base_dir: Path, adapter_dir: Path, workdir: Path | None = None) -
 
     resolved = read_training_config(adapter_dir)
     if resolved["method"] == "full":
-        from qlora_pipeline.modeling.loading import device_map
+        from qlora_pipeline.modeling.loading import NO_HUB_KERNELS, device_map
 
-        model = AutoModelForCausalLM.from_pretrained(adapter_dir, use_safetensors=True, device_map=device_map())
+        model = AutoModelForCausalLM.from_pretrained(adapter_dir, use_safetensors=True, device_map=device_map(),
+                                                     **NO_HUB_KERNELS)
         return model.eval(), AutoTokenizer.from_pretrained(adapter_dir), resolved
     base, tokenizer = load_base_for(resolved, base_dir, workdir)
     return attach_adapters(base, {TUNED: adapter_dir}), tokenizer, resolved

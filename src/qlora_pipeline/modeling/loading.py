@@ -24,6 +24,13 @@ GGUF_MAGIC = b"GGUF"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
+# Hub kernels are code fetched from the Hub and run, as trust_remote_code would run a model's: off.
+# transformers 5.25 turns them on whenever `kernels` (its own requirement) is installed, and on a
+# CUDA machine it then resolves a rotary kernel on the Hub at load, which fails offline
+# (HF_HUB_OFFLINE=1, as the Makefile sets) unless that kernel was downloaded before.
+NO_HUB_KERNELS: dict[str, Any] = {"use_kernels": False}
+
+
 @dataclass(frozen=True)
 class ModelSource:
     kind: Literal["package", "local", "hub"]
@@ -32,7 +39,7 @@ class ModelSource:
     revision: str | None
 
     def from_pretrained_kwargs(self, cfg: ModelConfig) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
+        kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code, **NO_HUB_KERNELS}
         if self.gguf_file:
             kwargs["gguf_file"] = self.gguf_file
         else:
@@ -165,7 +172,8 @@ def load_model(source: ModelSource, cfg: ModelConfig, quantization: Any, workdir
             return model
         model.save_pretrained(workdir)
         del model
-        source, kwargs = ModelSource("local", str(workdir), None, None), {"use_safetensors": True}
+        source = ModelSource("local", str(workdir), None, None)
+        kwargs = {"use_safetensors": True, **NO_HUB_KERNELS}
     model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, quantization_config=quantization,
                                                  device_map=device_map(), **kwargs)
     disable_cpu_repack(model)
@@ -195,7 +203,7 @@ def load_saved_base(path: Path, compute_dtype: str | None = None) -> tuple[Any, 
 
     if not (path / "config.json").is_file():
         raise PipelineError(f"{path}: no saved base model; run the quantize-load stage first (dvc repro quantize-load)")
-    model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, device_map=device_map())
+    model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, device_map=device_map(), **NO_HUB_KERNELS)
     disable_cpu_repack(model)
     if compute_dtype is not None:
         apply_compute_dtype(model, compute_dtype)

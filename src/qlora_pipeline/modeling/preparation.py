@@ -27,9 +27,28 @@ def prepare_4bit_base(base_dir: Path, compute_dtype: str | None,
     if not getattr(model, "is_loaded_in_4bit", False):
         raise PipelineError(f"{base_dir}: not a 4-bit base; qlora needs model.quantization.load_in_4bit: true, "
                             "or use train.method: lora")
+    if stores_4bit_as_float(model):
+        # FSDP (fsdp_qlora) flattens each decoder layer's frozen parameters into one tensor of one
+        # dtype: the 4-bit weights stored as bfloat16 and the norms beside them. PEFT's preparation
+        # would upcast those norms to float32 and FSDP would refuse the layer (seen on an H200), so
+        # do the rest of it and keep the dtypes; LoRA layers get FSDP units of their own (the
+        # Trainer's PEFT wrap policy), so their float32 weights do not mix with the base's.
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        if activation_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        return model, tokenizer
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=activation_checkpointing,
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, tokenizer
+
+
+def stores_4bit_as_float(model: Any) -> bool:
+    """True when the 4-bit weights are stored in a float dtype (``bnb_4bit_quant_storage``), as FSDP needs."""
+    config = getattr(getattr(model, "hf_quantizer", None), "quantization_config", None)
+    storage = getattr(config, "bnb_4bit_quant_storage", None)
+    return bool(getattr(storage, "is_floating_point", False))
 
 
 def base_fingerprint(method: str, base_dir: Path, model: dict) -> str:

@@ -45,7 +45,7 @@ from qlora_pipeline.labels import IGNORE_INDEX
 from qlora_pipeline.layout import RESOLVED_CONFIG
 from qlora_pipeline.modeling.adapters import attach_adapters, autocast_like_training, load_base_for
 from qlora_pipeline.modeling.inference import dequantize_weight
-from qlora_pipeline.modeling.loading import device_map, set_end_token
+from qlora_pipeline.modeling.loading import NO_HUB_KERNELS, device_map, set_end_token
 from qlora_pipeline.modeling.preparation import base_fingerprint
 from qlora_pipeline.modeling.quantization import linear4bit_modules
 from qlora_pipeline.serving.models import Adapter, check_same_base, fetch_adapter, parse_adapter_spec, read_adapter
@@ -329,7 +329,7 @@ def load_plain(folder: Path) -> Any:
     """The saved model as any user loads it: plain ``from_pretrained``, its dtype from config.json."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(folder, device_map=device_map()).eval()
+    return AutoModelForCausalLM.from_pretrained(folder, device_map=device_map(), **NO_HUB_KERNELS).eval()
 
 
 # -------------------------------------------------------------------------------------------- scores
