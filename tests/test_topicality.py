@@ -44,8 +44,9 @@ def real_turns() -> tuple[list[list[dict]], list[str]]:
     return contexts, replies
 
 
-def test_shared_prefix_log_likelihoods_equal_whole_sequence_scoring(tiny_llama):
-    """The prompt's keys and values computed once and reused for every reply give each reply's own log-likelihood."""
+def test_packed_log_likelihoods_equal_whole_sequence_scoring(tiny_llama):
+    """Replies packed after one prompt, each masked from the others, give each reply's own log-likelihood:
+    in one row, and spread over several rows (a pack budget that fits one or two replies)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qlora_pipeline import evaluation
@@ -57,10 +58,13 @@ def test_shared_prefix_log_likelihoods_equal_whole_sequence_scoring(tiny_llama):
     from qlora_pipeline.modeling.engine import chat_prompt_ids
 
     prompt = chat_prompt_ids(tokenizer, [context])[0]
-    shared = topicality.continuation_log_likelihoods(model, prompt, topicality.reply_ids(tokenizer, replies, 40),
-                                                     chunk=2)
+    continuations = topicality.reply_ids(tokenizer, replies, 40)
+    packed = topicality.continuation_log_likelihoods(model, prompt, continuations)
+    spread = topicality.continuation_log_likelihoods(model, prompt, continuations, max_tokens=len(prompt) + 12)
+    assert topicality._packs(len(prompt), [len(c) for c in continuations], len(prompt) + 12) == [[0, 1], [2]]
     nll, _ = evaluation.reference_nll(model, tokenizer, [{"messages": context, "target": r} for r in replies], 256, 8)
-    assert shared == pytest.approx(-nll, abs=1e-3)
+    assert packed == pytest.approx(-nll, abs=1e-3)
+    assert spread == pytest.approx(-nll, abs=1e-3)
 
 
 def test_real_replies_score_far_above_their_shuffles_and_a_constant_reply_near_zero(quantized_base, real_turns):

@@ -58,67 +58,89 @@ def reply_ids(tokenizer: Any, replies: Sequence[str], max_tokens: int) -> list[l
 
 
 def continuation_log_likelihoods(model: Any, prompt: list[int], continuations: list[list[int]],
-                                 chunk: int = 32) -> np.ndarray:
-    """``log p(continuation | prompt)`` for each continuation, the prompt's keys and values computed once.
+                                 max_tokens: int = 1024) -> np.ndarray:
+    """``log p(continuation | prompt)`` for each continuation, packed without padding.
 
-    The vocabulary head, most of a 135M model's work here, runs only where a token is predicted:
-    the prompt's last position and the continuations' own positions, never on padding.
+    One row holds the prompt and then as many continuations as fit in ``max_tokens``, each at the
+    positions it would have right after the prompt; a block mask lets each continuation see the
+    prompt and its own earlier tokens, never another continuation. Padded to the longest of its
+    chunk, the replies here wasted a third to a half of the decoder's work (reference and generated
+    replies differ in length by an order of magnitude), which on a float32 CPU was most of the time.
+    The vocabulary head runs only where a token is predicted: the prompt's last position and the
+    continuations' own positions but their last.
     """
     import torch
 
     from qlora_pipeline.modeling.loss import causal_lm_parts
 
-    device = model.device
     out = np.zeros(len(continuations))
-    order = sorted(range(len(continuations)), key=lambda i: len(continuations[i]))  # less padding per chunk
     parts = causal_lm_parts(model)
     with torch.no_grad():
-        first = model(input_ids=torch.tensor([prompt], device=device), use_cache=True, logits_to_keep=1)
-        head = torch.log_softmax(first.logits[0, -1].float(), dim=-1)
-        for start in range(0, len(order), chunk):
-            part = [continuations[i] for i in order[start:start + chunk]]
-            rows, width = len(part), max(len(c) for c in part)
-            ids = torch.zeros((rows, width), dtype=torch.long, device=device)
-            mask = torch.zeros((rows, width), dtype=torch.long, device=device)
-            for r, tokens in enumerate(part):
-                ids[r, :len(tokens)] = torch.tensor(tokens)
-                mask[r, :len(tokens)] = 1
-            cache = _copy_cache(first.cache, rows)
-            attention = torch.cat([torch.ones((rows, len(prompt)), dtype=torch.long, device=device), mask], dim=1)
-            positions = (len(prompt) + torch.arange(width, device=device)).expand(rows, width)
-            # Token 0 follows the prompt's last position; token t the continuation's position t - 1.
-            wanted = mask[:, 1:].bool()
-            total = head[ids[:, 0]].clone()
-            if wanted.any():
-                if parts is None:
-                    logits = model(input_ids=ids, attention_mask=attention, position_ids=positions, cache=cache,
-                                   use_cache=True).logits[:, :-1][wanted]
-                else:
-                    decoder, lm_head = parts
-                    hidden = decoder(input_ids=ids, attention_mask=attention, position_ids=positions, cache=cache,
-                                     use_cache=True).last_hidden_state
-                    logits = lm_head(hidden[:, :-1][wanted])
-                following = torch.log_softmax(logits.float(), dim=-1).gather(1, ids[:, 1:][wanted][:, None])[:, 0]
-                row_of = torch.arange(rows, device=device)[:, None].expand(rows, width - 1)[wanted]
-                total.index_add_(0, row_of, following)
-            out[order[start:start + rows]] = total.cpu().numpy()
+        for pack in _packs(len(prompt), [len(c) for c in continuations], max_tokens):
+            ids, positions, mask, targets, before, row_of = _packed_row(model, prompt, [continuations[i] for i in pack])
+            if parts is None:
+                logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[0, before]
+            else:
+                decoder, lm_head = parts
+                hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
+                logits = lm_head(hidden[0, before])
+            scores = torch.log_softmax(logits.float(), dim=-1).gather(1, targets[:, None])[:, 0]
+            totals = torch.zeros(len(pack), dtype=scores.dtype, device=scores.device).index_add_(0, row_of, scores)
+            out[pack] = totals.cpu().numpy()
     return out
 
 
-def _copy_cache(cache: Any, rows: int) -> Any:
-    import copy
+def _packs(prompt_length: int, lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Continuations grouped in order, each group fitting beside the prompt in ``max_tokens`` (at least one each)."""
+    packs: list[list[int]] = []
+    used = max_tokens
+    for index, length in enumerate(lengths):
+        if used + length > max_tokens:
+            packs.append([])
+            used = prompt_length
+        packs[-1].append(index)
+        used += length
+    return packs
 
-    repeated = copy.deepcopy(cache)  # each chunk extends its own copy
-    repeated.batch_repeat_interleave(rows)
-    return repeated
+
+def _packed_row(model: Any, prompt: list[int], part: list[list[int]]) -> tuple[Any, ...]:
+    """Inputs of one packed row: ids, positions, the additive block mask, and per scored token its
+    target, the position whose output predicts it, and which continuation it belongs to."""
+    import torch
+
+    device, dtype = model.device, model.dtype
+    start, total = len(prompt), len(prompt) + sum(len(c) for c in part)
+    ids = torch.tensor([prompt + [t for c in part for t in c]], device=device)
+    positions = torch.cat([torch.arange(start)] + [start + torch.arange(len(c)) for c in part])[None].to(device)
+    allowed = torch.zeros((total, total), dtype=torch.bool)
+    allowed[:, :start] = True
+    allowed[:start, :start] = torch.ones((start, start), dtype=torch.bool).tril()
+    targets, before, row_of = [], [], []
+    offset = start
+    for row, tokens in enumerate(part):
+        span = slice(offset, offset + len(tokens))
+        allowed[span, span] = torch.ones((len(tokens), len(tokens)), dtype=torch.bool).tril()
+        # Token 0 follows the prompt's last position; token t the continuation's own token t - 1.
+        before += [start - 1] + list(range(offset, offset + len(tokens) - 1))
+        targets += tokens
+        row_of += [row] * len(tokens)
+        offset += len(tokens)
+    # A 4D mask goes to the attention as it is: boolean for SDPA (as transformers builds its own, and
+    # whatever dtype autocast gives the scores), additive in the model's dtype for eager attention.
+    if getattr(model.config, "_attn_implementation", "sdpa") == "sdpa":
+        mask = allowed
+    else:
+        mask = torch.zeros((total, total), dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    return (ids, positions, mask[None, None].to(device), torch.tensor(targets, device=device),
+            torch.tensor(before, device=device), torch.tensor(row_of, device=device))
 
 
 def on_topic(model: Any, tokenizer: Any, contexts: Sequence[list[dict]], reply_sets: dict[str, list[list[str]]],
              others: np.ndarray, max_length: int, max_reply_tokens: int) -> dict[str, dict[str, np.ndarray]]:
     """Per set of replies (a list of passes, each a reply per context): per-example scores, averaged over passes.
 
-    ``model`` is the base (its adapter off). Each context is prefilled once for every reply scored
-    after it (its own replies of every set, and the replies it is a mismatch for); prompts lose
+    ``model`` is the base (its adapter off). Each context is scored in one packed row with every reply
+    scored after it (its own replies of every set, and the replies it is a mismatch for); prompts lose
     turns from the left to fit ``max_length`` with a reply of ``max_reply_tokens``, as training cuts them.
     """
     from qlora_pipeline.modeling.engine import chat_prompt_ids
