@@ -132,7 +132,7 @@ def read_probes(folder: Path, system: str, texts: dict[str, list[str]]) -> dict[
 
 
 def write_grid(folder: Path, rows: Sequence[dict], runs: dict[str, list[list[Any]]]) -> None:
-    """Per sampled setting of the grid (keyed by :func:`setting_key`), the replies of each pass, in row order."""
+    """Per setting of the grid but plain greedy (keyed by :func:`setting_key`), the replies of each pass, in row order."""
     from qlora_pipeline.io import write_json
 
     write_json(folder / GRID_FILE, {"ids": [row["id"] for row in rows], "settings": {

@@ -104,7 +104,7 @@ def generate_both(params: Params, base_dir: Path, adapter_dir: Path, rows: list[
     sampled = chosen is not None and chosen != DecodingSetting()
     runs = decoding.pass_requests([r.prompt_ids for r in greedy], chosen, cfg.samples_per_prompt,
                                   cfg.max_new_tokens, params.seed) if sampled else []
-    # The base under the chosen decoding, as the zero-shot stage made it (it runs every sampled setting).
+    # The base under the chosen decoding, as the zero-shot stage made it (every setting but plain greedy).
     base_chosen = test_replies.read_grid(zero_shot_dir, rows, chosen, len(runs)) if sampled and zero_shot_dir else None
     workload += [(side, request) for side in SIDES if side == "tuned" or base_chosen is None
                  for run in runs for request in run]

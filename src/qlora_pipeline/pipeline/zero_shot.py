@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from qlora_pipeline import decoding, test_replies, topicality, tracking
-from qlora_pipeline.config import Params
+from qlora_pipeline.config import DecodingSetting, Params
 from qlora_pipeline.io import atomic_path, read_json, remove_outputs, write_json
 from qlora_pipeline.risk.probes import load_probe_sets, probe_prompt_ids
 
@@ -39,11 +39,12 @@ def run_zero_shot(params: Params, base_dir: Path, test_path: Path, manifest_path
     probe_ids = probe_prompt_ids(tokenizer, system, probes.texts)
     probe_requests = [Request(ids, max_new_tokens=params.risk.max_new_tokens)
                       for name in probe_ids for ids in probe_ids[name]]
-    # The base under every sampled setting of the grid: evaluate's base row under the decoding chosen on
-    # validation is then one of these, whichever the adapter's choice (a greedy choice reuses the greedy replies).
+    # The base under every setting of the grid but plain greedy (whose replies are the greedy ones above),
+    # penalised greedy included: evaluate's base row under the decoding chosen on validation is then one of
+    # these, whichever the adapter's choice, and an experiment that retrains generates the tuned side alone.
     grid = {test_replies.setting_key(setting): decoding.pass_requests(
         [r.prompt_ids for r in requests], setting, cfg.samples_per_prompt, cfg.max_new_tokens, params.seed)
-        for setting in params.decoding.grid if setting.sampled}
+        for setting in params.decoding.grid if setting != DecodingSetting()}
     grid_requests = [request for runs in grid.values() for run in runs for request in run]
     results = engine.run(requests + probe_requests + grid_requests)
     side = test_replies.outputs(results[:len(rows)])
