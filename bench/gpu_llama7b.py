@@ -138,11 +138,13 @@ def load_4bit(folder: Path, cuda: bool) -> Any:
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    from qlora_pipeline.modeling.loading import NO_HUB_KERNELS
+
     # bfloat16 is the GPU's fast type; on a CPU without native bfloat16 it is ~30x slower (hardware.py).
     dtype = torch.bfloat16 if cuda else torch.float32
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                       bnb_4bit_compute_dtype=dtype)
-    return AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization, dtype=dtype, use_kernels=False,
+    return AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization, dtype=dtype, **NO_HUB_KERNELS,
                                                 device_map={"": 0} if cuda else None, use_safetensors=True)
 
 

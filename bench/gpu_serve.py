@@ -85,6 +85,7 @@ def build_base(work: Path, tokenizer_dir: Path, shape: dict, cuda: bool) -> tupl
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
+    from qlora_pipeline.modeling.loading import NO_HUB_KERNELS
     from qlora_pipeline.modeling.quantization import disable_cpu_repack, footprint, linear4bit_modules
 
     started = time.perf_counter()
@@ -104,7 +105,7 @@ def build_base(work: Path, tokenizer_dir: Path, shape: dict, cuda: bool) -> tupl
         torch.cuda.empty_cache()
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                       bnb_4bit_compute_dtype=dtype)
-    model = AutoModelForCausalLM.from_pretrained(dense, dtype=dtype, quantization_config=quantization, use_kernels=False,
+    model = AutoModelForCausalLM.from_pretrained(dense, dtype=dtype, quantization_config=quantization, **NO_HUB_KERNELS,
                                                  device_map={"": 0} if cuda else None)
     disable_cpu_repack(model)
     layers = linear4bit_modules(model)

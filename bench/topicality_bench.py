@@ -67,20 +67,13 @@ def padded_log_likelihoods(model, prompt: list[int], continuations: list[list[in
 
 
 def workload(tokenizer, contexts, reply_sets, others, max_length, max_reply_tokens):
-    """Per context: its prompt and the continuations on_topic scores after it."""
+    """Per context: its prompt and the continuations on_topic scores after it (its own scoring plan)."""
     from qlora_pipeline import topicality
-    from qlora_pipeline.modeling.engine import chat_prompt_ids
 
-    keep = max(max_length - max_reply_tokens - 1, 1)
-    prompts = [ids[-keep:] for ids in chat_prompt_ids(tokenizer, contexts)]
-    replies = {name: topicality.reply_ids(tokenizer, texts, max_reply_tokens) for name, texts in reply_sets.items()}
-    after = [[] for _ in prompts]
-    for name in replies:
-        for i in range(len(prompts)):
-            after[i].append(replies[name][i])
-            for j in others[i]:
-                after[j].append(replies[name][i])
-    return prompts, after
+    prompts, replies, after = topicality.scoring_plan(tokenizer, contexts, {name: [texts] for name, texts in
+                                                                            reply_sets.items()},
+                                                      others, max_length, max_reply_tokens)
+    return prompts, [[replies[key][i] for key, i, _ in wanted] for wanted in after]
 
 
 def timed(score, model, prompts, after) -> tuple[list[np.ndarray], float]:

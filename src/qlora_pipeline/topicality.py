@@ -79,10 +79,12 @@ def continuation_log_likelihoods(model: Any, prompt: list[int], continuations: l
         for pack in _packs(len(prompt), [len(c) for c in continuations], max_tokens):
             ids, positions, mask, targets, before, row_of = _packed_row(model, prompt, [continuations[i] for i in pack])
             if parts is None:
-                logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[0, before]
+                logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                               use_cache=False).logits[0, before]
             else:
                 decoder, lm_head = parts
-                hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
+                hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                 use_cache=False).last_hidden_state
                 logits = lm_head(hidden[0, before])
             scores = torch.log_softmax(logits.float(), dim=-1).gather(1, targets[:, None])[:, 0]
             totals = torch.zeros(len(pack), dtype=scores.dtype, device=scores.device).index_add_(0, row_of, scores)
@@ -104,7 +106,7 @@ def _packs(prompt_length: int, lengths: list[int], max_tokens: int) -> list[list
 
 
 def _packed_row(model: Any, prompt: list[int], part: list[list[int]]) -> tuple[Any, ...]:
-    """Inputs of one packed row: ids, positions, the additive block mask, and per scored token its
+    """Inputs of one packed row: ids, positions, the 4D block mask, and per scored token its
     target, the position whose output predicts it, and which continuation it belongs to."""
     import torch
 
@@ -135,6 +137,25 @@ def _packed_row(model: Any, prompt: list[int], part: list[list[int]]) -> tuple[A
             torch.tensor(before, device=device), torch.tensor(row_of, device=device))
 
 
+def scoring_plan(tokenizer: Any, contexts: Sequence[list[dict]], reply_sets: dict[str, list[list[str]]],
+                 others: np.ndarray, max_length: int, max_reply_tokens: int) -> tuple[list, dict, list]:
+    """What :func:`on_topic` scores: per context its prompt ids, the reply ids per (set, pass), and per
+    context the replies scored after it as (set and pass, reply index, slot; -1 for its own context)."""
+    from qlora_pipeline.modeling.engine import chat_prompt_ids
+
+    keep = max(max_length - max_reply_tokens - 1, 1)
+    prompts = [ids[-keep:] for ids in chat_prompt_ids(tokenizer, contexts)]
+    replies = {(name, p): reply_ids(tokenizer, texts, max_reply_tokens)
+               for name, passes in reply_sets.items() for p, texts in enumerate(passes)}
+    after: list[list[tuple[Any, int, int]]] = [[] for _ in prompts]
+    for key in replies:
+        for i in range(len(prompts)):
+            after[i].append((key, i, -1))
+            for slot, j in enumerate(others[i]):
+                after[j].append((key, i, slot))
+    return prompts, replies, after
+
+
 def on_topic(model: Any, tokenizer: Any, contexts: Sequence[list[dict]], reply_sets: dict[str, list[list[str]]],
              others: np.ndarray, max_length: int, max_reply_tokens: int) -> dict[str, dict[str, np.ndarray]]:
     """Per set of replies (a list of passes, each a reply per context): per-example scores, averaged over passes.
@@ -143,21 +164,10 @@ def on_topic(model: Any, tokenizer: Any, contexts: Sequence[list[dict]], reply_s
     scored after it (its own replies of every set, and the replies it is a mismatch for); prompts lose
     turns from the left to fit ``max_length`` with a reply of ``max_reply_tokens``, as training cuts them.
     """
-    from qlora_pipeline.modeling.engine import chat_prompt_ids
-
     n, k = others.shape
-    keep = max(max_length - max_reply_tokens - 1, 1)
-    prompts = [ids[-keep:] for ids in chat_prompt_ids(tokenizer, contexts)]
-    replies = {(name, p): reply_ids(tokenizer, texts, max_reply_tokens)
-               for name, passes in reply_sets.items() for p, texts in enumerate(passes)}
+    prompts, replies, after = scoring_plan(tokenizer, contexts, reply_sets, others, max_length, max_reply_tokens)
     own = {key: np.zeros(n) for key in replies}
     other = {key: np.zeros((n, k)) for key in replies}
-    after: list[list[tuple[Any, int, int]]] = [[] for _ in range(n)]  # per context: (set and pass, reply, slot)
-    for key in replies:
-        for i in range(n):
-            after[i].append((key, i, -1))
-            for slot, j in enumerate(others[i]):
-                after[j].append((key, i, slot))
     model.eval()
     for j, wanted in enumerate(after):
         scores = continuation_log_likelihoods(model, prompts[j], [replies[key][i] for key, i, _ in wanted])
