@@ -180,24 +180,28 @@ def kill_after_first_checkpoint(repo: Path) -> None:
     Training starts over for this: the kill drawn for train-adapter can come after the second
     checkpoint was already written and rotated away (save_total_limit), or after the stage finished
     when it ran faster than in the uninterrupted run (both seen on a real AVX2 machine); resuming from
-    there, the second checkpoint never appears. So the checkpoints go, and a finished adapter too,
-    which also needs DVC's run cache off: it would restore the finished run's outputs instead of training.
+    there, the second checkpoint never appears. So the checkpoints go, and a finished adapter too.
+    DVC's run cache is off whether or not the adapter is there: DVC records a finished stage in the
+    run cache before it relinks the outputs from its cache (`Stage.run`: save, then commit), so a
+    kill in between leaves no adapter but a run cache entry, which plain `dvc repro` restores
+    instead of training (seen with KILL_SEED=9614).
     """
-    command = ["dvc", "repro"]
     shutil.rmtree(repo / "models/checkpoints", ignore_errors=True)
-    if (repo / "models/adapter").exists():
-        shutil.rmtree(repo / "models/adapter")
-        command.append("--no-run-cache")
-    with (repo / "kill-checkpoint.log").open("w") as handle:
-        proc = subprocess.Popen(command, cwd=repo, env=pipeline_env(), stdout=handle,
+    shutil.rmtree(repo / "models/adapter", ignore_errors=True)
+    log = repo / "kill-checkpoint.log"
+    with log.open("w") as handle:
+        proc = subprocess.Popen(["dvc", "repro", "--no-run-cache"], cwd=repo, env=pipeline_env(), stdout=handle,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     second = repo / "models/checkpoints" / f"checkpoint-{2 * OVERRIDES['train.save_steps']}"
     deadline = time.time() + 300
     while not second.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
+    ended = proc.poll() is not None
+    if not ended:
+        os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert second.exists(), "train-adapter never reached its second checkpoint"
+    assert second.exists(), f"train-adapter never reached its second checkpoint:\n{log.read_text()[-2000:]}"
+    assert not ended, f"dvc repro ended before the kill:\n{log.read_text()[-2000:]}"
     assert not (repo / "models/adapter").exists(), "training ended before the kill"
 
 

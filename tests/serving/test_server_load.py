@@ -31,9 +31,14 @@ pytestmark = pytest.mark.slow
 
 HI = {"model": "alice", "messages": [{"role": "user", "content": "hey, how was your weekend?"}]}
 # Resident memory of the server may grow by at most this much over the soak, after its warm-up
-# (first of each kind of request: allocator pools, KV slots, a runtime adapter's stacks).
+# (first of each kind of request: allocator pools, KV slots, a runtime adapter's stacks). Growth is
+# floor to floor: the lowest sample of the soak's last third against the lowest of its first. A
+# leak raises the floor; a runtime adapter loaded at the moment of a sample, or a batch in flight,
+# only lifts single samples (CI saw one at +67 MB with the last sample back below the first), and
+# those are held to the wider SOAK_PEAK_MB.
 SOAK_SECONDS = 60
 SOAK_GROWTH_MB = 64
+SOAK_PEAK_MB = 192
 
 
 def metric(text: str, name: str, labels: str = "") -> float:
@@ -222,7 +227,9 @@ def test_a_soak_of_mixed_traffic_leaves_no_5xx_and_no_memory_growth(served):
     assert all(status < 500 for status in statuses), seen
     assert set(seen["hostile"]) <= {400, 403, 404, 409, 413} and 200 in seen["reply"] and 200 in seen["stream"]
     assert set(seen["adapter"]) <= {200, 404, 409, 429}  # 409/404: another client loaded or unloaded carol first
-    assert max(samples) - samples[0] <= SOAK_GROWTH_MB, samples
+    third = max(1, len(samples) // 3)
+    assert min(samples[-third:]) - min(samples[:third]) <= SOAK_GROWTH_MB, samples
+    assert max(samples) - samples[0] <= SOAK_PEAK_MB, samples
     health = httpx.get(url + "/health", timeout=30).json()
     assert health["status"] == "ok" and set(health["models"]) >= {"base", "alice", "bob"}
     text = httpx.get(url + "/metrics", headers=AUTH, timeout=30).text
