@@ -75,6 +75,8 @@ bench: run
 # the slowest are listed at the end.
 # Two workers (pytest-xdist), each taking whole test modules, the longest first, with a torch thread
 # each (tests/conftest.py): 1.5x faster than one on 2 cores, where one left a core idle half the time.
+# --no-loadscope-reorder: pytest-xdist 3.7+ otherwise hands out modules by their number of tests,
+# which put the few long end-to-end modules last, and ignored our longest-first order.
 TEST_WORKERS ?= 2
 test: setup gguf browser postgres
-	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
+	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15

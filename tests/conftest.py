@@ -38,12 +38,13 @@ settings.register_profile("thorough", max_examples=2000, deadline=None,
 PROPERTIES_PROFILE = settings.get_profile(os.environ.get("DATA_PROPERTIES_PROFILE", "data-properties"))
 
 # The modules that take longest, longest first. Workers take whole modules (--dist loadfile) in
-# collection order, so starting with these lets the two finish together; a serial run is unchanged
-# but for the order. Seconds per module under `make test` on the Xeon machine: about 340, 220, 155,
-# 140, 120, 100, 95, 80.
-SLOWEST_FIRST = ("e2e/test_dvc_pipeline.py", "e2e/test_data_dependency.py", "e2e/test_failures.py",
-                 "e2e/test_mlflow_server.py", "test_notebook.py", "serving/test_export_gguf.py",
-                 "serving/test_server_load.py", "modeling/test_generation_engine.py")
+# collection order (--no-loadscope-reorder), so starting with these lets the two finish together; a
+# serial run is unchanged but for the order. Seconds per module under CI's `make test`: about 770,
+# 370, 320, 300, 290, 250, 80, 80, 60. test_failures.py, which builds its own run, comes second: the
+# other worker builds tiny_baseline meanwhile, which the modules after it copy (built_once).
+SLOWEST_FIRST = ("e2e/test_dvc_pipeline.py", "e2e/test_failures.py", "e2e/test_mlflow_server.py",
+                 "e2e/test_data_dependency.py", "test_notebook.py", "e2e/test_dvc_remote.py",
+                 "serving/test_export_gguf.py", "serving/test_server_load.py", "modeling/test_generation_engine.py")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -221,6 +222,32 @@ def copy_repository(repo: Path, params_overrides: dict | None = None, extra_file
     return repo
 
 
+# ------------------------------------------------------------------ built once per test run
+
+
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """The folder ``build(folder)`` filled, built once per test run whichever pytest-xdist worker asks first.
+
+    A session fixture alone is built once per worker: under `make test`'s two workers the real model
+    was quantized twice and the tiny pipeline's baseline run twice (each about two minutes of a core
+    on the AVX2 machine). The workers share the run's base temporary folder; a file lock makes the
+    second wait for the first's build. The builds here are read only: tests copy what they change.
+    """
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # popen-gwN's parent: the run's base temporary folder
+    folder = root / f"built-once-{name}"
+    with FileLock(f"{folder}.lock"):
+        if not (folder / ".built").exists():  # a worker whose build failed leaves no mark: the next tries again
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            (folder / ".built").touch()
+    return folder
+
+
 # ------------------------------------------------------------------ the tiny pipeline's baseline
 
 # Where the end-to-end repositories keep their chat log (git-tracked, as a user's small export).
@@ -241,14 +268,18 @@ class Baseline:
 
 @pytest.fixture(scope="session")
 def tiny_baseline(tmp_path_factory, tiny_llama) -> Baseline:
-    """Built once per session; the end-to-end modules each start from a copy (copy_baseline), not a run of their own."""
-    repo = copy_repository(tmp_path_factory.mktemp("baseline") / "repo",
-                           {**TINY_RUN, "data.path": TINY_DATA, "model.name_or_path": str(tiny_llama)},
-                           {TINY_DATA: jsonl(chat_rows())})
-    out = sh(["dvc", "repro"], repo)
-    sh(["git", "add", "-A"], repo)  # dvc.lock and the metrics (cache: false: git carries them)
-    sh(["git", "commit", "-qm", "baseline results"], repo)
-    return Baseline(repo, out)
+    """Built once per `make test` (built_once); the end-to-end modules each start from a copy (copy_baseline),
+    not a run of their own."""
+    def build(folder: Path) -> None:
+        repo = copy_repository(folder / "repo", {**TINY_RUN, "data.path": TINY_DATA, "model.name_or_path": str(tiny_llama)},
+                               {TINY_DATA: jsonl(chat_rows())})
+        out = sh(["dvc", "repro"], repo)
+        sh(["git", "add", "-A"], repo)  # dvc.lock and the metrics (cache: false: git carries them)
+        sh(["git", "commit", "-qm", "baseline results"], repo)
+        (folder / "repro-output.txt").write_text(out)
+
+    folder = built_once(tmp_path_factory, "tiny-baseline", build)
+    return Baseline(folder / "repo", (folder / "repro-output.txt").read_text())
 
 
 def copy_baseline(baseline: Baseline, repo: Path) -> Path:
@@ -273,36 +304,41 @@ def copy_baseline(baseline: Baseline, repo: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def quantized_base(tmp_path_factory, base_params_dict) -> Path:
-    """The real SmolLM2-135M GGUF, quantized to NF4 by the quantize-load stage (built once per session)."""
-    from qlora_pipeline.pipeline.quantize_load import run_quantize_load
+    """The real SmolLM2-135M GGUF, quantized to NF4 by the quantize-load stage (built once per test run)."""
+    def build(tmp: Path) -> None:
+        from qlora_pipeline.pipeline.quantize_load import run_quantize_load
 
-    tmp = tmp_path_factory.mktemp("base")
-    params = make_params(base_params_dict, {"model.smoke_prompts": ["hi, how are you?"],
-                                            "model.smoke_max_new_tokens": 8}, tmp)
-    os.environ["QLORA_PIPELINE_RUN_KEY"] = "tests-quantized-base"
-    try:
-        run_quantize_load(params, tmp / "base", tmp / "base.json")
-    finally:
-        del os.environ["QLORA_PIPELINE_RUN_KEY"]
-    return tmp / "base"
+        params = make_params(base_params_dict, {"model.smoke_prompts": ["hi, how are you?"],
+                                                "model.smoke_max_new_tokens": 8}, tmp)
+        os.environ["QLORA_PIPELINE_RUN_KEY"] = "tests-quantized-base"
+        try:
+            run_quantize_load(params, tmp / "base", tmp / "base.json")
+        finally:
+            del os.environ["QLORA_PIPELINE_RUN_KEY"]
+
+    return built_once(tmp_path_factory, "quantized-base", build) / "base"
 
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory, quantized_base) -> Path:
-    """A tiny random Llama with the real tokenizer: for tests where only shapes matter."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    """A tiny random Llama with the real tokenizer: for tests where only shapes matter.
 
-    folder = tmp_path_factory.mktemp("tiny") / "tiny-llama"
-    tokenizer = AutoTokenizer.from_pretrained(quantized_base)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    One folder per test run (built_once), as tiny_baseline's repository names it by path.
+    """
+    def build(root: Path) -> None:
+        import torch
+        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+        tokenizer = AutoTokenizer.from_pretrained(quantized_base)
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                             tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).save_pretrained(root / "tiny-llama")
+        tokenizer.save_pretrained(root / "tiny-llama")
+
+    return built_once(tmp_path_factory, "tiny-llama", build) / "tiny-llama"
 
 
 @pytest.fixture(scope="session")

@@ -183,24 +183,24 @@ def test_split_params_rerun_split_and_everything_after(repo):
 
 
 def test_queued_grid_lands_every_experiment_in_the_one_store(repo):
-    """A grid over LoRA rank plus full fine-tuning, queued and run one at a time.
+    """A grid of QLoRA at a new rank and full fine-tuning, queued and run one at a time.
 
+    Two experiments, from one grid flag and one plain one: each is a train-adapter run and everything
+    after it (about two minutes each on the AVX2 machine). A third, a second rank, added no assertion.
     The lora method (qlora without the 4-bit base) is left out to keep make test short: its model
     preparation is tested in test_training.py, and the queue treats it as any other params change.
     """
     before = len(runs(repo))
-    sh(["dvc", "exp", "run", "--queue", "-S", "train.lora.r=2,4"], repo)
-    sh(["dvc", "exp", "run", "--queue", "-S", "train.method=full"], repo)
+    sh(["dvc", "exp", "run", "--queue", "-S", "train.method=qlora,full", "-S", "train.lora.r=4"], repo)
     status = run_queue(repo)
     assert "Failed" not in status, status
     table = runs(repo)
     new = table.iloc[: len(table) - before]
-    assert len(new) == 3
-    assert sorted(zip(new["params.train.method"], new["params.train.lora.r"])) == [
-        ("full", "16"), ("qlora", "2"), ("qlora", "4")]
+    assert len(new) == 2
+    assert sorted(zip(new["params.train.method"], new["params.train.lora.r"])) == [("full", "4"), ("qlora", "4")]
     assert all(name != "workspace" for name in new["tags.dvc.exp_name"])
     assert new["metrics.eval.rouge1.tuned"].notna().all() and new["metrics.train.best_val_loss"].notna().all()
     shown = sh(["dvc", "exp", "show", "--no-pager", "--csv"], repo)
     header, *rows = shown.strip().splitlines()
     assert "best_val_loss" in header and "train.method" in header
-    assert len(rows) >= 5  # workspace, the baseline commit and the three experiments
+    assert len(rows) >= 4  # workspace, the baseline commit and the two experiments
