@@ -162,8 +162,18 @@ def served(quantized_base, persona_adapters, tmp_path_factory):
     try:
         yield url, proc, server, root
     finally:
+        # SIGTERM to `timeout` reaches the server (timeout passes it on); SIGKILL does not: it left the
+        # server running after the test run had ended (seen an hour later, under no timer at all).
         if proc.poll() is None:
-            proc.kill()
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        try:
+            server.kill()
+        except psutil.NoSuchProcess:
+            pass
         proc.wait(timeout=30)
         log.close()
 
