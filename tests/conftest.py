@@ -39,8 +39,9 @@ PROPERTIES_PROFILE = settings.get_profile(os.environ.get("DATA_PROPERTIES_PROFIL
 
 # The modules that take longest, longest first. Workers take whole modules (--dist loadfile) in
 # collection order (--no-loadscope-reorder), so starting with these lets the two finish together; a
-# serial run is unchanged but for the order. Seconds per module under CI's `make test`: about 770,
-# 370, 320, 300, 290, 250, 80, 80, 60. test_failures.py, which builds its own run, comes second: the
+# serial run is unchanged but for the order. Seconds per module under CI's `make test` on the AVX2
+# machine, summed from its list of slowest tests (so at least): about 770, 370, 320, 300, 290, 250,
+# 80, 80, 60. test_failures.py, which builds its own run, comes second: the
 # other worker builds tiny_baseline meanwhile, which the modules after it copy (built_once).
 SLOWEST_FIRST = ("e2e/test_dvc_pipeline.py", "e2e/test_failures.py", "e2e/test_mlflow_server.py",
                  "e2e/test_data_dependency.py", "test_notebook.py", "e2e/test_dvc_remote.py",

@@ -22,6 +22,7 @@ import re
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -116,14 +117,19 @@ def uninterrupted(tmp_path_factory, tiny_llama) -> Path:
     started = {}
     proc = subprocess.Popen(["dvc", "repro"], cwd=repo, env=pipeline_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
+    deadline = threading.Timer(600, proc.kill)  # sh()'s bound: a hung run fails instead of blocking the read
+    deadline.start()
     lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        found = re.match(r"Running stage '([^']+)'", line)
-        if found:
-            started[found.group(1)] = time.monotonic()
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            found = re.match(r"Running stage '([^']+)'", line)
+            if found:
+                started[found.group(1)] = time.monotonic()
+    finally:
+        deadline.cancel()
     ended = time.monotonic()
-    assert proc.wait(timeout=600) == 0, "".join(lines)[-3000:]
+    assert proc.wait() == 0, "".join(lines)[-3000:]
     assert sorted(started) == sorted(STAGES), list(started)
     order = list(started)  # as DVC ran them
     ends = [*(started[stage] for stage in order[1:]), ended]
