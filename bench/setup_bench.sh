@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
 # make run's set-up with pip against uv, each from an empty virtual environment, cold (empty package
-# caches) and warm (caches from the run before), in one run. Prints the seconds of each and the ratios,
+# caches) and warm (caches from the run before), in one run, and then what each leaves for the first
+# stage to pay: a process's imports of torch, transformers, PEFT, MLflow and scikit-learn, timed first
+# (compiling what has no .pyc yet, written as it goes) and again. Prints the seconds and the ratios,
 # and writes them as JSON to $1 (default: bench/results/setup.json).
 #
-#   pip: python3 -m venv; pip install torch==2.13.0; pip install -e '.[dev]'; pip install --no-deps wheels
-#   uv:  python3 -m venv; pip install torch==2.13.0 uv; uv pip install --compile-bytecode -e '.[dev]'; the same --no-deps
-#        (torch by pip in both: pip's configuration on the CPU machines finds the CPU build on disk; uv does not;
-#        --compile-bytecode writes the .pyc files pip writes by default, so both leave the same environment)
+#   pip:         python3 -m venv; pip install torch==2.13.0; pip install -e '.[dev]'; pip install --no-deps wheels
+#                (pip compiles every installed module's bytecode)
+#   uv_compiled: python3 -m venv; pip install torch==2.13.0 uv; uv pip install --compile-bytecode -e '.[dev]';
+#                the same --no-deps (the previous make setup: every module compiled, as pip does)
+#   uv:          python3 -m venv; pip install --no-compile torch==2.13.0 uv; uv pip install -e '.[dev]'; the same
+#                --no-deps (make setup now: no bytecode at set-up; each module compiled when first imported)
+#        (torch by pip in all: pip's configuration on the CPU machines finds the CPU build on disk; uv does not)
 #
 # The caches are moved aside for the cold runs (PIP_CACHE_DIR / UV_CACHE_DIR point into a scratch folder),
-# so the user's own caches are left alone. Needs the package registry; takes a few minutes.
+# so the user's own caches are left alone. Needs the package registry; takes about ten minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-bench/results/setup.json}
@@ -29,12 +34,22 @@ with_pip() {
     .venv/bin/python -m pip install --quiet --no-deps $WHEELS
 }
 
-with_uv() {
+with_uv_compiled() {
     python3 -m venv .venv
     .venv/bin/python -m pip install --quiet torch==2.13.0 "$UV_VERSION"
     .venv/bin/uv pip install --quiet --compile-bytecode --python .venv/bin/python -e '.[dev]'
     .venv/bin/uv pip install --quiet --compile-bytecode --python .venv/bin/python --no-deps $WHEELS
 }
+
+with_uv() {
+    python3 -m venv .venv
+    .venv/bin/python -m pip install --quiet --no-compile torch==2.13.0 "$UV_VERSION"
+    .venv/bin/uv pip install --quiet --python .venv/bin/python -e '.[dev]'
+    .venv/bin/uv pip install --quiet --python .venv/bin/python --no-deps $WHEELS
+}
+
+# What a stage process imports before it works, with .pyc writing on (as make sets it).
+IMPORTS="import torch, transformers, peft, mlflow, sklearn"
 
 timed() {  # timed NAME FUNCTION: seconds of FUNCTION in a fresh venv
     cd "$SCRATCH/project"
@@ -43,23 +58,44 @@ timed() {  # timed NAME FUNCTION: seconds of FUNCTION in a fresh venv
     start=$(date +%s.%N)
     "$2" > "$SCRATCH/$1.log" 2>&1
     end=$(date +%s.%N)
+    local first second
+    first=$(imported)
+    second=$(imported)
     cd - > /dev/null
-    echo "$end - $start" | bc
+    echo "$(echo "$end - $start" | bc) $first $second"
+}
+
+imported() {  # seconds of one process's imports in the venv of the current folder
+    local start
+    start=$(date +%s.%N)
+    env -u PYTHONDONTWRITEBYTECODE .venv/bin/python -c "$IMPORTS"
+    echo "$(date +%s.%N) - $start" | bc
 }
 
 declare -A SECONDS_OF
-SECONDS_OF[pip_cold]=$(timed pip_cold with_pip)
-SECONDS_OF[pip_warm]=$(timed pip_warm with_pip)
-SECONDS_OF[uv_cold]=$(timed uv_cold with_uv)
-SECONDS_OF[uv_warm]=$(timed uv_warm with_uv)
+for variant in pip uv_compiled uv; do
+    SECONDS_OF[${variant}_cold]=$(timed ${variant}_cold with_$variant)
+    SECONDS_OF[${variant}_warm]=$(timed ${variant}_warm with_$variant)
+done
 MACHINE=$(.venv/bin/python -c "import sys; sys.path.insert(0, 'src'); from qlora_pipeline import hardware; print(hardware.capability_line())")
-python3 - "$OUT" "$MACHINE" "${SECONDS_OF[pip_cold]}" "${SECONDS_OF[pip_warm]}" "${SECONDS_OF[uv_cold]}" \
-    "${SECONDS_OF[uv_warm]}" <<'PY'
+ARGS=()
+for name in "${!SECONDS_OF[@]}"; do ARGS+=("$name=${SECONDS_OF[$name]}"); done
+python3 - "$OUT" "$MACHINE" "${ARGS[@]}" <<'PY'
 import json, sys
-out, machine, pip_cold, pip_warm, uv_cold, uv_warm = sys.argv[1], sys.argv[2], *map(float, sys.argv[3:])
-report = {"machine": machine, "seconds": {"pip_cold": round(pip_cold, 1), "pip_warm": round(pip_warm, 1),
-                                          "uv_cold": round(uv_cold, 1), "uv_warm": round(uv_warm, 1)},
-          "pip_vs_uv_cold": round(pip_cold / uv_cold, 2), "pip_vs_uv_warm": round(pip_warm / uv_warm, 2)}
+out, machine, *pairs = sys.argv[1:]
+measured = {}
+for pair in pairs:  # name=setup first-import later-import
+    name, _, value = pair.partition("=")
+    setup, first, second = map(float, value.split())
+    measured[name] = {"setup": round(setup, 1), "first_import": round(first, 1), "later_import": round(second, 1),
+                      "setup_and_first_import": round(setup + first, 1)}
+measured = dict(sorted(measured.items()))
+total = {name: m["setup_and_first_import"] for name, m in measured.items()}
+report = {"machine": machine, "seconds": measured,
+          "pip_vs_uv_cold": round(total["pip_cold"] / total["uv_cold"], 2),
+          "pip_vs_uv_warm": round(total["pip_warm"] / total["uv_warm"], 2),
+          "uv_compiled_vs_uv_warm": round(total["uv_compiled_warm"] / total["uv_warm"], 2),
+          "ratios_of": "set-up plus the first process's imports"}
 print(json.dumps(report, indent=2))
 with open(out, "w") as handle:
     handle.write(json.dumps(report, indent=2) + "\n")
