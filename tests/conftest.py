@@ -40,11 +40,11 @@ PROPERTIES_PROFILE = settings.get_profile(os.environ.get("DATA_PROPERTIES_PROFIL
 # The modules that take longest, longest first. Workers take whole modules (--dist loadfile) in
 # collection order (--no-loadscope-reorder), so starting with these lets the two finish together; a
 # serial run is unchanged but for the order. Seconds per module under CI's `make test` on the AVX2
-# machine, summed from its list of slowest tests (so at least): about 770, 370, 320, 300, 290, 250,
-# 80, 80, 60. test_failures.py, which builds its own run, comes second: the
-# other worker builds tiny_baseline meanwhile, which the modules after it copy (built_once).
-SLOWEST_FIRST = ("e2e/test_dvc_pipeline.py", "e2e/test_failures.py", "e2e/test_mlflow_server.py",
-                 "e2e/test_data_dependency.py", "test_notebook.py", "e2e/test_dvc_remote.py",
+# machine, summed from its list of slowest tests (so at least). The first builds tiny_baseline
+# (built_once), which test_failures.py and the modules after it read or copy; the notebook, which needs
+# none of it, comes second so that the other worker has work meanwhile instead of waiting for the build.
+SLOWEST_FIRST = ("e2e/test_dvc_pipeline.py", "test_notebook.py", "e2e/test_failures.py", "e2e/test_mlflow_server.py",
+                 "e2e/test_data_dependency.py", "e2e/test_dvc_remote.py",
                  "serving/test_export_gguf.py", "serving/test_server_load.py", "modeling/test_generation_engine.py")
 
 
@@ -259,28 +259,77 @@ def jsonl(rows: list[dict]) -> str:
     return "".join(json.dumps(row) + "\n" for row in rows)
 
 
+# The baseline's run: the tiny run, float32 throughout (no autocast, so no rounding differs from one run of
+# it to the next), trained long enough for test_failures.py's kill test to checkpoint and resume (that test
+# reruns it in a copy, killed, and compares with the baseline), and within one epoch (the train split holds
+# ~60 examples, 15 batches of 4). A run resumed in a later epoch is not bit-identical with the default
+# group_by_length sampling: transformers' LengthGroupedSampler draws each epoch's order from the global
+# generator, whose state on resume is the checkpoint's, not the epoch start's (seen: resumed at step 20
+# of 30, final validation loss 10.78249 against 10.78244). docs/failures.md, "What survives a failure".
+BASELINE_RUN = {**TINY_RUN, "data.path": TINY_DATA,
+                "model.quantization.bnb_4bit_compute_dtype": "float32", "train.bf16": False, "train.fp16": False,
+                "train.max_steps": 14, "train.eval_steps": 2, "train.save_steps": 2, "train.logging_steps": 1,
+                "train.early_stopping_patience": None}
+
+
+def tiny_repo(root: Path, tiny_llama: Path) -> Path:
+    """A fresh repository of the baseline's params and data, nothing run yet."""
+    return copy_repository(root, {**BASELINE_RUN, "model.name_or_path": str(tiny_llama)},
+                           {TINY_DATA: jsonl(chat_rows())})
+
+
 @dataclass(frozen=True)
 class Baseline:
-    """The tiny pipeline run once under DVC and committed (`dvc repro`'s output kept for the tests that read it)."""
+    """The tiny pipeline run once under DVC and committed (`dvc repro`'s output kept for the tests that read it),
+    with each stage's seconds in that run, from its "Running stage" line to the next (to the end, for the last)."""
 
     repo: Path
     repro_output: str
+    durations: dict[str, float]
+
+
+def timed_repro(repo: Path, timeout: float = 600) -> tuple[str, dict[str, float]]:
+    """`dvc repro` in ``repo``: its output, and each stage's seconds as DVC ran them (the stage and DVC's commit
+    of its outputs). Fails, with the output, if the run fails or takes over ``timeout`` seconds."""
+    import re
+    import threading
+
+    proc = subprocess.Popen(["dvc", "repro"], cwd=repo, env=pipeline_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = threading.Timer(timeout, proc.kill)  # a hung run fails instead of blocking the read
+    deadline.start()
+    lines, started = [], {}
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            found = re.match(r"Running stage '([^']+)'", line)
+            if found:
+                started[found.group(1)] = time.monotonic()
+    finally:
+        deadline.cancel()
+    ended = time.monotonic()
+    out = "".join(lines)
+    assert proc.wait() == 0, f"dvc repro failed:\n{out[-3000:]}"
+    order = list(started)
+    ends = [*(started[stage] for stage in order[1:]), ended]
+    return out, {stage: end - started[stage] for stage, end in zip(order, ends)}
 
 
 @pytest.fixture(scope="session")
 def tiny_baseline(tmp_path_factory, tiny_llama) -> Baseline:
     """Built once per `make test` (built_once); the end-to-end modules each start from a copy (copy_baseline),
-    not a run of their own."""
+    not a run of their own, and the kill test compares its killed run with it."""
     def build(folder: Path) -> None:
-        repo = copy_repository(folder / "repo", {**TINY_RUN, "data.path": TINY_DATA, "model.name_or_path": str(tiny_llama)},
-                               {TINY_DATA: jsonl(chat_rows())})
-        out = sh(["dvc", "repro"], repo)
+        repo = tiny_repo(folder / "repo", tiny_llama)
+        out, durations = timed_repro(repo)
         sh(["git", "add", "-A"], repo)  # dvc.lock and the metrics (cache: false: git carries them)
         sh(["git", "commit", "-qm", "baseline results"], repo)
         (folder / "repro-output.txt").write_text(out)
+        (folder / "durations.json").write_text(json.dumps(durations))
 
     folder = built_once(tmp_path_factory, "tiny-baseline", build)
-    return Baseline(folder / "repo", (folder / "repro-output.txt").read_text())
+    return Baseline(folder / "repo", (folder / "repro-output.txt").read_text(),
+                    json.loads((folder / "durations.json").read_text()))
 
 
 def copy_baseline(baseline: Baseline, repo: Path) -> Path:

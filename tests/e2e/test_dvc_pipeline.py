@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, copy_baseline, run_queue, sh
+from conftest import BASELINE_RUN, BIN, copy_baseline, run_queue, sh
 
 pytestmark = pytest.mark.slow
 
@@ -77,7 +77,8 @@ def test_repro_runs_every_stage_into_one_mlflow_run(repo, tiny_baseline):
     shown = sh(["dvc", "metrics", "show", "--json"], repo)
     assert "val_persona_score" in shown and "persona_score" in shown
     assert "refusal_rate_tuned" in shown and "memorized_rate_tuned" in shown
-    assert "Training: 2 steps" in sh([str(BIN / "python"), "-m", "qlora_pipeline.cli", "summary"], repo)
+    steps = BASELINE_RUN["train.max_steps"]
+    assert f"Training: {steps} steps" in sh([str(BIN / "python"), "-m", "qlora_pipeline.cli", "summary"], repo)
 
     assert "Data and pipelines are up to date" in sh(["dvc", "repro"], repo)
     assert sh(["git", "status", "--porcelain"], repo) == ""  # the results are committed: nothing left over

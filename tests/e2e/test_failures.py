@@ -1,13 +1,15 @@
 """What survives a failure: the same seed gives the same hashes, and kill -9 of any stage loses nothing.
 
 Two runs of the tiny real pipeline (tiny random Llama, 4-bit, float32 everywhere so no autocast
-rounding differs): an uninterrupted one, and a second in a separate copy, SIGKILLed at a random
-moment of each stage in turn and restarted with `dvc repro` each time, which must end with the same
-hashes output by output. Every output of the second run was made again by a process with the same
-seed (a kill may fall after a stage ended; the stage then ran whole), so this one comparison proves
-both promises: the same seed on the same machine gives identical outputs, and a kill loses nothing.
-(A third, plain rerun used to prove the first promise alone: it added a minute to `make test` and no
-assertion this test lacks.)
+rounding differs): an uninterrupted one, the session's baseline (conftest's tiny_baseline, which the
+other end-to-end modules copy), and a second in a repository of the same params and data, SIGKILLed
+at a random moment of each stage in turn and restarted with `dvc repro` each time, which must end
+with the same hashes output by output. Every output of the second run was made again by a process
+with the same seed (a kill may fall after a stage ended; the stage then ran whole), so this one
+comparison proves both promises: the same seed on the same machine gives identical outputs, and a
+kill loses nothing. (A third, plain rerun used to prove the first promise alone: it added a minute
+to `make test` and no assertion this test lacks. The reference run was this module's own until the
+baseline took its params: the same run twice per `make test`.)
 
 Timings (wall seconds, tokens per second, peak memory, energy) are measurements of the moment,
 not results: they are the one thing allowed to differ, and only under the keys named here.
@@ -22,14 +24,13 @@ import re
 import shutil
 import signal
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import TINY_RUN, chat_rows, copy_repository, pipeline_env, sh
+from conftest import BASELINE_RUN, pipeline_env, sh, tiny_repo
 
 pytestmark = pytest.mark.slow
 
@@ -50,24 +51,6 @@ MEASURED_FILES = {"metrics/clean.json", "metrics/base.json", "metrics/train.json
 # `qlora-pipeline human-eval score`), and MLflow makes a new random id for every run. The folder's
 # hash differs by that file alone; every other file in it must be identical.
 RUN_IDENTITY = "reports/evaluate/run.json"
-
-# The tiny run, float32 throughout (no autocast), trained long enough to checkpoint and resume, and
-# within one epoch (the train split holds ~60 examples, 15 batches of 4). A run resumed in a later
-# epoch is not bit-identical with the default group_by_length sampling: transformers'
-# LengthGroupedSampler draws each epoch's order from the global generator, whose state on resume
-# is the checkpoint's, not the epoch start's (seen in this test: resumed at step 20 of 30, final
-# validation loss 10.78249 against 10.78244). docs/failures.md, "What survives a failure", says so.
-OVERRIDES = {**TINY_RUN, "data.path": "data/source/chat.jsonl",
-             "model.quantization.bnb_4bit_compute_dtype": "float32", "train.bf16": False, "train.fp16": False,
-             "train.max_steps": 14, "train.eval_steps": 2, "train.save_steps": 2, "train.logging_steps": 1,
-             "train.early_stopping_patience": None}
-
-
-def tiny_repo(root: Path, tiny_llama: Path) -> Path:
-    chat = "".join(json.dumps(r) + "\n" for r in chat_rows())
-    return copy_repository(root, {**OVERRIDES, "model.name_or_path": str(tiny_llama)},
-                           {"data/source/chat.jsonl": chat})
-
 
 def lock_outputs(repo: Path) -> dict[str, str]:
     """Every stage output's hash as dvc.lock records it, by path."""
@@ -108,37 +91,6 @@ def assert_same_results(left: Path, right: Path) -> None:
     assert_same_folder(left, right, str(Path(RUN_IDENTITY).parent), "a second run")
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, tiny_llama) -> Path:
-    """The reference run, one `dvc repro`, each stage timed for the kill test from its "Running stage" line
-    to the next's (to the end, for the last): the stage and DVC's commit of its outputs. (One repro per
-    stage, as this was, paid DVC's start-up ten times.)"""
-    repo = tiny_repo(tmp_path_factory.mktemp("run-a") / "repo", tiny_llama)
-    started = {}
-    proc = subprocess.Popen(["dvc", "repro"], cwd=repo, env=pipeline_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    deadline = threading.Timer(600, proc.kill)  # sh()'s bound: a hung run fails instead of blocking the read
-    deadline.start()
-    lines = []
-    try:
-        for line in proc.stdout:
-            lines.append(line)
-            found = re.match(r"Running stage '([^']+)'", line)
-            if found:
-                started[found.group(1)] = time.monotonic()
-    finally:
-        deadline.cancel()
-    ended = time.monotonic()
-    assert proc.wait() == 0, "".join(lines)[-3000:]
-    assert sorted(started) == sorted(STAGES), list(started)
-    order = list(started)  # as DVC ran them
-    ends = [*(started[stage] for stage in order[1:]), ended]
-    durations = {stage: end - started[stage] for stage, end in zip(order, ends)}
-    (repo / "durations.json").write_text(json.dumps(durations))
-    assert "Data and pipelines are up to date" in sh(["dvc", "repro"], repo)
-    return repo
-
-
 def wait_for(path: Path, text: str, proc: subprocess.Popen, timeout: float = 300) -> bool:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -150,14 +102,16 @@ def wait_for(path: Path, text: str, proc: subprocess.Popen, timeout: float = 300
     return False
 
 
-def test_kill_9_of_each_stage_then_repro_ends_with_the_uninterrupted_hashes(uninterrupted, tmp_path_factory,
+def test_kill_9_of_each_stage_then_repro_ends_with_the_uninterrupted_hashes(tiny_baseline, tmp_path_factory,
                                                                                tiny_llama):
+    uninterrupted = tiny_baseline.repo  # read only: nothing here writes to it
     repo = tiny_repo(tmp_path_factory.mktemp("run-killed") / "repo", tiny_llama)
     seed = int(os.environ.get("KILL_SEED", time.time_ns() % 10_000))
     rng = random.Random(seed)
     print(f"kill moments drawn with KILL_SEED={seed}")
     reference = lock_outputs(uninterrupted)
-    durations = json.loads((uninterrupted / "durations.json").read_text())
+    durations = tiny_baseline.durations
+    assert sorted(durations) == sorted(STAGES), list(durations)
     killed_in = []
     for stage in STAGES:
         log = repo / f"kill-{stage}.log"
@@ -182,7 +136,7 @@ def test_kill_9_of_each_stage_then_repro_ends_with_the_uninterrupted_hashes(unin
     assert "Data and pipelines are up to date" in sh(["dvc", "status"], repo)
     # Training went on from the checkpoint, and its result is the uninterrupted run's, bit for bit.
     train = json.loads((repo / "metrics/train.json").read_text())
-    assert train["resumed_from_step"] >= OVERRIDES["train.save_steps"] and train["steps"] == OVERRIDES["train.max_steps"]
+    assert train["resumed_from_step"] >= BASELINE_RUN["train.save_steps"] and train["steps"] == BASELINE_RUN["train.max_steps"]
     assert_same_results(uninterrupted, repo)
     # Not vacuous: the outputs that must match include the trained adapter and the evaluation.
     assert {"models/adapter", "reports/evaluate", "data/splits", "reports/risk_replies.csv"} <= set(reference)
@@ -210,7 +164,7 @@ def kill_after_first_checkpoint(repo: Path) -> None:
     with log.open("w") as handle:
         proc = subprocess.Popen(["dvc", "repro", "--no-run-cache"], cwd=repo, env=pipeline_env(), stdout=handle,
                                 stderr=subprocess.STDOUT, start_new_session=True)
-    second = repo / "models/checkpoints" / f"checkpoint-{2 * OVERRIDES['train.save_steps']}"
+    second = repo / "models/checkpoints" / f"checkpoint-{2 * BASELINE_RUN['train.save_steps']}"
     deadline = time.time() + 300
     while not second.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
