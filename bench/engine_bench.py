@@ -84,9 +84,14 @@ def static_workload(sides, jobs: list[tuple[str, list[list[int]], object, int, i
 
 
 def generate_kwargs(setting) -> dict:
-    """generate() arguments of a params decoding setting, as config.generate_kwargs made them before the engine."""
+    """generate() arguments of a params decoding setting, as config.generate_kwargs made them before the engine,
+    and the length decay the grid has had since (generate's own ``exponential_decay_length_penalty``): both
+    paths decode alike, so greedy replies can be compared and neither runs longer replies than the other."""
     kwargs = {"do_sample": setting.sampled, "repetition_penalty": setting.repetition_penalty,
               "no_repeat_ngram_size": setting.no_repeat_ngram_size}
+    decay = getattr(setting, "exponential_decay_length_penalty", None)
+    if decay is not None:
+        kwargs["exponential_decay_length_penalty"] = (int(decay[0]), float(decay[1]))
     if setting.sampled:
         kwargs.update(temperature=setting.temperature, top_p=setting.top_p, top_k=setting.top_k)
     return kwargs
