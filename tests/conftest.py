@@ -39,8 +39,8 @@ PROPERTIES_PROFILE = settings.get_profile(os.environ.get("DATA_PROPERTIES_PROFIL
 
 # The modules that take longest, longest first. Workers take whole modules (--dist loadfile) in
 # collection order (--no-loadscope-reorder), so starting with these lets the two finish together; a
-# serial run is unchanged but for the order. Seconds per module under CI's `make test` on the AVX2
-# machine, summed from its list of slowest tests (so at least). The first builds tiny_baseline
+# serial run is unchanged but for the order (longest by the slowest tests `make test` lists on the
+# AVX2 machine, docs/testing.md). The first builds tiny_baseline
 # (built_once), which test_failures.py and the modules after it read or copy; the notebook, which needs
 # none of it, comes second so that the other worker has work meanwhile instead of waiting for the build.
 SLOWEST_FIRST = ("e2e/test_dvc_pipeline.py", "test_notebook.py", "e2e/test_failures.py", "e2e/test_mlflow_server.py",
