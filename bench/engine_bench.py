@@ -89,9 +89,11 @@ def generate_kwargs(setting) -> dict:
     paths decode alike, so greedy replies can be compared and neither runs longer replies than the other."""
     kwargs = {"do_sample": setting.sampled, "repetition_penalty": setting.repetition_penalty,
               "no_repeat_ngram_size": setting.no_repeat_ngram_size}
-    decay = getattr(setting, "exponential_decay_length_penalty", None)
+    from qlora_pipeline.modeling.engine import row_decoding
+
+    decay = row_decoding(setting).exponential_decay_length_penalty  # the engine's own reading of the setting
     if decay is not None:
-        kwargs["exponential_decay_length_penalty"] = (int(decay[0]), float(decay[1]))
+        kwargs["exponential_decay_length_penalty"] = decay
     if setting.sampled:
         kwargs.update(temperature=setting.temperature, top_p=setting.top_p, top_k=setting.top_k)
     return kwargs

@@ -84,10 +84,10 @@ def mixed_batch(base: Path, adapters: list[Path], conversations: list[list[dict]
 # ----------------------------------------------------------------------- servers
 
 
-def decoding_for(code: Path) -> Path:
+def decoding_for(code: Path) -> tuple[Path, dict]:
     """The workspace's reports/decoding.json as the other checkout can read it: the chosen setting with only the
     keys its ``DecodingSetting`` has (one added since, such as the length decay, it would refuse as unknown).
-    Written into that checkout; the keys left out are listed in the file under ``bench_dropped``."""
+    Written into that checkout (the keys left out listed under ``bench_dropped``); its path and those keys."""
     probe = ("import dataclasses, json, sys; sys.path.insert(0, sys.argv[1]); "
              "from qlora_pipeline.config import DecodingSetting as D; "
              "print(json.dumps(list(getattr(D, 'model_fields', None) or [f.name for f in dataclasses.fields(D)])))")
@@ -100,7 +100,7 @@ def decoding_for(code: Path) -> Path:
     path = code.parent / "reports" / "decoding.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2))
-    return path
+    return path, report["bench_dropped"]
 
 
 class Server:
@@ -228,7 +228,7 @@ def throughput(base: Path, adapters: list[Path], conversations: list[list[dict]]
     if baseline is not None:  # first: a checkout that cannot serve this workspace fails before the long rounds
         # Both servers decode alike: the baseline's code may lack keys of the chosen setting (decoding_for), so
         # the mixed traffic runs once more here on this code with the same reduced setting.
-        reduced = decoding_for(baseline)
+        reduced, dropped = decoding_for(baseline)
         for name, code in (("mixed_3_adapters_baseline", baseline), ("mixed_3_adapters_baseline_decoding", None)):
             rounds[name] = []
             with Server(base, adapters[:3], code=code, decoding=reduced) as server:
@@ -253,7 +253,6 @@ def throughput(base: Path, adapters: list[Path], conversations: list[list[dict]]
     out["targets"] = {"mixed_vs_single": ">= 0.70", "batched_vs_one_at_a_time": ">= 3.0"}
     if baseline is not None:
         old, new = out["mixed_3_adapters_baseline"], out["mixed_3_adapters_baseline_decoding"]
-        dropped = json.loads((baseline.parent / "reports/decoding.json").read_text())["bench_dropped"]
         out["vs_baseline"] = {"decoding_without": dropped,
                               "ttft_p50_improvement": round(old["ttft_p50"] / new["ttft_p50"], 2),
                               "ttft_p50_improvement_vs_full_decoding": round(
