@@ -173,6 +173,40 @@ def test_the_engine_thread_admits_requests_as_they_come_and_drops_cancelled_ones
         engine.stop()
 
 
+def test_a_callback_that_raises_ends_its_own_row_and_never_the_engine(persona, prompt_ids):
+    """A consumer that fails (a server's event loop closed, a stream gone) costs its own request only: the
+    rows batched with it give their tokens, and the engine's thread serves the requests after it."""
+    def broken_stream(delta):
+        raise RuntimeError("the client went away")
+
+    streamed = Request(prompt_ids[0], "alice", max_new_tokens=8, on_text=broken_stream)
+    beside = Request(prompt_ids[1], "alice", max_new_tokens=8)
+    broken, kept = engine_for(persona, max_batch_size=4).run([streamed, beside])
+    assert broken.finish_reason == "error" and "the client went away" in broken.error
+    assert kept.finish_reason in ("stop", "length") and kept.token_ids == generate_alone(persona, prompt_ids[1], "alice", 8)
+
+    engine = engine_for(persona, max_batch_size=4, admit_fraction=0.0).start()
+    try:
+        answered = threading.Event()
+        results = {}
+
+        def raises(result):
+            raise RuntimeError("Event loop is closed")
+
+        def keep(result):
+            results["after"] = result
+            answered.set()
+
+        engine.submit(Request(prompt_ids[2], None, max_new_tokens=4), raises)
+        engine.submit(Request(prompt_ids[3], "bob", max_new_tokens=4), raises, on_error=raises)
+        engine.submit(Request(prompt_ids[4], None, max_new_tokens=4, cancelled=threading.Event()), keep)
+        assert answered.wait(120), "the engine's thread died with the first callback"
+        assert results["after"].token_ids == generate_alone(persona, prompt_ids[4], None, 4)
+        assert engine._thread is not None and engine._thread.is_alive()
+    finally:
+        engine.stop()
+
+
 def test_a_scored_continuation_gives_the_models_own_loss_in_the_prompts_prefill(persona, prompt_ids):
     """score_ids: the reference reply's NLL, teacher forced in the prompt's prefill, equals a plain forward's."""
     reference = persona.tokenizer("sounds great, count me in", add_special_tokens=False)["input_ids"] + [

@@ -28,6 +28,7 @@ shift a near-tie in the logits).
 from __future__ import annotations
 
 import contextlib
+import logging
 import queue
 import threading
 import time
@@ -41,6 +42,8 @@ from qlora_pipeline.config import DecodingSetting
 from qlora_pipeline.modeling.loss import causal_lm_parts
 from qlora_pipeline.modeling.sampling import BatchSampler, RowDecoding, RowState
 from qlora_pipeline.modeling.stacked_lora import RowAdapters
+
+logger = logging.getLogger(__name__)
 
 _STOP = object()
 # A shared prefix shorter than this is run with each prompt: copying it would save less than it costs.
@@ -241,6 +244,8 @@ class _Row:
         self.sent = ""
         self.text = ""
         self.score: tuple[float, int] | None = None
+        self.on_text = request.on_text
+        self.stream_error: str | None = None  # what the row's on_text raised: it ends this row, not the batch
 
     @property
     def finished(self) -> bool:
@@ -268,6 +273,9 @@ class _Row:
                 return
             if self.generated < self.request.max_new_tokens:
                 self._emit(_safe_prefix(text, self.request.stop))
+                if self.stream_error is not None:
+                    self.finish("error")
+                    return
         if self.generated >= self.request.max_new_tokens:
             self.finish("length")
 
@@ -276,6 +284,8 @@ class _Row:
             return
         self.text = self._text()[0]
         self._emit(self.text)  # what was held back: a partial character, a possible stop string's start
+        if self.stream_error is not None and reason != "cancelled":
+            reason, error = "error", error or self.stream_error
         self.finish_reason, self.error = reason, error
 
     def _text(self) -> tuple[str, bool]:
@@ -285,8 +295,13 @@ class _Row:
         return (text[:cut], True) if cut >= 0 else (text, False)
 
     def _emit(self, text: str) -> None:
-        if self.request.on_text is not None and len(text) > len(self.sent) and text.startswith(self.sent):
-            self.request.on_text(text[len(self.sent):])
+        if self.on_text is not None and len(text) > len(self.sent) and text.startswith(self.sent):
+            try:
+                self.on_text(text[len(self.sent):])
+            except Exception as err:  # a consumer gone (a closed stream): its row ends, the others go on
+                self.on_text = None
+                self.stream_error = f"streaming the reply failed: {type(err).__name__}: {err}"
+                return
             self.sent = text
 
     def result(self) -> Result:
@@ -320,6 +335,15 @@ def _safe_prefix(text: str, stops: Sequence[str]) -> str:
 
 
 # ----------------------------------------------------------------------------------- engine
+
+
+def _notify(callback: Callable[[Any], None], value: Any) -> None:
+    """Call a request's ``on_done``/``on_error`` on the engine's thread. One that raises (a server's event loop
+    already closed, say) is logged: it must not end the thread every other request is waiting on."""
+    try:
+        callback(value)
+    except Exception:
+        logger.exception("a generation request's callback raised; the engine goes on")
 
 
 class Engine:
@@ -491,13 +515,13 @@ class Engine:
                 continue
             for row in finished:
                 on_done, _ = self._callbacks.pop(row.index)
-                on_done(row.result())
+                _notify(on_done, row.result())
 
     def _fail(self, rows: list[_Row], waiting: deque, err: BaseException) -> None:
         for index in [row.index for row in rows] + [index for index, _ in waiting]:
             callbacks = self._callbacks.pop(index, None)
             if callbacks:
-                callbacks[1](err)
+                _notify(callbacks[1], err)
         waiting.clear()
 
     # ------------------------------------------------------------------ one iteration
