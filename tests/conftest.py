@@ -158,28 +158,13 @@ def sh(cmd: list[str], cwd: Path, timeout: int = 600) -> str:
     return proc.stdout + proc.stderr
 
 
-def queue_workers(repo: Path) -> list:
-    """The DVC queue workers running for ``repo`` (`dvc exp queue-worker`, started in its root by `queue start`)."""
-    import psutil
-
-    root, workers = os.path.realpath(repo), []
-    for proc in psutil.process_iter(["cmdline", "cwd"]):
-        cmdline = proc.info["cmdline"] or []
-        if "queue-worker" in cmdline and proc.info["cwd"] == root:
-            workers.append(proc)
-    return workers
-
-
 def run_queue(repo: Path, jobs: int = 1, timeout: int = 900) -> str:
     """`dvc queue start --jobs N`, then wait until nothing is queued or running; the final status.
 
     The workers DVC starts keep the files they inherit open, so `queue start` writes to a file, not
-    a pipe (a pipe would block the test until the workers end). A worker exits when the queue is
-    empty, so the wait watches the workers' processes and asks `dvc queue status` only when none is
-    left: each `dvc` call costs a second of a core, and polling it every few seconds took that from
-    the experiments it waited on. A worker that went away with tasks still queued (DVC issue 10562)
-    is started again; at the deadline the workers are stopped and what the running tasks logged is
-    shown.
+    a pipe (a pipe would block the test until the workers end). A worker that went away with
+    tasks still queued (DVC issue 10562) is started again; at the deadline the workers are
+    stopped and what the running tasks logged is shown.
     """
     def start() -> None:
         with (repo.parent / f"{repo.name}-queue-start.log").open("a") as log:
@@ -191,9 +176,6 @@ def run_queue(repo: Path, jobs: int = 1, timeout: int = 900) -> str:
     deadline = time.time() + timeout
     stalled_since = None
     while time.time() < deadline:
-        if queue_workers(repo):
-            time.sleep(1)
-            continue
         status = sh(["dvc", "queue", "status"], repo)
         if "Queued" not in status and "Running" not in status:
             return status
@@ -205,7 +187,6 @@ def run_queue(repo: Path, jobs: int = 1, timeout: int = 900) -> str:
             start()
             stalled_since = None
         time.sleep(3)
-    status = sh(["dvc", "queue", "status"], repo)
     running = [line.split()[0] for line in status.splitlines() if " Running" in line]
     logs = "\n".join(subprocess.run(["dvc", "queue", "logs", task], cwd=repo, env=pipeline_env(),
                                     capture_output=True, text=True).stdout[-3000:] for task in running)
