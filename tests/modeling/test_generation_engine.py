@@ -186,11 +186,12 @@ def test_a_callback_that_raises_ends_its_own_row_and_never_the_engine(persona, p
     assert kept.finish_reason in ("stop", "length") and kept.token_ids == generate_alone(persona, prompt_ids[1], "alice", 8)
 
     engine = engine_for(persona, max_batch_size=4, admit_fraction=0.0).start()
+    stopped = []
     try:
         answered = threading.Event()
         results = {}
 
-        def raises(result):
+        def raises(value):
             raise RuntimeError("Event loop is closed")
 
         def keep(result):
@@ -198,13 +199,17 @@ def test_a_callback_that_raises_ends_its_own_row_and_never_the_engine(persona, p
             answered.set()
 
         engine.submit(Request(prompt_ids[2], None, max_new_tokens=4), raises)
-        engine.submit(Request(prompt_ids[3], "bob", max_new_tokens=4), raises, on_error=raises)
-        engine.submit(Request(prompt_ids[4], None, max_new_tokens=4, cancelled=threading.Event()), keep)
+        engine.submit(Request(prompt_ids[3], "bob", max_new_tokens=4), raises)
+        engine.submit(Request(prompt_ids[4], None, max_new_tokens=4), keep)
         assert answered.wait(120), "the engine's thread died with the first callback"
         assert results["after"].token_ids == generate_alone(persona, prompt_ids[4], None, 4)
         assert engine._thread is not None and engine._thread.is_alive()
+        # Stopped with two requests in flight: the first one's on_error raises, the second still hears.
+        engine.submit(Request(prompt_ids[0], "alice", max_new_tokens=40), keep, on_error=raises)
+        engine.submit(Request(prompt_ids[1], "bob", max_new_tokens=40), keep, on_error=stopped.append)
     finally:
         engine.stop()
+    assert len(stopped) == 1 and "stopped" in str(stopped[0])
 
 
 def test_a_scored_continuation_gives_the_models_own_loss_in_the_prompts_prefill(persona, prompt_ids):
