@@ -165,3 +165,43 @@ def test_hub_id_with_pinned_revision_loads_from_a_hub_shaped_cache(tiny_llama, t
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "hub LlamaForCausalLM <|im_end|>"
+
+
+def test_a_gguf_is_parsed_once_within_gguf_read_once_and_reads_the_same(params_factory, monkeypatch):
+    """quantize-load's tokenizer, config and weights reads of one GGUF share one parse (transformers parses it
+    for each), and the weights' name map is built once; what they read is what an uncached read gives."""
+    import gguf
+    from transformers import AutoConfig
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    from qlora_pipeline.modeling.loading import gguf_read_once
+
+    parses = []
+
+    class CountingReader(gguf.GGUFReader):
+        def __init__(self, *args, **kwargs):
+            parses.append(args[0])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", CountingReader)
+    name_map = gguf.get_tensor_name_map
+    cfg = params_factory({}).model
+    source = resolve_source(cfg)
+    path = f"{source.path}/{source.gguf_file}"
+    uncached = load_gguf_checkpoint(path, return_tensors=False)
+    assert len(parses) == 1
+    with gguf_read_once():
+        config = AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file)
+        with gguf_read_once():  # reentrant: the inner block keeps the outer cache
+            again = load_gguf_checkpoint(path, return_tensors=False)
+        arch = next(key for key, value in gguf.MODEL_ARCH_NAMES.items() if value == "llama")
+        assert gguf.get_tensor_name_map(arch, 30) is gguf.get_tensor_name_map(arch, 30)
+        cached_map = gguf.get_tensor_name_map(arch, 30).mapping
+    assert len(parses) == 2, "one parse inside the block for two reads"
+    assert again["config"] == uncached["config"] and again["tokenizer"] == uncached["tokenizer"]
+    assert {**config.to_dict(), "_name_or_path": ""} == AutoConfig.for_model(**uncached["config"]).to_dict()
+    assert cached_map == name_map(arch, 30).mapping
+    # Put back after the block: a read outside it parses again.
+    assert gguf.GGUFReader is CountingReader and gguf.get_tensor_name_map is name_map
+    load_gguf_checkpoint(path, return_tensors=False)
+    assert len(parses) == 3

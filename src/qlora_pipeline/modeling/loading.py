@@ -11,8 +11,11 @@ with ``trust_remote_code: true``.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -103,6 +106,43 @@ def torch_dtype(name: str) -> Any:
     return getattr(torch, resolve_dtype(name))
 
 
+@contextlib.contextmanager
+def gguf_read_once() -> Iterator[None]:
+    """Within the block, a GGUF file's header is parsed once, however often transformers asks for it.
+
+    For architectures its fast reader does not cover (Llama among them), transformers 5.25 reads a
+    GGUF with gguf-py's ``GGUFReader`` once for the tokenizer's config, once for the model's and
+    once for the weights, each parse walking every vocabulary string (3.4 s for SmolLM2-135M on a
+    2-core AVX2 machine). Mapping the weights' names builds gguf-py's ``TensorNameMap`` again for
+    every module of the model (397 times, 6 s). Both are pure functions of the file and of
+    (architecture, layers): the reader is cached by path and the name map by its arguments, for the
+    block only, and the functions are put back after it. Reentrant: an inner block is a no-op.
+    """
+    try:
+        import gguf
+    except ImportError:  # no GGUF support installed: nothing to read twice
+        yield
+        return
+    if getattr(gguf.GGUFReader, "_qlora_read_once", False):
+        yield
+        return
+    reader_class, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict[tuple, Any] = {}
+
+    def read_once(path: Any, mode: str = "r") -> Any:
+        key = (str(Path(path).resolve()), mode)
+        if key not in readers:
+            readers[key] = reader_class(path, mode)
+        return readers[key]
+
+    read_once._qlora_read_once = True  # type: ignore[attr-defined]
+    gguf.GGUFReader, gguf.get_tensor_name_map = read_once, functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader_class, name_map
+
+
 def load_tokenizer(source: ModelSource, cfg: ModelConfig) -> Any:
     from transformers import AutoTokenizer
 
@@ -166,8 +206,10 @@ def load_model(source: ModelSource, cfg: ModelConfig, quantization: Any, workdir
     kwargs = source.from_pretrained_kwargs(cfg)
     if source.gguf_file:
         # dequantize=True: a dense LlamaForCausalLM that can be saved, trained and re-quantized.
-        model = AutoModelForCausalLM.from_pretrained(
-            source.path, dtype=dtype, quantization_config=GgufConfig(dequantize=True), device_map=device_map(), **kwargs)
+        with gguf_read_once():
+            model = AutoModelForCausalLM.from_pretrained(
+                source.path, dtype=dtype, quantization_config=GgufConfig(dequantize=True), device_map=device_map(),
+                **kwargs)
         if quantization is None:
             return model
         model.save_pretrained(workdir)

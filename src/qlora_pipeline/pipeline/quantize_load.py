@@ -9,7 +9,7 @@ from qlora_pipeline import hardware, tracking
 from qlora_pipeline.config import Params
 from qlora_pipeline.io import atomic_path, remove_outputs, write_json
 from qlora_pipeline.modeling.engine import Engine, Request, as_reply, chat_prompt_ids
-from qlora_pipeline.modeling.loading import load_model, load_tokenizer, resolve_source, set_end_token
+from qlora_pipeline.modeling.loading import gguf_read_once, load_model, load_tokenizer, resolve_source, set_end_token
 from qlora_pipeline.modeling.quantization import bnb_config, footprint
 
 
@@ -22,8 +22,9 @@ def run_quantize_load(params: Params, out_dir: Path, metrics_path: Path) -> dict
     quantization = bnb_config(cfg.quantization)
     with atomic_path(out_dir) as tmp:
         started = time.perf_counter()
-        tokenizer = load_tokenizer(source, cfg)
-        model = load_model(source, cfg, quantization, tmp.parent / "dense")
+        with gguf_read_once():  # the tokenizer's and the model's reads of a GGUF share one parse
+            tokenizer = load_tokenizer(source, cfg)
+            model = load_model(source, cfg, quantization, tmp.parent / "dense")
         load_seconds = time.perf_counter() - started
         set_end_token(tokenizer, model, cfg.eos_token)
         smoke = smoke_test(model, tokenizer, cfg.smoke_prompts, cfg.smoke_max_new_tokens)
