@@ -130,8 +130,7 @@ def test_kill_9_of_each_stage_then_repro_ends_with_the_uninterrupted_hashes(tiny
             kill_after_first_checkpoint(repo)
             assert_nothing_half_written(repo, uninterrupted, reference, seed, "train-adapter, after a checkpoint")
 
-    # Without the run cache: where train-adapter had finished once and was trained again (see
-    # kill_after_first_checkpoint), DVC would restore that first run's outputs rather than resume.
+    # Without the run cache, as in kill_after_first_checkpoint: what resumed must be what is compared.
     sh(["dvc", "repro", "--no-run-cache"], repo)
     assert "Data and pipelines are up to date" in sh(["dvc", "status"], repo)
     # Training went on from the checkpoint, and its result is the uninterrupted run's, bit for bit.
@@ -160,9 +159,15 @@ def kill_after_first_checkpoint(repo: Path) -> None:
     it: DVC would check its adapter out of the cache ("is cached - skipping run", run cache off or
     not) and never train, so its entry goes as well, as if training had never ended (seen in a fast
     hour, training 14 steps in 5 s: the kill drawn for train-adapter fell in style-judge).
+    And where that first training had ended, its run cache entry goes with the rest: the next kill's
+    plain `dvc repro` would otherwise restore it ("is cached - skipping run") instead of resuming
+    from the checkpoint left here, so no output of the final run would have resumed (seen in CI,
+    KILL_SEED=1534). The run cache holds nothing else yet that this test needs: every stage before
+    train-adapter is in dvc.lock, and the stages after it run again anyway.
     """
     shutil.rmtree(repo / "models/checkpoints", ignore_errors=True)
     shutil.rmtree(repo / "models/adapter", ignore_errors=True)
+    shutil.rmtree(repo / ".dvc/cache/runs", ignore_errors=True)  # DVC's run cache (dvc.stage.cache)
     lock = repo / "dvc.lock"
     recorded = yaml.safe_load(lock.read_text()) if lock.is_file() else None
     if recorded and recorded.get("stages", {}).pop("train-adapter", None) is not None:
