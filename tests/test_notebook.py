@@ -27,8 +27,9 @@ TINY_RUN = {"data.source": "jsonl", "data.path": "chat.jsonl", **CHAT_FIELDS,
             "train.per_device_train_batch_size": 4, "train.max_length": 128,
             "evaluate.max_samples": 4, "evaluate.max_new_tokens": 8, "evaluate.bootstrap_samples": 50,
             "evaluate.human_eval_samples": 2,
-            # the risk stage's ~1,000 probe replies, a few tokens each: it still runs every measure
-            "risk.max_new_tokens": 3, "risk.batch_size": 64, "risk.bootstrap_samples": 50}
+            # the risk probes a few tokens each, and the fewest bias templates (2: 36 probes, not 108) for
+            # zero-shot's base replies and risk's tuned ones: risk still runs every measure
+            "risk.max_new_tokens": 3, "risk.batch_size": 64, "risk.bootstrap_samples": 50, "risk.bias_templates": 2}
 
 
 def test_notebook_is_kept_without_outputs():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -104,7 +105,9 @@ def test_saved_adapter_reloads_with_the_same_logits(quantized_base, params_facto
     params = params_factory({"train.max_steps": 2, "train.eval_steps": 1, "train.save_steps": 1,
                              "train.per_device_train_batch_size": 4, "train.lora.r": 4})
     splits = synthetic_splits(tmp_path / "splits")
-    model, tokenizer = training.prepare_model(params, quantized_base, tmp_path)
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        model, tokenizer = training.prepare_model(params, quantized_base, tmp_path)
     counts = Counter()
     train_ds = training.build_dataset([json.loads(l) for l in (splits / "train.jsonl").open()], tokenizer, 128, counts)
     val_ds = training.build_dataset([json.loads(l) for l in (splits / "val.jsonl").open()], tokenizer, 128, counts)
@@ -117,7 +120,13 @@ def test_saved_adapter_reloads_with_the_same_logits(quantized_base, params_facto
     resolved = {"method": "qlora", "model": {"quantization": {"bnb_4bit_compute_dtype": "auto"}},
                 "train": {"bf16": params.train.bf16, "fp16": params.train.fp16}}
     base, _ = load_base_for(resolved, quantized_base)
-    reloaded = attach_adapters(base, {"tuned": tmp_path / "adapter"})
+    with warnings.catch_warnings(record=True) as reloading:
+        warnings.simplefilter("always")
+        reloaded = attach_adapters(base, {"tuned": tmp_path / "adapter"})
+    # PEFT reads transformers 5's deprecated is_gradient_checkpointing when it wraps a model: the
+    # stages, chat and serve print nothing of it (quiet_peft_deprecations).
+    deprecations = [str(w.message) for w in shown + reloading if "checkpointing" in str(w.message)]
+    assert not deprecations, deprecations
     with torch.no_grad(), autocast_like_training(resolved):  # training ran under the resolved autocast
         assert torch.equal(reloaded(**batch).logits.float(), expected.float())
     # Plain PeftModel.from_pretrained on models/base: the same, once the base is prepared as in training.
@@ -132,6 +141,23 @@ def test_saved_adapter_reloads_with_the_same_logits(quantized_base, params_facto
         assert torch.equal(plain(**batch).logits.float(), expected.float())
     lora_b = [p for n, p in trained.named_parameters() if "lora_B" in n]
     assert any(p.abs().sum() > 0 for p in lora_b), "training moved the adapter away from its zero init"
+
+
+def test_only_peft_s_checkpointing_deprecations_are_kept_quiet_and_only_inside():
+    from qlora_pipeline.modeling.preparation import quiet_peft_deprecations
+
+    peft_reads = "`is_gradient_checkpointing` is deprecated and will be removed in v6. Use `is_activation_checkpointing` instead."
+    peft_calls = "`gradient_checkpointing_enable` is deprecated and will be removed in v6."
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        with quiet_peft_deprecations():
+            warnings.warn(peft_reads, FutureWarning)
+            warnings.warn(peft_calls, FutureWarning)
+            warnings.warn("`use_cache` is deprecated", FutureWarning)  # another deprecation still shows
+            warnings.warn(peft_reads, UserWarning)  # and so does the same text as another category
+        warnings.warn(peft_reads, FutureWarning)  # after the block: shown again
+    assert [(w.category, str(w.message)) for w in shown] == [
+        (FutureWarning, "`use_cache` is deprecated"), (UserWarning, peft_reads), (FutureWarning, peft_reads)]
 
 
 def test_interrupted_training_resumes_from_the_last_checkpoint(tiny_llama, params_factory, tmp_path, monkeypatch):

@@ -321,7 +321,7 @@ def prepare_model(params: Params, base_dir: Path, workdir: Path,
     from transformers import AutoTokenizer
 
     from qlora_pipeline.modeling.loading import load_dense
-    from qlora_pipeline.modeling.preparation import prepare_4bit_base
+    from qlora_pipeline.modeling.preparation import prepare_4bit_base, quiet_peft_deprecations
 
     train = params.train
     precision = precision or precision_for(params, base_dir)
@@ -335,7 +335,8 @@ def prepare_model(params: Params, base_dir: Path, workdir: Path,
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()  # frozen embeddings would otherwise cut the graph
     if train.method != "full":
-        model = get_peft_model(model, lora_config(train))
+        with quiet_peft_deprecations():
+            model = get_peft_model(model, lora_config(train))
     return model, tokenizer
 
 

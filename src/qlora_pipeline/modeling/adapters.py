@@ -181,8 +181,11 @@ def attach_adapters(base: Any, adapters: dict[str, Path]) -> Any:
     """Wrap ``base`` with every named adapter; switch with ``set_adapter``, bypass with ``disable_adapter()``."""
     from peft import PeftModel
 
+    from qlora_pipeline.modeling.preparation import quiet_peft_deprecations
+
     names = list(adapters)
-    model = PeftModel.from_pretrained(base, str(adapters[names[0]]), adapter_name=names[0])
+    with quiet_peft_deprecations():
+        model = PeftModel.from_pretrained(base, str(adapters[names[0]]), adapter_name=names[0])
     for name in names[1:]:
         model.load_adapter(adapters[name], adapter_name=name)
     model.set_adapter(names[0])

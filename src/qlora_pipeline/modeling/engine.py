@@ -244,7 +244,6 @@ class _Row:
         self.sent = ""
         self.text = ""
         self.score: tuple[float, int] | None = None
-        self.on_text = request.on_text
         self.stream_error: str | None = None  # what the row's on_text raised: it ends this row, not the batch
 
     @property
@@ -295,11 +294,12 @@ class _Row:
         return (text[:cut], True) if cut >= 0 else (text, False)
 
     def _emit(self, text: str) -> None:
-        if self.on_text is not None and len(text) > len(self.sent) and text.startswith(self.sent):
+        if self.request.on_text is None or self.stream_error is not None:  # nothing streams, or no longer
+            return
+        if len(text) > len(self.sent) and text.startswith(self.sent):
             try:
-                self.on_text(text[len(self.sent):])
+                self.request.on_text(text[len(self.sent):])
             except Exception as err:  # a consumer gone (a closed stream): its row ends, the others go on
-                self.on_text = None
                 self.stream_error = f"streaming the reply failed: {type(err).__name__}: {err}"
                 return
             self.sent = text

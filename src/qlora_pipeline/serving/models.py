@@ -21,6 +21,7 @@ from typing import Any, Iterator
 
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.layout import RESOLVED_CONFIG
+from qlora_pipeline.modeling.preparation import quiet_peft_deprecations
 from qlora_pipeline.modeling.stacked_lora import PEFT_BASE, RowAdapters
 
 BASE = "base"
@@ -218,7 +219,8 @@ class PersonaModel:
             if isinstance(self.model, PeftModel):
                 self.model.load_adapter(str(adapter.folder), adapter_name=adapter.name)
             else:
-                self.model = PeftModel.from_pretrained(self.model, str(adapter.folder), adapter_name=adapter.name)
+                with quiet_peft_deprecations():
+                    self.model = PeftModel.from_pretrained(self.model, str(adapter.folder), adapter_name=adapter.name)
                 self.resolved = adapter.resolved
             self.model.eval()
             self.adapters[adapter.name] = adapter
