@@ -9,8 +9,8 @@ person's reply, the model's reply). The reference the DPO loss measures against 
 itself, which TRL copies, frozen, into a second adapter named ``ref`` (``reference: adapter``,
 SPIN's choice), or the adapter switched off (``reference: base``): never a second copy of the base.
 
-The pairs are an output of the train-adapter stage (``data/preference/pairs.jsonl``), so DVC keeps
-them by hash beside the adapter they shaped.
+The pairs are an output of the train-adapter stage (``data/preference/pairs.jsonl``, in the folder
+DVC tracks), so DVC keeps them by hash beside the adapter they shaped.
 """
 
 from __future__ import annotations
