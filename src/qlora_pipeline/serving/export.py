@@ -46,7 +46,7 @@ from qlora_pipeline.layout import RESOLVED_CONFIG
 from qlora_pipeline.modeling.adapters import attach_adapters, autocast_like_training, load_base_for
 from qlora_pipeline.modeling.inference import dequantize_weight
 from qlora_pipeline.modeling.loading import NO_HUB_KERNELS, device_map, set_end_token
-from qlora_pipeline.modeling.preparation import base_fingerprint, quiet_peft_deprecations
+from qlora_pipeline.modeling.preparation import base_fingerprint
 from qlora_pipeline.modeling.quantization import linear4bit_modules
 from qlora_pipeline.serving.models import Adapter, check_same_base, fetch_adapter, parse_adapter_spec, read_adapter
 from qlora_pipeline.mlflow_store import resolve_tracking_uri
@@ -290,10 +290,7 @@ def _copy_into(targets: dict[str, Any], name: str, value: Any) -> str:
 
 def merge_adapter(dense: Any, adapter_folder: Path) -> Any:
     """``dense`` with the adapter added into its weights (PEFT adds ΔW in float32, then rounds once)."""
-    from peft import PeftModel
-
-    with quiet_peft_deprecations():
-        merged = PeftModel.from_pretrained(dense, str(adapter_folder)).merge_and_unload(safe_merge=True)
+    merged = attach_adapters(dense, {"default": adapter_folder}).merge_and_unload(safe_merge=True)
     leftover = [name for name, module in merged.named_modules() if hasattr(module, "lora_A")]
     if leftover:
         raise PipelineError(f"the merged model still holds LoRA layers ({leftover[0]}, ...): "

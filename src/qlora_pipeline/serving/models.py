@@ -21,7 +21,6 @@ from typing import Any, Iterator
 
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.layout import RESOLVED_CONFIG
-from qlora_pipeline.modeling.preparation import quiet_peft_deprecations
 from qlora_pipeline.modeling.stacked_lora import PEFT_BASE, RowAdapters
 
 BASE = "base"
@@ -211,6 +210,8 @@ class PersonaModel:
         """Add an adapter at run time (the same base check as at start)."""
         from peft import PeftModel
 
+        from qlora_pipeline.modeling.adapters import attach_adapters
+
         with self.lock:
             if spec.name in self.adapters:
                 raise PipelineError(f"adapter '{spec.name}' is already loaded; unload it first or choose another name")
@@ -219,8 +220,7 @@ class PersonaModel:
             if isinstance(self.model, PeftModel):
                 self.model.load_adapter(str(adapter.folder), adapter_name=adapter.name)
             else:
-                with quiet_peft_deprecations():
-                    self.model = PeftModel.from_pretrained(self.model, str(adapter.folder), adapter_name=adapter.name)
+                self.model = attach_adapters(self.model, {adapter.name: adapter.folder})
                 self.resolved = adapter.resolved
             self.model.eval()
             self.adapters[adapter.name] = adapter
