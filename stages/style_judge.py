@@ -3,8 +3,8 @@
 Reads:  <train> (train.jsonl: what the judge learns), <val> (val.jsonl: its held-out quality),
         <base>/ (only for a group's voice: the base model's replies are the contrast), params `seed`,
         `evaluate` (group_judge_prompts, max_new_tokens, batch_size, dequantize_4bit), `model`, `train.method`
-Writes: <out>/ (judge.skops, judge.json, vocabulary.json), <metrics> (what it was fitted on, its accuracy
-        and AUC on validation replies); logs the metrics to MLflow
+Writes: <out>/ (judge.safetensors and terms.json: the judge; judge.json, vocabulary.json), <metrics> (what
+        it was fitted on, its accuracy and AUC on validation replies); logs the metrics to MLflow
 Run:    python stages/style_judge.py --params params.yaml --train data/splits/train.jsonl \
             --val data/splits/val.jsonl --base models/base --out models/judge --metrics metrics/judge.json
 """

@@ -41,11 +41,11 @@ PROPERTIES_PROFILE = settings.get_profile(os.environ.get("DATA_PROPERTIES_PROFIL
 # collection order (--no-loadscope-reorder), so starting with these lets the two finish together; a
 # serial run is unchanged but for the order (longest by the slowest tests `make test` lists on the
 # AVX2 machine, docs/testing.md). The first builds tiny_baseline
-# (built_once), which test_failures.py and the modules after it read or copy; the notebook, which needs
-# none of it, comes second so that the other worker has work meanwhile instead of waiting for the build.
-SLOWEST_FIRST = ("e2e/test_dvc_pipeline.py", "test_notebook.py", "e2e/test_failures.py", "e2e/test_mlflow_server.py",
-                 "e2e/test_data_dependency.py", "e2e/test_dvc_remote.py",
-                 "serving/test_export_gguf.py", "serving/test_server_load.py", "modeling/test_generation_engine.py")
+# (built_once), which the end-to-end modules after it copy or read; the notebook, which needs none of
+# it, comes second so that the other worker has work meanwhile instead of waiting for the build.
+SLOWEST_FIRST = ("e2e/test_mlflow_server.py", "test_notebook.py", "e2e/test_dvc_pipeline.py", "e2e/test_failures.py",
+                 "serving/test_export_gguf.py", "e2e/test_data_dependency.py", "modeling/test_generation_engine.py",
+                 "serving/test_server_load.py", "e2e/test_dvc_remote.py")
 
 
 def pytest_collection_modifyitems(config, items):

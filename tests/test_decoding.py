@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -250,8 +251,8 @@ def test_the_style_judge_is_fitted_once_and_read_back_as_it_was(tiny_run, tmp_pa
     assert vocabulary == fidelity.vocabulary(rows) and info["group_voice"] is False
     stage = json.loads((tmp / "judge.json").read_text())
     assert stage["train_replies"] == info["train_replies"] and 0 <= stage["val"]["accuracy"] <= 1
-    # fitted again in another process, at another time, with other string hashing: the same bytes (the zip's
-    # dates, skops' object ids and scikit-learn's set of pruned terms would each differ), so DVC sees no change
+    # fitted again in another process, at another time, with other string hashing: the same bytes (scikit-learn
+    # keeps its pruned terms in a set, whose order follows the hashing; they are not saved), so DVC sees no change
     import subprocess
 
     script = ("import sys; from qlora_pipeline import fidelity; from qlora_pipeline.io import read_jsonl; "
@@ -260,10 +261,20 @@ def test_the_style_judge_is_fitted_once_and_read_back_as_it_was(tiny_run, tmp_pa
               "len(fidelity.vocabulary(rows))}, fidelity.vocabulary(rows))")
     subprocess.run([sys.executable, "-c", script, str(tmp / "splits/train.jsonl"), str(tmp_path / "again"),
                     str(params.seed)], check=True, env={**os.environ, "PYTHONHASHSEED": "12345"})
-    assert (tmp_path / "again" / fidelity.JUDGE_FILE).read_bytes() == (tmp / "judge" / fidelity.JUDGE_FILE).read_bytes()
+    for name in (fidelity.JUDGE_FILE, fidelity.TERMS_FILE, fidelity.INFO_FILE, fidelity.VOCABULARY_FILE):
+        assert (tmp_path / "again" / name).read_bytes() == (tmp / "judge" / name).read_bytes(), name
     (tmp_path / "judge").mkdir()
     with pytest.raises(PipelineError, match=r"no style judge .*dvc repro style-judge"):
         fidelity.load_judge(tmp_path / "judge")
-    (tmp_path / "judge" / fidelity.JUDGE_FILE).write_bytes(b"not a zip")
-    with pytest.raises(PipelineError, match=r"not a style judge this pipeline wrote"):
-        fidelity.load_judge(tmp_path / "judge")
+    # damaged or not ours: numbers that are no safetensors, terms that do not fit the numbers, a setting we never write
+    terms = json.loads((tmp / "judge" / fidelity.TERMS_FILE).read_text())
+    fewer = [{**terms[0], "terms": terms[0]["terms"][:-1]}, *terms[1:]]
+    odd = [{**terms[0], "settings": {**terms[0]["settings"], "dtype": "float16"}}, *terms[1:]]
+    for numbers, written in ((b"not safetensors", terms), (None, fewer), (None, odd)):
+        shutil.copytree(tmp / "judge", tmp_path / "judge", dirs_exist_ok=True)
+        if numbers is not None:
+            (tmp_path / "judge" / fidelity.JUDGE_FILE).write_bytes(numbers)
+        (tmp_path / "judge" / fidelity.TERMS_FILE).write_text(json.dumps(written))
+        with pytest.raises(PipelineError, match=r"judge\.safetensors: not a style judge this pipeline wrote .*"
+                                                r"dvc repro style-judge"):
+            fidelity.load_judge(tmp_path / "judge")

@@ -11,9 +11,10 @@ ROUGE against one reference reply says little about a voice. Here:
   laughter tokens, question and exclamation marks);
 - repetition: the share of replies that repeat a word 3-gram.
 
-The style-judge stage fits the judge once per run and saves it (skops, which loads only the
-scikit-learn types it trusts: no pickle); choose-decoding and evaluate read it. The evaluate stage
-reports all of it for base and tuned, beside ROUGE and perplexity.
+The style-judge stage fits the judge once per run and saves what it learned as numbers and terms
+(safetensors and JSON: nothing in the files can run code); choose-decoding and evaluate build the
+same scikit-learn judge from them. The evaluate stage reports all of it for base and tuned, beside
+ROUGE and perplexity.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ import numpy as np
 
 PERSONA, OTHER = 1, 0
 # Inside the style-judge stage's output folder.
-JUDGE_FILE = "judge.skops"
+JUDGE_FILE = "judge.safetensors"  # the fitted numbers: each vectorizer's idf, the regression's weights
+TERMS_FILE = "terms.json"  # each vectorizer's settings and its terms, in column order
 INFO_FILE = "judge.json"
 VOCABULARY_FILE = "vocabulary.json"
 _WORD = re.compile(r"[a-z0-9']+")
@@ -68,6 +70,12 @@ def train_judge(texts: Sequence[str], labels: Sequence[int], seed: int) -> Any:
     )
     judge = make_pipeline(features, LogisticRegression(max_iter=2000, class_weight="balanced", random_state=seed))
     return judge.fit(list(texts), list(labels))
+
+
+# What a fitted vectorizer's transform depends on besides its terms and idf (saved with them; min_df and
+# max_features only shape the fit). A judge built with a callable among them could not be saved as numbers.
+_TRANSFORM_SETTINGS = ("analyzer", "ngram_range", "lowercase", "token_pattern", "strip_accents", "stop_words",
+                       "preprocessor", "tokenizer", "binary", "norm", "use_idf", "smooth_idf", "sublinear_tf")
 
 
 def judge_quality(judge: Any, texts: Sequence[str], labels: Sequence[int]) -> dict:
@@ -197,66 +205,37 @@ def fit_judge(train_rows: Sequence[dict], seed: int, assistant_replies: Sequence
 
 
 def save_judge(folder: Any, judge: Any, info: dict, vocabulary: set[str]) -> None:
-    """The judge, what it was fitted on, and the training chats' vocabulary, into ``folder`` (made whole or not at all)."""
-    import skops.io
+    """The judge, what it was fitted on, and the training chats' vocabulary, into ``folder`` (made whole or not at all).
+
+    The judge is saved as what it learned: each vectorizer's settings and terms (JSON) and its numbers
+    (safetensors): the idf weights, the regression's coefficients, intercept and classes. The same judge
+    gives the same bytes whatever process fits it (DVC hashes them), and loading runs no code from them.
+    """
+    from safetensors.numpy import save
 
     from qlora_pipeline.io import atomic_path, write_json
 
-    # The vectorizers' stop_words_ (the terms their document-frequency bounds pruned) is a set, written in
-    # an order that changes with each process's string hashing; scikit-learn keeps it for introspection
-    # only and says it can be dropped before saving. _stop_words_id caches the id() of the stop-word list
-    # (read with a default of None): it would write this process's address.
-    for part in (judge, *judge.get_params(deep=True).values()):
-        if hasattr(part, "stop_words_"):
-            part.stop_words_ = None
-        if hasattr(part, "_stop_words_id"):
-            del part._stop_words_id
+    features, regression = judge.steps[0][1], judge.steps[-1][1]
+    vectorizers = [vectorizer for _, vectorizer in features.transformer_list]
+    terms = []
+    for vectorizer in vectorizers:
+        settings = {key: vectorizer.get_params()[key] for key in _TRANSFORM_SETTINGS}
+        if any(callable(value) for value in settings.values()):
+            raise ValueError(f"a vectorizer with a callable setting cannot be saved as numbers: {settings}")
+        terms.append({"settings": settings, "terms": vectorizer.get_feature_names_out().tolist()})
+    numbers = {**{f"idf.{i}": vectorizer.idf_ for i, vectorizer in enumerate(vectorizers)},
+               "coef": regression.coef_, "intercept": regression.intercept_, "classes": regression.classes_}
     with atomic_path(folder) as tmp:
         tmp.mkdir()
-        (tmp / JUDGE_FILE).write_bytes(_reproducible(skops.io.dumps(judge)))
+        (tmp / JUDGE_FILE).write_bytes(save({name: np.ascontiguousarray(value) for name, value in numbers.items()}))
+        write_json(tmp / TERMS_FILE, terms)
         write_json(tmp / INFO_FILE, info)
         write_json(tmp / VOCABULARY_FILE, sorted(vocabulary))
 
 
-def _reproducible(archive: bytes) -> bytes:
-    """skops' zip made the same bytes for the same judge: DVC hashes the file, so a judge fitted twice must match.
-
-    skops names objects by their ``id()`` in this process (``"__id__"`` in schema.json, ``<id>.npy``
-    array files) and stamps each entry with the time of writing. The ids are renumbered in order of
-    first appearance (the same object keeps the same number, which is all loading needs) and every
-    entry is dated 1980-01-01.
-    """
-    import io
-    import re
-    import zipfile
-
-    with zipfile.ZipFile(io.BytesIO(archive)) as source:
-        entries = [(entry, source.read(entry)) for entry in source.infolist()]
-    schema = next(data for entry, data in entries if entry.filename == "schema.json").decode()
-    numbers: dict[str, str] = {}
-    for found in re.finditer(r'"__id__": (\d+)|"(\d+)\.npy"', schema):
-        numbers.setdefault(found.group(1) or found.group(2), str(len(numbers) + 1))
-    schema = re.sub(r'("__id__": )(\d+)', lambda m: m.group(1) + numbers[m.group(2)], schema)
-    schema = re.sub(r'"(\d+)\.npy"', lambda m: f'"{numbers[m.group(1)]}.npy"', schema)
-    out = io.BytesIO()
-    with zipfile.ZipFile(out, "w") as target:
-        for entry, data in entries:
-            name = entry.filename
-            if name == "schema.json":
-                data = schema.encode()
-            elif name.endswith(".npy"):
-                name = f"{numbers[name[:-4]]}.npy"
-            dated = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
-            dated.compress_type, dated.external_attr = entry.compress_type, entry.external_attr
-            target.writestr(dated, data)
-    return out.getvalue()
-
-
 def load_judge(folder: Any) -> tuple[Any, dict, set[str]]:
-    """What :func:`save_judge` wrote; a file holding types other than scikit-learn's own is refused."""
+    """What :func:`save_judge` wrote: the same scikit-learn judge, rebuilt from its terms and numbers."""
     from pathlib import Path
-
-    import skops.io
 
     from qlora_pipeline.errors import PipelineError
     from qlora_pipeline.io import read_json
@@ -266,8 +245,34 @@ def load_judge(folder: Any) -> tuple[Any, dict, set[str]]:
         raise PipelineError(f"{folder}: no style judge ({JUDGE_FILE} missing); run the style-judge stage "
                             "first (dvc repro style-judge)")
     try:
-        judge = skops.io.load(folder / JUDGE_FILE)
-    except Exception as err:  # skops names the untrusted types, or the file is damaged
+        judge = _judge_from(read_json(folder / TERMS_FILE), (folder / JUDGE_FILE).read_bytes())
+    except Exception as err:  # damaged or foreign: unreadable, an unknown setting, numbers that do not fit the terms
         raise PipelineError(f"{folder / JUDGE_FILE}: not a style judge this pipeline wrote ({err}); "
                             "re-run the style-judge stage (dvc repro style-judge)") from err
     return judge, read_json(folder / INFO_FILE), set(read_json(folder / VOCABULARY_FILE))
+
+
+def _judge_from(terms: list[dict], data: bytes) -> Any:
+    """The pipeline :func:`train_judge` fits, each part given the fitted state :func:`save_judge` wrote."""
+    from safetensors.numpy import load
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline, make_union
+
+    numbers = load(data)
+    vectorizers = []
+    for i, part in enumerate(terms):
+        if set(part["settings"]) != set(_TRANSFORM_SETTINGS):
+            raise ValueError(f"vectorizer {i} has the settings {sorted(part['settings'])}")
+        vectorizer = TfidfVectorizer(**{**part["settings"], "ngram_range": tuple(part["settings"]["ngram_range"])})
+        vectorizer.vocabulary_ = {term: column for column, term in enumerate(part["terms"])}
+        vectorizer.idf_ = numbers[f"idf.{i}"]  # scikit-learn checks its length against the terms
+        vectorizers.append(vectorizer)
+    regression = LogisticRegression()
+    regression.coef_, regression.intercept_ = numbers["coef"], numbers["intercept"]
+    regression.classes_ = numbers["classes"]
+    width = sum(len(vectorizer.vocabulary_) for vectorizer in vectorizers)
+    if regression.coef_.shape != (1, width) or regression.intercept_.shape != (1,) or len(regression.classes_) != 2:
+        raise ValueError(f"regression weights of shape {regression.coef_.shape} for {width} terms")
+    regression.n_features_in_ = width
+    return make_pipeline(make_union(*vectorizers), regression)

@@ -1,5 +1,6 @@
-"""Your data file is a DVC dependency: editing it re-runs fetch and every stage after it, queued experiments included;
-and the README's one command trains on a chat app's export.
+"""Your data file is a DVC dependency, queued experiments included; and the README's one command trains on a chat
+app's export. (That editing it in the workspace re-runs fetch and every stage after it, not the base, is
+test_mlflow_server.py's first test, which runs the pipeline once for both.)
 
 Runs the tiny real pipeline of test_dvc_pipeline.py in a throwaway git + DVC copy of the
 repository, with its chat log in data/source/ (git-tracked, as the README tells users).
@@ -17,13 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TINY_DATA, chat_rows, copy_baseline, jsonl, run_queue, sh
+from conftest import ROOT, TINY_DATA, copy_baseline, jsonl, run_queue, sh
 
 pytestmark = pytest.mark.slow
 
 DATA = TINY_DATA
-STAGES_AFTER_FETCH = ("clean", "split", "train-adapter", "style-judge", "choose-decoding", "zero-shot", "evaluate",
-                      "risk")
 
 
 def raw_ids(repo: Path) -> list[str]:
@@ -37,32 +36,14 @@ def repo(tmp_path_factory, tiny_baseline) -> Path:
     return copy_baseline(tiny_baseline, tmp_path_factory.mktemp("data-dep") / "repo")
 
 
-def test_editing_the_data_file_reruns_fetch_and_everything_after(repo):
-    with (repo / DATA).open("a") as handle:  # two more conversations, c24 and c25
-        handle.write(jsonl(chat_rows(26)[24 * 6:]))
-
-    status = sh(["dvc", "status"], repo)
-    assert re.search(r"^fetch:\n\s+changed deps:\n\s+modified:\s+data/source\n", status, re.M), status
-    assert "quantize-load:" not in status
-
-    out = sh(["dvc", "repro"], repo)
-    for stage in ("fetch", *STAGES_AFTER_FETCH):
-        assert f"Running stage '{stage}'" in out, stage
-    assert "Running stage 'quantize-load'" not in out  # the base model reads no data
-    assert raw_ids(repo)[-3:] == ["c23", "c24", "c25"]
-    assert json.loads((repo / "data/raw/manifest.json").read_text())["counts"]["conversations"] == 26
-    assert "Data and pipelines are up to date" in sh(["dvc", "status"], repo)
-    sh(["git", "add", "-A"], repo)
-    sh(["git", "commit", "-qm", "two more conversations"], repo)
-
-
 def test_a_queued_experiment_reads_the_edit_and_names_a_file_it_lacks(repo):
     """Queued: an uncommitted edit of the git-tracked file reaches fetch; a file never added stops it with the fix."""
     committed = (repo / DATA).read_text()
     (repo / DATA).write_text(committed + jsonl([{"conv": "queued", "who": "pat", "msg": "an edit nobody committed",
                                                  "ts": "2020-02-01T10:00:00Z"}, {"conv": "queued", "who": "friend0",
                                                                "msg": "and the queue still saw it", "ts": "2020-02-01T10:01:00Z"}]))
-    # fetch alone: what follows it re-runs as in the workspace (the test above), so the queue is not asked to.
+    # fetch alone: what follows it re-runs as in the workspace (test_mlflow_server.py's edited data file), so the
+    # queue is not asked to.
     sh(["dvc", "exp", "run", "--queue", "-n", "edited", "fetch"], repo)
     # The queue keeps its own copy of the workspace: reverting the edit now must not matter.
     (repo / DATA).write_text(committed)
@@ -82,6 +63,16 @@ def test_a_queued_experiment_reads_the_edit_and_names_a_file_it_lacks(repo):
     sh(["dvc", "exp", "apply", "edited"], repo)
     assert raw_ids(repo)[-1] == "queued"
     assert "and the queue still saw it" in (repo / "data/raw/conversations.jsonl").read_text()
+
+    # The queued run logged into the repository's own SQLite store, not into DVC's copy of the workspace.
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    table = mlflow.search_runs(experiment_names=["qlora-pipeline"])
+    edited = table[table["tags.dvc.exp_name"] == "edited"]
+    assert len(edited) == 1 and edited.iloc[0]["tags.stage.fetch"] == "ran", table.filter(like="tags.").to_string()
+    assert edited.iloc[0]["metrics.fetch.conversations"] == 25  # the 24 committed and the queued edit's
+    assert not list((repo / ".dvc/tmp/exps").rglob("mlflow.db"))
 
 
 # --------------------------------------------------------------- the README's own-chats command

@@ -1,4 +1,7 @@
-"""The real pipeline under DVC, on a tiny params override: repro, no-op repro, exp run, a queued grid, MLflow.
+"""The real pipeline under DVC, on a tiny params override: repro, no-op repro, exp run, MLflow.
+
+Queued grids: test_mlflow_server.py (QLoRA and full fine-tuning side by side) and test_data_dependency.py
+(queued experiments read the workspace's edits and log into the repository's own store).
 
 Runs in a throwaway git + DVC copy of the repository, with a small chat log and a tiny random
 Llama, so every stage runs for real in seconds.
@@ -7,21 +10,24 @@ Llama, so every stage runs for real in seconds.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
+import yaml
 
-from conftest import BASELINE_RUN, BIN, copy_baseline, run_queue, sh
+from conftest import BASELINE_RUN, BIN, copy_baseline, set_dotted, sh
 
 pytestmark = pytest.mark.slow
 
 
 def restore_committed(repo: Path) -> None:
-    """Put params.yaml, dvc.lock and the outputs back as committed, for the next test.
+    """Put params.yaml, dvc.lock and the outputs back as committed, for the next test: the metrics files
+    (`cache: false`: git keeps them) by git, the rest from DVC's cache.
 
     When a test runs alone, dvc.lock is not committed yet: only params.yaml is restored then.
     """
-    tracked = sh(["git", "ls-files", "params.yaml", "dvc.lock"], repo).split()
+    tracked = sh(["git", "ls-files", "params.yaml", "dvc.lock", "metrics"], repo).split()
     sh(["git", "checkout", "--", *tracked], repo)
     if "dvc.lock" in tracked:
         sh(["dvc", "checkout", "--force"], repo)
@@ -142,66 +148,46 @@ def test_editing_code_that_shapes_outputs_makes_exactly_its_stages_stale(repo):
 
 
 def test_changing_generation_params_reruns_evaluate_only(repo):
-    out = sh(["dvc", "exp", "run", "-S", "evaluate.max_new_tokens=3"], repo)
+    """One experiment for a generation key and two risk keys; that the risk keys alone make risk alone stale is the
+    test after this one."""
+    out = sh(["dvc", "exp", "run", "-S", "evaluate.max_new_tokens=3", "-S", "risk.memorization_min_words=6",
+              "-S", "risk.power_watts=30"], repo)
     assert "Running stage 'evaluate'" in out
     assert "Running stage 'choose-decoding'" in out  # the choice is made at the same reply length
+    assert "Running stage 'risk'" in out
     for stage in ("fetch", "clean", "split", "quantize-load", "train-adapter"):
         assert f"Running stage '{stage}'" not in out
+    assert json.loads((repo / "metrics/risk.json").read_text())["memorization"]["min_words"] == 6
     table = runs(repo)
     assert len(table) == 2 and set(table["params.evaluate.max_new_tokens"]) == {"4", "3"}
     restore_committed(repo)
 
 
-def test_changing_risk_params_reruns_risk_alone(repo):
-    out = sh(["dvc", "exp", "run", "-S", "risk.memorization_min_words=6", "-S", "risk.power_watts=30"], repo)
-    assert "Running stage 'risk'" in out
-    for stage in ("fetch", "clean", "split", "quantize-load", "train-adapter", "choose-decoding", "evaluate"):
-        assert f"Running stage '{stage}'" not in out
-    assert json.loads((repo / "metrics/risk.json").read_text())["memorization"]["min_words"] == 6
+def test_changing_risk_params_makes_risk_alone_stale(repo):
+    """risk is the last stage: what `dvc status` finds stale is what a run re-runs (the keys' effect on risk's
+    output is the test above)."""
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    (repo / "params.yaml").write_text(yaml.safe_dump(set_dotted(params, {"risk.memorization_min_words": 6,
+                                                                           "risk.power_watts": 30}), sort_keys=False))
+    status = sh(["dvc", "status"], repo)
+    stale = {line.rstrip(":") for line in status.splitlines() if line and not line.startswith((" ", "\t"))}
+    assert stale == {"risk"}, status
     restore_committed(repo)
+    assert "Data and pipelines are up to date" in sh(["dvc", "status"], repo)
 
 
-def test_split_params_rerun_split_and_everything_after(repo):
-    """Canaries and context turns change the training data: split and every stage after it re-run, not the
-    ones before or beside it. One experiment for both keys (each is a split param, as DVC sees it)."""
-    out = sh(["dvc", "exp", "run", "-S", "risk.canaries=1", "-S", "risk.canary_repeats=3",
-              "-S", "split.context_turns=2"], repo)
-    for stage in ("split", "train-adapter", "style-judge", "choose-decoding", "zero-shot", "evaluate", "risk"):
-        assert f"Running stage '{stage}'" in out
-    for stage in ("fetch", "clean", "quantize-load"):
-        assert f"Running stage '{stage}'" not in out
-    record = json.loads((repo / "data/canaries.json").read_text())["canaries"]
-    assert sorted(c["repeats"] for c in record) == [0, 3]  # one inserted, one fresh to compare with
-    train = (repo / "data/splits/train.jsonl").read_text()
-    inserted = next(c for c in record if c["repeats"])
-    assert train.count(inserted["secret"]) == 3
-    canaries = json.loads((repo / "metrics/risk.json").read_text())["canaries"]
-    assert canaries["enabled"] and canaries["inserted"] == 1
-    assert canaries["items"][inserted["id"]]["tuned"]["exposure_extrapolated"] is not None
-    assert json.loads((repo / "data/splits/manifest.json").read_text())["split"]["context_turns"] == 2
-    assert "2" in set(runs(repo)["params.split.context_turns"])
+def test_split_params_make_split_stale_and_nothing_before_it(repo):
+    """Canaries and context turns are split's params (as DVC sees them): split is stale, not fetch, clean or the
+    base. What they do to the data, and that every stage after split re-runs on it, is test_mlflow_server.py's
+    first test, whose run sets both."""
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    (repo / "params.yaml").write_text(yaml.safe_dump(set_dotted(params, {
+        "risk.canaries": 1, "risk.canary_repeats": 3, "split.context_turns": 2}), sort_keys=False))
+    status = sh(["dvc", "status"], repo)
+    stale = {line.rstrip(":") for line in status.splitlines() if line and not line.startswith((" ", "\t"))}
+    assert "split" in stale and not stale & {"fetch", "clean", "quantize-load"}, status
+    split = re.search(r"^split:\n((?:[ \t].*\n?)*)", status, re.M).group(1)  # its indented lines
+    for key in ("risk.canaries", "risk.canary_repeats", "split"):  # split's own section holds context_turns
+        assert re.search(rf"modified:\s+{re.escape(key)}$", split, re.M), status
     restore_committed(repo)
-
-
-def test_queued_grid_lands_every_experiment_in_the_one_store(repo):
-    """A grid of QLoRA at a new rank and full fine-tuning, queued and run one at a time.
-
-    Two experiments, from one grid flag and one plain one: each is a train-adapter run and everything
-    after it (about two minutes each on the AVX2 machine). A third, a second rank, added no assertion.
-    The lora method (qlora without the 4-bit base) is left out to keep make test short: its model
-    preparation is tested in test_training.py, and the queue treats it as any other params change.
-    """
-    before = len(runs(repo))
-    sh(["dvc", "exp", "run", "--queue", "-S", "train.method=qlora,full", "-S", "train.lora.r=4"], repo)
-    status = run_queue(repo)
-    assert "Failed" not in status, status
-    table = runs(repo)
-    new = table.iloc[: len(table) - before]
-    assert len(new) == 2
-    assert sorted(zip(new["params.train.method"], new["params.train.lora.r"])) == [("full", "4"), ("qlora", "4")]
-    assert all(name != "workspace" for name in new["tags.dvc.exp_name"])
-    assert new["metrics.eval.rouge1.tuned"].notna().all() and new["metrics.train.best_val_loss"].notna().all()
-    shown = sh(["dvc", "exp", "show", "--no-pager", "--csv"], repo)
-    header, *rows = shown.strip().splitlines()
-    assert "best_val_loss" in header and "train.method" in header
-    assert len(rows) >= 4  # workspace, the baseline commit and the two experiments
+    assert "Data and pipelines are up to date" in sh(["dvc", "status"], repo)

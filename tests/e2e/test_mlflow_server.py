@@ -1,7 +1,7 @@
 """The tiny pipeline against a real MLflow server (PostgreSQL store, served artifacts), started by
 ``scripts/mlflow_server.sh`` as ``make mlflow-server`` starts it: the server stopped between stages
 of a ``dvc repro`` and the spool sent by ``qlora-pipeline mlflow-sync``, then a queued grid of two
-experiments run side by side (``dvc queue start -j 2``).
+experiments (QLoRA and full fine-tuning) run side by side (``dvc queue start -j 2``).
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import yaml
 
-from conftest import BIN, TINY_RUN, chat_rows, copy_repository, pipeline_env, run_queue, sh
+from conftest import BIN, TINY_DATA, chat_rows, copy_baseline, jsonl, pipeline_env, run_queue, set_dotted, sh
 from qlora_pipeline.launching import free_port
 from qlora_pipeline.mlflow_store import KEY_TAG
 from qlora_pipeline.spool import SPOOL_DIR
@@ -24,12 +25,14 @@ from qlora_pipeline.tracking import metric_values
 
 pytestmark = pytest.mark.slow
 
+STAGES_AFTER_SPLIT = ("train-adapter", "style-judge", "choose-decoding", "zero-shot", "evaluate", "risk")
 STAGES = ("fetch", "clean", "split", "quantize_load", "train_adapter", "choose-decoding", "evaluate", "risk")
-# The stages that read the base alone: an experiment that changes training re-runs neither.
+# The stages that read the base alone: an experiment that changes how training trains re-runs neither (its
+# method, which decides how they load the base, re-runs both).
 BASE_STAGES = ("style-judge", "zero-shot")
+STAGE_METRICS = {"style-judge": "judge.", "zero-shot": "zero_shot."}  # what each logs under
 UNREACHABLE = re.compile(r"^mlflow: (\S+) unreachable; this stage's params and metrics kept in (\S+); "
                          r"send them with qlora-pipeline mlflow-sync$", re.MULTILINE)
-TINY = {**TINY_RUN, "data.path": "chat.jsonl"}
 
 
 class Server:
@@ -56,8 +59,9 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_llama):
-    """The tiny repository copy, its mlflow.tracking_uri pointing at a server on a free port.
+def server(tmp_path_factory, tiny_baseline):
+    """A copy of the session's baseline run (conftest's tiny_baseline), its mlflow.tracking_uri pointing at a
+    server on a free port (MLflow's settings are no stage's params: nothing is stale yet).
 
     The server's folder is outside pytest's own (mode 700): as root, PostgreSQL runs as
     `postgres`, which must reach it. Stopped, and the folder removed, however the tests end.
@@ -65,9 +69,10 @@ def server(tmp_path_factory, tiny_llama):
     folder = Path(tempfile.mkdtemp(prefix="qlora-mlflow-server-"))
     folder.chmod(0o711)
     port = free_port()
-    chat = "".join(json.dumps(r) + "\n" for r in chat_rows())
-    overrides = {**TINY, "model.name_or_path": str(tiny_llama), "mlflow.tracking_uri": f"http://127.0.0.1:{port}"}
-    repo = copy_repository(tmp_path_factory.mktemp("server") / "repo", overrides, {"chat.jsonl": chat})
+    repo = copy_baseline(tiny_baseline, tmp_path_factory.mktemp("server") / "repo")
+    set_params(repo, {"mlflow.tracking_uri": f"http://127.0.0.1:{port}"})
+    assert "Data and pipelines are up to date" in sh(["dvc", "status"], repo)
+    sh(["git", "commit", "-qam", "the team's MLflow server"], repo)
     running = Server(repo, folder / "srv", port)
     try:
         running.start()
@@ -75,6 +80,16 @@ def server(tmp_path_factory, tiny_llama):
     finally:
         running.script("stop", check=False)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def set_params(repo: Path, overrides: dict) -> None:
+    params = set_dotted(yaml.safe_load((repo / "params.yaml").read_text()), overrides)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def raw_ids(repo: Path) -> list[str]:
+    lines = (repo / "data/raw/conversations.jsonl").read_text().splitlines()
+    return [json.loads(line)["id"] for line in lines]
 
 
 def runs_of(client, experiment_name: str = "qlora-pipeline") -> dict:
@@ -99,7 +114,16 @@ def logged_metrics(repo: Path) -> dict[str, float]:
             for key, value in metric_values(metrics, prefix=f"{stage}.")[0].items()}
 
 
-def test_a_server_stopped_between_stages_loses_nothing_after_mlflow_sync(server, tmp_path):
+def test_an_edited_data_file_reruns_everything_after_fetch_and_a_server_stopped_between_stages_loses_nothing(
+        server, tmp_path):
+    """Your data file is a DVC dependency: two more conversations make fetch stale, and what follows it, not
+    the base. Then the run, with the server stopped after split: every later stage keeps its logging in the
+    spool, and ``qlora-pipeline mlflow-sync`` sends it into the one run.
+
+    A quantize-load param changes too (the smoke replies' length), so that every stage runs and logs, and so
+    do split's canary and context params, whose effect on the data and the risk report is checked here
+    (test_dvc_pipeline.py checks that they make split stale and nothing before it).
+    """
     repo = server.repo
     env = {**pipeline_env(), "QLORA_PIPELINE_RUN_KEY": "e2e-stopped"}  # one execution over both repros
 
@@ -108,15 +132,41 @@ def test_a_server_stopped_between_stages_loses_nothing_after_mlflow_sync(server,
         assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
         return proc.stdout + proc.stderr
 
-    assert not UNREACHABLE.search(run("dvc", "repro", "split"))
+    with (repo / TINY_DATA).open("a") as handle:  # two more conversations, c24 and c25
+        handle.write(jsonl(chat_rows(26)[24 * 6:]))
+    status = sh(["dvc", "status"], repo)
+    assert re.search(r"^fetch:\n\s+changed deps:\n\s+modified:\s+data/source\n", status, re.M), status
+    stale = {line.rstrip(":") for line in status.splitlines() if line and not line.startswith((" ", "\t"))}
+    assert stale == {"fetch"}, status  # the base model reads no data; the stages after fetch read its output
+
+    set_params(repo, {"model.smoke_max_new_tokens": 3, "risk.canaries": 1, "risk.canary_repeats": 3,
+                      "split.context_turns": 2,  # and two training steps, as the tiny run, for the grid after
+                      "train.max_steps": 2, "train.eval_steps": 1, "train.save_steps": 1})
+    out = run("dvc", "repro", "split")
+    assert not UNREACHABLE.search(out)
+    for stage in ("fetch", "clean", "split"):
+        assert f"Running stage '{stage}'" in out, stage
+    assert raw_ids(repo)[-3:] == ["c23", "c24", "c25"]
+    assert json.loads((repo / "data/raw/manifest.json").read_text())["counts"]["conversations"] == 26
     server.script("stop")
     out = run("dvc", "repro")
+    for stage in ("quantize-load", *STAGES_AFTER_SPLIT):
+        assert f"Running stage '{stage}'" in out, stage
     said = UNREACHABLE.findall(out)
     assert len(said) == 7 and {uri for uri, _ in said} == {server.uri}, out  # one line per stage left
     for path in ("models/adapter/adapter_config.json", "metrics/train.json", "metrics/decoding.json",
                  "metrics/eval.json", "metrics/risk.json", "reports/risk.md", "reports/evaluate/samples.csv"):
         assert (repo / path).is_file(), path
     assert len(list((repo / SPOOL_DIR).glob("*.jsonl"))) == 7
+    # split's params: one canary inserted 3 times and one fresh to compare with; two context turns
+    record = json.loads((repo / "data/canaries.json").read_text())["canaries"]
+    assert sorted(c["repeats"] for c in record) == [0, 3]
+    inserted = next(c for c in record if c["repeats"])
+    assert (repo / "data/splits/train.jsonl").read_text().count(inserted["secret"]) == 3
+    canaries = json.loads((repo / "metrics/risk.json").read_text())["canaries"]
+    assert canaries["enabled"] and canaries["inserted"] == 1
+    assert canaries["items"][inserted["id"]]["tuned"]["exposure_extrapolated"] is not None
+    assert json.loads((repo / "data/splits/manifest.json").read_text())["split"]["context_turns"] == 2
 
     server.start()  # the same folder: the cluster and the runs in it are kept
     sent = run(str(BIN / "python"), "-m", "qlora_pipeline.cli", "mlflow-sync")
@@ -126,6 +176,7 @@ def test_a_server_stopped_between_stages_loses_nothing_after_mlflow_sync(server,
     assert name == "workspace" and synced.data.tags[KEY_TAG] == "e2e-stopped" and synced.info.status == "FINISHED"
     assert all(synced.data.tags.get(f"stage.{stage}") == "ran" for stage in STAGES + BASE_STAGES), synced.data.tags
     assert synced.data.params["train.lora.r"] == "16" and "decoding.chosen.top_p" in synced.data.params
+    assert synced.data.params["split.context_turns"] == "2"
     for stage in ("fetch", "clean", "split", "base"):  # logged while the server was up
         assert any(key.startswith(f"{stage}.") for key in synced.data.metrics), stage
     expected = logged_metrics(repo)  # every number the later stages' files hold, with its value
@@ -145,32 +196,49 @@ def test_a_server_stopped_between_stages_loses_nothing_after_mlflow_sync(server,
     assert "nothing to send" in run(str(BIN / "python"), "-m", "qlora_pipeline.cli", "mlflow-sync")
     assert list((repo / SPOOL_DIR).iterdir()) == []
     assert client.get_metric_history(synced.info.run_id, "train.loss") == history
+    assert "Data and pipelines are up to date" in sh(["dvc", "status"], repo)
     sh(["git", "add", "-A"], repo)
-    sh(["git", "commit", "-qm", "baseline results"], repo)
+    sh(["git", "commit", "-qm", "two more conversations"], repo)
 
 
-def test_a_queued_grid_of_two_lands_whole_on_the_server(server):
-    """Two experiments side by side, each re-running train-adapter and what follows into its own run.
+def test_a_queued_grid_of_qlora_and_full_lands_whole_on_the_server(server):
+    """A grid of QLoRA and full fine-tuning at a new rank, from one grid flag and one plain one, queued and run
+    side by side (``-j 2``), each re-running train-adapter and what follows into its own run.
 
     A new experiment name: both create it at once on their first stage (the race _experiment_id rides).
+    The lora method (qlora without the 4-bit base) is left out to keep make test short: its model
+    preparation is tested in test_training.py, and the queue treats it as any other params change.
+    That queued experiments find the SQLite store at the repository's root (not in DVC's copy of the
+    workspace) is test_data_dependency.py's queued-experiment test.
     """
     repo = server.repo
-    sh(["dvc", "exp", "run", "--queue", "-S", "train.lora.r=2,4", "-S", "mlflow.experiment_name=grid"], repo)
+    sh(["dvc", "exp", "run", "--queue", "-S", "train.method=qlora,full", "-S", "train.lora.r=4",
+        "-S", "mlflow.experiment_name=grid"], repo)
     status = run_queue(repo, jobs=2)
     assert "Failed" not in status and status.count("Success") == 2, status
     client = server.client()
     grid = runs_of(client, "grid")
-    assert len(grid) == 2 and {run.data.params["train.lora.r"] for run in grid.values()} == {"2", "4"}
-    (sequential,) = runs_of(client).values()  # the previous test's run
-    ran = ("train.", "decoding.", "eval.", "risk.")
-    reference = {key for key in sequential.data.metrics if key.startswith(ran)}
+    assert len(grid) == 2 and "workspace" not in grid
+    assert sorted((run.data.params["train.method"], run.data.params["train.lora.r"]) for run in grid.values()) == [
+        ("full", "4"), ("qlora", "4")]
+    (sequential,) = runs_of(client).values()  # the previous test's run: every stage ran into it
+    assert {"eval.rouge1.tuned", "train.best_val_loss"} <= set(sequential.data.metrics)
     for run in grid.values():
         assert all(run.data.tags.get(f"stage.{stage}") == "ran" for stage in STAGES[4:]), run.data.tags
+        # style-judge and zero-shot load the base as training's method does: they re-run for full fine-tuning
+        again = {stage: run.data.tags.get(f"stage.{stage}") == "ran" for stage in BASE_STAGES}
+        assert again == {stage: run.data.params["train.method"] == "full" for stage in BASE_STAGES}, run.data.tags
         assert run.info.status == "FINISHED"
         assert set(run.data.params) == set(sequential.data.params)
-        assert set(run.data.metrics) == reference  # nothing lost to the other run's writes
+        ran = ("train.", "decoding.", "eval.", "risk.", *(STAGE_METRICS[stage] for stage in again if again[stage]))
+        # nothing lost to the other run's writes: every key the stages it ran logged in the sequential run
+        assert set(run.data.metrics) == {key for key in sequential.data.metrics if key.startswith(ran)}
         for curve in ("train.loss", "train.val_loss"):
             assert len(client.get_metric_history(run.info.run_id, curve)) == len(
                 client.get_metric_history(sequential.info.run_id, curve)), curve
         assert top_artifacts(client, run.info.run_id) == top_artifacts(client, sequential.info.run_id)
     assert not (repo / SPOOL_DIR).exists() or not list((repo / SPOOL_DIR).iterdir())  # the server took it all
+    shown = sh(["dvc", "exp", "show", "--no-pager", "--csv"], repo)
+    header, *rows = shown.strip().splitlines()
+    assert "best_val_loss" in header and "train.method" in header
+    assert len(rows) >= 4  # workspace, the committed run and the two experiments
