@@ -2,9 +2,12 @@
 
 choose-decoding and evaluate each start as a process of their own and read the judge the style-judge
 stage wrote. Both ways of saving it are timed in the same run, each in `--repeats` fresh processes
-(medians reported): import what reading needs, read the judge, score a few replies. The judge is
-fitted once here on a train split (the default run's, `data/splits/train.jsonl`, after `make run`)
-and saved both ways; the script fails unless both read back give the same probabilities as the fitted one.
+(medians reported, the order of the two alternating): each process first imports evaluate's stage
+module (torch, transformers, PEFT, MLflow, the engine: what the stage has loaded before it reads the
+judge; not timed), then times what reading adds: importing what it needs, reading the judge, scoring a
+few replies. The judge is fitted once here on a train split (the default run's,
+`data/splits/train.jsonl`, after `make run`) and saved both ways; the script fails unless both read
+back give the same probabilities as the fitted one.
 
 skops is no longer one of the project's dependencies: install it into the environment to compare
 (`.venv/bin/python -m pip install skops`); without it only the current way is timed.
@@ -22,33 +25,37 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 REPLIES = ["haha yeah", "Certainly! Here is a helpful answer.", "see you saturday", "lol no way"]
 
-# Each reader: import what it needs, read, score; prints the probabilities as JSON.
-READ_SAVED = """
-import json, sys
+# Each reader, after the stage's own imports: import what reading needs, read, score; prints the seconds that
+# took and the probabilities, as JSON.
+STAGE = """
+import json, sys, time
+import qlora_pipeline.pipeline.evaluate  # what the stage imports before it reads the judge
 from qlora_pipeline import fidelity
-judge, _, _ = fidelity.load_judge(sys.argv[1])
-print(json.dumps(fidelity.persona_probabilities(judge, json.loads(sys.argv[2])).tolist()))
+started = time.perf_counter()
 """
-READ_SKOPS = """
-import json, sys
+READ_SAVED = STAGE + """
+judge, _, _ = fidelity.load_judge(sys.argv[1])
+scores = fidelity.persona_probabilities(judge, json.loads(sys.argv[2])).tolist()
+print(json.dumps([time.perf_counter() - started, scores]))
+"""
+READ_SKOPS = STAGE + """
 import skops.io
-from qlora_pipeline import fidelity
 judge = skops.io.load(sys.argv[1])  # as the pipeline read it: scikit-learn's own types only
-print(json.dumps(fidelity.persona_probabilities(judge, json.loads(sys.argv[2])).tolist()))
+scores = fidelity.persona_probabilities(judge, json.loads(sys.argv[2])).tolist()
+print(json.dumps([time.perf_counter() - started, scores]))
 """
 
 
 def timed(script: str, path: Path) -> tuple[float, list[float]]:
-    started = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", script, str(path), json.dumps(REPLIES)], capture_output=True,
                           text=True, check=True)
-    return time.perf_counter() - started, json.loads(done.stdout)
+    seconds, probabilities = json.loads(done.stdout.strip().splitlines()[-1])
+    return seconds, probabilities
 
 
 def main() -> None:
@@ -76,8 +83,9 @@ def main() -> None:
             skops.io.dump(judge, paths["skops"])
             ways["skops"] = READ_SKOPS
         seconds: dict[str, list[float]] = {name: [] for name in ways}
-        for _ in range(args.repeats):
-            for name, script in ways.items():  # interleaved: a machine that drifts affects both alike
+        for repeat in range(args.repeats):
+            order = list(ways.items())
+            for name, script in order if repeat % 2 == 0 else order[::-1]:  # alternating: neither always goes first
                 spent, probabilities = timed(script, paths[name])
                 if probabilities != expected:
                     raise SystemExit(f"{name}: read back, the judge gives {probabilities}, fitted {expected}")
@@ -86,8 +94,8 @@ def main() -> None:
               "train_replies": info["train_replies"],
               **{f"{name}_seconds": round(statistics.median(values), 2) for name, values in seconds.items()}}
     print(f"machine: {result['machine_line']}")
-    print(f"judge fitted on {info['train_replies']} replies; a process that reads it and scores "
-          f"{len(REPLIES)} replies, median of {args.repeats}:")
+    print(f"judge fitted on {info['train_replies']} replies; what reading it and scoring {len(REPLIES)} replies adds "
+          f"to a stage process, median of {args.repeats}:")
     for name in ways:
         print(f"  {name}: {result[f'{name}_seconds']} s")
     if "skops" in ways:

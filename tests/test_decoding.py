@@ -251,8 +251,8 @@ def test_the_style_judge_is_fitted_once_and_read_back_as_it_was(tiny_run, tmp_pa
     assert vocabulary == fidelity.vocabulary(rows) and info["group_voice"] is False
     stage = json.loads((tmp / "judge.json").read_text())
     assert stage["train_replies"] == info["train_replies"] and 0 <= stage["val"]["accuracy"] <= 1
-    # fitted again in another process, at another time, with other string hashing: the same bytes (scikit-learn
-    # keeps its pruned terms in a set, whose order follows the hashing; they are not saved), so DVC sees no change
+    # fitted again in another process, at another time, with other string hashing: the same bytes (terms in column
+    # order, numbers by name; skops' zip had carried the time and this process's object ids), so DVC sees no change
     import subprocess
 
     script = ("import sys; from qlora_pipeline import fidelity; from qlora_pipeline.io import read_jsonl; "
@@ -266,15 +266,22 @@ def test_the_style_judge_is_fitted_once_and_read_back_as_it_was(tiny_run, tmp_pa
     (tmp_path / "judge").mkdir()
     with pytest.raises(PipelineError, match=r"no style judge .*dvc repro style-judge"):
         fidelity.load_judge(tmp_path / "judge")
-    # damaged or not ours: numbers that are no safetensors, terms that do not fit the numbers, a setting we never write
+    # damaged or not ours: numbers that are no safetensors, terms that do not fit the numbers, a setting we never
+    # write, one scikit-learn refuses: each named, with the fix
     terms = json.loads((tmp / "judge" / fidelity.TERMS_FILE).read_text())
     fewer = [{**terms[0], "terms": terms[0]["terms"][:-1]}, *terms[1:]]
     odd = [{**terms[0], "settings": {**terms[0]["settings"], "dtype": "float16"}}, *terms[1:]]
-    for numbers, written in ((b"not safetensors", terms), (None, fewer), (None, odd)):
+    refused = [{**terms[0], "settings": {**terms[0]["settings"], "norm": "l3"}}, *terms[1:]]
+    for numbers, written, why in ((b"not safetensors", terms, "header"), (None, fewer, r"terms .* shape"),
+                                  (None, odd, "settings"), (None, refused, "norm")):
         shutil.copytree(tmp / "judge", tmp_path / "judge", dirs_exist_ok=True)
         if numbers is not None:
             (tmp_path / "judge" / fidelity.JUDGE_FILE).write_bytes(numbers)
         (tmp_path / "judge" / fidelity.TERMS_FILE).write_text(json.dumps(written))
-        with pytest.raises(PipelineError, match=r"judge\.safetensors: not a style judge this pipeline wrote .*"
-                                                r"dvc repro style-judge"):
+        with pytest.raises(PipelineError, match=rf"judge: terms\.json and judge\.safetensors are not a style judge "
+                                                rf"this pipeline wrote \(.*{why}.*\); .*dvc repro style-judge"):
             fidelity.load_judge(tmp_path / "judge")
+    with pytest.raises(ValueError, match="settings .*dtype"):  # a judge our files could not hold is refused whole
+        judge.steps[0][1].transformer_list[0][1].set_params(dtype=np.float32)
+        fidelity.save_judge(tmp_path / "refused", judge, info, vocabulary)
+    assert not (tmp_path / "refused").exists()

@@ -72,10 +72,12 @@ def train_judge(texts: Sequence[str], labels: Sequence[int], seed: int) -> Any:
     return judge.fit(list(texts), list(labels))
 
 
-# What a fitted vectorizer's transform depends on besides its terms and idf (saved with them; min_df and
-# max_features only shape the fit). A judge built with a callable among them could not be saved as numbers.
+# What a fitted vectorizer's transform depends on besides its terms and idf, saved with them. Of its other
+# settings, these only shape the fit; every one not named here must be scikit-learn's default, or the judge
+# is refused at saving (a judge built with a callable among them could not be saved as numbers either).
 _TRANSFORM_SETTINGS = ("analyzer", "ngram_range", "lowercase", "token_pattern", "strip_accents", "stop_words",
                        "preprocessor", "tokenizer", "binary", "norm", "use_idf", "smooth_idf", "sublinear_tf")
+_FIT_SETTINGS = ("min_df", "max_df", "max_features")
 
 
 def judge_quality(judge: Any, texts: Sequence[str], labels: Sequence[int]) -> dict:
@@ -212,16 +214,24 @@ def save_judge(folder: Any, judge: Any, info: dict, vocabulary: set[str]) -> Non
     gives the same bytes whatever process fits it (DVC hashes them), and loading runs no code from them.
     """
     from safetensors.numpy import save
+    from sklearn.feature_extraction.text import TfidfVectorizer
 
     from qlora_pipeline.io import atomic_path, write_json
 
-    features, regression = judge.steps[0][1], judge.steps[-1][1]
+    (_, features), (_, regression) = judge.steps  # what train_judge builds: the union, then the regression
+    if features.transformer_weights is not None:
+        raise ValueError("a judge whose features are weighted cannot be saved as terms and numbers")
     vectorizers = [vectorizer for _, vectorizer in features.transformer_list]
+    defaults = TfidfVectorizer().get_params()
     terms = []
     for vectorizer in vectorizers:
-        settings = {key: vectorizer.get_params()[key] for key in _TRANSFORM_SETTINGS}
-        if any(callable(value) for value in settings.values()):
-            raise ValueError(f"a vectorizer with a callable setting cannot be saved as numbers: {settings}")
+        params = vectorizer.get_params()
+        settings = {key: params[key] for key in _TRANSFORM_SETTINGS}
+        unsaved = sorted(key for key in params if key not in (*_TRANSFORM_SETTINGS, *_FIT_SETTINGS)
+                         and params[key] != defaults[key])
+        if unsaved or any(callable(value) for value in settings.values()):
+            raise ValueError(f"a vectorizer with the settings {unsaved or settings} cannot be saved as terms "
+                             "and numbers")
         terms.append({"settings": settings, "terms": vectorizer.get_feature_names_out().tolist()})
     numbers = {**{f"idf.{i}": vectorizer.idf_ for i, vectorizer in enumerate(vectorizers)},
                "coef": regression.coef_, "intercept": regression.intercept_, "classes": regression.classes_}
@@ -246,10 +256,11 @@ def load_judge(folder: Any) -> tuple[Any, dict, set[str]]:
                             "first (dvc repro style-judge)")
     try:
         judge = _judge_from(read_json(folder / TERMS_FILE), (folder / JUDGE_FILE).read_bytes())
+        info, vocabulary = read_json(folder / INFO_FILE), set(read_json(folder / VOCABULARY_FILE))
     except Exception as err:  # damaged or foreign: unreadable, an unknown setting, numbers that do not fit the terms
-        raise PipelineError(f"{folder / JUDGE_FILE}: not a style judge this pipeline wrote ({err}); "
-                            "re-run the style-judge stage (dvc repro style-judge)") from err
-    return judge, read_json(folder / INFO_FILE), set(read_json(folder / VOCABULARY_FILE))
+        raise PipelineError(f"{folder}: {TERMS_FILE} and {JUDGE_FILE} are not a style judge this pipeline wrote "
+                            f"({err}); re-run the style-judge stage (dvc repro style-judge)") from err
+    return judge, info, vocabulary
 
 
 def _judge_from(terms: list[dict], data: bytes) -> Any:
@@ -260,19 +271,29 @@ def _judge_from(terms: list[dict], data: bytes) -> Any:
     from sklearn.pipeline import make_pipeline, make_union
 
     numbers = load(data)
+    if set(numbers) != {*(f"idf.{i}" for i in range(len(terms))), "coef", "intercept", "classes"}:
+        raise ValueError(f"{len(terms)} vectorizers' terms, but the numbers {sorted(numbers)}")
     vectorizers = []
     for i, part in enumerate(terms):
         if set(part["settings"]) != set(_TRANSFORM_SETTINGS):
             raise ValueError(f"vectorizer {i} has the settings {sorted(part['settings'])}")
         vectorizer = TfidfVectorizer(**{**part["settings"], "ngram_range": tuple(part["settings"]["ngram_range"])})
         vectorizer.vocabulary_ = {term: column for column, term in enumerate(part["terms"])}
-        vectorizer.idf_ = numbers[f"idf.{i}"]  # scikit-learn checks its length against the terms
+        idf = numbers[f"idf.{i}"]
+        if len(vectorizer.vocabulary_) != len(part["terms"]) or idf.shape != (len(part["terms"]),):
+            raise ValueError(f"vectorizer {i}: {len(part['terms'])} terms ({len(vectorizer.vocabulary_)} distinct) "
+                             f"and idf weights of shape {idf.shape}")
+        vectorizer.idf_ = idf
         vectorizers.append(vectorizer)
     regression = LogisticRegression()
     regression.coef_, regression.intercept_ = numbers["coef"], numbers["intercept"]
     regression.classes_ = numbers["classes"]
     width = sum(len(vectorizer.vocabulary_) for vectorizer in vectorizers)
-    if regression.coef_.shape != (1, width) or regression.intercept_.shape != (1,) or len(regression.classes_) != 2:
+    if regression.coef_.shape != (1, width) or regression.intercept_.shape != (1,):
         raise ValueError(f"regression weights of shape {regression.coef_.shape} for {width} terms")
+    if sorted(regression.classes_.tolist()) != [OTHER, PERSONA]:
+        raise ValueError(f"classes {regression.classes_.tolist()}, not {[OTHER, PERSONA]}")
     regression.n_features_in_ = width
-    return make_pipeline(make_union(*vectorizers), regression)
+    judge = make_pipeline(make_union(*vectorizers), regression)
+    judge.predict_proba(["a reply"])  # settings scikit-learn refuses (an analyzer, a norm) fail here, not in a stage
+    return judge

@@ -42,9 +42,9 @@ def test_a_queued_experiment_reads_the_edit_and_names_a_file_it_lacks(repo):
     (repo / DATA).write_text(committed + jsonl([{"conv": "queued", "who": "pat", "msg": "an edit nobody committed",
                                                  "ts": "2020-02-01T10:00:00Z"}, {"conv": "queued", "who": "friend0",
                                                                "msg": "and the queue still saw it", "ts": "2020-02-01T10:01:00Z"}]))
-    # fetch alone: what follows it re-runs as in the workspace (test_mlflow_server.py's edited data file), so the
-    # queue is not asked to.
-    sh(["dvc", "exp", "run", "--queue", "-n", "edited", "fetch"], repo)
+    # fetch and clean: what follows re-runs as in the workspace (test_mlflow_server.py's edited data file), so the
+    # queue is not asked to; two stages, to see them join one MLflow run.
+    sh(["dvc", "exp", "run", "--queue", "-n", "edited", "clean"], repo)
     # The queue keeps its own copy of the workspace: reverting the edit now must not matter.
     (repo / DATA).write_text(committed)
     (repo / "data/source/extra.jsonl").write_text(committed)  # never git added nor dvc added
@@ -64,15 +64,18 @@ def test_a_queued_experiment_reads_the_edit_and_names_a_file_it_lacks(repo):
     assert raw_ids(repo)[-1] == "queued"
     assert "and the queue still saw it" in (repo / "data/raw/conversations.jsonl").read_text()
 
-    # The queued run logged into the repository's own SQLite store, not into DVC's copy of the workspace.
+    # The queued experiment's stages logged into one run of the repository's own SQLite store, not into a store
+    # in DVC's copy of the workspace (under .dvc/tmp/exps, gone when the experiment ends).
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
     table = mlflow.search_runs(experiment_names=["qlora-pipeline"])
     edited = table[table["tags.dvc.exp_name"] == "edited"]
-    assert len(edited) == 1 and edited.iloc[0]["tags.stage.fetch"] == "ran", table.filter(like="tags.").to_string()
+    assert len(edited) == 1, table.filter(like="tags.").to_string()
+    assert (edited.iloc[0]["tags.stage.fetch"], edited.iloc[0]["tags.stage.clean"]) == ("ran", "ran")
     assert edited.iloc[0]["metrics.fetch.conversations"] == 25  # the 24 committed and the queued edit's
-    assert not list((repo / ".dvc/tmp/exps").rglob("mlflow.db"))
+    assert edited.iloc[0]["metrics.clean.messages_out"] == json.loads(
+        (repo / "metrics/clean.json").read_text())["messages_out"]  # applied above: the experiment's clean
 
 
 # --------------------------------------------------------------- the README's own-chats command

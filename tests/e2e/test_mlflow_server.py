@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -139,15 +140,22 @@ def test_an_edited_data_file_reruns_everything_after_fetch_and_a_server_stopped_
     stale = {line.rstrip(":") for line in status.splitlines() if line and not line.startswith((" ", "\t"))}
     assert stale == {"fetch"}, status  # the base model reads no data; the stages after fetch read its output
 
+    # The params before the first stage runs: the stage that opens the MLflow run logs every param, once.
     set_params(repo, {"model.smoke_max_new_tokens": 3, "risk.canaries": 1, "risk.canary_repeats": 3,
                       "split.context_turns": 2,  # and two training steps, as the tiny run, for the grid after
                       "train.max_steps": 2, "train.eval_steps": 1, "train.save_steps": 1})
-    out = run("dvc", "repro", "split")
+    out = run("dvc", "repro", "clean")
     assert not UNREACHABLE.search(out)
-    for stage in ("fetch", "clean", "split"):
+    for stage in ("fetch", "clean"):
         assert f"Running stage '{stage}'" in out, stage
     assert raw_ids(repo)[-3:] == ["c23", "c24", "c25"]
     assert json.loads((repo / "data/raw/manifest.json").read_text())["counts"]["conversations"] == 26
+    # the edit reached what split reads: its input, not only its params, has changed
+    status = sh(["dvc", "status"], repo)
+    split = re.search(r"^split:\n((?:[ \t].*\n?)*)", status, re.M)  # its indented lines
+    assert split and re.search(r"^\s+modified:\s+data/clean$", split.group(1), re.M), status
+    out = run("dvc", "repro", "split")
+    assert not UNREACHABLE.search(out) and "Running stage 'split'" in out, out
     server.script("stop")
     out = run("dvc", "repro")
     for stage in ("quantize-load", *STAGES_AFTER_SPLIT):
@@ -224,6 +232,7 @@ def test_a_queued_grid_of_qlora_and_full_lands_whole_on_the_server(server):
     (sequential,) = runs_of(client).values()  # the previous test's run: every stage ran into it
     assert {"eval.rouge1.tuned", "train.best_val_loss"} <= set(sequential.data.metrics)
     for run in grid.values():
+        assert all(math.isfinite(run.data.metrics[key]) for key in ("eval.rouge1.tuned", "train.best_val_loss"))
         assert all(run.data.tags.get(f"stage.{stage}") == "ran" for stage in STAGES[4:]), run.data.tags
         # style-judge and zero-shot load the base as training's method does: they re-run for full fine-tuning
         again = {stage: run.data.tags.get(f"stage.{stage}") == "ran" for stage in BASE_STAGES}
