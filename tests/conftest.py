@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -212,8 +213,7 @@ def copy_repository(repo: Path, params_overrides: dict | None = None, extra_file
     for name, text in (extra_files or {}).items():
         (repo / name).write_text(text, encoding="utf-8")
     if params_overrides:
-        params = set_dotted(yaml.safe_load((repo / "params.yaml").read_text()), params_overrides)
-        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        set_params(repo, params_overrides)
     sh(["git", "init", "-q"], repo)
     # Queued experiments commit inside DVC's workspace: a fresh machine may lack a git identity.
     sh(["git", "config", "user.email", "e2e@example.com"], repo)
@@ -221,6 +221,29 @@ def copy_repository(repo: Path, params_overrides: dict | None = None, extra_file
     sh(["git", "add", "-A"], repo)
     sh(["git", "commit", "-qm", "tiny pipeline"], repo)
     return repo
+
+
+def set_params(repo: Path, overrides: dict) -> None:
+    """``overrides`` (dotted keys) written into ``repo``'s params.yaml."""
+    params = set_dotted(yaml.safe_load((repo / "params.yaml").read_text()), overrides)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def stale_stages(status: str) -> set[str]:
+    """The stages `dvc status` names (its unindented lines)."""
+    return {line.rstrip(":") for line in status.splitlines() if line and not line.startswith((" ", "\t"))}
+
+
+def stage_status(status: str, stage: str) -> str:
+    """What `dvc status` says under ``stage`` (its indented lines; empty if the stage is not named)."""
+    found = re.search(rf"^{re.escape(stage)}:\n((?:[ \t].*\n?)*)", status, re.M)
+    return found.group(1) if found else ""
+
+
+def raw_ids(repo: Path) -> list[str]:
+    """The conversation ids fetch wrote, in order."""
+    lines = (repo / "data/raw/conversations.jsonl").read_text().splitlines()
+    return [json.loads(line)["id"] for line in lines]
 
 
 # ------------------------------------------------------------------ built once per test run
@@ -291,7 +314,6 @@ class Baseline:
 def timed_repro(repo: Path, timeout: float = 600) -> tuple[str, dict[str, float]]:
     """`dvc repro` in ``repo``: its output, and each stage's seconds as DVC ran them (the stage and DVC's commit
     of its outputs). Fails, with the output, if the run fails or takes over ``timeout`` seconds."""
-    import re
     import threading
 
     proc = subprocess.Popen(["dvc", "repro"], cwd=repo, env=pipeline_env(), stdout=subprocess.PIPE,

@@ -18,16 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TINY_DATA, copy_baseline, jsonl, run_queue, sh
+from conftest import ROOT, TINY_DATA, copy_baseline, jsonl, raw_ids, run_queue, sh
 
 pytestmark = pytest.mark.slow
 
 DATA = TINY_DATA
-
-
-def raw_ids(repo: Path) -> list[str]:
-    lines = (repo / "data/raw/conversations.jsonl").read_text().splitlines()
-    return [json.loads(line)["id"] for line in lines]
 
 
 @pytest.fixture(scope="module")

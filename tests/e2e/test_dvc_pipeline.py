@@ -14,9 +14,8 @@ import re
 from pathlib import Path
 
 import pytest
-import yaml
 
-from conftest import BASELINE_RUN, BIN, copy_baseline, set_dotted, sh
+from conftest import BASELINE_RUN, BIN, copy_baseline, set_params, sh, stale_stages, stage_status
 
 pytestmark = pytest.mark.slow
 
@@ -140,8 +139,7 @@ def test_editing_code_that_shapes_outputs_makes_exactly_its_stages_stale(repo):
         target.write_text(target.read_text() + "\n# an edit\n")
         try:
             status = sh(["dvc", "status"], repo)
-            stale = {line.rstrip(":") for line in status.splitlines() if line and not line.startswith((" ", "\t"))}
-            assert stale == stages, (path, status)
+            assert stale_stages(status) == stages, (path, status)
         finally:
             sh(["git", "checkout", "--", "src"], repo)
     assert "Data and pipelines are up to date" in sh(["dvc", "status"], repo)
@@ -166,12 +164,9 @@ def test_changing_generation_params_reruns_evaluate_only(repo):
 def test_changing_risk_params_makes_risk_alone_stale(repo):
     """risk is the last stage: what `dvc status` finds stale is what a run re-runs (the keys' effect on risk's
     output is the test above)."""
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    (repo / "params.yaml").write_text(yaml.safe_dump(set_dotted(params, {"risk.memorization_min_words": 6,
-                                                                           "risk.power_watts": 30}), sort_keys=False))
+    set_params(repo, {"risk.memorization_min_words": 6, "risk.power_watts": 30})
     status = sh(["dvc", "status"], repo)
-    stale = {line.rstrip(":") for line in status.splitlines() if line and not line.startswith((" ", "\t"))}
-    assert stale == {"risk"}, status
+    assert stale_stages(status) == {"risk"}, status
     restore_committed(repo)
     assert "Data and pipelines are up to date" in sh(["dvc", "status"], repo)
 
@@ -180,14 +175,11 @@ def test_split_params_make_split_stale_and_nothing_before_it(repo):
     """Canaries and context turns are split's params (as DVC sees them): split is stale, not fetch, clean or the
     base. What they do to the data, and that every stage after split re-runs on it, is test_mlflow_server.py's
     first test, whose run sets both."""
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    (repo / "params.yaml").write_text(yaml.safe_dump(set_dotted(params, {
-        "risk.canaries": 1, "risk.canary_repeats": 3, "split.context_turns": 2}), sort_keys=False))
+    set_params(repo, {"risk.canaries": 1, "risk.canary_repeats": 3, "split.context_turns": 2})
     status = sh(["dvc", "status"], repo)
-    stale = {line.rstrip(":") for line in status.splitlines() if line and not line.startswith((" ", "\t"))}
+    stale = stale_stages(status)
     assert "split" in stale and not stale & {"fetch", "clean", "quantize-load"}, status
-    split = re.search(r"^split:\n((?:[ \t].*\n?)*)", status, re.M).group(1)  # its indented lines
     for key in ("risk.canaries", "risk.canary_repeats", "split"):  # split's own section holds context_turns
-        assert re.search(rf"modified:\s+{re.escape(key)}$", split, re.M), status
+        assert re.search(rf"modified:\s+{re.escape(key)}$", stage_status(status, "split"), re.M), status
     restore_committed(repo)
     assert "Data and pipelines are up to date" in sh(["dvc", "status"], repo)

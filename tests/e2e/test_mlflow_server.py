@@ -16,9 +16,9 @@ import tempfile
 from pathlib import Path
 
 import pytest
-import yaml
 
-from conftest import BIN, TINY_DATA, chat_rows, copy_baseline, jsonl, pipeline_env, run_queue, set_dotted, sh
+from conftest import (BIN, TINY_DATA, chat_rows, copy_baseline, jsonl, pipeline_env, raw_ids, run_queue, set_params,
+                      sh, stale_stages, stage_status)
 from qlora_pipeline.launching import free_port
 from qlora_pipeline.mlflow_store import KEY_TAG
 from qlora_pipeline.spool import SPOOL_DIR
@@ -83,16 +83,6 @@ def server(tmp_path_factory, tiny_baseline):
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def set_params(repo: Path, overrides: dict) -> None:
-    params = set_dotted(yaml.safe_load((repo / "params.yaml").read_text()), overrides)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-def raw_ids(repo: Path) -> list[str]:
-    lines = (repo / "data/raw/conversations.jsonl").read_text().splitlines()
-    return [json.loads(line)["id"] for line in lines]
-
-
 def runs_of(client, experiment_name: str = "qlora-pipeline") -> dict:
     """The experiment's runs by DVC experiment name ("workspace" for dvc repro)."""
     experiment = client.get_experiment_by_name(experiment_name)
@@ -137,8 +127,7 @@ def test_an_edited_data_file_reruns_everything_after_fetch_and_a_server_stopped_
         handle.write(jsonl(chat_rows(26)[24 * 6:]))
     status = sh(["dvc", "status"], repo)
     assert re.search(r"^fetch:\n\s+changed deps:\n\s+modified:\s+data/source\n", status, re.M), status
-    stale = {line.rstrip(":") for line in status.splitlines() if line and not line.startswith((" ", "\t"))}
-    assert stale == {"fetch"}, status  # the base model reads no data; the stages after fetch read its output
+    assert stale_stages(status) == {"fetch"}, status  # the base model reads no data; the stages after fetch read its output
 
     # The params before the first stage runs: the stage that opens the MLflow run logs every param, once.
     set_params(repo, {"model.smoke_max_new_tokens": 3, "risk.canaries": 1, "risk.canary_repeats": 3,
@@ -152,8 +141,7 @@ def test_an_edited_data_file_reruns_everything_after_fetch_and_a_server_stopped_
     assert json.loads((repo / "data/raw/manifest.json").read_text())["counts"]["conversations"] == 26
     # the edit reached what split reads: its input, not only its params, has changed
     status = sh(["dvc", "status"], repo)
-    split = re.search(r"^split:\n((?:[ \t].*\n?)*)", status, re.M)  # its indented lines
-    assert split and re.search(r"^\s+modified:\s+data/clean$", split.group(1), re.M), status
+    assert re.search(r"^\s+modified:\s+data/clean$", stage_status(status, "split"), re.M), status
     out = run("dvc", "repro", "split")
     assert not UNREACHABLE.search(out) and "Running stage 'split'" in out, out
     server.script("stop")
