@@ -44,9 +44,9 @@ PROPERTIES_PROFILE = settings.get_profile(os.environ.get("DATA_PROPERTIES_PROFIL
 # AVX2 machine, docs/testing.md). The first builds tiny_baseline
 # (built_once), which the end-to-end modules after it copy or read; the notebook, which needs none of
 # it, comes second so that the other worker has work meanwhile instead of waiting for the build.
-SLOWEST_FIRST = ("e2e/test_mlflow_server.py", "test_notebook.py", "e2e/test_dvc_pipeline.py", "e2e/test_failures.py",
-                 "serving/test_export_gguf.py", "e2e/test_data_dependency.py", "modeling/test_generation_engine.py",
-                 "serving/test_server_load.py", "e2e/test_dvc_remote.py")
+SLOWEST_FIRST = ("e2e/test_mlflow_server.py", "test_notebook.py", "e2e/test_failures.py", "serving/test_export_gguf.py",
+                 "e2e/test_data_dependency.py", "modeling/test_generation_engine.py", "serving/test_server_load.py",
+                 "e2e/test_dvc_remote.py", "e2e/test_dvc_pipeline.py")
 
 
 def pytest_collection_modifyitems(config, items):

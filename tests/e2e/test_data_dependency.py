@@ -1,6 +1,7 @@
 """Your data file is a DVC dependency, queued experiments included; and the README's one command trains on a chat
-app's export. (That editing it in the workspace re-runs fetch and every stage after it, not the base, is
-test_mlflow_server.py's first test, which runs the pipeline once for both.)
+app's export, with a generation key and two of risk's set beside it (their effect on the experiment's MLflow run
+and risk report). (That editing the data file in the workspace re-runs fetch and every stage after it, not the
+base, is test_mlflow_server.py's first test, which runs the pipeline once for both.)
 
 Runs the tiny real pipeline of test_dvc_pipeline.py in a throwaway git + DVC copy of the
 repository, with its chat log in data/source/ (git-tracked, as the README tells users).
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TINY_DATA, copy_baseline, jsonl, raw_ids, run_queue, sh
+from conftest import BASELINE_RUN, ROOT, TINY_DATA, copy_baseline, jsonl, raw_ids, run_queue, sh
 
 pytestmark = pytest.mark.slow
 
@@ -29,6 +30,14 @@ DATA = TINY_DATA
 def repo(tmp_path_factory, tiny_baseline) -> Path:
     """The session's baseline run, copied: its data file is DATA, holding chat_rows() (24 conversations)."""
     return copy_baseline(tiny_baseline, tmp_path_factory.mktemp("data-dep") / "repo")
+
+
+def mlflow_runs(repo: Path):
+    """The runs of the repository's own SQLite store."""
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    return mlflow.search_runs(experiment_names=["qlora-pipeline"])
 
 
 def test_a_queued_experiment_reads_the_edit_and_names_a_file_it_lacks(repo):
@@ -61,10 +70,7 @@ def test_a_queued_experiment_reads_the_edit_and_names_a_file_it_lacks(repo):
 
     # The queued experiment's stages logged into one run of the repository's own SQLite store, not into a store
     # in DVC's copy of the workspace (under .dvc/tmp/exps, gone when the experiment ends).
-    import mlflow
-
-    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
-    table = mlflow.search_runs(experiment_names=["qlora-pipeline"])
+    table = mlflow_runs(repo)
     edited = table[table["tags.dvc.exp_name"] == "edited"]
     assert len(edited) == 1, table.filter(like="tags.").to_string()
     assert (edited.iloc[0]["tags.stage.fetch"], edited.iloc[0]["tags.stage.clean"]) == ("ran", "ran")
@@ -111,15 +117,29 @@ def readme_command(persona: str) -> list[str]:
     return shlex.split(command.group(0).replace("Your Name", persona))
 
 
+# Set with the README's command: a generation key and two of risk's own, whose effect is checked here (which stages
+# they make stale is test_dvc_pipeline.py's).
+GENERATION_AND_RISK_KEYS = {"evaluate.max_new_tokens": 3, "risk.memorization_min_words": 6, "risk.power_watts": 30}
+
+
 def test_the_readmes_command_trains_on_a_whatsapp_export_with_friends_pseudonymized(repo):
     command = readme_command(ME.lower())  # as the README says: case does not matter
     data_path = next(a.split("=", 1)[1] for a in command if a.startswith("data.path="))
     (repo / data_path).write_bytes(whatsapp_export())
     sh(["git", "add", data_path], repo)  # a small export: git keeps it, as the README says
 
-    out = sh(command, repo, timeout=900)
-    for stage in ("fetch", "clean", "split", "train-adapter", "evaluate", "risk"):
+    before = set(mlflow_runs(repo)["run_id"])
+    extra = [arg for key, value in GENERATION_AND_RISK_KEYS.items() for arg in ("-S", f"{key}={value}")]
+    out = sh([*command, *extra], repo, timeout=900)
+    for stage in ("fetch", "clean", "split", "train-adapter", "choose-decoding", "evaluate", "risk"):
         assert f"Running stage '{stage}'" in out, stage
+    # the experiment is one new MLflow run, beside the baseline's, with the keys' new values
+    table = mlflow_runs(repo)
+    (new,) = [row for _, row in table.iterrows() if row["run_id"] not in before]
+    assert {key: float(new[f"params.{key}"]) for key in GENERATION_AND_RISK_KEYS} == GENERATION_AND_RISK_KEYS
+    baseline = table[table["tags.dvc.exp_name"] == "workspace"]
+    assert set(baseline["params.evaluate.max_new_tokens"]) == {str(BASELINE_RUN["evaluate.max_new_tokens"])}
+    assert json.loads((repo / "metrics/risk.json").read_text())["memorization"]["min_words"] == 6
 
     manifest = json.loads((repo / "data/raw/manifest.json").read_text())
     assert (manifest["source"], manifest["counts"]["conversations"], manifest["counts"]["speakers"]) == ("whatsapp", 14, 3)

@@ -1,4 +1,4 @@
-"""The real pipeline under DVC, on a tiny params override: repro, no-op repro, exp run, MLflow.
+"""The real pipeline under DVC, on a tiny params override: repro, no-op repro, what makes which stage stale, MLflow.
 
 Queued grids: test_mlflow_server.py (QLoRA and full fine-tuning side by side) and test_data_dependency.py
 (queued experiments read the workspace's edits and log into the repository's own store).
@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import BASELINE_RUN, BIN, copy_baseline, set_params, sh, stale_stages, stage_status
 
@@ -145,25 +146,30 @@ def test_editing_code_that_shapes_outputs_makes_exactly_its_stages_stale(repo):
     assert "Data and pipelines are up to date" in sh(["dvc", "status"], repo)
 
 
-def test_changing_generation_params_reruns_evaluate_only(repo):
-    """One experiment for a generation key and two risk keys; that the risk keys alone make risk alone stale is the
-    test after this one."""
-    out = sh(["dvc", "exp", "run", "-S", "evaluate.max_new_tokens=3", "-S", "risk.memorization_min_words=6",
-              "-S", "risk.power_watts=30"], repo)
-    assert "Running stage 'evaluate'" in out
-    assert "Running stage 'choose-decoding'" in out  # the choice is made at the same reply length
-    assert "Running stage 'risk'" in out
-    for stage in ("fetch", "clean", "split", "quantize-load", "train-adapter"):
-        assert f"Running stage '{stage}'" not in out
-    assert json.loads((repo / "metrics/risk.json").read_text())["memorization"]["min_words"] == 6
-    table = runs(repo)
-    assert len(table) == 2 and set(table["params.evaluate.max_new_tokens"]) == {"4", "3"}
+def test_generation_params_make_the_generating_stages_stale_and_nothing_before_them(repo):
+    """A generation key makes every stage that generates or judges replies of that length stale, and nothing
+    before them. What such an experiment makes (a new MLflow run with the key's new value, risk's own keys in its
+    report) is test_data_dependency.py's README command, which sets the same keys."""
+    set_params(repo, {"evaluate.max_new_tokens": 3})
+    status = sh(["dvc", "status"], repo)
+    # choose-decoding makes its choice at the same reply length; style-judge and zero-shot score and generate at it
+    stale = stale_stages(status)
+    assert stale == {"style-judge", "choose-decoding", "zero-shot", "evaluate"}, status
+    for stage in stale:
+        assert re.search(r"modified:\s+evaluate", stage_status(status, stage), re.M), status
+    # and risk runs after them: it reads what they write again (`dvc status` names a stage whose own deps changed)
+    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    written = {next(iter(out)) if isinstance(out, dict) else out
+               for name in stale for key in ("outs", "metrics") for out in stages[name].get(key, [])}
+    read = {dep for dep in stages["risk"]["deps"] if any(dep == out or dep.startswith(f"{out}/") for out in written)}
+    assert {"reports/evaluate/samples.csv", "metrics/eval.json", "metrics/decoding.json"} <= read, read
     restore_committed(repo)
+    assert "Data and pipelines are up to date" in sh(["dvc", "status"], repo)
 
 
 def test_changing_risk_params_makes_risk_alone_stale(repo):
     """risk is the last stage: what `dvc status` finds stale is what a run re-runs (the keys' effect on risk's
-    output is the test above)."""
+    output is test_data_dependency.py's README command, which sets them)."""
     set_params(repo, {"risk.memorization_min_words": 6, "risk.power_watts": 30})
     status = sh(["dvc", "status"], repo)
     assert stale_stages(status) == {"risk"}, status
