@@ -62,7 +62,8 @@ def main() -> None:
     if ruamel.yaml.main.CParser is None:
         raise SystemExit("ruamel.yaml.clib is not installed: run `make setup` (pyproject.toml lists it)")
     dvc = str(Path(sys.executable).parent / "dvc")
-    ways = {"libyaml": [dvc], "pure_python": [sys.executable, "-c", PURE_DVC]}
+    # -P: the current folder stays off sys.path, as for the `dvc` script
+    ways = {"libyaml": [dvc], "pure_python": [sys.executable, "-P", "-c", PURE_DVC]}
     startup = []
     seconds = {(way, name): [] for way in ways for name in COMMANDS}
     outputs = {}
@@ -93,7 +94,8 @@ def main() -> None:
         print(f"  dvc {' '.join(command)}: {result[f'{name}_libyaml_seconds']} s with libyaml's parser, "
               f"{result[f'{name}_pure_python_seconds']} s with the pure-Python one "
               f"({result[f'{name}_pure_python_vs_libyaml']}x)")
-    print(f"no-op dvc repro: {result['noop_repro_vs_startup']}x the floor (target <= 5 s)")
+    print(f"no-op dvc repro: {result['noop_repro_libyaml_seconds']} s, {result['noop_repro_vs_startup']}x the floor "
+          "(target <= 5 s)")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

@@ -249,3 +249,16 @@ def test_the_users_data_file_is_a_dependency_of_fetch():
     scm = Git(ROOT)
     for part in [*reversed(Path(folders[0]).parents[:-1]), Path(folders[0])]:
         assert not scm.is_ignored(f"{ROOT / part}/"), f".gitignore: DVC would skip {part}/ and the .dvc files in it"
+
+
+def test_dvc_reads_its_yaml_with_libyaml():
+    """ruamel.yaml.clib (pyproject.toml) gives DVC's loads of dvc.yaml, dvc.lock and params.yaml libyaml's parser;
+    ruamel.yaml 0.19 made it optional, and without it every dvc command parses them in pure Python
+    (bench/noop_repro.py). Same data as PyYAML reads."""
+    from dvc.utils.serialize._yaml import parse_yaml
+    from ruamel.yaml import YAML
+
+    assert YAML(typ="safe").Parser.__module__.startswith("ruamel.yaml.clib"), YAML(typ="safe").Parser
+    for name in ("dvc.yaml", "params.yaml"):
+        text = (ROOT / name).read_text()
+        assert parse_yaml(text, name) == yaml.safe_load(text), name

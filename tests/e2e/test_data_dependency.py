@@ -1,10 +1,11 @@
 """Your data file is a DVC dependency, queued experiments included; and the README's one command trains on a chat
-app's export, with a generation key and two of risk's set beside it (their effect on the experiment's MLflow run
-and risk report). (That editing the data file in the workspace re-runs fetch and every stage after it, not the
-base, is test_mlflow_server.py's first test, which runs the pipeline once for both.)
+app's export. That test also sets `evaluate.max_new_tokens` and two risk keys beside the README's own, and checks
+what they do to the experiment's MLflow run and risk report. (That editing the data file in the workspace re-runs
+fetch and every stage after it, not the base, is test_mlflow_server.py's first test, which runs the pipeline once
+for both.)
 
-Runs the tiny real pipeline of test_dvc_pipeline.py in a throwaway git + DVC copy of the
-repository, with its chat log in data/source/ (git-tracked, as the README tells users).
+Runs in a copy of the session's tiny pipeline run (conftest's tiny_baseline), a throwaway git + DVC repository
+with its chat log in data/source/ (git-tracked, as the README tells users).
 """
 
 from __future__ import annotations
@@ -139,7 +140,8 @@ def test_the_readmes_command_trains_on_a_whatsapp_export_with_friends_pseudonymi
     assert {key: float(new[f"params.{key}"]) for key in GENERATION_AND_RISK_KEYS} == GENERATION_AND_RISK_KEYS
     baseline = table[table["tags.dvc.exp_name"] == "workspace"]
     assert set(baseline["params.evaluate.max_new_tokens"]) == {str(BASELINE_RUN["evaluate.max_new_tokens"])}
-    assert json.loads((repo / "metrics/risk.json").read_text())["memorization"]["min_words"] == 6
+    risk = json.loads((repo / "metrics/risk.json").read_text())
+    assert risk["memorization"]["min_words"] == 6 and risk["cost"]["energy_assumption"].startswith("30 W x")
 
     manifest = json.loads((repo / "data/raw/manifest.json").read_text())
     assert (manifest["source"], manifest["counts"]["conversations"], manifest["counts"]["speakers"]) == ("whatsapp", 14, 3)
