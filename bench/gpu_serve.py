@@ -329,7 +329,8 @@ def main() -> None:
         try:
             result[stage] = measure()
         except Exception:
-            result[f"{stage}_error"] = traceback.format_exc()
+            # paths inside the repository as relative ones: no machine's folders in committed results
+            result[f"{stage}_error"] = traceback.format_exc().replace(f"{ROOT}{os.sep}", "")
             print(result[f"{stage}_error"], file=sys.stderr, flush=True)
         save(stage)
 
