@@ -12,6 +12,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 # Under pytest-xdist (`make test` runs two workers) each worker, and every stage process it starts,
 # gets its share of the cores: two torch thread pools as wide as the machine fight over two cores,
@@ -238,6 +239,20 @@ def stage_status(status: str, stage: str) -> str:
     """What `dvc status` says under ``stage`` (its indented lines; empty if the stage is not named)."""
     found = re.search(rf"^{re.escape(stage)}:\n((?:[ \t].*\n?)*)", status, re.M)
     return found.group(1) if found else ""
+
+
+def dvc_paths(entries) -> Iterator[str]:
+    """The paths of a dvc.yaml deps, outs, metrics or plots list (an entry is a path, or a path with its options)."""
+    for entry in entries or []:
+        yield next(iter(entry)) if isinstance(entry, dict) else entry
+
+
+def sqlite_runs(repo: Path):
+    """The runs of ``repo``'s own SQLite MLflow store (a pandas table, mlflow.search_runs')."""
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    return mlflow.search_runs(experiment_names=["qlora-pipeline"])
 
 
 def raw_ids(repo: Path) -> list[str]:

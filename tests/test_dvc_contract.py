@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, dvc_paths
 
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -21,11 +21,6 @@ def _lookup(mapping: dict, dotted: str):
         assert isinstance(node, dict) and part in node, f"{dotted} is not in params.yaml"
         node = node[part]
     return node
-
-
-def _paths(entries):
-    for entry in entries or []:
-        yield next(iter(entry)) if isinstance(entry, dict) else entry
 
 
 @pytest.mark.parametrize("name", list(STAGES))
@@ -46,13 +41,13 @@ def test_every_dep_and_out_is_used_by_its_stage(name):
     cmd = stage["cmd"]
     script = re.search(r"python (stages/\S+\.py)", cmd).group(1)
     assert script in stage["deps"], f"{name}: its script must be a dep"
-    for dep in _paths(stage["deps"]):
+    for dep in dvc_paths(stage["deps"]):
         assert (ROOT / dep).exists() or dep.startswith(("data/", "models/", "reports/")), f"{name}: dep {dep} does not exist"
         if not dep.startswith("src/"):  # a data dep is passed to the command, or the folder holding it is,
             # or a params key of the stage names it or a file in it (fetch's data/source and data.path)
             assert dep in cmd or str(Path(dep).parent) in cmd.split() or _names_path_in(stage, dep), (
                 f"{name}: dep {dep} is not passed to its command")
-    for out in [*_paths(stage.get("outs")), *_paths(stage.get("metrics")), *_paths(stage.get("plots"))]:
+    for out in [*dvc_paths(stage.get("outs")), *dvc_paths(stage.get("metrics")), *dvc_paths(stage.get("plots"))]:
         assert out in cmd, f"{name}: out {out} is not passed to its command"
 
 
@@ -129,7 +124,7 @@ def test_every_module_a_stage_runs_is_a_dep(name):
     stage = STAGES[name]
     script = re.search(r"python (stages/\S+\.py)", stage["cmd"]).group(1)
     used = _closure(script) - PLUMBING - {script}
-    missing = sorted(used - set(_paths(stage["deps"])))
+    missing = sorted(used - set(dvc_paths(stage["deps"])))
     assert not missing, f"{name}: add to its deps in dvc.yaml: {missing}"
 
 
@@ -178,7 +173,7 @@ def test_what_a_stage_takes_from_the_plumbing_shapes_no_output(name):
     """Editing a function that shapes an output must re-run the stages it shapes: none may come from plumbing."""
     stage = STAGES[name]
     script = re.search(r"python (stages/\S+\.py)", stage["cmd"]).group(1)
-    deps = set(_paths(stage["deps"]))
+    deps = set(dvc_paths(stage["deps"]))
     taken = {(module, item, path) for path in _closure(script) if path.endswith(".py") and path not in PLUMBING
              for module, item in _from_plumbing(path)
              if _module_file(module) not in deps and _module_file(f"{module}.{item}") not in deps}
@@ -205,7 +200,7 @@ def test_no_stage_depends_on_code_it_does_not_run(name):
     stage = STAGES[name]
     script = re.search(r"python (stages/\S+\.py)", stage["cmd"]).group(1)
     used = _closure(script)
-    extra = sorted(dep for dep in _paths(stage["deps"]) if dep.startswith("src/") and dep not in used)
+    extra = sorted(dep for dep in dvc_paths(stage["deps"]) if dep.startswith("src/") and dep not in used)
     assert not extra, f"{name}: not imported by the stage, drop from its deps in dvc.yaml: {extra}"
 
 
@@ -238,7 +233,7 @@ def test_the_users_data_file_is_a_dependency_of_fetch():
     """Editing the file data.path names must re-run fetch: it lives in a folder that is fetch's dep and git tracks."""
     fetch = STAGES["fetch"]
     assert "data.path" in fetch["params"]
-    folders = [dep for dep in _paths(fetch["deps"]) if _names_path_in({"params": ["data.path"]}, dep)]
+    folders = [dep for dep in dvc_paths(fetch["deps"]) if _names_path_in({"params": ["data.path"]}, dep)]
     assert folders, "fetch: add the folder data.path points into to its deps in dvc.yaml"
     folder = ROOT / folders[0]
     assert (folder / "README.md").is_file(), f"{folders[0]}: its README.md tells users where files go"

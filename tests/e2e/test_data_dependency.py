@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BASELINE_RUN, ROOT, TINY_DATA, copy_baseline, jsonl, raw_ids, run_queue, sh
+from conftest import BASELINE_RUN, ROOT, TINY_DATA, copy_baseline, jsonl, raw_ids, run_queue, sh, sqlite_runs
 
 pytestmark = pytest.mark.slow
 
@@ -31,14 +31,6 @@ DATA = TINY_DATA
 def repo(tmp_path_factory, tiny_baseline) -> Path:
     """The session's baseline run, copied: its data file is DATA, holding chat_rows() (24 conversations)."""
     return copy_baseline(tiny_baseline, tmp_path_factory.mktemp("data-dep") / "repo")
-
-
-def mlflow_runs(repo: Path):
-    """The runs of the repository's own SQLite store."""
-    import mlflow
-
-    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
-    return mlflow.search_runs(experiment_names=["qlora-pipeline"])
 
 
 def test_a_queued_experiment_reads_the_edit_and_names_a_file_it_lacks(repo):
@@ -71,7 +63,7 @@ def test_a_queued_experiment_reads_the_edit_and_names_a_file_it_lacks(repo):
 
     # The queued experiment's stages logged into one run of the repository's own SQLite store, not into a store
     # in DVC's copy of the workspace (under .dvc/tmp/exps, gone when the experiment ends).
-    table = mlflow_runs(repo)
+    table = sqlite_runs(repo)
     edited = table[table["tags.dvc.exp_name"] == "edited"]
     assert len(edited) == 1, table.filter(like="tags.").to_string()
     assert (edited.iloc[0]["tags.stage.fetch"], edited.iloc[0]["tags.stage.clean"]) == ("ran", "ran")
@@ -129,13 +121,13 @@ def test_the_readmes_command_trains_on_a_whatsapp_export_with_friends_pseudonymi
     (repo / data_path).write_bytes(whatsapp_export())
     sh(["git", "add", data_path], repo)  # a small export: git keeps it, as the README says
 
-    before = set(mlflow_runs(repo)["run_id"])
+    before = set(sqlite_runs(repo)["run_id"])
     extra = [arg for key, value in GENERATION_AND_RISK_KEYS.items() for arg in ("-S", f"{key}={value}")]
     out = sh([*command, *extra], repo, timeout=900)
     for stage in ("fetch", "clean", "split", "train-adapter", "choose-decoding", "evaluate", "risk"):
         assert f"Running stage '{stage}'" in out, stage
     # the experiment is one new MLflow run, beside the baseline's, with the keys' new values
-    table = mlflow_runs(repo)
+    table = sqlite_runs(repo)
     (new,) = [row for _, row in table.iterrows() if row["run_id"] not in before]
     assert {key: float(new[f"params.{key}"]) for key in GENERATION_AND_RISK_KEYS} == GENERATION_AND_RISK_KEYS
     baseline = table[table["tags.dvc.exp_name"] == "workspace"]

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import BASELINE_RUN, BIN, copy_baseline, set_params, sh, stale_stages, stage_status
+from conftest import (BASELINE_RUN, BIN, copy_baseline, dvc_paths, set_params, sh, sqlite_runs, stale_stages,
+                      stage_status)
 
 pytestmark = pytest.mark.slow
 
@@ -39,13 +40,6 @@ def repo(tmp_path_factory, tiny_baseline) -> Path:
     return copy_baseline(tiny_baseline, tmp_path_factory.mktemp("e2e") / "repo")
 
 
-def runs(repo: Path):
-    import mlflow
-
-    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
-    return mlflow.search_runs(experiment_names=["qlora-pipeline"])
-
-
 def test_repro_runs_every_stage_into_one_mlflow_run(repo, tiny_baseline):
     out = tiny_baseline.repro_output  # the baseline's `dvc repro`, whose results this copy holds
     stages = ("fetch", "clean", "split", "quantize-load", "train-adapter", "style-judge", "choose-decoding", "zero-shot",
@@ -54,7 +48,7 @@ def test_repro_runs_every_stage_into_one_mlflow_run(repo, tiny_baseline):
         assert f"Running stage '{stage}'" in out
     assert out.index("Running stage 'evaluate'") < out.index("Running stage 'risk'")
     assert (repo / "reports/risk.md").read_text().startswith("# What this run risks")
-    table = runs(repo)
+    table = sqlite_runs(repo)
     assert len(table) == 1
     run = table.iloc[0]
     for metric in ("fetch.conversations", "clean.messages_out", "split.train.examples", "base.parameters",
@@ -160,8 +154,7 @@ def test_generation_params_make_the_generating_stages_stale_and_nothing_before_t
         assert re.search(r"modified:\s+evaluate(\.max_new_tokens)?$", stage_status(status, stage), re.M), status
     # and risk runs after them: it reads what they write again (`dvc status` names a stage whose own deps changed)
     stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
-    written = {next(iter(out)) if isinstance(out, dict) else out
-               for name in stale for key in ("outs", "metrics") for out in stages[name].get(key, [])}
+    written = {out for name in stale for key in ("outs", "metrics") for out in dvc_paths(stages[name].get(key))}
     read = {dep for dep in stages["risk"]["deps"] if any(dep == out or dep.startswith(f"{out}/") for out in written)}
     assert {"reports/evaluate/samples.csv", "metrics/eval.json", "metrics/decoding.json"} <= read, read
     restore_committed(repo)
