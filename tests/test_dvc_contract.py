@@ -71,7 +71,9 @@ PLUMBING = {"src/qlora_pipeline/__init__.py", "src/qlora_pipeline/config.py", "s
             # which reads its gates with it)
             "src/qlora_pipeline/data/pii_types.py", "src/qlora_pipeline/gate_syntax.py",
             # the folder of the risk prompt sets (PROMPTS), which zero-shot reads too
-            "src/qlora_pipeline/risk/__init__.py"}
+            "src/qlora_pipeline/risk/__init__.py",
+            # keeps bitsandbytes from running a Hub kernel: what it keeps out is never part of an output
+            "src/qlora_pipeline/remote_code.py"}
 
 
 def _module_file(module: str) -> str | None:
