@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -104,6 +106,13 @@ def test_capability_line_names_what_runs_are_told_apart_by():
     assert info["cores"] >= 1 and info["native_dtype"] in ("float32", "bfloat16", "float16")
     line = hardware.capability_line(info)
     assert info["cpu_model"] in line and info["cpu_capability"] in line and f"auto dtype {info['native_dtype']}" in line
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="reads Linux's /proc/cpuinfo")
+def test_the_amx_check_agrees_with_the_cpu_flags():
+    """AMX tiles as the kernel lists them; the check once looked where torch 2.13 has nothing and read False."""
+    flags = set(re.findall(r"\w+", Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0]))
+    assert hardware.cpu_amx() == ("amx_tile" in flags)
 
 
 def test_both_mixed_precisions_at_once_are_refused(params_factory):
