@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from qlora_pipeline.modeling.engine import Engine, Request, chat_prompt_ids
+from qlora_pipeline.modeling.engine import Engine, Request, SlotCache, chat_prompt_ids
 from qlora_pipeline.modeling.sampling import RowDecoding
 from qlora_pipeline.serving.models import AdapterSpec, load_persona_model
 
@@ -98,6 +98,55 @@ def test_greedy_rows_with_a_length_decay_give_generates_tokens_and_end_sooner(pe
     ended = [sum(r.finish_reason == "stop" for r in part) for part in (results[:10], results[10:])]
     lengths = [sum(r.completion_tokens for r in part) for part in (results[:10], results[10:])]
     assert ended[0] > ended[1] and lengths[0] < lengths[1], (ended, lengths)
+
+
+def bf16_autocast():
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+def test_under_bfloat16_autocast_the_cache_and_head_are_cast_once_and_no_token_changes(persona, prompt_ids,
+                                                                                       monkeypatch):
+    """What a bfloat16 machine runs, on any machine: autocast casts a frozen weight, and attention's keys and
+    values, again at every call; the engine keeps them cast instead, which must change no token against the
+    engine that let autocast cast. (Against generate, a bfloat16 row may part on a near-tie: another cache
+    layout is another sum order, as another batch shape is.)"""
+    requests = [Request(ids, adapter, max_new_tokens=10) for ids in prompt_ids[:3] for adapter in (None, "alice")]
+
+    def run() -> tuple[Engine, list[list[int]]]:
+        engine = Engine(persona.model, persona.tokenizer, persona.row_adapters, lock=persona.lock,
+                        autocast=bf16_autocast, max_batch_size=4)
+        return engine, [r.token_ids for r in engine.run(requests)]
+
+    engine, cast_once = run()
+    assert {k.dtype for k in engine.cache.keys} == {v.dtype for v in engine.cache.values} == {torch.bfloat16}
+    assert engine._head_cast[1] is not None and engine._head_cast[1].dtype == torch.bfloat16
+
+    monkeypatch.setattr(SlotCache, "stored_dtype", staticmethod(lambda states: states.dtype))
+    monkeypatch.setattr(Engine, "_head_weight_cast", lambda self, head, device: None)
+    before, cast_every_call = run()
+    assert {k.dtype for k in before.cache.keys} == {torch.float32}  # the path before: autocast cast them
+    assert cast_once == cast_every_call
+
+
+def test_the_heads_cast_weight_is_reused_until_the_weight_changes(persona):
+    engine = engine_for(persona)
+    head = engine._parts[1]
+    hidden = torch.randn(3, head.in_features)
+    with bf16_autocast():
+        first = engine._head_weight_cast(head, "cpu")
+        assert engine._head_weight_cast(head, "cpu") is first
+        assert torch.equal(engine._head(hidden), head(hidden).float())  # what autocast's own linear gives
+    assert engine._head_weight_cast(head, "cpu") is None  # no autocast: the head runs as it is
+    original = head.weight.detach().clone()
+    try:
+        with torch.no_grad():
+            head.weight.mul_(2)
+        with bf16_autocast():
+            assert torch.equal(engine._head_weight_cast(head, "cpu"), head.weight.detach().to(torch.bfloat16))
+            assert torch.equal(engine._head(hidden), head(hidden).float())
+    finally:
+        with torch.no_grad():
+            head.weight.copy_(original)
 
 
 def test_no_decode_step_is_spent_on_a_finished_row(persona, prompt_ids):
