@@ -108,11 +108,25 @@ def test_capability_line_names_what_runs_are_told_apart_by():
     assert info["cpu_model"] in line and info["cpu_capability"] in line and f"auto dtype {info['native_dtype']}" in line
 
 
-@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="reads Linux's /proc/cpuinfo")
+def _cpu_flags() -> set[str] | None:
+    info = Path("/proc/cpuinfo")
+    found = re.search(r"^flags\s*:(.*)$", info.read_text(), re.M) if info.is_file() else None
+    return set(found.group(1).split()) if found else None
+
+
+@pytest.mark.skipif(_cpu_flags() is None, reason="reads the flags line of Linux's /proc/cpuinfo (x86)")
 def test_the_amx_check_agrees_with_the_cpu_flags():
     """AMX tiles as the kernel lists them; the check once looked where torch 2.13 has nothing and read False."""
-    flags = set(re.findall(r"\w+", Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0]))
-    assert hardware.cpu_amx() == ("amx_tile" in flags)
+    assert hardware.cpu_amx() == ("amx_tile" in _cpu_flags())
+
+
+def test_the_amx_check_reads_torchs_answer(monkeypatch):
+    """On any machine: whatever torch.cpu says is what the check says (it once never asked torch.cpu)."""
+    import torch
+
+    for answer in (True, False):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda answer=answer: answer)
+        assert hardware.cpu_amx() is answer
 
 
 def test_both_mixed_precisions_at_once_are_refused(params_factory):

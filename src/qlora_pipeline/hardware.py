@@ -46,8 +46,8 @@ def cpu_amx() -> bool:
     """AMX tiles (Sapphire Rapids and later): bfloat16 matmuls in hardware."""
     import torch
 
-    # torch.cpu's check since torch 2.4 (its capabilities dict); torch._C._cpu's before. Looking only in
-    # torch._C._cpu read False on every machine under torch 2.13, AMX ones included.
+    # torch.cpu's check (its capabilities dict), else torch._C._cpu's, where older torch kept it. Looking only
+    # in torch._C._cpu read False on every machine under torch 2.13, AMX ones included.
     check = getattr(torch.cpu, "_is_amx_tile_supported", None) or getattr(torch._C._cpu, "_is_amx_tile_supported", None)
     return bool(check()) if check else False
 

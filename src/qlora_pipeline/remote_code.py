@@ -1,4 +1,4 @@
-"""Code from the Hugging Face Hub runs in our processes only where the user turned it on.
+"""bitsandbytes' CPU backend runs no kernel from the Hugging Face Hub in our processes.
 
 bitsandbytes 0.50, when imported on a CPU with AVX512-BF16 and with the ``kernels`` package
 installed (transformers requires it), fetches a fused 4-bit matmul from the Hub
@@ -9,7 +9,9 @@ different adapters on two such machines. Offline and uncached it logs a warning 
 that imports it. There is no switch for it; `refuse_bitsandbytes_hub_kernel` makes bitsandbytes
 find no ``kernels`` while its CPU backend loads, so it keeps its own kernel, as it does wherever
 ``kernels`` is missing. The package installs it on import (``qlora_pipeline/__init__.py``):
-imported after bitsandbytes, it comes too late for that process.
+imported after bitsandbytes, it comes too late for that process. While that one module loads,
+another thread's ``import kernels`` would fail too: imports of the package come first, on one thread.
+(bitsandbytes' MPS backend fetches a kernel of its own on recent macOS; this project runs no MPS.)
 
 Plumbing, no stage's dep: what it keeps out was never part of an output; with it, an output
 depends on the installed packages alone, not on the Hub.
@@ -55,12 +57,15 @@ class _WithoutKernelsLoader(importlib.abc.Loader):
         finally:
             log.removeFilter(quiet)
             if kernels is missing:
-                del sys.modules["kernels"]
+                sys.modules.pop("kernels", None)
             else:
                 sys.modules["kernels"] = kernels
 
     def __getattr__(self, name: str):
-        # get_source, get_filename, ...: tracebacks and inspect read the module through its loader
+        # get_source, get_filename, ...: tracebacks and inspect read the module through its loader.
+        # Not dunders, nor before __init__ (copy and pickle build the object without it).
+        if name.startswith("__") or name == "_loader":
+            raise AttributeError(name)
         return getattr(self._loader, name)
 
 
@@ -68,7 +73,9 @@ class _RefuseHubKernel(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path, target=None):
         if fullname != BITSANDBYTES_CPU_BACKEND:
             return None
-        for finder in sys.meta_path:
+        # The finders after this one only: one before it that also asks the others would ask this one again.
+        after = sys.meta_path[sys.meta_path.index(self) + 1:] if self in sys.meta_path else sys.meta_path
+        for finder in after:
             if finder is self or not hasattr(finder, "find_spec"):
                 continue
             spec = finder.find_spec(fullname, path, target)

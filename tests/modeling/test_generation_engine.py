@@ -111,6 +111,9 @@ def test_under_bfloat16_autocast_the_cache_and_head_are_cast_once_and_no_token_c
     engine that let autocast cast. (Against generate, a bfloat16 row may part on a near-tie: another cache
     layout is another sum order, as another batch shape is.)"""
     requests = [Request(ids, adapter, max_new_tokens=10) for ids in prompt_ids[:3] for adapter in (None, "alice")]
+    # two more rows of a prompt and adapter already there: they copy its keys and values from the cache
+    requests += [Request(prompt_ids[0], "alice", RowDecoding(temperature=0.9), max_new_tokens=10, seed=seed)
+                 for seed in (1, 2)]
 
     def run() -> tuple[Engine, list[list[int]]]:
         engine = Engine(persona.model, persona.tokenizer, persona.row_adapters, lock=persona.lock,
@@ -118,6 +121,8 @@ def test_under_bfloat16_autocast_the_cache_and_head_are_cast_once_and_no_token_c
         return engine, [r.token_ids for r in engine.run(requests)]
 
     engine, cast_once = run()
+    # every path the cache has: the workload's shared prefix written into each prefill, rows copied to followers
+    assert engine.stats.shared_prefix_tokens > 0 and engine.stats.shared_prefills >= 1
     assert {k.dtype for k in engine.cache.keys} == {v.dtype for v in engine.cache.values} == {torch.bfloat16}
     assert engine._head_cast[1] is not None and engine._head_cast[1].dtype == torch.bfloat16
 
@@ -134,6 +139,7 @@ def test_the_heads_cast_weight_is_reused_until_the_weight_changes(persona):
     hidden = torch.randn(3, head.in_features)
     with bf16_autocast():
         first = engine._head_weight_cast(head, "cpu")
+        assert first is not None and first.dtype == torch.bfloat16
         assert engine._head_weight_cast(head, "cpu") is first
         assert torch.equal(engine._head(hidden), head(hidden).float())  # what autocast's own linear gives
     assert engine._head_weight_cast(head, "cpu") is None  # no autocast: the head runs as it is
