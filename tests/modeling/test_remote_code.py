@@ -50,23 +50,29 @@ sys.meta_path.insert(0, ClaimBF16())
 '''
 
 
-def _import(tmp_path, first: str) -> tuple[list[str], str]:
-    """The kernels bitsandbytes asked for, and its stderr, importing `first` and then bitsandbytes."""
+def _run_with_fake_kernels(tmp_path, script: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """`script` after CLAIM_AVX512_BF16, with the test's `kernels` first on the path; the kernels it was asked for."""
     (tmp_path / "fake" / "kernels").mkdir(parents=True, exist_ok=True)
     (tmp_path / "fake" / "kernels" / "__init__.py").write_text(FAKE_KERNELS)
     asked = tmp_path / "asked.jsonl"
     asked.unlink(missing_ok=True)
-    script = CLAIM_AVX512_BF16 + textwrap.dedent(f"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "fake"), str(ROOT / "src")]),
+           "KERNELS_ASKED": str(asked)}
+    proc = subprocess.run([sys.executable, "-c", CLAIM_AVX512_BF16 + script], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = asked.read_text().splitlines() if asked.exists() else []
+    return proc, [json.loads(line) for line in lines]
+
+
+def _import(tmp_path, first: str) -> tuple[list[str], str]:
+    """The kernels bitsandbytes asked for, and its stderr, importing `first` and then bitsandbytes."""
+    proc, asked = _run_with_fake_kernels(tmp_path, textwrap.dedent(f"""
         {first}
         import bitsandbytes
         assert bitsandbytes.functional.has_avx512bf16()
-    """)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "fake"), str(ROOT / "src")]),
-           "KERNELS_ASKED": str(asked)}
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    lines = asked.read_text().splitlines() if asked.exists() else []
-    return [json.loads(line) for line in lines], proc.stderr
+    """))
+    return asked, proc.stderr
 
 
 def test_bitsandbytes_alone_asks_the_hub_for_a_kernel(tmp_path):
@@ -85,12 +91,8 @@ def test_after_our_package_bitsandbytes_asks_for_no_kernel_and_warns_nothing(tmp
 
 def test_kernels_stays_importable_after_bitsandbytes_loaded(tmp_path):
     """The guard hides `kernels` only while bitsandbytes' CPU backend loads; transformers may import it later."""
-    (tmp_path / "fake" / "kernels").mkdir(parents=True)
-    (tmp_path / "fake" / "kernels" / "__init__.py").write_text(FAKE_KERNELS)
-    script = CLAIM_AVX512_BF16 + "import qlora_pipeline, bitsandbytes, kernels; print(kernels.get_kernel.__name__)"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "fake"), str(ROOT / "src")])}
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    proc, _ = _run_with_fake_kernels(tmp_path, "import qlora_pipeline, bitsandbytes, kernels; "
+                                               "print(kernels.get_kernel.__name__)")
     assert proc.stdout.strip() == "get_kernel"
 
 
