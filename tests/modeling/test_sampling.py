@@ -10,7 +10,7 @@ from transformers.generation.logits_process import (ExponentialDecayLengthPenalt
 
 from qlora_pipeline.config import DecodingSetting
 from qlora_pipeline.modeling.engine import row_decoding
-from qlora_pipeline.modeling.sampling import (BatchSampler, RowDecoding, RowState, length_decay, repetition_penalty,
+from qlora_pipeline.modeling.sampling import (BatchSampler, RowDecoding, RowState, length_decay, repetition_penalty_,
                                               top_k, top_p)
 
 VOCABULARY = 50
@@ -31,11 +31,29 @@ def test_repetition_penalty_matches_transformers_row_by_row():
     for i, sequence in enumerate(sequences):
         seen[i, sequence] = True
     column = torch.tensor(penalties).unsqueeze(1)
-    ours = repetition_penalty(logits, seen & (column != 1.0), column)
+    ours = repetition_penalty_(logits.clone(), seen & (column != 1.0), column)
     for i, (sequence, penalty) in enumerate(zip(sequences, penalties)):
         theirs = RepetitionPenaltyLogitsProcessor(penalty)(torch.tensor([sequence]), logits[i:i + 1].clone())
         assert torch.equal(ours[i], theirs[0]), i
     assert not torch.equal(ours[0], logits[0])  # the penalty did act
+    # The penalised rows alone, named by ``rows``: the others are untouched.
+    some = torch.tensor([3, 0])
+    part = repetition_penalty_(logits.clone(), seen[some], column[some], some)
+    assert torch.equal(part[some], ours[some]) and torch.equal(part[[1, 2]], logits[[1, 2]])
+
+
+def test_the_sampler_leaves_the_callers_logits_as_they_were():
+    logits, sequences = _rows(5)
+    before = logits.clone()
+    sampler = BatchSampler(4, VOCABULARY, torch.device("cpu"), eos=[7])
+    settings = [RowDecoding(repetition_penalty=1.5), RowDecoding(no_repeat_ngram_size=2),
+                RowDecoding(exponential_decay_length_penalty=(0, 2.0)), RowDecoding()]
+    states = [RowState(sequence, setting, None) for sequence, setting in zip(sequences, settings)]
+    for slot, (sequence, setting) in enumerate(zip(sequences, settings)):
+        sampler.start_row(slot, sequence, setting)
+        states[slot].push(sequence[-1])
+    sampler.next_tokens(logits, states)
+    assert torch.equal(logits, before)
 
 
 @pytest.mark.parametrize("n", [2, 3, 4])

