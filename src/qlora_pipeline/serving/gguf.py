@@ -32,6 +32,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import struct
 import subprocess
 import sys
 import tempfile
@@ -220,8 +221,6 @@ def gguf_fields(path: Path, wanted: tuple[str, ...] = CHAT_FIELDS) -> dict:
     a few hundredths of a second. tests/serving/test_export_gguf.py holds it to ``GGUFReader`` on
     every value type, in both byte orders.
     """
-    import struct
-
     from gguf import GGUF_MAGIC
 
     with open(path, "rb") as handle:
@@ -251,13 +250,10 @@ class _HeaderReader:
     """Sequential reads of a GGUF header's values (one buffered file; GGUF's own layout, gguf-py's numbering)."""
 
     def __init__(self, handle: Any, order: str):
-        import struct
-
-        self.handle, self.order, self.struct = handle, order, struct
+        self.handle, self.order = handle, order
 
     def scalar(self, fmt: str) -> Any:
-        size = self.struct.calcsize(fmt)
-        return self.struct.unpack(self.order + fmt, self.handle.read(size))[0]
+        return struct.unpack(self.order + fmt, self.handle.read(struct.calcsize(fmt)))[0]
 
     def string(self) -> str:
         return self.handle.read(self.scalar("Q")).decode("utf-8")
@@ -276,12 +272,12 @@ class _HeaderReader:
         elif kind == _ARRAY:
             item, length = self.scalar("I"), self.scalar("Q")
             if item in _SCALARS:
-                self.handle.seek(length * self.struct.calcsize(_SCALARS[item]), os.SEEK_CUR)
+                self.handle.seek(length * struct.calcsize(_SCALARS[item]), os.SEEK_CUR)
             else:
                 for _ in range(length):
                     self.skip(item)
         else:
-            self.handle.seek(self.struct.calcsize(_SCALARS[kind]), os.SEEK_CUR)
+            self.handle.seek(struct.calcsize(_SCALARS[kind]), os.SEEK_CUR)
 
 
 def check_chat_fields(path: Path, reference: Reference, own_template: bool = True) -> None:
