@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from gguf import GGUF_MAGIC, GGUFValueType
 
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.io import atomic_path, remove_outputs, write_json, write_text
@@ -206,9 +207,10 @@ def quantize(source: Path, target: Path, quant: str) -> None:
 
 
 CHAT_FIELDS = ("tokenizer.ggml.eos_token_id", "tokenizer.chat_template", "general.architecture", "adapter.type")
-# The struct format of each scalar GGUF value type (gguf-py's GGUFValueType numbers).
-_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_STRING, _ARRAY = 8, 9
+# The struct format of each scalar GGUF value type.
+_T = GGUFValueType
+_SCALARS = {_T.UINT8: "B", _T.INT8: "b", _T.UINT16: "H", _T.INT16: "h", _T.UINT32: "I", _T.INT32: "i",
+            _T.FLOAT32: "f", _T.BOOL: "?", _T.UINT64: "Q", _T.INT64: "q", _T.FLOAT64: "d"}
 
 
 def gguf_fields(path: Path, wanted: tuple[str, ...] = CHAT_FIELDS) -> dict:
@@ -221,8 +223,6 @@ def gguf_fields(path: Path, wanted: tuple[str, ...] = CHAT_FIELDS) -> dict:
     a few hundredths of a second. tests/serving/test_export_gguf.py holds it to ``GGUFReader`` on
     every value type, in both byte orders.
     """
-    from gguf import GGUF_MAGIC
-
     with open(path, "rb") as handle:
         data = handle.read(24)
         if len(data) < 24 or struct.unpack_from("<I", data)[0] != GGUF_MAGIC:
@@ -259,17 +259,17 @@ class _HeaderReader:
         return self.handle.read(self.scalar("Q")).decode("utf-8")
 
     def value(self, kind: int) -> Any:
-        if kind == _STRING:
+        if kind == GGUFValueType.STRING:
             return self.string()
-        if kind == _ARRAY:
+        if kind == GGUFValueType.ARRAY:
             item, length = self.scalar("I"), self.scalar("Q")
             return [self.value(item) for _ in range(length)]
         return self.scalar(_SCALARS[kind])
 
     def skip(self, kind: int) -> None:
-        if kind == _STRING:
+        if kind == GGUFValueType.STRING:
             self.handle.seek(self.scalar("Q"), os.SEEK_CUR)
-        elif kind == _ARRAY:
+        elif kind == GGUFValueType.ARRAY:
             item, length = self.scalar("I"), self.scalar("Q")
             if item in _SCALARS:
                 self.handle.seek(length * struct.calcsize(_SCALARS[item]), os.SEEK_CUR)
