@@ -10,6 +10,7 @@ from qlora_pipeline.modeling import inference
 from qlora_pipeline.modeling.engine import Engine, Request, chat_prompt_ids
 from qlora_pipeline.modeling.loading import load_saved_base
 from qlora_pipeline.modeling.quantization import linear4bit_modules
+from qlora_pipeline.modeling.stacked_lora import RowAdapters, StackedLoRA
 
 CONVERSATIONS = [[{"role": "user", "content": "hey, how was your weekend?"}],
                  [{"role": "user", "content": "what are you cooking tonight? tell me everything"}]]
@@ -54,3 +55,50 @@ def test_auto_dequantizes_on_a_cpu_only_when_the_dense_weights_fit(quantized_bas
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU runs bitsandbytes' fused kernels
     monkeypatch.setattr(hardware, "free_memory_bytes", lambda: 8 * needed)
     assert inference.should_dequantize("auto", model) is False
+
+
+def test_a_cast_is_kept_for_the_next_layer_reading_the_same_tensor_and_made_again_when_it_changes():
+    x = torch.randn(5, 8)
+    first = inference.cast_shared(x, torch.bfloat16)
+    assert torch.equal(first, x.to(torch.bfloat16)) and first.dtype == torch.bfloat16
+    assert inference.cast_shared(x, torch.bfloat16) is first  # the key and value projections take it as is
+    assert inference.cast_shared(x, torch.float32) is x  # already in the dtype: no cast
+    assert inference.cast_shared(x, torch.float16).dtype == torch.float16  # another dtype: its own cast
+    x.mul_(3)  # edited in place (its version counter moves): cast again
+    again = inference.cast_shared(x, torch.bfloat16)
+    assert again is not first and torch.equal(again, x.to(torch.bfloat16))
+    other = x.clone()  # another tensor of the same values: its own cast
+    assert inference.cast_shared(other, torch.bfloat16) is not again
+    with torch.inference_mode():  # no version counter there: always a fresh cast
+        frozen = torch.randn(3, 4)
+        assert inference.cast_shared(frozen, torch.bfloat16) is not inference.cast_shared(frozen, torch.bfloat16)
+
+
+@pytest.mark.slow
+def test_the_shared_casts_change_no_bit_of_mixed_adapter_logits_under_bfloat16_autocast(quantized_base, monkeypatch):
+    """What a bfloat16 machine runs: the dense layers and the stacked LoRA updates share one cast of their input
+    (and A's cast is kept); the logits must be those of every layer casting for itself, as before."""
+    model, tokenizer = load_saved_base(quantized_base, "bfloat16")
+    model = with_lora(model)
+    inference.dequantize_for_inference(model)
+    rows = RowAdapters(model)
+    assert rows.stacked is not None
+    batch = tokenizer(["<|im_start|>user\nhi there, long time no see<|im_end|>\n",
+                       "<|im_start|>user\nwhat are you cooking tonight?<|im_end|>\n"], return_tensors="pt", padding=True)
+
+    def logits():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), rows.rows(["default", None]):
+            return model(**batch).logits
+
+    shared = logits()
+    monkeypatch.setattr(inference, "cast_shared", lambda x, dtype: x.to(dtype))
+    monkeypatch.setattr(StackedLoRA, "_lora_a_operands", lambda self, x, a: (x.to(a.dtype), a))
+    assert torch.equal(shared, logits())
+    # and the operands themselves, input by input: a float32 adapter over each input dtype
+    stacked, a = rows.stacked, torch.randn(4, 16)
+    monkeypatch.undo()
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        x = torch.randn(3, 16, dtype=dtype)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(torch.nn.functional.linear(*stacked._lora_a_operands(x, a)),
+                               torch.nn.functional.linear(x.to(a.dtype), a)), dtype

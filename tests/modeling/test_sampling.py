@@ -10,8 +10,8 @@ from transformers.generation.logits_process import (ExponentialDecayLengthPenalt
 
 from qlora_pipeline.config import DecodingSetting
 from qlora_pipeline.modeling.engine import row_decoding
-from qlora_pipeline.modeling.sampling import (BatchSampler, RowDecoding, RowState, length_decay, repetition_penalty_,
-                                              top_k, top_p)
+from qlora_pipeline.modeling.sampling import (BatchSampler, RowDecoding, RowState, first_max, length_decay,
+                                              repetition_penalty_, top_k, top_p)
 
 VOCABULARY = 50
 
@@ -199,3 +199,18 @@ def test_top_p_over_a_large_vocabulary_keeps_the_set_transformers_keeps():
         assert torch.equal(ours[i][ours[i] > float("-inf")], logits[i][ours[i] > float("-inf")])
     kept = (ours > float("-inf")).sum(dim=1).tolist()
     assert kept[0] < 1024 and kept[2] == vocabulary and kept[3] > 1024  # both paths were taken
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_first_max_is_argmax_with_ties_infinities_and_nan(dtype):
+    """The greedy pick and the Gumbel draw take ``first_max``; it must be argmax exactly, ties (first index)
+    and rows with no finite score or a NaN included, on a large vocabulary and a strided view alike."""
+    generator = torch.Generator().manual_seed(3)
+    scores = torch.randint(-4, 4, (64, 49152), generator=generator).to(dtype)  # many ties per row
+    scores[torch.rand(64, 49152, generator=generator) < 0.3] = float("-inf")
+    scores[0] = float("-inf")
+    scores[1, 77] = float("nan")
+    scores[2, 5:] = 3  # the largest value from index 5 on
+    for view in (scores, scores[:, ::3], scores[:1], scores.t().contiguous().t()):
+        assert torch.equal(first_max(view), view.argmax(dim=-1))
+    assert first_max(scores)[2] == 5

@@ -25,7 +25,10 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from qlora_pipeline.modeling.inference import cast_shared
+
 PEFT_BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+_EXACT_IN_FLOAT32 = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @dataclass
@@ -59,7 +62,7 @@ class StackedLoRA:
         self.model = model
         self.stacks: dict[Any, _Stack] = {}
         self._masks: dict[tuple, dict] = {}
-        self._converted: dict[tuple, torch.Tensor] = {}
+        self._converted: dict[tuple, tuple[int, torch.Tensor]] = {}
         self.rebuild()
 
     def rebuild(self) -> None:
@@ -106,12 +109,31 @@ class StackedLoRA:
         return weights
 
     def _in_dtype(self, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``tensor`` cast to ``dtype``, once while it is unchanged (its version counter: an adapter trained
+        in place is cast again)."""
         if tensor.dtype == dtype:
             return tensor
         key = (id(tensor), dtype)
-        if key not in self._converted:
-            self._converted[key] = tensor.to(dtype)
-        return self._converted[key]
+        version, converted = self._converted.get(key, (None, None))
+        if version != tensor._version:
+            converted = tensor.to(dtype)
+            self._converted[key] = (tensor._version, converted)
+        return converted
+
+    def _lora_a_operands(self, x: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The input and A of ``h = x @ A.T`` as PEFT computes it: the input in the adapter's dtype, then, under
+        autocast, both in autocast's dtype.
+
+        With a float32 adapter and an input of at most float32's precision, that is the input cast straight to
+        autocast's dtype (float32 holds it exactly), which the base layer has made already (``cast_shared``),
+        and A's cast, kept while A is unchanged (autocast casts again at every call a weight that does not
+        require grad). The same values, without two casts per layer and step.
+        """
+        device = x.device.type
+        if a.dtype == torch.float32 and x.dtype in _EXACT_IN_FLOAT32 and torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)
+            return cast_shared(x, dtype), self._in_dtype(a, dtype)
+        return x.to(a.dtype), a
 
     @contextlib.contextmanager
     def mixed(self, adapter_names: Sequence[str]) -> Iterator[None]:
@@ -121,8 +143,7 @@ class StackedLoRA:
 
         def add_rows_lora(layer: Any, args: tuple, output: torch.Tensor) -> torch.Tensor:
             stack = self.stacks[layer]
-            x = args[0].to(stack.a.dtype)  # as PEFT: the input in the adapter's dtype (autocast may lower it)
-            hidden = torch.nn.functional.linear(x, stack.a)
+            hidden = torch.nn.functional.linear(*self._lora_a_operands(args[0], stack.a))
             # Each row keeps its own adapter's columns, scaled; then one matmul adds every row's update
             # into the base output in place (no update tensor the size of the output is made).
             hidden = hidden * self._in_dtype(weights[layer], hidden.dtype)
