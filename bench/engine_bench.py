@@ -134,9 +134,19 @@ def engine_workload(sides, jobs, seed: int) -> tuple[list, dict, float]:
     return out, stats, seconds
 
 
-def compare(name: str, sides, jobs, batch_size: int, seed: int) -> dict:
-    static, steps, static_seconds = static_workload(sides, jobs, batch_size)
-    engine, stats, engine_seconds = engine_workload(sides, jobs, seed)
+def compare(name: str, sides, jobs, batch_size: int, seed: int, rounds: int = 1) -> dict:
+    """Both paths on ``jobs``, ``rounds`` times interleaved (static, engine, static, ...): their median seconds
+    and the ratio of the medians, each round's seconds beside them (a 2-core machine's speed drifts by the hour,
+    and one round of each showed 3.65x and 3.98x for one code)."""
+    import statistics
+
+    timings: dict[str, list[float]] = {"static": [], "engine": []}
+    for _ in range(rounds):  # every round computes the same tokens: greedy rows and seeded draws alike
+        static, steps, seconds = static_workload(sides, jobs, batch_size)
+        timings["static"].append(seconds)
+        engine, stats, seconds = engine_workload(sides, jobs, seed)
+        timings["engine"].append(seconds)
+    static_seconds, engine_seconds = statistics.median(timings["static"]), statistics.median(timings["engine"])
     greedy = [i for i, (side, prompts, setting, passes, _) in enumerate(
         [job for job in jobs for _ in range(job[3] if job[2].sampled else 1)]) if not setting.sampled]
     same = sum(a == b for i in greedy for a, b in zip(static[i], engine[i]))
@@ -145,6 +155,7 @@ def compare(name: str, sides, jobs, batch_size: int, seed: int) -> dict:
     out = {"replies": sum(len(run) for run in engine), "engine_tokens": tokens,
            "static_seconds": round(static_seconds, 1), "engine_seconds": round(engine_seconds, 1),
            "speedup": round(static_seconds / engine_seconds, 2), "target_speedup": ">= 4",
+           "rounds": {k: [round(x, 1) for x in v] for k, v in timings.items()},
            "static_decode_row_steps": steps, "engine": stats,
            "greedy_replies_identical": f"{same} of {rows}"}
     print(f"{name}: {json.dumps(out)}", flush=True)
@@ -181,6 +192,8 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=ROOT, help="the workspace whose models/ and data/ are used")
     parser.add_argument("--skip", nargs="*", default=[], choices=("grid", "evaluate", "mixed"))
     parser.add_argument("--repeats", type=int, default=3, help="rounds of the mixed-batch measurement")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="rounds of the grid's and evaluate's comparison, interleaved; medians reported")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
@@ -212,12 +225,13 @@ def main() -> None:
     seed, passes = params.seed, cfg.samples_per_prompt
     if "grid" not in args.skip:
         jobs = [("tuned", val, s, passes if s.sampled else 1, seed) for s in params.decoding.grid]
-        report["choose_decoding_grid"] = compare("grid", sides, jobs, FORMER_BATCH_SIZE, seed)
+        report["choose_decoding_grid"] = compare("grid", sides, jobs, FORMER_BATCH_SIZE, seed, args.rounds)
     if "evaluate" not in args.skip:
         jobs = [(side, test, DecodingSetting(), 1, seed) for side in ("base", "tuned")]
         if chosen != DecodingSetting():  # as evaluate: any other decoding (penalties too) is a row of its own
             jobs += [(side, test, chosen, passes if chosen.sampled else 1, seed) for side in ("base", "tuned")]
-        report["evaluate_rows"] = {"chosen": chosen.model_dump(), **compare("evaluate", sides, jobs, FORMER_BATCH_SIZE, seed)}
+        report["evaluate_rows"] = {"chosen": chosen.model_dump(), **compare("evaluate", sides, jobs, FORMER_BATCH_SIZE, seed,
+                                                                           args.rounds)}
     if "mixed" not in args.skip:
         report["mixed_batches"] = mixed_vs_one_model(sides, test, seed, args.repeats)
     if args.out:
