@@ -137,7 +137,8 @@ def engine_workload(sides, jobs, seed: int) -> tuple[list, dict, float]:
 def compare(name: str, sides, jobs, batch_size: int, seed: int, rounds: int = 1) -> dict:
     """Both paths on ``jobs``, ``rounds`` times interleaved (static, engine, static, ...): their median seconds
     and the ratio of the medians, each round's seconds beside them (a 2-core machine's speed drifts by the hour,
-    and one round of each showed 3.65x and 3.98x for one code)."""
+    and one round of each showed 3.65x and 3.98x for one code). The step counts, the engine's phase seconds and
+    the replies compared are the last round's; the static path runs first in every round."""
     import statistics
 
     timings: dict[str, list[float]] = {"static": [], "engine": []}

@@ -69,6 +69,9 @@ def test_a_cast_is_kept_for_the_next_layer_reading_the_same_tensor_and_made_agai
     assert again is not first and torch.equal(again, x.to(torch.bfloat16))
     other = x.clone()  # another tensor of the same values: its own cast
     assert inference.cast_shared(other, torch.bfloat16) is not again
+    tracked = torch.randn(3, 4, requires_grad=True)  # under autograd every cast is its own node of the graph
+    assert inference.cast_shared(tracked, torch.bfloat16) is not inference.cast_shared(tracked, torch.bfloat16)
+    assert inference.cast_shared(tracked, torch.bfloat16).grad_fn is not None
     with torch.inference_mode():  # no version counter there: always a fresh cast
         frozen = torch.randn(3, 4)
         assert inference.cast_shared(frozen, torch.bfloat16) is not inference.cast_shared(frozen, torch.bfloat16)
@@ -78,6 +81,8 @@ def test_a_cast_is_kept_for_the_next_layer_reading_the_same_tensor_and_made_agai
 def test_the_shared_casts_change_no_bit_of_mixed_adapter_logits_under_bfloat16_autocast(quantized_base, monkeypatch):
     """What a bfloat16 machine runs: the dense layers and the stacked LoRA updates share one cast of their input
     (and A's cast is kept); the logits must be those of every layer casting for itself, as before."""
+    from qlora_pipeline.modeling import stacked_lora
+
     model, tokenizer = load_saved_base(quantized_base, "bfloat16")
     model = with_lora(model)
     inference.dequantize_for_inference(model)
@@ -90,15 +95,36 @@ def test_the_shared_casts_change_no_bit_of_mixed_adapter_logits_under_bfloat16_a
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), rows.rows(["default", None]):
             return model(**batch).logits
 
+    made, real = [], inference.cast_shared
+
+    def counted(x, dtype):
+        made.append(real(x, dtype))  # held: a tensor returned twice is one object, and its id stays its own
+        return made[-1]
+
+    monkeypatch.setattr(inference, "cast_shared", counted)
+    monkeypatch.setattr(stacked_lora, "cast_shared", counted)
     shared = logits()
+    taken_again = len(made) - len({id(t) for t in made})
+    # per layer: q's cast taken by q's update, k, k's update, v, v's update; the same for gate/up (3)
+    assert taken_again >= 8 * model.config.num_hidden_layers, (taken_again, len(made))
     monkeypatch.setattr(inference, "cast_shared", lambda x, dtype: x.to(dtype))
     monkeypatch.setattr(StackedLoRA, "_lora_a_operands", lambda self, x, a: (x.to(a.dtype), a))
     assert torch.equal(shared, logits())
-    # and the operands themselves, input by input: a float32 adapter over each input dtype
-    stacked, a = rows.stacked, torch.randn(4, 16)
-    monkeypatch.undo()
+
+
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
+def test_the_lora_operands_are_the_ones_peft_would_compute_for_every_input_dtype(autocast_dtype):
+    """A float32 adapter: the input goes straight to autocast's dtype where float32 holds it exactly, and the
+    product is the one of the input cast to the adapter's dtype and then by autocast, bit for bit."""
+    stacked = StackedLoRA.__new__(StackedLoRA)  # the operands need only its cast cache
+    stacked._converted = {}
+    a = torch.randn(4, 16)
     for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         x = torch.randn(3, 16, dtype=dtype)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=autocast_dtype):
             assert torch.equal(torch.nn.functional.linear(*stacked._lora_a_operands(x, a)),
                                torch.nn.functional.linear(x.to(a.dtype), a)), dtype
+    with torch.no_grad():
+        a.mul_(2)  # the stacked tensor edited in place: A is cast again
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(stacked._lora_a_operands(torch.randn(2, 16), a)[1], a.to(torch.bfloat16))

@@ -109,8 +109,10 @@ class StackedLoRA:
         return weights
 
     def _in_dtype(self, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """``tensor`` cast to ``dtype``, once while it is unchanged (its version counter: an adapter trained
-        in place is cast again)."""
+        """``tensor`` cast to ``dtype``, once while it is unchanged (its version counter, which in-place edits of
+        the stacked tensor move). The adapters' own parameters are views made through ``.data``, whose edits
+        (an optimizer step, ``load_state_dict``) the stack's counter does not see: edit an adapter, then
+        ``rebuild()``, as the server does after every load (``restack``)."""
         if tensor.dtype == dtype:
             return tensor
         key = (id(tensor), dtype)
@@ -125,9 +127,10 @@ class StackedLoRA:
         autocast, both in autocast's dtype.
 
         With a float32 adapter and an input of at most float32's precision, that is the input cast straight to
-        autocast's dtype (float32 holds it exactly), which the base layer has made already (``cast_shared``),
+        autocast's dtype (float32 holds it exactly) through ``cast_shared``: the cast a dequantized base layer
+        computing in that dtype has made already, or the one the query/key/value (gate/up) updates share;
         and A's cast, kept while A is unchanged (autocast casts again at every call a weight that does not
-        require grad). The same values, without two casts per layer and step.
+        require grad). The same values, with two casts fewer per layer and step.
         """
         device = x.device.type
         if a.dtype == torch.float32 and x.dtype in _EXACT_IN_FLOAT32 and torch.is_autocast_enabled(device):
