@@ -10,7 +10,7 @@ from qlora_pipeline.modeling import inference
 from qlora_pipeline.modeling.engine import Engine, Request, chat_prompt_ids
 from qlora_pipeline.modeling.loading import load_saved_base
 from qlora_pipeline.modeling.quantization import linear4bit_modules
-from qlora_pipeline.modeling.stacked_lora import RowAdapters, StackedLoRA
+from qlora_pipeline.modeling.stacked_lora import RowAdapters, StackedLoRA, cast_shared
 
 CONVERSATIONS = [[{"role": "user", "content": "hey, how was your weekend?"}],
                  [{"role": "user", "content": "what are you cooking tonight? tell me everything"}]]
@@ -59,22 +59,22 @@ def test_auto_dequantizes_on_a_cpu_only_when_the_dense_weights_fit(quantized_bas
 
 def test_a_cast_is_kept_for_the_next_layer_reading_the_same_tensor_and_made_again_when_it_changes():
     x = torch.randn(5, 8)
-    first = inference.cast_shared(x, torch.bfloat16)
+    first = cast_shared(x, torch.bfloat16)
     assert torch.equal(first, x.to(torch.bfloat16)) and first.dtype == torch.bfloat16
-    assert inference.cast_shared(x, torch.bfloat16) is first  # the key and value projections take it as is
-    assert inference.cast_shared(x, torch.float32) is x  # already in the dtype: no cast
-    assert inference.cast_shared(x, torch.float16).dtype == torch.float16  # another dtype: its own cast
+    assert cast_shared(x, torch.bfloat16) is first  # the key and value projections take it as is
+    assert cast_shared(x, torch.float32) is x  # already in the dtype: no cast
+    assert cast_shared(x, torch.float16).dtype == torch.float16  # another dtype: its own cast
     x.mul_(3)  # edited in place (its version counter moves): cast again
-    again = inference.cast_shared(x, torch.bfloat16)
+    again = cast_shared(x, torch.bfloat16)
     assert again is not first and torch.equal(again, x.to(torch.bfloat16))
     other = x.clone()  # another tensor of the same values: its own cast
-    assert inference.cast_shared(other, torch.bfloat16) is not again
+    assert cast_shared(other, torch.bfloat16) is not again
     tracked = torch.randn(3, 4, requires_grad=True)  # under autograd every cast is its own node of the graph
-    assert inference.cast_shared(tracked, torch.bfloat16) is not inference.cast_shared(tracked, torch.bfloat16)
-    assert inference.cast_shared(tracked, torch.bfloat16).grad_fn is not None
+    assert cast_shared(tracked, torch.bfloat16) is not cast_shared(tracked, torch.bfloat16)
+    assert cast_shared(tracked, torch.bfloat16).grad_fn is not None
     with torch.inference_mode():  # no version counter there: always a fresh cast
         frozen = torch.randn(3, 4)
-        assert inference.cast_shared(frozen, torch.bfloat16) is not inference.cast_shared(frozen, torch.bfloat16)
+        assert cast_shared(frozen, torch.bfloat16) is not cast_shared(frozen, torch.bfloat16)
 
 
 @pytest.mark.slow
@@ -95,7 +95,7 @@ def test_the_shared_casts_change_no_bit_of_mixed_adapter_logits_under_bfloat16_a
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), rows.rows(["default", None]):
             return model(**batch).logits
 
-    made, real = [], inference.cast_shared
+    made, real = [], cast_shared
 
     def counted(x, dtype):
         made.append(real(x, dtype))  # held: a tensor returned twice is one object, and its id stays its own

@@ -13,13 +13,13 @@ The 4-bit weights are gone afterwards: a model converted here must never be save
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import torch
 
 from qlora_pipeline import hardware
 from qlora_pipeline.modeling.quantization import linear4bit_modules
+from qlora_pipeline.modeling.stacked_lora import cast_shared
 
 _MEMORY_SHARE = 0.25
 
@@ -37,39 +37,6 @@ class DequantizedLinear4bit(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.linear(cast_shared(x, self.compute_dtype), self.weight, self.bias).to(x.dtype)
-
-
-class _LastCast(threading.local):
-    source: torch.Tensor | None = None
-    version = -1
-    result: torch.Tensor | None = None
-
-
-_last_cast = _LastCast()
-
-
-def cast_shared(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``x.to(dtype)``, kept for the next layer that reads the same ``x``.
-
-    The query, key and value projections read one tensor, and so do the gate and up projections;
-    each cast it to the compute dtype, and under autocast each LoRA update cast it again: six casts
-    of one tensor per attention block, four per MLP. Casts were 2.3 of 14 s of evaluate's rows on the
-    Xeon machine; sharing them saved 1.0 s. A cast is exact and deterministic, so the kept one is the
-    value each would have made. It is kept per thread, for the last input only, while that tensor is
-    unchanged (its version counter; an edit through ``.data`` is not seen, and nothing here makes one),
-    and never for a tensor autograd tracks. Holding it keeps that input and its cast alive until the
-    thread's next cast: one activation (a few MB for SmolLM2, ~50 MB for a 7B model's 2,048-token prefill).
-    """
-    if x.dtype == dtype:
-        return x
-    if x.is_inference() or x.requires_grad:  # no version counter to tell an edit by; or a graph to record
-        return x.to(dtype)
-    last = _last_cast
-    if last.source is x and last.version == x._version and last.result.dtype == dtype:
-        return last.result
-    result = x.to(dtype)
-    last.source, last.version, last.result = x, x._version, result
-    return result
 
 
 def dequantize_weight(weight: Any, dtype: torch.dtype) -> torch.Tensor:

@@ -20,15 +20,49 @@ adapter uses a LoRA variant (DoRA, ...) this does not cover (:class:`RowAdapters
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import torch
 
-from qlora_pipeline.modeling.inference import cast_shared
-
 PEFT_BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 _EXACT_IN_FLOAT32 = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class _LastCast(threading.local):
+    source: torch.Tensor | None = None
+    version = -1
+    result: torch.Tensor | None = None
+
+
+_last_cast = _LastCast()
+
+
+def cast_shared(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x.to(dtype)``, kept for the next layer that reads the same ``x``.
+
+    The query, key and value projections read one tensor, and so do the gate and up projections;
+    each cast it to the compute dtype, and under autocast each LoRA update cast it again: six casts
+    of one tensor per attention block, four per MLP. Casts were 2.3 of 14 s of evaluate's rows on the
+    Xeon machine; sharing them saved 1.0 s. A cast is exact and deterministic, so the kept one is the
+    value each would have made. It is kept per thread, for the last input only, while that tensor is
+    unchanged (its version counter; an edit through ``.data`` is not seen, and nothing here makes one),
+    and never for a tensor autograd tracks. Holding it keeps that input and its cast alive until the
+    thread's next cast: one activation (a few MB for SmolLM2, ~50 MB for a 7B model's 2,048-token prefill).
+    It lives here, where the dense layers of ``inference`` take it too: every stage that generates already
+    depends on this module, and quantize-load, which dequantizes nothing, need not depend on ``inference``.
+    """
+    if x.dtype == dtype:
+        return x
+    if x.is_inference() or x.requires_grad:  # no version counter to tell an edit by; or a graph to record
+        return x.to(dtype)
+    last = _last_cast
+    if last.source is x and last.version == x._version and last.result.dtype == dtype:
+        return last.result
+    result = x.to(dtype)
+    last.source, last.version, last.result = x, x._version, result
+    return result
 
 
 @dataclass
