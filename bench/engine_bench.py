@@ -197,6 +197,9 @@ def main() -> None:
                         help="rounds of the grid's and evaluate's comparison, interleaved; medians reported")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    for flag in ("rounds", "repeats"):  # a median of no rounds is no figure
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} {getattr(args, flag)}: give 1 or more")
     sys.path.insert(0, str(ROOT / "src"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from qlora_pipeline import hardware
