@@ -35,14 +35,47 @@ def engine_for(persona, **kwargs) -> Engine:
 
 def generate_alone(persona, ids: list[int], adapter: str | None, tokens: int, **kwargs) -> list[int]:
     """``model.generate`` on one prompt, the adapter set the PEFT way (or switched off for the base)."""
+    return generate_batch(persona, [ids], adapter, tokens, **kwargs)[0]
+
+
+def generate_batch(persona, prompts: list[list[int]], adapter: str | None, tokens: int, **kwargs) -> list[list[int]]:
+    """``model.generate`` on prompts of one adapter at once, left-padded: each prompt's new tokens up to its end token.
+
+    The references for many rows in one call instead of one call each (each test's several seconds of
+    generate() at batch 1 were most of this module's time). In float32 a row's greedy tokens do not
+    depend on the rows beside it or on its left padding: the engine's own mixed batches rest on the
+    same, and the first test checks it against generate() on each prompt alone.
+    """
     model, tokenizer = persona.model, persona.tokenizer
+    width = max(map(len, prompts))
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     context = model.disable_adapter() if adapter is None else _active(model, adapter)
     with context, torch.no_grad(), persona.autocast():
-        output = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                max_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                                eos_token_id=tokenizer.eos_token_id, **kwargs)
-    new = output[0, len(ids):].tolist()
-    return new[: new.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in new else new
+        output = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=tokens, do_sample=False,
+                                pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, **kwargs)
+    rows = [row[width:].tolist() for row in output]
+    return [new[: new.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in new else new for new in rows]
+
+
+def references(persona, requests: list[Request], arguments: dict[RowDecoding, dict] | None = None
+               ) -> list[list[int]]:
+    """generate()'s tokens for each request: one batched call per adapter and decoding, each row cut to its own
+    limit (greedy tokens do not depend on how many come after). ``arguments``: generate()'s keyword
+    arguments for a request's decoding (none: plain greedy)."""
+    arguments = arguments or {}
+    groups: dict[tuple, list[int]] = {}
+    for index, request in enumerate(requests):
+        groups.setdefault((request.adapter, request.decoding), []).append(index)
+    out: list[list[int]] = [[] for _ in requests]
+    for (adapter, decoding), members in groups.items():
+        tokens = max(requests[i].max_new_tokens for i in members)
+        made = generate_batch(persona, [requests[i].prompt_ids for i in members], adapter, tokens,
+                              **arguments.get(decoding, {}))
+        for i, new in zip(members, made):
+            out[i] = new[: requests[i].max_new_tokens]
+    return out
 
 
 class _active:
@@ -63,9 +96,14 @@ def test_greedy_rows_give_generates_tokens_for_every_adapter_in_mixed_continuous
     # Batches of 3 out of 20 rows of uneven limits: rows keep leaving and joining mixed batches.
     engine = engine_for(persona, max_batch_size=3)
     results = engine.run(requests)
-    for request, result in zip(requests, results):
-        assert result.token_ids == generate_alone(persona, request.prompt_ids, request.adapter,
-                                                  request.max_new_tokens), request.adapter
+    expected = references(persona, requests)
+    for request, result, tokens in zip(requests, results, expected):
+        assert result.token_ids == tokens, request.adapter
+    # the batched references are generate()'s on each prompt alone: one row of each adapter, in full
+    for adapter in adapters:
+        request = next(r for r in requests if r.adapter == adapter and r.prompt_ids == prompt_ids[1])
+        assert generate_alone(persona, request.prompt_ids, adapter, request.max_new_tokens) == results[
+            requests.index(request)].token_ids, adapter
     by_adapter = {adapter: [r.text for q, r in zip(requests, results) if q.adapter == adapter] for adapter in adapters}
     assert len({tuple(texts) for texts in by_adapter.values()}) == 4  # every adapter changes the replies
     assert engine.stats.prefills > 1 and engine.stats.decode_steps > 0
@@ -77,9 +115,10 @@ def test_greedy_rows_with_repetition_controls_give_generates_tokens(persona, pro
                   for ids in prompt_ids[:2]]
     plain = [Request(ids, adapter, max_new_tokens=16) for adapter in (None, "alice") for ids in prompt_ids[:2]]
     results = engine_for(persona, max_batch_size=3).run(controlled + plain)  # mixed with rows without them
-    for request, result in zip(controlled + plain, results):
-        kwargs = {"repetition_penalty": 1.3, "no_repeat_ngram_size": 2} if request.decoding == decoding else {}
-        assert result.token_ids == generate_alone(persona, request.prompt_ids, request.adapter, 16, **kwargs)
+    expected = references(persona, controlled + plain,
+                          {decoding: {"repetition_penalty": 1.3, "no_repeat_ngram_size": 2}})
+    for result, tokens in zip(results, expected):
+        assert result.token_ids == tokens
     # the controls did change some replies: the test would pass vacuously otherwise
     assert [r.token_ids for r in results[:4]] != [r.token_ids for r in results[4:]]
 
@@ -90,11 +129,11 @@ def test_greedy_rows_with_a_length_decay_give_generates_tokens_and_end_sooner(pe
     plain = [Request(ids, adapter, RowDecoding(repetition_penalty=1.2), max_new_tokens=24) for adapter in (None, "bob")
              for ids in prompt_ids]
     results = engine_for(persona, max_batch_size=4).run(decayed + plain)
-    for request, result in zip(decayed + plain, results):
-        kwargs = {"repetition_penalty": 1.2}
-        if request.decoding == decoding:
-            kwargs["exponential_decay_length_penalty"] = (2, 1.6)
-        assert result.token_ids == generate_alone(persona, request.prompt_ids, request.adapter, 24, **kwargs)
+    expected = references(persona, decayed + plain, {
+        decoding: {"repetition_penalty": 1.2, "exponential_decay_length_penalty": (2, 1.6)},
+        RowDecoding(repetition_penalty=1.2): {"repetition_penalty": 1.2}})
+    for result, tokens in zip(results, expected):
+        assert result.token_ids == tokens
     ended = [sum(r.finish_reason == "stop" for r in part) for part in (results[:10], results[10:])]
     lengths = [sum(r.completion_tokens for r in part) for part in (results[:10], results[10:])]
     assert ended[0] > ended[1] and lengths[0] < lengths[1], (ended, lengths)
