@@ -146,8 +146,11 @@ def test_the_lora_file_applies_to_the_base_gguf_and_moves_it_toward_the_referenc
     assert f"ADAPTER ./{row['file']}" in modelfile and "FROM " + report["base_gguf"] in modelfile
 
 
-def test_a_file_that_names_another_end_token_is_refused(run, tmp_path, monkeypatch, capsys):
-    """The never-ending-reply bug on purpose: the converter is given <|im_start|> as the end token."""
+def test_a_file_with_another_end_token_and_no_trained_system_prompt_is_refused_naming_both(run, tmp_path,
+                                                                                            monkeypatch, capsys):
+    """The never-ending-reply bug on purpose (the converter is given <|im_start|> as the end token), and a
+    template that forgets the trained system prompt: one export refuses the file and names both, each
+    found on its own (test_chat_field_problems_are_each_found_alone)."""
     write = gguf.write_hf_folder
 
     def wrong_end_token(model, tokenizer, folder, system_prompt):
@@ -157,13 +160,37 @@ def test_a_file_that_names_another_end_token_is_refused(run, tmp_path, monkeypat
         return written
 
     monkeypatch.setattr(gguf, "write_hf_folder", wrong_end_token)
-    message = _refused(capsys, run, tmp_path / "broken", "gguf", "f16")
-    assert "its end-of-turn token is '<|im_start|>' (id 1)" in message and "never end a reply" in message
-
-
-def test_a_template_without_the_trained_system_prompt_is_refused(run, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(gguf, "with_default_system", lambda template, system_prompt: template)
-    assert "does not get the trained system prompt" in _refused(capsys, run, tmp_path / "broken", "gguf", "f16")
+    message = _refused(capsys, run, tmp_path / "broken", "gguf", "f16")
+    assert "model-f32.gguf: its end-of-turn token is '<|im_start|>' (id 1)" in message and "never end a reply" in message
+    assert "; and a chat without a system message does not get the trained system prompt" in message
+    assert "renders a test conversation differently" not in message
+
+
+def test_chat_field_problems_are_each_found_alone(merged, run):
+    """The checks on a written file's header fields, one fault at a time, on the f16 file's own fields."""
+    tokenizer = _tokenizer(run)
+    system = {"role": "system", "content": _system_prompt(run)}  # as the reference's: the trained one first
+    conversations = [[system, {"role": "user", "content": "hi there"}],
+                     [system, {"role": "user", "content": "hey"}, {"role": "assistant", "content": "yo"},
+                      {"role": "user", "content": "and you?"}]]
+    reference = gguf.Reference(tokenizer=tokenizer, examples=[], logits=[], precision="float32",
+                               conversations=conversations, greedy=[], eos_id=tokenizer.eos_token_id,
+                               system_prompt=_system_prompt(run))
+    fields = gguf.gguf_fields(next(merged.glob("*-f16.gguf")))
+    assert gguf.chat_field_problems(fields, reference, own_template=True) == []
+    start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    (end_token,) = gguf.chat_field_problems({**fields, "tokenizer.ggml.eos_token_id": start}, reference, True)
+    assert end_token.startswith("its end-of-turn token is '<|im_start|>'") and "model.eos_token" in end_token
+    plain = {**fields, "tokenizer.chat_template": tokenizer.chat_template}  # the base's: no trained system prompt
+    (system,) = gguf.chat_field_problems(plain, reference, own_template=True)
+    assert "does not get the trained system prompt" in system
+    assert gguf.chat_field_problems(plain, reference, own_template=False) == []  # a base's own GGUF keeps its default
+    layout = {**fields, "tokenizer.chat_template": "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"}
+    assert any("renders a test conversation differently" in p for p in gguf.chat_field_problems(layout, reference, True))
+    (none,) = gguf.chat_field_problems({k: v for k, v in fields.items() if k != "tokenizer.chat_template"},
+                                       reference, True)
+    assert none.startswith("no chat template")
 
 
 @pytest.mark.parametrize("quant, fmt, message", [

@@ -284,35 +284,42 @@ def check_chat_fields(path: Path, reference: Reference, own_template: bool = Tru
     """Refuse a file whose end token or chat template is not the one the adapter was trained with.
 
     ``own_template``: the file is ours, so its template must also open a chat that has no system
-    message with the trained system prompt; a base's own GGUF keeps its own default.
+    message with the trained system prompt; a base's own GGUF keeps its own default. Every problem
+    found is named at once: an export of a large model takes long enough that finding them one
+    export at a time would cost an export each.
     """
-    fields = gguf_fields(path)
+    problems = chat_field_problems(gguf_fields(path), reference, own_template)
+    if problems:
+        raise PipelineError(f"{path.name}: " + "; and ".join(problems))
+
+
+def chat_field_problems(fields: dict, reference: Reference, own_template: bool) -> list[str]:
+    """What is wrong with a GGUF's end token and chat template (its header ``fields``), each with its consequence."""
+    tokenizer = reference.tokenizer
+    problems = []
     eos = fields.get("tokenizer.ggml.eos_token_id")
     if eos != reference.eos_id:
-        name = reference.tokenizer.convert_ids_to_tokens(eos) if isinstance(eos, int) else eos
-        raise PipelineError(
-            f"{path.name}: its end-of-turn token is {name!r} (id {eos}), but the adapter learned to stop on "
-            f"{reference.tokenizer.eos_token!r} (id {reference.eos_id}): runtimes would never end a reply. "
+        name = tokenizer.convert_ids_to_tokens(eos) if isinstance(eos, int) else eos
+        problems.append(
+            f"its end-of-turn token is {name!r} (id {eos}), but the adapter learned to stop on "
+            f"{tokenizer.eos_token!r} (id {reference.eos_id}): runtimes would never end a reply. "
             "Set model.eos_token to the token that ends a turn and export again")
     template = fields.get("tokenizer.chat_template")
     if not isinstance(template, str):
-        raise PipelineError(f"{path.name}: no chat template; runtimes would not know how to lay out a chat")
-    for conversation in reference.conversations:
-        check_rendering(path, template, conversation, reference, own_template)
-
-
-def check_rendering(path: Path, template: str, conversation: list[dict], reference: Reference,
-                    own_template: bool) -> None:
-    tokenizer = reference.tokenizer
-    if chat_prompt_ids_with(tokenizer, template, conversation) != chat_prompt_ids(tokenizer, [conversation])[0]:
-        raise PipelineError(f"{path.name}: its chat template renders a test conversation differently from the "
-                            "template training used; runtimes would prompt the persona in a layout it never saw")
-    bare = [m for m in conversation if m["role"] != "system"]
-    trained = chat_prompt_ids(tokenizer, [[{"role": "system", "content": reference.system_prompt}, *bare]])[0] \
-        if reference.system_prompt and own_template else None
-    if trained is not None and chat_prompt_ids_with(tokenizer, template, bare) != trained:
-        raise PipelineError(f"{path.name}: a chat without a system message does not get the trained system "
-                            f"prompt ({reference.system_prompt!r}) from its template")
+        return [*problems, "no chat template; runtimes would not know how to lay out a chat"]
+    conversations = reference.conversations
+    if any(chat_prompt_ids_with(tokenizer, template, c) != chat_prompt_ids(tokenizer, [c])[0] for c in conversations):
+        problems.append("its chat template renders a test conversation differently from the template training "
+                        "used; runtimes would prompt the persona in a layout it never saw")
+    if reference.system_prompt and own_template:
+        for conversation in conversations:
+            bare = [m for m in conversation if m["role"] != "system"]
+            trained = chat_prompt_ids(tokenizer, [[{"role": "system", "content": reference.system_prompt}, *bare]])[0]
+            if chat_prompt_ids_with(tokenizer, template, bare) != trained:
+                problems.append(f"a chat without a system message does not get the trained system prompt "
+                                f"({reference.system_prompt!r}) from its template")
+                break
+    return problems
 
 
 def chat_prompt_ids_with(tokenizer: Any, template: str, conversation: list[dict]) -> list[int]:
@@ -474,6 +481,7 @@ def export_gguf(adapter: Adapter, base_dir: Path, out: Path, quants: list[str], 
         hf = write_hf_folder(merged, tokenizer, Path(tmp) / "hf", reference.system_prompt)
         del merged, dense
         run_converter("convert_hf_to_gguf.py", [str(hf), "--outfile", str(f32), "--outtype", "f32"])
+        check_chat_fields(f32, reference)  # before any quantizing: each quant type's file repeats these fields
         files = []
         for quant in quants:
             path = folder / f"{stem}-{quant}.gguf"
