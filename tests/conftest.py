@@ -24,8 +24,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 # Python writes the bytecode of what the tests import into .venv and src/, as `make test` lets it (the
 # Makefile unexports PYTHONDONTWRITEBYTECODE): where a shell sets it and pytest is run directly, every stage
-# process, server and kernel the tests start compiled the ~5,000 modules it imports again (the whole
-# suite took 20 min 21 s against 13 min 14 s on the Xeon machine, docs/testing.md).
+# process, server and kernel the tests start would compile again every module it imports (docs/testing.md).
 if os.environ.pop("PYTHONDONTWRITEBYTECODE", None) is not None:
     sys.dont_write_bytecode = False
 
@@ -175,10 +174,11 @@ def run_queue(repo: Path, jobs: int = 1, timeout: int = 900) -> str:
     tasks still queued (DVC issue 10562) is started again; at the deadline the workers are
     stopped and what the running tasks logged is shown.
 
-    `dvc queue status` costs about a second of a core (DVC's start-up), and polling it every 3 s
-    was a tenth of the CPU of a queued run. It runs when the experiment refs change (a task taken
-    from the queue, a result or a failure recorded: `git for-each-ref`, milliseconds, every second),
-    3 s after that, and every 15 s besides, which the check for a vanished worker needs.
+    `dvc queue status` costs about a second of a core (DVC's start-up), so it is not polled every few
+    seconds: it runs when the experiment refs change (a result or a failure recorded, the last queued
+    task taken: `git for-each-ref`, milliseconds, every second), every 3 s for 12 s after a change (DVC
+    records a task's end after it has written its refs and removed its workspace), and every 15 s
+    besides, which the check for a vanished worker needs.
     """
     def start() -> None:
         with (repo.parent / f"{repo.name}-queue-start.log").open("a") as log:
@@ -187,20 +187,21 @@ def run_queue(repo: Path, jobs: int = 1, timeout: int = 900) -> str:
         assert proc.returncode == 0, f"dvc queue start failed: see {log.name}"
 
     def experiment_refs() -> str:
-        return subprocess.run(["git", "for-each-ref", "refs/exps"], cwd=repo, capture_output=True, text=True).stdout
+        return subprocess.run(["git", "for-each-ref", "refs/exps"], cwd=repo, capture_output=True, text=True,
+                              check=True).stdout
 
     start()
     deadline = time.time() + timeout
     stalled_since = None
-    refs, next_status = None, 0.0
+    refs, next_status, changed_at = None, 0.0, 0.0
     while time.time() < deadline:
         seen = experiment_refs()
         if seen == refs and time.time() < next_status:
             time.sleep(1)
             continue
-        # once more soon after a change: DVC records a task's end a moment after its refs
-        next_status = time.time() + (3 if seen != refs else 15)
-        refs = seen
+        if seen != refs:
+            refs, changed_at = seen, time.time()
+        next_status = time.time() + (3 if time.time() - changed_at < 12 else 15)
         status = sh(["dvc", "queue", "status"], repo)
         if "Queued" not in status and "Running" not in status:
             return status

@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from qlora_pipeline.modeling.engine import Engine, Request, SlotCache, chat_prompt_ids
+from qlora_pipeline.modeling.engine import GREEDY, Engine, Request, SlotCache, chat_prompt_ids
 from qlora_pipeline.modeling.sampling import RowDecoding
 from qlora_pipeline.serving.models import AdapterSpec, load_persona_model
 
@@ -41,10 +41,12 @@ def generate_alone(persona, ids: list[int], adapter: str | None, tokens: int, **
 def generate_batch(persona, prompts: list[list[int]], adapter: str | None, tokens: int, **kwargs) -> list[list[int]]:
     """``model.generate`` on prompts of one adapter at once, left-padded: each prompt's new tokens up to its end token.
 
-    The references for many rows in one call instead of one call each (each test's several seconds of
-    generate() at batch 1 were most of this module's time). In float32 a row's greedy tokens do not
-    depend on the rows beside it or on its left padding: the engine's own mixed batches rest on the
-    same, and the first test checks it against generate() on each prompt alone.
+    The references for many rows in one call instead of one call each (generate() at batch 1 was most
+    of this module's time). In float32 a row's greedy tokens do not depend on the rows beside it (the
+    engine's own mixed batches rest on the same) nor on its left padding, but for one thing: the
+    repetition controls see the pad token (id 0, ``<|endoftext|>``) among a padded row's tokens, which
+    only matters where a reply would use it. Each test checks its most padded rows against generate()
+    on that prompt alone (``assert_alone``).
     """
     model, tokenizer = persona.model, persona.tokenizer
     width = max(map(len, prompts))
@@ -63,10 +65,11 @@ def references(persona, requests: list[Request], arguments: dict[RowDecoding, di
                ) -> list[list[int]]:
     """generate()'s tokens for each request: one batched call per adapter and decoding, each row cut to its own
     limit (greedy tokens do not depend on how many come after). ``arguments``: generate()'s keyword
-    arguments for a request's decoding (none: plain greedy)."""
+    arguments for a request's decoding; plain greedy needs none."""
     arguments = arguments or {}
     groups: dict[tuple, list[int]] = {}
     for index, request in enumerate(requests):
+        assert request.decoding == GREEDY or request.decoding in arguments, f"no arguments for {request.decoding}"
         groups.setdefault((request.adapter, request.decoding), []).append(index)
     out: list[list[int]] = [[] for _ in requests]
     for (adapter, decoding), members in groups.items():
@@ -76,6 +79,15 @@ def references(persona, requests: list[Request], arguments: dict[RowDecoding, di
         for i, new in zip(members, made):
             out[i] = new[: requests[i].max_new_tokens]
     return out
+
+
+def assert_alone(persona, requests: list[Request], results: list, index: int,
+                 arguments: dict[RowDecoding, dict] | None = None) -> None:
+    """Row ``index`` of an engine run gives generate()'s tokens on its prompt alone, unpadded."""
+    request = requests[index]
+    alone = generate_alone(persona, request.prompt_ids, request.adapter, request.max_new_tokens,
+                           **(arguments or {}).get(request.decoding, {}))
+    assert results[index].token_ids == alone, (request.adapter, request.decoding)
 
 
 class _active:
@@ -99,11 +111,10 @@ def test_greedy_rows_give_generates_tokens_for_every_adapter_in_mixed_continuous
     expected = references(persona, requests)
     for request, result, tokens in zip(requests, results, expected):
         assert result.token_ids == tokens, request.adapter
-    # the batched references are generate()'s on each prompt alone: one row of each adapter, in full
+    # and generate()'s on the prompt alone: "ok", one token, seven of padding in the batched reference
     for adapter in adapters:
-        request = next(r for r in requests if r.adapter == adapter and r.prompt_ids == prompt_ids[1])
-        assert generate_alone(persona, request.prompt_ids, adapter, request.max_new_tokens) == results[
-            requests.index(request)].token_ids, adapter
+        assert_alone(persona, requests, results, requests.index(
+            next(r for r in requests if r.adapter == adapter and r.prompt_ids == prompt_ids[4])))
     by_adapter = {adapter: [r.text for q, r in zip(requests, results) if q.adapter == adapter] for adapter in adapters}
     assert len({tuple(texts) for texts in by_adapter.values()}) == 4  # every adapter changes the replies
     assert engine.stats.prefills > 1 and engine.stats.decode_steps > 0
@@ -115,10 +126,11 @@ def test_greedy_rows_with_repetition_controls_give_generates_tokens(persona, pro
                   for ids in prompt_ids[:2]]
     plain = [Request(ids, adapter, max_new_tokens=16) for adapter in (None, "alice") for ids in prompt_ids[:2]]
     results = engine_for(persona, max_batch_size=3).run(controlled + plain)  # mixed with rows without them
-    expected = references(persona, controlled + plain,
-                          {decoding: {"repetition_penalty": 1.3, "no_repeat_ngram_size": 2}})
+    arguments = {decoding: {"repetition_penalty": 1.3, "no_repeat_ngram_size": 2}}
+    expected = references(persona, controlled + plain, arguments)
     for result, tokens in zip(results, expected):
         assert result.token_ids == tokens
+    assert_alone(persona, controlled + plain, results, 2, arguments)  # alice's first prompt: padded by one
     # the controls did change some replies: the test would pass vacuously otherwise
     assert [r.token_ids for r in results[:4]] != [r.token_ids for r in results[4:]]
 
@@ -129,11 +141,13 @@ def test_greedy_rows_with_a_length_decay_give_generates_tokens_and_end_sooner(pe
     plain = [Request(ids, adapter, RowDecoding(repetition_penalty=1.2), max_new_tokens=24) for adapter in (None, "bob")
              for ids in prompt_ids]
     results = engine_for(persona, max_batch_size=4).run(decayed + plain)
-    expected = references(persona, decayed + plain, {
-        decoding: {"repetition_penalty": 1.2, "exponential_decay_length_penalty": (2, 1.6)},
-        RowDecoding(repetition_penalty=1.2): {"repetition_penalty": 1.2}})
+    arguments = {decoding: {"repetition_penalty": 1.2, "exponential_decay_length_penalty": (2, 1.6)},
+                 RowDecoding(repetition_penalty=1.2): {"repetition_penalty": 1.2}}
+    expected = references(persona, decayed + plain, arguments)
     for result, tokens in zip(results, expected):
         assert result.token_ids == tokens
+    for index in (9, 14):  # "ok" for bob under the decay, and for the base without it: the most padded
+        assert_alone(persona, decayed + plain, results, index, arguments)
     ended = [sum(r.finish_reason == "stop" for r in part) for part in (results[:10], results[10:])]
     lengths = [sum(r.completion_tokens for r in part) for part in (results[:10], results[10:])]
     assert ended[0] > ended[1] and lengths[0] < lengths[1], (ended, lengths)

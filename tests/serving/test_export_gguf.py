@@ -162,7 +162,8 @@ def test_a_file_with_another_end_token_and_no_trained_system_prompt_is_refused_n
     monkeypatch.setattr(gguf, "write_hf_folder", wrong_end_token)
     monkeypatch.setattr(gguf, "with_default_system", lambda template, system_prompt: template)
     message = _refused(capsys, run, tmp_path / "broken", "gguf", "f16")
-    assert "model-f32.gguf: its end-of-turn token is '<|im_start|>' (id 1)" in message and "never end a reply" in message
+    assert "alice's GGUF as converted (before quantizing): its end-of-turn token is '<|im_start|>' (id 1)" in message
+    assert "never end a reply" in message
     assert "; and a chat without a system message does not get the trained system prompt" in message
     assert "renders a test conversation differently" not in message
 

@@ -280,17 +280,18 @@ class _HeaderReader:
             self.handle.seek(struct.calcsize(_SCALARS[kind]), os.SEEK_CUR)
 
 
-def check_chat_fields(path: Path, reference: Reference, own_template: bool = True) -> None:
+def check_chat_fields(path: Path, reference: Reference, own_template: bool = True, name: str | None = None) -> None:
     """Refuse a file whose end token or chat template is not the one the adapter was trained with.
 
     ``own_template``: the file is ours, so its template must also open a chat that has no system
     message with the trained system prompt; a base's own GGUF keeps its own default. Every problem
     found is named at once: an export of a large model takes long enough that finding them one
-    export at a time would cost an export each.
+    export at a time would cost an export each. ``name``: how the message names the file (its file
+    name by default).
     """
     problems = chat_field_problems(gguf_fields(path), reference, own_template)
     if problems:
-        raise PipelineError(f"{path.name}: " + "; and ".join(problems))
+        raise PipelineError(f"{name or path.name}: " + "; and ".join(problems))
 
 
 def chat_field_problems(fields: dict, reference: Reference, own_template: bool) -> list[str]:
@@ -481,7 +482,8 @@ def export_gguf(adapter: Adapter, base_dir: Path, out: Path, quants: list[str], 
         hf = write_hf_folder(merged, tokenizer, Path(tmp) / "hf", reference.system_prompt)
         del merged, dense
         run_converter("convert_hf_to_gguf.py", [str(hf), "--outfile", str(f32), "--outtype", "f32"])
-        check_chat_fields(f32, reference)  # before any quantizing: each quant type's file repeats these fields
+        # before any quantizing: each quant type's file repeats these fields
+        check_chat_fields(f32, reference, name=f"{stem}'s GGUF as converted (before quantizing)")
         files = []
         for quant in quants:
             path = folder / f"{stem}-{quant}.gguf"
