@@ -17,7 +17,9 @@ MACHINES = {
     "T4 (Turing)": ((7, 5), False, False, "float16"),
     "V100 (Volta)": ((7, 0), False, False, "float16"),
     "CPU with AVX-512 BF16": (None, True, False, "bfloat16"),
-    "CPU with AMX": (None, False, True, "bfloat16"),
+    "CPU with AMX": (None, True, True, "bfloat16"),
+    # AMX in the CPUID but oneDNN capped below bfloat16 (ONEDNN_MAX_CPU_ISA=AVX2): its matmuls would be plain loops
+    "AMX, oneDNN capped at AVX2": (None, False, True, "float32"),
     "AVX2 laptop": (None, False, False, "float32"),
 }
 

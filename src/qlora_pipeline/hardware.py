@@ -53,11 +53,17 @@ def cpu_amx() -> bool:
 
 
 def native_dtype() -> str:
-    """The fastest float type this machine trains in without losing range (see module docstring)."""
+    """The fastest float type this machine trains in without losing range (see module docstring).
+
+    On a CPU, bfloat16 only where oneDNN runs it: AMX tiles alone do not decide it. With oneDNN
+    capped below bfloat16 (``ONEDNN_MAX_CPU_ISA=AVX2``, how docs/benchmarks.md estimates an AVX2
+    machine on an AMX one) the CPUID still reports AMX, and bfloat16 matmuls fell back to ATen's
+    plain loops: training's first step took 167 s against 4.4 s.
+    """
     capability = cuda_capability()
     if capability is not None:
         return "bfloat16" if capability >= (8, 0) else "float16"
-    return "bfloat16" if cpu_bf16_native() or cpu_amx() else "float32"
+    return "bfloat16" if cpu_bf16_native() else "float32"
 
 
 def resolve_dtype(name: str) -> str:
