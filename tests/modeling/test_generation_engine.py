@@ -39,7 +39,7 @@ def generate_alone(persona, ids: list[int], adapter: str | None, tokens: int, **
 
 
 def generate_batch(persona, prompts: list[list[int]], adapter: str | None, tokens: int, **kwargs) -> list[list[int]]:
-    """``model.generate`` on prompts of one adapter at once, left-padded: each prompt's new tokens up to its end token.
+    """``model.generate`` on prompts of one adapter at once, left-padded: each one's new tokens up to its end token.
 
     The references for many rows in one call instead of one call each (generate() at batch 1 was most
     of this module's time). In float32 a row's greedy tokens do not depend on the rows beside it (the

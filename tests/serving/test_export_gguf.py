@@ -188,7 +188,8 @@ def test_chat_field_problems_are_each_found_alone(merged, run):
     assert "does not get the trained system prompt" in system
     assert gguf.chat_field_problems(plain, reference, own_template=False) == []  # a base's own GGUF keeps its default
     layout = {**fields, "tokenizer.chat_template": "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"}
-    assert any("renders a test conversation differently" in p for p in gguf.chat_field_problems(layout, reference, True))
+    found = gguf.chat_field_problems(layout, reference, True)
+    assert any("renders a test conversation differently" in problem for problem in found)
     (none,) = gguf.chat_field_problems({k: v for k, v in fields.items() if k != "tokenizer.chat_template"},
                                        reference, True)
     assert none.startswith("no chat template")

@@ -312,14 +312,13 @@ def chat_field_problems(fields: dict, reference: Reference, own_template: bool) 
     if any(chat_prompt_ids_with(tokenizer, template, c) != chat_prompt_ids(tokenizer, [c])[0] for c in conversations):
         problems.append("its chat template renders a test conversation differently from the template training "
                         "used; runtimes would prompt the persona in a layout it never saw")
-    if reference.system_prompt and own_template:
-        for conversation in conversations:
-            bare = [m for m in conversation if m["role"] != "system"]
-            trained = chat_prompt_ids(tokenizer, [[{"role": "system", "content": reference.system_prompt}, *bare]])[0]
-            if chat_prompt_ids_with(tokenizer, template, bare) != trained:
-                problems.append(f"a chat without a system message does not get the trained system prompt "
-                                f"({reference.system_prompt!r}) from its template")
-                break
+    system = {"role": "system", "content": reference.system_prompt}
+    bare = [[m for m in c if m["role"] != "system"] for c in conversations]
+    if reference.system_prompt and own_template and any(
+            chat_prompt_ids_with(tokenizer, template, b) != chat_prompt_ids(tokenizer, [[system, *b]])[0]
+            for b in bare):
+        problems.append(f"a chat without a system message does not get the trained system prompt "
+                        f"({reference.system_prompt!r}) from its template")
     return problems
 
 
