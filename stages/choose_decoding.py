@@ -17,8 +17,8 @@ from pathlib import Path
 # stages must run the copy's code (what dvc.lock hashes), not the editable install's checkout.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from qlora_pipeline.pipeline.choose_decoding import run_choose_decoding
 from qlora_pipeline.pipeline.common import stage_main
+from qlora_pipeline.process import ADAPTERS, JUDGE, ROUGE, TRACKING
 
 
 def add_paths(parser):
@@ -31,8 +31,11 @@ def add_paths(parser):
 
 
 def run(params, args):
+    from qlora_pipeline.pipeline.choose_decoding import run_choose_decoding
+
     return run_choose_decoding(params, args.base, args.adapter, args.val, args.judge, args.out, args.metrics)
 
 
 if __name__ == "__main__":
-    sys.exit(stage_main(__doc__, add_paths, run))
+    sys.exit(stage_main(__doc__, add_paths, run,
+                        imports=("qlora_pipeline.pipeline.choose_decoding", *ADAPTERS, *JUDGE, *ROUGE, *TRACKING)))

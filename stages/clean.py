@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from qlora_pipeline.pipeline.common import stage_main
-from qlora_pipeline.pipeline.clean import run_clean
+from qlora_pipeline.process import TRACKING
 
 
 def add_paths(parser):
@@ -22,5 +22,11 @@ def add_paths(parser):
     parser.add_argument("--metrics", type=Path, required=True, help="metrics JSON file")
 
 
+def run(params, args):
+    from qlora_pipeline.pipeline.clean import run_clean
+
+    return run_clean(params, args.raw, args.out, args.metrics)
+
+
 if __name__ == "__main__":
-    sys.exit(stage_main(__doc__, add_paths, lambda params, args: run_clean(params, args.raw, args.out, args.metrics)))
+    sys.exit(stage_main(__doc__, add_paths, run, imports=("qlora_pipeline.pipeline.clean", *TRACKING)))

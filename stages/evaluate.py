@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from qlora_pipeline.pipeline.common import stage_main
-from qlora_pipeline.pipeline.evaluate import run_evaluate
+from qlora_pipeline.process import ADAPTERS, JUDGE, ROUGE, TRACKING
 
 
 def add_paths(parser):
@@ -42,6 +42,8 @@ def add_paths(parser):
 
 
 def run(params, args):
+    from qlora_pipeline.pipeline.evaluate import run_evaluate
+
     return run_evaluate(params, args.base, args.adapter, args.test, args.metrics, args.reports, args.rouge_plot,
                         args.artifacts, train_path=args.train, log_csv=args.train_log,
                         decoding_path=args.decoding, judge_dir=args.judge,
@@ -49,4 +51,5 @@ def run(params, args):
 
 
 if __name__ == "__main__":
-    sys.exit(stage_main(__doc__, add_paths, run))
+    sys.exit(stage_main(__doc__, add_paths, run,
+                        imports=("qlora_pipeline.pipeline.evaluate", *ADAPTERS, *JUDGE, *ROUGE, *TRACKING)))

@@ -13,12 +13,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from qlora_pipeline.pipeline.common import stage_main
-from qlora_pipeline.pipeline.fetch import run_fetch
+from qlora_pipeline.process import TRACKING
 
 
 def add_paths(parser):
     parser.add_argument("--out", type=Path, required=True, help="output folder")
 
 
+def run(params, args):
+    from qlora_pipeline.pipeline.fetch import run_fetch
+
+    return run_fetch(params, args.out)
+
+
 if __name__ == "__main__":
-    sys.exit(stage_main(__doc__, add_paths, lambda params, args: run_fetch(params, args.out)))
+    sys.exit(stage_main(__doc__, add_paths, run, imports=("qlora_pipeline.pipeline.fetch", *TRACKING)))

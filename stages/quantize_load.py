@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from qlora_pipeline.pipeline.common import stage_main
-from qlora_pipeline.pipeline.quantize_load import run_quantize_load
+from qlora_pipeline.process import QUANTIZED_MODEL, TRACKING
 
 
 def add_paths(parser):
@@ -22,5 +22,12 @@ def add_paths(parser):
     parser.add_argument("--metrics", type=Path, required=True, help="metrics JSON file")
 
 
+def run(params, args):
+    from qlora_pipeline.pipeline.quantize_load import run_quantize_load
+
+    return run_quantize_load(params, args.out, args.metrics)
+
+
 if __name__ == "__main__":
-    sys.exit(stage_main(__doc__, add_paths, lambda params, args: run_quantize_load(params, args.out, args.metrics)))
+    sys.exit(stage_main(__doc__, add_paths, run,
+                        imports=("qlora_pipeline.pipeline.quantize_load", *QUANTIZED_MODEL, "gguf", *TRACKING)))

@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from qlora_pipeline.pipeline.common import stage_main
-from qlora_pipeline.pipeline.risk import run_risk
+from qlora_pipeline.process import ADAPTERS, TRACKING
 
 
 def add_paths(parser):
@@ -41,10 +41,12 @@ def add_paths(parser):
 
 
 def run(params, args):
+    from qlora_pipeline.pipeline.risk import run_risk
+
     return run_risk(params, args.base, args.adapter, args.train, args.samples, args.canaries, args.stage_metrics,
                     args.metrics, args.report, args.replies,
                     zero_shot_dir=args.zero_shot)
 
 
 if __name__ == "__main__":
-    sys.exit(stage_main(__doc__, add_paths, run))
+    sys.exit(stage_main(__doc__, add_paths, run, imports=("qlora_pipeline.pipeline.risk", *ADAPTERS, *TRACKING)))

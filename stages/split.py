@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from qlora_pipeline.pipeline.common import stage_main
-from qlora_pipeline.pipeline.split import run_split
+from qlora_pipeline.process import TRACKING
 
 
 def add_paths(parser):
@@ -25,6 +25,11 @@ def add_paths(parser):
     parser.add_argument("--canaries", type=Path, required=True, help="canaries record (JSON)")
 
 
+def run(params, args):
+    from qlora_pipeline.pipeline.split import run_split
+
+    return run_split(params, args.clean, args.out, args.metrics, args.canaries)
+
+
 if __name__ == "__main__":
-    sys.exit(stage_main(__doc__, add_paths,
-                        lambda params, args: run_split(params, args.clean, args.out, args.metrics, args.canaries)))
+    sys.exit(stage_main(__doc__, add_paths, run, imports=("qlora_pipeline.pipeline.split", *TRACKING)))

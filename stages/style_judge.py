@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from qlora_pipeline.pipeline.common import stage_main
-from qlora_pipeline.pipeline.style_judge import run_style_judge
+from qlora_pipeline.process import JUDGE, TRACKING
 
 
 def add_paths(parser):
@@ -29,8 +29,10 @@ def add_paths(parser):
 
 
 def run(params, args):
+    from qlora_pipeline.pipeline.style_judge import run_style_judge
+
     return run_style_judge(params, args.train, args.val, args.base, args.out, args.metrics)
 
 
 if __name__ == "__main__":
-    sys.exit(stage_main(__doc__, add_paths, run))
+    sys.exit(stage_main(__doc__, add_paths, run, imports=("qlora_pipeline.pipeline.style_judge", *JUDGE, *TRACKING)))

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from qlora_pipeline import launching
 from qlora_pipeline.pipeline.common import stage_main
-from qlora_pipeline.pipeline.train_adapter import run_train_adapter
+from qlora_pipeline.process import TRACKING, TRAINING
 
 
 def add_paths(parser):
@@ -39,9 +39,13 @@ def add_paths(parser):
 def run(params, args):
     if launching.needs_launch(params.train):  # train.launcher: accelerate; this process only waits
         return launching.relaunch(params, args.accelerate_configs, __file__, sys.argv[1:])
+    from qlora_pipeline.pipeline.train_adapter import run_train_adapter
+
     return run_train_adapter(params, args.base, args.splits, args.out, args.checkpoints, args.metrics, args.log,
                              args.pairs)
 
 
 if __name__ == "__main__":
-    sys.exit(stage_main(__doc__, add_paths, run))
+    # A process that launches the training processes only waits for them: it imports none of it.
+    sys.exit(stage_main(__doc__, add_paths, run, imports=lambda params: () if launching.needs_launch(params.train)
+                        else ("qlora_pipeline.pipeline.train_adapter", *TRAINING, *TRACKING)))

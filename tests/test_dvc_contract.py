@@ -146,7 +146,9 @@ ALLOWED_FROM_PLUMBING = {
                               "decoding_setting_from"},
     "qlora_pipeline.pipeline.common": {"stage_main", "read_conversations", "validate_conversation"},
     "qlora_pipeline.layout": {"CONVERSATIONS", "MANIFEST", "RESOLVED_CONFIG"},
-    "qlora_pipeline.process": {"keep_freed_memory"},
+    # what a stage imports first, with full garbage collections held off (process.import_quietly)
+    "qlora_pipeline.process": {"keep_freed_memory", "TRACKING", "QUANTIZED_MODEL", "ADAPTERS", "TRAINING", "JUDGE",
+                               "ROUGE"},
     # the names of the PII types and engines, which params are checked against
     "qlora_pipeline.data.pii_types": {"PII_TYPES", "PRESIDIO_TYPES", "ALL_PII_TYPES", "ENGINES"},
     # the folder of the risk prompt sets (itself a dep of the stages that read it)

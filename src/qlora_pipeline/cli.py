@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from qlora_pipeline.errors import PipelineError
+from qlora_pipeline.process import ADAPTERS, TRACKING, import_quietly
 
 OUTPUTS = [
     ("data/raw/conversations.jsonl", "canonical conversations (fetch)"),
@@ -144,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     runs = commands.add_parser("runs", help="past runs with an adapter, as runs:/<run_id>/adapter sources")
     runs.add_argument("--params", type=Path, default=Path("params.yaml"), help="for the MLflow store and experiment")
     runs.add_argument("--limit", type=int, default=20, help="newest runs looked at")
-    runs.set_defaults(func=_run("qlora_pipeline.serving.runs"))
+    runs.set_defaults(func=_run("qlora_pipeline.serving.runs", TRACKING))
 
     compare = commands.add_parser("compare", help="PEFT vs full fine-tuning: a report from the MLflow runs")
     compare.add_argument("--params", type=Path, default=Path("params.yaml"), help="for the MLflow store and experiment")
@@ -156,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="first queue and run one equal-budget experiment per compare.methods (make compare)")
     compare.add_argument("--runs", nargs="+", default=None, metavar="RUN_ID",
                          help="exactly these MLflow runs, one per method, instead of the newest under --prefix")
-    compare.set_defaults(func=_run("qlora_pipeline.compare_queue"))
+    compare.set_defaults(func=_run("qlora_pipeline.compare_queue", TRACKING))
 
     sync = commands.add_parser("mlflow-sync", help="send what stages kept in .mlflow-spool/ while the MLflow "
                                                    "server was unreachable, into each execution's run")
@@ -168,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arguments(chat)
     chat.add_argument("--use", default=None, help="the adapter to start with (default: the first given, else base)")
     chat.add_argument("--seed", type=int, default=None, help="seed of the sampling, for a replayable session")
-    chat.set_defaults(func=_run("qlora_pipeline.serving.chat"))
+    chat.set_defaults(func=_run("qlora_pipeline.serving.chat", ADAPTERS))
 
     serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server: base and every adapter as models")
     _model_arguments(serve)
@@ -198,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="on SIGTERM, how long requests in flight may take to finish before the server exits")
     serve.add_argument("--max-context", type=int, default=None,
                        help="prompt + reply tokens at most (default: the model's max_position_embeddings)")
-    serve.set_defaults(func=_run("qlora_pipeline.serving.server"))
+    serve.set_defaults(func=_run("qlora_pipeline.serving.server", (*ADAPTERS, *TRACKING)))
 
     export = commands.add_parser("export", help="merge an adapter into the dequantized base; save and verify it")
     export.add_argument("--adapter", required=True, help="adapter folder or runs:/<run_id>/adapter")
@@ -223,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="examples the merged model is checked on (export_report.json)")
     export.add_argument("--max-samples", type=int, default=32, help="test examples used for the check")
     export.add_argument("--params", type=Path, default=Path("params.yaml"), help="for the MLflow store of runs:/ sources")
-    export.set_defaults(func=_run("qlora_pipeline.serving.export"))
+    export.set_defaults(func=_run("qlora_pipeline.serving.export", ADAPTERS))
     return parser
 
 
@@ -240,11 +241,14 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dequantize the 4-bit base once for faster CPU generation (evaluate.dequantize_4bit)")
 
 
-def _run(module: str):
-    """The command's ``main(args)``, imported only when it runs: summary stays quick to start."""
+def _run(module: str, imports: tuple[str, ...] = ()):
+    """The command's ``main(args)``, imported only when it runs: summary stays quick to start. The module and
+    ``imports`` (the libraries it runs on) are imported with full garbage collections held off
+    (``process.import_quietly``)."""
     def run(args: argparse.Namespace) -> None:
         import importlib
 
+        import_quietly([module, *imports])
         importlib.import_module(module).main(args)
 
     return run

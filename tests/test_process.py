@@ -1,0 +1,107 @@
+"""process.py: the settings every stage and command makes of its own Python process.
+
+``import_quietly`` changes the garbage collector's state for the whole process (thresholds, frozen objects),
+so its tests run in a fresh interpreter each, not in the pytest worker.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import yaml
+
+from conftest import ROOT
+
+# A module whose import leaves 600,000 objects the collector tracks alive (lists: a dict of plain values is not
+# tracked), as a large library's does: enough for CPython to run full collections while it imports.
+BIG_MODULE = "KEPT = [[i] for i in range(600_000)]\n"
+
+
+def run_python(code: str, tmp_path: Path) -> dict:
+    """Run ``code`` in a fresh interpreter with ``tmp_path`` importable; the JSON it printed last."""
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=tmp_path, capture_output=True, text=True,
+                         env={"PYTHONPATH": f"{tmp_path}:{ROOT / 'src'}", "PATH": "/usr/bin:/bin"}, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_an_import_runs_no_full_collection_and_what_it_kept_is_frozen(tmp_path):
+    (tmp_path / "big_a.py").write_text(BIG_MODULE)
+    (tmp_path / "big_b.py").write_text(BIG_MODULE)
+    result = run_python("""
+        import gc, json
+        from qlora_pipeline.process import import_quietly
+
+        full = []
+        gc.callbacks.append(lambda phase, info: phase == "start" and info["generation"] == 2 and full.append(1))
+        before = gc.get_threshold()
+        import big_a                                 # plainly: CPython's own full collections
+        plain, full[:] = len(full), []
+        failed = import_quietly(["big_b"])
+        print(json.dumps({"plain": plain, "quiet": len(full), "failed": failed, "frozen": gc.get_freeze_count(),
+                          "restored": gc.get_threshold() == before, "imported": "big_b" in __import__("sys").modules}))
+    """, tmp_path)
+    assert result["plain"] >= 1, result  # the control: this import does make CPython collect in full
+    assert result["quiet"] == 0, result
+    assert result["frozen"] >= 600_000 and result["imported"] and result["restored"] and result["failed"] == []
+
+
+def test_a_module_that_fails_to_import_is_skipped_and_named_and_the_thresholds_come_back(tmp_path):
+    (tmp_path / "broken.py").write_text("import no_such_module_anywhere\n")
+    (tmp_path / "fine.py").write_text("VALUE = 1\n")
+    result = run_python("""
+        import gc, json, sys
+        from qlora_pipeline.process import import_quietly
+
+        gc.set_threshold(500, 7, 9)
+        failed = import_quietly(["broken", "not_a_module", "fine"])
+        print(json.dumps({"failed": failed, "fine": "fine" in sys.modules, "thresholds": gc.get_threshold()}))
+    """, tmp_path)
+    assert result == {"failed": ["broken", "not_a_module"], "fine": True, "thresholds": [500, 7, 9]}
+
+
+def test_cyclic_garbage_made_after_is_still_collected_on_its_own(tmp_path):
+    """Only what was alive at the freeze is kept: a cycle dropped afterwards goes with the young collections."""
+    (tmp_path / "big_a.py").write_text(BIG_MODULE)
+    result = run_python("""
+        import gc, json, weakref
+        from qlora_pipeline.process import import_quietly
+
+        import_quietly(["big_a"])
+
+        class Node:
+            pass
+
+        gone = []
+        for _ in range(50):
+            node = Node()
+            node.self = node                         # a cycle: reference counting alone never frees it
+            weakref.finalize(node, gone.append, 1)
+            del node
+        kept = [[] for _ in range(20_000)]           # objects that stay: they set the young collections off
+        print(json.dumps({"collected": len(gone)}))
+    """, tmp_path)
+    assert result["collected"] == 50
+
+
+def test_a_stage_imports_what_it_names_and_the_database_store_only_for_a_database_uri(tmp_path, monkeypatch):
+    from qlora_pipeline.pipeline import common
+    from qlora_pipeline.process import DATABASE_STORE, TRACKING
+
+    asked: list[list[str]] = []
+    monkeypatch.setattr(common, "import_quietly", lambda names: asked.append(list(names)) or [])
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    ran = []
+    for uri in (None, "postgresql://db/mlflow", "http://127.0.0.1:5000"):
+        raw["mlflow"]["tracking_uri"] = uri
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+        code = common.stage_main("a stage", lambda parser: None, lambda params, args: ran.append(len(asked)),
+                                 argv=["--params", str(tmp_path / "params.yaml")],
+                                 imports=lambda params: ("json", *TRACKING) if params.seed == raw["seed"] else ())
+        assert code == 0
+    assert asked == [["json", *TRACKING, DATABASE_STORE], ["json", *TRACKING, DATABASE_STORE], ["json", *TRACKING]]
+    assert ran == [1, 2, 3]  # each stage ran after its imports
