@@ -33,6 +33,13 @@ import yaml  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 from qlora_pipeline.config import Params, params_from_dict  # noqa: E402
+from qlora_pipeline.process import (ADAPTERS, DATABASE_STORE, JUDGE, ROUGE, TRACKING,  # noqa: E402
+                                    import_quietly)
+
+# What the tests import anyway, imported first with full garbage collections held off and then frozen, as a
+# stage does (process.import_quietly): the full collections the tests' own objects set off no longer walk the
+# libraries' millions of objects, and a worker leaves at once.
+import_quietly([*ADAPTERS, *TRACKING, DATABASE_STORE, *JUDGE, *ROUGE, "fastapi", "datasets", "accelerate"])
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # this environment's bin: dvc, and the `python` the stages call
