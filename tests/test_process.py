@@ -50,18 +50,26 @@ def test_an_import_runs_no_full_collection_and_what_it_kept_is_frozen(tmp_path):
     assert result["frozen"] >= 600_000 and result["imported"] and result["restored"] and result["failed"] == []
 
 
-def test_a_module_that_fails_to_import_is_skipped_and_named_and_the_thresholds_come_back(tmp_path):
+def test_a_module_that_fails_to_import_is_skipped_and_named_and_fails_again_where_it_is_used(tmp_path):
     (tmp_path / "broken.py").write_text("import no_such_module_anywhere\n")
+    (tmp_path / "raises.py").write_text("raise RuntimeError('no GPU driver')\n")
     (tmp_path / "fine.py").write_text("VALUE = 1\n")
     result = run_python("""
         import gc, json, sys
         from qlora_pipeline.process import import_quietly
 
         gc.set_threshold(500, 7, 9)
-        failed = import_quietly(["broken", "not_a_module", "fine"])
-        print(json.dumps({"failed": failed, "fine": "fine" in sys.modules, "thresholds": gc.get_threshold()}))
+        failed = import_quietly(["broken", "not_a_module", "raises", "fine"])
+        try:
+            import raises                            # imported again for use: the same error, in its place
+            again = None
+        except RuntimeError as err:
+            again = str(err)
+        print(json.dumps({"failed": failed, "fine": "fine" in sys.modules, "thresholds": gc.get_threshold(),
+                          "again": again}))
     """, tmp_path)
-    assert result == {"failed": ["broken", "not_a_module"], "fine": True, "thresholds": [500, 7, 9]}
+    assert result == {"failed": ["broken", "not_a_module", "raises"], "fine": True, "thresholds": [500, 7, 9],
+                      "again": "no GPU driver"}
 
 
 def test_cyclic_garbage_made_after_is_still_collected_on_its_own(tmp_path):

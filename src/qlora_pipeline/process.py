@@ -65,8 +65,9 @@ def import_quietly(modules: Iterable[str]) -> list[str]:
     scikit-learn took 2.1 s, 0.3 s frozen. The young generations keep collecting meanwhile, and the
     thresholds are restored on return: what the process allocates later is collected as before.
 
-    A module that fails to import is skipped (its names are returned): whoever needs it imports it later and
-    gets the error there, in its own words.
+    A module that fails to import, whatever it raises, is skipped (its names are returned): Python keeps no
+    half-imported module, so whoever needs it imports it again later and meets the error there, as without
+    this, with that code's own message (a missing ``gguf`` names its fix).
     """
     thresholds = gc.get_threshold()
     failed = []
@@ -75,7 +76,7 @@ def import_quietly(modules: Iterable[str]) -> list[str]:
         for name in modules:
             try:
                 importlib.import_module(name)
-            except ImportError:
+            except Exception:  # raised again, in context, where the module is imported for use
                 failed.append(name)
     finally:
         gc.freeze()
