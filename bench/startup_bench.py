@@ -3,8 +3,8 @@
 Each stage process imports its libraries (the lists its script names: ``stage_main(imports=...)``), works, and
 exits. ``import_quietly`` holds CPython's full garbage collections off while they import and freezes what they
 made, so neither the full collections during the imports nor the one at exit walks those objects. Here a fresh
-interpreter per measurement imports one stage's list and exits, both ways, interleaved (plain, quiet, plain,
-...): the wall time of the whole process, start to exit, which is what the change touches. The stage's own
+interpreter per measurement imports one stage's list and exits, both ways, interleaved (plain then quiet, then
+quiet then plain, ...): the wall time of the whole process, start to exit, which is what the change touches. The stage's own
 work is not run.
 
 Run on an idle machine (one heavy process at a time):
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -23,7 +24,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Each stage's list, as its script names it (stages/*.py), with the store of the default (SQLite) tracking URI.
+# Each stage's list as its script names it (stages/*.py) under the default params (train.method qlora), and the store
+# of the default (SQLite) tracking URI. Kept by hand: a script's list is an argument of its stage_main call.
 STAGES = {
     "fetch": ("qlora_pipeline.pipeline.fetch", "TRACKING"),
     "clean": ("qlora_pipeline.pipeline.clean", "TRACKING"),
@@ -56,9 +58,11 @@ else:
 
 
 def one(parts: tuple[str, ...], quiet: bool) -> float:
+    # Bytecode written and read as a stage's own process does (`make` unexports PYTHONDONTWRITEBYTECODE).
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     started = time.perf_counter()
     subprocess.run([sys.executable, "-c", CHILD.format(src=str(ROOT / "src"), parts=parts, quiet=quiet)],
-                   check=True, capture_output=True)
+                   check=True, capture_output=True, env=env)
     return time.perf_counter() - started
 
 
@@ -77,9 +81,9 @@ def main() -> None:
     rows, total = {}, {"plain": 0.0, "quiet": 0.0}
     for stage, parts in STAGES.items():
         times = {"plain": [], "quiet": []}
-        for _ in range(args.rounds):
-            times["plain"].append(one(parts, quiet=False))
-            times["quiet"].append(one(parts, quiet=True))
+        for round_ in range(args.rounds):
+            for quiet in ((False, True) if round_ % 2 == 0 else (True, False)):  # neither always goes first
+                times["quiet" if quiet else "plain"].append(one(parts, quiet=quiet))
         plain, quiet = statistics.median(times["plain"]), statistics.median(times["quiet"])
         total["plain"] += plain
         total["quiet"] += quiet

@@ -17,8 +17,8 @@ from pathlib import Path
 # stages must run the copy's code (what dvc.lock hashes), not the editable install's checkout.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from qlora_pipeline.pipeline.common import stage_main
-from qlora_pipeline.process import ADAPTERS, JUDGE, ROUGE, TRACKING
+from qlora_pipeline.pipeline.common import model_imports, stage_main
+from qlora_pipeline.process import JUDGE, ROUGE, TRACKING
 
 
 def add_paths(parser):
@@ -37,5 +37,5 @@ def run(params, args):
 
 
 if __name__ == "__main__":
-    sys.exit(stage_main(__doc__, add_paths, run,
-                        imports=("qlora_pipeline.pipeline.choose_decoding", *ADAPTERS, *JUDGE, *ROUGE, *TRACKING)))
+    sys.exit(stage_main(__doc__, add_paths, run, imports=lambda params: (
+        "qlora_pipeline.pipeline.choose_decoding", *model_imports(params), *JUDGE, *ROUGE, *TRACKING)))

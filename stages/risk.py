@@ -21,8 +21,8 @@ from pathlib import Path
 # stages must run the copy's code (what dvc.lock hashes), not the editable install's checkout.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from qlora_pipeline.pipeline.common import stage_main
-from qlora_pipeline.process import ADAPTERS, TRACKING
+from qlora_pipeline.pipeline.common import model_imports, stage_main
+from qlora_pipeline.process import TRACKING
 
 
 def add_paths(parser):
@@ -49,4 +49,5 @@ def run(params, args):
 
 
 if __name__ == "__main__":
-    sys.exit(stage_main(__doc__, add_paths, run, imports=("qlora_pipeline.pipeline.risk", *ADAPTERS, *TRACKING)))
+    sys.exit(stage_main(__doc__, add_paths, run, imports=lambda params: (
+        "qlora_pipeline.pipeline.risk", *model_imports(params), *TRACKING)))

@@ -45,7 +45,12 @@ def run(params, args):
                              args.pairs)
 
 
-if __name__ == "__main__":
+def imports(params):
     # A process that launches the training processes only waits for them: it imports none of it.
-    sys.exit(stage_main(__doc__, add_paths, run, imports=lambda params: () if launching.needs_launch(params.train)
-                        else ("qlora_pipeline.pipeline.train_adapter", *TRAINING, *TRACKING)))
+    if launching.needs_launch(params.train):
+        return ()
+    return ("qlora_pipeline.pipeline.train_adapter", *TRAINING, *TRACKING)
+
+
+if __name__ == "__main__":
+    sys.exit(stage_main(__doc__, add_paths, run, imports=imports))

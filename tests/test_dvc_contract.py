@@ -144,7 +144,8 @@ ALLOWED_FROM_PLUMBING = {
                               "ObjectiveWeights", "ChatConfig", "PACKAGE_PREFIX", "EXPORT_SOURCES",
                               # reads the chosen decoding from reports/decoding.json (a dep), checked like params
                               "decoding_setting_from"},
-    "qlora_pipeline.pipeline.common": {"stage_main", "read_conversations", "validate_conversation"},
+    # model_imports: which libraries a stage imports first (process.import_quietly), not what it computes
+    "qlora_pipeline.pipeline.common": {"stage_main", "read_conversations", "validate_conversation", "model_imports"},
     "qlora_pipeline.layout": {"CONVERSATIONS", "MANIFEST", "RESOLVED_CONFIG"},
     # what a stage imports first, with full garbage collections held off (process.import_quietly)
     "qlora_pipeline.process": {"keep_freed_memory", "TRACKING", "QUANTIZED_MODEL", "ADAPTERS", "TRAINING", "JUDGE",

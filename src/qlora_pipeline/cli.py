@@ -18,9 +18,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Callable
 
 from qlora_pipeline.errors import PipelineError
-from qlora_pipeline.process import ADAPTERS, TRACKING, import_quietly
+from qlora_pipeline.process import ADAPTERS, TRACKING, import_quietly, keep_freed_memory
 
 OUTPUTS = [
     ("data/raw/conversations.jsonl", "canonical conversations (fetch)"),
@@ -169,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arguments(chat)
     chat.add_argument("--use", default=None, help="the adapter to start with (default: the first given, else base)")
     chat.add_argument("--seed", type=int, default=None, help="seed of the sampling, for a replayable session")
-    chat.set_defaults(func=_run("qlora_pipeline.serving.chat", ADAPTERS))
+    chat.set_defaults(func=_run("qlora_pipeline.serving.chat", _model_imports))
 
     serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server: base and every adapter as models")
     _model_arguments(serve)
@@ -199,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="on SIGTERM, how long requests in flight may take to finish before the server exits")
     serve.add_argument("--max-context", type=int, default=None,
                        help="prompt + reply tokens at most (default: the model's max_position_embeddings)")
-    serve.set_defaults(func=_run("qlora_pipeline.serving.server", (*ADAPTERS, *TRACKING)))
+    serve.set_defaults(func=_run("qlora_pipeline.serving.server", _model_imports))
 
     export = commands.add_parser("export", help="merge an adapter into the dequantized base; save and verify it")
     export.add_argument("--adapter", required=True, help="adapter folder or runs:/<run_id>/adapter")
@@ -224,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="examples the merged model is checked on (export_report.json)")
     export.add_argument("--max-samples", type=int, default=32, help="test examples used for the check")
     export.add_argument("--params", type=Path, default=Path("params.yaml"), help="for the MLflow store of runs:/ sources")
-    export.set_defaults(func=_run("qlora_pipeline.serving.export", ADAPTERS))
+    export.set_defaults(func=_run("qlora_pipeline.serving.export", _model_imports))
     return parser
 
 
@@ -241,14 +242,21 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dequantize the 4-bit base once for faster CPU generation (evaluate.dequantize_4bit)")
 
 
-def _run(module: str, imports: tuple[str, ...] = ()):
+def _model_imports(args: argparse.Namespace) -> tuple[str, ...]:
+    """What chat, serve and export run on: the model libraries, and MLflow where an adapter comes from a run."""
+    sources = args.adapter if isinstance(args.adapter, list) else [args.adapter]
+    from_runs = any(str(source).split("=", 1)[-1].startswith("runs:/") for source in sources)
+    return (*ADAPTERS, *TRACKING) if from_runs else ADAPTERS
+
+
+def _run(module: str, imports: tuple[str, ...] | Callable[[argparse.Namespace], tuple[str, ...]] = ()):
     """The command's ``main(args)``, imported only when it runs: summary stays quick to start. The module and
-    ``imports`` (the libraries it runs on) are imported with full garbage collections held off
-    (``process.import_quietly``)."""
+    ``imports`` (the libraries it runs on, or a function of the arguments giving them) are imported with full
+    garbage collections held off (``process.import_quietly``)."""
     def run(args: argparse.Namespace) -> None:
         import importlib
 
-        import_quietly([module, *imports])
+        import_quietly([module, *(imports(args) if callable(imports) else imports)])
         importlib.import_module(module).main(args)
 
     return run
@@ -256,8 +264,6 @@ def _run(module: str, imports: tuple[str, ...] = ()):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from qlora_pipeline.process import keep_freed_memory
-
     keep_freed_memory()
     try:
         args.func(args)

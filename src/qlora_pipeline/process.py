@@ -40,15 +40,26 @@ def keep_freed_memory() -> bool:
 # What stages and commands import, by what they do, for ``import_quietly`` (``stage_main(imports=...)``): the
 # libraries that make a process's start-up (``python -X importtime`` on the tiny pipeline's stages). A name missing
 # from a list is imported later, as before; a name a process would not have imported costs its whole import.
+# (The store of a database tracking URI is added by ``tracking_imports``.)
 TRACKING = ("mlflow", "mlflow.tracking")
-# The store of a database URI (the default SQLite one, PostgreSQL): a server's (http) needs none of it.
+# MLflow's store for a database URI (the default SQLite one, PostgreSQL, MySQL, SQL Server).
 DATABASE_STORE = "mlflow.store.tracking.sqlalchemy_store"
+_DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 TORCH = ("torch",)
 QUANTIZED_MODEL = (*TORCH, "transformers", "transformers.modeling_utils", "bitsandbytes")
 ADAPTERS = (*QUANTIZED_MODEL, "peft")
 TRAINING = (*ADAPTERS, "transformers.trainer", "datasets", "accelerate")
 JUDGE = ("sklearn.feature_extraction.text", "sklearn.linear_model")
 ROUGE = ("rouge_score.rouge_scorer",)
+
+
+
+def tracking_imports(uri: str | None) -> tuple[str, ...]:
+    """MLflow, and its database store where ``uri`` (``mlflow.tracking_uri``; None = the default SQLite) names a
+    database: a server's or a folder's store needs none of it."""
+    scheme = (uri or "sqlite:").split(":", 1)[0].split("+", 1)[0].lower()
+    return (*TRACKING, DATABASE_STORE) if scheme in _DATABASE_SCHEMES else TRACKING
+
 
 # A generation-2 threshold no import reaches: CPython counts young collections up to it before a full one.
 _NO_FULL_COLLECTION = 1 << 30
@@ -60,25 +71,29 @@ def import_quietly(modules: Iterable[str]) -> list[str]:
     Nearly every object torch, transformers with PEFT, bitsandbytes and MLflow make while they import lives as
     long as the process. CPython 3.11 still walks them all in a full collection each time a quarter more have
     survived, and once more at exit, where it frees them one by one. Frozen (``gc.freeze``), they are skipped
-    by both: on the Xeon machine, the tiny pipeline's evaluate stage went from 10.4 to 6.7 s, train-adapter
-    from 10.6 to 6.8 s, fetch from 2.5 to 1.7 s; leaving a process that imported PEFT, MLflow and
-    scikit-learn took 2.1 s, 0.3 s frozen. The young generations keep collecting meanwhile, and the
-    thresholds are restored on return: what the process allocates later is collected as before.
+    by both (``bench/startup_bench.py``: a stage's start-up and exit about 1.5x faster). The young
+    generations keep collecting meanwhile, and the thresholds are restored on return: what the process
+    allocates later is collected as before.
 
-    A module that fails to import, whatever it raises, is skipped (its names are returned): Python keeps no
-    half-imported module, so whoever needs it imports it again later and meets the error there, as without
-    this, with that code's own message (a missing ``gguf`` names its fix).
+    Only a process's first call freezes: a freeze keeps everything alive at that moment, garbage not yet
+    collected included, and a later call (a command run in a test worker) would keep the garbage of what ran
+    before it. A module that is not installed is skipped (its names are returned): the code that needs it
+    says so in its own words (a missing ``gguf`` names its fix). Any other error is raised, as importing it
+    plainly would.
     """
     thresholds = gc.get_threshold()
-    failed = []
+    missing = []
     gc.set_threshold(thresholds[0], thresholds[1], _NO_FULL_COLLECTION)
     try:
         for name in modules:
             try:
                 importlib.import_module(name)
-            except Exception:  # raised again, in context, where the module is imported for use
-                failed.append(name)
+            except ModuleNotFoundError as err:
+                if err.name is None or not (name == err.name or name.startswith(err.name + ".")):
+                    raise  # the module is there and an import inside it failed: its own error
+                missing.append(name)
+        if not gc.get_freeze_count():
+            gc.freeze()
     finally:
-        gc.freeze()
         gc.set_threshold(*thresholds)
-    return failed
+    return missing

@@ -6,15 +6,21 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Sequence, Union
+from typing import Callable, Sequence
 
 from qlora_pipeline.config import Params, load_params
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.io import read_jsonl
-from qlora_pipeline.process import DATABASE_STORE, TRACKING, import_quietly, keep_freed_memory
+from qlora_pipeline.process import (ADAPTERS, QUANTIZED_MODEL, TRACKING, import_quietly, keep_freed_memory,
+                                    tracking_imports)
 
-Imports = Union[Sequence[str], Callable[[Params], Sequence[str]]]
+Imports = Sequence[str] | Callable[[Params], Sequence[str]]
 
+
+def model_imports(params: Params, peft_for: tuple[str, ...] = ("qlora", "lora")) -> tuple[str, ...]:
+    """The model libraries of a stage that loads the base and the trained model: PEFT only where
+    ``train.method`` makes an adapter the stage loads (``peft_for``); full fine-tuning's model is plain."""
+    return ADAPTERS if params.train.method in peft_for else QUANTIZED_MODEL
 
 
 def validate_conversation(obj: dict, where: str) -> dict:
@@ -51,10 +57,10 @@ def stage_main(description: str, add_paths: Callable[[argparse.ArgumentParser], 
                imports: Imports = ()) -> int:
     """Shared entry point of ``stages/*.py``: parse paths, load params, run, report errors briefly.
 
-    ``imports``: the modules the stage runs on (its own module, and the lists in ``process``), or a function of the
-    params giving them; imported before ``run`` with full garbage collections held off (``import_quietly``),
-    about a sixth of a stage's start-up. ``run`` imports its stage module itself, so that module's own imports
-    (torch, for most) fall inside that too.
+    ``imports``: the modules the stage runs on (its own module and the lists in ``process``), or a function of
+    the params giving them, imported before ``run`` with full garbage collections held off
+    (``process.import_quietly``; MLflow's database store added for a database URI). The scripts import their
+    stage module inside ``run``, not at their top, so that its own imports (torch, for most) are among them.
     """
     # Per-tensor progress bars of weight loading bury the stage's own summary lines in DVC's log.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -66,8 +72,8 @@ def stage_main(description: str, add_paths: Callable[[argparse.ArgumentParser], 
     try:
         params = load_params(args.params)
         names = list(imports(params) if callable(imports) else imports)
-        if set(TRACKING) & set(names) and not (params.mlflow.tracking_uri or "").startswith(("http:", "https:")):
-            names.append(DATABASE_STORE)
+        if set(TRACKING) & set(names):
+            names += [name for name in tracking_imports(params.mlflow.tracking_uri) if name not in names]
         import_quietly(names)
         run(params, args)
     except PipelineError as err:
