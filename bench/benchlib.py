@@ -6,6 +6,7 @@ Imported by the scripts beside it (``python bench/<script>.py`` puts this folder
 from __future__ import annotations
 
 import contextlib
+import json
 import platform
 import sys
 import time
@@ -212,3 +213,12 @@ def autocast_label(context: Any) -> str:
     if hasattr(context, "fast_dtype"):
         return f"autocast({context.device}, {context.fast_dtype})"
     return type(context).__name__
+
+
+def write_report(path: Path | None, report: dict) -> None:
+    """A script's results as indented JSON at ``path`` (its ``--out``; None: printed only, not kept)."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {path}")

@@ -32,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchlib import write_report
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -238,10 +240,7 @@ def main() -> None:
                                                                            args.rounds)}
     if "mixed" not in args.skip:
         report["mixed_batches"] = mixed_vs_one_model(sides, test, seed, args.repeats)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    write_report(args.out, report)
 
 
 if __name__ == "__main__":

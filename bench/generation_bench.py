@@ -16,10 +16,11 @@ Run (after `make run`; nothing else busy on the machine):
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
+
+from benchlib import write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,13 +90,10 @@ def main() -> None:
         ratios["repack_on_vs_off"] = round(results["batched, 4-bit, repack on"] / batched, 2)
     for name, value in ratios.items():
         print(f"{name}: {value}x")
-    if args.out:
-        report = {"machine": info, "machine_line": hardware.capability_line(info), "prompts": len(conversations),
-                  "batch": args.batch, "new_tokens": args.new_tokens, "repeats": args.repeats,
-                  "tokens_per_second": {k: round(v, 1) for k, v in results.items()}, "ratios": ratios}
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        print(f"-> {args.out}")
+    write_report(args.out, {
+        "machine": info, "machine_line": hardware.capability_line(info), "prompts": len(conversations),
+        "batch": args.batch, "new_tokens": args.new_tokens, "repeats": args.repeats,
+        "tokens_per_second": {k: round(v, 1) for k, v in results.items()}, "ratios": ratios})
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ from math import prod
 from pathlib import Path
 from typing import Any
 
-from benchlib import environment, matmul_peak_flops
+from benchlib import environment, matmul_peak_flops, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -418,9 +418,7 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)  # 13.5 GB of random weights
     print_summary(report)
     print(json.dumps(report, indent=2))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    write_report(args.out, report)
 
 
 if __name__ == "__main__":

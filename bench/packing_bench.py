@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchlib import write_report
+
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("grouped", "packed")
 
@@ -146,9 +148,7 @@ def main() -> None:
               f"{result['padding_share']:.1%}, {result['training_seconds']} s of steps; val loss by step {curve}")
     print(f"packed / grouped: tokens/s {report['packed_vs_grouped_tokens_per_second']}x, "
           f"training time {report['packed_vs_grouped_training_seconds']}x")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.out, report)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchlib import mixed_batch_check
+from benchlib import mixed_batch_check, write_report
 from qlora_pipeline.launching import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -362,10 +362,7 @@ def main() -> None:
                 if baseline is not None:
                     subprocess.run(["git", "worktree", "remove", "--force", str(baseline)], cwd=ROOT, check=False)
             print("throughput:", json.dumps(report["throughput"]), flush=True)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    write_report(args.out, report)
 
 
 if __name__ == "__main__":

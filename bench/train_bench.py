@@ -36,7 +36,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchlib import matmul_peak_flops
+from benchlib import matmul_peak_flops, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RECIPES = ("pipeline", "tutorial", "lora")
@@ -314,10 +314,7 @@ def main() -> None:
               "repeats": args.repeats, "matmul_peak_gflops": round(peak / 1e9, 1), "matmul_peak_dtype": peak_dtype,
               "results": results, "ratios": ratios(results)}
     print_report(report)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        print(f"-> {args.out}")
+    write_report(args.out, report)
 
 
 def ratios(results: dict) -> dict:

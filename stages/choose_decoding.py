@@ -36,6 +36,9 @@ def run(params, args):
     return run_choose_decoding(params, args.base, args.adapter, args.val, args.judge, args.out, args.metrics)
 
 
+def imports(params):
+    return ("qlora_pipeline.pipeline.choose_decoding", *model_imports(params), *JUDGE, *ROUGE, *TRACKING)
+
+
 if __name__ == "__main__":
-    sys.exit(stage_main(__doc__, add_paths, run, imports=lambda params: (
-        "qlora_pipeline.pipeline.choose_decoding", *model_imports(params), *JUDGE, *ROUGE, *TRACKING)))
+    sys.exit(stage_main(__doc__, add_paths, run, imports=imports))

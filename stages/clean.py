@@ -28,5 +28,9 @@ def run(params, args):
     return run_clean(params, args.raw, args.out, args.metrics)
 
 
+def imports(params):
+    return ("qlora_pipeline.pipeline.clean", *TRACKING)
+
+
 if __name__ == "__main__":
-    sys.exit(stage_main(__doc__, add_paths, run, imports=("qlora_pipeline.pipeline.clean", *TRACKING)))
+    sys.exit(stage_main(__doc__, add_paths, run, imports=imports))

@@ -26,5 +26,9 @@ def run(params, args):
     return run_fetch(params, args.out)
 
 
+def imports(params):
+    return ("qlora_pipeline.pipeline.fetch", *TRACKING)
+
+
 if __name__ == "__main__":
-    sys.exit(stage_main(__doc__, add_paths, run, imports=("qlora_pipeline.pipeline.fetch", *TRACKING)))
+    sys.exit(stage_main(__doc__, add_paths, run, imports=imports))

@@ -28,6 +28,9 @@ def run(params, args):
     return run_quantize_load(params, args.out, args.metrics)
 
 
+def imports(params):
+    return ("qlora_pipeline.pipeline.quantize_load", *QUANTIZED_MODEL, "gguf", *TRACKING)
+
+
 if __name__ == "__main__":
-    sys.exit(stage_main(__doc__, add_paths, run,
-                        imports=("qlora_pipeline.pipeline.quantize_load", *QUANTIZED_MODEL, "gguf", *TRACKING)))
+    sys.exit(stage_main(__doc__, add_paths, run, imports=imports))

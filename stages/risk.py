@@ -48,6 +48,9 @@ def run(params, args):
                     zero_shot_dir=args.zero_shot)
 
 
+def imports(params):
+    return ("qlora_pipeline.pipeline.risk", *model_imports(params), *TRACKING)
+
+
 if __name__ == "__main__":
-    sys.exit(stage_main(__doc__, add_paths, run, imports=lambda params: (
-        "qlora_pipeline.pipeline.risk", *model_imports(params), *TRACKING)))
+    sys.exit(stage_main(__doc__, add_paths, run, imports=imports))

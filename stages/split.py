@@ -31,5 +31,9 @@ def run(params, args):
     return run_split(params, args.clean, args.out, args.metrics, args.canaries)
 
 
+def imports(params):
+    return ("qlora_pipeline.pipeline.split", *TRACKING)
+
+
 if __name__ == "__main__":
-    sys.exit(stage_main(__doc__, add_paths, run, imports=("qlora_pipeline.pipeline.split", *TRACKING)))
+    sys.exit(stage_main(__doc__, add_paths, run, imports=imports))

@@ -34,5 +34,9 @@ def run(params, args):
     return run_style_judge(params, args.train, args.val, args.base, args.out, args.metrics)
 
 
+def imports(params):
+    return ("qlora_pipeline.pipeline.style_judge", *JUDGE, *TRACKING)
+
+
 if __name__ == "__main__":
-    sys.exit(stage_main(__doc__, add_paths, run, imports=("qlora_pipeline.pipeline.style_judge", *JUDGE, *TRACKING)))
+    sys.exit(stage_main(__doc__, add_paths, run, imports=imports))

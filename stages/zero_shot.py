@@ -34,6 +34,9 @@ def run(params, args):
     return run_zero_shot(params, args.base, args.test, args.manifest, args.out, args.metrics)
 
 
+def imports(params):
+    return ("qlora_pipeline.pipeline.zero_shot", *model_imports(params, ("qlora",)), *TRACKING)
+
+
 if __name__ == "__main__":
-    sys.exit(stage_main(__doc__, add_paths, run, imports=lambda params: (
-        "qlora_pipeline.pipeline.zero_shot", *model_imports(params, ("qlora",)), *TRACKING)))
+    sys.exit(stage_main(__doc__, add_paths, run, imports=imports))

@@ -33,15 +33,14 @@ import yaml  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 from qlora_pipeline.config import Params, params_from_dict  # noqa: E402
-from qlora_pipeline.process import (ADAPTERS, DATABASE_STORE, JUDGE, ROUGE, TRACKING,  # noqa: E402
-                                    import_quietly)
+from qlora_pipeline.process import ADAPTERS, JUDGE, ROUGE, import_quietly, tracking_imports  # noqa: E402
 
 # What the tests import anyway, imported first in each pytest-xdist worker with full garbage collections held
 # off and then frozen, as a stage does (process.import_quietly): the full collections the tests' own objects set
 # off no longer walk the libraries' objects, and a worker leaves at once. Not in the controller, which runs no
 # test, nor in a run without workers, which may need none of it.
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    import_quietly([*ADAPTERS, *TRACKING, DATABASE_STORE, *JUDGE, *ROUGE, "fastapi", "datasets", "accelerate"])
+    import_quietly([*ADAPTERS, *tracking_imports(None), *JUDGE, *ROUGE, "fastapi", "datasets", "accelerate"])
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # this environment's bin: dvc, and the `python` the stages call

@@ -169,3 +169,5 @@ def test_full_fine_tuning_stages_import_no_peft_and_adapters_from_runs_bring_mlf
     assert _model_imports(argparse.Namespace(adapter=["alice=models/adapter"])) == ADAPTERS
     assert _model_imports(argparse.Namespace(adapter=["alice=runs:/abc/adapter"])) == (*ADAPTERS, *TRACKING)
     assert _model_imports(argparse.Namespace(adapter="runs:/abc/adapter")) == (*ADAPTERS, *TRACKING)  # export's
+    for spec in ("runs:/abc/adapter", "bob= runs:/def/adapter"):  # bare; spaced, as parse_adapter_spec strips it
+        assert _model_imports(argparse.Namespace(adapter=[spec])) == (*ADAPTERS, *TRACKING), spec

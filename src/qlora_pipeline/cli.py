@@ -243,9 +243,14 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _model_imports(args: argparse.Namespace) -> tuple[str, ...]:
-    """What chat, serve and export run on: the model libraries, and MLflow where an adapter comes from a run."""
-    sources = args.adapter if isinstance(args.adapter, list) else [args.adapter]
-    from_runs = any(str(source).split("=", 1)[-1].startswith("runs:/") for source in sources)
+    """What chat, serve and export run on: the model libraries, and MLflow where an adapter comes from a run.
+
+    Reads ``--adapter NAME=SOURCE`` as ``serving.models.parse_adapter_spec`` does, without importing that
+    module: it imports torch, which is among what this decides how to import. A spec it would refuse is
+    refused there, afterwards.
+    """
+    specs = args.adapter if isinstance(args.adapter, list) else [args.adapter]
+    from_runs = any((spec.partition("=")[2] or spec).strip().startswith("runs:/") for spec in specs)
     return (*ADAPTERS, *TRACKING) if from_runs else ADAPTERS
 
 

@@ -37,7 +37,7 @@ def keep_freed_memory() -> bool:
         return False
 
 
-# What stages and commands import, by what they do, for ``import_quietly`` (``stage_main(imports=...)``): the
+# What stages and commands import, by what they do, for ``import_quietly`` (each stage script's ``imports``): the
 # libraries that make a process's start-up (``python -X importtime`` on the tiny pipeline's stages). A name missing
 # from a list is imported later, as before; a name a process would not have imported costs its whole import.
 # (The store of a database tracking URI is added by ``tracking_imports``.)
@@ -45,13 +45,11 @@ TRACKING = ("mlflow", "mlflow.tracking")
 # MLflow's store for a database URI (the default SQLite one, PostgreSQL, MySQL, SQL Server).
 DATABASE_STORE = "mlflow.store.tracking.sqlalchemy_store"
 _DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
-TORCH = ("torch",)
-QUANTIZED_MODEL = (*TORCH, "transformers", "transformers.modeling_utils", "bitsandbytes")
+QUANTIZED_MODEL = ("torch", "transformers", "transformers.modeling_utils", "bitsandbytes")
 ADAPTERS = (*QUANTIZED_MODEL, "peft")
 TRAINING = (*ADAPTERS, "transformers.trainer", "datasets", "accelerate")
 JUDGE = ("sklearn.feature_extraction.text", "sklearn.linear_model")
 ROUGE = ("rouge_score.rouge_scorer",)
-
 
 
 def tracking_imports(uri: str | None) -> tuple[str, ...]:
@@ -71,7 +69,7 @@ def import_quietly(modules: Iterable[str]) -> list[str]:
     Nearly every object torch, transformers with PEFT, bitsandbytes and MLflow make while they import lives as
     long as the process. CPython 3.11 still walks them all in a full collection each time a quarter more have
     survived, and once more at exit, where it frees them one by one. Frozen (``gc.freeze``), they are skipped
-    by both (``bench/startup_bench.py``: a stage's start-up and exit about 1.5x faster). The young
+    by both (``bench/startup_bench.py``: a stage's start-up and exit about 1.6x faster). The young
     generations keep collecting meanwhile, and the thresholds are restored on return: what the process
     allocates later is collected as before.
 

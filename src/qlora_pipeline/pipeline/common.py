@@ -14,9 +14,6 @@ from qlora_pipeline.io import read_jsonl
 from qlora_pipeline.process import (ADAPTERS, QUANTIZED_MODEL, TRACKING, import_quietly, keep_freed_memory,
                                     tracking_imports)
 
-Imports = Sequence[str] | Callable[[Params], Sequence[str]]
-
-
 def model_imports(params: Params, peft_for: tuple[str, ...] = ("qlora", "lora")) -> tuple[str, ...]:
     """The model libraries of a stage that loads the base and the trained model: PEFT only where
     ``train.method`` makes an adapter the stage loads (``peft_for``); full fine-tuning's model is plain."""
@@ -52,15 +49,24 @@ def read_conversations(path: Path) -> list[dict]:
     return conversations
 
 
+def stage_imports(imports: Callable[[Params], Sequence[str]], params: Params) -> list[str]:
+    """What a stage imports first under ``params``: its script's list, and MLflow's store where the tracking URI
+    names a database (``process.tracking_imports``)."""
+    names = list(imports(params))
+    if set(TRACKING) & set(names):
+        names += [name for name in tracking_imports(params.mlflow.tracking_uri) if name not in names]
+    return names
+
+
 def stage_main(description: str, add_paths: Callable[[argparse.ArgumentParser], None],
                run: Callable[[Params, argparse.Namespace], object], argv: list[str] | None = None,
-               imports: Imports = ()) -> int:
+               imports: Callable[[Params], Sequence[str]] = lambda params: ()) -> int:
     """Shared entry point of ``stages/*.py``: parse paths, load params, run, report errors briefly.
 
-    ``imports``: the modules the stage runs on (its own module and the lists in ``process``), or a function of
-    the params giving them, imported before ``run`` with full garbage collections held off
-    (``process.import_quietly``; MLflow's database store added for a database URI). The scripts import their
-    stage module inside ``run``, not at their top, so that its own imports (torch, for most) are among them.
+    ``imports``: the script's ``imports(params)``, the modules the stage runs on (its own module and the lists
+    in ``process``), imported before ``run`` with full garbage collections held off (``stage_imports``,
+    ``process.import_quietly``). The scripts import their stage module inside ``run``, not at their top, so
+    that its own imports (torch, for most) are among them.
     """
     # Per-tensor progress bars of weight loading bury the stage's own summary lines in DVC's log.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -71,10 +77,7 @@ def stage_main(description: str, add_paths: Callable[[argparse.ArgumentParser], 
     args = parser.parse_args(argv)
     try:
         params = load_params(args.params)
-        names = list(imports(params) if callable(imports) else imports)
-        if set(TRACKING) & set(names):
-            names += [name for name in tracking_imports(params.mlflow.tracking_uri) if name not in names]
-        import_quietly(names)
+        import_quietly(stage_imports(imports, params))
         run(params, args)
     except PipelineError as err:
         print(f"error: {err}", file=sys.stderr)
