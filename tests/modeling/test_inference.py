@@ -43,6 +43,29 @@ def test_dequantized_layers_give_the_4bit_outputs_bit_for_bit(quantized_base, co
 
 
 @pytest.mark.slow
+def test_a_block_runs_dequantized_and_gets_the_same_4bit_layers_back_after(quantized_base):
+    """export's reference: the 4-bit base with an adapter, dequantized for its passes only, merged after."""
+    model, tokenizer = load_saved_base(quantized_base, "float32")
+    model = with_lora(model)
+    layers = linear4bit_modules(model)
+    batch = tokenizer(["<|im_start|>user\nhi there, long time no see<|im_end|>\n"], return_tensors="pt")
+    with torch.no_grad():
+        expected = model(**batch).logits
+        with inference.dequantized(model, True) as replaced:
+            assert replaced == 210 and not linear4bit_modules(model)
+            assert torch.equal(model(**batch).logits, expected)
+        after = linear4bit_modules(model)
+        assert len(after) == len(layers) and all(a is b for a, b in zip(after, layers))  # the very layers, in place
+        assert torch.equal(model(**batch).logits, expected)
+        with pytest.raises(RuntimeError, match="inside"):  # put back when the block fails too
+            with inference.dequantized(model, True):
+                raise RuntimeError("inside")
+        assert all(a is b for a, b in zip(linear4bit_modules(model), layers))
+        with inference.dequantized(model, False) as replaced:  # the setting says no: nothing changes
+            assert replaced == 0 and len(linear4bit_modules(model)) == len(layers)
+
+
+@pytest.mark.slow
 def test_auto_dequantizes_on_a_cpu_only_when_the_dense_weights_fit(quantized_base, monkeypatch):
     model, _ = load_saved_base(quantized_base, "float32")
     needed = inference.dense_bytes(model)

@@ -8,12 +8,15 @@ ops, into a dense weight that gives bit-identical outputs.
 
 The dense weights cost memory (4 bytes per parameter in float32), so ``auto`` only does it on a
 CPU when they fit in a quarter of the free memory. A GPU runs bitsandbytes' fused kernels instead.
-The 4-bit weights are gone afterwards: a model converted here must never be saved.
+After :func:`dequantize_for_inference` the 4-bit weights are gone: a model converted so must never be
+saved. :func:`dequantized` converts for the length of a block and puts the 4-bit layers back (export's
+reference, which is merged afterwards).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 
@@ -70,12 +73,34 @@ def should_dequantize(setting: bool | str, model: Any) -> bool:
 
 def dequantize_for_inference(model: Any) -> int:
     """Replace every 4-bit layer (also inside LoRA wrappers) by its :class:`DequantizedLinear4bit`; return how many."""
+    return len(_swap_in_dequantized(model))
+
+
+@contextmanager
+def dequantized(model: Any, setting: bool | str = hardware.AUTO) -> Iterator[int]:
+    """:func:`dequantize_for_inference` for the length of a block, when ``setting`` says so (:func:`should_dequantize`);
+    yields how many layers it replaced.
+
+    The 4-bit layers are put back after it, so that the model can still be merged, copied or saved: what
+    export does with its reference (the 4-bit base with the adapter) once it has the reference's logits
+    and greedy replies, which the dense layers give bit for bit and faster on a CPU.
+    """
+    swapped = _swap_in_dequantized(model) if should_dequantize(setting, model) else []
+    try:
+        yield len(swapped)
+    finally:
+        for parent, name, layer in swapped:
+            setattr(parent, name, layer)
+
+
+def _swap_in_dequantized(model: Any) -> list[tuple[Any, str, Any]]:
+    """Every 4-bit layer replaced by its dense twin: (parent, name, the 4-bit layer) of each."""
     import bitsandbytes as bnb
 
-    replaced = 0
+    swapped = []
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, bnb.nn.Linear4bit):
                 setattr(parent, name, DequantizedLinear4bit(child))
-                replaced += 1
-    return replaced
+                swapped.append((parent, name, child))
+    return swapped

@@ -44,7 +44,7 @@ from qlora_pipeline.io import atomic_path, read_json, read_jsonl, remove_outputs
 from qlora_pipeline.labels import IGNORE_INDEX
 from qlora_pipeline.layout import RESOLVED_CONFIG
 from qlora_pipeline.modeling.adapters import attach_adapters, autocast_like_training, load_base_for
-from qlora_pipeline.modeling.inference import dequantize_weight
+from qlora_pipeline.modeling.inference import dequantize_weight, dequantized
 from qlora_pipeline.modeling.loading import NO_HUB_KERNELS, device_map, set_end_token
 from qlora_pipeline.modeling.preparation import base_fingerprint
 from qlora_pipeline.modeling.quantization import linear4bit_modules
@@ -190,7 +190,8 @@ def export(adapter: Adapter, base_dir: Path, out: Path, dtype_name: str, rows: l
     dense = dequantized_copy(base4, dtype)  # the packed weights as saved: loaders turn the CPU repack off
     tuned = attach_adapters(base4, {adapter.name: adapter.folder})
     with autocast_like_training(adapter.resolved):
-        reference_logits = target_logits(tuned, examples)
+        with dequantized(tuned):  # the same logits (modeling/inference.py); the 4-bit layers back for the merge after
+            reference_logits = target_logits(tuned, examples)
         naive = score(naive_4bit_merge(tuned), examples, reference_logits)
     del tuned, base4
     merged = merge_adapter(dense, adapter.folder)

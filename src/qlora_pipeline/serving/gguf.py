@@ -48,6 +48,7 @@ from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.io import atomic_path, remove_outputs, write_json, write_text
 from qlora_pipeline.modeling.adapters import attach_adapters, autocast_like_training, load_base_for
 from qlora_pipeline.modeling.engine import Engine, Request, chat_prompt_ids
+from qlora_pipeline.modeling.inference import dequantized
 from qlora_pipeline.serving.export import (REPORT, Example, compute_precision, dequantized_copy, encode_rows,
                                            merge_adapter, plain_config, reference_perplexity, save_merged,
                                            score_logits, target_logits, _round)
@@ -141,12 +142,15 @@ def build_reference(base4: Any, tokenizer: Any, adapter: Adapter, rows: list[dic
     tuned = attach_adapters(base4, {adapter.name: adapter.folder})
     # As training rendered them: a conversation without a system message gets the trained one.
     conversations = [with_system_prompt(row["messages"], adapter.system_prompt) for row in rows[:GREEDY_PROMPTS]]
-    with autocast_like_training(adapter.resolved):
-        logits = target_logits(tuned, examples)
-        with tuned.disable_adapter():
-            effect = score_logits(target_logits(tuned, examples), examples, logits)["mean_kl"]
-    engine = Engine(tuned, tokenizer, autocast=lambda: autocast_like_training(adapter.resolved))
-    greedy = greedy_replies(engine, tokenizer, conversations, adapter.name)
+    # On a CPU the 4-bit layers dequantized once for these passes, not once per forward: the same numbers
+    # (modeling/inference.py), put back after them for the dense copy and the merge.
+    with dequantized(tuned):
+        with autocast_like_training(adapter.resolved):
+            logits = target_logits(tuned, examples)
+            with tuned.disable_adapter():
+                effect = score_logits(target_logits(tuned, examples), examples, logits)["mean_kl"]
+        engine = Engine(tuned, tokenizer, autocast=lambda: autocast_like_training(adapter.resolved))
+        greedy = greedy_replies(engine, tokenizer, conversations, adapter.name)
     tuned.unload()  # the base's own layers back, for the dense copy and the merge
     return Reference(tokenizer, examples, logits, compute_precision(base4, adapter.resolved), conversations,
                      greedy, tokenizer.eos_token_id, adapter.system_prompt, effect)
