@@ -100,8 +100,37 @@ def make_params(base: dict, overrides: dict | None = None, tmp_path: Path | None
 
 
 @pytest.fixture
-def params_factory(base_params_dict, tmp_path):
+def params_factory(base_params_dict, tmp_path, empty_store):
+    place_store(empty_store, tmp_path)
     return lambda overrides=None: make_params(base_params_dict, overrides, tmp_path)
+
+
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory) -> Path:
+    """An MLflow SQLite store as the stages create one (``mlflow_store.ensure_sqlite_store``), made once per test run.
+
+    Creating a store runs MLflow's schema migrations, about a second of CPU; the ~40 tests whose stages log
+    into a store of their own each paid it. They get a copy of this one instead (``place_store``). How a store
+    is created, killed midway included, is test_tracking.py's, on stores of its own.
+    """
+    from qlora_pipeline import mlflow_store
+
+    return built_once(tmp_path_factory, "mlflow-store",
+                      lambda folder: mlflow_store.ensure_sqlite_store(f"sqlite:///{folder / 'mlflow.db'}")) / "mlflow.db"
+
+
+def place_store(template: Path, folder: Path) -> str:
+    """``template`` copied to ``folder``/mlflow.db, as ensure_sqlite_store would have made it there: MLflow's Default
+    experiment keeps its artifacts beside the store. Returns the store's URI."""
+    import sqlite3
+
+    store = folder / "mlflow.db"
+    shutil.copyfile(template, store)
+    with sqlite3.connect(store) as db:
+        db.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+                   ((folder / "mlartifacts" / "0").as_uri(),))
+    db.close()
+    return f"sqlite:///{store}"
 
 
 CHAT_ROWS = [

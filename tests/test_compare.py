@@ -18,6 +18,8 @@ from qlora_pipeline import compare, tracking
 from qlora_pipeline.cli import main
 from qlora_pipeline.errors import PipelineError
 
+from conftest import place_store
+
 EXPERIMENT = "compare-test"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -49,8 +51,8 @@ def eval_metrics(perplexity: tuple[float, float, float]) -> dict:
 
 
 @pytest.fixture
-def store(tmp_path):
-    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+def store(tmp_path, empty_store):
+    return place_store(empty_store, tmp_path)
 
 
 @pytest.fixture
