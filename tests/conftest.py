@@ -115,8 +115,10 @@ def empty_store(tmp_path_factory) -> Path:
     """
     from qlora_pipeline import mlflow_store
 
-    return built_once(tmp_path_factory, "mlflow-store",
-                      lambda folder: mlflow_store.ensure_sqlite_store(f"sqlite:///{folder / 'mlflow.db'}")) / "mlflow.db"
+    def build(folder: Path) -> None:
+        mlflow_store.ensure_sqlite_store(f"sqlite:///{folder / 'mlflow.db'}")
+
+    return built_once(tmp_path_factory, "mlflow-store", build) / "mlflow.db"
 
 
 def place_store(template: Path, folder: Path) -> str:
