@@ -43,7 +43,7 @@ def test_dequantized_layers_give_the_4bit_outputs_bit_for_bit(quantized_base, co
 
 
 @pytest.mark.slow
-def test_a_block_runs_dequantized_and_gets_the_same_4bit_layers_back_after(quantized_base):
+def test_a_block_runs_dequantized_and_gets_the_same_4bit_layers_back_after(quantized_base, monkeypatch):
     """export's reference: the 4-bit base with an adapter, dequantized for its passes only, merged after."""
     model, tokenizer = load_saved_base(quantized_base, "float32")
     model = with_lora(model)
@@ -63,6 +63,20 @@ def test_a_block_runs_dequantized_and_gets_the_same_4bit_layers_back_after(quant
         assert all(a is b for a, b in zip(linear4bit_modules(model), layers))
         with inference.dequantized(model, False) as replaced:  # the setting says no: nothing changes
             assert replaced == 0 and len(linear4bit_modules(model)) == len(layers)
+    made, real = [], inference.DequantizedLinear4bit
+
+    def out_of_memory_at_the_sixth(layer):
+        if len(made) == 5:
+            raise MemoryError("out of memory")
+        made.append(real(layer))
+        return made[-1]
+
+    monkeypatch.setattr(inference, "DequantizedLinear4bit", out_of_memory_at_the_sixth)
+    with pytest.raises(MemoryError):  # the swap itself failed midway: the five swapped layers go back too
+        with inference.dequantized(model, True):
+            pass
+    assert len(made) == 5 and all(a is b for a, b in zip(linear4bit_modules(model), layers))
+    assert len(linear4bit_modules(model)) == len(layers)
 
 
 @pytest.mark.slow

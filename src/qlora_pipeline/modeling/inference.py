@@ -85,19 +85,22 @@ def dequantized(model: Any, setting: bool | str = hardware.AUTO) -> Iterator[int
     export does with its reference (the 4-bit base with the adapter) once it has the reference's logits
     and greedy replies, which the dense layers give bit for bit and faster on a CPU.
     """
-    swapped = _swap_in_dequantized(model) if should_dequantize(setting, model) else []
+    swapped: list[tuple[Any, str, Any]] = []
     try:
+        if should_dequantize(setting, model):
+            _swap_in_dequantized(model, swapped)
         yield len(swapped)
-    finally:
+    finally:  # also when the swap itself failed midway (out of memory): every layer swapped so far goes back
         for parent, name, layer in swapped:
             setattr(parent, name, layer)
 
 
-def _swap_in_dequantized(model: Any) -> list[tuple[Any, str, Any]]:
-    """Every 4-bit layer replaced by its dense twin: (parent, name, the 4-bit layer) of each."""
+def _swap_in_dequantized(model: Any, swapped: list | None = None) -> list[tuple[Any, str, Any]]:
+    """Every 4-bit layer replaced by its dense twin; (parent, name, the 4-bit layer) of each appended to ``swapped``
+    as it goes, and returned."""
     import bitsandbytes as bnb
 
-    swapped = []
+    swapped = [] if swapped is None else swapped
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, bnb.nn.Linear4bit):
