@@ -73,7 +73,7 @@ def should_dequantize(setting: bool | str, model: Any) -> bool:
 
 def dequantize_for_inference(model: Any) -> int:
     """Replace every 4-bit layer (also inside LoRA wrappers) by its :class:`DequantizedLinear4bit`; return how many."""
-    return len(_swap_in_dequantized(model))
+    return sum(1 for _ in _swap_in_dequantized(model))
 
 
 @contextmanager
@@ -88,22 +88,21 @@ def dequantized(model: Any, setting: bool | str = hardware.AUTO) -> Iterator[int
     swapped: list[tuple[Any, str, Any]] = []
     try:
         if should_dequantize(setting, model):
-            _swap_in_dequantized(model, swapped)
+            for swap in _swap_in_dequantized(model):  # kept as each is made
+                swapped.append(swap)
         yield len(swapped)
     finally:  # also when the swap itself failed midway (out of memory): every layer swapped so far goes back
         for parent, name, layer in swapped:
             setattr(parent, name, layer)
 
 
-def _swap_in_dequantized(model: Any, swapped: list | None = None) -> list[tuple[Any, str, Any]]:
-    """Every 4-bit layer replaced by its dense twin; (parent, name, the 4-bit layer) of each appended to ``swapped``
-    as it goes, and returned."""
+def _swap_in_dequantized(model: Any) -> Iterator[tuple[Any, str, Any]]:
+    """Every 4-bit layer replaced by its dense twin, one at a time; yields (parent, name, the 4-bit layer) of each
+    once it is swapped."""
     import bitsandbytes as bnb
 
-    swapped = [] if swapped is None else swapped
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, bnb.nn.Linear4bit):
                 setattr(parent, name, DequantizedLinear4bit(child))
-                swapped.append((parent, name, child))
-    return swapped
+                yield parent, name, child

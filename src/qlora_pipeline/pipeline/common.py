@@ -14,6 +14,7 @@ from qlora_pipeline.io import read_jsonl
 from qlora_pipeline.process import (ADAPTERS, QUANTIZED_MODEL, TRACKING, import_quietly, keep_freed_memory,
                                     tracking_imports)
 
+
 def model_imports(params: Params, peft_for: tuple[str, ...] = ("qlora", "lora")) -> tuple[str, ...]:
     """The model libraries of a stage that loads the base and the trained model: PEFT only where
     ``train.method`` makes an adapter the stage loads (``peft_for``); full fine-tuning's model is plain."""
