@@ -205,3 +205,35 @@ def test_a_gguf_is_parsed_once_within_gguf_read_once_and_reads_the_same(params_f
     assert gguf.GGUFReader is CountingReader and gguf.get_tensor_name_map is name_map
     load_gguf_checkpoint(path, return_tensors=False)
     assert len(parses) == 3
+
+
+def test_a_gguf_read_through_plain_views_gives_gguf_readers_fields_and_tensors(params_factory):
+    """gguf_read_once's reader (plain array views of the file's mapping) reads every field part and tensor as
+    gguf-py's own reader, values, dtypes (byte order included) and flags alike, and keeps the mapping open."""
+    import gc
+
+    import gguf
+    import numpy as np
+
+    from qlora_pipeline.modeling.loading import plain_views
+
+    source = resolve_source(params_factory({}).model)
+    path = f"{source.path}/{source.gguf_file}"
+    own, plain = gguf.GGUFReader(path), plain_views(gguf.GGUFReader)(path)
+    assert isinstance(plain, gguf.GGUFReader) and type(plain.data) is np.ndarray and isinstance(own.data, np.memmap)
+    assert list(plain.fields) == list(own.fields) and len(own.fields) > 30
+    for name, field in own.fields.items():
+        other = plain.fields[name]
+        assert (other.offset, other.data, other.types) == (field.offset, field.data, field.types), name
+        assert len(other.parts) == len(field.parts), name
+        for a, b in zip(field.parts, other.parts):
+            assert b.dtype == a.dtype and np.array_equal(a, b) and not b.flags.writeable, name
+    assert [t.name for t in plain.tensors] == [t.name for t in own.tensors] and len(own.tensors) == 272
+    for a, b in zip(own.tensors, plain.tensors):
+        assert (b.tensor_type, list(b.shape), b.data_offset) == (a.tensor_type, list(a.shape), a.data_offset), a.name
+        assert b.data.dtype == a.data.dtype and np.array_equal(a.data, b.data) and not b.data.flags.writeable
+    embeddings = plain.tensors[0].data
+    expected = np.array(own.tensors[0].data)
+    del plain
+    gc.collect()
+    assert np.array_equal(embeddings, expected)  # the reader is gone; its view still reads the file

@@ -117,6 +117,8 @@ def gguf_read_once() -> Iterator[None]:
     every module of the model (397 times, 6 s). Both are pure functions of the file and of
     (architecture, layers): the reader is cached by path and the name map by its arguments, for the
     block only, and the functions are put back after it. Reentrant: an inner block is a no-op.
+    A read-only parse reads through plain array views of the file's mapping (``plain_views``): about
+    3x faster, the same values.
     """
     try:
         import gguf
@@ -132,7 +134,7 @@ def gguf_read_once() -> Iterator[None]:
     def read_once(path: Any, mode: str = "r") -> Any:
         key = (str(Path(path).resolve()), mode)
         if key not in readers:
-            readers[key] = reader_class(path, mode)
+            readers[key] = (plain_views(reader_class) if mode == "r" else reader_class)(path, mode)
         return readers[key]
 
     read_once._qlora_read_once = True  # type: ignore[attr-defined]
@@ -141,6 +143,30 @@ def gguf_read_once() -> Iterator[None]:
         yield
     finally:
         gguf.GGUFReader, gguf.get_tensor_name_map = reader_class, name_map
+
+
+@functools.lru_cache(maxsize=None)
+def plain_views(reader_class: type) -> type:
+    """``reader_class`` (gguf-py's ``GGUFReader``), reading its file through a plain ``ndarray`` view of the mapping.
+
+    The reader maps the file with ``numpy.memmap`` and slices it for every part of every field: two
+    slices per vocabulary string, about 200,000 for SmolLM2's tokens and merges. A ``memmap`` slices
+    through Python-level ``__getitem__`` and ``__array_finalize__`` methods; a plain view of the same
+    mapping slices in C. The parts and tensors are views of the same bytes, read-only as before, and the
+    mapping stays open while any of them lives (the view's base). SmolLM2-135M's GGUF: 2.1-2.6 s to
+    0.7 s a parse on the Xeon machine (tests/modeling/test_loading.py compares every field and tensor).
+    For mode ``"r"`` only: a writable reader's edits go through its ``memmap``.
+    """
+    import numpy as np
+
+    def get(self: Any) -> Any:
+        return self._plain_data
+
+    def put(self: Any, mapped: Any) -> None:
+        self._mapped_data = mapped  # the memmap, kept as gguf-py made it
+        self._plain_data = mapped.view(np.ndarray)
+
+    return type(f"PlainView{reader_class.__name__}", (reader_class,), {"data": property(get, put)})
 
 
 def load_tokenizer(source: ModelSource, cfg: ModelConfig) -> Any:
