@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every benchmark, each with its baseline in the same run; results in bench/results/<machine tag>/.
 # Called by `make bench` after `make run` (the benchmarks read models/ and data/splits/).
+# Not here: bench/suite_cpu.py (where `make test` spends CPU), which runs the whole test suite on a clone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
