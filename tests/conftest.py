@@ -199,8 +199,15 @@ def pipeline_env() -> dict[str, str]:
     return env
 
 
-def sh(cmd: list[str], cwd: Path, timeout: int = 600) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, env=pipeline_env(), capture_output=True, text=True, timeout=timeout)
+def sh(cmd: list[str], cwd: Path, timeout: int = 600, again_on: re.Pattern | None = None, tries: int = 3) -> str:
+    """``cmd`` in the pipeline's environment; its output, or the test fails with it. ``again_on``: a failure whose
+    output matches it is tried again a second later, ``tries`` times at most (a race of the tool's own)."""
+    for attempt in range(1, tries + 1):
+        proc = subprocess.run(cmd, cwd=cwd, env=pipeline_env(), capture_output=True, text=True, timeout=timeout)
+        raced = proc.returncode != 0 and again_on is not None and again_on.search(proc.stdout + proc.stderr)
+        if not raced or attempt == tries:
+            break
+        time.sleep(1)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout + proc.stderr
 
@@ -208,21 +215,7 @@ def sh(cmd: list[str], cwd: Path, timeout: int = 600) -> str:
 # DVC's own race: `dvc queue status` reads a running task's info file (its executor's JSON), which the executor
 # rewrites in place; caught empty or half written, the command exits 255 with "unexpected error" and a JSON
 # decoding message (as in treeverse/dvc#8014). Seen once in a fresh clone's `make test`.
-_DVC_STATUS_RACE = re.compile(r"ERROR: unexpected error - (Expecting value|Extra data|Unterminated string)")
-
-
-def queue_status(repo: Path, tries: int = 3) -> str:
-    """`dvc queue status`, asked again a second later when it fails on DVC's race above (``tries`` times at most);
-    any other failure, or the race every time, fails the test with DVC's output, as ``sh`` does."""
-    for attempt in range(1, tries + 1):
-        proc = subprocess.run(["dvc", "queue", "status"], cwd=repo, env=pipeline_env(), capture_output=True,
-                              text=True, timeout=600)
-        if proc.returncode == 0:
-            return proc.stdout + proc.stderr
-        if attempt == tries or not _DVC_STATUS_RACE.search(proc.stdout + proc.stderr):
-            break
-        time.sleep(1)
-    raise AssertionError(f"dvc queue status failed ({attempt} tries):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+DVC_STATUS_RACE = re.compile(r"ERROR: unexpected error - (Expecting value|Extra data|Unterminated string)")
 
 
 def run_queue(repo: Path, jobs: int = 1, timeout: int = 900) -> str:
@@ -261,7 +254,7 @@ def run_queue(repo: Path, jobs: int = 1, timeout: int = 900) -> str:
         if seen != refs:
             refs, changed_at = seen, time.time()
         next_status = time.time() + (3 if time.time() - changed_at < 12 else 15)
-        status = queue_status(repo)
+        status = sh(["dvc", "queue", "status"], repo, again_on=DVC_STATUS_RACE)
         if "Queued" not in status and "Running" not in status:
             return status
         if "Running" in status or "Worker status: 0 active" not in status:
