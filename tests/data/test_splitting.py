@@ -104,6 +104,14 @@ def test_leakage_metric_counts_verbatim_test_targets_in_train(params_factory):
 
 
 def test_too_little_data_for_a_train_split(params_factory):
-    with pytest.raises(PipelineError, match="not enough for a train split"):
-        split_examples(corpus(4), params_factory({"split.ratios.train": 0.0, "split.ratios.val": 0.5,
-                                                  "split.ratios.test": 0.5}).split, 1, "x")
+    with pytest.raises(PipelineError, match=r"only 4 conversation\(s\) have persona replies; not enough for a "
+                                            r"train split\. Add data, lower split.ratios.val/test, or choose "
+                                            r"another split.persona$"):
+        split_examples(corpus(4), params_factory({"split.ratios.train": 0.02, "split.ratios.val": 0.49,
+                                                  "split.ratios.test": 0.49}).split, 1, "x")
+    # every reply skipped by a key: the message names it (it named only the ratios and the persona)
+    with pytest.raises(PipelineError) as err:
+        split_examples(corpus(4), params_factory({"split.min_target_chars": 100000}).split, 1, "x")
+    assert "only 0 conversation(s) have persona replies" in str(err.value)
+    assert "Persona replies skipped: " in str(err.value) and " target too short (split.min_target_chars)" in str(
+        err.value) and str(err.value).endswith(", or change a key named above")

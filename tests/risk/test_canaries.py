@@ -125,10 +125,14 @@ def test_split_without_canaries_writes_todays_train_and_an_empty_record(clean_di
     assert metrics["canary_examples"] == 0
 
 
-def test_split_puts_canaries_in_train_only_and_past_the_cap(clean_dir, tmp_path):
+def test_split_puts_canaries_in_train_only_and_past_the_cap(clean_dir, tmp_path, capsys):
     _, _, _, plain = split_run(clean_dir, tmp_path, "off", {"risk.canaries": 0, "split.max_examples.train": 5})
+    assert "warning" not in capsys.readouterr().err
     _, out, metrics, rows = split_run(clean_dir, tmp_path, "on", {"risk.canaries": 2, "risk.canary_repeats": 3,
                                                                   "split.max_examples.train": 5})
+    # more canary examples than real ones: allowed, and said
+    assert ("warning: 6 canary examples (risk.canaries x risk.canary_repeats) outnumber the 5 real train examples"
+            in capsys.readouterr().err)
     record = json.loads((out / "canaries.json").read_text())["canaries"]
     assert [(c["id"], c["repeats"]) for c in record] == [("canary-0", 3), ("canary-1", 3), ("fresh-0", 0),
                                                          ("fresh-1", 0)]

@@ -19,6 +19,9 @@ def csv_records(text: str, label: str) -> Iterator[tuple[int, list[str]]]:
     Strict parsing: a stray or unclosed quote is an error naming the line its record starts
     on, where a lenient reader would swallow the following rows into one cell, uncounted.
     """
+    # The whole file is in memory already: the csv module's 128 KiB cap on a cell guards nothing here, and
+    # called a valid file with one long message invalid. clean's max_chars drops such a message, counted.
+    csv.field_size_limit(max(csv.field_size_limit(), min(len(text) + 1, 2**31 - 1)))  # a C long on every OS
     reader = csv.reader(io.StringIO(text, newline="\n"), strict=True)
     while True:
         start = reader.line_num + 1  # a record with quoted line breaks spans several lines

@@ -74,8 +74,20 @@ def conversation_examples(conv: dict, cfg: SplitConfig, persona: str, skipped: C
     return examples
 
 
-def assign_conversations(conversation_ids: list[str], cfg: SplitConfig, seed: int) -> dict[str, str]:
-    """Seeded shuffle of conversation ids, cut by the ratios; each non-zero split gets at least one."""
+# The key that decides each kind of skipped reply, for a message that says why too few were left.
+SKIP_KEYS = {"target_too_short": "split.min_target_chars", "no_user_turn_in_context": "split.context_turns"}
+
+
+def skipped_note(skipped: Counter) -> str:
+    """``; replies skipped: 812 shorter than split.min_target_chars ...``, or nothing if none was skipped."""
+    parts = [f"{count} {reason.replace('_', ' ')}" + (f" ({SKIP_KEYS[reason]})" if reason in SKIP_KEYS else "")
+             for reason, count in sorted(skipped.items()) if count]
+    return f" Persona replies skipped: {', '.join(parts)}." if parts else ""
+
+
+def assign_conversations(conversation_ids: list[str], cfg: SplitConfig, seed: int, why: str = "") -> dict[str, str]:
+    """Seeded shuffle of conversation ids, cut by the ratios; each non-zero split gets at least one.
+    ``why``: what left so few, said when the train split would be empty."""
     ids = sorted(conversation_ids)
     random.Random(seed).shuffle(ids)
     ratios = {name: getattr(cfg.ratios, name) for name in SPLITS}
@@ -86,8 +98,9 @@ def assign_conversations(conversation_ids: list[str], cfg: SplitConfig, seed: in
     sizes["train"] = len(ids) - sizes["val"] - sizes["test"]
     if sizes["train"] <= 0:
         raise PipelineError(
-            f"split: only {len(ids)} conversation(s) have persona replies; not enough for a train split. "
+            f"split: only {len(ids)} conversation(s) have persona replies; not enough for a train split.{why} "
             "Add data, lower split.ratios.val/test, or choose another split.persona"
+            + (", or change a key named above" if why else "")
         )
     assignment, start = {}, 0
     for name in SPLITS:
@@ -103,7 +116,7 @@ def split_examples(conversations: list[dict], cfg: SplitConfig, seed: int, sourc
     skipped: Counter = Counter()
     by_conversation = {c["id"]: conversation_examples(c, cfg, persona, skipped) for c in conversations}
     by_conversation = {cid: exs for cid, exs in by_conversation.items() if exs}
-    assignment = assign_conversations(list(by_conversation), cfg, seed)
+    assignment = assign_conversations(list(by_conversation), cfg, seed, skipped_note(skipped))
     splits: dict[str, list[dict]] = {name: [] for name in SPLITS}
     for conv_id in sorted(by_conversation):
         splits[assignment[conv_id]].extend(by_conversation[conv_id])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from qlora_pipeline import tracking
@@ -43,4 +44,9 @@ def run_split(params: Params, clean_dir: Path, out_dir: Path, metrics_path: Path
     sizes = ", ".join(f"{name} {metrics[name]['examples']}" for name in SPLITS)
     print(f"split: persona {metrics['persona']}; examples {sizes} (+{metrics['canary_examples']} canary) "
           f"-> {out_dir}/, {canaries_path}, {metrics_path}")
+    if metrics["canary_examples"] > metrics["train"]["examples"]:
+        # Allowed (a small test run may want it), but then the adapter learns the canaries more than the person.
+        print(f"warning: {metrics['canary_examples']} canary examples (risk.canaries x risk.canary_repeats) outnumber "
+              f"the {metrics['train']['examples']} real train examples: the persona learns the canaries more than the "
+              "person; lower risk.canaries or risk.canary_repeats", file=sys.stderr)
     return metrics

@@ -15,6 +15,7 @@ import ipaddress
 import json
 import os
 import signal
+import socket
 import sys
 import time
 import uuid
@@ -601,9 +602,28 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a port another program listens on before the model loads, not after (uvicorn binds last).
+
+    A check, not a reservation: the port is bound and let go at once, as uvicorn binds it (SO_REUSEADDR)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as err:
+        raise PipelineError(f"--host {host}: not an address of this machine ({err.strerror})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as err:
+            raise PipelineError(f"--port {port}: cannot listen on {host}:{port} ({err.strerror}); stop what "
+                                "listens there, or pick another port") from None
+
+
 def main(args: Any) -> None:
     from qlora_pipeline.serving.models import load_from_args
 
+    check_port_free(args.host, args.port)
     persona, defaults = load_from_args(args)
     settings = settings_from_args(args, defaults)
     if not _is_loopback(args.host) and settings.api_key is None:

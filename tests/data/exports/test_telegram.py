@@ -144,6 +144,13 @@ def test_half_of_a_surrogate_pair_names_its_line(tmp_path):
         telegram.read(path, "result.json", None, ExportCounts())
 
 
+def test_an_export_saved_in_utf16_is_named_as_not_utf8_not_as_another_apps(tmp_path):
+    path = write_chat(tmp_path, [message(1, "Ana", "hi"), message(2, "Ben", "yo")])
+    path.write_bytes(path.read_text().encode("utf-16"))  # re-saved by an editor; it was called "not a Telegram export"
+    with pytest.raises(PipelineError, match=r"^result\.json:1: byte 0xff is not valid UTF-8; export the chat again"):
+        telegram.read(path, "result.json", None, ExportCounts())
+
+
 def test_whole_surrogate_pairs_and_escaped_backslashes_are_text(tmp_path):
     path = write_chat(tmp_path, [message(1, "Ana", "\U0001F600 C:\\ud800"), message(2, "Ben", "yo")])
     assert "\\ud83d\\ude00" in path.read_text()  # json.dumps escapes the emoji as a pair

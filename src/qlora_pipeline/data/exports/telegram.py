@@ -29,6 +29,7 @@ from qlora_pipeline.data.exports.common import (
     Thread,
     clean_name,
     read_json_export,
+    read_text,
 )
 from qlora_pipeline.errors import PipelineError
 
@@ -58,6 +59,7 @@ def looks_like(head: bytes, name: str) -> bool:
 
 def read(path: Path, label: str, cfg: DataConfig, counts: ExportCounts) -> list[Thread]:
     data = path.read_bytes()
+    read_text(data, label)  # a file in another encoding (UTF-16) is named as such, not as another app's file
     # Checked before parsing, so that a JSONL log or a WhatsApp .txt gets "set data.source",
     # not a JSON syntax error.
     if not looks_like(data[:1 << 16], path.name):

@@ -1,0 +1,66 @@
+"""The command line refuses what it cannot use before any work, naming the flag; summary reads what it can."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+
+from qlora_pipeline.cli import main
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["runs", "--limit", "0"], "argument --limit: '0' is not a whole number of at least 1"),
+    (["serve", "--port", "70000"], "argument --port: '70000' is not a whole number from 1 to 65535"),
+    (["serve", "--port", "-5"], "argument --port: '-5' is not a whole number from 1 to 65535"),
+    (["serve", "--request-timeout", "nan"], "argument --request-timeout: 'nan' is not a number of seconds above 0"),
+    (["serve", "--grace-seconds", "inf"], "argument --grace-seconds: 'inf' is not a number of seconds above 0"),
+    (["serve", "--max-context", "-5"], "argument --max-context: '-5' is not a whole number of at least 1"),
+    (["serve", "--max-context", "0"], "argument --max-context: '0' is not a whole number of at least 1"),
+    (["serve", "--max-queue", "-1"], "argument --max-queue: '-1' is not a whole number of at least 0"),
+    (["export", "--adapter", "a=models/a", "--adapter", "b=models/b", "--out", "x"],
+     "argument --adapter: given twice; export takes one adapter"),
+    (["export", "--adapter", "models/a", "--out", "x", "--max-samples", "0"],
+     "argument --max-samples: '0' is not a whole number of at least 1"),
+])
+def test_a_flag_out_of_range_is_refused_before_any_work(argv, expected, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_summary_prints_what_it_can_read_and_names_what_it_cannot(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "train.json").write_text(json.dumps(
+        {"steps": 80, "zero_shot_val_loss": 4.6, "best_val_loss": 4.06, "best_step": 80, "wall_seconds": 150.0}))
+    assert main(["summary"]) == 0
+    assert "Training: 80 steps, validation loss 4.6 (zero-shot) -> 4.06 (best, step 80), 150.0 s." in (
+        capsys.readouterr().out)
+
+    (tmp_path / "metrics" / "split.json").write_text("{oops")  # damaged
+    (tmp_path / "metrics" / "eval.json").write_text(json.dumps({"steps": 1}))  # another version's, or another file
+    assert main(["summary"]) == 1
+    out, err = capsys.readouterr()
+    assert "Training: 80 steps" in out and "Compare runs:" in out  # the rest is still printed
+    assert "metrics/split.json: not readable (JSONDecodeError" in out
+    assert "metrics/eval.json: not readable (KeyError: 'samples')" in out
+    assert err.startswith("error: metrics/split.json, metrics/eval.json: not the metrics this version's stages write")
+
+
+def test_serve_refuses_a_port_in_use_before_loading_a_model():
+    from qlora_pipeline.errors import PipelineError
+    from qlora_pipeline.serving.server import check_port_free
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(PipelineError, match=rf"--port {port}: cannot listen on 127.0.0.1:{port} \(Address "
+                                                r"already in use\); stop what listens there, or pick another port"):
+            check_port_free("127.0.0.1", port)
+    check_port_free("127.0.0.1", port)  # let go: free again
+    with pytest.raises(PipelineError, match=rf"cannot listen on 192.0.2.1:{port} \(Cannot assign requested"):
+        check_port_free("192.0.2.1", port)  # TEST-NET-1: an address of no machine here
