@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
 import subprocess
 import threading
@@ -59,6 +60,9 @@ def roots(tmp_path_factory, persona_adapters):
     shutil.copytree(persona_adapters["carol"], top / "allowed" / "carol")
     shutil.copytree(persona_adapters["carol"], top / "outside" / "carol")
     (top / "allowed" / "sneaky").symlink_to(top / "outside" / "carol")
+    (top / "allowed" / "linked").mkdir()  # a real folder inside, its files links out of the root
+    for file in (top / "outside" / "carol").iterdir():
+        (top / "allowed" / "linked" / file.name).symlink_to(file)
     return top
 
 
@@ -179,12 +183,16 @@ def test_runtime_load_and_unload_with_path_checks(url, roots, persona):
     assert traversal.status_code == 403
     link = post("load_lora_adapter", {"lora_name": "carol", "lora_path": str(roots / "allowed" / "sneaky")})
     assert link.status_code == 403  # a link inside the root pointing out of it
+    linked = post("load_lora_adapter", {"lora_name": "carol", "lora_path": str(roots / "allowed" / "linked")})
+    assert linked.status_code == 403 and "adapter_config.json" in linked.json()["error"]["message"]  # was 200
     assert post("load_lora_adapter", {"lora_name": "base", "lora_path": str(roots / "allowed" / "carol")}
                 ).status_code == 400
     loaded = post("load_lora_adapter", {"lora_name": "carol", "lora_path": str(roots / "allowed" / "carol")})
     assert loaded.status_code == 200, loaded.text
     try:
-        assert [m.id for m in client(url).models.list().data] == ["base", "alice", "bob", "carol"]
+        models = client(url).models.list().data
+        assert [m.id for m in models] == ["base", "alice", "bob", "carol"]
+        assert str(roots) not in json.dumps([m.model_dump() for m in models])  # no server path in the list
         reply = client(url).chat.completions.create(model="carol", messages=[{"role": "user", "content": "hi there"}],
                                                     max_tokens=8, temperature=0)
         assert reply.choices[0].message.content == expected(persona, "carol", "hi there")[0]
@@ -197,6 +205,46 @@ def test_runtime_load_and_unload_with_path_checks(url, roots, persona):
                       json={"model": "carol", "messages": [{"role": "user", "content": "hi"}]})
     assert gone.status_code == 404
     assert post("unload_lora_adapter", {"lora_name": "carol"}).status_code == 404
+
+
+def test_an_unload_while_requests_run_fails_none_of_the_other_models_requests(url, roots, persona):
+    # Unloading while a batch ran answered 500 to every row of the batch, other models' rows too (KeyError in the
+    # forward's adapter lookup); the unloaded model's own rows now hear 404 model_not_found.
+    def post(route, body):
+        return httpx.post(f"{url}/v1/{route}", json=body, timeout=120)
+
+    assert post("load_lora_adapter", {"lora_name": "carol", "lora_path": str(roots / "allowed" / "carol")}
+                ).status_code == 200
+    answers: dict[str, list[httpx.Response]] = {}
+
+    def ask(model: str) -> None:
+        answers.setdefault(model, []).append(post("chat/completions", {
+            "model": model, "max_tokens": 64, "temperature": 1.0, "seed": 7,
+            "messages": [{"role": "user", "content": "tell me about your week"}]}))
+
+    try:
+        threads = [threading.Thread(target=ask, args=(model,)) for model in ("base", "alice", "carol") * 2]
+        for thread in threads:
+            thread.start()
+        time.sleep(1.0)  # the six are in the batch
+    finally:
+        assert post("unload_lora_adapter", {"lora_name": "carol"}).status_code == 200
+    for thread in threads:
+        thread.join()
+    for model in ("base", "alice"):
+        assert [r.status_code for r in answers[model]] == [200, 200], [r.text for r in answers[model]]
+    for response in answers["carol"]:  # finished before the unload, or told it was unloaded
+        assert response.status_code == 200 or (response.status_code == 404 and response.json()["error"]["code"]
+                                               == "model_not_found"), response.text
+
+
+def test_metrics_label_only_the_models_served(url):
+    for name in ("z" * 1000, "y" * 1000):
+        assert httpx.post(f"{url}/v1/chat/completions", timeout=30, json={
+            "model": name, "messages": [{"role": "user", "content": "hi"}]}).status_code == 404
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    assert "z" * 1000 not in text and "y" * 1000 not in text  # a label per name grew memory without bound
+    assert re.search(r'^qlora_pipeline:requests_total\{model="unknown",status="404"\} [2-9]', text, re.M), text
 
 
 def test_concurrent_clients_over_several_adapters_are_batched(url, persona, engine):

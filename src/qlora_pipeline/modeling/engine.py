@@ -543,7 +543,9 @@ class Engine:
     def _iterate(self, waiting: deque) -> list[_Row]:
         """Admit waiting rows if it is time, then one decode step; the rows that finished."""
         finished: list[_Row] = []
-        with torch.no_grad(), self.autocast():
+        # The model's lock over the whole step: an adapter unloaded between the rows' check and the forward
+        # failed every row of the batch, other models' rows too (KeyError in the forward's adapter lookup).
+        with torch.no_grad(), self.autocast(), self.lock:
             finished += self._drop_cancelled()
             finished += self._admit(waiting)
             if self.rows:

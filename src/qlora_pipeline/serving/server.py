@@ -33,7 +33,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from qlora_pipeline.config import ChatConfig
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.serving.admission import Admission
-from qlora_pipeline.serving.engine import Completion, Engine, Job, Sampling, describe
+from qlora_pipeline.serving.engine import Completion, Engine, GenerationError, Job, Sampling, describe
 from qlora_pipeline.serving.metrics import ServerMetrics
 from qlora_pipeline.serving.models import BASE, AdapterSpec, PersonaModel, check_name
 from qlora_pipeline.serving.prompts import prompt_ids, with_system_prompt
@@ -253,7 +253,8 @@ def create_app(persona: PersonaModel, engine: Engine, settings: Settings) -> Fas
             try:
                 await asyncio.to_thread(persona.load_adapter, AdapterSpec(body.lora_name, str(folder)))
             except PipelineError as err:
-                raise APIError(400, str(err), param="lora_path", code="invalid_adapter") from None
+                raise APIError(400, client_message(err, folder, body.lora_path, persona), param="lora_path",
+                               code="invalid_adapter") from None
             return {"object": "adapter", "id": body.lora_name, "status": "loaded", "models": persona.names}
 
     @app.post("/v1/unload_lora_adapter", dependencies=[authorized])
@@ -311,7 +312,28 @@ def allowed_adapter_folder(settings: Settings, path: str) -> Path:
                        code="path_not_allowed")
     if not is_dir:
         raise APIError(400, f"lora_path {path}: no such folder", param="lora_path", code="invalid_adapter")
+    # The folder is inside; each file read from it must be too: a link inside the folder led out of the roots.
+    try:
+        out = sorted(entry.name for entry in folder.iterdir()
+                     if not any(entry.resolve().is_relative_to(root) for root in roots))
+    except (RuntimeError, OSError) as err:  # a link loop, a folder it may not read
+        raise APIError(400, f"lora_path {path} is not a usable folder ({type(err).__name__})", param="lora_path",
+                       code="invalid_adapter") from None
+    if out:
+        raise APIError(403, f"lora_path {path}: {', '.join(out)} link(s) outside the allowed adapter roots",
+                       type_="permission_error", param="lora_path", code="path_not_allowed")
     return folder
+
+
+def client_message(err: Exception, folder: Path, lora_path: str, persona: PersonaModel) -> str:
+    """``err``'s message with the server's own paths put as the client knows them: the lora_path it sent (not
+    where links resolve to) and the base by name."""
+    return str(err).replace(str(folder), lora_path).replace(str(persona.base_dir), BASE)
+
+
+def public_source(source: str) -> str:
+    """Where a model came from, as a client may see it: a run's URI, or a folder's name (not a path on the server)."""
+    return source if source.startswith("runs:/") else Path(source).name
 
 
 def model_cards(persona: PersonaModel, created: int, defaults: ChatConfig) -> list[dict]:
@@ -319,10 +341,11 @@ def model_cards(persona: PersonaModel, created: int, defaults: ChatConfig) -> li
     decoding = {"temperature": defaults.temperature, "top_p": defaults.top_p, "top_k": defaults.top_k,
                 "repetition_penalty": defaults.repetition_penalty,
                 "no_repeat_ngram_size": defaults.no_repeat_ngram_size, "max_tokens": defaults.max_new_tokens}
-    cards = [{"id": BASE, "object": "model", "created": created, "owned_by": OWNER, "root": str(persona.base_dir),
+    cards = [{"id": BASE, "object": "model", "created": created, "owned_by": OWNER, "root": persona.base_dir.name,
               "parent": None, "system_prompt": persona.system_prompt(BASE), "default_decoding": decoding}]
     for name, adapter in persona.adapters.items():
-        cards.append({"id": name, "object": "model", "created": created, "owned_by": OWNER, "root": adapter.source,
+        cards.append({"id": name, "object": "model", "created": created, "owned_by": OWNER,
+                      "root": public_source(adapter.source),
                       "parent": BASE, "system_prompt": persona.system_prompt(name), "default_decoding": decoding})
     return cards
 
@@ -356,9 +379,11 @@ class Meta:
 
 def build_job(persona: PersonaModel, settings: Settings, body: ChatCompletionRequest) -> tuple[Job, Meta]:
     """Check a request against the model and limits, and turn it into a generation job."""
-    if body.model not in persona.names:
+    try:  # looked up once: an unload between a check and a second lookup answered 500
+        peft_name = persona.peft_name(body.model)
+    except KeyError:
         raise APIError(404, f"the model '{body.model}' does not exist; available: {', '.join(persona.names)}",
-                       param="model", code="model_not_found")
+                       param="model", code="model_not_found") from None
     if body.n is not None and body.n > 1:
         raise APIError(400, "n > 1 is not supported: send n requests (with different seeds) instead", param="n",
                        code="unsupported_value")
@@ -377,7 +402,7 @@ def build_job(persona: PersonaModel, settings: Settings, body: ChatCompletionReq
     sampling = Sampling(temperature=defaults.temperature if body.temperature is None else body.temperature,
                         top_p=defaults.top_p if body.top_p is None else body.top_p, seed=body.seed,
                         presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0)
-    job = Job(ids, persona.peft_name(body.model), max_tokens, sampling, stop=stops)
+    job = Job(ids, peft_name, max_tokens, sampling, stop=stops)
     return job, Meta(f"chatcmpl-{uuid.uuid4().hex}", body.model, int(time.time()))
 
 
@@ -459,6 +484,8 @@ async def complete(engine: Engine, job: Job, meta: Meta, timeout: float, timing:
     except asyncio.CancelledError:
         job.cancelled.set()
         raise
+    except GenerationError as err:  # the model was unloaded while the request ran
+        raise unloaded_error(meta.model, err) from None
     except Exception as err:
         raise APIError(500, f"generation failed: {err}", type_="server_error") from err
     timing.finished(completion)
@@ -467,6 +494,11 @@ async def complete(engine: Engine, job: Job, meta: Meta, timeout: float, timing:
             "choices": [{"index": 0, "message": {"role": "assistant", "content": completion.text},
                          "logprobs": None, "finish_reason": completion.finish_reason}],
             "usage": usage(completion)}
+
+
+def unloaded_error(model: str, err: GenerationError) -> APIError:
+    return APIError(404, f"the model '{model}' was unloaded while this request ran ({err}); ask another model",
+                    param="model", code="model_not_found")
 
 
 def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
@@ -512,8 +544,10 @@ async def stream_completion(engine: Engine, job: Job, meta: Meta, body: ChatComp
                 if kind == "text":
                     yield {"data": chunk({"content": value})}
                 elif kind == "error":
-                    yield {"data": json.dumps({"error": {"message": f"generation failed: {value}",
-                                                         "type": "server_error", "param": None, "code": None}})}
+                    err = unloaded_error(meta.model, value) if isinstance(value, GenerationError) else APIError(
+                        500, f"generation failed: {value}", type_="server_error")
+                    yield {"data": json.dumps({"error": {"message": err.message, "type": err.type,
+                                                         "param": err.param, "code": err.code}})}
                     break
                 else:
                     timing.finished(value)
