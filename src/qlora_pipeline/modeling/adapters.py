@@ -7,7 +7,8 @@ the unquantized weights to float32), so a reloaded adapter gives the logits it g
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,13 +17,61 @@ from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.io import read_json
 from qlora_pipeline.layout import RESOLVED_CONFIG
 
+TRAIN_METHODS = ("qlora", "lora", "full")  # train.method's values; all but full save an adapter
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # what PEFT's save_pretrained writes
+# How to mend a damaged adapter folder: every message about one ends with it.
+FIX_ADAPTER = "copy the adapter folder again, or retrain it (dvc repro train-adapter)"
+
 
 def read_training_config(adapter_dir: Path) -> dict:
     path = adapter_dir / RESOLVED_CONFIG
     if not path.is_file():
         raise PipelineError(f"{adapter_dir}: no trained adapter ({RESOLVED_CONFIG} missing); "
                             "run the train-adapter stage first (dvc repro train-adapter)")
-    return read_json(path)
+    return check_training_config(read_json(path), path)
+
+
+def check_training_config(resolved: Any, path: Path) -> dict:
+    """``resolved`` (read from ``path``), refused unless it has the shape train-adapter writes and the loaders read.
+
+    Checked before any model loads: a hand-edited or damaged file fails here, naming the key, not deep in a load.
+    """
+    if not isinstance(resolved, dict):
+        raise PipelineError(f"{path}: expected a JSON object, as train-adapter writes it, not a "
+                            f"{type(resolved).__name__}; {FIX_ADAPTER}")
+    method = resolved.get("method")
+    if method not in TRAIN_METHODS:
+        raise PipelineError(f"{path}: key 'method' is {method!r}, not one of {', '.join(TRAIN_METHODS)} "
+                            f"(train.method of the run that trained it); fix the key, {FIX_ADAPTER}")
+    for key, kind, types in _SHAPE:
+        value = _dotted(resolved, key)
+        if not isinstance(value, types):
+            raise PipelineError(f"{path}: key '{key}' must be {kind}, not {json.dumps(value)[:60]}; "
+                                f"fix the key, {FIX_ADAPTER}")
+    if method == "lora" and not isinstance(resolved["model"].get("name_or_path"), str):
+        raise PipelineError(f"{path}: key 'model.name_or_path' must be a string (the source a lora adapter was "
+                            f"trained on, loaded again under it); fix the key, {FIX_ADAPTER}")
+    return resolved
+
+
+# (dotted key, what it must be, the types it may have): what the loaders read with .get() chains and slices.
+# An absent key reads as None, as a null one does.
+_SHAPE: tuple[tuple[str, str, tuple[type, ...]], ...] = (
+    ("model", "an object (the params' model section)", (dict,)),
+    ("model.quantization", "an object or absent", (dict, type(None))),
+    ("train", "an object or absent", (dict, type(None))),
+    ("base_fingerprint", "a string or null", (str, type(None))),
+    ("split", "an object or null", (dict, type(None))),
+    ("split.system_prompt", "a string or null", (str, type(None))),
+)
+
+
+def _dotted(resolved: dict, key: str) -> Any:
+    """The value at ``key`` (``a.b``), or None where a part is absent (a part that is no object was checked before)."""
+    node: Any = resolved
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
 
 
 def load_base_for(resolved: dict, base_dir: Path, workdir: Path | None = None) -> tuple[Any, Any]:
@@ -184,12 +233,47 @@ def attach_adapters(base: Any, adapters: dict[str, Path]) -> Any:
     from qlora_pipeline.modeling.preparation import quiet_peft_deprecations
 
     names = list(adapters)
-    with quiet_peft_deprecations():
+    with quiet_peft_deprecations(), adapter_load_errors(names[0], adapters[names[0]]):
         model = PeftModel.from_pretrained(base, str(adapters[names[0]]), adapter_name=names[0])
     for name in names[1:]:
-        model.load_adapter(adapters[name], adapter_name=name)
+        with adapter_load_errors(name, adapters[name]):
+            model.load_adapter(adapters[name], adapter_name=name)
     model.set_adapter(names[0])
     return model.eval()
+
+
+@contextlib.contextmanager
+def adapter_load_errors(name: str, folder: Path) -> Iterator[None]:
+    """Within the block, PEFT's and safetensors' errors about an adapter's files become a PipelineError naming them.
+
+    Only what a damaged or mismatched adapter raises is caught (any other error is a bug, and keeps its
+    traceback); the original stays as ``__cause__``.
+    """
+    from peft.utils.error import NoMatchingPeftModuleError
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except NoMatchingPeftModuleError as err:
+        raise PipelineError(f"adapter '{name}' ({folder}): the target_modules of its adapter_config.json name no "
+                            f"layer of the loaded base ({_first_line(err)}); it was trained for another base: load "
+                            "it with that base, or retrain it on this one") from err
+    except SafetensorError as err:
+        raise PipelineError(f"adapter '{name}' ({folder}): {ADAPTER_WEIGHTS} could not be read ({_first_line(err)}); "
+                            f"it is cut short or damaged: {FIX_ADAPTER}") from err
+    except RuntimeError as err:
+        if "size mismatch" not in str(err):  # torch's load_state_dict: the weights are not the config's shapes
+            raise
+        raise PipelineError(f"adapter '{name}' ({folder}): {ADAPTER_WEIGHTS} does not fit its adapter_config.json "
+                            f"(size mismatch: r or target_modules edited after training?); {FIX_ADAPTER}") from err
+    except (ValueError, OSError) as err:
+        raise PipelineError(f"adapter '{name}' ({folder}): its adapter_config.json and {ADAPTER_WEIGHTS} could not "
+                            f"be loaded onto the base ({type(err).__name__}: {_first_line(err)}); "
+                            f"{FIX_ADAPTER}") from err
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def load_tuned(base_dir: Path, adapter_dir: Path, workdir: Path | None = None) -> tuple[Any, Any, dict]:

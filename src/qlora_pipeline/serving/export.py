@@ -26,6 +26,7 @@ import contextlib
 import copy
 import json
 import math
+import os
 import tempfile
 import time
 import warnings
@@ -43,7 +44,7 @@ from qlora_pipeline.hardware import resolve_mixed_precision
 from qlora_pipeline.io import atomic_path, read_json, read_jsonl, remove_outputs, write_json, write_text
 from qlora_pipeline.labels import IGNORE_INDEX
 from qlora_pipeline.layout import RESOLVED_CONFIG
-from qlora_pipeline.modeling.adapters import attach_adapters, autocast_like_training, load_base_for
+from qlora_pipeline.modeling.adapters import FIX_ADAPTER, attach_adapters, autocast_like_training, load_base_for
 from qlora_pipeline.modeling.inference import dequantize_weight, dequantized
 from qlora_pipeline.modeling.loading import NO_HUB_KERNELS, device_map, set_end_token
 from qlora_pipeline.modeling.preparation import base_fingerprint
@@ -126,9 +127,28 @@ def downloaded_adapter(args: Any, params: Params) -> Iterator[Adapter]:
 
 
 def check_out_free(out: Path) -> None:
-    if out.exists() or out.is_symlink():
-        raise PipelineError(f"--out {out} already exists; remove it or choose another folder "
-                            "(export never writes over a model)")
+    """``--out`` is free and can be made: checked before the minutes of a merge, creating nothing."""
+    try:
+        if out.exists() or out.is_symlink():
+            raise PipelineError(f"--out {out} already exists; remove it or choose another folder "
+                                "(export never writes over a model)")
+        check_out_writable(out)
+    except OSError as err:  # e.g. a folder on the way this user may not look into
+        raise PipelineError(f"--out {out}: cannot be checked ({err.strerror or err}); choose an --out in a "
+                            "folder you can write to") from None
+
+
+def check_out_writable(out: Path) -> None:
+    """The nearest folder of ``out`` that exists is a folder this process can write into (the rest is made later)."""
+    ancestor = out.absolute().parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise PipelineError(f"--out {out}: {ancestor} is a file, not a folder, so nothing can be made in it; "
+                            "choose an --out in a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise PipelineError(f"--out {out}: the folder {ancestor} is not writable; choose an --out in a folder "
+                            "you can write to")
 
 
 def check_test_file(path: Path) -> None:
@@ -149,6 +169,11 @@ def resolve_adapter(source: str, base_dir: Path, tracking_uri: str | None, downl
             f"--adapter {spec.source} was trained with method {method} on the unquantized source, so there is no "
             "quantization to undo: merge it into that source with PeftModel.from_pretrained(...).merge_and_unload(); "
             "export handles qlora adapters")
+    max_length = (adapter.resolved.get("train") or {}).get("max_length")
+    if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
+        raise PipelineError(f"--adapter {spec.source}: {folder / RESOLVED_CONFIG} key 'train.max_length' must be a "
+                            f"positive integer (test rows are cut to it as training cut them), not {max_length!r}; "
+                            f"{FIX_ADAPTER}")
     fingerprint = base_fingerprint(QLORA, base_dir, adapter.resolved.get("model", {}))
     check_same_base([adapter], QLORA, fingerprint, str(base_dir))
     return adapter
@@ -156,12 +181,22 @@ def resolve_adapter(source: str, base_dir: Path, tracking_uri: str | None, downl
 
 def refuse_full_model(source: str, folder: Path) -> None:
     """A full fine-tune is already what export makes: say so instead of a generic "not an adapter"."""
-    resolved_path = folder / RESOLVED_CONFIG
-    is_full = resolved_path.is_file() and read_json(resolved_path).get("method") == "full"
+    is_full = _recorded_method(folder / RESOLVED_CONFIG) == "full"
     if is_full or ((folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file()):
         raise PipelineError(f"--adapter {source} is a full fine-tuned model, not an adapter: it is already a plain "
                             "model that AutoModelForCausalLM.from_pretrained loads, with nothing to merge; "
                             "copy the folder instead")
+
+
+def _recorded_method(resolved_path: Path) -> Any:
+    """The ``method`` of training_config.json; None where it is absent or damaged (read_adapter says how)."""
+    if not resolved_path.is_file():
+        return None
+    try:
+        resolved = read_json(resolved_path)
+    except PipelineError:
+        return None
+    return resolved.get("method") if isinstance(resolved, dict) else None
 
 
 def read_test_rows(path: Path, cap: int, seed: int) -> list[dict]:

@@ -104,8 +104,11 @@ def fetch_adapter(source: str, tracking_uri: str | None, downloads: Path | None 
 
 
 def read_adapter(name: str, source: str, folder: Path) -> Adapter:
-    """The adapter in ``folder``, refused with a clear message when it is no LoRA adapter of this pipeline."""
-    from qlora_pipeline.io import read_json
+    """The adapter in ``folder``, refused with a clear message when it is no LoRA adapter of this pipeline.
+
+    Every file is checked here, before any base loads: a damaged adapter costs no load time.
+    """
+    from qlora_pipeline.modeling.adapters import check_training_config
 
     resolved_path = folder / RESOLVED_CONFIG
     if (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():
@@ -117,10 +120,52 @@ def read_adapter(name: str, source: str, folder: Path) -> Adapter:
     if not resolved_path.is_file():
         raise PipelineError(f"adapter '{name}' ({source}): no {RESOLVED_CONFIG}; only adapters trained by this "
                             "pipeline carry the base they belong to")
-    resolved = read_json(resolved_path)
-    if resolved.get("method") == "full":
+    resolved = _read_adapter_json(name, source, resolved_path)
+    try:
+        check_training_config(resolved, resolved_path)
+    except PipelineError as err:
+        raise PipelineError(f"adapter '{name}' ({source}): {err}") from None
+    if resolved["method"] == "full":
         raise PipelineError(f"adapter '{name}' ({source}) is a full fine-tune, not an adapter")
+    check_adapter_files(name, source, folder)
     return Adapter(name, source, folder, resolved)
+
+
+def check_adapter_files(name: str, source: str, folder: Path) -> None:
+    """PEFT's two files in ``folder`` are whole: checked before any base loads, so a damaged copy costs no load time.
+
+    adapter_config.json must parse as a JSON object; the weights' safetensors header must cover the whole file
+    (``safe_open`` reads the header only, not the tensors).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    from qlora_pipeline.modeling.adapters import ADAPTER_WEIGHTS, FIX_ADAPTER
+
+    config_path = folder / "adapter_config.json"
+    config = _read_adapter_json(name, source, config_path)
+    if not isinstance(config, dict):
+        raise PipelineError(f"adapter '{name}' ({source}): {config_path} holds a {type(config).__name__}, not the "
+                            f"JSON object PEFT writes; {FIX_ADAPTER}")
+    weights = folder / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise PipelineError(f"adapter '{name}' ({source}): no {ADAPTER_WEIGHTS} in {folder}; {FIX_ADAPTER}")
+    try:
+        with safe_open(str(weights), framework="pt"):
+            pass
+    except SafetensorError as err:
+        raise PipelineError(f"adapter '{name}' ({source}): {weights} is not a complete safetensors file ({err}); "
+                            f"it was cut short or damaged: {FIX_ADAPTER}") from None
+
+
+def _read_adapter_json(name: str, source: str, path: Path) -> Any:
+    """``read_json(path)``; its error (which names the file and line) says which adapter it is and the fix."""
+    from qlora_pipeline.io import read_json
+    from qlora_pipeline.modeling.adapters import FIX_ADAPTER
+
+    try:
+        return read_json(path)
+    except PipelineError as err:
+        raise PipelineError(f"adapter '{name}' ({source}): {err}; {FIX_ADAPTER}") from None
 
 
 def check_same_base(adapters: list[Adapter], method: str, fingerprint: str, base_label: str) -> None:
@@ -210,7 +255,7 @@ class PersonaModel:
         """Add an adapter at run time (the same base check as at start)."""
         from peft import PeftModel
 
-        from qlora_pipeline.modeling.adapters import attach_adapters
+        from qlora_pipeline.modeling.adapters import adapter_load_errors, attach_adapters
 
         with self.lock:
             if spec.name in self.adapters:
@@ -218,7 +263,15 @@ class PersonaModel:
             adapter = read_adapter(spec.name, spec.source, fetch_adapter(spec.source, self.tracking_uri, self.downloads))
             check_same_base([adapter], self.method, self.fingerprint, str(self.base_dir))
             if isinstance(self.model, PeftModel):
-                self.model.load_adapter(str(adapter.folder), adapter_name=adapter.name)
+                try:
+                    with adapter_load_errors(adapter.name, adapter.folder):
+                        self.model.load_adapter(str(adapter.folder), adapter_name=adapter.name)
+                except BaseException:
+                    # PEFT adds the layers before it reads the weights: a failed load left them behind, holding
+                    # memory (~12 MB a try) and the name, which every later load of it then failed on
+                    if adapter.name in self.model.peft_config:
+                        self.model.delete_adapter(adapter.name)
+                    raise
             else:
                 self.model = attach_adapters(self.model, {adapter.name: adapter.folder})
                 self.resolved = adapter.resolved

@@ -255,6 +255,10 @@ def create_app(persona: PersonaModel, engine: Engine, settings: Settings) -> Fas
             except PipelineError as err:
                 raise APIError(400, client_message(err, folder, body.lora_path, persona), param="lora_path",
                                code="invalid_adapter") from None
+            except Exception as err:  # PEFT on a folder it cannot read (a config value of the wrong type, ...)
+                raise APIError(400, f"lora_path {body.lora_path}: PEFT could not load this adapter "
+                                    f"({type(err).__name__}); check its adapter_config.json, or copy the folder again "
+                                    "from training", param="lora_path", code="invalid_adapter") from None
             return {"object": "adapter", "id": body.lora_name, "status": "loaded", "models": persona.names}
 
     @app.post("/v1/unload_lora_adapter", dependencies=[authorized])
