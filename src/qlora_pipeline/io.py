@@ -172,6 +172,16 @@ def read_json(path: str | Path) -> Any:
         raise PipelineError(f"{path}: not valid JSON ({err})") from None
 
 
+def read_json_object(path: str | Path) -> dict:
+    """The JSON object in ``path``, or {} where there is none (absent, unreadable, cut short, not an object): for
+    state that may be missing and for hints, never an error of its own."""
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     import hashlib
 

@@ -20,7 +20,7 @@ from qlora_pipeline import hardware
 from qlora_pipeline.config import Params, TrainConfig
 from qlora_pipeline.data.formatting import encode_example
 from qlora_pipeline.errors import PipelineError
-from qlora_pipeline.io import write_json
+from qlora_pipeline.io import read_json_object, write_json
 from qlora_pipeline.labels import IGNORE_INDEX
 from qlora_pipeline.modeling.loss import causal_lm_parts, target_token_nll
 
@@ -267,7 +267,7 @@ def resumable_checkpoint(checkpoints: Path, expected: str, max_steps: int) -> st
     A run that finished is not resumed: the stage only runs again when its code or inputs
     changed, and then training starts over.
     """
-    state = _read_json_state(checkpoints / FINGERPRINT)
+    state = read_json_object(checkpoints / FINGERPRINT)  # {} when absent, or cut by a kill
     if state.get("fingerprint") == expected and not state.get("completed"):
         complete = _drop_incomplete_checkpoints(checkpoints)
         # A checkpoint at max_steps means training had ended: the Trainer would take one step too many.
@@ -291,7 +291,7 @@ def _drop_incomplete_checkpoints(checkpoints: Path) -> list[tuple[int, Path]]:
         step = folder.name.rsplit("-", 1)[-1]
         if not (folder.is_dir() and step.isdigit()):
             continue
-        if _read_json_state(folder / "trainer_state.json").get("global_step") == int(step):
+        if read_json_object(folder / "trainer_state.json").get("global_step") == int(step):
             found.append((int(step), folder))
         else:
             print(f"train-adapter: removing {folder.name}: it was being written when the last run stopped",
@@ -300,18 +300,9 @@ def _drop_incomplete_checkpoints(checkpoints: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _read_json_state(path: Path) -> dict:
-    """A small JSON state file, or {} when absent or unreadable (a run killed while writing it)."""
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return state if isinstance(state, dict) else {}
-
-
 def mark_completed(checkpoints: Path) -> None:
     """Record that the run behind these checkpoints finished and its outputs were written."""
-    write_json(checkpoints / FINGERPRINT, {**_read_json_state(checkpoints / FINGERPRINT), "completed": True})
+    write_json(checkpoints / FINGERPRINT, {**read_json_object(checkpoints / FINGERPRINT), "completed": True})
 
 
 def prepare_model(params: Params, base_dir: Path, workdir: Path,

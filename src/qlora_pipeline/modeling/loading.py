@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
-import json
 import re
 import struct
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from typing import Any, Literal
 
 from qlora_pipeline.config import PACKAGE_PREFIX, ModelConfig
 from qlora_pipeline.errors import PipelineError
+from qlora_pipeline.io import read_json_object
 from qlora_pipeline.layout import RESOLVED_CONFIG
 
 GGUF_MAGIC = b"GGUF"
@@ -95,21 +95,12 @@ def check_model_folder(folder: Path) -> None:
 
 def _adapter_base_hint(folder: Path) -> str:
     """``" (<base>)"``: the base an adapter folder records, from training_config.json or PEFT's adapter_config.json."""
-    model = _json_object(folder / RESOLVED_CONFIG).get("model")
+    model = read_json_object(folder / RESOLVED_CONFIG).get("model")
     if isinstance(model, dict) and isinstance(model.get("name_or_path"), str):
         gguf = model.get("gguf_file")
         return f" ({model['name_or_path']}" + (f", model.gguf_file {gguf})" if isinstance(gguf, str) else ")")
-    base = _json_object(folder / "adapter_config.json").get("base_model_name_or_path")
+    base = read_json_object(folder / "adapter_config.json").get("base_model_name_or_path")
     return f" ({base})" if isinstance(base, str) and base else ""
-
-
-def _json_object(path: Path) -> dict:
-    """The JSON object in ``path``, or {} where there is none: for a hint only, never an error of its own."""
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return obj if isinstance(obj, dict) else {}
 
 
 def _looks_like_path(name: str) -> bool:

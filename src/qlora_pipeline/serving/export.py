@@ -41,7 +41,8 @@ from qlora_pipeline.data.formatting import encode_example
 from qlora_pipeline.data.sampling import cap_examples
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.hardware import resolve_mixed_precision
-from qlora_pipeline.io import atomic_path, read_json, read_jsonl, remove_outputs, write_json, write_text
+from qlora_pipeline.io import (atomic_path, read_json, read_json_object, read_jsonl, remove_outputs, write_json,
+                               write_text)
 from qlora_pipeline.labels import IGNORE_INDEX
 from qlora_pipeline.layout import RESOLVED_CONFIG
 from qlora_pipeline.modeling.adapters import FIX_ADAPTER, attach_adapters, autocast_like_training, load_base_for
@@ -181,22 +182,12 @@ def resolve_adapter(source: str, base_dir: Path, tracking_uri: str | None, downl
 
 def refuse_full_model(source: str, folder: Path) -> None:
     """A full fine-tune is already what export makes: say so instead of a generic "not an adapter"."""
-    is_full = _recorded_method(folder / RESOLVED_CONFIG) == "full"
+    # absent or damaged: not a full fine-tune by its record (read_adapter then says what is wrong)
+    is_full = read_json_object(folder / RESOLVED_CONFIG).get("method") == "full"
     if is_full or ((folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file()):
         raise PipelineError(f"--adapter {source} is a full fine-tuned model, not an adapter: it is already a plain "
                             "model that AutoModelForCausalLM.from_pretrained loads, with nothing to merge; "
                             "copy the folder instead")
-
-
-def _recorded_method(resolved_path: Path) -> Any:
-    """The ``method`` of training_config.json; None where it is absent or damaged (read_adapter says how)."""
-    if not resolved_path.is_file():
-        return None
-    try:
-        resolved = read_json(resolved_path)
-    except PipelineError:
-        return None
-    return resolved.get("method") if isinstance(resolved, dict) else None
 
 
 def read_test_rows(path: Path, cap: int, seed: int) -> list[dict]:

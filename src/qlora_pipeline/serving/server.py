@@ -67,11 +67,19 @@ class APIError(Exception):
     def response(self) -> JSONResponse:
         return error_response(self.status, self.message, self.type, self.param, self.code, self.headers)
 
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
 
 def error_response(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
                    code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
-                        status_code=status, headers=headers)
+    return JSONResponse(error_body(message, type_, param, code), status_code=status, headers=headers)
+
+
+def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    """OpenAI's error shape: a response's body, or a stream's error event."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
 def _valid_text(text: str) -> str:
@@ -488,10 +496,8 @@ async def complete(engine: Engine, job: Job, meta: Meta, timeout: float, timing:
     except asyncio.CancelledError:
         job.cancelled.set()
         raise
-    except GenerationError as err:  # the model was unloaded while the request ran
-        raise unloaded_error(meta.model, err) from None
     except Exception as err:
-        raise APIError(500, f"generation failed: {err}", type_="server_error") from err
+        raise generation_error(meta.model, err) from err
     timing.finished(completion)
     return {"id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,
             "system_fingerprint": engine.persona.fingerprint[:24],
@@ -500,9 +506,12 @@ async def complete(engine: Engine, job: Job, meta: Meta, timeout: float, timing:
             "usage": usage(completion)}
 
 
-def unloaded_error(model: str, err: GenerationError) -> APIError:
-    return APIError(404, f"the model '{model}' was unloaded while this request ran ({err}); ask another model",
-                    param="model", code="model_not_found")
+def generation_error(model: str, err: BaseException) -> APIError:
+    """What a request hears of a generation that failed: 404 if its model was unloaded while it ran, else 500."""
+    if isinstance(err, GenerationError):
+        return APIError(404, f"the model '{model}' was unloaded while this request ran ({err}); ask another model",
+                        param="model", code="model_not_found")
+    return APIError(500, f"generation failed: {err}", type_="server_error")
 
 
 def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
@@ -541,17 +550,12 @@ async def stream_completion(engine: Engine, job: Job, meta: Meta, body: ChatComp
                 try:
                     kind, value = await asyncio.wait_for(events.get(), max(timing.remaining(), 0.001))
                 except asyncio.TimeoutError:
-                    err = timeout_error(timing.admission.request_timeout)
-                    yield {"data": json.dumps({"error": {"message": err.message, "type": err.type, "param": None,
-                                                         "code": err.code}})}
+                    yield {"data": json.dumps(timeout_error(timing.admission.request_timeout).body())}
                     break
                 if kind == "text":
                     yield {"data": chunk({"content": value})}
                 elif kind == "error":
-                    err = unloaded_error(meta.model, value) if isinstance(value, GenerationError) else APIError(
-                        500, f"generation failed: {value}", type_="server_error")
-                    yield {"data": json.dumps({"error": {"message": err.message, "type": err.type,
-                                                         "param": err.param, "code": err.code}})}
+                    yield {"data": json.dumps(generation_error(meta.model, value).body())}
                     break
                 else:
                     timing.finished(value)

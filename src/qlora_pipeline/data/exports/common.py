@@ -61,9 +61,9 @@ def read_text(data: bytes, label: str,
         raise PipelineError(f"{label}:{line}: byte {err.object[err.start]:#04x} is not valid UTF-8; {fix}") from None
 
 
-def read_json_export(data: bytes, label: str):
-    """A JSON export file parsed; a syntax error names the line."""
-    text = read_text(data, label)
+def read_json_export(data: bytes | str, label: str):
+    """A JSON export file (its bytes, or its text from read_text) parsed; a syntax error names the line."""
+    text = read_text(data, label) if isinstance(data, bytes) else data
     try:
         export = json.loads(text)
     except json.JSONDecodeError as err:

@@ -59,12 +59,12 @@ def looks_like(head: bytes, name: str) -> bool:
 
 def read(path: Path, label: str, cfg: DataConfig, counts: ExportCounts) -> list[Thread]:
     data = path.read_bytes()
-    read_text(data, label)  # a file in another encoding (UTF-16) is named as such, not as another app's file
+    text = read_text(data, label)  # a file in another encoding (UTF-16) is named as such, not as another app's
     # Checked before parsing, so that a JSONL log or a WhatsApp .txt gets "set data.source",
     # not a JSON syntax error.
     if not looks_like(data[:1 << 16], path.name):
         raise NotThisExport(f"{label}:1: not a Telegram export (expected {EXPECTED})")
-    chats = _chats(read_json_export(data, label), label)
+    chats = _chats(read_json_export(text, label), label)
     # Every chat's thread is from this one file: a message two chats share (cross-posted in one
     # second) is no repeat of an earlier export, which is what a thread's file is compared for.
     return [_thread(chat, label, prefix, counts) for chat, prefix in chats]
