@@ -113,6 +113,7 @@ def test_kill_9_of_each_stage_then_repro_ends_with_the_uninterrupted_hashes(tiny
     rng = random.Random(seed)
     print(f"kill moments drawn with KILL_SEED={seed}")
     reference = lock_outputs(uninterrupted)
+    reference_lock = yaml.safe_load((uninterrupted / "dvc.lock").read_text())
     durations = tiny_baseline.durations
     assert sorted(durations) == sorted(STAGES), list(durations)
     killed_in, ended_before, cut_lock_tables, cut_lockfiles = [], [], [], []
@@ -137,7 +138,7 @@ def test_kill_9_of_each_stage_then_repro_ends_with_the_uninterrupted_hashes(tiny
         proc.wait()
         if clear_a_lock_table_the_kill_cut(repo):
             cut_lock_tables.append(stage)
-        if put_back_a_lockfile_the_kill_cut(repo, lockfile_before):
+        if put_back_a_lockfile_the_kill_cut(repo, lockfile_before, reference_lock):
             cut_lockfiles.append(stage)
         killed_in.append(stage)
         assert_nothing_half_written(repo, uninterrupted, reference, seed, stage)
@@ -180,48 +181,85 @@ def clear_a_lock_table_the_kill_cut(repo: Path) -> bool:
     return False
 
 
-def put_back_a_lockfile_the_kill_cut(repo: Path, before: str | None) -> bool:
+def put_back_a_lockfile_the_kill_cut(repo: Path, before: str | None, reference: dict) -> bool:
     """Put ``dvc.lock`` back as it was before the killed run if the kill left it cut short; True if it did.
 
     DVC writes ``dvc.lock`` in place too (``dump_yaml``: open for writing, then write), after each stage it
-    runs. A kill during that write leaves a file DVC's schema refuses, and every later `dvc repro` stops
-    with "'./dvc.lock' validation failed" (seen with KILL_SEED=2710, the kill drawn for evaluate falling
-    as DVC recorded it). The recovery docs/failures.md gives a user: the lock file from before the run
+    runs. A kill during that write leaves what it had written so far. Cut inside a line, DVC's schema
+    refuses it, and every later `dvc repro` stops with "'./dvc.lock' validation failed" (seen with
+    KILL_SEED=2710, the kill drawn for evaluate falling as DVC recorded it). Cut between two lines, it may
+    parse and pass the schema while it lacks the stages after the cut, or the last entries of one: DVC then
+    runs those stages again without a word (seen with KILL_SEED=5223: the kill drawn for risk fell as DVC
+    recorded risk, the lock kept the stages up to quantize-load, and the last run trained the adapter again
+    from the start instead of keeping the one that had resumed from a checkpoint). So a lock file is whole
+    when it ends its last line, keeps every stage the file from before the run had (DVC never drops one), and
+    each stage's record has the shape of the uninterrupted run's (``reference``, dvc.lock as parsed): the
+    same keys, deps and outs. The recovery docs/failures.md gives a user: the lock file from before the run
     (a user's is in git), which is what a write made under a temporary name would have left; the stage
     whose record was lost runs again, or comes back from DVC's run cache.
     """
+    path = repo / "dvc.lock"
+    if not path.exists():
+        return False
+    if lock_is_whole(path.read_text(), before, reference):
+        return False
+    if before is None:
+        path.unlink()
+    else:
+        path.write_text(before)
+    return True
+
+
+def lock_is_whole(text: str, before: str | None, reference: dict) -> bool:
+    """Whether ``text`` is a lock file DVC finished writing (see put_back_a_lockfile_the_kill_cut)."""
     from dvc.schema import COMPILED_LOCKFILE_SCHEMA
     from voluptuous import Invalid
 
-    path = repo / "dvc.lock"
     try:
-        COMPILED_LOCKFILE_SCHEMA(yaml.safe_load(path.read_text()))
-    except FileNotFoundError:
-        return False
+        lock = yaml.safe_load(text)
+        COMPILED_LOCKFILE_SCHEMA(lock)
     except (yaml.YAMLError, Invalid):
-        if before is None:
-            path.unlink()
-        else:
-            path.write_text(before)
-        return True
-    return False
+        return False
+    stages = lock.get("stages", {})
+    had = yaml.safe_load(before).get("stages", {}) if before else {}
+    return (text.endswith("\n") and set(had) <= set(stages)
+            and all(_shape(entry) == _shape(reference["stages"].get(name)) for name, entry in stages.items()))
+
+
+def _shape(value: object) -> object:
+    """A parsed lock record's keys and list lengths, all the way down, without its values."""
+    if isinstance(value, dict):
+        return {key: _shape(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_shape(item) for item in value]
+    return None
 
 
 def test_a_lockfile_a_kill_cut_is_put_back_and_a_whole_one_is_left_alone(tmp_path):
     whole = (Path(__file__).resolve().parents[2] / "dvc.lock").read_text()
-    before = whole.split("\n  train-adapter:")[0] + "\n"  # the lock file as an earlier stage left it
-    (tmp_path / "dvc.lock").write_text(whole)
-    assert not put_back_a_lockfile_the_kill_cut(tmp_path, before)
-    assert (tmp_path / "dvc.lock").read_text() == whole
-    # what DVC refuses: a stage cut right after its name, an emptied file, a file cut inside its first key
+    reference = yaml.safe_load(whole)
+
+    def cut_before(stage: str) -> str:  # the lock file as the stages before ``stage`` left it
+        return whole.split(f"\n  {stage}:\n")[0] + "\n"
+
+    before = cut_before("choose-decoding")  # fetch to evaluate recorded, train-adapter among them
+    for whole_file in (whole, before):  # the run recorded a stage more, or none yet
+        (tmp_path / "dvc.lock").write_text(whole_file)
+        assert not put_back_a_lockfile_the_kill_cut(tmp_path, before, reference)
+        assert (tmp_path / "dvc.lock").read_text() == whole_file
+    # What DVC refuses: a stage cut right after its name, an emptied file, a file cut inside its first key.
+    # What it would take and silently run stages again for: every stage from train-adapter on gone (KILL_SEED=5223);
+    # train-adapter's record cut after its first dep; the last line cut inside (no end of line).
     named = whole.index("\n  train-adapter:\n") + len("\n  train-adapter:\n")
-    for cut in (whole[:named], "", whole[:3]):
+    deps = whole.index("\n    deps:\n", named)
+    first_dep = whole.index("\n    - path:", whole.index("\n    - path:", deps) + 1) + 1
+    for cut in (whole[:named], "", whole[:3], cut_before("train-adapter"), whole[:first_dep], whole[:-5]):
         (tmp_path / "dvc.lock").write_text(cut)
-        assert put_back_a_lockfile_the_kill_cut(tmp_path, before), repr(cut[-80:])
+        assert put_back_a_lockfile_the_kill_cut(tmp_path, before, reference), repr(cut[-80:])
         assert (tmp_path / "dvc.lock").read_text() == before
     (tmp_path / "dvc.lock").write_text(whole[:3])
-    assert put_back_a_lockfile_the_kill_cut(tmp_path, None) and not (tmp_path / "dvc.lock").exists()
-    assert not put_back_a_lockfile_the_kill_cut(tmp_path, None)  # no file: nothing to put back
+    assert put_back_a_lockfile_the_kill_cut(tmp_path, None, reference) and not (tmp_path / "dvc.lock").exists()
+    assert not put_back_a_lockfile_the_kill_cut(tmp_path, None, reference)  # no file: nothing to put back
 
 
 def kill_after_first_checkpoint(repo: Path) -> None:
