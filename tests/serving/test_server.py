@@ -143,6 +143,9 @@ def test_sse_wire_format_ends_with_done(url):
     ({"model": "alice", "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "unsupported_value", "n"),
     ({"model": "alice", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 65}, 400, "invalid_value",
      "max_tokens"),
+    # the field the client sent, where OpenAI's newer name was used
+    ({"model": "alice", "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 65}, 400,
+     "invalid_value", "max_completion_tokens"),
     ({"model": "alice", "messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}, 400,
      "invalid_value", "stop"),
     ({"messages": [{"role": "user", "content": "hi"}]}, 400, "invalid_value", "model"),
@@ -169,6 +172,11 @@ def test_bad_json_and_oversized_bodies(url):
     response = httpx.post(f"{url}/v1/chat/completions", content=b"x" * 300_000, timeout=30,
                           headers={"content-type": "application/json"})
     assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+    # streamed in chunks, no length declared: the limit is found while the route reads the body (was 400 invalid_json)
+    response = httpx.post(f"{url}/v1/chat/completions", content=(b"x" * 50_000 for _ in range(6)), timeout=30,
+                          headers={"content-type": "application/json"})
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large", response.text
+    assert "--max-body-bytes" in response.json()["error"]["message"]
     assert httpx.get(f"{url}/v1/nothing", timeout=30).json()["error"]["code"] == "not_found"
 
 

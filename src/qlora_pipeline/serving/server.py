@@ -178,6 +178,8 @@ def create_app(persona: PersonaModel, engine: Engine, settings: Settings) -> Fas
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
         """Starlette's own refusals (no route, wrong method, a body it cannot parse) in OpenAI's shape."""
+        if isinstance(err, BodyTooLarge):
+            return err.response()
         if err.status_code == 404:
             return error_response(404, f"no route {request.method} {request.url.path}", code="not_found")
         if err.status_code == 405:
@@ -427,8 +429,9 @@ def _max_tokens(persona: PersonaModel, settings: Settings, body: ChatCompletionR
     if asked is None:  # the chat default, as far as the context allows
         return min(settings.defaults.max_new_tokens, settings.max_tokens_limit, context - prompt_tokens)
     if asked > settings.max_tokens_limit:
-        raise APIError(400, f"max_tokens {asked} is above this server's limit {settings.max_tokens_limit}",
-                       param="max_tokens", code="invalid_value")
+        field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"  # the one the client sent
+        raise APIError(400, f"{field} {asked} is above this server's limit {settings.max_tokens_limit}",
+                       param=field, code="invalid_value")
     if prompt_tokens + asked > context:
         raise APIError(400, f"this model's context is {context} tokens; the request asks for {prompt_tokens + asked} "
                             f"({prompt_tokens} in the messages, {asked} in the completion); lower max_tokens or "
@@ -601,22 +604,28 @@ class BodyLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.limit:
-                    raise _TooLarge
+                    raise BodyTooLarge(self.limit)
             return message
 
         try:
             await self.app(scope, limited, send)
-        except _TooLarge:
-            await self._refuse(scope, receive, send)
+        except BodyTooLarge as err:  # raised where no route's handler turned it into its answer
+            await err.response()(scope, receive, send)
 
     async def _refuse(self, scope: dict, receive: Any, send: Any) -> None:
-        response = error_response(413, f"the request body is over this server's limit of {self.limit} bytes "
-                                       "(--max-body-bytes)", code="request_too_large")
-        await response(scope, receive, send)
+        await BodyTooLarge(self.limit).response()(scope, receive, send)
 
 
-class _TooLarge(Exception):
-    pass
+class BodyTooLarge(StarletteHTTPException):
+    """A body streamed (chunked, no length declared) past the limit. An HTTP error, so that FastAPI, reading
+    the body for a route, passes it on to the app's handler (:func:`build_app`'s ``http_error``) rather than
+    calling it a body it could not parse (400)."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, f"the request body is over this server's limit of {limit} bytes (--max-body-bytes)")
+
+    def response(self) -> JSONResponse:
+        return error_response(413, self.detail, code="request_too_large")
 
 
 # ------------------------------------------------------------------------------- command
