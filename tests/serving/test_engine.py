@@ -56,6 +56,13 @@ def test_adapter_specs_are_parsed_and_checked():
         parse_adapter_spec("a b=one")
 
 
+def test_a_jobs_top_k_of_0_is_off_and_only_an_unset_one_takes_the_default(persona):
+    # chat's `/set top_k=0` fell back to the default of 50 (0 read as unset); the server's top_k -1/0 is 0 here
+    engine = Engine(persona, ChatConfig(top_k=50))
+    top_ks = [engine.request(Job([1], "base", 4, Sampling(1.0, top_k=k))).decoding.top_k for k in (None, 0, 7)]
+    assert top_ks == [50, 0, 7]
+
+
 def test_every_adapter_is_a_model_name_over_one_base(persona, persona_adapters):
     assert persona.names == ["base", "alice", "bob", "carol"]
     assert persona.system_prompt("bob") == "You are bob. Reply in your own voice."

@@ -149,6 +149,12 @@ def test_sse_wire_format_ends_with_done(url):
     ({"model": "alice", "messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}, 400,
      "invalid_value", "stop"),
     ({"messages": [{"role": "user", "content": "hi"}]}, 400, "invalid_value", "model"),
+    # keys that would change the answer, which this server does not do: refused, not ignored
+    *[({"model": "alice", "messages": [{"role": "user", "content": "hi"}], key: value}, 400, "unsupported_value", key)
+      for key, value in (("logit_bias", {"42": -100}), ("response_format", {"type": "json_object"}),
+                         ("top_logprobs", 2), ("tool_choice", "auto"), ("functions", [{"name": "f"}]),
+                         ("function_call", {"name": "f"}))],
+    ({"model": "alice", "messages": [{"role": "user", "content": "hi"}], "top_k": -2}, 400, "invalid_value", "top_k"),
 ])
 def test_errors_come_in_openai_shape(url, body, status, code, param):
     response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
@@ -156,6 +162,22 @@ def test_errors_come_in_openai_shape(url, body, status, code, param):
     error = response.json()["error"]
     assert error["code"] == code and error["param"] == param and error["message"]
     assert error["type"] == "invalid_request_error"
+
+
+def test_top_k_is_applied_and_the_off_values_of_unsupported_keys_pass(url):
+    def reply(**extra):
+        body = {"model": "alice", "messages": [{"role": "user", "content": "tell me about your day"}], "max_tokens": 12,
+                **extra}
+        response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]["message"]["content"]
+
+    greedy = reply(temperature=0)
+    # top_k 1 leaves one candidate: a hot, seeded draw is the greedy reply (it was ignored, and the draw wandered)
+    assert reply(temperature=1.5, top_k=1, seed=3) == greedy
+    assert {reply(temperature=1.5, top_k=-1, seed=s) for s in range(3)} != {greedy}  # -1: off, as vLLM's clients mean
+    assert reply(temperature=0, logit_bias={}, response_format={"type": "text"}, tool_choice="none", logprobs=False,
+                 top_k=0) == greedy
 
 
 def test_prompt_longer_than_the_context_is_refused(url, persona):

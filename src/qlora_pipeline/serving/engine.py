@@ -25,7 +25,7 @@ from qlora_pipeline.serving.models import PEFT_BASE, PersonaModel
 class Sampling:
     temperature: float  # 0 = greedy
     top_p: float = 1.0
-    top_k: int = 0  # 0 = the server's default
+    top_k: int | None = None  # None = the server's default; 0 = off
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -89,8 +89,9 @@ class Engine:
     def request(self, job: Job) -> core.Request:
         """The engine request of ``job``: its own keys over the server's defaults."""
         sampling, defaults = job.sampling, self.defaults
+        top_k = defaults.top_k if sampling.top_k is None else sampling.top_k
         decoding = RowDecoding(temperature=sampling.temperature, top_p=sampling.top_p,
-                               top_k=sampling.top_k or defaults.top_k, repetition_penalty=defaults.repetition_penalty,
+                               top_k=top_k, repetition_penalty=defaults.repetition_penalty,
                                no_repeat_ngram_size=defaults.no_repeat_ngram_size,
                                exponential_decay_length_penalty=core.row_decoding(defaults).exponential_decay_length_penalty,
                                presence_penalty=sampling.presence_penalty, frequency_penalty=sampling.frequency_penalty)

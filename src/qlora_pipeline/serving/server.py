@@ -119,6 +119,12 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")  # json_schema's schema, which is refused anyway
+
+    type: Text
+
+
 class ChatCompletionRequest(BaseModel):
     # Keys other clients send that change nothing here (user, metadata, ...) are accepted and ignored;
     # keys that would change the answer and are not supported are refused below.
@@ -137,8 +143,16 @@ class ChatCompletionRequest(BaseModel):
     n: Optional[int] = Field(default=None, ge=1)
     presence_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0)
+    # vLLM's extension, as its clients send it: -1 (or 0) = off
+    top_k: Optional[int] = Field(default=None, ge=-1)
     logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = Field(default=None, ge=0)
+    logit_bias: Optional[dict[str, float]] = None
+    response_format: Optional[ResponseFormat] = None
     tools: Optional[list[Any]] = None
+    tool_choice: Optional[Any] = None
+    functions: Optional[list[Any]] = None
+    function_call: Optional[Any] = None
 
 
 class LoadAdapterRequest(BaseModel):
@@ -401,11 +415,7 @@ def build_job(persona: PersonaModel, settings: Settings, body: ChatCompletionReq
     if body.n is not None and body.n > 1:
         raise APIError(400, "n > 1 is not supported: send n requests (with different seeds) instead", param="n",
                        code="unsupported_value")
-    if body.logprobs:
-        raise APIError(400, "logprobs are not supported", param="logprobs", code="unsupported_value")
-    if body.tools:
-        raise APIError(400, "tools are not supported: this is a persona chat model", param="tools",
-                       code="unsupported_value")
+    refuse_unsupported(body)
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stops) > 4 or any(not s for s in stops):
         raise APIError(400, "stop: up to 4 non-empty strings", param="stop", code="invalid_value")
@@ -415,9 +425,31 @@ def build_job(persona: PersonaModel, settings: Settings, body: ChatCompletionReq
     defaults = settings.defaults
     sampling = Sampling(temperature=defaults.temperature if body.temperature is None else body.temperature,
                         top_p=defaults.top_p if body.top_p is None else body.top_p, seed=body.seed,
+                        top_k=None if body.top_k is None else max(body.top_k, 0),
                         presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0)
     job = Job(ids, peft_name, max_tokens, sampling, stop=stops)
     return job, Meta(f"chatcmpl-{uuid.uuid4().hex}", body.model, int(time.time()))
+
+
+def refuse_unsupported(body: ChatCompletionRequest) -> None:
+    """A 400 naming the first key that asks for what this server does not do: each would change the answer, so
+    taking it and answering without it would mislead the client. Their "off" values pass."""
+    if body.logprobs or body.top_logprobs:
+        raise APIError(400, "logprobs are not supported", param="logprobs" if body.logprobs else "top_logprobs",
+                       code="unsupported_value")
+    if body.logit_bias:
+        raise APIError(400, "logit_bias is not supported", param="logit_bias", code="unsupported_value")
+    if body.response_format is not None and body.response_format.type != "text":
+        raise APIError(400, f"response_format {body.response_format.type!r} is not supported: this is a persona chat "
+                            "model; only 'text'", param="response_format", code="unsupported_value")
+    for key in ("tools", "functions"):
+        if getattr(body, key):
+            raise APIError(400, f"{key} are not supported: this is a persona chat model", param=key,
+                           code="unsupported_value")
+    for key in ("tool_choice", "function_call"):
+        if getattr(body, key) not in (None, "none"):
+            raise APIError(400, f"{key} is not supported: this is a persona chat model (only 'none')", param=key,
+                           code="unsupported_value")
 
 
 def _max_tokens(persona: PersonaModel, settings: Settings, body: ChatCompletionRequest, prompt_tokens: int) -> int:
