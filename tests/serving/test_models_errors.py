@@ -255,3 +255,27 @@ def test_export_needs_the_max_length_training_cut_rows_to(adapter, quantized_bas
     err = capsys.readouterr().err
     assert "key 'train.max_length' must be a positive integer" in err and "not None" in err
     assert not out.exists()
+
+
+def test_a_first_adapter_that_fails_to_load_at_run_time_leaves_the_bare_base(adapter, quantized_base, persona_adapters):
+    """A server started with no adapter wraps its base on the first runtime load: a refused first adapter leaves
+    the base unwrapped, and the next load of the name works."""
+    import torch
+    from peft import PeftModel
+
+    from qlora_pipeline.modeling.stacked_lora import lora_layers
+
+    persona = load_persona_model(quantized_base, [], runtime_adapters=True)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        before = persona.model(input_ids=ids).logits
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "r": config["r"] // 2}))
+    with pytest.raises(PipelineError, match=r"adapter_model.safetensors does not fit its adapter_config.json \(size"):
+        persona.load_adapter(AdapterSpec("p", str(adapter)))
+    assert not isinstance(persona.model, PeftModel) and not lora_layers(persona.model) and persona.names == ["base"]
+    with torch.no_grad():
+        assert torch.equal(persona.model(input_ids=ids).logits, before)
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    persona.load_adapter(AdapterSpec("p", str(adapter)))
+    assert persona.names == ["base", "p"] and list(persona.model.peft_config) == ["p"]

@@ -233,13 +233,30 @@ def attach_adapters(base: Any, adapters: dict[str, Path]) -> Any:
     from qlora_pipeline.modeling.preparation import quiet_peft_deprecations
 
     names = list(adapters)
-    with quiet_peft_deprecations(), adapter_load_errors(names[0], adapters[names[0]]):
-        model = PeftModel.from_pretrained(base, str(adapters[names[0]]), adapter_name=names[0])
-    for name in names[1:]:
-        with adapter_load_errors(name, adapters[name]):
-            model.load_adapter(adapters[name], adapter_name=name)
+    try:
+        with quiet_peft_deprecations(), adapter_load_errors(names[0], adapters[names[0]]):
+            model = PeftModel.from_pretrained(base, str(adapters[names[0]]), adapter_name=names[0])
+        for name in names[1:]:
+            with adapter_load_errors(name, adapters[name]):
+                model.load_adapter(adapters[name], adapter_name=name)
+    except BaseException:
+        unwrap_lora(base)  # a server goes on with the base: as it was, not wrapped in layers of no adapter
+        raise
     model.set_adapter(names[0])
     return model.eval()
+
+
+def unwrap_lora(base: Any) -> None:
+    """Undo, in place, what PEFT does to a base before it reads an adapter's weights: each LoRA layer it put in
+    goes back to the layer it wraps, and the ``peft_config`` it set on the base goes. A load that failed after
+    that (weights that do not fit their config) left them, and the base ran through layers of no adapter."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in list(base.named_modules()):
+        if isinstance(module, LoraLayer):
+            parent, _, child = name.rpartition(".")
+            setattr(base.get_submodule(parent), child, module.get_base_layer())
+    vars(base).pop("peft_config", None)
 
 
 @contextlib.contextmanager
