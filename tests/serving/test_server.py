@@ -140,6 +140,11 @@ def test_sse_wire_format_ends_with_done(url):
      "temperature"),
     ({"model": "alice", "messages": []}, 400, "invalid_value", "messages"),
     ({"model": "alice", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "invalid_value", "messages.0.role"),
+    # a value no member of a union takes: named where the member the client meant refused it (was messages.0.content)
+    ({"model": "alice", "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, 400, "invalid_value",
+     "messages.0.content.0.text"),
+    ({"model": "alice", "messages": [{"role": "user", "content": "hi"}], "stop": ["a", 5]}, 400, "invalid_value",
+     "stop.1"),
     ({"model": "alice", "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "unsupported_value", "n"),
     ({"model": "alice", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 65}, 400, "invalid_value",
      "max_tokens"),

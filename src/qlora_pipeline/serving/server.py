@@ -21,7 +21,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Sequence, Union
 
 import uvicorn
 from fastapi import Depends, FastAPI, Request
@@ -183,7 +183,7 @@ def create_app(persona: PersonaModel, engine: Engine, settings: Settings) -> Fas
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
-        first = err.errors()[0]
+        first = _closest_error(err.errors())
         where = ".".join(str(part) for part in first["loc"] if _is_field(part))
         if first["type"] == "json_invalid":
             return error_response(400, "the request body is not valid JSON", code="invalid_json")
@@ -296,6 +296,14 @@ def create_app(persona: PersonaModel, engine: Engine, settings: Settings) -> Fas
             return {"object": "adapter", "id": body.lora_name, "status": "unloaded", "models": persona.names}
 
     return app
+
+
+def _closest_error(errors: Sequence[dict]) -> dict:
+    """The error to name: of the first bad field's errors, the one deepest into the body. A value that fits no
+    member of a union (``content`` as a string or a list of parts) has an error per member; the member that
+    took the value furthest is the one the client meant (``messages.0.content.0.text``, not ``content``)."""
+    root = errors[0]["loc"][:2]
+    return max((e for e in errors if e["loc"][:2] == root), key=lambda e: sum(map(_is_field, e["loc"])))
 
 
 def _is_field(part: Any) -> bool:
