@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers.generation.logits_process import (ExponentialDecayLengthPenalty, NoRepeatNGramLogitsProcessor,
-                                                    RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
-                                                    TopKLogitsWarper, TopPLogitsWarper)
+                                                    RepetitionPenaltyLogitsProcessor, SequenceBiasLogitsProcessor,
+                                                    TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
 from qlora_pipeline.config import DecodingSetting
 from qlora_pipeline.modeling.engine import row_decoding
 from qlora_pipeline.modeling.sampling import (BatchSampler, RowDecoding, RowState, first_max, length_decay,
-                                              repetition_penalty_, top_k, top_p)
+                                              logit_bias_, repetition_penalty_, top_k, top_p)
 
 VOCABULARY = 50
 
@@ -40,6 +40,25 @@ def test_repetition_penalty_matches_transformers_row_by_row():
     some = torch.tensor([3, 0])
     part = repetition_penalty_(logits.clone(), seen[some], column[some], some)
     assert torch.equal(part[some], ours[some]) and torch.equal(part[[1, 2]], logits[[1, 2]])
+
+
+def test_logit_bias_matches_transformers_row_by_row_and_steers_the_pick():
+    logits, sequences = _rows(3)
+    biases = [((3, 2.5), (7, -1.0)), (), ((0, -100.0),), ((3, 100.0), (49, 0.5))]
+    settings = [RowDecoding(logit_bias=bias) for bias in biases]
+    ours = logit_bias_(logits.clone(), settings)
+    for i, (sequence, bias) in enumerate(zip(sequences, biases)):
+        if not bias:
+            assert torch.equal(ours[i], logits[i])  # a row without a bias is left alone
+            continue
+        processor = SequenceBiasLogitsProcessor(sequence_bias=[[[token], value] for token, value in bias])
+        assert torch.equal(ours[i], processor(torch.tensor([sequence]), logits[i:i + 1].clone())[0]), i
+    sampler = BatchSampler(4, VOCABULARY, torch.device("cpu"))
+    states = [RowState(sequence, setting, None) for sequence, setting in zip(sequences, settings)]
+    for slot, (sequence, setting) in enumerate(zip(sequences, settings)):
+        sampler.start_row(slot, sequence, setting)
+    picked = sampler.next_tokens(logits, states).tolist()
+    assert picked[3] == 3 and picked[1] == int(logits[1].argmax()) and picked[2] != 0
 
 
 def test_the_sampler_leaves_the_callers_logits_as_they_were():

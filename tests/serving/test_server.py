@@ -156,10 +156,13 @@ def test_sse_wire_format_ends_with_done(url):
     ({"messages": [{"role": "user", "content": "hi"}]}, 400, "invalid_value", "model"),
     # keys that would change the answer, which this server does not do: refused, not ignored
     *[({"model": "alice", "messages": [{"role": "user", "content": "hi"}], key: value}, 400, "unsupported_value", key)
-      for key, value in (("logit_bias", {"42": -100}), ("response_format", {"type": "json_object"}),
+      for key, value in (("response_format", {"type": "json_object"}),
                          ("top_logprobs", 2), ("tool_choice", "auto"), ("functions", [{"name": "f"}]),
                          ("function_call", {"name": "f"}))],
     ({"model": "alice", "messages": [{"role": "user", "content": "hi"}], "top_k": -2}, 400, "invalid_value", "top_k"),
+    *[({"model": "alice", "messages": [{"role": "user", "content": "hi"}], "logit_bias": bias}, 400, "invalid_value",
+       "logit_bias") for bias in ({"hello": 1}, {"-3": 1}, {"99999999": 1}, {"42": 100.5}, {"42": -101},
+                                  {str(i): 1 for i in range(301)})],
 ])
 def test_errors_come_in_openai_shape(url, body, status, code, param):
     response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
@@ -183,6 +186,23 @@ def test_top_k_is_applied_and_the_off_values_of_unsupported_keys_pass(url):
     assert {reply(temperature=1.5, top_k=-1, seed=s) for s in range(3)} != {greedy}  # -1: off, as vLLM's clients mean
     assert reply(temperature=0, logit_bias={}, response_format={"type": "text"}, tool_choice="none", logprobs=False,
                  top_k=0) == greedy
+
+
+
+def test_logit_bias_bans_and_forces_tokens(url, persona):
+    def reply(**extra):
+        body = {"model": "alice", "messages": [{"role": "user", "content": "tell me about your day"}], "max_tokens": 6,
+                "temperature": 0, **extra}
+        response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]["message"]["content"]
+
+    greedy, tokenizer = reply(), persona.tokenizer
+    first = tokenizer.encode(greedy, add_special_tokens=False)[0]
+    assert reply(logit_bias={str(first): -100}) != greedy  # its first token banned
+    forced = tokenizer.encode("zebra", add_special_tokens=False)[0]
+    assert reply(logit_bias={str(forced): 100}).startswith(tokenizer.decode([forced]))
+    assert reply(logit_bias={str(forced): 0}) == greedy  # a zero bias changes nothing
 
 
 def test_prompt_longer_than_the_context_is_refused(url, persona):

@@ -39,6 +39,9 @@ class RowDecoding:
     # (start_index, decay_factor): past start_index new tokens, the end-of-turn score grows by decay_factor
     # per token (transformers' ExponentialDecayLengthPenalty); None = off
     exponential_decay_length_penalty: tuple[int, float] | None = None
+    # (token id, bias) pairs added to the model's logits before every other control (OpenAI's logit_bias;
+    # transformers' SequenceBiasLogitsProcessor for one-token sequences); () = off
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     @property
     def greedy(self) -> bool:
@@ -111,6 +114,15 @@ def repetition_penalty_(scores: torch.Tensor, seen: torch.Tensor, penalty: torch
     values, factor = scores[index, columns], penalty[local, 0]
     scores[index, columns] = torch.where(values < 0, values * factor, values / factor)
     return scores
+
+
+def logit_bias_(scores: torch.Tensor, settings: Sequence[RowDecoding]) -> torch.Tensor:
+    """Each row's ``logit_bias`` added to its scores, in place: one scatter for the batch."""
+    entries = [(i, token, bias) for i, s in enumerate(settings) for token, bias in s.logit_bias]
+    rows, tokens, biases = zip(*entries)
+    device = scores.device
+    return scores.index_put_((torch.tensor(rows, device=device), torch.tensor(tokens, device=device)),
+                             torch.tensor(biases, dtype=scores.dtype, device=device), accumulate=True)
 
 
 def length_decay(scores: torch.Tensor, rows: Sequence[RowState], eos: Sequence[int]) -> torch.Tensor:
@@ -231,6 +243,8 @@ class BatchSampler:
         device = scores.device
         settings = [row.decoding for row in rows]
         index = torch.arange(len(rows), device=device) if slots is None else torch.tensor(list(slots), device=device)
+        if any(s.logit_bias for s in settings):
+            logit_bias_(scores, settings)
         penalised = [i for i, s in enumerate(settings) if s.repetition_penalty != 1.0]
         if self.seen is not None and penalised:
             chosen = torch.tensor(penalised, device=device)

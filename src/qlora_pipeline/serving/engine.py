@@ -29,6 +29,7 @@ class Sampling:
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias); RowDecoding's
 
 
 @dataclass
@@ -94,7 +95,8 @@ class Engine:
                                top_k=top_k, repetition_penalty=defaults.repetition_penalty,
                                no_repeat_ngram_size=defaults.no_repeat_ngram_size,
                                exponential_decay_length_penalty=core.row_decoding(defaults).exponential_decay_length_penalty,
-                               presence_penalty=sampling.presence_penalty, frequency_penalty=sampling.frequency_penalty)
+                               presence_penalty=sampling.presence_penalty, frequency_penalty=sampling.frequency_penalty,
+                               logit_bias=sampling.logit_bias)
         return core.Request(list(job.prompt_ids), None if job.adapter == PEFT_BASE else job.adapter, decoding,
                             job.max_new_tokens, sampling.seed, tuple(job.stop), on_text=job.on_text,
                             cancelled=job.cancelled)

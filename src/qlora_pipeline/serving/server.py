@@ -434,9 +434,33 @@ def build_job(persona: PersonaModel, settings: Settings, body: ChatCompletionReq
     sampling = Sampling(temperature=defaults.temperature if body.temperature is None else body.temperature,
                         top_p=defaults.top_p if body.top_p is None else body.top_p, seed=body.seed,
                         top_k=None if body.top_k is None else max(body.top_k, 0),
+                        logit_bias=parse_logit_bias(body.logit_bias, persona.model.config.vocab_size),
                         presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0)
     job = Job(ids, peft_name, max_tokens, sampling, stop=stops)
     return job, Meta(f"chatcmpl-{uuid.uuid4().hex}", body.model, int(time.time()))
+
+
+# OpenAI's bounds: a bias from -100 (the token is never picked) to 100 (it always is), on up to 300 tokens.
+LOGIT_BIAS_LIMIT, LOGIT_BIAS_TOKENS = 100.0, 300
+
+
+def parse_logit_bias(logit_bias: dict[str, float] | None, vocabulary: int) -> tuple[tuple[int, float], ...]:
+    """OpenAI's ``logit_bias`` (token id as a string -> bias) as the sampler takes it, each entry checked."""
+    if not logit_bias:
+        return ()
+    if len(logit_bias) > LOGIT_BIAS_TOKENS:
+        raise APIError(400, f"logit_bias names {len(logit_bias)} tokens; at most {LOGIT_BIAS_TOKENS}",
+                       param="logit_bias", code="invalid_value")
+    pairs = []
+    for key, bias in logit_bias.items():
+        if not (key.isascii() and key.isdigit() and int(key) < vocabulary):
+            raise APIError(400, f"logit_bias: {key[:40]!r} is no token id of this model (0 to {vocabulary - 1})",
+                           param="logit_bias", code="invalid_value")
+        if not -LOGIT_BIAS_LIMIT <= bias <= LOGIT_BIAS_LIMIT:  # NaN fails too
+            raise APIError(400, f"logit_bias: the bias of token {key} is {bias}; give -100 to 100",
+                           param="logit_bias", code="invalid_value")
+        pairs.append((int(key), float(bias)))
+    return tuple(sorted(pairs))
 
 
 def refuse_unsupported(body: ChatCompletionRequest) -> None:
@@ -445,8 +469,6 @@ def refuse_unsupported(body: ChatCompletionRequest) -> None:
     if body.logprobs or body.top_logprobs:
         raise APIError(400, "logprobs are not supported", param="logprobs" if body.logprobs else "top_logprobs",
                        code="unsupported_value")
-    if body.logit_bias:
-        raise APIError(400, "logit_bias is not supported", param="logit_bias", code="unsupported_value")
     if body.response_format is not None and body.response_format.type != "text":
         raise APIError(400, f"response_format {body.response_format.type!r} is not supported: this is a persona chat "
                             "model; only 'text'", param="response_format", code="unsupported_value")
