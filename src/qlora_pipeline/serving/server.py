@@ -143,8 +143,8 @@ class ChatCompletionRequest(BaseModel):
     n: Optional[int] = Field(default=None, ge=1)
     presence_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0)
-    # vLLM's extension, as its clients send it: -1 (or 0) = off
-    top_k: Optional[int] = Field(default=None, ge=-1)
+    # vLLM's extension, as its clients send it: -1 (or 0) = off; any k past the vocabulary keeps every token
+    top_k: Optional[int] = Field(default=None, ge=-1, le=(1 << 31) - 1)
     logprobs: Optional[bool] = None
     top_logprobs: Optional[int] = Field(default=None, ge=0)
     logit_bias: Optional[dict[str, float]] = None
@@ -434,7 +434,7 @@ def build_job(persona: PersonaModel, settings: Settings, body: ChatCompletionReq
     sampling = Sampling(temperature=defaults.temperature if body.temperature is None else body.temperature,
                         top_p=defaults.top_p if body.top_p is None else body.top_p, seed=body.seed,
                         top_k=None if body.top_k is None else max(body.top_k, 0),
-                        logit_bias=parse_logit_bias(body.logit_bias, persona.model.config.vocab_size),
+                        logit_bias=parse_logit_bias(body.logit_bias, vocabulary(persona)),
                         presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0)
     job = Job(ids, peft_name, max_tokens, sampling, stop=stops)
     return job, Meta(f"chatcmpl-{uuid.uuid4().hex}", body.model, int(time.time()))
@@ -442,6 +442,11 @@ def build_job(persona: PersonaModel, settings: Settings, body: ChatCompletionReq
 
 # OpenAI's bounds: a bias from -100 (the token is never picked) to 100 (it always is), on up to 300 tokens.
 LOGIT_BIAS_LIMIT, LOGIT_BIAS_TOKENS = 100.0, 300
+
+
+def vocabulary(persona: PersonaModel) -> int:
+    """How many token ids the model scores (its config's vocabulary, else the tokenizer's)."""
+    return getattr(persona.model.config, "vocab_size", None) or len(persona.tokenizer)
 
 
 def parse_logit_bias(logit_bias: dict[str, float] | None, vocabulary: int) -> tuple[tuple[int, float], ...]:
