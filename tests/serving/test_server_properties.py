@@ -48,6 +48,10 @@ completion_bodies = st.one_of(json_values, st.fixed_dictionaries({}, optional={
     "stop": st.one_of(texts, st.lists(texts, max_size=5), json_values), "stream": st.one_of(st.booleans(), json_values),
     "stream_options": st.one_of(st.fixed_dictionaries({"include_usage": st.booleans()}), json_values),
     "n": small, "presence_penalty": small, "frequency_penalty": small, "logprobs": json_values, "tools": json_values,
+    "top_k": small, "top_logprobs": small, "tool_choice": json_values, "functions": json_values,
+    "function_call": json_values, "response_format": st.one_of(st.fixed_dictionaries({"type": texts}), json_values),
+    "logit_bias": st.one_of(st.dictionaries(st.one_of(st.integers(-5, 60000).map(str), texts), small, max_size=4),
+                            json_values),
     "user": texts}))
 # The module's server serves alice and bob to the other tests: they are not unloaded here.
 adapter_bodies = st.one_of(json_values, st.fixed_dictionaries({}, optional={
