@@ -190,7 +190,7 @@ def put_back_a_lockfile_the_kill_cut(repo: Path, before: str | None, reference: 
     KILL_SEED=2710, the kill drawn for evaluate falling as DVC recorded it). Cut between two lines, it may
     parse and pass the schema while it lacks the stages after the cut, or the last entries of one: DVC then
     runs those stages again without a word (seen with KILL_SEED=5223: the kill drawn for risk fell as DVC
-    recorded risk, the lock kept the stages up to quantize-load, and the last run trained the adapter again
+    recorded risk, the cut lock lacked train-adapter's record, and the last run trained the adapter again
     from the start instead of keeping the one that had resumed from a checkpoint). So a lock file is whole
     when it ends its last line, keeps every stage the file from before the run had (DVC never drops one), and
     each stage's record has the shape of the uninterrupted run's (``reference``, dvc.lock as parsed): the
