@@ -173,13 +173,17 @@ def test_errors_come_in_openai_shape(url, body, status, code, param):
     assert error["type"] == "invalid_request_error"
 
 
+def day_reply(url, **extra) -> str:
+    """alice's reply to one fixed message, with the request's other keys ``extra``; the request must succeed."""
+    body = {"model": "alice", "messages": [{"role": "user", "content": "tell me about your day"}], **extra}
+    response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]["message"]["content"]
+
+
 def test_top_k_is_applied_and_the_off_values_of_unsupported_keys_pass(url):
     def reply(**extra):
-        body = {"model": "alice", "messages": [{"role": "user", "content": "tell me about your day"}], "max_tokens": 12,
-                **extra}
-        response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
-        assert response.status_code == 200, response.text
-        return response.json()["choices"][0]["message"]["content"]
+        return day_reply(url, max_tokens=12, **extra)
 
     greedy = reply(temperature=0)
     # top_k 1 leaves one candidate: a hot, seeded draw is the greedy reply (it was ignored, and the draw wandered)
@@ -189,14 +193,9 @@ def test_top_k_is_applied_and_the_off_values_of_unsupported_keys_pass(url):
                  top_k=0) == greedy
 
 
-
 def test_logit_bias_bans_and_forces_tokens(url, persona):
     def reply(**extra):
-        body = {"model": "alice", "messages": [{"role": "user", "content": "tell me about your day"}], "max_tokens": 6,
-                "temperature": 0, **extra}
-        response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
-        assert response.status_code == 200, response.text
-        return response.json()["choices"][0]["message"]["content"]
+        return day_reply(url, max_tokens=6, temperature=0, **extra)
 
     greedy, tokenizer = reply(), persona.tokenizer
     first = tokenizer.encode(greedy, add_special_tokens=False)[0]
