@@ -145,7 +145,9 @@ def test_sse_wire_format_ends_with_done(url):
      "messages.0.content.0.text"),
     ({"model": "alice", "messages": [{"role": "user", "content": "hi"}], "stop": ["a", 5]}, 400, "invalid_value",
      "stop.1"),
-    ({"model": "alice", "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "unsupported_value", "n"),
+    # n choices decode side by side: more than the engine's rows at once (max_batch_size 8) cannot
+    ({"model": "alice", "messages": [{"role": "user", "content": "hi"}], "n": 9}, 400, "invalid_value", "n"),
+    ({"model": "alice", "messages": [{"role": "user", "content": "hi"}], "n": 0}, 400, "invalid_value", "n"),
     ({"model": "alice", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 65}, 400, "invalid_value",
      "max_tokens"),
     # the field the client sent, where OpenAI's newer name was used
@@ -324,6 +326,41 @@ def test_concurrent_clients_over_several_adapters_are_batched(url, persona, engi
     steps, rows = after["decode_steps"] - before["decode_steps"], after["row_steps"] - before["row_steps"]
     # Every request ran 8 tokens (1 from its prefill, 7 decode steps): alone they would take 6 x 7 steps.
     assert rows == len(prompts) * 7 and steps < rows, (steps, rows)  # arrived together, decoded together
+
+
+def test_n_choices_are_the_replies_of_their_seeds_alone_from_one_prefill(url, engine):
+    """Choice i of a seeded request is the reply a request with seed + i gets alone; the prompt is prefilled once for
+    all of them, the usage counts it once and every choice's tokens, and a stream names each chunk's choice."""
+    body = {"model": "alice", "messages": [{"role": "user", "content": "tell me about your week"}],
+            "max_tokens": 10, "temperature": 1.0, "top_p": 0.95, "seed": 11}
+    alone = [client(url).chat.completions.create(**{**body, "seed": 11 + i}) for i in range(3)]
+    assert len({reply.choices[0].message.content for reply in alone}) > 1  # the seeds draw different replies
+    before = engine.stats.as_dict()
+    together = client(url).chat.completions.create(**body, n=3)
+    after = engine.stats.as_dict()
+    assert [choice.index for choice in together.choices] == [0, 1, 2]
+    assert [c.message.content for c in together.choices] == [reply.choices[0].message.content for reply in alone]
+    assert [c.finish_reason for c in together.choices] == [reply.choices[0].finish_reason for reply in alone]
+    assert after["prefill_rows"] - before["prefill_rows"] == 1  # one prompt run through the model
+    assert after["shared_prefills"] - before["shared_prefills"] == 2  # the other two choices copied its keys
+    assert together.usage.prompt_tokens == alone[0].usage.prompt_tokens
+    assert together.usage.completion_tokens == sum(reply.usage.completion_tokens for reply in alone)
+    assert together.usage.total_tokens == together.usage.prompt_tokens + together.usage.completion_tokens
+
+    stream = client(url).chat.completions.create(**body, n=3, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    texts, finishes = {}, {}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+            if choice.finish_reason:
+                finishes.setdefault(choice.index, []).append(choice.finish_reason)
+    assert texts == {i: c.message.content for i, c in enumerate(together.choices)}
+    assert finishes == {i: [c.finish_reason] for i, c in enumerate(together.choices)}
+    assert chunks[-1].choices == [] and chunks[-1].usage == together.usage
+
+    greedy = client(url).chat.completions.create(**{**body, "temperature": 0}, n=2)  # greedy: the same reply twice
+    assert greedy.choices[0].message.content == greedy.choices[1].message.content
 
 
 def test_runtime_adapters_off_and_the_api_key(persona, engine, roots):

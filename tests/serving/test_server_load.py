@@ -20,6 +20,7 @@ import httpx
 import psutil
 import pytest
 
+from qlora_pipeline.serving.admission import Admission
 from qlora_pipeline.serving.engine import Engine
 from qlora_pipeline.serving.server import Settings, create_app
 
@@ -74,14 +75,25 @@ def test_a_full_server_says_so_with_429_and_retry_after(persona):
         engine.stop()
 
 
+def test_a_request_takes_a_place_per_choice():
+    admission = Admission(max_running=2, max_queue=1, request_timeout=60)
+    assert admission.admit(3) is None and (admission.running, admission.waiting) == (2, 1)
+    full = admission.admit()
+    assert full.status == 429 and full.code == "server_busy"
+    admission.release(1.0, 3)
+    assert admission.in_flight == 0
+    assert admission.admit(4).status == 429 and admission.admit(1) is None  # 4 choices never fit in 2 + 1 places
+
+
 def test_a_request_past_its_deadline_is_stopped_and_answered(persona):
     engine = Engine(persona, DEFAULTS, max_batch_size=4).start()
     try:
         settings = Settings(DEFAULTS, request_timeout=0.3, max_tokens_limit=512)
         with serving(create_app(persona, engine, settings)) as url:
-            late = httpx.post(url + "/v1/chat/completions", json={**HI, "max_tokens": 400}, timeout=60)
-            assert late.status_code == 408 and late.json()["error"]["code"] == "request_timeout"
-            assert "--request-timeout" in late.json()["error"]["message"]
+            for n in (1, 3):  # every choice of a late request is stopped
+                late = httpx.post(url + "/v1/chat/completions", json={**HI, "max_tokens": 400, "n": n}, timeout=60)
+                assert late.status_code == 408 and late.json()["error"]["code"] == "request_timeout"
+                assert "--request-timeout" in late.json()["error"]["message"]
             with httpx.stream("POST", url + "/v1/chat/completions", timeout=60,
                               json={**HI, "max_tokens": 400, "stream": True}) as stream:
                 events = [line[6:] for line in stream.iter_lines() if line.startswith("data: ")]

@@ -492,7 +492,14 @@ class Engine:
     def submit(self, request: Request, on_done: Callable[[Result], None],
                on_error: Callable[[BaseException], None] = lambda err: None) -> None:
         """Queue ``request``; ``on_done(result)`` or ``on_error(exception)`` is called from the engine's thread."""
-        self._queue.put((request, on_done, on_error))
+        self.submit_together([(request, on_done, on_error)])
+
+    def submit_together(self, items: Sequence[tuple[Request, Callable[[Result], None],
+                                                    Callable[[BaseException], None]]]) -> None:
+        """Queue (request, on_done, on_error) triples as one arrival: the engine's thread takes them in the same
+        step, so requests of one adapter and prompt (a client's ``n`` choices) share one prefill where the batch
+        has room for them."""
+        self._queue.put(list(items))
 
     @property
     def waiting(self) -> int:
@@ -514,10 +521,10 @@ class Engine:
                 if item is _STOP:
                     stopping = True
                     continue
-                request, on_done, on_error = item
-                index, self._next_index = self._next_index, self._next_index + 1
-                self._callbacks[index] = (on_done, on_error)
-                waiting.append((index, request))
+                for request, on_done, on_error in item:
+                    index, self._next_index = self._next_index, self._next_index + 1
+                    self._callbacks[index] = (on_done, on_error)
+                    waiting.append((index, request))
             if stopping:
                 self._fail([*self.rows], waiting, RuntimeError("the engine was stopped"))
                 return

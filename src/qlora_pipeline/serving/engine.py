@@ -102,13 +102,19 @@ class Engine:
                             cancelled=job.cancelled)
 
     def submit(self, job: Job) -> None:
-        def done(result: core.Result) -> None:
-            if result.finish_reason == "error":
-                job.on_error(GenerationError(result.error or "generation failed"))
-            else:
-                job.on_done(completion(result))
+        self.submit_together([job])
 
-        self.core.submit(self.request(job), done, job.on_error)
+    def submit_together(self, jobs: list[Job]) -> None:
+        """Queue ``jobs`` as one arrival (a request's ``n`` choices): jobs of one adapter and prompt share a prefill."""
+        def done(job: Job) -> Callable[[core.Result], None]:
+            def report(result: core.Result) -> None:
+                if result.finish_reason == "error":
+                    job.on_error(GenerationError(result.error or "generation failed"))
+                else:
+                    job.on_done(completion(result))
+            return report
+
+        self.core.submit_together([(self.request(job), done(job), job.on_error) for job in jobs])
 
     def run_batch(self, jobs: list[Job]) -> list[Completion]:
         """Every job's reply, generated here and now (continuously batched among themselves); also reported to each job."""

@@ -49,16 +49,20 @@ class ServerMetrics:
             lambda: len(persona.adapters))
         r.register(_EngineCollector(engine))
 
-    def finished(self, reason: str, prompt_tokens: int, completion_tokens: int, arrived: float,
+    def finished(self, reasons: list[str], prompt_tokens: int, completion_tokens: list[int], arrived: float,
                  first_token: float | None, ended: float) -> None:
-        self.success.labels(reason).inc()
+        """A request whose choices (``n``: one reason and token count each) all ended. Its prompt is counted once,
+        as it was prefilled once; each choice is a finished sequence, as vLLM counts them."""
+        for reason in reasons:
+            self.success.labels(reason).inc()
         self.prompt_tokens.inc(prompt_tokens)
-        self.generation_tokens.inc(completion_tokens)
+        self.generation_tokens.inc(sum(completion_tokens))
         self.e2e.observe(ended - arrived)
+        longest = max(completion_tokens)  # the choices decode side by side: a step gives each its next token
         if first_token is not None:
             self.ttft.observe(first_token - arrived)
-            if completion_tokens > 1:
-                self.tpot.observe((ended - first_token) / (completion_tokens - 1))
+            if longest > 1:
+                self.tpot.observe((ended - first_token) / (longest - 1))
 
     def answered(self, model: str, status: int) -> None:
         # A label per model served, and one for all else: a label per name a client sent grew memory, and the

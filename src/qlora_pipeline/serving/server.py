@@ -19,7 +19,7 @@ import socket
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Sequence, Union
 
@@ -238,20 +238,26 @@ def create_app(persona: PersonaModel, engine: Engine, settings: Settings) -> Fas
 
     @app.post("/v1/chat/completions", dependencies=[authorized])
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-        refusal = admission.admit()
+        try:
+            choices = choice_count(body, engine.max_batch_size)
+        except APIError as err:
+            metrics.answered(body.model, err.status)
+            raise
+        refusal = admission.admit(choices)
         if refusal is not None:
             metrics.answered(body.model, refusal.status)
             raise APIError(refusal.status, refusal.message, type_="server_error" if refusal.status == 503 else
                            "rate_limit_error", code=refusal.code, headers={"Retry-After": str(refusal.retry_after)})
-        timing = Timing(metrics, admission, body.model)
+        timing = Timing(metrics, admission, body.model, choices)
         try:
-            job, meta = build_job(persona, settings, body)
-            timing.watch(job)
+            jobs, meta = build_jobs(persona, settings, body)
+            for job in jobs:
+                timing.watch(job)
             if body.stream:
-                response = await stream_completion(engine, job, meta, body, request, timing)
+                response = await stream_completion(engine, jobs, meta, body, request, timing)
                 timing.answered(200)
                 return response
-            answer = await complete(engine, job, meta, settings.request_timeout, timing)
+            answer = await complete(engine, jobs, meta, settings.request_timeout, timing)
             timing.answered(200)
             return answer
         except APIError as err:
@@ -413,16 +419,26 @@ class Meta:
     created: int
 
 
-def build_job(persona: PersonaModel, settings: Settings, body: ChatCompletionRequest) -> tuple[Job, Meta]:
-    """Check a request against the model and limits, and turn it into a generation job."""
+def choice_count(body: ChatCompletionRequest, limit: int) -> int:
+    """How many choices the request asks for (``n``): at most ``limit``, the rows the engine decodes at once."""
+    choices = body.n or 1
+    if choices > limit:
+        raise APIError(400, f"n {choices} is above this server's {limit} choices per request (--max-batch-size: "
+                            "the rows decoded at once); ask for fewer, or send several requests", param="n",
+                       code="invalid_value")
+    return choices
+
+
+def build_jobs(persona: PersonaModel, settings: Settings, body: ChatCompletionRequest) -> tuple[list[Job], Meta]:
+    """Check a request against the model and limits, and turn it into one generation job per choice (``n``).
+
+    Choice ``i`` of a seeded request draws with seed ``seed + i``: the reply a request with that seed alone
+    gets. The choices share the prompt, so the engine prefills it once for all of them."""
     try:  # looked up once: an unload between a check and a second lookup answered 500
         peft_name = persona.peft_name(body.model)
     except KeyError:
         raise APIError(404, f"the model '{body.model}' does not exist; available: {', '.join(persona.names)}",
                        param="model", code="model_not_found") from None
-    if body.n is not None and body.n > 1:
-        raise APIError(400, "n > 1 is not supported: send n requests (with different seeds) instead", param="n",
-                       code="unsupported_value")
     refuse_unsupported(body)
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stops) > 4 or any(not s for s in stops):
@@ -436,8 +452,9 @@ def build_job(persona: PersonaModel, settings: Settings, body: ChatCompletionReq
                         top_k=None if body.top_k is None else max(body.top_k, 0),
                         logit_bias=parse_logit_bias(body.logit_bias, vocabulary(persona)),
                         presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0)
-    job = Job(ids, peft_name, max_tokens, sampling, stop=stops)
-    return job, Meta(f"chatcmpl-{uuid.uuid4().hex}", body.model, int(time.time()))
+    jobs = [Job(ids, peft_name, max_tokens, sampling if body.seed is None else replace(sampling, seed=body.seed + i),
+                stop=stops) for i in range(body.n or 1)]
+    return jobs, Meta(f"chatcmpl-{uuid.uuid4().hex}", body.model, int(time.time()))
 
 
 # OpenAI's bounds: a bias from -100 (the token is never picked) to 100 (it always is), on up to 300 tokens.
@@ -506,16 +523,17 @@ def _max_tokens(persona: PersonaModel, settings: Settings, body: ChatCompletionR
     return asked
 
 
-def usage(completion: Completion) -> dict:
-    return {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens,
-            "total_tokens": completion.prompt_tokens + completion.completion_tokens}
+def usage(completions: Sequence[Completion]) -> dict:
+    """OpenAI's usage of a request: its prompt once, the tokens of every choice."""
+    prompt, generated = completions[0].prompt_tokens, sum(c.completion_tokens for c in completions)
+    return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
 
 
 class Timing:
     """One completion request's clock: metrics when it ends, its place released exactly once."""
 
-    def __init__(self, metrics: ServerMetrics, admission: Admission, model: str):
-        self.metrics, self.admission, self.model = metrics, admission, model
+    def __init__(self, metrics: ServerMetrics, admission: Admission, model: str, rows: int = 1):
+        self.metrics, self.admission, self.model, self.rows = metrics, admission, model, rows
         self.arrived = time.monotonic()
         self.first_token: float | None = None
         self._released = False
@@ -536,15 +554,16 @@ class Timing:
     def answered(self, status: int) -> None:
         self.metrics.answered(self.model, status)
 
-    def finished(self, completion: Completion) -> None:
-        self.metrics.finished(completion.finish_reason, completion.prompt_tokens, completion.completion_tokens,
-                              self.arrived, self.first_token, time.monotonic())
+    def finished(self, completions: Sequence[Completion]) -> None:
+        self.metrics.finished([c.finish_reason for c in completions], completions[0].prompt_tokens,
+                              [c.completion_tokens for c in completions], self.arrived, self.first_token,
+                              time.monotonic())
         self.release()
 
     def release(self) -> None:
         if not self._released:
             self._released = True
-            self.admission.release(time.monotonic() - self.arrived)
+            self.admission.release(time.monotonic() - self.arrived, self.rows)
 
 
 def timeout_error(timeout: float) -> APIError:
@@ -552,28 +571,29 @@ def timeout_error(timeout: float) -> APIError:
                          "ask for fewer max_tokens or retry when the server is less busy", code="request_timeout")
 
 
-async def complete(engine: Engine, job: Job, meta: Meta, timeout: float, timing: Timing) -> dict:
+async def complete(engine: Engine, jobs: list[Job], meta: Meta, timeout: float, timing: Timing) -> dict:
     loop = asyncio.get_running_loop()
-    future: asyncio.Future = loop.create_future()
-    job.on_done = lambda c: loop.call_soon_threadsafe(_settle, future, c, None)
-    job.on_error = lambda e: loop.call_soon_threadsafe(_settle, future, None, e)
-    engine.submit(job)
+    futures: list[asyncio.Future] = [loop.create_future() for _ in jobs]
+    for job, future in zip(jobs, futures):
+        job.on_done = lambda c, f=future: loop.call_soon_threadsafe(_settle, f, c, None)
+        job.on_error = lambda e, f=future: loop.call_soon_threadsafe(_settle, f, None, e)
+    engine.submit_together(jobs)
     try:
-        completion = await asyncio.wait_for(future, max(timing.remaining(), 0.001))
+        completions = await asyncio.wait_for(asyncio.gather(*futures), max(timing.remaining(), 0.001))
     except asyncio.TimeoutError:
-        job.cancelled.set()
         raise timeout_error(timeout) from None
-    except asyncio.CancelledError:
-        job.cancelled.set()
-        raise
     except Exception as err:
         raise generation_error(meta.model, err) from err
-    timing.finished(completion)
+    finally:  # a choice that failed, a deadline or a client gone: the others stop too (a no-op once all ended)
+        for job in jobs:
+            job.cancelled.set()
+    timing.finished(completions)
     return {"id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,
             "system_fingerprint": engine.persona.fingerprint[:24],
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": completion.text},
-                         "logprobs": None, "finish_reason": completion.finish_reason}],
-            "usage": usage(completion)}
+            "choices": [{"index": i, "message": {"role": "assistant", "content": completion.text},
+                         "logprobs": None, "finish_reason": completion.finish_reason}
+                        for i, completion in enumerate(completions)],
+            "usage": usage(completions)}
 
 
 def generation_error(model: str, err: BaseException) -> APIError:
@@ -593,51 +613,60 @@ def _settle(future: asyncio.Future, result: Any, error: BaseException | None) ->
         future.set_result(result)
 
 
-async def stream_completion(engine: Engine, job: Job, meta: Meta, body: ChatCompletionRequest, request: Request,
-                            timing: Timing) -> Any:
+async def stream_completion(engine: Engine, jobs: list[Job], meta: Meta, body: ChatCompletionRequest,
+                            request: Request, timing: Timing) -> Any:
+    """Server-sent events: each choice's role, its text as it comes and its finish reason, in chunks that name the
+    choice's ``index`` (the choices' chunks interleave as the engine makes them); then the usage if asked, and
+    ``[DONE]``."""
     from sse_starlette.sse import EventSourceResponse
 
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
-    job.on_text = lambda delta: loop.call_soon_threadsafe(events.put_nowait, ("text", delta))
-    job.on_done = lambda c: loop.call_soon_threadsafe(events.put_nowait, ("done", c))
-    job.on_error = lambda e: loop.call_soon_threadsafe(events.put_nowait, ("error", e))
+    for index, job in enumerate(jobs):
+        job.on_text = lambda delta, i=index: loop.call_soon_threadsafe(events.put_nowait, ("text", i, delta))
+        job.on_done = lambda c, i=index: loop.call_soon_threadsafe(events.put_nowait, ("done", i, c))
+        job.on_error = lambda e, i=index: loop.call_soon_threadsafe(events.put_nowait, ("error", i, e))
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-    def chunk(delta: dict, finish: str | None = None) -> str:
+    def chunk(index: int, delta: dict, finish: str | None = None) -> str:
         data = {"id": meta.id, "object": "chat.completion.chunk", "created": meta.created, "model": meta.model,
                 "system_fingerprint": engine.persona.fingerprint[:24],
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+                "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]}
         if include_usage:
             data["usage"] = None
         return json.dumps(data)
 
     async def produce():
-        engine.submit(job)
+        engine.submit_together(jobs)
+        done: dict[int, Completion] = {}
         try:
-            yield {"data": chunk({"role": "assistant", "content": ""})}
-            while True:
+            for index in range(len(jobs)):
+                yield {"data": chunk(index, {"role": "assistant", "content": ""})}
+            while len(done) < len(jobs):
                 try:
-                    kind, value = await asyncio.wait_for(events.get(), max(timing.remaining(), 0.001))
+                    kind, index, value = await asyncio.wait_for(events.get(), max(timing.remaining(), 0.001))
                 except asyncio.TimeoutError:
                     yield {"data": json.dumps(timeout_error(timing.admission.request_timeout).body())}
                     break
                 if kind == "text":
-                    yield {"data": chunk({"content": value})}
+                    yield {"data": chunk(index, {"content": value})}
                 elif kind == "error":
                     yield {"data": json.dumps(generation_error(meta.model, value).body())}
                     break
                 else:
-                    timing.finished(value)
-                    yield {"data": chunk({}, value.finish_reason)}
-                    if include_usage:
-                        yield {"data": json.dumps({"id": meta.id, "object": "chat.completion.chunk",
-                                                   "created": meta.created, "model": meta.model, "choices": [],
-                                                   "usage": usage(value)})}
-                    break
+                    done[index] = value
+                    yield {"data": chunk(index, {}, value.finish_reason)}
+            else:
+                completions = [done[index] for index in range(len(jobs))]
+                timing.finished(completions)
+                if include_usage:
+                    yield {"data": json.dumps({"id": meta.id, "object": "chat.completion.chunk",
+                                               "created": meta.created, "model": meta.model, "choices": [],
+                                               "usage": usage(completions)})}
             yield {"data": "[DONE]"}
         finally:  # the client went away (or the stream ended): stop generating for it
-            job.cancelled.set()
+            for job in jobs:
+                job.cancelled.set()
             timing.release()
 
     from starlette.background import BackgroundTask
