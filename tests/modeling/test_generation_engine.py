@@ -346,3 +346,42 @@ def test_a_scored_continuation_gives_the_models_own_loss_in_the_prompts_prefill(
         assert count == len(request.score_ids) and nll / count == pytest.approx(loss.item(), rel=1e-4)
     # scoring does not change what is generated
     assert results[0].token_ids == engine_for(persona).run([Request(prompt_ids[0], "alice", max_new_tokens=6)])[0].token_ids
+
+
+def test_each_tokens_logprob_is_the_models_own_at_its_step_and_changes_no_token(persona, prompt_ids):
+    """Request.logprobs: every generated token's log-probability and the k likeliest, equal to a plain teacher-forced
+    forward's raw log-softmax at that position (decode steps and a shared prefill alike); asking changes no token.
+
+    Held to a forward of the base: this module's adapters are chaotic (updates twice the base weights' norm), where
+    float32 summation order alone moves a logit by 0.16 (conftest's trained_size_adapters)."""
+    sampled = RowDecoding(temperature=1.3, top_p=0.9, repetition_penalty=1.2)
+    requests = [Request(prompt_ids[0], None, max_new_tokens=8, logprobs=3),
+                Request(prompt_ids[0], None, sampled, max_new_tokens=8, seed=4, logprobs=0),  # shares the prefill
+                Request(prompt_ids[1], "alice", max_new_tokens=8),
+                Request(prompt_ids[3], "bob", sampled, max_new_tokens=8, seed=5, logprobs=2)]
+    results = engine_for(persona).run(requests)
+    plain = engine_for(persona).run([Request(r.prompt_ids, r.adapter, r.decoding, r.max_new_tokens, r.seed)
+                                     for r in requests])
+    assert [r.token_ids for r in results] == [r.token_ids for r in plain]
+    assert results[2].logprobs is None
+    for request, result in zip(requests, results):
+        if request.logprobs is None:
+            continue
+        assert [entry.token_id for entry in result.logprobs] == result.token_ids
+        for entry in result.logprobs:
+            values = [value for _, value in entry.top]
+            assert len(entry.top) == request.logprobs and values == sorted(values, reverse=True)
+            assert entry.logprob <= 0 and all(value >= entry.logprob or token != entry.token_id
+                                              for token, value in entry.top)
+        if request.adapter is not None:
+            continue
+        ids = torch.tensor([list(request.prompt_ids) + result.token_ids])
+        with persona.model.disable_adapter(), torch.no_grad(), persona.autocast():
+            raw = torch.log_softmax(persona.model(input_ids=ids).logits[0].float(), dim=-1)
+        steps = raw[len(request.prompt_ids) - 1: -1]  # the distribution each generated token was drawn at
+        picked = steps.gather(1, torch.tensor(result.token_ids).view(-1, 1)).squeeze(1)
+        assert [entry.logprob for entry in result.logprobs] == pytest.approx(picked.tolist(), abs=1e-4)
+        values, top_ids = steps.topk(request.logprobs, dim=-1)
+        assert [[t for t, _ in entry.top] for entry in result.logprobs] == top_ids.tolist()
+        assert [v for entry in result.logprobs for _, v in entry.top] == pytest.approx(values.flatten().tolist(),
+                                                                                        abs=1e-4)

@@ -159,8 +159,13 @@ def test_sse_wire_format_ends_with_done(url):
     # keys that would change the answer, which this server does not do: refused, not ignored
     *[({"model": "alice", "messages": [{"role": "user", "content": "hi"}], key: value}, 400, "unsupported_value", key)
       for key, value in (("response_format", {"type": "json_object"}),
-                         ("top_logprobs", 2), ("tool_choice", "auto"), ("functions", [{"name": "f"}]),
+                         ("tool_choice", "auto"), ("functions", [{"name": "f"}]),
                          ("function_call", {"name": "f"}))],
+    # OpenAI's rules: top_logprobs up to 20, and only with logprobs on
+    ({"model": "alice", "messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21}, 400,
+     "invalid_value", "top_logprobs"),
+    ({"model": "alice", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400, "invalid_value",
+     "top_logprobs"),
     *[({"model": "alice", "messages": [{"role": "user", "content": "hi"}], "top_k": k}, 400, "invalid_value", "top_k")
       for k in (-2, 1 << 70)],  # past int64: no 500 from the sampler
     *[({"model": "alice", "messages": [{"role": "user", "content": "hi"}], "logit_bias": bias}, 400, "invalid_value",
@@ -361,6 +366,57 @@ def test_n_choices_are_the_replies_of_their_seeds_alone_from_one_prefill(url, en
 
     greedy = client(url).chat.completions.create(**{**body, "temperature": 0}, n=2)  # greedy: the same reply twice
     assert greedy.choices[0].message.content == greedy.choices[1].message.content
+
+
+def test_logprobs_are_the_models_own_and_cover_the_text_streamed_or_not(url, persona):
+    """Each token's log-probability under the model's raw distribution (before temperature, as vLLM reports them), with
+    the likeliest tokens beside it; the tokens spell the reply, a stream carries them with the text they make, and a
+    stop string's cut drops the tokens it cut."""
+    import torch
+
+    message = "hey, how was your weekend?"
+    body = {"model": "base", "messages": [{"role": "user", "content": message}], "max_tokens": 10, "temperature": 0,
+            "logprobs": True, "top_logprobs": 3}
+    reply = client(url).chat.completions.create(**body)
+    choice = reply.choices[0]
+    content = choice.logprobs.content
+    assert len(content) == reply.usage.completion_tokens - (choice.finish_reason == "stop")  # the end token: none
+    assert "".join(entry.token for entry in content) == choice.message.content
+    for entry in content:
+        assert [top.logprob for top in entry.top_logprobs] == sorted((t.logprob for t in entry.top_logprobs),
+                                                                      reverse=True)
+        assert len(entry.top_logprobs) == 3 and entry.logprob <= 0 and bytes(entry.bytes) == entry.token.encode()
+        assert (entry.token, entry.logprob) == (entry.top_logprobs[0].token, entry.top_logprobs[0].logprob)  # greedy
+
+    # The first token's, from the model itself (no engine): raw log-softmax, untouched by the request's temperature.
+    ids = prompt_ids(persona.tokenizer, with_system_prompt([{"role": "user", "content": message}],
+                                                           persona.system_prompt("base")))
+    with torch.no_grad(), persona.using("base") as model:
+        raw = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, -1].float(), dim=-1)
+    values, top_ids = raw.topk(3)
+    hot = client(url).chat.completions.create(**{**body, "temperature": 1.7, "seed": 5, "max_tokens": 1})
+    for sent in (content[0], hot.choices[0].logprobs.content[0]):
+        assert [t.token for t in sent.top_logprobs] == [persona.tokenizer.decode([int(i)]) for i in top_ids]
+        assert [t.logprob for t in sent.top_logprobs] == pytest.approx(values.tolist(), abs=1e-4)
+
+    stream = client(url).chat.completions.create(**body, stream=True)
+    pieces = [c.choices[0] for c in stream if c.choices and c.choices[0].delta.content]
+    assert [entry for piece in pieces for entry in piece.logprobs.content] == content
+    assert all("".join(e.token for e in piece.logprobs.content) == piece.delta.content for piece in pieces)
+
+    words = choice.message.content.split()
+    assert len(words) >= 3, choice.message.content
+    cut = client(url).chat.completions.create(**body, stop=[words[2]])
+    kept = cut.choices[0].logprobs.content
+    assert cut.choices[0].message.content == choice.message.content[:choice.message.content.index(words[2])]
+    assert kept == content[:len(kept)] and cut.choices[0].message.content.startswith("".join(e.token for e in kept))
+    assert len(kept) < len(content)
+
+    both = client(url).chat.completions.create(**{**body, "top_logprobs": 0}, n=2)
+    assert [[e.token for e in c.logprobs.content] for c in both.choices] == [[e.token for e in content]] * 2
+    assert all(e.top_logprobs == [] for c in both.choices for e in c.logprobs.content)
+    assert client(url).chat.completions.create(**{**body, "logprobs": False, "top_logprobs": None}
+                                               ).choices[0].logprobs is None
 
 
 def test_runtime_adapters_off_and_the_api_key(persona, engine, roots):

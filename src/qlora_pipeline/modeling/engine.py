@@ -27,6 +27,7 @@ shift a near-tie in the logits).
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import logging
 import queue
@@ -78,6 +79,20 @@ class Request:
     # Tokens after the prompt whose likelihood is wanted (a reference reply), teacher forced in the
     # prompt's own prefill: no second forward pass over the prompt.
     score_ids: Sequence[int] = ()
+    # Log-probabilities of the reply's tokens under the model (its raw distribution: before temperature,
+    # penalties and bias, as vLLM reports them): None = none; k = each token's, and the k likeliest beside it.
+    logprobs: int | None = None
+    # With on_text: the log-probabilities of the tokens whose text the next on_text call carries, just before it.
+    on_logprobs: Callable[[list["TokenLogprob"]], None] | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability, and the ``k`` likeliest tokens at its step (id, log-probability)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
@@ -89,6 +104,7 @@ class Result:
     completion_tokens: int  # tokens generated, the end-of-turn token included
     error: str | None = None
     score: tuple[float, int] | None = None  # score_ids' summed negative log-likelihood (nats) and count
+    logprobs: list[TokenLogprob] | None = None  # the reply's tokens' (request.logprobs), those of its text only
 
     @property
     def stopped(self) -> bool:
@@ -258,6 +274,11 @@ class _Row:
         self.text = ""
         self.score: tuple[float, int] | None = None
         self.stream_error: str | None = None  # what the row's on_text raised: it ends this row, not the batch
+        # With request.logprobs: each token's, where its text ends in the reply, and how many were streamed.
+        self.logprobs: list[TokenLogprob] = []
+        self.token_ends: list[int] = []
+        self.logprobs_sent = 0
+        self.next_logprob: TokenLogprob | None = None  # the step's, set before accept() takes its token
 
     @property
     def finished(self) -> bool:
@@ -278,6 +299,9 @@ class _Row:
         self.tokens.append(token)
         self.state.push(token)
         self.pending = token
+        if self.next_logprob is not None:
+            self.logprobs.append(self.next_logprob)
+            self.token_ends.append(len(self.tokenizer.decode(self.tokens, skip_special_tokens=True)))
         if self.request.stop or self.request.on_text is not None:
             text, stopped = self._text()
             if stopped:
@@ -311,18 +335,48 @@ class _Row:
             return
         if len(text) > len(self.sent) and text.startswith(self.sent):
             try:
+                covered = self._logprobs_within(len(text))
+                if self.request.on_logprobs is not None and covered > self.logprobs_sent:
+                    self.request.on_logprobs(self.logprobs[self.logprobs_sent:covered])
+                    self.logprobs_sent = covered
                 self.request.on_text(text[len(self.sent):])
             except Exception as err:  # a consumer gone (a closed stream): its row ends, the others go on
                 self.stream_error = f"streaming the reply failed: {type(err).__name__}: {err}"
                 return
             self.sent = text
 
+    def _logprobs_within(self, length: int) -> int:
+        """How many of the tokens' log-probabilities belong to the first ``length`` characters of the reply: the
+        tokens whose text ends there (a token cut by a stop string is not the reply's)."""
+        return bisect.bisect_right(self.token_ends, length)
+
     def result(self) -> Result:
         tokens = self.tokens
         if self.finish_reason == "stop" and self.request.stop:  # the tokens of the text kept
             tokens = self.tokenizer(self.text, add_special_tokens=False)["input_ids"] if self.text else []
+        logprobs = None if self.request.logprobs is None else self.logprobs[:self._logprobs_within(len(self.text))]
         return Result(list(tokens), self.text, self.finish_reason or "length", len(self.request.prompt_ids),
-                      self.generated, self.error, self.score)
+                      self.generated, self.error, self.score, logprobs)
+
+
+# The log-probability reported for a token the model gives no chance (OpenAI's floor; JSON has no -inf).
+LOGPROB_FLOOR = -9999.0
+
+
+def _note_logprobs(rows: list[_Row], logits: torch.Tensor, logit_rows: list[int], tokens: torch.Tensor) -> None:
+    """Each row that asks for log-probabilities gets its step's (``next_logprob``) before it takes its token: the
+    picked token's under the model's raw distribution (``logits[logit_rows[i]]``), and the likeliest ``k``."""
+    wanted = [i for i, row in enumerate(rows) if row.request.logprobs is not None]
+    if not wanted:
+        return
+    logprobs = torch.log_softmax(logits[[logit_rows[i] for i in wanted]].float(), dim=-1)
+    picked = logprobs.gather(1, tokens[wanted].view(-1, 1).to(logprobs.device)).squeeze(1).tolist()
+    k = max(rows[i].request.logprobs for i in wanted)
+    top_values, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long())
+    for j, i in enumerate(wanted):
+        count = rows[i].request.logprobs
+        top = tuple((int(t), max(float(v), LOGPROB_FLOOR)) for t, v in zip(top_ids[j, :count], top_values[j, :count]))
+        rows[i].next_logprob = TokenLogprob(int(tokens[i]), max(picked[j], LOGPROB_FLOOR), top)
 
 
 def _input_length(group: list[_Row]) -> int:
@@ -676,6 +730,7 @@ class Engine:
         tokens = self.sampler.next_tokens(logits[row_logits], [row.state for row in rows], slots)
         self.sampler.record(tokens, slots)
         self.rows.extend(rows)
+        _note_logprobs(rows, logits, row_logits, tokens)
         for row, token in zip(rows, tokens.tolist()):
             row.accept(token)
         self.stats.generated_tokens += len(rows)
@@ -718,6 +773,7 @@ class Engine:
             row.length += 1
         tokens = self.sampler.next_tokens(logits, [row.state for row in rows])
         self.sampler.record(tokens)
+        _note_logprobs(rows, logits, list(range(len(rows))), tokens)
         for row, token in zip(rows, tokens.tolist()):
             row.accept(token)
         self.stats.decode_steps += 1

@@ -38,6 +38,8 @@ class Completion:
     finish_reason: str  # stop | length | cancelled
     prompt_tokens: int
     completion_tokens: int
+    logprobs: list[core.TokenLogprob] | None = None  # the job's logprobs: each token of the text's
+
 
 
 @dataclass
@@ -53,6 +55,8 @@ class Job:
     max_new_tokens: int
     sampling: Sampling
     stop: list[str] = field(default_factory=list)
+    logprobs: int | None = None  # None: none; k: each token's log-probability and the k likeliest (core.Request)
+    on_logprobs: Callable[[list[core.TokenLogprob]], None] | None = None  # just before the on_text they belong to
     on_text: Callable[[str], None] = lambda delta: None
     on_done: Callable[[Completion], None] = lambda completion: None
     on_error: Callable[[BaseException], None] = lambda err: None
@@ -99,7 +103,7 @@ class Engine:
                                logit_bias=sampling.logit_bias)
         return core.Request(list(job.prompt_ids), None if job.adapter == PEFT_BASE else job.adapter, decoding,
                             job.max_new_tokens, sampling.seed, tuple(job.stop), on_text=job.on_text,
-                            cancelled=job.cancelled)
+                            cancelled=job.cancelled, logprobs=job.logprobs, on_logprobs=job.on_logprobs)
 
     def submit(self, job: Job) -> None:
         self.submit_together([job])
@@ -136,7 +140,7 @@ class Engine:
 
 def completion(result: core.Result) -> Completion:
     reason = result.finish_reason if result.finish_reason in ("stop", "length", "cancelled") else "stop"
-    return Completion(result.text, reason, result.prompt_tokens, result.completion_tokens)
+    return Completion(result.text, reason, result.prompt_tokens, result.completion_tokens, result.logprobs)
 
 
 def describe(engine: Engine) -> dict[str, Any]:

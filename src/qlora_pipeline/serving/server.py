@@ -32,6 +32,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from qlora_pipeline.config import ChatConfig
 from qlora_pipeline.errors import PipelineError
+from qlora_pipeline.modeling.engine import TokenLogprob
 from qlora_pipeline.serving.admission import Admission
 from qlora_pipeline.serving.engine import Completion, Engine, GenerationError, Job, Sampling, describe
 from qlora_pipeline.serving.metrics import ServerMetrics
@@ -146,7 +147,7 @@ class ChatCompletionRequest(BaseModel):
     # vLLM's extension, as its clients send it: -1 (or 0) = off; any k past the vocabulary keeps every token
     top_k: Optional[int] = Field(default=None, ge=-1, le=(1 << 31) - 1)
     logprobs: Optional[bool] = None
-    top_logprobs: Optional[int] = Field(default=None, ge=0)
+    top_logprobs: Optional[int] = Field(default=None, ge=0, le=20)  # OpenAI's bounds
     logit_bias: Optional[dict[str, float]] = None
     response_format: Optional[ResponseFormat] = None
     tools: Optional[list[Any]] = None
@@ -452,8 +453,9 @@ def build_jobs(persona: PersonaModel, settings: Settings, body: ChatCompletionRe
                         top_k=None if body.top_k is None else max(body.top_k, 0),
                         logit_bias=parse_logit_bias(body.logit_bias, vocabulary(persona)),
                         presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0)
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
     jobs = [Job(ids, peft_name, max_tokens, sampling if body.seed is None else replace(sampling, seed=body.seed + i),
-                stop=stops) for i in range(body.n or 1)]
+                stop=stops, logprobs=logprobs) for i in range(body.n or 1)]
     return jobs, Meta(f"chatcmpl-{uuid.uuid4().hex}", body.model, int(time.time()))
 
 
@@ -488,9 +490,8 @@ def parse_logit_bias(logit_bias: dict[str, float] | None, vocabulary: int) -> tu
 def refuse_unsupported(body: ChatCompletionRequest) -> None:
     """A 400 naming the first key that asks for what this server does not do: each would change the answer, so
     taking it and answering without it would mislead the client. Their "off" values pass."""
-    if body.logprobs or body.top_logprobs:
-        raise APIError(400, "logprobs are not supported", param="logprobs" if body.logprobs else "top_logprobs",
-                       code="unsupported_value")
+    if body.top_logprobs and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
     if body.response_format is not None and body.response_format.type != "text":
         raise APIError(400, f"response_format {body.response_format.type!r} is not supported: this is a persona chat "
                             "model; only 'text'", param="response_format", code="unsupported_value")
@@ -591,9 +592,24 @@ async def complete(engine: Engine, jobs: list[Job], meta: Meta, timeout: float, 
     return {"id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,
             "system_fingerprint": engine.persona.fingerprint[:24],
             "choices": [{"index": i, "message": {"role": "assistant", "content": completion.text},
-                         "logprobs": None, "finish_reason": completion.finish_reason}
+                         "logprobs": logprobs_body(engine.persona.tokenizer, completion.logprobs),
+                         "finish_reason": completion.finish_reason}
                         for i, completion in enumerate(completions)],
             "usage": usage(completions)}
+
+
+def logprobs_body(tokenizer: Any, logprobs: Sequence[TokenLogprob] | None) -> dict | None:
+    """OpenAI's ``logprobs`` of a choice (or of a stream chunk's tokens): each token as text, its UTF-8 bytes and
+    log-probability, and the likeliest tokens at its step; None where the request asked for none."""
+    if logprobs is None:
+        return None
+
+    def token(token_id: int, logprob: float) -> dict:
+        text = tokenizer.decode([token_id])  # as vLLM shows a token; a partial character's bytes are U+FFFD's
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8", errors="replace"))}
+
+    return {"content": [{**token(entry.token_id, entry.logprob), "top_logprobs": [token(*top) for top in entry.top]}
+                        for entry in logprobs], "refusal": None}
 
 
 def generation_error(model: str, err: BaseException) -> APIError:
@@ -623,15 +639,18 @@ async def stream_completion(engine: Engine, jobs: list[Job], meta: Meta, body: C
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
     for index, job in enumerate(jobs):
+        if job.logprobs is not None:  # the tokens of the text that follows: queued before it
+            job.on_logprobs = lambda entries, i=index: loop.call_soon_threadsafe(events.put_nowait,
+                                                                                   ("logprobs", i, entries))
         job.on_text = lambda delta, i=index: loop.call_soon_threadsafe(events.put_nowait, ("text", i, delta))
         job.on_done = lambda c, i=index: loop.call_soon_threadsafe(events.put_nowait, ("done", i, c))
         job.on_error = lambda e, i=index: loop.call_soon_threadsafe(events.put_nowait, ("error", i, e))
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-    def chunk(index: int, delta: dict, finish: str | None = None) -> str:
+    def chunk(index: int, delta: dict, finish: str | None = None, logprobs: dict | None = None) -> str:
         data = {"id": meta.id, "object": "chat.completion.chunk", "created": meta.created, "model": meta.model,
                 "system_fingerprint": engine.persona.fingerprint[:24],
-                "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+                "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
         if include_usage:
             data["usage"] = None
         return json.dumps(data)
@@ -639,6 +658,7 @@ async def stream_completion(engine: Engine, jobs: list[Job], meta: Meta, body: C
     async def produce():
         engine.submit_together(jobs)
         done: dict[int, Completion] = {}
+        tokens: dict[int, list[TokenLogprob]] = {}  # each choice's log-probabilities for its next text chunk
         try:
             for index in range(len(jobs)):
                 yield {"data": chunk(index, {"role": "assistant", "content": ""})}
@@ -648,8 +668,12 @@ async def stream_completion(engine: Engine, jobs: list[Job], meta: Meta, body: C
                 except asyncio.TimeoutError:
                     yield {"data": json.dumps(timeout_error(timing.admission.request_timeout).body())}
                     break
-                if kind == "text":
-                    yield {"data": chunk(index, {"content": value})}
+                if kind == "logprobs":
+                    tokens.setdefault(index, []).extend(value)
+                elif kind == "text":
+                    logprobs = logprobs_body(engine.persona.tokenizer, tokens.pop(index, [])) \
+                        if jobs[index].logprobs is not None else None
+                    yield {"data": chunk(index, {"content": value}, logprobs=logprobs)}
                 elif kind == "error":
                     yield {"data": json.dumps(generation_error(meta.model, value).body())}
                     break
