@@ -385,3 +385,46 @@ def test_each_tokens_logprob_is_the_models_own_at_its_step_and_changes_no_token(
         assert [[t for t, _ in entry.top] for entry in result.logprobs] == top_ids.tolist()
         assert [v for entry in result.logprobs for _, v in entry.top] == pytest.approx(values.flatten().tolist(),
                                                                                         abs=1e-4)
+
+
+def test_a_characters_byte_tokens_keep_their_logprobs_with_a_byte_fallback_tokenizer():
+    """Llama-2's kind of tokenizer decodes each byte of an unfinished character as its own U+FFFD: where a token's text
+    ends falls back when the character completes ("a", "a\ufffd", "a\ufffd\ufffd", "a中"). The logprobs of all four
+    tokens are the reply's, streamed with the text they make."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    from qlora_pipeline.modeling.engine import TokenLogprob, _Row
+
+    vocab = {"<unk>": 0, "</s>": 1, "a": 2, "<0xE4>": 3, "<0xB8>": 4, "<0xAD>": 5}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    backend.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", unk_token="<unk>")
+    assert [tokenizer.decode([2, 3, 4, 5][:n]) for n in (1, 2, 3, 4)] == ["a", "a\ufffd", "a\ufffd\ufffd", "a中"]
+    streamed: list[tuple[str, list[int]]] = []
+    pending: list[TokenLogprob] = []
+    row = _Row(0, Request([2], None, max_new_tokens=8, logprobs=0, on_logprobs=pending.extend,
+                          on_text=lambda text: streamed.append((text, [e.token_id for e in pending]))
+                          or pending.clear()), tokenizer, frozenset({1}))
+    for token in (2, 3, 4, 5, 1):
+        row.next_logprob = TokenLogprob(token, -0.5)
+        row.accept(token)
+    result = row.result()
+    assert result.text == "a中" and [entry.token_id for entry in result.logprobs] == [2, 3, 4, 5]
+    assert "".join(text for text, _ in streamed) == "a中"
+    assert [token for _, tokens in streamed for token in tokens] == [2, 3, 4, 5]
+
+
+def test_logprobs_of_a_vocabulary_smaller_than_k_and_of_nan_logits_are_given_not_raised():
+    """k past the vocabulary gives every token; a NaN logit (a broken model) is floored as -inf is: JSON has neither."""
+    from types import SimpleNamespace
+
+    from qlora_pipeline.modeling.engine import LOGPROB_FLOOR, _note_logprobs
+
+    rows = [SimpleNamespace(request=SimpleNamespace(logprobs=20), next_logprob=None),
+            SimpleNamespace(request=SimpleNamespace(logprobs=None), next_logprob=None)]
+    logits = torch.tensor([[2.0, 1.0, float("-inf"), float("nan"), 0.0], [0.0] * 5])
+    _note_logprobs(rows, logits, [0, 1], torch.tensor([3, 0]))
+    entry = rows[0].next_logprob
+    assert entry.token_id == 3 and entry.logprob == LOGPROB_FLOOR and len(entry.top) == 5
+    assert all(value == LOGPROB_FLOOR or value <= 0 for _, value in entry.top) and rows[1].next_logprob is None

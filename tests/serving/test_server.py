@@ -418,6 +418,33 @@ def test_logprobs_are_the_models_own_and_cover_the_text_streamed_or_not(url, per
     assert client(url).chat.completions.create(**{**body, "logprobs": False, "top_logprobs": None}
                                                ).choices[0].logprobs is None
 
+    # Tokens that add no text (a special token the reply's text skips) keep their logprobs in a stream too: they
+    # come with the choice's last chunk.
+    start = persona.tokenizer.convert_tokens_to_ids("<|im_start|>")
+    silent = {**body, "max_tokens": 3, "logit_bias": {str(start): 100}}
+    whole = client(url).chat.completions.create(**silent).choices[0]
+    assert whole.message.content == "" and [e.token for e in whole.logprobs.content] == ["<|im_start|>"] * 3
+    streamed = [c.choices[0] for c in client(url).chat.completions.create(**silent, stream=True) if c.choices]
+    assert [e for piece in streamed if piece.logprobs for e in piece.logprobs.content] == whole.logprobs.content
+    assert streamed[-1].finish_reason == "length" and streamed[-1].logprobs.content == whole.logprobs.content
+
+
+def test_a_streamed_reply_is_timed_as_a_whole_one_is(url):
+    """Time to first token and per output token are observed for streams too (they were for whole replies only)."""
+    def counts() -> tuple[float, ...]:
+        text = httpx.get(f"{url}/metrics", timeout=30).text
+        return tuple(float(re.search(rf"^qlora_pipeline:{name}_count (\S+)$", text, re.M).group(1))
+                     for name in ("time_to_first_token_seconds", "time_per_output_token_seconds",
+                                  "e2e_request_latency_seconds"))
+
+    before = counts()
+    body = {"model": "bob", "messages": [{"role": "user", "content": "any plans tonight?"}], "max_tokens": 6,
+            "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as response:
+        assert response.status_code == 200 and [line for line in response.iter_lines() if line][-1] == "data: [DONE]"
+    time.sleep(0.5)  # the stream's end is recorded as the response closes
+    assert [after - was for after, was in zip(counts(), before)] == [1, 1, 1]
+
 
 def test_runtime_adapters_off_and_the_api_key(persona, engine, roots):
     settings = Settings(DEFAULTS, api_key=KEY, adapter_roots=[roots / "allowed"])

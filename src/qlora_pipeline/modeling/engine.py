@@ -299,11 +299,13 @@ class _Row:
         self.tokens.append(token)
         self.state.push(token)
         self.pending = token
+        full = None
         if self.next_logprob is not None:
+            full = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+            self._note_end(len(full))
             self.logprobs.append(self.next_logprob)
-            self.token_ends.append(len(self.tokenizer.decode(self.tokens, skip_special_tokens=True)))
         if self.request.stop or self.request.on_text is not None:
-            text, stopped = self._text()
+            text, stopped = self._text(full)
             if stopped:
                 self.finish("stop")
                 return
@@ -319,31 +321,46 @@ class _Row:
         if self.finished:
             return
         self.text = self._text()[0]
-        self._emit(self.text)  # what was held back: a partial character, a possible stop string's start
+        # what was held back: a partial character, a possible stop string's start; and the log-probabilities of
+        # tokens that add no text (a special token the text skips)
+        self._emit(self.text, final=True)
         if self.stream_error is not None and reason != "cancelled":
             reason, error = "error", error or self.stream_error
         self.finish_reason, self.error = reason, error
 
-    def _text(self) -> tuple[str, bool]:
-        """The reply so far, cut before the first stop string; and whether one was found."""
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+    def _text(self, full: str | None = None) -> tuple[str, bool]:
+        """The reply so far (``full``: its tokens decoded already), cut before the first stop string; and whether one
+        was found."""
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True) if full is None else full
         cut = min((i for i in (text.find(s) for s in self.request.stop if s) if i >= 0), default=-1)
         return (text[:cut], True) if cut >= 0 else (text, False)
 
-    def _emit(self, text: str) -> None:
+    def _emit(self, text: str, final: bool = False) -> None:
+        """Stream what ``text`` adds to what was sent, after the log-probabilities of the tokens it is made of (at
+        the ``final`` call, those of tokens that added no text too)."""
         if self.request.on_text is None or self.stream_error is not None:  # nothing streams, or no longer
             return
-        if len(text) > len(self.sent) and text.startswith(self.sent):
-            try:
-                covered = self._logprobs_within(len(text))
-                if self.request.on_logprobs is not None and covered > self.logprobs_sent:
-                    self.request.on_logprobs(self.logprobs[self.logprobs_sent:covered])
-                    self.logprobs_sent = covered
+        grows = len(text) > len(self.sent) and text.startswith(self.sent)
+        covered = self._logprobs_within(len(text)) if grows or final else self.logprobs_sent
+        try:
+            if self.request.on_logprobs is not None and covered > self.logprobs_sent:
+                self.request.on_logprobs(self.logprobs[self.logprobs_sent:covered])
+                self.logprobs_sent = covered
+            if grows:
                 self.request.on_text(text[len(self.sent):])
-            except Exception as err:  # a consumer gone (a closed stream): its row ends, the others go on
-                self.stream_error = f"streaming the reply failed: {type(err).__name__}: {err}"
-                return
-            self.sent = text
+                self.sent = text
+        except Exception as err:  # a consumer gone (a closed stream): its row ends, the others go on
+            self.stream_error = f"streaming the reply failed: {type(err).__name__}: {err}"
+
+    def _note_end(self, end: int) -> None:
+        """Where the newest token's text ends in the reply. A byte-fallback tokenizer (Llama-2's) decodes each byte
+        of an unfinished character as its own U+FFFD, so an end can fall back below earlier ones: those are lowered
+        to it (the character's bytes end together), keeping the ends sorted for ``_logprobs_within``."""
+        for j in range(len(self.token_ends) - 1, -1, -1):
+            if self.token_ends[j] <= end:
+                break
+            self.token_ends[j] = end
+        self.token_ends.append(end)
 
     def _logprobs_within(self, length: int) -> int:
         """How many of the tokens' log-probabilities belong to the first ``length`` characters of the reply: the
@@ -371,12 +388,18 @@ def _note_logprobs(rows: list[_Row], logits: torch.Tensor, logit_rows: list[int]
         return
     logprobs = torch.log_softmax(logits[[logit_rows[i] for i in wanted]].float(), dim=-1)
     picked = logprobs.gather(1, tokens[wanted].view(-1, 1).to(logprobs.device)).squeeze(1).tolist()
-    k = max(rows[i].request.logprobs for i in wanted)
+    k = min(max(rows[i].request.logprobs for i in wanted), logprobs.shape[-1])  # a vocabulary smaller than k
     top_values, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long())
+    top_values, top_ids, picked_ids = top_values.tolist(), top_ids.tolist(), tokens.tolist()  # one copy off a GPU
     for j, i in enumerate(wanted):
         count = rows[i].request.logprobs
-        top = tuple((int(t), max(float(v), LOGPROB_FLOOR)) for t, v in zip(top_ids[j, :count], top_values[j, :count]))
-        rows[i].next_logprob = TokenLogprob(int(tokens[i]), max(picked[j], LOGPROB_FLOOR), top)
+        top = tuple((t, _floored(v)) for t, v in zip(top_ids[j][:count], top_values[j][:count]))
+        rows[i].next_logprob = TokenLogprob(picked_ids[i], _floored(picked[j]), top)
+
+
+def _floored(logprob: float) -> float:
+    """``logprob``, or the floor where it is below it, -inf or NaN (a model's NaN logits): JSON has neither."""
+    return logprob if logprob >= LOGPROB_FLOOR else LOGPROB_FLOOR
 
 
 def _input_length(group: list[_Row]) -> int:

@@ -41,9 +41,10 @@ class ServerMetrics:
                               buckets=TOKEN_BUCKETS, registry=r)
         self.e2e = Histogram(PREFIX + "e2e_request_latency_seconds", "From arrival to the last token",
                              buckets=LATENCY_BUCKETS, registry=r)
-        Gauge(PREFIX + "num_requests_running", "Requests being generated", registry=r).set_function(
+        # A request of n choices counts n: the rows it takes in the batch.
+        Gauge(PREFIX + "num_requests_running", "Requests (choices) being generated", registry=r).set_function(
             lambda: admission.running)
-        Gauge(PREFIX + "num_requests_waiting", "Requests admitted and waiting for a place in the batch",
+        Gauge(PREFIX + "num_requests_waiting", "Requests (choices) admitted and waiting for a place in the batch",
               registry=r).set_function(lambda: admission.waiting)
         Gauge(PREFIX + "lora_adapters_loaded", "Adapters served over the base", registry=r).set_function(
             lambda: len(persona.adapters))

@@ -252,8 +252,6 @@ def create_app(persona: PersonaModel, engine: Engine, settings: Settings) -> Fas
         timing = Timing(metrics, admission, body.model, choices)
         try:
             jobs, meta = build_jobs(persona, settings, body)
-            for job in jobs:
-                timing.watch(job)
             if body.stream:
                 response = await stream_completion(engine, jobs, meta, body, request, timing)
                 timing.answered(200)
@@ -578,6 +576,7 @@ async def complete(engine: Engine, jobs: list[Job], meta: Meta, timeout: float, 
     for job, future in zip(jobs, futures):
         job.on_done = lambda c, f=future: loop.call_soon_threadsafe(_settle, f, c, None)
         job.on_error = lambda e, f=future: loop.call_soon_threadsafe(_settle, f, None, e)
+        timing.watch(job)
     engine.submit_together(jobs)
     try:
         completions = await asyncio.wait_for(asyncio.gather(*futures), max(timing.remaining(), 0.001))
@@ -643,6 +642,7 @@ async def stream_completion(engine: Engine, jobs: list[Job], meta: Meta, body: C
             job.on_logprobs = lambda entries, i=index: loop.call_soon_threadsafe(events.put_nowait,
                                                                                    ("logprobs", i, entries))
         job.on_text = lambda delta, i=index: loop.call_soon_threadsafe(events.put_nowait, ("text", i, delta))
+        timing.watch(job)  # around the stream's own on_text: set before, it was replaced and no stream was timed
         job.on_done = lambda c, i=index: loop.call_soon_threadsafe(events.put_nowait, ("done", i, c))
         job.on_error = lambda e, i=index: loop.call_soon_threadsafe(events.put_nowait, ("error", i, e))
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -677,9 +677,10 @@ async def stream_completion(engine: Engine, jobs: list[Job], meta: Meta, body: C
                 elif kind == "error":
                     yield {"data": json.dumps(generation_error(meta.model, value).body())}
                     break
-                else:
+                else:  # with the log-probabilities of tokens that added no text, if any
                     done[index] = value
-                    yield {"data": chunk(index, {}, value.finish_reason)}
+                    logprobs = logprobs_body(engine.persona.tokenizer, tokens.pop(index)) if index in tokens else None
+                    yield {"data": chunk(index, {}, value.finish_reason, logprobs=logprobs)}
             else:
                 completions = [done[index] for index in range(len(jobs))]
                 timing.finished(completions)
