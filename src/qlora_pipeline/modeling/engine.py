@@ -82,7 +82,8 @@ class Request:
     # Log-probabilities of the reply's tokens under the model (its raw distribution: before temperature,
     # penalties and bias, as vLLM reports them): None = none; k = each token's, and the k likeliest beside it.
     logprobs: int | None = None
-    # With on_text: the log-probabilities of the tokens whose text the next on_text call carries, just before it.
+    # With on_text: the log-probabilities of the tokens whose text the next on_text call carries, just before it;
+    # at the reply's end, those of tokens that added no text, with no on_text after them.
     on_logprobs: Callable[[list["TokenLogprob"]], None] | None = None
 
 
@@ -390,7 +391,7 @@ def _note_logprobs(rows: list[_Row], logits: torch.Tensor, logit_rows: list[int]
     picked = logprobs.gather(1, tokens[wanted].view(-1, 1).to(logprobs.device)).squeeze(1).tolist()
     k = min(max(rows[i].request.logprobs for i in wanted), logprobs.shape[-1])  # a vocabulary smaller than k
     top_values, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long())
-    top_values, top_ids, picked_ids = top_values.tolist(), top_ids.tolist(), tokens.tolist()  # one copy off a GPU
+    top_values, top_ids, picked_ids = top_values.tolist(), top_ids.tolist(), tokens.tolist()  # one copy of each
     for j, i in enumerate(wanted):
         count = rows[i].request.logprobs
         top = tuple((t, _floored(v)) for t, v in zip(top_ids[j][:count], top_values[j][:count]))

@@ -56,7 +56,7 @@ class Job:
     sampling: Sampling
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None  # None: none; k: each token's log-probability and the k likeliest (core.Request)
-    on_logprobs: Callable[[list[core.TokenLogprob]], None] | None = None  # just before the on_text they belong to
+    on_logprobs: Callable[[list[core.TokenLogprob]], None] | None = None  # before the on_text they belong to (core.Request)
     on_text: Callable[[str], None] = lambda delta: None
     on_done: Callable[[Completion], None] = lambda completion: None
     on_error: Callable[[BaseException], None] = lambda err: None
