@@ -41,7 +41,6 @@ class Completion:
     logprobs: list[core.TokenLogprob] | None = None  # the job's logprobs: each token of the text's
 
 
-
 @dataclass
 class Job:
     """One request: prompt ids, the adapter's PEFT name (``__base__`` = none), limits, and where text goes.
@@ -56,7 +55,8 @@ class Job:
     sampling: Sampling
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None  # None: none; k: each token's log-probability and the k likeliest (core.Request)
-    on_logprobs: Callable[[list[core.TokenLogprob]], None] | None = None  # before the on_text they belong to (core.Request)
+    # before the on_text they belong to (core.Request)
+    on_logprobs: Callable[[list[core.TokenLogprob]], None] | None = None
     on_text: Callable[[str], None] = lambda delta: None
     on_done: Callable[[Completion], None] = lambda completion: None
     on_error: Callable[[BaseException], None] = lambda err: None

@@ -432,7 +432,7 @@ def build_jobs(persona: PersonaModel, settings: Settings, body: ChatCompletionRe
     """Check a request against the model and limits, and turn it into one generation job per choice (``n``).
 
     Choice ``i`` of a seeded request draws with seed ``seed + i``: the reply a request with that seed alone
-    gets. The choices share the prompt, so the engine prefills it once for all of them."""
+    gets. The choices share the prompt, so the engine prefills it once for as many as the batch has room for."""
     try:  # looked up once: an unload between a check and a second lookup answered 500
         peft_name = persona.peft_name(body.model)
     except KeyError:
@@ -451,6 +451,8 @@ def build_jobs(persona: PersonaModel, settings: Settings, body: ChatCompletionRe
                         top_k=None if body.top_k is None else max(body.top_k, 0),
                         logit_bias=parse_logit_bias(body.logit_bias, vocabulary(persona)),
                         presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0)
+    if body.top_logprobs and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     jobs = [Job(ids, peft_name, max_tokens, sampling if body.seed is None else replace(sampling, seed=body.seed + i),
                 stop=stops, logprobs=logprobs) for i in range(body.n or 1)]
@@ -488,8 +490,6 @@ def parse_logit_bias(logit_bias: dict[str, float] | None, vocabulary: int) -> tu
 def refuse_unsupported(body: ChatCompletionRequest) -> None:
     """A 400 naming the first key that asks for what this server does not do: each would change the answer, so
     taking it and answering without it would mislead the client. Their "off" values pass."""
-    if body.top_logprobs and not body.logprobs:
-        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
     if body.response_format is not None and body.response_format.type != "text":
         raise APIError(400, f"response_format {body.response_format.type!r} is not supported: this is a persona chat "
                             "model; only 'text'", param="response_format", code="unsupported_value")
