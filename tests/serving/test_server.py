@@ -89,6 +89,13 @@ def expected(persona, name: str, text: str, tokens: int = 8) -> tuple[str, int]:
     return completion.text, len(ids)
 
 
+def metric(text: str, name: str, labels: str = "") -> float:
+    """One sample of Prometheus text (``name{labels} value``), 0 if absent."""
+    pattern = re.escape(name + (("{" + labels + "}") if labels else "")) + r" ([0-9.e+-]+)$"
+    found = re.search(pattern, text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
 def client(url, key="unused"):
     from openai import OpenAI
 
@@ -433,9 +440,8 @@ def test_a_streamed_reply_is_timed_as_a_whole_one_is(url):
     """Time to first token and per output token are observed for streams too (they were for whole replies only)."""
     def counts() -> tuple[float, ...]:
         text = httpx.get(f"{url}/metrics", timeout=30).text
-        return tuple(float(re.search(rf"^qlora_pipeline:{name}_count (\S+)$", text, re.M).group(1))
-                     for name in ("time_to_first_token_seconds", "time_per_output_token_seconds",
-                                  "e2e_request_latency_seconds"))
+        return tuple(metric(text, f"qlora_pipeline:{name}_count") for name in (
+            "time_to_first_token_seconds", "time_per_output_token_seconds", "e2e_request_latency_seconds"))
 
     before = counts()
     body = {"model": "bob", "messages": [{"role": "user", "content": "any plans tonight?"}], "max_tokens": 6,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import subprocess
 import threading
 import time
@@ -25,7 +24,7 @@ from qlora_pipeline.serving.engine import Engine
 from qlora_pipeline.serving.server import Settings, create_app
 
 from conftest import BIN, pipeline_env
-from test_server import DEFAULTS, KEY, free_port, serving
+from test_server import DEFAULTS, KEY, free_port, metric, serving
 from test_server import persona  # noqa: F401 - the server module's fixture: alice and bob over the real base
 
 pytestmark = pytest.mark.slow
@@ -40,13 +39,6 @@ HI = {"model": "alice", "messages": [{"role": "user", "content": "hey, how was y
 SOAK_SECONDS = 60
 SOAK_GROWTH_MB = 64
 SOAK_PEAK_MB = 192
-
-
-def metric(text: str, name: str, labels: str = "") -> float:
-    """One sample of Prometheus text (``name{labels} value``), 0 if absent."""
-    pattern = re.escape(name + (("{" + labels + "}") if labels else "")) + r" ([0-9.e+-]+)$"
-    found = re.search(pattern, text, re.MULTILINE)
-    return float(found.group(1)) if found else 0.0
 
 
 def test_a_full_server_says_so_with_429_and_retry_after(persona):
