@@ -21,8 +21,9 @@ only: no per-request adapter (its flattened, paged batch never reaches PEFT's la
 per-request seed, no repetition penalty or n-gram ban per request, and no stop strings; hence this.
 
 A greedy row gives ``model.generate``'s tokens (tested per adapter); a seeded row gives the same
-tokens whatever it is batched with (exactly in float32; under bfloat16 the shape of a batch can
-shift a near-tie in the logits).
+tokens whatever it is batched with in float32 (not the same bits: CPU matmul kernels change with the
+batch's shape, so a near-tie in the logits can still part, rarely: bench/batch_invariance.py); under
+bfloat16 the shape of a batch shifts near-ties more often.
 """
 
 from __future__ import annotations
