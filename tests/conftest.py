@@ -99,6 +99,25 @@ def make_params(base: dict, overrides: dict | None = None, tmp_path: Path | None
     return params_from_dict(raw)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """torch on one thread for a module whose tests hold float32 rows to the same tokens alone and batched.
+
+    A CPU matmul's kernel, and with it the bits of a row's logits, changes with the batch's shape and the
+    number of threads (bench/batch_invariance.py: other bits for batches of 1 or 2 rows, and of 7 on two
+    threads). Tokens agree but on a near-tie, and one of these tests' prompts meets one on two threads: where
+    a `make test` worker gets two or more (four cores or more), or a module is run alone on two cores.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def params_factory(base_params_dict, tmp_path, empty_store):
     place_store(empty_store, tmp_path)

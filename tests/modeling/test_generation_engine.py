@@ -11,7 +11,7 @@ from qlora_pipeline.modeling.engine import GREEDY, Engine, Request, SlotCache, c
 from qlora_pipeline.modeling.sampling import RowDecoding
 from qlora_pipeline.serving.models import AdapterSpec, load_persona_model
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 PROMPTS = ["hey, how was your weekend?", "do you like dogs or cats more?", "what are you cooking tonight?",
            "any plans for the summer?", "ok"]

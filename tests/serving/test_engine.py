@@ -19,7 +19,7 @@ from qlora_pipeline.serving.models import (AdapterSpec, load_persona_model, pars
                                            parse_adapter_specs)
 from qlora_pipeline.serving.prompts import fit_history, prompt_ids, with_system_prompt
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 PROMPTS = ["hey, how was your weekend?", "do you like dogs or cats more?", "what are you cooking tonight?",
            "any plans for the summer?"]
