@@ -27,10 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SIZES = (1, 2, 4, 7, 8, 16, 32, 64, 99, 150)
 
 
-def linear_rows(threads: int) -> dict:
+def linear_rows() -> dict:
     import torch
 
-    torch.set_num_threads(threads)
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(1536, 576, generator=generator)
     inputs = torch.randn(192, 576, generator=generator)
@@ -39,13 +38,10 @@ def linear_rows(threads: int) -> dict:
     return {"rows_identical_to_the_batch_of_192": same}
 
 
-def replies(threads: int, engine, prompts, tokens: int) -> dict:
-    import torch
-
+def replies(engine, prompts, tokens: int) -> dict:
     from qlora_pipeline.modeling.adapters import TUNED
     from qlora_pipeline.modeling.engine import Request
 
-    torch.set_num_threads(threads)
     requests = [Request(ids, TUNED, max_new_tokens=tokens) for ids in prompts]
     batched = [r.token_ids for r in engine.run(requests)]
     alone = [engine.run([request])[0].token_ids for request in requests]
@@ -81,8 +77,8 @@ def main() -> None:
     prompts = chat_prompt_ids(tokenizer, [row["messages"] for row in rows])
     report: dict = {"machine": hardware.capability_line(), "dtype": "float32", "tokens": args.tokens}
     for threads in args.threads:
-        report[f"threads_{threads}"] = {"linear": linear_rows(threads),
-                                        "engine": replies(threads, engine, prompts, args.tokens)}
+        torch.set_num_threads(threads)
+        report[f"threads_{threads}"] = {"linear": linear_rows(), "engine": replies(engine, prompts, args.tokens)}
         print(f"threads {threads}:", report[f"threads_{threads}"], flush=True)
     write_report(args.out, report)
 
