@@ -73,7 +73,9 @@ PLUMBING = {"src/qlora_pipeline/__init__.py", "src/qlora_pipeline/config.py", "s
             # the folder of the risk prompt sets (PROMPTS), which zero-shot reads too
             "src/qlora_pipeline/risk/__init__.py",
             # keeps bitsandbytes from running a Hub kernel: what it keeps out is never part of an output
-            "src/qlora_pipeline/remote_code.py"}
+            "src/qlora_pipeline/remote_code.py",
+            # where a stage's process runs: in a fork of a process that imported its libraries (warm starts)
+            "src/qlora_pipeline/warm.py"}
 
 
 def _module_file(module: str) -> str | None:
@@ -150,6 +152,8 @@ ALLOWED_FROM_PLUMBING = {
     # what a stage imports first, with full garbage collections held off (process.import_quietly)
     "qlora_pipeline.process": {"keep_freed_memory", "TRACKING", "QUANTIZED_MODEL", "ADAPTERS", "TRAINING", "JUDGE",
                                "ROUGE"},
+    # a stage's process in a fork of the warm process, which imported its libraries already
+    "qlora_pipeline.warm": {"run_in_fork", "CHILD"},
     # the names of the PII types and engines, which params are checked against
     "qlora_pipeline.data.pii_types": {"PII_TYPES", "PRESIDIO_TYPES", "ALL_PII_TYPES", "ENGINES"},
     # the folder of the risk prompt sets (itself a dep of the stages that read it)

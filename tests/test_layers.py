@@ -2,7 +2,7 @@
 
 From the bottom:
 
-0. foundation: errors, files, processes, the Hub kernel refused, hardware, statistics, figures,
+0. foundation: errors, files, processes (and warm starts), the Hub kernel refused, hardware, statistics, figures,
    templates, the names of output files and of PII types, the grammar of risk gates, the label value
    the loss skips; none imports the rest of the package.
 1. params and tracking: ``config`` (typed ``params.yaml``), ``tracking`` (MLflow logging), the MLflow store
@@ -30,7 +30,7 @@ from conftest import ROOT
 PACKAGE = ROOT / "src" / "qlora_pipeline"
 
 LAYERS = [
-    ("foundation", ["qlora_pipeline", "remote_code", "errors", "io", "process", "hardware", "layout", "labels",
+    ("foundation", ["qlora_pipeline", "remote_code", "errors", "io", "process", "warm", "hardware", "layout", "labels",
                     "intervals", "figures", "templating", "data.pii_types", "data.canary_ids", "gate_syntax"]),
     ("params and tracking", ["config", "mlflow_store", "spool", "tracking"]),
     ("data", ["data"]),

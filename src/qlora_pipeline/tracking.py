@@ -42,7 +42,15 @@ def execution_key() -> str:
         return os.environ["QLORA_PIPELINE_RUN_KEY"]
     import psutil
 
-    owner = next((p for p in psutil.Process().parents() if _is_dvc(p)), psutil.Process())
+    from qlora_pipeline.warm import CHILD
+
+    # A stage run in a warm fork (warm.py) looks above the process DVC started for it, which waits for the fork.
+    origin = os.environ.get(CHILD, "")
+    try:
+        started = psutil.Process(int(origin)) if origin.isdigit() else psutil.Process()
+    except psutil.NoSuchProcess:
+        started = psutil.Process()
+    owner = next((p for p in started.parents() if _is_dvc(p)), started)
     exp = os.environ.get("DVC_EXP_NAME", "")
     return f"{owner.pid}-{owner.create_time():.3f}-{exp}"
 

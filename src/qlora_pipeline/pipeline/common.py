@@ -13,6 +13,7 @@ from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.io import read_jsonl
 from qlora_pipeline.process import (ADAPTERS, QUANTIZED_MODEL, TRACKING, import_quietly, keep_freed_memory,
                                     tracking_imports)
+from qlora_pipeline.warm import run_in_fork
 
 
 def model_imports(params: Params, peft_for: tuple[str, ...] = ("qlora", "lora")) -> tuple[str, ...]:
@@ -67,7 +68,8 @@ def stage_main(description: str, add_paths: Callable[[argparse.ArgumentParser], 
     ``imports``: the script's ``imports(params)``, the modules the stage runs on (its own module and the lists
     in ``process``), imported before ``run`` with full garbage collections held off (``stage_imports``,
     ``process.import_quietly``). The scripts import their stage module inside ``run``, not at their top, so
-    that its own imports (torch, for most) are among them.
+    that its own imports (torch, for most) are among them. A stage that loads a model (torch among them) runs in
+    a fork of the warm process, which has imported them already (``warm.run_in_fork``), where it can.
     """
     # Per-tensor progress bars of weight loading bury the stage's own summary lines in DVC's log.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -78,7 +80,12 @@ def stage_main(description: str, add_paths: Callable[[argparse.ArgumentParser], 
     args = parser.parse_args(argv)
     try:
         params = load_params(args.params)
-        import_quietly(stage_imports(imports, params))
+        names = stage_imports(imports, params)
+        if argv is None and "torch" in names:  # its own process, loading a model: in a warm fork (warm.py)
+            status = run_in_fork()
+            if status is not None:
+                return status
+        import_quietly(names)
         run(params, args)
     except PipelineError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -1,0 +1,474 @@
+"""Warm starts: a stage that loads a model runs in a fork of a process that has imported its libraries already.
+
+Plumbing: no output depends on it. A stage that loads a model spends ~5.5 s of a core importing torch,
+transformers, bitsandbytes, PEFT, MLflow and scikit-learn before it reads a byte (``python -X importtime``; AMD
+EPYC, Zen 4), and ``dvc repro`` starts seven of them. The first of them starts a *warm process*: it imports the
+libraries of every stage (``WARM``) once and waits on a Unix socket. Each such stage (the first too) sends it its
+command and gets a fork, which has them all in memory already, and the stage runs in that fork.
+
+The fork runs what the stage's own process would: its script as ``__main__`` with the stage's argv, working
+folder, environment, umask, ``sys.path`` and standard streams (passed over the socket). The project's own
+modules are imported afresh from the stage's ``sys.path`` (a queued experiment's copy runs its own code); only
+the third-party libraries come from the warm process. The stage's process waits and ends as the fork ends (its
+exit code, or the same signal); SIGINT, SIGTERM and SIGHUP it receives are passed on to the fork, and if it is
+killed (kill -9), the warm process kills the fork at once. A fork also dies with the warm process.
+
+A warm process serves only processes like the one that started it: the same interpreter and installed packages
+(site-packages' modification times), the same environment but for the variables no library reads while it is
+imported (``_volatile``: DVC's, pytest's and this project's own), and the same version of this file. It stops
+by itself when nothing has run in it for ``QLORA_PIPELINE_WARM_IDLE`` seconds (60). It refuses to serve where a
+fork is not safe: another platform than Linux, a CUDA or ROCm build of torch (a GPU run spends its time
+computing, not importing), or a thread left running by an import. The stage then imports as before, and so it
+does whenever anything here fails before the fork starts. ``QLORA_PIPELINE_WARM_START=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from qlora_pipeline.process import DATABASE_STORE, JUDGE, ROUGE, TRACKING, TRAINING, import_quietly, keep_freed_memory
+
+# What the warm process imports: every library a stage that loads a model imports first (process.py's lists).
+WARM = (*TRAINING, *JUDGE, *ROUGE, *TRACKING, DATABASE_STORE)
+SWITCH = "QLORA_PIPELINE_WARM_START"  # "0" turns warm starts off
+IDLE = "QLORA_PIPELINE_WARM_IDLE"  # seconds a warm process waits with nothing running in it before it stops
+# Set in a fork's environment to the pid of the stage's own process (the one DVC started): the fork, and what it
+# starts, start cold, and tracking finds the DVC process above that one (tracking.execution_key).
+CHILD = "QLORA_PIPELINE_WARM_CHILD"
+DEFAULT_IDLE_SECONDS = 60.0
+# How long a stage waits for its fork to start: the warm process imports WARM first (~8 s on 2 cores).
+START_TIMEOUT_SECONDS = 300.0
+_PACKAGE = "qlora_pipeline"
+_PR_SET_PDEATHSIG = 1
+
+
+def _volatile(name: str) -> bool:
+    """Variables that differ from stage to stage and that no library reads while it is imported: the warm
+    process may serve a stage whose values differ (the fork takes the stage's own)."""
+    return name.startswith(("DVC_", "PYTEST_", "QLORA_PIPELINE_")) or name in {"PWD", "OLDPWD", "SHLVL", "_"}
+
+
+def _refusal_here() -> str | None:
+    """Why this process must not use a warm process, or None."""
+    if os.environ.get(SWITCH, "1").strip().lower() in {"0", "false", "no", "off"}:
+        return f"{SWITCH} is off"
+    if os.environ.get(CHILD):
+        return "started by a warm fork"
+    if sys.platform != "linux":
+        return "not Linux"
+    if "WORLD_SIZE" in os.environ:
+        return "a process of a distributed launch"
+    if sys._xoptions or sys.warnoptions or sys.flags.optimize or sys.flags.isolated or sys.flags.no_site:
+        return "interpreter options the warm process would not have"
+    return None
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where the warm process for this interpreter, environment and import list listens."""
+
+    socket: Path
+    lock: Path
+    refused: Path
+    log: Path
+
+
+def place(preload: Sequence[str]) -> Place | None:
+    """The warm process's files for ``preload`` in this process's setting; None where no safe folder is at hand."""
+    site = sorted({p for p in sys.path if p.endswith("site-packages") and os.path.isdir(p)})
+    # What is installed, by name and version (not the folders' times: Python's first byte-compiled file makes one)
+    installed = [sorted(name for name in os.listdir(p) if name.endswith((".dist-info", ".egg-info"))) for p in site]
+    setting = {"executable": sys.executable, "version": sys.version, "prefix": sys.prefix,
+               "site": list(zip(site, installed)), "preload": list(preload),
+               "env": sorted((k, v) for k, v in os.environ.items() if not _volatile(k)),
+               "code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()}
+    key = hashlib.sha256(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:20]
+    folder = Path(tempfile.gettempdir()) / f"qlora-pipeline-warm-{os.getuid()}"
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        info = os.lstat(folder)
+    except OSError:
+        return None
+    # Ours alone: nobody else may put a socket here for us to send our environment to.
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        return None
+    found = Place(folder / f"{key}.sock", folder / f"{key}.lock", folder / f"{key}.refused", folder / f"{key}.log")
+    return found if len(str(found.socket)) < 100 else None  # AF_UNIX paths hold 107 bytes
+
+
+# ------------------------------------------------------------------ the stage's side
+
+
+def run_in_fork(preload: Sequence[str] = WARM) -> int | None:
+    """Run this process's command in a fork of the warm process for ``preload`` (started if none is up).
+
+    Returns the fork's exit code; a fork killed by a signal kills this process with the same signal. None where
+    no fork was started (off, refused, or anything failed before): this process then goes on as before.
+    """
+    if _refusal_here() or not os.path.isfile(sys.argv[0]):  # a script: what the fork runs as __main__
+        return None
+    found = place(preload)
+    if found is None or found.refused.exists():
+        return None
+    try:
+        connection = _connect_or_start(found, preload)
+        if connection is None:
+            return None
+        _send_request(connection)
+        if _read_line(connection, START_TIMEOUT_SECONDS) != "forked":
+            connection.close()
+            return None
+    except OSError:
+        return None
+    return _wait_for_fork(connection)
+
+
+def _connect(path: Path) -> socket.socket | None:
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        client.connect(str(path))
+        return client
+    except OSError:
+        client.close()
+        return None
+
+
+def _connect_or_start(found: Place, preload: Sequence[str]) -> socket.socket | None:
+    """A connection to the warm process, started first where none listens (one start at a time: a lock file)."""
+    connection = _connect(found.socket)
+    if connection is not None:
+        return connection
+    with open(found.lock, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        connection = _connect(found.socket)  # another stage started it while this one waited
+        if connection is not None:
+            return connection
+        found.socket.unlink(missing_ok=True)  # a warm process that died leaves its socket file
+        source = str(Path(__file__).resolve().parent.parent)
+        bootstrap = (f"import sys; sys.path.insert(0, {source!r}); from qlora_pipeline import warm; "
+                     f"warm.become(warm.serve(sys.argv[1], sys.argv[2:]))")
+        with open(found.log, "ab") as log:
+            server = subprocess.Popen([sys.executable, "-c", bootstrap, str(found.socket), *preload], cwd="/",
+                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
+                                      start_new_session=True)
+        # It listens before it imports: the request waits in the socket's queue until it has imported.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and server.poll() is None:
+            connection = _connect(found.socket)
+            if connection is not None:
+                return connection
+            time.sleep(0.02)
+    return None
+
+
+def _send_request(connection: socket.socket) -> None:
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    request = json.dumps({"pid": os.getpid(), "argv": sys.argv, "orig_argv": sys.orig_argv, "cwd": os.getcwd(),
+                          "env": dict(os.environ), "path": sys.path, "umask": _umask()}).encode()
+    socket.send_fds(connection, [struct.pack("!I", len(request)) + request], [0, 1, 2])
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _read_line(connection: socket.socket, timeout: float | None) -> str | None:
+    """The next line the warm process sends; None at its end (or after ``timeout`` seconds)."""
+    connection.settimeout(timeout)
+    data = b""
+    try:
+        while not data.endswith(b"\n"):
+            chunk = connection.recv(1)
+            if not chunk:
+                return None
+            data += chunk
+    except socket.timeout:
+        return None
+    return data.decode().strip()
+
+
+def _wait_for_fork(connection: socket.socket) -> int:
+    def forward(signum, _frame):
+        try:
+            connection.sendall(f"signal {signum}\n".encode())
+        except OSError:
+            pass
+
+    passed = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    before = {signum: signal.signal(signum, forward) for signum in passed}
+    try:
+        line = _read_line(connection, None)
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+        connection.close()
+    if not (line and line.startswith("exit ")):
+        print(f"error: the warm process ended while this stage ran in it; run again (or with {SWITCH}=0)",
+              file=sys.stderr)
+        return 1
+    code = int(line.split()[1])
+    if code < 0:  # killed by a signal: end the same way, for DVC and the shell to see
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        try:
+            signal.signal(-code, signal.SIG_DFL)
+        except (OSError, ValueError):  # SIGKILL and SIGSTOP keep theirs
+            pass
+        os.kill(os.getpid(), -code)
+        return 128 - code
+    return code
+
+
+# ------------------------------------------------------------------ the warm process
+
+
+@dataclass
+class Job:
+    """What a fork runs: the stage's command, as its process sent it."""
+
+    request: dict
+    fds: list[int]
+    server: int  # the warm process's pid
+
+
+def serve(path: str, preload: Sequence[str]) -> Job:
+    """Listen at ``path``, import ``preload``, then fork a child per request until idle.
+
+    Returns only in a fork, with the job it is to run (``become``); the warm process itself exits here.
+    """
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(64)
+    inode, me = os.stat(path).st_ino, os.getpid()
+    try:
+        keep_freed_memory()
+        import_quietly(preload)
+        refusal = _refusal_after_import()
+        if refusal:  # every later stage of this setting starts cold without asking
+            Path(path).with_suffix(".refused").write_text(refusal + "\n")
+            print(f"warm: refusing to serve: {refusal}", file=sys.stderr)
+        else:
+            job = _serve_forks(listener, float(os.environ.get(IDLE, DEFAULT_IDLE_SECONDS)))
+            if job is not None:
+                return job
+    except Exception as err:  # noqa: BLE001 - the log says why; every waiting stage then starts cold
+        print(f"warm: {type(err).__name__}: {err}", file=sys.stderr)
+    finally:
+        if os.getpid() == me:
+            _unlink_if_ours(path, inode, listener)
+    return _exit(0)
+
+
+def _exit(code: int):
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
+
+
+def _unlink_if_ours(path: str, inode: int, listener: socket.socket) -> None:
+    try:  # a stage may have put another warm process's file there meanwhile: remove only our own
+        if os.stat(path).st_ino == inode:
+            os.unlink(path)
+    except OSError:
+        pass
+    listener.close()
+
+
+def _refusal_after_import() -> str | None:
+    import torch
+
+    if torch.version.cuda or getattr(torch.version, "hip", None):
+        return "a CUDA or ROCm build of torch: a fork must not follow its initialisation"
+    # Python threads only: the native pools imports start (OpenBLAS's, Arrow's) stop for a fork and start again
+    # in it (their pthread_atfork handlers).
+    if threading.active_count() > 1:
+        return "an import left a Python thread running: a fork would not have it"
+    return None
+
+
+def _serve_forks(listener: socket.socket, idle: float) -> Job | None:
+    wake_read, wake_write = os.pipe()
+    os.set_blocking(wake_read, False)
+    os.set_blocking(wake_write, False)
+    signal.set_wakeup_fd(wake_write)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    children: dict[int, socket.socket] = {}
+    watched: dict[socket.socket, int] = {}
+    quiet_since = time.monotonic()
+    import select
+
+    while True:
+        timeout = None if children else quiet_since + idle - time.monotonic()
+        if timeout is not None and timeout <= 0:
+            return None
+        try:
+            ready, _, _ = select.select([listener, wake_read, *watched], [], [], timeout)
+        except InterruptedError:
+            ready = []
+        if wake_read in ready:
+            while True:
+                try:
+                    if not os.read(wake_read, 512):
+                        break
+                except BlockingIOError:
+                    break
+        for pid, status in _reaped():
+            connection = children.pop(pid, None)
+            if connection is not None:
+                watched.pop(connection, None)
+                try:
+                    connection.sendall(f"exit {os.waitstatus_to_exitcode(status)}\n".encode())
+                except OSError:
+                    pass
+                connection.close()
+            quiet_since = time.monotonic()
+        for connection in [c for c in ready if c in watched]:
+            _pass_on(connection, watched[connection])
+        if listener in ready:
+            job = _fork_for(listener, children, watched, (wake_read, wake_write))
+            if job is not None:
+                return job
+
+
+def _reaped() -> list[tuple[int, int]]:
+    found = []
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return found
+        if pid == 0:
+            return found
+        found.append((pid, status))
+
+
+def _pass_on(connection: socket.socket, pid: int) -> None:
+    """A signal the stage's process received, for its fork; its end (killed) ends the fork."""
+    try:
+        data = connection.recv(256)
+    except BlockingIOError:
+        return
+    except OSError:
+        data = b""
+    if not data:
+        _kill(pid, signal.SIGKILL)
+        return
+    for line in data.decode(errors="replace").splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0] == "signal" and parts[1].isdigit():
+            _kill(pid, int(parts[1]))
+
+
+def _kill(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _fork_for(listener: socket.socket, children: dict, watched: dict, pipe: tuple[int, int]) -> Job | None:
+    connection, _ = listener.accept()
+    try:
+        _, uid, _ = struct.unpack("3i", connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                              struct.calcsize("3i")))
+        if uid != os.getuid():
+            raise PermissionError(f"a process of user {uid} asked")
+        request, fds = _receive(connection)
+    except (OSError, ValueError) as err:
+        print(f"warm: request refused: {err}", file=sys.stderr)
+        connection.close()
+        return None
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    pid = os.fork()
+    if pid == 0:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for other in (listener, connection, *watched):
+            other.close()
+        for fd in pipe:
+            os.close(fd)
+        return Job(request, fds, os.getppid())
+    for fd in fds:
+        os.close(fd)
+    try:
+        connection.sendall(b"forked\n")
+    except OSError:
+        _kill(pid, signal.SIGKILL)
+    connection.setblocking(False)
+    children[pid] = connection
+    watched[connection] = pid
+    return None
+
+
+def _receive(connection: socket.socket) -> tuple[dict, list[int]]:
+    connection.settimeout(10)
+    data, fds, _, _ = socket.recv_fds(connection, 1 << 16, 3)
+    try:
+        if len(fds) != 3 or len(data) < 4:
+            raise ValueError("expected a request with three file descriptors")
+        size = struct.unpack("!I", data[:4])[0]
+        data = data[4:]
+        while len(data) < size:
+            chunk = connection.recv(min(1 << 20, size - len(data)))
+            if not chunk:
+                raise ValueError("the request ended early")
+            data += chunk
+        return json.loads(data), fds
+    except Exception:
+        for fd in fds:
+            os.close(fd)
+        raise
+
+
+def become(job: Job) -> None:
+    """In a fork: turn into the stage's process and run its script as ``__main__`` (raises its SystemExit)."""
+    import ctypes
+    import runpy
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # die with the warm process, which alone knows of us
+    if os.getppid() != job.server:  # it died before the line above
+        os._exit(1)
+    request = job.request
+    for target, fd in enumerate(job.fds):
+        os.dup2(fd, target)
+        if fd > 2:
+            os.close(fd)
+    os.chdir(request["cwd"])
+    os.umask(request["umask"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    os.environ[CHILD] = str(request["pid"])
+    sys.argv, sys.orig_argv = list(request["argv"]), list(request["orig_argv"])
+    sys.path[:] = request["path"]
+    if os.isatty(1) and not sys.flags.unbuffered:  # as Python sets it up for a terminal
+        sys.stdout.reconfigure(line_buffering=True)
+    _forget_project()
+    runpy.run_path(sys.argv[0], run_name="__main__")
+
+
+def _forget_project() -> None:
+    """Drop this project's modules (the warm process's copy): the stage imports its own from its ``sys.path``."""
+    for name in [name for name in sys.modules if name == _PACKAGE or name.startswith(_PACKAGE + ".")]:
+        del sys.modules[name]
+    sys.meta_path[:] = [finder for finder in sys.meta_path
+                        if not type(finder).__module__.startswith(_PACKAGE + ".")]

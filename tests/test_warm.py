@@ -1,0 +1,182 @@
+"""warm.py: a script run in a fork of a warm process is the process it would have been, and dies as it would.
+
+Each test runs a small script (SCRIPT) in fresh interpreters, as a stage's script runs: it asks for a fork with
+``warm.run_in_fork`` and otherwise goes on in its own process. The warm processes preload a small module of the
+test's own (slow_lib: a stand-in for torch, it records which process imported it), live in a temporary folder of
+the test's (TMPDIR) and stop after two idle seconds. The stages' own use (stage_main) runs in every end-to-end test:
+test_mlflow_server.py's one MLflow run per `dvc repro` is tracking.execution_key finding DVC above a fork, and
+test_failures.py's kill -9 of each stage is this module's kill of a fork.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import ROOT
+
+SCRIPT = """
+import json, os, signal, sys, time
+sys.path.insert(0, {src!r})
+from qlora_pipeline import warm
+
+if not os.environ.get(warm.CHILD):
+    status = warm.run_in_fork({preload!r})
+    if status is not None:
+        sys.exit(status)
+import qlora_pipeline
+slow = sys.modules.get("slow_lib")
+print(json.dumps({{"pid": os.getpid(), "ppid": os.getppid(), "argv": sys.argv[1:], "cwd": os.getcwd(),
+                  "stage": os.environ.get("DVC_STAGE"), "child": os.environ.get(warm.CHILD),
+                  "imported_by": slow and slow.IMPORTED_BY, "umask": os.umask(0), "stdin": sys.stdin.read(),
+                  "edited": getattr(qlora_pipeline, "EDITED", False)}}), flush=True)
+print("a line on stderr", file=sys.stderr, flush=True)
+action = sys.argv[1]
+if action == "exit":
+    sys.exit(int(sys.argv[2]))
+if action == "term":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(7))
+if action == "abort":
+    os.kill(os.getpid(), signal.SIGKILL)
+if action in ("term", "sleep"):
+    open("fork.pid", "w").write(str(os.getpid()))
+    time.sleep(120)
+"""
+SLOW_LIB = "import os, time\ntime.sleep(0.3)\nIMPORTED_BY = os.getpid()\n"
+THREAD_LIB = "import threading, time\nthreading.Thread(target=time.sleep, args=(30,), daemon=True).start()\n"
+
+
+@pytest.fixture
+def folder():
+    """A short temporary folder (the warm process's socket path must fit in 107 bytes), removed after."""
+    path = Path(tempfile.mkdtemp(prefix="warm-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def setup(folder: Path, preload: tuple[str, ...] = ("slow_lib",)) -> Path:
+    """A copy of the package (so that a test may edit it) and the script, under ``folder``."""
+    shutil.copytree(ROOT / "src" / "qlora_pipeline", folder / "src" / "qlora_pipeline",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (folder / "lib").mkdir()
+    (folder / "lib" / "slow_lib.py").write_text(SLOW_LIB)
+    (folder / "lib" / "thread_lib.py").write_text(THREAD_LIB)
+    script = folder / "script.py"
+    script.write_text(SCRIPT.format(src=str(folder / "src"), preload=preload))
+    return script
+
+
+def environment(folder: Path, **extra: str) -> dict[str, str]:
+    return {"PATH": os.environ["PATH"], "TMPDIR": str(folder), "PYTHONPATH": str(folder / "lib"),
+            "QLORA_PIPELINE_WARM_IDLE": "2", **extra}
+
+
+def run(script: Path, *args: str, env: dict, stdin: str = "", umask: int = 0o022) -> tuple[dict, str, int]:
+    proc = subprocess.run([sys.executable, str(script), *args], cwd=script.parent, env=env, input=stdin,
+                          capture_output=True, text=True, timeout=120, preexec_fn=lambda: os.umask(umask))
+    lines = proc.stdout.strip().splitlines()
+    return (json.loads(lines[0]) if lines else {}), proc.stderr, proc.returncode
+
+
+def warm_processes(folder: Path) -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = process.info["cmdline"] or []
+        if any(str(folder) in arg and arg.endswith(".sock") for arg in cmdline) and process.ppid() != os.getpid():
+            found.append(process)
+    return [p for p in found if not any(q.pid == p.ppid() for q in found)]  # the servers, not their forks
+
+
+def test_a_script_runs_in_a_fork_of_the_warm_process_as_its_own_process_would(folder):
+    script = setup(folder)
+    first, err, code = run(script, "exit", "3", env=environment(folder, DVC_STAGE="one"), stdin="hello",
+                           umask=0o027)
+    assert code == 3 and "a line on stderr" in err, err
+    assert first["argv"] == ["exit", "3"] and Path(first["cwd"]) == folder and first["stdin"] == "hello"
+    assert first["umask"] == 0o027 and first["stage"] == "one"
+    warm = first["ppid"]
+    assert first["imported_by"] == warm != first["pid"], first  # slow_lib came imported from the warm process
+    assert first["child"] and first["child"] != str(first["pid"])  # the pid of the script's own process
+    # The package edited between the two: a fork imports the project's modules from the script's sys.path.
+    init = folder / "src" / "qlora_pipeline" / "__init__.py"
+    init.write_text(init.read_text() + "\nEDITED = True\n")
+    second, _, code = run(script, "exit", "0", env=environment(folder, DVC_STAGE="two"))
+    assert code == 0 and second["ppid"] == warm and second["stage"] == "two"  # DVC's variables vary freely
+    assert second["edited"] and not first["edited"]
+
+
+def test_a_signal_reaches_the_fork_and_a_fork_killed_by_one_ends_its_process_the_same_way(folder):
+    script = setup(folder)
+    env = environment(folder)
+    aborted = run(script, "abort", env=env)
+    assert aborted[2] == -signal.SIGKILL and aborted[0]["ppid"] != aborted[0]["pid"]
+    proc = subprocess.Popen([sys.executable, str(script), "term"], cwd=folder, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    pid_file = folder / "fork.pid"
+    deadline = time.monotonic() + 60
+    while not pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 7  # the fork's own handler ran and chose the exit code
+    pid_file.unlink()
+
+
+def test_kill_9_of_the_scripts_process_kills_its_fork_at_once(folder):
+    script = setup(folder)
+    proc = subprocess.Popen([sys.executable, str(script), "sleep"], cwd=folder, env=environment(folder),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pid_file = folder / "fork.pid"
+    deadline = time.monotonic() + 60
+    while not pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.1)
+    fork = psutil.Process(int(pid_file.read_text()))
+    assert fork.pid != proc.pid and fork.is_running()
+    proc.kill()
+    proc.wait()
+    gone, _ = psutil.wait_procs([fork], timeout=2)
+    assert gone, "the fork outlived the process it ran for"
+
+
+def test_another_environment_gets_another_warm_process_and_the_switch_runs_in_the_process_itself(folder):
+    script = setup(folder)
+    one, _, _ = run(script, "exit", "0", env=environment(folder, SOME_SETTING="a"))
+    other, _, _ = run(script, "exit", "0", env=environment(folder, SOME_SETTING="b"))
+    assert one["imported_by"] == one["ppid"] and other["imported_by"] == other["ppid"] != one["ppid"]
+    cold, _, code = run(script, "exit", "0", env=environment(folder, QLORA_PIPELINE_WARM_START="0"))
+    assert code == 0 and cold["child"] is None and cold["imported_by"] is None
+
+
+def test_the_warm_process_stops_by_itself_when_idle_and_takes_its_socket_away(folder):
+    script = setup(folder)
+    run(script, "exit", "0", env=environment(folder))
+    sockets = list((folder / f"qlora-pipeline-warm-{os.getuid()}").glob("*.sock"))
+    assert len(sockets) == 1 and warm_processes(folder)
+    deadline = time.monotonic() + 30
+    while (warm_processes(folder) or sockets[0].exists()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not warm_processes(folder) and not sockets[0].exists()
+
+
+def test_imports_that_leave_a_thread_make_it_refuse_and_the_script_runs_in_its_own_process(folder):
+    script = setup(folder, preload=("slow_lib", "thread_lib"))
+    first, _, code = run(script, "exit", "0", env=environment(folder))
+    assert code == 0 and first["child"] is None and first["imported_by"] is None
+    refused = list((folder / f"qlora-pipeline-warm-{os.getuid()}").glob("*.refused"))
+    assert len(refused) == 1 and "thread" in refused[0].read_text()
+    started = time.monotonic()
+    again, _, code = run(script, "exit", "0", env=environment(folder))
+    assert code == 0 and again["child"] is None and not warm_processes(folder)  # none started again
+    assert time.monotonic() - started < 10
+
