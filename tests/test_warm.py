@@ -39,7 +39,8 @@ slow = sys.modules.get("slow_lib")
 print(json.dumps({{"pid": os.getpid(), "ppid": os.getppid(), "argv": sys.argv[1:], "cwd": os.getcwd(),
                   "stage": os.environ.get("DVC_STAGE"), "child": os.environ.get(warm.CHILD),
                   "imported_by": slow and slow.IMPORTED_BY, "umask": os.umask(0), "stdin": sys.stdin.read(),
-                  "edited": getattr(qlora_pipeline, "EDITED", False)}}), flush=True)
+                  "edited": getattr(qlora_pipeline, "EDITED", False),
+                  "hup_ignored": signal.getsignal(signal.SIGHUP) == signal.SIG_IGN}}), flush=True)
 print("a line on stderr", file=sys.stderr, flush=True)
 action = sys.argv[1]
 if action == "exit":
@@ -81,9 +82,15 @@ def environment(folder: Path, **extra: str) -> dict[str, str]:
             "QLORA_PIPELINE_WARM_IDLE": "2", **extra}
 
 
-def run(script: Path, *args: str, env: dict, stdin: str = "", umask: int = 0o022) -> tuple[dict, str, int]:
+def run(script: Path, *args: str, env: dict, stdin: str = "", umask: int = 0o022,
+        nohup: bool = False) -> tuple[dict, str, int]:
+    def before():
+        os.umask(umask)
+        if nohup:  # as `nohup` starts a command
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
     proc = subprocess.run([sys.executable, str(script), *args], cwd=script.parent, env=env, input=stdin,
-                          capture_output=True, text=True, timeout=120, preexec_fn=lambda: os.umask(umask))
+                          capture_output=True, text=True, timeout=120, preexec_fn=before)
     lines = proc.stdout.strip().splitlines()
     return (json.loads(lines[0]) if lines else {}), proc.stderr, proc.returncode
 
@@ -110,9 +117,10 @@ def test_a_script_runs_in_a_fork_of_the_warm_process_as_its_own_process_would(fo
     # The package edited between the two: a fork imports the project's modules from the script's sys.path.
     init = folder / "src" / "qlora_pipeline" / "__init__.py"
     init.write_text(init.read_text() + "\nEDITED = True\n")
-    second, _, code = run(script, "exit", "0", env=environment(folder, DVC_STAGE="two"))
+    second, _, code = run(script, "exit", "0", env=environment(folder, DVC_STAGE="two"), nohup=True)
     assert code == 0 and second["ppid"] == warm and second["stage"] == "two"  # DVC's variables vary freely
     assert second["edited"] and not first["edited"]
+    assert second["hup_ignored"] and not first["hup_ignored"]
 
 
 def test_a_signal_reaches_the_fork_and_a_fork_killed_by_one_ends_its_process_the_same_way(folder):

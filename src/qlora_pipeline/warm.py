@@ -53,6 +53,8 @@ CHILD = "QLORA_PIPELINE_WARM_CHILD"
 DEFAULT_IDLE_SECONDS = 60.0
 # How long a stage waits for its fork to start: the warm process imports WARM first (~8 s on 2 cores).
 START_TIMEOUT_SECONDS = 300.0
+# The signals a stage's process passes on to its fork (those it does not ignore; the fork ignores the same).
+PASSED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _PACKAGE = "qlora_pipeline"
 _PR_SET_PDEATHSIG = 1
 
@@ -179,8 +181,9 @@ def _connect_or_start(found: Place, preload: Sequence[str]) -> socket.socket | N
 def _send_request(connection: socket.socket) -> None:
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
+    ignored = [int(signum) for signum in PASSED if signal.getsignal(signum) == signal.SIG_IGN]  # nohup's SIGHUP
     request = json.dumps({"pid": os.getpid(), "argv": sys.argv, "orig_argv": sys.orig_argv, "cwd": os.getcwd(),
-                          "env": dict(os.environ), "path": sys.path, "umask": _umask()}).encode()
+                          "env": dict(os.environ), "path": sys.path, "umask": _umask(), "ignored": ignored}).encode()
     socket.send_fds(connection, [struct.pack("!I", len(request)) + request], [0, 1, 2])
 
 
@@ -212,8 +215,8 @@ def _wait_for_fork(connection: socket.socket) -> int:
         except OSError:
             pass
 
-    passed = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    before = {signum: signal.signal(signum, forward) for signum in passed}
+    before = {signum: signal.signal(signum, forward) for signum in PASSED
+              if signal.getsignal(signum) != signal.SIG_IGN}
     try:
         line = _read_line(connection, None)
     finally:
@@ -459,6 +462,10 @@ def become(job: Job) -> None:
     os.environ.update(request["env"])
     os.environ[CHILD] = str(request["pid"])
     sys.argv, sys.orig_argv = list(request["argv"]), list(request["orig_argv"])
+    for signum in PASSED:  # as the stage's own process had them: Python's defaults, or ignored
+        ignored = int(signum) in request["ignored"]
+        default = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
+        signal.signal(signum, signal.SIG_IGN if ignored else default)
     sys.path[:] = request["path"]
     if os.isatty(1) and not sys.flags.unbuffered:  # as Python sets it up for a terminal
         sys.stdout.reconfigure(line_buffering=True)
