@@ -263,7 +263,9 @@ def serve(path: str, preload: Sequence[str]) -> Job:
     inode, me = os.stat(path).st_ino, os.getpid()
     try:
         keep_freed_memory()
+        started = time.monotonic()
         import_quietly(preload)
+        print(f"warm {me}: {len(preload)} modules imported in {time.monotonic() - started:.1f} s", file=sys.stderr)
         refusal = _refusal_after_import()
         if refusal:  # every later stage of this setting starts cold without asking
             Path(path).with_suffix(".refused").write_text(refusal + "\n")
@@ -318,9 +320,11 @@ def _serve_forks(listener: socket.socket, idle: float) -> Job | None:
     quiet_since = time.monotonic()
     import select
 
+    forks = 0
     while True:
         timeout = None if children else quiet_since + idle - time.monotonic()
         if timeout is not None and timeout <= 0:
+            print(f"warm {os.getpid()}: {forks} forks run; {idle:g} s idle: stopping", file=sys.stderr)
             return None
         try:
             ready, _, _ = select.select([listener, wake_read, *watched], [], [], timeout)
@@ -346,9 +350,11 @@ def _serve_forks(listener: socket.socket, idle: float) -> Job | None:
         for connection in [c for c in ready if c in watched]:
             _pass_on(connection, watched[connection])
         if listener in ready:
+            running = len(children)
             job = _fork_for(listener, children, watched, (wake_read, wake_write))
             if job is not None:
                 return job
+            forks += len(children) - running
 
 
 def _reaped() -> list[tuple[int, int]]:
