@@ -40,7 +40,9 @@ print(json.dumps({{"pid": os.getpid(), "ppid": os.getppid(), "argv": sys.argv[1:
                   "stage": os.environ.get("DVC_STAGE"), "child": os.environ.get(warm.CHILD),
                   "imported_by": slow and slow.IMPORTED_BY, "umask": os.umask(0), "stdin": sys.stdin.read(),
                   "edited": getattr(qlora_pipeline, "EDITED", False),
-                  "hup_ignored": signal.getsignal(signal.SIGHUP) == signal.SIG_IGN}}), flush=True)
+                  "hup_ignored": signal.getsignal(signal.SIGHUP) == signal.SIG_IGN,
+                  "cpus": sorted(os.sched_getaffinity(0)), "nice": os.getpriority(os.PRIO_PROCESS, 0),
+                  "files": __import__("resource").getrlimit(__import__("resource").RLIMIT_NOFILE)[0]}}), flush=True)
 print("a line on stderr", file=sys.stderr, flush=True)
 action = sys.argv[1]
 if action == "exit":
@@ -83,11 +85,17 @@ def environment(folder: Path, **extra: str) -> dict[str, str]:
 
 
 def run(script: Path, *args: str, env: dict, stdin: str = "", umask: int = 0o022,
-        nohup: bool = False) -> tuple[dict, str, int]:
+        nohup: bool = False, pinned: bool = False) -> tuple[dict, str, int]:
     def before():
         os.umask(umask)
         if nohup:  # as `nohup` starts a command
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        if pinned:  # as `taskset -c 0 nice -n 5 prlimit --nofile=256` would
+            import resource
+
+            os.sched_setaffinity(0, {0})
+            os.setpriority(os.PRIO_PROCESS, 0, 5)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 
     proc = subprocess.run([sys.executable, str(script), *args], cwd=script.parent, env=env, input=stdin,
                           capture_output=True, text=True, timeout=120, preexec_fn=before)
@@ -117,10 +125,12 @@ def test_a_script_runs_in_a_fork_of_the_warm_process_as_its_own_process_would(fo
     # The package edited between the two: a fork imports the project's modules from the script's sys.path.
     init = folder / "src" / "qlora_pipeline" / "__init__.py"
     init.write_text(init.read_text() + "\nEDITED = True\n")
-    second, _, code = run(script, "exit", "0", env=environment(folder, DVC_STAGE="two"), nohup=True)
+    second, _, code = run(script, "exit", "0", env=environment(folder, DVC_STAGE="two"), nohup=True, pinned=True)
     assert code == 0 and second["ppid"] == warm and second["stage"] == "two"  # DVC's variables vary freely
     assert second["edited"] and not first["edited"]
     assert second["hup_ignored"] and not first["hup_ignored"]
+    assert (second["cpus"], second["nice"], second["files"]) == ([0], 5, 256)
+    assert first["nice"] == 0 and first["files"] != 256 and first["cpus"] == sorted(os.sched_getaffinity(0))
 
 
 def test_a_signal_reaches_the_fork_and_a_fork_killed_by_one_ends_its_process_the_same_way(folder):

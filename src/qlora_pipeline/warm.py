@@ -53,6 +53,10 @@ CHILD = "QLORA_PIPELINE_WARM_CHILD"
 DEFAULT_IDLE_SECONDS = 60.0
 # How long a stage waits for its fork to start: the warm process imports WARM first (~8 s on 2 cores).
 START_TIMEOUT_SECONDS = 300.0
+# The resource limits a fork takes from its stage's process (`ulimit`, `prlimit`), with its CPUs (`taskset`) and
+# niceness (`nice`); one it may not take (a hard limit above the warm process's) stays the warm process's.
+LIMITS = ("RLIMIT_AS", "RLIMIT_CORE", "RLIMIT_CPU", "RLIMIT_DATA", "RLIMIT_FSIZE", "RLIMIT_MEMLOCK", "RLIMIT_NOFILE",
+          "RLIMIT_NPROC", "RLIMIT_RSS", "RLIMIT_STACK")
 # The signals a stage's process passes on to its fork (those it does not ignore; the fork ignores the same).
 PASSED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _PACKAGE = "qlora_pipeline"
@@ -181,9 +185,14 @@ def _connect_or_start(found: Place, preload: Sequence[str]) -> socket.socket | N
 def _send_request(connection: socket.socket) -> None:
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
+    import resource
+
     ignored = [int(signum) for signum in PASSED if signal.getsignal(signum) == signal.SIG_IGN]  # nohup's SIGHUP
+    limits = {name: resource.getrlimit(getattr(resource, name)) for name in LIMITS if hasattr(resource, name)}
     request = json.dumps({"pid": os.getpid(), "argv": sys.argv, "orig_argv": sys.orig_argv, "cwd": os.getcwd(),
-                          "env": dict(os.environ), "path": sys.path, "umask": _umask(), "ignored": ignored}).encode()
+                          "env": dict(os.environ), "path": sys.path, "umask": _umask(), "ignored": ignored,
+                          "affinity": sorted(os.sched_getaffinity(0)), "nice": os.getpriority(os.PRIO_PROCESS, 0),
+                          "limits": limits}).encode()
     socket.send_fds(connection, [struct.pack("!I", len(request)) + request], [0, 1, 2])
 
 
@@ -472,11 +481,27 @@ def become(job: Job) -> None:
         ignored = int(signum) in request["ignored"]
         default = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
         signal.signal(signum, signal.SIG_IGN if ignored else default)
+    _take_limits(request)
     sys.path[:] = request["path"]
     if os.isatty(1) and not sys.flags.unbuffered:  # as Python sets it up for a terminal
         sys.stdout.reconfigure(line_buffering=True)
     _forget_project()
     runpy.run_path(sys.argv[0], run_name="__main__")
+
+
+def _take_limits(request: dict) -> None:
+    """The stage's process's CPUs, niceness and resource limits, where this process may take them."""
+    import resource
+
+    settings = [(os.sched_setaffinity, (0, request["affinity"])),
+                (os.setpriority, (os.PRIO_PROCESS, 0, request["nice"]))]
+    settings += [(resource.setrlimit, (getattr(resource, name), tuple(limit)))
+                 for name, limit in request["limits"].items() if hasattr(resource, name)]
+    for setting, args in settings:
+        try:
+            setting(*args)
+        except (OSError, ValueError):  # raising a limit or lowering niceness needs privileges the stage lacked too
+            pass
 
 
 def _forget_project() -> None:
