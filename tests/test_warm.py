@@ -41,7 +41,8 @@ print(json.dumps({{"pid": os.getpid(), "ppid": os.getppid(), "argv": sys.argv[1:
                   "imported_by": slow and slow.IMPORTED_BY, "umask": os.umask(0), "stdin": sys.stdin.read(),
                   "edited": getattr(qlora_pipeline, "EDITED", False),
                   "hup_ignored": signal.getsignal(signal.SIGHUP) == signal.SIG_IGN,
-                  "cpus": sorted(os.sched_getaffinity(0)), "nice": os.getpriority(os.PRIO_PROCESS, 0),
+                  "cpus": sorted(os.sched_getaffinity(0)), "dev_mode": sys.flags.dev_mode,
+                  "nice": os.getpriority(os.PRIO_PROCESS, 0),
                   "files": __import__("resource").getrlimit(__import__("resource").RLIMIT_NOFILE)[0]}}), flush=True)
 print("a line on stderr", file=sys.stderr, flush=True)
 action = sys.argv[1]
@@ -84,20 +85,21 @@ def environment(folder: Path, **extra: str) -> dict[str, str]:
             "QLORA_PIPELINE_WARM_IDLE": "2", **extra}
 
 
-def run(script: Path, *args: str, env: dict, stdin: str = "", umask: int = 0o022,
-        nohup: bool = False, pinned: bool = False) -> tuple[dict, str, int]:
+def run(script: Path, *args: str, env: dict, stdin: str = "", umask: int = 0o022, nohup: bool = False,
+        limited: bool = False, pinned: bool = False, options: tuple[str, ...] = ()) -> tuple[dict, str, int]:
     def before():
+        import resource
+
         os.umask(umask)
         if nohup:  # as `nohup` starts a command
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        if pinned:  # as `taskset -c 0 nice -n 5 prlimit --nofile=256` would
-            import resource
-
-            os.sched_setaffinity(0, {0})
+        if limited:  # as `nice -n 5 prlimit --nofile=256` would
             os.setpriority(os.PRIO_PROCESS, 0, 5)
             resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        if pinned:  # as `taskset -c 0` would
+            os.sched_setaffinity(0, {0})
 
-    proc = subprocess.run([sys.executable, str(script), *args], cwd=script.parent, env=env, input=stdin,
+    proc = subprocess.run([sys.executable, *options, str(script), *args], cwd=script.parent, env=env, input=stdin,
                           capture_output=True, text=True, timeout=120, preexec_fn=before)
     lines = proc.stdout.strip().splitlines()
     return (json.loads(lines[0]) if lines else {}), proc.stderr, proc.returncode
@@ -125,12 +127,14 @@ def test_a_script_runs_in_a_fork_of_the_warm_process_as_its_own_process_would(fo
     # The package edited between the two: a fork imports the project's modules from the script's sys.path.
     init = folder / "src" / "qlora_pipeline" / "__init__.py"
     init.write_text(init.read_text() + "\nEDITED = True\n")
-    second, _, code = run(script, "exit", "0", env=environment(folder, DVC_STAGE="two"), nohup=True, pinned=True)
+    second, _, code = run(script, "exit", "0", env=environment(folder, DVC_STAGE="two"), nohup=True, limited=True)
     assert code == 0 and second["ppid"] == warm and second["stage"] == "two"  # DVC's variables vary freely
     assert second["edited"] and not first["edited"]
     assert second["hup_ignored"] and not first["hup_ignored"]
-    assert (second["cpus"], second["nice"], second["files"]) == ([0], 5, 256)
-    assert first["nice"] == 0 and first["files"] != 256 and first["cpus"] == sorted(os.sched_getaffinity(0))
+    assert (second["nice"], second["files"]) == (5, 256) and first["nice"] == 0 and first["files"] != 256
+    if len(os.sched_getaffinity(0)) > 1:  # other CPUs: another warm process, whose torch sized its pool for them
+        pinned, _, code = run(script, "exit", "0", env=environment(folder), pinned=True)
+        assert code == 0 and pinned["cpus"] == [0] and pinned["imported_by"] == pinned["ppid"] != warm
 
 
 def test_a_signal_reaches_the_fork_and_a_fork_killed_by_one_ends_its_process_the_same_way(folder):
@@ -172,6 +176,9 @@ def test_another_environment_gets_another_warm_process_and_the_switch_runs_in_th
     one, _, _ = run(script, "exit", "0", env=environment(folder, SOME_SETTING="a"))
     other, _, _ = run(script, "exit", "0", env=environment(folder, SOME_SETTING="b"))
     assert one["imported_by"] == one["ppid"] and other["imported_by"] == other["ppid"] != one["ppid"]
+    dev, _, code = run(script, "exit", "0", env=environment(folder, SOME_SETTING="a"), options=("-X", "dev"))
+    assert code == 0 and dev["dev_mode"] and dev["imported_by"] == dev["ppid"] not in (one["ppid"], other["ppid"])
+    assert not one["dev_mode"]  # interpreter options are the warm process's too
     cold, _, code = run(script, "exit", "0", env=environment(folder, QLORA_PIPELINE_WARM_START="0"))
     assert code == 0 and cold["child"] is None and cold["imported_by"] is None
 

@@ -13,9 +13,10 @@ the third-party libraries come from the warm process. The stage's process waits 
 exit code, or the same signal); SIGINT, SIGTERM and SIGHUP it receives are passed on to the fork, and if it is
 killed (kill -9), the warm process kills the fork at once. A fork also dies with the warm process.
 
-A warm process serves only processes like the one that started it: the same interpreter and installed packages
-(site-packages' modification times), the same environment but for the variables no library reads while it is
-imported (``_volatile``: DVC's, pytest's and this project's own), and the same version of this file. It stops
+A warm process serves only processes like the one that started it: the same interpreter, interpreter options,
+installed packages (by name and version), CPUs (torch sizes its thread pool from them while it is imported), the
+same environment but for the variables no library reads while it is imported (``_volatile``: DVC's, pytest's and
+this project's own), and the same version of this file. It stops
 by itself when nothing has run in it for ``QLORA_PIPELINE_WARM_IDLE`` seconds (60). It refuses to serve where a
 fork is not safe: another platform than Linux, a CUDA or ROCm build of torch (a GPU run spends its time
 computing, not importing), or a thread left running by an import. The stage then imports as before, and so it
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import importlib
 import json
 import os
 import signal
@@ -79,8 +81,6 @@ def _refusal_here() -> str | None:
         return "not Linux"
     if "WORLD_SIZE" in os.environ:
         return "a process of a distributed launch"
-    if sys._xoptions or sys.warnoptions or sys.flags.optimize or sys.flags.isolated or sys.flags.no_site:
-        return "interpreter options the warm process would not have"
     return None
 
 
@@ -99,8 +99,8 @@ def place(preload: Sequence[str]) -> Place | None:
     site = sorted({p for p in sys.path if p.endswith("site-packages") and os.path.isdir(p)})
     # What is installed, by name and version (not the folders' times: Python's first byte-compiled file makes one)
     installed = [sorted(name for name in os.listdir(p) if name.endswith((".dist-info", ".egg-info"))) for p in site]
-    setting = {"executable": sys.executable, "version": sys.version, "prefix": sys.prefix,
-               "site": list(zip(site, installed)), "preload": list(preload),
+    setting = {"executable": sys.executable, "version": sys.version, "prefix": sys.prefix, "flags": _flags(),
+               "cpus": sorted(os.sched_getaffinity(0)), "site": list(zip(site, installed)), "preload": list(preload),
                "env": sorted((k, v) for k, v in os.environ.items() if not _volatile(k)),
                "code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()}
     key = hashlib.sha256(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:20]
@@ -117,6 +117,17 @@ def place(preload: Sequence[str]) -> Place | None:
     return found if len(str(found.socket)) < 100 else None  # AF_UNIX paths hold 107 bytes
 
 
+def _flags() -> str:
+    """This interpreter's options (``-u``, ``-X importtime``, ``-W error``, ...), as one string to compare."""
+    options = sorted((k, v) for k, v in sys._xoptions.items() if k != "utf8")  # sys.flags.utf8_mode says it
+    return repr((tuple(sys.flags), _unbuffered(), options, sys.warnoptions))
+
+
+def _unbuffered() -> bool:
+    """``-u`` or PYTHONUNBUFFERED (which ``sys.flags`` does not show): the standard streams write through."""
+    return bool(getattr(sys.__stdout__, "write_through", False))
+
+
 # ------------------------------------------------------------------ the stage's side
 
 
@@ -128,10 +139,10 @@ def run_in_fork(preload: Sequence[str] = WARM) -> int | None:
     """
     if _refusal_here() or not os.path.isfile(sys.argv[0]):  # a script: what the fork runs as __main__
         return None
-    found = place(preload)
-    if found is None or found.refused.exists():
-        return None
     try:
+        found = place(preload)
+        if found is None or found.refused.exists():
+            return None
         connection = _connect_or_start(found, preload)
         if connection is None:
             return None
@@ -167,19 +178,59 @@ def _connect_or_start(found: Place, preload: Sequence[str]) -> socket.socket | N
         found.socket.unlink(missing_ok=True)  # a warm process that died leaves its socket file
         source = str(Path(__file__).resolve().parent.parent)
         bootstrap = (f"import sys; sys.path.insert(0, {source!r}); from qlora_pipeline import warm; "
-                     f"warm.become(warm.serve(sys.argv[1], sys.argv[2:]))")
-        with open(found.log, "ab") as log:
-            server = subprocess.Popen([sys.executable, "-c", bootstrap, str(found.socket), *preload], cwd="/",
-                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
-                                      start_new_session=True)
+                     f"warm.become(warm.serve(sys.argv[1], sys.argv[3:], sys.argv[2]))")
+        # This interpreter's options (the stdlib's own way, as multiprocessing's spawn starts its children): the
+        # warm process checks that it has them all, and refuses to serve if not.
+        options = [*subprocess._args_from_interpreter_flags(), *(["-u"] if _unbuffered() else []),
+                   # UTF-8 mode that a C locale turned on (PEP 540): the locale it coerced is not C any more
+                   *(["-X", "utf8"] if sys.flags.utf8_mode and "utf8" not in sys._xoptions else [])]
+        server = _start_detached([sys.executable, *options, "-c", bootstrap, str(found.socket), _flags(), *preload],
+                                 found.log)
         # It listens before it imports: the request waits in the socket's queue until it has imported.
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and server.poll() is None:
+        while time.monotonic() < deadline and _alive(server):
             connection = _connect(found.socket)
             if connection is not None:
                 return connection
             time.sleep(0.02)
     return None
+
+
+def _start_detached(argv: list[str], log: Path) -> int:
+    """Start ``argv`` as a daemon does (forked twice, in a session of its own, in "/", stdin and stdout on
+    /dev/null, stderr appended to ``log``, no other descriptor of ours, the lock file's included): no stage's
+    child, so no stage has it to reap. Returns its pid."""
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:
+        try:
+            os.close(read)
+            os.setsid()
+            grandchild = os.fork()
+            if grandchild:
+                os.write(write, str(grandchild).encode())
+                os._exit(0)
+            os.chdir("/")
+            null = os.open(os.devnull, os.O_RDWR)
+            errors = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            for target, fd in ((0, null), (1, null), (2, errors)):
+                os.dup2(fd, target)
+            os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+            os.execv(argv[0], argv)
+        finally:
+            os._exit(127)
+    os.close(write)
+    os.waitpid(child, 0)
+    with os.fdopen(read) as pid:
+        return int(pid.read() or 0)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # not our child: once it exits, init reaps it and the pid is gone
+        return pid > 0
+    except ProcessLookupError:
+        return False
 
 
 def _send_request(connection: socket.socket) -> None:
@@ -261,8 +312,9 @@ class Job:
     server: int  # the warm process's pid
 
 
-def serve(path: str, preload: Sequence[str]) -> Job:
-    """Listen at ``path``, import ``preload``, then fork a child per request until idle.
+def serve(path: str, preload: Sequence[str], flags: str) -> Job:
+    """Listen at ``path``, import ``preload``, then fork a child per request until idle (``flags``: the
+    interpreter options of the stage that started it, which this process must have).
 
     Returns only in a fork, with the job it is to run (``become``); the warm process itself exits here.
     """
@@ -272,23 +324,32 @@ def serve(path: str, preload: Sequence[str]) -> Job:
     inode, me = os.stat(path).st_ino, os.getpid()
     try:
         keep_freed_memory()
-        started = time.monotonic()
+        started, environment = time.monotonic(), dict(os.environ)
         import_quietly(preload)
+        # What the imports set in the environment (torch's KMP_INIT_AT_FORK, ...), as they would in a cold stage.
+        set_by_imports = {k: v for k, v in os.environ.items() if environment.get(k) != v}
         print(f"warm {me}: {len(preload)} modules imported in {time.monotonic() - started:.1f} s", file=sys.stderr)
-        refusal = _refusal_after_import()
-        if refusal:  # every later stage of this setting starts cold without asking
-            Path(path).with_suffix(".refused").write_text(refusal + "\n")
-            print(f"warm: refusing to serve: {refusal}", file=sys.stderr)
+        refusal = _refusal_after_import() or (_flags() != flags and f"interpreter options {_flags()}, not {flags}")
+        if refusal:
+            _refuse(path, refusal)
         else:
             job = _serve_forks(listener, float(os.environ.get(IDLE, DEFAULT_IDLE_SECONDS)))
             if job is not None:
+                job.request["env"].update(set_by_imports)
                 return job
     except Exception as err:  # noqa: BLE001 - the log says why; every waiting stage then starts cold
-        print(f"warm: {type(err).__name__}: {err}", file=sys.stderr)
+        if os.getpid() == me:
+            _refuse(path, f"{type(err).__name__}: {err}")
     finally:
         if os.getpid() == me:
             _unlink_if_ours(path, inode, listener)
     return _exit(0)
+
+
+def _refuse(path: str, reason: str) -> None:
+    """Every later stage of this setting starts cold without asking (a reinstall makes another setting)."""
+    Path(path).with_suffix(".refused").write_text(reason + "\n")
+    print(f"warm {os.getpid()}: refusing to serve: {reason}", file=sys.stderr)
 
 
 def _exit(code: int):
@@ -326,6 +387,7 @@ def _serve_forks(listener: socket.socket, idle: float) -> Job | None:
     signal.signal(signal.SIGCHLD, lambda *_: None)
     children: dict[int, socket.socket] = {}
     watched: dict[socket.socket, int] = {}
+    pending: dict[socket.socket, bytes] = {}  # a line of a stage's process not all read yet
     quiet_since = time.monotonic()
     import select
 
@@ -350,6 +412,7 @@ def _serve_forks(listener: socket.socket, idle: float) -> Job | None:
             connection = children.pop(pid, None)
             if connection is not None:
                 watched.pop(connection, None)
+                pending.pop(connection, None)
                 try:
                     connection.sendall(f"exit {os.waitstatus_to_exitcode(status)}\n".encode())
                 except OSError:
@@ -357,7 +420,7 @@ def _serve_forks(listener: socket.socket, idle: float) -> Job | None:
                 connection.close()
             quiet_since = time.monotonic()
         for connection in [c for c in ready if c in watched]:
-            _pass_on(connection, watched[connection])
+            pending[connection] = _pass_on(connection, watched[connection], pending.get(connection, b""))
         if listener in ready:
             running = len(children)
             job = _fork_for(listener, children, watched, (wake_read, wake_write))
@@ -378,45 +441,66 @@ def _reaped() -> list[tuple[int, int]]:
         found.append((pid, status))
 
 
-def _pass_on(connection: socket.socket, pid: int) -> None:
-    """A signal the stage's process received, for its fork; its end (killed) ends the fork."""
+def _pass_on(connection: socket.socket, pid: int, pending: bytes) -> bytes:
+    """The signals the stage's process received, for its fork; its end (killed) kills the fork and what the fork
+    started (its process group). Returns what is left of a line not all read yet."""
     try:
         data = connection.recv(256)
     except BlockingIOError:
-        return
+        return pending
     except OSError:
         data = b""
     if not data:
-        _kill(pid, signal.SIGKILL)
-        return
-    for line in data.decode(errors="replace").splitlines():
+        _kill(-pid, signal.SIGKILL)
+        _kill(pid, signal.SIGKILL)  # not yet its group's leader
+        return b""
+    *lines, rest = (pending + data).split(b"\n")
+    for line in lines:
         parts = line.split()
-        if len(parts) == 2 and parts[0] == "signal" and parts[1].isdigit():
+        if len(parts) == 2 and parts[0] == b"signal" and parts[1].isdigit():
             _kill(pid, int(parts[1]))
+    return rest
 
 
 def _kill(pid: int, signum: int) -> None:
+    """``os.kill``; a negative pid is a process group."""
     try:
-        os.kill(pid, signum)
-    except ProcessLookupError:
+        os.kill(pid, signum) if pid > 0 else os.killpg(-pid, signum)
+    except (ProcessLookupError, PermissionError):
         pass
 
 
 def _fork_for(listener: socket.socket, children: dict, watched: dict, pipe: tuple[int, int]) -> Job | None:
-    connection, _ = listener.accept()
+    """Fork for the next request; the fork gets the job, this process None (also when it could not fork)."""
+    try:
+        connection, _ = listener.accept()
+    except OSError as err:  # out of file descriptors, say: the stage waits in the queue or starts cold
+        print(f"warm {os.getpid()}: accept: {err}", file=sys.stderr)
+        return None
+    fds: list[int] = []
     try:
         _, uid, _ = struct.unpack("3i", connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                               struct.calcsize("3i")))
         if uid != os.getuid():
             raise PermissionError(f"a process of user {uid} asked")
         request, fds = _receive(connection)
+        # A stage's process that gave up waiting (START_TIMEOUT_SECONDS) has closed its end and runs cold.
+        connection.setblocking(False)
+        try:
+            if connection.recv(1, socket.MSG_PEEK) == b"":
+                raise ConnectionError("its process went away before the fork")
+        except BlockingIOError:
+            pass
+        server = os.getpid()
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        pid = os.fork()
     except (OSError, ValueError) as err:
-        print(f"warm: request refused: {err}", file=sys.stderr)
+        print(f"warm {os.getpid()}: request refused: {err}", file=sys.stderr)
+        for fd in fds:
+            os.close(fd)
         connection.close()
         return None
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
-    pid = os.fork()
     if pid == 0:
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -424,14 +508,13 @@ def _fork_for(listener: socket.socket, children: dict, watched: dict, pipe: tupl
             other.close()
         for fd in pipe:
             os.close(fd)
-        return Job(request, fds, os.getppid())
+        return Job(request, fds, server)
     for fd in fds:
         os.close(fd)
     try:
         connection.sendall(b"forked\n")
     except OSError:
         _kill(pid, signal.SIGKILL)
-    connection.setblocking(False)
     children[pid] = connection
     watched[connection] = pid
     return None
@@ -466,6 +549,7 @@ def become(job: Job) -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # die with the warm process, which alone knows of us
     if os.getppid() != job.server:  # it died before the line above
         os._exit(1)
+    os.setpgid(0, 0)  # its own process group: a kill of its stage's process kills what it starts too
     request = job.request
     for target, fd in enumerate(job.fds):
         os.dup2(fd, target)
@@ -483,7 +567,7 @@ def become(job: Job) -> None:
         signal.signal(signum, signal.SIG_IGN if ignored else default)
     _take_limits(request)
     sys.path[:] = request["path"]
-    if os.isatty(1) and not sys.flags.unbuffered:  # as Python sets it up for a terminal
+    if os.isatty(1) and not _unbuffered():  # as Python sets it up for a terminal
         sys.stdout.reconfigure(line_buffering=True)
     _forget_project()
     runpy.run_path(sys.argv[0], run_name="__main__")
@@ -510,3 +594,4 @@ def _forget_project() -> None:
         del sys.modules[name]
     sys.meta_path[:] = [finder for finder in sys.meta_path
                         if not type(finder).__module__.startswith(_PACKAGE + ".")]
+    importlib.invalidate_caches()  # the warm process's listings of folders may predate a file added since
