@@ -107,11 +107,11 @@ def run(script: Path, *args: str, env: dict, stdin: str = "", umask: int = 0o022
 
 def warm_processes(folder: Path) -> list[psutil.Process]:
     found = []
-    for process in psutil.process_iter(["cmdline"]):
+    for process in psutil.process_iter(["cmdline", "ppid"]):  # read once: a process may end meanwhile
         cmdline = process.info["cmdline"] or []
-        if any(str(folder) in arg and arg.endswith(".sock") for arg in cmdline) and process.ppid() != os.getpid():
+        if any(str(folder) in arg and arg.endswith(".sock") for arg in cmdline):
             found.append(process)
-    return [p for p in found if not any(q.pid == p.ppid() for q in found)]  # the servers, not their forks
+    return [p for p in found if not any(q.pid == p.info["ppid"] for q in found)]  # the servers, not their forks
 
 
 def test_a_script_runs_in_a_fork_of_the_warm_process_as_its_own_process_would(folder):
