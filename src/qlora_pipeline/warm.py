@@ -30,6 +30,7 @@ import hashlib
 import importlib
 import json
 import os
+import select
 import signal
 import socket
 import stat
@@ -389,8 +390,6 @@ def _serve_forks(listener: socket.socket, idle: float) -> Job | None:
     watched: dict[socket.socket, int] = {}
     pending: dict[socket.socket, bytes] = {}  # a line of a stage's process not all read yet
     quiet_since = time.monotonic()
-    import select
-
     forks = 0
     while True:
         timeout = None if children else quiet_since + idle - time.monotonic()
@@ -420,7 +419,11 @@ def _serve_forks(listener: socket.socket, idle: float) -> Job | None:
                 connection.close()
             quiet_since = time.monotonic()
         for connection in [c for c in ready if c in watched]:
-            pending[connection] = _pass_on(connection, watched[connection], pending.get(connection, b""))
+            rest = _pass_on(connection, watched[connection], pending.get(connection, b""))
+            if rest is None:  # its process is gone and the fork killed: nothing more to read until it is reaped
+                del watched[connection]
+            else:
+                pending[connection] = rest
         if listener in ready:
             running = len(children)
             job = _fork_for(listener, children, watched, (wake_read, wake_write))
@@ -441,9 +444,9 @@ def _reaped() -> list[tuple[int, int]]:
         found.append((pid, status))
 
 
-def _pass_on(connection: socket.socket, pid: int, pending: bytes) -> bytes:
+def _pass_on(connection: socket.socket, pid: int, pending: bytes) -> bytes | None:
     """The signals the stage's process received, for its fork; its end (killed) kills the fork and what the fork
-    started (its process group). Returns what is left of a line not all read yet."""
+    started (its process group). Returns what is left of a line not all read yet; None at the end."""
     try:
         data = connection.recv(256)
     except BlockingIOError:
@@ -453,7 +456,7 @@ def _pass_on(connection: socket.socket, pid: int, pending: bytes) -> bytes:
     if not data:
         _kill(-pid, signal.SIGKILL)
         _kill(pid, signal.SIGKILL)  # not yet its group's leader
-        return b""
+        return None
     *lines, rest = (pending + data).split(b"\n")
     for line in lines:
         parts = line.split()
