@@ -18,8 +18,10 @@ installed packages (by name and version), CPUs (torch sizes its thread pool from
 same environment but for the variables no library reads while it is imported (``_volatile``: DVC's, pytest's and
 this project's own), and the same version of this file. It stops
 by itself when nothing has run in it for ``QLORA_PIPELINE_WARM_IDLE`` seconds (60). It refuses to serve where a
-fork is not safe: another platform than Linux, a CUDA or ROCm build of torch (a GPU run spends its time
-computing, not importing), or a thread left running by an import. The stage then imports as before, and so it
+fork is not safe or would not be the stage's process: another platform than Linux, a CUDA or ROCm build of torch
+(a GPU run spends its time computing, not importing), a thread left running by an import, an import that failed,
+or interpreter options it could not take; a ``.refused`` file beside its socket then keeps later stages from
+asking. The stage then imports as before, and so it
 does whenever anything here fails before the fork starts. ``QLORA_PIPELINE_WARM_START=0`` turns it off.
 """
 
@@ -227,16 +229,17 @@ def _start_detached(argv: list[str], log: Path) -> int:
 
 
 def _alive(pid: int) -> bool:
+    if pid <= 0:  # the first fork died before it could say (0 would name our own process group)
+        return False
     try:
         os.kill(pid, 0)  # not our child: once it exits, init reaps it and the pid is gone
-        return pid > 0
+        return True
     except ProcessLookupError:
         return False
 
 
 def _send_request(connection: socket.socket) -> None:
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
+    _flush()
     import resource
 
     ignored = [int(signum) for signum in PASSED if signal.getsignal(signum) == signal.SIG_IGN]  # nohup's SIGHUP
@@ -290,8 +293,7 @@ def _wait_for_fork(connection: socket.socket) -> int:
         return 1
     code = int(line.split()[1])
     if code < 0:  # killed by a signal: end the same way, for DVC and the shell to see
-        for stream in (sys.stdout, sys.stderr):
-            stream.flush()
+        _flush()
         try:
             signal.signal(-code, signal.SIG_DFL)
         except (OSError, ValueError):  # SIGKILL and SIGSTOP keep theirs
@@ -354,9 +356,14 @@ def _refuse(path: str, reason: str) -> None:
 
 
 def _exit(code: int):
+    _flush()
+    os._exit(code)
+
+
+def _flush() -> None:
+    """What this process wrote so far, out before a fork, an exit or another process writes to the same streams."""
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
-    os._exit(code)
 
 
 def _unlink_if_ours(path: str, inode: int, listener: socket.socket) -> None:
@@ -369,9 +376,8 @@ def _unlink_if_ours(path: str, inode: int, listener: socket.socket) -> None:
 
 
 def _refusal_after_import() -> str | None:
-    import torch
-
-    if torch.version.cuda or getattr(torch.version, "hip", None):
+    torch = sys.modules.get("torch")  # only where the imports brought it: checking must not import it
+    if torch is not None and (torch.version.cuda or getattr(torch.version, "hip", None)):
         return "a CUDA or ROCm build of torch: a fork must not follow its initialisation"
     # Python threads only: the native pools imports start (OpenBLAS's, Arrow's) stop for a fork and start again
     # in it (their pthread_atfork handlers).
@@ -495,8 +501,7 @@ def _fork_for(listener: socket.socket, children: dict, watched: dict, pipe: tupl
         except BlockingIOError:
             pass
         server = os.getpid()
-        for stream in (sys.stdout, sys.stderr):
-            stream.flush()
+        _flush()
         pid = os.fork()
     except (OSError, ValueError) as err:
         print(f"warm {os.getpid()}: request refused: {err}", file=sys.stderr)
