@@ -31,7 +31,7 @@ sys.path.insert(0, {src!r})
 from qlora_pipeline import warm
 
 if not os.environ.get(warm.CHILD):
-    status = warm.run_in_fork({preload!r})
+    status = warm.run_in_fork({preload!r}, wait=os.environ.get("QLORA_PIPELINE_TEST_WAIT", "1") == "1")
     if status is not None:
         sys.exit(status)
 import qlora_pipeline
@@ -56,7 +56,8 @@ if action in ("term", "sleep"):
     open("fork.pid", "w").write(str(os.getpid()))
     time.sleep(120)
 """
-SLOW_LIB = "import os, time\ntime.sleep(0.3)\nIMPORTED_BY = os.getpid()\n"
+SLOW_LIB = ("import os, time\ntime.sleep(float(os.environ.get('QLORA_PIPELINE_TEST_SLOW', 0.3)))\n"
+            "IMPORTED_BY = os.getpid()\n")
 THREAD_LIB = "import threading, time\nthreading.Thread(target=time.sleep, args=(30,), daemon=True).start()\n"
 
 
@@ -192,6 +193,47 @@ def test_the_warm_process_stops_by_itself_when_idle_and_takes_its_socket_away(fo
     while (warm_processes(folder) or sockets[0].exists()) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not warm_processes(folder) and not sockets[0].exists()
+    assert not list(sockets[0].parent.glob("*.ready*"))  # nor its word that it was ready
+
+
+def wait_for(condition, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert condition()
+
+
+def test_a_script_that_does_not_wait_runs_at_once_and_starts_a_warm_process_for_the_next(folder):
+    """A data stage's way (stage_main's wait=False): a warm process only once it has imported everything."""
+    script = setup(folder)
+    env = environment(folder, QLORA_PIPELINE_TEST_WAIT="0", QLORA_PIPELINE_TEST_SLOW="3")
+    files = folder / f"qlora-pipeline-warm-{os.getuid()}"
+    started = time.monotonic()
+    first, _, code = run(script, "exit", "0", env=env)
+    assert code == 0 and first["child"] is None and first["imported_by"] is None  # its own process
+    assert time.monotonic() - started < 3  # without waiting for the 3 s import
+    (server,) = warm_processes(folder)  # started in the background
+    # Another, while it imports: runs at once too, and starts no second one; looking left nothing in its log.
+    second, _, code = run(script, "exit", "0", env=env)
+    assert code == 0 and second["child"] is None and [p.pid for p in warm_processes(folder)] == [server.pid]
+    wait_for(lambda: list(files.glob("*.ready")))
+    (ready,) = files.glob("*.ready")
+    assert ready.read_text() == str(server.pid)
+    third, _, code = run(script, "exit", "4", env=env)
+    assert code == 4 and third["imported_by"] == third["ppid"] == server.pid  # in a fork of it, now
+    waiting, _, code = run(script, "exit", "0", env={**env, "QLORA_PIPELINE_TEST_WAIT": "1"})
+    assert code == 0 and waiting["ppid"] == server.pid  # the same process serves both ways
+    log = next(files.glob("*.log")).read_text()
+    assert "refused" not in log, log
+    # Killed (-9): its ready file stays behind; the next script runs at once and starts another.
+    server.kill()
+    server.wait(timeout=10)
+    assert ready.exists()
+    fourth, _, code = run(script, "exit", "0", env=env)
+    assert code == 0 and fourth["child"] is None
+    wait_for(lambda: ready.exists() and ready.read_text() != str(server.pid))
+    fifth, _, code = run(script, "exit", "0", env=env)
+    assert code == 0 and fifth["ppid"] == int(ready.read_text()) != server.pid
 
 
 def test_imports_that_leave_a_thread_make_it_refuse_and_the_script_runs_in_its_own_process(folder):

@@ -4,7 +4,11 @@ Plumbing: no output depends on it. A stage that loads a model spends ~5.5 s of a
 transformers, bitsandbytes, PEFT, MLflow and scikit-learn before it reads a byte (``python -X importtime``; AMD
 EPYC, Zen 4), and ``dvc repro`` starts seven of them. The first of them starts a *warm process*: it imports the
 libraries of every stage (``WARM``) once and waits on a Unix socket. Each such stage (the first too) sends it its
-command and gets a fork, which has them all in memory already, and the stage runs in that fork.
+command and gets a fork, which has them all in memory already, and the stage runs in that fork. A data stage (no
+model: fetch, clean, split) still spends ~1.5 s importing MLflow and pandas; it takes a fork only of a warm
+process that has finished importing (it says so in a ``.ready`` file), and otherwise runs in its own process at
+once, having started one in the background: the model stages after it then find it ready, its imports made
+while the data stages ran.
 
 The fork runs what the stage's own process would: its script as ``__main__`` with the stage's argv, working
 folder, environment, umask, ``sys.path`` and standard streams (passed over the socket). The project's own
@@ -95,6 +99,7 @@ class Place:
     lock: Path
     refused: Path
     log: Path
+    ready: Path  # written by the warm process once it has imported everything (its pid), removed as it stops
 
 
 def place(preload: Sequence[str]) -> Place | None:
@@ -116,7 +121,7 @@ def place(preload: Sequence[str]) -> Place | None:
     # Ours alone: nobody else may put a socket here for us to send our environment to.
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
         return None
-    found = Place(folder / f"{key}.sock", folder / f"{key}.lock", folder / f"{key}.refused", folder / f"{key}.log")
+    found = Place(*(folder / f"{key}.{kind}" for kind in ("sock", "lock", "refused", "log", "ready")))
     return found if len(str(found.socket)) < 100 else None  # AF_UNIX paths hold 107 bytes
 
 
@@ -134,11 +139,16 @@ def _unbuffered() -> bool:
 # ------------------------------------------------------------------ the stage's side
 
 
-def run_in_fork(preload: Sequence[str] = WARM) -> int | None:
+def run_in_fork(preload: Sequence[str] = WARM, wait: bool = True) -> int | None:
     """Run this process's command in a fork of the warm process for ``preload`` (started if none is up).
 
+    ``wait``: False for a process that imports little of ``preload`` itself (a data stage: no model). It takes a
+    fork only of a warm process that has imported everything already, and otherwise goes on in its own process at
+    once, having started a warm process in the background where none was starting: the model stages after it
+    then find one ready instead of waiting for its imports.
+
     Returns the fork's exit code; a fork killed by a signal kills this process with the same signal. None where
-    no fork was started (off, refused, or anything failed before): this process then goes on as before.
+    no fork was started (off, refused, not ready, or anything failed before): this process then goes on as before.
     """
     if _refusal_here() or not os.path.isfile(sys.argv[0]):  # a script: what the fork runs as __main__
         return None
@@ -146,7 +156,7 @@ def run_in_fork(preload: Sequence[str] = WARM) -> int | None:
         found = place(preload)
         if found is None or found.refused.exists():
             return None
-        connection = _connect_or_start(found, preload)
+        connection = _connect_or_start(found, preload) if wait else _connect_if_ready(found, preload)
         if connection is None:
             return None
         _send_request(connection)
@@ -168,34 +178,59 @@ def _connect(path: Path) -> socket.socket | None:
         return None
 
 
-def _connect_or_start(found: Place, preload: Sequence[str]) -> socket.socket | None:
-    """A connection to the warm process, started first where none listens (one start at a time: a lock file)."""
-    connection = _connect(found.socket)
-    if connection is not None:
-        return connection
-    with open(found.lock, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        connection = _connect(found.socket)  # another stage started it while this one waited
+def _connect_if_ready(found: Place, preload: Sequence[str]) -> socket.socket | None:
+    """A connection to a warm process that has imported everything; else None, with one started in the background
+    where none listens (one that listens and has not said it is ready is still importing)."""
+    if found.ready.exists():
+        connection = _connect(found.socket)
         if connection is not None:
             return connection
-        found.socket.unlink(missing_ok=True)  # a warm process that died leaves its socket file
-        source = str(Path(__file__).resolve().parent.parent)
-        bootstrap = (f"import sys; sys.path.insert(0, {source!r}); from qlora_pipeline import warm; "
-                     f"warm.become(warm.serve(sys.argv[1], sys.argv[3:], sys.argv[2]))")
-        # This interpreter's options (the stdlib's own way, as multiprocessing's spawn starts its children): the
-        # warm process checks that it has them all, and refuses to serve if not.
-        options = [*subprocess._args_from_interpreter_flags(), *(["-u"] if _unbuffered() else []),
-                   # UTF-8 mode that a C locale turned on (PEP 540): the locale it coerced is not C any more
-                   *(["-X", "utf8"] if sys.flags.utf8_mode and "utf8" not in sys._xoptions else [])]
-        server = _start_detached([sys.executable, *options, "-c", bootstrap, str(found.socket), _flags(), *preload],
-                                 found.log)
-        # It listens before it imports: the request waits in the socket's queue until it has imported.
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and _alive(server):
-            connection = _connect(found.socket)
-            if connection is not None:
-                return connection
-            time.sleep(0.02)
+    _connect_or_start(found, preload, wait=False)
+    return None
+
+
+def _connect_or_start(found: Place, preload: Sequence[str], wait: bool = True) -> socket.socket | None:
+    """A connection to the warm process, started first where none listens (one start at a time: a lock file).
+
+    ``wait=False``: only started where none listens, without waiting for it; no connection is returned (a
+    connection made to find out is closed again, which the warm process takes for a stage that went away)."""
+    connection = _connect(found.socket)
+    if connection is None:
+        with open(found.lock, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            connection = _connect(found.socket)  # another stage started it while this one waited
+            if connection is None:
+                connection = _start(found, preload, wait)
+    if not wait and connection is not None:
+        connection.close()
+        return None
+    return connection
+
+
+def _start(found: Place, preload: Sequence[str], wait: bool) -> socket.socket | None:
+    """Start a warm process (the lock held); with ``wait``, a connection to it once it listens."""
+    # A warm process that died (kill -9) leaves its socket file, and its ready file
+    found.ready.unlink(missing_ok=True)
+    found.socket.unlink(missing_ok=True)
+    source = str(Path(__file__).resolve().parent.parent)
+    bootstrap = (f"import sys; sys.path.insert(0, {source!r}); from qlora_pipeline import warm; "
+                 f"warm.become(warm.serve(sys.argv[1], sys.argv[3:], sys.argv[2]))")
+    # This interpreter's options (the stdlib's own way, as multiprocessing's spawn starts its children): the
+    # warm process checks that it has them all, and refuses to serve if not.
+    options = [*subprocess._args_from_interpreter_flags(), *(["-u"] if _unbuffered() else []),
+               # UTF-8 mode that a C locale turned on (PEP 540): the locale it coerced is not C any more
+               *(["-X", "utf8"] if sys.flags.utf8_mode and "utf8" not in sys._xoptions else [])]
+    server = _start_detached([sys.executable, *options, "-c", bootstrap, str(found.socket), _flags(), *preload],
+                             found.log)
+    if not wait:
+        return None
+    # It listens before it imports: the request waits in the socket's queue until it has imported.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and _alive(server):
+        connection = _connect(found.socket)
+        if connection is not None:
+            return connection
+        time.sleep(0.02)
     return None
 
 
@@ -325,6 +360,7 @@ def serve(path: str, preload: Sequence[str], flags: str) -> Job:
     listener.bind(path)
     listener.listen(64)
     inode, me = os.stat(path).st_ino, os.getpid()
+    ready = Path(path).with_suffix(".ready")
     try:
         keep_freed_memory()
         started, environment = time.monotonic(), dict(os.environ)
@@ -336,6 +372,7 @@ def serve(path: str, preload: Sequence[str], flags: str) -> Job:
         if refusal:
             _refuse(path, refusal)
         else:
+            _say_ready(ready, me)
             job = _serve_forks(listener, float(os.environ.get(IDLE, DEFAULT_IDLE_SECONDS)))
             if job is not None:
                 job.request["env"].update(set_by_imports)
@@ -345,6 +382,7 @@ def serve(path: str, preload: Sequence[str], flags: str) -> Job:
             _refuse(path, f"{type(err).__name__}: {err}")
     finally:
         if os.getpid() == me:
+            _unsay_ready(ready, me)  # first: a stage that finds it still would connect to a closing socket
             _unlink_if_ours(path, inode, listener)
     return _exit(0)
 
@@ -353,6 +391,21 @@ def _refuse(path: str, reason: str) -> None:
     """Every later stage of this setting starts cold without asking (a reinstall makes another setting)."""
     Path(path).with_suffix(".refused").write_text(reason + "\n")
     print(f"warm {os.getpid()}: refusing to serve: {reason}", file=sys.stderr)
+
+
+def _say_ready(ready: Path, me: int) -> None:
+    """Everything imported: stages that import little themselves (``run_in_fork(wait=False)``) may ask now."""
+    written = ready.with_name(f"{ready.name}.{me}")
+    written.write_text(str(me))
+    os.replace(written, ready)
+
+
+def _unsay_ready(ready: Path, me: int) -> None:
+    try:  # ours only: a warm process started after ours died may have written its own
+        if ready.read_text() == str(me):
+            ready.unlink()
+    except OSError:
+        pass
 
 
 def _exit(code: int):
@@ -504,7 +557,8 @@ def _fork_for(listener: socket.socket, children: dict, watched: dict, pipe: tupl
         _flush()
         pid = os.fork()
     except (OSError, ValueError) as err:
-        print(f"warm {os.getpid()}: request refused: {err}", file=sys.stderr)
+        if not isinstance(err, _Gone):
+            print(f"warm {os.getpid()}: request refused: {err}", file=sys.stderr)
         for fd in fds:
             os.close(fd)
         connection.close()
@@ -528,9 +582,15 @@ def _fork_for(listener: socket.socket, children: dict, watched: dict, pipe: tupl
     return None
 
 
+class _Gone(ConnectionError):
+    """A stage's process that only looked for a warm process (``_connect_or_start(wait=False)``), or that gave up."""
+
+
 def _receive(connection: socket.socket) -> tuple[dict, list[int]]:
     connection.settimeout(10)
     data, fds, _, _ = socket.recv_fds(connection, 1 << 16, 3)
+    if not data and not fds:
+        raise _Gone("closed without a request")
     try:
         if len(fds) != 3 or len(data) < 4:
             raise ValueError("expected a request with three file descriptors")

@@ -68,8 +68,9 @@ def stage_main(description: str, add_paths: Callable[[argparse.ArgumentParser], 
     ``imports``: the script's ``imports(params)``, the modules the stage runs on (its own module and the lists
     in ``process``), imported before ``run`` with full garbage collections held off (``stage_imports``,
     ``process.import_quietly``). The scripts import their stage module inside ``run``, not at their top, so
-    that its own imports (torch, for most) are among them. A stage that loads a model (torch among them) runs in
-    a fork of the warm process, which has imported them already (``warm.run_in_fork``), where it can.
+    that its own imports (torch, for most) are among them. A stage runs in a fork of the warm process, which has
+    imported them already (``warm.run_in_fork``), where it can: one that loads a model (torch among them) waits
+    for it; a data stage takes it only if it is ready, and otherwise starts it for the model stages after it.
     """
     # Per-tensor progress bars of weight loading bury the stage's own summary lines in DVC's log.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -81,8 +82,10 @@ def stage_main(description: str, add_paths: Callable[[argparse.ArgumentParser], 
     try:
         params = load_params(args.params)
         names = stage_imports(imports, params)
-        if argv is None and "torch" in names:  # its own process, loading a model: in a warm fork (warm.py)
-            status = run_in_fork()
+        if argv is None:  # its own process: in a warm fork where it can (warm.py)
+            # A stage loading a model waits for the warm process's imports, which are its own; a data stage
+            # takes one only if it is ready, and otherwise starts it for the model stages after it.
+            status = run_in_fork(wait="torch" in names)
             if status is not None:
                 return status
         import_quietly(names)
