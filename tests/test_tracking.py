@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from conftest import make_params
@@ -264,6 +266,30 @@ def test_a_store_creation_killed_mid_migration_leaves_no_store_and_the_next_stag
     experiment = client.create_experiment("after-the-kill")
     assert client.get_experiment(experiment).name == "after-the-kill"
     assert store.exists() and not list(tmp_path.glob(".mlflow.db.*.tmp"))  # what the killed one left, removed
+
+
+def test_a_creator_killed_and_not_yet_reaped_counts_as_gone(tmp_path):
+    """A killed stage's process that nobody has reaped yet is a zombie, its pid still listed: an orphan waits for
+    init, which takes seconds on some machines. Its store temporary is stale all the same, and so is a spool file."""
+    store = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{store}"
+    creator = subprocess.Popen([sys.executable, "-c", "import sys; from qlora_pipeline import mlflow_store; "
+                                "mlflow_store.ensure_sqlite_store(sys.argv[1])", uri])
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".mlflow.db.*.tmp")) and creator.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    os.kill(creator.pid, signal.SIGKILL)  # and not reaped: our child stays a zombie until wait()
+    try:
+        deadline = time.time() + 30
+        while psutil.Process(creator.pid).status() != psutil.STATUS_ZOMBIE and time.time() < deadline:
+            time.sleep(0.01)
+        assert psutil.pid_exists(creator.pid) and not mlflow_store.pid_running(creator.pid)
+        assert list(tmp_path.glob(".mlflow.db.*.tmp")), "the creator ended before its migration was seen"
+        mlflow_store.mlflow_client(uri)
+        assert store.exists() and not list(tmp_path.glob(".mlflow.db.*.tmp"))  # the zombie's, removed
+    finally:
+        creator.wait()
+    assert mlflow_store.pid_running(os.getpid()) and not mlflow_store.pid_running(creator.pid)
 
 
 def test_metric_values_name_numbers_intervals_and_words_and_leave_lists_of_text_out():

@@ -81,12 +81,10 @@ def ensure_sqlite_store(uri: str) -> None:
 
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
-    import psutil
-
     store.parent.mkdir(parents=True, exist_ok=True)
     for stale in store.parent.glob(f".{store.name}.*.tmp"):  # .<store>.<pid>.<random>.tmp
         pid = stale.name.split(".")[-3]
-        if not (pid.isdigit() and psutil.pid_exists(int(pid))):
+        if not (pid.isdigit() and pid_running(int(pid))):
             stale.unlink(missing_ok=True)
     partial = store.with_name(f".{store.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
@@ -96,6 +94,18 @@ def ensure_sqlite_store(uri: str) -> None:
             os.link(partial, store)
     finally:
         partial.unlink(missing_ok=True)
+
+
+def pid_running(pid: int) -> bool:
+    """Whether process ``pid`` still runs, as the writer of a file named after it. A killed one that nobody has
+    reaped yet (a zombie) does not: an orphan waits for init to reap it, and some inits take seconds (1.5 s seen
+    on a VM whose init is not systemd), long enough for the next run of a killed stage to find it "alive"."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def is_server(uri: str) -> bool:

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from qlora_pipeline.errors import PipelineError
-from qlora_pipeline.mlflow_store import (KEY_TAG, create_run, experiment_for, is_server, mlflow_client, reachable,
-                                         repo_root, run_with_key, send, use_http_defaults)
+from qlora_pipeline.mlflow_store import (KEY_TAG, create_run, experiment_for, is_server, mlflow_client, pid_running,
+                                         reachable, repo_root, run_with_key, send, use_http_defaults)
 
 SPOOL_DIR = ".mlflow-spool"
 _WRITING = ".part"
@@ -86,9 +86,7 @@ def sync_spool(uri: str | None = None, folder: Path | None = None) -> list[str]:
 
 
 def _writer_alive(path: Path) -> bool:
-    import psutil
-
-    return psutil.pid_exists(int(path.name.split(".")[0].split("-")[1]))
+    return pid_running(int(path.name.split(".")[0].split("-")[1]))
 
 
 def _sync_file(path: Path, uri: str | None) -> str:

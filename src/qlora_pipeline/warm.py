@@ -1,14 +1,15 @@
-"""Warm starts: a stage that loads a model runs in a fork of a process that has imported its libraries already.
+"""Warm starts: a stage runs in a fork of a process that has imported its libraries already.
 
 Plumbing: no output depends on it. A stage that loads a model spends ~5.5 s of a core importing torch,
 transformers, bitsandbytes, PEFT, MLflow and scikit-learn before it reads a byte (``python -X importtime``; AMD
-EPYC, Zen 4), and ``dvc repro`` starts seven of them. The first of them starts a *warm process*: it imports the
-libraries of every stage (``WARM``) once and waits on a Unix socket. Each such stage (the first too) sends it its
-command and gets a fork, which has them all in memory already, and the stage runs in that fork. A data stage (no
-model: fetch, clean, split) still spends ~1.5 s importing MLflow and pandas; it takes a fork only of a warm
-process that has finished importing (it says so in a ``.ready`` file), and otherwise runs in its own process at
-once, having started one in the background: the model stages after it then find it ready, its imports made
-while the data stages ran.
+EPYC, Zen 4), and ``dvc repro`` starts seven of them. The first stage of a run starts a *warm process*: it imports
+the libraries of every stage (``WARM``) once and waits on a Unix socket. Each model stage sends it its command and
+gets a fork, which has them all in memory already, and the stage runs in that fork. A data stage (no model: fetch,
+clean, split) still spends ~1.5 s importing MLflow and pandas; it takes a fork only of a warm process that has
+finished importing (it says so in a ``.ready`` file), and otherwise runs in its own process at once, having
+started one in the background: the model stages after it then find it ready, its imports made while the data
+stages ran. (A data-only target, ``dvc repro clean``, so starts one that no stage uses: ~5.5 s of a core and
+~0.5 GB of memory, until its idle stop.)
 
 The fork runs what the stage's own process would: its script as ``__main__`` with the stage's argv, working
 folder, environment, umask, ``sys.path`` and standard streams (passed over the socket). The project's own
@@ -157,13 +158,17 @@ def run_in_fork(preload: Sequence[str] = WARM, wait: bool = True) -> int | None:
         if found is None or found.refused.exists():
             return None
         connection = _connect_or_start(found, preload) if wait else _connect_if_ready(found, preload)
-        if connection is None:
-            return None
-        _send_request(connection)
-        if _read_line(connection, START_TIMEOUT_SECONDS) != "forked":
-            connection.close()
-            return None
     except OSError:
+        return None
+    if connection is None:
+        return None
+    try:
+        _send_request(connection)
+        forked = _read_line(connection, START_TIMEOUT_SECONDS) == "forked"
+    except OSError:
+        forked = False
+    if not forked:
+        connection.close()
         return None
     return _wait_for_fork(connection)
 
@@ -181,34 +186,49 @@ def _connect(path: Path) -> socket.socket | None:
 def _connect_if_ready(found: Place, preload: Sequence[str]) -> socket.socket | None:
     """A connection to a warm process that has imported everything; else None, with one started in the background
     where none listens (one that listens and has not said it is ready is still importing)."""
-    if found.ready.exists():
-        connection = _connect(found.socket)
-        if connection is not None:
-            return connection
+    connection = _connect(found.socket) if found.ready.exists() else None
+    if connection is not None:
+        try:  # the ready file must be the listening process's own: a process started since may import still
+            if _listener_pid(connection) == int(found.ready.read_text()):
+                return connection
+        except (OSError, ValueError):
+            pass
+        connection.close()
     _connect_or_start(found, preload, wait=False)
     return None
 
 
-def _connect_or_start(found: Place, preload: Sequence[str], wait: bool = True) -> socket.socket | None:
-    """A connection to the warm process, started first where none listens (one start at a time: a lock file).
+def _listener_pid(connection: socket.socket) -> int:
+    """The pid of the process that listens at the other end (Linux: the one that called ``listen``)."""
+    pid, _, _ = struct.unpack("3i", connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    return pid
 
-    ``wait=False``: only started where none listens, without waiting for it; no connection is returned (a
-    connection made to find out is closed again, which the warm process takes for a stage that went away)."""
+
+def _connect_or_start(found: Place, preload: Sequence[str], wait: bool = True) -> socket.socket | None:
+    """A connection to the warm process, started first where none listens (one start at a time: a lock file,
+    held until the new one listens).
+
+    ``wait=False``: only started where none listens and no other stage is starting one, without waiting for its
+    imports; no connection is returned (one made to find out is closed again, which the warm process takes for a
+    stage that went away)."""
     connection = _connect(found.socket)
     if connection is None:
         with open(found.lock, "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # another stage is starting one
+                return None
             connection = _connect(found.socket)  # another stage started it while this one waited
             if connection is None:
-                connection = _start(found, preload, wait)
+                connection = _start(found, preload)
     if not wait and connection is not None:
         connection.close()
         return None
     return connection
 
 
-def _start(found: Place, preload: Sequence[str], wait: bool) -> socket.socket | None:
-    """Start a warm process (the lock held); with ``wait``, a connection to it once it listens."""
+def _start(found: Place, preload: Sequence[str]) -> socket.socket | None:
+    """Start a warm process (the lock held); a connection to it once it listens, which it does before it imports."""
     # A warm process that died (kill -9) leaves its socket file, and its ready file
     found.ready.unlink(missing_ok=True)
     found.socket.unlink(missing_ok=True)
@@ -222,9 +242,7 @@ def _start(found: Place, preload: Sequence[str], wait: bool) -> socket.socket | 
                *(["-X", "utf8"] if sys.flags.utf8_mode and "utf8" not in sys._xoptions else [])]
     server = _start_detached([sys.executable, *options, "-c", bootstrap, str(found.socket), _flags(), *preload],
                              found.log)
-    if not wait:
-        return None
-    # It listens before it imports: the request waits in the socket's queue until it has imported.
+    # Until it listens, the lock stays held: a stage that came meanwhile would start a second one.
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and _alive(server):
         connection = _connect(found.socket)
@@ -394,10 +412,15 @@ def _refuse(path: str, reason: str) -> None:
 
 
 def _say_ready(ready: Path, me: int) -> None:
-    """Everything imported: stages that import little themselves (``run_in_fork(wait=False)``) may ask now."""
+    """Everything imported: stages that import little themselves (``run_in_fork(wait=False)``) may ask now. Where
+    the file cannot be written (a full disk), they run in their own processes; the model stages are served still."""
     written = ready.with_name(f"{ready.name}.{me}")
-    written.write_text(str(me))
-    os.replace(written, ready)
+    try:
+        written.write_text(str(me))
+        os.replace(written, ready)
+    except OSError as err:
+        written.unlink(missing_ok=True)
+        print(f"warm {me}: {ready}: {err}; the data stages run in their own processes", file=sys.stderr)
 
 
 def _unsay_ready(ready: Path, me: int) -> None:
@@ -583,7 +606,7 @@ def _fork_for(listener: socket.socket, children: dict, watched: dict, pipe: tupl
 
 
 class _Gone(ConnectionError):
-    """A stage's process that only looked for a warm process (``_connect_or_start(wait=False)``), or that gave up."""
+    """A stage's process that only looked for a warm process (``_connect_or_start(wait=False)``)."""
 
 
 def _receive(connection: socket.socket) -> tuple[dict, list[int]]:
