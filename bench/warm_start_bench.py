@@ -1,7 +1,8 @@
 """Warm starts against cold ones: `dvc repro -f` of a whole pipeline both ways, alternating, in one run.
 
-A stage that loads a model runs in a fork of the warm process (``qlora_pipeline/warm.py``, the default), or
-imports its libraries in its own process as before (``QLORA_PIPELINE_WARM_START=0``, the baseline). Here
+A stage runs in a fork of the warm process (``qlora_pipeline/warm.py``, the default: a model stage waits for
+its imports, a data stage takes it once it is ready and starts it otherwise), or imports its libraries in its own
+process as before (``QLORA_PIPELINE_WARM_START=0``, the baseline). Here
 `dvc repro -f` runs every stage of a copy of the repository each way, ``--rounds`` times, the order alternating
 (warm first, then cold first, ...). Each stage's seconds are read from DVC's output, from its "Running stage"
 line to the next. Every warm run starts its own warm process (a temporary folder of its own), so each pays for
