@@ -253,3 +253,17 @@ def test_imports_that_leave_a_thread_make_it_refuse_and_the_script_runs_in_its_o
     assert code == 0 and again["child"] is None and not warm_processes(folder)  # none started again
     assert time.monotonic() - started < 10
 
+
+
+def test_a_started_warm_process_that_died_is_not_taken_for_alive_before_init_reaps_it():
+    """A stage waits for the warm process it started to listen while that one is alive: one that died at start
+    is a zombie until init reaps it (1.5 s on this project's VMs), and must not hold the stage (and the lock)."""
+    from qlora_pipeline import warm
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        wait_for(lambda: psutil.Process(proc.pid).status() == psutil.STATUS_ZOMBIE)  # ended, not reaped
+        assert psutil.pid_exists(proc.pid) and not warm._alive(proc.pid)
+    finally:
+        proc.wait()
+    assert warm._alive(os.getpid()) and not warm._alive(proc.pid) and not warm._alive(0)

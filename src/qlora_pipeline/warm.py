@@ -282,12 +282,14 @@ def _start_detached(argv: list[str], log: Path) -> int:
 
 
 def _alive(pid: int) -> bool:
+    """Whether the warm process just started runs. Not our child: once it exits, init reaps it, and until then
+    (seconds, on some machines) it is a zombie, which ``kill(pid, 0)`` still finds."""
     if pid <= 0:  # the first fork died before it could say (0 would name our own process group)
         return False
     try:
-        os.kill(pid, 0)  # not our child: once it exits, init reaps it and the pid is gone
-        return True
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat", "rb") as stat_file:  # "pid (comm) state ...": comm may hold ") "
+            return stat_file.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
         return False
 
 
