@@ -270,18 +270,18 @@ def test_a_store_creation_killed_mid_migration_leaves_no_store_and_the_next_stag
 
 def test_a_creator_killed_and_not_yet_reaped_counts_as_gone(tmp_path):
     """A killed stage's process that nobody has reaped yet is a zombie, its pid still listed: an orphan waits for
-    init, which takes seconds on some machines. Its store temporary is stale all the same, and so is a spool file."""
+    init, which takes seconds on some machines. Its store temporary is stale all the same."""
     store = tmp_path / "mlflow.db"
     uri = f"sqlite:///{store}"
     creator = subprocess.Popen([sys.executable, "-c", "import sys; from qlora_pipeline import mlflow_store; "
                                 "mlflow_store.ensure_sqlite_store(sys.argv[1])", uri])
-    deadline = time.time() + 120
-    while not list(tmp_path.glob(".mlflow.db.*.tmp")) and creator.poll() is None and time.time() < deadline:
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".mlflow.db.*.tmp")) and creator.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
-    os.kill(creator.pid, signal.SIGKILL)  # and not reaped: our child stays a zombie until wait()
+    creator.send_signal(signal.SIGKILL)  # and not reaped: our child stays a zombie until wait()
     try:
-        deadline = time.time() + 30
-        while psutil.Process(creator.pid).status() != psutil.STATUS_ZOMBIE and time.time() < deadline:
+        deadline = time.monotonic() + 30
+        while psutil.Process(creator.pid).status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
             time.sleep(0.01)
         assert psutil.pid_exists(creator.pid) and not mlflow_store.pid_running(creator.pid)
         assert list(tmp_path.glob(".mlflow.db.*.tmp")), "the creator ended before its migration was seen"

@@ -255,6 +255,22 @@ def test_imports_that_leave_a_thread_make_it_refuse_and_the_script_runs_in_its_o
 
 
 
+def test_scripts_that_do_not_wait_starting_together_start_one_warm_process(folder):
+    """The start lock goes with the new warm process until it listens: a script that came meanwhile found it
+    neither listening nor starting, and started a second one."""
+    script = setup(folder)
+    env = environment(folder, QLORA_PIPELINE_TEST_WAIT="0", QLORA_PIPELINE_TEST_SLOW="3", QLORA_PIPELINE_WARM_IDLE="30")
+    try:
+        procs = [subprocess.Popen([sys.executable, str(script), "exit", "0"], cwd=folder, env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(4)]
+        assert [proc.wait(timeout=60) for proc in procs] == [0] * 4
+        wait_for(lambda: list((folder / f"qlora-pipeline-warm-{os.getuid()}").glob("*.ready")))
+        assert len(warm_processes(folder)) == 1
+    finally:
+        for process in warm_processes(folder):
+            process.kill()
+
+
 def test_a_started_warm_process_that_died_is_not_taken_for_alive_before_init_reaps_it():
     """A stage waits for the warm process it started to listen while that one is alive: one that died at start
     is a zombie until init reaps it (1.5 s on this project's VMs), and must not hold the stage (and the lock)."""

@@ -106,6 +106,8 @@ def pid_running(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+    except psutil.AccessDenied:  # another user's process, /proc mounted with hidepid: there, so taken as running
+        return True
 
 
 def is_server(uri: str) -> bool:

@@ -70,6 +70,7 @@ LIMITS = ("RLIMIT_AS", "RLIMIT_CORE", "RLIMIT_CPU", "RLIMIT_DATA", "RLIMIT_FSIZE
 # The signals a stage's process passes on to its fork (those it does not ignore; the fork ignores the same).
 PASSED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _PACKAGE = "qlora_pipeline"
+_LOCK_FD = 3  # the start lock's descriptor in a warm process until it listens
 _PR_SET_PDEATHSIG = 1
 
 
@@ -206,13 +207,14 @@ def _listener_pid(connection: socket.socket) -> int:
 
 def _connect_or_start(found: Place, preload: Sequence[str], wait: bool = True) -> socket.socket | None:
     """A connection to the warm process, started first where none listens (one start at a time: a lock file,
-    held until the new one listens).
+    which the new process holds until it listens).
 
-    ``wait=False``: only started where none listens and no other stage is starting one, without waiting for its
-    imports; no connection is returned (one made to find out is closed again, which the warm process takes for a
-    stage that went away)."""
+    ``wait=False``: only started where none listens and no other stage is starting one, and not waited for; no
+    connection is returned (one made to find out is closed again, which the warm process takes for a stage that
+    went away)."""
     connection = _connect(found.socket)
     if connection is None:
+        server = None
         with open(found.lock, "a") as lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -220,29 +222,38 @@ def _connect_or_start(found: Place, preload: Sequence[str], wait: bool = True) -
                 return None
             connection = _connect(found.socket)  # another stage started it while this one waited
             if connection is None:
-                connection = _start(found, preload)
+                # It gets this lock (its own copy of the descriptor) and lets go once it listens, or as it dies: a
+                # stage that came meanwhile would start a second one.
+                server = _start(found, preload, lock.fileno())
+        if server is not None:
+            if not wait:
+                return None
+            connection = _listening(found, server)
     if not wait and connection is not None:
         connection.close()
         return None
     return connection
 
 
-def _start(found: Place, preload: Sequence[str]) -> socket.socket | None:
-    """Start a warm process (the lock held); a connection to it once it listens, which it does before it imports."""
+def _start(found: Place, preload: Sequence[str], lock: int) -> int:
+    """Start a warm process (``lock`` held, and handed to it); its pid."""
     # A warm process that died (kill -9) leaves its socket file, and its ready file
     found.ready.unlink(missing_ok=True)
     found.socket.unlink(missing_ok=True)
     source = str(Path(__file__).resolve().parent.parent)
     bootstrap = (f"import sys; sys.path.insert(0, {source!r}); from qlora_pipeline import warm; "
-                 f"warm.become(warm.serve(sys.argv[1], sys.argv[3:], sys.argv[2]))")
+                 f"warm.become(warm.serve(sys.argv[1], sys.argv[3:], sys.argv[2], lock={_LOCK_FD}))")
     # This interpreter's options (the stdlib's own way, as multiprocessing's spawn starts its children): the
     # warm process checks that it has them all, and refuses to serve if not.
     options = [*subprocess._args_from_interpreter_flags(), *(["-u"] if _unbuffered() else []),
                # UTF-8 mode that a C locale turned on (PEP 540): the locale it coerced is not C any more
                *(["-X", "utf8"] if sys.flags.utf8_mode and "utf8" not in sys._xoptions else [])]
-    server = _start_detached([sys.executable, *options, "-c", bootstrap, str(found.socket), _flags(), *preload],
-                             found.log)
-    # Until it listens, the lock stays held: a stage that came meanwhile would start a second one.
+    return _start_detached([sys.executable, *options, "-c", bootstrap, str(found.socket), _flags(), *preload],
+                           found.log, lock)
+
+
+def _listening(found: Place, server: int) -> socket.socket | None:
+    """A connection to the warm process just started, once it listens, which it does before it imports."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and _alive(server):
         connection = _connect(found.socket)
@@ -252,10 +263,10 @@ def _start(found: Place, preload: Sequence[str]) -> socket.socket | None:
     return None
 
 
-def _start_detached(argv: list[str], log: Path) -> int:
+def _start_detached(argv: list[str], log: Path, lock: int) -> int:
     """Start ``argv`` as a daemon does (forked twice, in a session of its own, in "/", stdin and stdout on
-    /dev/null, stderr appended to ``log``, no other descriptor of ours, the lock file's included): no stage's
-    child, so no stage has it to reap. Returns its pid."""
+    /dev/null, stderr appended to ``log``, no other descriptor of ours but the lock file's, as ``_LOCK_FD``): no
+    stage's child, so no stage has it to reap. Returns its pid."""
     read, write = os.pipe()
     child = os.fork()
     if child == 0:
@@ -271,7 +282,10 @@ def _start_detached(argv: list[str], log: Path) -> int:
             errors = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             for target, fd in ((0, null), (1, null), (2, errors)):
                 os.dup2(fd, target)
-            os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+            if lock != _LOCK_FD:
+                os.dup2(lock, _LOCK_FD)
+            os.set_inheritable(_LOCK_FD, True)
+            os.closerange(_LOCK_FD + 1, os.sysconf("SC_OPEN_MAX"))
             os.execv(argv[0], argv)
         finally:
             os._exit(127)
@@ -370,15 +384,18 @@ class Job:
     server: int  # the warm process's pid
 
 
-def serve(path: str, preload: Sequence[str], flags: str) -> Job:
+def serve(path: str, preload: Sequence[str], flags: str, lock: int | None = None) -> Job:
     """Listen at ``path``, import ``preload``, then fork a child per request until idle (``flags``: the
-    interpreter options of the stage that started it, which this process must have).
+    interpreter options of the stage that started it, which this process must have; ``lock``: the start lock's
+    descriptor, held until this process listens).
 
     Returns only in a fork, with the job it is to run (``become``); the warm process itself exits here.
     """
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(64)
+    if lock is not None:
+        os.close(lock)  # the next stage may start one again where this one dies: it will find this one listening
     inode, me = os.stat(path).st_ino, os.getpid()
     ready = Path(path).with_suffix(".ready")
     try:
