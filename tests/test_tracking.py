@@ -247,16 +247,22 @@ def test_a_server_keeps_its_own_artifact_root_and_a_local_store_a_local_one(monk
     assert created == {"server": None, "local": (tmp_path / "mlartifacts").as_uri()}
 
 
+def creating_store(uri: str, folder: Path) -> subprocess.Popen:
+    """A process creating the SQLite store at ``uri`` in ``folder``, once its temporary is seen (or it ended)."""
+    creator = subprocess.Popen([sys.executable, "-c", "import sys; from qlora_pipeline import mlflow_store; "
+                                "mlflow_store.ensure_sqlite_store(sys.argv[1])", uri])
+    deadline = time.monotonic() + 120
+    while not list(folder.glob(".mlflow.db.*.tmp")) and creator.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return creator
+
+
 def test_a_store_creation_killed_mid_migration_leaves_no_store_and_the_next_stage_makes_it(tmp_path):
     """kill -9 while MLflow migrates a new SQLite store: nothing at the store's path, so the next
     stage builds it whole instead of refusing a store stuck at a middle schema version."""
     store = tmp_path / "mlflow.db"
     uri = f"sqlite:///{store}"
-    creator = subprocess.Popen([sys.executable, "-c", "import sys; from qlora_pipeline import mlflow_store; "
-                                "mlflow_store.ensure_sqlite_store(sys.argv[1])", uri])
-    deadline = time.time() + 120
-    while not list(tmp_path.glob(".mlflow.db.*.tmp")) and creator.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
+    creator = creating_store(uri, tmp_path)
     creator.kill()
     creator.wait()
     assert list(tmp_path.glob(".mlflow.db.*.tmp")), "the creator ended before its migration was seen"
@@ -273,11 +279,7 @@ def test_a_creator_killed_and_not_yet_reaped_counts_as_gone(tmp_path):
     init, which takes seconds on some machines. Its store temporary is stale all the same."""
     store = tmp_path / "mlflow.db"
     uri = f"sqlite:///{store}"
-    creator = subprocess.Popen([sys.executable, "-c", "import sys; from qlora_pipeline import mlflow_store; "
-                                "mlflow_store.ensure_sqlite_store(sys.argv[1])", uri])
-    deadline = time.monotonic() + 120
-    while not list(tmp_path.glob(".mlflow.db.*.tmp")) and creator.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
+    creator = creating_store(uri, tmp_path)
     creator.send_signal(signal.SIGKILL)  # and not reaped: our child stays a zombie until wait()
     try:
         deadline = time.monotonic() + 30
