@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from conftest import make_params
-from qlora_pipeline import mlflow_store, tracking
+from qlora_pipeline import mlflow_store, process, tracking
 from qlora_pipeline import spool as spooling
 from qlora_pipeline.config import MlflowConfig
 from qlora_pipeline.errors import PipelineError
@@ -285,13 +285,13 @@ def test_a_creator_killed_and_not_yet_reaped_counts_as_gone(tmp_path):
         deadline = time.monotonic() + 30
         while psutil.Process(creator.pid).status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert psutil.pid_exists(creator.pid) and not mlflow_store.pid_running(creator.pid)
+        assert psutil.pid_exists(creator.pid) and not process.pid_running(creator.pid)
         assert list(tmp_path.glob(".mlflow.db.*.tmp")), "the creator ended before its migration was seen"
         mlflow_store.mlflow_client(uri)
         assert store.exists() and not list(tmp_path.glob(".mlflow.db.*.tmp"))  # the zombie's, removed
     finally:
         creator.wait()
-    assert mlflow_store.pid_running(os.getpid()) and not mlflow_store.pid_running(creator.pid)
+    assert process.pid_running(os.getpid()) and not process.pid_running(creator.pid)
 
 
 def test_metric_values_name_numbers_intervals_and_words_and_leave_lists_of_text_out():

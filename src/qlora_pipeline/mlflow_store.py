@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from qlora_pipeline.errors import PipelineError
+from qlora_pipeline.process import pid_running
 
 KEY_TAG = "qlora_pipeline.execution"
 STORE_FILE = "mlflow.db"
@@ -94,20 +95,6 @@ def ensure_sqlite_store(uri: str) -> None:
             os.link(partial, store)
     finally:
         partial.unlink(missing_ok=True)
-
-
-def pid_running(pid: int) -> bool:
-    """Whether process ``pid`` still runs, as the writer of a file named after it. A killed one that nobody has
-    reaped yet (a zombie) does not: an orphan waits for init to reap it, and some inits take seconds (1.5 s seen
-    on a VM whose init is not systemd), long enough for the next run of a killed stage to find it "alive"."""
-    import psutil
-
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-    except psutil.AccessDenied:  # another user's process, /proc mounted with hidepid: there, so taken as running
-        return True
 
 
 def is_server(uri: str) -> bool:

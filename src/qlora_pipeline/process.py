@@ -95,3 +95,18 @@ def import_quietly(modules: Iterable[str]) -> list[str]:
     finally:
         gc.set_threshold(*thresholds)
     return missing
+
+
+def pid_running(pid: int) -> bool:
+    """Whether process ``pid`` still runs (the writer of a file named after it, a warm process just started). A
+    killed one that nobody has reaped yet (a zombie) does not: an orphan waits for init to reap it, and some inits
+    take seconds (1.5 s seen on a VM whose init is not systemd), long enough for the next run of a killed stage to
+    find it "alive"."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:  # another user's process, /proc mounted with hidepid: there, so taken as running
+        return True

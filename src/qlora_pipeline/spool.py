@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from qlora_pipeline.errors import PipelineError
-from qlora_pipeline.mlflow_store import (KEY_TAG, create_run, experiment_for, is_server, mlflow_client, pid_running,
-                                         reachable, repo_root, run_with_key, send, use_http_defaults)
+from qlora_pipeline.mlflow_store import (KEY_TAG, create_run, experiment_for, is_server, mlflow_client, reachable,
+                                         repo_root, run_with_key, send, use_http_defaults)
+from qlora_pipeline.process import pid_running
 
 SPOOL_DIR = ".mlflow-spool"
 _WRITING = ".part"

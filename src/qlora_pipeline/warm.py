@@ -51,7 +51,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from qlora_pipeline.process import DATABASE_STORE, JUDGE, ROUGE, TRACKING, TRAINING, import_quietly, keep_freed_memory
+from qlora_pipeline.process import (DATABASE_STORE, JUDGE, ROUGE, TRACKING, TRAINING, import_quietly,
+                                    keep_freed_memory, pid_running)
 
 # What the warm process imports: every library a stage that loads a model imports first (process.py's lists).
 WARM = (*TRAINING, *JUDGE, *ROUGE, *TRACKING, DATABASE_STORE)
@@ -190,7 +191,7 @@ def _connect_if_ready(found: Place, preload: Sequence[str]) -> socket.socket | N
     connection = _connect(found.socket) if found.ready.exists() else None
     if connection is not None:
         try:  # the ready file must be the listening process's own: a process started since may import still
-            if _listener_pid(connection) == int(found.ready.read_text()):
+            if _peer(connection)[0] == int(found.ready.read_text()):
                 return connection
         except (OSError, ValueError):
             pass
@@ -199,10 +200,9 @@ def _connect_if_ready(found: Place, preload: Sequence[str]) -> socket.socket | N
     return None
 
 
-def _listener_pid(connection: socket.socket) -> int:
-    """The pid of the process that listens at the other end (Linux: the one that called ``listen``)."""
-    pid, _, _ = struct.unpack("3i", connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
-    return pid
+def _peer(connection: socket.socket) -> tuple[int, int, int]:
+    """The pid, uid and gid of the process at the other end (Linux; a client sees the one that called ``listen``)."""
+    return struct.unpack("3i", connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
 
 
 def _connect_or_start(found: Place, preload: Sequence[str], wait: bool = True) -> socket.socket | None:
@@ -297,14 +297,8 @@ def _start_detached(argv: list[str], log: Path, lock: int) -> int:
 
 def _alive(pid: int) -> bool:
     """Whether the warm process just started runs. Not our child: once it exits, init reaps it, and until then
-    (seconds, on some machines) it is a zombie, which ``kill(pid, 0)`` still finds."""
-    if pid <= 0:  # the first fork died before it could say (0 would name our own process group)
-        return False
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat_file:  # "pid (comm) state ...": comm may hold ") "
-            return stat_file.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except (OSError, IndexError):
-        return False
+    (seconds, on some machines) it is a zombie, which ``kill(pid, 0)`` still finds (``pid_running`` does not)."""
+    return pid > 0 and pid_running(pid)  # 0: the first fork died before it could say (the kernel's own pid)
 
 
 def _send_request(connection: socket.socket) -> None:
@@ -583,8 +577,7 @@ def _fork_for(listener: socket.socket, children: dict, watched: dict, pipe: tupl
         return None
     fds: list[int] = []
     try:
-        _, uid, _ = struct.unpack("3i", connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                              struct.calcsize("3i")))
+        _, uid, _ = _peer(connection)
         if uid != os.getuid():
             raise PermissionError(f"a process of user {uid} asked")
         request, fds = _receive(connection)
