@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -29,6 +31,39 @@ def test_a_flag_out_of_range_is_refused_before_any_work(argv, expected, capsys):
         main(argv)
     assert exited.value.code == 2
     assert expected in capsys.readouterr().err
+
+
+# A command line that names a model wrongly; what it must say; run in a fresh interpreter, which must not have
+# imported torch (or any model library) by the time it says so.
+BAD_MODEL_LINES = [
+    (["chat", "--adapter", "ghost=no/such/folder"], "error: no/such/folder: no such adapter folder"),
+    (["chat", "--adapter", "alice=.", "--use", "carol"],
+     "error: --use carol: no such model; the models are base, alice (add an adapter with --adapter NAME=SOURCE)"),
+    (["serve", "--adapter", "base=."], "error: --adapter 'base=.': 'base' is reserved for the base model"),
+    (["serve", "--adapter", "a=.", "--adapter", "a=src"], "error: --adapter: the name 'a' is given twice (. and src)"),
+    (["serve", "--adapter", "no such name=."], "error: --adapter 'no such name=.': adapter name 'no such name' must be"),
+    (["export", "--adapter", "ghost", "--out", "x"], "error: ghost: no such adapter folder"),
+]
+
+
+def test_a_bad_adapter_or_model_name_is_refused_before_the_model_libraries_are_imported(tmp_path):
+    code = ("import json, sys\nfrom qlora_pipeline.cli import main\n"
+            "status = main(json.loads(sys.argv[1]))\n"
+            "print(json.dumps({'status': status, 'loaded': sorted({'torch', 'transformers', 'peft', 'bitsandbytes'}"
+            " & set(sys.modules))}))")
+    for argv, message in BAD_MODEL_LINES:
+        proc = subprocess.run([sys.executable, "-c", code, json.dumps(argv)], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=120)
+        assert json.loads(proc.stdout.splitlines()[-1]) == {"status": 1, "loaded": []}, (argv, proc.stderr)
+        assert message in proc.stderr, argv
+    assert list(tmp_path.iterdir()) == []  # export wrote nothing
+
+
+def test_the_command_lines_reserved_name_is_peft_s_own():
+    from qlora_pipeline.modeling import stacked_lora
+    from qlora_pipeline.serving import specs
+
+    assert specs.PEFT_BASE == stacked_lora.PEFT_BASE
 
 
 def test_summary_prints_what_it_can_read_and_names_what_it_cannot(tmp_path, monkeypatch, capsys):

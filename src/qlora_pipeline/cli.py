@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arguments(chat)
     chat.add_argument("--use", default=None, help="the adapter to start with (default: the first given, else base)")
     chat.add_argument("--seed", type=int, default=None, help="seed of the sampling, for a replayable session")
-    chat.set_defaults(func=_run("qlora_pipeline.serving.chat", _model_imports))
+    chat.set_defaults(func=_run("qlora_pipeline.serving.chat", _model_imports, check=_model_command_line))
 
     serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server: base and every adapter as models")
     _model_arguments(serve)
@@ -258,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="on SIGTERM, how long requests in flight may take to finish before the server exits")
     serve.add_argument("--max-context", type=_at_least(1), default=None,
                        help="prompt + reply tokens at most (default: the model's max_position_embeddings)")
-    serve.set_defaults(func=_run("qlora_pipeline.serving.server", _model_imports))
+    serve.set_defaults(func=_run("qlora_pipeline.serving.server", _model_imports, check=_model_command_line))
 
     export = commands.add_parser("export", help="merge an adapter into the dequantized base; save and verify it")
     export.add_argument("--adapter", required=True, action=_Once, help="adapter folder or runs:/<run_id>/adapter")
@@ -283,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="examples the merged model is checked on (export_report.json)")
     export.add_argument("--max-samples", type=_at_least(1), default=32, help="test examples used for the check")
     export.add_argument("--params", type=Path, default=Path("params.yaml"), help="for the MLflow store of runs:/ sources")
-    export.set_defaults(func=_run("qlora_pipeline.serving.export", _model_imports))
+    export.set_defaults(func=_run("qlora_pipeline.serving.export", _model_imports, check=_model_command_line))
     return parser
 
 
@@ -303,22 +303,31 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
 def _model_imports(args: argparse.Namespace) -> tuple[str, ...]:
     """What chat, serve and export run on: the model libraries, and MLflow where an adapter comes from a run.
 
-    Reads ``--adapter NAME=SOURCE`` as ``serving.models.parse_adapter_spec`` does, without importing that
-    module: it imports torch, which is among what this decides how to import. A spec it would refuse is
-    refused there, afterwards.
+    Runs after :func:`_model_command_line` has read the ``--adapter`` values.
     """
     specs = args.adapter if isinstance(args.adapter, list) else [args.adapter]
     from_runs = any((spec.partition("=")[2] or spec).strip().startswith("runs:/") for spec in specs)
     return (*ADAPTERS, *TRACKING) if from_runs else ADAPTERS
 
 
-def _run(module: str, imports: tuple[str, ...] | Callable[[argparse.Namespace], tuple[str, ...]] = ()):
+def _model_command_line(args: argparse.Namespace) -> None:
+    """``--adapter`` and ``--use`` checked before torch and the rest are imported (~4 s): a typo is said at once."""
+    from qlora_pipeline.serving.specs import check_command_line
+
+    check_command_line(args.adapter, getattr(args, "use", None))
+
+
+def _run(module: str, imports: tuple[str, ...] | Callable[[argparse.Namespace], tuple[str, ...]] = (),
+         check: Callable[[argparse.Namespace], None] | None = None):
     """The command's ``main(args)``, imported only when it runs: summary stays quick to start. The module and
     ``imports`` (the libraries it runs on, or a function of the arguments giving them) are imported with full
-    garbage collections held off (``process.import_quietly``)."""
+    garbage collections held off (``process.import_quietly``), after ``check(args)``, which refuses what the
+    command line alone gets wrong."""
     def run(args: argparse.Namespace) -> None:
         import importlib
 
+        if check is not None:
+            check(args)
         import_quietly([module, *(imports(args) if callable(imports) else imports)])
         importlib.import_module(module).main(args)
 

@@ -25,8 +25,9 @@ from qlora_pipeline.config import ChatConfig, ConfigError, section_from
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.io import write_jsonl
 from qlora_pipeline.serving.engine import Completion, Engine, Job, Sampling
-from qlora_pipeline.serving.models import BASE, PersonaModel, load_from_args, parse_adapter_specs
+from qlora_pipeline.serving.models import PersonaModel, load_from_args
 from qlora_pipeline.serving.prompts import fit_history, with_system_prompt
+from qlora_pipeline.serving.specs import BASE, check_model, check_command_line, first_model
 
 PROMPT = "you> "
 # What /set may change: the chat section's decoding keys, and the seed of the next reply.
@@ -77,8 +78,8 @@ def main(args: Any) -> None:
     # Ctrl-C must work even when the chat was started by a process that ignores SIGINT (a test runner,
     # nohup, a job control wrapper): Python keeps an inherited "ignore", and Ctrl-C at the prompt did nothing.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    names = [BASE, *(spec.name for spec in parse_adapter_specs(args.adapter))]
-    active = first_model(names, args.use)  # checked before the load: a typo costs no load time
+    specs = check_command_line(args.adapter, args.use)  # before the load: a typo costs no load time
+    active = first_model([BASE, *(spec.name for spec in specs)], args.use)
     try:
         persona, defaults = load_from_args(args)
     except KeyboardInterrupt:  # Ctrl-C while loading: leave as a shell expects, without a traceback
@@ -87,20 +88,6 @@ def main(args: Any) -> None:
     enable_line_editing()
     print(banner(session))
     run_session(session)
-
-
-def first_model(names: list[str], use: str | None) -> str:
-    """``--use``, else the first adapter given, else the base."""
-    if use is not None:
-        return check_model(names, use, "--use")
-    return names[1] if len(names) > 1 else BASE
-
-
-def check_model(names: list[str], name: str, where: str) -> str:
-    if name not in names:
-        raise PipelineError(f"{where} {name}: no such model; the models are {', '.join(names)} "
-                            "(add an adapter with --adapter NAME=SOURCE)")
-    return name
 
 
 def enable_line_editing() -> None:

@@ -50,7 +50,8 @@ from qlora_pipeline.modeling.inference import dequantize_weight, dequantized
 from qlora_pipeline.modeling.loading import NO_HUB_KERNELS, device_map, set_end_token
 from qlora_pipeline.modeling.preparation import base_fingerprint
 from qlora_pipeline.modeling.quantization import linear4bit_modules
-from qlora_pipeline.serving.models import Adapter, check_same_base, fetch_adapter, parse_adapter_spec, read_adapter
+from qlora_pipeline.serving.models import Adapter, check_same_base, fetch_adapter, read_adapter
+from qlora_pipeline.serving.specs import parse_adapter_spec
 from qlora_pipeline.mlflow_store import resolve_tracking_uri
 
 REPORT = "export_report.json"

@@ -12,7 +12,6 @@ No stage imports this package: editing it re-runs nothing.
 from __future__ import annotations
 
 import contextlib
-import re
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -22,16 +21,7 @@ from typing import Any, Iterator
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.layout import RESOLVED_CONFIG
 from qlora_pipeline.modeling.stacked_lora import PEFT_BASE, RowAdapters
-
-BASE = "base"
-RUN_URI = "runs:/"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
-
-@dataclass(frozen=True)
-class AdapterSpec:
-    name: str
-    source: str  # a folder, or runs:/<run_id>/<artifact path>
+from qlora_pipeline.serving.specs import BASE, RUN_URI, AdapterSpec, local_folder, parse_adapter_specs
 
 
 @dataclass
@@ -50,40 +40,6 @@ class Adapter:
         return self.resolved.get("base_fingerprint")
 
 
-def parse_adapter_spec(text: str) -> AdapterSpec:
-    """``NAME=SOURCE``, or a bare SOURCE named after its folder (``models/adapter`` -> ``adapter``)."""
-    name, sep, source = text.partition("=")
-    if not sep:
-        name, source = _default_name(text), text
-    name, source = name.strip(), source.strip()
-    if not source:
-        raise PipelineError(f"--adapter {text!r}: no source; give NAME=FOLDER or NAME=runs:/<run_id>/adapter")
-    check_name(name, f"--adapter {text!r}")
-    return AdapterSpec(name, source)
-
-
-def _default_name(source: str) -> str:
-    return Path(source.rstrip("/")).name or source
-
-
-def check_name(name: str, where: str) -> None:
-    if name == BASE or name == PEFT_BASE:
-        raise PipelineError(f"{where}: '{name}' is reserved for the base model with no adapter; choose another name")
-    if not _NAME.match(name):
-        raise PipelineError(f"{where}: adapter name {name!r} must be 1-64 letters, digits, '.', '_' or '-'")
-
-
-def parse_adapter_specs(values: list[str]) -> list[AdapterSpec]:
-    specs = [parse_adapter_spec(value) for value in values]
-    seen: dict[str, str] = {}
-    for spec in specs:
-        if spec.name in seen:
-            raise PipelineError(f"--adapter: the name '{spec.name}' is given twice ({seen[spec.name]} and "
-                                f"{spec.source}); name them apart with NAME=SOURCE")
-        seen[spec.name] = spec.source
-    return specs
-
-
 def fetch_adapter(source: str, tracking_uri: str | None, downloads: Path | None = None) -> Path:
     """A local folder for ``source``: the folder itself, or a run's artifact downloaded from MLflow."""
     if source.startswith(RUN_URI):
@@ -96,11 +52,7 @@ def fetch_adapter(source: str, tracking_uri: str | None, downloads: Path | None 
             raise PipelineError(f"{source}: could not fetch it from the MLflow store {tracking_uri}: "
                                 f"{str(err).splitlines()[0]}") from err
         return Path(path)
-    folder = Path(source)
-    if not folder.is_dir():
-        raise PipelineError(f"{source}: no such adapter folder (give a folder with adapter_config.json, "
-                            "or runs:/<run_id>/adapter for a past run's adapter)")
-    return folder
+    return local_folder(source)
 
 
 def read_adapter(name: str, source: str, folder: Path) -> Adapter:

@@ -36,8 +36,9 @@ from qlora_pipeline.modeling.engine import TokenLogprob
 from qlora_pipeline.serving.admission import Admission
 from qlora_pipeline.serving.engine import Completion, Engine, GenerationError, Job, Sampling, describe
 from qlora_pipeline.serving.metrics import ServerMetrics
-from qlora_pipeline.serving.models import BASE, AdapterSpec, PersonaModel, check_name
+from qlora_pipeline.serving.models import PersonaModel
 from qlora_pipeline.serving.prompts import prompt_ids, with_system_prompt
+from qlora_pipeline.serving.specs import BASE, AdapterSpec, check_name
 
 API_KEY_ENV = "QLORA_PIPELINE_API_KEY"
 OWNER = "qlora-pipeline"
