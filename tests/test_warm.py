@@ -56,7 +56,12 @@ if action in ("term", "sleep"):
     open("fork.pid", "w").write(str(os.getpid()))
     time.sleep(120)
 """
-SLOW_LIB = ("import os, time\ntime.sleep(float(os.environ.get('QLORA_PIPELINE_TEST_SLOW', 0.3)))\n"
+# Its import takes QLORA_PIPELINE_TEST_SLOW seconds, or, given QLORA_PIPELINE_TEST_GATE, lasts until the test creates
+# that file (at most 120 s): an import still under way for as long as a test needs, however slow the machine.
+SLOW_LIB = ("import os, time\ngate = os.environ.get('QLORA_PIPELINE_TEST_GATE')\n"
+            "if gate:\n    until = time.monotonic() + 120\n"
+            "    while not os.path.exists(gate) and time.monotonic() < until:\n        time.sleep(0.05)\n"
+            "else:\n    time.sleep(float(os.environ.get('QLORA_PIPELINE_TEST_SLOW', 0.3)))\n"
             "IMPORTED_BY = os.getpid()\n")
 THREAD_LIB = "import threading, time\nthreading.Thread(target=time.sleep, args=(30,), daemon=True).start()\n"
 
@@ -207,18 +212,21 @@ def test_a_script_that_does_not_wait_runs_at_once_and_starts_a_warm_process_for_
     """A data stage's way (stage_main's wait=False): a warm process only once it has imported everything."""
     script = setup(folder)
     # Idle for 30 s, not 2: a slow interpreter start on a loaded machine must not find it gone between runs.
-    env = environment(folder, QLORA_PIPELINE_TEST_WAIT="0", QLORA_PIPELINE_TEST_SLOW="5", QLORA_PIPELINE_WARM_IDLE="30")
+    gate = folder / "imports-may-end"
+    env = environment(folder, QLORA_PIPELINE_TEST_WAIT="0", QLORA_PIPELINE_TEST_GATE=str(gate),
+                      QLORA_PIPELINE_WARM_IDLE="30")
     files = folder / f"qlora-pipeline-warm-{os.getuid()}"
     try:
-        started = time.monotonic()
+        # The warm process's import lasts until the gate opens: these two run while it is under way.
         first, _, code = run(script, "exit", "0", env=env)
-        assert code == 0 and first["child"] is None and first["imported_by"] is None  # its own process
-        assert time.monotonic() - started < 5  # without waiting for the 5 s import
+        assert code == 0 and first["child"] is None and first["imported_by"] is None  # its own process, at once
         wait_for(lambda: len(warm_processes(folder)) == 1)  # started in the background, listening already
         (server,) = warm_processes(folder)
         # Another, while it imports: runs at once too, and starts no second one; looking left nothing in its log.
         second, _, code = run(script, "exit", "0", env=env)
         assert code == 0 and second["child"] is None and [p.pid for p in warm_processes(folder)] == [server.pid]
+        assert not list(files.glob("*.ready"))  # still importing
+        gate.touch()
         wait_for(lambda: list(files.glob("*.ready")))
         (ready,) = files.glob("*.ready")
         assert ready.read_text() == str(server.pid)
