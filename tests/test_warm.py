@@ -177,6 +177,28 @@ def test_kill_9_of_the_scripts_process_kills_its_fork_at_once(folder):
     assert gone, "the fork outlived the process it ran for"
 
 
+def test_ctrl_z_stops_the_fork_with_the_scripts_process_and_continuing_continues_both(folder):
+    script = setup(folder)
+    proc = subprocess.Popen([sys.executable, str(script), "sleep"], cwd=folder, env=environment(folder),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pid_file = folder / "fork.pid"
+    try:
+        wait_for(pid_file.exists)
+        time.sleep(0.1)
+        fork, own = psutil.Process(int(pid_file.read_text())), psutil.Process(proc.pid)
+        proc.send_signal(signal.SIGTSTP)  # what Ctrl-Z sends the terminal's foreground processes
+        wait_for(lambda: fork.status() == own.status() == psutil.STATUS_STOPPED)
+        proc.send_signal(signal.SIGCONT)  # fg
+        wait_for(lambda: psutil.STATUS_STOPPED not in (fork.status(), own.status()))
+        proc.send_signal(signal.SIGTERM)  # still passed on: the fork ends, and its script's process the same way
+        assert proc.wait(timeout=30) == -signal.SIGTERM
+        gone, _ = psutil.wait_procs([fork], timeout=5)
+        assert gone
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_another_environment_gets_another_warm_process_and_the_switch_runs_in_the_process_itself(folder):
     script = setup(folder)
     one, _, _ = run(script, "exit", "0", env=environment(folder, SOME_SETTING="a"))

@@ -15,8 +15,9 @@ The fork runs what the stage's own process would: its script as ``__main__`` wit
 folder, environment, umask, ``sys.path`` and standard streams (passed over the socket). The project's own
 modules are imported afresh from the stage's ``sys.path`` (a queued experiment's copy runs its own code); only
 the third-party libraries come from the warm process. The stage's process waits and ends as the fork ends (its
-exit code, or the same signal); SIGINT, SIGTERM and SIGHUP it receives are passed on to the fork, and if it is
-killed (kill -9), the warm process kills the fork at once. A fork also dies with the warm process.
+exit code, or the same signal); SIGINT, SIGTERM and SIGHUP it receives are passed on to the fork, Ctrl-Z
+(SIGTSTP) stops the fork and its process group with it until it is continued, and if it is killed (kill -9),
+the warm process kills the fork at once. A fork also dies with the warm process.
 
 A warm process serves only processes like the one that started it: the same interpreter, interpreter options,
 installed packages (by name and version), CPUs (torch sizes its thread pool from them while it is imported), the
@@ -342,7 +343,16 @@ def _wait_for_fork(connection: socket.socket) -> int:
         except OSError:
             pass
 
-    before = {signum: signal.signal(signum, forward) for signum in PASSED
+    def stop(_signum, _frame):
+        """Ctrl-Z: the fork stops with this process (SIGSTOP to its group), and goes on when this one does."""
+        forward(signal.SIGSTOP, None)
+        signal.signal(signal.SIGTSTP, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTSTP)  # stopped here until continued (fg, bg, kill -CONT)
+        signal.signal(signal.SIGTSTP, stop)
+        forward(signal.SIGCONT, None)
+
+    handlers = {**{signum: forward for signum in PASSED}, signal.SIGTSTP: stop}
+    before = {signum: signal.signal(signum, handler) for signum, handler in handlers.items()
               if signal.getsignal(signum) != signal.SIG_IGN}
     try:
         line = _read_line(connection, None)
@@ -556,7 +566,10 @@ def _pass_on(connection: socket.socket, pid: int, pending: bytes) -> bytes | Non
     for line in lines:
         parts = line.split()
         if len(parts) == 2 and parts[0] == b"signal" and parts[1].isdigit():
-            _kill(pid, int(parts[1]))
+            signum = int(parts[1])
+            if signum in (signal.SIGSTOP, signal.SIGCONT):  # what the fork started stops and goes on with it
+                _kill(-pid, signum)
+            _kill(pid, signum)
     return rest
 
 
