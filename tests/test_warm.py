@@ -179,8 +179,11 @@ def test_kill_9_of_the_scripts_process_kills_its_fork_at_once(folder):
 
 def test_ctrl_z_stops_the_fork_with_the_scripts_process_and_continuing_continues_both(folder):
     script = setup(folder)
+    # As a shell starts a job: Ctrl-Z's default action (a test runner may ignore it), in a group of its own with
+    # its parent in this session (a group with none is orphaned, and the kernel drops its SIGTSTP).
     proc = subprocess.Popen([sys.executable, str(script), "sleep"], cwd=folder, env=environment(folder),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, process_group=0,
+                            preexec_fn=lambda: signal.signal(signal.SIGTSTP, signal.SIG_DFL))
     pid_file = folder / "fork.pid"
     try:
         wait_for(pid_file.exists)

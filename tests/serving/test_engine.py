@@ -15,9 +15,9 @@ from conftest import set_dotted
 from qlora_pipeline.config import ChatConfig
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.serving.engine import Engine, Job, Sampling
-from qlora_pipeline.serving.models import (AdapterSpec, load_persona_model, parse_adapter_spec,
-                                           parse_adapter_specs)
+from qlora_pipeline.serving.models import load_persona_model
 from qlora_pipeline.serving.prompts import fit_history, prompt_ids, with_system_prompt
+from qlora_pipeline.serving.specs import AdapterSpec, parse_adapter_spec, parse_adapter_specs
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
