@@ -303,11 +303,12 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
 def _model_imports(args: argparse.Namespace) -> tuple[str, ...]:
     """What chat, serve and export run on: the model libraries, and MLflow where an adapter comes from a run.
 
-    Runs after :func:`_model_command_line` has read the ``--adapter`` values.
+    Reads ``--adapter`` as the command will (``serving.specs``, which imports no model library).
     """
-    specs = args.adapter if isinstance(args.adapter, list) else [args.adapter]
-    from_runs = any((spec.partition("=")[2] or spec).strip().startswith("runs:/") for spec in specs)
-    return (*ADAPTERS, *TRACKING) if from_runs else ADAPTERS
+    from qlora_pipeline.serving.specs import RUN_URI, parse_adapter_specs
+
+    specs = parse_adapter_specs(args.adapter if isinstance(args.adapter, list) else [args.adapter])
+    return (*ADAPTERS, *TRACKING) if any(spec.source.startswith(RUN_URI) for spec in specs) else ADAPTERS
 
 
 def _model_command_line(args: argparse.Namespace) -> None:

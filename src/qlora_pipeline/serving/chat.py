@@ -27,7 +27,7 @@ from qlora_pipeline.io import write_jsonl
 from qlora_pipeline.serving.engine import Completion, Engine, Job, Sampling
 from qlora_pipeline.serving.models import PersonaModel, load_from_args
 from qlora_pipeline.serving.prompts import fit_history, with_system_prompt
-from qlora_pipeline.serving.specs import BASE, check_model, check_command_line, first_model
+from qlora_pipeline.serving.specs import BASE, check_command_line, check_model, first_model
 
 PROMPT = "you> "
 # What /set may change: the chat section's decoding keys, and the seed of the next reply.
