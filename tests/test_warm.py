@@ -52,7 +52,10 @@ if action == "term":
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(7))
 if action == "abort":
     os.kill(os.getpid(), signal.SIGKILL)
-if action in ("term", "sleep"):
+if action == "family":  # a process of its own, as a stage's llama.cpp converter or accelerate's workers
+    import subprocess
+    open("child.pid", "w").write(str(subprocess.Popen(["sleep", "120"]).pid))
+if action in ("term", "sleep", "family"):
     open("fork.pid", "w").write(str(os.getpid()))
     time.sleep(120)
 """
@@ -181,18 +184,24 @@ def test_ctrl_z_stops_the_fork_with_the_scripts_process_and_continuing_continues
     script = setup(folder)
     # As a shell starts a job: Ctrl-Z's default action (a test runner may ignore it), in a group of its own with
     # its parent in this session (a group with none is orphaned, and the kernel drops its SIGTSTP).
-    proc = subprocess.Popen([sys.executable, str(script), "sleep"], cwd=folder, env=environment(folder),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, process_group=0,
-                            preexec_fn=lambda: signal.signal(signal.SIGTSTP, signal.SIG_DFL))
+    def as_a_job():
+        os.setpgid(0, 0)
+        signal.signal(signal.SIGTSTP, signal.SIG_DFL)
+
+    proc = subprocess.Popen([sys.executable, str(script), "family"], cwd=folder, env=environment(folder),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=as_a_job)
     pid_file = folder / "fork.pid"
+    child = None
     try:
         wait_for(pid_file.exists)
-        time.sleep(0.1)
+        wait_for(lambda: catches(proc.pid, signal.SIGTSTP))  # waiting on its fork, Ctrl-Z in hand
         fork, own = psutil.Process(int(pid_file.read_text())), psutil.Process(proc.pid)
+        child = psutil.Process(int((folder / "child.pid").read_text()))  # what the fork started
+        family = (fork, own, child)
         proc.send_signal(signal.SIGTSTP)  # what Ctrl-Z sends the terminal's foreground processes
-        wait_for(lambda: fork.status() == own.status() == psutil.STATUS_STOPPED)
+        wait_for(lambda: {p.status() for p in family} == {psutil.STATUS_STOPPED})
         proc.send_signal(signal.SIGCONT)  # fg
-        wait_for(lambda: psutil.STATUS_STOPPED not in (fork.status(), own.status()))
+        wait_for(lambda: psutil.STATUS_STOPPED not in {p.status() for p in family})
         proc.send_signal(signal.SIGTERM)  # still passed on: the fork ends, and its script's process the same way
         assert proc.wait(timeout=30) == -signal.SIGTERM
         gone, _ = psutil.wait_procs([fork], timeout=5)
@@ -200,6 +209,14 @@ def test_ctrl_z_stops_the_fork_with_the_scripts_process_and_continuing_continues
     finally:
         proc.kill()
         proc.wait()
+        if child is not None:
+            child.kill()
+
+
+def catches(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` has a handler of its own for ``signum`` (SigCgt in /proc/<pid>/status)."""
+    line = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("SigCgt:"))
+    return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
 
 
 def test_another_environment_gets_another_warm_process_and_the_switch_runs_in_the_process_itself(folder):

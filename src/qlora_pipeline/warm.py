@@ -344,12 +344,22 @@ def _wait_for_fork(connection: socket.socket) -> int:
             pass
 
     def stop(_signum, _frame):
-        """Ctrl-Z: the fork stops with this process (SIGSTOP to its group), and goes on when this one does."""
-        forward(signal.SIGSTOP, None)
-        signal.signal(signal.SIGTSTP, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTSTP)  # stopped here until continued (fg, bg, kill -CONT)
-        signal.signal(signal.SIGTSTP, stop)
-        forward(signal.SIGCONT, None)
+        """Ctrl-Z: the fork stops with this process (SIGSTOP to its group), and goes on when this one does.
+
+        SIGTSTP is blocked but for the moment this process stops: another Ctrl-Z meanwhile neither runs this
+        again nor meets the default action before the fork is told; it waits, and stops both again after."""
+        tstp = {signal.SIGTSTP}
+        signal.pthread_sigmask(signal.SIG_BLOCK, tstp)
+        try:
+            forward(signal.SIGSTOP, None)
+            signal.signal(signal.SIGTSTP, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTSTP)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, tstp)  # stopped here until continued (fg, bg, kill -CONT)
+            signal.pthread_sigmask(signal.SIG_BLOCK, tstp)
+            signal.signal(signal.SIGTSTP, stop)
+            forward(signal.SIGCONT, None)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, tstp)
 
     handlers = {**{signum: forward for signum in PASSED}, signal.SIGTSTP: stop}
     before = {signum: signal.signal(signum, handler) for signum, handler in handlers.items()
