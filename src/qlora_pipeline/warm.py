@@ -189,15 +189,16 @@ def _connect(path: Path) -> socket.socket | None:
 def _connect_if_ready(found: Place, preload: Sequence[str]) -> socket.socket | None:
     """A connection to a warm process that has imported everything; else None, with one started in the background
     where none listens (one that listens and has not said it is ready is still importing)."""
-    connection = _connect(found.socket) if found.ready.exists() else None
-    if connection is not None:
-        try:  # the ready file must be the listening process's own: a process started since may import still
-            if _peer(connection)[0] == int(found.ready.read_text()):
-                return connection
-        except (OSError, ValueError):
-            pass
-        connection.close()
-    _connect_or_start(found, preload, wait=False)
+    connection = _connect(found.socket)
+    if connection is None:
+        _connect_or_start(found, preload, wait=False)
+        return None
+    try:  # the ready file must be the listening process's own: a process started since may import still
+        if _peer(connection)[0] == int(found.ready.read_text()):
+            return connection
+    except (OSError, ValueError):  # no ready file: still importing
+        pass
+    connection.close()  # the warm process takes it for a stage that went away (_Gone)
     return None
 
 
