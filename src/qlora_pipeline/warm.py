@@ -55,8 +55,14 @@ from typing import Sequence
 from qlora_pipeline.process import (DATABASE_STORE, JUDGE, ROUGE, TRACKING, TRAINING, import_quietly,
                                     keep_freed_memory, pid_running)
 
-# What the warm process imports: every library a stage that loads a model imports first (process.py's lists).
-WARM = (*TRAINING, *JUDGE, *ROUGE, *TRACKING, DATABASE_STORE)
+# What the warm process imports: every library a stage that loads a model imports first (process.py's lists),
+# then those the stages import later, inside their work, which each fork imported again (~0.2 s of a core a model
+# stage; py-spy on the tiny pipeline): MLflow's run context (GitPython for the commit, IPython to tell whether it
+# runs in a notebook), its tracing processor and the default store's SQLite dialect, the figures' pyplot, and the
+# tabulate of torch._dynamo's utils. One that is not installed (IPython comes with the dev extras) is skipped.
+LATER = ("git", "IPython", "mlflow.tracing.processor.base_mlflow", "sqlalchemy.dialects.sqlite", "matplotlib.pyplot",
+         "tabulate")
+WARM = (*TRAINING, *JUDGE, *ROUGE, *TRACKING, DATABASE_STORE, *LATER)
 SWITCH = "QLORA_PIPELINE_WARM_START"  # "0" turns warm starts off
 IDLE = "QLORA_PIPELINE_WARM_IDLE"  # seconds a warm process waits with nothing running in it before it stops
 # Set in a fork's environment to the pid of the stage's own process (the one DVC started): the fork, and what it
