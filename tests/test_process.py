@@ -99,6 +99,29 @@ def test_only_the_first_call_freezes_so_garbage_left_by_what_ran_between_is_stil
     assert result == {"first": True, "same": True, "collected": 1}
 
 
+def test_a_fork_of_a_process_that_froze_freezes_nothing_and_does_not_count_the_frozen(tmp_path):
+    """A warm process's fork (warm.py) inherits the freeze: its calls neither freeze again nor walk the frozen
+    objects to learn whether they are (``gc.get_freeze_count`` reads every one's header: ~50 ms a call there)."""
+    (tmp_path / "fine.py").write_text("VALUE = 1\n")
+    result = run_python("""
+        import gc, json, os
+        from qlora_pipeline.process import import_quietly
+
+        import_quietly(["json"])
+        read, write = os.pipe()
+        if os.fork() == 0:
+            counted, count = [], gc.get_freeze_count
+            gc.get_freeze_count = lambda: counted.append(1) or count()
+            gc.unfreeze()                            # were it to freeze again, the count would show it
+            import_quietly(["fine"])
+            os.write(write, json.dumps({"counted": len(counted), "frozen": count()}).encode())
+            os._exit(0)
+        os.wait()
+        print(os.read(read, 1000).decode())
+    """, tmp_path)
+    assert result == {"counted": 0, "frozen": 0}
+
+
 def test_cyclic_garbage_made_after_is_still_collected_on_its_own(tmp_path):
     """Only what was alive at the freeze is kept: a cycle dropped afterwards goes with the young collections."""
     (tmp_path / "big_a.py").write_text(BIG_MODULE)

@@ -61,6 +61,10 @@ def tracking_imports(uri: str | None) -> tuple[str, ...]:
 
 # A generation-2 threshold no import reaches: CPython counts young collections up to it before a full one.
 _NO_FULL_COLLECTION = 1 << 30
+# Whether this process's first call has been made, and so has frozen (or found a freeze made before it). A fork
+# inherits it: ``gc.get_freeze_count`` walks the whole frozen list, reading every object's header, and a warm
+# process's fork holds ~840,000 (50 ms a call, two calls a stage).
+_frozen = False
 
 
 def import_quietly(modules: Iterable[str]) -> list[str]:
@@ -90,8 +94,11 @@ def import_quietly(modules: Iterable[str]) -> list[str]:
                 if err.name is None or not (name == err.name or name.startswith(err.name + ".")):
                     raise  # the module is there and an import inside it failed: its own error
                 missing.append(name)
-        if not gc.get_freeze_count():
-            gc.freeze()
+        global _frozen
+        if not _frozen:
+            if not gc.get_freeze_count():
+                gc.freeze()
+            _frozen = True
     finally:
         gc.set_threshold(*thresholds)
     return missing
