@@ -52,6 +52,15 @@ if action == "term":
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(7))
 if action == "abort":
     os.kill(os.getpid(), signal.SIGKILL)
+if action == "leftovers":  # what a process's exit finishes: a thread still running, an atexit function, a file
+    import atexit, threading
+    atexit.register(print, "atexit ran", flush=True)
+    threading.Thread(target=lambda: (time.sleep(0.5), print("thread done", flush=True))).start()
+    handle = open("unclosed.txt", "w")
+    handle.write("kept")
+    sys.exit(sys.argv[2] if sys.argv[2:] else None)
+if action == "raise":
+    raise ValueError("boom")
 if action == "family":  # a process of its own, as a stage's llama.cpp converter or accelerate's workers
     import subprocess
     open("child.pid", "w").write(str(subprocess.Popen(["sleep", "120"]).pid))
@@ -144,6 +153,34 @@ def test_a_script_runs_in_a_fork_of_the_warm_process_as_its_own_process_would(fo
     if len(os.sched_getaffinity(0)) > 1:  # other CPUs: another warm process, whose torch sized its pool for them
         pinned, _, code = run(script, "exit", "0", env=environment(folder), pinned=True)
         assert code == 0 and pinned["cpus"] == [0] and pinned["imported_by"] == pinned["ppid"] != warm
+
+
+def test_a_fork_ends_as_the_scripts_own_process_would_however_the_script_ends(folder):
+    """A fork leaves without tearing the interpreter down (warm._leave), yet its exit does what a process's does:
+    the status Python gives each ending, threads joined, atexit functions run, a file its globals left open
+    written out, and an uncaught exception's traceback."""
+    script = setup(folder)
+    endings = [("leftovers",), ("leftovers", "bye"), ("raise",), ("exit", "300")]
+    outcomes = {}
+    for switch in ("1", "0"):  # in a fork of the warm process, and in the script's own process
+        env = environment(folder, QLORA_PIPELINE_WARM_START=switch)
+        for ending in endings:
+            (folder / "unclosed.txt").unlink(missing_ok=True)
+            proc = subprocess.run([sys.executable, str(script), *ending], cwd=folder, env=env, capture_output=True,
+                                  text=True, timeout=120)
+            first, *rest = proc.stdout.splitlines()
+            written = (folder / "unclosed.txt").read_text() if (folder / "unclosed.txt").exists() else None
+            outcomes[switch, ending] = (json.loads(first)["child"] is not None, proc.returncode, rest,
+                                        proc.stderr.splitlines()[-1], written)
+    for ending in endings:
+        forked, *warm = outcomes["1", ending]
+        cold, *own = outcomes["0", ending]
+        assert forked and not cold, ending
+        assert warm == own, (ending, warm, own)
+    assert outcomes["1", ("leftovers",)][1:] == (0, ["thread done", "atexit ran"], "a line on stderr", "kept")
+    assert outcomes["1", ("leftovers", "bye")][1:] == (1, ["thread done", "atexit ran"], "bye", "kept")
+    assert outcomes["1", ("raise",)][1:4] == (1, [], "ValueError: boom")
+    assert outcomes["1", ("exit", "300")][1] == 300 & 0xFF
 
 
 def test_a_signal_reaches_the_fork_and_a_fork_killed_by_one_ends_its_process_the_same_way(folder):

@@ -15,8 +15,10 @@ The fork runs what the stage's own process would: its script as ``__main__`` wit
 folder, environment, umask, ``sys.path`` and standard streams (passed over the socket). The project's own
 modules are imported afresh from the stage's ``sys.path`` (a queued experiment's copy runs its own code); only
 the third-party libraries come from the warm process. The stage's process waits and ends as the fork ends (its
-exit code, or the same signal); SIGINT, SIGTERM and SIGHUP it receives are passed on to the fork, Ctrl-Z
-(SIGTSTP) stops the fork and its process group with it until it is continued, and if it is killed (kill -9),
+exit code, or the same signal). The fork ends as a process does (threads joined, ``atexit`` functions run, the
+streams flushed) but without the interpreter's teardown, which in a fork copies the page of every object the
+warm process imported (``_leave``). SIGINT, SIGTERM and SIGHUP the stage's process receives are passed on to the
+fork, Ctrl-Z (SIGTSTP) stops the fork and its process group with it until it is continued, and if it is killed (kill -9),
 the warm process kills the fork at once. A fork also dies with the warm process.
 
 A warm process serves only processes like the one that started it: the same interpreter, interpreter options,
@@ -674,7 +676,7 @@ def _receive(connection: socket.socket) -> tuple[dict, list[int]]:
 
 
 def become(job: Job) -> None:
-    """In a fork: turn into the stage's process and run its script as ``__main__`` (raises its SystemExit)."""
+    """In a fork: turn into the stage's process, run its script as ``__main__`` and exit as it would (``_leave``)."""
     import ctypes
     import runpy
 
@@ -703,7 +705,51 @@ def become(job: Job) -> None:
     if os.isatty(1) and not _unbuffered():  # as Python sets it up for a terminal
         sys.stdout.reconfigure(line_buffering=True)
     _forget_project()
-    runpy.run_path(sys.argv[0], run_name="__main__")
+    status = 0
+    try:
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    except SystemExit as done:
+        status = _exit_status(done.code)
+    except KeyboardInterrupt:
+        raise  # Python's own exit: the traceback, then the process kills itself with SIGINT, as a stage's does
+    except BaseException:
+        sys.excepthook(*sys.exc_info())  # the traceback Python prints for an uncaught exception, then status 1
+        status = 1
+    # Out of the handler: the traceback and with it the script's frames and globals are let go, so that what
+    # they alone held (a file left open) is closed, flushed, as the teardown would.
+    _leave(status)
+
+
+def _exit_status(code: object) -> int:
+    """The status Python exits with for ``SystemExit(code)``: None 0, an integer itself, anything else printed, 1."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    print(code, file=sys.stderr)
+    return 1
+
+
+def _leave(status: int) -> None:
+    """End the fork as Python ends a process, but for tearing the interpreter down.
+
+    What a stage's exit needs is done in Python's order: other threads joined, ``atexit`` functions run (logging's
+    shutdown, weak-reference finalizers, MLflow's), garbage with finalizers collected, the standard streams
+    flushed. The teardown that ``os._exit`` then skips frees every object module by module: in a fork that writes to
+    each of the ~840,000 objects the warm process imported, and so copies their pages (0.51 s of a core and
+    ~95,000 page faults a fork, against 0.07 s and ~12,000 this way; nothing of it outlives the process).
+    """
+    import atexit
+    import gc
+
+    try:
+        threading._shutdown()  # what Python waits for at exit: the non-daemon threads
+        atexit._run_exitfuncs()  # an exception in one is printed and the others run, as at a normal exit
+        gc.collect()
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+    finally:
+        os._exit(status)
 
 
 def _take_limits(request: dict) -> None:
