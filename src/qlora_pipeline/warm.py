@@ -18,8 +18,8 @@ the third-party libraries come from the warm process. The stage's process waits 
 exit code, or the same signal). The fork ends as a process does (threads joined, ``atexit`` functions run, the
 streams flushed) but without the interpreter's teardown, which in a fork copies the page of every object the
 warm process imported (``_leave``). SIGINT, SIGTERM and SIGHUP the stage's process receives are passed on to the
-fork, Ctrl-Z (SIGTSTP) stops the fork and its process group with it until it is continued, and if it is killed (kill -9),
-the warm process kills the fork at once. A fork also dies with the warm process.
+fork, Ctrl-Z (SIGTSTP) stops the fork and its process group with it until it is continued, and if it is killed
+(kill -9), the warm process kills the fork at once. A fork also dies with the warm process.
 
 A warm process serves only processes like the one that started it: the same interpreter, interpreter options,
 installed packages (by name and version), CPUs (torch sizes its thread pool from them while it is imported), the
