@@ -60,7 +60,13 @@ if action == "leftovers":  # what a process's exit finishes: a thread still runn
     handle.write("kept")
     sys.exit(sys.argv[2] if sys.argv[2:] else None)
 if action == "raise":
+    handle = open("unclosed.txt", "w")
+    handle.write("kept")
     raise ValueError("boom")
+if action == "cprint":  # a C extension's printf: in the C library's buffer (stdout a pipe) until the process exits
+    import ctypes
+    ctypes.CDLL(None).printf(b"from C\\n")
+    sys.exit(0)
 if action == "family":  # a process of its own, as a stage's llama.cpp converter or accelerate's workers
     import subprocess
     open("child.pid", "w").write(str(subprocess.Popen(["sleep", "120"]).pid))
@@ -158,9 +164,9 @@ def test_a_script_runs_in_a_fork_of_the_warm_process_as_its_own_process_would(fo
 def test_a_fork_ends_as_the_scripts_own_process_would_however_the_script_ends(folder):
     """A fork leaves without tearing the interpreter down (warm._leave), yet its exit does what a process's does:
     the status Python gives each ending, threads joined, atexit functions run, a file its globals left open
-    written out, and an uncaught exception's traceback."""
+    written out, the C library's buffered output, and an uncaught exception's traceback."""
     script = setup(folder)
-    endings = [("leftovers",), ("leftovers", "bye"), ("raise",), ("exit", "300")]
+    endings = [("leftovers",), ("leftovers", "bye"), ("raise",), ("exit", "300"), ("exit", str(2 ** 64)), ("cprint",)]
     outcomes = {}
     for switch in ("1", "0"):  # in a fork of the warm process, and in the script's own process
         env = environment(folder, QLORA_PIPELINE_WARM_START=switch)
@@ -179,8 +185,9 @@ def test_a_fork_ends_as_the_scripts_own_process_would_however_the_script_ends(fo
         assert warm == own, (ending, warm, own)
     assert outcomes["1", ("leftovers",)][1:] == (0, ["thread done", "atexit ran"], "a line on stderr", "kept")
     assert outcomes["1", ("leftovers", "bye")][1:] == (1, ["thread done", "atexit ran"], "bye", "kept")
-    assert outcomes["1", ("raise",)][1:4] == (1, [], "ValueError: boom")
-    assert outcomes["1", ("exit", "300")][1] == 300 & 0xFF
+    assert outcomes["1", ("raise",)][1:] == (1, [], "ValueError: boom", "kept")
+    assert outcomes["1", ("exit", "300")][1] == 300 & 0xFF and outcomes["1", ("exit", str(2 ** 64))][1] == 255
+    assert outcomes["1", ("cprint",)][1:3] == (0, ["from C"])
 
 
 def test_a_signal_reaches_the_fork_and_a_fork_killed_by_one_ends_its_process_the_same_way(folder):

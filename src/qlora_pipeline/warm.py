@@ -712,8 +712,8 @@ def become(job: Job) -> None:
         status = _exit_status(done.code)
     except KeyboardInterrupt:
         raise  # Python's own exit: the traceback, then the process kills itself with SIGINT, as a stage's does
-    except BaseException:
-        sys.excepthook(*sys.exc_info())  # the traceback Python prints for an uncaught exception, then status 1
+    except BaseException as error:
+        _report_uncaught(error)
         status = 1
     # Out of the handler: the traceback and with it the script's frames and globals are let go, so that what
     # they alone held (a file left open) is closed, flushed, as the teardown would.
@@ -721,13 +721,28 @@ def become(job: Job) -> None:
 
 
 def _exit_status(code: object) -> int:
-    """The status Python exits with for ``SystemExit(code)``: None 0, an integer itself, anything else printed, 1."""
+    """The status Python exits with for ``SystemExit(code)``: None 0, an integer its low byte (255 past a C long),
+    anything else printed to stderr, 1."""
     if code is None:
         return 0
     if isinstance(code, int):
-        return code & 0xFF
-    print(code, file=sys.stderr)
+        return code & 0xFF if -(2 ** 63) <= code < 2 ** 63 else 255
+    _step(lambda: print(code, file=sys.stderr if sys.stderr is not None else sys.__stderr__))
     return 1
+
+
+def _report_uncaught(error: BaseException) -> None:
+    """What Python does with an exception nothing caught: kept in ``sys.last_*`` and printed by ``sys.excepthook``
+    (by the default hook where that one fails)."""
+    import traceback
+
+    sys.last_type, sys.last_value, sys.last_traceback = type(error), error, error.__traceback__
+    if sys.version_info >= (3, 12):
+        sys.last_exc = error
+    try:
+        sys.excepthook(type(error), error, error.__traceback__)
+    except BaseException:
+        _step(lambda: traceback.print_exception(error, file=sys.__stderr__))
 
 
 def _leave(status: int) -> None:
@@ -735,21 +750,63 @@ def _leave(status: int) -> None:
 
     What a stage's exit needs is done in Python's order: other threads joined, ``atexit`` functions run (logging's
     shutdown, weak-reference finalizers, MLflow's), garbage with finalizers collected, the standard streams
-    flushed. The teardown that ``os._exit`` then skips frees every object module by module: in a fork that writes to
-    each of the ~840,000 objects the warm process imported, and so copies their pages (0.51 s of a core and
-    ~95,000 page faults a fork, against 0.07 s and ~12,000 this way; nothing of it outlives the process).
+    flushed (one failing to, on a reader gone or a full disk, makes the status 120, as Python does), and the C
+    library's own buffers. Each step runs whatever the one before raised (a Ctrl-C while a thread is joined), its
+    error reported as Python reports one it ignores. The teardown that ``os._exit`` then skips frees every object
+    module by module: in a fork that writes to each of the ~840,000 objects the warm process imported, and so
+    copies their pages (0.51 s of a core and ~95,000 page faults a fork, against 0.07 s and ~12,000 this way).
+    Skipped with it: what only that teardown would close or delete (an object a module keeps open, with a
+    ``__del__``), and C-level exit handlers; the project's code holds files and temporary folders in ``with``.
     """
     import atexit
+    import ctypes
     import gc
 
     try:
-        threading._shutdown()  # what Python waits for at exit: the non-daemon threads
-        atexit._run_exitfuncs()  # an exception in one is printed and the others run, as at a normal exit
-        gc.collect()
-        for stream in (sys.stdout, sys.stderr):
-            stream.flush()
+        _step(threading._shutdown)  # what Python waits for at exit: the non-daemon threads
+        _step(atexit._run_exitfuncs)  # an exception in one is printed and the others run, as at a normal exit
+        _step(_forget_uncaught)
+        _step(gc.collect)
+        if not _step(_flush_stream, sys.stdout):  # Python's exit status where a standard stream fails to flush
+            status = 120
+        try:
+            _flush_stream(sys.stderr)
+        except BaseException:  # nowhere left to say so
+            status = 120
+        _step(lambda: ctypes.CDLL(None).fflush(None))  # printf's and std::cout's buffers, as exit() flushes them
     finally:
         os._exit(status)
+
+
+def _forget_uncaught() -> None:
+    """Let go of an uncaught exception's traceback (``_report_uncaught``) once the ``atexit`` functions that may read
+    it have run: with it go the script's frames and globals, and what they alone held is closed, as the teardown
+    would close it."""
+    for name in ("last_type", "last_value", "last_traceback", "last_exc"):
+        if hasattr(sys, name):
+            delattr(sys, name)
+
+
+def _step(call, *args) -> bool:
+    """``call(*args)``; False where it raised, its exception printed as Python prints one it ignores at exit."""
+    import traceback
+
+    try:
+        call(*args)
+        return True
+    except BaseException as error:
+        try:
+            print(f"Exception ignored in: {call!r}", file=sys.__stderr__)
+            traceback.print_exception(error, file=sys.__stderr__)
+        except BaseException:
+            pass
+        return False
+
+
+def _flush_stream(stream) -> None:
+    """A standard stream flushed, as Python flushes them at exit: one that is None or closed is left alone."""
+    if stream is not None and not getattr(stream, "closed", False):
+        stream.flush()
 
 
 def _take_limits(request: dict) -> None:
