@@ -63,7 +63,7 @@ def tracking_imports(uri: str | None) -> tuple[str, ...]:
 _NO_FULL_COLLECTION = 1 << 30
 # Whether this process's first call has been made, and so has frozen (or found a freeze made before it). A fork
 # inherits it: ``gc.get_freeze_count`` walks the whole frozen list, reading every object's header, and a warm
-# process's fork holds ~840,000 (50 ms a call, two calls a stage).
+# process's fork holds ~840,000 (50 ms a call, once in every stage's fork).
 _frozen = False
 
 
