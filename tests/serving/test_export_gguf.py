@@ -159,8 +159,12 @@ def test_a_file_with_another_end_token_and_no_trained_system_prompt_is_refused_n
         (folder / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": "<|im_start|>"}))
         return written
 
+    def no_reference(*args, **kwargs):
+        raise AssertionError("the reference's forward passes ran for a file its header refuses")
+
     monkeypatch.setattr(gguf, "write_hf_folder", wrong_end_token)
     monkeypatch.setattr(gguf, "with_default_system", lambda template, system_prompt: template)
+    monkeypatch.setattr(gguf, "build_reference", no_reference)  # the cheap check comes first
     message = _refused(capsys, run, tmp_path / "broken", "gguf", "f16")
     assert "alice's GGUF as converted (before quantizing): its end-of-turn token is '<|im_start|>' (id 1)" in message
     assert "never end a reply" in message

@@ -137,11 +137,18 @@ class Reference:
     adapter_effect: float = 0.0  # mean KL(reference || the base without the adapter): what losing it costs
 
 
+def chat_reference(tokenizer: Any, adapter: Adapter, rows: list[dict]) -> Reference:
+    """What the checks of a file's end token and chat template read (tokenizer, test conversations, end token,
+    system prompt), before any forward pass: a file they refuse costs no reference run."""
+    # As training rendered them: a conversation without a system message gets the trained one.
+    conversations = [with_system_prompt(row["messages"], adapter.system_prompt) for row in rows[:GREEDY_PROMPTS]]
+    return Reference(tokenizer, [], [], "", conversations, [], tokenizer.eos_token_id, adapter.system_prompt)
+
+
 def build_reference(base4: Any, tokenizer: Any, adapter: Adapter, rows: list[dict]) -> Reference:
     examples = encode_rows(tokenizer, rows, adapter.resolved["train"]["max_length"])
     tuned = attach_adapters(base4, {adapter.name: adapter.folder})
-    # As training rendered them: a conversation without a system message gets the trained one.
-    conversations = [with_system_prompt(row["messages"], adapter.system_prompt) for row in rows[:GREEDY_PROMPTS]]
+    conversations = chat_reference(tokenizer, adapter, rows).conversations
     # On a CPU the 4-bit layers dequantized once for these passes, not once per forward: the same numbers
     # (modeling/inference.py), put back after them for the dense copy and the merge.
     with dequantized(tuned):
@@ -473,20 +480,23 @@ def export_gguf(adapter: Adapter, base_dir: Path, out: Path, quants: list[str], 
     started = time.perf_counter()
     check_tools()
     base4, tokenizer = load_base_for(adapter.resolved, base_dir)
-    reference = build_reference(base4, tokenizer, adapter, rows)
+    chat = chat_reference(tokenizer, adapter, rows)
     dense = dequantized_copy(base4, torch.float32)
-    del base4
     merged = merge_adapter(dense, adapter.folder)
-    source_greedy = greedy_replies(Engine(merged, tokenizer), tokenizer, reference.conversations)
+    source_greedy = greedy_replies(Engine(merged, tokenizer), tokenizer, chat.conversations)
     stem = adapter.name
     with tempfile.TemporaryDirectory(prefix="qlora-gguf-") as tmp, atomic_path(out) as folder:
         folder.mkdir()
         f32 = Path(tmp) / "model-f32.gguf"
-        hf = write_hf_folder(merged, tokenizer, Path(tmp) / "hf", reference.system_prompt)
+        hf = write_hf_folder(merged, tokenizer, Path(tmp) / "hf", chat.system_prompt)
         del merged, dense
         run_converter("convert_hf_to_gguf.py", [str(hf), "--outfile", str(f32), "--outtype", "f32"])
-        # before any quantizing: each quant type's file repeats these fields
-        check_chat_fields(f32, reference, name=f"{stem}'s GGUF as converted (before quantizing)")
+        # Before any quantizing (each quant type's file repeats these fields), and before the reference's
+        # forward passes, which a refused file would not need. The 4-bit base waits for them: a fraction of
+        # the float32 copy already freed.
+        check_chat_fields(f32, chat, name=f"{stem}'s GGUF as converted (before quantizing)")
+        reference = build_reference(base4, tokenizer, adapter, rows)
+        del base4
         files = []
         for quant in quants:
             path = folder / f"{stem}-{quant}.gguf"
@@ -505,16 +515,17 @@ def export_gguf_lora(adapter: Adapter, base_dir: Path, out: Path, quants: list[s
     started = time.perf_counter()
     check_tools()
     base4, tokenizer = load_base_for(adapter.resolved, base_dir)
-    reference = build_reference(base4, tokenizer, adapter, rows)
+    chat = chat_reference(tokenizer, adapter, rows)
     with tempfile.TemporaryDirectory(prefix="qlora-gguf-") as tmp, atomic_path(out) as folder:
         folder.mkdir()
         base_path = base_gguf or own_base_gguf(adapter.resolved)
         if base_path is None:  # a base that came from safetensors: its dequantized weights, as a GGUF
             base_path = folder / "base-f16.gguf"
             hf = write_hf_folder(dequantized_copy(base4, torch.float32), tokenizer, Path(tmp) / "base",
-                                 reference.system_prompt)
+                                 chat.system_prompt)
             run_converter("convert_hf_to_gguf.py", [str(hf), "--outfile", str(base_path), "--outtype", "f16"])
-        check_chat_fields(base_path, reference, own_template=base_path.parent == folder)
+        check_chat_fields(base_path, chat, own_template=base_path.parent == folder)  # before the reference's passes
+        reference = build_reference(base4, tokenizer, adapter, rows)
         alone = score_logits(gguf_logits(open_gguf(base_path, reference), reference.examples), reference.examples,
                              reference.logits)
         config = Path(tmp) / "config"
