@@ -101,6 +101,10 @@ def broken(base, **changes):
      "data.prompt_template: placeholders are bare field names like {prompt}; remove the format or conversion of "
      "{prompt:>{width}}"),
     ({"data__prompt_template": "Q: {prompt!r}"}, "remove the format or conversion of {prompt!r}"),
+    ({"risk__canaries": 500_001}, "risk.canaries: 500001 canaries and as many fresh ones to compare with need "
+                                  "1,000,002 distinct six-digit secrets; there are 1,000,000: give at most 500,000"),
+    ({"risk__canary_candidates": 10 ** 6}, "risk.canary_candidates: 1,000,000 candidate secrets, all distinct and "
+                                           "none the canary's own, need more than the 1,000,000"),
 ])
 def test_bad_params_are_named(base_params_dict, changes, expected):
     with pytest.raises(ConfigError) as err:

@@ -597,6 +597,9 @@ class CompareConfig(_Section):
 # ------------------------------------------------------------------------------- risk
 
 
+_SECRETS = 10 ** 6  # risk/canaries.py's SECRET_SPACE (config imports nothing above it; a test holds the two equal)
+
+
 class RiskConfig(_Section):
     """The risk stage's knobs, and the canaries split inserts (``canaries`` > 0)."""
 
@@ -622,6 +625,25 @@ class RiskConfig(_Section):
     power_watts: NonNegativeFloat = 65.0
     # Conditions that stop the pipeline after the reports are written, e.g. "pii_rate_tuned > 0.01"
     fail_on: list[GateText] = Field(default_factory=list)
+
+    # A canary's secret is six digits (risk/canaries.py), so there are 10**6 of them: split draws every inserted
+    # canary and as many fresh ones distinct, and risk draws each canary's candidates distinct. Past that,
+    # random.sample failed inside split or risk with "Sample larger than population".
+    @field_validator("canaries")
+    @classmethod
+    def _canaries_fit_the_secrets(cls, n: int) -> int:
+        if 2 * n > _SECRETS:
+            raise _invalid(f"{n} canaries and as many fresh ones to compare with need {2 * n:,} distinct six-digit "
+                           f"secrets; there are {_SECRETS:,}: give at most {_SECRETS // 2:,}")
+        return n
+
+    @field_validator("canary_candidates")
+    @classmethod
+    def _candidates_fit_the_secrets(cls, count: int) -> int:
+        if count >= _SECRETS:
+            raise _invalid(f"{count:,} candidate secrets, all distinct and none the canary's own, need more than the "
+                           f"{_SECRETS:,} six-digit secrets there are: give at most {_SECRETS - 1:,}")
+        return count
 
 
 # ----------------------------------------------------------------------------- mlflow

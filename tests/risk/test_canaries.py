@@ -51,6 +51,17 @@ def test_candidates_exclude_the_canary_and_never_replay_the_canaries_stream():
 # ------------------------------------------------------------------------- insertion
 
 
+def test_params_allow_as_many_canaries_and_candidates_as_the_secrets_hold_and_no_more():
+    """config.py's bounds (its own copy of the secret space: it imports nothing above it) are where sampling fails."""
+    from qlora_pipeline import config
+
+    assert config._SECRETS == C.SECRET_SPACE
+    with pytest.raises(ValueError, match="larger than population"):  # one past risk.canaries' bound
+        C.make_canaries(C.SECRET_SPACE // 2 + 1, seed=0)
+    with pytest.raises(ValueError, match="larger than population"):  # one past risk.canary_candidates' bound
+        C.candidate_secrets("0 0 0 0 0 0", C.SECRET_SPACE, seed=0)
+
+
 def test_inserted_canaries_are_extra_train_replies_in_real_chat_contexts():
     train = persona_examples(12)
     out, record = C.insert_canaries(train, C.make_canaries(2, seed=3), repeats=4, seed=3)
