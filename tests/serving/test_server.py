@@ -436,6 +436,43 @@ def test_logprobs_are_the_models_own_and_cover_the_text_streamed_or_not(url, per
     assert streamed[-1].finish_reason == "length" and streamed[-1].logprobs.content == whole.logprobs.content
 
 
+def test_a_characters_parts_carry_its_own_bytes_so_joined_they_give_it_back(url, persona):
+    """OpenAI's ``bytes``: a character split over tokens shows each part as U+FFFD, and the parts' bytes joined are
+    the character's UTF-8 (they were U+FFFD's own bytes, as vLLM sends them). SmolLM2's byte-level tokens here, and
+    a byte-fallback tokenizer of Llama 2's kind beside."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    from qlora_pipeline.modeling.engine import TokenLogprob
+    from qlora_pipeline.serving.server import logprobs_body
+
+    tokenizer = persona.tokenizer
+    for text in ("🤗", "ありがとう", "I'm 中 and é 😀👍"):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        body = logprobs_body(tokenizer, [TokenLogprob(i, -0.5, ((i, -0.5),)) for i in ids])
+        assert b"".join(bytes(e["bytes"]) for e in body["content"]) == text.encode(), text
+        assert b"".join(bytes(t["bytes"]) for e in body["content"] for t in e["top_logprobs"]) == text.encode()
+        assert [e["token"] for e in body["content"]] == [tokenizer.decode([i]) for i in ids]  # as vLLM shows them
+    assert "\ufffd" in tokenizer.decode(tokenizer("🤗", add_special_tokens=False)["input_ids"][:1])  # parts, tested
+
+    vocab = {"<unk>": 0, "</s>": 1, "a": 2, "<0xE4>": 3, "<0xB8>": 4, "<0xAD>": 5}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    backend.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    fallback = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", unk_token="<unk>")
+    body = logprobs_body(fallback, [TokenLogprob(i, -0.5) for i in (2, 3, 4, 5)])
+    assert [e["token"] for e in body["content"]] == ["a", "\ufffd", "\ufffd", "\ufffd"]
+    assert [e["bytes"] for e in body["content"]] == [[0x61], [0xE4], [0xB8], [0xAD]]  # "a中"
+
+    # Through the API: the emoji's first part forced as the reply's one token.
+    first = tokenizer("🤗", add_special_tokens=False)["input_ids"][0]
+    reply = client(url).chat.completions.create(model="base", messages=[{"role": "user", "content": "hi"}],
+                                                max_tokens=1, temperature=0, logprobs=True,
+                                                logit_bias={str(first): 100})
+    (entry,) = reply.choices[0].logprobs.content
+    part = bytes(entry.bytes)
+    assert entry.token == "\ufffd" and 0 < len(part) < 4 and part == "🤗".encode()[:len(part)]
+
+
 def test_a_streamed_reply_is_timed_as_a_whole_one_is(url):
     """Time to first token and per output token are observed for streams too (they were for whole replies only)."""
     def counts() -> tuple[float, ...]:

@@ -605,11 +605,51 @@ def logprobs_body(tokenizer: Any, logprobs: Sequence[TokenLogprob] | None) -> di
         return None
 
     def token(token_id: int, logprob: float) -> dict:
-        text = tokenizer.decode([token_id])  # as vLLM shows a token; a partial character's bytes are U+FFFD's
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8", errors="replace"))}
+        text = tokenizer.decode([token_id])  # as vLLM shows a token: part of a character is U+FFFD
+        return {"token": text, "logprob": logprob, "bytes": token_bytes(tokenizer, token_id, text)}
 
     return {"content": [{**token(entry.token_id, entry.logprob), "top_logprobs": [token(*top) for top in entry.top]}
                         for entry in logprobs], "refusal": None}
+
+
+def token_bytes(tokenizer: Any, token_id: int, text: str) -> list[int]:
+    """A token's own UTF-8 bytes, as OpenAI gives them: where a character is split over tokens (SmolLM2's tokenizer
+    writes an emoji as three), each carries its part, and a client joins consecutive tokens' bytes to get it back.
+    ``text`` is the token decoded alone, U+FFFD for such a part; vLLM sends U+FFFD's bytes there, which no join
+    turns back into the character. Byte-level BPE tokens (GPT-2's kind: SmolLM2, Llama 3, Qwen) map back through
+    their byte alphabet, byte-fallback tokens (``<0xE4>``: Llama 2, Mistral) are their byte; a token that decodes
+    whole, or of a tokenizer of another kind, is its text's bytes."""
+    if "\ufffd" in text:
+        raw = _raw_token_bytes(tokenizer, token_id)
+        if raw is not None:
+            return list(raw)
+    return list(text.encode("utf-8", errors="replace"))
+
+
+def _raw_token_bytes(tokenizer: Any, token_id: int) -> bytes | None:
+    import re
+
+    kind, piece = _byte_decoder(tokenizer), tokenizer.convert_ids_to_tokens(token_id)
+    if kind == "ByteLevel" and isinstance(piece, str):
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+        table = {char: byte for byte, char in bytes_to_unicode().items()}
+        return bytes(table[c] for c in piece) if all(c in table for c in piece) else None
+    byte = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece) if kind == "ByteFallback" and isinstance(piece, str) else None
+    return bytes([int(byte.group(1), 16)]) if byte else None
+
+
+def _byte_decoder(tokenizer: Any) -> str | None:
+    """"ByteLevel" or "ByteFallback" where the tokenizer's decoder (or one in its sequence) is one, else None."""
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    if decoder is None:
+        return None
+    try:
+        spec = json.loads(decoder.__getstate__())
+    except Exception:  # a decoder that does not serialize: its text's bytes, as before
+        return None
+    kinds = {spec.get("type")} | {part.get("type") for part in spec.get("decoders") or []}
+    return next((kind for kind in ("ByteLevel", "ByteFallback") if kind in kinds), None)
 
 
 def generation_error(model: str, err: BaseException) -> APIError:
