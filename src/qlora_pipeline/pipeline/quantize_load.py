@@ -9,6 +9,7 @@ from qlora_pipeline import hardware, tracking
 from qlora_pipeline.config import Params
 from qlora_pipeline.io import atomic_path, remove_outputs, write_json
 from qlora_pipeline.modeling.engine import Engine, Request, as_reply, chat_prompt_ids
+from qlora_pipeline.modeling.inference import dequantized
 from qlora_pipeline.modeling.loading import gguf_read_once, load_model, load_tokenizer, resolve_source, set_end_token
 from qlora_pipeline.modeling.quantization import bnb_config, footprint
 
@@ -63,9 +64,14 @@ def run_quantize_load(params: Params, out_dir: Path, metrics_path: Path) -> dict
 
 
 def smoke_test(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[dict]:
-    """Greedy zero-shot replies to fixed prompts through the chat template."""
+    """Greedy zero-shot replies to fixed prompts through the chat template.
+
+    On a CPU the 4-bit layers are dequantized once for it (the same outputs bit for bit, modeling/inference.py), not
+    at every decode step as bitsandbytes' CPU path does, and put back for the save after it.
+    """
     conversations = [[{"role": "user", "content": prompt}] for prompt in prompts]
     requests = [Request(ids, max_new_tokens=max_new_tokens) for ids in chat_prompt_ids(tokenizer, conversations)]
-    replies = [as_reply(result) for result in Engine(model.eval(), tokenizer).run(requests)]
+    with dequantized(model):
+        replies = [as_reply(result) for result in Engine(model.eval(), tokenizer).run(requests)]
     return [{"prompt": p, "reply": r.text, "stopped": r.stopped, "new_tokens": r.new_tokens}
             for p, r in zip(prompts, replies)]
