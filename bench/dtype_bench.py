@@ -10,7 +10,7 @@ Cooper Lake) before trusting `auto` there.
 For each of SmolLM2-135M's linear shapes (attention 576 -> 576 and 576 -> 192, MLP 576 -> 1536 and 1536 -> 576, the
 vocabulary head 576 -> 49152) and each row count M (1: a lone decode step, 16: the former static batches, 110:
 evaluate's mean decode batch, 3,000: a prefill chunk): the median time of ``torch.nn.functional.linear`` in each
-dtype, rounds interleaved (float32, bfloat16, float32, ...), and bfloat16's speed as a multiple of float32's. The
+dtype, rounds interleaved (float32 and bfloat16 first in turn), and bfloat16's speed as a multiple of float32's. The
 layers weighted as one decoder layer has them (one each, the MLP's up projection twice: gate and up) give one
 figure per M; the head is reported beside.
 
@@ -52,12 +52,14 @@ def measure(shape: tuple[int, int, int], rows: int, rounds: int) -> dict:
     w32 = torch.randn(fan_out, fan_in, generator=generator) / fan_in ** 0.5
     operands = {"float32": (x32, w32), "bfloat16": (x32.bfloat16(), w32.bfloat16())}
     flops = 2 * rows * fan_in * fan_out
-    calls = max(3, min(200, int(2e9 / flops)))  # about 2 GFLOP a timing: long enough to read, short on a slow part
+    calls = max(3, min(200, int(2e9 / flops)))  # about 2 GFLOP a timing (fewer at M=1, where 200 calls cap it)
     timings: dict[str, list[float]] = {name: [] for name in operands}
     for name, (x, w) in operands.items():  # warm-up: kernel choice and packing caches
         torch.nn.functional.linear(x, w)
-    for _ in range(rounds):
-        for name, (x, w) in operands.items():
+    order = list(operands)
+    for round_ in range(rounds):  # float32 first in even rounds, bfloat16 first in odd ones
+        for name in order if round_ % 2 == 0 else order[::-1]:
+            x, w = operands[name]
             timings[name].append(seconds(lambda: torch.nn.functional.linear(x, w), calls))
     median = {name: statistics.median(values) for name, values in timings.items()}
     return {"gflops": {name: round(flops / t / 1e9, 1) for name, t in median.items()},

@@ -101,7 +101,7 @@ def broken(base, **changes):
      "data.prompt_template: placeholders are bare field names like {prompt}; remove the format or conversion of "
      "{prompt:>{width}}"),
     ({"data__prompt_template": "Q: {prompt!r}"}, "remove the format or conversion of {prompt!r}"),
-    ({"risk__canaries": 500_001}, "risk.canaries: 500001 canaries and as many fresh ones to compare with need "
+    ({"risk__canaries": 500_001}, "risk.canaries: 500,001 canaries and as many fresh ones to compare with need "
                                   "1,000,002 distinct six-digit secrets; there are 1,000,000: give at most 500,000"),
     ({"risk__canary_candidates": 10 ** 6}, "risk.canary_candidates: 1,000,000 candidate secrets, all distinct and "
                                            "none the canary's own, need more than the 1,000,000"),
@@ -110,6 +110,12 @@ def test_bad_params_are_named(base_params_dict, changes, expected):
     with pytest.raises(ConfigError) as err:
         params_from_dict(broken(base_params_dict, **changes))
     assert expected in str(err.value)
+
+
+def test_as_many_canaries_and_candidates_as_the_secrets_hold_are_accepted(base_params_dict):
+    """The bounds themselves pass (test_bad_params_are_named has one past each)."""
+    params = params_from_dict(broken(base_params_dict, risk__canaries=500_000, risk__canary_candidates=999_999))
+    assert (params.risk.canaries, params.risk.canary_candidates) == (500_000, 999_999)
 
 
 def test_exponent_floats_that_yaml_reads_as_text_are_accepted(base_params_dict):

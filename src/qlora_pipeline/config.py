@@ -633,7 +633,7 @@ class RiskConfig(_Section):
     @classmethod
     def _canaries_fit_the_secrets(cls, n: int) -> int:
         if 2 * n > _SECRETS:
-            raise _invalid(f"{n} canaries and as many fresh ones to compare with need {2 * n:,} distinct six-digit "
+            raise _invalid(f"{n:,} canaries and as many fresh ones to compare with need {2 * n:,} distinct six-digit "
                            f"secrets; there are {_SECRETS:,}: give at most {_SECRETS // 2:,}")
         return n
 

@@ -190,9 +190,16 @@ def with_default_system(template: str, system_prompt: str | None) -> str:
 
 
 def write_hf_folder(model: Any, tokenizer: Any, folder: Path, system_prompt: str | None) -> Path:
-    """The model as a Hugging Face folder for the converter: weights, config, tokenizer, our template."""
-    tokenizer.chat_template = with_default_system(tokenizer.chat_template, system_prompt)
-    save_merged(model, tokenizer, folder)
+    """The model as a Hugging Face folder for the converter: weights, config, tokenizer, our template.
+
+    The template goes into the folder only: the tokenizer keeps training's, which the reference built after this
+    and the checks of the written file's template compare with."""
+    trained = tokenizer.chat_template
+    tokenizer.chat_template = with_default_system(trained, system_prompt)
+    try:
+        save_merged(model, tokenizer, folder)
+    finally:
+        tokenizer.chat_template = trained
     return folder
 
 

@@ -10,15 +10,19 @@ running batch at the next step and leaves the moment it ends, adapters mixed per
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import hmac
 import ipaddress
 import json
 import os
+import re
 import signal
 import socket
 import sys
 import time
 import uuid
+import weakref
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Sequence, Union
@@ -627,29 +631,47 @@ def token_bytes(tokenizer: Any, token_id: int, text: str) -> list[int]:
 
 
 def _raw_token_bytes(tokenizer: Any, token_id: int) -> bytes | None:
-    import re
-
     kind, piece = _byte_decoder(tokenizer), tokenizer.convert_ids_to_tokens(token_id)
-    if kind == "ByteLevel" and isinstance(piece, str):
-        from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-        table = {char: byte for byte, char in bytes_to_unicode().items()}
+    if not isinstance(piece, str):
+        return None
+    if kind == "ByteLevel":
+        table = _byte_level_bytes()
         return bytes(table[c] for c in piece) if all(c in table for c in piece) else None
-    byte = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece) if kind == "ByteFallback" and isinstance(piece, str) else None
+    byte = _BYTE_TOKEN.fullmatch(piece) if kind == "ByteFallback" else None
     return bytes([int(byte.group(1), 16)]) if byte else None
+
+
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+# What each tokenizer's decoder is, worked out once: these run on the event loop, per token and per top logprob.
+_DECODER_KINDS: "weakref.WeakKeyDictionary[Any, str | None]" = weakref.WeakKeyDictionary()
+
+
+@functools.cache
+def _byte_level_bytes() -> dict[str, int]:
+    """Byte-level BPE's alphabet back to bytes (GPT-2's table, as transformers builds it)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {char: byte for byte, char in bytes_to_unicode().items()}
 
 
 def _byte_decoder(tokenizer: Any) -> str | None:
     """"ByteLevel" or "ByteFallback" where the tokenizer's decoder (or one in its sequence) is one, else None."""
-    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
-    if decoder is None:
-        return None
     try:
-        spec = json.loads(decoder.__getstate__())
-    except Exception:  # a decoder that does not serialize: its text's bytes, as before
-        return None
-    kinds = {spec.get("type")} | {part.get("type") for part in spec.get("decoders") or []}
-    return next((kind for kind in ("ByteLevel", "ByteFallback") if kind in kinds), None)
+        return _DECODER_KINDS[tokenizer]
+    except (KeyError, TypeError):  # TypeError: an object a weak reference cannot point at; worked out each time
+        pass
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    kind = None
+    if decoder is not None:
+        try:
+            spec = json.loads(decoder.__getstate__())
+        except Exception:  # a decoder that does not serialize: its text's bytes, as before
+            spec = {}
+        kinds = {spec.get("type")} | {part.get("type") for part in spec.get("decoders") or []}
+        kind = next((k for k in ("ByteLevel", "ByteFallback") if k in kinds), None)
+    with contextlib.suppress(TypeError):
+        _DECODER_KINDS[tokenizer] = kind
+    return kind
 
 
 def generation_error(model: str, err: BaseException) -> APIError:
