@@ -37,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -145,10 +145,11 @@ def chat_reference(tokenizer: Any, adapter: Adapter, rows: list[dict]) -> Refere
     return Reference(tokenizer, [], [], "", conversations, [], tokenizer.eos_token_id, adapter.system_prompt)
 
 
-def build_reference(base4: Any, tokenizer: Any, adapter: Adapter, rows: list[dict]) -> Reference:
+def build_reference(base4: Any, chat: Reference, adapter: Adapter, rows: list[dict]) -> Reference:
+    """``chat`` (:func:`chat_reference`) with the reference's forward passes: logits, adapter effect, greedy replies."""
+    tokenizer = chat.tokenizer
     examples = encode_rows(tokenizer, rows, adapter.resolved["train"]["max_length"])
     tuned = attach_adapters(base4, {adapter.name: adapter.folder})
-    conversations = chat_reference(tokenizer, adapter, rows).conversations
     # On a CPU the 4-bit layers dequantized once for these passes, not once per forward: the same numbers
     # (modeling/inference.py), put back after them for the dense copy and the merge.
     with dequantized(tuned):
@@ -157,10 +158,10 @@ def build_reference(base4: Any, tokenizer: Any, adapter: Adapter, rows: list[dic
             with tuned.disable_adapter():
                 effect = score_logits(target_logits(tuned, examples), examples, logits)["mean_kl"]
         engine = Engine(tuned, tokenizer, autocast=lambda: autocast_like_training(adapter.resolved))
-        greedy = greedy_replies(engine, tokenizer, conversations, adapter.name)
+        greedy = greedy_replies(engine, tokenizer, chat.conversations, adapter.name)
     tuned.unload()  # the base's own layers back, for the dense copy and the merge
-    return Reference(tokenizer, examples, logits, compute_precision(base4, adapter.resolved), conversations,
-                     greedy, tokenizer.eos_token_id, adapter.system_prompt, effect)
+    return replace(chat, examples=examples, logits=logits, precision=compute_precision(base4, adapter.resolved),
+                   greedy=greedy, adapter_effect=effect)
 
 
 def greedy_replies(engine: Engine, tokenizer: Any, conversations: list[list[dict]],
@@ -502,7 +503,7 @@ def export_gguf(adapter: Adapter, base_dir: Path, out: Path, quants: list[str], 
         # forward passes, which a refused file would not need. The 4-bit base waits for them: a fraction of
         # the float32 copy already freed.
         check_chat_fields(f32, chat, name=f"{stem}'s GGUF as converted (before quantizing)")
-        reference = build_reference(base4, tokenizer, adapter, rows)
+        reference = build_reference(base4, chat, adapter, rows)
         del base4
         files = []
         for quant in quants:
@@ -532,7 +533,7 @@ def export_gguf_lora(adapter: Adapter, base_dir: Path, out: Path, quants: list[s
                                  chat.system_prompt)
             run_converter("convert_hf_to_gguf.py", [str(hf), "--outfile", str(base_path), "--outtype", "f16"])
         check_chat_fields(base_path, chat, own_template=base_path.parent == folder)  # before the reference's passes
-        reference = build_reference(base4, tokenizer, adapter, rows)
+        reference = build_reference(base4, chat, adapter, rows)
         alone = score_logits(gguf_logits(open_gguf(base_path, reference), reference.examples), reference.examples,
                              reference.logits)
         config = Path(tmp) / "config"

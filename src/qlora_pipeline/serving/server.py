@@ -10,7 +10,6 @@ running batch at the next step and leaves the moment it ends, adapters mixed per
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import hmac
 import ipaddress
@@ -22,7 +21,6 @@ import socket
 import sys
 import time
 import uuid
-import weakref
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Sequence, Union
@@ -642,8 +640,6 @@ def _raw_token_bytes(tokenizer: Any, token_id: int) -> bytes | None:
 
 
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
-# What each tokenizer's decoder is, worked out once: these run on the event loop, per token and per top logprob.
-_DECODER_KINDS: "weakref.WeakKeyDictionary[Any, str | None]" = weakref.WeakKeyDictionary()
 
 
 @functools.cache
@@ -656,22 +652,18 @@ def _byte_level_bytes() -> dict[str, int]:
 
 def _byte_decoder(tokenizer: Any) -> str | None:
     """"ByteLevel" or "ByteFallback" where the tokenizer's decoder (or one in its sequence) is one, else None."""
-    try:
-        return _DECODER_KINDS[tokenizer]
-    except (KeyError, TypeError):  # TypeError: an object a weak reference cannot point at; worked out each time
-        pass
     decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
-    kind = None
-    if decoder is not None:
-        try:
-            spec = json.loads(decoder.__getstate__())
-        except Exception:  # a decoder that does not serialize: its text's bytes, as before
-            spec = {}
-        kinds = {spec.get("type")} | {part.get("type") for part in spec.get("decoders") or []}
-        kind = next((k for k in ("ByteLevel", "ByteFallback") if k in kinds), None)
-    with contextlib.suppress(TypeError):
-        _DECODER_KINDS[tokenizer] = kind
-    return kind
+    try:
+        return _decoder_kind(decoder.__getstate__()) if decoder is not None else None
+    except Exception:  # a decoder that does not serialize: its text's bytes, as before
+        return None
+
+
+@functools.cache  # these run on the event loop, per token and per top logprob: each decoder read once
+def _decoder_kind(state: bytes) -> str | None:
+    spec = json.loads(state)
+    kinds = {spec.get("type")} | {part.get("type") for part in spec.get("decoders") or []}
+    return next((kind for kind in ("ByteLevel", "ByteFallback") if kind in kinds), None)
 
 
 def generation_error(model: str, err: BaseException) -> APIError:
