@@ -51,7 +51,8 @@ def main() -> None:
         for way in order:
             with mock.patch.object(gguf, "dequantized", ways[way]):
                 started = time.perf_counter()
-                references[way] = gguf.build_reference(base4, gguf.chat_reference(tokenizer, adapter, rows), adapter, rows)
+                chat = gguf.chat_reference(tokenizer, adapter, rows)
+                references[way] = gguf.build_reference(base4, chat, adapter, rows)
                 seconds[way].append(round(time.perf_counter() - started, 2))
             print(f"round {round_ + 1}: {way} {seconds[way][-1]} s", flush=True)
 
