@@ -146,30 +146,53 @@ def test_the_lora_file_applies_to_the_base_gguf_and_moves_it_toward_the_referenc
     assert f"ADAPTER ./{row['file']}" in modelfile and "FROM " + report["base_gguf"] in modelfile
 
 
-def test_a_file_with_another_end_token_and_no_trained_system_prompt_is_refused_naming_both(run, tmp_path,
-                                                                                            monkeypatch, capsys):
-    """The never-ending-reply bug on purpose (the converter is given <|im_start|> as the end token), and a
-    template that forgets the trained system prompt: one export refuses the file and names both, each
-    found on its own (test_chat_field_problems_are_each_found_alone)."""
+def _wrong_end_token(monkeypatch) -> None:
+    """The never-ending-reply bug on purpose (the converter is given <|im_start|> as the end token), and a template
+    that forgets the trained system prompt."""
     write = gguf.write_hf_folder
 
-    def wrong_end_token(model, tokenizer, folder, system_prompt):
-        written = write(model, tokenizer, folder, system_prompt)
+    def wrong_end_token(model, tokenizer, folder, system_prompt, **kwargs):
+        written = write(model, tokenizer, folder, system_prompt, **kwargs)
         config = json.loads((folder / "tokenizer_config.json").read_text())
         (folder / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": "<|im_start|>"}))
         return written
 
-    def no_reference(*args, **kwargs):
-        raise AssertionError("the reference's forward passes ran for a file its header refuses")
-
     monkeypatch.setattr(gguf, "write_hf_folder", wrong_end_token)
     monkeypatch.setattr(gguf, "with_default_system", lambda template, system_prompt: template)
-    monkeypatch.setattr(gguf, "build_reference", no_reference)  # the cheap check comes first
+
+
+def _never(what: str):
+    def fail(*args, **kwargs):
+        raise AssertionError(f"{what} ran for a file its header refuses")
+    return fail
+
+
+def test_a_file_with_another_end_token_and_no_trained_system_prompt_is_refused_naming_both(run, tmp_path,
+                                                                                            monkeypatch, capsys):
+    """One export refuses the file and names both faults, each found on its own
+    (test_chat_field_problems_are_each_found_alone), from the header alone: before the dense copy, the merge and
+    the reference's forward passes, none of which a refused file needs."""
+    _wrong_end_token(monkeypatch)
+    monkeypatch.setattr(gguf, "dequantized_copy", _never("the float32 copy for the merge"))
+    monkeypatch.setattr(gguf, "build_reference", _never("the reference's forward passes"))
     message = _refused(capsys, run, tmp_path / "broken", "gguf", "f16")
-    assert "alice's GGUF as converted (before quantizing): its end-of-turn token is '<|im_start|>' (id 1)" in message
+    assert "alice's GGUF header (before the merge): its end-of-turn token is '<|im_start|>' (id 1)" in message
     assert "never end a reply" in message
     assert "; and a chat without a system message does not get the trained system prompt" in message
     assert "renders a test conversation differently" not in message
+
+
+def test_a_lora_for_a_base_converted_here_is_refused_before_the_base_is_converted(run, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """gguf-lora on a base that came from safetensors converts the base's dequantized weights first: a header the
+    checks refuse stops it before that copy and conversion."""
+    _wrong_end_token(monkeypatch)
+    monkeypatch.setattr(gguf, "own_base_gguf", lambda resolved: None)  # as for a base from safetensors
+    monkeypatch.setattr(gguf, "dequantized_copy", _never("the base's float32 copy"))
+    monkeypatch.setattr(gguf, "build_reference", _never("the reference's forward passes"))
+    message = _refused(capsys, run, tmp_path / "broken-lora", "gguf-lora", "f16")
+    assert "the base's GGUF header (before its conversion): its end-of-turn token is '<|im_start|>'" in message
+    assert "; and a chat without a system message does not get the trained system prompt" in message
 
 
 def test_chat_field_problems_are_each_found_alone(merged, run):

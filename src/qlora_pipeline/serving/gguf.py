@@ -15,6 +15,8 @@ What a runtime needs to behave travels in the file and is checked before a file 
   "replies never end" bug of exported models);
 - the chat template renders every test conversation to the token ids training saw, and a
   conversation without a system message gets the system prompt the adapter was trained with.
+Both are checked first on a vocabulary-only conversion (no weights), before the merge and the conversion, then
+on each file written.
 
 Then each file is loaded by llama-cpp-python and compared on the test split with the reference
 (the 4-bit base + adapter, run as training ran it): mean KL and max |Δlogit| over reply tokens,
@@ -29,6 +31,7 @@ The converters ship only in llama-cpp-python's sdist (its vendored llama.cpp): `
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import math
 import os
@@ -190,18 +193,46 @@ def with_default_system(template: str, system_prompt: str | None) -> str:
             "{%- endif -%}" + template)
 
 
-def write_hf_folder(model: Any, tokenizer: Any, folder: Path, system_prompt: str | None) -> Path:
+def write_hf_folder(model: Any, tokenizer: Any, folder: Path, system_prompt: str | None, weights: bool = True) -> Path:
     """The model as a Hugging Face folder for the converter: weights, config, tokenizer, our template.
 
-    The template goes into the folder only: the tokenizer keeps training's, which the reference built after this
-    and the checks of the written file's template compare with."""
+    ``weights=False``: all but the weights (``model`` needs only its config and generation config), which a
+    vocabulary-only conversion reads the GGUF's header from. The template goes into the folder only: the
+    tokenizer keeps training's, which the reference built after this and the checks of the written file's
+    template compare with."""
     trained = tokenizer.chat_template
     tokenizer.chat_template = with_default_system(trained, system_prompt)
     try:
-        save_merged(model, tokenizer, folder)
+        if weights:
+            save_merged(model, tokenizer, folder)
+        else:
+            save_merged(_ConfigsOnly(plain_config(model), copy.deepcopy(model.generation_config)), tokenizer, folder)
     finally:
         tokenizer.chat_template = trained
     return folder
+
+
+@dataclass
+class _ConfigsOnly:
+    """A model's configs, saved as ``save_pretrained`` saves them but with no weights (``write_hf_folder``)."""
+
+    config: Any
+    generation_config: Any
+
+    def save_pretrained(self, folder: Path) -> None:
+        self.config.save_pretrained(folder)
+        self.generation_config.save_pretrained(folder)
+
+
+def check_header_first(base4: Any, tokenizer: Any, chat: Reference, tmp: Path, name: str) -> None:
+    """The end token and chat template the GGUF will carry, checked before the dense copy, the merge and the full
+    conversion: llama.cpp's converter writes a vocabulary-only file from the folder the export would write, less its
+    weights. On a 7B model those steps take many minutes and a float32 copy of the weights; a refused file needs none
+    of them. (The converted file is checked again: this header and that file's come from the same folder files.)"""
+    folder = write_hf_folder(base4, tokenizer, tmp / "header", chat.system_prompt, weights=False)
+    header = tmp / "header.gguf"
+    run_converter("convert_hf_to_gguf.py", [str(folder), "--outfile", str(header), "--outtype", "f32", "--vocab-only"])
+    check_chat_fields(header, chat, name=name)
 
 
 def run_converter(script: str, args: list[str]) -> None:
@@ -489,12 +520,13 @@ def export_gguf(adapter: Adapter, base_dir: Path, out: Path, quants: list[str], 
     check_tools()
     base4, tokenizer = load_base_for(adapter.resolved, base_dir)
     chat = chat_reference(tokenizer, adapter, rows)
-    dense = dequantized_copy(base4, torch.float32)
-    merged = merge_adapter(dense, adapter.folder)
-    source_greedy = greedy_replies(Engine(merged, tokenizer), tokenizer, chat.conversations)
     stem = adapter.name
     with tempfile.TemporaryDirectory(prefix="qlora-gguf-") as tmp, atomic_path(out) as folder:
         folder.mkdir()
+        check_header_first(base4, tokenizer, chat, Path(tmp), f"{stem}'s GGUF header (before the merge)")
+        dense = dequantized_copy(base4, torch.float32)
+        merged = merge_adapter(dense, adapter.folder)
+        source_greedy = greedy_replies(Engine(merged, tokenizer), tokenizer, chat.conversations)
         f32 = Path(tmp) / "model-f32.gguf"
         hf = write_hf_folder(merged, tokenizer, Path(tmp) / "hf", chat.system_prompt)
         del merged, dense
@@ -529,6 +561,7 @@ def export_gguf_lora(adapter: Adapter, base_dir: Path, out: Path, quants: list[s
         base_path = base_gguf or own_base_gguf(adapter.resolved)
         if base_path is None:  # a base that came from safetensors: its dequantized weights, as a GGUF
             base_path = folder / "base-f16.gguf"
+            check_header_first(base4, tokenizer, chat, Path(tmp), "the base's GGUF header (before its conversion)")
             hf = write_hf_folder(dequantized_copy(base4, torch.float32), tokenizer, Path(tmp) / "base",
                                  chat.system_prompt)
             run_converter("convert_hf_to_gguf.py", [str(hf), "--outfile", str(base_path), "--outtype", "f16"])
