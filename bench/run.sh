@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every benchmark, each with its baseline in the same run; results in bench/results/<machine tag>/.
 # Called by `make bench` after `make run` (the benchmarks read models/ and data/splits/).
-# Not here: bench/suite_cpu.py (where `make test` spends CPU), which runs the whole test suite on a clone.
+# Not here: bench/suite_cpu.py (where `make test` spends CPU, by process), which runs the whole test suite on a clone,
+# and bench/suite_cpu_by_test.py (the same, test by test), which runs it on one worker.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
