@@ -55,8 +55,8 @@ PROPERTIES_PROFILE = settings.get_profile(os.environ.get("DATA_PROPERTIES_PROFIL
 
 # The modules that take longest, longest first. Workers take whole modules (--dist loadfile) in
 # collection order (--no-loadscope-reorder), so starting with these lets the two finish together; a
-# serial run is unchanged but for the order (longest by the slowest tests `make test` lists on the
-# AVX2 machine, docs/testing.md). The first builds tiny_baseline
+# serial run is unchanged but for the order (longest by the slowest tests `make test` lists, and by each
+# module's CPU time, bench/suite_cpu_by_test.py; docs/testing.md). The first builds tiny_baseline
 # (built_once), which the end-to-end modules after it copy or read; the notebook, which needs none of
 # it, comes second so that the other worker has work meanwhile instead of waiting for the build.
 SLOWEST_FIRST = ("e2e/test_mlflow_server.py", "test_notebook.py", "e2e/test_failures.py", "serving/test_export_gguf.py",

@@ -182,6 +182,29 @@ def test_a_file_with_another_end_token_and_no_trained_system_prompt_is_refused_n
     assert "renders a test conversation differently" not in message
 
 
+def test_where_the_converter_cannot_write_the_header_alone_the_converted_file_is_checked_and_refused(
+        run, tmp_path, monkeypatch, capsys):
+    """An architecture whose converter needs the weights even for the vocabulary: the vocabulary-only conversion
+    fails, the export says so and goes on, and the check of the converted float32 file refuses it, before
+    quantizing and before the reference's forward passes."""
+    _wrong_end_token(monkeypatch)
+    monkeypatch.setattr(gguf, "build_reference", _never("the reference's forward passes"))
+    converter = gguf.run_converter
+
+    def no_vocabulary_alone(script, args):
+        if "--vocab-only" in args:
+            raise gguf.PipelineError(f"llama.cpp's {script} failed (exit 1):\nNotImplementedError: needs tensors")
+        converter(script, args)
+
+    monkeypatch.setattr(gguf, "run_converter", no_vocabulary_alone)
+    message = _refused(capsys, run, tmp_path / "broken", "gguf", "f16")
+    note = ("note: alice's GGUF header (before the merge): the vocabulary-only conversion failed, so the end token "
+            "and chat template are checked on the converted file instead (llama.cpp's convert_hf_to_gguf.py failed")
+    assert note in message
+    assert "alice's GGUF as converted (before quantizing): its end-of-turn token is '<|im_start|>'" in message
+    assert "; and a chat without a system message does not get the trained system prompt" in message
+
+
 def test_a_lora_for_a_base_converted_here_is_refused_before_the_base_is_converted(run, tmp_path, monkeypatch,
                                                                                    capsys):
     """gguf-lora on a base that came from safetensors converts the base's dequantized weights first: a header the
