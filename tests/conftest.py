@@ -60,7 +60,7 @@ PROPERTIES_PROFILE = settings.get_profile(os.environ.get("DATA_PROPERTIES_PROFIL
 # (built_once), which the end-to-end modules after it copy or read; the notebook, which needs none of
 # it, comes second so that the other worker has work meanwhile instead of waiting for the build.
 SLOWEST_FIRST = ("e2e/test_mlflow_server.py", "test_notebook.py", "e2e/test_failures.py", "serving/test_export_gguf.py",
-                 "e2e/test_data_dependency.py", "modeling/test_generation_engine.py", "serving/test_server_load.py",
+                 "e2e/test_data_dependency.py", "serving/test_server_load.py",
                  "e2e/test_dvc_remote.py", "e2e/test_dvc_pipeline.py")
 
 
@@ -488,17 +488,43 @@ def copy_baseline(baseline: Baseline, repo: Path) -> Path:
 def quantized_base(tmp_path_factory, base_params_dict) -> Path:
     """The real SmolLM2-135M GGUF, quantized to NF4 by the quantize-load stage (built once per test run)."""
     def build(tmp: Path) -> None:
-        from qlora_pipeline.pipeline.quantize_load import run_quantize_load
-
-        params = make_params(base_params_dict, {"model.smoke_prompts": ["hi, how are you?"],
-                                                "model.smoke_max_new_tokens": 8}, tmp)
-        os.environ["QLORA_PIPELINE_RUN_KEY"] = "tests-quantized-base"
-        try:
-            run_quantize_load(params, tmp / "base", tmp / "base.json")
-        finally:
-            del os.environ["QLORA_PIPELINE_RUN_KEY"]
+        quantize_load(make_params(base_params_dict, {"model.smoke_prompts": ["hi, how are you?"],
+                                                     "model.smoke_max_new_tokens": 8}, tmp), tmp, "tests-quantized-base")
 
     return built_once(tmp_path_factory, "quantized-base", build) / "base"
+
+
+def quantize_load(params: Params, folder: Path, run_key: str) -> None:
+    """The quantize-load stage into ``folder``/base, logging to the params' store under its own run key."""
+    from qlora_pipeline.pipeline.quantize_load import run_quantize_load
+
+    os.environ["QLORA_PIPELINE_RUN_KEY"] = run_key
+    try:
+        run_quantize_load(params, folder / "base", folder / "base.json")
+    finally:
+        del os.environ["QLORA_PIPELINE_RUN_KEY"]
+
+
+def random_llama(folder: Path, tokenizer_source: Path, final_norm: float = 1.0, **sizes) -> Path:
+    """A random Llama with the real tokenizer (and so the real chat template and end token), saved to ``folder``.
+
+    ``final_norm`` scales the logits alone (the last norm's weight): at 1 a random Llama's logits are nearly
+    uniform, where a trained model's few likely tokens stand far above the rest.
+    """
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    config = LlamaConfig(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                         **{"tie_word_embeddings": True, **sizes})
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.model.norm.weight.fill_(final_norm)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture(scope="session")
@@ -508,24 +534,14 @@ def tiny_llama(tmp_path_factory, quantized_base) -> Path:
     One folder per test run (built_once), as tiny_baseline's repository names it by path.
     """
     def build(root: Path) -> None:
-        import torch
-        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-        tokenizer = AutoTokenizer.from_pretrained(quantized_base)
-        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                             tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
-        torch.manual_seed(0)
-        LlamaForCausalLM(config).save_pretrained(root / "tiny-llama")
-        tokenizer.save_pretrained(root / "tiny-llama")
+        random_llama(root / "tiny-llama", quantized_base, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
 
     return built_once(tmp_path_factory, "tiny-llama", build) / "tiny-llama"
 
 
-@pytest.fixture(scope="session")
-def persona_adapters(tmp_path_factory, quantized_base, base_params_dict) -> dict[str, Path]:
-    """Three LoRA adapters on the real 4-bit base, as train-adapter saves them, with distinct random weights.
+def random_adapters(base: Path, base_params_dict: dict, folder: Path) -> dict[str, Path]:
+    """Three LoRA adapters on the 4-bit ``base``, as train-adapter saves them, with distinct random weights.
 
     Random (not trained) so that they are made in seconds and differ clearly from each other and
     from the base. Their ``training_config.json`` carries what chat and serve read: the base's
@@ -540,10 +556,9 @@ def persona_adapters(tmp_path_factory, quantized_base, base_params_dict) -> dict
 
     params = make_params(base_params_dict, {"train.bf16": False, "train.fp16": False,
                                             "model.quantization.bnb_4bit_compute_dtype": "float32"})
-    folder = tmp_path_factory.mktemp("adapters")
     made = {}
     for index, name in enumerate(("alice", "bob", "carol")):
-        model, tokenizer = prepare_4bit_base(quantized_base, "float32")
+        model, tokenizer = prepare_4bit_base(base, "float32")
         config = training.lora_config(params.train)
         config.init_lora_weights = False  # random A and B: the adapter changes the outputs
         torch.manual_seed(100 + index)
@@ -555,13 +570,54 @@ def persona_adapters(tmp_path_factory, quantized_base, base_params_dict) -> dict
         out = folder / name
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
-        resolved = {"method": "qlora", "base_model": str(quantized_base), "seed": params.seed,
-                    "base_fingerprint": base_fingerprint("qlora", quantized_base, {}),
+        resolved = {"method": "qlora", "base_model": str(base), "seed": params.seed,
+                    "base_fingerprint": base_fingerprint("qlora", base, {}),
                     "model": params.model.model_dump(), "train": params.train.model_dump(),
                     "split": {"system_prompt": f"You are {name}. Reply in your own voice.", "context_turns": 4}}
         (out / RESOLVED_CONFIG).write_text(json.dumps(resolved, indent=2))
         made[name] = out
     return made
+
+
+@pytest.fixture(scope="session")
+def persona_adapters(tmp_path_factory, quantized_base, base_params_dict) -> dict[str, Path]:
+    """Three random LoRA adapters on the real 4-bit base (``random_adapters``)."""
+    return random_adapters(quantized_base, base_params_dict, tmp_path_factory.mktemp("adapters"))
+
+
+@pytest.fixture(scope="session")
+def small_base(tmp_path_factory, quantized_base, base_params_dict) -> Path:
+    """A random Llama of the real model's tokenizer, layout and 4-bit quantization, a tenth of its size
+    (a twentieth of its work per token),
+    quantized by the quantize-load stage (built once per test run).
+
+    For the tests that hold the engine's rows to generate()'s tokens and the server's replies to the engine's:
+    what they check (scheduling, padding, caches, per-row adapters and decoding) is the same code on any Llama,
+    and on the real model a float32 forward pass on one thread reads 540 MB of weights (~60 ms), most of those
+    modules' time (SMALL_LLAMA says how it is drawn).
+    """
+    def build(root: Path) -> None:
+        llama = random_llama(root / "small-llama", quantized_base, final_norm=5.7, **SMALL_LLAMA)
+        quantize_load(make_params(base_params_dict, {"model.name_or_path": str(llama), "model.gguf_file": None,
+                                                     "model.dtype": "float32", "model.smoke_prompts": ["hi"],
+                                                     "model.smoke_max_new_tokens": 2}, root), root, "tests-small-base")
+
+    return built_once(tmp_path_factory, "small-base", build) / "base"
+
+
+# Drawn at 3.5x the usual scale: at the usual scale a random Llama's attention is near-uniform and its residual
+# stream its last token's embedding, so every prompt gets the same reply, one token repeated; at 5x no reply
+# repeats a token, so the repetition controls would change nothing. At 3.5x each prompt of the tests gets its
+# own reply and about half the greedy tokens repeat one before them (a small trained model's loops).
+# final_norm spreads the logits (standard deviation ~4.5): a sampled token's probability is ~0.4 at the median.
+SMALL_LLAMA = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "max_position_embeddings": 8192, "initializer_range": 0.07}
+
+
+@pytest.fixture(scope="session")
+def small_adapters(tmp_path_factory, small_base, base_params_dict) -> dict[str, Path]:
+    """Three random LoRA adapters on ``small_base`` (``random_adapters``)."""
+    return random_adapters(small_base, base_params_dict, tmp_path_factory.mktemp("small-adapters"))
 
 
 @pytest.fixture(scope="session")

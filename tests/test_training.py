@@ -32,8 +32,8 @@ def synthetic_splits(folder: Path, n_train: int = 16, n_val: int = 4) -> Path:
     return folder
 
 
-def test_label_mask_covers_the_reply_and_its_end_token_only(quantized_base):
-    _, tokenizer = load_saved_base(quantized_base)
+def test_label_mask_covers_the_reply_and_its_end_token_only(small_base):
+    _, tokenizer = load_saved_base(small_base)
     encoded = encode_example(tokenizer, MESSAGES, "pretty steep, but worth it", max_length=256)
     prompt = tokenizer.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
     n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
@@ -44,8 +44,8 @@ def test_label_mask_covers_the_reply_and_its_end_token_only(quantized_base):
     assert encoded.input_ids[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")  # the newline after it is dropped
 
 
-def test_long_examples_lose_prompt_first(quantized_base):
-    _, tokenizer = load_saved_base(quantized_base)
+def test_long_examples_lose_prompt_first(small_base):
+    _, tokenizer = load_saved_base(small_base)
     counts = Counter()
     long_context = [{"role": "user", "content": "blah " * 300}]
     encoded = encode_example(tokenizer, long_context, "short reply", max_length=64, counts=counts)
@@ -55,15 +55,15 @@ def test_long_examples_lose_prompt_first(quantized_base):
     assert counts == Counter(prompt_truncated=1)
 
 
-def test_template_without_the_end_token_is_refused(quantized_base):
-    _, tokenizer = load_saved_base(quantized_base)
+def test_template_without_the_end_token_is_refused(small_base):
+    _, tokenizer = load_saved_base(small_base)
     tokenizer.eos_token = "<|endoftext|>"  # not what ends a ChatML turn
     with pytest.raises(PipelineError, match="model.eos_token: the chat template does not end an assistant turn"):
         encode_example(tokenizer, MESSAGES, "hi", max_length=64)
 
 
-def test_qlora_trains_only_lora_weights_on_a_4bit_base(quantized_base, params_factory, tmp_path):
-    model, _ = training.prepare_model(params_factory({"train.lora.r": 4}), quantized_base, tmp_path)
+def test_qlora_trains_only_lora_weights_on_a_4bit_base(small_base, params_factory, tmp_path):
+    model, _ = training.prepare_model(params_factory({"train.lora.r": 4}), small_base, tmp_path)
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in name for name in trainable)
     assert {type(m).__name__ for m in model.modules()} >= {"Linear4bit"}
@@ -98,7 +98,7 @@ def test_optimizer_auto_picks_paged_adamw_on_cuda_and_plain_adamw_on_a_cpu(monke
     assert training.resolve_optim("sgd") == "sgd"  # an explicit choice is kept
 
 
-def test_saved_adapter_reloads_with_the_same_logits(quantized_base, params_factory, tmp_path):
+def test_saved_adapter_reloads_with_the_same_logits(small_base, params_factory, tmp_path):
     from qlora_pipeline.modeling.adapters import attach_adapters, autocast_like_training, load_base_for
     from qlora_pipeline.modeling.quantization import disable_cpu_repack
 
@@ -107,7 +107,7 @@ def test_saved_adapter_reloads_with_the_same_logits(quantized_base, params_facto
     splits = synthetic_splits(tmp_path / "splits")
     with warnings.catch_warnings(record=True) as shown:
         warnings.simplefilter("always")
-        model, tokenizer = training.prepare_model(params, quantized_base, tmp_path)
+        model, tokenizer = training.prepare_model(params, small_base, tmp_path)
     counts = Counter()
     train_ds = training.build_dataset([json.loads(l) for l in (splits / "train.jsonl").open()], tokenizer, 128, counts)
     val_ds = training.build_dataset([json.loads(l) for l in (splits / "val.jsonl").open()], tokenizer, 128, counts)
@@ -119,7 +119,7 @@ def test_saved_adapter_reloads_with_the_same_logits(quantized_base, params_facto
     trained.save_pretrained(tmp_path / "adapter")
     resolved = {"method": "qlora", "model": {"quantization": {"bnb_4bit_compute_dtype": "auto"}},
                 "train": {"bf16": params.train.bf16, "fp16": params.train.fp16}}
-    base, _ = load_base_for(resolved, quantized_base)
+    base, _ = load_base_for(resolved, small_base)
     with warnings.catch_warnings(record=True) as reloading:
         warnings.simplefilter("always")
         reloaded = attach_adapters(base, {"tuned": tmp_path / "adapter"})
@@ -133,7 +133,7 @@ def test_saved_adapter_reloads_with_the_same_logits(quantized_base, params_facto
     from peft import PeftModel, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
-    plain = AutoModelForCausalLM.from_pretrained(quantized_base)
+    plain = AutoModelForCausalLM.from_pretrained(small_base)
     disable_cpu_repack(plain)
     plain = PeftModel.from_pretrained(prepare_model_for_kbit_training(plain, use_gradient_checkpointing=False),
                                       tmp_path / "adapter").eval()

@@ -1,4 +1,5 @@
-"""The generation engine on the real 4-bit base with three adapters: generate()'s tokens, continuous batching, sharing."""
+"""The generation engine on a small random 4-bit Llama (`small_base`) with three adapters: generate()'s tokens,
+continuous batching, sharing."""
 
 from __future__ import annotations
 
@@ -18,9 +19,9 @@ PROMPTS = ["hey, how was your weekend?", "do you like dogs or cats more?", "what
 
 
 @pytest.fixture(scope="module")
-def persona(quantized_base, persona_adapters):
-    specs = [AdapterSpec(name, str(path)) for name, path in persona_adapters.items()]
-    return load_persona_model(quantized_base, specs)
+def persona(small_base, small_adapters):
+    specs = [AdapterSpec(name, str(path)) for name, path in small_adapters.items()]
+    return load_persona_model(small_base, specs)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,7 @@
-"""Dequantizing the 4-bit base once for generation gives the outputs the 4-bit layers give, faster."""
+"""Dequantizing the 4-bit base once for generation gives the outputs the 4-bit layers give, faster.
+
+On `small_base` (the real tokenizer on a small random Llama, quantized by quantize-load): the layers swapped
+and the bits compared are the same code on any Llama."""
 
 from __future__ import annotations
 
@@ -26,12 +29,14 @@ def with_lora(model):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
-def test_dequantized_layers_give_the_4bit_outputs_bit_for_bit(quantized_base, compute_dtype):
-    quantized, tokenizer = load_saved_base(quantized_base, compute_dtype)
+def test_dequantized_layers_give_the_4bit_outputs_bit_for_bit(small_base, compute_dtype):
+    quantized, tokenizer = load_saved_base(small_base, compute_dtype)
     quantized = with_lora(quantized)
-    dense, _ = load_saved_base(quantized_base, compute_dtype)
+    dense, _ = load_saved_base(small_base, compute_dtype)
     dense = with_lora(dense)
-    assert inference.dequantize_for_inference(dense) == 210 and not linear4bit_modules(dense)
+    layers = len(linear4bit_modules(dense))  # 7 a decoder layer
+    assert layers == 7 * dense.config.num_hidden_layers
+    assert inference.dequantize_for_inference(dense) == layers and not linear4bit_modules(dense)
     batch = tokenizer(["<|im_start|>user\nhi there, long time no see<|im_end|>\n"], return_tensors="pt")
     with torch.no_grad():
         assert torch.equal(dense(**batch).logits, quantized(**batch).logits)
@@ -43,16 +48,16 @@ def test_dequantized_layers_give_the_4bit_outputs_bit_for_bit(quantized_base, co
 
 
 @pytest.mark.slow
-def test_a_block_runs_dequantized_and_gets_the_same_4bit_layers_back_after(quantized_base, monkeypatch):
+def test_a_block_runs_dequantized_and_gets_the_same_4bit_layers_back_after(small_base, monkeypatch):
     """export's reference: the 4-bit base with an adapter, dequantized for its passes only, merged after."""
-    model, tokenizer = load_saved_base(quantized_base, "float32")
+    model, tokenizer = load_saved_base(small_base, "float32")
     model = with_lora(model)
     layers = linear4bit_modules(model)
     batch = tokenizer(["<|im_start|>user\nhi there, long time no see<|im_end|>\n"], return_tensors="pt")
     with torch.no_grad():
         expected = model(**batch).logits
         with inference.dequantized(model, True) as replaced:
-            assert replaced == 210 and not linear4bit_modules(model)
+            assert replaced == len(layers) and not linear4bit_modules(model)
             assert torch.equal(model(**batch).logits, expected)
         after = linear4bit_modules(model)
         assert len(after) == len(layers) and all(a is b for a, b in zip(after, layers))  # the very layers, in place
@@ -80,8 +85,8 @@ def test_a_block_runs_dequantized_and_gets_the_same_4bit_layers_back_after(quant
 
 
 @pytest.mark.slow
-def test_auto_dequantizes_on_a_cpu_only_when_the_dense_weights_fit(quantized_base, monkeypatch):
-    model, _ = load_saved_base(quantized_base, "float32")
+def test_auto_dequantizes_on_a_cpu_only_when_the_dense_weights_fit(small_base, monkeypatch):
+    model, _ = load_saved_base(small_base, "float32")
     needed = inference.dense_bytes(model)
     assert needed == sum(m.weight.quant_state.shape.numel() for m in linear4bit_modules(model)) * 4
     monkeypatch.setattr(hardware, "free_memory_bytes", lambda: 8 * needed)
@@ -115,12 +120,12 @@ def test_a_cast_is_kept_for_the_next_layer_reading_the_same_tensor_and_made_agai
 
 
 @pytest.mark.slow
-def test_the_shared_casts_change_no_bit_of_mixed_adapter_logits_under_bfloat16_autocast(quantized_base, monkeypatch):
+def test_the_shared_casts_change_no_bit_of_mixed_adapter_logits_under_bfloat16_autocast(small_base, monkeypatch):
     """What a bfloat16 machine runs: the dense layers and the stacked LoRA updates share one cast of their input
     (and A's cast is kept); the logits must be those of every layer casting for itself, as before."""
     from qlora_pipeline.modeling import stacked_lora
 
-    model, tokenizer = load_saved_base(quantized_base, "bfloat16")
+    model, tokenizer = load_saved_base(small_base, "bfloat16")
     model = with_lora(model)
     inference.dequantize_for_inference(model)
     rows = RowAdapters(model)

@@ -40,10 +40,10 @@ def chat_params(tmp_path_factory, base_params_dict) -> Path:
 
 
 @pytest.fixture(scope="module")
-def engine_reply(quantized_base, persona_adapters, chat_params):
+def engine_reply(small_base, small_adapters, chat_params):
     """``reply(name, conversation)``: the engine's answer in this process, as chat should give it."""
-    specs = [AdapterSpec(name, str(persona_adapters[name])) for name in ("alice", "bob")]
-    persona = load_persona_model(quantized_base, specs, dequantize=True)
+    specs = [AdapterSpec(name, str(small_adapters[name])) for name in ("alice", "bob")]
+    persona = load_persona_model(small_base, specs, dequantize=True)
     settings = load_params(chat_params).chat
     engine = Engine(persona, settings)
 
@@ -56,9 +56,9 @@ def engine_reply(quantized_base, persona_adapters, chat_params):
     return reply
 
 
-def chat_command(quantized_base: Path, persona_adapters: dict, params: Path, *extra: str) -> list[str]:
-    return ["chat", "--base", str(quantized_base), "--adapter", f"alice={persona_adapters['alice']}",
-            "--adapter", f"bob={persona_adapters['bob']}", "--params", str(params), "--dequantize", "true", *extra]
+def chat_command(small_base: Path, small_adapters: dict, params: Path, *extra: str) -> list[str]:
+    return ["chat", "--base", str(small_base), "--adapter", f"alice={small_adapters['alice']}",
+            "--adapter", f"bob={small_adapters['bob']}", "--params", str(params), "--dequantize", "true", *extra]
 
 
 def spawn_chat(args: list[str], cwd: Path, parent_ignores_sigint: bool = False) -> pexpect.spawn:
@@ -97,15 +97,15 @@ def say(child: pexpect.spawn, message: str, name: str) -> str:
 
 
 def test_a_chat_session_streams_the_engines_replies_and_obeys_commands(
-        quantized_base, persona_adapters, chat_params, engine_reply, tmp_path):
-    child = spawn_chat(chat_command(quantized_base, persona_adapters, chat_params), tmp_path)
+        small_base, small_adapters, chat_params, engine_reply, tmp_path):
+    child = spawn_chat(chat_command(small_base, small_adapters, chat_params), tmp_path)
     banner = ESCAPES.sub("", child.before)
     assert "models: base, alice, bob" in banner and "talking to alice" in banner and "/help" in banner
 
     listing = send(child, "/adapters").splitlines()
-    assert listing[0].startswith("  base ") and str(quantized_base) in listing[0]
-    assert listing[1].startswith("* alice ") and listing[1].endswith(str(persona_adapters["alice"]))
-    assert listing[2].startswith("  bob ") and listing[2].endswith(str(persona_adapters["bob"]))
+    assert listing[0].startswith("  base ") and str(small_base) in listing[0]
+    assert listing[1].startswith("* alice ") and listing[1].endswith(str(small_adapters["alice"]))
+    assert listing[2].startswith("  bob ") and listing[2].endswith(str(small_adapters["bob"]))
 
     user = {"role": "user", "content": MESSAGE}
     alice = say(child, MESSAGE, "alice")
@@ -141,8 +141,8 @@ def test_a_chat_session_streams_the_engines_replies_and_obeys_commands(
     assert child.exitstatus == 0
 
 
-def test_errors_and_ctrl_c_stop_a_reply_not_the_session(quantized_base, persona_adapters, chat_params, tmp_path):
-    child = spawn_chat(chat_command(quantized_base, persona_adapters, chat_params, "--use", "bob", "--seed", "7"),
+def test_errors_and_ctrl_c_stop_a_reply_not_the_session(small_base, small_adapters, chat_params, tmp_path):
+    child = spawn_chat(chat_command(small_base, small_adapters, chat_params, "--use", "bob", "--seed", "7"),
                        tmp_path, parent_ignores_sigint=True)  # Ctrl-C must work all the same
     assert "talking to bob" in child.before
 
@@ -166,8 +166,8 @@ def test_errors_and_ctrl_c_stop_a_reply_not_the_session(quantized_base, persona_
     assert child.exitstatus == 0
 
 
-def test_the_base_alone_starts_on_base_and_ctrl_d_leaves(quantized_base, chat_params, tmp_path):
-    child = spawn_chat(["chat", "--base", str(quantized_base), "--params", str(chat_params)], tmp_path)
+def test_the_base_alone_starts_on_base_and_ctrl_d_leaves(small_base, chat_params, tmp_path):
+    child = spawn_chat(["chat", "--base", str(small_base), "--params", str(chat_params)], tmp_path)
     assert "models: base | talking to base" in child.before
     child.sendeof()
     child.expect(pexpect.EOF)
@@ -179,9 +179,9 @@ def test_the_base_alone_starts_on_base_and_ctrl_d_leaves(quantized_base, chat_pa
     (["--use", "carol"], "error: --use carol: no such model; the models are base, alice, bob"),
     (["--adapter", "ghost=no/such/folder"], "error: no/such/folder: no such adapter folder"),
 ])
-def test_a_bad_command_line_exits_1_with_a_clear_error(quantized_base, persona_adapters, chat_params, tmp_path,
+def test_a_bad_command_line_exits_1_with_a_clear_error(small_base, small_adapters, chat_params, tmp_path,
                                                        extra, message):
-    proc = subprocess.run([str(BIN / "qlora-pipeline"), *chat_command(quantized_base, persona_adapters, chat_params),
+    proc = subprocess.run([str(BIN / "qlora-pipeline"), *chat_command(small_base, small_adapters, chat_params),
                            *extra], cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True,
                           text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL)
     assert proc.returncode == 1, proc.stdout + proc.stderr

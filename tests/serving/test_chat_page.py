@@ -1,8 +1,9 @@
 """serve's chat page in a real headless Chromium: streamed replies, model switching, side by side, save and
 open, text never taken as markup, the API key asked for and kept in the tab's session, nothing from elsewhere.
 
-The server is the real one (uvicorn on 127.0.0.1, the real 4-bit SmolLM2-135M with two persona
-adapters). Screenshots of each step land in the test's own tmp folder (printed).
+The server is the real one (uvicorn on 127.0.0.1), over test_server's 4-bit base with two persona adapters
+(`small_base`: the real tokenizer and chat template on a small random Llama). Screenshots of each step land in
+the test's own tmp folder (printed).
 """
 
 from __future__ import annotations

@@ -28,9 +28,9 @@ PLAIN = ChatConfig(temperature=0.0, top_k=0, repetition_penalty=1.0, no_repeat_n
 
 
 @pytest.fixture(scope="module")
-def persona(quantized_base, persona_adapters):
-    specs = [AdapterSpec(name, str(path)) for name, path in persona_adapters.items()]
-    return load_persona_model(quantized_base, specs)
+def persona(small_base, small_adapters):
+    specs = [AdapterSpec(name, str(path)) for name, path in small_adapters.items()]
+    return load_persona_model(small_base, specs)
 
 
 def _ids(persona, name: str, text: str) -> list[int]:
@@ -63,7 +63,7 @@ def test_a_jobs_top_k_of_0_is_off_and_only_an_unset_one_takes_the_default(person
     assert top_ks == [50, 0, 7]
 
 
-def test_every_adapter_is_a_model_name_over_one_base(persona, persona_adapters):
+def test_every_adapter_is_a_model_name_over_one_base(persona, small_adapters):
     assert persona.names == ["base", "alice", "bob", "carol"]
     assert persona.system_prompt("bob") == "You are bob. Reply in your own voice."
     # One base: the 4-bit (or once-dequantized) base layers are shared by every adapter.
@@ -176,26 +176,26 @@ def test_history_is_cut_from_the_left_to_fit(persona):
         fit_history(tokenizer, [{"role": "user", "content": "word " * 400}], budget=50)
 
 
-def test_adapters_of_another_base_or_a_full_model_are_refused(quantized_base, persona_adapters, tmp_path):
+def test_adapters_of_another_base_or_a_full_model_are_refused(small_base, small_adapters, tmp_path):
     other = tmp_path / "other"
-    shutil.copytree(persona_adapters["alice"], other)
+    shutil.copytree(small_adapters["alice"], other)
     config = json.loads((other / "training_config.json").read_text())
     config["base_fingerprint"] = "sha256:" + "0" * 64
     (other / "training_config.json").write_text(json.dumps(config))
     with pytest.raises(PipelineError, match=r"adapter 'other' \(.*other\) was trained on base sha256:0000.*"
                                             r"not on the loaded base"):
-        load_persona_model(quantized_base, [AdapterSpec("alice", str(persona_adapters["alice"])),
+        load_persona_model(small_base, [AdapterSpec("alice", str(small_adapters["alice"])),
                                             AdapterSpec("other", str(other))])
     full = tmp_path / "full"
     full.mkdir()
     (full / "config.json").write_text("{}")
     with pytest.raises(PipelineError, match="full fine-tuned model, not an adapter"):
-        load_persona_model(quantized_base, [AdapterSpec("full", str(full))])
+        load_persona_model(small_base, [AdapterSpec("full", str(full))])
     with pytest.raises(PipelineError, match="no such adapter folder"):
-        load_persona_model(quantized_base, [AdapterSpec("gone", str(tmp_path / "gone"))])
+        load_persona_model(small_base, [AdapterSpec("gone", str(tmp_path / "gone"))])
 
 
-def test_a_past_runs_adapter_is_fetched_from_mlflow_and_listed(quantized_base, persona_adapters, tmp_path,
+def test_a_past_runs_adapter_is_fetched_from_mlflow_and_listed(small_base, small_adapters, tmp_path,
                                                                 base_params_dict, capsys):
     """``runs:/<run_id>/adapter`` as evaluate logs it: downloaded from the store, then served like a folder."""
     import argparse
@@ -210,21 +210,21 @@ def test_a_past_runs_adapter_is_fetched_from_mlflow_and_listed(quantized_base, p
     run = client.create_run(experiment, tags={"dvc.exp_name": "rank-8"})
     client.log_param(run.info.run_id, "train.lora.r", "8")
     client.log_metric(run.info.run_id, "eval.rougeL.tuned", 0.0812)
-    client.log_artifacts(run.info.run_id, str(persona_adapters["bob"]), artifact_path="adapter")
+    client.log_artifacts(run.info.run_id, str(small_adapters["bob"]), artifact_path="adapter")
     client.set_terminated(run.info.run_id)
     empty = client.create_run(experiment)  # a run that stopped before evaluate: no adapter, not listed
     client.set_terminated(empty.info.run_id)
 
     source = f"runs:/{run.info.run_id}/adapter"
-    persona = load_persona_model(quantized_base, [AdapterSpec("alice", str(persona_adapters["alice"])),
+    persona = load_persona_model(small_base, [AdapterSpec("alice", str(small_adapters["alice"])),
                                                   AdapterSpec("bob", source)],
                                  tracking_uri=uri, downloads=tmp_path / "downloads")
     assert persona.adapters["bob"].source == source and persona.system_prompt("bob").startswith("You are bob")
     from_run = _greedy(Engine(persona, PLAIN), [("bob", PROMPTS[0])])
-    folder = load_persona_model(quantized_base, [AdapterSpec("bob", str(persona_adapters["bob"]))])
+    folder = load_persona_model(small_base, [AdapterSpec("bob", str(small_adapters["bob"]))])
     assert from_run == _greedy(Engine(folder, PLAIN), [("bob", PROMPTS[0])])
     with pytest.raises(PipelineError, match=r"runs:/0000/adapter: could not fetch it from the MLflow store"):
-        load_persona_model(quantized_base, [AdapterSpec("x", "runs:/0000/adapter")], tracking_uri=uri)
+        load_persona_model(small_base, [AdapterSpec("x", "runs:/0000/adapter")], tracking_uri=uri)
 
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(set_dotted(copy.deepcopy(base_params_dict), {"mlflow.tracking_uri": uri})))
@@ -258,9 +258,9 @@ def test_stacked_lora_computes_what_peft_mixed_batches_compute(persona):
     assert torch.equal(after, peft)  # the hooks are gone and the adapters are on again
 
 
-def test_peft_mixed_batches_remain_available(quantized_base, persona_adapters):
-    specs = [AdapterSpec(name, str(path)) for name, path in persona_adapters.items()]
-    peft = load_persona_model(quantized_base, specs[:2], mixed_batches="peft")
+def test_peft_mixed_batches_remain_available(small_base, small_adapters):
+    specs = [AdapterSpec(name, str(path)) for name, path in small_adapters.items()]
+    peft = load_persona_model(small_base, specs[:2], mixed_batches="peft")
     assert peft.stacked is None
     pairs = [("alice", PROMPTS[0]), ("bob", PROMPTS[1]), ("base", PROMPTS[2])]
     assert _greedy(Engine(peft, PLAIN), pairs) == [_greedy(Engine(peft, PLAIN), [pair])[0] for pair in pairs]

@@ -25,7 +25,7 @@ from qlora_pipeline.serving.server import Settings, create_app
 
 from conftest import BIN, pipeline_env
 from test_server import DEFAULTS, KEY, free_port, metric, serving
-from test_server import persona  # noqa: F401 - the server module's fixture: alice and bob over the real base
+from test_server import persona  # noqa: F401 - the server module's fixture: alice and bob over small_base
 
 pytestmark = pytest.mark.slow
 
@@ -138,7 +138,8 @@ def test_metrics_count_what_was_served_behind_the_key(persona):
 
 @pytest.fixture(scope="module")
 def served(quantized_base, persona_adapters, tmp_path_factory):
-    """`qlora-pipeline serve` as a user starts it, with runtime adapters under a root holding carol."""
+    """`qlora-pipeline serve` as a user starts it, with runtime adapters under a root holding carol, over the real
+    4-bit SmolLM2-135M: the soak's memory and the drain at SIGTERM are the real model's."""
     import shutil
 
     root = tmp_path_factory.mktemp("served")
