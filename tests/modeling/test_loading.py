@@ -50,11 +50,11 @@ def test_plain_from_pretrained_keeps_the_quantization(quantized_base):
     assert model.is_loaded_in_4bit and len(linear4bit_modules(model)) == 210
 
 
-def test_cpu_repack_trap_is_guarded(quantized_base, tmp_path):
+def test_cpu_repack_trap_is_guarded(small_base, tmp_path):
     """An eval forward under no_grad must not change what a later save writes (see quantization.py)."""
     import bitsandbytes.functional as bnbf
 
-    model, tokenizer = load_saved_base(quantized_base)
+    model, tokenizer = load_saved_base(small_base)
     before = logits(model)  # eval + no_grad: the forward that would repack
     model._weight_conversions = None  # re-saving a model loaded pre-quantized (transformers 5)
     model.save_pretrained(tmp_path / "resaved")
@@ -64,7 +64,7 @@ def test_cpu_repack_trap_is_guarded(quantized_base, tmp_path):
     assert torch.equal(logits(model), before)
 
     if bnbf.has_avx512bf16():  # show that the guard matters where the fast path exists
-        trapped, _ = load_saved_base(quantized_base)
+        trapped, _ = load_saved_base(small_base)
         for layer in linear4bit_modules(trapped):
             layer.support_avx512bf16_for_cpu = True
         logits(trapped)

@@ -58,7 +58,7 @@ def shorter_prompt_sets(folder: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def risk_run(tmp_path_factory, quantized_base, persona_adapters, base_params_dict):
+def risk_run(tmp_path_factory, small_base, small_adapters, base_params_dict):
     """One run with two gates: one that holds (the e-mail) and one that does not (memorization)."""
     from conftest import make_params
     from qlora_pipeline.pipeline.risk import run_risk
@@ -73,7 +73,7 @@ def risk_run(tmp_path_factory, quantized_base, persona_adapters, base_params_dic
     metrics, report = folder / "out" / "risk.json", folder / "out" / "risk.md"
     with pytest.raises(PipelineError) as err, pytest.MonkeyPatch.context() as patch:
         patch.setattr(probes, "PROMPTS", shorter_prompt_sets(folder))
-        run_risk(params, quantized_base, persona_adapters["alice"], inputs["train"], inputs["samples"],
+        run_risk(params, small_base, small_adapters["alice"], inputs["train"], inputs["samples"],
                  inputs["canaries"], inputs["stages"], metrics, report, folder / "out" / "replies.csv")
     with (folder / "out" / "replies.csv").open(newline="", encoding="utf-8") as handle:
         replies = list(csv.DictReader(handle))
