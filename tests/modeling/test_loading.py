@@ -1,4 +1,5 @@
-"""quantize-load: real NF4 quantization of the real base, the CPU repack trap, sources and bad input."""
+"""quantize-load: real NF4 quantization of the real base, the CPU repack trap (on `small_base`), sources and bad
+input."""
 
 from __future__ import annotations
 

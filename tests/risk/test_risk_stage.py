@@ -1,4 +1,4 @@
-"""The risk stage end to end on the real 4-bit base with a random adapter: reports written, then the gates."""
+"""The risk stage end to end on `small_base` with a random adapter: reports written, then the gates."""
 
 from __future__ import annotations
 

@@ -31,6 +31,14 @@ def run(tmp_path_factory, quantized_base, trained_size_adapters) -> dict[str, Pa
     return {"base": quantized_base, "adapter": trained_size_adapters["alice"], "test": split}
 
 
+@pytest.fixture(scope="module")
+def small_run(run, small_base, small_adapters) -> dict[str, Path]:
+    """The refusals' export: an adapter on `small_base` (the real tokenizer and chat template on a small random
+    Llama). What they check is the header the converter writes from the tokenizer, and what the export does not run
+    once it refuses; the real model would only make the copy, merge and conversion they make slower."""
+    return {**run, "base": small_base, "adapter": small_adapters["alice"]}
+
+
 def _export(run: dict, out: Path, fmt: str, quant: str, *extra: str) -> int:
     return cli.main(["export", "--format", fmt, "--quant", quant, "--adapter", f"alice={run['adapter']}",
                      "--out", str(out), "--base", str(run["base"]), "--test", str(run["test"]),
@@ -167,7 +175,7 @@ def _never(what: str):
     return fail
 
 
-def test_a_file_with_another_end_token_and_no_trained_system_prompt_is_refused_naming_both(run, tmp_path,
+def test_a_file_with_another_end_token_and_no_trained_system_prompt_is_refused_naming_both(small_run, tmp_path,
                                                                                             monkeypatch, capsys):
     """One export refuses the file and names both faults, each found on its own
     (test_chat_field_problems_are_each_found_alone), from the header alone: before the dense copy, the merge and
@@ -175,7 +183,7 @@ def test_a_file_with_another_end_token_and_no_trained_system_prompt_is_refused_n
     _wrong_end_token(monkeypatch)
     monkeypatch.setattr(gguf, "dequantized_copy", _never("the float32 copy for the merge"))
     monkeypatch.setattr(gguf, "build_reference", _never("the reference's forward passes"))
-    message = _refused(capsys, run, tmp_path / "broken", "gguf", "f16")
+    message = _refused(capsys, small_run, tmp_path / "broken", "gguf", "f16")
     assert "alice's GGUF header (before the merge): its end-of-turn token is '<|im_start|>' (id 1)" in message
     assert "never end a reply" in message
     assert "; and a chat without a system message does not get the trained system prompt" in message
@@ -183,7 +191,7 @@ def test_a_file_with_another_end_token_and_no_trained_system_prompt_is_refused_n
 
 
 def test_where_the_converter_cannot_write_the_header_alone_the_converted_file_is_checked_and_refused(
-        run, tmp_path, monkeypatch, capsys):
+        small_run, tmp_path, monkeypatch, capsys):
     """An architecture whose converter needs the weights even for the vocabulary: the vocabulary-only conversion
     fails, the export says so and goes on, and the check of the converted float32 file refuses it, before
     quantizing and before the reference's forward passes."""
@@ -197,7 +205,7 @@ def test_where_the_converter_cannot_write_the_header_alone_the_converted_file_is
         converter(script, args)
 
     monkeypatch.setattr(gguf, "run_converter", no_vocabulary_alone)
-    message = _refused(capsys, run, tmp_path / "broken", "gguf", "f16")
+    message = _refused(capsys, small_run, tmp_path / "broken", "gguf", "f16")
     note = ("note: alice's GGUF header (before the merge): the vocabulary-only conversion failed, so the end token "
             "and chat template are checked on the converted file instead (llama.cpp's convert_hf_to_gguf.py failed")
     assert note in message
@@ -205,7 +213,7 @@ def test_where_the_converter_cannot_write_the_header_alone_the_converted_file_is
     assert "; and a chat without a system message does not get the trained system prompt" in message
 
 
-def test_a_lora_for_a_base_converted_here_is_refused_before_the_base_is_converted(run, tmp_path, monkeypatch,
+def test_a_lora_for_a_base_converted_here_is_refused_before_the_base_is_converted(small_run, tmp_path, monkeypatch,
                                                                                    capsys):
     """gguf-lora on a base that came from safetensors converts the base's dequantized weights first: a header the
     checks refuse stops it before that copy and conversion."""
@@ -213,7 +221,7 @@ def test_a_lora_for_a_base_converted_here_is_refused_before_the_base_is_converte
     monkeypatch.setattr(gguf, "own_base_gguf", lambda resolved: None)  # as for a base from safetensors
     monkeypatch.setattr(gguf, "dequantized_copy", _never("the base's float32 copy"))
     monkeypatch.setattr(gguf, "build_reference", _never("the reference's forward passes"))
-    message = _refused(capsys, run, tmp_path / "broken-lora", "gguf-lora", "f16")
+    message = _refused(capsys, small_run, tmp_path / "broken-lora", "gguf-lora", "f16")
     assert "the base's GGUF header (before its conversion): its end-of-turn token is '<|im_start|>'" in message
     assert "; and a chat without a system message does not get the trained system prompt" in message
 

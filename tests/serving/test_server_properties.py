@@ -1,4 +1,4 @@
-"""Property tests of every route of serve, over the real server (uvicorn on 127.0.0.1, the real 4-bit base).
+"""Property tests of every route of serve, over the real server (uvicorn on 127.0.0.1, over `small_base`).
 
 Any JSON (any nesting, any numbers, NaN and huge integers), any field value in the shape of the
 app's own request models, any text (lone surrogates, NULs, bidi and combining marks), any bytes and
