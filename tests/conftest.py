@@ -587,9 +587,8 @@ def persona_adapters(tmp_path_factory, quantized_base, base_params_dict) -> dict
 
 @pytest.fixture(scope="session")
 def small_base(tmp_path_factory, quantized_base, base_params_dict) -> Path:
-    """A random Llama of the real model's tokenizer, layout and 4-bit quantization, a tenth of its size
-    (a twentieth of its work per token),
-    quantized by the quantize-load stage (built once per test run).
+    """A random Llama of the real model's tokenizer, layout and 4-bit quantization at a nineteenth of its size
+    (7.1M weights), quantized by the quantize-load stage (built once per test run).
 
     For the tests that hold the engine's rows to generate()'s tokens and the server's replies to the engine's:
     what they check (scheduling, padding, caches, per-row adapters and decoding) is the same code on any Llama,

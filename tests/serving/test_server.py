@@ -50,7 +50,7 @@ def serving(app):
 @pytest.fixture(scope="module")
 def persona(small_base, small_adapters):
     """alice and bob over `small_base`: what these tests hold the server to (its replies are the engine's, its
-    errors, limits and streams) is the same on any Llama of the real tokenizer, at a twentieth of the work."""
+    errors, limits and streams) is the same on any Llama of the real tokenizer, at a nineteenth of the work."""
     return load_persona_model(small_base, [AdapterSpec("alice", str(small_adapters["alice"])),
                                            AdapterSpec("bob", str(small_adapters["bob"]))])
 
