@@ -180,7 +180,7 @@ def test_the_base_alone_starts_on_base_and_ctrl_d_leaves(small_base, chat_params
     (["--adapter", "ghost=no/such/folder"], "error: no/such/folder: no such adapter folder"),
 ])
 def test_a_bad_command_line_exits_1_with_a_clear_error(small_base, small_adapters, chat_params, tmp_path,
-                                                       extra, message):
+                                                      extra, message):
     proc = subprocess.run([str(BIN / "qlora-pipeline"), *chat_command(small_base, small_adapters, chat_params),
                            *extra], cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True,
                           text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL)

@@ -63,7 +63,7 @@ def test_a_jobs_top_k_of_0_is_off_and_only_an_unset_one_takes_the_default(person
     assert top_ks == [50, 0, 7]
 
 
-def test_every_adapter_is_a_model_name_over_one_base(persona, small_adapters):
+def test_every_adapter_is_a_model_name_over_one_base(persona):
     assert persona.names == ["base", "alice", "bob", "carol"]
     assert persona.system_prompt("bob") == "You are bob. Reply in your own voice."
     # One base: the 4-bit (or once-dequantized) base layers are shared by every adapter.
@@ -185,7 +185,7 @@ def test_adapters_of_another_base_or_a_full_model_are_refused(small_base, small_
     with pytest.raises(PipelineError, match=r"adapter 'other' \(.*other\) was trained on base sha256:0000.*"
                                             r"not on the loaded base"):
         load_persona_model(small_base, [AdapterSpec("alice", str(small_adapters["alice"])),
-                                            AdapterSpec("other", str(other))])
+                                        AdapterSpec("other", str(other))])
     full = tmp_path / "full"
     full.mkdir()
     (full / "config.json").write_text("{}")
@@ -196,7 +196,7 @@ def test_adapters_of_another_base_or_a_full_model_are_refused(small_base, small_
 
 
 def test_a_past_runs_adapter_is_fetched_from_mlflow_and_listed(small_base, small_adapters, tmp_path,
-                                                                base_params_dict, capsys):
+                                                               base_params_dict, capsys):
     """``runs:/<run_id>/adapter`` as evaluate logs it: downloaded from the store, then served like a folder."""
     import argparse
 
@@ -217,7 +217,7 @@ def test_a_past_runs_adapter_is_fetched_from_mlflow_and_listed(small_base, small
 
     source = f"runs:/{run.info.run_id}/adapter"
     persona = load_persona_model(small_base, [AdapterSpec("alice", str(small_adapters["alice"])),
-                                                  AdapterSpec("bob", source)],
+                                              AdapterSpec("bob", source)],
                                  tracking_uri=uri, downloads=tmp_path / "downloads")
     assert persona.adapters["bob"].source == source and persona.system_prompt("bob").startswith("You are bob")
     from_run = _greedy(Engine(persona, PLAIN), [("bob", PROMPTS[0])])

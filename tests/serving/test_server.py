@@ -512,7 +512,7 @@ def test_runtime_adapters_off_and_the_api_key(persona, engine, roots):
 
 
 def test_the_serve_command_listens_on_localhost_with_a_key_from_the_environment(small_base, small_adapters,
-                                                                                 tmp_path):
+                                                                                tmp_path):
     port = free_port()
     env = {**pipeline_env(), "QLORA_PIPELINE_API_KEY": KEY}
     # `timeout`: the server stops by itself even if this test dies before its cleanup.
