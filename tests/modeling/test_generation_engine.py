@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from qlora_pipeline.modeling.engine import GREEDY, Engine, Request, SlotCache, chat_prompt_ids
+from qlora_pipeline.modeling.engine import GREEDY, Engine, Request, SlotCache, chat_prompt_ids, prefill_chunks
 from qlora_pipeline.modeling.sampling import RowDecoding
 from qlora_pipeline.serving.models import AdapterSpec, load_persona_model
 
@@ -234,6 +234,50 @@ def test_rows_sharing_an_adapter_and_a_prompt_are_prefilled_once(persona, prompt
     alone = [engine_for(persona).run([request])[0] for request in requests]
     assert [r.token_ids for r in shared] == [r.token_ids for r in alone]
     assert shared[1].token_ids != shared[2].token_ids  # two seeds, two samples
+
+
+def _cost(widths: list[int], runs: list[range], overhead: int) -> int:
+    return sum(len(run) * widths[run.stop - 1] + overhead for run in runs)
+
+
+def test_prefill_chunks_cut_where_padding_costs_more_than_a_forward_and_never_pass_the_limit():
+    import itertools
+    import random
+
+    rng = random.Random(0)
+    for _ in range(200):
+        widths = sorted(rng.randint(1, 60) for _ in range(rng.randint(1, 9)))
+        limit, overhead = rng.choice([40, 120, 400]), rng.choice([0, 8, 48])
+        runs = prefill_chunks(widths, limit, overhead)
+        assert [i for run in runs for i in run] == list(range(len(widths)))  # every row once, in order
+        assert all(len(run) == 1 or len(run) * widths[run.stop - 1] <= limit for run in runs)
+        best = None  # every way of cutting the sorted rows into runs that fit
+        for cuts in itertools.product((False, True), repeat=len(widths) - 1):
+            edges = [0, *(i + 1 for i, cut in enumerate(cuts) if cut), len(widths)]
+            candidate = [range(a, b) for a, b in zip(edges, edges[1:])]
+            if all(len(r) == 1 or len(r) * widths[r.stop - 1] <= limit for r in candidate):
+                cost = _cost(widths, candidate, overhead)
+                best = cost if best is None else min(best, cost)
+        assert _cost(widths, runs, overhead) == best, (widths, limit, overhead)
+    # Short prompts and long ones: one forward each, not the short ones padded to the long ones' width.
+    assert prefill_chunks([10] * 8 + [100] * 4, 2048, 48) == [range(0, 8), range(8, 12)]
+    assert prefill_chunks([10] * 8 + [100] * 4, 2048, 10 ** 6) == [range(0, 12)]  # a forward costlier than padding
+    assert prefill_chunks([3000, 3000], 2048, 48) == [range(0, 1), range(1, 2)]  # wider than the limit: alone
+
+
+def test_prompts_of_two_lengths_are_prefilled_apart_and_give_the_same_tokens(persona):
+    """Four short prompts and four long ones: two forwards, neither padded to the other's width."""
+    texts = ["hi", "yo", "hey", "sup"] + [f"{word} " * 40 for word in ("tell", "me", "more", "now")]
+    prompts = chat_prompt_ids(persona.tokenizer, [[{"role": "user", "content": text}] for text in texts])
+    requests = [Request(ids, None, max_new_tokens=4) for ids in prompts]
+    engine = engine_for(persona, max_batch_size=8)
+    together = engine.run(requests)
+    shared = engine.stats.shared_prefix_tokens // len(requests)  # the template's opening, run once beforehand
+    widths = [len(ids) - shared for ids in prompts]
+    assert engine.stats.prefills == 2
+    assert engine.stats.prefill_padded_tokens == 4 * max(widths[:4]) + 4 * max(widths[4:]) < 8 * max(widths)
+    alone = [engine_for(persona).run([request])[0] for request in requests]
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
 
 
 def test_a_seeded_row_gives_the_same_tokens_whatever_it_is_batched_with(persona, prompt_ids):

@@ -50,6 +50,10 @@ logger = logging.getLogger(__name__)
 _STOP = object()
 # A shared prefix shorter than this is run with each prompt: copying it would save less than it costs.
 MIN_SHARED_PREFIX = 8
+# A prefill forward's fixed cost in prompt tokens: it reads every weight once whatever it holds (a 135M
+# model's 0.5 GB of float32 against ~1 ms a token on two cores). Where padding costs more than this, the
+# prompts are split into another forward (prefill_chunks).
+PREFILL_OVERHEAD_TOKENS = 48
 
 
 def row_decoding(setting: DecodingSetting) -> RowDecoding:
@@ -409,6 +413,33 @@ def _input_length(group: list[_Row]) -> int:
     return len(group[0].request.prompt_ids) + max(len(row.request.score_ids) for row in group)
 
 
+def prefill_chunks(widths: Sequence[int], limit: int, overhead: int = PREFILL_OVERHEAD_TOKENS) -> list[range]:
+    """Consecutive runs of ``widths`` (sorted ascending) to prefill together, padding as little as it pays.
+
+    A run is padded to its widest: it costs ``len(run) * run[-1]`` tokens, plus ``overhead`` for its
+    forward, and holds at most ``limit`` tokens (a single wider row is a run alone). Cutting where
+    the widths jump beats filling each forward to ``limit``: evaluate's prompts were padded by 15%
+    that way. Exact, by dynamic programming over the cut points (the runs of an optimal
+    partition of sorted widths are consecutive); quadratic in the rows, a few hundred at most.
+    """
+    count = len(widths)
+    best, cut = [0] + [0] * count, [0] * (count + 1)
+    for end in range(1, count + 1):
+        best[end] = -1
+        for start in range(end - 1, -1, -1):
+            padded = (end - start) * widths[end - 1]
+            if padded > limit and end - start > 1:
+                break  # longer runs only hold more
+            cost = best[start] + padded + overhead
+            if best[end] < 0 or cost < best[end]:
+                best[end], cut[end] = cost, start
+    runs, end = [], count
+    while end:
+        runs.append(range(cut[end], end))
+        end = cut[end]
+    return runs[::-1]
+
+
 def _room(request: Request) -> int:
     """Cache positions a request needs: its prompt, then its reply or its scored continuation, whichever is longer."""
     return len(request.prompt_ids) + max(request.max_new_tokens, len(request.score_ids)) + 1
@@ -687,15 +718,8 @@ class Engine:
             groups.setdefault((request.adapter, tuple(request.prompt_ids)), []).append(row)
         leaders = sorted(groups.values(), key=_input_length)
         self.cache.reserve(max(_room(r) for _, r in taken))
-        chunk: list[list[_Row]] = []
-        for group in leaders:
-            width = _input_length(group)
-            if chunk and (len(chunk) + 1) * width > self.prefill_tokens:
-                self._prefill_chunk(chunk)
-                chunk = []
-            chunk.append(group)
-        if chunk:
-            self._prefill_chunk(chunk)
+        for run in prefill_chunks([_input_length(group) for group in leaders], self.prefill_tokens):
+            self._prefill_chunk(leaders[run.start:run.stop])
         self.stats.prefill_seconds += time.perf_counter() - started
         finished = [i for i, row in enumerate(self.rows) if row.finished]
         return self._remove(finished)
