@@ -50,9 +50,9 @@ logger = logging.getLogger(__name__)
 _STOP = object()
 # A shared prefix shorter than this is run with each prompt: copying it would save less than it costs.
 MIN_SHARED_PREFIX = 8
-# A prefill forward's fixed cost in prompt tokens: it reads every weight once whatever it holds (a 135M
-# model's 0.5 GB of float32 against ~1 ms a token on two cores). Where padding costs more than this, the
-# prompts are split into another forward (prefill_chunks).
+# A prefill forward's fixed cost, in prompt tokens' work: every forward reads each weight once whatever it holds
+# (a 135M model's 0.5 GB in float32: tens of ms on two cores, where a prompt token costs about 1 ms). Where
+# padding would cost more, prompts go into another forward (prefill_chunks). 16 and 128 timed alike on evaluate's rows.
 PREFILL_OVERHEAD_TOKENS = 48
 
 
