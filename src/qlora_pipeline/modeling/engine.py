@@ -53,6 +53,7 @@ MIN_SHARED_PREFIX = 8
 # A prefill forward's fixed cost, in prompt tokens' work: every forward reads each weight once whatever it holds
 # (a 135M model's 0.5 GB in float32: tens of ms on two cores, where a prompt token costs about 1 ms). Where
 # padding would cost more, prompts go into another forward (prefill_chunks). 16 and 128 timed alike on evaluate's rows.
+# Set on a CPU; on a GPU a forward's fixed cost is a larger share, but the few forwards more cost milliseconds.
 PREFILL_OVERHEAD_TOKENS = 48
 
 
