@@ -50,11 +50,11 @@ logger = logging.getLogger(__name__)
 _STOP = object()
 # A shared prefix shorter than this is run with each prompt: copying it would save less than it costs.
 MIN_SHARED_PREFIX = 8
-# A prefill forward's fixed cost, in prompt tokens' work: every forward reads each weight once whatever it holds
-# (a 135M model's 0.5 GB in float32: tens of ms on two cores, where a prompt token costs about 1 ms). Where
-# padding would cost more, prompts go into another forward (prefill_chunks). 16 and 128 timed alike on evaluate's rows.
-# Set on a CPU; on a GPU a forward's fixed cost is a larger share, but the few forwards more cost milliseconds.
-PREFILL_OVERHEAD_TOKENS = 48
+# A prefill forward's fixed cost, in prompt tokens' work, by the dtype it computes in (prefill_overhead). Every
+# forward reads each weight once whatever it holds, and in 16 bits on AMX or a GPU also lays it out for the tiles,
+# while a token costs less there: measured on evaluate's rows and choose-decoding's grid (docs/benchmarks.md),
+# 48 was best of 48/128/256/unbounded in float32 (AVX2) and 256 in bfloat16 (AMX), where 48 lost 0.4 s of 3.
+PREFILL_OVERHEAD_TOKENS = {"float32": 48, "16-bit": 256}
 
 
 def row_decoding(setting: DecodingSetting) -> RowDecoding:
@@ -414,7 +414,7 @@ def _input_length(group: list[_Row]) -> int:
     return len(group[0].request.prompt_ids) + max(len(row.request.score_ids) for row in group)
 
 
-def prefill_chunks(widths: Sequence[int], limit: int, overhead: int = PREFILL_OVERHEAD_TOKENS) -> list[range]:
+def prefill_chunks(widths: Sequence[int], limit: int, overhead: int) -> list[range]:
     """Consecutive runs of ``widths`` (sorted ascending) to prefill together, padding as little as it pays.
 
     A run is padded to its widest: it costs ``len(run) * run[-1]`` tokens, plus ``overhead`` for its
@@ -439,6 +439,11 @@ def prefill_chunks(widths: Sequence[int], limit: int, overhead: int = PREFILL_OV
         runs.append(range(cut[end], end))
         end = cut[end]
     return runs[::-1]
+
+
+def prefill_overhead(dtype: torch.dtype) -> int:
+    """A prefill forward's fixed cost in prompt tokens when computing in ``dtype`` (``PREFILL_OVERHEAD_TOKENS``)."""
+    return PREFILL_OVERHEAD_TOKENS["16-bit" if dtype in (torch.bfloat16, torch.float16) else "float32"]
 
 
 def _room(request: Request) -> int:
@@ -719,7 +724,8 @@ class Engine:
             groups.setdefault((request.adapter, tuple(request.prompt_ids)), []).append(row)
         leaders = sorted(groups.values(), key=_input_length)
         self.cache.reserve(max(_room(r) for _, r in taken))
-        for run in prefill_chunks([_input_length(group) for group in leaders], self.prefill_tokens):
+        overhead = prefill_overhead(self._compute_dtype)
+        for run in prefill_chunks([_input_length(group) for group in leaders], self.prefill_tokens, overhead):
             self._prefill_chunk(leaders[run.start:run.stop])
         self.stats.prefill_seconds += time.perf_counter() - started
         finished = [i for i, row in enumerate(self.rows) if row.finished]
@@ -865,6 +871,16 @@ class Engine:
         if self._device_of[0] is not model:
             self._device_of = (model, next(model.parameters()).device)
         return self._device_of[1]
+
+    @property
+    def _compute_dtype(self) -> torch.dtype:
+        """What the forwards compute in: autocast's dtype where it is on (the engine's forwards run inside it),
+        else the input embeddings' (a 4-bit base keeps them in its compute dtype)."""
+        device = self._device.type
+        if torch.is_autocast_enabled(device):
+            return torch.get_autocast_dtype(device)
+        embeddings = getattr(self.model, "get_input_embeddings", lambda: None)()
+        return embeddings.weight.dtype if embeddings is not None else torch.float32
 
     def _ensure_sampler(self, vocabulary: int) -> None:
         if self.sampler is None or self.sampler.vocabulary != vocabulary:
