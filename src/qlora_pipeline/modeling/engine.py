@@ -51,9 +51,9 @@ _STOP = object()
 # A shared prefix shorter than this is run with each prompt: copying it would save less than it costs.
 MIN_SHARED_PREFIX = 8
 # A prefill forward's fixed cost, in prompt tokens' work, by the dtype it computes in (prefill_overhead). Every
-# forward reads each weight once whatever it holds, and in 16 bits on AMX or a GPU also lays it out for the tiles,
-# while a token costs less there: measured on evaluate's rows and choose-decoding's grid (docs/benchmarks.md),
-# 48 was best of 48/128/256/unbounded in float32 (AVX2) and 256 in bfloat16 (AMX), where 48 lost 0.4 s of 3.
+# forward reads each weight once whatever it holds; in 16 bits (AMX, GPUs) a token costs a fraction of float32's
+# and a forward's fixed cost does not fall with it. On evaluate's rows and choose-decoding's grid
+# (docs/benchmarks.md) 48 was best of 48/128/256/unbounded in float32 (AVX2) and 256 in bfloat16 (AMX).
 PREFILL_OVERHEAD_TOKENS = {"float32": 48, "16-bit": 256}
 
 
