@@ -12,6 +12,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import yaml
 
 from conftest import ROOT
@@ -166,6 +167,37 @@ def test_a_stage_imports_what_it_names_and_the_database_store_only_for_a_databas
     assert asked == [["json", *TRACKING, DATABASE_STORE], ["json", *TRACKING, DATABASE_STORE], ["json", *TRACKING],
                      ["json", *TRACKING]]
     assert ran == [1, 2, 3, 4]  # each stage ran after its imports
+
+
+def test_a_params_error_in_a_workspace_experiment_says_how_to_get_back(tmp_path, monkeypatch, capsys):
+    """`dvc exp run -S train.lora.r=abc` leaves the bad value in params.yaml: the stage's error says so, and how to
+    restore it; in a queued experiment's copy (under .dvc/tmp) and in a plain `dvc repro` it says nothing more."""
+    from qlora_pipeline.pipeline import common
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["train"]["lora"]["r"] = "abc"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    queued = tmp_path / ".dvc" / "tmp" / "exps" / "run" / "abc123"
+    queued.mkdir(parents=True)
+    (queued / "params.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.setattr(common, "run_in_fork", lambda wait: pytest.fail("a stage whose params are bad runs nothing"))
+    monkeypatch.setattr(common, "keep_freed_memory", lambda: True)  # the worker's allocator stays as it is
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "0")  # what stage_main sets, undone after the test
+    said = {}
+    for case, cwd, env in (("workspace experiment", tmp_path, {"DVC_EXP_NAME": "sappy-lobe", "DVC_ROOT": tmp_path}),
+                           ("queued experiment", queued, {"DVC_EXP_NAME": "sappy-lobe", "DVC_ROOT": tmp_path}),
+                           ("dvc repro", tmp_path, {})):
+        monkeypatch.chdir(cwd)
+        for name in ("DVC_EXP_NAME", "DVC_ROOT"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, str(value))
+        assert common.stage_main("a stage", lambda parser: None, lambda params, args: None, argv=[]) == 1
+        said[case] = capsys.readouterr().err
+    assert all("train.lora.r: expected int, got 'abc'" in err for err in said.values())
+    assert "this experiment's -S values are now in params.yaml" in said["workspace experiment"]
+    assert "`git checkout params.yaml metrics && dvc checkout`" in said["workspace experiment"]
+    assert "-S values" not in said["queued experiment"] and "-S values" not in said["dvc repro"]
 
 
 def test_every_library_a_list_names_is_installed():

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from qlora_pipeline.config import Params, load_params
+from qlora_pipeline.config import ConfigError, Params, load_params
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.io import read_jsonl
 from qlora_pipeline.process import (ADAPTERS, QUANTIZED_MODEL, TRACKING, import_quietly, keep_freed_memory,
@@ -60,6 +60,28 @@ def stage_imports(imports: Callable[[Params], Sequence[str]], params: Params) ->
     return names
 
 
+def experiment_params_hint(params_path: Path) -> str | None:
+    """How to get back from a params error in a ``dvc exp run`` in the workspace, None elsewhere.
+
+    DVC writes an experiment's ``-S`` values into the params file before running it and keeps them there, and
+    the failed stage's outputs removed, when a stage fails (``git checkout`` of the params and metrics, then
+    ``dvc checkout``, gave back the last commit's state, ``dvc status`` up to date, tried on a real run). A queued
+    experiment runs in a copy under ``.dvc/tmp``, which leaves the workspace as it was. DVC names the experiment
+    (``DVC_EXP_NAME``) and the repository's root (``DVC_ROOT``) to every stage it runs in one.
+    """
+    root = os.environ.get("DVC_ROOT")
+    if not os.environ.get("DVC_EXP_NAME") or not root:
+        return None
+    here, root_dir = Path.cwd().resolve(), Path(root).resolve()
+    if not here.is_relative_to(root_dir) or here.is_relative_to(root_dir / ".dvc"):
+        return None
+    # The outputs git carries (cache: false in dvc.yaml) are all under metrics/; dvc checkout restores the rest.
+    return (f"this experiment's -S values are now in {params_path} (DVC wrote them there and keeps them after a "
+            f"failed stage, whose outputs it removed): fix the value there and run it again, or restore the last "
+            f"commit with `git checkout {params_path} metrics && dvc checkout` (git checkout also drops your own "
+            "uncommitted edits of those files)")
+
+
 def stage_main(description: str, add_paths: Callable[[argparse.ArgumentParser], None],
                run: Callable[[Params, argparse.Namespace], object], argv: list[str] | None = None,
                imports: Callable[[Params], Sequence[str]] = lambda params: ()) -> int:
@@ -92,5 +114,8 @@ def stage_main(description: str, add_paths: Callable[[argparse.ArgumentParser], 
         run(params, args)
     except PipelineError as err:
         print(f"error: {err}", file=sys.stderr)
+        hint = experiment_params_hint(args.params) if isinstance(err, ConfigError) else None
+        if hint:
+            print(hint, file=sys.stderr)
         return 1
     return 0
