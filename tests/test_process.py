@@ -177,6 +177,7 @@ def test_a_params_error_in_a_workspace_experiment_says_how_to_get_back(tmp_path,
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["train"]["lora"]["r"] = "abc"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    (tmp_path / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())  # what names metrics/ as git's to restore
     queued = tmp_path / ".dvc" / "tmp" / "exps" / "run" / "abc123"
     queued.mkdir(parents=True)
     (queued / "params.yaml").write_text(yaml.safe_dump(raw))
@@ -198,6 +199,10 @@ def test_a_params_error_in_a_workspace_experiment_says_how_to_get_back(tmp_path,
     assert "this experiment's -S values are now in params.yaml" in said["workspace experiment"]
     assert "`git checkout params.yaml metrics && dvc checkout`" in said["workspace experiment"]
     assert "-S values" not in said["queued experiment"] and "-S values" not in said["dvc repro"]
+    monkeypatch.setenv("DVC_EXP_NAME", "sappy-lobe")
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    (tmp_path / "dvc.yaml").write_text("stages: [not, a, mapping]\n")  # unreadable as a pipeline: dvc checkout alone
+    assert "`git checkout params.yaml && dvc checkout`" in common.experiment_params_hint(Path("params.yaml"))
 
 
 def test_every_library_a_list_names_is_installed():

@@ -75,11 +75,31 @@ def experiment_params_hint(params_path: Path) -> str | None:
     here, root_dir = Path.cwd().resolve(), Path(root).resolve()
     if not here.is_relative_to(root_dir) or here.is_relative_to(root_dir / ".dvc"):
         return None
-    # The outputs git carries (cache: false in dvc.yaml) are all under metrics/; dvc checkout restores the rest.
+    restore = " ".join([str(params_path), *git_carried_folders(root_dir / "dvc.yaml")])
     return (f"this experiment's -S values are now in {params_path} (DVC wrote them there and keeps them after a "
             f"failed stage, whose outputs it removed): fix the value there and run it again, or restore the last "
-            f"commit with `git checkout {params_path} metrics && dvc checkout` (git checkout also drops your own "
-            "uncommitted edits of those files)")
+            f"commit with `git checkout {restore} && dvc checkout` (git checkout also drops your own uncommitted "
+            "edits of those files)")
+
+
+def git_carried_folders(dvc_yaml: Path) -> list[str]:
+    """The folders (or top-level files) of the outputs ``dvc_yaml`` has git carry (``cache: false``): ``dvc
+    checkout`` does not bring those back; none where the file cannot be read."""
+    import yaml
+
+    try:
+        pipeline = yaml.safe_load(dvc_yaml.read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return []
+    stages = pipeline.get("stages") if isinstance(pipeline, dict) else None
+    found = set()
+    for stage in stages.values() if isinstance(stages, dict) else ():
+        for kind in ("outs", "metrics", "plots"):
+            for entry in (stage.get(kind) or [] if isinstance(stage, dict) else []):
+                for path, options in (entry.items() if isinstance(entry, dict) else ()):
+                    if isinstance(options, dict) and options.get("cache") is False:
+                        found.add(Path(path).parts[0])
+    return sorted(found)
 
 
 def stage_main(description: str, add_paths: Callable[[argparse.ArgumentParser], None],
