@@ -172,6 +172,7 @@ def test_a_stage_imports_what_it_names_and_the_database_store_only_for_a_databas
 def test_a_params_error_in_a_workspace_experiment_says_how_to_get_back(tmp_path, monkeypatch, capsys):
     """`dvc exp run -S train.lora.r=abc` leaves the bad value in params.yaml: the stage's error says so, and how to
     restore it; in a queued experiment's copy (under .dvc/tmp) and in a plain `dvc repro` it says nothing more."""
+    from qlora_pipeline.config import ConfigError
     from qlora_pipeline.pipeline import common
 
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -181,7 +182,8 @@ def test_a_params_error_in_a_workspace_experiment_says_how_to_get_back(tmp_path,
     queued = tmp_path / ".dvc" / "tmp" / "exps" / "run" / "abc123"
     queued.mkdir(parents=True)
     (queued / "params.yaml").write_text(yaml.safe_dump(raw))
-    monkeypatch.setattr(common, "run_in_fork", lambda wait: pytest.fail("a stage whose params are bad runs nothing"))
+    monkeypatch.setattr(common, "run_in_fork", lambda wait: None)  # the stage runs here, in the test's process
+    monkeypatch.setattr(common, "import_quietly", lambda names: [])  # nothing it would import matters here
     monkeypatch.setattr(common, "keep_freed_memory", lambda: True)  # the worker's allocator stays as it is
     monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "0")  # what stage_main sets, undone after the test
     said = {}
@@ -193,14 +195,23 @@ def test_a_params_error_in_a_workspace_experiment_says_how_to_get_back(tmp_path,
             monkeypatch.delenv(name, raising=False)
         for name, value in env.items():
             monkeypatch.setenv(name, str(value))
-        assert common.stage_main("a stage", lambda parser: None, lambda params, args: None, argv=[]) == 1
+        assert common.stage_main("a stage", lambda parser: None, lambda params, args: pytest.fail("ran"), argv=[]) == 1
         said[case] = capsys.readouterr().err
     assert all("train.lora.r: expected int, got 'abc'" in err for err in said.values())
     assert "this experiment's -S values are now in params.yaml" in said["workspace experiment"]
     assert "`git checkout params.yaml metrics && dvc checkout`" in said["workspace experiment"]
     assert "-S values" not in said["queued experiment"] and "-S values" not in said["dvc repro"]
-    monkeypatch.setenv("DVC_EXP_NAME", "sappy-lobe")
+    monkeypatch.setenv("DVC_EXP_NAME", "sappy-lobe")  # the workspace experiment again, from here on
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    # Another file's problem, raised while the stage runs (evaluate's reading of decoding.json): no hint.
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+
+    def refuse(params, args):
+        raise ConfigError("metrics/decoding.json", ["chosen.top_k: expected int, got 1.5 (float)"])
+
+    assert common.stage_main("a stage", lambda parser: None, refuse, argv=[]) == 1
+    err = capsys.readouterr().err
+    assert "metrics/decoding.json: 1 problem(s)" in err and "-S values" not in err
     (tmp_path / "dvc.yaml").write_text("stages: [not, a, mapping]\n")  # unreadable as a pipeline: dvc checkout alone
     assert "`git checkout params.yaml && dvc checkout`" in common.experiment_params_hint(Path("params.yaml"))
 

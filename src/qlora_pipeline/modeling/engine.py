@@ -31,6 +31,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import logging
+import math
 import queue
 import threading
 import time
@@ -52,8 +53,9 @@ _STOP = object()
 MIN_SHARED_PREFIX = 8
 # A prefill forward's fixed cost, in prompt tokens' work, by the dtype it computes in (prefill_overhead). Every
 # forward reads each weight once whatever it holds; in 16 bits (AMX, GPUs) a token costs a fraction of float32's
-# and a forward's fixed cost does not fall with it. On evaluate's rows and choose-decoding's grid
-# (docs/benchmarks.md) 48 was best of 48/128/256/unbounded in float32 (AVX2) and 256 in bfloat16 (AMX).
+# and a forward's fixed cost does not fall with it. Of 48/128/256/unbounded (docs/benchmarks.md): in float32 (AVX2
+# emulated) 48 was best on evaluate's rows and choose-decoding's grid; in bfloat16 (AMX) 256 on evaluate's rows,
+# within the noise of unbounded on the grid, where 48 was slowest.
 PREFILL_OVERHEAD_TOKENS = {"float32": 48, "16-bit": 256}
 
 
@@ -424,15 +426,15 @@ def prefill_chunks(widths: Sequence[int], limit: int, overhead: int) -> list[ran
     partition of sorted widths are consecutive); quadratic in the rows, a few hundred at most.
     """
     count = len(widths)
-    best, cut = [0] + [0] * count, [0] * (count + 1)
+    best: list[float] = [0] + [math.inf] * count
+    cut = [0] * (count + 1)
     for end in range(1, count + 1):
-        best[end] = -1
         for start in range(end - 1, -1, -1):
             padded = (end - start) * widths[end - 1]
             if padded > limit and end - start > 1:
                 break  # longer runs only hold more
             cost = best[start] + padded + overhead
-            if best[end] < 0 or cost < best[end]:
+            if cost < best[end]:
                 best[end], cut[end] = cost, start
     runs, end = [], count
     while end:
@@ -874,13 +876,17 @@ class Engine:
 
     @property
     def _compute_dtype(self) -> torch.dtype:
-        """What the forwards compute in: autocast's dtype where it is on (the engine's forwards run inside it),
-        else the input embeddings' (a 4-bit base keeps them in its compute dtype)."""
+        """What the forwards compute in, as near as it can be told: autocast's dtype where it is on (the engine's
+        forwards run inside it), else the input embeddings' (the model's own dtype; a 4-bit layer may compute in
+        another, its ``compute_dtype``), float32 where a model has none to read."""
         device = self._device.type
         if torch.is_autocast_enabled(device):
             return torch.get_autocast_dtype(device)
-        embeddings = getattr(self.model, "get_input_embeddings", lambda: None)()
-        return embeddings.weight.dtype if embeddings is not None else torch.float32
+        try:
+            weight = getattr(self.model.get_input_embeddings(), "weight", None)
+        except (AttributeError, NotImplementedError):  # transformers' default raises NotImplementedError
+            weight = None
+        return weight.dtype if isinstance(weight, torch.Tensor) else torch.float32
 
     def _ensure_sampler(self, vocabulary: int) -> None:
         if self.sampler is None or self.sampler.vocabulary != vocabulary:

@@ -123,6 +123,13 @@ def stage_main(description: str, add_paths: Callable[[argparse.ArgumentParser], 
     args = parser.parse_args(argv)
     try:
         params = load_params(args.params)
+    except ConfigError as err:  # the params file itself: in a workspace experiment, DVC's -S values are in it
+        print(f"error: {err}", file=sys.stderr)
+        hint = experiment_params_hint(args.params)
+        if hint:
+            print(hint, file=sys.stderr)
+        return 1
+    try:
         names = stage_imports(imports, params)
         if argv is None:  # its own process: in a warm fork where it can (warm.py)
             # A stage loading a model waits for the warm process's imports, which are its own; a data stage
@@ -134,8 +141,5 @@ def stage_main(description: str, add_paths: Callable[[argparse.ArgumentParser], 
         run(params, args)
     except PipelineError as err:
         print(f"error: {err}", file=sys.stderr)
-        hint = experiment_params_hint(args.params) if isinstance(err, ConfigError) else None
-        if hint:
-            print(hint, file=sys.stderr)
         return 1
     return 0
