@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+import yaml
+
 from qlora_pipeline.config import ConfigError, Params, load_params
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.io import read_jsonl
@@ -85,8 +87,6 @@ def experiment_params_hint(params_path: Path) -> str | None:
 def git_carried_folders(dvc_yaml: Path) -> list[str]:
     """The folders (or top-level files) of the outputs ``dvc_yaml`` has git carry (``cache: false``): ``dvc
     checkout`` does not bring those back; none where the file cannot be read."""
-    import yaml
-
     try:
         pipeline = yaml.safe_load(dvc_yaml.read_text(encoding="utf-8"))
     except (OSError, ValueError, yaml.YAMLError):
@@ -94,11 +94,12 @@ def git_carried_folders(dvc_yaml: Path) -> list[str]:
     stages = pipeline.get("stages") if isinstance(pipeline, dict) else None
     found = set()
     for stage in stages.values() if isinstance(stages, dict) else ():
-        for kind in ("outs", "metrics", "plots"):
-            for entry in (stage.get(kind) or [] if isinstance(stage, dict) else []):
-                for path, options in (entry.items() if isinstance(entry, dict) else ()):
-                    if isinstance(options, dict) and options.get("cache") is False:
-                        found.add(Path(path).parts[0])
+        if not isinstance(stage, dict):
+            continue
+        for entry in [e for kind in ("outs", "metrics", "plots") for e in stage.get(kind) or []]:
+            for path, options in (entry.items() if isinstance(entry, dict) else ()):
+                if isinstance(options, dict) and options.get("cache") is False:
+                    found.add(Path(path).parts[0])
     return sorted(found)
 
 
