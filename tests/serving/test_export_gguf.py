@@ -14,6 +14,7 @@ import pytest
 
 from qlora_pipeline import cli
 from qlora_pipeline.config import DecodingSetting
+from qlora_pipeline.modeling.engine import chat_prompt_ids
 from qlora_pipeline.serving import export, gguf
 from qlora_pipeline.serving.models import read_adapter
 
@@ -138,6 +139,38 @@ def test_llama_cpp_loads_each_file_and_its_chat_ends_at_the_end_token(merged):
         free = llm.create_chat_completion(messages=[{"role": "user", "content": "hey"}], max_tokens=6,
                                           temperature=0.0)
         assert free["usage"]["completion_tokens"] >= 1 and "<|im_" not in free["choices"][0]["message"]["content"]
+
+
+def test_the_greedy_reply_after_the_runtimes_chat_is_read_from_its_logits_and_equals_one_run_alone(merged, run):
+    """verify() runs the runtime's greedy chat first; gguf_greedy then reads the positions it evaluated instead of
+    evaluating them again, and evaluates afresh where the chat's tokens part from its own (a biased chat here)."""
+    from llama_cpp import Llama
+
+    tokenizer = _tokenizer(run)
+    system = _system_prompt(run)
+    conversations = [[{"role": "system", "content": system}, *row["messages"]] for row in ROWS]
+    prompts = chat_prompt_ids(tokenizer, conversations)
+    eos, limit = tokenizer.convert_tokens_to_ids("<|im_end|>"), 12
+    llm = Llama(model_path=str(merged / "alice-q8_0.gguf"), n_ctx=256, n_batch=512, logits_all=True, n_threads=1,
+                seed=0, verbose=False)
+    evaluated = []
+    eval_tokens = llm.eval
+    llm.eval = lambda tokens: (evaluated.append(len(tokens)), eval_tokens(tokens))[1]
+    for conversation, prompt in zip(conversations, prompts):
+        llm.reset()
+        alone = gguf.gguf_greedy(llm, prompt, eos, limit)
+        assert evaluated == [len(prompt), *[1] * (len(alone) - 1)]
+        evaluated.clear()
+        llm.reset()
+        gguf.runtime_chat(llm, conversation, limit, system)
+        evaluated.clear()
+        assert gguf.gguf_greedy(llm, prompt, eos, limit) == alone and evaluated == []
+        llm.reset()
+        assert alone[0] != alone[1]  # so that the bias below parts the chat from it at the second token
+        gguf.runtime_chat(llm, conversation, limit, system, logit_bias={alone[1]: -100.0})
+        evaluated.clear()
+        assert gguf.gguf_greedy(llm, prompt, eos, limit) == alone and evaluated == [1] * (len(alone) - 2)
+        evaluated.clear()
 
 
 def test_the_lora_file_applies_to_the_base_gguf_and_moves_it_toward_the_reference(run, tmp_path):
