@@ -73,7 +73,7 @@ mlflow-server-stop:
 
 # Speed and memory, each against its baseline in the same run (docs/benchmarks.md); results land in
 # bench/results/ under this machine's tag. Run on an idle machine: two torch processes crawl.
-bench: run
+bench: run gguf
 	bash bench/run.sh
 
 # Every test, the slow ones included (docs/testing.md), and the docs built strictly (tests/test_docs.py);

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every benchmark, each with its baseline in the same run; results in bench/results/<machine tag>/.
-# Called by `make bench` after `make run` (the benchmarks read models/ and data/splits/).
+# Called by `make bench` after `make run` (the benchmarks read models/ and data/splits/) and `make gguf` (llama.cpp).
 # Not here: bench/suite_cpu.py (where `make test` spends CPU, by process), which runs the whole test suite on a clone,
 # and bench/suite_cpu_by_test.py (the same, test by test), which runs it on one worker.
 set -euo pipefail
@@ -38,5 +38,6 @@ $PY bench/judge_bench.py --out "$OUT/judge.json"
 $PY bench/serve_bench.py --out "$OUT/serve.json"
 $PY bench/export_reference_bench.py --out "$OUT/export_reference.json"
 $PY bench/gguf_read_bench.py --out "$OUT/gguf_read.json"
+$PY bench/gguf_verify_bench.py --out "$OUT/gguf_verify.json"
 bash bench/setup_bench.sh "$OUT/setup.json"
 echo "results in $OUT/"
