@@ -431,16 +431,17 @@ def gguf_greedy(llm: Any, prompt: list[int], eos: int, limit: int) -> list[int]:
         llm.eval(prompt)
         held = len(prompt)
     reply, position = [], len(prompt) - 1
-    while True:
+    while len(reply) < limit:
         token = int(np.argmax(llm.scores[position]))
         reply.append(token)
-        if token == eos or len(reply) >= limit:
-            return reply
+        if token == eos or len(reply) == limit:
+            break
         position += 1
         if position >= held or int(llm.input_ids[position]) != token:
             llm.n_tokens = held = position  # eval drops what llama.cpp held past here
             llm.eval([token])
             held += 1
+    return reply
 
 
 def runtime_chat(llm: Any, conversation: list[dict], limit: int, system_prompt: str | None,
