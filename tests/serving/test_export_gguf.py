@@ -197,6 +197,11 @@ def test_the_greedy_reply_after_the_runtimes_chat_is_read_from_its_logits_and_eq
         assert after_chat(sent=[*conversation[:-1], {"role": "user", "content": "and you?"}]) == -1
         assert gguf.chat_then_greedy(llm, conversation, prompt, eos, limit, system)[1] == alone
     assert read_whole >= 1 and biased >= 1  # a chat may end on another end token first; the count above holds
+    # verify's other chats start afresh too: the one after a chat sharing its system prompt evaluates it whole.
+    gguf.fresh_chat(llm, conversations[0], 2, system)
+    evaluated.clear()
+    chat = gguf.fresh_chat(llm, conversations[1], 2, system)
+    assert evaluated[0] == chat["prompt_tokens"] == len(prompts[1])
 
 
 def test_the_lora_file_applies_to_the_base_gguf_and_moves_it_toward_the_reference(run, tmp_path):

@@ -451,9 +451,16 @@ def chat_then_greedy(llm: Any, conversation: list[dict], prompt: list[int], eos:
     """The runtime's greedy chat of ``conversation`` as a fresh runtime gives it, and :func:`gguf_greedy`'s reply
     to ``prompt`` (the conversation as training rendered it). Where the runtime rendered exactly ``prompt``, the
     reply is read from the logits the chat left: each prompt decoded once, not twice."""
-    llm.reset()
-    chat = runtime_chat(llm, conversation, limit, system_prompt)
+    chat = fresh_chat(llm, conversation, limit, system_prompt)
     return chat, gguf_greedy(llm, prompt, eos, limit, reuse=chat["prompt_tokens"] == len(prompt))
+
+
+def fresh_chat(llm: Any, *args: Any, **kwargs: Any) -> dict:
+    """:func:`runtime_chat` from a reset, as a runtime's first message is: llama-cpp-python would take the
+    prefix it shares with the last chat from that one, and a prompt evaluated in two parts can pick other
+    tokens at near-ties, so each chat's result would hang on the one before it."""
+    llm.reset()
+    return runtime_chat(llm, *args, **kwargs)
 
 
 def runtime_chat(llm: Any, conversation: list[dict], limit: int, system_prompt: str | None,
@@ -502,10 +509,10 @@ def verify(llm: Any, reference: Reference, source_greedy: list[list[int]] | None
     scores["greedy_replies"] = replies
     # The runtime's own stop rule, whatever the model would say: made to emit the end-of-turn token
     # first, its chat must end there, empty (a file naming another end token runs on).
-    probe = runtime_chat(llm, reference.conversations[0], 4, default_system, logit_bias={eos: 100.0})
+    probe = fresh_chat(llm, reference.conversations[0], 4, default_system, logit_bias={eos: 100.0})
     scores["stops_on_end_token"] = probe["finish_reason"] == "stop" and probe["text"].strip() == ""
     if decoding is not None:  # llama.cpp's own penalties: close to, not the same as, transformers'
-        ended = [runtime_chat(llm, c, GREEDY_TOKENS, default_system, decoding=decoding)["finish_reason"] == "stop"
+        ended = [fresh_chat(llm, c, GREEDY_TOKENS, default_system, decoding=decoding)["finish_reason"] == "stop"
                  for c in reference.conversations]
         scores["chosen_decoding_ended"] = f"{sum(ended)}/{len(ended)}"
     return scores
