@@ -158,14 +158,14 @@ def test_the_greedy_reply_after_the_runtimes_chat_is_read_from_its_logits_and_eq
     system = _system_prompt(run)
     conversations = [[{"role": "system", "content": system}, *row["messages"]] for row in ROWS]
     prompts = chat_prompt_ids(tokenizer, conversations)
-    eos, limit = tokenizer.convert_tokens_to_ids("<|im_end|>"), 12
+    eos, limit = tokenizer.convert_tokens_to_ids("<|im_end|>"), 8
     llm = Llama(model_path=str(merged / "alice-q8_0.gguf"), n_ctx=256, n_batch=512, logits_all=True, n_threads=1,
                 seed=0, verbose=False)
     evaluated = []
     eval_tokens = llm.eval
     llm.eval = lambda tokens: (evaluated.append(len(tokens)), eval_tokens(tokens))[1]
     read_whole, biased = 0, 0
-    for conversation, prompt in zip(conversations, prompts):
+    for n, (conversation, prompt) in enumerate(zip(conversations, prompts)):
         llm.reset()
         evaluated.clear()
         alone = gguf.gguf_greedy(llm, prompt, eos, limit)
@@ -189,6 +189,8 @@ def test_the_greedy_reply_after_the_runtimes_chat_is_read_from_its_logits_and_eq
 
         unbiased = after_chat()
         read_whole += unbiased >= len(alone) - 1
+        if n:  # the other ways on the first conversation only: each chat costs a decode
+            continue
         # The first reply token not seen before it, banned: the chat parts from the reply there and not before.
         part = next((i for i in range(1, len(alone)) if alone[i] not in alone[:i]), None)
         if part is not None:
@@ -196,7 +198,7 @@ def test_the_greedy_reply_after_the_runtimes_chat_is_read_from_its_logits_and_eq
             biased += 1
         assert after_chat(sent=[*conversation[:-1], {"role": "user", "content": "and you?"}]) == -1
         assert gguf.chat_then_greedy(llm, conversation, prompt, eos, limit, system)[1] == alone
-    assert read_whole >= 1 and biased >= 1  # a chat may end on another end token first; the count above holds
+    assert read_whole >= 1 and biased == 1  # a chat may end on another end token first; the count above holds
     # verify's other chats start afresh too: the one after a chat sharing its system prompt evaluates it whole.
     gguf.fresh_chat(llm, conversations[0], 2, system)
     evaluated.clear()
