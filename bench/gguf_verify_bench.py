@@ -73,7 +73,8 @@ def main() -> None:
     prompts = chat_prompt_ids(tokenizer, conversations)
     eos, limit = tokenizer.eos_token_id, gguf.GREEDY_TOKENS
     llm = Llama(model_path=f"{source.path}/{source.gguf_file}", n_ctx=max(512, max(map(len, prompts)) + 64),
-                n_batch=512, logits_all=True, n_threads=torch.get_num_threads(), seed=0, verbose=False)
+                n_batch=512, logits_all=True, n_threads=torch.get_num_threads(),
+                n_threads_batch=torch.get_num_threads(), seed=0, verbose=False)
     evaluated = [0]
     eval_tokens = llm.eval
 

@@ -131,7 +131,7 @@ def test_llama_cpp_loads_each_file_and_its_chat_ends_at_the_end_token(merged):
     from llama_cpp import Llama
 
     for path in sorted(merged.glob("*.gguf")):
-        llm = Llama(model_path=str(path), n_ctx=256, verbose=False)
+        llm = Llama(model_path=str(path), n_ctx=256, n_threads=1, n_threads_batch=1, verbose=False)
         eos = llm.token_eos()
         done = llm.create_chat_completion(messages=[{"role": "user", "content": "hey, how was your day?"}],
                                           max_tokens=8, temperature=0.0, logit_bias={eos: 100.0})
@@ -160,7 +160,7 @@ def test_the_greedy_reply_after_the_runtimes_chat_is_read_from_its_logits_and_eq
     prompts = chat_prompt_ids(tokenizer, conversations)
     eos, limit = tokenizer.convert_tokens_to_ids("<|im_end|>"), 8
     llm = Llama(model_path=str(merged / "alice-q8_0.gguf"), n_ctx=256, n_batch=512, logits_all=True, n_threads=1,
-                seed=0, verbose=False)
+                n_threads_batch=1, seed=0, verbose=False)
     evaluated = []
     eval_tokens = llm.eval
     llm.eval = lambda tokens: (evaluated.append(len(tokens)), eval_tokens(tokens))[1]

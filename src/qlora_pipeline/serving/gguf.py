@@ -262,7 +262,7 @@ def quantize(source: Path, target: Path, quant: str) -> None:
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, QUANTS[quant].ftype)
-    params.nthread = os.cpu_count() or 1
+    params.nthread = torch.get_num_threads()  # the process's thread budget, as open_gguf keeps to
     if llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params) != 0:
         raise PipelineError(f"llama.cpp could not quantize {source.name} to {quant}")
 
@@ -399,8 +399,11 @@ def open_gguf(path: Path, reference: Reference, lora: Path | None = None) -> Any
     from llama_cpp import Llama
 
     longest = max(len(ex.input_ids) for ex in reference.examples)
+    # Both thread counts: llama-cpp-python's batch count (prompts) is otherwise every CPU, whatever the process
+    # was given (torch's count: one per test worker, which then spun against the other worker's core).
+    threads = torch.get_num_threads()
     return Llama(model_path=str(path), lora_path=str(lora) if lora else None, n_ctx=max(512, longest + 64),
-                 n_batch=512, logits_all=True, n_threads=torch.get_num_threads(), seed=0, verbose=False)
+                 n_batch=512, logits_all=True, n_threads=threads, n_threads_batch=threads, seed=0, verbose=False)
 
 
 def gguf_logits(llm: Any, examples: list[Example]) -> list[torch.Tensor]:
