@@ -174,8 +174,7 @@ def test_the_greedy_reply_after_the_runtimes_chat_is_read_from_its_logits_and_eq
         def after_chat(bias: dict | None = None, sent: list[dict] = conversation) -> int:
             """The reply after a chat equals the loop's alone; returns how many of its tokens the chat held (-1: the
             chat's prompt was not ``prompt``)."""
-            llm.reset()
-            chat = gguf.runtime_chat(llm, sent, limit, system, logit_bias=bias)
+            chat = gguf.fresh_chat(llm, sent, limit, system, logit_bias=bias)
             same_prompt = chat["prompt_tokens"] == len(prompt) and llm.input_ids[:len(prompt)].tolist() == prompt
             held = _reply_held(llm, prompt, alone) if same_prompt else -1
             evaluated.clear()
