@@ -4,12 +4,13 @@ continuous batching, sharing."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
 
-from qlora_pipeline.modeling.engine import (GREEDY, PREFILL_OVERHEAD_TOKENS, Engine, Request, SlotCache,
-                                           chat_prompt_ids, prefill_chunks, prefill_overhead)
+from qlora_pipeline.modeling.engine import (GREEDY, IDLE_CACHE_POSITIONS, PREFILL_OVERHEAD_TOKENS, Engine, Request,
+                                           SlotCache, chat_prompt_ids, prefill_chunks, prefill_overhead)
 from qlora_pipeline.modeling.sampling import RowDecoding
 from qlora_pipeline.serving.models import AdapterSpec, load_persona_model
 
@@ -328,6 +329,32 @@ def test_the_engine_thread_admits_requests_as_they_come_and_drops_cancelled_ones
         assert results["first"].token_ids == generate_alone(persona, prompt_ids[0], "alice", 12)
         assert results["gone"].finish_reason == "cancelled" and results["gone"].completion_tokens == 0
         assert results["unknown"].finish_reason == "error" and "nobody" in results["unknown"].error
+    finally:
+        engine.stop()
+
+
+def test_an_idle_engine_lets_a_long_prompts_cache_go_and_answers_the_same_after(persona, prompt_ids):
+    """The cache grows every slot to the longest row; a server that took one long prompt held it for its life."""
+    engine = engine_for(persona, max_batch_size=4, admit_fraction=0.0).start()
+    long_prompt = chat_prompt_ids(persona.tokenizer, [[{"role": "user", "content": "hello " * 1500}]])[0]
+    try:
+        def reply(ids: list[int]):
+            done = threading.Event()
+            got = []
+            engine.submit(Request(ids, "alice", max_new_tokens=6), lambda result: (got.append(result), done.set()))
+            assert done.wait(120)
+            return got[0]
+
+        short = reply(prompt_ids[0])
+        assert 0 < engine.cache.capacity <= IDLE_CACHE_POSITIONS  # a short prompt's cache is kept for the next
+        kept = engine.cache
+        assert reply(prompt_ids[1]).completion_tokens and engine.cache is kept
+        assert reply(long_prompt).completion_tokens
+        deadline = time.monotonic() + 30
+        while engine.cache.capacity > IDLE_CACHE_POSITIONS and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert engine.cache.capacity == 0 and engine.cache.keys == []
+        assert reply(prompt_ids[0]).token_ids == short.token_ids
     finally:
         engine.stop()
 

@@ -10,8 +10,8 @@ from transformers.generation.logits_process import (ExponentialDecayLengthPenalt
 
 from qlora_pipeline.config import DecodingSetting
 from qlora_pipeline.modeling.engine import row_decoding
-from qlora_pipeline.modeling.sampling import (BatchSampler, RowDecoding, RowState, first_max, length_decay,
-                                              logit_bias_, repetition_penalty_, top_k, top_p)
+from qlora_pipeline.modeling.sampling import (GREEDY_BELOW, BatchSampler, RowDecoding, RowState, first_max,
+                                              length_decay, logit_bias_, repetition_penalty_, top_k, top_p)
 
 VOCABULARY = 50
 
@@ -59,6 +59,37 @@ def test_logit_bias_matches_transformers_row_by_row_and_steers_the_pick():
         sampler.start_row(slot, sequence, setting)
     picked = sampler.next_tokens(logits, states).tolist()
     assert picked[3] == 3 and picked[1] == int(logits[1].argmax()) and picked[2] != 0
+
+
+def test_the_bias_comes_after_the_length_decay_and_the_penalties_so_that_100_bans_and_picks():
+    """-100 on the end token bans it however far the reply is past the decay's start (the decay raises a score by
+    its size: applied to -95 it made the end token the pick), and 100 picks a token the repetition penalty and the
+    decay would have passed over; a row without a bias decodes as before."""
+    logits = torch.tensor([[5.0, 4.0, 3.0, 1.0]] * 3)  # token 3 is the end of turn
+    decay = (0, 1.3)
+    settings = [RowDecoding(exponential_decay_length_penalty=decay, logit_bias=((3, -100.0),)),
+                RowDecoding(exponential_decay_length_penalty=decay, repetition_penalty=10.0, logit_bias=((2, 100.0),)),
+                RowDecoding(exponential_decay_length_penalty=decay)]
+    sampler = BatchSampler(3, 4, torch.device("cpu"), eos=[3])
+    states = [RowState([2], setting, None) for setting in settings]
+    for slot, setting in enumerate(settings):
+        sampler.start_row(slot, [2], setting)
+    for state in states:  # 10 tokens past the start: the end token's 1.0 raised to 1.3 ** 10 = 13.8
+        state.generated = 10
+    assert sampler.next_tokens(logits, states).tolist() == [0, 2, 3]
+
+
+def test_a_temperature_below_greedy_below_is_greedy_and_one_above_it_samples():
+    """vLLM's rule: 1e-38 divided the scores into infinities and NaN, and the draw took a token of no meaning."""
+    logits, sequences = _rows(5)
+    settings = [RowDecoding(temperature=t) for t in (1e-38, 5e-324, 1e-6, 0.0)]
+    assert all(setting.greedy for setting in settings) and not RowDecoding(temperature=GREEDY_BELOW).greedy
+    sampler = BatchSampler(4, VOCABULARY, torch.device("cpu"))
+    states = [RowState(sequence, setting, seed=3) for sequence, setting in zip(sequences, settings)]
+    assert all(state.generator is None for state in states)
+    assert sampler.next_tokens(logits, states).tolist() == logits.argmax(dim=-1).tolist()
+    cool = [RowState([], RowDecoding(temperature=2 * GREEDY_BELOW), seed) for seed in range(4)]
+    assert sampler.next_tokens(logits, cool).tolist() == logits.argmax(dim=-1).tolist()  # sampled, and as sharp
 
 
 def test_the_sampler_leaves_the_callers_logits_as_they_were():

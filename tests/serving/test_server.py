@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import re
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -78,7 +80,7 @@ def engine(persona):
 @pytest.fixture(scope="module")
 def url(persona, engine, roots):
     settings = Settings(DEFAULTS, allow_runtime_adapters=True, adapter_roots=[roots / "allowed"],
-                        max_tokens_limit=64, max_body_bytes=200_000)
+                        max_tokens_limit=64, max_body_bytes=200_000, body_timeout=2.0)
     with serving(create_app(persona, engine, settings)) as base_url:
         yield base_url
 
@@ -180,6 +182,11 @@ def test_sse_wire_format_ends_with_done(url):
     *[({"model": "alice", "messages": [{"role": "user", "content": "hi"}], "logit_bias": bias}, 400, "invalid_value",
        "logit_bias") for bias in ({"hello": 1}, {"-3": 1}, {"99999999": 1}, {"42": 100.5}, {"42": -101},
                                   {str(i): 1 for i in range(301)})],
+    # OpenAI's types, strictly: a number in a string, a boolean for a number, a float for a count (were taken)
+    *[({"model": "alice", "messages": [{"role": "user", "content": "hi"}], key: value}, 400, "invalid_value", key)
+      for key, value in (("max_tokens", "4"), ("n", 1.0), ("temperature", True), ("stream", "yes"), ("seed", "1"))],
+    ({"model": "alice", "messages": [{"role": "user", "content": "hi"}], "stream_options": {"include_usage": True}},
+     400, "invalid_value", "stream_options"),  # OpenAI's rule: only with stream: true
 ])
 def test_errors_come_in_openai_shape(url, body, status, code, param):
     response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
@@ -207,6 +214,13 @@ def test_top_k_is_applied_and_the_off_values_of_unsupported_keys_pass(url):
     assert {reply(temperature=1.5, top_k=-1, seed=s) for s in range(3)} != {greedy}  # -1: off, as vLLM's clients mean
     assert reply(temperature=0, logit_bias={}, response_format={"type": "text"}, tool_choice="none", logprobs=False,
                  top_k=0) == greedy
+
+
+def test_a_temperature_near_zero_is_greedy(url):
+    """1e-38 overflowed the scores to infinities and NaN, and the reply was a quote or an end token."""
+    greedy = day_reply(url, max_tokens=8, temperature=0)
+    assert day_reply(url, max_tokens=8, temperature=1e-38, seed=1) == greedy
+    assert day_reply(url, max_tokens=8, temperature=1e-6, seed=2) == greedy
 
 
 def test_logit_bias_bans_and_forces_tokens(url, persona):
@@ -309,6 +323,84 @@ def test_an_unload_while_requests_run_fails_none_of_the_other_models_requests(ur
     for response in answers["carol"]:  # finished before the unload, or told it was unloaded
         assert response.status_code == 200 or (response.status_code == 404 and response.json()["error"]["code"]
                                                == "model_not_found"), response.text
+
+
+def test_a_body_that_stops_coming_is_answered_408(url):
+    """A client that sent its headers and part of its body, then waited, held its connection as long as it liked."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as raw:
+        raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: 100\r\n\r\n{\"mo")
+        started = time.monotonic()
+        answer = raw.recv(65536).decode()
+    assert answer.startswith("HTTP/1.1 408") and '"code":"request_timeout"' in answer, answer
+    assert time.monotonic() - started < 20
+
+
+def test_every_completion_request_is_counted_by_the_status_it_got(url):
+    """Refusals before the route ran (a body not JSON, a bad field, one too large) were never counted."""
+    def count(model: str, status: int) -> float:
+        text = httpx.get(f"{url}/metrics", timeout=30).text
+        return metric(text, "qlora_pipeline:requests_total", f'model="{model}",status="{status}"')
+
+    before = {key: count(*key) for key in (("unknown", 400), ("unknown", 413), ("alice", 200), ("alice", 400))}
+    post = functools.partial(httpx.post, f"{url}/v1/chat/completions", timeout=60)
+    assert post(content=b"{not json", headers={"content-type": "application/json"}).status_code == 400
+    assert post(json={"model": "alice", "messages": []}).status_code == 400
+    assert post(content=b"x" * 300_000, headers={"content-type": "application/json"}).status_code == 413
+    assert post(json={"model": "alice", "messages": [{"role": "user", "content": "hi"}], "stop": [""]}
+                ).status_code == 400
+    assert post(json={"model": "alice", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+                ).status_code == 200
+    after = {key: count(*key) for key in before}
+    assert {key: after[key] - before[key] for key in before} == {
+        ("unknown", 400): 2, ("unknown", 413): 1, ("alice", 200): 1, ("alice", 400): 1}
+
+
+def test_a_client_that_leaves_before_its_answer_stops_its_rows_and_is_counted_499(url, persona, engine):
+    """A request whose client closed the connection decoded on to its limit, holding a place in the batch, and was
+    counted as answered 200."""
+    def gone() -> float:
+        text = httpx.get(f"{url}/metrics", timeout=30).text
+        return metric(text, "qlora_pipeline:requests_total", 'model="alice",status="499"')
+
+    before, generated = gone(), engine.stats.generated_tokens
+    body = {"model": "alice", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 64,
+            "logit_bias": {str(persona.tokenizer.convert_tokens_to_ids("<|im_end|>")): -100}}
+    with persona.lock:  # the engine waits, so the request is in flight when its client gives up
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/chat/completions", json=body, timeout=httpx.Timeout(30, read=1.5))
+        deadline = time.monotonic() + 30
+        while gone() == before and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert gone() == before + 1
+    deadline = time.monotonic() + 30
+    while engine.core.rows or engine.core.waiting:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert engine.stats.generated_tokens - generated < 64  # stopped, not decoded to its limit
+
+
+def test_routes_an_openai_client_and_a_load_balancer_expect(url):
+    assert client(url).models.retrieve("alice").id == "alice"  # the OpenAI client's models.retrieve
+    missing = httpx.get(f"{url}/v1/models/nobody", timeout=30)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+    assert httpx.head(f"{url}/health", timeout=30).status_code == 200
+    assert httpx.head(f"{url}/v1/models", timeout=30).status_code == 200
+    wrong = httpx.put(f"{url}/v1/chat/completions", timeout=30)
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
+    base = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "base"}, timeout=30)
+    assert base.status_code == 400 and base.json()["error"]["code"] == "invalid_value"
+    form = httpx.post(f"{url}/v1/chat/completions", data={"model": "alice"}, timeout=30)
+    assert form.status_code == 400 and "Content-Type: application/json" in form.json()["error"]["message"]
+    # null is OpenAI's default; a message's text parts are joined by a line break, as vLLM joins them
+    assert day_reply(url, max_tokens=4, stream=None) == day_reply(url, max_tokens=4)
+    joined = {"model": "alice", "max_tokens": 4, "messages": [{"role": "user", "content": "tell me\nabout your day"}]}
+    parts = {**joined, "messages": [{"role": "user", "content": [{"type": "text", "text": "tell me"},
+                                                                 {"type": "text", "text": "about your day"}]}]}
+    answers = [httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).json() for body in (joined, parts)]
+    assert answers[0]["usage"] == answers[1]["usage"]
+    assert answers[0]["choices"][0]["message"] == answers[1]["choices"][0]["message"]
 
 
 def test_metrics_label_only_the_models_served(url):
@@ -496,7 +588,14 @@ def test_a_streamed_reply_is_timed_as_a_whole_one_is(url):
 def test_runtime_adapters_off_and_the_api_key(persona, engine, roots):
     settings = Settings(DEFAULTS, api_key=KEY, adapter_roots=[roots / "allowed"])
     with serving(create_app(persona, engine, settings)) as url:
-        assert httpx.get(f"{url}/health", timeout=30).status_code == 200  # no key needed
+        assert httpx.get(f"{url}/health", timeout=30).json() == {"status": "ok"}  # no key needed, no names either
+        assert httpx.get(f"{url}/health", headers={"Authorization": f"Bearer {KEY}"}, timeout=30).json()["models"] == [
+            "base", "alice", "bob"]
+        # the key is checked before the body is read: a client without it hears 401, not what its JSON lacks
+        unread = httpx.post(f"{url}/v1/chat/completions", content=b"{not json", timeout=30,
+                            headers={"content-type": "application/json"})
+        assert unread.status_code == 401 and unread.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(f"{url}/", timeout=30).status_code == 200  # the chat page, which asks for the key
         missing = httpx.get(f"{url}/v1/models", timeout=30)
         assert missing.status_code == 401 and missing.json()["error"]["code"] == "invalid_api_key"
         wrong = httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer nope"}, timeout=30)

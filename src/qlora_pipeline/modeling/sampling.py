@@ -4,7 +4,9 @@ The rows of one batch may each decode differently. Every control computes what t
 processor computes for that row alone (``RepetitionPenaltyLogitsProcessor``,
 ``NoRepeatNGramLogitsProcessor``, ``ExponentialDecayLengthPenalty``, ``TemperatureLogitsWarper``, ``TopKLogitsWarper``,
 ``TopPLogitsWarper``, in ``generate``'s order; tested against them), vectorised over the rows with
-each row's own value. The n-gram ban keeps an index per row, extended one token at a time, rather
+each row's own value. A client's logit bias comes after the penalties, the ban and the length decay, where
+``generate`` puts a sequence bias first: OpenAI's -100 and 100 ban and pick a token whatever the other controls
+do with its score. The n-gram ban keeps an index per row, extended one token at a time, rather
 than rebuilding every n-gram of the sequence each step.
 
 A sampled row draws from its own generator, seeded by its request, so it picks the same tokens
@@ -23,11 +25,14 @@ from typing import Sequence
 import torch
 
 _NEG_INF = float("-inf")
+# A temperature below this is greedy, as vLLM takes it (its _SAMPLING_EPS): the scores divided by 1e-38 overflow
+# float32 to infinities and NaN, and the draw picked whatever came first among them (an end token, a quote).
+GREEDY_BELOW = 1e-5
 
 
 @dataclass(frozen=True)
 class RowDecoding:
-    """How one row picks its tokens; ``generate()``'s names. temperature 0 = greedy (the argmax)."""
+    """How one row picks its tokens; ``generate()``'s names. temperature 0 (below ``GREEDY_BELOW``) = greedy."""
 
     temperature: float = 0.0
     top_p: float = 1.0
@@ -39,13 +44,15 @@ class RowDecoding:
     # (start_index, decay_factor): past start_index new tokens, the end-of-turn score grows by decay_factor
     # per token (transformers' ExponentialDecayLengthPenalty); None = off
     exponential_decay_length_penalty: tuple[int, float] | None = None
-    # (token id, bias) pairs added to the model's logits before every other control (OpenAI's logit_bias;
-    # transformers' SequenceBiasLogitsProcessor for one-token sequences); () = off
+    # (token id, bias) pairs added to the scores after the penalties, the n-gram ban and the length decay, before
+    # temperature, top-k and top-p (OpenAI's logit_bias; transformers' SequenceBiasLogitsProcessor for one-token
+    # sequences): the client's last word, so -100 bans a token and 100 picks it. Before the length decay, -100 on
+    # the end token made a reply end sooner (the decay raises that score by its size); () = off
     logit_bias: tuple[tuple[int, float], ...] = ()
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0
+        return self.temperature < GREEDY_BELOW
 
 
 class RowState:
@@ -243,8 +250,6 @@ class BatchSampler:
         device = scores.device
         settings = [row.decoding for row in rows]
         index = torch.arange(len(rows), device=device) if slots is None else torch.tensor(list(slots), device=device)
-        if any(s.logit_bias for s in settings):
-            logit_bias_(scores, settings)
         penalised = [i for i, s in enumerate(settings) if s.repetition_penalty != 1.0]
         if self.seen is not None and penalised:
             chosen = torch.tensor(penalised, device=device)
@@ -260,6 +265,8 @@ class BatchSampler:
                 scores[i, banned] = _NEG_INF
         if any(s.exponential_decay_length_penalty is not None for s in settings):
             scores = length_decay(scores, rows, self.eos)
+        if any(s.logit_bias for s in settings):
+            logit_bias_(scores, settings)
         tokens = first_max(scores)
         sampled = [i for i, s in enumerate(settings) if not s.greedy]
         if sampled:

@@ -21,12 +21,13 @@ import socket
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Sequence, Union
 
 import uvicorn
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -57,6 +58,7 @@ class Settings:
     max_context: int | None = None
     max_queue: int = 64  # requests admitted beyond the running batch; more get 429 with Retry-After
     request_timeout: float = 300.0  # seconds from arrival to the last token; then 408 (or an error event)
+    body_timeout: float = 30.0  # seconds for the whole body once the headers are in; then 408
 
 
 class APIError(Exception):
@@ -104,22 +106,34 @@ Seed = Annotated[int, Field(ge=-(1 << 63), le=(1 << 64) - 1)]
 # ------------------------------------------------------------------------------- requests
 
 
+# Strict types, as OpenAI's API checks them: "4" is no max_tokens, true no temperature, "yes" no stream. A float
+# still takes a whole number (temperature 1).
+STRICT = ConfigDict(strict=True)
+
+
 class TextPart(BaseModel):
+    model_config = STRICT
+
     type: Literal["text"]
     text: Text
 
 
 class Message(BaseModel):
+    model_config = STRICT
+
     role: Literal["system", "developer", "user", "assistant"]
     content: Union[Text, list[TextPart]]
     name: Optional[Text] = None
 
     def as_turn(self) -> dict:
-        text = self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+        # parts joined by a line break, as vLLM joins them: "Hello" and "world" are not "Helloworld"
+        text = self.content if isinstance(self.content, str) else "\n".join(part.text for part in self.content)
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
 class StreamOptions(BaseModel):
+    model_config = STRICT
+
     include_usage: bool = False
 
 
@@ -132,7 +146,7 @@ class ResponseFormat(BaseModel):
 class ChatCompletionRequest(BaseModel):
     # Keys other clients send that change nothing here (user, metadata, ...) are accepted and ignored;
     # keys that would change the answer and are not supported are refused below.
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: Text
     messages: list[Message] = Field(min_length=1)
@@ -142,7 +156,7 @@ class ChatCompletionRequest(BaseModel):
     top_p: Optional[float] = Field(default=None, gt=0.0, le=1.0)
     stop: Union[Text, list[Text], None] = None
     seed: Optional[Seed] = None
-    stream: bool = False
+    stream: Optional[bool] = None  # null: OpenAI's default, no stream
     stream_options: Optional[StreamOptions] = None
     n: Optional[int] = Field(default=None, ge=1)
     presence_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0)
@@ -160,11 +174,15 @@ class ChatCompletionRequest(BaseModel):
 
 
 class LoadAdapterRequest(BaseModel):
+    model_config = STRICT
+
     lora_name: Text
     lora_path: Text
 
 
 class UnloadAdapterRequest(BaseModel):
+    model_config = STRICT
+
     lora_name: Text
 
 
@@ -173,11 +191,17 @@ class UnloadAdapterRequest(BaseModel):
 
 def create_app(persona: PersonaModel, engine: Engine, settings: Settings) -> FastAPI:
     app = FastAPI(title="qlora-pipeline persona server", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     started = int(time.time())
-    authorized = Depends(_auth(settings.api_key))
     admission = Admission(engine.max_batch_size, settings.max_queue, settings.request_timeout)
     metrics = ServerMetrics(engine, persona, admission)
+    # Outermost last: every completion request counted, whoever answers it; the key checked before the body is
+    # read (a client without it hears 401, not what is wrong with its JSON); then the body's size and deadline.
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, seconds=settings.body_timeout)
+    app.add_middleware(RequireKey, api_key=settings.api_key)
+    app.add_middleware(CountCompletions, metrics=metrics)
+    # Prompts are rendered and tokenized off the event loop (a 1 MB message took a second there, and every
+    # stream and /health waited), one at a time: the tokenizer is one object.
+    prompt_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prompts")
     app.state.admission = admission  # the stop signal sets admission.draining (main)
     adapter_changes = asyncio.Lock()  # one runtime load or unload at a time
 
@@ -191,18 +215,21 @@ def create_app(persona: PersonaModel, engine: Engine, settings: Settings) -> Fas
         where = ".".join(str(part) for part in first["loc"] if _is_field(part))
         if first["type"] == "json_invalid":
             return error_response(400, "the request body is not valid JSON", code="invalid_json")
+        if not where and first["type"] == "model_attributes_type":  # form data, plain text, a JSON list
+            return error_response(400, "the request body must be a JSON object, sent with Content-Type: "
+                                       "application/json", code="invalid_json")
         return error_response(400, f"{where or 'body'}: {first['msg']}", param=where or None, code="invalid_value")
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
         """Starlette's own refusals (no route, wrong method, a body it cannot parse) in OpenAI's shape."""
-        if isinstance(err, BodyTooLarge):
+        if isinstance(err, BodyRefused):
             return err.response()
         if err.status_code == 404:
             return error_response(404, f"no route {request.method} {request.url.path}", code="not_found")
-        if err.status_code == 405:
+        if err.status_code == 405:  # with the Allow header Starlette gives
             return error_response(405, f"{request.method} is not allowed on {request.url.path}",
-                                  code="method_not_allowed")
+                                  code="method_not_allowed", headers=err.headers)
         if err.status_code == 400:  # e.g. JSON nested past the parser's depth
             return error_response(400, f"the request body could not be parsed: {err.detail}", code="invalid_json")
         return error_response(err.status_code, str(err.detail), code="http_error", headers=err.headers)
@@ -215,69 +242,69 @@ def create_app(persona: PersonaModel, engine: Engine, settings: Settings) -> Fas
         traceback.print_exception(err, file=sys.stderr)
         return error_response(500, f"internal error: {type(err).__name__}", type_="server_error")
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def chat_page() -> Any:
         return static_file("chat.html")
 
-    @app.get("/static/{name}", include_in_schema=False)
+    @app.api_route("/static/{name}", methods=["GET", "HEAD"], include_in_schema=False)
     async def static(name: str) -> Any:
         if name not in STATIC_FILES:
             raise APIError(404, f"no file /static/{name}", code="not_found")
         return static_file(name)
 
-    @app.get("/health")
-    async def health() -> dict:
+    @app.api_route("/health", methods=["GET", "HEAD"])
+    async def health(request: Request) -> dict:
+        if not key_given(settings.api_key, request):  # the names may be people's: behind the key, as /v1/models
+            return {"status": "ok"}
         return {"status": "ok", "models": persona.names, "engine": describe(engine)}
 
-    @app.get("/v1/models", dependencies=[authorized])
+    @app.api_route("/v1/models", methods=["GET", "HEAD"])
     async def models() -> dict:
         return {"object": "list", "data": model_cards(persona, started, settings.defaults)}
 
-    @app.get("/metrics", dependencies=[authorized])
+    @app.api_route("/v1/models/{model:path}", methods=["GET", "HEAD"])
+    async def model(model: str) -> dict:
+        """One model's card (the OpenAI client's models.retrieve)."""
+        card = next((c for c in model_cards(persona, started, settings.defaults) if c["id"] == model), None)
+        if card is None:
+            raise APIError(404, f"the model '{model[:200]}' does not exist; available: {', '.join(persona.names)}",
+                           param="model", code="model_not_found")
+        return card
+
+    @app.get("/metrics")
     async def prometheus() -> Any:
         from fastapi.responses import Response
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/v1/chat/completions", dependencies=[authorized])
+    @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-        try:
-            choices = choice_count(body, engine.max_batch_size)
-        except APIError as err:
-            metrics.answered(body.model, err.status)
-            raise
+        request.state.model = body.model  # the model label CountCompletions counts the answer under
+        choices = choice_count(body, engine.max_batch_size)
         refusal = admission.admit(choices)
         if refusal is not None:
-            metrics.answered(body.model, refusal.status)
             raise APIError(refusal.status, refusal.message, type_="server_error" if refusal.status == 503 else
                            "rate_limit_error", code=refusal.code, headers={"Retry-After": str(refusal.retry_after)})
-        timing = Timing(metrics, admission, body.model, choices)
+        timing = Timing(metrics, admission, choices)
         try:
-            jobs, meta = build_jobs(persona, settings, body)
+            jobs, meta = await asyncio.get_running_loop().run_in_executor(prompt_pool, build_jobs, persona,
+                                                                          settings, body)
             if body.stream:
-                response = await stream_completion(engine, jobs, meta, body, request, timing)
-                timing.answered(200)
-                return response
-            answer = await complete(engine, jobs, meta, settings.request_timeout, timing)
-            timing.answered(200)
-            return answer
-        except APIError as err:
-            timing.answered(err.status)
-            timing.release()
-            raise
+                return await stream_completion(engine, jobs, meta, body, request, timing)
+            return await complete(engine, jobs, meta, settings.request_timeout, timing, request)
         except BaseException:
             timing.release()
             raise
 
-    @app.post("/v1/load_lora_adapter", dependencies=[authorized])
+    @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(body: LoadAdapterRequest) -> dict:
         _require_runtime(settings)
         folder = allowed_adapter_folder(settings, body.lora_path)
         try:
             check_name(body.lora_name, "lora_name")
         except PipelineError as err:
-            raise APIError(400, str(err), param="lora_name") from None
+            raise APIError(400, str(err), param="lora_name", code="invalid_value") from None
         async with adapter_changes:  # two clients loading one name: the second hears 409, not a loader's error
             if body.lora_name in persona.adapters:
                 raise APIError(409, f"adapter '{body.lora_name}' is already loaded; unload it first",
@@ -293,9 +320,12 @@ def create_app(persona: PersonaModel, engine: Engine, settings: Settings) -> Fas
                                     "from training", param="lora_path", code="invalid_adapter") from None
             return {"object": "adapter", "id": body.lora_name, "status": "loaded", "models": persona.names}
 
-    @app.post("/v1/unload_lora_adapter", dependencies=[authorized])
+    @app.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(body: UnloadAdapterRequest) -> dict:
         _require_runtime(settings)
+        if body.lora_name == BASE:
+            raise APIError(400, f"'{BASE}' is the base model every adapter runs on, not an adapter; it stays loaded",
+                           param="lora_name", code="invalid_value")
         async with adapter_changes:
             if body.lora_name not in persona.adapters:
                 raise APIError(404, f"no adapter '{body.lora_name}' is loaded; loaded: "
@@ -322,16 +352,65 @@ def _is_field(part: Any) -> bool:
     return part not in ("body", "str", "int", "float", "bool", "list", "dict") and str(part).isidentifier()
 
 
-def _auth(api_key: str | None) -> Any:
-    async def check(request: Request) -> None:
-        if api_key is None:
-            return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
-            raise APIError(401, "missing or incorrect API key: send 'Authorization: Bearer <key>'",
-                           code="invalid_api_key")
+def key_given(api_key: str | None, request: Any) -> bool:
+    """Whether the request may pass: no key is set, or it sends 'Authorization: Bearer <key>'."""
+    if api_key is None:
+        return True
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), api_key.encode())
 
-    return check
+
+# What a client without the key may fetch: the health check (without the models' names) and the chat page, which
+# asks its user for the key.
+PUBLIC_PATHS = re.compile(r"/(health|static/[^/]*)?")
+
+
+class RequireKey:
+    """401 for every route but the public ones unless the request carries the API key, before anything reads the
+    body (FastAPI reads it before a route's dependencies run)."""
+
+    def __init__(self, app: Any, api_key: str | None):
+        self.app, self.api_key = app, api_key
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        from starlette.requests import HTTPConnection
+
+        if (scope["type"] == "http" and not PUBLIC_PATHS.fullmatch(scope["path"])
+                and not key_given(self.api_key, HTTPConnection(scope))):
+            await error_response(401, "missing or incorrect API key: send 'Authorization: Bearer <key>'",
+                                 code="invalid_api_key")(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+COMPLETIONS = "/v1/chat/completions"
+CLIENT_GONE = 499  # nginx's status for a client that closed the connection before its answer
+
+
+class CountCompletions:
+    """Counts every completion request by the HTTP status it was answered with, whoever answered it (a refused key,
+    a body too large or not JSON, a bad field, the route itself), under the model it asked for where its body was
+    read; one that got no answer, its client gone, as 499."""
+
+    def __init__(self, app: Any, metrics: ServerMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] != COMPLETIONS:
+            await self.app(scope, receive, send)
+            return
+        status: int | None = None
+
+        async def counted(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counted)
+        finally:
+            self.metrics.answered(scope.get("state", {}).get("model", ""), status or CLIENT_GONE)
 
 
 def _require_runtime(settings: Settings) -> None:
@@ -442,6 +521,8 @@ def build_jobs(persona: PersonaModel, settings: Settings, body: ChatCompletionRe
         raise APIError(404, f"the model '{body.model}' does not exist; available: {', '.join(persona.names)}",
                        param="model", code="model_not_found") from None
     refuse_unsupported(body)
+    if body.stream_options is not None and not body.stream:
+        raise APIError(400, "stream_options: only with stream: true", param="stream_options", code="invalid_value")
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stops) > 4 or any(not s for s in stops):
         raise APIError(400, "stop: up to 4 non-empty strings", param="stop", code="invalid_value")
@@ -534,8 +615,8 @@ def usage(completions: Sequence[Completion]) -> dict:
 class Timing:
     """One completion request's clock: metrics when it ends, its place released exactly once."""
 
-    def __init__(self, metrics: ServerMetrics, admission: Admission, model: str, rows: int = 1):
-        self.metrics, self.admission, self.model, self.rows = metrics, admission, model, rows
+    def __init__(self, metrics: ServerMetrics, admission: Admission, rows: int = 1):
+        self.metrics, self.admission, self.rows = metrics, admission, rows
         self.arrived = time.monotonic()
         self.first_token: float | None = None
         self._released = False
@@ -552,9 +633,6 @@ class Timing:
 
     def remaining(self) -> float:
         return self.admission.request_timeout - (time.monotonic() - self.arrived)
-
-    def answered(self, status: int) -> None:
-        self.metrics.answered(self.model, status)
 
     def finished(self, completions: Sequence[Completion]) -> None:
         self.metrics.finished([c.finish_reason for c in completions], completions[0].prompt_tokens,
@@ -573,7 +651,14 @@ def timeout_error(timeout: float) -> APIError:
                          "ask for fewer max_tokens or retry when the server is less busy", code="request_timeout")
 
 
-async def complete(engine: Engine, jobs: list[Job], meta: Meta, timeout: float, timing: Timing) -> dict:
+async def client_gone(request: Request) -> None:
+    """Returns once the client has closed its connection: with the body read, the next message is that."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def complete(engine: Engine, jobs: list[Job], meta: Meta, timeout: float, timing: Timing,
+                   request: Request) -> Any:
     loop = asyncio.get_running_loop()
     futures: list[asyncio.Future] = [loop.create_future() for _ in jobs]
     for job, future in zip(jobs, futures):
@@ -581,15 +666,25 @@ async def complete(engine: Engine, jobs: list[Job], meta: Meta, timeout: float, 
         job.on_error = lambda e, f=future: loop.call_soon_threadsafe(_settle, f, None, e)
         timing.watch(job)
     engine.submit_together(jobs)
-    try:
-        completions = await asyncio.wait_for(asyncio.gather(*futures), max(timing.remaining(), 0.001))
-    except asyncio.TimeoutError:
-        raise timeout_error(timeout) from None
+    replies, gone = asyncio.gather(*futures), asyncio.ensure_future(client_gone(request))
+    try:  # a client that leaves stops its rows: they decoded on to their limit, holding places in the batch
+        await asyncio.wait({replies, gone}, timeout=max(timing.remaining(), 0.001),
+                           return_when=asyncio.FIRST_COMPLETED)
+        if gone.done() and not replies.done():
+            return error_response(CLIENT_GONE, "the client closed the connection", code="client_gone")
+        if not replies.done():
+            raise timeout_error(timeout)
+        completions = replies.result()
+    except APIError:
+        raise
     except Exception as err:
         raise generation_error(meta.model, err) from err
     finally:  # a choice that failed, a deadline or a client gone: the others stop too (a no-op once all ended)
         for job in jobs:
             job.cancelled.set()
+        gone.cancel()
+        if not replies.done():
+            replies.cancel()
     timing.finished(completions)
     return {"id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,
             "system_fingerprint": engine.persona.fingerprint[:24],
@@ -759,10 +854,12 @@ async def stream_completion(engine: Engine, jobs: list[Job], meta: Meta, body: C
 
 
 class BodyLimit:
-    """Refuse request bodies over ``limit`` bytes (declared or streamed) with 413, before anything parses them."""
+    """Refuse request bodies over ``limit`` bytes (declared or streamed) with 413, and bodies not in within ``seconds``
+    of the headers with 408 (a client that sent part of one and waited held a connection as long as it liked), before
+    anything parses them."""
 
-    def __init__(self, app: Any, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app: Any, limit: int, seconds: float):
+        self.app, self.limit, self.seconds = app, limit, seconds
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -770,38 +867,54 @@ class BodyLimit:
             return
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await self._refuse(scope, receive, send)
+            await BodyTooLarge(self.limit).response()(scope, receive, send)
             return
-        received = 0
+        received, complete, deadline = 0, False, time.monotonic() + self.seconds
 
         async def limited() -> dict:
-            nonlocal received
-            message = await receive()
+            nonlocal received, complete
+            if complete:  # the body is in: what comes next is the client leaving, whenever it does
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.001))
+            except asyncio.TimeoutError:
+                raise BodyTooSlow(self.seconds) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
                 if received > self.limit:
                     raise BodyTooLarge(self.limit)
             return message
 
         try:
             await self.app(scope, limited, send)
-        except BodyTooLarge as err:  # raised where no route's handler turned it into its answer
+        except BodyRefused as err:  # raised where no route's handler turned it into its answer
             await err.response()(scope, receive, send)
 
-    async def _refuse(self, scope: dict, receive: Any, send: Any) -> None:
-        await BodyTooLarge(self.limit).response()(scope, receive, send)
+
+class BodyRefused(StarletteHTTPException):
+    """A body refused while it streamed in. An HTTP error, so that FastAPI, reading the body for a route, passes it
+    on to the app's handler (:func:`create_app`'s ``http_error``) rather than calling it a body it could not parse
+    (400)."""
+
+    code = "invalid_request"
+
+    def response(self) -> JSONResponse:
+        return error_response(self.status_code, self.detail, code=self.code)
 
 
-class BodyTooLarge(StarletteHTTPException):
-    """A body streamed (chunked, no length declared) past the limit. An HTTP error, so that FastAPI, reading
-    the body for a route, passes it on to the app's handler (:func:`build_app`'s ``http_error``) rather than
-    calling it a body it could not parse (400)."""
+class BodyTooLarge(BodyRefused):
+    code = "request_too_large"
 
     def __init__(self, limit: int):
         super().__init__(413, f"the request body is over this server's limit of {limit} bytes (--max-body-bytes)")
 
-    def response(self) -> JSONResponse:
-        return error_response(413, self.detail, code="request_too_large")
+
+class BodyTooSlow(BodyRefused):
+    code = "request_timeout"
+
+    def __init__(self, seconds: float):
+        super().__init__(408, f"the request body did not arrive within {seconds:g} s of its headers; send it whole")
 
 
 # ------------------------------------------------------------------------------- command
