@@ -135,6 +135,8 @@ def test_all_problems_are_reported_together(base_params_dict):
 def test_missing_and_invalid_yaml_files(tmp_path):
     with pytest.raises(ConfigError, match="file not found"):
         load_params(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="is a folder, not a params file; pass the params.yaml inside it"):
+        load_params(tmp_path)  # was IsADirectoryError's traceback
     bad = tmp_path / "params.yaml"
     bad.write_text("seed: [1\n")
     with pytest.raises(ConfigError, match="not valid YAML"):

@@ -571,3 +571,35 @@ def test_score_command_logs_to_the_repository_store_when_the_run_file_names_none
     assert main(["human-eval", "score", str(old)]) == 0
     logged = client.get_run(second_run).data.metrics
     assert "human_eval.n_rated" in logged and not [name for name in logged if ".broken" in name]
+
+
+def test_score_command_says_why_nothing_was_logged_where_the_run_is_not_in_the_store(tmp_path, monkeypatch, capsys):
+    """A fresh clone (no store), a run id the store lacks, a run file cut short: tracebacks before, and an empty
+    store made where there was none."""
+    import mlflow
+
+    from qlora_pipeline.cli import main
+
+    repo = tmp_path / "clone"
+    (repo / ".dvc").mkdir(parents=True)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    monkeypatch.chdir(repo)
+    key = write_sheet(NEUTRAL_SAMPLES[:3], seed=1, html_path=repo / "reports/evaluate/human_eval.html",
+                      key_path=repo / "reports/evaluate/human_eval_key.csv", title="t")
+    ratings = _write(repo / "ratings.csv", "id,choice\n" + "".join(f"{row['id']},A\n" for row in key))
+    run_file = repo / "reports/evaluate/run.json"
+
+    _write(run_file, json.dumps({"mlflow_run_id": "2824abc", "tracking_uri": None}))
+    assert main(["human-eval", "score", str(ratings)]) == 0
+    assert "mlflow.db: no MLflow store here (a fresh clone?): result not logged to run 2824abc" in capsys.readouterr().out
+    assert not (repo / "mlflow.db").exists()
+
+    mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}").create_experiment("e")
+    assert main(["human-eval", "score", str(ratings)]) == 0
+    out = capsys.readouterr().out
+    assert '"n_rated": 3' in out and "result not logged to MLflow: sqlite:///" in out and "refused run 2824abc" in out
+
+    for broken in ("{bad", "[1]"):
+        _write(run_file, broken)
+        assert main(["human-eval", "score", str(ratings)]) == 0
+        assert "run.json: no MLflow run id in it" in capsys.readouterr().out

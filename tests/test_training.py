@@ -55,6 +55,18 @@ def test_long_examples_lose_prompt_first(small_base):
     assert counts == Counter(prompt_truncated=1)
 
 
+def test_a_max_length_that_leaves_no_reply_token_to_learn_is_refused_naming_it(small_base):
+    """max_length 1 kept the whole prompt (a slice from -0) and no reply: 20 steps at a loss of 0, exit 0."""
+    _, tokenizer = load_saved_base(small_base)
+    reply = tokenizer("pretty steep", add_special_tokens=False)["input_ids"]
+    assert encode_example(tokenizer, MESSAGES, "pretty steep", max_length=1).input_ids == reply[:1]
+    rows = [{"messages": MESSAGES, "target": "pretty steep"}] * 3
+    with pytest.raises(PipelineError, match=r"train.max_length: 1 tokens leave no reply token to learn in any of "
+                                            r"the 3 examples; raise it"):
+        training.build_dataset(rows, tokenizer, 1, Counter())
+    assert len(training.build_dataset(rows, tokenizer, 2, Counter())) == 3  # one token learned from the one before
+
+
 def test_template_without_the_end_token_is_refused(small_base):
     _, tokenizer = load_saved_base(small_base)
     tokenizer.eos_token = "<|endoftext|>"  # not what ends a ChatML turn

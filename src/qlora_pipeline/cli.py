@@ -107,12 +107,27 @@ def human_eval_score(args: argparse.Namespace) -> None:
     if args.run_file.is_file():
         from qlora_pipeline.mlflow_store import resolve_tracking_uri
 
-        run = json.loads(args.run_file.read_text(encoding="utf-8"))
-        if not run.get("mlflow_run_id"):
-            print(f"{args.run_file}: evaluate ran while the MLflow server was unreachable, so its run id is "
-                  "unknown here: result not logged to MLflow")
+        from mlflow.exceptions import MlflowException
+
+        from qlora_pipeline.io import read_json_object
+
+        run = read_json_object(args.run_file)  # cut short or edited by hand: not logged, said, not a traceback
+        if not isinstance(run.get("mlflow_run_id"), str) or not run["mlflow_run_id"]:
+            print(f"{args.run_file}: no MLflow run id in it (evaluate ran while the MLflow server was unreachable, "
+                  "or the file is not evaluate's): result not logged to MLflow")
             return
-        log_human_eval(resolve_tracking_uri(run.get("tracking_uri")), run["mlflow_run_id"], result)
+        uri = resolve_tracking_uri(run.get("tracking_uri"))
+        store = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+        if store is not None and not store.is_file():  # MLflow would make an empty store there, then fail
+            print(f"{store}: no MLflow store here (a fresh clone?): result not logged to run {run['mlflow_run_id']}")
+            return
+        try:
+            log_human_eval(uri, run["mlflow_run_id"], result)
+        except MlflowException as err:
+            reason = (str(err).strip().splitlines() or [""])[0][:200]
+            print(f"result not logged to MLflow: {uri} refused run {run['mlflow_run_id']} ({reason}); the run may "
+                  "be in another store (mlflow.tracking_uri)")
+            return
         print(f"logged to MLflow run {run['mlflow_run_id']}")
     else:
         print(f"{args.run_file} not found: result not logged to MLflow")

@@ -718,6 +718,8 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raw = yaml.load(data.decode("utf-8"), Loader=_UniqueKeyLoader)
     except FileNotFoundError:
         raise ConfigError(str(path), ["file not found; run from the repository root or pass --params"]) from None
+    except IsADirectoryError:
+        raise ConfigError(str(path), ["is a folder, not a params file; pass the params.yaml inside it"]) from None
     except UnicodeDecodeError as err:
         line = data[: err.start].count(b"\n") + 1
         raise ConfigError(str(path), [f"line {line}: not UTF-8 (byte 0x{data[err.start]:02x}); save the file as "

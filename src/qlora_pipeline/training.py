@@ -40,6 +40,11 @@ def build_dataset(rows: Iterable[dict], tokenizer: Any, max_length: int, counts:
         records.append({"input_ids": encoded.input_ids, "attention_mask": [1] * len(encoded.input_ids),
                         "labels": encoded.labels})
     counts["examples"] += len(records)
+    # A label at the first position teaches nothing (the loss predicts each token from those before it): with no
+    # label past it in any example, training ran its steps at a loss of 0 and saved an adapter that learned nothing.
+    if records and not any(label != IGNORE_INDEX for r in records for label in r["labels"][1:]):
+        raise PipelineError(f"train.max_length: {max_length} tokens leave no reply token to learn in any of the "
+                            f"{len(records)} examples; raise it (params.yaml's default is 256)")
     return datasets.Dataset.from_list(records)
 
 

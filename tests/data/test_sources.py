@@ -262,6 +262,15 @@ def test_csv_line_breaks_inside_quoted_cells_are_text_and_lines(tmp_path, params
         fetch(params_factory({"data.source": "csv", "data.path": str(path), **CHAT_FIELDS}).data)
 
 
+def test_a_csv_header_naming_a_column_twice_is_refused(tmp_path, params_factory):
+    """The last 'msg' column won, silently."""
+    path = tmp_path / "chat.csv"
+    path.write_text("conv,who,msg,ts,msg\nc1,alice,hi,t1,bye\n")
+    with pytest.raises(PipelineError, match=rf"^{re.escape(str(path))}:1: the header names 'msg' more than once; "
+                                            r"give each column its own name$"):
+        fetch(params_factory({"data.source": "csv", "data.path": str(path), **CHAT_FIELDS}).data)
+
+
 def test_csv_unquoted_lone_cr_is_refused_not_split_into_rows(tmp_path, params_factory):
     # Splitting at the CR would make "hi" a message and "there,t1" a row of its own.
     path = tmp_path / "chat.csv"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -74,6 +75,23 @@ def test_cpu_repack_trap_is_guarded(small_base, tmp_path):
         tokenizer.save_pretrained(tmp_path / "trapped")
         changed, _ = load_saved_base(tmp_path / "trapped")
         assert (logits(changed) - before).abs().max() > 0.1
+
+
+def test_a_damaged_or_foreign_base_folder_is_refused_naming_it(small_base, tmp_path):
+    """chat and serve load models/base as it is: weights cut short or another config gave a traceback."""
+    import shutil
+
+    cut, foreign = tmp_path / "cut", tmp_path / "foreign"
+    for folder in (cut, foreign):
+        shutil.copytree(small_base, folder)
+    with (cut / "model.safetensors").open("r+b") as handle:
+        handle.truncate(5000)
+    (foreign / "config.json").write_text('{"model_type": "nonsense"}')
+    for folder in (cut, foreign):
+        with pytest.raises(PipelineError, match=rf"^{re.escape(str(folder))}: not a base model this pipeline can load "
+                                                r"\(\w+: .+\); write it again with the quantize-load stage \(dvc repro "
+                                                r"quantize-load\)$"):
+            load_saved_base(folder)
 
 
 def test_wrong_end_token_is_fixed(quantized_base):

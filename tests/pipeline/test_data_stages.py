@@ -32,10 +32,13 @@ def run_all(params, tmp_path):
                      tmp_path / "canaries.json")
 
 
-def test_data_stages_write_outputs_and_one_mlflow_run(chat_params, tmp_path):
+def test_data_stages_write_outputs_and_one_mlflow_run(chat_params, tmp_path, capsys):
     params = chat_params()
     metrics = run_all(params, tmp_path)
     assert metrics["persona"] == "alice"
+    # two conversations: both go to train; said here, where train-adapter only found an empty val.jsonl
+    assert ("warning: val.jsonl and test.jsonl hold no examples: each split takes whole conversations, and 2 with "
+            "persona replies all went to train") in capsys.readouterr().err
     train = [json.loads(line) for line in (tmp_path / "splits/train.jsonl").read_text().splitlines()]
     assert [ex["target"] for ex in train] == ["nice, where did you go?", "i have always wanted to go there",
                                              "yes! mail me at <EMAIL>", "see you then"]
@@ -73,6 +76,12 @@ def test_clean_to_nothing_fails_and_leaves_no_output(chat_params, tmp_path):
         run_clean(params, tmp_path / "raw", tmp_path / "clean", tmp_path / "metrics/clean.json")
     assert not (tmp_path / "clean").exists() and not (tmp_path / "metrics/clean.json").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    # removed for having too few speakers: that key is named, not the three the message always named
+    params = chat_params({"clean.min_speakers": 3})
+    with pytest.raises(PipelineError) as err:
+        run_clean(params, tmp_path / "raw", tmp_path / "clean", tmp_path / "metrics/clean.json")
+    assert str(err.value).endswith("loosen clean.min_speakers") and "too_few_speakers" in str(err.value)
+    assert ": 0" not in str(err.value)  # counts that are zero are left out
 
 
 def test_unknown_persona_stops_clean_when_it_pseudonymizes(chat_params, tmp_path):

@@ -322,9 +322,17 @@ def test_chat_field_problems_are_each_found_alone(merged, run):
     ("q3_xx", "gguf", "--quant q3_xx: choose from f32, f16, bf16, q8_0"),
     ("q4_k_m", "gguf-lora", "--quant q4_k_m: choose from f32, f16, bf16, q8_0"),
     (",", "gguf", "--quant ,: choose from"),
+    ("", "gguf", "--quant : choose from"),  # was the default's three files
 ])
 def test_an_unknown_quant_type_is_named_before_any_work(run, tmp_path, quant, fmt, message, capsys):
     assert message in _refused(capsys, run, tmp_path / "x", fmt, quant)
+
+
+def test_a_missing_base_gguf_is_named_before_any_work(run, tmp_path, capsys):
+    for missing in (tmp_path / "nowhere.gguf", tmp_path):  # no file, a folder: tracebacks before
+        assert _export(run, tmp_path / "x", "gguf-lora", "f16", "--base-gguf", str(missing)) == 1
+        _nothing_at(tmp_path / "x")
+        assert f"--base-gguf {missing}: no such file; give the base's GGUF file" in capsys.readouterr().err
 
 
 def test_missing_converters_say_how_to_install_them(run, tmp_path, monkeypatch, capsys):

@@ -648,3 +648,12 @@ def test_serve_refuses_a_bad_adapter_clearly(small_base, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert "error:" in proc.stderr and "ghost" in proc.stderr and "no such adapter folder" in proc.stderr
+
+
+def test_serve_refuses_an_empty_key(tmp_path):
+    """--api-key '' served with no key at all, without a word; refused before the model loads."""
+    for key in ("", " key "):
+        proc = subprocess.run([str(BIN / "qlora-pipeline"), "serve", "--base", str(tmp_path / "nowhere"),
+                               "--api-key", key, "--port", str(free_port())], cwd=tmp_path, env=pipeline_env(),
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1 and "--api-key: empty, or with spaces around it" in proc.stderr, proc.stderr

@@ -245,7 +245,7 @@ def test_a_soak_of_mixed_traffic_leaves_no_5xx_and_no_memory_growth(served):
     third = max(1, len(samples) // 3)
     assert min(samples[-third:]) - min(samples[:third]) <= SOAK_GROWTH_MB, samples
     assert max(samples) - samples[0] <= SOAK_PEAK_MB, samples
-    health = httpx.get(url + "/health", timeout=30).json()
+    health = httpx.get(url + "/health", headers=AUTH, timeout=30).json()  # the names behind the key
     assert health["status"] == "ok" and set(health["models"]) >= {"base", "alice", "bob"}
     text = httpx.get(url + "/metrics", headers=AUTH, timeout=30).text
     assert metric(text, "qlora_pipeline:num_requests_running") == 0

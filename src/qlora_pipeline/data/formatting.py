@@ -43,7 +43,7 @@ def encode_example(tokenizer: Any, messages: list[dict], target: str, max_length
         keep = max(max_length - len(reply), max_length // 2)
         if len(prompt) > keep:
             counts["prompt_truncated"] += 1
-            prompt = prompt[-keep:]
+            prompt = prompt[len(prompt) - keep:]  # not prompt[-keep:]: at keep 0 that kept the whole prompt
         if len(prompt) + len(reply) > max_length:
             counts["reply_truncated"] += 1
             reply = reply[: max_length - len(prompt)]

@@ -165,9 +165,13 @@ def _jsonl_rows(path: Path, label: str) -> Iterator[Row]:
 
 def _csv_rows(path: Path, label: str) -> Iterator[Row]:
     records = csv_records(read_text(path.read_bytes(), label, fix="re-encode the file as UTF-8"), label)
-    _, header = next(records, (0, []))
+    header_line, header = next(records, (0, []))
     if not header:
         raise PipelineError(f"{label}: no header row; the first line must name the columns")
+    twice = sorted({name for name in header if header.count(name) > 1})
+    if twice:  # the last column of a name silently won
+        raise PipelineError(f"{label}:{header_line}: the header names {', '.join(map(repr, twice))} more than once; "
+                            "give each column its own name")
     for line, cells in records:
         if len(cells) > len(header):
             raise PipelineError(f"{label}:{line}: more cells than header columns; quote fields that contain commas")

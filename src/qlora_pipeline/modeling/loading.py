@@ -359,8 +359,15 @@ def load_saved_base(path: Path, compute_dtype: str | None = None) -> tuple[Any, 
 
     if not (path / "config.json").is_file():
         raise PipelineError(f"{path}: no saved base model; run the quantize-load stage first (dvc repro quantize-load)")
-    model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, device_map=device_map(), **NO_HUB_KERNELS)
+    try:  # a folder cut short or edited by hand: the user's to fix, not a traceback
+        model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, device_map=device_map(),
+                                                     **NO_HUB_KERNELS)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as err:
+        reason = (str(err).strip().splitlines() or [""])[0][:300]
+        raise PipelineError(f"{path}: not a base model this pipeline can load ({type(err).__name__}: {reason}); "
+                            "write it again with the quantize-load stage (dvc repro quantize-load)") from None
     disable_cpu_repack(model)
     if compute_dtype is not None:
         apply_compute_dtype(model, compute_dtype)
-    return model, AutoTokenizer.from_pretrained(path)
+    return model, tokenizer

@@ -34,12 +34,7 @@ def run_clean(params: Params, raw_dir: Path, out_dir: Path, metrics_path: Path) 
     if "export" in manifest:  # the chat app's own lines (notices, placeholders), removed by fetch
         metrics["rows_removed_at_fetch"] = manifest["export"]["rows_removed"]
     if not kept:
-        raise PipelineError(
-            f"{source}: every conversation was removed by clean "
-            f"(messages removed: {metrics['messages_removed']}; conversations removed: "
-            f"{metrics['conversations_removed']}); loosen clean.min_chars/max_chars/min_messages "
-            "or check clean.exclude_speakers"
-        )
+        raise PipelineError(f"{source}: every conversation was removed by clean {_removal(metrics)}")
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         write_jsonl(tmp / CONVERSATIONS, kept)
@@ -52,3 +47,21 @@ def run_clean(params: Params, raw_dir: Path, out_dir: Path, metrics_path: Path) 
           f"{metrics['messages_out']}/{metrics['messages_in']} messages, "
           f"{metrics['pii_replacements']['total']} PII replacements -> {out_dir / CONVERSATIONS}, {metrics_path}")
     return metrics
+
+
+# The key behind each reason clean removes a message or a conversation for.
+REMOVED_BY = {"too_short": "clean.min_chars", "too_long": "clean.max_chars",
+              "excluded_speaker": "clean.exclude_speakers", "duplicate_exact": "clean.dedup",
+              "duplicate_near": "clean.dedup (or clean.near_dup_ratio)",
+              "too_few_messages": "clean.min_messages", "too_few_speakers": "clean.min_speakers"}
+
+
+def _removal(metrics: dict) -> str:
+    """What removed what, the counts that are not zero, and the keys to loosen: those of the reasons that acted
+    (the hint named min_chars/max_chars/min_messages whatever had removed the conversations)."""
+    counts = {kind: {reason: n for reason, n in metrics[f"{kind}_removed"].items() if n and reason != "total"}
+              for kind in ("messages", "conversations")}
+    reasons = [r.split(":")[-1] for found in counts.values() for r in found]
+    keys = list(dict.fromkeys(REMOVED_BY[r] for r in reasons if r in REMOVED_BY))
+    return (f"(messages removed: {counts['messages']}; conversations removed: {counts['conversations']}); "
+            + (f"loosen {', '.join(keys)}" if keys else "check the data: every message was empty"))

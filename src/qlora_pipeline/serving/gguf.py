@@ -698,7 +698,12 @@ def main(args: Any, params: Any) -> None:
     from qlora_pipeline.mlflow_store import resolve_tracking_uri
 
     lora = args.format == "gguf-lora"
-    quants = parse_quants(args.quant or ("f16" if lora else "f16,q8_0,q4_k_m"), LORA_TYPES if lora else QUANTS)
+    # --quant "" is a choice to refuse, not the default's three files (135 s of work)
+    quants = parse_quants(("f16" if lora else "f16,q8_0,q4_k_m") if args.quant is None else args.quant,
+                          LORA_TYPES if lora else QUANTS)
+    if lora and args.base_gguf is not None and not Path(args.base_gguf).is_file():
+        raise PipelineError(f"--base-gguf {args.base_gguf}: no such file; give the base's GGUF file, or leave "
+                            "--base-gguf out to convert the base here")
     check_tools()
     with downloaded_adapter(args, params) as adapter:
         rows = read_test_rows(args.test, args.max_samples, params.seed)

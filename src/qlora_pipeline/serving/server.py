@@ -920,8 +920,17 @@ class BodyTooSlow(BodyRefused):
 # ------------------------------------------------------------------------------- command
 
 
+def api_key_from_args(args: Any) -> str | None:
+    """--api-key, else the environment's; refused where given empty ('' turned the key off without a word) or with
+    spaces around it (a key no client's header matches)."""
+    if args.api_key is not None and (not args.api_key.strip() or args.api_key != args.api_key.strip()):
+        raise PipelineError("--api-key: empty, or with spaces around it; give the key itself, or leave --api-key out "
+                            f"(and {API_KEY_ENV} unset) to serve without one")
+    return args.api_key or os.environ.get(API_KEY_ENV) or None
+
+
 def settings_from_args(args: Any, defaults: ChatConfig) -> Settings:
-    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    api_key = api_key_from_args(args)
     for name in ("max_batch_size", "max_tokens_limit", "max_body_bytes"):
         if getattr(args, name) < 1:
             raise PipelineError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
@@ -963,6 +972,7 @@ def check_port_free(host: str, port: int) -> None:
 def main(args: Any) -> None:
     from qlora_pipeline.serving.models import load_from_args
 
+    api_key_from_args(args)  # before the model loads: a mistake in the command is told at once
     check_port_free(args.host, args.port)
     persona, defaults = load_from_args(args)
     settings = settings_from_args(args, defaults)
