@@ -99,3 +99,9 @@ def test_serve_refuses_a_port_in_use_before_loading_a_model():
     check_port_free("127.0.0.1", port)  # let go: free again
     with pytest.raises(PipelineError, match=rf"cannot listen on 192.0.2.1:{port} \(Cannot assign requested"):
         check_port_free("192.0.2.1", port)  # TEST-NET-1: an address of no machine here
+
+
+def test_mlflow_sync_refuses_a_tracking_uri_that_is_no_store(capsys):
+    """Checked as params' mlflow.tracking_uri is; MLflow's own refusal was a traceback, after reading the spool."""
+    assert main(["mlflow-sync", "--tracking-uri", "foo://bar"]) == 1
+    assert "--tracking-uri: 'foo://bar' is no MLflow tracking store; give a server" in capsys.readouterr().err

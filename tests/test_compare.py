@@ -224,6 +224,10 @@ def test_no_matching_run_is_a_clear_error(store, log_run, tmp_path):
     with pytest.raises(PipelineError, match="no MLflow experiment 'nope'"):
         compare.build_report(store, "nope", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+    (tmp_path / "taken").write_text("mine")
+    with pytest.raises(PipelineError, match=r"--out .*taken: a file is there, not a folder"):
+        compare.build_report(store, EXPERIMENT, tmp_path / "taken")
+    assert (tmp_path / "taken").read_text() == "mine"
 
 
 def test_cli_writes_the_report(store, log_run, tmp_path, base_params_dict, capsys):

@@ -147,8 +147,15 @@ def log_human_eval(tracking_uri: str, run_id: str, result: dict) -> None:
 
 def mlflow_sync(args: argparse.Namespace) -> None:
     """Send what stages kept in the spool while the MLflow server was unreachable."""
+    from pydantic import ValidationError
+
+    from qlora_pipeline.config import MlflowConfig
     from qlora_pipeline.spool import spool_dir, sync_spool
 
+    try:  # the check params' mlflow.tracking_uri gets; MLflow's own refusal was a traceback
+        MlflowConfig(tracking_uri=args.tracking_uri)
+    except ValidationError as err:
+        raise PipelineError(f"--tracking-uri: {err.errors()[0]['msg']}") from None
     lines = sync_spool(args.tracking_uri)
     print("\n".join(f"mlflow-sync: {line}" for line in lines) or f"mlflow-sync: nothing to send in {spool_dir()}")
 

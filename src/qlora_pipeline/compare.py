@@ -421,6 +421,9 @@ def build_report(tracking_uri: str, experiment_name: str, out_dir: Path, prefix:
     """
     from qlora_pipeline.mlflow_store import mlflow_client
 
+    if out_dir.exists() and not out_dir.is_dir():  # FileExistsError's traceback, after the runs were read
+        raise PipelineError(f"--out {out_dir}: a file is there, not a folder; give the folder for compare.md and "
+                            "compare.png")
     client = mlflow_client(tracking_uri)
     if run_ids:
         runs = given_runs(client, run_ids)
