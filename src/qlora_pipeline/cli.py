@@ -116,7 +116,7 @@ def human_eval_score(args: argparse.Namespace) -> None:
             print(f"{args.run_file}: no MLflow run id in it (evaluate ran while the MLflow server was unreachable, "
                   "or the file is not evaluate's): result not logged to MLflow")
             return
-        uri = resolve_tracking_uri(run.get("tracking_uri"))
+        uri = resolve_tracking_uri(run.get("tracking_uri") if isinstance(run.get("tracking_uri"), str) else None)
         store = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
         if store is not None and not store.is_file():  # MLflow would make an empty store there, then fail
             print(f"{store}: no MLflow store here (a fresh clone?): result not logged to run {run['mlflow_run_id']}")
@@ -256,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: this machine only)")
     serve.add_argument("--port", type=_at_least(1, 65535), default=8000)
     serve.add_argument("--api-key", default=None,
-                       help="require 'Authorization: Bearer KEY' on every route but /health "
+                       help="require 'Authorization: Bearer KEY' on every route but /health and the chat page "
                             "(default: the QLORA_PIPELINE_API_KEY environment variable, if set)")
     serve.add_argument("--allow-runtime-adapters", action="store_true",
                        help="enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter")

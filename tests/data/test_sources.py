@@ -269,6 +269,9 @@ def test_a_csv_header_naming_a_column_twice_is_refused(tmp_path, params_factory)
     with pytest.raises(PipelineError, match=rf"^{re.escape(str(path))}:1: the header names 'msg' more than once; "
                                             r"give each column its own name$"):
         fetch(params_factory({"data.source": "csv", "data.path": str(path), **CHAT_FIELDS}).data)
+    path.write_text("conv,who,msg,ts,,\nc1,alice,hi,t1,,\nc1,bob,yo,t2,,\n")  # a spreadsheet's empty columns
+    result = fetch(params_factory({"data.source": "csv", "data.path": str(path), **CHAT_FIELDS}).data)
+    assert [m["text"] for m in result.conversations[0]["messages"]] == ["hi", "yo"]
 
 
 def test_csv_unquoted_lone_cr_is_refused_not_split_into_rows(tmp_path, params_factory):

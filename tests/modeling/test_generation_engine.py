@@ -334,8 +334,11 @@ def test_the_engine_thread_admits_requests_as_they_come_and_drops_cancelled_ones
 
 
 def test_an_idle_engine_lets_a_long_prompts_cache_go_and_answers_the_same_after(persona, prompt_ids):
-    """The cache grows every slot to the longest row; a server that took one long prompt held it for its life."""
-    engine = engine_for(persona, max_batch_size=4, admit_fraction=0.0).start()
+    """The cache grows every slot to the longest row; a server that took one long prompt held it for its life. Let go
+    once idle a while, not at once: a client asking for long replies one after another paid a new cache each."""
+    engine = engine_for(persona, max_batch_size=4, admit_fraction=0.0)
+    engine.idle_release_seconds = 1.0  # IDLE_RELEASE_SECONDS, 10, in a server
+    engine.start()
     long_prompt = chat_prompt_ids(persona.tokenizer, [[{"role": "user", "content": "hello " * 1500}]])[0]
     try:
         def reply(ids: list[int]):
@@ -350,6 +353,7 @@ def test_an_idle_engine_lets_a_long_prompts_cache_go_and_answers_the_same_after(
         kept = engine.cache
         assert reply(prompt_ids[1]).completion_tokens and engine.cache is kept
         assert reply(long_prompt).completion_tokens
+        assert engine.cache.capacity > IDLE_CACHE_POSITIONS  # kept a while: the next request may be as long
         deadline = time.monotonic() + 30
         while engine.cache.capacity > IDLE_CACHE_POSITIONS and time.monotonic() < deadline:
             time.sleep(0.05)

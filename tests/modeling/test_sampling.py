@@ -63,8 +63,9 @@ def test_logit_bias_matches_transformers_row_by_row_and_steers_the_pick():
 
 def test_the_bias_comes_after_the_length_decay_and_the_penalties_so_that_100_bans_and_picks():
     """-100 on the end token bans it however far the reply is past the decay's start (the decay raises a score by
-    its size: applied to -95 it made the end token the pick), and 100 picks a token the repetition penalty and the
-    decay would have passed over; a row without a bias decodes as before."""
+    its size, without bound: applied to -95 it made the end token the pick, and 100 tokens' worth after it was
+    outweighed too), and 100 picks a token the repetition penalty and the decay would have passed over; a row
+    without a bias decodes as before."""
     logits = torch.tensor([[5.0, 4.0, 3.0, 1.0]] * 3)  # token 3 is the end of turn
     decay = (0, 1.3)
     settings = [RowDecoding(exponential_decay_length_penalty=decay, logit_bias=((3, -100.0),)),
@@ -74,9 +75,16 @@ def test_the_bias_comes_after_the_length_decay_and_the_penalties_so_that_100_ban
     states = [RowState([2], setting, None) for setting in settings]
     for slot, setting in enumerate(settings):
         sampler.start_row(slot, [2], setting)
-    for state in states:  # 10 tokens past the start: the end token's 1.0 raised to 1.3 ** 10 = 13.8
-        state.generated = 10
-    assert sampler.next_tokens(logits, states).tolist() == [0, 2, 3]
+    for past in (10, 40):  # 40 tokens past the start: the end token's 1.0 raised to 1.3 ** 40 = 36,000
+        for state in states:
+            state.generated = past
+        assert sampler.next_tokens(logits, states).tolist() == [0, 2, 3], past
+    # 100 on two tokens: one of them, as the row's controls rank them, sampled or not; -100 on both of a row's
+    # likeliest: neither
+    settings = [RowDecoding(logit_bias=((1, 100.0), (2, 100.0))), RowDecoding(temperature=5.0, logit_bias=(
+        (1, 100.0), (2, 100.0))), RowDecoding(logit_bias=((0, -100.0), (1, -100.0)))]
+    picks = BatchSampler(3, 4, torch.device("cpu")).next_tokens(logits, [RowState([], s, 7) for s in settings])
+    assert picks[0] == 1 and picks[1] in (1, 2) and picks[2] == 2
 
 
 def test_a_temperature_below_greedy_below_is_greedy_and_one_above_it_samples():

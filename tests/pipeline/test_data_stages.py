@@ -37,8 +37,8 @@ def test_data_stages_write_outputs_and_one_mlflow_run(chat_params, tmp_path, cap
     metrics = run_all(params, tmp_path)
     assert metrics["persona"] == "alice"
     # two conversations: both go to train; said here, where train-adapter only found an empty val.jsonl
-    assert ("warning: val.jsonl and test.jsonl hold no examples: each split takes whole conversations, and 2 with "
-            "persona replies all went to train") in capsys.readouterr().err
+    assert ("warning: val.jsonl and test.jsonl hold no examples: each split takes whole conversations, and only 2 "
+            "have persona replies") in capsys.readouterr().err
     train = [json.loads(line) for line in (tmp_path / "splits/train.jsonl").read_text().splitlines()]
     assert [ex["target"] for ex in train] == ["nice, where did you go?", "i have always wanted to go there",
                                              "yes! mail me at <EMAIL>", "see you then"]

@@ -168,8 +168,8 @@ def _csv_rows(path: Path, label: str) -> Iterator[Row]:
     header_line, header = next(records, (0, []))
     if not header:
         raise PipelineError(f"{label}: no header row; the first line must name the columns")
-    twice = sorted({name for name in header if header.count(name) > 1})
-    if twice:  # the last column of a name silently won
+    twice = sorted({name for name in header if name and header.count(name) > 1})
+    if twice:  # the last column of a name silently won (columns without a name, a spreadsheet's, are read by none)
         raise PipelineError(f"{label}:{header_line}: the header names {', '.join(map(repr, twice))} more than once; "
                             "give each column its own name")
     for line, cells in records:

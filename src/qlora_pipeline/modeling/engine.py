@@ -59,8 +59,10 @@ MIN_SHARED_PREFIX = 8
 PREFILL_OVERHEAD_TOKENS = {"float32": 48, "16-bit": 256}
 # Positions per slot the cache may keep while a running engine waits for work. Every slot grows to the longest row
 # (one 7,000-token prompt: 8 slots x 8,192 positions, 1.5 GB in bfloat16 for the 135M model); past this the cache is
-# let go once the engine is idle, not held for the server's life, and made again at the next request's size.
+# let go once the engine has been idle IDLE_RELEASE_SECONDS, not held for the server's life, and made again at the
+# next request's size. Not at once: a client asking for long replies one after another would pay a new cache each.
 IDLE_CACHE_POSITIONS = 1024
+IDLE_RELEASE_SECONDS = 10.0
 
 
 def row_decoding(setting: DecodingSetting) -> RowDecoding:
@@ -523,6 +525,7 @@ class Engine:
         self._group_sizes: dict[tuple, int] = {}  # a whole workload's groups (run); none for requests as they come
         self._prefix: tuple[int, ...] = ()  # what every prompt of the workload starts with
         self._prefix_cache: dict[str | None, list] = {}  # its keys and values, per adapter
+        self.idle_release_seconds = IDLE_RELEASE_SECONDS
 
     # ------------------------------------------------------------------ a stage's whole workload
 
@@ -631,11 +634,15 @@ class Engine:
         waiting: deque = deque()
         while True:
             block = not waiting and not self.rows
-            if block and self.cache.capacity > IDLE_CACHE_POSITIONS:
-                self.cache = SlotCache(self.cache.slots)
             items = []
             try:
-                items.append(self._queue.get(block=block))
+                if block and self.cache.capacity > IDLE_CACHE_POSITIONS:
+                    try:
+                        items.append(self._queue.get(timeout=self.idle_release_seconds))
+                    except queue.Empty:
+                        self._release_cache()
+                if not items:
+                    items.append(self._queue.get(block=block))
                 while True:
                     items.append(self._queue.get_nowait())
             except queue.Empty:
@@ -661,6 +668,12 @@ class Engine:
             for row in finished:
                 on_done, _ = self._callbacks.pop(row.index)
                 _notify(on_done, row.result())
+
+    def _release_cache(self) -> None:
+        """A new, empty cache of as many slots (made at the next request's size); a GPU's memory handed back too."""
+        self.cache = SlotCache(self.cache.slots)
+        if self._device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def _fail(self, rows: list[_Row], waiting: deque, err: BaseException) -> None:
         for index in [row.index for row in rows] + [index for index, _ in waiting]:

@@ -363,10 +363,10 @@ def load_saved_base(path: Path, compute_dtype: str | None = None) -> tuple[Any, 
         model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, device_map=device_map(),
                                                      **NO_HUB_KERNELS)
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except Exception as err:
+    except _input_errors() as err:  # any other is a bug, and keeps its traceback
         reason = (str(err).strip().splitlines() or [""])[0][:300]
-        raise PipelineError(f"{path}: not a base model this pipeline can load ({type(err).__name__}: {reason}); "
-                            "write it again with the quantize-load stage (dvc repro quantize-load)") from None
+        raise PipelineError(f"{path}: not a base model this pipeline can load ({_error_name(err)}: {reason}); "
+                            "write it again with the quantize-load stage (dvc repro quantize-load)") from err
     disable_cpu_repack(model)
     if compute_dtype is not None:
         apply_compute_dtype(model, compute_dtype)

@@ -26,7 +26,7 @@ import torch
 
 _NEG_INF = float("-inf")
 # A temperature below this is greedy, as vLLM takes it (its _SAMPLING_EPS): the scores divided by 1e-38 overflow
-# float32 to infinities and NaN, and the draw picked whatever came first among them (an end token, a quote).
+# float32 to infinities and NaN, and a draw picked whatever came first among them (an end token, a quote).
 GREEDY_BELOW = 1e-5
 
 
@@ -46,8 +46,8 @@ class RowDecoding:
     exponential_decay_length_penalty: tuple[int, float] | None = None
     # (token id, bias) pairs added to the scores after the penalties, the n-gram ban and the length decay, before
     # temperature, top-k and top-p (OpenAI's logit_bias; transformers' SequenceBiasLogitsProcessor for one-token
-    # sequences): the client's last word, so -100 bans a token and 100 picks it. Before the length decay, -100 on
-    # the end token made a reply end sooner (the decay raises that score by its size); () = off
+    # sequences), -100 a ban and 100 a pick (bias_extremes_): the client's last word. Before the length decay,
+    # -100 on the end token made a reply end sooner (the decay raises that score by its size); () = off
     logit_bias: tuple[tuple[int, float], ...] = ()
 
     @property
@@ -130,6 +130,27 @@ def logit_bias_(scores: torch.Tensor, settings: Sequence[RowDecoding]) -> torch.
     device = scores.device
     return scores.index_put_((torch.tensor(rows, device=device), torch.tensor(tokens, device=device)),
                              torch.tensor(biases, dtype=scores.dtype, device=device), accumulate=True)
+
+
+# OpenAI's ends of logit_bias: -100 bans a token, 100 picks it (or one of the tokens so biased). Added, they were
+# outweighed: the length decay raises the end token's score without bound (1.3 ** 30 times its size, 30 tokens past
+# its start), and the repetition controls act on the others.
+BIAS_BANS, BIAS_PICKS = -100.0, 100.0
+
+
+def bias_extremes_(scores: torch.Tensor, settings: Sequence[RowDecoding]) -> torch.Tensor:
+    """In place, per row: its tokens biased -100 to -inf, and where it biased some 100, every other token to -inf
+    (unless the n-gram ban forbids all of those: the row then picks as the other controls left it)."""
+    for i, setting in enumerate(settings):
+        banned = [token for token, bias in setting.logit_bias if bias <= BIAS_BANS]
+        picked = [token for token, bias in setting.logit_bias if bias >= BIAS_PICKS]
+        if banned:
+            scores[i, banned] = _NEG_INF
+        if picked and torch.isfinite(scores[i, picked]).any():
+            kept = scores[i, picked].clone()
+            scores[i] = _NEG_INF
+            scores[i, picked] = kept
+    return scores
 
 
 def length_decay(scores: torch.Tensor, rows: Sequence[RowState], eos: Sequence[int]) -> torch.Tensor:
@@ -266,7 +287,7 @@ class BatchSampler:
         if any(s.exponential_decay_length_penalty is not None for s in settings):
             scores = length_decay(scores, rows, self.eos)
         if any(s.logit_bias for s in settings):
-            logit_bias_(scores, settings)
+            bias_extremes_(logit_bias_(scores, settings), settings)
         tokens = first_max(scores)
         sampled = [i for i, s in enumerate(settings) if not s.greedy]
         if sampled:

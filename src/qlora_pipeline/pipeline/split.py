@@ -49,9 +49,10 @@ def run_split(params: Params, clean_dir: Path, out_dir: Path, metrics_path: Path
         print(f"warning: {metrics['canary_examples']} canary examples (risk.canaries x risk.canary_repeats) outnumber "
               f"the {metrics['train']['examples']} real train examples: the persona learns the canaries more than the "
               "person; lower risk.canaries or risk.canary_repeats", file=sys.stderr)
-    empty = [name for name in ("val", "test") if getattr(params.split.ratios, name) > 0 and not splits[name]]
+    empty = [f"{name}.jsonl" for name in ("val", "test") if getattr(params.split.ratios, name) > 0 and not splits[name]]
     if empty:  # the data stages run on, but train-adapter and the stages after it refuse an empty split
-        print(f"warning: {' and '.join(f'{name}.jsonl' for name in empty)} hold no examples: each split takes whole "
-              f"conversations, and {metrics['train']['conversations']} with persona replies all went to train; "
-              "train-adapter needs val, the evaluation test: add data (3 conversations at least)", file=sys.stderr)
+        having = sum(metrics[name]["conversations"] for name in SPLITS)
+        print(f"warning: {' and '.join(empty)} {'hold' if len(empty) > 1 else 'holds'} no examples: each split takes "
+              f"whole conversations, and only {having} have persona replies; train-adapter needs val, the "
+              "evaluation test: add data (3 conversations at least)", file=sys.stderr)
     return metrics

@@ -200,7 +200,7 @@ def create_app(persona: PersonaModel, engine: Engine, settings: Settings) -> Fas
     app.add_middleware(RequireKey, api_key=settings.api_key)
     app.add_middleware(CountCompletions, metrics=metrics)
     # Prompts are rendered and tokenized off the event loop (a 1 MB message took a second there, and every
-    # stream and /health waited), one at a time: the tokenizer is one object.
+    # stream and /health waited), on one thread: a burst of long messages waits its turn there, not the loop.
     prompt_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prompts")
     app.state.admission = admission  # the stop signal sets admission.draining (main)
     adapter_changes = asyncio.Lock()  # one runtime load or unload at a time
@@ -409,6 +409,9 @@ class CountCompletions:
 
         try:
             await self.app(scope, receive, counted)
+        except Exception:  # a fault of ours: Starlette's outermost middleware answers it 500, after this one
+            status = status or 500
+            raise
         finally:
             self.metrics.answered(scope.get("state", {}).get("model", ""), status or CLIENT_GONE)
 
@@ -652,9 +655,9 @@ def timeout_error(timeout: float) -> APIError:
 
 
 async def client_gone(request: Request) -> None:
-    """Returns once the client has closed its connection: with the body read, the next message is that."""
+    """Returns once the client has closed its connection: with the body read, uvicorn's next message is that."""
     while (await request.receive())["type"] != "http.disconnect":
-        pass
+        await asyncio.sleep(0)  # a server that answered at once with empty bodies would not hold the loop
 
 
 async def complete(engine: Engine, jobs: list[Job], meta: Meta, timeout: float, timing: Timing,
@@ -671,6 +674,7 @@ async def complete(engine: Engine, jobs: list[Job], meta: Meta, timeout: float, 
         await asyncio.wait({replies, gone}, timeout=max(timing.remaining(), 0.001),
                            return_when=asyncio.FIRST_COMPLETED)
         if gone.done() and not replies.done():
+            timing.release()  # its places in the batch and the queue: kept, they filled up until all got 429
             return error_response(CLIENT_GONE, "the client closed the connection", code="client_gone")
         if not replies.done():
             raise timeout_error(timeout)
@@ -685,6 +689,7 @@ async def complete(engine: Engine, jobs: list[Job], meta: Meta, timeout: float, 
         gone.cancel()
         if not replies.done():
             replies.cancel()
+            replies.add_done_callback(lambda f: f.cancelled() or f.exception())  # read: no "never retrieved"
     timing.finished(completions)
     return {"id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,
             "system_fingerprint": engine.persona.fingerprint[:24],
@@ -900,7 +905,8 @@ class BodyRefused(StarletteHTTPException):
     code = "invalid_request"
 
     def response(self) -> JSONResponse:
-        return error_response(self.status_code, self.detail, code=self.code)
+        # The rest of the body is never read: the connection closes, or a client trickling bytes held it open.
+        return error_response(self.status_code, self.detail, code=self.code, headers={"Connection": "close"})
 
 
 class BodyTooLarge(BodyRefused):
@@ -923,10 +929,14 @@ class BodyTooSlow(BodyRefused):
 def api_key_from_args(args: Any) -> str | None:
     """--api-key, else the environment's; refused where given empty ('' turned the key off without a word) or with
     spaces around it (a key no client's header matches)."""
-    if args.api_key is not None and (not args.api_key.strip() or args.api_key != args.api_key.strip()):
-        raise PipelineError("--api-key: empty, or with spaces around it; give the key itself, or leave --api-key out "
-                            f"(and {API_KEY_ENV} unset) to serve without one")
-    return args.api_key or os.environ.get(API_KEY_ENV) or None
+    # An empty variable is an unset one, as shells and CI files write it; an empty flag is a mistake.
+    for where, key in (("--api-key", args.api_key), (API_KEY_ENV, os.environ.get(API_KEY_ENV) or None)):
+        if key is not None and (not key.strip() or key != key.strip()):
+            raise PipelineError(f"{where}: empty, or with spaces around it; give the key itself, or leave --api-key "
+                                f"out and {API_KEY_ENV} unset to serve without one")
+        if key is not None:
+            return key
+    return None
 
 
 def settings_from_args(args: Any, defaults: ChatConfig) -> Settings:
