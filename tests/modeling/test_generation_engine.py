@@ -333,6 +333,43 @@ def test_the_engine_thread_admits_requests_as_they_come_and_drops_cancelled_ones
         engine.stop()
 
 
+def test_a_prompt_longer_than_a_prefill_is_prefilled_a_chunk_a_step_while_the_others_decode(persona, prompt_ids):
+    """In one forward, a 7,000-token prompt held every other row of a server for 25 s. Chunked, each long prompt's
+    greedy reply is still generate()'s, and two long prompts take their turns."""
+    longs = chat_prompt_ids(persona.tokenizer, [[{"role": "user", "content": f"{word} " * 150}]
+                                                for word in ("hello there", "good night")])
+    engine = engine_for(persona, max_batch_size=4, admit_fraction=0.0, prefill_tokens=64)
+    events: list[str] = []
+    part, step = engine._prefill_part, engine._decode_step
+    engine._prefill_part = lambda *args: (events.append("chunk"), part(*args))[1]
+    engine._decode_step = lambda: (events.append("decode"), step())[1]
+    engine.start()
+    try:
+        done, results = threading.Event(), {}
+
+        def keep(key):
+            def on_done(result):
+                results[key] = result
+                if len(results) == 3:
+                    done.set()
+            return on_done
+
+        engine.submit_together([(Request(prompt_ids[0], "alice", max_new_tokens=40), keep("short"), print),
+                                (Request(longs[0], "alice", max_new_tokens=6), keep("long"), print),
+                                (Request(longs[1], None, max_new_tokens=6), keep("other"), print)])
+        assert done.wait(120)
+    finally:
+        engine.stop()
+    assert all(len(ids) > 4 * 64 for ids in longs)
+    first, last = events.index("chunk"), len(events) - 1 - events[::-1].index("chunk")
+    chunks = events.count("chunk")
+    assert chunks >= 2 * 4 and events[first:last].count("decode") >= chunks - 2  # the short row decoded between
+    assert results["short"].token_ids == generate_alone(persona, prompt_ids[0], "alice", 40)
+    assert results["long"].token_ids == generate_alone(persona, longs[0], "alice", 6)
+    assert results["other"].token_ids == generate_alone(persona, longs[1], None, 6)
+    assert results["long"].prompt_tokens == len(longs[0])
+
+
 def test_an_idle_engine_lets_a_long_prompts_cache_go_and_answers_the_same_after(persona, prompt_ids):
     """The cache grows every slot to the longest row; a server that took one long prompt held it for its life. Let go
     once idle a while, not at once: a client asking for long replies one after another paid a new cache each."""

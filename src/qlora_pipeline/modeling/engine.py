@@ -483,6 +483,15 @@ def _notify(callback: Callable[[Any], None], value: Any) -> None:
         logger.exception("a generation request's callback raised; the engine goes on")
 
 
+@dataclass
+class _Partial:
+    """A prompt longer than a prefill, part of it in ``slot``: ``held`` tokens so far."""
+
+    group: list[_Row]  # its rows: a client's n choices share its prefill
+    slot: int
+    held: int
+
+
 class Engine:
     """Generates for many requests over one model, continuously batched.
 
@@ -526,6 +535,7 @@ class Engine:
         self._prefix: tuple[int, ...] = ()  # what every prompt of the workload starts with
         self._prefix_cache: dict[str | None, list] = {}  # its keys and values, per adapter
         self.idle_release_seconds = IDLE_RELEASE_SECONDS
+        self._partial: _Partial | None = None  # a prompt longer than prefill_tokens, prefilled a chunk a step
 
     # ------------------------------------------------------------------ a stage's whole workload
 
@@ -550,7 +560,7 @@ class Engine:
             self.cache.reserve(room)
             self._share_prefix(requests)
         results: list[Result | None] = [None] * len(requests)
-        while waiting or self.rows:
+        while waiting or self.rows or self._partial:
             for row in self._iterate(waiting):
                 results[row.index] = row.result()
         self._group_sizes, self._prefix, self._prefix_cache = {}, (), {}
@@ -633,7 +643,7 @@ class Engine:
     def _loop(self) -> None:
         waiting: deque = deque()
         while True:
-            block = not waiting and not self.rows
+            block = not waiting and not self.rows and self._partial is None
             items = []
             try:
                 if block and self.cache.capacity > IDLE_CACHE_POSITIONS:
@@ -657,13 +667,13 @@ class Engine:
                     self._callbacks[index] = (on_done, on_error)
                     waiting.append((index, request))
             if stopping:
-                self._fail([*self.rows], waiting, RuntimeError("the engine was stopped"))
+                self._fail([*self.rows, *self._partial_rows()], waiting, RuntimeError("the engine was stopped"))
                 return
             try:
                 finished = self._iterate(waiting)
             except Exception as err:  # every request in flight must hear of it, not hang
-                self._fail([*self.rows], deque(), err)
-                self.rows = []
+                self._fail([*self.rows, *self._partial_rows()], deque(), err)
+                self.rows, self._partial = [], None
                 continue
             for row in finished:
                 on_done, _ = self._callbacks.pop(row.index)
@@ -685,16 +695,76 @@ class Engine:
     # ------------------------------------------------------------------ one iteration
 
     def _iterate(self, waiting: deque) -> list[_Row]:
-        """Admit waiting rows if it is time, then one decode step; the rows that finished."""
+        """Admit waiting rows if it is time (or prefill the next chunk of a long prompt), then one decode step; the
+        rows that finished."""
         finished: list[_Row] = []
         # The model's lock over the whole step: an adapter unloaded between the rows' check and the forward
         # failed every row of the batch, other models' rows too (KeyError in the forward's adapter lookup).
         with torch.no_grad(), self.autocast(), self.lock:
             finished += self._drop_cancelled()
-            finished += self._admit(waiting)
+            finished += self._admit(waiting) if self._partial is None else self._advance_partial()
             if self.rows:
                 finished += self._decode_step()
         return finished
+
+    # ------------------------------------------------------------------ a prompt longer than a prefill
+
+    def _long(self, request: Request) -> bool:
+        return len(request.prompt_ids) + len(request.score_ids) > self.prefill_tokens
+
+    def _partial_rows(self) -> list[_Row]:
+        return list(self._partial.group) if self._partial is not None else []
+
+    def _start_partial(self, group: list[_Row]) -> None:
+        """A prompt longer than ``prefill_tokens`` is prefilled a chunk per step, the running rows decoding between
+        chunks: in one forward, a 7,000-token prompt held every other row for 25 s (the Xeon machine, serving). Its
+        keys and values go to the slot after the running rows; no row is admitted until it runs."""
+        slot, held = len(self.rows), 0
+        prompt, adapter = group[0].request.prompt_ids, group[0].request.adapter
+        if self._prefix and tuple(prompt[:len(self._prefix)]) == self._prefix and adapter in self._prefix_cache:
+            self.cache.write_prefix(torch.tensor([slot], device=self._device), self._prefix_cache[adapter])
+            held = len(self._prefix)
+            self.stats.shared_prefix_tokens += held
+        self._partial = _Partial(group, slot, held)
+
+    def _advance_partial(self) -> list[_Row]:
+        """The long prompt's next chunk; with its last, its rows join the batch as any prefilled row does."""
+        started, partial = time.perf_counter(), self._partial
+        group, loaded = partial.group, self.adapters.names
+        adapter = group[0].request.adapter
+        if all(row.cancelled for row in group) or (adapter is not None and adapter not in loaded):
+            self._partial = None
+            for row in group:
+                row.finish("cancelled") if row.cancelled else row.finish("error", f"adapter {adapter!r} was unloaded")
+            return group
+        # At least one prompt token is left for the last forward: its logits give the rows their first token.
+        count = min(self.prefill_tokens, len(group[0].request.prompt_ids) - partial.held - 1)
+        if _input_length(group) - partial.held > self.prefill_tokens and count > 0:
+            self._prefill_part(group[0], partial.slot, partial.held, count)
+            partial.held += count
+        else:  # the last chunk, with the head's first token: into the slot after the running rows, as any prefill
+            if partial.slot != len(self.rows):
+                self.cache.copy_row(partial.slot, len(self.rows), partial.held)
+            self._partial = None
+            self._prefill_chunk([group], held=partial.held)
+        self.stats.prefill_seconds += time.perf_counter() - started
+        return self._remove([i for i, row in enumerate(self.rows) if row.finished])
+
+    def _prefill_part(self, row: _Row, slot: int, held: int, count: int) -> None:
+        """``count`` more of ``row``'s prompt into ``slot``, after the ``held`` tokens there; no logits."""
+        device = self._device
+        ids = torch.tensor([list(row.request.prompt_ids[held:held + count])], dtype=torch.long, device=device)
+        mask = torch.cat([torch.ones(count, held, dtype=torch.bool), torch.ones(count, count, dtype=torch.bool).tril()],
+                         dim=-1)[None, None].to(device)
+        positions = torch.arange(held, held + count, device=device)[None]
+        self.cache.mode, self.cache.offset = "prefill", held
+        self.cache.write_slots = torch.tensor([slot], device=device)
+        with self.lock, self.adapters.rows([row.request.adapter]):
+            self._hidden(ids, mask, positions)
+        self.cache.offset = 0
+        self.stats.prefills += 1
+        self.stats.prefill_tokens += count
+        self.stats.prefill_padded_tokens += count
 
     def _drop_cancelled(self) -> list[_Row]:
         loaded = self.adapters.names
@@ -725,6 +795,9 @@ class Engine:
                                                                                             request.prompt_ids)
             if taken and starts_group and size > free - len(taken) and size <= self.max_batch_size:
                 break  # a group that shares one prefill waits until it fits whole
+            if self._long(request) and any(self._long(r) and (r.adapter, r.prompt_ids) != (
+                    request.adapter, request.prompt_ids) for _, r in taken):
+                break  # one prompt longer than a prefill at a time: it is prefilled over several steps
             waiting.popleft()
             if request.cancelled is not None and request.cancelled.is_set():
                 refused.append(_Row(index, request, self.tokenizer, self.eos))
@@ -745,20 +818,26 @@ class Engine:
             groups.setdefault((request.adapter, tuple(request.prompt_ids)), []).append(row)
         leaders = sorted(groups.values(), key=_input_length)
         self.cache.reserve(max(_room(r) for _, r in taken))
+        long = [group for group in leaders if _input_length(group) > self.prefill_tokens]
+        leaders = [group for group in leaders if _input_length(group) <= self.prefill_tokens]
         overhead = prefill_overhead(self._compute_dtype)
         for run in prefill_chunks([_input_length(group) for group in leaders], self.prefill_tokens, overhead):
             self._prefill_chunk(leaders[run.start:run.stop])
+        if long:  # one at most (_admit)
+            self._start_partial(long[0])
         self.stats.prefill_seconds += time.perf_counter() - started
         finished = [i for i, row in enumerate(self.rows) if row.finished]
         return self._remove(finished)
 
-    def _prefill_chunk(self, groups: list[list[_Row]]) -> None:
+    def _prefill_chunk(self, groups: list[list[_Row]], held: int = 0) -> None:
+        """Prefill ``groups`` in one forward into the slots after the running rows; ``held``: tokens of the (one)
+        group's prompt already in its slot (a long prompt's earlier chunks)."""
         device = self._device
         prompts = [group[0].request.prompt_ids for group in groups]
         adapters = [group[0].request.adapter for group in groups]
-        shared = len(self._prefix) if self._prefix and all(
+        shared = held or (len(self._prefix) if self._prefix and all(
             tuple(p[:len(self._prefix)]) == self._prefix and len(p) > len(self._prefix) and a in self._prefix_cache
-            for p, a in zip(prompts, adapters)) else 0
+            for p, a in zip(prompts, adapters)) else 0)
         # A row that asks for a continuation's likelihood has it run in its prompt's forward (teacher forced).
         scored = [next((row for row in group if row.request.score_ids), None) for group in groups]
         inputs = [list(p[shared:]) + list(row.request.score_ids if row else ()) for p, row in zip(prompts, scored)]
@@ -775,7 +854,7 @@ class Engine:
             mask = torch.cat([torch.ones(len(inputs), 1, width, shared, dtype=torch.bool), mask], dim=-1)
         first = len(self.rows)
         self.cache.write_slots = torch.arange(first, first + len(groups), device=device)
-        for adapter in set(adapters) if shared else ():
+        for adapter in set(adapters) if shared and not held else ():
             slots = [first + i for i, a in enumerate(adapters) if a == adapter]
             self.cache.write_prefix(torch.tensor(slots, device=device), self._prefix_cache[adapter])
         self.cache.mode, self.cache.offset = "prefill", shared
@@ -786,7 +865,7 @@ class Engine:
         logits = self._head(last)
         if any(scored):
             self._score(hidden, inputs, [p[shared:] for p in prompts], scored)
-        self.stats.shared_prefix_tokens += shared * len(inputs)
+        self.stats.shared_prefix_tokens += 0 if held else shared * len(inputs)
         self.stats.prefills += 1
         self.stats.prefill_rows += len(prompts)
         self.stats.prefill_tokens += int(valid.sum())
