@@ -335,7 +335,8 @@ def test_the_engine_thread_admits_requests_as_they_come_and_drops_cancelled_ones
 
 def test_a_prompt_longer_than_a_prefill_is_prefilled_a_chunk_a_step_while_the_others_decode(persona, prompt_ids):
     """In one forward, a 7,000-token prompt held every other row of a server for 25 s. Chunked, each long prompt's
-    greedy reply is still generate()'s, and two long prompts take their turns."""
+    greedy reply is still generate()'s, two long prompts take their turns, and a second choice of one shares its
+    prefill."""
     longs = chat_prompt_ids(persona.tokenizer, [[{"role": "user", "content": f"{word} " * 150}]
                                                 for word in ("hello there", "good night")])
     engine = engine_for(persona, max_batch_size=4, admit_fraction=0.0, prefill_tokens=64)
@@ -350,12 +351,13 @@ def test_a_prompt_longer_than_a_prefill_is_prefilled_a_chunk_a_step_while_the_ot
         def keep(key):
             def on_done(result):
                 results[key] = result
-                if len(results) == 3:
+                if len(results) == 4:
                     done.set()
             return on_done
 
         engine.submit_together([(Request(prompt_ids[0], "alice", max_new_tokens=40), keep("short"), print),
                                 (Request(longs[0], "alice", max_new_tokens=6), keep("long"), print),
+                                (Request(longs[0], "alice", max_new_tokens=6), keep("twin"), print),
                                 (Request(longs[1], None, max_new_tokens=6), keep("other"), print)])
         assert done.wait(120)
     finally:
@@ -368,6 +370,38 @@ def test_a_prompt_longer_than_a_prefill_is_prefilled_a_chunk_a_step_while_the_ot
     assert results["long"].token_ids == generate_alone(persona, longs[0], "alice", 6)
     assert results["other"].token_ids == generate_alone(persona, longs[1], None, 6)
     assert results["long"].prompt_tokens == len(longs[0])
+    assert results["twin"].token_ids == results["long"].token_ids  # a second choice: the prefill's keys copied
+    # A stage's whole workload waits for no one: its long prompts keep one forward each, admitted together.
+    events.clear()
+    assert [r.token_ids for r in engine.run([Request(ids, "alice", max_new_tokens=6) for ids in longs])] == [
+        generate_alone(persona, ids, "alice", 6) for ids in longs]
+    assert "chunk" not in events
+
+
+def test_a_long_prompt_cancelled_between_its_chunks_stops_there(persona):
+    """Its client gone after the first chunk: no more chunks, no token, and the engine free for the next request."""
+    long = chat_prompt_ids(persona.tokenizer, [[{"role": "user", "content": "hello there " * 150}]])[0]
+    engine = engine_for(persona, max_batch_size=4, admit_fraction=0.0, prefill_tokens=64)
+    cancel, chunks = threading.Event(), []
+    part = engine._prefill_part
+
+    def part_then_cancel(*args):
+        chunks.append(args[2])
+        part(*args)
+        cancel.set()
+
+    engine._prefill_part = part_then_cancel
+    engine.start()
+    try:
+        got, done = [], threading.Event()
+        engine.submit(Request(long, "alice", max_new_tokens=6, cancelled=cancel), lambda r: (got.append(r), done.set()))
+        assert done.wait(120)
+        assert got[0].finish_reason == "cancelled" and got[0].completion_tokens == 0 and chunks == [0]
+        done.clear()
+        engine.submit(Request(long[-40:], "alice", max_new_tokens=3), lambda r: (got.append(r), done.set()))
+        assert done.wait(120) and got[1].finish_reason in ("stop", "length")
+    finally:
+        engine.stop()
 
 
 def test_an_idle_engine_lets_a_long_prompts_cache_go_and_answers_the_same_after(persona, prompt_ids):

@@ -560,10 +560,13 @@ class Engine:
             self.cache.reserve(room)
             self._share_prefix(requests)
         results: list[Result | None] = [None] * len(requests)
-        while waiting or self.rows or self._partial:
-            for row in self._iterate(waiting):
-                results[row.index] = row.result()
-        self._group_sizes, self._prefix, self._prefix_cache = {}, (), {}
+        try:
+            while waiting or self.rows or self._partial:
+                for row in self._iterate(waiting):
+                    results[row.index] = row.result()
+        finally:  # a workload that raised leaves nothing behind for the next (chat runs one per turn)
+            self.rows, self._partial = [], None
+            self._group_sizes, self._prefix, self._prefix_cache = {}, (), {}
         return results
 
     def _share_prefix(self, requests: Sequence[Request]) -> None:
@@ -710,7 +713,10 @@ class Engine:
     # ------------------------------------------------------------------ a prompt longer than a prefill
 
     def _long(self, request: Request) -> bool:
-        return len(request.prompt_ids) + len(request.score_ids) > self.prefill_tokens
+        """A prompt prefilled over several steps: longer than a prefill, where requests come as they come (the
+        engine's thread: serve, chat). A stage's workload (``run``) is all known, and waits for no one: its long
+        prompts keep one forward each, several admitted at once."""
+        return self._thread is not None and len(request.prompt_ids) > self.prefill_tokens
 
     def _partial_rows(self) -> list[_Row]:
         return list(self._partial.group) if self._partial is not None else []
@@ -730,25 +736,32 @@ class Engine:
     def _advance_partial(self) -> list[_Row]:
         """The long prompt's next chunk; with its last, its rows join the batch as any prefilled row does."""
         started, partial = time.perf_counter(), self._partial
-        group, loaded = partial.group, self.adapters.names
-        adapter = group[0].request.adapter
-        if all(row.cancelled for row in group) or (adapter is not None and adapter not in loaded):
+        adapter = partial.group[0].request.adapter
+        gone = [row for row in partial.group if row.cancelled]
+        for row in gone:  # a client's choices cancelled: told now, not after the prompt's last chunk
+            row.finish("cancelled")
+        partial.group = [row for row in partial.group if not row.cancelled]
+        if not partial.group:
             self._partial = None
-            for row in group:
-                row.finish("cancelled") if row.cancelled else row.finish("error", f"adapter {adapter!r} was unloaded")
-            return group
+            return gone
+        if adapter is not None and adapter not in self.adapters.names:
+            self._partial = None
+            for row in partial.group:
+                row.finish("error", f"adapter {adapter!r} was unloaded")
+            return gone + partial.group
+        group = partial.group
         # At least one prompt token is left for the last forward: its logits give the rows their first token.
         count = min(self.prefill_tokens, len(group[0].request.prompt_ids) - partial.held - 1)
-        if _input_length(group) - partial.held > self.prefill_tokens and count > 0:
+        if len(group[0].request.prompt_ids) - partial.held > self.prefill_tokens and count > 0:
             self._prefill_part(group[0], partial.slot, partial.held, count)
             partial.held += count
         else:  # the last chunk, with the head's first token: into the slot after the running rows, as any prefill
             if partial.slot != len(self.rows):
                 self.cache.copy_row(partial.slot, len(self.rows), partial.held)
-            self._partial = None
             self._prefill_chunk([group], held=partial.held)
+            self._partial = None  # after: a forward that raised leaves its rows where _loop's failure finds them
         self.stats.prefill_seconds += time.perf_counter() - started
-        return self._remove([i for i, row in enumerate(self.rows) if row.finished])
+        return gone + self._remove([i for i, row in enumerate(self.rows) if row.finished])
 
     def _prefill_part(self, row: _Row, slot: int, held: int, count: int) -> None:
         """``count`` more of ``row``'s prompt into ``slot``, after the ``held`` tokens there; no logits."""
@@ -818,12 +831,13 @@ class Engine:
             groups.setdefault((request.adapter, tuple(request.prompt_ids)), []).append(row)
         leaders = sorted(groups.values(), key=_input_length)
         self.cache.reserve(max(_room(r) for _, r in taken))
-        long = [group for group in leaders if _input_length(group) > self.prefill_tokens]
-        leaders = [group for group in leaders if _input_length(group) <= self.prefill_tokens]
+        long = [group for group in leaders if self._long(group[0].request)]
+        leaders = [group for group in leaders if not self._long(group[0].request)]
         overhead = prefill_overhead(self._compute_dtype)
         for run in prefill_chunks([_input_length(group) for group in leaders], self.prefill_tokens, overhead):
             self._prefill_chunk(leaders[run.start:run.stop])
-        if long:  # one at most (_admit)
+        assert len(long) <= 1, "_admit takes one long prompt at a time"
+        if long:
             self._start_partial(long[0])
         self.stats.prefill_seconds += time.perf_counter() - started
         finished = [i for i, row in enumerate(self.rows) if row.finished]
