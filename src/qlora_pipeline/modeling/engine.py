@@ -724,14 +724,9 @@ class Engine:
     def _start_partial(self, group: list[_Row]) -> None:
         """A prompt longer than ``prefill_tokens`` is prefilled a chunk per step, the running rows decoding between
         chunks: in one forward, a 7,000-token prompt held every other row for 25 s (the Xeon machine, serving). Its
-        keys and values go to the slot after the running rows; no row is admitted until it runs."""
-        slot, held = len(self.rows), 0
-        prompt, adapter = group[0].request.prompt_ids, group[0].request.adapter
-        if self._prefix and tuple(prompt[:len(self._prefix)]) == self._prefix and adapter in self._prefix_cache:
-            self.cache.write_prefix(torch.tensor([slot], device=self._device), self._prefix_cache[adapter])
-            held = len(self._prefix)
-            self.stats.shared_prefix_tokens += held
-        self._partial = _Partial(group, slot, held)
+        keys and values go to the slot after the running rows; no row is admitted until it runs. (A workload's shared
+        prefix is ``run``'s, which does not chunk.)"""
+        self._partial = _Partial(group, len(self.rows), 0)
 
     def _advance_partial(self) -> list[_Row]:
         """The long prompt's next chunk; with its last, its rows join the batch as any prefilled row does."""
