@@ -105,3 +105,22 @@ def test_mlflow_sync_refuses_a_tracking_uri_that_is_no_store(capsys):
     """Checked as params' mlflow.tracking_uri is; MLflow's own refusal was a traceback, after reading the spool."""
     assert main(["mlflow-sync", "--tracking-uri", "foo://bar"]) == 1
     assert "--tracking-uri: 'foo://bar' is no MLflow tracking store; give a server" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["export", "--format", "safetensors", "--quant", "q8_0"], "--quant is for --format gguf or gguf-lora, not "
+                                                               "safetensors"),
+    (["export", "--format", "vllm", "--quant", "f16"], "--quant is for --format gguf or gguf-lora, not vllm"),
+    (["export", "--format", "gguf", "--dtype", "float32"], "--dtype is for --format safetensors, not gguf"),
+])
+def test_an_export_flag_its_format_does_not_read_is_refused_before_any_work(argv, expected, tmp_path, capsys):
+    """--quant with safetensors ran a 32 s merge and dropped it; --dtype with gguf was dropped too."""
+    out = tmp_path / "out"
+    assert main([*argv, "--adapter", str(tmp_path / "adapter"), "--out", str(out)]) == 1
+    assert expected in capsys.readouterr().err and not out.exists()
+
+
+def test_compare_refuses_run_with_runs(capsys):
+    """--runs was dropped, and the whole queue of experiments ran."""
+    assert main(["compare", "--run", "--runs", "abc"]) == 1
+    assert "--run and --runs: choose one" in capsys.readouterr().err

@@ -130,6 +130,9 @@ def main(args: Any) -> None:
     params = load_params(args.params) if Path(args.params).is_file() else Params()
     uri = resolve_tracking_uri(params.mlflow.tracking_uri)
     prefix = args.prefix or params.compare.name_prefix
+    if args.run and args.runs:  # --runs was dropped, and the whole queue ran
+        raise PipelineError("--run and --runs: choose one: --run queues and runs new experiments, --runs names runs "
+                            "that exist")
     run_ids = args.runs
     if args.run:
         run_ids = runs_named(uri, params.mlflow.experiment_name, run_experiments(params.compare))

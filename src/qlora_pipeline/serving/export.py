@@ -95,6 +95,7 @@ def main(args: Any) -> None:
     check_out_free(args.out)
     params = load_params(args.params) if Path(args.params).is_file() else Params()
     fmt = getattr(args, "format", "safetensors")
+    dtype = getattr(args, "dtype", None) or "bfloat16"
     if fmt == "vllm":  # the adapter as it is: nothing to verify on test rows
         from qlora_pipeline.serving import vllm
 
@@ -111,7 +112,7 @@ def main(args: Any) -> None:
         return
     with downloaded_adapter(args, params) as adapter:
         rows = read_test_rows(args.test, args.max_samples, params.seed)
-        report = export(adapter, args.base, args.out, args.dtype, rows)
+        report = export(adapter, args.base, args.out, dtype, rows)
     print(summary_table(report, args.out))
     if not report["passed"]:
         raise PipelineError(failure_message(report, args.out))
