@@ -43,8 +43,9 @@ def build_dataset(rows: Iterable[dict], tokenizer: Any, max_length: int, counts:
     # A label at the first position teaches nothing (the loss predicts each token from those before it): with no
     # label past it in any example, training ran its steps at a loss of 0 and saved an adapter that learned nothing.
     if records and not any(label != IGNORE_INDEX for r in records for label in r["labels"][1:]):
+        default = TrainConfig.model_fields["max_length"].default
         raise PipelineError(f"train.max_length: {max_length} tokens leave no reply token to learn in any of the "
-                            f"{len(records)} examples; raise it (params.yaml's default is 256)")
+                            f"{len(records)} examples; raise it (params.yaml's default is {default})")
     return datasets.Dataset.from_list(records)
 
 

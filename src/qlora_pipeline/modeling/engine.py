@@ -584,12 +584,7 @@ class Engine:
             for adapter in {r.adapter for r in requests}:
                 if adapter is not None and adapter not in self.adapters.names:
                     continue  # refused at admission
-                self.cache.mode, self.cache.offset = "prefill", 0
-                self.cache.write_slots = torch.tensor([0], device=self._device)
-                ids = torch.tensor([self._prefix], device=self._device)
-                mask = torch.ones(length, length, dtype=torch.bool, device=self._device).tril()[None, None]
-                with self.lock, self.adapters.rows([adapter]):
-                    self._hidden(ids, mask, torch.arange(length, device=self._device)[None])
+                self._prefill_forward([list(self._prefix)], 0, [0], [adapter])
                 self._prefix_cache[adapter] = self.cache.read_prefix(0, length)
                 self.stats.prefill_tokens += length
 
@@ -760,16 +755,7 @@ class Engine:
 
     def _prefill_part(self, row: _Row, slot: int, held: int, count: int) -> None:
         """``count`` more of ``row``'s prompt into ``slot``, after the ``held`` tokens there; no logits."""
-        device = self._device
-        ids = torch.tensor([list(row.request.prompt_ids[held:held + count])], dtype=torch.long, device=device)
-        mask = torch.cat([torch.ones(count, held, dtype=torch.bool), torch.ones(count, count, dtype=torch.bool).tril()],
-                         dim=-1)[None, None].to(device)
-        positions = torch.arange(held, held + count, device=device)[None]
-        self.cache.mode, self.cache.offset = "prefill", held
-        self.cache.write_slots = torch.tensor([slot], device=device)
-        with self.lock, self.adapters.rows([row.request.adapter]):
-            self._hidden(ids, mask, positions)
-        self.cache.offset = 0
+        self._prefill_forward([list(row.request.prompt_ids[held:held + count])], held, [slot], [row.request.adapter])
         self.stats.prefills += 1
         self.stats.prefill_tokens += count
         self.stats.prefill_padded_tokens += count
@@ -850,26 +836,12 @@ class Engine:
         # A row that asks for a continuation's likelihood has it run in its prompt's forward (teacher forced).
         scored = [next((row for row in group if row.request.score_ids), None) for group in groups]
         inputs = [list(p[shared:]) + list(row.request.score_ids if row else ()) for p, row in zip(prompts, scored)]
-        width = max(map(len, inputs))
-        ids = torch.full((len(inputs), width), self.pad, dtype=torch.long)
-        for i, tokens in enumerate(inputs):
-            ids[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
         lengths = torch.tensor([len(p) - shared for p in prompts])
-        valid = torch.tensor([len(tokens) for tokens in inputs])
-        positions = (torch.arange(width) + shared).expand(len(inputs), width)
-        causal = torch.ones(width, width, dtype=torch.bool).tril()
-        mask = causal[None, None] & (torch.arange(width)[None, :] < valid[:, None])[:, None, None, :]
-        if shared:  # every row sees the whole shared prefix
-            mask = torch.cat([torch.ones(len(inputs), 1, width, shared, dtype=torch.bool), mask], dim=-1)
         first = len(self.rows)
-        self.cache.write_slots = torch.arange(first, first + len(groups), device=device)
         for adapter in set(adapters) if shared and not held else ():
             slots = [first + i for i, a in enumerate(adapters) if a == adapter]
             self.cache.write_prefix(torch.tensor(slots, device=device), self._prefix_cache[adapter])
-        self.cache.mode, self.cache.offset = "prefill", shared
-        with self.lock, self.adapters.rows(adapters):
-            hidden = self._hidden(ids.to(device), mask.to(device), positions.to(device))
-        self.cache.offset = 0
+        hidden = self._prefill_forward(inputs, shared, range(first, first + len(groups)), adapters)
         last = hidden[torch.arange(len(prompts), device=device), (lengths - 1).to(device)]
         logits = self._head(last)
         if any(scored):
@@ -877,8 +849,8 @@ class Engine:
         self.stats.shared_prefix_tokens += 0 if held else shared * len(inputs)
         self.stats.prefills += 1
         self.stats.prefill_rows += len(prompts)
-        self.stats.prefill_tokens += int(valid.sum())
-        self.stats.prefill_padded_tokens += len(inputs) * width
+        self.stats.prefill_tokens += sum(map(len, inputs))
+        self.stats.prefill_padded_tokens += len(inputs) * max(map(len, inputs))
         # Leaders first, in their slots; then each leader's followers copy its prompt's keys and values.
         rows = [group[0] for group in groups]
         row_logits = [i for i in range(len(groups))]
@@ -899,6 +871,27 @@ class Engine:
         for row, token in zip(rows, tokens.tolist()):
             row.accept(token)
         self.stats.generated_tokens += len(rows)
+
+    def _prefill_forward(self, inputs: list[list[int]], held: int, slots: Sequence[int],
+                         adapters: Sequence[str | None]) -> torch.Tensor:
+        """One prefill forward: ``inputs[i]`` (right-padded) into slot ``slots[i]`` through adapter ``adapters[i]``,
+        after the ``held`` positions each of those slots holds already (every row sees them whole); hidden states."""
+        device, width = self._device, max(map(len, inputs))
+        ids = torch.full((len(inputs), width), self.pad, dtype=torch.long)
+        for i, tokens in enumerate(inputs):
+            ids[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        valid = torch.tensor([len(tokens) for tokens in inputs])
+        positions = (torch.arange(width) + held).expand(len(inputs), width)
+        causal = torch.ones(width, width, dtype=torch.bool).tril()
+        mask = causal[None, None] & (torch.arange(width)[None, :] < valid[:, None])[:, None, None, :]
+        if held:
+            mask = torch.cat([torch.ones(len(inputs), 1, width, held, dtype=torch.bool), mask], dim=-1)
+        self.cache.write_slots = torch.tensor(list(slots), device=device)
+        self.cache.mode, self.cache.offset = "prefill", held
+        with self.lock, self.adapters.rows(list(adapters)):
+            hidden = self._hidden(ids.to(device), mask.to(device), positions.to(device))
+        self.cache.offset = 0
+        return hidden
 
     def _score(self, hidden: torch.Tensor, inputs: list[list[int]], prompts: list[list[int]],
                scored: list[_Row | None]) -> None:

@@ -267,8 +267,7 @@ def create_app(persona: PersonaModel, engine: Engine, settings: Settings) -> Fas
         """One model's card (the OpenAI client's models.retrieve)."""
         card = next((c for c in model_cards(persona, started, settings.defaults) if c["id"] == model), None)
         if card is None:
-            raise APIError(404, f"the model '{model[:200]}' does not exist; available: {', '.join(persona.names)}",
-                           param="model", code="model_not_found")
+            raise unknown_model(model[:200], persona)
         return card
 
     @app.get("/metrics")
@@ -503,6 +502,11 @@ class Meta:
     created: int
 
 
+def unknown_model(name: str, persona: PersonaModel) -> APIError:
+    return APIError(404, f"the model '{name}' does not exist; available: {', '.join(persona.names)}", param="model",
+                    code="model_not_found")
+
+
 def choice_count(body: ChatCompletionRequest, limit: int) -> int:
     """How many choices the request asks for (``n``): at most ``limit``, the rows the engine decodes at once."""
     choices = body.n or 1
@@ -521,8 +525,7 @@ def build_jobs(persona: PersonaModel, settings: Settings, body: ChatCompletionRe
     try:  # looked up once: an unload between a check and a second lookup answered 500
         peft_name = persona.peft_name(body.model)
     except KeyError:
-        raise APIError(404, f"the model '{body.model}' does not exist; available: {', '.join(persona.names)}",
-                       param="model", code="model_not_found") from None
+        raise unknown_model(body.model, persona) from None
     refuse_unsupported(body)
     if body.stream_options is not None and not body.stream:
         raise APIError(400, "stream_options: only with stream: true", param="stream_options", code="invalid_value")
