@@ -294,6 +294,19 @@ def test_a_creator_killed_and_not_yet_reaped_counts_as_gone(tmp_path):
     assert process.pid_running(os.getpid()) and not process.pid_running(creator.pid)
 
 
+def test_a_relative_sqlite_store_is_made_where_sqlalchemy_reads_it(tmp_path, monkeypatch):
+    """sqlite:///rel.db is relative to the working folder; read as a URL path it was /rel.db, and the store was
+    built at the filesystem's root while MLflow used another."""
+    monkeypatch.chdir(tmp_path)
+    name = f"relative-{os.getpid()}.db"
+    assert mlflow_store.sqlite_store_path(f"sqlite:///{name}") == Path(name)
+    assert mlflow_store.sqlite_store_path(f"sqlite:///{tmp_path}/x.db") == tmp_path / "x.db"
+    assert mlflow_store.sqlite_store_path("sqlite:///:memory:") is None
+    assert mlflow_store.sqlite_store_path("http://127.0.0.1:5000") is None
+    mlflow_store.ensure_sqlite_store(f"sqlite:///{name}")
+    assert (tmp_path / name).is_file() and not (Path("/") / name).exists()
+
+
 def test_metric_values_name_numbers_intervals_and_words_and_leave_lists_of_text_out():
     """One flattening for every stage: memorized examples (people's words) never become tags."""
     numbers, texts = tracking.metric_values({"a": 1, "ci": [0.1, 0.2], "who": "pat", "ok": True, "auc": None,

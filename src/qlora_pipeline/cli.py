@@ -105,7 +105,7 @@ def human_eval_score(args: argparse.Namespace) -> None:
     result = score_ratings(args.ratings, args.key, confidence=args.confidence)
     print(json.dumps(result, indent=2))
     if args.run_file.is_file():
-        from qlora_pipeline.mlflow_store import resolve_tracking_uri
+        from qlora_pipeline.mlflow_store import resolve_tracking_uri, sqlite_store_path
 
         from mlflow.exceptions import MlflowException
 
@@ -117,7 +117,7 @@ def human_eval_score(args: argparse.Namespace) -> None:
                   "or the file is not evaluate's): result not logged to MLflow")
             return
         uri = resolve_tracking_uri(run.get("tracking_uri") if isinstance(run.get("tracking_uri"), str) else None)
-        store = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+        store = sqlite_store_path(uri)
         if store is not None and not store.is_file():  # MLflow would make an empty store there, then fail
             print(f"{store}: no MLflow store here (a fresh clone?): result not logged to run {run['mlflow_run_id']}")
             return

@@ -63,6 +63,16 @@ def mlflow_client(uri: str) -> Any:
     return mlflow.MlflowClient(uri)
 
 
+def sqlite_store_path(uri: str) -> Path | None:
+    """The file of a SQLite store URI, as SQLAlchemy reads it (``sqlite:///rel.db`` relative, ``sqlite:////abs.db``
+    absolute); None for another store or an in-memory one. Read as a URL path, the relative one was taken for
+    ``/rel.db``, and the store was built at the filesystem's root."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri.removeprefix("sqlite:///").split("?", 1)[0]
+    return Path(path) if path not in ("", ":memory:") else None
+
+
 def ensure_sqlite_store(uri: str) -> None:
     """Create a missing SQLite store under a temporary name and move it into place once migrated.
 
@@ -72,11 +82,8 @@ def ensure_sqlite_store(uri: str) -> None:
     is there yet (two queued experiments starting together both build one; the first link wins), and
     what a killed creator left (its pid no longer alive) is deleted.
     """
-    parsed = urlparse(uri)
-    if parsed.scheme != "sqlite" or parsed.path in ("", "/", "/:memory:"):
-        return
-    store = Path(parsed.path[1:] if parsed.path.startswith("//") else parsed.path)
-    if store.exists():
+    store = sqlite_store_path(uri)
+    if store is None or store.exists():
         return
     import secrets
 
@@ -89,7 +96,7 @@ def ensure_sqlite_store(uri: str) -> None:
             stale.unlink(missing_ok=True)
     partial = store.with_name(f".{store.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        made = SqlAlchemyStore(f"sqlite:///{partial}", (store.parent / ARTIFACT_DIR).as_uri())
+        made = SqlAlchemyStore(f"sqlite:///{partial}", (store.parent.resolve() / ARTIFACT_DIR).as_uri())
         made.engine.dispose()
         with contextlib.suppress(FileExistsError):  # another process's store is already in place
             os.link(partial, store)
