@@ -80,6 +80,15 @@ def base_params_dict() -> dict:
     return yaml.safe_load((ROOT / "params.yaml").read_text())
 
 
+def default_params_file(folder: Path) -> Path:
+    """A params file of the defaults in ``folder``: a command given it reads no params of this checkout's."""
+    from qlora_pipeline.config import Params
+
+    path = folder / "default-params.yaml"
+    path.write_text(yaml.safe_dump(Params().model_dump(mode="json")), encoding="utf-8")
+    return path
+
+
 def set_dotted(raw: dict, overrides: dict) -> dict:
     """``raw`` with each dotted key (``train.lora.r``) set to its value, in place."""
     for dotted, value in overrides.items():

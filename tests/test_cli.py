@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from conftest import default_params_file
 from qlora_pipeline.cli import main
 
 
@@ -124,3 +125,25 @@ def test_compare_refuses_run_with_runs(capsys):
     """--runs was dropped, and the whole queue of experiments ran."""
     assert main(["compare", "--run", "--runs", "abc"]) == 1
     assert "--run and --runs: choose one" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["runs", "compare", "chat", "serve"])
+def test_a_params_file_named_but_missing_is_refused_not_read_as_the_defaults(command, tmp_path, capsys):
+    """A mistyped --params ran on the defaults (another MLflow store, other chat settings) and said nothing."""
+    missing = tmp_path / "parms.yaml"
+    assert main([command, "--params", str(missing)]) == 1
+    assert f"{missing}: 1 problem(s) in params:\n  - --params names no file; check the path" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--prefix", ""], "--prefix '': give the start of the comparison's experiment names (default: params' "
+                       "compare.name_prefix, 'compare-')"),
+    (["--prefix", "mine-", "--runs", "abc"], "--prefix and --runs: --prefix picks the newest runs of experiments so "
+                                             "named, which --run and --runs do not read; drop it"),
+    (["--prefix", "mine-", "--run"], "--prefix and --run: --prefix picks"),
+])
+def test_compare_refuses_a_prefix_it_would_drop(argv, expected, tmp_path, capsys):
+    """'' was read as the default prefix; with --run or --runs a prefix was dropped (and --run queued experiments)."""
+    assert main(["compare", "--params", str(default_params_file(tmp_path)), "--out", str(tmp_path / "out"),
+                 *argv]) == 1
+    assert expected in capsys.readouterr().err and not (tmp_path / "out").exists()

@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from qlora_pipeline.config import (SCHEMA_FILE, ConfigError, DecodingSetting, Params, decoding_setting_from,
-                                   load_params, params_from_dict, params_schema)
+from qlora_pipeline.config import (GREEDY_TEMPERATURE, SCHEMA_FILE, ConfigError, DecodingSetting, Params,
+                                   command_params, decoding_setting_from, load_params, params_from_dict, params_schema)
 
 
 def test_repository_params_load():
@@ -132,6 +132,35 @@ def test_all_problems_are_reported_together(base_params_dict):
     assert "3 problem(s)" in str(err.value)
 
 
+def test_a_command_reads_the_params_it_names_else_the_folders_else_the_defaults(tmp_path, monkeypatch,
+                                                                               base_params_dict):
+    monkeypatch.chdir(tmp_path)
+    assert command_params(None) == Params()  # a served folder need not be a pipeline checkout
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({**base_params_dict, "seed": 7}), encoding="utf-8")
+    assert command_params(None).seed == 7
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump({**base_params_dict, "seed": 8}), encoding="utf-8")
+    assert command_params(tmp_path / "mine.yaml").seed == 8
+    with pytest.raises(ConfigError, match=r"(?s)mne.yaml: .*--params names no file; check the path, or leave --params "
+                                          r"out for ./params.yaml"):
+        command_params(tmp_path / "mne.yaml")  # was read as "no params": the defaults, silently
+    (tmp_path / "params.yaml").write_text("seed: [1\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        command_params(None)  # a broken params.yaml here is no reason to fall back either
+
+
+def test_a_temperature_the_engine_would_take_as_greedy_is_refused(base_params_dict):
+    """1e-6 was "sampled" (samples_per_prompt seeded draws) where the engine picks greedily below 1e-5: the same
+    reply drawn each time, scored as a sample."""
+    from qlora_pipeline.modeling.sampling import GREEDY_BELOW
+
+    assert GREEDY_TEMPERATURE == GREEDY_BELOW  # the params' floor is the engine's
+    with pytest.raises(ConfigError, match=r"decoding.grid\[1\].temperature: 1e-06 would pick greedily, as 0 does "
+                                          r"\(0 = greedy, else at least 1e-05\)"):
+        params_from_dict(broken(base_params_dict, decoding__grid__1__temperature=1e-6))
+    for fine in (0, 1e-5, 0.7):
+        assert params_from_dict(broken(base_params_dict, decoding__grid__1__temperature=fine))
+
+
 def test_missing_and_invalid_yaml_files(tmp_path):
     with pytest.raises(ConfigError, match="file not found"):
         load_params(tmp_path / "nope.yaml")
@@ -200,7 +229,7 @@ def test_params_yaml_has_every_section_and_nothing_else():
 def test_a_decoding_read_from_a_report_is_checked_key_by_key():
     with pytest.raises(ConfigError) as err:
         decoding_setting_from({"temperature": -1, "top_p": 1.0, "top_k": 1.5}, "reports/decoding.json")
-    assert err.value.problems == ["chosen.temperature: must be >= 0, got -1 (0 = greedy)",
+    assert err.value.problems == ["chosen.temperature: must be >= 0, got -1 (0 = greedy, else at least 1e-05)",
                                   "chosen.top_k: expected int, got 1.5 (float)",
                                   "chosen.repetition_penalty: missing; add it to params.yaml",
                                   "chosen.no_repeat_ngram_size: missing; add it to params.yaml"]
@@ -220,5 +249,6 @@ def test_the_schema_checks_what_load_params_checks(base_params_dict):
     assert [e.message for e in validator.iter_errors(base_params_dict)] == []
     assert validator.is_valid(broken(base_params_dict, train__learning_rate="5e-05"))  # as PyYAML reads it
     for bad in ({"clean__colour": 1}, {"split__context_turns": KeyError}, {"train__lora__r": 0},
-                {"clean__min_chars": True}, {"train__bf16": "yes"}, {"decoding__grid__1__top_p": 1.5}):
+                {"clean__min_chars": True}, {"train__bf16": "yes"}, {"decoding__grid__1__top_p": 1.5},
+                {"decoding__grid__1__temperature": 1e-6}):
         assert not validator.is_valid(broken(base_params_dict, **bad)), bad

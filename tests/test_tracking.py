@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -335,3 +336,34 @@ def test_logging_into_a_known_run_with_the_server_away_waits_in_the_spool(away, 
     with pytest.raises(PipelineError, match=f"run {run_id} is not in sqlite:///.*other.db; sync to the store"):
         spooling.sync_spool(f"sqlite:///{tmp_path / 'other.db'}")
     assert len(list(spooling.spool_dir().glob("*.jsonl"))) == 1
+
+
+@pytest.mark.parametrize("line, expected", [
+    ("[1]", r"2: not a spool record \(an object whose op is one of params, metrics, tags, artifact, end\); remove "
+            "that line and sync again"),
+    ('{"op": "metrics", "values": {"train.loss": 1.0}, "timestamp": 5}', r"2: a spool 'metrics' record without "
+                                                                          "step; remove that line"),
+    ('{"op": "tags", "values": ["a"]}', r"2: a spool 'tags' record whose values are no object"),
+    ('{"op": "artifact", "path": "9.files/1/report.md", "artifact_path": "reports"}',
+     r"2: the copy of the artifact, .*9\.files/1/report\.md, is gone; remove that line"),
+])
+def test_a_damaged_spool_line_is_named_and_nothing_is_sent(line, expected, tmp_path):
+    """A record damaged or edited by hand was a KeyError's traceback, after the lines before it had been sent."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    opening = {"op": "open", "tracking_uri": "unused", "experiment": "qlora-pipeline", "key": "k1", "stage": "train",
+               "run_name": None, "tags": {}, "params": {"seed": "42"}, "timestamp": 1_000, "run_id": None}
+    metrics = {"op": "metrics", "values": {"train.loss": 2.0}, "step": 1, "timestamp": 2_000}
+    path = spool / "1-1.jsonl"
+    path.write_text("\n".join([json.dumps(opening), line, json.dumps(metrics)]) + "\n")
+    store = f"sqlite:///{tmp_path / 'store.db'}"
+    with pytest.raises(PipelineError, match=rf"{re.escape(str(path))}:{expected}"):
+        spooling.sync_spool(store, spool)
+    assert path.exists() and not (tmp_path / "store.db").exists()
+    path.write_text(json.dumps({**opening, "op": "metrics"}) + "\n")
+    with pytest.raises(PipelineError, match=r"1-1\.jsonl:1: the first record must open the run \(op 'open'\); the "
+                                            "file cannot be sent; remove it"):
+        spooling.sync_spool(store, spool)
+    path.write_text(json.dumps({k: v for k, v in opening.items() if k != "params"}) + "\n")
+    with pytest.raises(PipelineError, match=r"1-1\.jsonl:1: a spool 'open' record without params"):
+        spooling.sync_spool(store, spool)

@@ -24,6 +24,9 @@ from typing import Any, Callable
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.process import ADAPTERS, TRACKING, import_quietly, keep_freed_memory
 
+# A command reads the file --params names, which must exist; without the flag, params.yaml here if there is one.
+PARAMS_DEFAULT = " (default: ./params.yaml if there is one, else the defaults)"
+
 OUTPUTS = [
     ("data/raw/conversations.jsonl", "canonical conversations (fetch)"),
     ("data/raw/manifest.json", "source, version, sha256, counts (fetch)"),
@@ -223,12 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
     score.set_defaults(func=human_eval_score)
 
     runs = commands.add_parser("runs", help="past runs with an adapter, as runs:/<run_id>/adapter sources")
-    runs.add_argument("--params", type=Path, default=Path("params.yaml"), help="for the MLflow store and experiment")
+    runs.add_argument("--params", type=Path, default=None,
+                      help=f"for the MLflow store and experiment{PARAMS_DEFAULT}")
     runs.add_argument("--limit", type=_at_least(1), default=20, help="newest runs looked at")
     runs.set_defaults(func=_run("qlora_pipeline.serving.runs", TRACKING))
 
     compare = commands.add_parser("compare", help="PEFT vs full fine-tuning: a report from the MLflow runs")
-    compare.add_argument("--params", type=Path, default=Path("params.yaml"), help="for the MLflow store and experiment")
+    compare.add_argument("--params", type=Path, default=None,
+                         help=f"for the MLflow store and experiment{PARAMS_DEFAULT}")
     compare.add_argument("--out", type=Path, default=Path("reports"), help="folder for compare.md and compare.png")
     compare.add_argument("--prefix", default=None,
                          help="DVC experiment names of the comparison start with this (tag dvc.exp_name); "
@@ -304,7 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--test", type=Path, default=Path("data/splits/test.jsonl"),
                         help="examples the merged model is checked on (export_report.json)")
     export.add_argument("--max-samples", type=_at_least(1), default=32, help="test examples used for the check")
-    export.add_argument("--params", type=Path, default=Path("params.yaml"), help="for the MLflow store of runs:/ sources")
+    export.add_argument("--params", type=Path, default=None,
+                        help=f"for the MLflow store of runs:/ sources{PARAMS_DEFAULT}")
     export.set_defaults(func=_run("qlora_pipeline.serving.export", _model_imports, check=_export_command_line))
     return parser
 
@@ -313,8 +319,8 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=SOURCE",
                         help="an adapter folder or runs:/<run_id>/adapter, under NAME (repeatable)")
     parser.add_argument("--base", type=Path, default=Path("models/base"), help="the base the adapters were trained on")
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"),
-                        help="params.yaml: the chat section's decoding defaults and the MLflow store")
+    parser.add_argument("--params", type=Path, default=None,
+                        help=f"the chat section's decoding defaults and the MLflow store{PARAMS_DEFAULT}")
     parser.add_argument("--decoding", type=Path, default=Path("reports/decoding.json"),
                         help="the decoding choose-decoding picked on validation; used for an adapter it was "
                              "picked for when chat.use_chosen_decoding is true")

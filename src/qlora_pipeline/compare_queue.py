@@ -124,15 +124,22 @@ def runs_named(tracking_uri: str, experiment_name: str, names: list[str]) -> lis
 
 
 def main(args: Any) -> None:
-    from qlora_pipeline.config import Params, load_params
+    from qlora_pipeline.config import command_params
     from qlora_pipeline.mlflow_store import resolve_tracking_uri
 
-    params = load_params(args.params) if Path(args.params).is_file() else Params()
+    params = command_params(args.params)
     uri = resolve_tracking_uri(params.mlflow.tracking_uri)
-    prefix = args.prefix or params.compare.name_prefix
+    prefix = params.compare.name_prefix if args.prefix is None else args.prefix
     if args.run and args.runs:  # --runs was dropped, and the whole queue ran
         raise PipelineError("--run and --runs: choose one: --run queues and runs new experiments, --runs names runs "
                             "that exist")
+    if args.prefix is not None and (args.run or args.runs):  # it was dropped: these pick the runs themselves
+        raise PipelineError(f"--prefix and --{'run' if args.run else 'runs'}: --prefix picks the newest runs of "
+                            "experiments so named, which --run and --runs do not read; drop it (--run names its "
+                            "experiments by params' compare.name_prefix)")
+    if prefix == "":  # it was read as "the default"; every experiment's runs is no equal-budget comparison
+        raise PipelineError("--prefix '': give the start of the comparison's experiment names (default: params' "
+                            f"compare.name_prefix, {params.compare.name_prefix!r}), or --runs RUN_ID ...")
     run_ids = args.runs
     if args.run:
         run_ids = runs_named(uri, params.mlflow.experiment_name, run_experiments(params.compare))

@@ -90,7 +90,21 @@ NonNegativeFloat = Annotated[float, Field(ge=0), _FloatText()]
 PositiveFloat = Annotated[float, Field(gt=0), _FloatText()]
 Probability = Annotated[float, Field(gt=0, le=1), _FloatText()]
 Confidence = Annotated[float, Field(ge=0.5, lt=1), _FloatText()]
-Temperature = Annotated[float, Field(ge=0, description="0 = greedy"), _FloatText()]
+# Below GREEDY_TEMPERATURE the engine picks greedily (as vLLM does: a smaller one divides the scores into infinities),
+# so such a setting would be "sampled" here (samples_per_prompt draws, each seeded) and draw the same reply each time.
+GREEDY_TEMPERATURE = 1e-5
+
+
+def _greedy_or_sampled(temperature: float) -> float:
+    if 0 < temperature < GREEDY_TEMPERATURE:
+        raise _invalid(f"{temperature} would pick greedily, as 0 does")  # the type's description gives the range
+    return temperature
+
+
+Temperature = Annotated[float, Field(ge=0, description=f"0 = greedy, else at least {GREEDY_TEMPERATURE}",
+                                     json_schema_extra={"not": {"exclusiveMinimum": 0,
+                                                                "exclusiveMaximum": GREEDY_TEMPERATURE}}),
+                        AfterValidator(_greedy_or_sampled), _FloatText()]
 RepetitionPenalty = Annotated[float, Field(gt=0, description="1 = off"), _FloatText()]
 Count = Annotated[int, Field(ge=0)]
 AtLeastOne = Annotated[int, Field(ge=1)]
@@ -729,6 +743,21 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     except yaml.YAMLError as err:
         raise ConfigError(str(path), [f"not valid YAML: {err}"]) from None
     return params_from_dict(raw if raw is not None else {}, source=str(path))
+
+
+def command_params(path: str | Path | None) -> Params:
+    """The params a command (chat, serve, export, runs, compare) reads: the file ``--params`` names, which must be
+    there; without the flag, ``params.yaml`` in the working folder if there is one, else the defaults (a served
+    folder need not be a pipeline checkout). A mistyped ``--params`` was read as "no params" and ran on defaults."""
+    if path is None:
+        return load_params(DEFAULT_PARAMS) if Path(DEFAULT_PARAMS).is_file() else Params()
+    if not Path(path).exists():
+        raise ConfigError(str(path), ["--params names no file; check the path, or leave --params out for "
+                                      f"./{DEFAULT_PARAMS} (the defaults where there is none)"])
+    return load_params(path)
+
+
+DEFAULT_PARAMS = "params.yaml"
 
 
 class _StatedTwice(yaml.YAMLError):

@@ -138,6 +138,32 @@ def _read_spool(path: Path) -> tuple[dict, list[dict]]:
             if number == len(lines):  # the last line of a stage killed mid-write
                 break
             raise PipelineError(f"{path}:{number}: not a spool record; remove that line and sync again") from None
+        _check_record(records[-1], f"{path}:{number}", path.parent, opening=number == 1)
     if not records or records[0].get("op") != "open":
         raise PipelineError(f"{path}: no opening record (the run's identity); it cannot be sent, remove it")
     return records[0], records[1:]
+
+
+# What each record needs to be sent. A file damaged or edited by hand was a KeyError's traceback, after the records
+# before the bad one had been sent: every line is checked before any is.
+_RECORD_KEYS = {"open": ("tracking_uri", "experiment", "key", "stage"), "params": ("values",),
+                "metrics": ("values", "step", "timestamp"), "tags": ("values",), "artifact": ("path", "artifact_path"),
+                "end": ("status", "timestamp")}
+_NEW_RUN_KEYS = ("run_name", "tags", "params", "timestamp")  # an opening that may have to make its run
+
+
+def _check_record(record: Any, where: str, folder: Path, opening: bool) -> None:
+    fix = "remove that line and sync again" if not opening else "the file cannot be sent; remove it"
+    op = record.get("op") if isinstance(record, dict) else None
+    if opening and op != "open":
+        raise PipelineError(f"{where}: the first record must open the run (op 'open'); {fix}")
+    if not opening and (op not in _RECORD_KEYS or op == "open"):
+        raise PipelineError(f"{where}: not a spool record (an object whose op is one of "
+                            f"{', '.join(k for k in _RECORD_KEYS if k != 'open')}); {fix}")
+    needed = _RECORD_KEYS[op] + (_NEW_RUN_KEYS if opening and record.get("key") is not None else ())
+    missing = [key for key in needed if key not in record]
+    if missing or not isinstance(record.get("values", {}), dict):
+        raise PipelineError(f"{where}: a spool '{op}' record "
+                            f"{'without ' + ', '.join(missing) if missing else 'whose values are no object'}; {fix}")
+    if op == "artifact" and not (folder / str(record["path"])).exists():
+        raise PipelineError(f"{where}: the copy of the artifact, {folder / str(record['path'])}, is gone; {fix}")

@@ -108,6 +108,26 @@ def test_null_values_are_counted_not_silently_dropped(tmp_path, params_factory):
     assert result.manifest["counts"]["messages"] == 9
 
 
+def test_values_that_are_no_text_are_counted_not_written_as_python_text(tmp_path, params_factory):
+    """A JSON array, object or boolean became "['hi', 'there']", "{'a': 1}" or "True" in the messages, uncounted;
+    a number is text enough (speaker ids often are)."""
+    rows = CHAT_ROWS + [{"conv": "c2", "who": "alice", "msg": ["hi", "there"], "ts": None},
+                        {"conv": "c2", "who": "alice", "msg": {"a": 1}, "ts": None},
+                        {"conv": "c2", "who": True, "msg": "yes", "ts": None},
+                        {"conv": ["c2"], "who": "bob", "msg": "no", "ts": None},
+                        {"conv": "c2", "who": 7, "msg": 42, "ts": None}]
+    path = write_rows(tmp_path / "chat.jsonl", rows, "jsonl")
+    result = fetch(params_factory({"data.source": "jsonl", "data.path": str(path), **CHAT_FIELDS}).data)
+    assert result.manifest["counts"]["rows_rejected"] == {"not_text_conversation_id": 1, "not_text_speaker": 1,
+                                                          "not_text_text": 2}
+    assert {"speaker": "7", "text": "42", "time": None} in next(c for c in result.conversations
+                                                                if c["id"] == "c2")["messages"]
+    pairs = write_rows(tmp_path / "pairs.jsonl", PAIR_ROWS + [{"uid": "d3", "dialogue": "A: hi", "summary": [1]}],
+                       "jsonl")
+    result = fetch(params_factory({"data.source": "jsonl", "data.path": str(pairs), **PAIR_FIELDS}).data)
+    assert result.manifest["counts"]["rows_rejected"] == {"not_text_response": 1}
+
+
 # ------------------------------------------------------------------------- bad input
 
 

@@ -141,6 +141,26 @@ def test_a_chat_session_streams_the_engines_replies_and_obeys_commands(
     assert child.exitstatus == 0
 
 
+def test_save_writes_the_transcript_where_asked_and_makes_no_folder(tmp_path, monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from qlora_pipeline.errors import PipelineError
+    from qlora_pipeline.serving.chat import save_transcript
+
+    monkeypatch.chdir(tmp_path)
+    session = SimpleNamespace(transcript=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])
+    with pytest.raises(PipelineError, match=r"/save tlks/talk.jsonl: there is no folder tlks; make it first"):
+        save_transcript(session, "tlks/talk.jsonl")  # it was made, the typo with it
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(PipelineError, match=r"/save \.: that is a folder; give a file name"):
+        save_transcript(session, ".")
+    (tmp_path / "talks").mkdir()
+    save_transcript(session, "talks/talk.jsonl")
+    assert "saved 2 turns to talks/talk.jsonl" in capsys.readouterr().out
+    assert [json.loads(line) for line in (tmp_path / "talks/talk.jsonl").read_text().splitlines()] == \
+        session.transcript
+
+
 def test_errors_and_ctrl_c_stop_a_reply_not_the_session(small_base, small_adapters, chat_params, tmp_path):
     child = spawn_chat(chat_command(small_base, small_adapters, chat_params, "--use", "bob", "--seed", "7"),
                        tmp_path, parent_ignores_sigint=True)  # Ctrl-C must work all the same

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import default_params_file
 from qlora_pipeline import cli
 from qlora_pipeline.serving import export
 
@@ -54,7 +55,7 @@ torch.save({"logits": logits, "dtype": str(model.dtype)}, out)
 
 def _export(adapter: Path, out: Path, base: Path, split: Path, dtype: str, *extra: str) -> int:
     return cli.main(["export", "--adapter", str(adapter), "--out", str(out), "--dtype", dtype, "--base", str(base),
-                     "--test", str(split), "--params", str(split.parent / "no-params.yaml"), *extra])
+                     "--test", str(split), "--params", str(default_params_file(split.parent)), *extra])
 
 
 def _report(folder: Path) -> dict:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import default_params_file
 from qlora_pipeline import cli
 from qlora_pipeline.config import DecodingSetting
 from qlora_pipeline.modeling.engine import chat_prompt_ids
@@ -44,7 +45,7 @@ def _export(run: dict, out: Path, fmt: str, quant: str, *extra: str) -> int:
     return cli.main(["export", "--format", fmt, "--quant", quant, "--adapter", f"alice={run['adapter']}",
                      "--out", str(out), "--base", str(run["base"]), "--test", str(run["test"]),
                      "--decoding", str(out.parent / "no-decoding.json"),
-                     "--params", str(out.parent / "no-params.yaml"), *extra])
+                     "--params", str(default_params_file(out.parent)), *extra])
 
 
 def _refused(capsys, run: dict, out: Path, fmt: str, quant: str) -> str:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import default_params_file
 from qlora_pipeline import cli
 from qlora_pipeline.serving import vllm
 
@@ -39,7 +40,7 @@ def test_the_command_asks_for_the_smallest_max_lora_rank_that_fits(rank, flag):
 def test_a_good_adapter_gets_its_files_and_the_serve_command(tmp_path, persona_adapters, quantized_base, capsys):
     out = tmp_path / "alice-vllm"
     assert cli.main(["export", "--format", "vllm", "--adapter", f"alice={persona_adapters['alice']}", "--out", str(out),
-                     "--base", str(quantized_base), "--params", str(tmp_path / "none.yaml")]) == 0
+                     "--base", str(quantized_base), "--params", str(default_params_file(tmp_path))]) == 0
     assert sorted(p.name for p in (out / "adapter").iterdir()) == sorted(vllm.ADAPTER_FILES)
     script = (out / "serve-vllm.sh").read_text()
     words = shlex.split(script.split("\n", 4)[4].replace("\\\n", " "))
@@ -60,6 +61,6 @@ def test_an_adapter_vllm_cannot_load_is_refused_before_anything_is_written(tmp_p
     (dora / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
     out = tmp_path / "out"
     assert cli.main(["export", "--format", "vllm", "--adapter", str(dora), "--out", str(out),
-                     "--base", str(quantized_base), "--params", str(tmp_path / "none.yaml")]) == 1
+                     "--base", str(quantized_base), "--params", str(default_params_file(tmp_path))]) == 1
     assert "vLLM cannot serve this adapter: use_dora" in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.glob(".out.*"))

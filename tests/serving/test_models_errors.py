@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import default_params_file
 from qlora_pipeline import cli
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.layout import RESOLVED_CONFIG
@@ -103,7 +104,7 @@ def test_the_chat_command_says_what_is_wrong_and_exits_non_zero(adapter, quantiz
                                                                  tmp_path):
     _edit_training_config(adapter, lambda resolved: {**resolved, "base_fingerprint": 5})
     code = cli.main(["chat", "--adapter", f"p={adapter}", "--base", str(quantized_base),
-                     "--params", str(tmp_path / "no-params.yaml")])
+                     "--params", str(default_params_file(tmp_path))])
     err = capsys.readouterr().err
     assert code == 1
     assert err.startswith("error: adapter 'p'") and "key 'base_fingerprint' must be a string or null" in err
@@ -202,7 +203,7 @@ def _export(adapter: Path, out: Path, base: Path, tmp_path: Path) -> int:
     test = tmp_path / "test.jsonl"
     test.write_text(json.dumps(ROW) + "\n")
     return cli.main(["export", "--adapter", str(adapter), "--out", str(out), "--base", str(base), "--test", str(test),
-                     "--params", str(tmp_path / "no-params.yaml")])
+                     "--params", str(default_params_file(tmp_path))])
 
 
 def test_export_to_an_out_inside_a_file_fails_before_the_merge(persona_adapters, quantized_base, tmp_path,

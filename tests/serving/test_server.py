@@ -632,8 +632,7 @@ def test_the_serve_command_listens_on_localhost_with_a_key_from_the_environment(
     env = {**pipeline_env(), "QLORA_PIPELINE_API_KEY": KEY}
     # `timeout`: the server stops by itself even if this test dies before its cleanup.
     proc = subprocess.Popen(["timeout", "300", str(BIN / "qlora-pipeline"), "serve", "--base", str(small_base),
-                             "--adapter", f"alice={small_adapters['alice']}", "--port", str(port),
-                             "--params", str(tmp_path / "none.yaml")],
+                             "--adapter", f"alice={small_adapters['alice']}", "--port", str(port)],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 120

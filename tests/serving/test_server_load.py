@@ -150,8 +150,7 @@ def served(quantized_base, persona_adapters, tmp_path_factory):
         ["timeout", "900", str(BIN / "qlora-pipeline"), "serve", "--base", str(quantized_base),
          "--adapter", f"alice={persona_adapters['alice']}", "--adapter", f"bob={persona_adapters['bob']}",
          "--port", str(port), "--api-key", KEY, "--allow-runtime-adapters", "--adapter-root", str(root / "adapters"),
-         "--max-batch-size", "4", "--max-queue", "16", "--max-tokens-limit", "64", "--grace-seconds", "60",
-         "--params", str(root / "none.yaml")],
+         "--max-batch-size", "4", "--max-queue", "16", "--max-tokens-limit", "64", "--grace-seconds", "60"],
         cwd=root, env=pipeline_env(), stdout=log, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120

@@ -250,22 +250,28 @@ def chat_log_conversations(rows: Iterable[Row], cfg: DataConfig, rejected: Count
     fmap = cfg.fields
     grouped: dict[str, list[dict]] = {}
     for row in rows:
-        conv_id = _text(_field(row, "conversation_id", fmap.conversation_id))
-        speaker = _text(_field(row, "speaker", fmap.speaker))
-        text = _text(_field(row, "text", fmap.text))
+        values = {"conversation_id": _field(row, "conversation_id", fmap.conversation_id),
+                  "speaker": _field(row, "speaker", fmap.speaker), "text": _field(row, "text", fmap.text)}
         time = _text(_field(row, "time", fmap.time)) if fmap.time else None
-        reason = _missing_value_reason(conversation_id=conv_id, speaker=speaker, text=text)
+        reason = _reject_reason(**values)
         if reason:
             rejected[reason] += 1
             continue
+        conv_id, speaker, text = (_text(value) for value in values.values())
         grouped.setdefault(conv_id, []).append({"speaker": speaker, "text": text, "time": time})
     for conv_id, messages in grouped.items():
         yield {"id": conv_id, "messages": messages, "meta": {}}
 
 
-def _missing_value_reason(**values: str | None) -> str | None:
+def _reject_reason(**values: Any) -> str | None:
+    """Why a row's mapped values make no message, else None: a null (NaN, or a blank id or speaker), or a JSON array,
+    object or boolean where text belongs (it became Python's text of it, "['a', 'b']" or "True", in the messages).
+    A number is text enough (ids and speakers often are)."""
     for name, value in values.items():
-        if value is None or (name in ("conversation_id", "speaker", "id") and not value.strip()):
+        if isinstance(value, (list, dict, bool)):
+            return f"not_text_{name}"
+        text = _text(value)
+        if text is None or (name in ("conversation_id", "speaker", "id") and not text.strip()):
             return f"null_{name}"
     return None
 
@@ -276,13 +282,13 @@ def pair_conversations(rows: Iterable[Row], cfg: DataConfig, rejected: Counter) 
     placeholders = template_fields(cfg.prompt_template)
     seen_ids: set[str] = set()
     for number, row in enumerate(rows, start=1):
-        prompt = _text(_field(row, "prompt", fmap.prompt))
-        response = _text(_field(row, "response", fmap.response))
-        row_id = _text(_field(row, "id", fmap.id)) if fmap.id else f"row-{number}"
-        reason = _missing_value_reason(id=row_id, prompt=prompt, response=response)
+        values = {"id": _field(row, "id", fmap.id) if fmap.id else f"row-{number}",
+                  "prompt": _field(row, "prompt", fmap.prompt), "response": _field(row, "response", fmap.response)}
+        reason = _reject_reason(**values)
         if reason:
             rejected[reason] += 1
             continue
+        row_id, prompt, response = (_text(value) for value in values.values())
         if row_id in seen_ids:
             raise PipelineError(f"{row.where}: id '{row_id}' (data.fields.id) already used by an earlier row; "
                                 "ids must be unique, or set data.fields.id: null to number the rows")

@@ -346,6 +346,8 @@ def save_transcript(session: Session, text: str) -> None:
     path = Path(text).expanduser()
     if path.is_dir():  # atomic_path replaces what is at the path: never a whole folder
         raise PipelineError(f"/save {text}: that is a folder; give a file name, e.g. /save {path / 'chat.jsonl'}")
+    if not path.parent.is_dir():  # a mistyped folder was made, and the transcript left where no one looks
+        raise PipelineError(f"/save {text}: there is no folder {path.parent}; make it first, or give another path")
     try:
         count = write_jsonl(path, session.transcript)
     except OSError as err:

@@ -36,7 +36,7 @@ from typing import Any, Iterator
 
 import torch
 
-from qlora_pipeline.config import Params, load_params
+from qlora_pipeline.config import Params, command_params
 from qlora_pipeline.data.formatting import encode_example
 from qlora_pipeline.data.sampling import cap_examples
 from qlora_pipeline.errors import PipelineError
@@ -93,7 +93,7 @@ class Example:
 def main(args: Any) -> None:
     """``qlora-pipeline export``: check everything cheap first, then merge, save, verify."""
     check_out_free(args.out)
-    params = load_params(args.params) if Path(args.params).is_file() else Params()
+    params = command_params(args.params)
     fmt = getattr(args, "format", "safetensors")
     dtype = getattr(args, "dtype", None) or "bfloat16"
     if fmt == "vllm":  # the adapter as it is: nothing to verify on test rows

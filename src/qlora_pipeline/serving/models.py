@@ -358,13 +358,13 @@ def load_from_args(args: Any) -> tuple[PersonaModel, Any]:
     """The persona model and the chat decoding defaults for a ``chat``/``serve`` command line.
 
     ``--params`` gives the ``chat`` section and the MLflow store that ``runs:/`` sources come from;
-    a missing params.yaml leaves the defaults (a served folder need not be a pipeline checkout).
+    without it, params.yaml if there is one, else the defaults (:func:`~qlora_pipeline.config.command_params`).
     ``--decoding`` is the workspace's choose-decoding report (see :func:`chat_defaults`).
     """
-    from qlora_pipeline.config import Params, load_params
+    from qlora_pipeline.config import command_params
     from qlora_pipeline.mlflow_store import resolve_tracking_uri
 
-    params = load_params(args.params) if Path(args.params).is_file() else Params()
+    params = command_params(args.params)
     dequantize = {"auto": "auto", "true": True, "false": False}[args.dequantize]
     persona = load_persona_model(Path(args.base), parse_adapter_specs(args.adapter),
                                  tracking_uri=resolve_tracking_uri(params.mlflow.tracking_uri), dequantize=dequantize,

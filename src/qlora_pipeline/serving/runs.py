@@ -9,7 +9,6 @@ validation loss, ROUGE-L).
 from __future__ import annotations
 
 import datetime
-from pathlib import Path
 from typing import Any
 
 from qlora_pipeline.errors import PipelineError
@@ -57,10 +56,10 @@ def table(rows: list[dict]) -> str:
 
 
 def main(args: Any) -> None:
-    from qlora_pipeline.config import Params, load_params
+    from qlora_pipeline.config import command_params
     from qlora_pipeline.mlflow_store import resolve_tracking_uri
 
-    params = load_params(args.params) if Path(args.params).is_file() else Params()
+    params = command_params(args.params)
     uri = resolve_tracking_uri(params.mlflow.tracking_uri)
     rows = adapter_runs(uri, params.mlflow.experiment_name, args.limit)
     if not rows:

@@ -374,6 +374,17 @@ def test_export_of_only_notices_holds_no_messages(config, tmp_path):
         fetch(config(path))
 
 
+def test_export_whose_messages_were_all_left_out_says_how_many_and_why(config, tmp_path):
+    """The message counted app notices only: messages it could not read were left out of the sum."""
+    path = tmp_path / "chat.txt"
+    path.write_text("12/31/23, 21:15 - Ann:  \n12/31/23, 21:16 - Bob: \n12/31/23, 21:17 - Ann: <Media omitted>\n",
+                    encoding="utf-8")
+    with pytest.raises(PipelineError, match=r"chat.txt: the WhatsApp export holds no messages \(1 app notice\(s\) "
+                                            r"removed: \{'media_omitted': 1\}; 2 message\(s\) not read: "
+                                            r"\{'empty_text': 2\}\); export a chat"):
+        fetch(config(path))
+
+
 def test_export_with_one_speaker_is_an_error(config, tmp_path):
     path = tmp_path / "chat.txt"
     path.write_text("12/31/23, 21:15 - Ann: note to self\n12/31/23, 21:16 - Ann: another\n", encoding="utf-8")

@@ -169,16 +169,23 @@ def _no_conversations(threads: list[Thread], files: list[tuple[Path, str]], cfg:
                       counts: ExportCounts) -> PipelineError:
     """Why nothing is left, naming the file and line of the first thread and the param to look at."""
     app = APPS[cfg.source]
-    removed = f" ({sum(counts.removed.values())} app notice(s) removed: {dict(counts.removed)})" if counts.removed else ""
     if not threads or all(not t.messages for t in threads):
         where = threads[0].where if threads else files[0][1]
-        return PipelineError(f"{where}: the {app} export holds no messages{removed}; export a chat that has "
-                             "messages and point data.path at it")
+        return PipelineError(f"{where}: the {app} export holds no messages{_left_out(counts)}; export a chat that "
+                             "has messages and point data.path at it")
     thread = next(t for t in threads if t.messages)
     first = thread.messages[0]
     return PipelineError(
         f"{first.where}: every message of the {app} export is from one speaker ({first.speaker}); a persona needs "
         "someone to reply to: export a chat with two or more people and point data.path at it")
+
+
+def _left_out(counts: ExportCounts) -> str:
+    """" (2 app notice(s) removed: {...}; 3 message(s) not read: {...})", or "" where nothing was left out."""
+    parts = [f"{sum(counter.values())} {what}: {dict(counter)}"
+             for what, counter in (("app notice(s) removed", counts.removed), ("message(s) not read", counts.rejected))
+             if counter]
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def fetch_export(cfg: DataConfig, root: Path) -> tuple[list[dict], dict[str, Any], Counter]:
