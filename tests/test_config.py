@@ -248,6 +248,8 @@ def test_the_schema_checks_what_load_params_checks(base_params_dict):
     validator = jsonschema.Draft202012Validator(json.loads(params_schema()))
     assert [e.message for e in validator.iter_errors(base_params_dict)] == []
     assert validator.is_valid(broken(base_params_dict, train__learning_rate="5e-05"))  # as PyYAML reads it
+    for fine in ("1e-5", "2e-1", 1e-5, 0):  # PyYAML reads the first two as text
+        assert validator.is_valid(broken(base_params_dict, decoding__grid__1__temperature=fine)), fine
     for bad in ({"clean__colour": 1}, {"split__context_turns": KeyError}, {"train__lora__r": 0},
                 {"clean__min_chars": True}, {"train__bf16": "yes"}, {"decoding__grid__1__top_p": 1.5},
                 {"decoding__grid__1__temperature": 1e-6}):

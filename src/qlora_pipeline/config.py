@@ -102,7 +102,7 @@ def _greedy_or_sampled(temperature: float) -> float:
 
 
 Temperature = Annotated[float, Field(ge=0, description=f"0 = greedy, else at least {GREEDY_TEMPERATURE}",
-                                     json_schema_extra={"not": {"exclusiveMinimum": 0,
+                                     json_schema_extra={"not": {"type": "number", "exclusiveMinimum": 0,
                                                                 "exclusiveMaximum": GREEDY_TEMPERATURE}}),
                         AfterValidator(_greedy_or_sampled), _FloatText()]
 RepetitionPenalty = Annotated[float, Field(gt=0, description="1 = off"), _FloatText()]

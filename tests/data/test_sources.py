@@ -122,10 +122,24 @@ def test_values_that_are_no_text_are_counted_not_written_as_python_text(tmp_path
                                                           "not_text_text": 2}
     assert {"speaker": "7", "text": "42", "time": None} in next(c for c in result.conversations
                                                                 if c["id"] == "c2")["messages"]
-    pairs = write_rows(tmp_path / "pairs.jsonl", PAIR_ROWS + [{"uid": "d3", "dialogue": "A: hi", "summary": [1]}],
-                       "jsonl")
-    result = fetch(params_factory({"data.source": "jsonl", "data.path": str(pairs), **PAIR_FIELDS}).data)
-    assert result.manifest["counts"]["rows_rejected"] == {"not_text_response": 1}
+    rows = [{**r, "topic": "plans"} for r in PAIR_ROWS] + [{"uid": "d3", "dialogue": "A: hi", "summary": [1]},
+                                                            {"uid": "d4", "dialogue": "A: hi", "summary": "Hi.",
+                                                             "topic": ["greeting"]},
+                                                            {"uid": "d5", "dialogue": "A: yo", "summary": "Yo.",
+                                                             "topic": None}]
+    fields = {**PAIR_FIELDS, "data.prompt_template": "{topic}: {dialogue}"}
+    result = fetch(params_factory({"data.source": "jsonl", "data.path": str(write_rows(tmp_path / "pairs.jsonl", rows,
+                                                                                       "jsonl")), **fields}).data)
+    assert result.manifest["counts"]["rows_rejected"] == {"not_text_response": 1, "not_text_topic": 1}
+    assert [c["messages"][0]["text"] for c in result.conversations][-1] == ": A: yo"  # a null fills in as empty
+
+
+def test_a_binary_column_is_no_text(tmp_path, params_factory):
+    """Parquet's binary values became "b'...'" in the messages."""
+    path = write_rows(tmp_path / "pairs.parquet", [{**r, "summary": r["summary"].encode()} for r in PAIR_ROWS],
+                      "parquet")
+    with pytest.raises(PipelineError, match=r"\{'not_text_response': 2\}"):
+        fetch(params_factory({"data.source": "parquet", "data.path": str(path), **PAIR_FIELDS}).data)
 
 
 # ------------------------------------------------------------------------- bad input

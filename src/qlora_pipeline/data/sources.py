@@ -268,12 +268,16 @@ def _reject_reason(**values: Any) -> str | None:
     object or boolean where text belongs (it became Python's text of it, "['a', 'b']" or "True", in the messages).
     A number is text enough (ids and speakers often are)."""
     for name, value in values.items():
-        if isinstance(value, (list, dict, bool)):
+        if _not_text(value):
             return f"not_text_{name}"
         text = _text(value)
         if text is None or (name in ("conversation_id", "speaker", "id") and not text.strip()):
             return f"null_{name}"
     return None
+
+
+def _not_text(value: Any) -> bool:
+    return isinstance(value, (list, dict, bool, bytes))
 
 
 def pair_conversations(rows: Iterable[Row], cfg: DataConfig, rejected: Counter) -> Iterator[dict]:
@@ -284,7 +288,9 @@ def pair_conversations(rows: Iterable[Row], cfg: DataConfig, rejected: Counter) 
     for number, row in enumerate(rows, start=1):
         values = {"id": _field(row, "id", fmap.id) if fmap.id else f"row-{number}",
                   "prompt": _field(row, "prompt", fmap.prompt), "response": _field(row, "response", fmap.response)}
-        reason = _reject_reason(**values)
+        # The template's other fields may be null (left empty), not an array or object.
+        reason = _reject_reason(**values) or next((f"not_text_{name}" for name in placeholders
+                                                   if name != "prompt" and _not_text(row.values.get(name))), None)
         if reason:
             rejected[reason] += 1
             continue

@@ -129,6 +129,14 @@ def test_message_whose_type_is_not_a_string_is_rejected(tmp_path):
     assert [m.text for m in thread.messages] == ["hi"] and counts.rejected == {"not_a_message": 1}
 
 
+def test_content_or_a_name_that_is_not_text_is_rejected(tmp_path):
+    """A hand-edited list or object became Python's text of it ("['yo']") in the messages."""
+    messages = [dm(1, "ana", "hi"), dm(2, "ben", ["yo"]), dm(3, "ben", {"a": 1}), dm(4, "ben", True),
+                {**dm(5, "ben", "yo"), "author": {"name": ["ben"]}}, dm(6, "ben", "hey")]
+    thread, counts = read_one(write_json(tmp_path, messages))
+    assert [m.text for m in thread.messages] == ["hi", "hey"] and counts.rejected == {"not_text": 4}
+
+
 def test_reference_that_is_not_an_object_is_no_forward(tmp_path):
     # Found by test_export_properties: "reference": "x" on a message without text raised AttributeError.
     thread, counts = read_one(write_json(tmp_path, [dm(1, "ana", "hi"), dm(2, "ben", "", reference="Forward")]))

@@ -110,12 +110,16 @@ def _json_message(raw, where: str, counts: ExportCounts) -> ExportMessage | None
         counts.removed[reason] += 1
         return None
     author = raw.get("author") if isinstance(raw.get("author"), dict) else {}
-    speaker = clean_name(str(author.get("nickname") or author.get("name") or ""))
+    name = author.get("nickname") or author.get("name") or ""
+    if not isinstance(raw["content"], str) or not isinstance(name, str):  # edited by hand: Python's text of it
+        counts.rejected["not_text"] += 1
+        return None
+    speaker = clean_name(name)
     if not speaker:
         counts.rejected["no_sender"] += 1
         return None
     time = _json_time(raw.get("timestamp"), where)
-    return ExportMessage(speaker, str(raw["content"]), time, where)
+    return ExportMessage(speaker, raw["content"], time, where)
 
 
 def _json_removed_reason(raw: dict) -> str | None:
