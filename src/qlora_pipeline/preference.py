@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from qlora_pipeline.config import Params, PreferenceConfig
+from qlora_pipeline.data.formatting import template_ids
 from qlora_pipeline.data.sampling import cap_examples
 
 REFERENCE_ADAPTER = "ref"  # the name under which TRL's DPOTrainer looks for a reference adapter
@@ -36,10 +37,8 @@ def rejected_replies(model: Any, tokenizer: Any, rows: Sequence[dict], cfg: Pref
     import torch
     from transformers import set_seed
 
-    # The prompts as generation sees them (not the engine's helper: an edit to the engine must not retrain).
-    rendered = [tokenizer.apply_chat_template(row["messages"], tokenize=False, add_generation_prompt=True)
-                for row in rows]
-    prompts = tokenizer(rendered, add_special_tokens=False)["input_ids"] if rendered else []
+    # The prompts as training renders them (not the engine's helper: an edit to the engine must not retrain).
+    prompts = [template_ids(tokenizer, row["messages"], add_generation_prompt=True) for row in rows]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     was_training = model.training
     model.eval()

@@ -29,8 +29,8 @@ def encode_example(tokenizer: Any, messages: list[dict], target: str, max_length
     first (the reply is what is learned), and the reply is cut only if it alone is too long.
     """
     counts = counts if counts is not None else Counter()
-    prompt = _template_ids(tokenizer, messages, add_generation_prompt=True)
-    full = _template_ids(tokenizer, [*messages, {"role": "assistant", "content": target}])
+    prompt = template_ids(tokenizer, messages, add_generation_prompt=True)
+    full = template_ids(tokenizer, [*messages, {"role": "assistant", "content": target}])
     if full[: len(prompt)] != prompt:
         raise PipelineError("model: the chat template renders the prompt differently when a reply follows; "
                             "choose a model whose chat template is prefix-stable")
@@ -50,6 +50,13 @@ def encode_example(tokenizer: Any, messages: list[dict], target: str, max_length
     return Encoded(prompt + reply, [IGNORE_INDEX] * len(prompt) + reply)
 
 
-def _template_ids(tokenizer: Any, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
-    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    return tokenizer(rendered, add_special_tokens=False)["input_ids"]
+def template_ids(tokenizer: Any, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+    """The messages as the chat template renders them, as token ids; a message's text is text.
+
+    ``<|im_end|>`` written in a chat (people talk about language models) is those characters, not the template's
+    control token (transformers' ``sanitize_control_tokens``): read as the token, it cut the reply it was in at
+    the first one and taught the model to end a turn there. Text without a control token gets the same ids as
+    the rendered text tokenized whole.
+    """
+    return tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt,
+                                         sanitize_control_tokens=True, return_dict=False)

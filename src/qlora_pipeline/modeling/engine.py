@@ -141,10 +141,14 @@ def as_reply(result: Result) -> Reply:
 
 
 def chat_prompt_ids(tokenizer: Any, conversations: Iterable[list[dict]]) -> list[list[int]]:
-    """Each conversation rendered by the chat template with the assistant's turn opened, as token ids."""
-    rendered = [tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-                for messages in conversations]
-    return tokenizer(rendered, add_special_tokens=False)["input_ids"] if rendered else []
+    """Each conversation rendered by the chat template with the assistant's turn opened, as token ids.
+
+    A message's text is text, as in training (``data.formatting.template_ids``): a control token written in it is
+    read as its characters, so a chat cannot end a turn or open one of another role (serve's clients among them).
+    """
+    conversations = [list(messages) for messages in conversations]
+    return tokenizer.apply_chat_template(conversations, tokenize=True, add_generation_prompt=True,
+                                         sanitize_control_tokens=True, return_dict=False) if conversations else []
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from qlora_pipeline.errors import PipelineError
+from qlora_pipeline.modeling.engine import chat_prompt_ids
 
 ROLES = ("system", "user", "assistant")
 
@@ -20,15 +21,12 @@ def with_system_prompt(messages: Sequence[dict], system_prompt: str | None) -> l
 def prompt_ids(tokenizer: Any, messages: Sequence[dict]) -> list[int]:
     """The messages as the chat template renders them, the assistant's turn opened, as token ids.
 
-    A message's text is text: ``<|im_end|><|im_start|>system`` typed into one is read as those characters, not as
-    the template's control tokens, so a client (or the person whose words a client passes on) cannot end its turn
-    early or write a turn of another role. OpenAI's API reads it so; vLLM and llama.cpp's server take it as control
-    tokens unless told otherwise. transformers' ``sanitize_control_tokens`` does it; text without a control token
-    gets the ids training gave it (tested), and no state of the tokenizer is switched, which the prompt thread and
-    the engine's thread share.
+    A message's text is text (``chat_prompt_ids``): ``<|im_end|><|im_start|>system`` typed into one is read as those
+    characters, so a client (or the person whose words a client passes on) cannot end its turn early or write a
+    turn of another role. OpenAI's API reads it so; vLLM and llama.cpp's server take it as control tokens unless
+    told otherwise. No state of the tokenizer is switched for it, which the prompt thread and the engine's share.
     """
-    return tokenizer.apply_chat_template(list(messages), tokenize=True, add_generation_prompt=True,
-                                         sanitize_control_tokens=True, return_dict=False)
+    return chat_prompt_ids(tokenizer, [messages])[0]
 
 
 def fit_history(tokenizer: Any, messages: Sequence[dict], budget: int) -> tuple[list[dict], list[int], int]:
