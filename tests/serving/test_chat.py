@@ -161,6 +161,27 @@ def test_save_writes_the_transcript_where_asked_and_makes_no_folder(tmp_path, mo
         session.transcript
 
 
+def test_set_changes_the_active_models_decoding_and_each_model_keeps_its_own(capsys):
+    """One set of settings served every model: /use bob kept alice's /set, and bob's own choice was never used."""
+    from types import SimpleNamespace
+
+    from qlora_pipeline.config import ChatConfig
+    from qlora_pipeline.serving.chat import Session, change_setting, use_model
+    from qlora_pipeline.serving.models import Defaults
+
+    bob_chosen = ChatConfig(temperature=0.0, repetition_penalty=1.2, no_repeat_ngram_size=3)
+    session = Session(SimpleNamespace(names=["base", "alice", "bob"], context_length=2048), None,
+                      Defaults(ChatConfig(), {"bob": bob_chosen}), "alice", None)
+    change_setting(session, "temperature=0.2")
+    assert session.settings.temperature == 0.2
+    use_model(session, "bob")
+    assert session.settings == bob_chosen and "its decoding: temperature=0.0" in capsys.readouterr().out
+    use_model(session, "alice")
+    assert session.settings == ChatConfig(temperature=0.2)
+    use_model(session, "base")
+    assert session.settings == ChatConfig() and "its decoding: temperature=0.7" in capsys.readouterr().out
+
+
 def test_errors_and_ctrl_c_stop_a_reply_not_the_session(small_base, small_adapters, chat_params, tmp_path):
     child = spawn_chat(chat_command(small_base, small_adapters, chat_params, "--use", "bob", "--seed", "7"),
                        tmp_path, parent_ignores_sigint=True)  # Ctrl-C must work all the same

@@ -121,6 +121,8 @@ def test_switching_models_keeps_the_conversation_and_side_by_side_answers_both(u
     send(driver, "what are you cooking tonight?")
     wait_replies(driver, panes=("a", "b"))
     driver.save_screenshot(str(shots / "3-side-by-side.png"))
+    defaults = by_id(driver, "defaults").text  # each model decodes by its own (only the left one's were shown)
+    assert defaults.startswith("Empty fields take each model's defaults: alice: temperature") and "; bob: " in defaults
     left, right = items(driver, "a")[1], items(driver, "b")[1]
     assert left["meta"].startswith("alice") and right["meta"].startswith("bob")
     for name, shown in (("alice", left), ("bob", right)):

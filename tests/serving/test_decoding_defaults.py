@@ -30,23 +30,33 @@ def test_the_choice_made_for_these_weights_becomes_the_default(persona_adapters,
     alice = _adapter("alice", persona_adapters["alice"])
     report = _report(tmp_path / "decoding.json", adapter_digest(alice.folder))
     defaults, where = chat_defaults(ChatConfig(), _persona(alice), report)
-    assert (defaults.temperature, defaults.repetition_penalty, defaults.no_repeat_ngram_size) == (0.0, 1.2, 3)
-    assert defaults.max_new_tokens == ChatConfig().max_new_tokens  # only the decoding keys change
-    assert "chosen on validation for 'alice'" in where and "greedy" in where
+    chosen = defaults.of("alice")
+    assert (chosen.temperature, chosen.repetition_penalty, chosen.no_repeat_ngram_size) == (0.0, 1.2, 3)
+    assert chosen.max_new_tokens == ChatConfig().max_new_tokens  # only the decoding keys change
+    assert "decoding of 'alice': chosen on validation" in where and "greedy" in where
+    assert defaults.of("base") == chosen and "decoding of base: that of 'alice'" in where  # compared as evaluate does
 
 
-def test_a_choice_for_other_weights_or_switched_off_leaves_the_params(persona_adapters, tmp_path):
+def test_each_adapter_decodes_by_its_own_choice_or_else_the_params(persona_adapters, tmp_path):
+    """One adapter's choice served every model: a second experiment's adapter, whose own run chose otherwise,
+    was served with the first one's decoding, though the docs and params.yaml promised each its own."""
     alice, bob = (_adapter(n, persona_adapters[n]) for n in ("alice", "bob"))
     report = _report(tmp_path / "decoding.json", adapter_digest(bob.folder))
     defaults, where = chat_defaults(ChatConfig(), _persona(alice), report)
-    assert defaults == ChatConfig() and "params' chat section" in where
+    assert defaults.of("alice") == defaults.of("base") == ChatConfig() and "params' chat section" in where
     assert chosen_decoding_for(alice, report, None) is None
     defaults, _ = chat_defaults(ChatConfig(use_chosen_decoding=False), _persona(bob), report)
-    assert defaults == ChatConfig(use_chosen_decoding=False)
-    defaults, _ = chat_defaults(ChatConfig(), _persona(alice, bob), report)  # the first adapter with a choice
-    assert defaults.no_repeat_ngram_size == 3
+    assert defaults.of("bob") == ChatConfig(use_chosen_decoding=False)
+    defaults, where = chat_defaults(ChatConfig(), _persona(alice, bob), report)
+    assert defaults.of("bob").no_repeat_ngram_size == 3 and defaults.of("alice") == ChatConfig()
+    assert defaults.of("base") == defaults.of("bob")  # the first adapter with a choice of its own
+    assert where.splitlines() == ["decoding of 'alice': the params' chat section: temperature 0.7, top_p 0.9, "
+                                  "top_k 50, repetition_penalty 1.15, no_repeat_ngram_size 4",
+                                  f"decoding of 'bob': chosen on validation ({report}): greedy, "
+                                  "repetition_penalty 1.2, no_repeat_ngram_size 3, exponential_decay_length_penalty "
+                                  "None", "decoding of base: that of 'bob'"]
     defaults, _ = chat_defaults(ChatConfig(), _persona(bob), tmp_path / "missing.json")
-    assert defaults == ChatConfig()
+    assert defaults.of("bob") == defaults.of("base") == ChatConfig()
 
 
 def test_a_past_runs_adapter_brings_its_runs_choice(persona_adapters, tmp_path):

@@ -78,10 +78,19 @@ def engine(persona):
     engine.stop()
 
 
+# choose-decoding's pick for carol's weights: a runtime-loaded carol decodes by it (greedy requests alike)
+CAROL_CHOSEN = {"temperature": 0.5, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
+
+
 @pytest.fixture(scope="module")
 def url(persona, engine, roots):
+    from qlora_pipeline.modeling.adapters import adapter_digest
+
+    report = roots / "decoding.json"
+    digest = adapter_digest(roots / "allowed" / "carol")
+    report.write_text(json.dumps({"chosen": CAROL_CHOSEN, "adapter_sha256": digest}))
     settings = Settings(DEFAULTS, allow_runtime_adapters=True, adapter_roots=[roots / "allowed"],
-                        max_tokens_limit=64, max_body_bytes=200_000, body_timeout=2.0)
+                        max_tokens_limit=64, max_body_bytes=200_000, body_timeout=2.0, decoding_file=report)
     with serving(create_app(persona, engine, settings)) as base_url:
         yield base_url
 
@@ -280,6 +289,9 @@ def test_runtime_load_and_unload_with_path_checks(url, roots, persona):
     try:
         models = client(url).models.list().data
         assert [m.id for m in models] == ["base", "alice", "bob", "carol"]
+        decoding = {m.id: {k: m.model_dump()["default_decoding"][k] for k in CAROL_CHOSEN} for m in models}
+        assert decoding["carol"] == CAROL_CHOSEN  # its own choice, found for its weights as it was loaded
+        assert decoding["alice"] == decoding["base"] == {k: getattr(DEFAULTS, k) for k in CAROL_CHOSEN}
         assert str(roots) not in json.dumps([m.model_dump() for m in models])  # no server path in the list
         reply = client(url).chat.completions.create(model="carol", messages=[{"role": "user", "content": "hi there"}],
                                                     max_tokens=8, temperature=0)

@@ -25,7 +25,7 @@ from qlora_pipeline.config import ChatConfig, ConfigError, section_from
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.io import write_jsonl
 from qlora_pipeline.serving.engine import Completion, Engine, Job, Sampling
-from qlora_pipeline.serving.models import PersonaModel, load_from_args
+from qlora_pipeline.serving.models import Defaults, PersonaModel, load_from_args
 from qlora_pipeline.serving.prompts import fit_history, with_system_prompt
 from qlora_pipeline.serving.specs import BASE, check_command_line, check_model, first_model
 
@@ -41,7 +41,7 @@ HELP = f"""commands:
   /adapters        list the models and their sources; * marks the active one
   /reset           start a new conversation
   /system TEXT     use TEXT as the system prompt; /system alone restores the trained one
-  /set KEY=VALUE   change a decoding setting; /set alone shows them. KEY: {', '.join(SETTABLE)}
+  /set KEY=VALUE   change the current model's decoding; /set alone shows it. KEY: {', '.join(SETTABLE)}
   /save FILE       write this conversation (since /reset) as JSONL, with each reply's model and settings
   /quit            leave (also Ctrl-D, or Ctrl-C at the prompt; Ctrl-C during a reply stops the reply)
   /help            this list"""
@@ -52,7 +52,8 @@ class Session:
     """One terminal conversation: the model, who is talking, the turns so far, and the next reply's settings."""
 
     persona: PersonaModel
-    engine: Engine  # engine.defaults are the decoding settings; /set replaces them
+    engine: Engine
+    defaults: Defaults  # each model's decoding settings; /set changes the active model's
     active: str
     seed: int | None  # the next reply's; +1 per reply, so a session started with --seed replays
     history: list[dict] = field(default_factory=list)  # the turns the model still sees: role and content
@@ -62,7 +63,7 @@ class Session:
 
     @property
     def settings(self) -> ChatConfig:
-        return self.engine.defaults
+        return self.defaults.of(self.active)
 
     @property
     def system_prompt(self) -> str | None:
@@ -84,7 +85,7 @@ def main(args: Any) -> None:
         persona, defaults = load_from_args(args)
     except KeyboardInterrupt:  # Ctrl-C while loading: leave as a shell expects, without a traceback
         raise SystemExit(130) from None
-    session = Session(persona, Engine(persona, defaults), active, args.seed)
+    session = Session(persona, Engine(persona, defaults.chat), defaults, active, args.seed)
     enable_line_editing()
     print(banner(session))
     run_session(session)
@@ -185,7 +186,7 @@ def generate(session: Session, ids: list[int]) -> Completion:
     settings = session.settings
     job = Job(ids, session.persona.peft_name(session.active), settings.max_new_tokens,
               Sampling(settings.temperature, settings.top_p, settings.top_k, session.seed),
-              on_text=show, on_error=failures.append)
+              on_text=show, on_error=failures.append, defaults=settings)
     try:
         with cancel_on_interrupt(job):
             completions = session.engine.run_batch([job])
@@ -246,9 +247,12 @@ def run_command(session: Session, text: str) -> bool:
 def use_model(session: Session, name: str) -> None:
     if not name:
         raise PipelineError(f"/use: give a model name, one of {', '.join(session.persona.names)}")
+    before = session.settings
     session.active = check_model(session.persona.names, name, "/use")
     kept = " (your /system prompt stays)" if session.system_override is not None else ""
     print(f"now talking to {name}{kept}")
+    if session.settings != before:  # each model decodes as chosen for it (serving.models.Defaults)
+        print(f"its decoding: {describe_settings(session)}")
 
 
 def use_base(session: Session, _: str) -> None:
@@ -285,7 +289,8 @@ def change_setting(session: Session, text: str) -> None:
     if key == "seed":
         session.seed = value
     else:
-        session.engine.defaults = with_setting(session.settings, key, value, session.persona.context_length)
+        session.defaults.own[session.active] = with_setting(session.settings, key, value,
+                                                            session.persona.context_length)
     print(f"{key} = {value}")
 
 

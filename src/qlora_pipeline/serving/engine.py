@@ -1,12 +1,12 @@
-"""Chat and serve's side of the library's generation engine: requests as jobs, with the chat section's defaults.
+"""Chat and serve's side of the library's generation engine: requests as jobs, over their model's defaults.
 
 Generation itself is :mod:`qlora_pipeline.modeling.engine`, the engine every stage uses: requests
 are continuously batched (a request joins the running batch at the next step and leaves the moment
 it ends), each row through its own adapter over the one base in memory, with its own sampling,
 seed, stop strings and token limit, and its text streamed as it comes. Here a :class:`Job` (what
 the HTTP server and the terminal chat build) becomes an engine request: the OpenAI keys a
-request may set (temperature, top-p, seed, penalties) over the server's defaults for the rest
-(top-k, repetition penalty, no-repeat n-gram size).
+request may set (temperature, top-p, seed, penalties) over its model's decoding defaults for the rest
+(top-k, repetition penalty, no-repeat n-gram size, the length decay).
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ class Job:
     sampling: Sampling
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None  # None: none; k: each token's log-probability and the k likeliest (core.Request)
+    defaults: ChatConfig | None = None  # its model's decoding defaults (models.Defaults); None: the engine's
     # before the on_text they belong to (core.Request)
     on_logprobs: Callable[[list[core.TokenLogprob]], None] | None = None
     on_text: Callable[[str], None] = lambda delta: None
@@ -92,8 +93,8 @@ class Engine:
         self.core.stop()
 
     def request(self, job: Job) -> core.Request:
-        """The engine request of ``job``: its own keys over the server's defaults."""
-        sampling, defaults = job.sampling, self.defaults
+        """The engine request of ``job``: its own keys over its model's defaults."""
+        sampling, defaults = job.sampling, job.defaults or self.defaults
         top_k = defaults.top_k if sampling.top_k is None else sampling.top_k
         decoding = RowDecoding(temperature=sampling.temperature, top_p=sampling.top_p,
                                top_k=top_k, repetition_penalty=defaults.repetition_penalty,

@@ -325,22 +325,46 @@ def chosen_decoding_for(adapter: Adapter, decoding_file: Path | None, tracking_u
     return decoding_setting_from(report.get("chosen"), source), source
 
 
-def chat_defaults(chat: Any, persona: PersonaModel, decoding_file: Path | None) -> tuple[Any, str]:
-    """The decoding defaults of chat and serve, and a line saying where they came from.
+@dataclass
+class Defaults:
+    """Each model's decoding defaults in chat and serve: an adapter's own, chosen on validation for its weights
+    (``chat.use_chosen_decoding``, :func:`chosen_decoding_for`), else the params' chat section. The base takes the
+    first adapter's, as it takes its system prompt: base and tuned compare under one decoding, as evaluate's do."""
 
-    With ``chat.use_chosen_decoding``, the first adapter with a choice of its own lends it (one
-    set of defaults serves every adapter of the process); otherwise the params' chat section.
-    """
-    if chat.use_chosen_decoding:
-        for adapter in persona.adapters.values():
-            found = chosen_decoding_for(adapter, decoding_file, persona.tracking_uri, persona.downloads)
-            if found is not None:
-                setting, source = found
-                return (chat.model_copy(update=setting.model_dump()),
-                        f"decoding: chosen on validation for '{adapter.name}' ({source}): {_describe(setting)}")
-    chat_setting = {k: getattr(chat, k) for k in ("temperature", "top_p", "top_k", "repetition_penalty",
-                                                  "no_repeat_ngram_size")}
-    return chat, f"decoding: the params' chat section: {_describe_dict(chat_setting)}"
+    chat: Any  # ChatConfig: the params' chat section
+    own: dict[str, Any] = field(default_factory=dict)  # model name -> ChatConfig
+
+    def of(self, model: str) -> Any:
+        return self.own.get(model, self.chat)
+
+
+def chat_defaults(chat: Any, persona: PersonaModel, decoding_file: Path | None) -> tuple[Defaults, str]:
+    """The decoding defaults of chat and serve, and lines saying where each model's came from."""
+    defaults = Defaults(chat)
+    lines = [adopt_chosen_decoding(defaults, persona, name, decoding_file) for name in persona.adapters]
+    first = next((name for name in persona.adapters if name in defaults.own), None)
+    if first is not None:
+        defaults.own[BASE] = defaults.own[first]
+    lines.append(f"decoding of {BASE}: " + (f"that of {first!r}" if first else _params_decoding(chat)))
+    return defaults, "\n".join(lines)
+
+
+def adopt_chosen_decoding(defaults: Defaults, persona: PersonaModel, name: str, decoding_file: Path | None) -> str:
+    """Give adapter ``name`` the decoding chosen on validation for its weights, if one was; a line saying which
+    decoding it has. Called for each adapter at start and for one loaded later (serve's runtime adapters)."""
+    if defaults.chat.use_chosen_decoding:
+        found = chosen_decoding_for(persona.adapters[name], decoding_file, persona.tracking_uri, persona.downloads)
+        if found is not None:
+            setting, source = found
+            defaults.own[name] = defaults.chat.model_copy(update=setting.model_dump())
+            return f"decoding of {name!r}: chosen on validation ({source}): {_describe(setting)}"
+    defaults.own.pop(name, None)
+    return f"decoding of {name!r}: {_params_decoding(defaults.chat)}"
+
+
+def _params_decoding(chat: Any) -> str:
+    keys = ("temperature", "top_p", "top_k", "repetition_penalty", "no_repeat_ngram_size")
+    return f"the params' chat section: {_describe_dict({k: getattr(chat, k) for k in keys})}"
 
 
 def _describe(setting: Any) -> str:
@@ -354,7 +378,7 @@ def _describe_dict(values: dict) -> str:
     return ", ".join(f"{k} {v}" for k, v in values.items())
 
 
-def load_from_args(args: Any) -> tuple[PersonaModel, Any]:
+def load_from_args(args: Any) -> tuple[PersonaModel, Defaults]:
     """The persona model and the chat decoding defaults for a ``chat``/``serve`` command line.
 
     ``--params`` gives the ``chat`` section and the MLflow store that ``runs:/`` sources come from;

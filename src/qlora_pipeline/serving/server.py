@@ -39,7 +39,7 @@ from qlora_pipeline.modeling.engine import TokenLogprob
 from qlora_pipeline.serving.admission import Admission
 from qlora_pipeline.serving.engine import Completion, Engine, GenerationError, Job, Sampling, describe
 from qlora_pipeline.serving.metrics import ServerMetrics
-from qlora_pipeline.serving.models import PersonaModel
+from qlora_pipeline.serving.models import Defaults, PersonaModel, adopt_chosen_decoding
 from qlora_pipeline.serving.prompts import prompt_ids, with_system_prompt
 from qlora_pipeline.serving.specs import BASE, AdapterSpec, check_name
 
@@ -49,7 +49,7 @@ OWNER = "qlora-pipeline"
 
 @dataclass
 class Settings:
-    defaults: ChatConfig
+    defaults: Defaults | ChatConfig  # each model's decoding defaults; one ChatConfig = every model's
     api_key: str | None = None
     allow_runtime_adapters: bool = False
     adapter_roots: list[Path] = field(default_factory=lambda: [Path("models")])
@@ -59,6 +59,11 @@ class Settings:
     max_queue: int = 64  # requests admitted beyond the running batch; more get 429 with Retry-After
     request_timeout: float = 300.0  # seconds from arrival to the last token; then 408 (or an error event)
     body_timeout: float = 30.0  # seconds for the whole body once the headers are in; then 408
+    decoding_file: Path | None = None  # the workspace's choose-decoding report, for adapters loaded at run time
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.defaults, Defaults):
+            self.defaults = Defaults(self.defaults)
 
 
 class APIError(Exception):
@@ -317,6 +322,11 @@ def create_app(persona: PersonaModel, engine: Engine, settings: Settings) -> Fas
                 raise APIError(400, f"lora_path {body.lora_path}: PEFT could not load this adapter "
                                     f"({type(err).__name__}); check its adapter_config.json, or copy the folder again "
                                     "from training", param="lora_path", code="invalid_adapter") from None
+            try:  # its own decoding, where choose-decoding picked one for these weights (reports/decoding.json)
+                await asyncio.to_thread(adopt_chosen_decoding, settings.defaults, persona, body.lora_name,
+                                        settings.decoding_file)
+            except (PipelineError, OSError) as err:  # a report damaged since the start: the params' chat section
+                print(f"serve: {body.lora_name}: {err}; it decodes by the params' chat section", file=sys.stderr)
             return {"object": "adapter", "id": body.lora_name, "status": "loaded", "models": persona.names}
 
     @app.post("/v1/unload_lora_adapter")
@@ -330,6 +340,7 @@ def create_app(persona: PersonaModel, engine: Engine, settings: Settings) -> Fas
                 raise APIError(404, f"no adapter '{body.lora_name}' is loaded; loaded: "
                                     f"{', '.join(persona.adapters) or 'none'}", param="lora_name", code="model_not_found")
             await asyncio.to_thread(persona.unload_adapter, body.lora_name)
+            settings.defaults.own.pop(body.lora_name, None)
             return {"object": "adapter", "id": body.lora_name, "status": "unloaded", "models": persona.names}
 
     return app
@@ -461,18 +472,23 @@ def public_source(source: str) -> str:
     return source if source.startswith("runs:/") else Path(source).name
 
 
-def model_cards(persona: PersonaModel, created: int, defaults: ChatConfig) -> list[dict]:
+def model_cards(persona: PersonaModel, created: int, defaults: Defaults) -> list[dict]:
     """OpenAI's model objects, plus what the chat page shows: the trained system prompt, the decoding defaults."""
-    decoding = {"temperature": defaults.temperature, "top_p": defaults.top_p, "top_k": defaults.top_k,
-                "repetition_penalty": defaults.repetition_penalty,
-                "no_repeat_ngram_size": defaults.no_repeat_ngram_size, "max_tokens": defaults.max_new_tokens}
     cards = [{"id": BASE, "object": "model", "created": created, "owned_by": OWNER, "root": persona.base_dir.name,
-              "parent": None, "system_prompt": persona.system_prompt(BASE), "default_decoding": decoding}]
+              "parent": None, "system_prompt": persona.system_prompt(BASE),
+              "default_decoding": default_decoding(defaults.of(BASE))}]
     for name, adapter in persona.adapters.items():
         cards.append({"id": name, "object": "model", "created": created, "owned_by": OWNER,
-                      "root": public_source(adapter.source),
-                      "parent": BASE, "system_prompt": persona.system_prompt(name), "default_decoding": decoding})
+                      "root": public_source(adapter.source), "parent": BASE,
+                      "system_prompt": persona.system_prompt(name),
+                      "default_decoding": default_decoding(defaults.of(name))})
     return cards
+
+
+def default_decoding(defaults: ChatConfig) -> dict:
+    return {"temperature": defaults.temperature, "top_p": defaults.top_p, "top_k": defaults.top_k,
+            "repetition_penalty": defaults.repetition_penalty, "no_repeat_ngram_size": defaults.no_repeat_ngram_size,
+            "max_tokens": defaults.max_new_tokens}
 
 
 # The chat page: plain files shipped in the package, nothing from elsewhere. The policy lets the
@@ -535,7 +551,7 @@ def build_jobs(persona: PersonaModel, settings: Settings, body: ChatCompletionRe
     messages = with_system_prompt([m.as_turn() for m in body.messages], persona.system_prompt(body.model))
     ids = prompt_ids(persona.tokenizer, messages)
     max_tokens = _max_tokens(persona, settings, body, len(ids))
-    defaults = settings.defaults
+    defaults = settings.defaults.of(body.model)
     sampling = Sampling(temperature=defaults.temperature if body.temperature is None else body.temperature,
                         top_p=defaults.top_p if body.top_p is None else body.top_p, seed=body.seed,
                         top_k=None if body.top_k is None else max(body.top_k, 0),
@@ -545,7 +561,7 @@ def build_jobs(persona: PersonaModel, settings: Settings, body: ChatCompletionRe
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     jobs = [Job(ids, peft_name, max_tokens, sampling if body.seed is None else replace(sampling, seed=body.seed + i),
-                stop=stops, logprobs=logprobs) for i in range(body.n or 1)]
+                stop=stops, logprobs=logprobs, defaults=defaults) for i in range(body.n or 1)]
     return jobs, Meta(f"chatcmpl-{uuid.uuid4().hex}", body.model, int(time.time()))
 
 
@@ -600,7 +616,7 @@ def _max_tokens(persona: PersonaModel, settings: Settings, body: ChatCompletionR
                        param="messages", code="context_length_exceeded")
     asked = body.max_completion_tokens or body.max_tokens
     if asked is None:  # the chat default, as far as the context allows
-        return min(settings.defaults.max_new_tokens, settings.max_tokens_limit, context - prompt_tokens)
+        return min(settings.defaults.of(body.model).max_new_tokens, settings.max_tokens_limit, context - prompt_tokens)
     if asked > settings.max_tokens_limit:
         field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"  # the one the client sent
         raise APIError(400, f"{field} {asked} is above this server's limit {settings.max_tokens_limit}",
@@ -942,7 +958,7 @@ def api_key_from_args(args: Any) -> str | None:
     return None
 
 
-def settings_from_args(args: Any, defaults: ChatConfig) -> Settings:
+def settings_from_args(args: Any, defaults: Defaults) -> Settings:
     api_key = api_key_from_args(args)
     for name in ("max_batch_size", "max_tokens_limit", "max_body_bytes"):
         if getattr(args, name) < 1:
@@ -954,7 +970,7 @@ def settings_from_args(args: Any, defaults: ChatConfig) -> Settings:
     return Settings(defaults=defaults, api_key=api_key, allow_runtime_adapters=args.allow_runtime_adapters,
                     adapter_roots=list(args.adapter_root) or [Path("models")], max_tokens_limit=args.max_tokens_limit,
                     max_body_bytes=args.max_body_bytes, max_context=args.max_context, max_queue=args.max_queue,
-                    request_timeout=args.request_timeout)
+                    request_timeout=args.request_timeout, decoding_file=getattr(args, "decoding", None))
 
 
 def _is_loopback(host: str) -> bool:
@@ -992,7 +1008,7 @@ def main(args: Any) -> None:
     if not _is_loopback(args.host) and settings.api_key is None:
         print(f"warning: listening on {args.host} with no API key: anyone who reaches this port can use the model; "
               f"set --api-key or {API_KEY_ENV}", file=sys.stderr)
-    engine = Engine(persona, defaults, max_batch_size=args.max_batch_size).start()
+    engine = Engine(persona, defaults.chat, max_batch_size=args.max_batch_size).start()
     app = create_app(persona, engine, settings)
     print(f"serving {', '.join(persona.names)} on http://{args.host}:{args.port}/v1"
           f"{' (API key required)' if settings.api_key else ''}", flush=True)

@@ -65,9 +65,11 @@ function showModelInfo() {
   $("trained-system").textContent = shown
     .map((id) => `${id}: trained system prompt ${JSON.stringify(card(id).system_prompt || "(none)")}`)
     .join("\n");
-  const defaults = card(state.panes.a.model).default_decoding || {};
-  $("defaults").textContent = "Empty fields take the server's defaults: " +
-    Object.entries(defaults).map(([k, v]) => `${k} ${JSON.stringify(v)}`).join(", ");
+  // each model has its own defaults (the decoding chosen for it on validation, else the params' chat section)
+  const decoding = (id) => Object.entries(card(id).default_decoding || {})
+    .map(([k, v]) => `${k} ${JSON.stringify(v)}`).join(", ");
+  $("defaults").textContent = "Empty fields take each model's defaults: " +
+    shown.map((id) => `${id}: ${decoding(id)}`).join("; ");
   $("pane-a").querySelector(".pane-title").textContent = state.panes.a.model;
   $("pane-b").querySelector(".pane-title").textContent = state.panes.b.model;
 }
