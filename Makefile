@@ -44,7 +44,7 @@ run: setup
 
 # PEFT against full fine-tuning at an equal budget (params `compare`): one queued DVC experiment per
 # method on the data and base `make run` made, run one at a time, then reports/compare.md and
-# reports/compare.png from the MLflow runs. About 25 minutes on a 2-core CPU.
+# reports/compare.png from the MLflow runs. Each experiment is as long as a dvc exp run that retrains.
 compare: run
 	$(PYTHON) -m qlora_pipeline.cli compare --run
 

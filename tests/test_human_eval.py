@@ -493,6 +493,17 @@ def test_error_duplicate_id_names_both_lines(tmp_path):
     assert f"{ratings}:4:" in msg and "duplicate id 'q1'" in msg and "first on line 2" in msg
 
 
+def test_a_bad_key_says_which_command_and_file_fix_it(tmp_path):
+    """The fix named write_sheet(), a function no user runs, and its key_path."""
+    ratings = _write(tmp_path / "ratings.csv", "id,choice,comment\nq1,A,\n")
+    with pytest.raises(RatingsError, match=r"Fix: pass --key the key evaluate wrote beside the sheet the ratings came "
+                                           r"from \(reports/evaluate/human_eval_key.csv"):
+        score_ratings(ratings, _write(tmp_path / "key.csv", "id,A,B\n"))
+    with pytest.raises(RatingsError, match=r"key.csv:3: duplicate id 'q1' \(first on line 2\). Fix: take evaluate's "
+                                           r"key back with `dvc checkout reports/evaluate`"):
+        score_ratings(ratings, _write(tmp_path / "key.csv", "id,A,B\nq1,base,tuned\nq1,tuned,base\n"))
+
+
 @pytest.mark.parametrize("content", ["", "\n\n  \n", "id,choice,comment\n"])
 def test_error_empty_ratings_file(tmp_path, content):
     key = _write(tmp_path / "key.csv", KEY_CSV)

@@ -199,7 +199,7 @@ def test_a_params_error_in_a_workspace_experiment_says_how_to_get_back(tmp_path,
         said[case] = capsys.readouterr().err
     assert all("train.lora.r: expected int, got 'abc'" in err for err in said.values())
     assert "this experiment's -S values are now in params.yaml" in said["workspace experiment"]
-    assert "`git checkout params.yaml metrics && dvc checkout`" in said["workspace experiment"]
+    assert "`git checkout params.yaml metrics && dvc checkout --force`" in said["workspace experiment"]
     assert "-S values" not in said["queued experiment"] and "-S values" not in said["dvc repro"]
     monkeypatch.setenv("DVC_EXP_NAME", "sappy-lobe")  # the workspace experiment again, from here on
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
@@ -213,7 +213,10 @@ def test_a_params_error_in_a_workspace_experiment_says_how_to_get_back(tmp_path,
     err = capsys.readouterr().err
     assert "metrics/decoding.json: 1 problem(s)" in err and "-S values" not in err
     (tmp_path / "dvc.yaml").write_text("stages: [not, a, mapping]\n")  # unreadable as a pipeline: dvc checkout alone
-    assert "`git checkout params.yaml && dvc checkout`" in common.experiment_params_hint(Path("params.yaml"))
+    assert "`git checkout params.yaml && dvc checkout --force`" in common.experiment_params_hint(Path("params.yaml"))
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\n")  # stages before the failed one wrote it
+    assert "`git checkout params.yaml dvc.lock && dvc checkout --force`" in \
+        common.experiment_params_hint(Path("params.yaml"))
 
 
 def test_every_library_a_list_names_is_installed():

@@ -57,6 +57,21 @@ def test_data_stages_write_outputs_and_one_mlflow_run(chat_params, tmp_path, cap
     assert run["tags.split.persona"] == "alice"
 
 
+def test_a_val_or_test_split_too_small_for_its_intervals_is_warned_of(tmp_path, params_factory, capsys, monkeypatch):
+    """A 14-conversation export was split 19/1/1 without a word; evaluate then gave intervals over one example."""
+    from conftest import chat_rows
+
+    monkeypatch.setenv("QLORA_PIPELINE_RUN_KEY", "test-execution")
+    path = write_chat_jsonl(tmp_path / "chat.jsonl", chat_rows(12))
+    params = params_factory({"data.source": "jsonl", "data.path": str(path), **CHAT_FIELDS})
+    metrics = run_all(params, tmp_path)
+    err = capsys.readouterr().err
+    assert 0 < metrics["test"]["examples"] < 20 and 0 < metrics["val"]["examples"] < 20
+    assert (f"warning: val.jsonl holds {metrics['val']['examples']}, test.jsonl holds {metrics['test']['examples']} "
+            "example(s): choose-decoding picks on val, and evaluate's and risk's intervals over so few") in err
+    assert "hold no examples" not in err
+
+
 def test_a_new_execution_gets_a_new_run(chat_params, tmp_path, monkeypatch):
     params = chat_params()
     run_fetch(params, tmp_path / "raw")

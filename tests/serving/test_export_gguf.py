@@ -108,6 +108,8 @@ def test_the_modelfile_carries_the_chosen_decoding(merged, run):
                  "PARAMETER repeat_penalty 1.2", 'SYSTEM """Be Ana."""'):
         assert line in text.splitlines()
     assert "not applied here: no_repeat_ngram_size 3 exponential_decay_length_penalty [12.0, 1.3]" in text
+    off = gguf.modelfile_for([{"file": "alice-q8_0.gguf"}], reference, chosen.model_copy(update={"top_k": 0}), adapter)
+    assert "PARAMETER top_k 0" in off.splitlines()  # left out, Ollama's default 40 applied where no top-k was chosen
 
 
 def _tokenizer(run: dict):

@@ -29,7 +29,10 @@ from qlora_pipeline.intervals import wilson_interval
 from qlora_pipeline.human_eval.formats import BROKEN_COLUMNS, CHOICES, KEY_COLUMNS, SIDES, SYSTEMS
 
 RATINGS_FIX = "pass the ratings.csv downloaded from the sheet with its 'Download ratings (CSV)' button."
-KEY_FIX = "pass the key CSV that write_sheet() wrote next to the sheet (its key_path)."
+KEY_FIX = ("pass --key the key evaluate wrote beside the sheet the ratings came from "
+           "(reports/evaluate/human_eval_key.csv for the workspace's).")
+# A key edited by hand: DVC holds evaluate's own (a new sheet would not match the ratings already made).
+KEY_RESTORE = "Fix: take evaluate's key back with `dvc checkout reports/evaluate`."
 MARKS = {"": False, "0": False, "1": True}  # empty: a hand-edited file left the cell blank
 
 
@@ -127,12 +130,11 @@ def read_key(key_path: str | os.PathLike) -> dict[str, dict[str, str]]:
         if sorted((a, b)) != sorted(SYSTEMS):
             raise RatingsError(
                 f"{path}:{line}: id {sid!r} has A={a!r}, B={b!r}; they must be 'base' and 'tuned' "
-                "in some order. Fix: regenerate the key with write_sheet()."
+                f"in some order. {KEY_RESTORE}"
             )
         if sid in key:
             raise RatingsError(
-                f"{path}:{line}: duplicate id {sid!r} (first on line {first_line[sid]}). "
-                "Fix: regenerate the key with write_sheet()."
+                f"{path}:{line}: duplicate id {sid!r} (first on line {first_line[sid]}). {KEY_RESTORE}"
             )
         key[sid] = {"A": a, "B": b}
         first_line[sid] = line

@@ -66,8 +66,9 @@ def experiment_params_hint(params_path: Path) -> str | None:
     """How to get back from a params error in a ``dvc exp run`` in the workspace, None elsewhere.
 
     DVC writes an experiment's ``-S`` values into the params file before running it and keeps them there, and
-    the failed stage's outputs removed, when a stage fails (``git checkout`` of the params and metrics, then
-    ``dvc checkout``, gave back the last commit's state, ``dvc status`` up to date, tried on a real run). A queued
+    the failed stage's outputs removed, when a stage fails (``git checkout`` of the params, dvc.lock and metrics,
+    then ``dvc checkout --force``, gave back the last commit's state, ``dvc status`` up to date, tried on a real
+    run). A queued
     experiment runs in a copy under ``.dvc/tmp``, which leaves the workspace as it was. DVC names the experiment
     (``DVC_EXP_NAME``) and the repository's root (``DVC_ROOT``) to every stage it runs in one.
     """
@@ -77,11 +78,14 @@ def experiment_params_hint(params_path: Path) -> str | None:
     here, root_dir = Path.cwd().resolve(), Path(root).resolve()
     if not here.is_relative_to(root_dir) or here.is_relative_to(root_dir / ".dvc"):
         return None
-    restore = " ".join([str(params_path), *git_carried_folders(root_dir / "dvc.yaml")])
+    # dvc.lock too: the stages before the failed one ran and wrote it, and `dvc checkout` then refused to remove
+    # their outputs ("unsaved files") without --force (tried on a real run: a risk gate failing after evaluate).
+    lock = ["dvc.lock"] if (root_dir / "dvc.lock").is_file() else []
+    restore = " ".join([str(params_path), *lock, *git_carried_folders(root_dir / "dvc.yaml")])
     return (f"this experiment's -S values are now in {params_path} (DVC wrote them there and keeps them after a "
             f"failed stage, whose outputs it removed): fix the value there and run it again, or restore the last "
-            f"commit with `git checkout {restore} && dvc checkout` (git checkout also drops your own uncommitted "
-            "edits of those files)")
+            f"commit with `git checkout {restore} && dvc checkout --force` (git checkout also drops your own "
+            "uncommitted edits of those files)")
 
 
 def git_carried_folders(dvc_yaml: Path) -> list[str]:

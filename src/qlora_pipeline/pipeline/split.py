@@ -13,6 +13,9 @@ from qlora_pipeline.layout import CONVERSATIONS, MANIFEST
 from qlora_pipeline.pipeline.common import read_conversations
 from qlora_pipeline.risk.canaries import insert_canaries, make_canaries
 
+# Below this many examples a val or test split is warned of: intervals over them cannot tell tuned from base.
+FEW_EXAMPLES = 20
+
 
 def run_split(params: Params, clean_dir: Path, out_dir: Path, metrics_path: Path, canaries_path: Path) -> dict:
     """Build persona examples from ``clean_dir`` into ``out_dir/{train,val,test}.jsonl``.
@@ -55,4 +58,9 @@ def run_split(params: Params, clean_dir: Path, out_dir: Path, metrics_path: Path
         print(f"warning: {' and '.join(empty)} {'hold' if len(empty) > 1 else 'holds'} no examples: each split takes "
               f"whole conversations, and only {having} have persona replies; train-adapter needs val, the "
               "evaluation test: add data (3 conversations at least)", file=sys.stderr)
+    few = {name: len(splits[name]) for name in ("val", "test") if 0 < len(splits[name]) < FEW_EXAMPLES}
+    if few:  # a 14-conversation export split 19/1/1, and evaluate reported intervals over one example
+        print(f"warning: {', '.join(f'{name}.jsonl holds {n}' for name, n in few.items())} example(s): "
+              "choose-decoding picks on val, and evaluate's and risk's intervals over so few are too wide to tell "
+              "the tuned model from the base; add data, or raise split.ratios for them", file=sys.stderr)
     return metrics
