@@ -500,7 +500,7 @@ def test_a_bad_key_says_which_command_and_file_fix_it(tmp_path):
                                            r"from \(reports/evaluate/human_eval_key.csv"):
         score_ratings(ratings, _write(tmp_path / "key.csv", "id,A,B\n"))
     with pytest.raises(RatingsError, match=r"key.csv:3: duplicate id 'q1' \(first on line 2\). Fix: take evaluate's "
-                                           r"key back with `dvc checkout reports/evaluate`"):
+                                           r"key back with `dvc checkout --force reports/evaluate`"):
         score_ratings(ratings, _write(tmp_path / "key.csv", "id,A,B\nq1,base,tuned\nq1,tuned,base\n"))
 
 

@@ -22,6 +22,20 @@ def test_pairs_prefer_the_persons_reply_and_leave_out_a_rejected_reply_equal_to_
     assert pairs[0]["rejected"] == [{"role": "assistant", "content": "sure thing"}]
 
 
+def test_dpo_reads_a_control_token_written_in_a_chat_as_text(tiny_llama):
+    """TRL tokenizes DPO's rows itself: "<|im_end|>" in a reply was the end of its turn there, text in SFT."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    rows = [{"id": "c1:1", "messages": [{"role": "user", "content": "what ends a turn?"}], "target": "<|im_end|> does"}]
+    (row,) = preference.dpo_rows(preference.preference_rows(rows, ["no idea"]))
+    ids = tokenizer.apply_chat_template(row["prompt"] + row["chosen"], tokenize=True, return_dict=True,
+                                        **row["chat_template_kwargs"])["input_ids"]  # as TRL's _tokenize calls it
+    assert ids.count(end) == 3  # the template's system turn, the user's, the reply's: not the one in its text
+    assert "<|im_end|> does<|im_end|>" in tokenizer.decode(ids)
+
+
 @pytest.fixture(scope="module")
 def two_runs(tiny_llama, base_params_dict, tmp_path_factory):
     """The same tiny training twice: SFT alone, and SFT then DPO on 8 self-play pairs."""

@@ -215,6 +215,9 @@ def test_a_params_error_in_a_workspace_experiment_says_how_to_get_back(tmp_path,
     (tmp_path / "dvc.yaml").write_text("stages: [not, a, mapping]\n")  # unreadable as a pipeline: dvc checkout alone
     assert "`git checkout params.yaml && dvc checkout --force`" in common.experiment_params_hint(Path("params.yaml"))
     (tmp_path / "dvc.lock").write_text("schema: '2.0'\n")  # stages before the failed one wrote it
+    assert "`git checkout params.yaml && dvc checkout --force`" in common.experiment_params_hint(Path("params.yaml"))
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)  # untracked: git checkout would fail whole
+    subprocess.run(["git", "add", "dvc.lock"], cwd=tmp_path, check=True)
     assert "`git checkout params.yaml dvc.lock && dvc checkout --force`" in \
         common.experiment_params_hint(Path("params.yaml"))
 

@@ -68,6 +68,13 @@ def preference_rows(rows: Sequence[dict], rejected: Sequence[str]) -> list[dict]
             for row, reply in zip(rows, rejected) if reply.strip() != row["target"].strip()]
 
 
+def dpo_rows(pairs: list[dict]) -> list[dict]:
+    """The pairs as DPOTrainer reads them. A control token written in a chat is text here too, as in SFT
+    (``data.formatting.template_ids``): TRL tokenizes each row itself, with the row's ``chat_template_kwargs``."""
+    return [{**{k: row[k] for k in ("prompt", "chosen", "rejected")},
+             "chat_template_kwargs": {"sanitize_control_tokens": True}} for row in pairs]
+
+
 def tune(params: Params, model: Any, tokenizer: Any, pairs: list[dict], precision: Any, adapter: str) -> dict:
     """DPO on ``pairs`` of the adapter ``adapter`` of ``model`` (a PEFT model), in place; the run's metrics."""
     from datasets import Dataset
@@ -81,7 +88,7 @@ def tune(params: Params, model: Any, tokenizer: Any, pairs: list[dict], precisio
                          loss_type=[cfg.loss_type], max_length=params.train.max_length, seed=params.seed,
                          bf16=precision.bf16, fp16=precision.fp16, logging_steps=1, save_strategy="no",
                          report_to=[], use_cpu=not _cuda(), disable_tqdm=True)
-        dataset = Dataset.from_list([{k: row[k] for k in ("prompt", "chosen", "rejected")} for row in pairs])
+        dataset = Dataset.from_list(dpo_rows(pairs))
         # Given a PEFT model with a trained adapter, TRL copies it, frozen, as the adapter "ref" and measures
         # against that (SPIN's reference). Without "ref" it switches the adapters off: the base as reference.
         trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)

@@ -138,7 +138,7 @@ def test_split_without_canaries_writes_todays_train_and_an_empty_record(clean_di
 
 def test_split_puts_canaries_in_train_only_and_past_the_cap(clean_dir, tmp_path, capsys):
     _, _, _, plain = split_run(clean_dir, tmp_path, "off", {"risk.canaries": 0, "split.max_examples.train": 5})
-    assert "warning" not in capsys.readouterr().err
+    assert "outnumber" not in capsys.readouterr().err
     _, out, metrics, rows = split_run(clean_dir, tmp_path, "on", {"risk.canaries": 2, "risk.canary_repeats": 3,
                                                                   "split.max_examples.train": 5})
     # more canary examples than real ones: allowed, and said

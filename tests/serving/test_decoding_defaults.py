@@ -34,7 +34,8 @@ def test_the_choice_made_for_these_weights_becomes_the_default(persona_adapters,
     assert (chosen.temperature, chosen.repetition_penalty, chosen.no_repeat_ngram_size) == (0.0, 1.2, 3)
     assert chosen.max_new_tokens == ChatConfig().max_new_tokens  # only the decoding keys change
     assert "decoding of 'alice': chosen on validation" in where and "greedy" in where
-    assert defaults.of("base") == chosen and "decoding of base: that of 'alice'" in where  # compared as evaluate does
+    assert defaults.of("base") == chosen  # the first adapter's, as its system prompt: compared as evaluate compares
+    assert "decoding of 'base': that of the first adapter, 'alice'" in where
 
 
 def test_each_adapter_decodes_by_its_own_choice_or_else_the_params(persona_adapters, tmp_path):
@@ -47,14 +48,17 @@ def test_each_adapter_decodes_by_its_own_choice_or_else_the_params(persona_adapt
     assert chosen_decoding_for(alice, report, None) is None
     defaults, _ = chat_defaults(ChatConfig(use_chosen_decoding=False), _persona(bob), report)
     assert defaults.of("bob") == ChatConfig(use_chosen_decoding=False)
-    defaults, where = chat_defaults(ChatConfig(), _persona(alice, bob), report)
+    persona = _persona(alice, bob)
+    defaults, where = chat_defaults(ChatConfig(), persona, report)
     assert defaults.of("bob").no_repeat_ngram_size == 3 and defaults.of("alice") == ChatConfig()
-    assert defaults.of("base") == defaults.of("bob")  # the first adapter with a choice of its own
+    assert defaults.of("base") == defaults.of("alice")  # the first adapter's, as its system prompt is
     assert where.splitlines() == ["decoding of 'alice': the params' chat section: temperature 0.7, top_p 0.9, "
                                   "top_k 50, repetition_penalty 1.15, no_repeat_ngram_size 4",
                                   f"decoding of 'bob': chosen on validation ({report}): greedy, "
-                                  "repetition_penalty 1.2, no_repeat_ngram_size 3, exponential_decay_length_penalty "
-                                  "None", "decoding of base: that of 'bob'"]
+                                  "repetition_penalty 1.2, no_repeat_ngram_size 3",
+                                  "decoding of 'base': that of the first adapter, 'alice'"]
+    del persona.adapters["alice"]  # unloaded: base follows the next first adapter, as its system prompt does
+    assert defaults.of("base") == defaults.of("bob")
     defaults, _ = chat_defaults(ChatConfig(), _persona(bob), tmp_path / "missing.json")
     assert defaults.of("bob") == defaults.of("base") == ChatConfig()
 

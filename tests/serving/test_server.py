@@ -78,8 +78,10 @@ def engine(persona):
     engine.stop()
 
 
-# choose-decoding's pick for carol's weights: a runtime-loaded carol decodes by it (greedy requests alike)
-CAROL_CHOSEN = {"temperature": 0.5, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
+# choose-decoding's pick for carol's weights: a runtime-loaded carol decodes by it, a greedy request too (the length
+# decay from its first token ends the reply at once)
+CAROL_SHOWN = {"temperature": 0.5, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.3, "no_repeat_ngram_size": 2}
+CAROL_CHOSEN = {**CAROL_SHOWN, "exponential_decay_length_penalty": [0, 50.0]}
 
 
 @pytest.fixture(scope="module")
@@ -95,11 +97,11 @@ def url(persona, engine, roots):
         yield base_url
 
 
-def expected(persona, name: str, text: str, tokens: int = 8) -> tuple[str, int]:
+def expected(persona, name: str, text: str, tokens: int = 8, defaults=DEFAULTS) -> tuple[str, int]:
     """The greedy reply generated in-process, alone: what the server must return."""
     ids = prompt_ids(persona.tokenizer, with_system_prompt([{"role": "user", "content": text}],
                                                            persona.system_prompt(name)))
-    completion = Engine(persona, DEFAULTS).run_batch([Job(ids, persona.peft_name(name), tokens, Sampling(0.0))])[0]
+    completion = Engine(persona, defaults).run_batch([Job(ids, persona.peft_name(name), tokens, Sampling(0.0))])[0]
     return completion.text, len(ids)
 
 
@@ -289,13 +291,14 @@ def test_runtime_load_and_unload_with_path_checks(url, roots, persona):
     try:
         models = client(url).models.list().data
         assert [m.id for m in models] == ["base", "alice", "bob", "carol"]
-        decoding = {m.id: {k: m.model_dump()["default_decoding"][k] for k in CAROL_CHOSEN} for m in models}
-        assert decoding["carol"] == CAROL_CHOSEN  # its own choice, found for its weights as it was loaded
-        assert decoding["alice"] == decoding["base"] == {k: getattr(DEFAULTS, k) for k in CAROL_CHOSEN}
+        decoding = {m.id: {k: m.model_dump()["default_decoding"][k] for k in CAROL_SHOWN} for m in models}
+        assert decoding["carol"] == CAROL_SHOWN  # its own choice, found for its weights as it was loaded
+        assert decoding["alice"] == decoding["base"] == {k: getattr(DEFAULTS, k) for k in CAROL_SHOWN}
         assert str(roots) not in json.dumps([m.model_dump() for m in models])  # no server path in the list
         reply = client(url).chat.completions.create(model="carol", messages=[{"role": "user", "content": "hi there"}],
                                                     max_tokens=8, temperature=0)
-        assert reply.choices[0].message.content == expected(persona, "carol", "hi there")[0]
+        own = expected(persona, "carol", "hi there", defaults=DEFAULTS.model_copy(update=CAROL_CHOSEN))[0]
+        assert reply.choices[0].message.content == own != expected(persona, "carol", "hi there")[0]
         again = post("load_lora_adapter", {"lora_name": "carol", "lora_path": str(roots / "allowed" / "carol")})
         assert again.status_code == 409
     finally:

@@ -32,7 +32,8 @@ RATINGS_FIX = "pass the ratings.csv downloaded from the sheet with its 'Download
 KEY_FIX = ("pass --key the key evaluate wrote beside the sheet the ratings came from "
            "(reports/evaluate/human_eval_key.csv for the workspace's).")
 # A key edited by hand: DVC holds evaluate's own (a new sheet would not match the ratings already made).
-KEY_RESTORE = "Fix: take evaluate's key back with `dvc checkout reports/evaluate`."
+KEY_RESTORE = ("Fix: take evaluate's key back with `dvc checkout --force reports/evaluate` (it also undoes other "
+               "edits in that folder).")
 MARKS = {"": False, "0": False, "1": True}  # empty: a hand-edited file left the cell blank
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -80,12 +81,20 @@ def experiment_params_hint(params_path: Path) -> str | None:
         return None
     # dvc.lock too: the stages before the failed one ran and wrote it, and `dvc checkout` then refused to remove
     # their outputs ("unsaved files") without --force (tried on a real run: a risk gate failing after evaluate).
-    lock = ["dvc.lock"] if (root_dir / "dvc.lock").is_file() else []
+    lock = ["dvc.lock"] if _git_tracks(root_dir, "dvc.lock") else []  # git checkout fails whole on an untracked one
     restore = " ".join([str(params_path), *lock, *git_carried_folders(root_dir / "dvc.yaml")])
     return (f"this experiment's -S values are now in {params_path} (DVC wrote them there and keeps them after a "
             f"failed stage, whose outputs it removed): fix the value there and run it again, or restore the last "
             f"commit with `git checkout {restore} && dvc checkout --force` (git checkout also drops your own "
             "uncommitted edits of those files)")
+
+
+def _git_tracks(root: Path, path: str) -> bool:
+    try:
+        return subprocess.run(["git", "ls-files", "--error-unmatch", path], cwd=root, capture_output=True,
+                              timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
 
 
 def git_carried_folders(dvc_yaml: Path) -> list[str]:

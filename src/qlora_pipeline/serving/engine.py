@@ -94,7 +94,8 @@ class Engine:
 
     def request(self, job: Job) -> core.Request:
         """The engine request of ``job``: its own keys over its model's defaults."""
-        sampling, defaults = job.sampling, job.defaults or self.defaults
+        sampling = job.sampling
+        defaults = self.defaults if job.defaults is None else job.defaults
         top_k = defaults.top_k if sampling.top_k is None else sampling.top_k
         decoding = RowDecoding(temperature=sampling.temperature, top_p=sampling.top_p,
                                top_k=top_k, repetition_penalty=defaults.repetition_penalty,

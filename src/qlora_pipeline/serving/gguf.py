@@ -387,9 +387,9 @@ def chat_field_problems(fields: dict, reference: Reference, own_template: bool) 
 
 
 def chat_prompt_ids_with(tokenizer: Any, template: str, conversation: list[dict]) -> list[int]:
-    text = tokenizer.apply_chat_template(conversation, chat_template=template, tokenize=False,
-                                         add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    """As ``chat_prompt_ids`` renders (control tokens in a message's text are text), by ``template``."""
+    return tokenizer.apply_chat_template(conversation, chat_template=template, tokenize=True,
+                                         add_generation_prompt=True, sanitize_control_tokens=True, return_dict=False)
 
 
 # --------------------------------------------------------------------------------- verification

@@ -329,37 +329,44 @@ def chosen_decoding_for(adapter: Adapter, decoding_file: Path | None, tracking_u
 class Defaults:
     """Each model's decoding defaults in chat and serve: an adapter's own, chosen on validation for its weights
     (``chat.use_chosen_decoding``, :func:`chosen_decoding_for`), else the params' chat section. The base takes the
-    first adapter's, as it takes its system prompt: base and tuned compare under one decoding, as evaluate's do."""
+    first adapter's, as it takes its system prompt (base and tuned compare under one decoding, as in evaluate),
+    unless it was given its own (chat's ``/set``)."""
 
     chat: Any  # ChatConfig: the params' chat section
     own: dict[str, Any] = field(default_factory=dict)  # model name -> ChatConfig
+    adapters: Any = field(default_factory=dict)  # the persona's adapters, in order (the live mapping)
 
     def of(self, model: str) -> Any:
-        return self.own.get(model, self.chat)
+        if model in self.own:
+            return self.own[model]
+        first = next(iter(self.adapters), None)
+        return self.of(first) if model == BASE and first is not None else self.chat
 
 
 def chat_defaults(chat: Any, persona: PersonaModel, decoding_file: Path | None) -> tuple[Defaults, str]:
     """The decoding defaults of chat and serve, and lines saying where each model's came from."""
-    defaults = Defaults(chat)
-    lines = [adopt_chosen_decoding(defaults, persona, name, decoding_file) for name in persona.adapters]
-    first = next((name for name in persona.adapters if name in defaults.own), None)
-    if first is not None:
-        defaults.own[BASE] = defaults.own[first]
-    lines.append(f"decoding of {BASE}: " + (f"that of {first!r}" if first else _params_decoding(chat)))
+    defaults = Defaults(chat, adapters=persona.adapters)
+    lines = [adopt_chosen_decoding(defaults, adapter, decoding_file, persona.tracking_uri, persona.downloads)
+             for adapter in persona.adapters.values()]
+    first = next(iter(persona.adapters), None)
+    lines.append(f"decoding of {BASE!r}: " + (f"that of the first adapter, {first!r}" if first
+                                              else _params_decoding(chat)))
     return defaults, "\n".join(lines)
 
 
-def adopt_chosen_decoding(defaults: Defaults, persona: PersonaModel, name: str, decoding_file: Path | None) -> str:
-    """Give adapter ``name`` the decoding chosen on validation for its weights, if one was; a line saying which
-    decoding it has. Called for each adapter at start and for one loaded later (serve's runtime adapters)."""
+def adopt_chosen_decoding(defaults: Defaults, adapter: Adapter, decoding_file: Path | None,
+                          tracking_uri: str | None = None, downloads: Path | None = None) -> str:
+    """Give ``adapter`` the decoding chosen on validation for its weights, if one was; a line saying which decoding
+    it has. For each adapter at start, and for one serve loads at run time (before it is loaded: its first request
+    must not decode by the chat section)."""
     if defaults.chat.use_chosen_decoding:
-        found = chosen_decoding_for(persona.adapters[name], decoding_file, persona.tracking_uri, persona.downloads)
+        found = chosen_decoding_for(adapter, decoding_file, tracking_uri, downloads)
         if found is not None:
             setting, source = found
-            defaults.own[name] = defaults.chat.model_copy(update=setting.model_dump())
-            return f"decoding of {name!r}: chosen on validation ({source}): {_describe(setting)}"
-    defaults.own.pop(name, None)
-    return f"decoding of {name!r}: {_params_decoding(defaults.chat)}"
+            defaults.own[adapter.name] = defaults.chat.model_copy(update=setting.model_dump())
+            return f"decoding of {adapter.name!r}: chosen on validation ({source}): {_describe(setting)}"
+    defaults.own.pop(adapter.name, None)
+    return f"decoding of {adapter.name!r}: {_params_decoding(defaults.chat)}"
 
 
 def _params_decoding(chat: Any) -> str:
@@ -372,6 +379,7 @@ def _describe(setting: Any) -> str:
 
 
 def _describe_dict(values: dict) -> str:
+    values = {k: v for k, v in values.items() if v is not None}  # the length decay, when off
     if values["temperature"] == 0:
         values = {k: v for k, v in values.items() if k not in ("temperature", "top_p", "top_k")}
         return "greedy, " + ", ".join(f"{k} {v}" for k, v in values.items())

@@ -39,7 +39,7 @@ from qlora_pipeline.modeling.engine import TokenLogprob
 from qlora_pipeline.serving.admission import Admission
 from qlora_pipeline.serving.engine import Completion, Engine, GenerationError, Job, Sampling, describe
 from qlora_pipeline.serving.metrics import ServerMetrics
-from qlora_pipeline.serving.models import Defaults, PersonaModel, adopt_chosen_decoding
+from qlora_pipeline.serving.models import Adapter, Defaults, PersonaModel, adopt_chosen_decoding
 from qlora_pipeline.serving.prompts import prompt_ids, with_system_prompt
 from qlora_pipeline.serving.specs import BASE, AdapterSpec, check_name
 
@@ -313,20 +313,22 @@ def create_app(persona: PersonaModel, engine: Engine, settings: Settings) -> Fas
             if body.lora_name in persona.adapters:
                 raise APIError(409, f"adapter '{body.lora_name}' is already loaded; unload it first",
                                param="lora_name", code="adapter_exists")
+            try:  # its own decoding first, where choose-decoding picked one for these weights (--decoding)
+                await asyncio.to_thread(adopt_chosen_decoding, settings.defaults,
+                                        Adapter(body.lora_name, str(folder), folder, {}), settings.decoding_file)
+            except Exception as err:  # a report damaged since the start: the params' chat section
+                print(f"serve: {body.lora_name}: {err}; it decodes by the params' chat section", file=sys.stderr)
             try:
                 await asyncio.to_thread(persona.load_adapter, AdapterSpec(body.lora_name, str(folder)))
             except PipelineError as err:
+                settings.defaults.own.pop(body.lora_name, None)  # the decoding of an adapter not loaded
                 raise APIError(400, client_message(err, folder, body.lora_path, persona), param="lora_path",
                                code="invalid_adapter") from None
             except Exception as err:  # PEFT on a folder it cannot read (a config value of the wrong type, ...)
+                settings.defaults.own.pop(body.lora_name, None)
                 raise APIError(400, f"lora_path {body.lora_path}: PEFT could not load this adapter "
                                     f"({type(err).__name__}); check its adapter_config.json, or copy the folder again "
                                     "from training", param="lora_path", code="invalid_adapter") from None
-            try:  # its own decoding, where choose-decoding picked one for these weights (reports/decoding.json)
-                await asyncio.to_thread(adopt_chosen_decoding, settings.defaults, persona, body.lora_name,
-                                        settings.decoding_file)
-            except (PipelineError, OSError) as err:  # a report damaged since the start: the params' chat section
-                print(f"serve: {body.lora_name}: {err}; it decodes by the params' chat section", file=sys.stderr)
             return {"object": "adapter", "id": body.lora_name, "status": "loaded", "models": persona.names}
 
     @app.post("/v1/unload_lora_adapter")
