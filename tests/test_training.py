@@ -56,8 +56,8 @@ def test_a_control_token_written_in_a_chat_is_learned_as_text_not_as_a_turns_end
     assert tokenizer.decode(reply) == target + "<|im_end|>" and reply.count(end) == 1 and reply[-1] == end
     assert encoded.input_ids.count(end) == len(context) + 1  # a turn's end for each message, and the reply's
     plain = encode_example(tokenizer, MESSAGES, "pretty steep, but worth it", max_length=256)
-    rendered = tokenizer.apply_chat_template([*MESSAGES, {"role": "assistant", "content": "pretty steep, but worth it"}],
-                                             tokenize=False)
+    reply = {"role": "assistant", "content": "pretty steep, but worth it"}
+    rendered = tokenizer.apply_chat_template([*MESSAGES, reply], tokenize=False)
     assert plain.input_ids == tokenizer(rendered, add_special_tokens=False)["input_ids"][:len(plain.input_ids)]
 
 
