@@ -724,7 +724,10 @@ class Params(_Section):
 SectionT = TypeVar("SectionT", bound=BaseModel)
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
+DEFAULT_PARAMS = "params.yaml"
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
     """Read and validate the whole params file; raise :class:`ConfigError` listing every problem."""
     path = Path(path)
     try:
@@ -755,9 +758,6 @@ def command_params(path: str | Path | None) -> Params:
         raise ConfigError(str(path), ["--params names no file; check the path, or leave --params out for "
                                       f"./{DEFAULT_PARAMS} (the defaults where there is none)"])
     return load_params(path)
-
-
-DEFAULT_PARAMS = "params.yaml"
 
 
 class _StatedTwice(yaml.YAMLError):

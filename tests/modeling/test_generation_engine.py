@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Callable
 
 import pytest
 import torch
@@ -308,19 +309,26 @@ def test_stop_strings_token_limits_and_streaming(persona, prompt_ids):
     assert limited.finish_reason == "length" and limited.completion_tokens == 5 and len(limited.token_ids) == 5
 
 
+def collect(count: int) -> tuple[dict, threading.Event, Callable]:
+    """Results by key, an event set once ``count`` have come, and ``finish(key)``: the callback that keeps one."""
+    results: dict = {}
+    done = threading.Event()
+
+    def finish(key):
+        def on_done(result):
+            results[key] = result
+            if len(results) == count:
+                done.set()
+        return on_done
+    return results, done, finish
+
+
 def test_the_engine_thread_admits_requests_as_they_come_and_drops_cancelled_ones(persona, prompt_ids):
     engine = engine_for(persona, max_batch_size=4, admit_fraction=0.0).start()
     try:
-        done, results = threading.Event(), {}
+        results, done, finish = collect(3)
         cancelled = threading.Event()
         cancelled.set()
-
-        def finish(key):
-            def on_done(result):
-                results[key] = result
-                if len(results) == 3:
-                    done.set()
-            return on_done
 
         engine.submit(Request(prompt_ids[0], "alice", max_new_tokens=12), finish("first"))
         engine.submit(Request(prompt_ids[1], None, max_new_tokens=12, cancelled=cancelled), finish("gone"))
@@ -346,14 +354,7 @@ def test_a_prompt_longer_than_a_prefill_is_prefilled_a_chunk_a_step_while_the_ot
     engine._decode_step = lambda: (events.append("decode"), step())[1]
     engine.start()
     try:
-        done, results = threading.Event(), {}
-
-        def keep(key):
-            def on_done(result):
-                results[key] = result
-                if len(results) == 4:
-                    done.set()
-            return on_done
+        results, done, keep = collect(4)
 
         engine.submit_together([(Request(prompt_ids[0], "alice", max_new_tokens=40), keep("short"), print),
                                 (Request(longs[0], "alice", max_new_tokens=6), keep("long"), print),
