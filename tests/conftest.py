@@ -246,6 +246,16 @@ def sh(cmd: list[str], cwd: Path, timeout: int = 600, again_on: re.Pattern | Non
 DVC_STATUS_RACE = re.compile(r"ERROR: unexpected error - (Expecting value|Extra data|Unterminated string)")
 
 
+QUEUE_ENDS = ("Success", "Failed")
+
+
+def tasks(status: str) -> dict[str, str]:
+    """`dvc queue status`'s table: each task's id (its first column, the same while queued, running and ended) and
+    status (its last)."""
+    rows = [line.split() for line in status.split("\n\n")[0].splitlines()[1:]]
+    return {row[0]: row[-1] for row in rows if row}
+
+
 def run_queue(repo: Path, jobs: int = 1, timeout: int = 900) -> str:
     """`dvc queue start --jobs N`, then wait until nothing is queued or running; the final status.
 
@@ -270,6 +280,9 @@ def run_queue(repo: Path, jobs: int = 1, timeout: int = 900) -> str:
         return subprocess.run(["git", "for-each-ref", "refs/exps"], cwd=repo, capture_output=True, text=True,
                               check=True).stdout
 
+    # A task DVC has taken off the queue but not yet marked running is missing from the status a moment (the
+    # worker active, no task Queued or Running): the tasks queued now are waited for by id until each has ended.
+    waited = tasks(sh(["dvc", "queue", "status"], repo, again_on=DVC_STATUS_RACE))
     start()
     deadline = time.time() + timeout
     stalled_since = None
@@ -283,7 +296,8 @@ def run_queue(repo: Path, jobs: int = 1, timeout: int = 900) -> str:
             refs, changed_at = seen, time.time()
         next_status = time.time() + (3 if time.time() - changed_at < 12 else 15)
         status = sh(["dvc", "queue", "status"], repo, again_on=DVC_STATUS_RACE)
-        if "Queued" not in status and "Running" not in status:
+        ended = tasks(status)
+        if all(ended.get(task) in QUEUE_ENDS for task in waited) and "Queued" not in status and "Running" not in status:
             return status
         if "Running" in status or "Worker status: 0 active" not in status:
             stalled_since = None
