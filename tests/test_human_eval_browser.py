@@ -136,6 +136,21 @@ def _wait_for(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def _downloaded(folder: Path, pattern: str, timeout: float = 30) -> Path:
+    """The one file Chromium downloaded into ``folder`` by ``pattern``, once whole: no ``.crdownload`` left, and
+    its size above 0 and the same at two polls (the file can be seen before its bytes are)."""
+    sizes: list[int] = []
+
+    def whole() -> Path | None:
+        found = [p for p in folder.glob(pattern) if not p.name.endswith(".crdownload")]
+        if len(found) != 1 or list(folder.glob("*.crdownload")):
+            return None
+        sizes.append(found[0].stat().st_size)
+        return found[0] if len(sizes) > 1 and sizes[-1] == sizes[-2] > 0 else None
+
+    return _wait_for(whole, timeout, f"{pattern} to be downloaded into {folder}")
+
+
 def _wait_for_sheet(driver):
     """Until the sheet's script has restored saved ratings (it marks <html data-sheet-ready>)."""
     _wait_for(
@@ -244,12 +259,7 @@ def test_sheet_in_headless_chromium_rates_reloads_and_downloads(tmp_path):
                 assert ticked == (side in BROKEN.get(sample["id"], ())), (sample["id"], side)
 
         driver.find_element(By.ID, "download").click()
-        target = download_dir / "ratings.csv"
-        _wait_for(
-            lambda: target.exists() and not list(download_dir.glob("*.crdownload")),
-            timeout=20,
-            what=f"{target} to be downloaded",
-        )
+        target = _downloaded(download_dir, "ratings.csv")
         assert "all 4 items rated" in driver.find_element(By.ID, "status").text
     finally:
         driver.quit()
@@ -296,12 +306,7 @@ def test_partial_ratings_download_keeps_unrated_rows_empty(tmp_path):
         driver.find_element(By.CSS_SELECTOR, "label:has(> #choice-2-B)").click()
         assert driver.find_element(By.ID, "progress").text == "Rated 1 of 4"
         driver.find_element(By.ID, "download").click()
-        target = download_dir / "ratings.csv"
-        _wait_for(
-            lambda: target.exists() and not list(download_dir.glob("*.crdownload")),
-            timeout=20,
-            what=f"{target} to be downloaded",
-        )
+        target = _downloaded(download_dir, "ratings.csv")
         assert "3 of 4 items are still unrated" in driver.find_element(By.ID, "status").text
     finally:
         driver.quit()

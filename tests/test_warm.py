@@ -10,6 +10,7 @@ test_failures.py's kill -9 of each stage is this module's kill of a fork.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -89,6 +90,9 @@ def folder():
     """A short temporary folder (the warm process's socket path must fit in 107 bytes), removed after."""
     path = Path(tempfile.mkdtemp(prefix="warm-"))
     yield path
+    for process in warm_processes(path):  # idle for 30 s (environment): not left to outlive the test
+        with contextlib.suppress(psutil.Error):
+            process.kill()
     shutil.rmtree(path, ignore_errors=True)
 
 
@@ -105,8 +109,10 @@ def setup(folder: Path, preload: tuple[str, ...] = ("slow_lib",)) -> Path:
 
 
 def environment(folder: Path, **extra: str) -> dict[str, str]:
+    """Idle for 30 s: a slow interpreter start on a loaded machine must not find the warm process gone between two
+    runs (a test that waits for the idle stop sets its own)."""
     return {"PATH": os.environ["PATH"], "TMPDIR": str(folder), "PYTHONPATH": str(folder / "lib"),
-            "QLORA_PIPELINE_WARM_IDLE": "2", **extra}
+            "QLORA_PIPELINE_WARM_IDLE": "30", **extra}
 
 
 def run(script: Path, *args: str, env: dict, stdin: str = "", umask: int = 0o022, nohup: bool = False,
@@ -220,7 +226,7 @@ def test_kill_9_of_the_scripts_process_kills_its_fork_at_once(folder):
     assert fork.pid != proc.pid and fork.is_running()
     proc.kill()
     proc.wait()
-    gone, _ = psutil.wait_procs([fork], timeout=2)
+    gone, _ = psutil.wait_procs([fork], timeout=20)  # it would sleep 120 s; reaped late on a loaded machine
     assert gone, "the fork outlived the process it ran for"
 
 
@@ -277,7 +283,7 @@ def test_another_environment_gets_another_warm_process_and_the_switch_runs_in_th
 
 def test_the_warm_process_stops_by_itself_when_idle_and_takes_its_socket_away(folder):
     script = setup(folder)
-    run(script, "exit", "0", env=environment(folder))
+    run(script, "exit", "0", env=environment(folder, QLORA_PIPELINE_WARM_IDLE="6"))
     sockets = list((folder / f"qlora-pipeline-warm-{os.getuid()}").glob("*.sock"))
     assert len(sockets) == 1 and warm_processes(folder)
     deadline = time.monotonic() + 30
@@ -297,10 +303,8 @@ def wait_for(condition, seconds: float = 30) -> None:
 def test_a_script_that_does_not_wait_runs_at_once_and_starts_a_warm_process_for_the_next(folder):
     """A data stage's way (stage_main's wait=False): a warm process only once it has imported everything."""
     script = setup(folder)
-    # Idle for 30 s, not 2: a slow interpreter start on a loaded machine must not find it gone between runs.
     gate = folder / "imports-may-end"
-    env = environment(folder, QLORA_PIPELINE_TEST_WAIT="0", QLORA_PIPELINE_TEST_GATE=str(gate),
-                      QLORA_PIPELINE_WARM_IDLE="30")
+    env = environment(folder, QLORA_PIPELINE_TEST_WAIT="0", QLORA_PIPELINE_TEST_GATE=str(gate))
     files = folder / f"qlora-pipeline-warm-{os.getuid()}"
     try:
         # The warm process's import lasts until the gate opens: these two run while it is under way.
@@ -353,7 +357,7 @@ def test_scripts_that_do_not_wait_starting_together_start_one_warm_process(folde
     """The start lock goes with the new warm process until it listens: a script that came meanwhile found it
     neither listening nor starting, and started a second one."""
     script = setup(folder)
-    env = environment(folder, QLORA_PIPELINE_TEST_WAIT="0", QLORA_PIPELINE_TEST_SLOW="3", QLORA_PIPELINE_WARM_IDLE="30")
+    env = environment(folder, QLORA_PIPELINE_TEST_WAIT="0", QLORA_PIPELINE_TEST_SLOW="3")
     try:
         procs = [subprocess.Popen([sys.executable, str(script), "exit", "0"], cwd=folder, env=env,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(4)]

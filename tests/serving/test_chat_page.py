@@ -9,14 +9,13 @@ the test's own tmp folder (printed).
 from __future__ import annotations
 
 import json
-import time
 import urllib.request
 
 import pytest
 
 from qlora_pipeline.serving.server import Settings, create_app
 
-from test_human_eval_browser import _require_browser, _start_chromium, _wait_for
+from test_human_eval_browser import _downloaded, _require_browser, _start_chromium, _wait_for
 from test_server import DEFAULTS, KEY, client, serving
 from test_server import engine, persona, roots, url  # noqa: F401 - the server module's fixtures, alice and bob
 
@@ -132,9 +131,7 @@ def test_switching_models_keeps_the_conversation_and_side_by_side_answers_both(u
     assert left["text"] != right["text"]  # two personas, one message
 
     by_id(driver, "save").click()
-    saved = _wait_for(lambda: [p for p in downloads.glob("conversation-*.json")], 30, "the saved conversation")
-    time.sleep(0.5)
-    data = json.loads(saved[0].read_text())
+    data = json.loads(_downloaded(downloads, "conversation-*.json").read_text())
     assert data["format"] == "qlora-pipeline-chat/1"
     assert [c["model"] for c in data["conversations"]] == ["alice", "bob"]
     assert [m["content"] for m in data["conversations"][0]["messages"]] == ["what are you cooking tonight?",

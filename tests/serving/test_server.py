@@ -443,7 +443,7 @@ def test_metrics_label_only_the_models_served(url):
     assert re.search(r'^qlora_pipeline:requests_total\{model="unknown",status="404"\} [2-9]', text, re.M), text
 
 
-def test_concurrent_clients_over_several_adapters_are_batched(url, persona, engine):
+def test_concurrent_clients_over_several_adapters_are_batched(url, persona, engine, monkeypatch):
     prompts = [("alice", "how was work?"), ("bob", "seen any good movies?"), ("base", "what's for dinner?"),
                ("alice", "do you like hiking?"), ("bob", "coffee or tea?"), ("base", "where do you live?")]
     before = engine.stats.as_dict()
@@ -455,8 +455,16 @@ def test_concurrent_clients_over_several_adapters_are_batched(url, persona, engi
         results[index] = reply.choices[0].message.content
 
     threads = [threading.Thread(target=ask, args=(i, *pair)) for i, pair in enumerate(prompts)]
-    for thread in threads:
-        thread.start()
+    submitted: list[int] = []
+    submit = engine.core.submit_together
+    monkeypatch.setattr(engine.core, "submit_together", lambda items: (submitted.append(len(items)), submit(items)))
+    with persona.lock:  # the engine waits before its first forward until all six have arrived, however slowly
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 60
+        while sum(submitted) < len(prompts):
+            assert time.monotonic() < deadline, submitted
+            time.sleep(0.05)
     for thread in threads:
         thread.join(timeout=300)
     assert len(results) == len(prompts)
