@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from qlora_pipeline.config import Params, PreferenceConfig
-from qlora_pipeline.data.formatting import template_ids
+from qlora_pipeline.data.chat_ids import template_ids
 from qlora_pipeline.data.sampling import cap_examples
 
 REFERENCE_ADAPTER = "ref"  # the name under which TRL's DPOTrainer looks for a reference adapter
@@ -37,7 +37,7 @@ def rejected_replies(model: Any, tokenizer: Any, rows: Sequence[dict], cfg: Pref
     import torch
     from transformers import set_seed
 
-    # The prompts as training renders them (not the engine's helper: an edit to the engine must not retrain).
+    # The prompts as training renders them.
     prompts = [template_ids(tokenizer, row["messages"], add_generation_prompt=True) for row in rows]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     was_training = model.training
@@ -70,7 +70,7 @@ def preference_rows(rows: Sequence[dict], rejected: Sequence[str]) -> list[dict]
 
 def dpo_rows(pairs: list[dict]) -> list[dict]:
     """The pairs as DPOTrainer reads them. A control token written in a chat is text here too, as in SFT
-    (``data.formatting.template_ids``): TRL tokenizes each row itself, with the row's ``chat_template_kwargs``."""
+    (``data.chat_ids``): TRL tokenizes each row itself, with the row's ``chat_template_kwargs``."""
     return [{**{k: row[k] for k in ("prompt", "chosen", "rejected")},
              "chat_template_kwargs": {"sanitize_control_tokens": True}} for row in pairs]
 

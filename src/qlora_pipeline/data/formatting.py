@@ -10,6 +10,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+from qlora_pipeline.data.chat_ids import template_ids
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.labels import IGNORE_INDEX
 
@@ -49,14 +50,3 @@ def encode_example(tokenizer: Any, messages: list[dict], target: str, max_length
             reply = reply[: max_length - len(prompt)]
     return Encoded(prompt + reply, [IGNORE_INDEX] * len(prompt) + reply)
 
-
-def template_ids(tokenizer: Any, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
-    """The messages as the chat template renders them, as token ids; a message's text is text.
-
-    ``<|im_end|>`` written in a chat (people talk about language models) is those characters, not the template's
-    control token (transformers' ``sanitize_control_tokens``): read as the token, it cut the reply it was in at
-    the first one and taught the model to end a turn there. Text without a control token gets the same ids as
-    the rendered text tokenized whole.
-    """
-    return tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt,
-                                         sanitize_control_tokens=True, return_dict=False)

@@ -42,6 +42,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from qlora_pipeline.config import DecodingSetting
+from qlora_pipeline.data.chat_ids import chat_ids
 from qlora_pipeline.modeling.loss import causal_lm_parts
 from qlora_pipeline.modeling.sampling import BatchSampler, RowDecoding, RowState
 from qlora_pipeline.modeling.stacked_lora import RowAdapters
@@ -141,14 +142,9 @@ def as_reply(result: Result) -> Reply:
 
 
 def chat_prompt_ids(tokenizer: Any, conversations: Iterable[list[dict]]) -> list[list[int]]:
-    """Each conversation rendered by the chat template with the assistant's turn opened, as token ids.
-
-    A message's text is text, as in training (``data.formatting.template_ids``): a control token written in it is
-    read as its characters, so a chat cannot end a turn or open one of another role (serve's clients among them).
-    """
-    conversations = [list(messages) for messages in conversations]
-    return tokenizer.apply_chat_template(conversations, tokenize=True, add_generation_prompt=True,
-                                         sanitize_control_tokens=True, return_dict=False) if conversations else []
+    """Each conversation rendered by the chat template with the assistant's turn opened, as token ids, as training
+    renders it (``data.chat_ids``: a control token written in a message is text)."""
+    return chat_ids(tokenizer, conversations, add_generation_prompt=True)
 
 
 @dataclass

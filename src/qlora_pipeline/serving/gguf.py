@@ -48,6 +48,7 @@ from typing import Any
 import torch
 from gguf import GGUF_MAGIC, GGUFValueType
 
+from qlora_pipeline.data.chat_ids import chat_ids
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.io import atomic_path, remove_outputs, write_json, write_text
 from qlora_pipeline.modeling.adapters import attach_adapters, autocast_like_training, load_base_for
@@ -373,23 +374,17 @@ def chat_field_problems(fields: dict, reference: Reference, own_template: bool) 
     if not isinstance(template, str):
         return [*problems, "no chat template; runtimes would not know how to lay out a chat"]
     conversations = reference.conversations
-    if any(chat_prompt_ids_with(tokenizer, template, c) != chat_prompt_ids(tokenizer, [c])[0] for c in conversations):
+    # Rendered as training renders (chat_ids: control tokens in a message's text are text), by the file's template.
+    if chat_ids(tokenizer, conversations, True, template) != chat_ids(tokenizer, conversations, True):
         problems.append("its chat template renders a test conversation differently from the template training "
                         "used; runtimes would prompt the persona in a layout it never saw")
     system = {"role": "system", "content": reference.system_prompt}
     bare = [[m for m in c if m["role"] != "system"] for c in conversations]
-    if reference.system_prompt and own_template and any(
-            chat_prompt_ids_with(tokenizer, template, b) != chat_prompt_ids(tokenizer, [[system, *b]])[0]
-            for b in bare):
+    if reference.system_prompt and own_template and (
+            chat_ids(tokenizer, bare, True, template) != chat_ids(tokenizer, [[system, *b] for b in bare], True)):
         problems.append(f"a chat without a system message does not get the trained system prompt "
                         f"({reference.system_prompt!r}) from its template")
     return problems
-
-
-def chat_prompt_ids_with(tokenizer: Any, template: str, conversation: list[dict]) -> list[int]:
-    """As ``chat_prompt_ids`` renders (control tokens in a message's text are text), by ``template``."""
-    return tokenizer.apply_chat_template(conversation, chat_template=template, tokenize=True,
-                                         add_generation_prompt=True, sanitize_control_tokens=True, return_dict=False)
 
 
 # --------------------------------------------------------------------------------- verification
