@@ -8,6 +8,7 @@ the test's own tmp folder (printed).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import urllib.request
 
@@ -71,7 +72,26 @@ def wait_replies(driver, panes=("a",), count: int = 1):
     _wait_for(done, 120, "the replies to finish")
 
 
-def test_a_message_streams_a_reply_that_is_the_apis_own(url, browser):
+def paced(app, seconds: float = 0.05):
+    """``app`` with a pause after each part of a streamed body. The small model streams a reply in milliseconds: a
+    browser slowed by a loaded machine could read it in one piece and never show it growing."""
+    async def wrapped(scope, receive, send):
+        async def send_paced(message):
+            await send(message)
+            if message["type"] == "http.response.body" and message.get("more_body"):
+                await asyncio.sleep(seconds)
+        await app(scope, receive, send_paced)
+    return wrapped
+
+
+@pytest.fixture()
+def paced_url(persona, engine):
+    with serving(paced(create_app(persona, engine, Settings(DEFAULTS, max_tokens_limit=64)))) as url:
+        yield url
+
+
+def test_a_message_streams_a_reply_that_is_the_apis_own(paced_url, browser):
+    url = paced_url
     driver, _, shots = browser
     open_page(driver, url)
     assert by_id(driver, "model-a").get_attribute("value") == "alice"  # the first adapter, not the base
