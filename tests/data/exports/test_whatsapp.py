@@ -257,6 +257,24 @@ def test_android_system_line_continues_to_the_next_header(chat):
     ("Waiting for this message. This may take a while.", "undecryptable"),
     ("location: https://maps.google.com/?q=48.85,2.35", "location"),
     ("POLL:\nWhere to?\nOPTION: beach (2 votes)\nOPTION: hills (1 vote)", "poll"),
+    # The same, from phones in other languages (they were kept as typed text and learned as the person's words)
+    ("<Medien ausgeschlossen>", "media_omitted"),
+    ("<Multimedia omitido>", "media_omitted"),
+    ("<Médias omis>", "media_omitted"),
+    ("<Mídia oculta>", "media_omitted"),
+    ("‹Без медиафайлов>", "media_omitted"),
+    (f"{LRM}Bild weggelassen", "media_omitted"),
+    ("imagen omitida", "media_omitted"),
+    ("IMG-20250330-WA0001.jpg (Datei angehängt)", "media_omitted"),
+    ("IMG-20250330-WA0001.jpg (arquivo anexado)", "media_omitted"),
+    (f"{LRM}<adjunto: 00000012-PHOTO-2023-12-31-21-15-02.jpg>", "media_omitted"),
+    ("Diese Nachricht wurde gelöscht.", "deleted"),
+    ("Se eliminó este mensaje.", "deleted"),
+    ("Ce message a été supprimé", "deleted"),
+    ("Você apagou esta mensagem", "deleted"),
+    ("Verpasster Sprachanruf", "call"),
+    ("Videollamada perdida", "call"),
+    ("Пропущенный аудиозвонок", "call"),
 ])
 def test_app_placeholder_is_removed_and_counted(chat, text, reason):
     messages, counts = chat(f"12/31/23, 21:15 - Ann: {text}\n12/31/23, 21:16 - Bob: ok\n")
@@ -280,8 +298,20 @@ def test_attachment_with_a_caption_keeps_the_caption(chat):
 
 def test_edited_marker_is_cut_and_the_message_kept(chat):
     messages, counts = chat(f"12/31/23, 21:15 - Ann: see you at 8 <This message was edited>\n"
-                            f"[12/31/23, 9:16:02 PM] Bob: line one\nline two {LRM}<This message was edited>\n")
-    assert [m[1] for m in messages] == ["see you at 8", "line one\nline two"]
+                            f"[12/31/23, 9:16:02 PM] Bob: line one\nline two {LRM}<This message was edited>\n"
+                            f"12/31/23, 21:17 - Ann: Schön! Bis morgen <Diese Nachricht wurde bearbeitet>\n"
+                            f"12/31/23, 21:18 - Bob: vale <Se editó este mensaje.>\n")
+    assert [m[1] for m in messages] == ["see you at 8", "line one\nline two", "Schön! Bis morgen", "vale"]
+    assert counts.removed == {}
+
+
+def test_typed_text_in_another_language_is_kept(chat):
+    messages, counts = chat("12/31/23, 21:15 - Ann: die Nachricht wurde gelöscht, glaube ich\n"
+                            "12/31/23, 21:16 - Bob: Llamada perdida? te llamo luego\n"
+                            "12/31/23, 21:17 - Ann: <3\n"
+                            "12/31/23, 21:18 - Bob: Missed voice call? sorry, was driving\n")
+    assert [m[1] for m in messages] == ["die Nachricht wurde gelöscht, glaube ich", "Llamada perdida? te llamo luego",
+                                        "<3", "Missed voice call? sorry, was driving"]
     assert counts.removed == {}
 
 

@@ -15,7 +15,8 @@ order under which the timestamps go backwards less often wins, and a tie asks fo
 The app's own lines are removed and counted: notices (Android: a header line with no "Name: ";
 iOS: text led by a left-to-right mark, sent "by" the chat), media placeholders and attachment
 lines, deleted messages, call logs, view-once ("null"), undecryptable messages, locations and
-polls. "<This message was edited>" is cut from the text, which is kept.
+polls. "<This message was edited>" is cut from the text, which is kept. The app writes these in the phone's
+language: they are read in English, German, Spanish, French, Portuguese, Italian, Dutch and Russian.
 """
 
 from __future__ import annotations
@@ -58,17 +59,38 @@ HEAD_WINDOW = 10
 # Marks the app adds at line starts and around mentions and numbers ("@\u2068Bob\u2069").
 LINE_START_MARKS = re.compile(f"^{BIDI_MARKS.pattern}+", re.MULTILINE)
 INSERTED_MARKS = re.compile("[\u202a-\u202e\u2066-\u2069]")
-EDITED = re.compile(r"[ \u200e]*<This message was edited>$")
+# The app writes its marks and notices in the phone's language: English, and as exports in German, Spanish, French,
+# Portuguese, Italian, Dutch and Russian write them (a notice in another language stays text, as typed text would).
+EDITED = re.compile(r"[ \u200e]*<(?:This message was edited|Diese Nachricht wurde bearbeitet|Se editó este mensaje|"
+                    r"Ce message a été modifié|Mensagem editada|Questo messaggio è stato modificato|"
+                    r"Dit bericht is bewerkt|Сообщение изменено)\.?>$", re.IGNORECASE)
 # Android notices quote a group name that may hold ": " ('Bob changed the subject from "a: b" ...').
 NOTICE_BEFORE_COLON = re.compile(r"changed the (?:subject|group name|group description)|created group|"
                                  r"changed this group's", re.IGNORECASE)
-ATTACHMENT_LINE = re.compile(r".*(?:<attached: [^>]*>| \(file attached\))\s*")
+ATTACHMENT_LINE = re.compile(r".*(?:<(?:attached|anhang|adjunto|anexado|allegato|pièce jointe) ?: [^>]*>| \((?:file "
+                             r"attached|datei angehängt|archivo adjunto|fichier joint|arquivo anexado|file allegato|"
+                             r"bestand bijgevoegd)\))\s*", re.IGNORECASE)
 NOTICES = (  # (reason, pattern of the whole text without marks), first match wins
-    ("media_omitted", re.compile(r"<media omitted>|null|(?:image|video|audio|sticker|gif|document|photo|"
-                                 r"contact card|video note) omitted", re.IGNORECASE)),
-    ("deleted", re.compile(r"(?:this message was deleted|you deleted this message)(?: by .*)?\.?", re.IGNORECASE)),
-    ("call", re.compile(r"(?:missed|silenced) (?:group )?(?:voice|video) call(?:\W.*)?|"
-                        r"(?:voice|video) call, (?:\d.*|no answer|tap to call back)", re.IGNORECASE)),
+    ("media_omitted", re.compile(
+        r"<media omitted>|null|(?:image|video|audio|sticker|gif|document|photo|contact card|video note) omitted|"
+        r"<medien ausgeschlossen>|(?:bild|video|audio|sticker|gif|dokument|kontaktkarte) weggelassen|"
+        r"<multimedia omitido>|(?:imagen|audio|video|sticker|gif|documento) omitid[oa]|"
+        r"<médias omis>|(?:image|vidéo|audio|sticker|gif|document) (?:absente?|omise?|retirée?)|"
+        r"<mídia oculta>|<arquivo de mídia oculto>|<media omess[oi]>|(?:immagine|audio|video|sticker|gif) omess[oa]|"
+        r"<media weggelaten>|[<‹]без медиафайлов>", re.IGNORECASE)),
+    ("deleted", re.compile(
+        r"(?:(?:this message was deleted|you deleted this message)(?: by .*)?|diese nachricht wurde gelöscht|"
+        r"du hast diese nachricht gelöscht|se eliminó este mensaje|eliminaste este mensaje|este mensaje fue eliminado|"
+        r"ce message a été supprimé|vous avez supprimé ce message|(?:esta )?mensagem (?:foi )?apagada|"
+        r"você apagou esta mensagem|questo messaggio è stato eliminato|hai eliminato questo messaggio|"
+        r"dit bericht is verwijderd|je hebt dit bericht verwijderd|(?:данное )?сообщение удалено|"
+        r"вы удалили данное сообщение)\.?", re.IGNORECASE)),
+    ("call", re.compile(
+        r"(?:(?:missed|silenced) (?:group )?(?:voice|video) call|verpasster (?:sprach|video)anruf|"
+        r"llamada (?:de voz |de video )?perdida|videollamada perdida|appel (?:vocal|vidéo) manqué|"
+        r"chamada de (?:voz|vídeo) perdida|chiamata vocale persa|videochiamata persa|gemiste (?:spraak|video-?)oproep|"
+        r"пропущенный (?:аудио|видео)звонок)(?:,.*)?|"  # iOS: "Missed voice call, Tap to call back"
+        r"(?:voice|video) call, (?:\d.*|no answer|tap to call back)", re.IGNORECASE)),
     ("undecryptable", re.compile(r"waiting for this message\b.*", re.IGNORECASE | re.DOTALL)),
     ("location", re.compile(r"(?:live )?location: https?://\S+", re.IGNORECASE)),
     ("poll", re.compile(r"POLL:\n.*\nOPTION: .*", re.DOTALL)),
