@@ -48,6 +48,15 @@ def test_a_name_that_is_an_everyday_word_is_replaced_only_as_written():
     assert hidden_texts([conv("c", ("Will Turner", "hi"), ("Alex Kim", "ask turner"))])[0][1] == "ask Friend 1"
 
 
+def test_a_label_in_a_contacts_name_is_replaced_only_as_written():
+    """A contact saved as "Sarah Work" made every "work" in the chat read "Friend 1"."""
+    raw = [conv("c", ("Sarah Work", "is the gym open? work is crazy"), ("Mom", "see you at work, sarah"),
+                ("Alex Kim", "the gym is open, work is fine; Sarah Work, mom says hi"))]
+    texts, _, _ = hidden_texts(raw)
+    assert texts == ["is the gym open? work is crazy", "see you at work, Friend 1",
+                     "the gym is open, work is fine; Friend 1, mom says hi"]
+
+
 def test_a_first_name_two_friends_share_names_neither():
     raw = [conv("c", ("Sam Lee", "hi"), ("Sam Park", "hey"), ("Alex Kim", "sam and Sam Park and Lee"))]
     assert hidden_texts(raw)[0][2] == "Friend and Friend 2 and Friend 1"

@@ -8,8 +8,9 @@ mention them.
 In message text, a person's full display name is replaced, and so is each part of it (a first
 name, a surname) on its own, whatever its case, word by word ("Bob's" -> "Friend 1's"). A part is
 left alone when replacing it would do harm or mislabel:
-- it is also an everyday word (``name_words.txt``: "Will", "May", "Rose"...): it is replaced only where
-  written as in the name ("Will", not "will"), and so is a one-word name that is such a word;
+- it is also an everyday word (``name_words.txt``: "Will", "May", "Rose"..., and labels such as "Work", "Mom"):
+  it is replaced only where written as in the name ("Will", not "will"), and so is a one-word name that is such
+  a word;
 - it is part of the persona's own name ("Alex" when the persona is Alex Kim and a friend Alex Roe);
 - two friends share it: it becomes plain "Friend", naming neither;
 - it has fewer than two letters (initials) or none (a phone number: the PII scrub handles those).

@@ -210,6 +210,12 @@ def test_unsaved_contact_tilde_is_not_part_of_the_name(chat):
     assert messages[0][0] == "Sam Okafor"
 
 
+def test_a_stranger_with_a_contacts_name_stays_another_speaker(chat):
+    messages, _ = chat("31/12/23, 21:15 - Alex: hi all\n31/12/23, 21:16 - ~ Alex: hey I am the other alex\n"
+                       "31/12/23, 21:17 - ~ Bo: and I am Bo\n31/12/23, 21:18 - Alex: welcome both\n")
+    assert [m[0] for m in messages] == ["Alex", "~ Alex", "Bo", "Alex"]
+
+
 def test_mention_isolates_are_stripped_but_typed_rtl_mark_kept(chat):
     messages, _ = chat("12/31/23, 21:15 - Ann: thanks @\u2068Bob\u2069!\n"
                        "12/31/23, 21:16 - Dana: \u05e9\u05dc\u200f\u05d5\u05dd\n")

@@ -53,6 +53,7 @@ IOS_HEADER = re.compile(rf"\[(?P<date>[^\[\]]{{1,40}}?),?{_SPACE}(?P<time>{_TIME
 ANDROID_HEADER = re.compile(rf"(?P<date>[^\s\[\]][^\[\]]{{0,39}}?),?{_SPACE}(?P<time>{_TIME}) - (?P<rest>.*)")
 NUMERIC_DATE = re.compile(r"(\d{1,4})([./-])(\d{1,2})\2(\d{1,4})\.?")
 CLOCK = re.compile(rf"(\d{{1,2}})[:.](\d{{2}})(?:[:.](\d{{2}}))?(?:{_SPACE}?({_AMPM}))?")
+NON_CONTACT = re.compile(r"^~\s*")
 # A WhatsApp file starts with a message; a few stray lines (a file cut mid-message) are tolerated.
 HEAD_WINDOW = 10
 
@@ -155,6 +156,7 @@ def read_chat(text: str, label: str, cfg: DataConfig, counts: ExportCounts) -> T
     thread = Thread(key=label, where=label)
     read = [(h, m) for h in headers if (m := _message(h, None, f"{label}:{h.line}", counts)) is not None]
     thread.messages = [m for _, m in read]
+    _contact_names(thread.messages)
     try:
         order = _date_order(headers, label, cfg)
     except PipelineError:
@@ -326,11 +328,22 @@ def _message(header: _Header, stamp: datetime, where: str, counts: ExportCounts)
     if reason:
         counts.removed[reason] += 1
         return None
-    speaker = re.sub(r"^~\s*", "", clean_name(sender))  # "~ Carol": a member not in the phone's contacts
-    if not speaker or not text.strip():
-        counts.rejected["no_sender" if not speaker else "empty_text"] += 1
+    speaker = clean_name(sender)  # "~ Carol": a member not in the phone's contacts (read_chat's _contact_names)
+    if not NON_CONTACT.sub("", speaker) or not text.strip():
+        counts.rejected["no_sender" if not NON_CONTACT.sub("", speaker) else "empty_text"] += 1
         return None
     return ExportMessage(speaker=speaker, text=text, time=stamp, where=where)
+
+
+def _contact_names(messages: list[ExportMessage]) -> None:
+    """A member not in the phone's contacts is written "~ Carol", by the name she gave herself: she is Carol, unless
+    a contact named Carol writes in the chat too. Then they are two people, and "~ Carol" stays apart (one name
+    made them one speaker, and split.persona learned the stranger's words as the contact's)."""
+    contacts = {m.speaker for m in messages if not NON_CONTACT.match(m.speaker)}
+    for message in messages:
+        bare = NON_CONTACT.sub("", message.speaker)
+        if bare not in contacts:
+            message.speaker = bare
 
 
 def _sender_and_text(rest: str) -> tuple[str, str] | None:
