@@ -99,6 +99,28 @@ def test_clean_to_nothing_fails_and_leaves_no_output(chat_params, tmp_path):
     assert ": 0" not in str(err.value)  # counts that are zero are left out
 
 
+def test_an_export_cut_after_every_message_names_the_session_gap(params_factory, tmp_path, monkeypatch):
+    """Replies five hours apart: the export was cut into one-message conversations, and clean named only
+    clean.min_messages, then clean.min_speakers, and split the skipped opening turns: never the gap."""
+    monkeypatch.setenv("QLORA_PIPELINE_RUN_KEY", "test-execution")
+    lines = [f"12/{day + 20}/23, {hour:02d}:00 - {'Ann' if (day + hour) % 2 else 'Bob'}: message {day} {hour}\n"
+             for day in range(1, 4) for hour in (4, 9, 14, 19)]
+    export = tmp_path / "chat.txt"
+    export.write_text("".join(lines), encoding="utf-8")
+    params = params_factory({"data.source": "whatsapp", "data.path": str(export), "split.persona": "Ann"})
+    run_fetch(params, tmp_path / "raw")
+    with pytest.raises(PipelineError) as err:
+        run_clean(params, tmp_path / "raw", tmp_path / "clean", tmp_path / "metrics/clean.json")
+    assert "loosen clean.min_messages; or raise data.session_gap_minutes (now 60): the export is cut" in str(err.value)
+    params = params_factory({"data.source": "whatsapp", "data.path": str(export), "split.persona": "Ann",
+                             "clean.min_messages": 1, "clean.min_speakers": 1})
+    run_clean(params, tmp_path / "raw", tmp_path / "clean", tmp_path / "metrics/clean.json")
+    with pytest.raises(PipelineError) as err:
+        run_split(params, tmp_path / "clean", tmp_path / "splits", tmp_path / "metrics/split.json",
+                  tmp_path / "canaries.json")
+    assert "opening turn without context (data.session_gap_minutes, for a chat app's export)" in str(err.value)
+
+
 def test_unknown_persona_stops_clean_when_it_pseudonymizes(chat_params, tmp_path):
     params = chat_params({"split.persona": "mallory"})
     run_fetch(params, tmp_path / "raw")

@@ -75,7 +75,9 @@ def conversation_examples(conv: dict, cfg: SplitConfig, persona: str, skipped: C
 
 
 # The key that decides each kind of skipped reply, for a message that says why too few were left.
-SKIP_KEYS = {"target_too_short": "split.min_target_chars", "no_user_turn_in_context": "split.context_turns"}
+SKIP_KEYS = {"target_too_short": "split.min_target_chars", "no_user_turn_in_context": "split.context_turns",
+             # a chat app's export is cut into conversations at pauses: replies hours apart each open one
+             "opening_turn_without_context": "data.session_gap_minutes, for a chat app's export"}
 
 
 def skipped_note(skipped: Counter) -> str:

@@ -34,7 +34,8 @@ def run_clean(params: Params, raw_dir: Path, out_dir: Path, metrics_path: Path) 
     if "export" in manifest:  # the chat app's own lines (notices, placeholders), removed by fetch
         metrics["rows_removed_at_fetch"] = manifest["export"]["rows_removed"]
     if not kept:
-        raise PipelineError(f"{source}: every conversation was removed by clean {_removal(metrics)}")
+        raise PipelineError(f"{source}: every conversation was removed by clean {_removal(metrics)}"
+                            f"{_session_hint(metrics, manifest)}")
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         write_jsonl(tmp / CONVERSATIONS, kept)
@@ -65,3 +66,16 @@ def _removal(metrics: dict) -> str:
     keys = list(dict.fromkeys(REMOVED_BY[r] for r in reasons if r in REMOVED_BY))
     return (f"(messages removed: {counts['messages']}; conversations removed: {counts['conversations']}); "
             + (f"loosen {', '.join(keys)}" if keys else "check the data: every message was empty"))
+
+
+def _session_hint(metrics: dict, manifest: dict) -> str:
+    """Where a chat export was cut into conversations at pauses and they came out too small, the gap is the fix:
+    a chat whose replies come hours apart is cut after every message, and loosening min_messages then
+    min_speakers only led to split's refusal."""
+    gap = manifest.get("export", {}).get("session_gap_minutes")
+    small = {"too_few_messages", "too_few_speakers"} & {r.split(":")[-1] for r, n in
+                                                        metrics["conversations_removed"].items() if n}
+    if gap is None or not small:
+        return ""
+    return (f"; or raise data.session_gap_minutes (now {gap:g}): the export is cut into a new conversation "
+            f"wherever more than {gap:g} minutes pass between messages (null: one conversation per chat)")
