@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import zipfile
 from datetime import datetime
 from pathlib import Path
@@ -173,6 +174,18 @@ def test_date_format_param_that_does_not_match_names_line_and_param(chat):
     with pytest.raises(PipelineError,
                        match=r"chat.txt:1: the date '12/31/23' does not match data.date_format '%d.%m.%Y'"):
         chat("12/31/23, 21:15 - Ann: hi\n", date_format="%d.%m.%Y")
+
+
+@pytest.mark.parametrize("text, date_format, line, date", [
+    ("31 Aug 2023, 10:01 - Bob: yes\n1 Sept 2023, 10:00 - Ann: september now\n", "%d %b %Y", 2, "1 Sept 2023"),
+    ("12/01/23, 10:00 - Ann: a\n12/02/23, 10:00 - Bob: b\n13/02/23, 10:00 - Ann: c\n", "%m/%d/%y", 3, "13/02/23"),
+])
+def test_a_date_format_that_reads_the_first_dates_but_not_a_later_one_is_refused(chat, text, date_format, line,
+                                                                                   date):
+    """Such a line was read as text of the message before it: the rest of the chat became one message."""
+    with pytest.raises(PipelineError, match=rf"chat.txt:{line}: the date '{date}' does not match data.date_format "
+                                            rf"'{re.escape(date_format)}' \(the lines before matched it\)"):
+        chat(text, date_format=date_format)
 
 
 def test_header_shaped_line_inside_a_message_with_unknown_date_is_text(chat):

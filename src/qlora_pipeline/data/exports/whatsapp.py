@@ -208,18 +208,19 @@ def _scan(lines: list[str], label: str, cfg: DataConfig, counts: ExportCounts) -
 def _date_readable(text: str, seen_header: bool, cfg: DataConfig, where: str) -> bool:
     """Whether a header-shaped line's date reads; before the first message, an unreadable date is an error.
 
-    After the first message such a line is text (a message quoting another chat), not a header.
+    After the first message a line whose date is not numeric is text (a message quoting another chat), not a
+    header. Under data.date_format every unreadable one is an error: a format that read the first dates but not a
+    later one (month and day swapped, "Sept" for "%b") had glued the rest of the chat into one message.
     """
     if cfg.date_format:
         try:
             datetime.strptime(text, cfg.date_format)
             return True
         except ValueError:
-            if seen_header:
-                return False
             raise PipelineError(f"{where}: the date '{text}' does not match data.date_format "
-                                f"'{cfg.date_format}'; set data.date_format to the strptime format of the date "
-                                "part, or null to detect a numeric date") from None
+                                f"'{cfg.date_format}'{' (the lines before matched it)' if seen_header else ''}; set "
+                                "data.date_format to the strptime format of the date part, or null to detect a "
+                                "numeric date") from None
     if NUMERIC_DATE.fullmatch(text):
         return True
     if seen_header:
