@@ -92,6 +92,19 @@ def write_csv(path: str | Path, fieldnames: Sequence[str], rows: Iterable[dict])
         writer.writerows(rows)
 
 
+# The first bytes of the archives a download comes in: read as text, they gave a UTF-8 or JSON error on line 1.
+ARCHIVES = {b"PK\x03\x04": "a zip archive", b"\x1f\x8b": "a gzip file", b"7z\xbc\xaf\x27\x1c": "a 7-Zip archive",
+            b"Rar!\x1a\x07": "a RAR archive", b"BZh": "a bzip2 file", b"\xfd7zXZ\x00": "an xz file"}
+
+
+def refuse_archive(head: bytes, shown: str | Path) -> None:
+    """An archive where a text file was expected is named as one, with the fix."""
+    for magic, what in ARCHIVES.items():
+        if head.startswith(magic):
+            raise PipelineError(f"{shown}: {what}, not a text file; extract it and point data.path at the file "
+                                "inside")
+
+
 def read_jsonl(path: str | Path, label: str | None = None) -> Iterator[tuple[int, dict]]:
     """Yield ``(line_number, object)``; a bad line raises an error naming the file and line.
 
@@ -108,6 +121,7 @@ def read_jsonl(path: str | Path, label: str | None = None) -> Iterator[tuple[int
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
             if number == 1:
+                refuse_archive(raw, shown)
                 # Windows editors begin UTF-8 files with a BOM; it is an encoding mark, not text.
                 raw = raw.removeprefix(codecs.BOM_UTF8)
             if raw.strip():  # blank lines hold no row; tolerate them (e.g. a trailing newline)
@@ -127,7 +141,9 @@ def _parse_json_line(path: Path, number: int, raw: bytes) -> dict:
         ) from None
     obj = _loads_line(path, number, text)
     if not isinstance(obj, dict):
-        raise PipelineError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__}")
+        raise PipelineError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__}; JSON Lines holds one "
+                            "object (one row) on each line" + (", not one array of them" if isinstance(obj, list)
+                                                                else ""))
     if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(obj):
         # Python reads "\ud800" as a string no UTF-8 file can hold: writing it out later would crash.
         raise PipelineError(

@@ -173,6 +173,32 @@ def test_undecodable_byte_names_line(fmt, tmp_path, params_factory):
         fetch(params_factory({"data.source": fmt, "data.path": str(path), **CHAT_FIELDS}).data)
 
 
+@pytest.mark.parametrize("source, fmt", [("jsonl", "zip"), ("csv", "gz"), ("telegram", "zip"), ("discord", "zip"),
+                                         ("whatsapp", "gz")])
+def test_a_compressed_download_is_named_as_one(source, fmt, tmp_path, params_factory):
+    """A zipped Telegram export was called "byte 0xb9 is not valid UTF-8; ... re-encode the file as UTF-8"."""
+    import gzip
+    import zipfile
+
+    path = tmp_path / f"export.{fmt}"
+    if fmt == "zip":
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+            archive.writestr("result.json", '{"name": "a chat", "messages": []}' * 50)
+    else:
+        path.write_bytes(gzip.compress(b'{"conv": "c1", "who": "a", "msg": "hi"}\n' * 50))
+    with pytest.raises(PipelineError, match=rf"export\.{fmt}: a (zip archive|gzip file), not a text file; extract it "
+                                            "and point data.path at the file inside"):
+        fetch(params_factory({"data.source": source, "data.path": str(path), **CHAT_FIELDS}).data)
+
+
+def test_a_json_array_is_told_what_json_lines_holds(tmp_path, params_factory):
+    path = tmp_path / "chat.jsonl"
+    path.write_text('[{"conv": "c1", "who": "a", "msg": "hi"}]\n', encoding="utf-8")
+    with pytest.raises(PipelineError, match=r"chat\.jsonl:1: expected a JSON object, got list; JSON Lines holds one "
+                                            r"object \(one row\) on each line, not one array of them"):
+        fetch(params_factory({"data.source": "jsonl", "data.path": str(path), **CHAT_FIELDS}).data)
+
+
 @pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
 def test_empty_file_is_refused(fmt, tmp_path, params_factory):
     path = tmp_path / f"chat.{fmt}"

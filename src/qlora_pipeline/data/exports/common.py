@@ -23,6 +23,7 @@ from pathlib import Path
 
 from qlora_pipeline.data.speakers import BIDI_MARKS, ODD_SPACES, clean_name  # noqa: F401 (readers use them)
 from qlora_pipeline.errors import PipelineError
+from qlora_pipeline.io import refuse_archive
 
 
 @dataclass
@@ -53,6 +54,7 @@ class ExportCounts:
 def read_text(data: bytes, label: str,
               fix: str = "export the chat again (the apps write UTF-8) or re-encode the file as UTF-8") -> str:
     """Bytes of a text file as str: UTF-8 with or without a BOM (Windows editors write one); an error names the line."""
+    refuse_archive(data, label)
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
