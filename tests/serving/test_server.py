@@ -193,7 +193,7 @@ def test_sse_wire_format_ends_with_done(url):
       for k in (-2, 1 << 70)],  # past int64: no 500 from the sampler
     *[({"model": "alice", "messages": [{"role": "user", "content": "hi"}], "logit_bias": bias}, 400, "invalid_value",
        "logit_bias") for bias in ({"hello": 1}, {"-3": 1}, {"99999999": 1}, {"42": 100.5}, {"42": -101},
-                                  {str(i): 1 for i in range(301)})],
+                                  {str(i): 1 for i in range(301)}, {"1" * 4301: 1})],  # past int(): was a 500
     # OpenAI's types, strictly: a number in a string, a boolean for a number, a float for a count (were taken)
     *[({"model": "alice", "messages": [{"role": "user", "content": "hi"}], key: value}, 400, "invalid_value", key)
       for key, value in (("max_tokens", "4"), ("n", 1.0), ("temperature", True), ("stream", "yes"), ("seed", "1"))],
@@ -280,6 +280,19 @@ def test_runtime_load_and_unload_with_path_checks(url, roots, persona):
     traversal = post("load_lora_adapter", {"lora_name": "carol",
                                            "lora_path": str(roots / "allowed" / ".." / "outside" / "carol")})
     assert traversal.status_code == 403
+    # Every other user's home alike (an unknown one was 400 "no such user", a known one 403: which users exist)
+    for home in ("~root/models", "~nobody-of-this-name/models"):
+        refused = post("load_lora_adapter", {"lora_name": "carol", "lora_path": home})
+        assert refused.status_code == 403 and refused.json()["error"]["code"] == "path_not_allowed", refused.text
+    loop = roots / "allowed" / "loop"
+    loop.symlink_to(loop)
+    try:  # the path the client sent, not where it lies on the server
+        for sent in (str(loop), str(roots / "allowed" / ("x" * 300))):
+            unusable = post("load_lora_adapter", {"lora_name": "carol", "lora_path": sent})
+            assert unusable.status_code == 400 and "is not a usable path" in unusable.json()["error"]["message"]
+            assert str(roots) not in unusable.json()["error"]["message"].replace(sent[:200], ""), unusable.text
+    finally:
+        loop.unlink()
     link = post("load_lora_adapter", {"lora_name": "carol", "lora_path": str(roots / "allowed" / "sneaky")})
     assert link.status_code == 403  # a link inside the root pointing out of it
     linked = post("load_lora_adapter", {"lora_name": "carol", "lora_path": str(roots / "allowed" / "linked")})
@@ -412,6 +425,29 @@ def test_a_client_that_leaves_before_its_answer_stops_its_rows_and_is_counted_49
     assert engine.stats.generated_tokens - generated < 64  # stopped, not decoded to its limit
 
 
+def test_a_stream_its_client_leaves_is_counted_499_and_one_read_to_its_end_200(url, persona):
+    """A stream left midway was counted 200 (its status line had gone out), where docs/serving.md says 499."""
+    def count(status: int) -> float:
+        return metric(httpx.get(f"{url}/metrics", timeout=30).text, "qlora_pipeline:requests_total",
+                      f'model="alice",status="{status}"')
+
+    body = {"model": "alice", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 64, "stream": True,
+            "logit_bias": {str(persona.tokenizer.convert_tokens_to_ids("<|im_end|>")): -100}}
+    gone, answered = count(499), count(200)
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as response:
+        assert response.status_code == 200
+        for number, _ in enumerate(response.iter_lines()):
+            if number == 2:
+                break  # the client walks away mid-reply
+    deadline = time.monotonic() + 30
+    while count(499) == gone and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert (count(499), count(200)) == (gone + 1, answered)
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json={**body, "max_tokens": 4}, timeout=60) as response:
+        assert [line for line in response.iter_lines() if line.startswith("data: ")][-1] == "data: [DONE]"
+    assert (count(499), count(200)) == (gone + 1, answered + 1)
+
+
 def test_routes_an_openai_client_and_a_load_balancer_expect(url):
     assert client(url).models.retrieve("alice").id == "alice"  # the OpenAI client's models.retrieve
     missing = httpx.get(f"{url}/v1/models/nobody", timeout=30)
@@ -436,8 +472,9 @@ def test_routes_an_openai_client_and_a_load_balancer_expect(url):
 
 def test_metrics_label_only_the_models_served(url):
     for name in ("z" * 1000, "y" * 1000):
-        assert httpx.post(f"{url}/v1/chat/completions", timeout=30, json={
-            "model": name, "messages": [{"role": "user", "content": "hi"}]}).status_code == 404
+        missing = httpx.post(f"{url}/v1/chat/completions", timeout=30, json={
+            "model": name, "messages": [{"role": "user", "content": "hi"}]})
+        assert missing.status_code == 404 and len(missing.content) < 600  # the name was sent back whole
     text = httpx.get(f"{url}/metrics", timeout=30).text
     assert "z" * 1000 not in text and "y" * 1000 not in text  # a label per name grew memory without bound
     assert re.search(r'^qlora_pipeline:requests_total\{model="unknown",status="404"\} [2-9]', text, re.M), text

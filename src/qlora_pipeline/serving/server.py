@@ -272,7 +272,7 @@ def create_app(persona: PersonaModel, engine: Engine, settings: Settings) -> Fas
         """One model's card (the OpenAI client's models.retrieve)."""
         card = next((c for c in model_cards(persona, started, settings.defaults) if c["id"] == model), None)
         if card is None:
-            raise unknown_model(model[:200], persona)
+            raise unknown_model(model, persona)
         return card
 
     @app.get("/metrics")
@@ -412,20 +412,26 @@ class CountCompletions:
             await self.app(scope, receive, send)
             return
         status: int | None = None
+        ended = fault = False
 
         async def counted(message: dict) -> None:
-            nonlocal status
+            nonlocal status, ended
             if message["type"] == "http.response.start":
                 status = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                ended = True
             await send(message)
 
         try:
             await self.app(scope, receive, counted)
         except Exception:  # a fault of ours: Starlette's outermost middleware answers it 500, after this one
-            status = status or 500
+            fault = True
             raise
         finally:
-            self.metrics.answered(scope.get("state", {}).get("model", ""), status or CLIENT_GONE)
+            # A stream its client left: its status line had gone out (200), its answer had not.
+            gone = status is None or not ended
+            self.metrics.answered(scope.get("state", {}).get("model", ""),
+                                  (500 if gone else status) if fault else CLIENT_GONE if gone else status)
 
 
 def _require_runtime(settings: Settings) -> None:
@@ -436,13 +442,16 @@ def _require_runtime(settings: Settings) -> None:
 
 def allowed_adapter_folder(settings: Settings, path: str) -> Path:
     """``path`` resolved (links followed), refused unless it lies under an ``--adapter-root``."""
-    try:  # a NUL byte, an unknown ~user, a name too long: the client's path, not our fault
-        folder = Path(path).expanduser().resolve()
+    try:  # a NUL byte, a name too long, a link loop: the client's path, not our fault
+        # "~" is the server's own home; "~name" is not expanded: "no such user" against 403 told which users exist.
+        folder = (Path(path).expanduser() if path == "~" or path.startswith("~/") else Path(path)).resolve()
         roots = [root.expanduser().resolve() for root in settings.adapter_roots]
         inside = any(folder == root or folder.is_relative_to(root) for root in roots)
         is_dir = inside and folder.is_dir()
-    except (ValueError, RuntimeError, OSError) as err:
-        raise APIError(400, f"lora_path {path!r} is not a usable path ({err})", param="lora_path",
+    except (ValueError, RuntimeError, OSError) as err:  # named without the server's paths its text holds
+        why = err.strerror if isinstance(err, OSError) and err.strerror else (
+            "a symbolic link loop" if isinstance(err, RuntimeError) else str(err))
+        raise APIError(400, f"lora_path {path[:200]!r} is not a usable path ({why})", param="lora_path",
                        code="invalid_adapter") from None
     if not inside:
         raise APIError(403, f"lora_path {path} is outside the allowed adapter roots; start the server with "
@@ -521,7 +530,8 @@ class Meta:
 
 
 def unknown_model(name: str, persona: PersonaModel) -> APIError:
-    return APIError(404, f"the model '{name}' does not exist; available: {', '.join(persona.names)}", param="model",
+    shown = name if len(name) <= 200 else name[:200] + "…"  # not a client's megabyte sent back
+    return APIError(404, f"the model '{shown}' does not exist; available: {', '.join(persona.names)}", param="model",
                     code="model_not_found")
 
 
@@ -585,7 +595,8 @@ def parse_logit_bias(logit_bias: dict[str, float] | None, vocabulary: int) -> tu
                        param="logit_bias", code="invalid_value")
     pairs = []
     for key, bias in logit_bias.items():
-        if not (key.isascii() and key.isdigit() and int(key) < vocabulary):
+        # The length first: int() refuses a string of over 4,300 digits (a 500, and two tracebacks in the log).
+        if not (key.isascii() and key.isdigit() and len(key) <= 20 and int(key) < vocabulary):
             raise APIError(400, f"logit_bias: {key[:40]!r} is no token id of this model (0 to {vocabulary - 1})",
                            param="logit_bias", code="invalid_value")
         if not -LOGIT_BIAS_LIMIT <= bias <= LOGIT_BIAS_LIMIT:  # NaN fails too
