@@ -260,6 +260,10 @@ def test_bad_json_and_oversized_bodies(url):
     response = httpx.post(f"{url}/v1/chat/completions", content=b"{not json", timeout=30,
                           headers={"content-type": "application/json"})
     assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_json"
+    for route in ("chat/completions", "load_lora_adapter"):  # no body at all: was "body: Field required"
+        for headers in ({}, {"content-type": "application/json"}):
+            empty = httpx.post(f"{url}/v1/{route}", timeout=30, headers=headers).json()["error"]
+            assert empty["code"] == "invalid_json" and "must be a JSON object, sent with Content-Type" in empty["message"]
     response = httpx.post(f"{url}/v1/chat/completions", content=b"x" * 300_000, timeout=30,
                           headers={"content-type": "application/json"})
     assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"

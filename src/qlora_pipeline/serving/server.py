@@ -220,7 +220,8 @@ def create_app(persona: PersonaModel, engine: Engine, settings: Settings) -> Fas
         where = ".".join(str(part) for part in first["loc"] if _is_field(part))
         if first["type"] == "json_invalid":
             return error_response(400, "the request body is not valid JSON", code="invalid_json")
-        if not where and first["type"] == "model_attributes_type":  # form data, plain text, a JSON list
+        # form data, plain text, a JSON list; or no body at all (FastAPI: "body: Field required")
+        if not where and first["type"] in ("model_attributes_type", "missing"):
             return error_response(400, "the request body must be a JSON object, sent with Content-Type: "
                                        "application/json", code="invalid_json")
         return error_response(400, f"{where or 'body'}: {first['msg']}", param=where or None, code="invalid_value")
