@@ -322,6 +322,21 @@ def test_csv_line_breaks_inside_quoted_cells_are_text_and_lines(tmp_path, params
         fetch(params_factory({"data.source": "csv", "data.path": str(path), **CHAT_FIELDS}).data)
 
 
+@pytest.mark.parametrize("sep", [";", "\t"])
+def test_a_csv_separated_by_semicolons_or_tabs_is_read_as_a_spreadsheet_wrote_it(sep, tmp_path, params_factory):
+    """A spreadsheet saved in a European locale separates by ";": it was told to quote its commas."""
+    path = tmp_path / "chat.csv"
+    path.write_text(sep.join(["conv", "who", "msg", "ts"]) + "\n" + f"c1{sep}alice{sep}hallo, wie gehts{sep}t1\n"
+                    f'c1{sep}bob{sep}"gut; danke"{sep}t2\n', encoding="utf-8")
+    result = fetch(params_factory({"data.source": "csv", "data.path": str(path), **CHAT_FIELDS}).data)
+    assert [(m["speaker"], m["text"]) for m in result.conversations[0]["messages"]] == [
+        ("alice", "hallo, wie gehts"), ("bob", "gut; danke")]
+    path.write_text(path.read_text() + f"c1{sep}alice{sep}a{sep}t3{sep}surplus\n", encoding="utf-8")
+    name = {";": "semicolons", "\t": "tabs"}[sep]
+    with pytest.raises(PipelineError, match=rf":4: more cells than header columns; quote fields that contain {name}"):
+        fetch(params_factory({"data.source": "csv", "data.path": str(path), **CHAT_FIELDS}).data)
+
+
 def test_a_csv_header_naming_a_column_twice_is_refused(tmp_path, params_factory):
     """The last 'msg' column won, silently."""
     path = tmp_path / "chat.csv"

@@ -9,7 +9,17 @@ from collections.abc import Iterator
 from qlora_pipeline.errors import PipelineError
 
 
-def csv_records(text: str, label: str) -> Iterator[tuple[int, list[str]]]:
+# What separates the cells: commas, or what a spreadsheet in a European locale writes (semicolons), or tabs.
+SEPARATORS = {",": "commas", ";": "semicolons", "\t": "tabs"}
+
+
+def separator_of(text: str) -> str:
+    """The separator that splits the header line into the most cells (commas where none does better)."""
+    header = text.split("\n", 1)[0]
+    return max(SEPARATORS, key=lambda sep: (header.count(sep), sep == ","))
+
+
+def csv_records(text: str, label: str, delimiter: str = ",") -> Iterator[tuple[int, list[str]]]:
     """``(first line, cells)`` of each CSV record; blank lines (CRLF ones too) hold none.
 
     Lines end at ``\\n`` (LF or CRLF), as in JSONL, so line numbers agree with editors. A lone
@@ -22,7 +32,7 @@ def csv_records(text: str, label: str) -> Iterator[tuple[int, list[str]]]:
     # The whole file is in memory already: the csv module's 128 KiB cap on a cell guards nothing here, and
     # called a valid file with one long message invalid. clean's max_chars drops such a message, counted.
     csv.field_size_limit(max(csv.field_size_limit(), min(len(text) + 1, 2**31 - 1)))  # a C long on every OS
-    reader = csv.reader(io.StringIO(text, newline="\n"), strict=True)
+    reader = csv.reader(io.StringIO(text, newline="\n"), strict=True, delimiter=delimiter)
     while True:
         start = reader.line_num + 1  # a record with quoted line breaks spans several lines
         try:
@@ -34,7 +44,8 @@ def csv_records(text: str, label: str) -> Iterator[tuple[int, list[str]]]:
             problem = str(err).split(" - ")[0]
             raise PipelineError(
                 f"{label}:{start}: not valid CSV ({problem}); end lines with LF or CRLF, quote cells that hold "
-                'commas, quotes or line breaks, double the quotes inside them ("say ""hi""") and close every quote'
+                f'{SEPARATORS[delimiter]}, quotes or line breaks, double the quotes inside them ("say ""hi""") and '
+                "close every quote"
             ) from None
         if cells:
             yield start, cells

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from qlora_pipeline.config import EXPORT_SOURCES, DataConfig
-from qlora_pipeline.data.csv_records import csv_records
+from qlora_pipeline.data.csv_records import SEPARATORS, csv_records, separator_of
 from qlora_pipeline.data.exports import fetch_export
 from qlora_pipeline.data.exports.common import read_text
 from qlora_pipeline.errors import PipelineError
@@ -164,7 +164,9 @@ def _jsonl_rows(path: Path, label: str) -> Iterator[Row]:
 
 
 def _csv_rows(path: Path, label: str) -> Iterator[Row]:
-    records = csv_records(read_text(path.read_bytes(), label, fix="re-encode the file as UTF-8"), label)
+    text = read_text(path.read_bytes(), label, fix="re-encode the file as UTF-8")
+    delimiter = separator_of(text)  # a spreadsheet saved in a European locale separates by ";"
+    records = csv_records(text, label, delimiter)
     header_line, header = next(records, (0, []))
     if not header:
         raise PipelineError(f"{label}: no header row; the first line must name the columns")
@@ -174,7 +176,8 @@ def _csv_rows(path: Path, label: str) -> Iterator[Row]:
                             "give each column its own name")
     for line, cells in records:
         if len(cells) > len(header):
-            raise PipelineError(f"{label}:{line}: more cells than header columns; quote fields that contain commas")
+            raise PipelineError(f"{label}:{line}: more cells than header columns; quote fields that contain "
+                                f"{SEPARATORS[delimiter]}")
         # A short row lacks its last cells: None, so the missing value is counted as a null.
         values = dict(zip(header, cells + [None] * (len(header) - len(cells))))
         yield Row(f"{label}:{line}", values)
