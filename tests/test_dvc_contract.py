@@ -138,7 +138,8 @@ def test_every_module_a_stage_runs_is_a_dep(name):
 # once in pipeline/common.py, now data/canary_ids.py).
 ALLOWED_FROM_PLUMBING = {
     "qlora_pipeline.io": {"atomic_path", "read_json", "read_json_object", "read_jsonl", "remove_outputs", "write_csv",
-                          "write_json", "write_jsonl", "write_text", "sha256_file", "remove_stale_temporaries"},
+                          "write_json", "write_jsonl", "write_text", "sha256_file", "remove_stale_temporaries",
+                          "refuse_archive"},  # an archive given as a text file is refused: no output to shape
     "qlora_pipeline.errors": {"PipelineError"},
     # params as typed objects; their values live in params.yaml, which DVC tracks key by key
     "qlora_pipeline.config": {"Params", "load_params", "params_from_dict", "DataConfig", "CleanConfig", "SplitConfig",

@@ -173,6 +173,7 @@ class FieldMap(_Section):
     time: Optional[str] = None
     prompt: str = "prompt"
     response: str = "response"
+    messages: str = "messages"
     id: Optional[str] = None
 
 
@@ -195,7 +196,7 @@ class DataConfig(_Section):
     source: Literal["chitchat", "jsonl", "csv", "parquet", "hf", "whatsapp", "telegram", "discord",
                     "messenger"] = "chitchat"
     path: Optional[str] = None
-    shape: Literal["chat_log", "pairs"] = "chat_log"
+    shape: Literal["chat_log", "pairs", "messages"] = "chat_log"
     hf: HubDataset = Field(default_factory=HubDataset)
     fields: FieldMap = Field(default_factory=FieldMap)
     prompt_template: str = "{prompt}"

@@ -75,6 +75,65 @@ def test_pairs_become_user_assistant_conversations(fmt, tmp_path, params_factory
     ]
 
 
+def chat(*turns, **extra) -> dict:
+    return {"messages": [{"role": role, "content": content} for role, content in turns], **extra}
+
+
+MESSAGE_ROWS = [
+    chat(("system", "You are Sam."), ("user", "hey, back from the trip?"), ("assistant", "yes! the alps were great"),
+         ("user", [{"type": "text", "text": "photos?"}, {"type": "text", "text": "pls"}]),
+         ("assistant", "later tonight")),
+    chat(("user", "coffee?"), ("assistant", "always")),
+    chat(("user", "hi"), ("assistant", "hello"), ("tool", '{"weather": "sunny"}')),
+    # each rejected whole, by its reason
+    chat(("user", "hi"), ("assistant", None)),
+    chat(("user", "hi"), ("narrator", "meanwhile")),
+    chat(("user", [{"type": "image_url", "image_url": {"url": "x"}}]), ("assistant", "nice")),
+    {"messages": [{"role": "user"}]},
+    {"messages": "hi there"},
+    {"messages": []},
+]
+
+
+def test_message_lists_become_conversations_between_the_roles(tmp_path, params_factory):
+    """OpenAI's chat fine-tuning format: a row's messages, each {role, content} (it was a missing conversation_id)."""
+    path = write_rows(tmp_path / "chats.jsonl", MESSAGE_ROWS, "jsonl")
+    result = fetch(params_factory({"data.source": "jsonl", "data.path": str(path), "data.shape": "messages"}).data)
+    assert [c["id"] for c in result.conversations] == ["row-1", "row-2", "row-3"]
+    assert all(c["meta"] == {"persona": "assistant"} for c in result.conversations)
+    assert [(m["speaker"], m["text"]) for m in result.conversations[0]["messages"]] == [
+        ("user", "hey, back from the trip?"), ("assistant", "yes! the alps were great"), ("user", "photos?\npls"),
+        ("assistant", "later tonight")]
+    assert result.manifest["counts"]["rows_rejected"] == {
+        "system_message": 1, "tool_message": 1, "not_text_content": 2, "unknown_role": 1,
+        "message_without_role_or_content": 1, "not_a_message_list": 1, "null_messages": 1}
+    # under the default shape, the file is told which shape reads it
+    with pytest.raises(PipelineError, match=r"chats\.jsonl:1: missing field 'conversation_id' .*a column of "
+                                            r"\{role, content\} lists \('messages'\) is read with data\.shape: messages"):
+        fetch(params_factory({"data.source": "jsonl", "data.path": str(path)}).data)
+
+
+def test_message_lists_through_the_data_stages_learn_the_assistant(tmp_path, params_factory, monkeypatch):
+    from qlora_pipeline.pipeline.clean import run_clean
+    from qlora_pipeline.pipeline.fetch import run_fetch
+    from qlora_pipeline.pipeline.split import run_split
+
+    monkeypatch.setenv("QLORA_PIPELINE_RUN_KEY", "test-execution")
+    rows = [chat(("user", f"question {i}: how was day {i}?"), ("assistant", f"day {i} was fine, thanks"),
+                 id=f"c{i}") for i in range(30)]
+    path = write_rows(tmp_path / "chats.jsonl", rows, "jsonl")
+    params = params_factory({"data.source": "jsonl", "data.path": str(path), "data.shape": "messages",
+                             "data.fields.id": "id"})
+    run_fetch(params, tmp_path / "raw")
+    run_clean(params, tmp_path / "raw", tmp_path / "clean", tmp_path / "metrics/clean.json")
+    metrics = run_split(params, tmp_path / "clean", tmp_path / "splits", tmp_path / "metrics/split.json",
+                        tmp_path / "canaries.json")
+    assert metrics["persona"] == "assistant"
+    assert sum(metrics[name]["examples"] for name in ("train", "val", "test")) == 30
+    example = json.loads((tmp_path / "splits" / "train.jsonl").read_text().splitlines()[0])
+    assert example["target"].startswith("day ") and example["messages"][-1]["content"].startswith("question ")
+
+
 @pytest.mark.parametrize("shape", ["chat_log", "pairs"])
 def test_hf_source_loads_a_local_dataset_folder(shape, tmp_path, params_factory):
     folder = tmp_path / "hf_dataset"
@@ -189,6 +248,15 @@ def test_a_compressed_download_is_named_as_one(source, fmt, tmp_path, params_fac
     with pytest.raises(PipelineError, match=rf"export\.{fmt}: a (zip archive|gzip file), not a text file; extract it "
                                             "and point data.path at the file inside"):
         fetch(params_factory({"data.source": source, "data.path": str(path), **CHAT_FIELDS}).data)
+
+
+def test_json_infinity_where_text_belongs_is_rejected_not_read_as_inf(tmp_path, params_factory):
+    path = tmp_path / "chat.jsonl"
+    path.write_text('{"conv": "c1", "who": "a", "msg": Infinity, "ts": "t"}\n'
+                    '{"conv": "c1", "who": "b", "msg": "hi", "ts": "t"}\n', encoding="utf-8")
+    result = fetch(params_factory({"data.source": "jsonl", "data.path": str(path), **CHAT_FIELDS}).data)
+    assert [m["text"] for m in result.conversations[0]["messages"]] == ["hi"]
+    assert result.manifest["counts"]["rows_rejected"] == {"not_text_text": 1}
 
 
 def test_a_json_array_is_told_what_json_lines_holds(tmp_path, params_factory):

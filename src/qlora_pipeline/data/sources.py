@@ -6,7 +6,9 @@ Canonical conversation (one JSON object per line)::
 
 A chat log (one message per row) is grouped by conversation id, keeping row order. A
 prompt/response data set becomes two-message conversations between ``user`` and
-``assistant``, with ``meta.persona = "assistant"`` so the split stage knows whose voice to learn.
+``assistant``, with ``meta.persona = "assistant"`` so the split stage knows whose voice to learn. A data set of
+message lists (OpenAI's chat fine-tuning format: a row's ``messages``, each ``{"role", "content"}``) is a
+conversation per row between its roles, the persona ``assistant`` too.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
+import math
 import string
 from collections import Counter
 from dataclasses import dataclass, field
@@ -67,10 +70,8 @@ def fetch(cfg: DataConfig, root: Path = Path(".")) -> FetchResult:
         return FetchResult(conversations, manifest)
     source = _open_source(cfg, root)
     rejected: Counter = Counter()
-    if cfg.shape == "chat_log":
-        conversations = list(chat_log_conversations(source.rows, cfg, rejected))
-    else:
-        conversations = list(pair_conversations(source.rows, cfg, rejected))
+    readers = {"chat_log": chat_log_conversations, "pairs": pair_conversations, "messages": message_list_conversations}
+    conversations = list(readers[cfg.shape](source.rows, cfg, rejected))
     if not conversations:
         raise PipelineError(
             f"{source.description['location']}: no usable rows "
@@ -235,9 +236,13 @@ def _hf_rows(cfg: DataConfig) -> RawSource:
 def _field(row: Row, key: str, column: str | None) -> Any:
     if column not in row.values:
         found = ", ".join(map(str, row.values)) or "none"
+        lists = [name for name, value in row.values.items() if isinstance(value, list) and value
+                 and all(isinstance(m, dict) and "role" in m for m in value)]
         raise PipelineError(
             f"{row.where}: missing field '{column}' (mapped by data.fields.{key}); "
             f"fields found: {found}. Fix data.fields.{key} or the file"
+            + (f"; a column of {{role, content}} lists ('{lists[0]}') is read with data.shape: messages (and "
+               f"data.fields.messages)" if lists else "")
         )
     return row.values[column]
 
@@ -280,7 +285,8 @@ def _reject_reason(**values: Any) -> str | None:
 
 
 def _not_text(value: Any) -> bool:
-    return isinstance(value, (list, dict, bool, bytes))
+    # JSON's Infinity too: Python reads it as a float, and its text "inf" became a message.
+    return isinstance(value, (list, dict, bool, bytes)) or (isinstance(value, float) and math.isinf(value))
 
 
 def pair_conversations(rows: Iterable[Row], cfg: DataConfig, rejected: Counter) -> Iterator[dict]:
@@ -307,6 +313,64 @@ def pair_conversations(rows: Iterable[Row], cfg: DataConfig, rejected: Counter) 
             {"speaker": PAIRS_PERSONA, "text": response, "time": None},
         ]
         yield {"id": row_id, "messages": messages, "meta": {"persona": PAIRS_PERSONA}}
+
+
+# The roles of OpenAI's chat format: a system message is the data set's instruction, not a turn of the chat (split
+# writes split.system_prompt); a tool's or function's is no one's words.
+SPOKEN_ROLES, LEFT_ROLES = ("user", "assistant"), ("system", "developer", "tool", "function")
+
+
+def message_list_conversations(rows: Iterable[Row], cfg: DataConfig, rejected: Counter) -> Iterator[dict]:
+    """Rows that each hold a conversation as a list of ``{"role", "content"}`` -> conversations between the roles
+    ``user`` and ``assistant`` (the persona). A row with a message that is not such an object, of another role, or
+    with content that is not text is rejected whole (counted); system and tool messages are left out (counted)."""
+    fmap = cfg.fields
+    seen_ids: set[str] = set()
+    for number, row in enumerate(rows, start=1):
+        row_id, listed = _field(row, "id", fmap.id) if fmap.id else f"row-{number}", _field(row, "messages",
+                                                                                           fmap.messages)
+        reason = _reject_reason(id=row_id) or _message_list_problem(listed)
+        if reason:
+            rejected[reason] += 1
+            continue
+        row_id = _text(row_id)
+        if row_id in seen_ids:
+            raise PipelineError(f"{row.where}: id '{row_id}' (data.fields.id) already used by an earlier row; "
+                                "ids must be unique, or set data.fields.id: null to number the rows")
+        seen_ids.add(row_id)
+        messages = []
+        for message in listed:
+            if message["role"] in LEFT_ROLES:
+                rejected[f"{message['role']}_message"] += 1
+                continue
+            messages.append({"speaker": message["role"], "text": _content_text(message["content"]), "time": None})
+        if messages:
+            yield {"id": row_id, "messages": messages, "meta": {"persona": PAIRS_PERSONA}}
+
+
+def _message_list_problem(listed: Any) -> str | None:
+    """Why a row's message list makes no conversation, else None."""
+    if not isinstance(listed, list) or not listed:
+        return "not_a_message_list" if listed else "null_messages"
+    for message in listed:
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or "content" not in message:
+            return "message_without_role_or_content"
+        if message["role"] not in SPOKEN_ROLES + LEFT_ROLES:
+            return "unknown_role"
+        if message["role"] in SPOKEN_ROLES and _content_text(message["content"]) is None:
+            return "not_text_content"
+    return None
+
+
+def _content_text(content: Any) -> str | None:
+    """A message's text: a string, or OpenAI's list of text parts joined by line breaks (as serve joins them)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content and all(
+            isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+            for part in content):
+        return "\n".join(part["text"] for part in content)
+    return None
 
 
 def template_fields(template: str) -> list[str]:

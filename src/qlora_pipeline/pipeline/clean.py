@@ -23,8 +23,8 @@ def run_clean(params: Params, raw_dir: Path, out_dir: Path, metrics_path: Path) 
     raw = list(read_conversations(source))
     cfg = resolve_exclusions(raw, params.clean, str(source))
     kept, metrics = clean_conversations(raw, cfg)
-    # A prompt/response data set's speakers are the roles user and assistant: nobody to hide.
-    if params.clean.pseudonymize_speakers and manifest.get("shape") != "pairs" and kept:
+    # A prompt/response or message-list data set's speakers are the roles user and assistant: nobody to hide.
+    if params.clean.pseudonymize_speakers and manifest.get("shape") not in ("pairs", "messages") and kept:
         kept, metrics["pseudonymized"] = hide_other_speakers(raw, kept, params.split.persona, str(source))
     else:
         metrics["pseudonymized"] = {"speakers": 0, "names_in_text": 0}
