@@ -265,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: the QLORA_PIPELINE_API_KEY environment variable, if set)")
     serve.add_argument("--allow-runtime-adapters", action="store_true",
                        help="enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter")
+    serve.add_argument("--max-adapters", type=_at_least(1), default=16,
+                       help="adapters served at most; a runtime load past it is refused with 409 (each holds its "
+                            "weights in memory)")
     serve.add_argument("--adapter-root", type=Path, action="append", default=[],
                        help="folder under which runtime adapters may be loaded (repeatable; default: models)")
     serve.add_argument("--max-batch-size", type=_at_least(1), default=8,

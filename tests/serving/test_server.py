@@ -429,6 +429,32 @@ def test_a_client_that_leaves_before_its_answer_stops_its_rows_and_is_counted_49
     assert engine.stats.generated_tokens - generated < 64  # stopped, not decoded to its limit
 
 
+def test_runtime_loads_stop_at_max_adapters_and_an_unloaded_adapter_leaves_no_metrics(persona, engine, roots):
+    """Any client could load adapters without end (21 MB each, every load slower), and each name loaded, used and
+    unloaded kept its series in /metrics."""
+    carol = {"lora_name": "carol", "lora_path": str(roots / "allowed" / "carol")}
+    for limit in (2, 3):  # alice and bob are loaded
+        settings = Settings(DEFAULTS, allow_runtime_adapters=True, adapter_roots=[roots / "allowed"],
+                            max_adapters=limit)
+        with serving(create_app(persona, engine, settings)) as base:
+            loaded = httpx.post(f"{base}/v1/load_lora_adapter", json=carol, timeout=120)
+            if limit == 2:
+                assert loaded.status_code == 409, loaded.text
+                assert loaded.json()["error"]["code"] == "adapter_limit_reached"
+                assert "--max-adapters 2" in loaded.json()["error"]["message"]
+                continue
+            assert loaded.status_code == 200, loaded.text
+            try:
+                assert httpx.post(f"{base}/v1/chat/completions", timeout=60, json={
+                    "model": "carol", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}).status_code == 200
+                assert 'model="carol"' in httpx.get(f"{base}/metrics", timeout=30).text
+            finally:
+                assert httpx.post(f"{base}/v1/unload_lora_adapter", json={"lora_name": "carol"},
+                                  timeout=60).status_code == 200
+            text = httpx.get(f"{base}/metrics", timeout=30).text
+            assert 'model="carol"' not in text
+
+
 def test_a_stream_its_client_leaves_is_counted_499_and_one_read_to_its_end_200(url, persona):
     """A stream left midway was counted 200 (its status line had gone out), where docs/serving.md says 499."""
     def count(status: int) -> float:

@@ -27,6 +27,7 @@ TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 
 class ServerMetrics:
     def __init__(self, engine: Any, persona: Any, admission: Any):
         self.persona = persona
+        self.statuses: dict[str, set[str]] = {}  # each model's status labels counted, to forget them on unload
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(PREFIX + "requests", "Completion requests by model and HTTP status",
@@ -68,7 +69,15 @@ class ServerMetrics:
     def answered(self, model: str, status: int) -> None:
         # A label per model served, and one for all else: a label per name a client sent grew memory, and the
         # scrape, without bound (1,000 names of 1 MB: 0.9 GB).
-        self.requests.labels(model if model in self.persona.names else UNKNOWN_MODEL, str(status)).inc()
+        label = model if model in self.persona.names else UNKNOWN_MODEL
+        self.requests.labels(label, str(status)).inc()
+        self.statuses.setdefault(label, set()).add(str(status))
+
+    def forget(self, model: str) -> None:
+        """An unloaded adapter's series go with it: loading, using and unloading new names grew the label set, and
+        the scrape, without bound. Loaded again, it counts from 0 (a counter reset, as after a restart)."""
+        for status in self.statuses.pop(model, ()):
+            self.requests.remove(model, status)
 
 
 class _EngineCollector:

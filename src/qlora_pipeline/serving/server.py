@@ -52,6 +52,7 @@ class Settings:
     defaults: Defaults | ChatConfig  # each model's decoding defaults; one ChatConfig = every model's
     api_key: str | None = None
     allow_runtime_adapters: bool = False
+    max_adapters: int = 16  # adapters served at most; a runtime load past it is refused (each holds memory)
     adapter_roots: list[Path] = field(default_factory=lambda: [Path("models")])
     max_tokens_limit: int = 1024
     max_body_bytes: int = 1 << 20
@@ -314,6 +315,10 @@ def create_app(persona: PersonaModel, engine: Engine, settings: Settings) -> Fas
             if body.lora_name in persona.adapters:
                 raise APIError(409, f"adapter '{body.lora_name}' is already loaded; unload it first",
                                param="lora_name", code="adapter_exists")
+            if len(persona.adapters) >= settings.max_adapters:  # each holds its weights and slows every load
+                raise APIError(409, f"{len(persona.adapters)} adapters are loaded, --max-adapters "
+                                    f"{settings.max_adapters}; unload one first", param="lora_name",
+                               code="adapter_limit_reached")
             try:  # its own decoding first, where choose-decoding picked one for these weights (--decoding)
                 await asyncio.to_thread(adopt_chosen_decoding, settings.defaults,
                                         Adapter(body.lora_name, str(folder), folder, {}), settings.decoding_file)
@@ -344,6 +349,7 @@ def create_app(persona: PersonaModel, engine: Engine, settings: Settings) -> Fas
                                     f"{', '.join(persona.adapters) or 'none'}", param="lora_name", code="model_not_found")
             await asyncio.to_thread(persona.unload_adapter, body.lora_name)
             settings.defaults.own.pop(body.lora_name, None)
+            metrics.forget(body.lora_name)
             return {"object": "adapter", "id": body.lora_name, "status": "unloaded", "models": persona.names}
 
     return app
@@ -982,6 +988,7 @@ def settings_from_args(args: Any, defaults: Defaults) -> Settings:
             raise PipelineError(f"--{name.replace('_', '-')}: must be {'>' if name == 'request_timeout' else '>='} 0, "
                                 f"got {getattr(args, name)}")
     return Settings(defaults=defaults, api_key=api_key, allow_runtime_adapters=args.allow_runtime_adapters,
+                    max_adapters=args.max_adapters,
                     adapter_roots=list(args.adapter_root) or [Path("models")], max_tokens_limit=args.max_tokens_limit,
                     max_body_bytes=args.max_body_bytes, max_context=args.max_context, max_queue=args.max_queue,
                     request_timeout=args.request_timeout, decoding_file=getattr(args, "decoding", None))
