@@ -445,8 +445,8 @@ def test_runtime_loads_stop_at_max_adapters_and_an_unloaded_adapter_leaves_no_me
                 continue
             assert loaded.status_code == 200, loaded.text
             try:
-                assert httpx.post(f"{base}/v1/chat/completions", timeout=60, json={
-                    "model": "carol", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}).status_code == 200
+                chat = {"model": "carol", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+                assert httpx.post(f"{base}/v1/chat/completions", timeout=60, json=chat).status_code == 200
                 assert 'model="carol"' in httpx.get(f"{base}/metrics", timeout=30).text
             finally:
                 assert httpx.post(f"{base}/v1/unload_lora_adapter", json={"lora_name": "carol"},
