@@ -67,6 +67,8 @@ def broken(base, **changes):
     ({"mlflow__experiment_name": " "}, "mlflow.experiment_name: must not be empty"),
     ({"train__learning_rate": "fast"}, "train.learning_rate: expected float, got 'fast' (str)"),
     ({"train__lora__r": 0}, "train.lora.r: must be >= 1"),
+    ({"data__source": "csv", "data__path": "x.csv", "data__shape": "messages"},
+     "data.shape: messages needs a source whose cells hold lists (jsonl, parquet or hf); a CSV cell holds text"),
     ({"model__quantization__load_in_4bit": False}, "train.method: qlora trains on a 4-bit base"),
     ({"train__eval_steps": 500, "train__save_steps": 500}, "train.eval_steps: 500 is above train.max_steps"),
     ({"split__ratios__val": 0.0, "split__ratios__train": 0.9}, "split.ratios.val: must be > 0"),

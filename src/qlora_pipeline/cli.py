@@ -266,8 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--allow-runtime-adapters", action="store_true",
                        help="enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter")
     serve.add_argument("--max-adapters", type=_at_least(1), default=16,
-                       help="adapters served at most; a runtime load past it is refused with 409 (each holds its "
-                            "weights in memory)")
+                       help="a runtime load is refused (409) once this many adapters are served (each holds its "
+                            "weights in memory); the --adapter ones count, and are all served")
     serve.add_argument("--adapter-root", type=Path, action="append", default=[],
                        help="folder under which runtime adapters may be loaded (repeatable; default: models)")
     serve.add_argument("--max-batch-size", type=_at_least(1), default=8,

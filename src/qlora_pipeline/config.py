@@ -243,6 +243,9 @@ class DataConfig(_Section):
             out.append("data.hf.path: source 'hf' needs a dataset id or local folder; set data.hf.path")
         if self.source == "chitchat" and self.shape != "chat_log":
             out.append("data.shape: the chitchat source is a chat log; set data.shape: chat_log")
+        if self.shape == "messages" and self.source == "csv":
+            out.append("data.shape: messages needs a source whose cells hold lists (jsonl, parquet or hf); a CSV "
+                       "cell holds text")
         if self.shape == "chat_log" and not self.fields.speaker:
             out.append("data.fields.speaker: a chat log needs a speaker field")
         return out

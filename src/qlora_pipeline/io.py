@@ -93,8 +93,10 @@ def write_csv(path: str | Path, fieldnames: Sequence[str], rows: Iterable[dict])
 
 
 # The first bytes of the archives a download comes in: read as text, they gave a UTF-8 or JSON error on line 1.
+# (bzip2's "BZh" is text: its block size and block magic follow, which no text holds)
 ARCHIVES = {b"PK\x03\x04": "a zip archive", b"\x1f\x8b": "a gzip file", b"7z\xbc\xaf\x27\x1c": "a 7-Zip archive",
-            b"Rar!\x1a\x07": "a RAR archive", b"BZh": "a bzip2 file", b"\xfd7zXZ\x00": "an xz file"}
+            b"Rar!\x1a\x07": "a RAR archive", b"\xfd7zXZ\x00": "an xz file",
+            **{b"BZh%d1AY&SY" % level: "a bzip2 file" for level in range(1, 10)}}
 
 
 def refuse_archive(head: bytes, shown: str | Path) -> None:

@@ -92,6 +92,7 @@ MESSAGE_ROWS = [
     {"messages": [{"role": "user"}]},
     {"messages": "hi there"},
     {"messages": []},
+    chat(("system", "only an instruction")),
 ]
 
 
@@ -105,11 +106,12 @@ def test_message_lists_become_conversations_between_the_roles(tmp_path, params_f
         ("user", "hey, back from the trip?"), ("assistant", "yes! the alps were great"), ("user", "photos?\npls"),
         ("assistant", "later tonight")]
     assert result.manifest["counts"]["rows_rejected"] == {
-        "system_message": 1, "tool_message": 1, "not_text_content": 2, "unknown_role": 1,
-        "message_without_role_or_content": 1, "not_a_message_list": 1, "null_messages": 1}
+        "not_text_content": 2, "unknown_role": 1, "message_without_role_or_content": 1, "not_a_message_list": 1,
+        "null_messages": 1, "no_user_or_assistant_message": 1}
+    assert result.manifest["counts"]["messages_left_out"] == {"system": 1, "tool": 1}  # of rows kept
     # under the default shape, the file is told which shape reads it
-    with pytest.raises(PipelineError, match=r"chats\.jsonl:1: missing field 'conversation_id' .*a column of "
-                                            r"\{role, content\} lists \('messages'\) is read with data\.shape: messages"):
+    with pytest.raises(PipelineError, match=r"chats\.jsonl:1: missing field 'conversation_id' .*a column of \{role, "
+                                            r"content\} lists \('messages'\) is read with data\.shape: messages"):
         fetch(params_factory({"data.source": "jsonl", "data.path": str(path)}).data)
 
 
@@ -403,6 +405,23 @@ def test_a_csv_separated_by_semicolons_or_tabs_is_read_as_a_spreadsheet_wrote_it
     name = {";": "semicolons", "\t": "tabs"}[sep]
     with pytest.raises(PipelineError, match=rf":4: more cells than header columns; quote fields that contain {name}"):
         fetch(params_factory({"data.source": "csv", "data.path": str(path), **CHAT_FIELDS}).data)
+
+
+def test_the_separator_is_read_from_the_header_as_csv_reads_it(tmp_path, params_factory):
+    """Semicolons inside a quoted header cell of a comma file, and a blank first line, chose the wrong separator."""
+    from qlora_pipeline.data.csv_records import separator_of
+
+    assert separator_of('"a;b;c",text,x\n1,2,3\n') == ","
+    assert separator_of("\nconv;who;msg\n") == ";"
+    assert separator_of("conv\thas, a comma\twho\n") == "\t"
+
+
+def test_text_that_starts_like_an_archives_name_is_text(tmp_path, params_factory):
+    from qlora_pipeline.io import refuse_archive
+
+    refuse_archive(b"BZh, said Bob\n", "chat.jsonl")  # bzip2's first three bytes, as text: no archive
+    with pytest.raises(PipelineError, match="a bzip2 file"):
+        refuse_archive(b"BZh91AY&SY\x00\x01", "chat.jsonl")
 
 
 def test_a_csv_header_naming_a_column_twice_is_refused(tmp_path, params_factory):

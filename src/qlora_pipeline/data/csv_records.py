@@ -14,9 +14,17 @@ SEPARATORS = {",": "commas", ";": "semicolons", "\t": "tabs"}
 
 
 def separator_of(text: str) -> str:
-    """The separator that splits the header line into the most cells (commas where none does better)."""
-    header = text.split("\n", 1)[0]
-    return max(SEPARATORS, key=lambda sep: (header.count(sep), sep == ","))
+    """The separator that splits the header (the first line not blank) into the most cells, quotes read as CSV
+    reads them (a quoted header cell may hold the others); commas where none does better."""
+    header = next((line for line in text.split("\n") if line.strip()), "")
+
+    def cells(sep: str) -> int:
+        try:
+            return len(next(csv.reader([header], delimiter=sep)))
+        except (csv.Error, StopIteration):
+            return 0
+
+    return max(SEPARATORS, key=lambda sep: (cells(sep), sep == ","))
 
 
 def csv_records(text: str, label: str, delimiter: str = ",") -> Iterator[tuple[int, list[str]]]:

@@ -70,7 +70,9 @@ def fetch(cfg: DataConfig, root: Path = Path(".")) -> FetchResult:
         return FetchResult(conversations, manifest)
     source = _open_source(cfg, root)
     rejected: Counter = Counter()
-    readers = {"chat_log": chat_log_conversations, "pairs": pair_conversations, "messages": message_list_conversations}
+    left_out: Counter = Counter()  # messages of kept rows left out (a row's system message), apart from rows rejected
+    readers = {"chat_log": chat_log_conversations, "pairs": pair_conversations,
+               "messages": lambda rows, cfg, rejected: message_list_conversations(rows, cfg, rejected, left_out)}
     conversations = list(readers[cfg.shape](source.rows, cfg, rejected))
     if not conversations:
         raise PipelineError(
@@ -79,6 +81,8 @@ def fetch(cfg: DataConfig, root: Path = Path(".")) -> FetchResult:
         )
     manifest = {**source.description, "sha256": source.digest.hexdigest(), "shape": cfg.shape}
     manifest["counts"] = _counts(conversations, rejected)
+    if cfg.shape == "messages":
+        manifest["counts"]["messages_left_out"] = dict(sorted(left_out.items()))
     return FetchResult(conversations, manifest)
 
 
@@ -320,10 +324,12 @@ def pair_conversations(rows: Iterable[Row], cfg: DataConfig, rejected: Counter) 
 SPOKEN_ROLES, LEFT_ROLES = ("user", "assistant"), ("system", "developer", "tool", "function")
 
 
-def message_list_conversations(rows: Iterable[Row], cfg: DataConfig, rejected: Counter) -> Iterator[dict]:
+def message_list_conversations(rows: Iterable[Row], cfg: DataConfig, rejected: Counter,
+                               left_out: Counter) -> Iterator[dict]:
     """Rows that each hold a conversation as a list of ``{"role", "content"}`` -> conversations between the roles
     ``user`` and ``assistant`` (the persona). A row with a message that is not such an object, of another role, or
-    with content that is not text is rejected whole (counted); system and tool messages are left out (counted)."""
+    with content that is not text is rejected whole (``rejected``); system and tool messages are left out
+    (``left_out``, by role), and a row with nothing else is rejected."""
     fmap = cfg.fields
     seen_ids: set[str] = set()
     for number, row in enumerate(rows, start=1):
@@ -338,14 +344,13 @@ def message_list_conversations(rows: Iterable[Row], cfg: DataConfig, rejected: C
             raise PipelineError(f"{row.where}: id '{row_id}' (data.fields.id) already used by an earlier row; "
                                 "ids must be unique, or set data.fields.id: null to number the rows")
         seen_ids.add(row_id)
-        messages = []
-        for message in listed:
-            if message["role"] in LEFT_ROLES:
-                rejected[f"{message['role']}_message"] += 1
-                continue
-            messages.append({"speaker": message["role"], "text": _content_text(message["content"]), "time": None})
-        if messages:
-            yield {"id": row_id, "messages": messages, "meta": {"persona": PAIRS_PERSONA}}
+        messages = [{"speaker": m["role"], "text": _content_text(m["content"]), "time": None}
+                    for m in listed if m["role"] in SPOKEN_ROLES]
+        if not messages:
+            rejected["no_user_or_assistant_message"] += 1
+            continue
+        left_out.update(m["role"] for m in listed if m["role"] in LEFT_ROLES)
+        yield {"id": row_id, "messages": messages, "meta": {"persona": PAIRS_PERSONA}}
 
 
 def _message_list_problem(listed: Any) -> str | None:

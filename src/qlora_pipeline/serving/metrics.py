@@ -76,6 +76,8 @@ class ServerMetrics:
     def forget(self, model: str) -> None:
         """An unloaded adapter's series go with it: loading, using and unloading new names grew the label set, and
         the scrape, without bound. Loaded again, it counts from 0 (a counter reset, as after a restart)."""
+        if model == UNKNOWN_MODEL:  # an adapter named "unknown" shares the label of every model not served: kept
+            return
         for status in self.statuses.pop(model, ()):
             self.requests.remove(model, status)
 

@@ -332,7 +332,7 @@ def create_app(persona: PersonaModel, engine: Engine, settings: Settings) -> Fas
                                code="invalid_adapter") from None
             except Exception as err:  # PEFT on a folder it cannot read (a config value of the wrong type, ...)
                 settings.defaults.own.pop(body.lora_name, None)
-                raise APIError(400, f"lora_path {body.lora_path}: PEFT could not load this adapter "
+                raise APIError(400, f"lora_path {shown(body.lora_path)}: PEFT could not load this adapter "
                                     f"({type(err).__name__}); check its adapter_config.json, or copy the folder again "
                                     "from training", param="lora_path", code="invalid_adapter") from None
             return {"object": "adapter", "id": body.lora_name, "status": "loaded", "models": persona.names}
@@ -345,8 +345,9 @@ def create_app(persona: PersonaModel, engine: Engine, settings: Settings) -> Fas
                            param="lora_name", code="invalid_value")
         async with adapter_changes:
             if body.lora_name not in persona.adapters:
-                raise APIError(404, f"no adapter '{body.lora_name}' is loaded; loaded: "
-                                    f"{', '.join(persona.adapters) or 'none'}", param="lora_name", code="model_not_found")
+                raise APIError(404, f"no adapter '{shown(body.lora_name)}' is loaded; loaded: "
+                                    f"{', '.join(persona.adapters) or 'none'}", param="lora_name",
+                               code="model_not_found")
             await asyncio.to_thread(persona.unload_adapter, body.lora_name)
             settings.defaults.own.pop(body.lora_name, None)
             metrics.forget(body.lora_name)
@@ -447,6 +448,11 @@ def _require_runtime(settings: Settings) -> None:
                        type_="permission_error", code="runtime_adapters_disabled")
 
 
+def shown(text: str, limit: int = 200) -> str:
+    """What a client sent, as an error names it: a 1 MB path or name is not sent back whole."""
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
 def allowed_adapter_folder(settings: Settings, path: str) -> Path:
     """``path`` resolved (links followed), refused unless it lies under an ``--adapter-root``."""
     try:  # a NUL byte, a name too long, a link loop: the client's path, not our fault
@@ -458,23 +464,23 @@ def allowed_adapter_folder(settings: Settings, path: str) -> Path:
     except (ValueError, RuntimeError, OSError) as err:  # named without the server's paths its text holds
         why = err.strerror if isinstance(err, OSError) and err.strerror else (
             "a symbolic link loop" if isinstance(err, RuntimeError) else str(err))
-        raise APIError(400, f"lora_path {path[:200]!r} is not a usable path ({why})", param="lora_path",
+        raise APIError(400, f"lora_path {shown(path)!r} is not a usable path ({why})", param="lora_path",
                        code="invalid_adapter") from None
     if not inside:
-        raise APIError(403, f"lora_path {path} is outside the allowed adapter roots; start the server with "
+        raise APIError(403, f"lora_path {shown(path)} is outside the allowed adapter roots; start the server with "
                             "--adapter-root for its folder", type_="permission_error", param="lora_path",
                        code="path_not_allowed")
     if not is_dir:
-        raise APIError(400, f"lora_path {path}: no such folder", param="lora_path", code="invalid_adapter")
+        raise APIError(400, f"lora_path {shown(path)}: no such folder", param="lora_path", code="invalid_adapter")
     # The folder is inside; each file read from it must be too: a link inside the folder led out of the roots.
     try:
         out = sorted(entry.name for entry in folder.iterdir()
                      if not any(entry.resolve().is_relative_to(root) for root in roots))
     except (RuntimeError, OSError) as err:  # a link loop, a folder it may not read
-        raise APIError(400, f"lora_path {path} is not a usable folder ({type(err).__name__})", param="lora_path",
+        raise APIError(400, f"lora_path {shown(path)} is not a usable folder ({type(err).__name__})", param="lora_path",
                        code="invalid_adapter") from None
     if out:
-        raise APIError(403, f"lora_path {path}: {', '.join(out)} link(s) outside the allowed adapter roots",
+        raise APIError(403, f"lora_path {shown(path)}: {', '.join(out)} link(s) outside the allowed adapter roots",
                        type_="permission_error", param="lora_path", code="path_not_allowed")
     return folder
 
@@ -482,7 +488,7 @@ def allowed_adapter_folder(settings: Settings, path: str) -> Path:
 def client_message(err: Exception, folder: Path, lora_path: str, persona: PersonaModel) -> str:
     """``err``'s message with the server's own paths put as the client knows them: the lora_path it sent (not
     where links resolve to) and the base by name."""
-    return str(err).replace(str(folder), lora_path).replace(str(persona.base_dir), BASE)
+    return str(err).replace(str(folder), shown(lora_path)).replace(str(persona.base_dir), BASE)
 
 
 def public_source(source: str) -> str:
@@ -537,9 +543,8 @@ class Meta:
 
 
 def unknown_model(name: str, persona: PersonaModel) -> APIError:
-    shown = name if len(name) <= 200 else name[:200] + "…"  # not a client's megabyte sent back
-    return APIError(404, f"the model '{shown}' does not exist; available: {', '.join(persona.names)}", param="model",
-                    code="model_not_found")
+    return APIError(404, f"the model '{shown(name)}' does not exist; available: {', '.join(persona.names)}",
+                    param="model", code="model_not_found")
 
 
 def choice_count(body: ChatCompletionRequest, limit: int) -> int:

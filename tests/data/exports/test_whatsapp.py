@@ -188,6 +188,12 @@ def test_a_date_format_that_reads_the_first_dates_but_not_a_later_one_is_refused
         chat(text, date_format=date_format)
 
 
+def test_under_a_date_format_a_line_not_shaped_as_its_dates_stays_text(chat):
+    messages, _ = chat("31 Aug 2023, 10:01 - Bob: the plan:\nDay 1, 09:00 - Arrival\nRoom 5, 10:00 - standup\n"
+                       "1 Sep 2023, 10:00 - Ann: great\n", date_format="%d %b %Y")
+    assert [m[1] for m in messages] == ["the plan:\nDay 1, 09:00 - Arrival\nRoom 5, 10:00 - standup", "great"]
+
+
 def test_header_shaped_line_inside_a_message_with_unknown_date_is_text(chat):
     messages, _ = chat("12/31/23, 21:15 - Ann: I pasted this:\nDec 31, 2023, 9:15 PM - Bob: hi\n")
     assert messages == [("Ann", "I pasted this:\nDec 31, 2023, 9:15 PM - Bob: hi", datetime(2023, 12, 31, 21, 15))]
@@ -223,10 +229,18 @@ def test_unsaved_contact_tilde_is_not_part_of_the_name(chat):
     assert messages[0][0] == "Sam Okafor"
 
 
-def test_a_stranger_with_a_contacts_name_stays_another_speaker(chat):
+def test_a_stranger_with_a_contacts_name_stays_another_speaker(chat, config, tmp_path):
     messages, _ = chat("31/12/23, 21:15 - Alex: hi all\n31/12/23, 21:16 - ~ Alex: hey I am the other alex\n"
                        "31/12/23, 21:17 - ~ Bo: and I am Bo\n31/12/23, 21:18 - Alex: welcome both\n")
     assert [m[0] for m in messages] == ["Alex", "~ Alex", "Bo", "Alex"]
+    # across the chats of one export too: speakers are joined by name across chats
+    (tmp_path / "exports").mkdir()
+    (tmp_path / "exports" / "WhatsApp Chat with Alex.txt").write_text(
+        "31/12/23, 21:15 - Alex: hi\n31/12/23, 21:16 - Me: hey\n", encoding="utf-8")
+    (tmp_path / "exports" / "WhatsApp Chat with Group.txt").write_text(
+        "31/12/23, 22:15 - ~ Alex: a stranger here\n31/12/23, 22:16 - Me: welcome\n", encoding="utf-8")
+    result = fetch(config(tmp_path / "exports"))
+    assert sorted({m["speaker"] for c in result.conversations for m in c["messages"]}) == ["Alex", "Me", "~ Alex"]
 
 
 def test_mention_isolates_are_stripped_but_typed_rtl_mark_kept(chat):

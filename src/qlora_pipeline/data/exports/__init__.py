@@ -64,6 +64,8 @@ def read_threads(cfg: DataConfig, files: list[tuple[Path, str]], counts: ExportC
             threads += module.read(path, label, cfg, counts)
         except NotThisExport as err:
             raise PipelineError(f"{err}{_guess(path, cfg.source)}") from None
+    if module is whatsapp:  # who is a contact is known only from the whole export (speakers join across chats)
+        whatsapp.contact_names(threads)
     return merge_threads(drop_repeats_across_files(threads, counts))
 
 

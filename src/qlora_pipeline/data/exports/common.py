@@ -32,6 +32,7 @@ class ExportMessage:
     text: str
     time: datetime | None  # naive = the phone's local time, as the app writes it
     where: str  # "file:line" (or "file: message N") for error messages
+    non_contact: bool = False  # WhatsApp's "~ Carol": a member not in the phone's contacts, by her own name
 
 
 @dataclass

@@ -16,7 +16,8 @@ The app's own lines are removed and counted: notices (Android: a header line wit
 iOS: text led by a left-to-right mark, sent "by" the chat), media placeholders and attachment
 lines, deleted messages, call logs, view-once ("null"), undecryptable messages, locations and
 polls. "<This message was edited>" is cut from the text, which is kept. The app writes these in the phone's
-language: they are read in English, German, Spanish, French, Portuguese, Italian, Dutch and Russian.
+language: they are read in English, German, Spanish, French, Portuguese, Italian, Dutch and Russian (attachment
+lines but in Russian).
 """
 
 from __future__ import annotations
@@ -156,7 +157,7 @@ def read_chat(text: str, label: str, cfg: DataConfig, counts: ExportCounts) -> T
     thread = Thread(key=label, where=label)
     read = [(h, m) for h in headers if (m := _message(h, None, f"{label}:{h.line}", counts)) is not None]
     thread.messages = [m for _, m in read]
-    _contact_names(thread.messages)
+    contact_names([thread])
     try:
         order = _date_order(headers, label, cfg)
     except PipelineError:
@@ -188,7 +189,7 @@ def _scan(lines: list[str], label: str, cfg: DataConfig, counts: ExportCounts) -
     for number, raw in enumerate(lines, start=1):
         line = raw.removesuffix("\r")
         match = _header_match(line)
-        if match and _date_readable(match["date"], bool(headers), cfg, f"{label}:{number}"):
+        if match and _date_readable(match["date"], headers[0].date if headers else None, cfg, f"{label}:{number}"):
             headers.append(_Header(number, match["date"], match["time"], match["rest"]))
         elif headers:
             headers[-1].more.append(line)
@@ -205,28 +206,37 @@ def _scan(lines: list[str], label: str, cfg: DataConfig, counts: ExportCounts) -
     return headers
 
 
-def _date_readable(text: str, seen_header: bool, cfg: DataConfig, where: str) -> bool:
-    """Whether a header-shaped line's date reads; before the first message, an unreadable date is an error.
+def _date_readable(text: str, first: str | None, cfg: DataConfig, where: str) -> bool:
+    """Whether a header-shaped line's date reads; before the first message (``first``: its date), an unreadable
+    date is an error.
 
-    After the first message a line whose date is not numeric is text (a message quoting another chat), not a
-    header. Under data.date_format every unreadable one is an error: a format that read the first dates but not a
-    later one (month and day swapped, "Sept" for "%b") had glued the rest of the chat into one message.
+    After the first message a line whose date does not read is text (a message quoting another chat, an itinerary's
+    "Day 1, 09:00 - Arrival"), not a header; but under data.date_format one shaped as the dates read so far is an
+    error: a format that read the first dates but not a later one (month and day swapped, "Sept" for "%b") had
+    glued the rest of the chat into one message.
     """
     if cfg.date_format:
         try:
             datetime.strptime(text, cfg.date_format)
             return True
         except ValueError:
+            if first is not None and _shape(text) != _shape(first):
+                return False
             raise PipelineError(f"{where}: the date '{text}' does not match data.date_format "
-                                f"'{cfg.date_format}'{' (the lines before matched it)' if seen_header else ''}; set "
+                                f"'{cfg.date_format}'{' (the lines before matched it)' if first else ''}; set "
                                 "data.date_format to the strptime format of the date part, or null to detect a "
                                 "numeric date") from None
     if NUMERIC_DATE.fullmatch(text):
         return True
-    if seen_header:
+    if first is not None:
         return False
     raise PipelineError(f"{where}: cannot read the date '{text}' of this message line; set data.date_format "
                         "to its strptime format (e.g. '%b %d, %Y' for 'Dec 31, 2023', '%Y年%m月%d日')")
+
+
+def _shape(date: str) -> str:
+    """A date's shape: runs of digits 9, of letters a ("31 Aug 2023" and "1 Sept 2023": "9 a 9"; "Day 1": "a 9")."""
+    return re.sub(r"[^\W\d_]+", "a", re.sub(r"\d+", "9", date))
 
 
 # ------------------------------------------------------------------------ dates and times
@@ -329,22 +339,24 @@ def _message(header: _Header, stamp: datetime, where: str, counts: ExportCounts)
     if reason:
         counts.removed[reason] += 1
         return None
-    speaker = clean_name(sender)  # "~ Carol": a member not in the phone's contacts (read_chat's _contact_names)
-    if not NON_CONTACT.sub("", speaker) or not text.strip():
-        counts.rejected["no_sender" if not NON_CONTACT.sub("", speaker) else "empty_text"] += 1
+    written = clean_name(sender)
+    speaker = NON_CONTACT.sub("", written)  # "~ Carol": a member not in the phone's contacts (contact_names)
+    if not speaker or not text.strip():
+        counts.rejected["no_sender" if not speaker else "empty_text"] += 1
         return None
-    return ExportMessage(speaker=speaker, text=text, time=stamp, where=where)
+    return ExportMessage(speaker=speaker, text=text, time=stamp, where=where, non_contact=written != speaker)
 
 
-def _contact_names(messages: list[ExportMessage]) -> None:
+def contact_names(threads: list[Thread]) -> None:
     """A member not in the phone's contacts is written "~ Carol", by the name she gave herself: she is Carol, unless
-    a contact named Carol writes in the chat too. Then they are two people, and "~ Carol" stays apart (one name
-    made them one speaker, and split.persona learned the stranger's words as the contact's)."""
-    contacts = {m.speaker for m in messages if not NON_CONTACT.match(m.speaker)}
+    a contact named Carol writes in the export too (this chat or another: speakers are joined by name across
+    chats). Then they are two people, and the stranger is "~ Carol" (one name made them one speaker, and
+    split.persona learned the stranger's words as the contact's). Run per file and again over the whole export."""
+    messages = [m for thread in threads for m in thread.messages]
+    contacts = {m.speaker for m in messages if not m.non_contact}
     for message in messages:
         bare = NON_CONTACT.sub("", message.speaker)
-        if bare not in contacts:
-            message.speaker = bare
+        message.speaker = f"~ {bare}" if message.non_contact and bare in contacts else bare
 
 
 def _sender_and_text(rest: str) -> tuple[str, str] | None:
