@@ -315,7 +315,9 @@ def test_pairs_ids_must_be_unique_and_null_ids_are_counted(tmp_path, params_fact
 
 def test_hub_dataset_needs_a_pinned_revision(params_factory):
     params = params_factory({"data.source": "hf", "data.hf.path": "someone/chats", **CHAT_FIELDS})
-    with pytest.raises(PipelineError, match=r"data\.hf\.revision: hub data set someone/chats needs a pinned revision"):
+    with pytest.raises(PipelineError, match=r"data\.hf\.revision: hub data set someone/chats needs a pinned revision"
+                                            r".*; if data\.hf\.path names a folder here, there is none: someone/chats "
+                                            r"does not exist"):  # a local folder's typo was told to pin a revision
         fetch(params.data)
 
 

@@ -205,8 +205,10 @@ def _hf_rows(cfg: DataConfig) -> RawSource:
 
     hub = cfg.hf
     if not Path(hub.path).exists() and not hub.revision:
+        # A typo in a local folder's path reads as a hub id: say so, or the user pins a revision of nothing.
         raise PipelineError(f"data.hf.revision: hub data set {hub.path} needs a pinned revision (a commit sha or tag) "
-                            "so the same params always read the same data")
+                            "so the same params always read the same data; if data.hf.path names a folder here, "
+                            f"there is none: {hub.path} does not exist")
     try:
         dataset = datasets.load_dataset(hub.path, hub.name, revision=hub.revision, split=hub.split)
     except Exception as err:  # datasets raises many types: missing split, no network, bad folder
