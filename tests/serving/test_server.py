@@ -179,6 +179,9 @@ def test_sse_wire_format_ends_with_done(url):
     ({"model": "alice", "messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}, 400,
      "invalid_value", "stop"),
     ({"messages": [{"role": "user", "content": "hi"}]}, 400, "invalid_value", "model"),
+    # as OpenAI refuses them (an empty list of parts generated from an empty turn; a number was taken as user)
+    ({"model": "alice", "messages": [{"role": "user", "content": []}]}, 400, "invalid_value", "messages.0.content"),
+    ({"model": "alice", "messages": [{"role": "user", "content": "hi"}], "user": 5}, 400, "invalid_value", "user"),
     # keys that would change the answer, which this server does not do: refused, not ignored
     *[({"model": "alice", "messages": [{"role": "user", "content": "hi"}], key: value}, 400, "unsupported_value", key)
       for key, value in (("response_format", {"type": "json_object"}),

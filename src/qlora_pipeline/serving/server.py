@@ -128,7 +128,7 @@ class Message(BaseModel):
     model_config = STRICT
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[Text, list[TextPart]]
+    content: Union[Text, Annotated[list[TextPart], Field(min_length=1)]]  # [] is no turn (OpenAI refuses it)
     name: Optional[Text] = None
 
     def as_turn(self) -> dict:
@@ -177,6 +177,7 @@ class ChatCompletionRequest(BaseModel):
     tool_choice: Optional[Any] = None
     functions: Optional[list[Any]] = None
     function_call: Optional[Any] = None
+    user: Optional[Text] = None  # OpenAI's end-user id: ignored here, but a string as there
 
 
 class LoadAdapterRequest(BaseModel):
