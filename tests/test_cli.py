@@ -41,6 +41,8 @@ BAD_MODEL_LINES = [
     (["chat", "--adapter", "alice=.", "--use", "carol"],
      "error: --use carol: no such model; the models are base, alice (add an adapter with --adapter NAME=SOURCE)"),
     (["serve", "--adapter", "base=."], "error: --adapter 'base=.': 'base' is reserved for the base model"),
+    (["serve", "--adapter", "Base=."], "error: --adapter 'Base=.': 'Base' is reserved for the base model"),
+    (["serve", "--adapter", "unknown=."], "error: --adapter 'unknown=.': 'unknown' is reserved: /metrics counts"),
     (["serve", "--adapter", "a=.", "--adapter", "a=src"], "error: --adapter: the name 'a' is given twice (. and src)"),
     (["serve", "--adapter", "no such name=."], "error: --adapter 'no such name=.': adapter name 'no such name' must be"),
     (["export", "--adapter", "ghost", "--out", "x"], "error: ghost: no such adapter folder"),

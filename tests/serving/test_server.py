@@ -305,8 +305,9 @@ def test_runtime_load_and_unload_with_path_checks(url, roots, persona):
     assert link.status_code == 403  # a link inside the root pointing out of it
     linked = post("load_lora_adapter", {"lora_name": "carol", "lora_path": str(roots / "allowed" / "linked")})
     assert linked.status_code == 403 and "adapter_config.json" in linked.json()["error"]["message"]  # was 200
-    assert post("load_lora_adapter", {"lora_name": "base", "lora_path": str(roots / "allowed" / "carol")}
-                ).status_code == 400
+    for reserved in ("base", "BASE", "unknown"):  # "BASE" loaded beside base; "unknown" is /metrics' other models
+        assert post("load_lora_adapter", {"lora_name": reserved, "lora_path": str(roots / "allowed" / "carol")}
+                    ).status_code == 400
     loaded = post("load_lora_adapter", {"lora_name": "carol", "lora_path": str(roots / "allowed" / "carol")})
     assert loaded.status_code == 200, loaded.text
     try:

@@ -17,8 +17,9 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily
 
+from qlora_pipeline.serving.specs import UNKNOWN_MODEL
+
 PREFIX = "qlora_pipeline:"
-UNKNOWN_MODEL = "unknown"  # the model label of requests for a model this server does not serve
 # Seconds: a 135M model on a laptop CPU answers its first token in 0.05-2 s, a loaded one later.
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
@@ -76,8 +77,6 @@ class ServerMetrics:
     def forget(self, model: str) -> None:
         """An unloaded adapter's series go with it: loading, using and unloading new names grew the label set, and
         the scrape, without bound. Loaded again, it counts from 0 (a counter reset, as after a restart)."""
-        if model == UNKNOWN_MODEL:  # an adapter named "unknown" shares the label of every model not served: kept
-            return
         for status in self.statuses.pop(model, ()):
             self.requests.remove(model, status)
 

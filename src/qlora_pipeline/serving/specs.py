@@ -19,6 +19,7 @@ BASE = "base"
 # PEFT's name for "no adapter" in a mixed batch: stacked_lora.PEFT_BASE, which imports torch (tests/test_cli.py
 # holds the two equal).
 PEFT_BASE = "__base__"
+UNKNOWN_MODEL = "unknown"  # the model label of requests for a model this server does not serve (/metrics)
 RUN_URI = "runs:/"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -46,8 +47,12 @@ def _default_name(source: str) -> str:
 
 
 def check_name(name: str, where: str) -> None:
-    if name == BASE or name == PEFT_BASE:
+    # In any case: "Base" beside "base" in /v1/models read as the base model twice
+    if name.casefold() in (BASE, PEFT_BASE):
         raise PipelineError(f"{where}: '{name}' is reserved for the base model with no adapter; choose another name")
+    if name == UNKNOWN_MODEL:  # its requests would be counted with those for models not served
+        raise PipelineError(f"{where}: '{name}' is reserved: /metrics counts requests for models not served under it; "
+                            "choose another name")
     if not _NAME.match(name):
         raise PipelineError(f"{where}: adapter name {name!r} must be 1-64 letters, digits, '.', '_' or '-'")
 
