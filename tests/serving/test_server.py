@@ -112,6 +112,12 @@ def metric(text: str, name: str, labels: str = "") -> float:
     return float(found.group(1)) if found else 0.0
 
 
+def answered(url: str, model: str, status: int) -> float:
+    """How many completion requests for ``model`` the server at ``url`` counts as answered ``status``."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return metric(text, "qlora_pipeline:requests_total", f'model="{model}",status="{status}"')
+
+
 def client(url, key="unused"):
     from openai import OpenAI
 
@@ -380,10 +386,7 @@ def test_a_body_that_stops_coming_is_answered_408(url):
 
 def test_every_completion_request_is_counted_by_the_status_it_got(url, monkeypatch):
     """Refusals before the route ran (a body not JSON, a bad field, one too large) were never counted."""
-    def count(model: str, status: int) -> float:
-        text = httpx.get(f"{url}/metrics", timeout=30).text
-        return metric(text, "qlora_pipeline:requests_total", f'model="{model}",status="{status}"')
-
+    count = functools.partial(answered, url)
     before = {key: count(*key) for key in (("unknown", 400), ("unknown", 413), ("alice", 200), ("alice", 400))}
     post = functools.partial(httpx.post, f"{url}/v1/chat/completions", timeout=60)
     assert post(content=b"{not json", headers={"content-type": "application/json"}).status_code == 400
@@ -411,10 +414,7 @@ def test_every_completion_request_is_counted_by_the_status_it_got(url, monkeypat
 def test_a_client_that_leaves_before_its_answer_stops_its_rows_and_is_counted_499(url, persona, engine):
     """A request whose client closed the connection decoded on to its limit, holding a place in the batch, and was
     counted as answered 200."""
-    def gone() -> float:
-        text = httpx.get(f"{url}/metrics", timeout=30).text
-        return metric(text, "qlora_pipeline:requests_total", 'model="alice",status="499"')
-
+    gone = functools.partial(answered, url, "alice", 499)
     before, generated = gone(), engine.stats.generated_tokens
     body = {"model": "alice", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 64,
             "logit_bias": {str(persona.tokenizer.convert_tokens_to_ids("<|im_end|>")): -100}}
@@ -462,13 +462,10 @@ def test_runtime_loads_stop_at_max_adapters_and_an_unloaded_adapter_leaves_no_me
 
 def test_a_stream_its_client_leaves_is_counted_499_and_one_read_to_its_end_200(url, persona):
     """A stream left midway was counted 200 (its status line had gone out), where docs/serving.md says 499."""
-    def count(status: int) -> float:
-        return metric(httpx.get(f"{url}/metrics", timeout=30).text, "qlora_pipeline:requests_total",
-                      f'model="alice",status="{status}"')
-
+    count = functools.partial(answered, url, "alice")
     body = {"model": "alice", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 64, "stream": True,
             "logit_bias": {str(persona.tokenizer.convert_tokens_to_ids("<|im_end|>")): -100}}
-    gone, answered = count(499), count(200)
+    gone, served = count(499), count(200)
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as response:
         assert response.status_code == 200
         for number, _ in enumerate(response.iter_lines()):
@@ -481,10 +478,10 @@ def test_a_stream_its_client_leaves_is_counted_499_and_one_read_to_its_end_200(u
             time.sleep(0.1)
     finally:
         persona.lock.release()
-    assert (count(499), count(200)) == (gone + 1, answered)
+    assert (count(499), count(200)) == (gone + 1, served)
     with httpx.stream("POST", f"{url}/v1/chat/completions", json={**body, "max_tokens": 4}, timeout=60) as response:
         assert [line for line in response.iter_lines() if line.startswith("data: ")][-1] == "data: [DONE]"
-    assert (count(499), count(200)) == (gone + 1, answered + 1)
+    assert (count(499), count(200)) == (gone + 1, served + 1)
 
 
 def test_routes_an_openai_client_and_a_load_balancer_expect(url):

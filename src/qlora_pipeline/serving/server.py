@@ -327,15 +327,14 @@ def create_app(persona: PersonaModel, engine: Engine, settings: Settings) -> Fas
                 print(f"serve: {body.lora_name}: {err}; it decodes by the params' chat section", file=sys.stderr)
             try:
                 await asyncio.to_thread(persona.load_adapter, AdapterSpec(body.lora_name, str(folder)))
-            except PipelineError as err:
+            except Exception as err:
                 settings.defaults.own.pop(body.lora_name, None)  # the decoding of an adapter not loaded
-                raise APIError(400, client_message(err, folder, body.lora_path, persona), param="lora_path",
-                               code="invalid_adapter") from None
-            except Exception as err:  # PEFT on a folder it cannot read (a config value of the wrong type, ...)
-                settings.defaults.own.pop(body.lora_name, None)
-                raise APIError(400, f"lora_path {shown(body.lora_path)}: PEFT could not load this adapter "
-                                    f"({type(err).__name__}); check its adapter_config.json, or copy the folder again "
-                                    "from training", param="lora_path", code="invalid_adapter") from None
+                # PipelineError: ours, told with the client's path; else PEFT on a folder it cannot read (a config
+                # value of the wrong type, ...)
+                message = client_message(err, folder, body.lora_path, persona) if isinstance(err, PipelineError) else (
+                    f"lora_path {shown(body.lora_path)}: PEFT could not load this adapter ({type(err).__name__}); "
+                    "check its adapter_config.json, or copy the folder again from training")
+                raise APIError(400, message, param="lora_path", code="invalid_adapter") from None
             return {"object": "adapter", "id": body.lora_name, "status": "loaded", "models": persona.names}
 
     @app.post("/v1/unload_lora_adapter")
@@ -421,7 +420,7 @@ class CountCompletions:
             await self.app(scope, receive, send)
             return
         status: int | None = None
-        ended = fault = False
+        ended = False
 
         async def counted(message: dict) -> None:
             nonlocal status, ended
@@ -431,16 +430,15 @@ class CountCompletions:
                 ended = True
             await send(message)
 
+        code = CLIENT_GONE  # no answer, or a stream its client left (its status line had gone out, not its end)
         try:
             await self.app(scope, receive, counted)
         except Exception:  # a fault of ours: Starlette's outermost middleware answers it 500, after this one
-            fault = True
+            code = 500
             raise
         finally:
-            # A stream its client left: its status line had gone out (200), its answer had not.
-            gone = status is None or not ended
             self.metrics.answered(scope.get("state", {}).get("model", ""),
-                                  (500 if gone else status) if fault else CLIENT_GONE if gone else status)
+                                  status if status is not None and ended else code)
 
 
 def _require_runtime(settings: Settings) -> None:
@@ -456,6 +454,7 @@ def shown(text: str, limit: int = 200) -> str:
 
 def allowed_adapter_folder(settings: Settings, path: str) -> Path:
     """``path`` resolved (links followed), refused unless it lies under an ``--adapter-root``."""
+    sent = shown(path)
     try:  # a NUL byte, a name too long, a link loop: the client's path, not our fault
         # "~" is the server's own home; "~name" is not expanded: "no such user" against 403 told which users exist.
         folder = (Path(path).expanduser() if path == "~" or path.startswith("~/") else Path(path)).resolve()
@@ -465,23 +464,23 @@ def allowed_adapter_folder(settings: Settings, path: str) -> Path:
     except (ValueError, RuntimeError, OSError) as err:  # named without the server's paths its text holds
         why = err.strerror if isinstance(err, OSError) and err.strerror else (
             "a symbolic link loop" if isinstance(err, RuntimeError) else str(err))
-        raise APIError(400, f"lora_path {shown(path)!r} is not a usable path ({why})", param="lora_path",
+        raise APIError(400, f"lora_path {sent!r} is not a usable path ({why})", param="lora_path",
                        code="invalid_adapter") from None
     if not inside:
-        raise APIError(403, f"lora_path {shown(path)} is outside the allowed adapter roots; start the server with "
+        raise APIError(403, f"lora_path {sent} is outside the allowed adapter roots; start the server with "
                             "--adapter-root for its folder", type_="permission_error", param="lora_path",
                        code="path_not_allowed")
     if not is_dir:
-        raise APIError(400, f"lora_path {shown(path)}: no such folder", param="lora_path", code="invalid_adapter")
+        raise APIError(400, f"lora_path {sent}: no such folder", param="lora_path", code="invalid_adapter")
     # The folder is inside; each file read from it must be too: a link inside the folder led out of the roots.
     try:
         out = sorted(entry.name for entry in folder.iterdir()
                      if not any(entry.resolve().is_relative_to(root) for root in roots))
     except (RuntimeError, OSError) as err:  # a link loop, a folder it may not read
-        raise APIError(400, f"lora_path {shown(path)} is not a usable folder ({type(err).__name__})", param="lora_path",
+        raise APIError(400, f"lora_path {sent} is not a usable folder ({type(err).__name__})", param="lora_path",
                        code="invalid_adapter") from None
     if out:
-        raise APIError(403, f"lora_path {shown(path)}: {', '.join(out)} link(s) outside the allowed adapter roots",
+        raise APIError(403, f"lora_path {sent}: {', '.join(out)} link(s) outside the allowed adapter roots",
                        type_="permission_error", param="lora_path", code="path_not_allowed")
     return folder
 
@@ -575,8 +574,8 @@ def build_jobs(persona: PersonaModel, settings: Settings, body: ChatCompletionRe
         raise APIError(400, "stop: up to 4 non-empty strings", param="stop", code="invalid_value")
     messages = with_system_prompt([m.as_turn() for m in body.messages], persona.system_prompt(body.model))
     ids = prompt_ids(persona.tokenizer, messages)
-    max_tokens = _max_tokens(persona, settings, body, len(ids))
     defaults = settings.defaults.of(body.model)
+    max_tokens = _max_tokens(persona, settings, body, len(ids), defaults.max_new_tokens)
     sampling = Sampling(temperature=defaults.temperature if body.temperature is None else body.temperature,
                         top_p=defaults.top_p if body.top_p is None else body.top_p, seed=body.seed,
                         top_k=None if body.top_k is None else max(body.top_k, 0),
@@ -635,14 +634,17 @@ def refuse_unsupported(body: ChatCompletionRequest) -> None:
                            code="unsupported_value")
 
 
-def _max_tokens(persona: PersonaModel, settings: Settings, body: ChatCompletionRequest, prompt_tokens: int) -> int:
+def _max_tokens(persona: PersonaModel, settings: Settings, body: ChatCompletionRequest, prompt_tokens: int,
+                default: int) -> int:
+    """The reply's token limit: the one asked, else ``default`` (the model's decoding defaults'), as far as the
+    context allows."""
     context = settings.max_context or persona.context_length
     if prompt_tokens >= context:
         raise APIError(400, f"the messages take {prompt_tokens} tokens; this model's context is {context} tokens",
                        param="messages", code="context_length_exceeded")
     asked = body.max_completion_tokens or body.max_tokens
-    if asked is None:  # the chat default, as far as the context allows
-        return min(settings.defaults.of(body.model).max_new_tokens, settings.max_tokens_limit, context - prompt_tokens)
+    if asked is None:
+        return min(default, settings.max_tokens_limit, context - prompt_tokens)
     if asked > settings.max_tokens_limit:
         field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"  # the one the client sent
         raise APIError(400, f"{field} {asked} is above this server's limit {settings.max_tokens_limit}",
