@@ -75,8 +75,8 @@ def test_pairs_become_user_assistant_conversations(fmt, tmp_path, params_factory
     ]
 
 
-def chat(*turns, **extra) -> dict:
-    return {"messages": [{"role": role, "content": content} for role, content in turns], **extra}
+def chat(*turns) -> dict:
+    return {"messages": [{"role": role, "content": content} for role, content in turns]}
 
 
 MESSAGE_ROWS = [
@@ -113,27 +113,6 @@ def test_message_lists_become_conversations_between_the_roles(tmp_path, params_f
     with pytest.raises(PipelineError, match=r"chats\.jsonl:1: missing field 'conversation_id' .*a column of \{role, "
                                             r"content\} lists \('messages'\) is read with data\.shape: messages"):
         fetch(params_factory({"data.source": "jsonl", "data.path": str(path)}).data)
-
-
-def test_message_lists_through_the_data_stages_learn_the_assistant(tmp_path, params_factory, monkeypatch):
-    from qlora_pipeline.pipeline.clean import run_clean
-    from qlora_pipeline.pipeline.fetch import run_fetch
-    from qlora_pipeline.pipeline.split import run_split
-
-    monkeypatch.setenv("QLORA_PIPELINE_RUN_KEY", "test-execution")
-    rows = [chat(("user", f"question {i}: how was day {i}?"), ("assistant", f"day {i} was fine, thanks"),
-                 id=f"c{i}") for i in range(30)]
-    path = write_rows(tmp_path / "chats.jsonl", rows, "jsonl")
-    params = params_factory({"data.source": "jsonl", "data.path": str(path), "data.shape": "messages",
-                             "data.fields.id": "id"})
-    run_fetch(params, tmp_path / "raw")
-    run_clean(params, tmp_path / "raw", tmp_path / "clean", tmp_path / "metrics/clean.json")
-    metrics = run_split(params, tmp_path / "clean", tmp_path / "splits", tmp_path / "metrics/split.json",
-                        tmp_path / "canaries.json")
-    assert metrics["persona"] == "assistant"
-    assert sum(metrics[name]["examples"] for name in ("train", "val", "test")) == 30
-    example = json.loads((tmp_path / "splits" / "train.jsonl").read_text().splitlines()[0])
-    assert example["target"].startswith("day ") and example["messages"][-1]["content"].startswith("question ")
 
 
 @pytest.mark.parametrize("shape", ["chat_log", "pairs"])

@@ -99,6 +99,22 @@ def test_clean_to_nothing_fails_and_leaves_no_output(chat_params, tmp_path):
     assert ": 0" not in str(err.value)  # counts that are zero are left out
 
 
+def test_message_lists_through_the_data_stages_learn_the_assistant(tmp_path, params_factory, monkeypatch):
+    """data.shape: messages (OpenAI's chat fine-tuning format): the assistant is the persona split learns."""
+    monkeypatch.setenv("QLORA_PIPELINE_RUN_KEY", "test-execution")
+    rows = [{"id": f"c{i}", "messages": [{"role": "user", "content": f"question {i}: how was day {i}?"},
+                                         {"role": "assistant", "content": f"day {i} was fine, thanks"}]}
+            for i in range(30)]
+    path = write_chat_jsonl(tmp_path / "chats.jsonl", rows)
+    params = params_factory({"data.source": "jsonl", "data.path": str(path), "data.shape": "messages",
+                             "data.fields.id": "id"})
+    metrics = run_all(params, tmp_path)
+    assert metrics["persona"] == "assistant"
+    assert sum(metrics[name]["examples"] for name in ("train", "val", "test")) == 30
+    example = json.loads((tmp_path / "splits" / "train.jsonl").read_text().splitlines()[0])
+    assert example["target"].startswith("day ") and example["messages"][-1]["content"].startswith("question ")
+
+
 def test_an_export_cut_after_every_message_names_the_session_gap(params_factory, tmp_path, monkeypatch):
     """Replies five hours apart: the export was cut into one-message conversations, and clean named only
     clean.min_messages, then clean.min_speakers, and split the skipped opening turns: never the gap."""
