@@ -7,8 +7,10 @@ params override, in a kernel of this environment.
 
 from __future__ import annotations
 
+import ast
 import base64
 import json
+import re
 from pathlib import Path
 
 import nbformat
@@ -110,9 +112,16 @@ def test_plot_cell_draws_the_loss_curves(executed):
 
 @pytest.mark.slow
 def test_chat_cell_prints_a_tuned_reply_per_prompt(executed):
-    _, nb = executed
+    repo, nb = executed
     lines = text_of(tagged(nb, "chat")).splitlines()
     prompts = [line.removeprefix("you:").strip() for line in lines if line.startswith("you:")]
     replies = [line.removeprefix("tuned:").strip() for line in lines if line.startswith("tuned:")]
     assert len(prompts) >= 2 and all(prompts)
     assert len(replies) == len(prompts) and all(replies), replies
+    # Decoded as chat decodes (the setting choose-decoding picked), within evaluate's limit (TINY_RUN's 8 tokens:
+    # a word is at least one token), not greedy to a limit of the cell's own.
+    chosen = json.loads((repo / "reports/decoding.json").read_text())["chosen"]
+    (shown,) = [line for line in lines if line.startswith("decoding: ")]
+    setting, limit = re.fullmatch(r"decoding: (\{.*\}), at most (\d+) tokens", shown).groups()
+    assert ast.literal_eval(setting) == chosen and limit == "8"
+    assert all(len(reply.split()) <= 8 for reply in replies), replies
