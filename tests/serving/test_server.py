@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gzip
 import json
 import re
 import shutil
@@ -282,6 +283,18 @@ def test_bad_json_and_oversized_bodies(url):
                           headers={"content-type": "application/json"})
     assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large", response.text
     assert "--max-body-bytes" in response.json()["error"]["message"]
+    # a compressed body: gzip's was read as JSON and called not valid JSON, brotli's the same
+    body = json.dumps({"model": "alice", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}).encode()
+    for coding, content in (("gzip", gzip.compress(body)), ("br", b"\x8b\x02\x80"), ("GZIP, identity", body)):
+        response = httpx.post(f"{url}/v1/chat/completions", content=content, timeout=30,
+                              headers={"content-type": "application/json", "content-encoding": coding})
+        error = response.json()["error"]
+        assert response.status_code == 415 and error["code"] == "unsupported_content_encoding", response.text
+        assert coding in error["message"] and "without a Content-Encoding header" in error["message"]
+    for coding in ("identity", "Identity"):  # no coding at all, as RFC 9110 names it
+        response = httpx.post(f"{url}/v1/chat/completions", content=body, timeout=60,
+                              headers={"content-type": "application/json", "content-encoding": coding})
+        assert response.status_code == 200, response.text
     assert httpx.get(f"{url}/v1/nothing", timeout=30).json()["error"]["code"] == "not_found"
 
 

@@ -906,9 +906,10 @@ async def stream_completion(engine: Engine, jobs: list[Job], meta: Meta, body: C
 
 
 class BodyLimit:
-    """Refuse request bodies over ``limit`` bytes (declared or streamed) with 413, and bodies not in within ``seconds``
-    of the headers with 408 (a client that sent part of one and waited held a connection as long as it liked), before
-    anything parses them."""
+    """Refuse request bodies over ``limit`` bytes (declared or streamed) with 413, bodies not in within ``seconds``
+    of the headers with 408 (a client that sent part of one and waited held a connection as long as it liked), and
+    bodies in a content coding with 415 (a gzip body was read as JSON and called not valid JSON; a brotli one the
+    same), before anything parses them."""
 
     def __init__(self, app: Any, limit: int, seconds: float):
         self.app, self.limit, self.seconds = app, limit, seconds
@@ -917,9 +918,13 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope.get("headers") or []).get(b"content-length")
+        headers = dict(scope.get("headers") or [])
+        declared, coding = headers.get(b"content-length"), headers.get(b"content-encoding", b"identity")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             await BodyTooLarge(self.limit).response()(scope, receive, send)
+            return
+        if coding.strip().lower() not in (b"identity", b""):
+            await BodyEncoded(coding.decode("latin-1")).response()(scope, receive, send)
             return
         received, complete, deadline = 0, False, time.monotonic() + self.seconds
 
@@ -961,6 +966,14 @@ class BodyTooLarge(BodyRefused):
 
     def __init__(self, limit: int):
         super().__init__(413, f"the request body is over this server's limit of {limit} bytes (--max-body-bytes)")
+
+
+class BodyEncoded(BodyRefused):
+    code = "unsupported_content_encoding"
+
+    def __init__(self, coding: str):
+        super().__init__(415, f"Content-Encoding {shown(coding)!r}: this server reads bodies uncompressed; send the "
+                              f"body as it is, without a Content-Encoding header")
 
 
 class BodyTooSlow(BodyRefused):
