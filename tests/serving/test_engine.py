@@ -56,6 +56,23 @@ def test_adapter_specs_are_parsed_and_checked():
         parse_adapter_spec("a b=one")
 
 
+def test_a_bare_source_whose_folder_name_is_reserved_says_where_the_name_came_from(tmp_path, small_base):
+    """`--adapter models/base`: "'base' is reserved ... choose another name", for a name the user never gave."""
+    adapter = tmp_path / "base"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    with pytest.raises(PipelineError) as refused:
+        parse_adapter_spec(str(adapter))
+    assert f"(the name is the folder's: give one with NAME={adapter})" in str(refused.value)
+    assert "no adapter_config.json" not in str(refused.value)
+    with pytest.raises(PipelineError) as refused:  # the base model itself, passed as an adapter
+        parse_adapter_spec(str(small_base))
+    assert f"{small_base} holds no adapter_config.json, so it is no adapter" in str(refused.value)
+    with pytest.raises(PipelineError) as refused:
+        parse_adapter_spec(f"base={adapter}")
+    assert "the name is the folder's" not in str(refused.value)
+
+
 def test_a_jobs_top_k_of_0_is_off_and_only_an_unset_one_takes_the_default(persona):
     # chat's `/set top_k=0` fell back to the default of 50 (0 read as unset); the server's top_k -1/0 is 0 here
     engine = Engine(persona, ChatConfig(top_k=50))

@@ -32,6 +32,19 @@ def test_each_feature_vllm_refuses_is_named_with_its_param(change, says):
     assert len(found) == 1 and says in found[0]
 
 
+@pytest.mark.parametrize("change, says", [
+    ({"r": "sixteen"}, "r 'sixteen'"), ({"r": None}, "r None"), ({"r": [16]}, "r [16]"), ({"r": -4}, "r -4"),
+    ({"r": 0}, "r 0"), ({"r": 16.7}, "r 16.7"), ({"r": True}, "r True"),
+    ({"rank_pattern": {"q_proj": "8"}}, "rank_pattern['q_proj'] '8'"), ({"rank_pattern": [8]}, "rank_pattern [8]"),
+])
+def test_a_damaged_rank_is_named_not_read_as_a_number(change, says):
+    """A traceback for "sixteen", null or [16]; a --max-lora-rank of 1 for -4 and 0, and of 16 for 16.7."""
+    (found,) = vllm.problems({**GOOD, **change})
+    assert found.startswith(says), found
+    assert ("a whole number >= 1" in found) != ("a mapping" in found), found
+    assert "adapter_config.json is damaged" in found
+
+
 @pytest.mark.parametrize("rank, flag", [(1, 1), (4, 8), (8, 8), (16, 16), (17, 32), (300, 320), (512, 512)])
 def test_the_command_asks_for_the_smallest_max_lora_rank_that_fits(rank, flag):
     assert vllm.max_lora_rank({**GOOD, "r": rank}) == flag

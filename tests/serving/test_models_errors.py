@@ -199,9 +199,9 @@ def no_export_load(monkeypatch):
     monkeypatch.setattr(export, "load_base_for", refuse)
 
 
-def _export(adapter: Path, out: Path, base: Path, tmp_path: Path) -> int:
+def _export(adapter: Path, out: Path, base: Path, tmp_path: Path, rows: tuple[dict, ...] = (ROW,)) -> int:
     test = tmp_path / "test.jsonl"
-    test.write_text(json.dumps(ROW) + "\n")
+    test.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return cli.main(["export", "--adapter", str(adapter), "--out", str(out), "--base", str(base), "--test", str(test),
                      "--params", str(default_params_file(tmp_path))])
 
@@ -218,12 +218,51 @@ def test_export_to_an_out_inside_a_file_fails_before_the_merge(persona_adapters,
     assert (tmp_path / "a-file").read_text() == "mine"
 
 
+@pytest.mark.parametrize("row, says", [
+    ({"messages": [{"role": "user", "content": 123}], "target": "yo"},
+     "messages[0] needs a 'role' (system, user, assistant) and a text 'content', not "
+     '{"role": "user", "content": 123}'),
+    ({"messages": [{"role": "robot"}], "target": "yo"}, 'messages[0] needs a \'role\''),
+    ({"messages": [ROW["messages"][0], "hi"], "target": "yo"}, 'messages[1] needs a \'role\''),
+    ({"messages": [], "target": ""}, "'messages' is empty"),  # was blamed on the model's chat template
+    ({"messages": ROW["messages"]}, "a test row needs 'messages'"),
+])
+def test_a_malformed_test_row_is_named_by_its_line_before_the_base_loads(persona_adapters, quantized_base, tmp_path,
+                                                                        no_export_load, capsys, row, says):
+    """A TypeError or jinja2's UndefinedError from the chat template, after the base had loaded, where a row was bad."""
+    out = tmp_path / "merged"
+    assert _export(persona_adapters["alice"], out, quantized_base, tmp_path, (ROW, row)) == 1
+    err = capsys.readouterr().err
+    assert f"error: {tmp_path / 'test.jsonl'}:2: {says}" in err and "as the split stage writes them" in err, err
+    assert "Traceback" not in err and not out.exists()
+
+
+def test_export_into_its_own_adapter_or_base_is_refused_before_anything_loads(adapter, quantized_base, tmp_path,
+                                                                              no_export_load, capsys):
+    """A 269 MB merged model was written into the adapter's folder (a DVC output, the folder a server loads)."""
+    for out, flag, folder in ((adapter / "merged", "--adapter", adapter),
+                              (quantized_base / "x" / "merged", "--base", quantized_base)):
+        assert _export(adapter, out, quantized_base, tmp_path) == 1
+        err = capsys.readouterr().err
+        assert f"error: --out {out} is inside {flag} {folder}" in err and "choose an --out outside it" in err, err
+        assert not (adapter / "merged").exists() and not (quantized_base / "x").exists()
+
+
+def test_export_to_an_out_where_nothing_can_be_made_fails_before_the_merge(adapter, quantized_base, tmp_path,
+                                                                           no_export_load, capsys):
+    """/proc passes os.access for root, and the save failed after the merge with a traceback from mkdtemp."""
+    assert _export(adapter, Path("/proc/merged"), quantized_base, tmp_path) == 1
+    err = capsys.readouterr().err
+    assert "error: --out /proc/merged: nothing can be made in the folder /proc (" in err, err
+    assert "choose an --out in a folder you can write to" in err and "Traceback" not in err
+
+
 def test_export_to_an_out_of_new_folders_is_let_through_and_creates_nothing(tmp_path):
     from qlora_pipeline.serving.export import check_out_free
 
     out = tmp_path / "new" / "deeper" / "merged"
     check_out_free(out)
-    assert not (tmp_path / "new").exists()
+    assert not (tmp_path / "new").exists() and list(tmp_path.iterdir()) == []  # the probe of the folder is gone
 
 
 def test_export_to_an_out_it_cannot_look_into_names_out(tmp_path, monkeypatch):

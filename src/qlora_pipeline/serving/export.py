@@ -56,6 +56,7 @@ from qlora_pipeline.mlflow_store import resolve_tracking_uri
 
 REPORT = "export_report.json"
 QLORA = "qlora"
+TEST_ROW_ROLES = ("system", "user", "assistant")  # the roles the split stage writes
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 # Mantissa bits: the comparison is as coarse as the coarser of the reference and the export.
@@ -93,6 +94,7 @@ class Example:
 def main(args: Any) -> None:
     """``qlora-pipeline export``: check everything cheap first, then merge, save, verify."""
     check_out_free(args.out)
+    check_out_outside(args.out, {"--base": args.base, "--adapter": Path(parse_adapter_spec(args.adapter).source)})
     params = command_params(args.params)
     fmt = getattr(args, "format", "safetensors")
     dtype = getattr(args, "dtype", None) or "bfloat16"
@@ -149,9 +151,22 @@ def check_out_writable(out: Path) -> None:
     if not ancestor.is_dir():
         raise PipelineError(f"--out {out}: {ancestor} is a file, not a folder, so nothing can be made in it; "
                             "choose an --out in a folder")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise PipelineError(f"--out {out}: the folder {ancestor} is not writable; choose an --out in a folder "
-                            "you can write to")
+    # Made and removed, not os.access: root passes that for /proc, where the save failed after the merge's minutes.
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".probe", dir=ancestor))
+    except OSError as err:
+        raise PipelineError(f"--out {out}: nothing can be made in the folder {ancestor} ({err.strerror or err}); "
+                            "choose an --out in a folder you can write to") from None
+
+
+def check_out_outside(out: Path, inputs: dict[str, Path]) -> None:
+    """``--out`` is in none of the folders export reads: a merged model in the adapter's folder (a DVC output, the
+    folder a server loads) or the base's was written there whole."""
+    target = out.resolve()
+    for flag, folder in inputs.items():
+        if folder.is_dir() and (target == folder.resolve() or folder.resolve() in target.parents):
+            raise PipelineError(f"--out {out} is inside {flag} {folder}: export writes a new folder beside its "
+                                "inputs, never into them; choose an --out outside it (e.g. exports/persona)")
 
 
 def check_test_file(path: Path) -> None:
@@ -196,13 +211,34 @@ def read_test_rows(path: Path, cap: int, seed: int) -> list[dict]:
     """A seeded sample of at most ``cap`` rows of ``path``, each with ``messages`` and ``target``."""
     rows = []
     for number, row in read_jsonl(path):
-        if not isinstance(row.get("messages"), list) or not isinstance(row.get("target"), str):
-            raise PipelineError(f"{path}:{number}: a test row needs 'messages' (a list of chat turns) and "
-                                "'target' (the reply text), as the split stage writes them")
+        problem = row_problem(row)
+        if problem:
+            raise PipelineError(f"{path}:{number}: {problem}, as the split stage writes them")
         rows.append(row)
     if not rows:
         raise PipelineError(f"--test {path}: no rows; the export is verified on test examples")
     return cap_examples(rows, cap, seed)
+
+
+def row_problem(row: dict) -> str | None:
+    """Why a test row cannot be rendered, else None: a malformed turn gave a traceback from the chat template, or
+    a message blaming the model, after the base had loaded."""
+    messages = row.get("messages")
+    if not isinstance(messages, list) or not isinstance(row.get("target"), str):
+        return "a test row needs 'messages' (a list of chat turns) and 'target' (the reply text)"
+    if not messages:
+        return "'messages' is empty: a test row needs the turns its target replies to"
+    for index, message in enumerate(messages):
+        if not (isinstance(message, dict) and message.get("role") in TEST_ROW_ROLES
+                and isinstance(message.get("content"), str)):
+            return (f"messages[{index}] needs a 'role' ({', '.join(TEST_ROW_ROLES)}) and a text 'content', "
+                    f"not {shown_turn(message)}")
+    return None
+
+
+def shown_turn(message: Any) -> str:
+    text = json.dumps(message, ensure_ascii=False, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 # ----------------------------------------------------------------------------------------- pipeline

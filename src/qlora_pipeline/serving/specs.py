@@ -38,7 +38,17 @@ def parse_adapter_spec(text: str) -> AdapterSpec:
     name, source = name.strip(), source.strip()
     if not source:
         raise PipelineError(f"--adapter {text!r}: no source; give NAME=FOLDER or NAME=runs:/<run_id>/adapter")
-    check_name(name, f"--adapter {text!r}")
+    try:
+        check_name(name, f"--adapter {text!r}")
+    except PipelineError as err:
+        if sep:
+            raise
+        # No name was given: say where this one came from, and what a folder named "base" may really be.
+        folder = Path(source)
+        not_adapter = folder.is_dir() and not (folder / "adapter_config.json").is_file()
+        raise PipelineError(f"{err} (the name is the folder's: give one with NAME={source})" + (
+            f"; {source} holds no adapter_config.json, so it is no adapter: the base is served without --adapter, "
+            "as 'base'" if not_adapter else "")) from None
     return AdapterSpec(name, source)
 
 

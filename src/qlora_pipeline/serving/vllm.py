@@ -29,10 +29,14 @@ MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 # dropped from vLLM's LoRA support along with its extra vocabulary).
 UNSUPPORTED_TARGETS = ("embed_tokens", "lm_head")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+DAMAGED = "the adapter_config.json is damaged: use the adapter folder its training run saved"
 
 
 def problems(config: dict) -> list[str]:
     """What vLLM would refuse in this adapter_config.json, each with the param that avoids it."""
+    damaged = rank_problem(config)
+    if damaged:  # the checks below read the ranks as numbers
+        return [damaged]
     found = []
     if config.get("peft_type", "LORA") != "LORA":
         found.append(f"peft_type {config.get('peft_type')}: vLLM serves LoRA adapters only")
@@ -52,6 +56,18 @@ def problems(config: dict) -> list[str]:
         found.append(f"target_modules {bad}: vLLM applies LoRA to linear layers only; drop them from "
                      "train.lora.target_modules")
     return found
+
+
+def rank_problem(config: dict) -> str | None:
+    """A rank that is not a whole number >= 1 (PEFT refuses one at load): read as a number it gave a traceback, or
+    a --max-lora-rank for a rank of 0 or -4 and a rounded one for 16.7."""
+    pattern = config.get("rank_pattern") or {}
+    if not isinstance(pattern, dict):
+        return f"rank_pattern {pattern!r}: a mapping of module names to ranks; {DAMAGED}"
+    for key, rank in [("r", config.get("r")), *((f"rank_pattern[{name!r}]", v) for name, v in pattern.items())]:
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+            return f"{key} {rank!r}: a LoRA rank is a whole number >= 1; {DAMAGED}"
+    return None
 
 
 def max_lora_rank(config: dict) -> int:
