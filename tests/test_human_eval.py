@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -575,13 +576,14 @@ def test_score_command_logs_to_the_repository_store_when_the_run_file_names_none
     assert metrics["human_eval.broken.base.rate"] == pytest.approx(1 / 3)
     assert metrics["human_eval.broken.base.ci_low"] < 1 / 3 < metrics["human_eval.broken.base.ci_high"]
 
-    # An older ratings file, without the marks: no broken metric at all (unknown, not zero).
+    # An older ratings file, without the marks: every broken metric NaN (unknown, not zero).
     second_run = client.create_run(client.get_run(run_id).info.experiment_id).info.run_id
     _write(repo / "reports/evaluate/run.json", json.dumps({"mlflow_run_id": second_run, "tracking_uri": None}))
     old = _write(repo / "old.csv", "id,choice,comment\n" + "".join(f"{row['id']},A,\n" for row in key))
     assert main(["human-eval", "score", str(old)]) == 0
     logged = client.get_run(second_run).data.metrics
-    assert "human_eval.n_rated" in logged and not [name for name in logged if ".broken" in name]
+    broken = [value for name, value in logged.items() if ".broken" in name]
+    assert "human_eval.n_rated" in logged and len(broken) == 8 and all(map(math.isnan, broken))
 
 
 def test_score_command_says_why_nothing_was_logged_where_the_run_is_not_in_the_store(tmp_path, monkeypatch, capsys):
@@ -614,3 +616,161 @@ def test_score_command_says_why_nothing_was_logged_where_the_run_is_not_in_the_s
         _write(run_file, broken)
         assert main(["human-eval", "score", str(ratings)]) == 0
         assert "run.json: no MLflow run id in it" in capsys.readouterr().out
+
+
+def test_error_unterminated_quote_names_the_line_it_starts_on(tmp_path):
+    """An opening quote never closed swallowed every later row into one comment: 2 rated, the rest "missing"."""
+    from qlora_pipeline.cli import main
+
+    key = _write(tmp_path / "key.csv", KEY_CSV)
+    rows = ["id,choice,a_broken,b_broken,comment"] + [f"q{i},A,0,0," for i in range(1, 9)]
+    rows[2] += '"too stiff'
+    ratings = tmp_path / "ratings.csv"
+    ratings.write_bytes(("\r\n".join(rows) + "\r\n").encode())
+    with pytest.raises(RatingsError, match=rf"{re.escape(str(ratings))}:3: a quoted cell starts on this line and "
+                                           r"its closing quote never comes.*Fix: close the quote on line 3"):
+        score_ratings(ratings, key)
+    assert main(["human-eval", "score", str(ratings), "--key", str(key),
+                 "--run-file", str(tmp_path / "none.json")]) == 1
+
+    # Closed on a later line by another stray quote followed by text: named from the line the cell starts on.
+    rows[6] += '"ugh'
+    ratings.write_bytes(("\r\n".join(rows) + "\r\n").encode())
+    with pytest.raises(RatingsError, match=rf"{re.escape(str(ratings))}:3: malformed CSV in the row starting on "
+                                           r"this line \(.* on line 7\)"):
+        score_ratings(ratings, key)
+
+    bad_key = _write(tmp_path / "bad_key.csv", 'id,A,B\nq1,tuned,base\nq2,"base,tuned\nq3,tuned,base\n')
+    with pytest.raises(RatingsError, match=rf"{re.escape(str(bad_key))}:3: a quoted cell starts on this line"):
+        score_ratings(_write(tmp_path / "r.csv", "id,choice\nq1,A\n"), bad_key)
+
+
+@pytest.mark.parametrize("header", ["id,choice,choice", "id,Choice, choice ,a_broken,b_broken",
+                                    "id,choice,a_broken,b_broken,A_Broken", "ID,choice,id"])
+def test_error_ratings_column_named_twice(tmp_path, header):
+    key = _write(tmp_path / "key.csv", KEY_CSV)
+    cells = len(header.split(","))
+    ratings = _write(tmp_path / "ratings.csv", f"{header}\n" + ",".join(["q1", "A"] + ["0"] * (cells - 2)) + "\n")
+    with pytest.raises(RatingsError, match=rf"{re.escape(str(ratings))}:1: column '\w+' appears 2 times in the "
+                                           r"header \(columns \d+ and \d+\)\. Fix: keep one"):
+        score_ratings(ratings, key)
+
+
+def test_error_key_column_named_twice(tmp_path):
+    ratings = _write(tmp_path / "ratings.csv", "id,choice\nq1,A\n")
+    key = _write(tmp_path / "key.csv", "id,A,B,a\nq1,tuned,base,base\n")
+    with pytest.raises(RatingsError, match=rf"{re.escape(str(key))}:1: column 'A' appears 2 times in the header "
+                                           r"\(columns 2 and 4\)"):
+        score_ratings(ratings, key)
+
+
+def test_confidence_whose_interval_has_no_finite_bound_is_refused(tmp_path, capsys):
+    """0.9999999999999999 passed (0, 1) and failed in wilson_interval with statistics' traceback."""
+    from qlora_pipeline.cli import main
+
+    key = _write(tmp_path / "key.csv", KEY_CSV)
+    ratings = _write(tmp_path / "r.csv", "id,choice\nq1,A\n")
+    with pytest.raises(SystemExit) as exit_:
+        main(["human-eval", "score", str(ratings), "--key", str(key), "--confidence", "0.9999999999999999"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "--confidence" in err and "'0.9999999999999999'" in err and "0.999" in err
+    with pytest.raises(ValueError, match="confidence"):
+        score_ratings(ratings, key, confidence=0.9999999999999999)
+    assert score_ratings(ratings, key, confidence=0.999999)["ci_high"] == 1.0
+
+
+def _scoring_repo(tmp_path, monkeypatch, run_file: dict) -> tuple[Path, Path, list[dict]]:
+    repo = tmp_path / "repo"
+    (repo / ".dvc").mkdir(parents=True, exist_ok=True)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    monkeypatch.chdir(repo)
+    key = write_sheet(NEUTRAL_SAMPLES[:3], seed=1, html_path=repo / "reports/evaluate/human_eval.html",
+                      key_path=repo / "reports/evaluate/human_eval_key.csv", title="t")
+    _write(repo / "reports/evaluate/run.json", json.dumps(run_file))
+    ratings = _write(repo / "ratings.csv", "id,choice\n" + "".join(f"{row['id']},A\n" for row in key))
+    return repo, ratings, key
+
+
+@pytest.mark.parametrize("content", [b"", bytes(range(256)) * 16, b"SQLite format 3\x00" + b"\x07" * 4000])
+def test_score_command_does_not_log_into_a_file_that_is_no_mlflow_store(tmp_path, monkeypatch, capsys, content):
+    """Random bytes were sqlalchemy's traceback after the result; a 0-byte file was made into an MLflow store."""
+    from qlora_pipeline.cli import main
+
+    store = tmp_path / "garbage.db"
+    store.write_bytes(content)
+    _, ratings, _ = _scoring_repo(tmp_path, monkeypatch, {"mlflow_run_id": "abc", "tracking_uri": f"sqlite:///{store}"})
+    assert main(["human-eval", "score", str(ratings)]) == 0
+    out = capsys.readouterr().out
+    assert '"n_rated": 3' in out
+    assert f"{store}: not an MLflow store" in out and "result not logged to run abc" in out
+    assert store.read_bytes() == content
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".garbage")]
+
+    # Another program's SQLite database: not taken over either.
+    import sqlite3
+
+    other = tmp_path / "other.db"
+    with contextlib.closing(sqlite3.connect(other)) as db:
+        db.execute("CREATE TABLE notes (body TEXT)")
+        db.commit()
+    before = other.read_bytes()
+    _write(Path("reports/evaluate/run.json"),
+           json.dumps({"mlflow_run_id": "abc", "tracking_uri": f"sqlite:///{other}"}))
+    assert main(["human-eval", "score", str(ratings)]) == 0
+    assert f"{other}: not an MLflow store (no MLflow tables in it)" in capsys.readouterr().out
+    assert other.read_bytes() == before
+
+
+def test_score_command_says_spooled_not_logged_when_the_server_is_away(tmp_path, monkeypatch, capsys):
+    from qlora_pipeline.cli import main
+
+    repo, ratings, _ = _scoring_repo(tmp_path, monkeypatch,
+                                     {"mlflow_run_id": "abc", "tracking_uri": "http://127.0.0.1:9"})
+    assert main(["human-eval", "score", str(ratings)]) == 0
+    out = capsys.readouterr().out
+    assert "logged to MLflow run" not in out
+    assert f"result kept for MLflow run abc in {repo / '.mlflow-spool'}" in out and "qlora-pipeline mlflow-sync" in out
+    spooled = [json.loads(line) for path in (repo / ".mlflow-spool").glob("*.jsonl")
+               for line in path.read_text().splitlines()]
+    assert any(op["op"] == "metrics" and "human_eval.n_rated" in op["values"] for op in spooled)
+
+
+def test_score_command_says_a_run_file_folder_is_a_folder(tmp_path, monkeypatch, capsys):
+    from qlora_pipeline.cli import main
+
+    repo, ratings, _ = _scoring_repo(tmp_path, monkeypatch, {"mlflow_run_id": "abc", "tracking_uri": None})
+    assert main(["human-eval", "score", str(ratings), "--run-file", "reports/evaluate"]) == 0
+    out = capsys.readouterr().out
+    assert "not found" not in out
+    assert "reports/evaluate is a folder, not a run file: result not logged to MLflow. Fix: pass --run-file " \
+           "the run.json evaluate wrote (reports/evaluate/run.json)" in out
+
+
+def test_scoring_again_replaces_every_metric_of_the_earlier_scoring(tmp_path, monkeypatch, capsys):
+    """A second ratings file without the broken columns left the first one's broken rates beside its win rate."""
+    import mlflow
+
+    from qlora_pipeline.cli import main
+
+    repo = tmp_path / "repo"
+    store = f"sqlite:///{repo / 'mlflow.db'}"
+    (repo / ".dvc").mkdir(parents=True)
+    client = mlflow.MlflowClient(store)
+    run_id = client.create_run(client.create_experiment("e")).info.run_id
+    _, _, key = _scoring_repo(tmp_path, monkeypatch, {"mlflow_run_id": run_id, "tracking_uri": None})
+    first = _write(repo / "first.csv", "id,choice,a_broken,b_broken\n" + "".join(
+        f"{row['id']},A,1,1\n" for row in key))
+    assert main(["human-eval", "score", str(first)]) == 0
+    run = client.get_run(run_id).data
+    assert run.metrics["human_eval.broken.base.count"] == 3
+    assert run.tags["human_eval.ratings_file"] == first.name
+
+    second = _write(repo / "second.csv", "id,choice\n" + "".join(f"{row['id']},B\n" for row in key[:2]))
+    assert main(["human-eval", "score", str(second)]) == 0
+    run = client.get_run(run_id).data
+    assert run.metrics["human_eval.n_rated"] == 2
+    broken = {name: value for name, value in run.metrics.items() if ".broken." in name}
+    assert len(broken) == 8 and all(math.isnan(value) for value in broken.values())
+    assert run.tags["human_eval.ratings_file"] == second.name
+    assert len(run.tags["human_eval.ratings_sha256"]) == 64

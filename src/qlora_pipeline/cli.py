@@ -107,7 +107,10 @@ def human_eval_score(args: argparse.Namespace) -> None:
 
     result = score_ratings(args.ratings, args.key, confidence=args.confidence)
     print(json.dumps(result, indent=2))
-    if args.run_file.is_file():
+    if args.run_file.is_dir():
+        print(f"{args.run_file} is a folder, not a run file: result not logged to MLflow. Fix: pass --run-file the "
+              "run.json evaluate wrote (reports/evaluate/run.json)")
+    elif args.run_file.is_file():
         from qlora_pipeline.mlflow_store import resolve_tracking_uri, sqlite_store_path
 
         from mlflow.exceptions import MlflowException
@@ -124,28 +127,72 @@ def human_eval_score(args: argparse.Namespace) -> None:
         if store is not None and not store.is_file():  # MLflow would make an empty store there, then fail
             print(f"{store}: no MLflow store here (a fresh clone?): result not logged to run {run['mlflow_run_id']}")
             return
+        problem = _not_mlflow_store(store) if store is not None else None
+        if problem:  # MLflow builds its tables into any SQLite file, an empty one too, and fails on any other file
+            print(f"{store}: not an MLflow store ({problem}): result not logged to run {run['mlflow_run_id']}. "
+                  "Fix: point run.json's tracking_uri (or mlflow.tracking_uri) at the store evaluate logged to")
+            return
+        from sqlalchemy.exc import SQLAlchemyError
+
         try:
-            log_human_eval(uri, run["mlflow_run_id"], result)
+            spool = log_human_eval(uri, run["mlflow_run_id"], result, args.ratings)
         except MlflowException as err:
             reason = (str(err).strip().splitlines() or [""])[0][:200]
             print(f"result not logged to MLflow: {uri} refused run {run['mlflow_run_id']} ({reason}); the run may "
                   "be in another store (mlflow.tracking_uri)")
+            return
+        except SQLAlchemyError as err:  # a store damaged past its table list, or locked by another program
+            reason = (str(getattr(err, "orig", None) or err).strip().splitlines() or [""])[0][:200]
+            print(f"result not logged to MLflow run {run['mlflow_run_id']}: {uri} could not be read or written "
+                  f"({reason}). Fix: check the store with `mlflow ui --backend-store-uri {uri}`, then score again")
+            return
+        if spool is not None:
+            print(f"result kept for MLflow run {run['mlflow_run_id']} in {spool} (the server is unreachable): send "
+                  "it with `qlora-pipeline mlflow-sync` once the server is back")
             return
         print(f"logged to MLflow run {run['mlflow_run_id']}")
     else:
         print(f"{args.run_file} not found: result not logged to MLflow")
 
 
-def log_human_eval(tracking_uri: str, run_id: str, result: dict) -> None:
+def log_human_eval(tracking_uri: str, run_id: str, result: dict, ratings: Path | None = None) -> Path | None:
     """The result into evaluate's run, nested keys dotted (``human_eval.broken.tuned.rate``), as stages log.
 
-    A value that is None (no broken marks in an older ratings file) is not logged: unknown, not zero.
-    With the server away it waits in the spool for ``mlflow-sync``.
+    Every key is logged each time, so a scoring replaces the whole of an earlier one in the run: broken rates
+    of a ratings file without the marks are NaN (unknown, not zero; left out, an earlier file's would stay
+    beside the new win rate). Tags ``human_eval.ratings_file`` and ``human_eval.ratings_sha256`` name the file.
+    With the server away it waits in the spool for ``mlflow-sync``: the spool folder is returned, else None.
     """
-    from qlora_pipeline import tracking
+    import hashlib
 
-    with tracking.existing_run(tracking_uri, run_id, "human_eval"):
-        tracking.log_metrics("human_eval", result)
+    from qlora_pipeline import tracking
+    from qlora_pipeline.human_eval.score import BROKEN_FIELDS
+    from qlora_pipeline.human_eval.formats import SYSTEMS
+
+    logged = dict(result)
+    if logged.get("broken") is None:
+        logged["broken"] = {system: dict.fromkeys(BROKEN_FIELDS, math.nan) for system in SYSTEMS}
+    if ratings is not None:
+        logged["ratings_file"] = Path(ratings).name  # not its path: the store may be a team's server
+        logged["ratings_sha256"] = hashlib.sha256(Path(ratings).read_bytes()).hexdigest()
+    with tracking.existing_run(tracking_uri, run_id, "human_eval") as spooled:
+        tracking.log_metrics("human_eval", logged)
+    return spooled()
+
+
+def _not_mlflow_store(store: Path) -> str | None:
+    """Why the SQLite file ``store`` is no MLflow store, read without writing to it; None if it is one."""
+    import contextlib
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"{store.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.Error as err:
+        return f"{err}; {store.stat().st_size} bytes"
+    if not {"experiments", "runs", "metrics", "alembic_version"} <= tables:
+        return "no MLflow tables in it" + ("; an empty file" if store.stat().st_size == 0 else "")
+    return None
 
 
 def mlflow_sync(args: argparse.Namespace) -> None:
@@ -199,12 +246,19 @@ class _Once(argparse.Action):
 
 
 def _confidence(text: str) -> float:
+    from qlora_pipeline.intervals import two_sided_z
+
     try:
         value = float(text)
     except ValueError:
         value = -1.0
     if not 0.0 < value < 1.0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a level in (0, 1), e.g. 0.95")
+    try:  # a level so near 1 that the interval's normal quantile is infinite
+        two_sided_z(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is too close to 1 for an interval with finite bounds; "
+                                         "use at most 0.9999999999999998, e.g. 0.95 or 0.999") from None
     return value
 
 
@@ -253,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat = commands.add_parser("chat", help="talk to the persona in this terminal (/help lists the commands)")
     _model_arguments(chat)
     chat.add_argument("--use", default=None, help="the adapter to start with (default: the first given, else base)")
-    chat.add_argument("--seed", type=int, default=None, help="seed of the sampling, for a replayable session")
+    chat.add_argument("--seed", type=_at_least(0), default=None,
+                      help="seed of the sampling (a whole number >= 0), for a replayable session")
     chat.set_defaults(func=_run("qlora_pipeline.serving.chat", _model_imports, check=_model_command_line))
 
     serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server: base and every adapter as models")
@@ -324,11 +379,34 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", type=Path, default=Path("models/base"), help="the base the adapters were trained on")
     parser.add_argument("--params", type=Path, default=None,
                         help=f"the chat section's decoding defaults and the MLflow store{PARAMS_DEFAULT}")
-    parser.add_argument("--decoding", type=Path, default=Path("reports/decoding.json"),
+    # argparse runs `type` on a given path only, not on this default: reports/decoding.json may be absent
+    # (no choose-decoding yet), while a --decoding the user typed must be that report
+    parser.add_argument("--decoding", type=_decoding_report, default=Path("reports/decoding.json"),
                         help="the decoding choose-decoding picked on validation; used for an adapter it was "
-                             "picked for when chat.use_chosen_decoding is true")
+                             "picked for when chat.use_chosen_decoding is true (default: reports/decoding.json "
+                             "if there is one)")
     parser.add_argument("--dequantize", choices=("auto", "true", "false"), default="auto",
                         help="dequantize the 4-bit base once for faster CPU generation (evaluate.dequantize_4bit)")
+
+
+def _decoding_report(text: str) -> Path:
+    """An argparse type: a JSON object file, as choose-decoding writes reports/decoding.json."""
+    path = Path(text)
+    fix = "give the reports/decoding.json choose-decoding wrote, or leave --decoding out"
+    try:
+        if not path.exists():
+            raise argparse.ArgumentTypeError(f"{text}: no such file; {fix}")
+        if not path.is_file():
+            raise argparse.ArgumentTypeError(f"{text}: not a file; {fix}")
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise argparse.ArgumentTypeError(f"{text}: cannot be read ({err.strerror or err}); {fix}") from None
+    except ValueError as err:  # JSONDecodeError names the line and column; UnicodeDecodeError the byte
+        raise argparse.ArgumentTypeError(f"{text}: not valid JSON ({err}); {fix}") from None
+    if not isinstance(report, dict):
+        raise argparse.ArgumentTypeError(f"{text}: holds a {type(report).__name__}, not the JSON object "
+                                         f"choose-decoding writes; {fix}")
+    return path
 
 
 def _model_imports(args: argparse.Namespace) -> tuple[str, ...]:

@@ -43,9 +43,22 @@ def compare(base: np.ndarray, tuned: np.ndarray, indices: np.ndarray, confidence
     }
 
 
+def two_sided_z(confidence: float) -> float:
+    """The normal quantile of a two-sided interval at level ``confidence``; ValueError where it has none.
+
+    A level in (0, 1) can still be too near 1: ``1 - (1 - c) / 2`` rounds to 1.0 (c = 0.9999999999999999)
+    and the quantile is infinite.
+    """
+    tail = 1.0 - (1.0 - confidence) / 2.0
+    if not (0.0 < confidence < 1.0 and 0.5 <= tail < 1.0):
+        raise ValueError(f"confidence {confidence!r} has no finite interval: it must be above 0 and below 1 "
+                         "by more than rounding, e.g. 0.95 or 0.999")
+    return statistics.NormalDist().inv_cdf(tail)
+
+
 def wilson_interval(successes: float, n: int, confidence: float) -> tuple[float, float]:
     """Wilson score interval for a rate of ``successes`` in ``n`` at level ``confidence``."""
-    z = statistics.NormalDist().inv_cdf(1.0 - (1.0 - confidence) / 2.0)
+    z = two_sided_z(confidence)
     p = successes / n
     z2 = z * z
     denom = 1.0 + z2 / n

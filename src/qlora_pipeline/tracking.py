@@ -22,7 +22,7 @@ import subprocess
 import sys
 import types
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from qlora_pipeline.config import MlflowConfig, flatten
 from qlora_pipeline.mlflow_store import (KEY_TAG, create_run, experiment_for, is_server, mlflow_client, now_ms,
@@ -267,9 +267,10 @@ def log_artifacts(paths: Iterable[Path], under: str | None = None) -> None:
 
 
 @contextlib.contextmanager
-def existing_run(uri: str, run_id: str, stage: str) -> Iterator[None]:
+def existing_run(uri: str, run_id: str, stage: str) -> Iterator[Callable[[], Path | None]]:
     """Log into a run that exists (human-eval scores into evaluate's run) by the stages' path:
-    straight to the store, or, with the server away, to the spool for ``mlflow-sync``.
+    straight to the store, or, with the server away, to the spool for ``mlflow-sync``. Yields a function that
+    tells where the calls went, also after the block: the spool's folder, or None for the store.
     """
     global _link
     use_http_defaults(uri)
@@ -278,7 +279,7 @@ def existing_run(uri: str, run_id: str, stage: str) -> Iterator[None]:
     try:
         if link.server_away():
             link.go_offline()
-        yield
+        yield lambda: link.spool.folder if link.spool is not None else None
     finally:
         _link = None
         if link.spool is not None:

@@ -238,3 +238,98 @@ def test_set_checks_values_as_params_yaml_does():
         with_setting(ChatConfig(), "top_p", 1.5, context_length=2048)
     with pytest.raises(PipelineError, match="below the model's context of 2048"):
         with_setting(ChatConfig(), "max_new_tokens", 2048, context_length=2048)
+
+
+def _session(tokenizer, context_length: int = 128):
+    """A chat session on alice with no engine: for what is decided before a reply is generated."""
+    from types import SimpleNamespace
+
+    from qlora_pipeline.serving.chat import Session
+    from qlora_pipeline.serving.models import Defaults
+
+    persona = SimpleNamespace(names=["base", "alice"], context_length=context_length, tokenizer=tokenizer,
+                              system_prompt=lambda name: "You are alice. Reply in your own voice.")
+    return Session(persona, None, Defaults(ChatConfig()), "alice", None)
+
+
+@pytest.fixture(scope="module")
+def small_tokenizer(small_base):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(small_base)
+
+
+def test_commands_that_take_no_argument_refuse_one_and_do_nothing(capsys):
+    """Their argument was dropped and the command run: "/reset please" cleared the conversation, "/quit now" left."""
+    from qlora_pipeline.serving.chat import run_command
+
+    session = _session(None)
+    session.history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    for text in ("/reset please", "/base now", "/adapters extra", "/help me", "/quit now", "/exit now"):
+        name = text.split()[0]
+        with pytest.raises(PipelineError, match=f"^{name} takes no argument; type {name} alone"):
+            run_command(session, text)
+    assert len(session.history) == 2 and session.active == "alice" and capsys.readouterr().out == ""
+    assert run_command(session, "/quit") is False
+
+
+def test_save_says_what_is_wrong_with_a_path_and_how_to_mend_it(tmp_path):
+    """A NUL, a ~user of no user and a file taken for a folder gave Python's own errors, or "no folder"."""
+    from types import SimpleNamespace
+
+    from qlora_pipeline.serving.chat import save_transcript
+
+    session = SimpleNamespace(transcript=[{"role": "user", "content": "hi"}])
+    with pytest.raises(PipelineError, match=r"a\\0b.jsonl: a file name cannot hold a NUL character"):
+        save_transcript(session, f"{tmp_path}/a\0b.jsonl")
+    with pytest.raises(PipelineError, match=r"^/save ~nosuchuser-q7/c.jsonl: ~nosuchuser-q7 names no home folder "
+                                            r"here; write the folder out, e.g. /save ./c.jsonl$"):
+        save_transcript(session, "~nosuchuser-q7/c.jsonl")
+    (tmp_path / "notes.csv").write_text("a,b\n")
+    for text in (f"{tmp_path}/notes.csv/x.jsonl", f"{tmp_path}/notes.csv/more/x.jsonl"):
+        with pytest.raises(PipelineError, match=f"^/save {text}: {tmp_path}/notes.csv is a file, not a folder"):
+            save_transcript(session, text)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.csv"]
+
+
+def test_a_system_prompt_or_max_new_tokens_that_leaves_no_room_is_named_not_the_message(small_tokenizer):
+    """A /system prompt longer than the context was taken, and then every message was refused as too long;
+    after /set max_new_tokens=context-1, "hi" was "more than the 1 the context leaves; shorten it"."""
+    from qlora_pipeline.serving.chat import change_setting, fit_prompt, set_system
+
+    session = _session(small_tokenizer)  # a 128-token context, a 96-token reply (the chat section's)
+    with pytest.raises(PipelineError, match=r"^/system: the system prompt takes \d+ tokens of the 128-token "
+                                            r"context, leaving none for a message and a reply; give a shorter one"):
+        set_system(session, "word " * 200)
+    with pytest.raises(PipelineError, match=r"^/system: .* max_new_tokens=96 keeps that many .* lower it, e.g. "
+                                            r"/set max_new_tokens=\d+, or give a shorter system prompt"):
+        set_system(session, "word " * 40)
+    assert session.system_override is None
+    with pytest.raises(PipelineError, match=r"^/set max_new_tokens=120: .* leaving none for a message; lower it"):
+        change_setting(session, "max_new_tokens=120")
+    assert session.settings.max_new_tokens == 96
+
+    hello = [{"role": "user", "content": "hi"}]
+    session.defaults.own["alice"] = ChatConfig(max_new_tokens=120)  # as after /use of a model decoding so
+    with pytest.raises(PipelineError, match=r"^no message fits: .* max_new_tokens=120 .* /set max_new_tokens="):
+        fit_prompt(session, hello)
+    session.defaults.own.clear()
+    session.system_override = "word " * 200  # past /system's check (a trained prompt is not checked)
+    with pytest.raises(PipelineError, match=r"^no message fits: the system prompt takes \d+ tokens"):
+        fit_prompt(session, hello)
+    session.system_override = None
+    assert fit_prompt(session, hello)[0] == hello
+    with pytest.raises(PipelineError, match="shorten it"):  # where the message is what does not fit, it is named
+        fit_prompt(session, [{"role": "user", "content": "word " * 100}])
+
+
+def test_a_negative_seed_flag_is_refused_as_set_seed_is(capsys):
+    from qlora_pipeline.cli import build_parser
+
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["chat", "--seed", "-5"])
+    assert exited.value.code == 2
+    assert "argument --seed: '-5' is not a whole number of at least 0" in capsys.readouterr().err
+    assert build_parser().parse_args(["chat", "--seed", "0"]).seed == 0
+    with pytest.raises(PipelineError, match="the seed is a whole number >= 0"):
+        parse_setting("seed=-1")

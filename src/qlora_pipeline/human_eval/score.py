@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qlora_pipeline.errors import PipelineError
-from qlora_pipeline.intervals import wilson_interval
+from qlora_pipeline.intervals import two_sided_z, wilson_interval
 from qlora_pipeline.human_eval.formats import BROKEN_COLUMNS, CHOICES, KEY_COLUMNS, SIDES, SYSTEMS
 
 RATINGS_FIX = "pass the ratings.csv downloaded from the sheet with its 'Download ratings (CSV)' button."
@@ -34,6 +34,8 @@ KEY_FIX = ("pass --key the key evaluate wrote beside the sheet the ratings came 
 # A key edited by hand: DVC holds evaluate's own (a new sheet would not match the ratings already made).
 KEY_RESTORE = ("Fix: take evaluate's key back with `dvc checkout --force reports/evaluate` (it also undoes other "
                "edits in that folder).")
+# Each system's entry of a result's "broken"; logged as NaN where the ratings file has no marks.
+BROKEN_FIELDS = ("count", "rate", "ci_low", "ci_high")
 MARKS = {"": False, "0": False, "1": True}  # empty: a hand-edited file left the cell blank
 
 
@@ -66,8 +68,11 @@ class _Table:
 def _read_table(path: Path, what: str, fix: str) -> _Table:
     """The CSV at ``path``, each row with the line it starts on (a quoted comment may span lines)."""
     text = _read_text(path, what, fix)
-    reader = csv.reader(io.StringIO(text, newline=""))
+    # strict: without it a quote never closed took every later row into one cell, and they were counted as
+    # missing, not refused.
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     rows: list[tuple[int, list[str]]] = []
+    start = 1
     try:
         while True:
             start = reader.line_num + 1
@@ -77,13 +82,23 @@ def _read_table(path: Path, what: str, fix: str) -> _Table:
             if any(cell.strip() for cell in row):
                 rows.append((start, row))
     except csv.Error as exc:
-        raise RatingsError(
-            f"{path}:{reader.line_num}: malformed CSV ({exc}). Fix: check the quoting on that line."
-        ) from None
+        raise RatingsError(_csv_error(path, start, reader.line_num, exc)) from None
     if not rows:  # only separators, e.g. ",,"
         raise RatingsError(f"{path}: {what} file has no header. Fix: {fix}")
     (header_line, header), *body = rows
     return _Table([cell.strip() for cell in header], header_line, body)
+
+
+def _csv_error(path: Path, start: int, line: int, exc: csv.Error) -> str:
+    """The message for a CSV the reader refused, named from the line its bad row starts on."""
+    quoting = "a quote inside a cell is written twice (\"\")"
+    if "unexpected end of data" in str(exc):
+        return (f"{path}:{start}: a quoted cell starts on this line and its closing quote never comes (every later "
+                f"line would be read into it). Fix: close the quote on line {start}, or remove it; {quoting}.")
+    if line > start:  # a quoted cell ran over lines: its opening quote is the likely culprit
+        return (f"{path}:{start}: malformed CSV in the row starting on this line ({exc}, on line {line}). "
+                f"Fix: close the quote opened on line {start} where its cell ends; {quoting}.")
+    return f"{path}:{line}: malformed CSV ({exc}). Fix: check the quoting on that line; {quoting}."
 
 
 def _read_text(path: Path, what: str, fix: str) -> str:
@@ -109,7 +124,19 @@ def _column_index(path: Path, table: _Table, needed: tuple[str, ...], hint: str)
             f"{path}:{table.header_line}: missing column{'s' if len(missing) > 1 else ''} "
             f"{', '.join(repr(m) for m in missing)} in the header; columns found: {found}. Fix: {hint}"
         )
-    return {col: lowered.index(col.lower()) for col in needed}
+    return {col: _only_index(path, table, lowered, col) for col in needed}
+
+
+def _only_index(path: Path, table: _Table, lowered: list[str], column: str) -> int:
+    """Where ``column`` is in the header; a column read that is there twice is refused (the first one won)."""
+    places = [number for number, name in enumerate(lowered, 1) if name == column.lower()]
+    if len(places) > 1:
+        listed = ", ".join(map(str, places[:-1])) + f" and {places[-1]}"
+        raise RatingsError(
+            f"{path}:{table.header_line}: column {column!r} appears {len(places)} times in the header "
+            f"(columns {listed}). Fix: keep one {column!r} column, the one holding the values to score."
+        )
+    return places[0] - 1
 
 
 def _cell(row: list[str], index: int) -> str:
@@ -157,7 +184,7 @@ def _broken_columns(path: Path, table: _Table) -> dict[str, int] | None:
             f"{path}:{table.header_line}: column {has!r} without {lacks!r}. Fix: keep both columns as "
             "downloaded from the sheet, or remove both (then no broken rate is scored)."
         )
-    return {side: lowered.index(column) for side, column in present.items()}
+    return {side: _only_index(path, table, lowered, column) for side, column in present.items()}
 
 
 def _choice(path: Path, line: int, sid: str, raw: str) -> str:
@@ -242,7 +269,7 @@ def _broken_rates(rated: list[Rating], key: dict, confidence: float) -> dict[str
     rates = {}
     for system, count in counts.items():
         low, high = wilson_interval(count, len(rated), confidence)
-        rates[system] = {"count": count, "rate": count / len(rated), "ci_low": low, "ci_high": high}
+        rates[system] = dict(zip(BROKEN_FIELDS, (count, count / len(rated), low, high)))
     return rates
 
 
@@ -263,13 +290,15 @@ def score_ratings(
         empty choice; ``n_missing`` counts key ids with no row in the ratings file at all.
 
     Raises :class:`RatingsError` (a ``ValueError``) naming the file, line and fix for a missing
-    or empty file, a missing ``id``/``choice`` column, one broken column without the other, ids
+    or empty file, malformed CSV (a quote never closed is named from the line it opens on), a
+    missing ``id``/``choice`` column or one read twice, one broken column without the other, ids
     not in the key, a choice other than A/B/tie, a broken mark other than 0/1, a duplicate id,
-    or a file with no rated rows.
+    or a file with no rated rows; ValueError for a ``confidence`` with no finite interval.
     """
     if not (isinstance(confidence, (int, float)) and 0.0 < float(confidence) < 1.0):
         raise ValueError(f"confidence must be strictly between 0 and 1, got {confidence!r}")
     confidence = float(confidence)
+    two_sided_z(confidence)  # before any file is read: a level too near 1 fails here, not mid-scoring
     key = read_key(key_path)
     path = Path(ratings_path)
     ratings = read_ratings(path)

@@ -26,7 +26,7 @@ from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.io import write_jsonl
 from qlora_pipeline.serving.engine import Completion, Engine, Job, Sampling
 from qlora_pipeline.serving.models import Defaults, PersonaModel, load_from_args
-from qlora_pipeline.serving.prompts import fit_history, with_system_prompt
+from qlora_pipeline.serving.prompts import fit_history, prompt_ids, with_system_prompt
 from qlora_pipeline.serving.specs import BASE, check_command_line, check_model, first_model
 
 PROMPT = "you> "
@@ -34,6 +34,8 @@ PROMPT = "you> "
 SETTABLE = ("temperature", "top_p", "top_k", "max_new_tokens", "repetition_penalty", "no_repeat_ngram_size", "seed")
 _SETTING_TYPES = typing.get_type_hints(ChatConfig)
 RANDOM_SEED = ("none", "random")
+# Their text after a space was dropped, and the command run: "/reset please" cleared the conversation.
+NO_ARGUMENT = ("/quit", "/exit", "/base", "/adapters", "/reset", "/help")
 
 HELP = f"""commands:
   /use NAME        talk to model NAME; the conversation is kept
@@ -166,12 +168,35 @@ def fit_prompt(session: Session, conversation: list[dict]) -> tuple[list[dict], 
     """
     context = session.persona.context_length
     messages = with_system_prompt(conversation, session.system_prompt)
-    kept, ids, dropped = fit_history(session.persona.tokenizer, messages, context - session.settings.max_new_tokens)
+    try:
+        kept, ids, dropped = fit_history(session.persona.tokenizer, messages,
+                                         context - session.settings.max_new_tokens)
+    except PipelineError:  # it blames the message; where no message could fit, say what leaves no room
+        problem = no_room(session, session.system_prompt, session.settings.max_new_tokens)
+        if problem:
+            raise PipelineError(f"no message fits: {problem}") from None
+        raise
     if dropped and not session.told_of_drops:
         print(f"(the conversation outgrew the {context}-token context: its {dropped} oldest turn(s) were dropped, "
               "and older turns keep being dropped as it grows; /reset starts afresh)")
         session.told_of_drops = True
     return [m for m in kept if m["role"] != "system"], ids
+
+
+def no_room(session: Session, system_prompt: str | None, max_new_tokens: int) -> str:
+    """Why no message fits beside ``system_prompt`` and a reply of ``max_new_tokens``; "" when one does."""
+    context = session.persona.context_length
+    # What every prompt takes before the message's own tokens: the system prompt in the chat template's turns
+    empty = with_system_prompt([{"role": "user", "content": ""}], system_prompt)
+    taken = len(prompt_ids(session.persona.tokenizer, empty))
+    if taken + max_new_tokens < context:
+        return ""
+    if taken + 1 >= context:  # even a one-token reply leaves no token for a message
+        return (f"the system prompt takes {taken} tokens of the {context}-token context, leaving none for a "
+                "message and a reply; give a shorter one with /system TEXT")
+    return (f"the system prompt takes {taken} tokens and max_new_tokens={max_new_tokens} keeps that many of the "
+            f"{context}-token context for the reply, leaving none for a message; lower it, e.g. "
+            f"/set max_new_tokens={(context - taken) // 2}, or give a shorter system prompt with /system TEXT")
 
 
 def generate(session: Session, ids: list[int]) -> Completion:
@@ -234,6 +259,8 @@ def remember(session: Session, kept: list[dict], completion: Completion, decodin
 def run_command(session: Session, text: str) -> bool:
     """Run one /command; False when the session should end."""
     name, _, rest = text.partition(" ")
+    if name in NO_ARGUMENT and rest.strip():
+        raise PipelineError(f"{name} takes no argument; type {name} alone (nothing was done)")
     if name in ("/quit", "/exit"):
         return False
     command = COMMANDS.get(name)
@@ -274,6 +301,9 @@ def reset(session: Session, _: str) -> None:
 
 
 def set_system(session: Session, text: str) -> None:
+    problem = no_room(session, text, session.settings.max_new_tokens) if text else ""
+    if problem:  # else every message after it failed, each blamed on the message
+        raise PipelineError(f"/system: {problem} (the system prompt is unchanged)")
     session.system_override = text or None
     if text:
         print("system prompt set; /system alone restores the trained one")
@@ -289,8 +319,11 @@ def change_setting(session: Session, text: str) -> None:
     if key == "seed":
         session.seed = value
     else:
-        session.defaults.own[session.active] = with_setting(session.settings, key, value,
-                                                            session.persona.context_length)
+        changed = with_setting(session.settings, key, value, session.persona.context_length)
+        problem = no_room(session, session.system_prompt, changed.max_new_tokens) if key == "max_new_tokens" else ""
+        if problem:
+            raise PipelineError(f"/set {key}={value}: {problem} (the setting is unchanged)")
+        session.defaults.own[session.active] = changed
     print(f"{key} = {value}")
 
 
@@ -348,16 +381,35 @@ def with_setting(settings: ChatConfig, key: str, value: int | float, context_len
 def save_transcript(session: Session, text: str) -> None:
     if not text:
         raise PipelineError("/save: give a file name, e.g. /save chat.jsonl")
-    path = Path(text).expanduser()
-    if path.is_dir():  # atomic_path replaces what is at the path: never a whole folder
-        raise PipelineError(f"/save {text}: that is a folder; give a file name, e.g. /save {path / 'chat.jsonl'}")
-    if not path.parent.is_dir():  # a mistyped folder was made, and the transcript left where no one looks
-        raise PipelineError(f"/save {text}: there is no folder {path.parent}; make it first, or give another path")
+    if "\0" in text:  # no file name can hold one; the OS call's ValueError was shown raw
+        shown = text.replace("\0", "\\0")  # the character itself shows as nothing in a terminal
+        raise PipelineError(f"/save {shown}: a file name cannot hold a NUL character (\\0, often a stray paste); "
+                            "type the name again")
     try:
+        path = Path(text).expanduser()
+    except RuntimeError:  # ~user of no user here, or ~ where no home folder is known
+        home = text.split("/", 1)[0]
+        raise PipelineError(f"/save {text}: {home} names no home folder here; write the folder out, e.g. "
+                            f"/save ./{Path(text).name if '/' in text else 'chat.jsonl'}") from None
+    try:
+        check_save_path(text, path)
         count = write_jsonl(path, session.transcript)
     except OSError as err:
         raise PipelineError(f"/save {text}: {err.strerror or err}; choose a file you can write") from None
     print(f"saved {count} turns to {path}")
+
+
+def check_save_path(text: str, path: Path) -> None:
+    """A clear error where ``path`` cannot take a new file; OSError where the folders cannot even be looked at."""
+    if path.is_dir():  # atomic_path replaces what is at the path: never a whole folder
+        raise PipelineError(f"/save {text}: that is a folder; give a file name, e.g. /save {path / 'chat.jsonl'}")
+    if path.parent.is_dir():
+        return
+    there = next((folder for folder in (path.parent, *path.parent.parents) if folder.exists()), None)
+    if there is not None and not there.is_dir():  # "no folder x/y" read as if a folder could be made there
+        raise PipelineError(f"/save {text}: {there} is a file, not a folder; give a path in a folder")
+    # a mistyped folder was made, and the transcript left where no one looks
+    raise PipelineError(f"/save {text}: there is no folder {path.parent}; make it first, or give another path")
 
 
 def show_help(session: Session, _: str) -> None:

@@ -301,7 +301,14 @@ def chosen_decoding_for(adapter: Adapter, decoding_file: Path | None, tracking_u
     ``decoding_file`` (the workspace's reports/decoding.json). Either counts only when the digest
     it records is this adapter's: a choice made for other weights is not this persona's.
     """
-    from qlora_pipeline.config import decoding_setting_from
+    return _find_chosen_decoding(adapter, decoding_file, tracking_uri, downloads)[0]
+
+
+def _find_chosen_decoding(adapter: Adapter, decoding_file: Path | None, tracking_uri: str | None,
+                          downloads: Path | None = None) -> tuple[tuple[Any, str] | None, str]:
+    """:func:`chosen_decoding_for`'s answer, and when it is None why a report there was passed over ("" when
+    there is no report): a choice dropped without a word read as one that was never made."""
+    from qlora_pipeline.config import ConfigError, decoding_setting_from
     from qlora_pipeline.io import read_json
     from qlora_pipeline.modeling.adapters import adapter_digest
 
@@ -314,15 +321,28 @@ def chosen_decoding_for(adapter: Adapter, decoding_file: Path | None, tracking_u
             path = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=tracking_uri,
                                                             dst_path=str(downloads) if downloads else None))
         except Exception:  # a run made before choose-decoding existed has none: the params decide
-            return None
+            return None, ""
     elif decoding_file is not None and Path(decoding_file).is_file():
         path, source = Path(decoding_file), str(decoding_file)
     else:
-        return None
+        return None, ""
     report = read_json(path)
-    if not isinstance(report, dict) or report.get("adapter_sha256") != adapter_digest(adapter.folder):
-        return None
-    return decoding_setting_from(report.get("chosen"), source), source
+    fix = "write it again with `dvc repro choose-decoding`, or set chat.use_chosen_decoding: false"
+    if not isinstance(report, dict):
+        raise PipelineError(f"{source}: holds a {type(report).__name__}, not the JSON object choose-decoding "
+                            f"writes; {fix}")
+    recorded, digest = report.get("adapter_sha256"), adapter_digest(adapter.folder)
+    if recorded != digest:
+        weights = (f"other adapter weights (sha256 {recorded[:12]}..., not these {digest[:12]}...)"
+                   if isinstance(recorded, str) else "weights it does not record (no adapter_sha256)")
+        return None, (f"not {source}'s choice: it was made for {weights}; `dvc repro choose-decoding` makes one "
+                      "for these")
+    try:
+        return (decoding_setting_from(report.get("chosen"), source), source), ""
+    except ConfigError as err:  # its header says "in params", and the file is not params.yaml
+        problems = "\n".join(f"  - {problem}" for problem in err.problems)
+        raise PipelineError(f"{source}: {len(err.problems)} problem(s) in the decoding choose-decoding chose:\n"
+                            f"{problems}\n{fix}") from None
 
 
 @dataclass
@@ -359,14 +379,16 @@ def adopt_chosen_decoding(defaults: Defaults, adapter: Adapter, decoding_file: P
     """Give ``adapter`` the decoding chosen on validation for its weights, if one was; a line saying which decoding
     it has. For each adapter at start, and for one serve loads at run time (before it is loaded: its first request
     must not decode by the chat section)."""
+    passed_over = ""
     if defaults.chat.use_chosen_decoding:
-        found = chosen_decoding_for(adapter, decoding_file, tracking_uri, downloads)
+        found, passed_over = _find_chosen_decoding(adapter, decoding_file, tracking_uri, downloads)
         if found is not None:
             setting, source = found
             defaults.own[adapter.name] = defaults.chat.model_copy(update=setting.model_dump())
             return f"decoding of {adapter.name!r}: chosen on validation ({source}): {_describe(setting)}"
     defaults.own.pop(adapter.name, None)
-    return f"decoding of {adapter.name!r}: {_params_decoding(defaults.chat)}"
+    line = f"decoding of {adapter.name!r}: {_params_decoding(defaults.chat)}"
+    return f"{line}; {passed_over}" if passed_over else line
 
 
 def _params_decoding(chat: Any) -> str:
