@@ -294,6 +294,20 @@ def test_a_lora_for_a_base_converted_here_is_refused_before_the_base_is_converte
     assert "; and a chat without a system message does not get the trained system prompt" in message
 
 
+def test_a_decoding_report_for_other_weights_is_passed_over_with_a_word(small_run, tmp_path, monkeypatch, capsys):
+    """The Modelfile fell back to Ollama's defaults without saying why, where chat and serve name the reason."""
+    report = tmp_path / "decoding.json"
+    report.write_text(json.dumps({"adapter_sha256": "0" * 64, "chosen": {"temperature": 0.7}}))
+    monkeypatch.setattr(gguf, "export_gguf", _never("the conversion"))
+    with pytest.raises(AssertionError, match="the conversion ran"):
+        cli.main(["export", "--format", "gguf", "--quant", "f16", "--adapter", f"alice={small_run['adapter']}",
+                  "--out", str(tmp_path / "out"), "--base", str(small_run["base"]), "--test", str(small_run["test"]),
+                  "--decoding", str(report), "--params", str(default_params_file(tmp_path))])
+    shown = capsys.readouterr().out
+    assert "Modelfile: no decoding chosen for these weights, Ollama's defaults apply; not " in shown
+    assert f"{report}'s choice: it was made for other adapter weights (sha256 000000000000..." in shown
+
+
 def test_chat_field_problems_are_each_found_alone(merged, run):
     """The checks on a written file's header fields, one fault at a time, on the f16 file's own fields."""
     tokenizer = _tokenizer(run)

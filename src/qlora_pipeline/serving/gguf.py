@@ -689,7 +689,7 @@ def main(args: Any, params: Any) -> None:
     """``export --format gguf|gguf-lora``: every cheap check first; the decoding chosen for these weights
     goes into the Modelfile."""
     from qlora_pipeline.serving.export import downloaded_adapter, read_test_rows
-    from qlora_pipeline.serving.models import chosen_decoding_for
+    from qlora_pipeline.serving.models import find_chosen_decoding
     from qlora_pipeline.mlflow_store import resolve_tracking_uri
 
     lora = args.format == "gguf-lora"
@@ -702,8 +702,11 @@ def main(args: Any, params: Any) -> None:
     check_tools()
     with downloaded_adapter(args, params) as adapter:
         rows = read_test_rows(args.test, args.max_samples, params.seed)
-        found = chosen_decoding_for(adapter, args.decoding, resolve_tracking_uri(params.mlflow.tracking_uri))
+        found, passed_over = find_chosen_decoding(adapter, args.decoding,
+                                                  resolve_tracking_uri(params.mlflow.tracking_uri))
         decoding = found[0] if found else None
+        if passed_over:  # else the Modelfile fell back to Ollama's defaults without a word
+            print(f"Modelfile: no decoding chosen for these weights, Ollama's defaults apply; {passed_over}")
         if lora:
             report = export_gguf_lora(adapter, args.base, args.out, quants, rows, decoding, args.base_gguf)
         else:

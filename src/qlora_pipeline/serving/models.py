@@ -301,10 +301,10 @@ def chosen_decoding_for(adapter: Adapter, decoding_file: Path | None, tracking_u
     ``decoding_file`` (the workspace's reports/decoding.json). Either counts only when the digest
     it records is this adapter's: a choice made for other weights is not this persona's.
     """
-    return _find_chosen_decoding(adapter, decoding_file, tracking_uri, downloads)[0]
+    return find_chosen_decoding(adapter, decoding_file, tracking_uri, downloads)[0]
 
 
-def _find_chosen_decoding(adapter: Adapter, decoding_file: Path | None, tracking_uri: str | None,
+def find_chosen_decoding(adapter: Adapter, decoding_file: Path | None, tracking_uri: str | None,
                           downloads: Path | None = None) -> tuple[tuple[Any, str] | None, str]:
     """:func:`chosen_decoding_for`'s answer, and when it is None why a report there was passed over ("" when
     there is no report): a choice dropped without a word read as one that was never made."""
@@ -381,7 +381,7 @@ def adopt_chosen_decoding(defaults: Defaults, adapter: Adapter, decoding_file: P
     must not decode by the chat section)."""
     passed_over = ""
     if defaults.chat.use_chosen_decoding:
-        found, passed_over = _find_chosen_decoding(adapter, decoding_file, tracking_uri, downloads)
+        found, passed_over = find_chosen_decoding(adapter, decoding_file, tracking_uri, downloads)
         if found is not None:
             setting, source = found
             defaults.own[adapter.name] = defaults.chat.model_copy(update=setting.model_dump())
