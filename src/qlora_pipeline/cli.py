@@ -107,52 +107,62 @@ def human_eval_score(args: argparse.Namespace) -> None:
 
     result = score_ratings(args.ratings, args.key, confidence=args.confidence)
     print(json.dumps(result, indent=2))
-    if args.run_file.is_dir():
-        print(f"{args.run_file} is a folder, not a run file: result not logged to MLflow. Fix: pass --run-file the "
-              "run.json evaluate wrote (reports/evaluate/run.json)")
-    elif args.run_file.is_file():
-        from qlora_pipeline.mlflow_store import resolve_tracking_uri, sqlite_store_path
+    print(logged_to_run(args.run_file, result, args.ratings))
 
-        from mlflow.exceptions import MlflowException
 
-        from qlora_pipeline.io import read_json_object
+def logged_to_run(run_file: Path, result: dict, ratings: Path) -> str:
+    """Log ``result`` into the run ``run_file`` names; the line saying where it went, or why it was not logged (a
+    missing or damaged record is told, not a traceback: the score above stands)."""
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError
 
-        run = read_json_object(args.run_file)  # cut short or edited by hand: not logged, said, not a traceback
-        if not isinstance(run.get("mlflow_run_id"), str) or not run["mlflow_run_id"]:
-            print(f"{args.run_file}: no MLflow run id in it (evaluate ran while the MLflow server was unreachable, "
-                  "or the file is not evaluate's): result not logged to MLflow")
-            return
-        uri = resolve_tracking_uri(run.get("tracking_uri") if isinstance(run.get("tracking_uri"), str) else None)
-        store = sqlite_store_path(uri)
-        if store is not None and not store.is_file():  # MLflow would make an empty store there, then fail
-            print(f"{store}: no MLflow store here (a fresh clone?): result not logged to run {run['mlflow_run_id']}")
-            return
-        problem = _not_mlflow_store(store) if store is not None else None
-        if problem:  # MLflow builds its tables into any SQLite file, an empty one too, and fails on any other file
-            print(f"{store}: not an MLflow store ({problem}): result not logged to run {run['mlflow_run_id']}. "
-                  "Fix: point run.json's tracking_uri (or mlflow.tracking_uri) at the store evaluate logged to")
-            return
-        from sqlalchemy.exc import SQLAlchemyError
+    from qlora_pipeline.io import read_json_object
+    from qlora_pipeline.mlflow_store import resolve_tracking_uri
 
-        try:
-            spool = log_human_eval(uri, run["mlflow_run_id"], result, args.ratings)
-        except MlflowException as err:
-            reason = (str(err).strip().splitlines() or [""])[0][:200]
-            print(f"result not logged to MLflow: {uri} refused run {run['mlflow_run_id']} ({reason}); the run may "
-                  "be in another store (mlflow.tracking_uri)")
-            return
-        except SQLAlchemyError as err:  # a store damaged past its table list, or locked by another program
-            reason = (str(getattr(err, "orig", None) or err).strip().splitlines() or [""])[0][:200]
-            print(f"result not logged to MLflow run {run['mlflow_run_id']}: {uri} could not be read or written "
-                  f"({reason}). Fix: check the store with `mlflow ui --backend-store-uri {uri}`, then score again")
-            return
-        if spool is not None:
-            print(f"result kept for MLflow run {run['mlflow_run_id']} in {spool} (the server is unreachable): send "
-                  "it with `qlora-pipeline mlflow-sync` once the server is back")
-            return
-        print(f"logged to MLflow run {run['mlflow_run_id']}")
-    else:
-        print(f"{args.run_file} not found: result not logged to MLflow")
+    if run_file.is_dir():
+        return (f"{run_file} is a folder, not a run file: result not logged to MLflow. Fix: pass --run-file the "
+                "run.json evaluate wrote (reports/evaluate/run.json)")
+    if not run_file.is_file():
+        return f"{run_file} not found: result not logged to MLflow"
+    run = read_json_object(run_file)  # cut short or edited by hand: not logged, said, not a traceback
+    run_id = run.get("mlflow_run_id")
+    if not isinstance(run_id, str) or not run_id:
+        return (f"{run_file}: no MLflow run id in it (evaluate ran while the MLflow server was unreachable, "
+                "or the file is not evaluate's): result not logged to MLflow")
+    uri = resolve_tracking_uri(run.get("tracking_uri") if isinstance(run.get("tracking_uri"), str) else None)
+    unusable = _unusable_store(uri, run_id)
+    if unusable:
+        return unusable
+    try:
+        spool = log_human_eval(uri, run_id, result, ratings)
+    except MlflowException as err:
+        reason = (str(err).strip().splitlines() or [""])[0][:200]
+        return (f"result not logged to MLflow: {uri} refused run {run_id} ({reason}); the run may be in another "
+                "store (mlflow.tracking_uri)")
+    except SQLAlchemyError as err:  # a store damaged past its table list, or locked by another program
+        reason = (str(getattr(err, "orig", None) or err).strip().splitlines() or [""])[0][:200]
+        return (f"result not logged to MLflow run {run_id}: {uri} could not be read or written ({reason}). "
+                f"Fix: check the store with `mlflow ui --backend-store-uri {uri}`, then score again")
+    if spool is not None:
+        return (f"result kept for MLflow run {run_id} in {spool} (the server is unreachable): send it with "
+                "`qlora-pipeline mlflow-sync` once the server is back")
+    return f"logged to MLflow run {run_id}"
+
+
+def _unusable_store(uri: str, run_id: str) -> str | None:
+    """Why the SQLite store ``uri`` names cannot take the result, else None (a server is tried when logging)."""
+    from qlora_pipeline.mlflow_store import sqlite_store_path
+
+    store = sqlite_store_path(uri)
+    if store is None:
+        return None
+    if not store.is_file():  # MLflow would make an empty store there, then fail
+        return f"{store}: no MLflow store here (a fresh clone?): result not logged to run {run_id}"
+    problem = _not_mlflow_store(store)
+    if problem:  # MLflow builds its tables into any SQLite file, an empty one too, and fails on any other file
+        return (f"{store}: not an MLflow store ({problem}): result not logged to run {run_id}. Fix: point "
+                "run.json's tracking_uri (or mlflow.tracking_uri) at the store evaluate logged to")
+    return None
 
 
 def log_human_eval(tracking_uri: str, run_id: str, result: dict, ratings: Path | None = None) -> Path | None:
@@ -160,7 +170,8 @@ def log_human_eval(tracking_uri: str, run_id: str, result: dict, ratings: Path |
 
     Every key is logged each time, so a scoring replaces the whole of an earlier one in the run: broken rates
     of a ratings file without the marks are NaN (unknown, not zero; left out, an earlier file's would stay
-    beside the new win rate). Tags ``human_eval.ratings_file`` and ``human_eval.ratings_sha256`` name the file.
+    beside the new win rate). The tag ``human_eval.ratings_sha256`` tells which file they came from (not its name:
+    a file per rater is often named after the rater, and the store may be a team's server).
     With the server away it waits in the spool for ``mlflow-sync``: the spool folder is returned, else None.
     """
     import hashlib
@@ -173,7 +184,6 @@ def log_human_eval(tracking_uri: str, run_id: str, result: dict, ratings: Path |
     if logged.get("broken") is None:
         logged["broken"] = {system: dict.fromkeys(BROKEN_FIELDS, math.nan) for system in SYSTEMS}
     if ratings is not None:
-        logged["ratings_file"] = Path(ratings).name  # not its path: the store may be a team's server
         logged["ratings_sha256"] = hashlib.sha256(Path(ratings).read_bytes()).hexdigest()
     with tracking.existing_run(tracking_uri, run_id, "human_eval") as spooled:
         tracking.log_metrics("human_eval", logged)
@@ -358,8 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--quant", default=None,
                         help="GGUF types, comma-separated, one verified file each: f32, f16, bf16, q8_0, q6_k, "
                              "q5_k_m, q4_k_m (default f16,q8_0,q4_k_m); gguf-lora: f32, f16, bf16, q8_0 (default f16)")
-    export.add_argument("--decoding", type=Path, default=Path("reports/decoding.json"),
-                        help="the decoding chosen on validation, written into the GGUF's Ollama Modelfile")
+    export.add_argument("--decoding", type=_decoding_report, default=Path("reports/decoding.json"),
+                        help="the decoding chosen on validation, written into the GGUF's Ollama Modelfile "
+                             "(default: reports/decoding.json if there is one)")
     export.add_argument("--base-gguf", type=Path, default=None,
                         help="gguf-lora: the base GGUF the LoRA is checked on (default: the one the base was "
                              "quantized from; for a safetensors base, its dequantized weights are written as one)")

@@ -61,7 +61,7 @@ def test_each_adapter_decodes_by_its_own_choice_or_else_the_params(persona_adapt
                                   "top_k 50, repetition_penalty 1.15, no_repeat_ngram_size 4; "
                                   f"not {report}'s choice: it was made for other adapter weights (sha256 "
                                   f"{adapter_digest(bob.folder)[:12]}..., not these {adapter_digest(alice.folder)[:12]}"
-                                  "...); `dvc repro choose-decoding` makes one for these",
+                                  "...)",
                                   f"decoding of 'bob': chosen on validation ({report}): greedy, "
                                   "repetition_penalty 1.2, no_repeat_ngram_size 3",
                                   "decoding of 'base': that of the first adapter, 'alice'"]

@@ -42,6 +42,7 @@ def small_run(run, small_base, small_adapters) -> dict[str, Path]:
 
 
 def _export(run: dict, out: Path, fmt: str, quant: str, *extra: str) -> int:
+    (out.parent / "no-decoding.json").write_text("{}")  # a report for no weights: the Modelfile takes no decoding
     return cli.main(["export", "--format", fmt, "--quant", quant, "--adapter", f"alice={run['adapter']}",
                      "--out", str(out), "--base", str(run["base"]), "--test", str(run["test"]),
                      "--decoding", str(out.parent / "no-decoding.json"),

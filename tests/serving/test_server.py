@@ -291,6 +291,10 @@ def test_bad_json_and_oversized_bodies(url):
         error = response.json()["error"]
         assert response.status_code == 415 and error["code"] == "unsupported_content_encoding", response.text
         assert coding in error["message"] and "without a Content-Encoding header" in error["message"]
+    response = httpx.post(f"{url}/v1/chat/completions", content=gzip.compress(body), timeout=30,
+                          headers=[("content-type", "application/json"), ("content-encoding", "gzip"),
+                                   ("content-encoding", "identity")])  # the last header alone says identity
+    assert response.status_code == 415 and "'gzip, identity'" in response.json()["error"]["message"], response.text
     for coding in ("identity", "Identity"):  # no coding at all, as RFC 9110 names it
         response = httpx.post(f"{url}/v1/chat/completions", content=body, timeout=60,
                               headers={"content-type": "application/json", "content-encoding": coding})

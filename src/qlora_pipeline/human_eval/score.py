@@ -67,26 +67,32 @@ class _Table:
 
 def _read_table(path: Path, what: str, fix: str) -> _Table:
     """The CSV at ``path``, each row with the line it starts on (a quoted comment may span lines)."""
-    text = _read_text(path, what, fix)
-    # strict: without it a quote never closed took every later row into one cell, and they were counted as
-    # missing, not refused.
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
-    rows: list[tuple[int, list[str]]] = []
-    start = 1
-    try:
-        while True:
-            start = reader.line_num + 1
-            row = next(reader, None)
-            if row is None:
-                break
-            if any(cell.strip() for cell in row):
-                rows.append((start, row))
-    except csv.Error as exc:
-        raise RatingsError(_csv_error(path, start, reader.line_num, exc)) from None
+    rows = [(start, row) for start, row in _csv_rows(path, _read_text(path, what, fix)) if any(c.strip() for c in row)]
     if not rows:  # only separators, e.g. ",,"
         raise RatingsError(f"{path}: {what} file has no header. Fix: {fix}")
     (header_line, header), *body = rows
     return _Table([cell.strip() for cell in header], header_line, body)
+
+
+def _csv_rows(path: Path, text: str) -> list[tuple[int, list[str]]]:
+    """Every row of ``text`` with the line it starts on, read strictly: a quote never closed took every later row
+    into one cell, and they were counted as missing, not refused. A row of one line whose only fault is text after
+    a closing quote (``"A" ,``, as a hand edit leaves it) is read as the lenient reader reads it, trimmed later."""
+    lines = io.StringIO(text, newline="").readlines()  # split as the csv module splits them
+    source, rows, consumed = iter(lines), [], 0
+    while True:
+        reader, before = csv.reader(source, strict=True), 0
+        try:
+            while (row := next(reader, None)) is not None:
+                rows.append((consumed + before + 1, row))
+                before = reader.line_num
+            return rows
+        except csv.Error as exc:
+            start, line = consumed + before + 1, consumed + reader.line_num
+            if line > start or "unexpected end of data" in str(exc):
+                raise RatingsError(_csv_error(path, start, line, exc)) from None
+            rows.append((start, next(csv.reader([lines[start - 1]]))))
+            consumed = line
 
 
 def _csv_error(path: Path, start: int, line: int, exc: csv.Error) -> str:

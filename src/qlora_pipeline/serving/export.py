@@ -132,7 +132,7 @@ def downloaded_adapter(args: Any, params: Params) -> Iterator[Adapter]:
 
 
 def check_out_free(out: Path) -> None:
-    """``--out`` is free and can be made: checked before the minutes of a merge, creating nothing."""
+    """``--out`` is free and can be made: checked before the minutes of a merge, leaving nothing behind."""
     try:
         if out.exists() or out.is_symlink():
             raise PipelineError(f"--out {out} already exists; remove it or choose another folder "

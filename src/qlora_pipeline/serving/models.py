@@ -327,7 +327,8 @@ def find_chosen_decoding(adapter: Adapter, decoding_file: Path | None, tracking_
     else:
         return None, ""
     report = read_json(path)
-    fix = "write it again with `dvc repro choose-decoding`, or set chat.use_chosen_decoding: false"
+    fix = ("write it again with `dvc repro choose-decoding`, or give --decoding another report (chat and serve: or "
+           "set chat.use_chosen_decoding: false)")
     if not isinstance(report, dict):
         raise PipelineError(f"{source}: holds a {type(report).__name__}, not the JSON object choose-decoding "
                             f"writes; {fix}")
@@ -335,8 +336,7 @@ def find_chosen_decoding(adapter: Adapter, decoding_file: Path | None, tracking_
     if recorded != digest:
         weights = (f"other adapter weights (sha256 {recorded[:12]}..., not these {digest[:12]}...)"
                    if isinstance(recorded, str) else "weights it does not record (no adapter_sha256)")
-        return None, (f"not {source}'s choice: it was made for {weights}; `dvc repro choose-decoding` makes one "
-                      "for these")
+        return None, f"not {source}'s choice: it was made for {weights}"
     try:
         return (decoding_setting_from(report.get("chosen"), source), source), ""
     except ConfigError as err:  # its header says "in params", and the file is not params.yaml

@@ -918,13 +918,15 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = dict(scope.get("headers") or [])
-        declared, coding = headers.get(b"content-length"), headers.get(b"content-encoding", b"identity")
+        headers = scope.get("headers") or []
+        declared = dict(headers).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             await BodyTooLarge(self.limit).response()(scope, receive, send)
             return
-        if coding.strip().lower() not in (b"identity", b""):
-            await BodyEncoded(coding.decode("latin-1")).response()(scope, receive, send)
+        # Every Content-Encoding header, not the last one's alone: "gzip" then "identity" is a gzip body.
+        codings = [value for name, value in headers if name == b"content-encoding"]
+        if any(value.strip().lower() not in (b"identity", b"") for value in codings):
+            await BodyEncoded(b", ".join(codings).decode("latin-1")).response()(scope, receive, send)
             return
         received, complete, deadline = 0, False, time.monotonic() + self.seconds
 
