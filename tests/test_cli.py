@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import socket
 import subprocess
 import sys
 
 import pytest
 
-from conftest import default_params_file
+from conftest import ROOT, default_params_file
 from qlora_pipeline.cli import main
 
 
@@ -86,6 +87,15 @@ def test_summary_prints_what_it_can_read_and_names_what_it_cannot(tmp_path, monk
     assert "metrics/split.json: not readable (JSONDecodeError" in out
     assert "metrics/eval.json: not readable (KeyError: 'samples')" in out
     assert err.startswith("error: metrics/split.json, metrics/eval.json: not the metrics this version's stages write")
+
+    (tmp_path / "metrics" / "split.json").unlink()
+    (tmp_path / "metrics" / "split.json").mkdir()  # a folder where the file was: IsADirectoryError's traceback
+    evaluation = json.loads((ROOT / "metrics" / "eval.json").read_text())  # the committed run's, every key there
+    (tmp_path / "metrics" / "eval.json").write_text(json.dumps({**evaluation, "confidence_level": math.inf}))
+    assert main(["summary"]) == 1
+    out = capsys.readouterr().out
+    assert "metrics/split.json: not readable (IsADirectoryError" in out
+    assert "metrics/eval.json: not readable (OverflowError" in out  # an interval's level of Infinity
 
 
 def test_serve_refuses_a_port_in_use_before_loading_a_model():

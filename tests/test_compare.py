@@ -176,12 +176,14 @@ def test_other_prefixes_unfinished_and_incomplete_runs_are_ignored(store, log_ru
 
 def test_runs_given_by_id_are_used_as_they_are(store, log_run, tmp_path):
     older = log_run("lora", started=1_000, exp_name="by-hand")
-    log_run("lora", started=2_000)
+    newer = log_run("lora", started=2_000)
     markdown = build(store, tmp_path, run_ids=[older])
     assert row(markdown, "MLflow run")[1] == f"`{older}`"
     assert "the runs given with `--runs`" in markdown
-    with pytest.raises(PipelineError, match="both lora"):
+    with pytest.raises(PipelineError, match=f"--runs: run {older} is given 2 times"):  # was "both lora"
         compare.build_report(store, EXPERIMENT, tmp_path / "out", run_ids=[older, older])
+    with pytest.raises(PipelineError, match=f"{older} and {newer} are both lora"):
+        compare.build_report(store, EXPERIMENT, tmp_path / "out", run_ids=[older, newer])
     with pytest.raises(PipelineError, match="no MLflow run 0123"):
         compare.build_report(store, EXPERIMENT, tmp_path / "out", run_ids=["0123"])
 
@@ -319,3 +321,11 @@ def test_the_report_names_the_store_as_configured_not_by_this_machines_path(stor
     log_run("qlora", 1_000)
     markdown = build(store, tmp_path, store_label="the repository's SQLite store (mlflow.db)")
     assert "the repository's SQLite store (mlflow.db)" in markdown and str(tmp_path) not in markdown
+
+
+def test_a_run_given_twice_is_named_so_not_as_two_runs_of_one_method():
+    from qlora_pipeline import compare
+    from qlora_pipeline.errors import PipelineError
+
+    with pytest.raises(PipelineError, match="--runs: run abc is given 2 times; give each run once"):
+        compare.given_runs(None, ["abc", "def", "abc"])  # before any store is asked

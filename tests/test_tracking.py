@@ -204,6 +204,46 @@ def test_a_killed_stage_spool_is_sent_and_a_running_one_left(away, tmp_path):
     assert [p.name for p in spool.iterdir()] == [f"2-{os.getpid()}.jsonl.part"]
 
 
+def test_sync_tells_each_file_sent_before_one_it_refuses_and_leaves_what_no_stage_wrote(away, tmp_path, capsys):
+    """A file refused stopped the sync with its error alone: the files sent (and removed) before it went unsaid.
+    A folder or another program's file under the spool's names was a traceback (IsADirectoryError, IndexError)."""
+    from qlora_pipeline.cli import main
+
+    spool = spooling.spool_dir()
+    spool.mkdir(parents=True)
+    opening = {"op": "open", "tracking_uri": away.mlflow.tracking_uri, "experiment": "qlora-pipeline", "key": "k1",
+               "stage": "train", "run_name": None, "tags": {mlflow_store.KEY_TAG: "k1"}, "params": {"seed": "42"},
+               "timestamp": 1_000, "run_id": None}
+    metrics = {"op": "metrics", "values": {"train.loss": 2.0}, "step": 1, "timestamp": 2_000}
+    (spool / "1000-1.jsonl").write_text(json.dumps(opening) + "\n" + json.dumps(metrics) + "\n")
+    (spool / "1500-1.jsonl").mkdir()
+    (spool / "0-notes.jsonl.part").write_text("mine")  # not Spool's name: its writer cannot be told
+    (spool / "2000-1.jsonl").write_text("")
+    store = f"sqlite:///{tmp_path / 'store.db'}"
+    assert main(["mlflow-sync", "--tracking-uri", store]) == 1
+    out, err = capsys.readouterr()
+    assert "mlflow-sync: 1000-1.jsonl: 1 records of stage train -> run " in out
+    assert "mlflow-sync: 1500-1.jsonl: not a spool file" in out and "0-notes.jsonl.part: not a spool file" in out
+    assert "2000-1.jsonl: no opening record" in err and "Traceback" not in err
+    assert sorted(p.name for p in spool.iterdir()) == ["0-notes.jsonl.part", "1500-1.jsonl", "2000-1.jsonl"]
+
+
+def test_a_spool_artifact_outside_the_spool_folder_is_refused_before_anything_is_sent(away, tmp_path):
+    """'/etc/hostname' in an artifact record was uploaded to the store: a spool logs copies in its own folder."""
+    spool = spooling.spool_dir()
+    spool.mkdir(parents=True)
+    opening = {"op": "open", "tracking_uri": away.mlflow.tracking_uri, "experiment": "qlora-pipeline", "key": "k2",
+               "stage": "train", "run_name": None, "tags": {}, "params": {}, "timestamp": 1_000, "run_id": None}
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the store")
+    for path in (str(secret), f"../{secret.name}", "1-1.files/../../secret.txt"):
+        (spool / "1-1.jsonl").write_text(json.dumps(opening) + "\n" + json.dumps(
+            {"op": "artifact", "path": path, "artifact_path": "leak"}) + "\n")
+        with pytest.raises(PipelineError, match=r"1-1\.jsonl:2: the artifact .* is not a copy in "):
+            spooling.sync_spool(f"sqlite:///{tmp_path / 'store.db'}")
+    assert (spool / "1-1.jsonl").exists() and not (tmp_path / "store.db").exists()
+
+
 def test_sync_keeps_the_spool_while_the_server_is_still_away(away):
     with tracking.pipeline_run(away, "clean"):
         tracking.log_metrics("clean", {"messages_out": 5})

@@ -72,7 +72,8 @@ def _print_metrics(path: Path, show: Callable[[dict], str]) -> bool:
         return True
     try:
         print(show(json.loads(path.read_text(encoding="utf-8"))))
-    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as err:  # ValueError: JSON, UTF-8
+    # ValueError: JSON, UTF-8; OSError: a folder where the file was; ArithmeticError: Infinity where a count was
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError, OSError, ArithmeticError) as err:
         print(f"\n{path}: not readable ({type(err).__name__}: {err})")
         return False
     return True
@@ -216,8 +217,9 @@ def mlflow_sync(args: argparse.Namespace) -> None:
         MlflowConfig(tracking_uri=args.tracking_uri)
     except ValidationError as err:
         raise PipelineError(f"--tracking-uri: {err.errors()[0]['msg']}") from None
-    lines = sync_spool(args.tracking_uri)
-    print("\n".join(f"mlflow-sync: {line}" for line in lines) or f"mlflow-sync: nothing to send in {spool_dir()}")
+    # Each file's line as it is sent: a file refused later stops the sync, and the ones sent before it are gone.
+    if not sync_spool(args.tracking_uri, on_line=lambda line: print(f"mlflow-sync: {line}", flush=True)):
+        print(f"mlflow-sync: nothing to send in {spool_dir()}")
 
 
 def _at_least(low: int, high: int | None = None) -> Callable[[str], int]:

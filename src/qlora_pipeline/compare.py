@@ -111,6 +111,9 @@ def given_runs(client: Any, run_ids: list[str]) -> Runs:
 
     found: Runs = dict.fromkeys(METHODS)
     for run_id in run_ids:
+        if run_ids.count(run_id) > 1:  # else named as two runs of one method
+            raise PipelineError(f"--runs: run {run_id} is given {run_ids.count(run_id)} times; give each run once, "
+                                "one per method")
         try:
             run = _method_run(client.get_run(run_id))
         except MlflowException:

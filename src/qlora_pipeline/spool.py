@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.mlflow_store import (KEY_TAG, create_run, experiment_for, is_server, mlflow_client, reachable,
@@ -21,6 +22,7 @@ from qlora_pipeline.process import pid_running
 
 SPOOL_DIR = ".mlflow-spool"
 _WRITING = ".part"
+_SPOOL_NAME = re.compile(r"\d+-\d+\.jsonl(?:\.part)?")  # Spool's own names: <time>-<pid>.jsonl
 
 
 def spool_dir() -> Path:
@@ -65,7 +67,8 @@ class Spool:
         self.path.rename(self.path.with_suffix(""))
 
 
-def sync_spool(uri: str | None = None, folder: Path | None = None) -> list[str]:
+def sync_spool(uri: str | None = None, folder: Path | None = None,
+               on_line: Callable[[str], None] | None = None) -> list[str]:
     """Send every spool file to its store (or to ``uri``), oldest first, removing each once sent.
 
     Each file joins the run its execution key names, made if none has it yet (with every param).
@@ -74,15 +77,24 @@ def sync_spool(uri: str | None = None, folder: Path | None = None) -> list[str]:
     running stage still writes is left for the next sync; one whose stage was killed is sent.
 
     Returns:
-        One line per file: sent where, or why it was left.
+        One line per file: sent where, or why it was left; each also given to ``on_line`` as it is made, so
+        that a file refused later does not hide the files sent (and removed) before it.
     """
     folder = folder or spool_dir()
-    lines = []
+    lines: list[str] = []
+
+    def said(line: str) -> None:
+        lines.append(line)
+        if on_line is not None:
+            on_line(line)
+
     for path in sorted(folder.glob("*.jsonl*")):
-        if path.name.endswith(_WRITING) and _writer_alive(path):
-            lines.append(f"{path.name}: a running stage still writes it; left for the next sync")
-            continue
-        lines.append(_sync_file(path, uri))
+        if not (path.is_file() and _SPOOL_NAME.fullmatch(path.name)):  # a folder, or a file no stage wrote
+            said(f"{path.name}: not a spool file (stages write <time>-<pid>.jsonl files); left as it is")
+        elif path.name.endswith(_WRITING) and _writer_alive(path):
+            said(f"{path.name}: a running stage still writes it; left for the next sync")
+        else:
+            said(_sync_file(path, uri))
     return lines
 
 
@@ -165,5 +177,11 @@ def _check_record(record: Any, where: str, folder: Path, opening: bool) -> None:
     if missing or not isinstance(record.get("values", {}), dict):
         raise PipelineError(f"{where}: a spool '{op}' record "
                             f"{'without ' + ', '.join(missing) if missing else 'whose values are no object'}; {fix}")
-    if op == "artifact" and not (folder / str(record["path"])).exists():
-        raise PipelineError(f"{where}: the copy of the artifact, {folder / str(record['path'])}, is gone; {fix}")
+    if op == "artifact":
+        copy = folder / str(record["path"])
+        # A spool keeps its own copies; a path out of its folder ("/etc/hostname") was sent to the store as it was.
+        if not copy.resolve().is_relative_to(folder.resolve()):
+            raise PipelineError(f"{where}: the artifact {record['path']!r} is not a copy in {folder} (a stage's "
+                                f"spool keeps copies of what it logs there); {fix}")
+        if not copy.exists():
+            raise PipelineError(f"{where}: the copy of the artifact, {copy}, is gone; {fix}")
