@@ -7,6 +7,7 @@ times set by hand so "newest" does not hang on the clock.
 from __future__ import annotations
 
 import copy
+import sqlite3
 from pathlib import Path
 
 import mlflow
@@ -329,3 +330,19 @@ def test_a_run_given_twice_is_named_so_not_as_two_runs_of_one_method():
 
     with pytest.raises(PipelineError, match="--runs: run abc is given 2 times; give each run once"):
         compare.given_runs(None, ["abc", "def", "abc"])  # before any store is asked
+
+
+def test_a_param_edited_to_no_number_shows_a_dash_and_an_out_that_cannot_be_made_is_named(store, log_run, tmp_path):
+    """'abc' as a learning rate was a ValueError's traceback after compare.png was written beside an old compare.md;
+    an --out below a file was NotADirectoryError's, after the runs had been read."""
+    ids = {method: log_run(method, started=1_000 + i) for i, method in enumerate(compare.REQUIRED)}
+    with sqlite3.connect(store.removeprefix("sqlite:///")) as db:  # MLflow keeps a param's value: edit the store
+        db.execute("UPDATE params SET value = 'abc' WHERE key = 'train.learning_rate' AND run_uuid = ?",
+                   (ids["qlora"],))
+    db.close()
+    assert row(build(store, tmp_path), "learning rate") == [compare.DASH, "0.0002", "2e-05"]
+    (tmp_path / "a-file").write_text("mine")
+    with pytest.raises(PipelineError, match=r"--out .*a-file/sub: compare\.md and compare\.png cannot be written "
+                                            r"there \(.*\); give a folder you can write to"):
+        compare.build_report(store, EXPERIMENT, tmp_path / "a-file" / "sub")
+    assert (tmp_path / "a-file").read_text() == "mine"

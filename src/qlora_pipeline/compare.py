@@ -16,6 +16,7 @@ command, and the experiments ``--run`` queues first, are ``qlora_pipeline.compar
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -155,8 +156,8 @@ def _count_or_cap(run: MethodRun, metric: str, cap_param: str) -> str:
     count = run.metric(metric)
     if count is not None:
         return f"{count:,.0f}"
-    cap = run.param(cap_param)
-    return DASH if cap is None else f"≤ {int(float(cap)):,}"
+    cap = _param_number(run, cap_param)
+    return DASH if cap is None else f"≤ {int(cap):,}"
 
 
 def _trainable(run: MethodRun) -> str:
@@ -168,8 +169,18 @@ def _trainable(run: MethodRun) -> str:
 
 
 def _learning_rate(run: MethodRun) -> str:
-    rate = run.param("train.learning_rate")
-    return DASH if rate is None else f"{float(rate):g}"
+    rate = _param_number(run, "train.learning_rate")
+    return DASH if rate is None else f"{rate:g}"
+
+
+def _param_number(run: MethodRun, name: str) -> float | None:
+    """A param read as a finite number; None where it is absent or no such number (a run's params edited in the
+    store were a ValueError's traceback, after the figure had been written)."""
+    try:
+        value = float(run.param(name))
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
 
 
 def _cpu(run: MethodRun) -> str:
@@ -409,9 +420,14 @@ def write_report(runs: Runs, out_dir: Path, experiment: str, store: str, prefix:
     from qlora_pipeline.io import atomic_path, write_text
 
     markdown, figure = out_dir / MARKDOWN, out_dir / FIGURE
-    with atomic_path(figure) as tmp:
-        draw_figure(runs, tmp)
-    write_text(markdown, render_markdown(runs, experiment, store, prefix, by_prefix))
+    text = render_markdown(runs, experiment, store, prefix, by_prefix)  # before either file: both or neither new
+    try:
+        with atomic_path(figure) as tmp:
+            draw_figure(runs, tmp)
+        write_text(markdown, text)
+    except OSError as err:  # a file on the way (--out metrics/eval.json/sub), a folder nothing can be made in
+        raise PipelineError(f"--out {out_dir}: compare.md and compare.png cannot be written there "
+                            f"({err.strerror or err}); give a folder you can write to") from None
     return markdown, figure
 
 
