@@ -244,6 +244,28 @@ def test_a_spool_artifact_outside_the_spool_folder_is_refused_before_anything_is
     assert (spool / "1-1.jsonl").exists() and not (tmp_path / "store.db").exists()
 
 
+@pytest.mark.parametrize("record, says", [
+    ({"op": "metrics", "values": {"a": "high"}, "step": 0, "timestamp": 1}, "needs numbers as values"),
+    ({"op": "metrics", "values": {"a": 1.0}, "step": "x", "timestamp": 1}, "whole numbers >= 0 as step"),
+    ({"op": "metrics", "values": {"a": True}, "step": 0, "timestamp": -1}, "needs numbers as values"),
+    ({"op": "params", "values": {"seed": 7}}, "a spool 'params' record holds text values only"),
+    (None, "not a spool record"),  # a cut last line in a file its stage closed: damage, not a kill
+])
+def test_a_record_mlflow_would_refuse_is_named_before_anything_is_sent(away, tmp_path, record, says):
+    """MLflow's refusal was a traceback after the lines before had been sent, leaving a run RUNNING; a cut last line
+    of a .jsonl (renamed only when its stage ended) was dropped without a word."""
+    spool = spooling.spool_dir()
+    spool.mkdir(parents=True)
+    opening = {"op": "open", "tracking_uri": away.mlflow.tracking_uri, "experiment": "qlora-pipeline", "key": "k3",
+               "stage": "train", "run_name": None, "tags": {}, "params": {}, "timestamp": 1_000, "run_id": None}
+    good = {"op": "metrics", "values": {"train.loss": 2.0}, "step": 1, "timestamp": 2_000}
+    last = '{"op": "metrics", "values": {"a": 1.0}, "st' if record is None else json.dumps(record)
+    (spool / "1-1.jsonl").write_text(json.dumps(opening) + "\n" + json.dumps(good) + "\n" + last + "\n")
+    with pytest.raises(PipelineError, match=rf"1-1\.jsonl:3: .*{re.escape(says)}"):
+        spooling.sync_spool(f"sqlite:///{tmp_path / 'store.db'}")
+    assert (spool / "1-1.jsonl").exists() and not (tmp_path / "store.db").exists()
+
+
 def test_sync_keeps_the_spool_while_the_server_is_still_away(away):
     with tracking.pipeline_run(away, "clean"):
         tracking.log_metrics("clean", {"messages_out": 5})

@@ -147,7 +147,8 @@ def _read_spool(path: Path) -> tuple[dict, list[dict]]:
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
-            if number == len(lines):  # the last line of a stage killed mid-write
+            # The last line of a stage killed mid-write: only a .part file has one (a stage that ended renamed it).
+            if number == len(lines) and path.name.endswith(_WRITING):
                 break
             raise PipelineError(f"{path}:{number}: not a spool record; remove that line and sync again") from None
         _check_record(records[-1], f"{path}:{number}", path.parent, opening=number == 1)
@@ -177,6 +178,11 @@ def _check_record(record: Any, where: str, folder: Path, opening: bool) -> None:
     if missing or not isinstance(record.get("values", {}), dict):
         raise PipelineError(f"{where}: a spool '{op}' record "
                             f"{'without ' + ', '.join(missing) if missing else 'whose values are no object'}; {fix}")
+    if op == "metrics" and not _metric_record(record):  # MLflow refused it after the lines before had been sent
+        raise PipelineError(f"{where}: a spool 'metrics' record needs numbers as values and whole numbers >= 0 as "
+                            f"step and timestamp; {fix}")
+    if op in ("params", "tags") and not all(isinstance(v, str) for v in record["values"].values()):
+        raise PipelineError(f"{where}: a spool '{op}' record holds text values only; {fix}")
     if op == "artifact":
         copy = folder / str(record["path"])
         # A spool keeps its own copies; a path out of its folder ("/etc/hostname") was sent to the store as it was.
@@ -185,3 +191,11 @@ def _check_record(record: Any, where: str, folder: Path, opening: bool) -> None:
                                 f"spool keeps copies of what it logs there); {fix}")
         if not copy.exists():
             raise PipelineError(f"{where}: the copy of the artifact, {copy}, is gone; {fix}")
+
+
+def _metric_record(record: dict) -> bool:
+    def whole(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in record["values"].values())
+    return numbers and whole(record["step"]) and whole(record["timestamp"])
