@@ -147,6 +147,27 @@ def test_a_params_file_named_but_missing_is_refused_not_read_as_the_defaults(com
     assert f"{missing}: 1 problem(s) in params:\n  - --params names no file; check the path" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["runs", "compare"])
+def test_a_server_that_does_not_answer_is_named_at_once(command, tmp_path, capsys):
+    """They waited through MLflow's minutes of retries (killed at 120 s by the hunt's timeout), then a traceback."""
+    import time
+
+    import yaml
+
+    from qlora_pipeline.launching import free_port
+
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    params = tmp_path / "params.yaml"
+    raw = yaml.safe_load(default_params_file(tmp_path).read_text())
+    params.write_text(yaml.safe_dump({**raw, "mlflow": {**raw["mlflow"], "tracking_uri": uri}}))
+    started = time.monotonic()
+    assert main([command, "--params", str(params)]) == 1
+    assert time.monotonic() - started < 30
+    err = capsys.readouterr().err
+    assert f"error: {uri} unreachable (mlflow.tracking_uri); start the server (make mlflow-server)" in err
+    assert "Traceback" not in err
+
+
 @pytest.mark.parametrize("argv, expected", [
     (["--prefix", ""], "--prefix '': give the start of the comparison's experiment names (default: params' "
                        "compare.name_prefix, 'compare-')"),

@@ -125,10 +125,11 @@ def runs_named(tracking_uri: str, experiment_name: str, names: list[str]) -> lis
 
 def main(args: Any) -> None:
     from qlora_pipeline.config import command_params
-    from qlora_pipeline.mlflow_store import resolve_tracking_uri
+    from qlora_pipeline.mlflow_store import require_reachable, resolve_tracking_uri
 
     params = command_params(args.params)
     uri = resolve_tracking_uri(params.mlflow.tracking_uri)
+    require_reachable(uri)
     prefix = params.compare.name_prefix if args.prefix is None else args.prefix
     if args.run and args.runs:  # --runs was dropped, and the whole queue ran
         raise PipelineError("--run and --runs: choose one: --run queues and runs new experiments, --runs names runs "

@@ -109,6 +109,15 @@ def is_server(uri: str) -> bool:
     return urlparse(uri).scheme in SERVER_SCHEMES
 
 
+def require_reachable(uri: str) -> None:
+    """For a command that reads the store: a server that does not answer is named at once (``runs`` and ``compare``
+    waited through MLflow's minutes of retries, then gave a traceback)."""
+    use_http_defaults(uri)
+    if is_server(uri) and not reachable(uri):
+        raise PipelineError(f"{uri} unreachable (mlflow.tracking_uri); start the server (make mlflow-server), or "
+                            "set mlflow.tracking_uri to a store that answers")
+
+
 def reachable(uri: str, timeout: float = PROBE_SECONDS) -> bool:
     """Whether the server answers at all, without MLflow's retries (a 5xx from a proxy is no answer)."""
     import requests
