@@ -94,6 +94,20 @@ def away(base_params_dict, tmp_path, monkeypatch):
     return make_params(base_params_dict, {"mlflow.tracking_uri": f"http://127.0.0.1:{closed_port()}"})
 
 
+# A stage's metrics record, as a spool keeps it.
+SPOOLED_METRICS = {"op": "metrics", "values": {"train.loss": 2.0}, "step": 1, "timestamp": 2_000}
+
+
+def spool_opening(away, key: str) -> tuple[Path, dict]:
+    """The spool folder, made, and the opening record of a train stage of execution ``key`` that never reached its
+    run (the away store's)."""
+    spool = spooling.spool_dir()
+    spool.mkdir(parents=True)
+    return spool, {"op": "open", "tracking_uri": away.mlflow.tracking_uri, "experiment": "qlora-pipeline",
+                   "key": key, "stage": "train", "run_name": None, "tags": {mlflow_store.KEY_TAG: key},
+                   "params": {"seed": "42"}, "timestamp": 1_000, "run_id": None}
+
+
 def synced_run(store: str):
     import mlflow
 
@@ -186,14 +200,9 @@ def test_a_server_gone_after_the_probe_costs_seconds(away, monkeypatch, capsys):
 
 
 def test_a_killed_stage_spool_is_sent_and_a_running_one_left(away, tmp_path):
-    spool = spooling.spool_dir()
-    spool.mkdir(parents=True)
-    opening = {"op": "open", "tracking_uri": away.mlflow.tracking_uri, "experiment": "qlora-pipeline", "key": "k9",
-               "stage": "train", "run_name": None, "tags": {mlflow_store.KEY_TAG: "k9"}, "params": {"seed": "42"},
-               "timestamp": 1_000, "run_id": None}
-    metrics = {"op": "metrics", "values": {"train.loss": 2.0}, "step": 1, "timestamp": 2_000}
+    spool, opening = spool_opening(away, "k9")
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    lines = json.dumps(opening) + "\n" + json.dumps(metrics) + "\n" + '{"op": "metr'  # killed mid-line
+    lines = json.dumps(opening) + "\n" + json.dumps(SPOOLED_METRICS) + "\n" + '{"op": "metr'  # killed mid-line
     (spool / f"1-{dead.stdout.strip()}.jsonl.part").write_text(lines)
     (spool / f"2-{os.getpid()}.jsonl.part").write_text(json.dumps({**opening, "key": "k10"}) + "\n")
     store = f"sqlite:///{tmp_path / 'store.db'}"
@@ -209,13 +218,8 @@ def test_sync_tells_each_file_sent_before_one_it_refuses_and_leaves_what_no_stag
     A folder or another program's file under the spool's names was a traceback (IsADirectoryError, IndexError)."""
     from qlora_pipeline.cli import main
 
-    spool = spooling.spool_dir()
-    spool.mkdir(parents=True)
-    opening = {"op": "open", "tracking_uri": away.mlflow.tracking_uri, "experiment": "qlora-pipeline", "key": "k1",
-               "stage": "train", "run_name": None, "tags": {mlflow_store.KEY_TAG: "k1"}, "params": {"seed": "42"},
-               "timestamp": 1_000, "run_id": None}
-    metrics = {"op": "metrics", "values": {"train.loss": 2.0}, "step": 1, "timestamp": 2_000}
-    (spool / "1000-1.jsonl").write_text(json.dumps(opening) + "\n" + json.dumps(metrics) + "\n")
+    spool, opening = spool_opening(away, "k1")
+    (spool / "1000-1.jsonl").write_text(json.dumps(opening) + "\n" + json.dumps(SPOOLED_METRICS) + "\n")
     (spool / "1500-1.jsonl").mkdir()
     (spool / "0-notes.jsonl.part").write_text("mine")  # not Spool's name: its writer cannot be told
     (spool / "2000-1.jsonl").write_text("")
@@ -230,10 +234,7 @@ def test_sync_tells_each_file_sent_before_one_it_refuses_and_leaves_what_no_stag
 
 def test_a_spool_artifact_outside_the_spool_folder_is_refused_before_anything_is_sent(away, tmp_path):
     """'/etc/hostname' in an artifact record was uploaded to the store: a spool logs copies in its own folder."""
-    spool = spooling.spool_dir()
-    spool.mkdir(parents=True)
-    opening = {"op": "open", "tracking_uri": away.mlflow.tracking_uri, "experiment": "qlora-pipeline", "key": "k2",
-               "stage": "train", "run_name": None, "tags": {}, "params": {}, "timestamp": 1_000, "run_id": None}
+    spool, opening = spool_opening(away, "k2")
     secret = tmp_path / "secret.txt"
     secret.write_text("not for the store")
     for path in (str(secret), f"../{secret.name}", "1-1.files/../../secret.txt"):
@@ -254,13 +255,9 @@ def test_a_spool_artifact_outside_the_spool_folder_is_refused_before_anything_is
 def test_a_record_mlflow_would_refuse_is_named_before_anything_is_sent(away, tmp_path, record, says):
     """MLflow's refusal was a traceback after the lines before had been sent, leaving a run RUNNING; a cut last line
     of a .jsonl (renamed only when its stage ended) was dropped without a word."""
-    spool = spooling.spool_dir()
-    spool.mkdir(parents=True)
-    opening = {"op": "open", "tracking_uri": away.mlflow.tracking_uri, "experiment": "qlora-pipeline", "key": "k3",
-               "stage": "train", "run_name": None, "tags": {}, "params": {}, "timestamp": 1_000, "run_id": None}
-    good = {"op": "metrics", "values": {"train.loss": 2.0}, "step": 1, "timestamp": 2_000}
+    spool, opening = spool_opening(away, "k3")
     last = '{"op": "metrics", "values": {"a": 1.0}, "st' if record is None else json.dumps(record)
-    (spool / "1-1.jsonl").write_text(json.dumps(opening) + "\n" + json.dumps(good) + "\n" + last + "\n")
+    (spool / "1-1.jsonl").write_text(json.dumps(opening) + "\n" + json.dumps(SPOOLED_METRICS) + "\n" + last + "\n")
     with pytest.raises(PipelineError, match=rf"1-1\.jsonl:3: .*{re.escape(says)}"):
         spooling.sync_spool(f"sqlite:///{tmp_path / 'store.db'}")
     assert (spool / "1-1.jsonl").exists() and not (tmp_path / "store.db").exists()

@@ -109,13 +109,14 @@ def is_server(uri: str) -> bool:
     return urlparse(uri).scheme in SERVER_SCHEMES
 
 
-def require_reachable(uri: str) -> None:
-    """For a command that reads the store: a server that does not answer is named at once (``runs`` and ``compare``
-    waited through MLflow's minutes of retries, then gave a traceback)."""
+def require_reachable(uri: str, what: str = " (mlflow.tracking_uri)",
+                      fix: str = "set mlflow.tracking_uri to a store that answers") -> None:
+    """For a command that reads or syncs the store: a server that does not answer is named at once (``runs`` and
+    ``compare`` waited through MLflow's minutes of retries, then gave a traceback); ``what`` follows "unreachable"
+    in the message, ``fix`` follows "start the server (make mlflow-server), or"."""
     use_http_defaults(uri)
     if is_server(uri) and not reachable(uri):
-        raise PipelineError(f"{uri} unreachable (mlflow.tracking_uri); start the server (make mlflow-server), or "
-                            "set mlflow.tracking_uri to a store that answers")
+        raise PipelineError(f"{uri} unreachable{what}; start the server (make mlflow-server), or {fix}")
 
 
 def reachable(uri: str, timeout: float = PROBE_SECONDS) -> bool:

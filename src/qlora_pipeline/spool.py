@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from qlora_pipeline.errors import PipelineError
-from qlora_pipeline.mlflow_store import (KEY_TAG, create_run, experiment_for, is_server, mlflow_client, reachable,
-                                         repo_root, run_with_key, send, use_http_defaults)
+from qlora_pipeline.mlflow_store import (KEY_TAG, create_run, experiment_for, mlflow_client, repo_root,
+                                         require_reachable, run_with_key, send)
 from qlora_pipeline.process import pid_running
 
 SPOOL_DIR = ".mlflow-spool"
@@ -105,10 +105,8 @@ def _writer_alive(path: Path) -> bool:
 def _sync_file(path: Path, uri: str | None) -> str:
     opening, ops = _read_spool(path)
     target = uri or opening["tracking_uri"]
-    use_http_defaults(target)
-    if is_server(target) and not reachable(target):
-        raise PipelineError(f"{target} unreachable: {path.name} and later files stay in {path.parent}; "
-                            "start the server (make mlflow-server) or name another with --tracking-uri")
+    require_reachable(target, f": {path.name} and later files stay in {path.parent}",
+                      "name another with --tracking-uri")
     client = mlflow_client(target)
     run_id = _run_for(client, opening, target)
     for op in ops:

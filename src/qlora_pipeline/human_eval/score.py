@@ -96,15 +96,14 @@ def _csv_rows(path: Path, text: str) -> list[tuple[int, list[str]]]:
 
 
 def _csv_error(path: Path, start: int, line: int, exc: csv.Error) -> str:
-    """The message for a CSV the reader refused, named from the line its bad row starts on."""
+    """The message for a row the strict reader refused: a quote never closed, or a quoted cell run over lines
+    (its opening quote the likely culprit); named from the line the row starts on."""
     quoting = "a quote inside a cell is written twice (\"\")"
     if "unexpected end of data" in str(exc):
         return (f"{path}:{start}: a quoted cell starts on this line and its closing quote never comes (every later "
                 f"line would be read into it). Fix: close the quote on line {start}, or remove it; {quoting}.")
-    if line > start:  # a quoted cell ran over lines: its opening quote is the likely culprit
-        return (f"{path}:{start}: malformed CSV in the row starting on this line ({exc}, on line {line}). "
-                f"Fix: close the quote opened on line {start} where its cell ends; {quoting}.")
-    return f"{path}:{line}: malformed CSV ({exc}). Fix: check the quoting on that line; {quoting}."
+    return (f"{path}:{start}: malformed CSV in the row starting on this line ({exc}, on line {line}). "
+            f"Fix: close the quote opened on line {start} where its cell ends; {quoting}.")
 
 
 def _read_text(path: Path, what: str, fix: str) -> str:

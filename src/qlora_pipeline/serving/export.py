@@ -164,7 +164,8 @@ def check_out_outside(out: Path, inputs: dict[str, Path]) -> None:
     folder a server loads) or the base's was written there whole."""
     target = out.resolve()
     for flag, folder in inputs.items():
-        if folder.is_dir() and (target == folder.resolve() or folder.resolve() in target.parents):
+        root = folder.resolve()
+        if folder.is_dir() and (target == root or root in target.parents):
             raise PipelineError(f"--out {out} is inside {flag} {folder}: export writes a new folder beside its "
                                 "inputs, never into them; choose an --out outside it (e.g. exports/persona)")
 

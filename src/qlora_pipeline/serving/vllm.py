@@ -46,7 +46,7 @@ def problems(config: dict) -> list[str]:
         found.append(f"modules_to_save {config['modules_to_save']}: vLLM serves none; train without them")
     if config.get("bias", "none") != "none" or config.get("lora_bias"):
         found.append("bias: vLLM serves adapters without biases; train with train.lora.bias: none")
-    rank = max([int(config.get("r", 0)), *map(int, (config.get("rank_pattern") or {}).values())])
+    rank = largest_rank(config)
     if rank > MAX_LORA_RANKS[-1]:
         found.append(f"r {rank}: vLLM's largest --max-lora-rank is {MAX_LORA_RANKS[-1]}; lower train.lora.r")
     targets = config.get("target_modules") or []
@@ -70,8 +70,13 @@ def rank_problem(config: dict) -> str | None:
     return None
 
 
+def largest_rank(config: dict) -> int:
+    """The adapter's largest rank: ``r``, or one of ``rank_pattern``'s."""
+    return max([int(config.get("r", 0)), *map(int, (config.get("rank_pattern") or {}).values())])
+
+
 def max_lora_rank(config: dict) -> int:
-    rank = max([int(config.get("r", 0)), *map(int, (config.get("rank_pattern") or {}).values())])
+    rank = largest_rank(config)
     return next(choice for choice in MAX_LORA_RANKS if choice >= rank)
 
 
