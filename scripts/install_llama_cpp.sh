@@ -7,7 +7,7 @@
 #   machine builds (~3-7 min on 2 cores); later ones, fresh clones included, take seconds. (uv's own
 #   cache rebuilt it for every new environment: built with config settings, it was not reused.)
 # - llama.cpp's own Python converters (convert_hf_to_gguf.py, convert_lora_to_gguf.py, their
-#   conversion/ package and gguf-py), which only that sdist ships, copied to
+#   conversion/ package and gguf-py), which only that sdist ships, kept beside the wheel and copied to
 #   <environment>/share/llama.cpp, where the export looks for them.
 # Kept out of `make run`: the default pipeline needs none of it.
 set -euo pipefail
@@ -32,7 +32,13 @@ PYTAG=$("$PYTHON" -c 'import sys; print(f"cp{sys.version_info.major}{sys.version
 # is reused only where it was built the same way.
 WHEELS="${QLORA_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/qlora-pipeline/wheels}/llama-cpp-python-$VERSION-$PYTAG-avx2"
 
-"$PYTHON" -m pip download --quiet --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d "$work"
+# llama.cpp's converters from the same sdist, kept beside the wheel: with both kept, a fresh clone's install
+# downloads nothing (the sdist's download alone took ~7 s of every `make test` on a fresh clone).
+CONVERTERS="$WHEELS/llama.cpp-$VERSION"
+vendor="llama_cpp_python-$VERSION/vendor/llama.cpp"
+if ! compgen -G "$WHEELS/llama_cpp_python-$VERSION-*.whl" >/dev/null || [ ! -d "$CONVERTERS" ]; then
+    "$PYTHON" -m pip download --quiet --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d "$work"
+fi
 if ! compgen -G "$WHEELS/llama_cpp_python-$VERSION-*.whl" >/dev/null; then
     echo "install_llama_cpp: building llama-cpp-python $VERSION (once per machine, a few minutes)"
     CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
@@ -45,14 +51,19 @@ if ! compgen -G "$WHEELS/llama_cpp_python-$VERSION-*.whl" >/dev/null; then
         mv "$WHEELS/.$(basename "$wheel").part" "$WHEELS/$(basename "$wheel")"
     done
 fi
+if [ ! -d "$CONVERTERS" ]; then
+    tar -xzf "$work/llama_cpp_python-$VERSION.tar.gz" -C "$work" \
+        "$vendor/convert_hf_to_gguf.py" "$vendor/convert_lora_to_gguf.py" "$vendor/conversion" "$vendor/gguf-py" \
+        "$vendor/LICENSE"
+    mkdir -p "$WHEELS"
+    rm -rf "$CONVERTERS.part"
+    mv "$work/$vendor" "$CONVERTERS.part"  # renamed into place whole, as the wheel
+    mv "$CONVERTERS.part" "$CONVERTERS"
+fi
 # sentencepiece: convert_hf_to_gguf.py imports it for every Llama-family tokenizer.
 "$BIN/uv" pip install --quiet --python "$PYTHON" "$WHEELS"/llama_cpp_python-"$VERSION"-*.whl "sentencepiece==0.2.3"
 
-vendor="llama_cpp_python-$VERSION/vendor/llama.cpp"
-tar -xzf "$work/llama_cpp_python-$VERSION.tar.gz" -C "$work" \
-    "$vendor/convert_hf_to_gguf.py" "$vendor/convert_lora_to_gguf.py" "$vendor/conversion" "$vendor/gguf-py" \
-    "$vendor/LICENSE"
 rm -rf "$DEST"
 mkdir -p "$(dirname "$DEST")"
-mv "$work/$vendor" "$DEST"
+cp -R "$CONVERTERS" "$DEST"
 echo "install_llama_cpp: llama-cpp-python $VERSION and its converters in $DEST"

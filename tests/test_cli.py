@@ -147,24 +147,123 @@ def test_a_params_file_named_but_missing_is_refused_not_read_as_the_defaults(com
     assert f"{missing}: 1 problem(s) in params:\n  - --params names no file; check the path" in capsys.readouterr().err
 
 
+def params_with_store(folder, uri: str):
+    """A params file of the defaults in ``folder`` with ``mlflow.tracking_uri`` set to ``uri``."""
+    import yaml
+
+    params = folder / "params.yaml"
+    raw = yaml.safe_load(default_params_file(folder).read_text())
+    params.write_text(yaml.safe_dump({**raw, "mlflow": {**raw["mlflow"], "tracking_uri": uri}}))
+    return params
+
+
 @pytest.mark.parametrize("command", ["runs", "compare"])
 def test_a_server_that_does_not_answer_is_named_at_once(command, tmp_path, capsys):
     """They waited through MLflow's minutes of retries (killed at 120 s by the hunt's timeout), then a traceback."""
     import time
 
-    import yaml
-
     from qlora_pipeline.launching import free_port
 
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    params = tmp_path / "params.yaml"
-    raw = yaml.safe_load(default_params_file(tmp_path).read_text())
-    params.write_text(yaml.safe_dump({**raw, "mlflow": {**raw["mlflow"], "tracking_uri": uri}}))
+    params = params_with_store(tmp_path, uri)
     started = time.monotonic()
     assert main([command, "--params", str(params)]) == 1
     assert time.monotonic() - started < 30
     err = capsys.readouterr().err
     assert f"error: {uri} unreachable (mlflow.tracking_uri); start the server (make mlflow-server)" in err
+    assert "Traceback" not in err
+
+
+def other_programs_database(path) -> None:
+    import contextlib
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("CREATE TABLE notes (text)")
+        db.commit()
+
+
+# A SQLite store's file as a user may have it: made by the test in tmp_path ("store.db" unless a folder is named),
+# and what `runs` and `compare` say of it.
+BAD_STORE_FILES = {
+    "missing": (lambda path: None, "no MLflow store here (no stage has logged to it, or a mistyped path)"),
+    "missing folder": (lambda path: None, "no such folder as"),
+    "a folder": (lambda path: path.mkdir(), "a folder, not an MLflow store file"),
+    "random bytes": (lambda path: path.write_bytes(bytes(range(256)) * 4), "not an MLflow store (file is not a "
+                                                                           "database; 1024 bytes)"),
+    "an empty file": (lambda path: path.write_bytes(b""), "not an MLflow store (no MLflow tables in it; an empty "
+                                                          "file)"),
+    "another program's": (other_programs_database, "not an MLflow store (no MLflow tables in it)"),
+}
+
+
+@pytest.mark.parametrize("command", ["runs", "compare"])
+@pytest.mark.parametrize("case", BAD_STORE_FILES)
+def test_a_sqlite_file_that_is_no_mlflow_store_is_named_and_left_as_it_was(command, case, tmp_path, capsys):
+    """MLflow made a store of a missing file (folders too) and built its tables into an empty one or another
+    program's database, then said there was no experiment; any other file was a traceback."""
+    make, says = BAD_STORE_FILES[case]
+    store = tmp_path / ("new/store.db" if case == "missing folder" else "store.db")
+    make(store)
+    params = params_with_store(tmp_path, f"sqlite:///{store}")
+    before = sorted(tmp_path.rglob("*"))
+    contents = store.read_bytes() if store.is_file() else None
+    assert main([command, "--params", str(params), *(["--out", str(tmp_path / "out")] * (command == "compare"))]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {store}: {says}" in err and "(mlflow.tracking_uri); set mlflow.tracking_uri to the store" in err
+    assert "Traceback" not in err
+    assert sorted(tmp_path.rglob("*")) == before  # nothing made: no store, folder or output
+    assert (store.read_bytes() if store.is_file() else None) == contents
+
+
+def damaged_store(empty_store, folder):
+    """An MLflow store whose experiment_tags table is gone (a hand edit, a half-applied migration by another tool)."""
+    import contextlib
+    import sqlite3
+
+    from conftest import place_store
+
+    uri = place_store(empty_store, folder)
+    with contextlib.closing(sqlite3.connect(uri.removeprefix("sqlite:///"))) as db:
+        db.execute("DROP TABLE experiment_tags")
+        db.commit()
+    return uri
+
+
+@pytest.mark.parametrize("command", ["runs", "compare"])
+@pytest.mark.parametrize("store", ["damaged", "mysql://user@127.0.0.1:9/mlflow"])
+def test_a_store_mlflow_cannot_read_is_named_with_what_to_do(command, store, empty_store, tmp_path, capsys):
+    """A store with its tables but damaged past them, and a database whose driver is not installed: tracebacks."""
+    uri = damaged_store(empty_store, tmp_path) if store == "damaged" else store
+    params = params_with_store(tmp_path, uri)
+    assert main([command, "--params", str(params), *(["--out", str(tmp_path / "out")] * (command == "compare"))]) == 1
+    err = capsys.readouterr().err
+    if store == "damaged":
+        assert f"error: {uri}: MLflow could not read or write this store (" in err and "experiment_tags" in err
+        assert f"check it with `mlflow ui --backend-store-uri {uri}`" in err
+    else:
+        assert f"error: {uri}: this store needs the Python package 'MySQLdb', which is not installed" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def test_a_run_row_mlflow_refuses_to_read_is_named_not_a_traceback(empty_store, tmp_path, capsys):
+    """A run row without a start time (written by another tool): MLflow's own refusal was a traceback from `runs`."""
+    import contextlib
+    import sqlite3
+
+    import mlflow
+
+    from conftest import place_store
+
+    uri = place_store(empty_store, tmp_path)
+    client = mlflow.MlflowClient(uri)
+    client.create_run(client.create_experiment("qlora-pipeline", artifact_location=(tmp_path / "art").as_uri()))
+    with contextlib.closing(sqlite3.connect(tmp_path / "mlflow.db")) as db:
+        db.execute("UPDATE runs SET start_time = NULL")
+        db.commit()
+    assert main(["runs", "--params", str(params_with_store(tmp_path, uri))]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {uri}: MLflow could not read or write this store (start_time cannot be None)" in err
     assert "Traceback" not in err
 
 

@@ -605,7 +605,8 @@ def test_score_command_says_why_nothing_was_logged_where_the_run_is_not_in_the_s
 
     _write(run_file, json.dumps({"mlflow_run_id": "2824abc", "tracking_uri": None}))
     assert main(["human-eval", "score", str(ratings)]) == 0
-    assert "mlflow.db: no MLflow store here (a fresh clone?): result not logged to run 2824abc" in capsys.readouterr().out
+    assert ("mlflow.db: no MLflow store here (no stage has logged to it, or a mistyped path): result not logged to "
+            "run 2824abc") in capsys.readouterr().out
     assert not (repo / "mlflow.db").exists()
 
     mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}").create_experiment("e")

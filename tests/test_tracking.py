@@ -263,6 +263,53 @@ def test_a_record_mlflow_would_refuse_is_named_before_anything_is_sent(away, tmp
     assert (spool / "1-1.jsonl").exists() and not (tmp_path / "store.db").exists()
 
 
+@pytest.mark.parametrize("target, says", [
+    ("new/dir/store.db", "new/dir/store.db: no such folder as "),  # a mistyped --tracking-uri
+    ("folder.db", "folder.db: a folder, not an MLflow store file"),
+    ("notes.db", "notes.db: not an MLflow store (no MLflow tables in it; an empty file)"),
+])
+def test_sync_into_a_file_that_is_no_store_sends_nothing_and_makes_nothing(away, tmp_path, target, says, capsys):
+    """A mistyped --tracking-uri made its folders and a new store holding the runs sent, and removed the spool;
+    another program's database got MLflow's tables built into it."""
+    from qlora_pipeline.cli import main
+
+    spool, opening = spool_opening(away, "k4")
+    (spool / "1-1.jsonl").write_text(json.dumps(opening) + "\n" + json.dumps(SPOOLED_METRICS) + "\n")
+    (tmp_path / "folder.db").mkdir()
+    (tmp_path / "notes.db").write_bytes(b"")  # empty: MLflow would have made it a store
+    before = sorted(tmp_path.rglob("*"))
+    assert main(["mlflow-sync", "--tracking-uri", f"sqlite:///{tmp_path / target}"]) == 1
+    err = capsys.readouterr().err
+    assert says in err and f": 1-1.jsonl and later files stay in {spool}; name another with --tracking-uri" in err
+    assert sorted(tmp_path.rglob("*")) == before and (tmp_path / "notes.db").read_bytes() == b""
+
+
+def test_a_spool_for_a_store_mlflow_cannot_open_is_named_and_kept(away, empty_store, tmp_path, capsys):
+    """A spool whose store MLflow has no client for (an ftp:// URI), or whose store is damaged past its table
+    list: a traceback, the spool kept."""
+    import contextlib
+    import sqlite3
+
+    from conftest import place_store
+    from qlora_pipeline.cli import main
+
+    spool, opening = spool_opening(away, "k5")
+    (spool / "1-1.jsonl").write_text(json.dumps({**opening, "tracking_uri": "ftp://127.0.0.1/store"}) + "\n")
+    assert main(["mlflow-sync"]) == 1
+    err = capsys.readouterr().err
+    assert "error: ftp://127.0.0.1/store: MLflow could not read or write this store (" in err
+    assert "Traceback" not in err and (spool / "1-1.jsonl").exists()
+
+    store = place_store(empty_store, tmp_path)
+    with contextlib.closing(sqlite3.connect(tmp_path / "mlflow.db")) as db:
+        db.execute("DROP TABLE experiment_tags")
+        db.commit()
+    assert main(["mlflow-sync", "--tracking-uri", store]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {store}: MLflow could not read or write this store (" in err and "experiment_tags" in err
+    assert "Traceback" not in err and (spool / "1-1.jsonl").exists()
+
+
 def test_sync_keeps_the_spool_while_the_server_is_still_away(away):
     with tracking.pipeline_run(away, "clean"):
         tracking.log_metrics("clean", {"messages_out": 5})

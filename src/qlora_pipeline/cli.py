@@ -152,17 +152,12 @@ def logged_to_run(run_file: Path, result: dict, ratings: Path) -> str:
 
 def _unusable_store(uri: str, run_id: str) -> str | None:
     """Why the SQLite store ``uri`` names cannot take the result, else None (a server is tried when logging)."""
-    from qlora_pipeline.mlflow_store import sqlite_store_path
+    from qlora_pipeline.mlflow_store import store_problem
 
-    store = sqlite_store_path(uri)
-    if store is None:
-        return None
-    if not store.is_file():  # MLflow would make an empty store there, then fail
-        return f"{store}: no MLflow store here (a fresh clone?): result not logged to run {run_id}"
-    problem = _not_mlflow_store(store)
-    if problem:  # MLflow builds its tables into any SQLite file, an empty one too, and fails on any other file
-        return (f"{store}: not an MLflow store ({problem}): result not logged to run {run_id}. Fix: point "
-                "run.json's tracking_uri (or mlflow.tracking_uri) at the store evaluate logged to")
+    problem = store_problem(uri)  # MLflow would make an empty store of a missing file, then fail
+    if problem:
+        return (f"{problem}: result not logged to run {run_id}. Fix: point run.json's tracking_uri (or "
+                "mlflow.tracking_uri) at the store evaluate logged to")
     return None
 
 
@@ -189,21 +184,6 @@ def log_human_eval(tracking_uri: str, run_id: str, result: dict, ratings: Path |
     with tracking.existing_run(tracking_uri, run_id, "human_eval") as spooled:
         tracking.log_metrics("human_eval", logged)
     return spooled()
-
-
-def _not_mlflow_store(store: Path) -> str | None:
-    """Why the SQLite file ``store`` is no MLflow store, read without writing to it; None if it is one."""
-    import contextlib
-    import sqlite3
-
-    try:
-        with contextlib.closing(sqlite3.connect(f"{store.resolve().as_uri()}?mode=ro", uri=True)) as db:
-            tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    except sqlite3.Error as err:
-        return f"{err}; {store.stat().st_size} bytes"
-    if not {"experiments", "runs", "metrics", "alembic_version"} <= tables:
-        return "no MLflow tables in it" + ("; an empty file" if store.stat().st_size == 0 else "")
-    return None
 
 
 def mlflow_sync(args: argparse.Namespace) -> None:

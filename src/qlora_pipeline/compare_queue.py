@@ -125,11 +125,9 @@ def runs_named(tracking_uri: str, experiment_name: str, names: list[str]) -> lis
 
 def main(args: Any) -> None:
     from qlora_pipeline.config import command_params
-    from qlora_pipeline.mlflow_store import require_reachable, resolve_tracking_uri
+    from qlora_pipeline.mlflow_store import require_store, resolve_tracking_uri, store_errors
 
     params = command_params(args.params)
-    uri = resolve_tracking_uri(params.mlflow.tracking_uri)
-    require_reachable(uri)
     prefix = params.compare.name_prefix if args.prefix is None else args.prefix
     if args.run and args.runs:  # --runs was dropped, and the whole queue ran
         raise PipelineError("--run and --runs: choose one: --run queues and runs new experiments, --runs names runs "
@@ -141,9 +139,12 @@ def main(args: Any) -> None:
     if prefix == "":  # it was read as "the default"; every experiment's runs is no equal-budget comparison
         raise PipelineError("--prefix '': give the start of the comparison's experiment names (default: params' "
                             f"compare.name_prefix, {params.compare.name_prefix!r}), or --runs RUN_ID ...")
+    uri = resolve_tracking_uri(params.mlflow.tracking_uri)
+    require_store(uri, missing_ok=args.run)  # --run's stages make the store
     run_ids = args.runs
     if args.run:
         run_ids = runs_named(uri, params.mlflow.experiment_name, run_experiments(params.compare))
     label = params.mlflow.tracking_uri or "the repository's SQLite store (mlflow.db)"
-    markdown, figure = build_report(uri, params.mlflow.experiment_name, args.out, prefix, run_ids, label)
+    with store_errors(uri):
+        markdown, figure = build_report(uri, params.mlflow.experiment_name, args.out, prefix, run_ids, label)
     print(f"wrote {markdown} and {figure}")

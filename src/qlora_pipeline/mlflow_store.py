@@ -109,14 +109,84 @@ def is_server(uri: str) -> bool:
     return urlparse(uri).scheme in SERVER_SCHEMES
 
 
-def require_reachable(uri: str, what: str = " (mlflow.tracking_uri)",
-                      fix: str = "set mlflow.tracking_uri to a store that answers") -> None:
+def require_store(uri: str, what: str = " (mlflow.tracking_uri)",
+                  fix: str = "set mlflow.tracking_uri to the store your stages log to",
+                  missing_ok: bool = False) -> None:
     """For a command that reads or syncs the store: a server that does not answer is named at once (``runs`` and
-    ``compare`` waited through MLflow's minutes of retries, then gave a traceback); ``what`` follows "unreachable"
-    in the message, ``fix`` follows "start the server (make mlflow-server), or"."""
+    ``compare`` waited through MLflow's minutes of retries, then gave a traceback), and so is a SQLite file that is
+    no MLflow store (``store_problem``: missing too, unless ``missing_ok``). ``what`` follows the problem in the
+    message, ``fix`` ends it."""
     use_http_defaults(uri)
     if is_server(uri) and not reachable(uri):
         raise PipelineError(f"{uri} unreachable{what}; start the server (make mlflow-server), or {fix}")
+    problem = store_problem(uri, missing_ok)
+    if problem:
+        raise PipelineError(f"{problem}{what}; {fix}")
+
+
+# Tables every MLflow SQLite store has, its migrations' own among them.
+STORE_TABLES = frozenset({"experiments", "runs", "metrics", "alembic_version"})
+
+
+def store_problem(uri: str, missing_ok: bool = False) -> str | None:
+    """Why the SQLite store ``uri`` names is no MLflow store, found without writing to it; None where it is one,
+    where ``uri`` names a server or another kind of store, and (``missing_ok``) where no file is there yet in a
+    folder that is.
+
+    MLflow makes a store of a missing file, folders and all, and builds its tables into any SQLite file, an empty
+    one too: a mistyped path to ``runs`` became a new empty store, and one to ``mlflow-sync --tracking-uri`` new
+    folders holding the runs sent; any other file was a traceback.
+    """
+    import sqlite3
+
+    store = sqlite_store_path(uri)
+    if store is None:
+        return None
+    if store.is_dir():
+        return f"{store}: a folder, not an MLflow store file"
+    if not store.parent.is_dir():
+        return f"{store}: no such folder as {store.parent} (a mistyped path?)"
+    if not store.exists():
+        return None if missing_ok else f"{store}: no MLflow store here (no stage has logged to it, or a mistyped path)"
+    try:
+        with contextlib.closing(sqlite3.connect(f"{store.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.Error as err:
+        return f"{store}: not an MLflow store ({err}; {store.stat().st_size} bytes)"
+    if not STORE_TABLES <= tables:
+        empty = "; an empty file" if store.stat().st_size == 0 else ""
+        return f"{store}: not an MLflow store (no MLflow tables in it{empty})"
+    return None
+
+
+@contextlib.contextmanager
+def store_errors(uri: str):
+    """MLflow's and the database's errors from reading or writing the store ``uri``, raised as a PipelineError that
+    names the store and how to look into it: a damaged store (a run row MLflow cannot read, a table missing), a
+    database without its driver, a server that is no MLflow server, a scheme MLflow has no store for. They were
+    tracebacks from ``runs``, ``compare`` and ``mlflow-sync``."""
+    import logging
+
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError
+
+    # MLflow logs a database error with its whole traceback before raising it; the reason is in the message below.
+    database_log = logging.getLogger("mlflow.store.db.utils")
+    level = database_log.level
+    database_log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    except ModuleNotFoundError as err:  # SQLAlchemy imports a database's driver when it first connects
+        raise PipelineError(f"{uri}: this store needs the Python package {err.name!r}, which is not installed; "
+                            f"install it into the environment (.venv/bin/pip install ...), or use another store"
+                            ) from None
+    except (MlflowException, SQLAlchemyError) as err:
+        reason = str(getattr(err, "orig", None) or err).strip().splitlines() or [type(err).__name__]
+        raise PipelineError(f"{uri}: MLflow could not read or write this store ({reason[0][:300]}); check it with "
+                            f"`mlflow ui --backend-store-uri {uri}`, or set mlflow.tracking_uri to another store"
+                            ) from None
+    finally:
+        database_log.setLevel(level)
 
 
 def reachable(uri: str, timeout: float = PROBE_SECONDS) -> bool:

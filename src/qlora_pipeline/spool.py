@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.mlflow_store import (KEY_TAG, create_run, experiment_for, mlflow_client, repo_root,
-                                         require_reachable, run_with_key, send)
+                                         require_store, run_with_key, send, store_errors)
 from qlora_pipeline.process import pid_running
 
 SPOOL_DIR = ".mlflow-spool"
@@ -105,12 +105,13 @@ def _writer_alive(path: Path) -> bool:
 def _sync_file(path: Path, uri: str | None) -> str:
     opening, ops = _read_spool(path)
     target = uri or opening["tracking_uri"]
-    require_reachable(target, f": {path.name} and later files stay in {path.parent}",
-                      "name another with --tracking-uri")
-    client = mlflow_client(target)
-    run_id = _run_for(client, opening, target)
-    for op in ops:
-        send(client, run_id, op, path.parent)
+    require_store(target, f": {path.name} and later files stay in {path.parent}", "name another with --tracking-uri",
+                  missing_ok=True)  # a new store in a folder that is there, as a stage would have made it
+    with store_errors(target):
+        client = mlflow_client(target)
+        run_id = _run_for(client, opening, target)
+        for op in ops:
+            send(client, run_id, op, path.parent)
     path.unlink()
     shutil.rmtree(path.parent / f"{path.name.split('.')[0]}.files", ignore_errors=True)
     return f"{path.name}: {len(ops)} records of stage {opening['stage']} -> run {run_id} ({target})"

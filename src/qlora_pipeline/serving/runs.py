@@ -57,12 +57,13 @@ def table(rows: list[dict]) -> str:
 
 def main(args: Any) -> None:
     from qlora_pipeline.config import command_params
-    from qlora_pipeline.mlflow_store import require_reachable, resolve_tracking_uri
+    from qlora_pipeline.mlflow_store import require_store, resolve_tracking_uri, store_errors
 
     params = command_params(args.params)
     uri = resolve_tracking_uri(params.mlflow.tracking_uri)
-    require_reachable(uri)
-    rows = adapter_runs(uri, params.mlflow.experiment_name, args.limit)
+    require_store(uri)
+    with store_errors(uri):
+        rows = adapter_runs(uri, params.mlflow.experiment_name, args.limit)
     if not rows:
         print(f"no run with an adapter in {uri} yet: `make run` (or dvc exp run) logs one per evaluate")
         return
