@@ -571,6 +571,9 @@ def tiny_llama(tmp_path_factory, quantized_base) -> Path:
     return built_once(tmp_path_factory, "tiny-llama", build) / "tiny-llama"
 
 
+PERSONAS = ("alice", "bob", "carol")
+
+
 def random_adapters(base: Path, base_params_dict: dict, folder: Path) -> dict[str, Path]:
     """Three LoRA adapters on the 4-bit ``base``, as train-adapter saves them, with distinct random weights.
 
@@ -588,7 +591,7 @@ def random_adapters(base: Path, base_params_dict: dict, folder: Path) -> dict[st
     params = make_params(base_params_dict, {"train.bf16": False, "train.fp16": False,
                                             "model.quantization.bnb_4bit_compute_dtype": "float32"})
     made = {}
-    for index, name in enumerate(("alice", "bob", "carol")):
+    for index, name in enumerate(PERSONAS):
         model, tokenizer = prepare_4bit_base(base, "float32")
         config = training.lora_config(params.train)
         config.init_lora_weights = False  # random A and B: the adapter changes the outputs
@@ -610,10 +613,16 @@ def random_adapters(base: Path, base_params_dict: dict, folder: Path) -> dict[st
     return made
 
 
+def adapters_built_once(tmp_path_factory, name: str, base: Path, base_params_dict: dict) -> dict[str, Path]:
+    """``random_adapters`` on ``base``, made once per test run (``built_once``; both workers used to make them)."""
+    folder = built_once(tmp_path_factory, name, lambda root: random_adapters(base, base_params_dict, root))
+    return {persona: folder / persona for persona in PERSONAS}
+
+
 @pytest.fixture(scope="session")
 def persona_adapters(tmp_path_factory, quantized_base, base_params_dict) -> dict[str, Path]:
     """Three random LoRA adapters on the real 4-bit base (``random_adapters``)."""
-    return random_adapters(quantized_base, base_params_dict, tmp_path_factory.mktemp("adapters"))
+    return adapters_built_once(tmp_path_factory, "persona-adapters", quantized_base, base_params_dict)
 
 
 @pytest.fixture(scope="session")
@@ -647,7 +656,7 @@ SMALL_LLAMA = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers"
 @pytest.fixture(scope="session")
 def small_adapters(tmp_path_factory, small_base, base_params_dict) -> dict[str, Path]:
     """Three random LoRA adapters on ``small_base`` (``random_adapters``)."""
-    return random_adapters(small_base, base_params_dict, tmp_path_factory.mktemp("small-adapters"))
+    return adapters_built_once(tmp_path_factory, "small-adapters", small_base, base_params_dict)
 
 
 @pytest.fixture(scope="session")
