@@ -56,9 +56,10 @@ if [ ! -d "$CONVERTERS" ]; then
         "$vendor/convert_hf_to_gguf.py" "$vendor/convert_lora_to_gguf.py" "$vendor/conversion" "$vendor/gguf-py" \
         "$vendor/LICENSE"
     mkdir -p "$WHEELS"
-    rm -rf "$CONVERTERS.part"
-    mv "$work/$vendor" "$CONVERTERS.part"  # renamed into place whole, as the wheel
-    mv "$CONVERTERS.part" "$CONVERTERS"
+    staged="$WHEELS/.llama.cpp-$VERSION.$$.part"
+    mv "$work/$vendor" "$staged"
+    # Renamed into place whole, as the wheel; where another install got there first, its copy stays.
+    mv -T "$staged" "$CONVERTERS" 2>/dev/null || rm -rf "$staged"
 fi
 # sentencepiece: convert_hf_to_gguf.py imports it for every Llama-family tokenizer.
 "$BIN/uv" pip install --quiet --python "$PYTHON" "$WHEELS"/llama_cpp_python-"$VERSION"-*.whl "sentencepiece==0.2.3"
