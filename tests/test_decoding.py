@@ -199,8 +199,9 @@ def test_a_broken_decoding_file_names_the_key(tiny_run, tmp_path):
 
     path = tmp_path / "decoding.json"
     path.write_text(json.dumps({"chosen": {**GREEDY, "top_p": 2.0}}))
-    with pytest.raises(ConfigError, match=r"(?s)decoding\.json.*chosen\.top_p: must be in \(0, 1\]"):
-        read_chosen_decoding(path)
+    with pytest.raises(ConfigError, match=r"decoding\.json: 1 problem\(s\) in the decoding choose-decoding chose:\n"
+                                          r"  - chosen\.top_p: must be in \(0, 1\]"):
+        read_chosen_decoding(path)  # not "in params": the file is not params.yaml
     path.write_text(json.dumps({"grid": []}))
     with pytest.raises(PipelineError, match=r"no 'chosen' setting; re-run the choose-decoding stage"):
         read_chosen_decoding(path)

@@ -38,12 +38,12 @@ SCHEMA_FILE = "params.schema.json"
 
 
 class ConfigError(PipelineError):
-    """Every problem found in a params file, reported together."""
+    """Every problem found in a params file (or in ``what`` another file holds), reported together."""
 
-    def __init__(self, path: str, problems: list[str]):
+    def __init__(self, path: str, problems: list[str], what: str = "params"):
         self.problems = problems
         lines = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"{path}: {len(problems)} problem(s) in params:\n{lines}")
+        super().__init__(f"{path}: {len(problems)} problem(s) in {what}:\n{lines}")
 
 
 # ----------------------------------------------------------------------- value types
@@ -793,18 +793,20 @@ def params_from_dict(raw: Any, source: str = "params") -> Params:
 
 
 def decoding_setting_from(raw: Any, source: str, key: str = "chosen") -> DecodingSetting:
-    """A decoding setting read from a file other than params.yaml (reports/decoding.json), checked like params."""
+    """A decoding setting read from a file other than params.yaml (reports/decoding.json), checked like params; its
+    problems are headed by that file and what it holds, not "in params" (evaluate's sent the user to params.yaml)."""
     if isinstance(raw, dict):  # a report written before the key existed: it decoded without it
         raw = {"exponential_decay_length_penalty": None, **raw}
-    return section_from(DecodingSetting, raw, source, key)
+    return section_from(DecodingSetting, raw, source, key, what="the decoding choose-decoding chose")
 
 
-def section_from(model: type[SectionT], raw: Any, source: str, key: str = "") -> SectionT:
-    """``model`` from ``raw`` with every key stated; :class:`ConfigError` lists each problem under ``key``."""
+def section_from(model: type[SectionT], raw: Any, source: str, key: str = "", what: str = "params") -> SectionT:
+    """``model`` from ``raw`` with every key stated; :class:`ConfigError` lists each problem under ``key``, headed
+    by ``source`` and ``what`` it holds."""
     try:
         return model.model_validate(raw, context=_EVERY_KEY)
     except ValidationError as err:
-        raise ConfigError(source, problems_in(err, model, key)) from None
+        raise ConfigError(source, problems_in(err, model, key), what) from None
 
 
 def section_dict(section: BaseModel) -> dict:

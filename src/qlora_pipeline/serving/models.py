@@ -339,10 +339,8 @@ def find_chosen_decoding(adapter: Adapter, decoding_file: Path | None, tracking_
         return None, f"not {source}'s choice: it was made for {weights}"
     try:
         return (decoding_setting_from(report.get("chosen"), source), source), ""
-    except ConfigError as err:  # its header says "in params", and the file is not params.yaml
-        problems = "\n".join(f"  - {problem}" for problem in err.problems)
-        raise PipelineError(f"{source}: {len(err.problems)} problem(s) in the decoding choose-decoding chose:\n"
-                            f"{problems}\n{fix}") from None
+    except ConfigError as err:  # headed by the file and what it holds; the fix added
+        raise PipelineError(f"{err}\n{fix}") from None
 
 
 @dataclass
