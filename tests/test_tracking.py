@@ -473,3 +473,47 @@ def test_a_damaged_spool_line_is_named_and_nothing_is_sent(line, expected, tmp_p
     path.write_text(json.dumps({k: v for k, v in opening.items() if k != "params"}) + "\n")
     with pytest.raises(PipelineError, match=r"1-1\.jsonl:1: a spool 'open' record without params"):
         spooling.sync_spool(store, spool)
+
+
+def test_a_store_held_by_another_programs_write_is_said_to_be_unreadable_now_not_no_store(
+        empty_store, tmp_path, monkeypatch):
+    """A lock, or a file this user may not read, was reported as "not an MLflow store"."""
+    import contextlib
+    import sqlite3
+
+    from conftest import place_store
+
+    store = place_store(empty_store, tmp_path)
+    monkeypatch.setattr(mlflow_store, "STORE_LOCK_SECONDS", 0.1)
+    with contextlib.closing(sqlite3.connect(tmp_path / "mlflow.db", isolation_level=None)) as db:
+        db.execute("BEGIN EXCLUSIVE")
+        assert mlflow_store.store_problem(store) == f"{tmp_path / 'mlflow.db'}: cannot be read now (database is locked)"
+    assert mlflow_store.store_problem(store) is None
+
+
+def test_a_sqlite_uri_is_read_as_sqlalchemy_reads_it_percent_escapes_decoded(empty_store, tmp_path):
+    """sqlite:////a/my%20dir/mlflow.db opens "my dir": the check said there was no such folder as "my%20dir"."""
+    from conftest import place_store
+
+    (tmp_path / "my dir").mkdir()
+    place_store(empty_store, tmp_path / "my dir")
+    uri = f"sqlite:///{tmp_path}/my%20dir/mlflow.db"
+    assert mlflow_store.sqlite_store_path(uri) == tmp_path / "my dir" / "mlflow.db"
+    assert mlflow_store.store_problem(uri) is None
+
+
+def test_store_errors_name_a_missing_driver_a_server_that_is_no_mlflow_one_and_leave_other_errors_alone():
+    from mlflow.exceptions import MlflowException
+
+    with pytest.raises(PipelineError, match=r"^sqlite:///x\.db: this store's database driver is not installed "
+                                            r"\(the module 'psycopg2'\); install it \(\.venv/bin/pip install "
+                                            r"psycopg2-binary\), or name another$"):
+        with mlflow_store.store_errors("sqlite:///x.db", "name another"):
+            raise ModuleNotFoundError("No module named 'psycopg2'", name="psycopg2")
+    with pytest.raises(ModuleNotFoundError):  # not a database driver: the environment's own problem, as it was
+        with mlflow_store.store_errors("sqlite:///x.db"):
+            raise ModuleNotFoundError("No module named 'matplotlib'", name="matplotlib")
+    with pytest.raises(PipelineError, match=r"\(API request failed with 404\); check that it is an MLflow tracking "
+                                            r"server and read its log, or set mlflow.tracking_uri to another store"):
+        with mlflow_store.store_errors("http://127.0.0.1:5000"):
+            raise MlflowException("API request failed with 404\nbody")

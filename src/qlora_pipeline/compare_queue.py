@@ -143,7 +143,9 @@ def main(args: Any) -> None:
     require_store(uri, missing_ok=args.run)  # --run's stages make the store
     run_ids = args.runs
     if args.run:
-        run_ids = runs_named(uri, params.mlflow.experiment_name, run_experiments(params.compare))
+        experiments = run_experiments(params.compare)  # DVC's queue: no store read until it is done
+        with store_errors(uri):
+            run_ids = runs_named(uri, params.mlflow.experiment_name, experiments)
     label = params.mlflow.tracking_uri or "the repository's SQLite store (mlflow.db)"
     with store_errors(uri):
         markdown, figure = build_report(uri, params.mlflow.experiment_name, args.out, prefix, run_ids, label)

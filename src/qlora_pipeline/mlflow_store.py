@@ -13,7 +13,7 @@ import os
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.process import pid_running
@@ -69,7 +69,7 @@ def sqlite_store_path(uri: str) -> Path | None:
     ``/rel.db``, and the store was built at the filesystem's root."""
     if not uri.startswith("sqlite:///"):
         return None
-    path = uri.removeprefix("sqlite:///").split("?", 1)[0]
+    path = unquote(uri.removeprefix("sqlite:///").split("?", 1)[0])  # SQLAlchemy decodes %20 and the like
     return Path(path) if path not in ("", ":memory:") else None
 
 
@@ -109,8 +109,11 @@ def is_server(uri: str) -> bool:
     return urlparse(uri).scheme in SERVER_SCHEMES
 
 
-def require_store(uri: str, what: str = " (mlflow.tracking_uri)",
-                  fix: str = "set mlflow.tracking_uri to the store your stages log to",
+# What ``runs`` and ``compare`` say to do about a store they cannot use.
+STORE_FIX = "run the pipeline first (make run), or set mlflow.tracking_uri to the store your stages log to"
+
+
+def require_store(uri: str, what: str = " (mlflow.tracking_uri)", fix: str = STORE_FIX,
                   missing_ok: bool = False) -> None:
     """For a command that reads or syncs the store: a server that does not answer is named at once (``runs`` and
     ``compare`` waited through MLflow's minutes of retries, then gave a traceback), and so is a SQLite file that is
@@ -124,6 +127,8 @@ def require_store(uri: str, what: str = " (mlflow.tracking_uri)",
         raise PipelineError(f"{problem}{what}; {fix}")
 
 
+# How long the check waits for another program's write to the store to end (sqlite3's default).
+STORE_LOCK_SECONDS = 5.0
 # Tables every MLflow SQLite store has, its migrations' own among them.
 STORE_TABLES = frozenset({"experiments", "runs", "metrics", "alembic_version"})
 
@@ -149,9 +154,12 @@ def store_problem(uri: str, missing_ok: bool = False) -> str | None:
     if not store.exists():
         return None if missing_ok else f"{store}: no MLflow store here (no stage has logged to it, or a mistyped path)"
     try:
-        with contextlib.closing(sqlite3.connect(f"{store.resolve().as_uri()}?mode=ro", uri=True)) as db:
+        with contextlib.closing(sqlite3.connect(f"{store.resolve().as_uri()}?mode=ro", uri=True,
+                                                timeout=STORE_LOCK_SECONDS)) as db:
             tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    except sqlite3.Error as err:
+    except sqlite3.OperationalError as err:  # held by another program's write, or not readable by this user
+        return f"{store}: cannot be read now ({err})"
+    except sqlite3.Error as err:  # "file is not a database"
         return f"{store}: not an MLflow store ({err}; {store.stat().st_size} bytes)"
     if not STORE_TABLES <= tables:
         empty = "; an empty file" if store.stat().st_size == 0 else ""
@@ -159,12 +167,17 @@ def store_problem(uri: str, missing_ok: bool = False) -> str | None:
     return None
 
 
+# The Python package SQLAlchemy's database drivers come in, by the module it imports.
+DRIVER_PACKAGES = {"psycopg2": "psycopg2-binary", "psycopg": "psycopg[binary]", "MySQLdb": "mysqlclient",
+                   "pymysql": "PyMySQL", "mysql": "mysql-connector-python", "pyodbc": "pyodbc", "pymssql": "pymssql"}
+
+
 @contextlib.contextmanager
-def store_errors(uri: str):
+def store_errors(uri: str, fix: str = "set mlflow.tracking_uri to another store"):
     """MLflow's and the database's errors from reading or writing the store ``uri``, raised as a PipelineError that
-    names the store and how to look into it: a damaged store (a run row MLflow cannot read, a table missing), a
-    database without its driver, a server that is no MLflow server, a scheme MLflow has no store for. They were
-    tracebacks from ``runs``, ``compare`` and ``mlflow-sync``."""
+    names the store, how to look into it and ``fix``: a damaged store (a run row MLflow cannot read, a table
+    missing), a database without its driver, a server that is no MLflow server, a scheme MLflow has no store for.
+    They were tracebacks from ``runs``, ``compare`` and ``mlflow-sync``."""
     import logging
 
     from mlflow.exceptions import MlflowException
@@ -177,14 +190,17 @@ def store_errors(uri: str):
     try:
         yield
     except ModuleNotFoundError as err:  # SQLAlchemy imports a database's driver when it first connects
-        raise PipelineError(f"{uri}: this store needs the Python package {err.name!r}, which is not installed; "
-                            f"install it into the environment (.venv/bin/pip install ...), or use another store"
-                            ) from None
+        module = (err.name or "").split(".")[0]
+        if module not in DRIVER_PACKAGES:
+            raise  # not a driver: a broken environment says so itself
+        raise PipelineError(f"{uri}: this store's database driver is not installed (the module {module!r}); "
+                            f"install it (.venv/bin/pip install {DRIVER_PACKAGES[module]}), or {fix}") from None
     except (MlflowException, SQLAlchemyError) as err:
         reason = str(getattr(err, "orig", None) or err).strip().splitlines() or [type(err).__name__]
-        raise PipelineError(f"{uri}: MLflow could not read or write this store ({reason[0][:300]}); check it with "
-                            f"`mlflow ui --backend-store-uri {uri}`, or set mlflow.tracking_uri to another store"
-                            ) from None
+        look = ("check that it is an MLflow tracking server and read its log" if is_server(uri) else
+                f"check it with `mlflow ui --backend-store-uri {uri}`")
+        raise PipelineError(f"{uri}: MLflow could not read or write this store ({reason[0][:300]}); {look}, or "
+                            f"{fix}") from None
     finally:
         database_log.setLevel(level)
 

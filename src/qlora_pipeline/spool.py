@@ -107,7 +107,7 @@ def _sync_file(path: Path, uri: str | None) -> str:
     target = uri or opening["tracking_uri"]
     require_store(target, f": {path.name} and later files stay in {path.parent}", "name another with --tracking-uri",
                   missing_ok=True)  # a new store in a folder that is there, as a stage would have made it
-    with store_errors(target):
+    with store_errors(target, "name another with --tracking-uri"):
         client = mlflow_client(target)
         run_id = _run_for(client, opening, target)
         for op in ops:
