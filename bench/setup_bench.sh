@@ -58,7 +58,8 @@ with_uv_torch() {
     .venv/bin/python -m pip install --quiet --no-compile "$UV_VERSION"
     local torch
     torch=$(.venv/bin/python "$PIP_CHOICE" torch==2.13.0)
-    .venv/bin/uv pip install --quiet --python .venv/bin/python "$torch"
+    # shellcheck disable=SC2086  # its words: a folder and a requirement, or a requirement
+    .venv/bin/uv pip install --quiet --python .venv/bin/python $torch
     .venv/bin/uv pip install --quiet --python .venv/bin/python -e '.[dev]'
     .venv/bin/uv pip install --quiet --python .venv/bin/python --no-deps $WHEELS
 }

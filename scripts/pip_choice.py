@@ -1,11 +1,15 @@
-"""The wheel pip would install for one requirement, as a ``name @ url`` requirement for uv to install.
+"""The wheel pip would install for one requirement, as arguments for ``uv pip install`` to install that wheel.
 
 pip asks its whole configuration (``pip install --dry-run --report``): its indexes and wheel folders, their
 precedence, the environment's ``PIP_*`` variables and any constraints file. uv reads none of it, so on a machine
 whose pip finds torch's CPU build (a wheel folder, the CPU index as an extra index) uv alone took PyPI's torch of
 the same version, the CUDA build. Exits non-zero, saying why, where pip chooses nothing.
 
-    python scripts/pip_choice.py torch==2.13.0   ->   torch @ file:///.../torch-2.13.0%2Bcpu-...whl
+A wheel in a folder is named by that folder and its exact version, so that uv installs it as pip would have (a
+``name @ file://...`` requirement is recorded as a direct URL, and ``pip freeze`` then prints this machine's path);
+any other as ``name@url``. The words are separated by spaces (pip splits its own find-links on whitespace too):
+
+    python scripts/pip_choice.py torch==2.13.0   ->   --find-links /opt/wheels torch==2.13.0+cpu
 """
 
 from __future__ import annotations
@@ -13,12 +17,19 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 
-def chosen(report: dict) -> str:
-    """The ``name @ url`` of the one distribution in a ``pip install --report`` of one requirement."""
+def uv_arguments(report: dict) -> list[str]:
+    """``uv pip install``'s arguments for the one distribution of a ``pip install --report`` of one requirement."""
     (install,) = report["install"]
-    return f"{install['metadata']['name']} @ {install['download_info']['url']}"
+    name, version = install["metadata"]["name"], install["metadata"]["version"]
+    url = install["download_info"]["url"]
+    if urlparse(url).scheme == "file":
+        return ["--find-links", str(Path(url2pathname(urlparse(url).path)).parent), f"{name}=={version}"]
+    return [f"{name}@{url}"]
 
 
 if __name__ == "__main__":
@@ -27,4 +38,4 @@ if __name__ == "__main__":
                            "--quiet", "--report", "-", requirement], capture_output=True, text=True)
     if proc.returncode:
         sys.exit(f"pip_choice: pip found no wheel for {requirement}:\n{proc.stderr.strip()}")
-    print(chosen(json.loads(proc.stdout)))
+    print(" ".join(uv_arguments(json.loads(proc.stdout))))

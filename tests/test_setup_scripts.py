@@ -37,7 +37,9 @@ def test_the_wheel_pips_configuration_finds_is_named_for_uv(tmp_path):
     chosen = fake_wheel(tmp_path / "wheels", "qlorafake", "1.1")
     proc = pip_choice("qlorafake==1.1", tmp_path / "wheels")
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == f"qlorafake @ {chosen.as_uri()}\n"
+    # its folder and exact version (as pip installs it: `name @ file://` would be a direct URL, this machine's path
+    # in `pip freeze`)
+    assert proc.stdout == f"--find-links {chosen.parent} qlorafake==1.1\n"
 
 
 def test_where_pip_finds_no_wheel_it_says_so_and_exits_non_zero(tmp_path):
@@ -47,3 +49,16 @@ def test_where_pip_finds_no_wheel_it_says_so_and_exits_non_zero(tmp_path):
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.startswith("pip_choice: pip found no wheel for qlorafake==2.0:\n")
     assert "qlorafake==2.0" in proc.stderr.split("\n", 1)[1]  # pip's own words follow
+
+
+def test_a_wheel_from_an_index_is_named_by_its_url():
+    """One that pip takes from an index (the CPU builds' index as an extra index) is passed as a URL: uv would not
+    look in that index."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pip_choice", ROOT / "scripts" / "pip_choice.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    url = "https://download.pytorch.org/whl/cpu/torch-2.13.0%2Bcpu-cp311-cp311-linux_x86_64.whl"
+    report = {"install": [{"metadata": {"name": "torch", "version": "2.13.0+cpu"}, "download_info": {"url": url}}]}
+    assert module.uv_arguments(report) == [f"torch@{url}"]
