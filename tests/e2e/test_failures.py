@@ -155,7 +155,10 @@ def test_kill_9_of_each_stage_then_repro_ends_with_the_uninterrupted_hashes(tiny
     assert_same_results(uninterrupted, repo)
     # Not vacuous: the outputs that must match include the trained adapter and the evaluation.
     assert {"models/adapter", "reports/evaluate", "data/splits", "reports/risk_replies.csv"} <= set(reference)
-    assert not list(repo.glob("**/.*.tmp")), "a killed write's temporary was never cleaned up"
+    # Ours, not DVC's: a kill while DVC writes an entry of its own cache (its run cache too) leaves DVC's temporary
+    # there (.dvc/cache/runs/../.<random>.tmp, seen with KILL_SEED=4408), which no DVC command reads.
+    leftovers = [path for path in repo.glob("**/.*.tmp") if path.relative_to(repo).parts[:2] != (".dvc", "cache")]
+    assert not leftovers, "a killed write's temporary was never cleaned up"
     assert killed_in == list(STAGES)
     print(f"stages that had ended before their own kill: {ended_before or 'none'}")
     print(f"kills that cut DVC's lock table (cleared, as docs/failures.md says): {cut_lock_tables or 'none'}")
