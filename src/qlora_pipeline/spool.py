@@ -23,6 +23,7 @@ from qlora_pipeline.process import pid_running
 SPOOL_DIR = ".mlflow-spool"
 _WRITING = ".part"
 _SPOOL_NAME = re.compile(r"\d+-\d+\.jsonl(?:\.part)?")  # Spool's own names: <time>-<pid>.jsonl
+_OTHER_STORE = "name another with --tracking-uri"  # what mlflow-sync says to do about a store it cannot use
 
 
 def spool_dir() -> Path:
@@ -105,9 +106,9 @@ def _writer_alive(path: Path) -> bool:
 def _sync_file(path: Path, uri: str | None) -> str:
     opening, ops = _read_spool(path)
     target = uri or opening["tracking_uri"]
-    require_store(target, f": {path.name} and later files stay in {path.parent}", "name another with --tracking-uri",
+    require_store(target, f": {path.name} and later files stay in {path.parent}", _OTHER_STORE,
                   missing_ok=True)  # a new store in a folder that is there, as a stage would have made it
-    with store_errors(target, "name another with --tracking-uri"):
+    with store_errors(target, _OTHER_STORE):
         client = mlflow_client(target)
         run_id = _run_for(client, opening, target)
         for op in ops:
