@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import make_params
+from conftest import make_params, place_store
 from qlora_pipeline import mlflow_store, process, tracking
 from qlora_pipeline import spool as spooling
 from qlora_pipeline.config import MlflowConfig
@@ -352,6 +352,50 @@ def test_a_server_keeps_its_own_artifact_root_and_a_local_store_a_local_one(monk
     mlflow_store.experiment_for(Recorder(), "server", "http://127.0.0.1:5000")
     mlflow_store.experiment_for(Recorder(), "local", f"sqlite:///{tmp_path}/mlflow.db")
     assert created == {"server": None, "local": (tmp_path / "mlartifacts").as_uri()}
+
+
+def test_a_repository_copied_or_moved_with_its_store_keeps_its_runs_artifacts_to_itself(
+        base_params_dict, empty_store, tmp_path, monkeypatch, capsys):
+    """MLflow keeps artifact locations as absolute paths: a copy's stages wrote into the original's mlartifacts,
+    and a moved checkout's made the old path again. The store at the repository root follows its repository."""
+    import mlflow
+
+    first, copy, moved = tmp_path / "first", tmp_path / "copy", tmp_path / "moved"
+    first.mkdir()
+    place_store(empty_store, first)
+
+    def stage(repo: Path, key: str) -> str:
+        (repo / "report.txt").write_text(f"{key}\n")
+        monkeypatch.setenv("DVC_ROOT", str(repo))
+        monkeypatch.setenv("QLORA_PIPELINE_RUN_KEY", key)
+        capsys.readouterr()
+        with tracking.pipeline_run(make_params(base_params_dict, None, repo), "demo"):
+            tracking.log_artifact(repo / "report.txt")
+        return capsys.readouterr().out
+
+    def reports(repo: Path) -> list[str]:
+        return sorted(path.read_text() for path in (repo / "mlartifacts").rglob("report.txt"))
+
+    def artifacts_read_back(repo: Path) -> dict[str, str]:
+        client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+        runs = client.search_runs([client.get_experiment_by_name("qlora-pipeline").experiment_id])
+        assert all(run.info.artifact_uri.startswith(f"{(repo / 'mlartifacts').as_uri()}/") for run in runs), runs
+        return {run.data.tags[mlflow_store.KEY_TAG]: Path(client.download_artifacts(
+            run.info.run_id, "report.txt", str(tmp_path / "down" / run.info.run_id))).read_text() for run in runs}
+
+    assert "copied or moved" not in stage(first, "k1")
+    shutil.copytree(first, copy)
+    said = stage(copy, "k2")
+    assert reports(first) == ["k1\n"] and reports(copy) == ["k1\n", "k2\n"]
+    assert f"mlflow.db was copied or moved here from {first}: " in said, said
+    assert artifacts_read_back(first) == {"k1": "k1\n"}
+    assert artifacts_read_back(copy) == {"k1": "k1\n", "k2": "k2\n"}  # the earlier run read from the copy's
+    assert "copied or moved" not in stage(copy, "k3")  # said once: the store follows the copy now
+
+    shutil.move(copy, moved)
+    assert f"here from {copy}: " in stage(moved, "k4")
+    assert not copy.exists()  # the old path is not made again
+    assert artifacts_read_back(moved) == {key: f"{key}\n" for key in ("k1", "k2", "k3", "k4")}
 
 
 def creating_store(uri: str, folder: Path) -> subprocess.Popen:

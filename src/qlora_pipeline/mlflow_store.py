@@ -218,6 +218,7 @@ def reachable(uri: str, timeout: float = PROBE_SECONDS) -> bool:
 def experiment_for(client: Any, name: str, uri: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
+        follow_a_copied_store(uri, experiment.experiment_id, experiment.artifact_location)
         return experiment.experiment_id
     # A server keeps artifacts where it was started to (--artifacts-destination, served to clients);
     # a local store keeps them beside it, also for DVC's temporary workspaces.
@@ -230,6 +231,41 @@ def experiment_for(client: Any, name: str, uri: str) -> str:
         if experiment is None:
             raise
         return experiment.experiment_id
+
+
+def follow_a_copied_store(uri: str, experiment_id: str, location: str) -> str | None:
+    """The repository's own store, copied or moved with it (``cp -r``, ``mv``): its artifacts pointed at again.
+
+    MLflow keeps an experiment's artifact location, and each run's, as absolute paths: in a copy every later run
+    wrote its adapter and reports into the original checkout's ``mlartifacts``, and ``mlflow ui`` read the copy's
+    earlier runs from there (or from nowhere, once it was moved or deleted). Where the store is the one at the
+    repository root and the location is that of another checkout's ``mlartifacts``, the experiment's and its
+    runs' locations are moved to this repository's (MLflow has no call to change them; their columns have kept
+    these names since MLflow 1). A store set elsewhere (``mlflow.tracking_uri``), a server's, or a location of the
+    user's own is left as it is. Returns the former location when it moved one.
+    """
+    store = sqlite_store_path(uri)
+    root = repo_root()
+    here = (root / ARTIFACT_DIR).as_uri()
+    if store is None or location == here or store.resolve() != (root / STORE_FILE).resolve():
+        return None
+    parsed = urlparse(location)
+    if parsed.scheme != "file" or Path(unquote(parsed.path)).name != ARTIFACT_DIR:
+        return None
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(store, timeout=STORE_LOCK_SECONDS)) as db, db:
+        moved = db.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = ? "
+                           "AND artifact_location = ?", (here, int(experiment_id), location)).rowcount
+        # A run's artifact URI is the experiment's location, then /<experiment id>/<run id>/artifacts.
+        db.execute("UPDATE runs SET artifact_uri = ? || substr(artifact_uri, ?) WHERE experiment_id = ? "
+                   "AND substr(artifact_uri, 1, ?) = ?", (here, len(location) + 1, int(experiment_id),
+                                                           len(location) + 1, f"{location}/"))
+    if not moved:  # another process (a queued experiment starting beside this one) moved them first
+        return None
+    print(f"mlflow: {store.name} was copied or moved here from {Path(unquote(parsed.path)).parent}: its runs' "
+          f"artifacts are now read from and written to {root / ARTIFACT_DIR}")
+    return location
 
 
 def run_with_key(client: Any, experiment_id: str, key: str) -> Any:
