@@ -56,6 +56,13 @@ if [ ! -d "$CONVERTERS" ]; then
         "$vendor/convert_hf_to_gguf.py" "$vendor/convert_lora_to_gguf.py" "$vendor/conversion" "$vendor/gguf-py" \
         "$vendor/LICENSE"
     mkdir -p "$WHEELS"
+    # What an install killed here left (named by its pid): removed once that process is gone.
+    for left in "$WHEELS/.llama.cpp-$VERSION".*.part; do
+        [ -e "$left" ] || continue
+        pid=${left%.part}
+        pid=${pid##*.}
+        kill -0 "$pid" 2>/dev/null || rm -rf "$left"
+    done
     staged="$WHEELS/.llama.cpp-$VERSION.$$.part"
     mv "$work/$vendor" "$staged"
     # Renamed into place whole, as the wheel; where another install got there first, its copy stays (rename(2)
