@@ -229,9 +229,13 @@ def chat_rows(n_conversations: int = 24) -> list[dict]:
 
 
 def pipeline_env() -> dict[str, str]:
-    """The environment DVC and its stages run in: this environment's bin first, no hub, no inherited run key."""
+    """The environment DVC and its stages run in: this environment's bin first, no hub, no inherited run key, and
+    no MLFLOW_TRACKING_URI: mlflow.set_tracking_uri() sets it in the worker for the in-process tests' stores, and
+    the stages take theirs from params; handed on, it differed from module to module, and each value started a warm
+    process of its own (warm.py keys them by the environment: nine in one `make test` where four served)."""
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    env.pop("QLORA_PIPELINE_RUN_KEY", None)
+    for name in ("QLORA_PIPELINE_RUN_KEY", "MLFLOW_TRACKING_URI"):
+        env.pop(name, None)
     return env
 
 

@@ -157,7 +157,9 @@ def test_a_script_runs_in_a_fork_of_the_warm_process_as_its_own_process_would(fo
     # The package edited between the two: a fork imports the project's modules from the script's sys.path.
     init = folder / "src" / "qlora_pipeline" / "__init__.py"
     init.write_text(init.read_text() + "\nEDITED = True\n")
-    second, _, code = run(script, "exit", "0", env=environment(folder, DVC_STAGE="two"), nohup=True, limited=True)
+    queued = {"CELERY_LOG_LEVEL": "20", "_MP_FORK_LOGLEVEL_": "20"}  # what DVC's queue worker sets for its runs
+    second, _, code = run(script, "exit", "0", env=environment(folder, DVC_STAGE="two", **queued), nohup=True,
+                          limited=True)
     assert code == 0 and second["ppid"] == warm and second["stage"] == "two"  # DVC's variables vary freely
     assert second["edited"] and not first["edited"]
     assert second["hup_ignored"] and not first["hup_ignored"]

@@ -86,8 +86,11 @@ _PR_SET_PDEATHSIG = 1
 
 def _volatile(name: str) -> bool:
     """Variables that differ from stage to stage and that no library reads while it is imported: the warm
-    process may serve a stage whose values differ (the fork takes the stage's own)."""
-    return name.startswith(("DVC_", "PYTEST_", "QLORA_PIPELINE_")) or name in {"PWD", "OLDPWD", "SHLVL", "_"}
+    process may serve a stage whose values differ (the fork takes the stage's own). ``CELERY_`` and ``_MP_FORK_``:
+    the logging settings DVC's queue worker (Celery, on billiard's processes) leaves to the experiments it runs,
+    which kept a queued experiment's stages from the warm process of a ``dvc repro`` or ``dvc exp run`` beside it."""
+    return (name.startswith(("DVC_", "PYTEST_", "QLORA_PIPELINE_", "CELERY_", "_MP_FORK_"))
+            or name in {"PWD", "OLDPWD", "SHLVL", "_"})
 
 
 def _refusal_here() -> str | None:
