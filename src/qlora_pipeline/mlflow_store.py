@@ -247,7 +247,8 @@ def follow_a_copied_store(uri: str, experiment_id: str, location: str) -> str | 
     store = sqlite_store_path(uri)
     root = repo_root()
     here = (root / ARTIFACT_DIR).as_uri()
-    if store is None or location == here or store.resolve() != (root / STORE_FILE).resolve():
+    if (store is None or location == here or not str(experiment_id).isdigit()
+            or store.resolve() != (root / STORE_FILE).resolve()):
         return None
     parsed = urlparse(location)
     if parsed.scheme != "file" or Path(unquote(parsed.path)).name != ARTIFACT_DIR:
