@@ -51,18 +51,19 @@ if ! compgen -G "$WHEELS/llama_cpp_python-$VERSION-*.whl" >/dev/null; then
         mv "$WHEELS/.$(basename "$wheel").part" "$WHEELS/$(basename "$wheel")"
     done
 fi
+# What an install killed while staging the converters left (named by its pid): removed once that process is gone,
+# whether or not this install stages them again.
+for left in "$WHEELS/.llama.cpp-$VERSION".*.part; do
+    [ -e "$left" ] || continue
+    pid=${left%.part}
+    pid=${pid##*.}
+    kill -0 "$pid" 2>/dev/null || rm -rf "$left"
+done
 if [ ! -d "$CONVERTERS" ]; then
     tar -xzf "$work/llama_cpp_python-$VERSION.tar.gz" -C "$work" \
         "$vendor/convert_hf_to_gguf.py" "$vendor/convert_lora_to_gguf.py" "$vendor/conversion" "$vendor/gguf-py" \
         "$vendor/LICENSE"
     mkdir -p "$WHEELS"
-    # What an install killed here left (named by its pid): removed once that process is gone.
-    for left in "$WHEELS/.llama.cpp-$VERSION".*.part; do
-        [ -e "$left" ] || continue
-        pid=${left%.part}
-        pid=${pid##*.}
-        kill -0 "$pid" 2>/dev/null || rm -rf "$left"
-    done
     staged="$WHEELS/.llama.cpp-$VERSION.$$.part"
     mv "$work/$vendor" "$staged"
     # Renamed into place whole, as the wheel; where another install got there first, its copy stays (rename(2)

@@ -233,7 +233,7 @@ def experiment_for(client: Any, name: str, uri: str) -> str:
         return experiment.experiment_id
 
 
-def follow_a_copied_store(uri: str, experiment_id: str, location: str) -> str | None:
+def follow_a_copied_store(uri: str, experiment_id: str, location: str) -> None:
     """The repository's own store, copied or moved with it (``cp -r``, ``mv``): its artifacts pointed at again.
 
     MLflow keeps an experiment's artifact location, and each run's, as absolute paths: in a copy every later run
@@ -242,17 +242,18 @@ def follow_a_copied_store(uri: str, experiment_id: str, location: str) -> str | 
     repository root and the location is that of another checkout's ``mlartifacts``, the experiment's and its
     runs' locations are moved to this repository's (MLflow has no call to change them; their columns have kept
     these names since MLflow 1). A store set elsewhere (``mlflow.tracking_uri``), a server's, or a location of the
-    user's own is left as it is. Returns the former location when it moved one.
+    user's own is left as it is.
     """
     store = sqlite_store_path(uri)
     root = repo_root()
     here = (root / ARTIFACT_DIR).as_uri()
     if (store is None or location == here or not str(experiment_id).isdigit()
             or store.resolve() != (root / STORE_FILE).resolve()):
-        return None
+        return
     parsed = urlparse(location)
-    if parsed.scheme != "file" or Path(unquote(parsed.path)).name != ARTIFACT_DIR:
-        return None
+    former = Path(unquote(parsed.path))
+    if parsed.scheme != "file" or former.name != ARTIFACT_DIR:
+        return
     import sqlite3
 
     with contextlib.closing(sqlite3.connect(store, timeout=STORE_LOCK_SECONDS)) as db, db:
@@ -262,11 +263,9 @@ def follow_a_copied_store(uri: str, experiment_id: str, location: str) -> str | 
         db.execute("UPDATE runs SET artifact_uri = ? || substr(artifact_uri, ?) WHERE experiment_id = ? "
                    "AND substr(artifact_uri, 1, ?) = ?", (here, len(location) + 1, int(experiment_id),
                                                            len(location) + 1, f"{location}/"))
-    if not moved:  # another process (a queued experiment starting beside this one) moved them first
-        return None
-    print(f"mlflow: {store.name} was copied or moved here from {Path(unquote(parsed.path)).parent}: its runs' "
-          f"artifacts are now read from and written to {root / ARTIFACT_DIR}")
-    return location
+    if moved:  # else another process (a queued experiment starting beside this one) moved them first
+        print(f"mlflow: {store.name} was copied or moved here from {former.parent}: its runs' artifacts are now "
+              f"read from and written to {root / ARTIFACT_DIR}")
 
 
 def run_with_key(client: Any, experiment_id: str, key: str) -> Any:
